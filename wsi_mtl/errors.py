@@ -1,0 +1,62 @@
+"""One small exception hierarchy; the CLI maps each class to a one-line message and an exit code."""
+
+from __future__ import annotations
+
+__all__ = [
+    "WsimtlError",
+    "SlideError",
+    "UnsupportedSlideError",
+    "MissingMppError",
+    "NoTissueError",
+    "ModelError",
+    "OutputError",
+    "InputError",
+]
+
+
+class WsimtlError(Exception):
+    """Base class of every error a user can cause; ``exit_code`` is what the CLI returns."""
+
+    exit_code: int = 1
+
+
+class InputError(WsimtlError):
+    """A bad argument or input file that is not a slide problem (manifest, config, path)."""
+
+    exit_code = 2
+
+
+class SlideError(WsimtlError):
+    """The slide cannot be opened or read: missing, a directory, empty, truncated, damaged."""
+
+    exit_code = 10
+
+
+class UnsupportedSlideError(SlideError):
+    """No reader understands this file format."""
+
+    exit_code = 11
+
+
+class MissingMppError(SlideError):
+    """The slide carries no usable microns-per-pixel and no override was given."""
+
+    exit_code = 12
+
+
+class NoTissueError(SlideError):
+    """The tissue mask is empty: nothing to send to the network."""
+
+    exit_code = 13
+
+
+class ModelError(WsimtlError):
+    """The model cannot be found or its weights do not match its architecture."""
+
+    exit_code = 20
+
+
+class OutputError(WsimtlError):
+    """The output folder cannot be written (permissions, full disk)."""
+
+    exit_code = 30

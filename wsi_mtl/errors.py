@@ -8,6 +8,7 @@ __all__ = [
     "UnsupportedSlideError",
     "MissingMppError",
     "NoTissueError",
+    "DamagedRegionError",
     "ModelError",
     "OutputError",
     "InputError",
@@ -48,6 +49,12 @@ class NoTissueError(SlideError):
     """The tissue mask is empty: nothing to send to the network."""
 
     exit_code = 13
+
+
+class DamagedRegionError(SlideError):
+    """One region of an otherwise readable slide failed to decode (a damaged tile)."""
+
+    exit_code = 14
 
 
 class ModelError(WsimtlError):

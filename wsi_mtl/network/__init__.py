@@ -1,0 +1,43 @@
+"""The multi-task network: architecture, model config, registry and weight loading.
+
+``load_model()`` returns the default model (``wsimtl-small``) ready for inference;
+``model.predict(x)`` gives the probability maps the engine stitches.
+"""
+
+from __future__ import annotations
+
+from .config import ArchParams, HeadConfig, ModelConfig
+from .io import (
+    DEFAULT_MODEL,
+    check_state_dict,
+    clean_state_dict,
+    describe_models,
+    find_model_folder,
+    load_model,
+    models_dirs,
+    read_torch_checkpoint,
+    save_model,
+)
+from .model import MultiTaskNet
+from .registry import create_model, get_model_config, is_model, list_models, register_model
+
+__all__ = [
+    "ArchParams",
+    "HeadConfig",
+    "ModelConfig",
+    "MultiTaskNet",
+    "DEFAULT_MODEL",
+    "load_model",
+    "save_model",
+    "create_model",
+    "get_model_config",
+    "list_models",
+    "is_model",
+    "register_model",
+    "describe_models",
+    "find_model_folder",
+    "models_dirs",
+    "check_state_dict",
+    "clean_state_dict",
+    "read_torch_checkpoint",
+]

@@ -1,0 +1,274 @@
+"""The multi-task network: ResNet encoder, one U-Net decoder per task, output and patch heads.
+
+Module and parameter names follow the published Cerberus checkpoint (``backbone``, ``conv_map``,
+``decoder_head.<Name>.<i>.block.<j>.conv``, ``output_head.<Name>.<Out>.x.0.block.0.conv``,
+``decoder_head.Patch-Class.bn1`` ...) so that its state dict loads unchanged.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .config import ArchParams, ModelConfig
+
+__all__ = ["MultiTaskNet", "ResNetEncoder", "UNetDecoder", "OutputHead", "PatchHead"]
+
+logger = logging.getLogger(__name__)
+
+
+class ConvBNReLU(nn.Module):
+    """``conv`` (bias) -> ``bn`` -> ReLU, same padding."""
+
+    def __init__(self, cin: int, cout: int, kernel: int) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(cin, cout, kernel, padding=kernel // 2, bias=True)
+        self.bn = nn.BatchNorm2d(cout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.relu(self.bn(self.conv(x)), inplace=True)
+
+
+class ConvBlock(nn.Module):
+    """A chain of :class:`ConvBNReLU` through ``channels`` (keys ``block.<j>``)."""
+
+    def __init__(self, channels: Sequence[int], kernel: int) -> None:
+        super().__init__()
+        self.block = nn.Sequential(*(ConvBNReLU(a, b, kernel) for a, b in zip(channels[:-1], channels[1:])))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.block(x)
+
+
+class Conv1x1(nn.Module):
+    """A 1x1 conv with bias under the key ``conv``."""
+
+    def __init__(self, cin: int, cout: int) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(cin, cout, 1, bias=True)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv(x)
+
+
+class BasicBlock(nn.Module):
+    """torchvision-style ResNet BasicBlock (``conv1``, ``bn1``, ``conv2``, ``bn2``, ``downsample``)."""
+
+    def __init__(self, cin: int, cout: int, stride: int) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(cin, cout, 3, stride=stride, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(cout)
+        self.conv2 = nn.Conv2d(cout, cout, 3, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(cout)
+        self.downsample: nn.Module | None = None
+        if stride != 1 or cin != cout:
+            self.downsample = nn.Sequential(nn.Conv2d(cin, cout, 1, stride=stride, bias=False), nn.BatchNorm2d(cout))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        identity = x if self.downsample is None else self.downsample(x)
+        out = F.relu(self.bn1(self.conv1(x)), inplace=True)
+        out = self.bn2(self.conv2(out))
+        return F.relu(out + identity, inplace=True)
+
+
+class ResNetEncoder(nn.Module):
+    """ResNet with BasicBlocks returning the five feature maps x0..x4.
+
+    x0 is the stem output (after relu, before maxpool) at 1/``stem_stride``; x1..x4 are the stage
+    outputs at 2, 4, 8, 16 times that stride.
+    """
+
+    def __init__(self, params: ArchParams) -> None:
+        super().__init__()
+        w = params.encoder_widths
+        self.conv1 = nn.Conv2d(3, w[0], 7, stride=params.stem_stride, padding=3, bias=False)
+        self.bn1 = nn.BatchNorm2d(w[0])
+        self.maxpool = nn.MaxPool2d(3, stride=2, padding=1)
+        cin = w[0]
+        for i, (blocks, cout) in enumerate(zip(params.encoder_layers, w[1:]), start=1):
+            stride = 1 if i == 1 else 2
+            layer = [BasicBlock(cin, cout, stride)] + [BasicBlock(cout, cout, 1) for _ in range(blocks - 1)]
+            self.add_module(f"layer{i}", nn.Sequential(*layer))
+            cin = cout
+        # Unused ImageNet classifier, kept so that the published checkpoint loads strictly.
+        self.fc = nn.Linear(w[4], params.encoder_fc_classes) if params.encoder_fc_classes else None
+
+    def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
+        x0 = F.relu(self.bn1(self.conv1(x)), inplace=True)
+        x1 = self.layer1(self.maxpool(x0))
+        x2 = self.layer2(x1)
+        x3 = self.layer3(x2)
+        x4 = self.layer4(x3)
+        return [x0, x1, x2, x3, x4]
+
+
+class UNetDecoder(nn.ModuleList):
+    """Up-blocks ``0..3`` (plus ``4`` at full resolution for a stride-2 stem).
+
+    Block i: bilinear 2x upsample of the previous output, add skip i, then conv-bn-relu layers.
+    """
+
+    def __init__(self, params: ArchParams) -> None:
+        w = params.encoder_widths
+        skips = [w[3], w[2], w[1], w[0]]
+        outs = [w[2], w[1], w[0], params.decoder_out]
+        blocks = [ConvBlock([s, m, o], 3) for s, m, o in zip(skips, params.decoder_mid, outs)]
+        if params.stem_stride == 2:
+            c = params.decoder_out
+            blocks.append(ConvBlock([c] * (params.full_res_convs + 1), 3))
+        super().__init__(blocks)
+
+    def forward(self, x: torch.Tensor, skips: Sequence[torch.Tensor]) -> torch.Tensor:  # type: ignore[override]
+        for block, skip in zip(self, skips):
+            x = F.interpolate(x, size=skip.shape[-2:], mode="bilinear", align_corners=False)
+            x = block(x + skip)
+        return x
+
+
+class OutputHead(nn.Module):
+    """1x1 conv-bn-relu to ``hidden`` then 1x1 conv to the classes (keys ``x.0.block.0``, ``x.1``)."""
+
+    def __init__(self, cin: int, hidden: int, cout: int) -> None:
+        super().__init__()
+        self.x = nn.Sequential(ConvBlock([cin, hidden], 1), Conv1x1(hidden, cout))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.x(x)
+
+
+class PatchHead(nn.Module):
+    """Cerberus patch classifier on pooled x4: BN-ReLU-Dropout-1x1conv-BN-ReLU-1x1conv.
+
+    Every layer is pointwise, so it applies equally to a globally pooled 1x1 map (Cerberus) and to
+    a dense map of window averages (``MultiTaskNet.predict``).
+    """
+
+    def __init__(self, cin: int, hidden: int, cout: int, *, dropout: float) -> None:
+        super().__init__()
+        self.bn1 = nn.BatchNorm2d(cin)
+        self.dropout = nn.Dropout(dropout)
+        self.conv1 = nn.Conv2d(cin, hidden, 1, bias=True)
+        self.bn2 = nn.BatchNorm2d(hidden)
+        self.conv2 = nn.Conv2d(hidden, cout, 1, bias=True)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.dropout(F.relu(self.bn1(x)))
+        x = F.relu(self.bn2(self.conv1(x)))
+        return self.conv2(x)
+
+
+class MultiTaskNet(nn.Module):
+    """Cerberus-style multi-task network built from a :class:`ModelConfig`.
+
+    ``model(x)`` takes N x 3 x H x W float RGB in 0-255 (H, W multiples of ``config.stride``) and
+    returns raw logits per output name; patch heads give N x C x 1 x 1 for the centre
+    ``patch_cells`` window (as Cerberus). ``model.predict(x)`` returns float32 softmax probabilities
+    with dense patch maps, for the engine.
+    """
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.config = config
+        p = config.arch_params
+        w = p.encoder_widths
+        self.backbone = ResNetEncoder(p)
+        self.conv_map = nn.Conv2d(w[4], w[3], 1, bias=False)
+        # Full-resolution skip for stride-2 stems (shared by all decoders).
+        self.full_skip = ConvBNReLU(3, p.decoder_out, 3) if p.stem_stride == 2 else None
+        self.decoder_head = nn.ModuleDict()
+        self.output_head = nn.ModuleDict()
+        for dec in config.seg_decoders:
+            self.decoder_head[dec] = UNetDecoder(p)
+            self.output_head[dec] = nn.ModuleDict()
+        for head in config.heads.values():
+            if head.kind == "patch":
+                self.decoder_head[head.decoder] = PatchHead(w[4], p.patch_hidden, head.num_classes, dropout=p.patch_dropout)
+            else:
+                self.output_head[head.decoder][head.out_key] = OutputHead(p.decoder_out, p.head_hidden, head.num_classes)
+        self._channels_last = False
+
+    # ---- convenience -------------------------------------------------------------------------
+    @property
+    def output_heads(self) -> list[str]:
+        """Public output names in order."""
+        return self.config.output_heads
+
+    def set_channels_last(self, enabled: bool = True) -> MultiTaskNet:
+        """Convert weights (and inputs inside ``forward``) to channels_last memory format."""
+        self._channels_last = enabled
+        return self.to(memory_format=torch.channels_last if enabled else torch.contiguous_format)
+
+    def _check_input(self, x: torch.Tensor) -> None:
+        s = self.config.stride
+        if x.ndim != 4 or x.shape[1] != 3:
+            raise ValueError(f"expected N x 3 x H x W input, got shape {tuple(x.shape)}")
+        if x.shape[-2] % s or x.shape[-1] % s:
+            raise ValueError(f"input height and width must be multiples of {s}, got {tuple(x.shape[-2:])}")
+
+    # ---- forward ------------------------------------------------------------------------------
+    def _features(self, x: torch.Tensor) -> tuple[list[torch.Tensor], dict[str, torch.Tensor]]:
+        self._check_input(x)
+        if self._channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        x = x / 255.0
+        feats = self.backbone(x)
+        x0, x1, x2, x3, x4 = feats
+        skips = [x3, x2, x1, x0]
+        if self.full_skip is not None:
+            skips.append(self.full_skip(x))
+        start = self.conv_map(x4)
+        seg: dict[str, torch.Tensor] = {}
+        for name, head in self.config.heads.items():
+            if head.kind == "patch":
+                continue
+            if head.decoder not in seg:
+                seg[head.decoder] = self.decoder_head[head.decoder](start, skips)
+        out = {
+            name: self.output_head[head.decoder][head.out_key](seg[head.decoder])
+            for name, head in self.config.heads.items()
+            if head.kind != "patch"
+        }
+        return feats, out
+
+    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Raw logits keyed by output name (patch heads: centre window, N x C x 1 x 1)."""
+        feats, seg = self._features(x)
+        x4 = feats[4]
+        cells = self.config.arch_params.patch_cells
+        h, w = x4.shape[-2:]
+        if h > cells or w > cells:
+            top, left = max(0, (h - cells) // 2), max(0, (w - cells) // 2)
+            x4 = x4[..., top : top + min(h, cells), left : left + min(w, cells)]
+        pooled = x4.mean(dim=(-2, -1), keepdim=True)
+        out: dict[str, torch.Tensor] = {}
+        for name, head in self.config.heads.items():
+            out[name] = self.decoder_head[head.decoder](pooled) if head.kind == "patch" else seg[name]
+        return out
+
+    @torch.no_grad()
+    def predict(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Softmax probabilities (float32) for the engine.
+
+        Segmentation heads: N x C x H x W. Patch heads: dense N x C x H/ps x W/ps maps
+        (ps = ``config.patch_stride_px``), each cell classified from the average of x4 over the
+        ``patch_cells`` x ``patch_cells`` window centred on it (windows clipped at the border),
+        so the centre cell of a 1-patch tile equals the Cerberus centre-crop result.
+        Works under ``torch.autocast``; outputs are always float32.
+        """
+        feats, seg = self._features(x)
+        cells = self.config.arch_params.patch_cells
+        dense = None
+        out: dict[str, torch.Tensor] = {}
+        for name, head in self.config.heads.items():
+            if head.kind == "patch":
+                if dense is None:
+                    dense = F.avg_pool2d(feats[4], cells, stride=1, padding=cells // 2, count_include_pad=False)
+                logits = self.decoder_head[head.decoder](dense)
+            else:
+                logits = seg[name]
+            out[name] = torch.softmax(logits.float(), dim=1)
+        return out

@@ -1,0 +1,247 @@
+"""The predictions.zarr layout (OME-Zarr 0.5 on zarr v3) and its resume state.
+
+While a run is in progress the store lives in ``predictions.zarr.partial/`` beside a plain-text log of
+finished tiles; :meth:`PredictionStore.finalize` renames it to ``predictions.zarr`` once every tile is
+written, so a folder named ``predictions.zarr`` is always complete. Every tile writes whole chunks
+(cores are chunks), so a tile is either fully written or rewritten on resume.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import logging
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import zarr
+from zarr.codecs import BloscCodec
+
+from .errors import OutputError
+from .tiling import Tile
+
+__all__ = ["HeadLayout", "PredictionStore", "ome_image_attrs", "PREDICTIONS", "open_predictions"]
+
+log = logging.getLogger(__name__)
+
+PREDICTIONS = "predictions.zarr"
+_PARTIAL_SUFFIX = ".partial"
+_DONE_LOG = "tiles_done.log"
+_FINGERPRINT = "fingerprint.json"
+# uint8 probability maps compress ~5-20x with zstd at a low level; level 1 keeps writes cheap.
+_COMPRESSOR = BloscCodec(cname="zstd", clevel=1, shuffle="noshuffle")
+
+
+@dataclass(frozen=True)
+class HeadLayout:
+    """One output head as stored: ``channels`` class probabilities at ``cell_px`` model px per pixel."""
+
+    name: str
+    channels: int
+    cell_px: int = 1
+
+
+def ome_image_attrs(name: str, *, channels_axis: bool = True, downsample: float) -> dict[str, Any]:
+    """OME-Zarr 0.5 ``multiscales`` attributes for a single-level (c, y, x) image.
+
+    The transform maps array indices to level-0 pixel indices of the slide as QuPath shows it:
+    array pixel ``i`` covers level-0 ``[i * ds, (i + 1) * ds)``, so its centre index is
+    ``i * ds + (ds - 1) / 2``.
+    """
+    axes = [{"name": "c", "type": "channel"}] if channels_axis else []
+    axes += [{"name": "y", "type": "space"}, {"name": "x", "type": "space"}]
+    lead = [1.0] if channels_axis else []
+    shift = (downsample - 1.0) / 2.0
+    return {
+        "ome": {
+            "version": "0.5",
+            "multiscales": [
+                {
+                    "name": name,
+                    "axes": axes,
+                    "datasets": [
+                        {
+                            "path": "0",
+                            "coordinateTransformations": [
+                                {"type": "scale", "scale": lead + [downsample, downsample]},
+                                {"type": "translation", "translation": [0.0] * len(lead) + [shift, shift]},
+                            ],
+                        }
+                    ],
+                }
+            ],
+        }
+    }
+
+
+def _output_error(exc: OSError, path: Path) -> OutputError:
+    if exc.errno == errno.ENOSPC:
+        return OutputError(f"disk full while writing {path}; free space and run the same command again to continue")
+    return OutputError(f"cannot write {path}: {exc.strerror or exc}")
+
+
+class PredictionStore:
+    """A predictions.zarr being written, with the set of finished tiles for resuming.
+
+    Parameters
+    ----------
+    result_dir : Path
+        The slide's result folder; the store is ``result_dir / "predictions.zarr"``.
+    heads : list of HeadLayout
+        The arrays to create, one OME image group each.
+    height, width : int
+        Output size at model resolution.
+    core_px : int
+        Chunk side at model resolution (equal to the tile core).
+    downsample : float
+        Level-0 px per model px.
+    fingerprint : dict
+        Everything that must match for a partial run to be resumed (model weights, tile geometry,
+        slide size, mpp, precision); a partial store with another fingerprint is discarded.
+    attrs : dict
+        Stored under the root group's ``wsimtl`` attribute.
+    """
+
+    def __init__(
+        self,
+        result_dir: Path,
+        *,
+        heads: list[HeadLayout],
+        height: int,
+        width: int,
+        core_px: int,
+        downsample: float,
+        fingerprint: dict[str, Any],
+        attrs: dict[str, Any],
+    ) -> None:
+        self.result_dir = Path(result_dir)
+        self.final_path = self.result_dir / PREDICTIONS
+        self.path = self.result_dir / (PREDICTIONS + _PARTIAL_SUFFIX)
+        self.heads = heads
+        self.core_px = core_px
+        self.downsample = downsample
+        self.done: set[tuple[int, int]] = set()
+        self.damaged: list[dict[str, Any]] = []
+        try:
+            self._open(fingerprint, attrs, height, width)
+            self._log = open(self.path / _DONE_LOG, "a", encoding="utf-8")
+        except OSError as exc:
+            raise _output_error(exc, self.path) from exc
+
+    # -- creation and resume -------------------------------------------------------------------
+    def _open(self, fingerprint: dict[str, Any], attrs: dict[str, Any], height: int, width: int) -> None:
+        fp_file = self.path / _FINGERPRINT
+        if self.path.exists():
+            try:
+                old = json.loads(fp_file.read_text())
+            except (OSError, ValueError):
+                old = None
+            if old == fingerprint:
+                self._read_done_log()
+                self.root = zarr.open_group(self.path, mode="r+")
+                log.info("resuming %s: %d tiles already finished", self.path, len(self.done))
+                return
+            log.warning("discarding %s: it was made with other settings", self.path)
+            shutil.rmtree(self.path)
+        self.path.mkdir(parents=True)
+        self.root = zarr.open_group(self.path, mode="w", zarr_format=3)
+        self.root.attrs.update({"wsimtl": attrs})
+        for head in self.heads:
+            cell = head.cell_px
+            group = self.root.create_group(head.name, attributes=ome_image_attrs(head.name, downsample=self.downsample * cell))
+            group.create_array(
+                "0",
+                shape=(head.channels, -(-height // cell), -(-width // cell)),
+                chunks=(head.channels, self.core_px // cell, self.core_px // cell),
+                dtype="uint8",
+                fill_value=0,
+                compressors=[_COMPRESSOR],
+                dimension_names=("c", "y", "x"),
+            )
+        fp_file.write_text(json.dumps(fingerprint, sort_keys=True))
+
+    def _read_done_log(self) -> None:
+        log_file = self.path / _DONE_LOG
+        if not log_file.exists():
+            return
+        for line in log_file.read_text(encoding="utf-8").splitlines():
+            parts = line.split("\t")
+            if len(parts) < 2 or not (parts[0].isdigit() and parts[1].isdigit()):
+                continue  # a line cut by a kill: that tile is redone
+            self.done.add((int(parts[0]), int(parts[1])))
+            if len(parts) >= 3 and parts[2]:
+                self.damaged.append(json.loads(parts[2]))
+
+    # -- writing -------------------------------------------------------------------------------
+    def write_tile(self, tile: Tile, outputs: dict[str, np.ndarray]) -> None:
+        """Write one tile's core: ``outputs[name]`` is (C, h, w) uint8 at the head's cell size."""
+        try:
+            for head in self.heads:
+                data = outputs[head.name]
+                cell = head.cell_px
+                y0, x0 = tile.y0 // cell, tile.x0 // cell
+                self.root[head.name]["0"][:, y0 : y0 + data.shape[1], x0 : x0 + data.shape[2]] = data
+        except OSError as exc:
+            raise _output_error(exc, self.path) from exc
+
+    def mark_done(self, tile: Tile, *, damaged: dict[str, Any] | None = None) -> None:
+        """Record a finished tile (after all its chunks are written)."""
+        extra = json.dumps(damaged) if damaged else ""
+        try:
+            self._log.write(f"{tile.row}\t{tile.col}\t{extra}\n")
+            self._log.flush()
+        except OSError as exc:
+            raise _output_error(exc, self.path) from exc
+        self.done.add(tile.key)
+        if damaged:
+            self.damaged.append(damaged)
+
+    def write_mask(self, name: str, mask: np.ndarray, *, downsample: float) -> None:
+        """Store a 2-D boolean mask as a (1, y, x) uint8 OME image (255 = true)."""
+        if name in self.root:
+            del self.root[name]
+        group = self.root.create_group(name, attributes=ome_image_attrs(name, downsample=downsample))
+        data = (np.asarray(mask, dtype=bool) * np.uint8(255))[None]
+        arr = group.create_array(
+            "0", shape=data.shape, chunks=data.shape, dtype="uint8", fill_value=0,
+            compressors=[_COMPRESSOR], dimension_names=("c", "y", "x"),
+        )
+        arr[...] = data
+
+    def update_attrs(self, **values: Any) -> None:
+        """Merge ``values`` into the root ``wsimtl`` attribute."""
+        attrs = dict(self.root.attrs.get("wsimtl", {}))
+        attrs.update(values)
+        self.root.attrs.update({"wsimtl": attrs})
+
+    def close(self) -> None:
+        if not self._log.closed:
+            self._log.close()
+
+    def finalize(self) -> Path:
+        """Rename the finished store to ``predictions.zarr`` (replacing an older one)."""
+        self.close()
+        for name in (_DONE_LOG, _FINGERPRINT):
+            (self.path / name).unlink(missing_ok=True)
+        try:
+            if self.final_path.exists():
+                old = self.final_path.with_name(PREDICTIONS + ".old")
+                if old.exists():
+                    shutil.rmtree(old)
+                os.replace(self.final_path, old)
+                os.replace(self.path, self.final_path)
+                shutil.rmtree(old)
+            else:
+                os.replace(self.path, self.final_path)
+        except OSError as exc:
+            raise _output_error(exc, self.final_path) from exc
+        return self.final_path
+
+
+def open_predictions(result_dir: Path) -> zarr.Group:
+    """Open a finished ``predictions.zarr`` read-only."""
+    return zarr.open_group(Path(result_dir) / PREDICTIONS, mode="r")

@@ -1,0 +1,315 @@
+"""GeoJSON for QuPath, streamed from the object table.
+
+Each object becomes one feature::
+
+    {"type": "Feature", "id": "<uuid>", "geometry": {...},
+     "properties": {"objectType": "detection" | "annotation",
+                    "classification": {"name": "...", "color": [r, g, b]},
+                    "isLocked": false,  (annotations only)
+                    "measurements": {"probability": 0.93, "area_um2": 41.2, ...}}}
+
+Nuclei are ``detection`` objects: QuPath's ``cell`` type expects a cell boundary with a
+``nucleusGeometry`` inside it, which we do not predict, and detections are what QuPath draws and
+measures quickly by the hundred thousand. Glands, lumen and tissue regions are ``annotation``
+objects, which QuPath lets a pathologist edit. No property is ever named ``type`` (QuPath would
+read it as the object type) and ``objectType`` only appears inside ``properties``.
+
+Coordinates are (x, y) level-0 px rounded to 2 decimals; where rounding would make a polygon
+invalid the unrounded coordinates are kept. The document is written in record batches and never
+held in memory as a whole.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import gzip
+import json
+import logging
+import os
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import IO
+
+import numpy as np
+import pyarrow.parquet as pq
+import shapely
+
+from ..atomic import atomic_path
+from ..objects import TASKS
+from ._table import read_table_info
+
+__all__ = ["write_geojson", "write_geojson_files", "MEASUREMENTS", "GEOJSON_FILES", "object_type"]
+
+log = logging.getLogger(__name__)
+
+#: table column -> QuPath measurement name (plain ASCII; units in the name)
+MEASUREMENTS: dict[str, str] = {
+    "probability": "probability",
+    "area_um2": "area_um2",
+    "perimeter_um": "perimeter_um",
+    "solidity": "solidity",
+    "eccentricity": "eccentricity",
+}
+
+#: per-task GeoJSON files written beside ``objects.geojson``: file stem -> tasks
+GEOJSON_FILES: dict[str, tuple[str, ...]] = {
+    "nuclei": ("nuclei",),
+    "glands": ("gland", "lumen"),
+    "tissue": ("tissue",),
+}
+
+_HEADER = b'{"type":"FeatureCollection","features":[\n'
+_FOOTER = b"\n]}\n"
+_COLUMNS = ["id", "task", "class_name", "geometry", *MEASUREMENTS]
+
+#: a palette for classes whose colour the table does not record
+_FALLBACK_COLORS = [(230, 25, 75), (60, 180, 75), (0, 130, 200), (245, 130, 48), (145, 30, 180), (70, 240, 240), (240, 50, 230), (128, 128, 0)]
+
+
+def object_type(task: str) -> str:
+    """The QuPath ``objectType`` of a task: ``detection`` for nuclei, else ``annotation``."""
+    return "detection" if task == "nuclei" else "annotation"
+
+
+def _validate_tasks(tasks: Iterable[str] | None) -> frozenset[str]:
+    """Normalise a task selection (``None`` = all) and reject unknown names."""
+    if tasks is None:
+        return frozenset(TASKS)
+    if isinstance(tasks, str):
+        tasks = [tasks]
+    chosen = frozenset(tasks)
+    unknown = sorted(chosen - set(TASKS))
+    if unknown:
+        raise ValueError(f"unknown task(s) {unknown}; choose from {list(TASKS)}")
+    return chosen
+
+
+def _round_geometry(geoms: np.ndarray) -> np.ndarray:
+    """Round coordinates to 0.01 px, keeping the unrounded geometry wherever rounding breaks validity."""
+    rounded = shapely.transform(geoms, lambda c: np.round(c, 2))
+    broken = ~shapely.is_valid(rounded)
+    if broken.any():
+        rounded[broken] = geoms[broken]
+    return rounded
+
+
+def _measurement_parts(batch_columns: dict[str, np.ndarray]) -> list[list[str]]:
+    """Per measurement, one JSON member per row (``'"name":1.25'``), or '' where not finite."""
+    parts = []
+    for column, name in MEASUREMENTS.items():
+        values = np.asarray(batch_columns[column], dtype=np.float64)
+        finite = np.isfinite(values)
+        rounded = np.where(finite, np.round(values, 4), 0.0).tolist()
+        prefix = f'"{name}":'
+        parts.append([prefix + repr(v) if ok else "" for v, ok in zip(rounded, finite.tolist())])
+    return parts
+
+
+class _ClassProps:
+    """Caches the constant part of ``properties`` for each (task, class)."""
+
+    def __init__(self, colors: dict[tuple[str, str], tuple[int, int, int]]):
+        self._colors = dict(colors)
+        self._cache: dict[tuple[str, str], str] = {}
+
+    def __call__(self, task: str, class_name: str) -> str:
+        key = (task, class_name)
+        text = self._cache.get(key)
+        if text is None:
+            color = self._colors.get(key)
+            if color is None:
+                color = _FALLBACK_COLORS[len(self._cache) % len(_FALLBACK_COLORS)]
+                self._colors[key] = color
+            props: dict[str, object] = {
+                "objectType": object_type(task),
+                "classification": {"name": class_name, "color": [int(v) for v in color]},
+            }
+            if props["objectType"] == "annotation":
+                props["isLocked"] = False
+            text = json.dumps(props, separators=(",", ":"))[:-1]  # left open for measurements
+            self._cache[key] = text
+        return text
+
+
+def _features(table_path: Path, *, batch_rows: int, class_props: _ClassProps) -> Iterable[tuple[np.ndarray, list[str]]]:
+    """Yield (task per feature, feature JSON text) for each record batch of the table."""
+    parquet = pq.ParquetFile(table_path)
+    for record in parquet.iter_batches(batch_size=batch_rows, columns=_COLUMNS):
+        if record.num_rows == 0:
+            continue
+        columns = {name: record.column(name) for name in _COLUMNS}
+        geoms = shapely.from_wkb(columns["geometry"].to_numpy(zero_copy_only=False))
+        empty = shapely.is_empty(geoms)
+        geo_json = shapely.to_geojson(_round_geometry(geoms)).tolist()
+        ids = columns["id"].to_pylist()
+        tasks = columns["task"].to_pylist()
+        classes = columns["class_name"].to_pylist()
+        meas = _measurement_parts({c: columns[c].to_numpy(zero_copy_only=False) for c in MEASUREMENTS})
+        texts = []
+        for i, (oid, task, cls, gj) in enumerate(zip(ids, tasks, classes, geo_json)):
+            members = ",".join(filter(None, (m[i] for m in meas)))
+            texts.append(
+                f'{{"type":"Feature","id":"{oid}","geometry":{gj},"properties":'
+                f'{class_props(task, cls)},"measurements":{{{members}}}}}}}'
+            )
+        task_arr = np.asarray(tasks, dtype=object)
+        if empty.any():
+            log.warning("skipped %d empty geometries", int(empty.sum()))
+            keep = ~empty
+            texts = [t for t, k in zip(texts, keep.tolist()) if k]
+            task_arr = task_arr[keep]
+        yield task_arr, texts
+
+
+class _Sink:
+    """One GeoJSON output being written: a (possibly gzipped) stream plus its task selection."""
+
+    def __init__(self, fh: IO[bytes], tasks: frozenset[str]):
+        self.fh = fh
+        self.tasks = tasks
+        self.count = 0
+
+    def write(self, texts: Sequence[str]) -> None:
+        if not texts:
+            return
+        sep = ",\n" if self.count else ""
+        self.fh.write((sep + ",\n".join(texts)).encode("utf-8"))
+        self.count += len(texts)
+
+
+def _open_stream(stack: contextlib.ExitStack, tmp: Path, *, gz: bool) -> IO[bytes]:
+    """Open a buffered binary stream at ``tmp``, gzip-compressed when asked."""
+    raw = stack.enter_context(open(tmp, "wb", buffering=1 << 20))
+    if gz:
+        return stack.enter_context(gzip.GzipFile(filename="", mode="wb", fileobj=raw, compresslevel=6, mtime=0))
+    return raw
+
+
+def _write_many(
+    table_path: Path,
+    targets: list[tuple[Path, frozenset[str]]],
+    *,
+    gz: bool,
+    batch_rows: int,
+) -> dict[Path, int]:
+    """Write several GeoJSON files in one pass over the table; returns features per file."""
+    if batch_rows < 1:
+        raise ValueError(f"batch_rows must be at least 1, got {batch_rows}")
+    info = read_table_info(table_path)
+    class_props = _ClassProps(info["colors"])
+    with contextlib.ExitStack() as stack:
+        sinks: list[tuple[Path, _Sink]] = []
+        for final, tasks in targets:
+            tmp = stack.enter_context(atomic_path(final))
+            sink = _Sink(_open_stream(stack, tmp, gz=gz), tasks)
+            sink.fh.write(_HEADER)
+            sinks.append((final, sink))
+        for task_arr, texts in _features(table_path, batch_rows=batch_rows, class_props=class_props):
+            for _, sink in sinks:
+                if sink.tasks >= set(task_arr):
+                    sink.write(texts)
+                else:
+                    sink.write([t for t, task in zip(texts, task_arr.tolist()) if task in sink.tasks])
+        for _, sink in sinks:
+            sink.fh.write(_FOOTER)
+    counts = {final: sink.count for final, sink in sinks}
+    for final, n in counts.items():
+        log.info("wrote %d features to %s", n, final)
+    return counts
+
+
+def write_geojson(
+    table_path: str | os.PathLike[str],
+    out_path: str | os.PathLike[str],
+    *,
+    tasks: Iterable[str] | None = None,
+    gz: bool = False,
+    batch_rows: int = 32_768,
+) -> int:
+    """Write objects of the table as a QuPath-readable GeoJSON FeatureCollection, atomically.
+
+    Parameters
+    ----------
+    table_path : path-like
+        ``objects.parquet`` written by :func:`~wsi_mtl.export.write_table`.
+    out_path : path-like
+        The ``.geojson`` file (``.geojson.gz`` with ``gz=True``).
+    tasks : iterable of str, optional
+        Only these tasks (see :data:`~wsi_mtl.objects.TASKS`); all by default.
+    gz : bool, default False
+        Gzip the stream (not every QuPath version reads ``.geojson.gz``).
+    batch_rows : int, default 32768
+        Rows read from the table at a time; bounds memory.
+
+    Returns
+    -------
+    int
+        Number of features written.
+
+    Raises
+    ------
+    ValueError
+        An unknown task, ``batch_rows`` below 1, or ``gz=True`` for a name not ending in ``.gz``.
+    InputError
+        The table does not exist or cannot be read.
+    OutputError
+        The disk is full or the folder is not writable.
+    """
+    out_path = Path(out_path)
+    if gz and out_path.suffix != ".gz":
+        raise ValueError(f"gz=True needs an output name ending in .gz, got {out_path.name}")
+    chosen = _validate_tasks(tasks)
+    return _write_many(Path(table_path), [(out_path, chosen)], gz=gz, batch_rows=batch_rows)[out_path]
+
+
+def write_geojson_files(
+    table_path: str | os.PathLike[str],
+    out_dir: str | os.PathLike[str],
+    *,
+    gz: bool = False,
+    per_task: bool = True,
+    batch_rows: int = 32_768,
+) -> dict[Path, int]:
+    """Write ``objects.geojson`` and the per-task files in one pass over the table.
+
+    Per-task files (``nuclei.geojson``, ``glands.geojson`` with glands and lumen,
+    ``tissue.geojson``; see :data:`GEOJSON_FILES`) are written only for tasks present in the
+    table.
+
+    Parameters
+    ----------
+    table_path : path-like
+        ``objects.parquet`` written by :func:`~wsi_mtl.export.write_table`.
+    out_dir : path-like
+        Existing folder to write into.
+    gz : bool, default False
+        Write ``.geojson.gz`` files instead.
+    per_task : bool, default True
+        Also write the per-task files.
+    batch_rows : int, default 32768
+        Rows read from the table at a time.
+
+    Returns
+    -------
+    dict
+        ``{path: number of features}`` for every file written.
+
+    Raises
+    ------
+    ValueError
+        ``batch_rows`` below 1.
+    InputError
+        The table does not exist or cannot be read.
+    OutputError
+        The disk is full or the folder is not writable.
+    """
+    out_dir = Path(out_dir)
+    suffix = ".geojson.gz" if gz else ".geojson"
+    targets = [(out_dir / f"objects{suffix}", frozenset(TASKS))]
+    if per_task:
+        present = set(read_table_info(table_path)["counts"])
+        for stem, tasks in GEOJSON_FILES.items():
+            if present & set(tasks):
+                targets.append((out_dir / f"{stem}{suffix}", frozenset(tasks)))
+    return _write_many(Path(table_path), targets, gz=gz, batch_rows=batch_rows)
+

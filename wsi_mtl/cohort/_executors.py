@@ -1,0 +1,274 @@
+"""Where slides run: this process, one process per device, a Dask cluster, SLURM jobs (dask-jobqueue)."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import multiprocessing
+import os
+import re
+import sys
+import uuid
+from collections.abc import Iterator, Sequence
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from ..errors import InputError
+from ._manifest import SlideTask
+from ._slide import PROCESS_MODELS, BatchJob, SlideOutcome, one_line, process_slide
+
+if TYPE_CHECKING:
+    from distributed import Client
+
+__all__ = ["SlurmOptions", "Executor", "LocalExecutor", "DevicePoolExecutor", "DaskExecutor"]
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class SlurmOptions:
+    """SLURM jobs that run Dask workers (``dask_jobqueue.SLURMCluster``).
+
+    Attributes
+    ----------
+    partition, account : str or None
+        ``--partition`` and ``--account`` of each job (None: the cluster's default).
+    walltime : str
+        ``--time`` of each job, ``HH:MM:SS``.
+    memory : str
+        Memory of each job, e.g. ``"16GB"``.
+    cores : int
+        CPUs of each job (the slide's reader threads and post-processing use them).
+    gpus_per_job : int
+        GPUs of each job (``--gres=gpu:N``); one worker per GPU.
+    jobs : int
+        How many jobs (each one or ``gpus_per_job`` workers).
+    interface : str or None
+        Network interface the scheduler and workers listen on (e.g. ``"ib0"``, ``"lo"`` on one node).
+    python : str or None
+        Python of the workers (default: this one, so a virtual environment carries over).
+    log_dir : Path or None
+        Where job logs go (default ``OUT_DIR/.slurm-logs``).
+    prologue : tuple of str
+        Shell lines run before each worker starts (``module load ...``, ``export ...``).
+    """
+
+    partition: str | None = None
+    account: str | None = None
+    walltime: str = "04:00:00"
+    memory: str = "16GB"
+    cores: int = 4
+    gpus_per_job: int = 0
+    jobs: int = 1
+    interface: str | None = None
+    python: str | None = None
+    log_dir: Path | None = None
+    prologue: tuple[str, ...] = field(default_factory=tuple)
+
+    def validated(self) -> SlurmOptions:
+        """Return self after checking the numbers and the walltime; raise InputError otherwise."""
+        if self.cores < 1 or self.jobs < 1 or self.gpus_per_job < 0:
+            raise InputError(f"SLURM jobs need cores >= 1, jobs >= 1, gpus >= 0; got {self.cores}, {self.jobs}, {self.gpus_per_job}")
+        if not re.fullmatch(r"(\d+-)?\d{1,3}(:\d\d){0,2}", self.walltime):
+            raise InputError(f"walltime {self.walltime!r} is not a SLURM time such as 04:00:00 or 1-00:00:00")
+        return self
+
+
+class Executor:
+    """Runs :func:`process_slide` over tasks; ``run`` yields outcomes in the order they finish."""
+
+    def run(self, tasks: Sequence[SlideTask], job: BatchJob) -> Iterator[SlideOutcome]:
+        """Process ``tasks``, yielding each outcome as it finishes."""
+        raise NotImplementedError
+
+    def close(self) -> None:
+        """Release what the executor started (processes, clusters)."""
+
+    def __enter__(self) -> Executor:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+
+class LocalExecutor(Executor):
+    """One slide after another in this process, with this process's model cache."""
+
+    def __init__(self, *, device: str | None = None) -> None:
+        self.device = device
+
+    def run(self, tasks: Sequence[SlideTask], job: BatchJob) -> Iterator[SlideOutcome]:
+        for task in tasks:
+            yield process_slide(task, job, models=PROCESS_MODELS, device=self.device)
+
+
+# -- one process per device ------------------------------------------------------------------
+_POOL_DEVICE: str | None = None
+
+
+def _init_pool_worker(devices: Any) -> None:
+    """Pool initializer: take one device from the shared queue for the life of this process."""
+    global _POOL_DEVICE
+    _POOL_DEVICE = devices.get()
+    if _POOL_DEVICE.startswith("cuda"):
+        import torch
+
+        index = int(_POOL_DEVICE.partition(":")[2] or 0)
+        torch.cuda.set_device(index)
+    log.info("worker %d uses %s", os.getpid(), _POOL_DEVICE)
+
+
+def _pool_process(task: SlideTask, job: BatchJob) -> SlideOutcome:
+    """Process a slide in a pool worker, on that worker's device."""
+    return process_slide(task, job, models=PROCESS_MODELS, device=_POOL_DEVICE)
+
+
+class DevicePoolExecutor(Executor):
+    """One process per device (e.g. ``cuda:0``, ``cuda:1``); each takes the next slide when free.
+
+    Processes are spawned (never forked: CUDA does not survive a fork) and each loads the model
+    once, on its device.
+    """
+
+    def __init__(self, devices: Sequence[str]) -> None:
+        if not devices:
+            raise InputError("give at least one device")
+        context = multiprocessing.get_context("spawn")
+        queue = context.Queue()
+        for device in devices:
+            queue.put(device)
+        self._pool = ProcessPoolExecutor(max_workers=len(devices), mp_context=context, initializer=_init_pool_worker, initargs=(queue,))
+
+    def run(self, tasks: Sequence[SlideTask], job: BatchJob) -> Iterator[SlideOutcome]:
+        futures = {self._pool.submit(_pool_process, task, job): task for task in tasks}
+        for future in as_completed(futures):
+            yield _outcome_of(future, futures[future])
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=True, cancel_futures=True)
+
+
+def _outcome_of(future: Any, task: SlideTask) -> SlideOutcome:
+    """A future's outcome; a worker that crashed (or any error outside the slide) makes a failed one."""
+    try:
+        return future.result()
+    except Exception as exc:
+        log.error("%s: the worker failed: %s", task.id, one_line(exc))
+        return SlideOutcome(str(task.slide), task.id, "failed", f"worker failed: {one_line(exc)}")
+
+
+# -- Dask ---------------------------------------------------------------------------------------
+class DaskExecutor(Executor):
+    """Slides as tasks on a Dask cluster: an existing client, a scheduler address, or a new cluster.
+
+    Parameters
+    ----------
+    client : distributed.Client, optional
+        Use this client (not closed by :meth:`close`).
+    scheduler : str, optional
+        Address of a running scheduler (``tcp://host:8786``) or a scheduler file (``.json``).
+    workers : int, optional
+        Workers of a new ``LocalCluster`` (one thread each) when neither ``client`` nor
+        ``scheduler`` is given.
+    slurm : SlurmOptions, optional
+        Start SLURM jobs as workers (``dask_jobqueue.SLURMCluster``) instead.
+    out_dir : Path, optional
+        The batch output folder (SLURM job logs go under it).
+    """
+
+    def __init__(
+        self,
+        *,
+        client: Client | None = None,
+        scheduler: str | None = None,
+        workers: int | None = None,
+        slurm: SlurmOptions | None = None,
+        out_dir: Path | None = None,
+    ) -> None:
+        try:
+            from distributed import Client, LocalCluster
+        except ImportError as exc:
+            raise InputError("the dask and slurm executors need dask[distributed] (pip install 'wsimtl[cohort]')") from exc
+        self._own: list[Any] = []
+        gpus = 0
+        if client is not None:
+            self.client = client
+        elif scheduler is not None:
+            target = {"scheduler_file": scheduler} if scheduler.endswith(".json") else {"address": scheduler}
+            try:
+                self.client = Client(**target, timeout="60s")
+            except (OSError, TimeoutError) as exc:
+                raise InputError(f"cannot connect to the Dask scheduler {scheduler}: {one_line(exc)}") from exc
+            self._own.append(self.client)
+        elif slurm is not None:
+            cluster = _slurm_cluster(slurm.validated(), out_dir)
+            self._own.append(cluster)
+            self.client = Client(cluster)
+            self._own.insert(0, self.client)
+            gpus = slurm.gpus_per_job
+        else:
+            if workers is not None and workers < 1:
+                raise InputError(f"--workers must be at least 1, got {workers}")
+            cluster = LocalCluster(n_workers=workers or 1, threads_per_worker=1, dashboard_address=None)
+            self._own.append(cluster)
+            self.client = Client(cluster)
+            self._own.insert(0, self.client)
+        from ._dask import PLUGIN_NAME, ModelCachePlugin
+
+        self.client.register_plugin(ModelCachePlugin(gpus), name=PLUGIN_NAME)
+
+    def run(self, tasks: Sequence[SlideTask], job: BatchJob) -> Iterator[SlideOutcome]:
+        from distributed import as_completed as dask_as_completed
+
+        from ._dask import dask_process
+
+        if not tasks:
+            return
+        keys = [f"wsimtl-slide-{task.id}-{uuid.uuid4().hex[:8]}" for task in tasks]
+        futures = self.client.map(dask_process, list(tasks), job=job, key=keys, pure=False)
+        by_key = {future.key: task for future, task in zip(futures, tasks, strict=True)}
+        try:
+            for future in dask_as_completed(futures):
+                yield _outcome_of(future, by_key[future.key])
+                future.release()
+        finally:
+            for future in futures:
+                future.cancel()
+
+    def close(self) -> None:
+        for item in self._own:
+            with contextlib.suppress(Exception):
+                item.close()
+        self._own.clear()
+
+
+def _slurm_cluster(options: SlurmOptions, out_dir: Path | None) -> Any:
+    """Start a ``SLURMCluster`` with ``options.jobs`` jobs; each job runs one worker per GPU (or one)."""
+    try:
+        from dask_jobqueue import SLURMCluster
+    except ImportError as exc:
+        raise InputError("the slurm executor needs dask-jobqueue (pip install 'wsimtl[cohort]')") from exc
+    log_dir = options.log_dir or ((out_dir or Path.cwd()) / ".slurm-logs")
+    log_dir.mkdir(parents=True, exist_ok=True)
+    processes = max(1, options.gpus_per_job)
+    directives = [f"--gres=gpu:{options.gpus_per_job}"] if options.gpus_per_job else []
+    cluster = SLURMCluster(
+        queue=options.partition,
+        account=options.account,
+        cores=processes,  # one thread per worker: one slide at a time per worker
+        processes=processes,
+        job_cpu=max(options.cores, processes),
+        memory=options.memory,
+        walltime=options.walltime,
+        interface=options.interface,
+        python=options.python or sys.executable,
+        job_extra_directives=directives,
+        job_script_prologue=list(options.prologue),
+        log_directory=str(log_dir),
+        job_name="wsimtl",
+    )
+    log.info("SLURM job script:\n%s", cluster.job_script())
+    cluster.scale(jobs=options.jobs)
+    return cluster

@@ -1,0 +1,328 @@
+"""One slide of a batch: skip it when finished, lock it, segment it, record the outcome."""
+
+from __future__ import annotations
+
+import inspect
+import json
+import logging
+import os
+import threading
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Literal
+
+from ..errors import WsimtlError
+from ._locks import LockFile, lock_owner
+from ._manifest import SlideTask
+from ._summary import read_summary, update_summary
+
+__all__ = ["SegmentOptions", "BatchJob", "SlideOutcome", "ModelCache", "process_slide", "recorded_since", "resolve_device", "one_line", "skipped_outcome"]
+
+log = logging.getLogger(__name__)
+
+Status = Literal["done", "skipped", "failed", "busy"]
+
+
+@dataclass(frozen=True)
+class SegmentOptions:
+    """The per-slide options every slide of a batch shares (see ``wsi_mtl.pipeline.segment_slide``).
+
+    ``model`` is a model name or path (loaded once per worker), ``device`` ``"auto"``, ``"cpu"``,
+    ``"cuda"``, ``"cuda:1"`` or ``"mps"``; None keeps the pipeline's default.
+    """
+
+    model: str | None = None
+    device: str = "auto"
+    batch_size: int | None = None
+    tile_size: int | None = None
+    workers: int | None = None
+    tissue_mask: bool = True
+    objects: bool = True
+
+
+SegmentFn = Callable[..., Any]
+IsCompleteFn = Callable[[Path], bool]
+LoadModelFn = Callable[..., Any]
+
+
+@dataclass(frozen=True)
+class BatchJob:
+    """Everything a worker needs to process any slide of one batch (picklable).
+
+    Attributes
+    ----------
+    out_dir : Path
+        The batch output folder.
+    options : SegmentOptions
+        Per-slide options.
+    stale_after_s, heartbeat_s : float
+        Slide lock timeout and heartbeat period.
+    started_at : float
+        ``time.time()`` when the batch started (failures recorded after it are this batch's).
+    segment_fn, is_complete_fn, load_model_fn : callable or None
+        Replacements for ``wsi_mtl.pipeline.segment_slide``, ``wsi_mtl.pipeline.is_complete`` and
+        ``wsi_mtl.network.load_model`` (None: those).
+    """
+
+    out_dir: Path
+    options: SegmentOptions = field(default_factory=SegmentOptions)
+    stale_after_s: float = 600.0
+    heartbeat_s: float = 60.0
+    started_at: float = field(default_factory=time.time)
+    segment_fn: SegmentFn | None = None
+    is_complete_fn: IsCompleteFn | None = None
+    load_model_fn: LoadModelFn | None = None
+
+    def segment(self) -> SegmentFn:
+        """The per-slide function."""
+        if self.segment_fn is not None:
+            return self.segment_fn
+        from ..pipeline import segment_slide
+
+        return segment_slide
+
+    def is_complete(self, result_dir: Path) -> bool:
+        """Whether ``result_dir`` holds a finished result."""
+        if self.is_complete_fn is not None:
+            return bool(self.is_complete_fn(result_dir))
+        from ..pipeline import is_complete
+
+        return bool(is_complete(result_dir))
+
+    def loader(self) -> LoadModelFn:
+        """The model loader."""
+        if self.load_model_fn is not None:
+            return self.load_model_fn
+        from ..network import load_model
+
+        return load_model
+
+    def names_results(self) -> bool:
+        """Whether the per-slide function accepts ``name=`` (the result folder's name)."""
+        try:
+            return "name" in inspect.signature(self.segment()).parameters
+        except (TypeError, ValueError):
+            return False
+
+    def placement(self, task: SlideTask) -> tuple[Path, dict[str, Any], Path]:
+        """Where a slide's result goes: ``(out_dir argument, extra kwargs, result folder)``.
+
+        The result folder is ``OUT_DIR/<id>``. A per-slide function without ``name=`` writes
+        ``<out_dir>/<slide stem>``: for an id other than the stem it gets ``OUT_DIR/<id>`` as its
+        output folder, so the result lands in ``OUT_DIR/<id>/<stem>``.
+        """
+        if self.names_results():
+            return self.out_dir, {"name": task.id}, self.out_dir / task.id
+        stem = task.slide.stem
+        if task.id == stem:
+            return self.out_dir, {}, self.out_dir / stem
+        return self.out_dir / task.id, {}, self.out_dir / task.id / stem
+
+    def lock_path(self, task: SlideTask) -> Path:
+        """The slide's lock file."""
+        return self.out_dir / ".locks" / f"{task.id}.lock"
+
+
+@dataclass(frozen=True)
+class SlideOutcome:
+    """What happened to one slide.
+
+    ``status`` is ``done`` (segmented now), ``skipped`` (already finished), ``failed`` (``error``
+    says why, in one line) or ``busy`` (another live worker holds its lock).
+    """
+
+    slide: str
+    id: str
+    status: Status
+    error: str = ""
+    seconds: float = 0.0
+    objects: Mapping[str, int] = field(default_factory=dict)
+    result_dir: str = ""
+
+    def row(self) -> dict[str, Any]:
+        """The slide's ``batch_summary.csv`` row."""
+        owner = lock_owner()
+        row: dict[str, Any] = {
+            "slide": self.slide,
+            "id": self.id,
+            "status": self.status,
+            "error": self.error,
+            "seconds": f"{self.seconds:.1f}",
+            "finished_at": datetime.now(timezone.utc).isoformat(timespec="milliseconds"),
+            "host": owner["host"],
+            "job": owner["job"] or "",
+        }
+        row.update({f"objects_{task}": n for task, n in self.objects.items()})
+        return row
+
+
+class ModelCache:
+    """Loaded models keyed by (name, device): each worker loads a model once, not once per slide."""
+
+    def __init__(self) -> None:
+        self._models: dict[tuple[str | None, str], Any] = {}
+        self._lock = threading.Lock()
+
+    def get(self, name: str | None, device: str, loader: LoadModelFn) -> Any:
+        """Return the cached model, loading it with ``loader(name, device=device)`` the first time."""
+        key = (name, device)
+        with self._lock:
+            if key not in self._models:
+                log.info("loading model %s on %s", name or "(default)", device)
+                self._models[key] = loader(name, device=device)
+            return self._models[key]
+
+    def __len__(self) -> int:
+        return len(self._models)
+
+
+#: The cache of this process (used outside Dask workers).
+PROCESS_MODELS = ModelCache()
+
+
+def resolve_device(device: str) -> str:
+    """Turn ``"auto"`` into ``cuda``, ``mps`` or ``cpu`` (whatever is present); keep anything else."""
+    if device != "auto":
+        return device
+    import torch
+
+    if torch.cuda.is_available():
+        return "cuda"
+    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+        return "mps"
+    return "cpu"
+
+
+def one_line(exc: BaseException) -> str:
+    """A one-line reason: a WsimtlError's message; ``Type: message`` for anything else."""
+    text = " ".join(str(exc).split())
+    if isinstance(exc, WsimtlError):
+        return text or type(exc).__name__
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
+def _object_counts(run: Mapping[str, Any] | None) -> dict[str, int]:
+    """Objects per task from a run.json dict (``objects: {task: {class: n}}``)."""
+    counts: dict[str, int] = {}
+    objects = (run or {}).get("objects") or {}
+    if isinstance(objects, Mapping):
+        for task, per_class in objects.items():
+            if isinstance(per_class, Mapping):
+                counts[str(task)] = int(sum(int(n) for n in per_class.values()))
+            elif isinstance(per_class, int | float):
+                counts[str(task)] = int(per_class)
+    return counts
+
+
+def _read_run(result_dir: Path) -> dict[str, Any] | None:
+    """The run.json of a result folder, or None."""
+    try:
+        data = json.loads((result_dir / "run.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def skipped_outcome(task: SlideTask, result_dir: Path) -> SlideOutcome:
+    """The outcome of a slide found finished."""
+    return SlideOutcome(str(task.slide), task.id, "skipped", objects=_object_counts(_read_run(result_dir)), result_dir=str(result_dir))
+
+
+def recorded_since(job: BatchJob, slide_id: str) -> dict[str, str] | None:
+    """The slide's summary row if it was written (done, failed, skipped) since this batch started."""
+    row = read_summary(job.out_dir).get(slide_id)
+    if row is None:
+        return None
+    try:
+        when = datetime.fromisoformat(row.get("finished_at", "")).timestamp()
+    except ValueError:
+        return None
+    return row if when >= job.started_at else None
+
+
+def process_slide(task: SlideTask, job: BatchJob, *, models: ModelCache | None = None, device: str | None = None) -> SlideOutcome:
+    """Process one slide of a batch unless it is finished or another worker holds it.
+
+    A finished slide is skipped. Otherwise the slide's lock is taken (or the slide reported
+    ``busy``), the model is fetched from ``models`` (loaded on first use), the slide is segmented,
+    and its row is written to ``batch_summary.csv`` before the lock is released. An exception
+    raised by the per-slide function becomes a ``failed`` outcome; it never propagates.
+
+    Parameters
+    ----------
+    task : SlideTask
+        The slide.
+    job : BatchJob
+        The batch.
+    models : ModelCache, optional
+        This worker's models (default: the process cache).
+    device : str, optional
+        The device of this worker, overriding ``job.options.device``.
+
+    Returns
+    -------
+    SlideOutcome
+    """
+    models = PROCESS_MODELS if models is None else models
+    out_arg, extra, result_dir = job.placement(task)
+    if job.is_complete(result_dir):
+        outcome = skipped_outcome(task, result_dir)
+        if recorded_since(job, task.id) is None:  # keep the row of a worker that finished it in this batch
+            update_summary(job.out_dir, [outcome.row()])
+        return outcome
+    lock = LockFile(job.lock_path(task), stale_after_s=job.stale_after_s, heartbeat_s=job.heartbeat_s)
+    if not lock.acquire():
+        log.info("%s is being processed by another worker; later", task.id)
+        return SlideOutcome(str(task.slide), task.id, "busy", result_dir=str(result_dir))
+    try:
+        if job.is_complete(result_dir):  # finished between the check and the lock
+            outcome = skipped_outcome(task, result_dir)
+            if recorded_since(job, task.id) is None:
+                update_summary(job.out_dir, [outcome.row()])
+            return outcome
+        outcome = _segment(task, job, models, device, out_arg, extra, result_dir)
+        if lock.lost:
+            log.error("%s: the lock was taken over while segmenting; another worker may have redone it", task.id)
+        update_summary(job.out_dir, [outcome.row()])  # before the lock goes, so waiters see the outcome
+        return outcome
+    finally:
+        lock.release()
+
+
+def _segment(
+    task: SlideTask, job: BatchJob, models: ModelCache, device: str | None, out_arg: Path, extra: dict[str, Any], result_dir: Path
+) -> SlideOutcome:
+    """Run the per-slide function; any exception becomes a failed outcome."""
+    options = job.options
+    start = time.perf_counter()
+    try:
+        device = resolve_device(device or options.device)
+        model = models.get(options.model, device, job.loader())
+        os.makedirs(out_arg, exist_ok=True)
+        result = job.segment()(
+            task.slide,
+            out_arg,
+            model=model,
+            mpp=task.mpp,
+            device=device,
+            batch_size=options.batch_size,
+            tile_size=options.tile_size,
+            workers=options.workers,
+            tissue_mask=options.tissue_mask,
+            objects=options.objects,
+            progress=False,
+            **extra,
+        )
+    except Exception as exc:  # one slide failing never stops the batch
+        reason = one_line(exc)
+        if isinstance(exc, WsimtlError):
+            log.warning("%s failed: %s", task.id, reason)
+        else:
+            log.error("%s failed unexpectedly: %s", task.id, reason, exc_info=True)
+        return SlideOutcome(str(task.slide), task.id, "failed", reason, time.perf_counter() - start, result_dir=str(result_dir))
+    run = getattr(result, "run", None)
+    where = getattr(result, "result_dir", result_dir)
+    return SlideOutcome(str(task.slide), task.id, "done", "", time.perf_counter() - start, _object_counts(run), str(where))

@@ -1,0 +1,105 @@
+"""Shared fixtures: small synthetic slides (tissue + background, 0.25 um/px at level 0) and helpers.
+
+Every synthetic slide holds the same image (``he_image``, 1024 x 1536 px) with pyramid levels
+1, 4 and 16, so tests can compare reads against ``he_image`` downsampled with
+``wsi_mtl.synthetic.downsample_image``. Nothing here needs ``../shared``.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from wsi_mtl import synthetic
+
+SLIDE_MPP = 0.25
+SLIDE_LEVELS = (1, 4, 16)
+_REPO = Path(__file__).resolve().parents[1]
+
+
+def _shared_data_dir() -> Path | None:
+    for candidate in (os.environ.get("WSIMTL_SHARED_DATA"), _REPO.parent / "shared" / "data", Path.cwd().parent / "shared" / "data"):
+        if candidate and Path(candidate).is_dir():
+            return Path(candidate)
+    return None
+
+
+@pytest.fixture(scope="session")
+def he_image() -> np.ndarray:
+    """(1024, 1536, 3) uint8 H&E-like image with white background around and inside the tissue."""
+    return synthetic.make_he_texture(1024, 1536, seed=7)
+
+
+@pytest.fixture(scope="session")
+def slide_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("slides")
+
+
+@pytest.fixture(scope="session")
+def svs_jpeg(slide_dir: Path, he_image: np.ndarray) -> Path:
+    """Aperio SVS, JPEG tiles 256 px, levels 1/4/16, MPP 0.25, AppMag 40, label + macro + thumbnail."""
+    return synthetic.write_svs(slide_dir / "jpeg.svs", he_image, mpp=SLIDE_MPP, compression="jpeg",
+                               levels=SLIDE_LEVELS, objective_power=40)
+
+
+@pytest.fixture(scope="session")
+def svs_j2k(slide_dir: Path, he_image: np.ndarray) -> Path:
+    """Aperio SVS with JPEG 2000 tiles (compression 33005), otherwise like ``svs_jpeg``."""
+    return synthetic.write_svs(slide_dir / "j2k.svs", he_image, mpp=SLIDE_MPP, compression="jpeg2000",
+                               levels=SLIDE_LEVELS, objective_power=40)
+
+
+@pytest.fixture(scope="session")
+def ome_tiff(slide_dir: Path, he_image: np.ndarray) -> Path:
+    """Pyramidal OME-TIFF (SubIFDs), JPEG tiles, PhysicalSizeX 0.25 um (read by the tifffile backend)."""
+    return synthetic.write_ome_tiff(slide_dir / "slide.ome.tif", he_image, mpp=SLIDE_MPP, levels=SLIDE_LEVELS)
+
+
+@pytest.fixture(scope="session")
+def generic_tiff(slide_dir: Path, he_image: np.ndarray) -> Path:
+    """Tiled pyramidal TIFF with XResolution in px/cm (OpenSlide "generic-tiff")."""
+    return synthetic.write_generic_tiff(slide_dir / "generic.tif", he_image, mpp=SLIDE_MPP, levels=SLIDE_LEVELS)
+
+
+@pytest.fixture(scope="session")
+def png_image(slide_dir: Path, he_image: np.ndarray) -> Path:
+    """Lossless PNG of ``he_image`` with its pHYs set to 0.25 um/px (4,000,000 px/m)."""
+    from PIL import Image
+
+    path = slide_dir / "image.png"
+    Image.fromarray(he_image).save(path, dpi=(25400 / SLIDE_MPP, 25400 / SLIDE_MPP))
+    return path
+
+
+@pytest.fixture(scope="session")
+def truncate_slide() -> Callable[..., Path]:
+    """``truncate_slide(src, dst, *, fraction=0.5) -> dst``: copy only the first part of a file."""
+    return synthetic.truncate_file
+
+
+@pytest.fixture(scope="session")
+def damage_slide() -> Callable[..., tuple[int, int, int, int]]:
+    """``damage_slide(src, dst, *, level=0, tile_index=1) -> (x, y, w, h)`` level-0 box of the zeroed tile."""
+    return synthetic.damage_tile
+
+
+@pytest.fixture(scope="session")
+def shared_data() -> Path:
+    """``../shared/data`` (or ``$WSIMTL_SHARED_DATA``); skips where it is absent."""
+    path = _shared_data_dir()
+    if path is None:
+        pytest.skip("../shared/data not present")
+    return path
+
+
+@pytest.fixture(scope="session")
+def cmu_small(shared_data: Path) -> Path:
+    """The real CMU-1-Small-Region.svs from shared data; skips where it is absent."""
+    path = shared_data / "wsi" / "CMU-1-Small-Region.svs"
+    if not path.is_file():
+        pytest.skip(f"{path} not present")
+    return path

@@ -1,0 +1,374 @@
+"""Slide API: a contract test class run once per backend and format, plus errors and edge cases."""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from wsi_mtl.errors import DamagedRegionError, InputError, MissingMppError, SlideError, UnsupportedSlideError
+from wsi_mtl.slide import Slide, SlideReader, open_slide
+from wsi_mtl.slide._base import rgba_to_rgb
+from wsi_mtl.slide._slide import _resample
+from wsi_mtl.synthetic import downsample_image, make_he_texture, write_svs
+
+CMU_MD5 = "1ad6e35c9d17e4d85fb7e3143b328efe"
+
+
+def reference(image: np.ndarray, x: int, y: int, width: int, height: int, ds: float) -> np.ndarray:
+    """Area-averaged region of a level-0 image at downsample ``ds``, white outside."""
+    pad = int(np.ceil(ds)) + 2
+    padded = np.pad(image, ((pad, pad), (pad, pad), (0, 0)), constant_values=255)
+    box = (x * ds + pad, y * ds + pad, (x + width) * ds + pad, (y + height) * ds + pad)
+    return np.asarray(Image.fromarray(padded).resize((width, height), Image.Resampling.BOX, box=box))
+
+
+def mean_abs(a: np.ndarray, b: np.ndarray) -> float:
+    return float(np.abs(a.astype(np.int16) - b.astype(np.int16)).mean())
+
+
+class SlideContract:
+    """Every backend must pass these; subclasses name the fixture and what to expect."""
+
+    fixture: str
+    backend: str
+    vendor: str
+    mpp_source: str
+    n_levels: int = 3
+    tolerance: float = 4.0  # mean absolute difference allowed for lossy codecs
+
+    @pytest.fixture
+    def slide(self, request: pytest.FixtureRequest):
+        with open_slide(request.getfixturevalue(self.fixture)) as slide:
+            yield slide
+
+    def test_geometry_and_metadata(self, slide: Slide, he_image: np.ndarray) -> None:
+        assert (slide.height, slide.width) == he_image.shape[:2]
+        assert slide.offset == (0, 0)
+        assert slide.backend == self.backend
+        assert slide.vendor == self.vendor
+        assert slide.mpp == pytest.approx(0.25, rel=1e-3)
+        assert slide.mpp_source == self.mpp_source
+        assert len(slide.levels) == self.n_levels
+        assert slide.levels[0] == (1536, 1024, 1.0)
+        for (w, h, ds), factor in zip(slide.levels, (1, 4, 16)):
+            assert ds == pytest.approx(factor, rel=0.01)
+            assert (w, h) == (-(-1536 // factor), -(-1024 // factor))
+
+    def test_read_level0_matches_pixels(self, slide: Slide, he_image: np.ndarray) -> None:
+        region = slide.read(300, 200, 400, 300, mpp=0.25)
+        assert region.shape == (300, 400, 3) and region.dtype == np.uint8
+        assert mean_abs(region, he_image[200:500, 300:700]) < self.tolerance
+
+    @pytest.mark.parametrize("mpp", [0.5, 1.0, 0.7, 4.0, 8.0])
+    def test_read_at_target_mpp(self, slide: Slide, he_image: np.ndarray, mpp: float) -> None:
+        ds = mpp / 0.25
+        x, y = int(200 / ds), int(100 / ds)
+        width, height = int(1000 / ds), int(800 / ds)
+        region = slide.read(x, y, width, height, mpp=mpp)
+        assert region.shape == (height, width, 3)
+        assert mean_abs(region, reference(he_image, x, y, width, height, ds)) < self.tolerance + 1.5
+
+    def test_upsampling_below_level0_mpp(self, slide: Slide, he_image: np.ndarray) -> None:
+        region = slide.read(400, 400, 64, 64, mpp=0.125)
+        assert region.shape == (64, 64, 3)
+        assert mean_abs(region[::2, ::2], he_image[200:232, 200:232]) < self.tolerance + 6
+
+    def test_outside_is_white(self, slide: Slide, he_image: np.ndarray) -> None:
+        region = slide.read(-50, -20, 100, 60, mpp=0.25)
+        assert (region[:20] == 255).all() and (region[:, :50] == 255).all()
+        assert mean_abs(region[20:, 50:], he_image[:40, :50]) < self.tolerance + 2
+        far = slide.read(10_000, 10_000, 32, 32, mpp=0.5)
+        assert (far == 255).all()
+        edge = slide.read(1536 // 2 - 10, 1024 // 2 - 10, 40, 40, mpp=0.5)
+        assert (edge[10:, :] == 255).all() and (edge[:, 10:] == 255).all()
+
+    def test_thumbnail(self, slide: Slide, he_image: np.ndarray) -> None:
+        thumb = slide.thumbnail(mpp=8.0)
+        assert thumb.shape == (32, 48, 3)
+        assert mean_abs(thumb, downsample_image(he_image, 32)) < self.tolerance + 2
+
+    def test_concurrent_reads_equal_sequential(self, slide: Slide) -> None:
+        boxes = [(x, y, 128, 128) for x in range(0, 768, 96) for y in range(0, 512, 128)]
+        expected = [slide.read(*box, mpp=0.5) for box in boxes]
+        results: dict[int, list[np.ndarray]] = {}
+
+        def work(k: int) -> None:
+            results[k] = [slide.read(*box, mpp=0.5) for box in boxes]
+
+        threads = [threading.Thread(target=work, args=(k,)) for k in range(3)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        for k in range(3):
+            for got, want in zip(results[k], expected):
+                np.testing.assert_array_equal(got, want)
+
+    def test_info_is_json(self, slide: Slide) -> None:
+        info = json.loads(json.dumps(slide.info()))
+        assert info["backend"] == self.backend
+        assert info["mpp_source"] == self.mpp_source
+        assert info["width"] == 1536 and info["height"] == 1024
+        assert len(info["levels"]) == self.n_levels
+        assert isinstance(info["associated_images"], list)
+
+    def test_reader_read_region_pads_white(self, slide: Slide, he_image: np.ndarray) -> None:
+        reader: SlideReader = slide._reader
+        assert reader.shape == (1024, 1536)
+        block = reader.read_region(0, -8, -8, 16, 16)
+        assert (block[:8] == 255).all() and (block[:, :8] == 255).all()
+        assert mean_abs(block[8:, 8:], he_image[:8, :8]) < self.tolerance + 4
+
+    def test_read_after_close_raises(self, request: pytest.FixtureRequest) -> None:
+        slide = open_slide(request.getfixturevalue(self.fixture))
+        slide.close()
+        slide.close()  # idempotent
+        with pytest.raises(ValueError, match="closed"):
+            slide.read(0, 0, 8, 8, mpp=0.25)
+
+
+class TestSvsJpeg(SlideContract):
+    fixture, backend, vendor, mpp_source = "svs_jpeg", "openslide", "aperio", "openslide"
+
+    def test_aperio_extras(self, slide: Slide) -> None:
+        assert slide.objective_power == 40
+        assert slide.associated_images == ["label", "macro", "thumbnail"]
+
+
+class TestSvsJpeg2000(SlideContract):
+    fixture, backend, vendor, mpp_source = "svs_j2k", "openslide", "aperio", "openslide"
+    tolerance = 1.5
+
+
+class TestOmeTiff(SlideContract):
+    fixture, backend, vendor, mpp_source = "ome_tiff", "tifffile", "ome-tiff", "ome"
+
+
+class TestGenericTiff(SlideContract):
+    fixture, backend, vendor, mpp_source = "generic_tiff", "openslide", "generic-tiff", "openslide"
+
+
+class TestPng(SlideContract):
+    fixture, backend, vendor, mpp_source = "png_image", "pillow", "png", "image-resolution"
+    n_levels = 1
+    tolerance = 0.5
+
+    def test_geometry_and_metadata(self, slide: Slide, he_image: np.ndarray) -> None:
+        assert slide.levels == [(1536, 1024, 1.0)]
+        assert slide.mpp == pytest.approx(0.25, rel=1e-3)
+        assert slide.backend == "pillow" and slide.mpp_source == "image-resolution"
+
+
+# -- bounds offset, through a minimal in-memory reader ------------------------------------------
+class ArrayReader(SlideReader):
+    """In-memory single-level reader with OpenSlide-like bounds, to test Slide's coordinate logic."""
+
+    backend = "array"
+
+    def __init__(self, image: np.ndarray, bounds: tuple[int, int, int, int] | None) -> None:
+        super().__init__(Path("array.tif"))
+        self.image = image
+        h, w = image.shape[:2]
+        self.levels = [(w, h, 1.0), (w // 2, h // 2, 2.0)]
+        self.half = downsample_image(image, 2)
+        self.bounds = bounds
+        self.mpp_candidates = [(0.5, 0.5, "openslide")]
+
+    @classmethod
+    def open(cls, path: Path) -> ArrayReader:  # pragma: no cover - not used through open_slide
+        raise NotImplementedError
+
+    def read_region(self, level: int, y: int, x: int, height: int, width: int) -> np.ndarray:
+        from wsi_mtl.slide._image import pad_read
+
+        return pad_read(self.image if level == 0 else self.half, y, x, height, width)
+
+
+def test_bounds_offset_is_added_and_outside_bounds_is_white() -> None:
+    image = make_he_texture(256, 320, seed=3)
+    slide = Slide(ArrayReader(image, (40, 32, 200, 160)))
+    assert (slide.width, slide.height, slide.offset) == (200, 160, (40, 32))
+    np.testing.assert_array_equal(slide.read(0, 0, 50, 30, mpp=0.5), image[32:62, 40:90])
+    region = slide.read(190, 150, 20, 20, mpp=0.5)
+    np.testing.assert_array_equal(region[:10, :10], image[182:192, 230:240])
+    assert (region[10:] == 255).all() and (region[:, 10:] == 255).all()
+    np.testing.assert_array_equal(slide.read(0, 0, 20, 20, mpp=1.0), downsample_image(image, 2)[16:36, 20:40])
+    assert slide.thumbnail(mpp=1.0).shape == (80, 100, 3)
+
+
+def test_best_level_uses_tolerance() -> None:
+    slide = Slide(ArrayReader(make_he_texture(64, 64, seed=0), None))
+    assert slide.best_level(1.0) == 0
+    assert slide.best_level(1.99) == 1  # within 1 %
+    assert slide.best_level(1.9) == 0
+    assert slide.best_level(100.0) == 1
+
+
+def test_resample_integer_and_fractional_boxes() -> None:
+    src = np.arange(8 * 8 * 3, dtype=np.uint8).reshape(8, 8, 3)
+    out = _resample(src, 4, 4, (0.0, 0.0, 8.0, 8.0), 2.0)
+    np.testing.assert_allclose(out, downsample_image(src, 2), atol=1)
+    frac = _resample(src, 3, 3, (0.5, 0.5, 6.5, 6.5), 2.0)
+    assert frac.shape == (3, 3, 3)
+    up = _resample(src, 16, 16, (0.0, 0.0, 8.0, 8.0), 0.5)
+    assert up.shape == (16, 16, 3)
+
+
+def test_rgba_to_rgb_blends_on_white() -> None:
+    rgba = np.array([[[0, 0, 0, 0], [100, 100, 100, 255], [0, 0, 0, 128]]], np.uint8)
+    assert rgba_to_rgb(rgba).tolist() == [[[255, 255, 255], [100, 100, 100], [127, 127, 127]]]
+
+
+def test_transparent_png_pixels_are_white(tmp_path: Path) -> None:
+    rgba = np.zeros((20, 30, 4), np.uint8)
+    rgba[:, 15:] = (200, 100, 150, 255)
+    path = tmp_path / "alpha.png"
+    Image.fromarray(rgba).save(path)
+    with open_slide(path, mpp=0.5) as slide:
+        region = slide.read(0, 0, 30, 20, mpp=0.5)
+    assert (region[:, :15] == 255).all()
+    assert (region[:, 15:] == (200, 100, 150)).all()
+
+
+# -- mpp ----------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def small_image() -> np.ndarray:
+    return make_he_texture(256, 256, seed=1)
+
+
+def test_mpp_override_wins(svs_jpeg: Path) -> None:
+    with open_slide(svs_jpeg, mpp=0.5) as slide:
+        assert (slide.mpp, slide.mpp_source) == (0.5, "override")
+
+
+@pytest.mark.parametrize("bad", [0, -1, float("nan"), 1000.0, "abc"])
+def test_bad_mpp_override_raises(svs_jpeg: Path, bad: object) -> None:
+    with pytest.raises(InputError, match="mpp"):
+        open_slide(svs_jpeg, mpp=bad)  # type: ignore[arg-type]
+
+
+def test_objective_power_fallback_warns(tmp_path: Path, small_image: np.ndarray, caplog: pytest.LogCaptureFixture) -> None:
+    path = write_svs(tmp_path / "nompp.svs", small_image, mpp=None, objective_power=20, levels=(1, 4))
+    with caplog.at_level(logging.WARNING, logger="wsi_mtl.slide"):
+        with open_slide(path) as slide:
+            assert (slide.mpp, slide.mpp_source) == (0.5, "objective-power")
+    assert "objective power 20x" in caplog.text
+
+
+def test_missing_mpp_raises(tmp_path: Path, small_image: np.ndarray) -> None:
+    path = write_svs(tmp_path / "nompp.svs", small_image, mpp=None, objective_power=None, levels=(1, 4))
+    with pytest.raises(MissingMppError, match="no microns-per-pixel in its metadata; pass --mpp"):
+        open_slide(path)
+    with open_slide(path, mpp=0.3) as slide:
+        assert slide.mpp_source == "override"
+
+
+def test_png_without_resolution_needs_mpp(tmp_path: Path, small_image: np.ndarray) -> None:
+    path = tmp_path / "plain.png"
+    Image.fromarray(small_image).save(path)  # no pHYs
+    with pytest.raises(MissingMppError):
+        open_slide(path)
+
+
+def test_jpeg_at_72_dpi_is_not_a_resolution(tmp_path: Path, small_image: np.ndarray) -> None:
+    path = tmp_path / "photo.jpg"
+    Image.fromarray(small_image).save(path, dpi=(72, 72))
+    with pytest.raises(MissingMppError):
+        open_slide(path)
+    with open_slide(path, mpp=0.5) as slide:
+        assert slide.vendor == "jpeg" and slide.read(0, 0, 16, 16, mpp=1.0).shape == (16, 16, 3)
+
+
+def test_stripped_tiff_with_resolution_goes_to_tifffile(tmp_path: Path, small_image: np.ndarray) -> None:
+    from wsi_mtl.synthetic import write_generic_tiff
+
+    path = write_generic_tiff(tmp_path / "flat.tif", small_image, mpp=0.5, tile=None, levels=(1,), compression="none")
+    with open_slide(path) as slide:
+        assert (slide.backend, slide.mpp_source) == ("tifffile", "tiff-resolution")
+        assert slide.mpp == pytest.approx(0.5)
+        np.testing.assert_array_equal(slide.read(10, 20, 30, 40, mpp=0.5), small_image[20:60, 10:40])
+
+
+# -- bad inputs ---------------------------------------------------------------------------------
+def test_missing_file(tmp_path: Path) -> None:
+    with pytest.raises(SlideError, match="slide not found"):
+        open_slide(tmp_path / "nope.svs")
+
+
+def test_directory(tmp_path: Path) -> None:
+    with pytest.raises(SlideError, match="is a directory"):
+        open_slide(tmp_path)
+
+
+def test_empty_file(tmp_path: Path) -> None:
+    path = tmp_path / "empty.svs"
+    path.write_bytes(b"")
+    with pytest.raises(SlideError, match="empty"):
+        open_slide(path)
+
+
+def test_text_file_is_unsupported(tmp_path: Path) -> None:
+    path = tmp_path / "notes.svs"
+    path.write_text("this is not a slide\n" * 20)
+    with pytest.raises(UnsupportedSlideError, match=r"notes\.svs is not a slide format.*Aperio SVS"):
+        open_slide(path)
+
+
+@pytest.mark.parametrize("fixture", ["svs_jpeg", "svs_j2k", "ome_tiff", "generic_tiff", "png_image"])
+def test_truncated_slide(request: pytest.FixtureRequest, tmp_path: Path, truncate_slide, fixture: str) -> None:
+    src: Path = request.getfixturevalue(fixture)
+    dst = truncate_slide(src, tmp_path / f"cut{''.join(src.suffixes)}", fraction=0.5)
+    with pytest.raises(SlideError) as info:
+        with open_slide(dst, mpp=0.25) as slide:
+            slide.read(0, 0, slide.width, slide.height, mpp=0.25)
+    assert str(dst) in str(info.value) or dst.name in str(info.value)
+
+
+@pytest.mark.parametrize("fixture", ["svs_jpeg", "svs_j2k", "ome_tiff"])
+def test_damaged_tile_raises_and_slide_recovers(request: pytest.FixtureRequest, tmp_path: Path, damage_slide,
+                                                he_image: np.ndarray, fixture: str) -> None:
+    src: Path = request.getfixturevalue(fixture)
+    dst = tmp_path / f"damaged{''.join(src.suffixes)}"
+    x, y, w, h = damage_slide(src, dst, level=0, tile_index=1)
+    assert (x, y, w, h) == (256, 0, 256, 256)
+    with open_slide(dst) as slide:
+        with pytest.raises(DamagedRegionError, match=r"region x=300, y=10, w=50, h=50 \(level-0 px\)"):
+            slide.read(300, 10, 50, 50, mpp=0.25)
+        good = slide.read(0, 300, 200, 200, mpp=0.25)  # the reader recovered
+        assert mean_abs(good, he_image[300:500, :200]) < 4
+        with pytest.raises(DamagedRegionError):
+            slide.read(150, 5, 100, 100, mpp=0.5)  # damaged again, still a clean error
+        assert slide.read(0, 0, 128, 128, mpp=4.0).shape == (128, 128, 3)  # coarser level is intact
+
+
+def test_read_argument_validation(svs_jpeg: Path) -> None:
+    with open_slide(svs_jpeg) as slide:
+        with pytest.raises(ValueError, match="size must be positive"):
+            slide.read(0, 0, 0, 10, mpp=0.5)
+        with pytest.raises(TypeError, match="x must be an integer"):
+            slide.read(1.5, 0, 10, 10, mpp=0.5)  # type: ignore[arg-type]
+        with pytest.raises(ValueError, match="mpp must be"):
+            slide.read(0, 0, 10, 10, mpp=0)
+        with pytest.raises(ValueError, match="mpp must be"):
+            slide.thumbnail(mpp=-2)
+
+
+# -- the real sample ----------------------------------------------------------------------------
+@pytest.mark.shared_data
+def test_cmu_small_region(cmu_small: Path) -> None:
+    with open_slide(cmu_small) as slide:
+        assert (slide.width, slide.height) == (2220, 2967)
+        assert slide.mpp == pytest.approx(0.499, abs=1e-3) and slide.mpp_source == "openslide"
+        assert slide.vendor == "aperio" and slide.objective_power == 20
+        assert set(slide.associated_images) == {"label", "macro", "thumbnail"}
+        thumb = slide.thumbnail(mpp=8.0)
+        assert thumb.shape == (186, 139, 3)
+        assert 0 < (thumb.mean(axis=2) < 200).mean() < 0.9  # tissue and background both present
+        tile = slide.read(500, 500, 256, 256, mpp=1.0)
+        assert tile.shape == (256, 256, 3) and tile.std() > 5

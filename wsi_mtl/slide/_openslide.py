@@ -1,0 +1,126 @@
+"""OpenSlide backend: Aperio SVS, Hamamatsu NDPI, MIRAX, Leica SCN, Philips TIFF, generic tiled TIFF."""
+
+from __future__ import annotations
+
+import logging
+import threading
+from pathlib import Path
+
+import numpy as np
+from numpy.typing import NDArray
+
+from ..errors import DamagedRegionError, SlideError
+from ._base import NotMyFormat, SlideReader, rgba_to_rgb
+
+__all__ = ["OpenSlideReader"]
+
+logger = logging.getLogger(__name__)
+
+
+def _float(props: dict[str, str], key: str) -> float | None:
+    try:
+        return float(props[key])
+    except (KeyError, ValueError):
+        return None
+
+
+class OpenSlideReader(SlideReader):
+    """Reader over an ``openslide.OpenSlide`` handle.
+
+    OpenSlide handles are thread-safe, but after a decode error a handle stays in an error state;
+    the reader then opens a fresh handle (once per failure) so later reads work.
+    """
+
+    backend = "openslide"
+
+    def __init__(self, path: Path, handle) -> None:  # noqa: ANN001 - openslide.OpenSlide
+        super().__init__(path)
+        self._handle = handle
+        self._generation = 0
+        self._lock = threading.Lock()
+        props = dict(handle.properties)
+        self.properties = props
+        self.format = props.get("openslide.vendor", "unknown")
+        self.vendor = self.format
+        self.levels = [(int(w), int(h), float(d)) for (w, h), d in zip(handle.level_dimensions, handle.level_downsamples)]
+        self.associated_images = sorted(handle.associated_images)
+        bx, by = _float(props, "openslide.bounds-x"), _float(props, "openslide.bounds-y")
+        bw, bh = _float(props, "openslide.bounds-width"), _float(props, "openslide.bounds-height")
+        if None not in (bx, by, bw, bh):
+            self.bounds = (int(bx), int(by), int(bw), int(bh))
+        mx, my = _float(props, "openslide.mpp-x"), _float(props, "openslide.mpp-y")
+        if mx is not None or my is not None:
+            self.mpp_candidates.append((mx or my, my or mx, "openslide"))
+        res = _tiff_resolution_mpp(props)
+        if res is not None:
+            self.mpp_candidates.append((res[0], res[1], "tiff-resolution"))
+        self.objective_power = _float(props, "openslide.objective-power")
+
+    @classmethod
+    def open(cls, path: Path) -> OpenSlideReader:
+        import openslide
+
+        try:
+            vendor = openslide.OpenSlide.detect_format(str(path))
+        except openslide.OpenSlideError:
+            vendor = None
+        if vendor is None:
+            raise NotMyFormat(path)
+        try:
+            handle = openslide.OpenSlide(str(path))
+        except (openslide.OpenSlideError, openslide.OpenSlideUnsupportedFormatError) as exc:
+            if vendor == "generic-tiff":
+                raise NotMyFormat(path) from exc  # let tifffile try (e.g. a stripped or odd TIFF)
+            raise SlideError(f"{path} looks like a {vendor} slide but cannot be opened (truncated or damaged?): {exc}") from exc
+        return cls(path, handle)
+
+    def _reopen(self, generation: int) -> None:
+        import openslide
+
+        with self._lock:
+            if generation != self._generation:
+                return  # another thread already reopened
+            old = self._handle
+            try:
+                self._handle = openslide.OpenSlide(str(self.path))
+            except openslide.OpenSlideError as exc:  # pragma: no cover - file vanished meanwhile
+                logger.error("cannot reopen %s after a decode error: %s", self.path, exc)
+                return
+            self._generation += 1
+            try:
+                old.close()
+            except Exception:  # noqa: BLE001 - an errored handle may fail to close; the new one is fine
+                logger.debug("closing errored OpenSlide handle failed", exc_info=True)
+
+    def read_region(self, level: int, y: int, x: int, height: int, width: int) -> NDArray[np.uint8]:
+        import openslide
+
+        ds = self.levels[level][2]
+        location = (int(round(x * ds)), int(round(y * ds)))
+        # A failed read leaves the handle in an error state, possibly because of another thread's
+        # damaged region: reopen and retry once on a fresh handle; a second failure is this region's.
+        for attempt in range(2):
+            handle, generation = self._handle, self._generation
+            try:
+                rgba = np.asarray(handle.read_region(location, level, (int(width), int(height))))
+                return rgba_to_rgb(rgba)
+            except openslide.OpenSlideError as exc:
+                self._reopen(generation)
+                if attempt == 1:
+                    raise DamagedRegionError(str(exc)) from exc
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    def close(self) -> None:
+        with self._lock:
+            self._handle.close()
+
+
+def _tiff_resolution_mpp(props: dict[str, str]) -> tuple[float, float] | None:
+    """mpp from the ``tiff.XResolution``/``tiff.ResolutionUnit`` properties OpenSlide exposes."""
+    unit = props.get("tiff.ResolutionUnit", "").lower()
+    factor = {"centimeter": 1e4, "inch": 25400.0}.get(unit)
+    xr, yr = _float(props, "tiff.XResolution"), _float(props, "tiff.YResolution")
+    if factor is None or not xr:
+        return None
+    yr = yr or xr
+    return factor / xr, factor / yr

@@ -1,0 +1,288 @@
+"""GeoJSON for QuPath: every feature follows QuPath's reader rules and matches the table."""
+
+from __future__ import annotations
+
+import csv
+import gzip
+import json
+import math
+import uuid
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+import shapely
+
+from wsi_mtl.export import _geojson, synthetic_batches, write_geojson, write_geojson_files, write_table
+from wsi_mtl.objects import COLUMNS, TASKS, ObjectBatch
+
+ALL_TASKS = ("nuclei", "gland", "lumen", "tissue")
+DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+GLAS = DATA / "glands" / "glas"
+
+
+def assert_qupath_feature(feature: dict[str, Any]) -> shapely.Geometry:
+    """Check one feature against the rules QuPath's GeoJSON reader relies on; return its geometry."""
+    assert set(feature) == {"type", "id", "geometry", "properties"}, feature.keys()
+    assert feature["type"] == "Feature"
+    assert str(uuid.UUID(feature["id"])) == feature["id"]
+    props = feature["properties"]
+    assert "type" not in props, "QuPath reads a 'type' property as the object type"
+    assert props["objectType"] in ("detection", "annotation")
+    cls = props["classification"]
+    assert set(cls) == {"name", "color"} and isinstance(cls["name"], str) and cls["name"]
+    assert len(cls["color"]) == 3 and all(isinstance(v, int) and 0 <= v <= 255 for v in cls["color"])
+    meas = props["measurements"]
+    assert isinstance(meas, dict)
+    for name, value in meas.items():
+        assert name.isascii() and isinstance(value, (int, float)) and not isinstance(value, bool)
+        assert math.isfinite(value), (name, value)
+    geometry = feature["geometry"]
+    assert geometry["type"] in ("Polygon", "MultiPolygon")
+    polygons = [geometry["coordinates"]] if geometry["type"] == "Polygon" else geometry["coordinates"]
+    for polygon in polygons:
+        for ring in polygon:
+            assert ring[0] == ring[-1] and len(ring) >= 4, "rings must be closed"
+    shape = shapely.from_geojson(json.dumps(geometry))
+    assert shape.is_valid and not shape.is_empty
+    return shape
+
+
+def assert_qupath_geojson(doc: dict[str, Any]) -> list[shapely.Geometry]:
+    """Check a whole document: a FeatureCollection of QuPath features; return their geometries."""
+    assert set(doc) == {"type", "features"} and doc["type"] == "FeatureCollection"
+    shapes = [assert_qupath_feature(f) for f in doc["features"]]
+    ids = [f["id"] for f in doc["features"]]
+    assert len(set(ids)) == len(ids)
+    return shapes
+
+
+@pytest.fixture(scope="module")
+def table(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("table") / "objects.parquet"
+    write_table(synthetic_batches(1500, batch_size=400, tasks=ALL_TASKS, extent_px=30_000, seed=5), path, mpp=0.25)
+    return path
+
+
+def test_features_follow_qupath_rules_and_match_table(table: Path, tmp_path: Path) -> None:
+    out = tmp_path / "objects.geojson"
+    n = write_geojson(table, out, batch_rows=300)
+    doc = json.loads(out.read_text())
+    shapes = assert_qupath_geojson(doc)
+    rows = pq.read_table(table)
+    assert n == len(doc["features"]) == rows.num_rows
+    # same objects, in the same order: ids, classes, object types, geometry within rounding
+    assert [f["id"] for f in doc["features"]] == rows.column("id").to_pylist()
+    assert [f["properties"]["classification"]["name"] for f in doc["features"]] == rows.column("class_name").to_pylist()
+    expected_types = ["detection" if t == "nuclei" else "annotation" for t in rows.column("task").to_pylist()]
+    assert [f["properties"]["objectType"] for f in doc["features"]] == expected_types
+    source = shapely.from_wkb(rows.column("geometry").to_numpy())
+    assert (shapely.hausdorff_distance(np.array(shapes, dtype=object), source) <= 0.0071).all()
+    # measurements: values rounded to 4 decimals; NaN omitted (solidity of glands, lumen, tissue)
+    for feature, area, solidity in zip(doc["features"], rows.column("area_um2").to_pylist(), rows.column("solidity").to_pylist()):
+        meas = feature["properties"]["measurements"]
+        assert meas["area_um2"] == pytest.approx(area, abs=1e-4)
+        assert set(meas) <= {"probability", "area_um2", "perimeter_um", "solidity", "eccentricity"}
+        assert ("solidity" in meas) == (not math.isnan(solidity))
+    colors = {f["properties"]["classification"]["name"]: f["properties"]["classification"]["color"] for f in doc["features"]}
+    assert colors["epithelial"] == [255, 0, 0] and colors["tumour"] == [200, 0, 200]
+    locked = {f["properties"]["objectType"]: "isLocked" in f["properties"] for f in doc["features"]}
+    assert locked == {"detection": False, "annotation": True}
+
+
+def test_coordinates_rounded_to_two_decimals(table: Path, tmp_path: Path) -> None:
+    out = tmp_path / "objects.geojson"
+    write_geojson(table, out)
+    coords = np.array([xy for f in json.loads(out.read_text())["features"] for xy in f["geometry"]["coordinates"][0]])
+    assert np.allclose(coords, np.round(coords, 2), atol=1e-9, rtol=0)
+
+
+def test_rounding_that_breaks_validity_keeps_exact_coordinates(tmp_path: Path) -> None:
+    # a sliver 0.004 px thick: rounded to 0.01 it collapses onto a line
+    sliver = shapely.Polygon([(0, 0), (10, 0), (10, 0.004), (5, 0.003), (0, 0.004)])
+    square = shapely.box(20.123, 20.456, 30.789, 30.001)
+    assert sliver.is_valid
+    n = 2
+    cols: dict[str, np.ndarray] = {
+        "id": np.array([str(uuid.uuid4()) for _ in range(n)]),
+        "task": np.array(["lumen"] * n),
+        "class_name": np.array(["lumen"] * n),
+        "class_id": np.ones(n, dtype=np.int32),
+        **{name: np.full(n, np.nan) for name, kind in COLUMNS.items() if kind == "f"},
+    }
+    table = tmp_path / "t.parquet"
+    write_table([ObjectBatch(cols, np.array([sliver, square], dtype=object))], table, mpp=1.0)
+    out = tmp_path / "o.geojson"
+    write_geojson(table, out)
+    features = json.loads(out.read_text())["features"]
+    shapes = [assert_qupath_feature(f) for f in features]
+    assert shapely.equals_exact(shapes[0], sliver, tolerance=0)
+    assert shapely.equals_exact(shapes[1], shapely.box(20.12, 20.46, 30.79, 30.0), tolerance=1e-9)
+    assert features[0]["properties"]["measurements"] == {}  # all NaN: omitted, still an object
+
+
+def test_per_task_files_in_one_pass(table: Path, tmp_path: Path) -> None:
+    written = write_geojson_files(table, tmp_path)
+    names = {p.name: n for p, n in written.items()}
+    assert set(names) == {"objects.geojson", "nuclei.geojson", "glands.geojson", "tissue.geojson"}
+    docs = {name: json.loads((tmp_path / name).read_text()) for name in names}
+    for name, doc in docs.items():
+        assert len(assert_qupath_geojson(doc)) == names[name]
+    tasks = dict(zip(pq.read_table(table).column("id").to_pylist(), pq.read_table(table).column("task").to_pylist()))
+    assert {tasks[f["id"]] for f in docs["nuclei.geojson"]["features"]} == {"nuclei"}
+    assert {tasks[f["id"]] for f in docs["glands.geojson"]["features"]} == {"gland", "lumen"}
+    assert {tasks[f["id"]] for f in docs["tissue.geojson"]["features"]} == {"tissue"}
+    assert names["nuclei.geojson"] + names["glands.geojson"] + names["tissue.geojson"] == names["objects.geojson"]
+
+
+def test_per_task_files_only_for_present_tasks(tmp_path: Path) -> None:
+    table = tmp_path / "objects.parquet"
+    write_table(synthetic_batches(50, tasks=("nuclei",)), table, mpp=0.25)
+    written = write_geojson_files(table, tmp_path)
+    assert sorted(p.name for p in written) == ["nuclei.geojson", "objects.geojson"]
+
+
+def test_task_selection(table: Path, tmp_path: Path) -> None:
+    out = tmp_path / "tissue.geojson"
+    n = write_geojson(table, out, tasks=["tissue"])
+    doc = json.loads(out.read_text())
+    assert n == len(doc["features"]) > 0
+    assert {f["properties"]["objectType"] for f in doc["features"]} == {"annotation"}
+
+
+def test_gzip_round_trip(table: Path, tmp_path: Path) -> None:
+    write_geojson(table, tmp_path / "o.geojson")
+    n = write_geojson(table, tmp_path / "o.geojson.gz", gz=True)
+    with gzip.open(tmp_path / "o.geojson.gz", "rt", encoding="utf-8") as fh:
+        doc = json.load(fh)
+    assert doc == json.loads((tmp_path / "o.geojson").read_text())
+    assert n == len(doc["features"])
+    (tmp_path / "set").mkdir()
+    written = write_geojson_files(table, tmp_path / "set", gz=True)
+    assert sorted(p.name for p in written) == [f"{s}.geojson.gz" for s in ("glands", "nuclei", "objects", "tissue")]
+    for path in written:
+        with gzip.open(path, "rt", encoding="utf-8") as fh:
+            assert_qupath_geojson(json.load(fh))
+
+
+def test_empty_table_gives_empty_collection(tmp_path: Path) -> None:
+    table = tmp_path / "objects.parquet"
+    write_table([], table, mpp=0.25)
+    assert write_geojson(table, tmp_path / "o.geojson") == 0
+    assert json.loads((tmp_path / "o.geojson").read_text()) == {"type": "FeatureCollection", "features": []}
+
+
+def test_non_ascii_class_name(tmp_path: Path) -> None:
+    batch = next(synthetic_batches(3, tasks=("tissue",)))
+    batch.columns["class_name"] = np.array(["Tumör \"core\""] * 3)
+    batch.colors = {("tissue", "Tumör \"core\""): (1, 2, 3)}
+    table = tmp_path / "t.parquet"
+    write_table([batch], table, mpp=0.25)
+    write_geojson(table, tmp_path / "o.geojson")
+    doc = json.loads((tmp_path / "o.geojson").read_text(encoding="utf-8"))
+    assert [f["properties"]["classification"] for f in doc["features"]] == [{"name": "Tumör \"core\"", "color": [1, 2, 3]}] * 3
+
+
+def test_interrupted_export_leaves_no_file(table: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    real = _geojson._features
+
+    def failing(*args: Any, **kwargs: Any):
+        gen = real(*args, **kwargs)
+        yield next(gen)
+        raise RuntimeError("killed")
+
+    monkeypatch.setattr(_geojson, "_features", failing)
+    with pytest.raises(RuntimeError, match="killed"):
+        write_geojson_files(table, tmp_path, batch_rows=100)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_bad_arguments(table: Path, tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="unknown task"):
+        write_geojson(table, tmp_path / "o.geojson", tasks=["stroma"])
+    with pytest.raises(ValueError, match="ending in .gz"):
+        write_geojson(table, tmp_path / "o.geojson", gz=True)
+    with pytest.raises(ValueError, match="batch_rows"):
+        write_geojson(table, tmp_path / "o.geojson", batch_rows=0)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_object_type_per_task() -> None:
+    assert [_geojson.object_type(t) for t in TASKS] == ["detection", "annotation", "annotation", "annotation"]
+
+
+# --- real gland masks: polygons rasterised back from the GeoJSON match their instances ---------
+
+
+def _instance_polygons(labels: np.ndarray) -> tuple[list[int], list[shapely.Polygon]]:
+    """One polygon per instance label (outer contour of its largest part), level-0 px convention."""
+    from skimage import measure
+
+    ids, polys = [], []
+    for region in measure.regionprops(labels):
+        y0, x0, y1, x1 = region.bbox
+        mask = np.pad(region.image, 1)
+        contours = measure.find_contours(mask.astype(np.uint8), 0.5)
+        ring = max(contours, key=len)
+        # contour (row, col) in the padded crop -> level-0 continuous (x, y): pixel centre is +0.5
+        xy = np.stack([ring[:, 1] - 1 + x0 + 0.5, ring[:, 0] - 1 + y0 + 0.5], axis=1)
+        poly = shapely.make_valid(shapely.Polygon(xy))
+        if poly.geom_type != "Polygon":
+            poly = max(shapely.get_parts(poly), key=lambda g: g.area)
+        ids.append(region.label)
+        polys.append(poly)
+    return ids, polys
+
+
+def _rasterise(shape: shapely.Geometry, height: int, width: int) -> np.ndarray:
+    """Pixels whose centre (x + 0.5, y + 0.5 in level-0 px) lies inside ``shape``."""
+    out = np.zeros((height, width), dtype=bool)
+    x0, y0, x1, y1 = shape.bounds
+    x0, y0 = max(0, int(x0)), max(0, int(y0))
+    x1, y1 = min(width, int(np.ceil(x1)) + 1), min(height, int(np.ceil(y1)) + 1)
+    ys, xs = np.mgrid[y0:y1, x0:x1]
+    shapely.prepare(shape)
+    out[y0:y1, x0:x1] = shapely.contains_xy(shape, xs + 0.5, ys + 0.5)
+    return out
+
+
+@pytest.mark.shared_data
+@pytest.mark.skipif(not (GLAS / "manifest.csv").is_file(), reason=f"GlaS masks not found at {GLAS}")
+def test_glas_polygons_round_trip(tmp_path: Path) -> None:
+    from PIL import Image
+
+    with open(GLAS / "manifest.csv", newline="") as fh:
+        rows = list(csv.DictReader(fh))[:3]
+    batches, masks = [], {}
+    for row in rows:
+        labels = np.asarray(Image.open(GLAS / row["annotation"])).astype(np.int32)
+        ids, polys = _instance_polygons(labels)
+        n = len(polys)
+        oids = [str(uuid.uuid4()) for _ in range(n)]
+        for oid, label in zip(oids, ids):
+            masks[oid] = labels == label
+        cols: dict[str, np.ndarray] = {
+            "id": np.array(oids),
+            "task": np.array(["gland"] * n),
+            "class_name": np.array([row["grade_glas"]] * n),
+            "class_id": np.ones(n, dtype=np.int32),
+            **{name: np.full(n, np.nan) for name, kind in COLUMNS.items() if kind == "f"},
+        }
+        cols["area_um2"] = shapely.area(np.array(polys, dtype=object)) * 0.62**2
+        batches.append(ObjectBatch(cols, np.array(polys, dtype=object), {("gland", row["grade_glas"]): (0, 160, 0)}))
+    table = tmp_path / "objects.parquet"
+    write_table(batches, table, mpp=0.62)
+    out = tmp_path / "objects.geojson"
+    write_geojson(table, out)
+    doc = json.loads(out.read_text())
+    shapes = assert_qupath_geojson(doc)
+    assert len(shapes) == len(masks) > 10
+    ious = []
+    for feature, shape in zip(doc["features"], shapes):
+        truth = masks[feature["id"]]
+        drawn = _rasterise(shape, *truth.shape)
+        ious.append((truth & drawn).sum() / (truth | drawn).sum())
+    assert np.median(ious) >= 0.98
+    assert min(ious) >= 0.95, sorted(ious)[:5]

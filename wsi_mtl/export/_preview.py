@@ -28,7 +28,7 @@ __all__ = ["write_preview"]
 log = logging.getLogger(__name__)
 
 _TASK_TITLES = {"nuclei": "Nuclei", "gland": "Glands", "lumen": "Lumen", "tissue": "Tissue"}
-_TISSUE_ALPHA = 80
+_TISSUE_ALPHA = 64
 _FALLBACK = (128, 128, 128)
 
 
@@ -257,7 +257,7 @@ def _draw_scale_bar(picture: Image.Image, *, um_per_px: float) -> None:
     length_px = max(1, round(length_um / um_per_px))
     size = max(11, min(22, picture.height // 45))
     font = _font(size)
-    label = f"{length_um / 1000:g} mm" if length_um >= 1000 else f"{length_um:g} \u00b5m"
+    label = f"{length_um / 1000:g} mm" if length_um >= 1000 else f"{length_um:g} um"  # the bundled font has no micro sign
     pad = size // 2
     x0, y1 = pad * 2, picture.height - pad * 2
     text_w = ImageDraw.Draw(picture).textlength(label, font=font)

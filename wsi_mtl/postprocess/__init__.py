@@ -1,0 +1,32 @@
+"""Maps -> objects: nuclei, gland and lumen instances, tissue regions, polygons and measurements.
+
+Array-level functions work on in-memory probability maps (``(C, H, W)``, uint8 ``255 * p`` or
+float); :func:`extract_objects` runs them chunk by chunk over a whole ``predictions.zarr``.
+"""
+
+from __future__ import annotations
+
+from wsi_mtl.postprocess._instances import (
+    downsample_prob,
+    gland_instances,
+    instance_type,
+    label_to_3class,
+    lumen_instances,
+    nuclei_instances,
+)
+from wsi_mtl.postprocess._polygons import labels_to_polygons, polygon_measurements, rasterize_polygons
+from wsi_mtl.postprocess._tissue import tissue_class_map, tissue_polygons
+
+__all__ = [
+    "nuclei_instances",
+    "gland_instances",
+    "lumen_instances",
+    "instance_type",
+    "label_to_3class",
+    "downsample_prob",
+    "labels_to_polygons",
+    "polygon_measurements",
+    "rasterize_polygons",
+    "tissue_class_map",
+    "tissue_polygons",
+]

@@ -1,0 +1,447 @@
+"""Probability maps -> instance label images (nuclei, glands, lumen) and per-instance types.
+
+All functions take probability maps as ``(C, H, W)`` arrays, either ``uint8`` holding
+``round(255 * p)`` (the predictions.zarr encoding) or floating point in [0, 1]. Thresholds are
+always given as probabilities. Pixels where every channel is 0 were not computed; they are
+background for every function here.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from scipy import ndimage as ndi
+from skimage.segmentation import watershed
+
+__all__ = [
+    "nuclei_instances",
+    "gland_instances",
+    "lumen_instances",
+    "instance_type",
+    "label_to_3class",
+    "downsample_prob",
+]
+
+
+def _validate_prob(prob: np.ndarray, *, channels: int | None = None, name: str = "prob") -> np.ndarray:
+    """Check a (C, H, W) probability map and return it as an ndarray."""
+    prob = np.asarray(prob)
+    if prob.ndim != 3:
+        raise ValueError(f"{name} must be (C, H, W); got shape {prob.shape}")
+    if channels is not None and prob.shape[0] != channels:
+        raise ValueError(f"{name} must have {channels} channels (background, interior, boundary); got {prob.shape[0]}")
+    if not (prob.dtype == np.uint8 or np.issubdtype(prob.dtype, np.floating)):
+        raise TypeError(f"{name} must be uint8 (255 * p) or floating point; got {prob.dtype}")
+    return prob
+
+
+def _scale(prob: np.ndarray) -> float:
+    """Value that stands for probability 1 in ``prob``'s encoding."""
+    return 255.0 if prob.dtype == np.uint8 else 1.0
+
+
+def _validate_labels(labels: np.ndarray, shape: tuple[int, ...] | None = None) -> np.ndarray:
+    labels = np.asarray(labels)
+    if labels.ndim != 2:
+        raise ValueError(f"labels must be a 2-D (H, W) array; got shape {labels.shape}")
+    if labels.dtype == bool or not np.issubdtype(labels.dtype, np.integer):
+        raise TypeError(f"labels must be an integer label image; got {labels.dtype} (use scipy.ndimage.label on a mask)")
+    if shape is not None and labels.shape != tuple(shape):
+        raise ValueError(f"labels shape {labels.shape} does not match the probability map's {tuple(shape)}")
+    return labels
+
+
+def _relabel_sequential(labels: np.ndarray) -> np.ndarray:
+    """Renumber the labels present to 1..n, keeping their order."""
+    present = np.bincount(labels.ravel()) > 0
+    present[0] = False
+    lut = np.zeros(present.size, dtype=np.int32)
+    lut[present] = np.arange(1, int(present.sum()) + 1, dtype=np.int32)
+    return lut[labels]
+
+
+def _remove_small(labels: np.ndarray, min_area_px: float) -> np.ndarray:
+    if min_area_px <= 0 or labels.max(initial=0) == 0:
+        return labels
+    sizes = np.bincount(labels.ravel())
+    small = sizes < min_area_px
+    small[0] = False
+    if small.any():
+        labels = labels.copy()
+        labels[small[labels]] = 0
+    return labels
+
+
+def _nuclei_instances(
+    inst_prob: np.ndarray,
+    *,
+    min_area_px: float,
+    marker_threshold: float,
+    mask_threshold: float,
+    min_marker_px: int,
+    keep_unmarked: bool,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Nuclei labels and the foreground-mask components they come from (for halo checks)."""
+    s = _scale(inst_prob)
+    interior = inst_prob[1]
+    fg = interior.astype(np.float32 if s == 1.0 else np.uint16) + inst_prob[2]
+    mask = fg > mask_threshold * s
+    components, _ = ndi.label(mask)
+    markers, n_markers = ndi.label((interior > marker_threshold * s) & mask)
+    if min_marker_px > 1 and n_markers:
+        markers = _remove_small(markers, min_marker_px)
+    if s == 255.0:
+        surface = 255 - interior  # uint8: low where the interior is confident
+    else:
+        surface = -interior.astype(np.float32)
+    labels = watershed(surface, markers, mask=mask, connectivity=1).astype(np.int32)
+    if keep_unmarked:
+        # foreground blobs without a confident interior become objects of their own
+        rest, n_rest = ndi.label(mask & (labels == 0))
+        if n_rest:
+            top = labels.max(initial=0)
+            labels = np.where(rest > 0, rest + top, labels).astype(np.int32)
+    labels = _remove_small(labels, min_area_px)
+    return _relabel_sequential(labels), components.astype(np.int32)
+
+
+def nuclei_instances(
+    inst_prob: np.ndarray,
+    *,
+    min_area_px: float = 10,
+    marker_threshold: float = 0.5,
+    mask_threshold: float = 0.5,
+    min_marker_px: int = 1,
+    keep_unmarked: bool = True,
+) -> np.ndarray:
+    """Marker-controlled watershed of a nuclei INST map.
+
+    Markers are the connected components (4-connectivity) of ``interior > marker_threshold``;
+    the mask is ``interior + boundary > mask_threshold``; the watershed floods the negated interior
+    probability inside the mask. Mask blobs that no marker reaches become objects of their own
+    (``keep_unmarked``). Objects smaller than ``min_area_px`` are removed.
+
+    Parameters
+    ----------
+    inst_prob : (3, H, W) uint8 or float ndarray
+        Background, eroded interior and boundary-band probabilities.
+    min_area_px : float
+        Smallest object kept, in model pixels.
+    marker_threshold, mask_threshold : float
+        Probability thresholds for markers and mask.
+    min_marker_px : int
+        Markers smaller than this are dropped before flooding.
+    keep_unmarked : bool
+        Keep foreground blobs that hold no marker.
+
+    Returns
+    -------
+    labels : (H, W) int32 ndarray
+        0 = background, objects 1..n.
+
+    Examples
+    --------
+    >>> p = np.zeros((3, 5, 9), np.uint8); p[0] = 255
+    >>> p[:, 1:4, 1:8] = 0; p[2, 1:4, 1:8] = 255
+    >>> p[1, 2, 2] = p[1, 2, 6] = 255; p[2, 2, 2] = p[2, 2, 6] = 0
+    >>> int(nuclei_instances(p, min_area_px=1).max())
+    2
+    """
+    inst_prob = _validate_prob(inst_prob, channels=3, name="inst_prob")
+    labels, _ = _nuclei_instances(
+        inst_prob,
+        min_area_px=min_area_px,
+        marker_threshold=marker_threshold,
+        mask_threshold=mask_threshold,
+        min_marker_px=min_marker_px,
+        keep_unmarked=keep_unmarked,
+    )
+    return labels
+
+
+def _fill_holes_per_label(labels: np.ndarray) -> np.ndarray:
+    """Fill background holes inside each object with that object's label."""
+    out = labels
+    for i, sl in enumerate(ndi.find_objects(labels), start=1):
+        if sl is None:
+            continue
+        crop = labels[sl]
+        obj = crop == i
+        filled = ndi.binary_fill_holes(obj)
+        add = filled & ~obj & (crop == 0)
+        if add.any():
+            if out is labels:
+                out = labels.copy()
+            out[sl][add] = i
+    return out
+
+
+def _expand_labels_square(labels: np.ndarray, distance: int) -> np.ndarray:
+    """Grow labels into background by a square of radius ``distance`` without merging.
+
+    The inverse of the square erosion of the Cerberus targets: each background pixel within
+    chessboard distance ``distance`` of an object takes the label of its nearest object pixel.
+    """
+    dist, idx = ndi.distance_transform_cdt(labels == 0, metric="chessboard", return_indices=True)
+    grown = labels[idx[0], idx[1]]
+    return np.where((labels == 0) & (dist <= distance), grown, labels)
+
+
+def _core_instances(
+    inst_prob: np.ndarray,
+    *,
+    threshold: float,
+    erosion_px: float,
+    min_area_px: float,
+) -> np.ndarray:
+    s = _scale(inst_prob)
+    core = inst_prob[1].astype(np.float32) - inst_prob[2].astype(np.float32) > threshold * s
+    labels, _ = ndi.label(core)
+    if erosion_px >= 1 and labels.max(initial=0):
+        labels = _expand_labels_square(labels, int(erosion_px))
+    labels = _fill_holes_per_label(labels.astype(np.int32))
+    labels = _remove_small(labels, min_area_px)
+    return _relabel_sequential(labels)
+
+
+def gland_instances(
+    inst_prob: np.ndarray,
+    *,
+    threshold: float = 0.5,
+    erosion_px: float = 5.0,
+    min_area_px: float = 100,
+) -> np.ndarray:
+    """Gland instances: components of ``interior - boundary > threshold`` grown back and filled.
+
+    Cerberus eroded gland interiors with an 11x11 element at 0.5 um/px, so cores are grown back by
+    ``erosion_px`` (5 model px at 0.5 um/px) with the same square: each background pixel within
+    chessboard distance ``erosion_px`` takes its nearest object's label (objects never merge);
+    background holes inside an object are then filled.
+
+    Parameters
+    ----------
+    inst_prob : (3, H, W) uint8 or float ndarray
+        Background, eroded interior, boundary-band probabilities.
+    threshold : float
+        Threshold on ``interior - boundary``.
+    erosion_px : float
+        Distance the cores are grown by, in pixels of ``inst_prob`` (rounded down; < 1: none).
+    min_area_px : float
+        Smallest object kept (after growing), in pixels of ``inst_prob``.
+
+    Returns
+    -------
+    labels : (H, W) int32 ndarray
+        0 = background, objects 1..n.
+
+    Examples
+    --------
+    >>> p = np.zeros((3, 12, 12), np.uint8)
+    >>> p[1, 3:9, 3:9] = 255
+    >>> int((gland_instances(p, erosion_px=2, min_area_px=1) > 0).sum())
+    100
+    """
+    inst_prob = _validate_prob(inst_prob, channels=3, name="inst_prob")
+    return _core_instances(inst_prob, threshold=threshold, erosion_px=erosion_px, min_area_px=min_area_px)
+
+
+def _inside_fraction(labels: np.ndarray, container: np.ndarray) -> np.ndarray:
+    """Fraction of each label's pixels (index = label) that lie where ``container`` is non-zero."""
+    n = int(labels.max(initial=0)) + 1
+    total = np.bincount(labels.ravel(), minlength=n)
+    inside = np.bincount(labels.ravel(), weights=(container.ravel() > 0), minlength=n)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(total > 0, inside / np.maximum(total, 1), 0.0)
+
+
+def lumen_instances(
+    inst_prob: np.ndarray,
+    *,
+    gland_labels: np.ndarray | None = None,
+    threshold: float = 0.5,
+    erosion_px: float = 1.0,
+    min_area_px: float = 20,
+    min_inside: float = 0.5,
+) -> np.ndarray:
+    """Lumen instances, as :func:`gland_instances`, kept only inside glands.
+
+    Cerberus eroded lumen with a 3x3 element, so cores are grown back by 1 px at 0.5 um/px.
+    A lumen is kept when at least ``min_inside`` of its pixels lie inside ``gland_labels`` (when
+    given).
+
+    Parameters
+    ----------
+    inst_prob : (3, H, W) uint8 or float ndarray
+        Lumen INST probabilities.
+    gland_labels : (H, W) int ndarray, optional
+        Gland instances on the same grid; ``None`` keeps every lumen.
+    threshold, erosion_px, min_area_px : float
+        As in :func:`gland_instances`.
+    min_inside : float
+        Fraction of a lumen's pixels that must lie inside a gland.
+
+    Returns
+    -------
+    labels : (H, W) int32 ndarray
+
+    Examples
+    --------
+    >>> p = np.zeros((3, 10, 10), np.uint8); p[1, 1:4, 1:4] = 255; p[1, 6:9, 6:9] = 255
+    >>> g = np.zeros((10, 10), np.int32); g[:5, :5] = 1
+    >>> lab = lumen_instances(p, gland_labels=g, erosion_px=0, min_area_px=1)
+    >>> int(lab.max()), int(lab[2, 2])
+    (1, 1)
+    """
+    inst_prob = _validate_prob(inst_prob, channels=3, name="inst_prob")
+    labels = _core_instances(inst_prob, threshold=threshold, erosion_px=erosion_px, min_area_px=min_area_px)
+    if gland_labels is not None:
+        gland_labels = _validate_labels(gland_labels, inst_prob.shape[1:])
+        frac = _inside_fraction(labels, gland_labels)
+        drop = frac < min_inside
+        drop[0] = False
+        if drop.any():
+            labels = _relabel_sequential(np.where(drop[labels], 0, labels))
+    return labels
+
+
+def instance_type(
+    labels: np.ndarray,
+    type_prob: np.ndarray,
+    *,
+    ignore_class: int | None = 0,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Class of each instance by majority vote of the per-pixel argmax.
+
+    A pixel votes for its most probable class. ``ignore_class`` (the no-label class 0) wins only
+    when no pixel of the instance voted for another class. The probability is the mean probability
+    of the winning class over the instance's pixels.
+
+    Parameters
+    ----------
+    labels : (H, W) int ndarray
+        Instances 1..n (0 = background).
+    type_prob : (C, H, W) uint8 or float ndarray
+        Class probabilities on the same grid.
+    ignore_class : int or None
+        Class that loses every vote it does not win alone.
+
+    Returns
+    -------
+    class_id : (n,) int32 ndarray
+        Entry ``i`` is the class of label ``i + 1``.
+    probability : (n,) float32 ndarray
+        Mean probability (0-1) of that class inside the instance; NaN for absent labels.
+
+    Examples
+    --------
+    >>> lab = np.array([[1, 1, 1, 2]])
+    >>> tp = np.zeros((3, 1, 4), np.uint8); tp[1, 0, :2] = 200; tp[2, 0, 2:] = 255
+    >>> instance_type(lab, tp)[0]
+    array([1, 2], dtype=int32)
+    """
+    type_prob = _validate_prob(type_prob, name="type_prob")
+    labels = _validate_labels(labels, type_prob.shape[1:])
+    n = int(labels.max(initial=0))
+    c = type_prob.shape[0]
+    if n == 0:
+        return np.zeros(0, np.int32), np.zeros(0, np.float32)
+    fg = labels > 0
+    lab = labels[fg].astype(np.int64)
+    probs = type_prob[:, fg]  # (C, m)
+    vote = np.argmax(probs, axis=0)
+    counts = np.bincount(lab * c + vote, minlength=(n + 1) * c).reshape(n + 1, c)[1:]
+    if ignore_class is not None and 0 <= ignore_class < c:
+        others = counts.sum(axis=1) - counts[:, ignore_class]
+        counts[others > 0, ignore_class] = -1
+    winner = np.argmax(counts, axis=1).astype(np.int32)
+    win_prob = probs[winner[lab - 1], np.arange(lab.size)].astype(np.float64)
+    sums = np.bincount(lab, weights=win_prob, minlength=n + 1)[1:]
+    sizes = np.bincount(lab, minlength=n + 1)[1:]
+    with np.errstate(invalid="ignore", divide="ignore"):
+        mean = (sums / sizes / _scale(type_prob)).astype(np.float32)
+    return winner, mean
+
+
+def label_to_3class(labels: np.ndarray, *, erosion_px: int = 1) -> np.ndarray:
+    """Cerberus-style INST target from an instance label image.
+
+    Each object is eroded by a ``(2 * erosion_px + 1)`` square (a pixel is interior when every
+    pixel of that square carries its label); the removed pixels form the boundary band.
+
+    Parameters
+    ----------
+    labels : (H, W) int ndarray
+        Instances (0 = background).
+    erosion_px : int
+        Erosion radius: 1 for nuclei and lumen (3x3), 5 for glands (11x11) at 0.5 um/px.
+
+    Returns
+    -------
+    prob : (3, H, W) uint8 ndarray
+        One-hot background / interior / boundary as 0 or 255.
+
+    Examples
+    --------
+    >>> lab = np.zeros((5, 5), np.int32); lab[1:4, 1:4] = 1
+    >>> label_to_3class(lab)[1]
+    array([[  0,   0,   0,   0,   0],
+           [  0,   0,   0,   0,   0],
+           [  0,   0, 255,   0,   0],
+           [  0,   0,   0,   0,   0],
+           [  0,   0,   0,   0,   0]], dtype=uint8)
+    """
+    labels = _validate_labels(labels)
+    if erosion_px < 0:
+        raise ValueError(f"erosion_px must be >= 0; got {erosion_px}")
+    size = 2 * int(erosion_px) + 1
+    lo = ndi.minimum_filter(labels, size=size, mode="constant", cval=0)
+    hi = ndi.maximum_filter(labels, size=size, mode="constant", cval=0)
+    fg = labels > 0
+    interior = fg & (lo == hi)
+    out = np.zeros((3,) + labels.shape, np.uint8)
+    out[0][~fg] = 255
+    out[1][interior] = 255
+    out[2][fg & ~interior] = 255
+    return out
+
+
+def downsample_prob(prob: np.ndarray, factor: int) -> np.ndarray:
+    """Area-average a (C, H, W) probability map by an integer factor, ignoring uncomputed pixels.
+
+    Each output pixel is the mean over the computed input pixels (any channel non-zero) of its
+    ``factor x factor`` block; blocks cut by the array edge average what they hold; blocks with no
+    computed pixel are all zero (not computed).
+
+    Parameters
+    ----------
+    prob : (C, H, W) uint8 or float ndarray
+    factor : int
+        Block size (>= 1).
+
+    Returns
+    -------
+    out : (C, ceil(H / factor), ceil(W / factor)) ndarray of ``prob``'s dtype
+
+    Examples
+    --------
+    >>> p = np.zeros((2, 2, 4), np.uint8); p[0, :, :2] = 255; p[1, :, :2] = 0; p[1, 0, 2] = 100
+    >>> downsample_prob(p, 2)[:, 0]
+    array([[255,   0],
+           [  0, 100]], dtype=uint8)
+    """
+    prob = _validate_prob(prob)
+    if int(factor) != factor or factor < 1:
+        raise ValueError(f"factor must be a positive integer; got {factor}")
+    factor = int(factor)
+    if factor == 1:
+        return prob
+    c, h, w = prob.shape
+    hh, ww = -(-h // factor), -(-w // factor)
+    pad = ((0, 0), (0, hh * factor - h), (0, ww * factor - w))
+    p = np.pad(prob, pad)
+    computed = np.pad(np.any(prob > 0, axis=0), pad[1:])
+    sums = p.reshape(c, hh, factor, ww, factor).sum(axis=(2, 4), dtype=np.float64)
+    counts = computed.reshape(hh, factor, ww, factor).sum(axis=(1, 3))
+    mean = sums / np.maximum(counts, 1)
+    if prob.dtype == np.uint8:
+        return np.rint(mean).astype(np.uint8)
+    return mean.astype(prob.dtype)

@@ -192,6 +192,11 @@ def run_batch(
         is_complete_fn=is_complete_fn,
         load_model_fn=load_model_fn,
     )
+    if executor == "local":  # a device this machine lacks fails now, not once per slide
+        from ..engine import resolve_device as check_device
+
+        for device in devices or [job.options.device]:
+            check_device(device)
     outcomes: dict[str, SlideOutcome] = {}
     with (
         _make_executor(executor, devices=devices, client=client, scheduler=scheduler, workers=workers, slurm=slurm, out_dir=out) as runner,

@@ -50,8 +50,12 @@ def _validate_id(slide_id: str, where: str) -> str:
 
 
 def _default_id(path: Path) -> str:
-    """The result folder name of a slide without an explicit id: its file name without suffix."""
-    return path.name[: -len(path.suffix)] if path.suffix else path.name
+    """The result folder name of a slide without an explicit id: its stem (``.ome.tif(f)`` is one suffix)."""
+    name = path.name
+    for suffix in (".ome.tiff", ".ome.tif"):
+        if name.lower().endswith(suffix):
+            return name[: -len(suffix)]
+    return Path(name).stem
 
 
 def read_manifest(path: str | os.PathLike[str]) -> list[SlideTask]:

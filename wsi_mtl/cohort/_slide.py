@@ -16,7 +16,7 @@ from typing import Any, Literal
 
 from ..errors import WsimtlError
 from ._locks import LockFile, lock_owner
-from ._manifest import SlideTask
+from ._manifest import SlideTask, _default_id
 from ._summary import read_summary, update_summary
 
 __all__ = ["SegmentOptions", "BatchJob", "SlideOutcome", "ModelCache", "process_slide", "recorded_since", "resolve_device", "one_line", "skipped_outcome"]
@@ -31,11 +31,13 @@ class SegmentOptions:
     """The per-slide options every slide of a batch shares (see ``wsi_mtl.pipeline.segment_slide``).
 
     ``model`` is a model name or path (loaded once per worker), ``device`` ``"auto"``, ``"cpu"``,
-    ``"cuda"``, ``"cuda:1"`` or ``"mps"``; None keeps the pipeline's default.
+    ``"cuda"``, ``"cuda:1"`` or ``"mps"``, ``precision`` ``"auto"``, ``"fp32"``, ``"bf16"`` or
+    ``"fp16"``; None keeps the pipeline's default.
     """
 
     model: str | None = None
     device: str = "auto"
+    precision: str = "auto"
     batch_size: int | None = None
     tile_size: int | None = None
     workers: int | None = None
@@ -116,7 +118,7 @@ class BatchJob:
         """
         if self.names_results():
             return self.out_dir, {"name": task.id}, self.out_dir / task.id
-        stem = task.slide.stem
+        stem = _default_id(task.slide)
         if task.id == stem:
             return self.out_dir, {}, self.out_dir / stem
         return self.out_dir / task.id, {}, self.out_dir / task.id / stem
@@ -308,6 +310,7 @@ def _segment(
             model=model,
             mpp=task.mpp,
             device=device,
+            precision=options.precision,
             batch_size=options.batch_size,
             tile_size=options.tile_size,
             workers=options.workers,

@@ -1,0 +1,87 @@
+"""``wsimtl batch``: a cohort of slides, resumable, on one machine, a Dask cluster or SLURM."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from ..errors import InputError
+
+
+def _devices(ctx: click.Context, param: click.Parameter, value: str | None) -> list[str] | None:
+    """Split ``cuda:0,cuda:1``."""
+    if value is None:
+        return None
+    devices = [d.strip() for d in value.split(",") if d.strip()]
+    if not devices:
+        raise click.BadParameter("give devices such as cuda:0,cuda:1")
+    return devices
+
+
+def _shard(ctx: click.Context, param: click.Parameter, value: str | None) -> tuple[int, int] | None:
+    """Parse ``i/n``."""
+    if value is None:
+        return None
+    from ..cohort import parse_shard
+
+    try:
+        return parse_shard(value)
+    except InputError as exc:
+        raise click.BadParameter(str(exc)) from exc
+
+
+@click.command("batch")
+@click.argument("inputs", nargs=-1, required=True)
+@click.option("-o", "--out", "out_dir", type=click.Path(path_type=Path, file_okay=False), default=Path("wsimtl-results"), show_default=True, help="Output folder: OUT/<id>/ per slide and OUT/batch_summary.csv.")
+@click.option("--model", default=None, help="Model name or folder, loaded once per worker (default: the shipped default model).")
+@click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda, cuda:N or mps (each worker's device).")
+@click.option("--precision", type=click.Choice(["auto", "fp32", "bf16", "fp16"]), default="auto", show_default=True, help="Mixed precision.")
+@click.option("--batch-size", type=click.IntRange(min=1), default=None, help="Tiles per batch.")
+@click.option("--tile-size", type=click.IntRange(min=32), default=None, help="Output core side in model pixels.")
+@click.option("--no-tissue-mask", is_flag=True, help="Process whole slides, background included.")
+@click.option("--no-objects", is_flag=True, help="Stop at the maps (no polygons, tables or GeoJSON).")
+@click.option("--executor", type=click.Choice(["local", "dask", "slurm"]), default="local", show_default=True, help="Where slides run: this machine, a Dask cluster, or SLURM jobs running Dask workers.")
+@click.option("--devices", callback=_devices, default=None, help="local: one process per device, e.g. cuda:0,cuda:1.")
+@click.option("--scheduler", default=None, help="dask: address (tcp://host:8786) or scheduler file (.json) of a running scheduler.")
+@click.option("--workers", type=click.IntRange(min=1), default=None, help="dask: workers of a new local cluster (no --scheduler).")
+@click.option("--partition", default=None, help="slurm: partition of the worker jobs.")
+@click.option("--account", default=None, help="slurm: account of the worker jobs.")
+@click.option("--walltime", default="04:00:00", show_default=True, help="slurm: time limit of each worker job.")
+@click.option("--memory", default="16GB", show_default=True, help="slurm: memory of each worker job.")
+@click.option("--cores", type=click.IntRange(min=1), default=4, show_default=True, help="slurm: CPUs of each worker job.")
+@click.option("--gpus-per-job", type=click.IntRange(min=0), default=0, show_default=True, help="slurm: GPUs of each worker job (one worker per GPU).")
+@click.option("--jobs", type=click.IntRange(min=1), default=1, show_default=True, help="slurm: number of worker jobs.")
+@click.option("--interface", default=None, help="slurm: network interface of scheduler and workers (e.g. ib0; lo on a single node).")
+@click.option("--job-prologue", multiple=True, help="slurm: shell line run before each worker starts (repeatable), e.g. 'module load cuda'.")
+@click.option("--shard", callback=_shard, default=None, help="i/n: only every n-th slide of the sorted list, from the i-th (default: from SLURM_ARRAY_TASK_ID/COUNT).")
+@click.option("--lock-timeout", type=click.FloatRange(min=1.0), default=600.0, show_default=True, help="Seconds without a heartbeat after which a slide lock is stale (its worker died) and is taken over.")
+@click.option("-q", "--quiet", is_flag=True, help="No progress bar or summary lines.")
+def batch(inputs: tuple[str, ...], out_dir: Path, model: str | None, device: str, precision: str, batch_size: int | None, tile_size: int | None,
+          no_tissue_mask: bool, no_objects: bool, executor: str, devices: list[str] | None, scheduler: str | None, workers: int | None,
+          partition: str | None, account: str | None, walltime: str, memory: str, cores: int, gpus_per_job: int, jobs: int,
+          interface: str | None, job_prologue: tuple[str, ...], shard: tuple[int, int] | None, lock_timeout: float, quiet: bool) -> None:
+    """Segment every slide of INPUTS into OUT/<id>/, skipping finished ones; exit 3 if some failed.
+
+    INPUTS are slide files, folders, glob patterns ('tcga/**/*.svs') or CSV manifests (a 'slide' or
+    'path' column; optional 'id' and 'mpp'). Several batches may share one OUT (locks keep each
+    slide to one worker); rerun the same command to continue after an interruption.
+    """
+    from ..cohort import SegmentOptions, SlurmOptions, describe, raise_for_failures, run_batch, shard_from_env
+
+    if devices and executor != "local":
+        raise InputError("--devices is for the local executor; Dask and SLURM workers use --device")
+    if scheduler and executor != "dask":
+        raise InputError("--scheduler needs --executor dask")
+    options = SegmentOptions(model=model, device=device, precision=precision, batch_size=batch_size, tile_size=tile_size,
+                             tissue_mask=not no_tissue_mask, objects=not no_objects)
+    slurm = SlurmOptions(partition=partition, account=account, walltime=walltime, memory=memory, cores=cores,
+                         gpus_per_job=gpus_per_job, jobs=jobs, interface=interface, prologue=tuple(job_prologue))
+    result = run_batch(inputs, out_dir, options=options, executor=executor, devices=devices, scheduler=scheduler,  # type: ignore[arg-type]
+                       workers=workers, slurm=slurm if executor == "slurm" else None, shard=shard or shard_from_env(),
+                       lock_timeout_s=lock_timeout, progress=not quiet)
+    if not quiet:
+        click.echo(describe(result))
+    for outcome in result.failed:
+        click.echo(f"failed: {outcome.id}: {outcome.error}", err=True)
+    raise_for_failures(result)

@@ -198,7 +198,7 @@ def write_preview(
         picture = _add_legend(picture, counts_out, palette)
     out_path = Path(out_path)
     with atomic_path(out_path) as tmp:
-        picture.save(tmp, format="PNG", optimize=False, compress_level=6)
+        picture.save(tmp, format="PNG", compress_level=1)  # level 6 is ~5x slower for ~15% smaller
     log.info("wrote preview %s (%dx%d)", out_path, picture.width, picture.height)
     return counts_out
 

@@ -1,0 +1,288 @@
+"""derive_objects: predictions.zarr -> objects.parquet, GeoJSON, preview.png, tissue map, run.json."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+import wsi_mtl.postprocess as postprocess
+from wsi_mtl import derive
+from wsi_mtl.derive import derive_objects
+from wsi_mtl.errors import InputError
+from wsi_mtl.export import read_table_info, synthetic_batches
+from wsi_mtl.objects import ObjectBatch
+
+try:
+    from test_export_geojson import assert_qupath_geojson
+except ImportError:  # tests collected as a package
+    from .test_export_geojson import assert_qupath_geojson  # type: ignore[no-redef]
+
+ALL_TASKS = ("nuclei", "gland", "lumen", "tissue")
+SLIDE = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "wsi" / "CMU-1-Small-Region.svs"
+TISSUE_CLASSES = ["tumour", "stroma", "lymphocytes"]
+
+
+def make_result_dir(tmp_path: Path, *, width: int = 4000, height: int = 3000, slide_path: str = "/nonexistent/slide.svs") -> Path:
+    """A finished result folder as the engine leaves it: predictions.zarr (status maps) + run.json."""
+    import zarr
+
+    from wsi_mtl.store import HeadLayout, PredictionStore
+
+    result_dir = tmp_path / "slide"
+    result_dir.mkdir()
+    ds, ps = 2.0, 16  # slide 0.25 mpp, model 0.5 mpp; Patch-Class every 16 model px
+    mh, mw = int(np.ceil(height / ds)), int(np.ceil(width / ds))
+    heads_attrs = {
+        "Nuclei-INST": {"kind": "segmentation", "classes": ["background", "nucleus"], "colors": [[0, 0, 0], [255, 0, 0]], "cell_px": 1},
+        "Patch-Class": {"kind": "patch", "classes": TISSUE_CLASSES, "colors": [[200, 0, 200], [255, 140, 0], [0, 0, 255]], "cell_px": ps},
+    }
+    attrs = {
+        "heads": heads_attrs,
+        "slide": {"path": slide_path, "width": width, "height": height, "mpp": 0.25, "mpp_source": "test", "offset": [0, 0]},
+        "model_mpp": 0.5,
+        "downsample": ds,
+        "tissue_mask_mpp": 8.0,
+    }
+    store = PredictionStore(
+        result_dir, heads=[HeadLayout("Nuclei-INST", 2, 1), HeadLayout("Patch-Class", 3, ps)], height=mh, width=mw,
+        core_px=256, downsample=ds, fingerprint={"test": 1}, attrs=attrs,
+    )
+    mask = np.zeros((int(np.ceil(height * 0.25 / 8)), int(np.ceil(width * 0.25 / 8))), dtype=bool)
+    mask[10:80, 10:60] = True
+    store.write_mask("tissue_mask", mask, downsample=32.0)
+    store.finalize()
+    store.close()
+    patch = zarr.open_array(result_dir / "predictions.zarr" / "Patch-Class" / "0", mode="r+")
+    rng = np.random.default_rng(0)
+    data = rng.integers(0, 256, size=patch.shape, dtype=np.uint8)
+    data[:, :3, :] = 0  # nothing computed in the top rows
+    patch[...] = data
+    run = {"status": "maps", "slide": {"path": slide_path, "mpp": 0.25, "width": width, "height": height},
+           "objects": {}, "timings_s": {"inference": 1.5}, "files": [{"path": "predictions.zarr", "bytes": 1}]}
+    (result_dir / "run.json").write_text(json.dumps(run))
+    return result_dir
+
+
+def fake_extract(n: int = 600, *, width: int = 4000, height: int = 3000, calls: list | None = None, fail_after: int | None = None):
+    def extract_objects(predictions_path: Path, *, workers: int = 1, tasks: tuple[str, ...] | None = None) -> Iterator[ObjectBatch]:
+        if calls is not None:
+            calls.append({"path": Path(predictions_path), "workers": workers, "tasks": tasks})
+        extent = min(width, height)
+        for i, batch in enumerate(synthetic_batches(n, batch_size=200, tasks=ALL_TASKS, extent_px=extent, seed=1)):
+            if fail_after is not None and i >= fail_after:
+                raise RuntimeError("post-processing crashed")
+            yield batch
+
+    return extract_objects
+
+
+@pytest.fixture(autouse=True)
+def small_preview(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Keep previews small: PNG encoding of a full-size preview dominates these tests."""
+    monkeypatch.setattr(derive, "PREVIEW_MAX_PX", 512)
+
+
+@pytest.fixture()
+def result_dir(tmp_path: Path) -> Path:
+    return make_result_dir(tmp_path)
+
+
+def test_derive_writes_everything_and_updates_run_json(result_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    calls: list[dict[str, Any]] = []
+    monkeypatch.setattr(postprocess, "extract_objects", fake_extract(calls=calls), raising=False)
+    summary = derive_objects(result_dir, workers=2)
+    assert calls == [{"path": result_dir / "predictions.zarr", "workers": 2, "tasks": None}]
+    info = read_table_info(result_dir / "objects.parquet")
+    assert summary["rows"] == info["rows"] == 600
+    assert summary["objects"] == info["counts"] and set(summary["objects"]) == set(ALL_TASKS)
+    for name in ("objects.geojson", "nuclei.geojson", "glands.geojson", "tissue.geojson"):
+        doc = json.loads((result_dir / name).read_text())
+        assert_qupath_geojson(doc)
+    assert (result_dir / "preview.png").stat().st_size > 0
+
+    run = json.loads((result_dir / "run.json").read_text())
+    assert run["objects"] == summary["objects"]
+    assert run["status"] == "maps" and run["timings_s"]["inference"] == 1.5  # the engine's fields are kept
+    assert set(run["timings_s"]) == {"inference", "objects", "export"}
+    paths = [f["path"] for f in run["files"]]
+    assert paths == ["predictions.zarr", "objects.parquet", "objects.geojson", "nuclei.geojson", "glands.geojson",
+                     "tissue.geojson", "preview.png", "predictions.zarr/tissue_classes"]
+    for entry in run["files"]:
+        assert entry["bytes"] > 1 and (result_dir / entry["path"]).exists()
+    assert summary["files"] == run["files"][1:]
+    assert not [p for p in result_dir.iterdir() if ".partial-" in p.name]
+
+
+def test_rerun_with_gz_replaces_entries(result_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(postprocess, "extract_objects", fake_extract(), raising=False)
+    derive_objects(result_dir)
+    derive_objects(result_dir, geojson_gz=True)
+    run = json.loads((result_dir / "run.json").read_text())
+    paths = [f["path"] for f in run["files"]]
+    assert len(paths) == len(set(paths))
+    assert "objects.geojson.gz" in paths and "objects.geojson" not in paths
+    assert paths.count("objects.parquet") == 1
+
+
+def test_tissue_class_map_stored(result_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import zarr
+
+    from wsi_mtl.postprocess import tissue_class_map
+
+    monkeypatch.setattr(postprocess, "extract_objects", fake_extract(50), raising=False)
+    derive_objects(result_dir)
+    root = zarr.open_group(result_dir / "predictions.zarr", mode="r")
+    stored = np.asarray(root["tissue_classes"]["0"])
+    source = np.asarray(root["Patch-Class"]["0"])
+    assert stored.dtype == np.int16 and stored.shape == (1, *source.shape[1:])
+    assert np.array_equal(stored[0], tissue_class_map(source))
+    assert (stored[0, :3] == -1).all()
+    group_attrs = root["tissue_classes"].attrs.asdict()
+    assert group_attrs["wsimtl"]["classes"] == TISSUE_CLASSES
+    scale = group_attrs["ome"]["multiscales"][0]["datasets"][0]["coordinateTransformations"][0]["scale"]
+    assert scale[-1] == 32.0  # 2 level-0 px per model px x 16 model px per cell
+
+
+def test_no_tissue_map_when_disabled(result_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(postprocess, "extract_objects", fake_extract(50), raising=False)
+    summary = derive_objects(result_dir, tissue_map=False)
+    assert not (result_dir / "predictions.zarr" / "tissue_classes").exists()
+    assert "predictions.zarr/tissue_classes" not in [f["path"] for f in summary["files"]]
+
+
+def test_preview_from_tissue_mask_without_slide(result_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from PIL import Image
+
+    monkeypatch.setattr(postprocess, "extract_objects", fake_extract(0), raising=False)
+    derive_objects(result_dir)
+    img = np.asarray(Image.open(result_dir / "preview.png").convert("RGB"))
+    # 4000 x 3000 level-0 px -> 512 x 384 picture (downsample 7.8125), legend on the right
+    assert img.shape[0] == 384 and img.shape[1] > 512
+    # the tissue mask (rows 10-80, cols 10-60 of 32 px cells, i.e. level-0 x 320-1920,
+    # y 320-2560) is pale pink; outside it is white
+    pink = (img[:384, :512] == (240, 214, 226)).all(axis=2)
+    assert pink[150, 100] and pink[300, 200] and not pink[150, 300] and not pink[20, 20]
+    assert tuple(img[150, 400]) == (255, 255, 255)
+
+
+def test_preview_from_given_slide(result_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from PIL import Image
+
+    class FakeSlide:
+        mpp = 0.25
+
+        def __init__(self) -> None:
+            self.asked: list[float] = []
+
+        def thumbnail(self, *, mpp: float) -> np.ndarray:
+            self.asked.append(mpp)
+            ds = mpp / self.mpp
+            return np.full((int(np.ceil(3000 / ds)), int(np.ceil(4000 / ds)), 3), (10, 20, 30), dtype=np.uint8)
+
+    slide = FakeSlide()
+    monkeypatch.setattr(postprocess, "extract_objects", fake_extract(0), raising=False)
+    derive_objects(result_dir, slide=slide)
+    assert slide.asked == [pytest.approx(0.25 * 4000 / 512)]
+    img = np.asarray(Image.open(result_dir / "preview.png").convert("RGB"))
+    assert tuple(img[100, 200]) == (10, 20, 30)
+
+
+@pytest.mark.shared_data
+@pytest.mark.skipif(not SLIDE.is_file(), reason=f"sample slide not found at {SLIDE}")
+def test_preview_reopens_recorded_slide(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from PIL import Image
+
+    from wsi_mtl.slide import open_slide
+
+    with open_slide(SLIDE) as s:  # type: ignore[attr-defined]
+        width, height = s.width, s.height
+    result_dir = make_result_dir(tmp_path, width=width, height=height, slide_path=str(SLIDE))
+    monkeypatch.setattr(postprocess, "extract_objects", fake_extract(100, width=width, height=height), raising=False)
+    derive_objects(result_dir)
+    img = np.asarray(Image.open(result_dir / "preview.png").convert("RGB"))
+    ds = max(width, height) / 512
+    picture = img[: round(height / ds), : round(width / ds)]
+    assert picture.std() > 20  # a real H&E thumbnail, not a flat mask picture
+
+
+def test_interrupted_derive_leaves_run_json_and_no_outputs(result_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    before = (result_dir / "run.json").read_text()
+    monkeypatch.setattr(postprocess, "extract_objects", fake_extract(fail_after=1), raising=False)
+    with pytest.raises(RuntimeError, match="crashed"):
+        derive_objects(result_dir)
+    assert (result_dir / "run.json").read_text() == before
+    assert sorted(p.name for p in result_dir.iterdir()) == ["predictions.zarr", "run.json"]
+
+
+def test_missing_run_json_starts_one(result_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    (result_dir / "run.json").unlink()
+    monkeypatch.setattr(postprocess, "extract_objects", fake_extract(30), raising=False)
+    derive_objects(result_dir)
+    run = json.loads((result_dir / "run.json").read_text())
+    assert run["objects"] and run["files"][0]["path"] == "objects.parquet"
+
+
+def test_missing_folder(tmp_path: Path) -> None:
+    with pytest.raises(InputError, match="result folder not found"):
+        derive_objects(tmp_path / "nope")
+
+
+def test_missing_predictions(tmp_path: Path) -> None:
+    with pytest.raises(InputError, match=r"no predictions.zarr in .*: run `wsimtl segment` first"):
+        derive_objects(tmp_path)
+
+
+def test_incomplete_predictions(tmp_path: Path) -> None:
+    (tmp_path / "predictions.zarr.partial").mkdir()
+    with pytest.raises(InputError, match=r"incomplete \(predictions.zarr.partial\)"):
+        derive_objects(tmp_path)
+
+
+def test_store_without_attributes(tmp_path: Path) -> None:
+    import zarr
+
+    zarr.open_group(tmp_path / "predictions.zarr", mode="w", zarr_format=3)
+    with pytest.raises(InputError, match="no 'wsimtl' attributes"):
+        derive_objects(tmp_path)
+
+
+def test_unreadable_store(tmp_path: Path) -> None:
+    (tmp_path / "predictions.zarr").mkdir()
+    (tmp_path / "predictions.zarr" / "zarr.json").write_text("{not json")
+    with pytest.raises(InputError, match="cannot read"):
+        derive_objects(tmp_path)
+
+
+def test_store_without_mpp_or_size(tmp_path: Path) -> None:
+    import zarr
+
+    root = zarr.open_group(tmp_path / "predictions.zarr", mode="w", zarr_format=3)
+    root.attrs["wsimtl"] = {"slide": {"width": 10, "height": 10}}
+    with pytest.raises(InputError, match="no slide mpp"):
+        derive_objects(tmp_path)
+    root.attrs["wsimtl"] = {"slide": {"mpp": 0.5}}
+    with pytest.raises(InputError, match="no slide size"):
+        derive_objects(tmp_path)
+
+
+def test_bad_workers(result_dir: Path) -> None:
+    with pytest.raises(InputError, match="workers"):
+        derive_objects(result_dir, workers=0)
+
+
+def test_timed_iterator_counts_producer_time() -> None:
+    import time
+
+    def slow():
+        for i in range(3):
+            time.sleep(0.01)
+            yield i
+
+    timed = derive._Timed(slow())
+    assert list(timed) == [0, 1, 2]
+    assert timed.seconds >= 0.03

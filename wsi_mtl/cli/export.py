@@ -1,0 +1,30 @@
+"""``wsimtl export``: objects and exports again from an existing predictions.zarr (no network)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+
+@click.command("export")
+@click.argument("result_dir", type=click.Path(path_type=Path, file_okay=False))
+@click.option("--workers", type=click.IntRange(min=1), default=1, show_default=True, help="Post-processing processes.")
+@click.option("--geojson-gz", is_flag=True, help="Write gzipped GeoJSON (.geojson.gz) instead of plain .geojson.")
+@click.option("-q", "--quiet", is_flag=True, help="No progress bar or summary.")
+def export(result_dir: Path, workers: int, geojson_gz: bool, quiet: bool) -> None:
+    """Re-derive objects from RESULT_DIR/predictions.zarr and rewrite the table, GeoJSON and preview."""
+    from ..derive import derive_objects
+
+    summary = derive_objects(result_dir, workers=workers, geojson_gz=geojson_gz, progress=not quiet)
+    if quiet:
+        return
+    click.echo(f"results: {result_dir}")
+    for task, classes in summary["objects"].items():
+        click.echo(f"{task}: {sum(classes.values())} (" + ", ".join(f"{k} {v}" for k, v in classes.items()) + ")")
+    if not summary["objects"]:
+        click.echo("no objects found")
+    for entry in summary["files"]:
+        click.echo(f"  {entry['path']}  ({entry['bytes'] / 1e6:.1f} MB)")
+    t = summary["timings_s"]
+    click.echo(f"time: objects {t['objects']:.1f} s, export {t['export']:.1f} s")

@@ -176,6 +176,8 @@ class DaskExecutor(Executor):
         Start SLURM jobs as workers (``dask_jobqueue.SLURMCluster``) instead.
     out_dir : Path, optional
         The batch output folder (SLURM job logs go under it).
+    connect_timeout_s : float
+        How long to try to reach ``scheduler``.
     """
 
     def __init__(
@@ -186,6 +188,7 @@ class DaskExecutor(Executor):
         workers: int | None = None,
         slurm: SlurmOptions | None = None,
         out_dir: Path | None = None,
+        connect_timeout_s: float = 60.0,
     ) -> None:
         try:
             from distributed import Client, LocalCluster
@@ -198,7 +201,7 @@ class DaskExecutor(Executor):
         elif scheduler is not None:
             target = {"scheduler_file": scheduler} if scheduler.endswith(".json") else {"address": scheduler}
             try:
-                self.client = Client(**target, timeout="60s")
+                self.client = Client(**target, timeout=f"{connect_timeout_s}s")
             except (OSError, TimeoutError) as exc:
                 raise InputError(f"cannot connect to the Dask scheduler {scheduler}: {one_line(exc)}") from exc
             self._own.append(self.client)

@@ -265,10 +265,10 @@ def run_inference(
                     t0 = time.perf_counter()
                     with torch.inference_mode(), autocast:
                         probs = model.predict(x)
-                    if device.type == "cuda":
-                        torch.cuda.synchronize(device)
-                    stats.network_s += time.perf_counter() - t0
-                    cores = _cores_to_uint8(probs, grid, [t for t, _ in batch], cell_px)
+                        if device.type == "cuda":
+                            torch.cuda.synchronize(device)
+                        stats.network_s += time.perf_counter() - t0
+                        cores = _cores_to_uint8(probs, grid, [t for t, _ in batch], cell_px)
                     job.extend((tile, out, None) for (tile, _), out in zip(batch, cores))
                 stats.wait_write_s += writer.put(job)
                 stats.tiles_computed += len(job)

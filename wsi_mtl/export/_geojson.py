@@ -93,66 +93,80 @@ def _round_geometry(geoms: np.ndarray) -> np.ndarray:
     return rounded
 
 
-def _measurement_parts(batch_columns: dict[str, np.ndarray]) -> list[list[str]]:
-    """Per measurement, one JSON member per row (``'"name":1.25'``), or '' where not finite."""
-    parts = []
-    for column, name in MEASUREMENTS.items():
-        values = np.asarray(batch_columns[column], dtype=np.float64)
-        finite = np.isfinite(values)
-        rounded = np.where(finite, np.round(values, 4), 0.0).tolist()
-        prefix = f'"{name}":'
-        parts.append([prefix + repr(v) if ok else "" for v, ok in zip(rounded, finite.tolist())])
-    return parts
+_UUID_RE = "^[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}$"
 
 
-class _ClassProps:
-    """Caches the constant part of ``properties`` for each (task, class)."""
+class _Templates:
+    """%-format templates of whole features, one per (task, class, which measurements are NaN).
+
+    A template takes ``(id, geometry_json, *measurements)``; a NaN measurement is consumed by a
+    ``%.0s`` that prints nothing, so every row formats with one ``%`` whatever its NaNs.
+    """
 
     def __init__(self, colors: dict[tuple[str, str], tuple[int, int, int]]):
         self._colors = dict(colors)
-        self._cache: dict[tuple[str, str], str] = {}
+        self._cache: dict[tuple[str, str, int], str] = {}
 
-    def __call__(self, task: str, class_name: str) -> str:
-        key = (task, class_name)
+    def _color(self, task: str, class_name: str) -> tuple[int, int, int]:
+        color = self._colors.get((task, class_name))
+        if color is None:
+            color = _FALLBACK_COLORS[len(self._colors) % len(_FALLBACK_COLORS)]
+            self._colors[(task, class_name)] = color
+        return color
+
+    def __call__(self, key: tuple[str, str, int]) -> str:
         text = self._cache.get(key)
         if text is None:
-            color = self._colors.get(key)
-            if color is None:
-                color = _FALLBACK_COLORS[len(self._cache) % len(_FALLBACK_COLORS)]
-                self._colors[key] = color
+            task, class_name, nan_mask = key
             props: dict[str, object] = {
                 "objectType": object_type(task),
-                "classification": {"name": class_name, "color": [int(v) for v in color]},
+                "classification": {"name": class_name, "color": [int(v) for v in self._color(task, class_name)]},
             }
             if props["objectType"] == "annotation":
                 props["isLocked"] = False
-            text = json.dumps(props, separators=(",", ":"))[:-1]  # left open for measurements
+            props_open = json.dumps(props, separators=(",", ":"))[:-1].replace("%", "%%")
+            members, first = "", True
+            for j, name in enumerate(MEASUREMENTS.values()):
+                if nan_mask >> j & 1:
+                    members += "%.0s"  # consumes the NaN, prints nothing
+                else:
+                    members += ("" if first else ",") + f'"{name}":%.12g'
+                    first = False
+            text = f'{{"type":"Feature","id":"%s","geometry":%s,"properties":{props_open},"measurements":{{{members}}}}}}}'
             self._cache[key] = text
         return text
 
 
-def _features(table_path: Path, *, batch_rows: int, class_props: _ClassProps) -> Iterable[tuple[np.ndarray, list[str]]]:
+def _features(table_path: Path, *, batch_rows: int, templates: _Templates) -> Iterable[tuple[np.ndarray, list[str]]]:
     """Yield (task per feature, feature JSON text) for each record batch of the table."""
+    import pyarrow.compute as pc
+
     parquet = pq.ParquetFile(table_path)
     for record in parquet.iter_batches(batch_size=batch_rows, columns=_COLUMNS):
         if record.num_rows == 0:
             continue
-        columns = {name: record.column(name) for name in _COLUMNS}
-        geoms = shapely.from_wkb(columns["geometry"].to_numpy(zero_copy_only=False))
-        empty = shapely.is_empty(geoms)
+        geoms = shapely.from_wkb(record.column("geometry").to_numpy(zero_copy_only=False))
         geo_json = shapely.to_geojson(_round_geometry(geoms)).tolist()
-        ids = columns["id"].to_pylist()
-        tasks = columns["task"].to_pylist()
-        classes = columns["class_name"].to_pylist()
-        meas = _measurement_parts({c: columns[c].to_numpy(zero_copy_only=False) for c in MEASUREMENTS})
-        texts = []
-        for i, (oid, task, cls, gj) in enumerate(zip(ids, tasks, classes, geo_json)):
-            members = ",".join(filter(None, (m[i] for m in meas)))
-            texts.append(
-                f'{{"type":"Feature","id":"{oid}","geometry":{gj},"properties":'
-                f'{class_props(task, cls)},"measurements":{{{members}}}}}}}'
-            )
+        id_col = record.column("id")
+        ids = id_col.to_pylist()
+        if not pc.all(pc.match_substring_regex(id_col, _UUID_RE)).as_py():
+            log.warning("object ids that are not UUIDs: QuPath will not keep them")
+            ids = [json.dumps(str(i))[1:-1].replace("%", "%%") for i in ids]
+        values, nan_mask = [], np.zeros(record.num_rows, dtype=np.int64)
+        for j, column in enumerate(MEASUREMENTS):
+            v = record.column(column).to_numpy(zero_copy_only=False).astype(np.float64, copy=False)
+            finite = np.isfinite(v)
+            nan_mask |= (~finite).astype(np.int64) << j
+            values.append(np.round(v, 4).tolist())
+        tasks = record.column("task").to_pylist()
+        keys = zip(tasks, record.column("class_name").to_pylist(), nan_mask.tolist())
+        cache = templates._cache
+        texts = [
+            (cache.get(key) or templates(key)) % row
+            for key, row in zip(keys, zip(ids, geo_json, *values))
+        ]
         task_arr = np.asarray(tasks, dtype=object)
+        empty = shapely.is_empty(geoms)
         if empty.any():
             log.warning("skipped %d empty geometries", int(empty.sum()))
             keep = ~empty
@@ -196,7 +210,7 @@ def _write_many(
     if batch_rows < 1:
         raise ValueError(f"batch_rows must be at least 1, got {batch_rows}")
     info = read_table_info(table_path)
-    class_props = _ClassProps(info["colors"])
+    templates = _Templates(info["colors"])
     with contextlib.ExitStack() as stack:
         sinks: list[tuple[Path, _Sink]] = []
         for final, tasks in targets:
@@ -204,7 +218,7 @@ def _write_many(
             sink = _Sink(_open_stream(stack, tmp, gz=gz), tasks)
             sink.fh.write(_HEADER)
             sinks.append((final, sink))
-        for task_arr, texts in _features(table_path, batch_rows=batch_rows, class_props=class_props):
+        for task_arr, texts in _features(table_path, batch_rows=batch_rows, templates=templates):
             for _, sink in sinks:
                 if sink.tasks >= set(task_arr):
                     sink.write(texts)

@@ -1,0 +1,123 @@
+"""Exporter throughput and memory: objects.parquet and QuPath GeoJSON from synthetic nuclei.
+
+Usage::
+
+    nice -n 10 python benchmarks/bench_export.py            # 200,000 and 800,000 objects
+    nice -n 10 python benchmarks/bench_export.py --objects 50000
+
+Each size runs in its own subprocess, so each peak RSS (``ru_maxrss``) is that size's alone.
+Objects are ~12-vertex ellipses generated lazily batch by batch (the generator itself holds one
+batch). Throughputs exclude the time spent generating the synthetic batches. Printed: features/s
+for the table and for GeoJSON, peak RSS per size, and the RSS ratio of the 4x run to the 1x run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+log = logging.getLogger("bench_export")
+
+
+def _peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # Linux: KiB
+
+
+def child(n_objects: int, out_dir: Path, *, batch_size: int) -> dict[str, float]:
+    """Write the table and the GeoJSON for ``n_objects`` synthetic nuclei; return the figures."""
+    from wsi_mtl.export import synthetic_batches, write_geojson, write_geojson_files, write_table
+
+    gen_s = 0.0
+
+    def timed_batches():
+        nonlocal gen_s
+        it = synthetic_batches(n_objects, batch_size=batch_size, tasks=("nuclei",), extent_px=200_000.0, seed=0)
+        while True:
+            t0 = time.perf_counter()
+            try:
+                batch = next(it)
+            except StopIteration:
+                gen_s += time.perf_counter() - t0
+                return
+            gen_s += time.perf_counter() - t0
+            yield batch
+
+    rss_start = _peak_rss_mb()
+    t0 = time.perf_counter()
+    table = out_dir / "objects.parquet"
+    summary = write_table(timed_batches(), table, mpp=0.25)
+    table_s = time.perf_counter() - t0 - gen_s
+    rss_table = _peak_rss_mb()
+
+    t0 = time.perf_counter()
+    n = write_geojson(table, out_dir / "objects.geojson")
+    geojson_s = time.perf_counter() - t0
+    rss_geojson = _peak_rss_mb()
+
+    t0 = time.perf_counter()
+    (out_dir / "set").mkdir()
+    files = write_geojson_files(table, out_dir / "set")
+    files_s = time.perf_counter() - t0
+
+    t0 = time.perf_counter()
+    write_geojson(table, out_dir / "objects.geojson.gz", gz=True)
+    gz_s = time.perf_counter() - t0
+
+    assert summary.rows == n == n_objects
+    return {
+        "objects": n_objects,
+        "generate_s": round(gen_s, 2),
+        "table_s": round(table_s, 2),
+        "table_features_per_s": round(n_objects / table_s),
+        "geojson_s": round(geojson_s, 2),
+        "geojson_features_per_s": round(n / geojson_s),
+        "geojson_mb": round((out_dir / "objects.geojson").stat().st_size / 1e6, 1),
+        "geojson_set_features_per_s": round(n / files_s),
+        "geojson_set_files": len(files),
+        "geojson_gz_features_per_s": round(n / gz_s),
+        "geojson_gz_mb": round((out_dir / "objects.geojson.gz").stat().st_size / 1e6, 1),
+        "table_mb": round(table.stat().st_size / 1e6, 1),
+        "rss_after_imports_mb": round(rss_start, 1),
+        "rss_after_table_mb": round(rss_table, 1),
+        "rss_after_geojson_mb": round(rss_geojson, 1),
+        "peak_rss_mb": round(_peak_rss_mb(), 1),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--objects", type=int, default=200_000, help="base number of objects (also run at 4x)")
+    parser.add_argument("--batch-size", type=int, default=5_000, help="objects per synthetic batch")
+    parser.add_argument("--child", type=int, default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--out", type=Path, default=None, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+
+    if args.child is not None:
+        print(json.dumps(child(args.child, args.out, batch_size=args.batch_size)))
+        return
+
+    results = []
+    for n in (args.objects, 4 * args.objects):
+        with tempfile.TemporaryDirectory(prefix="bench_export_") as tmp:
+            cmd = [sys.executable, __file__, "--child", str(n), "--out", tmp, "--batch-size", str(args.batch_size)]
+            proc = subprocess.run(cmd, check=True, capture_output=True, text=True)
+            results.append(json.loads(proc.stdout.strip().splitlines()[-1]))
+    for r in results:
+        print(f"\n{r['objects']:,} objects")
+        for key, value in r.items():
+            if key != "objects":
+                print(f"  {key:28s} {value}")
+    base, big = results
+    print(f"\npeak RSS {big['objects']:,} / {base['objects']:,} objects: {big['peak_rss_mb'] / base['peak_rss_mb']:.3f} (goal <= 1.2)")
+    print(f"GeoJSON throughput at {base['objects']:,}: {base['geojson_features_per_s']:,} features/s (goal >= 50,000)")
+
+
+if __name__ == "__main__":
+    main()

@@ -51,8 +51,16 @@ class ArchParams:
         Middle channels of the two-conv up-blocks (4 values, deepest first).
     decoder_out
         Channels the decoders hand to the output heads (and of the full-resolution skip).
+    full_res
+        How a stride-2 model reaches full resolution: ``"refine"`` (heads run at 1/2 resolution,
+        their logits are upsampled 2x bilinearly and corrected by a 3x3 conv of a shared
+        full-resolution skip, ``full_res_channels`` wide; cheap) or ``"block"`` (every decoder gets a
+        fifth up-block at full resolution adding a ``decoder_out``-wide skip of the input, and the
+        heads run at full resolution; about 2x the cost).
+    full_res_channels
+        Channels of the shared full-resolution skip in ``"refine"`` mode.
     full_res_convs
-        3x3 conv-bn-relu layers in the final full-resolution block (stride-2 stem only).
+        3x3 conv-bn-relu layers in the full-resolution block (``"block"`` mode).
     head_hidden
         Hidden channels of the 1x1 output heads (Cerberus: 96).
     patch_hidden
@@ -69,6 +77,8 @@ class ArchParams:
     encoder_fc_classes: int = 1000
     decoder_mid: tuple[int, ...] = (256, 128, 64, 64)
     decoder_out: int = 64
+    full_res: str = "refine"
+    full_res_channels: int = 8
     full_res_convs: int = 1
     head_hidden: int = 96
     patch_hidden: int = 256
@@ -89,8 +99,10 @@ class ArchParams:
             raise ModelError(f"decoder_mid must be 4 positive integers, got {self.decoder_mid}")
         if self.patch_cells < 1 or self.patch_cells % 2 == 0:
             raise ModelError(f"patch_cells must be a positive odd integer, got {self.patch_cells}")
-        if self.stem_stride == 2 and self.full_res_convs < 1:
-            raise ModelError("a stride-2 stem needs full_res_convs >= 1")
+        if self.full_res not in ("refine", "block"):
+            raise ModelError(f"full_res must be 'refine' or 'block', got {self.full_res!r}")
+        if self.full_res_convs < 1 or self.full_res_channels < 1:
+            raise ModelError("full_res_convs and full_res_channels must be >= 1")
 
     @property
     def output_stride(self) -> int:

@@ -413,6 +413,7 @@ def load_model(name_or_path: str | os.PathLike[str] | None = None, *, device: st
             f"(or pass a folder with {CONFIG_FILE} + {WEIGHTS_FILE}, or a Cerberus folder with {CERBERUS_WEIGHTS})"
         )
     model.eval().to(target)
+    model.fold_bn(True)
     if target.type == "cpu":
         model.set_channels_last(True)
     logger.info("loaded model %s (arch %s, trained=%s) on %s", model.config.name, model.config.arch, model.config.trained, target)

@@ -8,7 +8,8 @@ Module and parameter names follow the published Cerberus checkpoint (``backbone`
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -21,16 +22,57 @@ __all__ = ["MultiTaskNet", "ResNetEncoder", "UNetDecoder", "OutputHead", "PatchH
 logger = logging.getLogger(__name__)
 
 
-class ConvBNReLU(nn.Module):
+def _fold(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> tuple[torch.Tensor, torch.Tensor]:
+    """Weight and bias of ``bn(conv(x))`` as one conv (eval-mode statistics)."""
+    scale = bn.weight / torch.sqrt(bn.running_var + bn.eps)
+    weight = conv.weight * scale.reshape(-1, 1, 1, 1)
+    bias = conv.bias if conv.bias is not None else torch.zeros_like(bn.running_mean)
+    return weight.detach().clone(), ((bias - bn.running_mean) * scale + bn.bias).detach().clone()
+
+
+class _Foldable(nn.Module):
+    """A module whose conv -> BN pairs can be folded into single convs for inference.
+
+    ``_pairs`` names (conv, bn) submodule paths; folded tensors are non-persistent buffers
+    ``fold<i>_w`` / ``fold<i>_b`` (not in the state dict), used only in eval mode.
+    """
+
+    _pairs: tuple[tuple[str, str], ...] = ()
+
+    def _init_fold(self) -> None:
+        for i in range(len(self._pairs)):
+            self.register_buffer(f"fold{i}_w", None, persistent=False)
+            self.register_buffer(f"fold{i}_b", None, persistent=False)
+
+    def fold_bn(self, enabled: bool = True) -> None:
+        """Compute (or, with ``enabled=False``, drop) the folded conv weights."""
+        for i, (c, b) in enumerate(self._pairs):
+            w, bias = _fold(self.get_submodule(c), self.get_submodule(b)) if enabled else (None, None)
+            setattr(self, f"fold{i}_w", w)
+            setattr(self, f"fold{i}_b", bias)
+
+    def _conv_bn(self, x: torch.Tensor, i: int) -> torch.Tensor:
+        conv_name, bn_name = self._pairs[i]
+        conv = self.get_submodule(conv_name)
+        w = getattr(self, f"fold{i}_w")
+        if w is None or self.training:
+            return self.get_submodule(bn_name)(conv(x))
+        return F.conv2d(x, w, getattr(self, f"fold{i}_b"), conv.stride, conv.padding)
+
+
+class ConvBNReLU(_Foldable):
     """``conv`` (bias) -> ``bn`` -> ReLU, same padding."""
+
+    _pairs = (("conv", "bn"),)
 
     def __init__(self, cin: int, cout: int, kernel: int) -> None:
         super().__init__()
         self.conv = nn.Conv2d(cin, cout, kernel, padding=kernel // 2, bias=True)
         self.bn = nn.BatchNorm2d(cout)
+        self._init_fold()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.relu(self.bn(self.conv(x)), inplace=True)
+        return F.relu(self._conv_bn(x, 0), inplace=True)
 
 
 class ConvBlock(nn.Module):
@@ -55,7 +97,7 @@ class Conv1x1(nn.Module):
         return self.conv(x)
 
 
-class BasicBlock(nn.Module):
+class BasicBlock(_Foldable):
     """torchvision-style ResNet BasicBlock (``conv1``, ``bn1``, ``conv2``, ``bn2``, ``downsample``)."""
 
     def __init__(self, cin: int, cout: int, stride: int) -> None:
@@ -65,17 +107,20 @@ class BasicBlock(nn.Module):
         self.conv2 = nn.Conv2d(cout, cout, 3, padding=1, bias=False)
         self.bn2 = nn.BatchNorm2d(cout)
         self.downsample: nn.Module | None = None
+        self._pairs = (("conv1", "bn1"), ("conv2", "bn2"))
         if stride != 1 or cin != cout:
             self.downsample = nn.Sequential(nn.Conv2d(cin, cout, 1, stride=stride, bias=False), nn.BatchNorm2d(cout))
+            self._pairs += (("downsample.0", "downsample.1"),)
+        self._init_fold()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        identity = x if self.downsample is None else self.downsample(x)
-        out = F.relu(self.bn1(self.conv1(x)), inplace=True)
-        out = self.bn2(self.conv2(out))
-        return F.relu(out + identity, inplace=True)
+        identity = x if self.downsample is None else self._conv_bn(x, 2)
+        out = F.relu(self._conv_bn(x, 0), inplace=True)
+        out = self._conv_bn(out, 1)
+        return F.relu(out.add_(identity), inplace=True)
 
 
-class ResNetEncoder(nn.Module):
+class ResNetEncoder(_Foldable):
     """ResNet with BasicBlocks returning the five feature maps x0..x4.
 
     x0 is the stem output (after relu, before maxpool) at 1/``stem_stride``; x1..x4 are the stage
@@ -96,9 +141,11 @@ class ResNetEncoder(nn.Module):
             cin = cout
         # Unused ImageNet classifier, kept so that the published checkpoint loads strictly.
         self.fc = nn.Linear(w[4], params.encoder_fc_classes) if params.encoder_fc_classes else None
+        self._pairs = (("conv1", "bn1"),)
+        self._init_fold()
 
     def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
-        x0 = F.relu(self.bn1(self.conv1(x)), inplace=True)
+        x0 = F.relu(self._conv_bn(x, 0), inplace=True)
         x1 = self.layer1(self.maxpool(x0))
         x2 = self.layer2(x1)
         x3 = self.layer3(x2)
@@ -117,7 +164,7 @@ class UNetDecoder(nn.ModuleList):
         skips = [w[3], w[2], w[1], w[0]]
         outs = [w[2], w[1], w[0], params.decoder_out]
         blocks = [ConvBlock([s, m, o], 3) for s, m, o in zip(skips, params.decoder_mid, outs)]
-        if params.stem_stride == 2:
+        if params.stem_stride == 2 and params.full_res == "block":
             c = params.decoder_out
             blocks.append(ConvBlock([c] * (params.full_res_convs + 1), 3))
         super().__init__(blocks)
@@ -125,19 +172,28 @@ class UNetDecoder(nn.ModuleList):
     def forward(self, x: torch.Tensor, skips: Sequence[torch.Tensor]) -> torch.Tensor:  # type: ignore[override]
         for block, skip in zip(self, skips):
             x = F.interpolate(x, size=skip.shape[-2:], mode="bilinear", align_corners=False)
-            x = block(x + skip)
+            x = block(x.add_(skip))
         return x
 
 
 class OutputHead(nn.Module):
-    """1x1 conv-bn-relu to ``hidden`` then 1x1 conv to the classes (keys ``x.0.block.0``, ``x.1``)."""
+    """1x1 conv-bn-relu to ``hidden`` then 1x1 conv to the classes (keys ``x.0.block.0``, ``x.1``).
 
-    def __init__(self, cin: int, hidden: int, cout: int) -> None:
+    With ``refine_channels`` (stride-2 ``"refine"`` models) the logits are upsampled 2x
+    bilinearly and a 3x3 conv (``refine``) of the shared full-resolution skip is added.
+    """
+
+    def __init__(self, cin: int, hidden: int, cout: int, *, refine_channels: int = 0) -> None:
         super().__init__()
         self.x = nn.Sequential(ConvBlock([cin, hidden], 1), Conv1x1(hidden, cout))
+        self.refine = nn.Conv2d(refine_channels, cout, 3, padding=1, bias=False) if refine_channels else None
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.x(x)
+    def forward(self, x: torch.Tensor, full: torch.Tensor | None = None) -> torch.Tensor:
+        logits = self.x(x)
+        if self.refine is None or full is None:
+            return logits
+        logits = F.interpolate(logits, size=full.shape[-2:], mode="bilinear", align_corners=False)
+        return logits.add_(self.refine(full))
 
 
 class PatchHead(nn.Module):
@@ -177,8 +233,12 @@ class MultiTaskNet(nn.Module):
         w = p.encoder_widths
         self.backbone = ResNetEncoder(p)
         self.conv_map = nn.Conv2d(w[4], w[3], 1, bias=False)
-        # Full-resolution skip for stride-2 stems (shared by all decoders).
-        self.full_skip = ConvBNReLU(3, p.decoder_out, 3) if p.stem_stride == 2 else None
+        # Full-resolution skip for stride-2 stems (shared by all decoders / heads).
+        refine = p.stem_stride == 2 and p.full_res == "refine"
+        self.full_skip: ConvBNReLU | None = None
+        if p.stem_stride == 2:
+            self.full_skip = ConvBNReLU(3, p.full_res_channels if refine else p.decoder_out, 3)
+        self._refine = refine
         self.decoder_head = nn.ModuleDict()
         self.output_head = nn.ModuleDict()
         for dec in config.seg_decoders:
@@ -188,14 +248,45 @@ class MultiTaskNet(nn.Module):
             if head.kind == "patch":
                 self.decoder_head[head.decoder] = PatchHead(w[4], p.patch_hidden, head.num_classes, dropout=p.patch_dropout)
             else:
-                self.output_head[head.decoder][head.out_key] = OutputHead(p.decoder_out, p.head_hidden, head.num_classes)
+                self.output_head[head.decoder][head.out_key] = OutputHead(
+                    p.decoder_out, p.head_hidden, head.num_classes, refine_channels=p.full_res_channels if refine else 0
+                )
         self._channels_last = False
+        self._folded = False
 
     # ---- convenience -------------------------------------------------------------------------
     @property
     def output_heads(self) -> list[str]:
         """Public output names in order."""
         return self.config.output_heads
+
+    def fold_bn(self, enabled: bool = True) -> MultiTaskNet:
+        """Fold every conv -> BN pair into one conv for eval-mode inference (about 1.5x faster on CPU).
+
+        The state dict is unchanged (folded tensors are non-persistent buffers). Switching to train
+        mode drops the folded tensors; ``load_state_dict`` recomputes them.
+        """
+        self._folded = enabled
+        with torch.no_grad():
+            for module in self.modules():
+                if isinstance(module, _Foldable):
+                    module.fold_bn(enabled)
+        if self._channels_last:
+            self.to(memory_format=torch.channels_last)
+        return self
+
+    def train(self, mode: bool = True) -> MultiTaskNet:
+        """Set train/eval mode; entering train mode drops folded BN tensors (they would go stale)."""
+        if mode and getattr(self, "_folded", False):
+            self.fold_bn(False)
+        return super().train(mode)
+
+    def load_state_dict(self, state_dict: Mapping[str, Any], strict: bool = True, assign: bool = False) -> Any:
+        """As ``nn.Module.load_state_dict``; refreshes folded BN tensors when folding is on."""
+        result = super().load_state_dict(state_dict, strict=strict, assign=assign)
+        if getattr(self, "_folded", False):
+            self.fold_bn(True)
+        return result
 
     def set_channels_last(self, enabled: bool = True) -> MultiTaskNet:
         """Convert weights (and inputs inside ``forward``) to channels_last memory format."""
@@ -218,8 +309,9 @@ class MultiTaskNet(nn.Module):
         feats = self.backbone(x)
         x0, x1, x2, x3, x4 = feats
         skips = [x3, x2, x1, x0]
-        if self.full_skip is not None:
-            skips.append(self.full_skip(x))
+        full = None if self.full_skip is None else self.full_skip(x)
+        if full is not None and not self._refine:
+            skips.append(full)
         start = self.conv_map(x4)
         seg: dict[str, torch.Tensor] = {}
         for name, head in self.config.heads.items():
@@ -228,7 +320,7 @@ class MultiTaskNet(nn.Module):
             if head.decoder not in seg:
                 seg[head.decoder] = self.decoder_head[head.decoder](start, skips)
         out = {
-            name: self.output_head[head.decoder][head.out_key](seg[head.decoder])
+            name: self.output_head[head.decoder][head.out_key](seg[head.decoder], full if self._refine else None)
             for name, head in self.config.heads.items()
             if head.kind != "patch"
         }

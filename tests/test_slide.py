@@ -12,7 +12,7 @@ import pytest
 from PIL import Image
 
 from wsi_mtl.errors import DamagedRegionError, InputError, MissingMppError, SlideError, UnsupportedSlideError
-from wsi_mtl.slide import Slide, SlideReader, open_slide
+from wsi_mtl.slide import OpenSlideReader, Slide, SlideReader, TiffReader, open_slide
 from wsi_mtl.slide._base import rgba_to_rgb
 from wsi_mtl.slide._slide import _resample
 from wsi_mtl.synthetic import downsample_image, make_he_texture, write_svs
@@ -42,9 +42,15 @@ class SlideContract:
     n_levels: int = 3
     tolerance: float = 4.0  # mean absolute difference allowed for lossy codecs
 
+    decoder: str = "tifffile-tiles"
+
+    def open(self, path: Path) -> Slide:
+        return open_slide(path)
+
     @pytest.fixture
     def slide(self, request: pytest.FixtureRequest):
-        with open_slide(request.getfixturevalue(self.fixture)) as slide:
+        with self.open(request.getfixturevalue(self.fixture)) as slide:
+            assert slide.decoder == self.decoder
             yield slide
 
     def test_geometry_and_metadata(self, slide: Slide, he_image: np.ndarray) -> None:
@@ -126,7 +132,7 @@ class SlideContract:
         assert mean_abs(block[8:, 8:], he_image[:8, :8]) < self.tolerance + 4
 
     def test_read_after_close_raises(self, request: pytest.FixtureRequest) -> None:
-        slide = open_slide(request.getfixturevalue(self.fixture))
+        slide = self.open(request.getfixturevalue(self.fixture))
         slide.close()
         slide.close()  # idempotent
         with pytest.raises(ValueError, match="closed"):
@@ -141,9 +147,41 @@ class TestSvsJpeg(SlideContract):
         assert slide.associated_images == ["label", "macro", "thumbnail"]
 
 
+class TestSvsJpegOpenSlideDecoder(SlideContract):
+    """The same SVS with pixels decoded by OpenSlide itself (used for NDPI, MIRAX, SCN, ...)."""
+
+    fixture, backend, vendor, mpp_source, decoder = "svs_jpeg", "openslide", "aperio", "openslide", "openslide"
+
+    def open(self, path: Path) -> Slide:
+        return Slide(OpenSlideReader.open(path, direct=False))
+
+
+class TestSvsTifffileBackend(SlideContract):
+    fixture, backend, vendor, mpp_source = "svs_jpeg", "tifffile", "aperio", "aperio"
+
+    def open(self, path: Path) -> Slide:
+        return open_slide(path, backend="tifffile")
+
+
 class TestSvsJpeg2000(SlideContract):
     fixture, backend, vendor, mpp_source = "svs_j2k", "openslide", "aperio", "openslide"
     tolerance = 1.5
+
+
+class TestSvsJpeg2000OpenSlideDecoder(TestSvsJpeg2000):
+    decoder = "openslide"
+
+    def open(self, path: Path) -> Slide:
+        return Slide(OpenSlideReader.open(path, direct=False))
+
+
+class TestOmeTiffZarr(SlideContract):
+    """OME-TIFF through tifffile's zarr view (the route for planar, multi-page or odd layouts)."""
+
+    fixture, backend, vendor, mpp_source, decoder = "ome_tiff", "tifffile", "ome-tiff", "ome", "tifffile-zarr"
+
+    def open(self, path: Path) -> Slide:
+        return Slide(TiffReader.open(path, direct=False))
 
 
 class TestOmeTiff(SlideContract):
@@ -155,7 +193,7 @@ class TestGenericTiff(SlideContract):
 
 
 class TestPng(SlideContract):
-    fixture, backend, vendor, mpp_source = "png_image", "pillow", "png", "image-resolution"
+    fixture, backend, vendor, mpp_source, decoder = "png_image", "pillow", "png", "image-resolution", "pillow"
     n_levels = 1
     tolerance = 0.5
 
@@ -330,14 +368,24 @@ def test_truncated_slide(request: pytest.FixtureRequest, tmp_path: Path, truncat
     assert str(dst) in str(info.value) or dst.name in str(info.value)
 
 
-@pytest.mark.parametrize("fixture", ["svs_jpeg", "svs_j2k", "ome_tiff"])
+@pytest.mark.parametrize(("fixture", "decoder"), [
+    ("svs_jpeg", "tifffile-tiles"), ("svs_jpeg", "openslide"), ("svs_j2k", "tifffile-tiles"), ("svs_j2k", "openslide"),
+    ("ome_tiff", "tifffile-tiles"), ("ome_tiff", "tifffile-zarr"),
+])
 def test_damaged_tile_raises_and_slide_recovers(request: pytest.FixtureRequest, tmp_path: Path, damage_slide,
-                                                he_image: np.ndarray, fixture: str) -> None:
+                                                he_image: np.ndarray, fixture: str, decoder: str) -> None:
     src: Path = request.getfixturevalue(fixture)
     dst = tmp_path / f"damaged{''.join(src.suffixes)}"
     x, y, w, h = damage_slide(src, dst, level=0, tile_index=1)
     assert (x, y, w, h) == (256, 0, 256, 256)
-    with open_slide(dst) as slide:
+    if decoder == "openslide":
+        opened = Slide(OpenSlideReader.open(dst, direct=False))
+    elif decoder == "tifffile-zarr":
+        opened = Slide(TiffReader.open(dst, direct=False))
+    else:
+        opened = open_slide(dst)
+    with opened as slide:
+        assert slide.decoder == decoder
         with pytest.raises(DamagedRegionError, match=r"region x=300, y=10, w=50, h=50 \(level-0 px\)"):
             slide.read(300, 10, 50, 50, mpp=0.25)
         good = slide.read(0, 300, 200, 200, mpp=0.25)  # the reader recovered
@@ -359,6 +407,27 @@ def test_read_argument_validation(svs_jpeg: Path) -> None:
             slide.thumbnail(mpp=-2)
 
 
+def test_backend_choice(svs_jpeg: Path, png_image: Path) -> None:
+    with open_slide(svs_jpeg, backend="openslide") as slide:
+        assert slide.backend == "openslide"
+    with pytest.raises(UnsupportedSlideError, match="cannot be read by the pillow backend"):
+        open_slide(svs_jpeg, backend="pillow")
+    with pytest.raises(UnsupportedSlideError, match="cannot be read by the openslide backend"):
+        open_slide(png_image, backend="openslide")
+    with pytest.raises(InputError, match="backend must be one of"):
+        open_slide(svs_jpeg, backend="bioformats")
+
+
+@pytest.mark.parametrize("fixture", ["svs_jpeg", "svs_j2k", "generic_tiff"])
+def test_direct_tiles_equal_openslide_pixels(request: pytest.FixtureRequest, fixture: str) -> None:
+    path = request.getfixturevalue(fixture)
+    with open_slide(path) as fast, Slide(OpenSlideReader.open(path, direct=False)) as reference_slide:
+        assert fast.decoder == "tifffile-tiles" and reference_slide.decoder == "openslide"
+        for box, mpp in [((0, 0, 1536, 1024), 0.25), ((100, 50, 300, 200), 1.0), ((0, 0, 96, 64), 4.0)]:
+            a, b = fast.read(*box, mpp=mpp), reference_slide.read(*box, mpp=mpp)
+            assert np.abs(a.astype(int) - b.astype(int)).max() <= 2
+
+
 # -- the real sample ----------------------------------------------------------------------------
 @pytest.mark.shared_data
 def test_cmu_small_region(cmu_small: Path) -> None:
@@ -372,3 +441,12 @@ def test_cmu_small_region(cmu_small: Path) -> None:
         assert 0 < (thumb.mean(axis=2) < 200).mean() < 0.9  # tissue and background both present
         tile = slide.read(500, 500, 256, 256, mpp=1.0)
         assert tile.shape == (256, 256, 3) and tile.std() > 5
+
+
+@pytest.mark.shared_data
+def test_cmu_direct_tiles_equal_openslide(cmu_small: Path) -> None:
+    with open_slide(cmu_small) as fast, Slide(OpenSlideReader.open(cmu_small, direct=False)) as reference_slide:
+        assert fast.decoder == "tifffile-tiles"
+        a = fast.read(0, 0, 2220, 2967, mpp=fast.mpp)
+        b = reference_slide.read(0, 0, 2220, 2967, mpp=fast.mpp)
+    assert np.abs(a.astype(int) - b.astype(int)).max() <= 2

@@ -140,11 +140,14 @@ def test_mosaic_streams_real_looking_tiles(tmp_path: Path) -> None:
     with openslide.OpenSlide(path) as slide:
         assert slide.properties["openslide.vendor"] == "aperio"
         assert slide.level_dimensions == ((2600, 1500), (650, 375), (163, 94))
+        assert "thumbnail" in slide.associated_images
         assert float(slide.properties["openslide.mpp-x"]) == pytest.approx(0.25)
         level0 = np.asarray(slide.read_region((0, 0), 0, (2600, 1500)))[..., :3]
         level1 = np.asarray(slide.read_region((0, 0), 1, (650, 375)))[..., :3]
     assert mean_abs(level1, downsample_image(level0, 4)) < 4  # levels agree
     assert (level0[:512] > 240).all()  # the border cells are background
+    with tifffile.TiffFile(path) as tif:
+        assert tif.is_svs and len(tif.series[0].levels) == 3
     cells = level0[:1024, :2560].reshape(2, 512, 5, 512, 3)
     filled = cells.std(axis=(1, 3, 4)) > 10
     assert filled.any() and not filled.all()

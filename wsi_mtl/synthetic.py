@@ -481,6 +481,19 @@ def write_mosaic_slide(
                 tif.write(tiles(factor), shape=(lh, lw, 3), dtype=np.uint8, tile=(tile, tile), photometric="rgb",
                           compression=codec, compressionargs=codec_args, description=desc, metadata=None)
                 logger.info("mosaic level %d (%d x %d) written", factor, lw, lh)
+                if i == 0:  # Aperio puts a stripped thumbnail second; readers rely on it
+                    thumb_factor = levels[-1] * 2
+                    th, tw = -(-height // thumb_factor), -(-width // thumb_factor)
+                    thumb = np.full((th, tw, 3), _WHITE, np.uint8)
+                    csize = cell // levels[-1]
+                    for r in range(rows):
+                        for c in range(cols):
+                            block = downsample_image(cell_pixels(r, c, levels[-1]), 2)
+                            y, x = r * csize // 2, c * csize // 2
+                            part = block[:max(0, th - y), :max(0, tw - x)]
+                            thumb[y:y + part.shape[0], x:x + part.shape[1]] = part
+                    tif.write(thumb, photometric="rgb", compression="jpeg", rowsperstrip=16, metadata=None,
+                              description=f"{_APERIO_HEADER}\r\n{width}x{height} -> {tw}x{th} - |")
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)

@@ -18,7 +18,7 @@ def format_info(data: dict[str, Any]) -> str:
     lines = [
         Path(data["path"]).name,
         f"  path           {data['path']}",
-        f"  format         {data['format']} (backend {data['backend']}, vendor {data['vendor'] or 'unknown'})",
+        f"  format         {data['format']} (backend {data['backend']}, decoder {data['decoder']})",
         f"  size           {data['width']} x {data['height']} px ({width_um:,.1f} x {height_um:,.1f} um)",
         f"  bounds offset  x={data['offset'][0]}, y={data['offset'][1]}",
         f"  mpp            {data['mpp']:.4f} um/px (source: {data['mpp_source']})",

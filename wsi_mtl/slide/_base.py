@@ -63,6 +63,8 @@ class SlideReader(ABC):
         self.bounds: tuple[int, int, int, int] | None = None
         self.mpp_candidates: list[MppCandidate] = []
         self.objective_power: float | None = None
+        #: what decodes the pixels ("openslide", "tifffile-tiles", "tifffile-zarr", "pillow")
+        self.decoder: str = self.backend
 
     @classmethod
     @abstractmethod

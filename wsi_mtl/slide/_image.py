@@ -61,6 +61,8 @@ class PillowReader(SlideReader):
                 raise NotMyFormat(path) from exc
             with img:
                 fmt = (img.format or "image").lower()
+                if fmt == "tiff":
+                    raise NotMyFormat(path)  # TIFFs are tifffile's: Pillow would decode one whole page
                 try:
                     img.load()
                 except (OSError, SyntaxError, ValueError) as exc:

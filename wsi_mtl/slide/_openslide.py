@@ -33,7 +33,10 @@ class OpenSlideReader(SlideReader):
 
     backend = "openslide"
 
-    def __init__(self, path: Path, handle) -> None:  # noqa: ANN001 - openslide.OpenSlide
+    #: vendors whose pyramid levels are plain TIFF pages that tifffile decodes faster
+    _DIRECT_VENDORS = ("aperio", "generic-tiff")
+
+    def __init__(self, path: Path, handle, *, direct: bool = True) -> None:  # noqa: ANN001 - openslide.OpenSlide
         super().__init__(path)
         self._handle = handle
         self._generation = 0
@@ -55,9 +58,18 @@ class OpenSlideReader(SlideReader):
         if res is not None:
             self.mpp_candidates.append((res[0], res[1], "tiff-resolution"))
         self.objective_power = _float(props, "openslide.objective-power")
+        self._tiff = self._tiles = None
+        self.decoder = "openslide"
+        if direct and self.vendor in self._DIRECT_VENDORS:
+            from ._tiles import open_matching_levels
+
+            found = open_matching_levels(path, [(w, h) for w, h, _ in self.levels])
+            if found is not None:
+                self._tiff, self._tiles = found
+                self.decoder = "tifffile-tiles"
 
     @classmethod
-    def open(cls, path: Path) -> OpenSlideReader:
+    def open(cls, path: Path, *, direct: bool = True) -> OpenSlideReader:
         import openslide
 
         try:
@@ -72,7 +84,7 @@ class OpenSlideReader(SlideReader):
             if vendor == "generic-tiff":
                 raise NotMyFormat(path) from exc  # let tifffile try (e.g. a stripped or odd TIFF)
             raise SlideError(f"{path} looks like a {vendor} slide but cannot be opened (truncated or damaged?): {exc}") from exc
-        return cls(path, handle)
+        return cls(path, handle, direct=direct)
 
     def _reopen(self, generation: int) -> None:
         import openslide
@@ -95,6 +107,8 @@ class OpenSlideReader(SlideReader):
     def read_region(self, level: int, y: int, x: int, height: int, width: int) -> NDArray[np.uint8]:
         import openslide
 
+        if self._tiles is not None:
+            return self._tiles.read(level, y, x, height, width)
         ds = self.levels[level][2]
         location = (int(round(x * ds)), int(round(y * ds)))
         # A failed read leaves the handle in an error state, possibly because of another thread's
@@ -113,6 +127,9 @@ class OpenSlideReader(SlideReader):
     def close(self) -> None:
         with self._lock:
             self._handle.close()
+            if self._tiles is not None:
+                self._tiles.close()
+                self._tiff.close()
 
 
 def _tiff_resolution_mpp(props: dict[str, str]) -> tuple[float, float] | None:

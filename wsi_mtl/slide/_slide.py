@@ -86,7 +86,10 @@ def _validate_mpp_override(mpp: float | None) -> float | None:
     return value
 
 
-def open_slide(path: str | os.PathLike, *, mpp: float | None = None) -> Slide:
+_BACKENDS = ("openslide", "tifffile", "pillow")
+
+
+def open_slide(path: str | os.PathLike, *, mpp: float | None = None, backend: str | None = None) -> Slide:
     """Open a whole-slide image (or a plain image) with the first backend that reads it.
 
     Parameters
@@ -95,6 +98,8 @@ def open_slide(path: str | os.PathLike, *, mpp: float | None = None) -> Slide:
         Slide file.
     mpp : float, optional
         Microns per pixel at level 0; overrides the metadata (``mpp_source == "override"``).
+    backend : {"openslide", "tifffile", "pillow"}, optional
+        Use only this backend; by default they are tried in that order (OME-TIFF: tifffile first).
 
     Returns
     -------
@@ -113,9 +118,13 @@ def open_slide(path: str | os.PathLike, *, mpp: float | None = None) -> Slide:
     """
     path = Path(path)
     override = _validate_mpp_override(mpp)
+    if backend is not None and backend not in _BACKENDS:
+        raise InputError(f"backend must be one of {', '.join(_BACKENDS)}, got {backend!r}")
     _check_file(path)
     classes = _reader_classes()
-    if _prefers_tifffile(path):
+    if backend is not None:
+        classes = [c for c in classes if c.backend == backend]
+    elif _prefers_tifffile(path):
         classes.sort(key=lambda c: c.backend != "tifffile")
     reader: SlideReader | None = None
     for cls in classes:
@@ -125,6 +134,8 @@ def open_slide(path: str | os.PathLike, *, mpp: float | None = None) -> Slide:
         except NotMyFormat:
             logger.debug("%s: not a %s file", path, cls.backend)
     if reader is None:
+        if backend is not None:
+            raise UnsupportedSlideError(f"{path} cannot be read by the {backend} backend")
         raise UnsupportedSlideError(f"{path} is not a slide format wsimtl reads (supported: {SUPPORTED_FORMATS})")
     try:
         return Slide(reader, mpp=override)
@@ -149,7 +160,10 @@ class Slide:
     mpp_source : str
         "openslide", "tiff-resolution", "ome", "image-resolution", "objective-power" or "override".
     backend : str
-        "openslide", "tifffile" or "pillow".
+        "openslide", "tifffile" or "pillow": who parsed the format and its metadata.
+    decoder : str
+        What decodes the pixels: "openslide", "tifffile-tiles" (direct tile decoding, also used under
+        OpenSlide for Aperio and generic TIFF, where it is several times faster), "tifffile-zarr", "pillow".
     vendor : str or None
         Format vendor as OpenSlide names it ("aperio", "hamamatsu", "mirax", ...), "ome-tiff", "tiff" or
         the image format ("png", "jpeg").
@@ -164,6 +178,7 @@ class Slide:
         self._reader = reader
         self.path = reader.path
         self.backend = reader.backend
+        self.decoder = reader.decoder
         self.vendor = reader.vendor
         self.objective_power = reader.objective_power
         self.levels = list(reader.levels)
@@ -302,6 +317,7 @@ class Slide:
             "path": str(self.path),
             "format": self._reader.format,
             "backend": self.backend,
+            "decoder": self._reader.decoder,
             "vendor": self.vendor,
             "width": self.width,
             "height": self.height,

@@ -15,6 +15,7 @@ from numpy.typing import NDArray
 
 from ..errors import DamagedRegionError, SlideError, UnsupportedSlideError
 from ._base import NotMyFormat, SlideReader, rgba_to_rgb
+from ._tiles import SegmentReader, segment_readable
 
 __all__ = ["TiffReader", "is_ome_tiff"]
 
@@ -118,7 +119,7 @@ class TiffReader(SlideReader):
 
     backend = "tifffile"
 
-    def __init__(self, path: Path, tif: Any) -> None:
+    def __init__(self, path: Path, tif: Any, *, direct: bool = True) -> None:
         super().__init__(path)
         series = tif.series[0]
         self._series_index = 0
@@ -152,11 +153,18 @@ class TiffReader(SlideReader):
         self.properties = {"tifffile.series": series.kind, "tifffile.axes": series.axes,
                            "tifffile.compression": str(page.compression.name if hasattr(page.compression, "name") else page.compression)}
         self._check_complete(tif, series)
-        self._local = threading.local()
+        self._closed = False
         self._handles: list[Any] = [tif]
         self._handles_lock = threading.Lock()
-        self._local.arrays = self._open_arrays(tif)
-        self._closed = False
+        self._local = threading.local()
+        self._tiles = None
+        pages = [lvl.pages[0] if len(lvl.pages) == 1 else None for lvl in series.levels]
+        if direct and series.axes in ("YXS", "YX") and all(p is not None and segment_readable(p) for p in pages):
+            self._tiles = SegmentReader(path, pages)
+            self.decoder = "tifffile-tiles"
+        else:
+            self._local.arrays = self._open_arrays(tif)
+            self.decoder = "tifffile-zarr"
 
     def _yx(self, shape: tuple[int, ...]) -> tuple[int, int]:
         return shape[self._axes.index("Y")], shape[self._axes.index("X")]
@@ -206,7 +214,7 @@ class TiffReader(SlideReader):
         return arrays
 
     @classmethod
-    def open(cls, path: Path) -> TiffReader:
+    def open(cls, path: Path, *, direct: bool = True) -> TiffReader:
         import tifffile
 
         if not _has_tiff_magic(path):
@@ -224,12 +232,16 @@ class TiffReader(SlideReader):
         try:
             if not series:
                 raise SlideError(f"{path} is a TIFF without images")
-            return cls(path, tif)
+            return cls(path, tif, direct=direct)
         except BaseException:
             tif.close()
             raise
 
     def read_region(self, level: int, y: int, x: int, height: int, width: int) -> NDArray[np.uint8]:
+        if self._closed:
+            raise ValueError(f"{self.path} is closed")
+        if self._tiles is not None:
+            return self._tiles.read(level, y, x, height, width)
         array = self._arrays()[level]
         full_h, full_w = self._yx(array.shape)
         y0, x0, y1, x1 = max(y, 0), max(x, 0), min(y + height, full_h), min(x + width, full_w)
@@ -261,6 +273,8 @@ class TiffReader(SlideReader):
 
     def close(self) -> None:
         self._closed = True
+        if self._tiles is not None:
+            self._tiles.close()
         with self._handles_lock:
             for tif in self._handles:
                 tif.close()

@@ -1,0 +1,164 @@
+"""Direct tile/strip decoding of single-page TIFF levels: read the bytes with ``os.pread`` (one
+descriptor shared by all threads, no seek, no lock) and decode only the segments a region touches.
+
+Measured on an 8192 px JPEG SVS (benchmarks in the slide tests' notes): about 7x faster than
+``openslide.read_region`` and 1.8x faster than tifffile's zarr view for level-0 regions.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import numpy as np
+from numpy.typing import NDArray
+
+from ..errors import DamagedRegionError
+from ._base import rgba_to_rgb
+
+__all__ = ["SegmentReader", "segment_readable", "open_matching_levels"]
+
+logger = logging.getLogger(__name__)
+
+#: codecs decoded here: none, LZW, JPEG, deflate (2), Aperio JPEG 2000 RGB, JPEG 2000, WebP, zstd
+_CODECS = {1, 5, 7, 8, 32946, 33005, 34712, 50001, 50000}
+#: photometric interpretations that decode to RGB (or grey) samples: minisblack, RGB, YCbCr (JPEG only)
+_PHOTOMETRIC = {1, 2, 6}
+
+
+def segment_readable(page: Any) -> bool:
+    """True if ``page`` is a 2-D uint8 image with 1, 3 or 4 interleaved samples in a codec handled here."""
+    try:
+        if page.dtype != np.uint8 or page.samplesperpixel not in (1, 3, 4):
+            return False
+        if page.samplesperpixel > 1 and int(page.planarconfig) != 1:
+            return False
+        if int(page.compression) not in _CODECS or int(page.photometric) not in _PHOTOMETRIC:
+            return False
+        if int(page.photometric) == 6 and int(page.compression) != 7:
+            return False  # raw YCbCr needs chroma upsampling that only the JPEG decoder does
+        if page.imagedepth != 1:
+            return False
+        return len(page.dataoffsets) > 0
+    except (AttributeError, ValueError, TypeError):
+        return False
+
+
+@dataclass
+class _Level:
+    height: int
+    width: int
+    seg_h: int
+    seg_w: int
+    cols: int
+    rows: int
+    samples: int
+    offsets: NDArray[np.int64]
+    counts: NDArray[np.int64]
+    decode: Callable[..., Any]
+    jpegtables: bytes | None
+
+
+class SegmentReader:
+    """Region reads from single-page TIFF levels (tiled or stripped), safe for concurrent threads."""
+
+    def __init__(self, path: os.PathLike | str, pages: list[Any]) -> None:
+        self._levels: list[_Level] = []
+        for page in pages:
+            if not segment_readable(page):
+                raise ValueError(f"page {page.index} cannot be read segment-wise")
+            if page.is_tiled:
+                seg_h, seg_w = page.tilelength, page.tilewidth
+            else:
+                seg_h, seg_w = min(page.rowsperstrip or page.imagelength, page.imagelength), page.imagewidth
+            self._levels.append(_Level(
+                height=page.imagelength, width=page.imagewidth, seg_h=seg_h, seg_w=seg_w,
+                cols=-(-page.imagewidth // seg_w), rows=-(-page.imagelength // seg_h), samples=page.samplesperpixel,
+                offsets=np.asarray(page.dataoffsets, np.int64), counts=np.asarray(page.databytecounts, np.int64),
+                decode=page.decode, jpegtables=page.jpegtables))
+        self._fd = os.open(os.fspath(path), os.O_RDONLY)
+        self._size = os.fstat(self._fd).st_size
+        self._path = os.fspath(path)
+
+    @property
+    def shapes(self) -> list[tuple[int, int]]:
+        """(height, width) of each level."""
+        return [(lv.height, lv.width) for lv in self._levels]
+
+    def _segment(self, lv: _Level, index: int) -> NDArray[np.uint8] | None:
+        offset, count = int(lv.offsets[index]), int(lv.counts[index])
+        if count == 0:
+            return None  # a sparse (never written) tile: background
+        if offset + count > self._size:
+            raise DamagedRegionError(f"tile {index} lies beyond the end of the file (truncated)")
+        data = os.pread(self._fd, count, offset)
+        try:
+            array, _, _ = lv.decode(data, index, jpegtables=lv.jpegtables)
+        except Exception as exc:  # noqa: BLE001 - codecs raise their own exception types
+            raise DamagedRegionError(f"tile {index}: {type(exc).__name__}: {exc}") from exc
+        if array is None:
+            raise DamagedRegionError(f"tile {index} cannot be decoded")
+        return array.reshape(array.shape[-3:])
+
+    def read(self, level: int, y: int, x: int, height: int, width: int) -> NDArray[np.uint8]:
+        """Level pixels [y, y + height) x [x, x + width) as (height, width, 3) uint8; white outside."""
+        if self._fd < 0:
+            raise ValueError(f"{self._path} is closed")
+        lv = self._levels[level]
+        y0, x0 = max(y, 0), max(x, 0)
+        y1, x1 = min(y + height, lv.height), min(x + width, lv.width)
+        out = np.full((height, width, lv.samples), 255, np.uint8)
+        if y1 > y0 and x1 > x0:
+            for row in range(y0 // lv.seg_h, (y1 - 1) // lv.seg_h + 1):
+                sy = row * lv.seg_h
+                for col in range(x0 // lv.seg_w, (x1 - 1) // lv.seg_w + 1):
+                    sx = col * lv.seg_w
+                    seg = self._segment(lv, row * lv.cols + col)
+                    if seg is None:
+                        continue
+                    ay0, ax0 = max(y0, sy), max(x0, sx)
+                    ay1, ax1 = min(y1, sy + seg.shape[0]), min(x1, sx + seg.shape[1])
+                    if ay1 > ay0 and ax1 > ax0:
+                        out[ay0 - y:ay1 - y, ax0 - x:ax1 - x] = seg[ay0 - sy:ay1 - sy, ax0 - sx:ax1 - sx]
+        if lv.samples == 1:
+            return np.repeat(out, 3, axis=2)
+        if lv.samples == 4:
+            return rgba_to_rgb(out)
+        return out
+
+    def close(self) -> None:
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+
+
+def open_matching_levels(path: os.PathLike | str, level_sizes: list[tuple[int, int]]) -> tuple[Any, SegmentReader] | None:
+    """A :class:`SegmentReader` over the TIFF pages whose (width, height) match ``level_sizes``.
+
+    Used under OpenSlide for Aperio and generic TIFF files: OpenSlide keeps the metadata, tifffile
+    decodes the pixels. Returns (TiffFile, reader), or None when some level has no matching tiled,
+    segment-readable page (the caller then reads through OpenSlide).
+    """
+    import tifffile
+
+    try:
+        tif = tifffile.TiffFile(path)
+    except Exception:  # noqa: BLE001 - not parseable by tifffile: keep OpenSlide
+        logger.debug("tifffile cannot parse %s", path, exc_info=True)
+        return None
+    try:
+        pages = []
+        candidates = [p for p in tif.pages if p.is_tiled]
+        for width, height in level_sizes:
+            match = next((p for p in candidates if (p.imagewidth, p.imagelength) == (width, height)), None)
+            if match is None or not segment_readable(match):
+                tif.close()
+                return None
+            pages.append(match)
+        return tif, SegmentReader(path, pages)
+    except Exception:  # noqa: BLE001
+        logger.debug("direct tile reading unavailable for %s", path, exc_info=True)
+        tif.close()
+        return None

@@ -6,6 +6,17 @@ float); :func:`extract_objects` runs them chunk by chunk over a whole ``predicti
 
 from __future__ import annotations
 
+from wsi_mtl.postprocess._chunks import Chunk, owns, plan_chunks
+from wsi_mtl.postprocess._extract import (
+    HaloTooSmallError,
+    HeadMeta,
+    MapsMeta,
+    PostprocessParams,
+    concat_batches,
+    extract_objects,
+    objects_from_maps,
+    read_meta,
+)
 from wsi_mtl.postprocess._instances import (
     downsample_prob,
     gland_instances,
@@ -18,6 +29,17 @@ from wsi_mtl.postprocess._polygons import labels_to_polygons, polygon_measuremen
 from wsi_mtl.postprocess._tissue import tissue_class_map, tissue_polygons
 
 __all__ = [
+    "extract_objects",
+    "objects_from_maps",
+    "concat_batches",
+    "read_meta",
+    "MapsMeta",
+    "HeadMeta",
+    "PostprocessParams",
+    "HaloTooSmallError",
+    "Chunk",
+    "plan_chunks",
+    "owns",
     "nuclei_instances",
     "gland_instances",
     "lumen_instances",

@@ -80,26 +80,48 @@ def _nuclei_instances(
     min_marker_px: int,
     keep_unmarked: bool,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Nuclei labels and the foreground-mask components they come from (for halo checks)."""
+    """Nuclei labels and the foreground-mask components they come from (for halo checks).
+
+    Each 4-connected foreground component is handled on its own: with one marker it is one
+    nucleus, with none it is one nucleus when ``keep_unmarked``, with several it is flooded by a
+    watershed run on the component's bounding-box crop alone. The result for a component therefore
+    depends only on that component's pixels, never on what else lies in the array (a single
+    watershed over the whole array breaks ties between equal grey levels by the state of one
+    shared priority queue, so a crop and the whole image could split a clump differently).
+    """
     s = _scale(inst_prob)
     interior = inst_prob[1]
     fg = interior.astype(np.float32 if s == 1.0 else np.uint16) + inst_prob[2]
     mask = fg > mask_threshold * s
-    components, _ = ndi.label(mask)
+    components, n_comp = ndi.label(mask)
     markers, n_markers = ndi.label((interior > marker_threshold * s) & mask)
     if min_marker_px > 1 and n_markers:
         markers = _remove_small(markers, min_marker_px)
-    if s == 255.0:
-        surface = 255 - interior  # uint8: low where the interior is confident
-    else:
-        surface = -interior.astype(np.float32)
-    labels = watershed(surface, markers, mask=mask, connectivity=1).astype(np.int32)
-    if keep_unmarked:
-        # foreground blobs without a confident interior become objects of their own
-        rest, n_rest = ndi.label(mask & (labels == 0))
-        if n_rest:
-            top = labels.max(initial=0)
-            labels = np.where(rest > 0, rest + top, labels).astype(np.int32)
+    labels = np.zeros(mask.shape, np.int32)
+    if n_comp == 0:
+        return labels, components.astype(np.int32)
+    # markers per component (a marker lies inside exactly one component)
+    m_ids = np.unique(markers[markers > 0]) if n_markers else np.zeros(0, np.int64)
+    m_comp = np.asarray(ndi.maximum(components, markers, m_ids), dtype=np.int64) if len(m_ids) else np.zeros(0, np.int64)
+    per_comp = np.bincount(m_comp, minlength=n_comp + 1)
+    lut = np.arange(n_comp + 1, dtype=np.int32)
+    lut[per_comp > 1] = 0
+    if not keep_unmarked:
+        lut[per_comp == 0] = 0
+    lut[0] = 0
+    labels = lut[components]
+    multi = np.flatnonzero(per_comp > 1)
+    if len(multi):
+        comp_slices = ndi.find_objects(components)
+        if s == 255.0:
+            surface = 255 - interior  # uint8: low where the interior is confident
+        else:
+            surface = -interior.astype(np.float32)
+        for c in multi:
+            sl = comp_slices[c - 1]
+            m = components[sl] == c
+            ws = watershed(surface[sl], np.where(m, markers[sl], 0), mask=m, connectivity=1)
+            labels[sl][m] = ws[m] + n_comp
     labels = _remove_small(labels, min_area_px)
     return _relabel_sequential(labels), components.astype(np.int32)
 
@@ -116,9 +138,11 @@ def nuclei_instances(
     """Marker-controlled watershed of a nuclei INST map.
 
     Markers are the connected components (4-connectivity) of ``interior > marker_threshold``;
-    the mask is ``interior + boundary > mask_threshold``; the watershed floods the negated interior
-    probability inside the mask. Mask blobs that no marker reaches become objects of their own
-    (``keep_unmarked``). Objects smaller than ``min_area_px`` are removed.
+    the mask is ``interior + boundary > mask_threshold``. Each 4-connected blob of the mask is one
+    nucleus when it holds one marker; a blob with several markers is split by a watershed of the
+    negated interior probability run on that blob alone (so the result for a blob never depends
+    on the rest of the array); a blob without a marker is one nucleus when ``keep_unmarked``.
+    Objects smaller than ``min_area_px`` are removed.
 
     Parameters
     ----------
@@ -194,7 +218,8 @@ def _core_instances(
     min_area_px: float,
 ) -> np.ndarray:
     s = _scale(inst_prob)
-    core = inst_prob[1].astype(np.float32) - inst_prob[2].astype(np.float32) > threshold * s
+    work = np.int16 if s == 255.0 else np.float32
+    core = inst_prob[1].astype(work) - inst_prob[2].astype(work) > threshold * s
     labels, _ = ndi.label(core)
     if erosion_px >= 1 and labels.max(initial=0):
         labels = _expand_labels_square(labels, int(erosion_px))

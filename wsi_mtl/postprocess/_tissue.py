@@ -79,11 +79,13 @@ def _tissue_parts(
     patch_prob: np.ndarray,
     *,
     offset_yx: tuple[int, int] = (0, 0),
+    open_edges: tuple[bool, bool, bool, bool] = (False, False, False, False),
 ) -> dict[str, np.ndarray]:
-    """Connected regions (4-connectivity) of each class, unsimplified, in model-grid units.
+    """Connected regions (4-connectivity) of each class, unsimplified, in grid units.
 
     Returns columns ``class_id``, ``prob_sum`` (sum of the class probability, 0-1 scale),
-    ``count`` (pixels), ``touch`` (bool: region touches the array edge), ``geometry``.
+    ``count`` (pixels), ``touch`` (bool: region touches one of the ``open_edges`` - top, bottom,
+    left, right - of the array, so it may continue beyond it), ``geometry``.
     """
     comp = np.zeros(class_map.shape, np.int32)
     class_of: list[np.ndarray] = []
@@ -106,10 +108,12 @@ def _tissue_parts(
         }
     fg = comp > 0
     lab = comp[fg].astype(np.int64)
-    win = patch_prob[class_map[fg].astype(np.intp), np.flatnonzero(fg) // class_map.shape[1], np.flatnonzero(fg) % class_map.shape[1]]
+    yy, xx = np.nonzero(fg)
+    win = patch_prob[class_map[yy, xx].astype(np.intp), yy, xx]
     prob_sum = np.bincount(lab, weights=win.astype(np.float64) / _scale(patch_prob), minlength=total + 1)[1:]
     count = np.bincount(lab, minlength=total + 1)[1:]
-    edge = np.unique(np.concatenate([comp[0], comp[-1], comp[:, 0], comp[:, -1]]))
+    sides = [comp[0], comp[-1], comp[:, 0], comp[:, -1]]
+    edge = np.unique(np.concatenate([side for side, is_open in zip(sides, open_edges) if is_open] or [[0]]))
     touch = np.zeros(total + 1, bool)
     touch[edge] = True
     geometry = _runs_to_polygons(comp, total, offset_yx)

@@ -286,3 +286,88 @@ def test_timed_iterator_counts_producer_time() -> None:
     timed = derive._Timed(slow())
     assert list(timed) == [0, 1, 2]
     assert timed.seconds >= 0.03
+
+
+# --- end to end with the real post-processing ------------------------------------------------
+
+
+def _maps_result_dir(tmp_path: Path) -> tuple[Path, list[tuple[int, int]]]:
+    """A predictions.zarr with 24 separate round nuclei, 2 glands and two tissue regions.
+
+    Model grid 384 x 384 px at 0.5 um/px over a level-0 slide of 768 x 768 px at 0.25 um/px.
+    Returns the result folder and the nuclei centres (model px, (y, x)).
+    """
+    from skimage.draw import disk
+
+    from wsi_mtl.postprocess import label_to_3class
+    from wsi_mtl.store import HeadLayout, PredictionStore
+
+    h = w = 384
+    nuc = np.zeros((h, w), np.int32)
+    centres = [(20 + 40 * (k // 6), 20 + 40 * (k % 6)) for k in range(24)]
+    for k, c in enumerate(centres):
+        nuc[disk(c, 7, shape=(h, w))] = k + 1
+    gl = np.zeros((h, w), np.int32)
+    gl[disk((300, 100), 50, shape=(h, w))] = 1
+    gl[disk((300, 280), 45, shape=(h, w))] = 2
+
+    def one_hot(cls: np.ndarray, n: int) -> np.ndarray:
+        out = np.zeros((n, *cls.shape), np.uint8)
+        for c in range(n):
+            out[c][cls == c] = 230
+            out[(c + 1) % n][cls == c] = 25
+        return out
+
+    tissue = np.ones((h // 16, w // 16), np.int64)
+    tissue[:, : w // 32] = 2
+    maps = {
+        "Nuclei-INST": label_to_3class(nuc, erosion_px=1),
+        "Nuclei-TYPE": one_hot(np.where(nuc > 0, 1, 0), 3),
+        "Gland-INST": label_to_3class(gl, erosion_px=5),
+        "Gland-TYPE": one_hot(np.where(gl > 0, 1, 0), 2),
+        "Patch-Class": one_hot(tissue, 3),
+    }
+    classes = {"Nuclei-TYPE": ["nolabel", "epithelial", "other"], "Gland-TYPE": ["nolabel", "gland"],
+               "Patch-Class": ["background", "tumour", "stroma"]}
+    kinds = {"Nuclei-INST": "inst", "Gland-INST": "inst", "Nuclei-TYPE": "type", "Gland-TYPE": "type", "Patch-Class": "patch"}
+    heads, heads_attrs = [], {}
+    for name, arr in maps.items():
+        cell = 16 if name == "Patch-Class" else 1
+        names = classes.get(name, ["background", "interior", "boundary"])
+        heads.append(HeadLayout(name, arr.shape[0], cell))
+        colors = [[(60 * i) % 256, (120 * i) % 256, (200 * i) % 256] for i in range(len(names))]
+        heads_attrs[name] = {"kind": kinds[name], "classes": names, "colors": colors, "cell_px": cell}
+    attrs = {"heads": heads_attrs, "slide": {"mpp": 0.25, "width": 2 * w, "height": 2 * h, "path": "/gone/slide.svs"},
+             "model_mpp": 0.5, "downsample": 2.0}
+    result_dir = tmp_path / "e2e"
+    result_dir.mkdir()
+    store = PredictionStore(result_dir, heads=heads, height=h, width=w, core_px=128, downsample=2.0,
+                            fingerprint={"test": 1}, attrs=attrs)
+    for name, arr in maps.items():
+        store.root[name]["0"][...] = arr
+    store.finalize()
+    store.close()
+    return result_dir, centres
+
+
+def test_end_to_end_with_real_postprocessing(tmp_path: Path) -> None:
+    import shapely
+
+    pytest.importorskip("wsi_mtl.postprocess._extract", reason="chunked extract_objects not available")
+    result_dir, centres = _maps_result_dir(tmp_path)
+    summary = derive_objects(result_dir)
+    assert summary["objects"]["nuclei"] == {"epithelial": 24}
+    assert sum(summary["objects"]["gland"].values()) == 2
+    assert set(summary["objects"]["tissue"]) == {"tumour", "stroma"}
+    doc = json.loads((result_dir / "nuclei.geojson").read_text())
+    shapes = assert_qupath_geojson(doc)
+    assert len(shapes) == 24
+    # nuclei land where they were drawn: level-0 centre = (model px + 0.5) * 2
+    found = np.array(sorted((s.centroid.y, s.centroid.x) for s in shapes))
+    expected = np.array(sorted(((y + 0.5) * 2, (x + 0.5) * 2) for y, x in centres))
+    assert np.abs(found - expected).max() < 1.0
+    expected_area = np.pi * (7 * 2) ** 2
+    assert all(abs(shapely.area(s) / expected_area - 1) < 0.15 for s in shapes)
+    run = json.loads((result_dir / "run.json").read_text())
+    assert run["objects"] == summary["objects"]
+    assert "predictions.zarr/tissue_classes" in [f["path"] for f in run["files"]]

@@ -34,7 +34,6 @@ def cohort(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     return folder
 
 
-@pytest.mark.slow
 def test_dask_batch_with_worker_local_models(client: Client, cohort: Path, tmp_path: Path) -> None:
     out = tmp_path / "out"
     result = run_batch([cohort], out, executor="dask", client=client, options=SegmentOptions(model="m", device="cpu"), progress=False, **FAKES)
@@ -67,3 +66,11 @@ def test_unreachable_scheduler_is_an_input_error() -> None:
 def test_local_cluster_needs_a_worker() -> None:
     with pytest.raises(InputError, match="--workers must be at least 1"):
         DaskExecutor(workers=0)
+
+
+def test_without_sbatch_the_slurm_executor_is_an_input_error(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from wsi_mtl.cohort import _executors
+
+    monkeypatch.setattr(_executors.shutil, "which", lambda name: None)
+    with pytest.raises(InputError, match="needs SLURM's sbatch on PATH"):
+        _executors._check_job_script("#!/bin/bash\n", tmp_path)

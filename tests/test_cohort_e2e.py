@@ -1,8 +1,8 @@
 """``wsimtl batch`` end to end with the real pipeline and default model on tiny generated slides.
 
-Three 256 x 256 px slides and one corrupt file go through the local, Dask and SLURM executors:
+Three 256 x 256 px slides and one corrupt file go through the local and Dask executors:
 the good slides finish, the corrupt one is reported, the exit code is 3, and a rerun skips every
-finished slide. Maps only (``--no-objects``) and no tissue mask (the slides are too small for one),
+finished slide (SLURM: tests/test_cohort_slurm.py). Maps only (``--no-objects``) and no tissue mask (the slides are too small for one),
 so a slide takes a few seconds on a CPU.
 """
 
@@ -10,11 +10,6 @@ from __future__ import annotations
 
 import csv
 import json
-import os
-import shutil
-import subprocess
-import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -26,7 +21,6 @@ from wsi_mtl.pipeline import is_complete
 pytestmark = pytest.mark.slow
 
 FAST = ["--device", "cpu", "--tile-size", "256", "--batch-size", "1", "--no-objects", "--no-tissue-mask"]
-NOT_RUNNING = "SLURM is not running: .ci/slurm-start.sh should have started it"
 
 
 @pytest.fixture(scope="module")
@@ -82,35 +76,3 @@ def test_dask_executor_local_cluster(cohort: Path, tmp_path: Path, capsys: pytes
     out = tmp_path / "out"
     _check_first_run(out, _batch([str(cohort), "-o", str(out), *FAST, "--executor", "dask", "--workers", "1"]), capsys)
     _check_rerun(out, _batch([str(cohort), "-o", str(out), *FAST, "--executor", "dask", "--workers", "1", "-q"]))
-
-
-def _slurm_running() -> bool:
-    if shutil.which("sinfo") is None:
-        return False
-    return subprocess.run(["sinfo", "-h"], capture_output=True, check=False).returncode == 0
-
-
-@pytest.fixture(scope="module")
-def slurm() -> Iterator[None]:
-    if not _slurm_running():
-        if os.environ.get("CI", "").lower() in {"true", "1"}:
-            pytest.fail(NOT_RUNNING)
-        pytest.skip(NOT_RUNNING)
-    yield
-
-
-@pytest.mark.slurm
-def test_slurm_executor(slurm: None, cohort: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    out = tmp_path / "out"
-    partition = subprocess.run(["sinfo", "-h", "-o", "%R"], capture_output=True, text=True, check=True).stdout.split()[0]
-    jobs = ["--executor", "slurm", "--partition", partition, "--cores", "1", "--memory", "3GB", "--walltime", "00:15:00", "--interface", "lo"]
-    _check_first_run(out, _batch([str(cohort), "-o", str(out), *FAST, *jobs, "--jobs", "2"]), capsys)
-    logs = list((out / ".slurm-logs").glob("*.err")) + list((out / ".slurm-logs").glob("*.out"))
-    assert logs, "the workers ran as SLURM jobs and wrote their logs"
-    _check_rerun(out, _batch([str(cohort), "-o", str(out), *FAST, *jobs, "--jobs", "1", "-q"]))
-    for _ in range(300):  # the batch cancelled its worker jobs; they leave the queue
-        remaining = subprocess.run(["squeue", "-h", "-n", "wsimtl", "-o", "%i %T"], capture_output=True, text=True, check=True).stdout
-        if not remaining.strip():
-            break
-        time.sleep(0.2)
-    assert remaining.strip() == ""

@@ -7,6 +7,8 @@ import logging
 import multiprocessing
 import os
 import re
+import shutil
+import subprocess
 import sys
 import uuid
 from collections.abc import Iterator, Sequence
@@ -236,9 +238,10 @@ class DaskExecutor(Executor):
             for future in dask_as_completed(futures):
                 yield _outcome_of(future, by_key[future.key])
                 future.release()
-        finally:
+        finally:  # interrupted: withdraw what has not run
             for future in futures:
-                future.cancel()
+                if not future.done():
+                    future.cancel()
 
     def close(self) -> None:
         for item in self._own:
@@ -272,6 +275,32 @@ def _slurm_cluster(options: SlurmOptions, out_dir: Path | None) -> Any:
         log_directory=str(log_dir),
         job_name="wsimtl",
     )
-    log.info("SLURM job script:\n%s", cluster.job_script())
+    script = cluster.job_script()
+    log.info("SLURM job script:\n%s", script)
+    try:
+        _check_job_script(script, log_dir)
+    except BaseException:
+        cluster.close()
+        raise
     cluster.scale(jobs=options.jobs)
     return cluster
+
+
+def _check_job_script(script: str, folder: Path) -> None:
+    """Ask SLURM whether it would accept the worker job (``sbatch --test-only``); InputError if not.
+
+    Without this, a job SLURM rejects (unknown partition or account, too many CPUs) leaves the
+    batch waiting for workers that never come.
+    """
+    sbatch = shutil.which("sbatch")
+    if sbatch is None:
+        raise InputError("the slurm executor needs SLURM's sbatch on PATH (run it on a cluster login node)")
+    path = folder / f".wsimtl-job-{uuid.uuid4().hex}.sh"
+    path.write_text(script, encoding="utf-8")
+    try:
+        check = subprocess.run([sbatch, "--test-only", str(path)], capture_output=True, text=True, check=False)
+    finally:
+        path.unlink(missing_ok=True)
+    if check.returncode != 0:
+        reason = " ".join((check.stderr or check.stdout).split()) or f"sbatch exit code {check.returncode}"
+        raise InputError(f"SLURM rejects the worker job: {reason}")

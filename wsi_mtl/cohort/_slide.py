@@ -5,7 +5,6 @@ from __future__ import annotations
 import inspect
 import json
 import logging
-import os
 import threading
 import time
 from collections.abc import Callable, Mapping
@@ -303,7 +302,6 @@ def _segment(
     try:
         device = resolve_device(device or options.device)
         model = models.get(options.model, device, job.loader())
-        os.makedirs(out_arg, exist_ok=True)
         result = job.segment()(
             task.slide,
             out_arg,

@@ -62,6 +62,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-objects", action="store_true", help="maps only")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    for noisy in ("distributed", "dask_jobqueue", "tornado"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
 
     if args.make_manifest:
         return make_manifest(Path(args.manifest), Path(args.out))

@@ -268,7 +268,10 @@ def _touches_open_edge(sl: tuple[slice, slice], shape: tuple[int, int], chunk: C
 def _mean_in_labels(labels: np.ndarray, values: np.ndarray, ids: np.ndarray, scale: float) -> np.ndarray:
     if len(ids) == 0:
         return np.zeros(0)
-    return np.asarray(ndi.mean(values.astype(np.float64), labels, ids)) / scale
+    n = int(labels.max(initial=0)) + 1
+    sums = np.bincount(labels.ravel(), weights=values.ravel().astype(np.float64), minlength=n)
+    counts = np.bincount(labels.ravel(), minlength=n)
+    return sums[ids] / np.maximum(counts[ids], 1) / scale
 
 
 def _nuclei_chunk(reader: Any, chunk: Chunk, meta: MapsMeta, params: PostprocessParams, final: bool) -> dict[str, Any] | None:
@@ -288,7 +291,10 @@ def _nuclei_chunk(reader: Any, chunk: Chunk, meta: MapsMeta, params: Postprocess
     if len(owned) == 0:
         return _empty_result()
     if any(chunk.open_edges):
-        comp_of = np.asarray(ndi.maximum(comps, labels, owned), dtype=np.int64)
+        on = labels > 0
+        comp_of_label = np.zeros(len(slices) + 1, np.int64)
+        comp_of_label[labels[on]] = comps[on]
+        comp_of = comp_of_label[owned]
         comp_slices = ndi.find_objects(comps)
         cut = np.array([_touches_open_edge(comp_slices[c - 1], labels.shape, chunk) for c in comp_of], bool)
         if cut.any():
@@ -308,7 +314,7 @@ def _nuclei_chunk(reader: Any, chunk: Chunk, meta: MapsMeta, params: Postprocess
             )
     ids, polys = labels_to_polygons(
         labels, offset_yx=(chunk.read[0], chunk.read[2]), downsample=meta.downsample,
-        simplify_px=params.simplify_px, label_ids=owned, slices=slices,
+        simplify_px=params.simplify_px, label_ids=owned,
     )
     if NUCLEI_TYPE in meta.heads:
         tprob = reader.read(NUCLEI_TYPE, chunk.read)
@@ -370,7 +376,7 @@ def _glands_chunk(reader: Any, chunk: Chunk, meta: MapsMeta, params: Postprocess
             f"({chunk.halo_px * f} model px); increase PostprocessParams.gland_max_halo_px"
         )
     if len(g_owned):
-        ids, polys = labels_to_polygons(glands, offset_yx=off, downsample=ds, simplify_px=params.simplify_px, label_ids=g_owned, slices=g_slices)
+        ids, polys = labels_to_polygons(glands, offset_yx=off, downsample=ds, simplify_px=params.simplify_px, label_ids=g_owned)
         if GLAND_TYPE in meta.heads:
             gtype = _coarse_read(reader, GLAND_TYPE, chunk, f, fine)
             cls, prob = instance_type(glands, gtype)
@@ -383,7 +389,7 @@ def _glands_chunk(reader: Any, chunk: Chunk, meta: MapsMeta, params: Postprocess
         frac = _inside_fraction(lumen, glands)
         l_keep = l_owned[frac[l_owned] >= params.lumen_min_inside]
         if len(l_keep):
-            ids, polys = labels_to_polygons(lumen, offset_yx=off, downsample=ds, simplify_px=params.simplify_px, label_ids=l_keep, slices=l_slices)
+            ids, polys = labels_to_polygons(lumen, offset_yx=off, downsample=ds, simplify_px=params.simplify_px, label_ids=l_keep)
             prob = _mean_in_labels(lumen, linst[1].astype(np.uint16) + linst[2], ids, 255.0)
             out["lumen"] = _rows("lumen", np.ones(len(ids), np.int32), prob, polys, meta.slide_mpp, False)
     return out

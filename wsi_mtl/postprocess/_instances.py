@@ -101,9 +101,10 @@ def _nuclei_instances(
     if n_comp == 0:
         return labels, components.astype(np.int32)
     # markers per component (a marker lies inside exactly one component)
-    m_ids = np.unique(markers[markers > 0]) if n_markers else np.zeros(0, np.int64)
-    m_comp = np.asarray(ndi.maximum(components, markers, m_ids), dtype=np.int64) if len(m_ids) else np.zeros(0, np.int64)
-    per_comp = np.bincount(m_comp, minlength=n_comp + 1)
+    on = markers > 0
+    m_comp = np.zeros(int(markers.max(initial=0)) + 1, np.int64)
+    m_comp[markers[on]] = components[on]
+    per_comp = np.bincount(m_comp[1:][m_comp[1:] > 0], minlength=n_comp + 1)
     lut = np.arange(n_comp + 1, dtype=np.int32)
     lut[per_comp > 1] = 0
     if not keep_unmarked:

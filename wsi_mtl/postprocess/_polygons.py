@@ -12,9 +12,8 @@ import logging
 
 import numpy as np
 import shapely
-from scipy import ndimage as ndi
-from skimage.measure import find_contours
 
+from wsi_mtl.postprocess._contours import trace_rings
 from wsi_mtl.postprocess._instances import _validate_labels
 
 __all__ = ["labels_to_polygons", "polygon_measurements", "rasterize_polygons"]
@@ -56,15 +55,16 @@ def labels_to_polygons(
     simplify_px: float = 0.5,
     holes: bool = True,
     label_ids: np.ndarray | None = None,
-    slices: list | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """One valid shapely Polygon per instance, in level-0 pixels.
 
-    Each instance is traced in its bounding-box crop (:func:`scipy.ndimage.find_objects`) with
-    marching squares at level 0.5 (``fully_connected="high"``, so diagonal neighbours stay joined).
-    The outer boundary is the contour of largest area; with ``holes`` the other contours become
-    interior rings. A disconnected instance keeps its largest part. Polygons are simplified within
-    ``simplify_px`` model pixels (topology preserved) and are always valid with closed rings.
+    Boundaries are traced for all instances at once by a vectorised marching squares at level 0.5
+    (the same rings :func:`skimage.measure.find_contours` gives on each instance's mask with
+    ``fully_connected="high"``: diagonal neighbours stay joined). The outer boundary is the ring of
+    largest area; with ``holes`` the holes inside it become interior rings; a disconnected instance
+    keeps its largest part. Polygons are simplified within ``simplify_px`` model pixels
+    (Douglas-Peucker, topology-preserving where plain simplification would break a polygon) and are
+    always valid with closed rings.
 
     Parameters
     ----------
@@ -75,18 +75,16 @@ def labels_to_polygons(
     downsample : float
         Level-0 pixels per model pixel.
     simplify_px : float
-        Douglas-Peucker tolerance in model pixels (0 = no simplification).
+        Simplification tolerance in model pixels (0 = none).
     holes : bool
         Keep interior rings.
     label_ids : (k,) int ndarray, optional
         Only these labels (default: every label present).
-    slices : list, optional
-        ``scipy.ndimage.find_objects(labels)`` if already computed.
 
     Returns
     -------
     ids : (n,) int64 ndarray
-        The label of each polygon (labels absent from ``labels`` are skipped).
+        The label of each polygon, ascending (labels absent from ``labels`` are skipped).
     polygons : (n,) object ndarray of shapely.Polygon
 
     Examples
@@ -99,49 +97,61 @@ def labels_to_polygons(
     labels = _validate_labels(labels)
     if downsample <= 0:
         raise ValueError(f"downsample must be > 0 (level-0 px per model px); got {downsample}")
-    if slices is None:
-        slices = ndi.find_objects(labels)
+    top = int(labels.max(initial=0))
+    present = np.bincount(labels.ravel(), minlength=top + 1) > 0 if top > 0 else np.zeros(1, bool)
+    present[0] = False
     if label_ids is None:
-        label_ids = np.array([i + 1 for i, s in enumerate(slices) if s is not None], dtype=np.int64)
+        want = present
     else:
-        label_ids = np.asarray(label_ids, dtype=np.int64)
-        label_ids = label_ids[(label_ids > 0) & (label_ids <= len(slices))]
-        label_ids = np.array([i for i in label_ids if slices[i - 1] is not None], dtype=np.int64)
+        ids_in = np.asarray(label_ids, dtype=np.int64)
+        ids_in = ids_in[(ids_in > 0) & (ids_in <= top)]
+        want = np.zeros(top + 1, bool)
+        want[ids_in] = True
+        want &= present
+    ids = np.flatnonzero(want).astype(np.int64)
+    polys = np.empty(len(ids), dtype=object)
+    if len(ids) == 0:
+        return ids, polys
+    ring_label, coords, ring_start, area = trace_rings(labels, want)
     oy, ox = int(offset_yx[0]), int(offset_yx[1])
-    n = len(label_ids)
-    simple_coords: list[np.ndarray] = []
-    simple_pos: list[int] = []
-    polys = np.empty(n, dtype=object)
-    for k, lab in enumerate(label_ids):
-        sy, sx = slices[lab - 1]
-        crop = labels[sy, sx] == lab
-        padded = np.pad(crop, 1)
-        contours = find_contours(padded, 0.5, fully_connected="high")
-        # shift: padded index -> global model index; then -> pixel-centre continuous model coords
-        shift = np.array([sy.start + oy - 1 + 0.5, sx.start + ox - 1 + 0.5])
-        if len(contours) == 1:
-            simple_coords.append(contours[0] + shift)
-            simple_pos.append(k)
-            continue
-        areas = np.array([_signed_area_rc(c) for c in contours])
-        order = np.argsort(-areas)
-        outer = contours[order[0]] + shift
-        inner = [contours[i] + shift for i in order[1:] if areas[i] < 0] if holes else []
-        poly = shapely.Polygon(outer[:, ::-1], [h[:, ::-1] for h in inner])
+    # (row, col) pixel-index units -> level-0 (x, y): pixel i spans [i, i + 1) model px
+    xy = np.empty_like(coords)
+    xy[:, 0] = (coords[:, 1] + (ox + 0.5)) * downsample
+    xy[:, 1] = (coords[:, 0] + (oy + 0.5)) * downsample
+    pos = np.searchsorted(ids, ring_label)  # polygon index of each ring
+    n_rings = np.bincount(pos, minlength=len(ids))
+    lengths = np.diff(ring_start)
+    simple_ring = n_rings[pos] == 1
+    if simple_ring.any():
+        sel = np.flatnonzero(simple_ring)
+        take = _ranges(ring_start, sel)
+        rings = shapely.linearrings(xy[take], indices=np.repeat(np.arange(len(sel)), lengths[sel]))
+        polys[pos[sel]] = shapely.polygons(rings)
+    for p in np.flatnonzero(n_rings > 1):
+        mine = np.flatnonzero(pos == p)
+        outer_k = mine[np.argmax(area[mine])]
+        shell = shapely.Polygon(xy[ring_start[outer_k] : ring_start[outer_k + 1]])
+        inner = []
+        if holes:
+            for k in mine[area[mine] < 0]:
+                ring = xy[ring_start[k] : ring_start[k + 1]]
+                if shapely.contains_xy(shell, ring[0, 0], ring[0, 1]):
+                    inner.append(ring)
+        poly = shapely.Polygon(shell.exterior.coords, inner) if inner else shell
         if not poly.is_valid:
             poly = _largest_polygon(shapely.make_valid(poly))
-        polys[k] = poly
-    if simple_coords:
-        lengths = np.fromiter((len(c) for c in simple_coords), dtype=np.int64, count=len(simple_coords))
-        coords = np.concatenate(simple_coords)[:, ::-1]
-        rings = shapely.linearrings(coords, indices=np.repeat(np.arange(len(lengths)), lengths))
-        polys[np.asarray(simple_pos, dtype=np.int64)] = shapely.polygons(rings)
-    if n:
-        polys = _scale(polys, downsample)
-        if simplify_px > 0:
-            polys = _simplify(polys, simplify_px * downsample)
-        polys = _fix_invalid(np.asarray(polys, dtype=object))
-    return label_ids, polys
+        polys[p] = poly
+    if simplify_px > 0:
+        polys = _simplify(polys, simplify_px * downsample)
+    polys = _fix_invalid(np.asarray(polys, dtype=object))
+    return ids, polys
+
+
+def _ranges(starts: np.ndarray, sel: np.ndarray) -> np.ndarray:
+    """Concatenation of ``arange(starts[k], starts[k + 1])`` for k in ``sel`` (vectorised)."""
+    lengths = starts[sel + 1] - starts[sel]
+    first = np.repeat(starts[sel] - np.concatenate([[0], np.cumsum(lengths)[:-1]]), lengths)
+    return first + np.arange(int(lengths.sum()))
 
 
 def _simplify(polys: np.ndarray, tolerance: float) -> np.ndarray:
@@ -151,18 +161,6 @@ def _simplify(polys: np.ndarray, tolerance: float) -> np.ndarray:
     if bad.any():
         out[bad] = shapely.simplify(polys[bad], tolerance, preserve_topology=True)
     return out
-
-
-def _scale(polys: np.ndarray, factor: float) -> np.ndarray:
-    if factor == 1.0:
-        return polys
-    return shapely.transform(polys, lambda xy: xy * factor)
-
-
-def _signed_area_rc(c: np.ndarray) -> float:
-    """Shoelace area of a (row, col) contour; > 0 for outer boundaries from find_contours."""
-    y, x = c[:, 0], c[:, 1]
-    return 0.5 * float(np.sum(x[:-1] * y[1:] - x[1:] * y[:-1]))
 
 
 def polygon_measurements(

@@ -31,12 +31,11 @@ from pathlib import Path
 from typing import IO
 
 import numpy as np
-import pyarrow.parquet as pq
 import shapely
 
 from ..atomic import atomic_path
 from ..objects import TASKS
-from ._table import read_table_info
+from ._table import iter_table, read_table_info
 
 __all__ = ["write_geojson", "write_geojson_files", "MEASUREMENTS", "GEOJSON_FILES", "object_type"]
 
@@ -141,8 +140,7 @@ def _features(table_path: Path, *, batch_rows: int, templates: _Templates) -> It
     """Yield (task per feature, feature JSON text) for each record batch of the table."""
     import pyarrow.compute as pc
 
-    parquet = pq.ParquetFile(table_path)
-    for record in parquet.iter_batches(batch_size=batch_rows, columns=_COLUMNS):
+    for record in iter_table(table_path, columns=_COLUMNS, batch_rows=batch_rows):
         if record.num_rows == 0:
             continue
         geoms = shapely.from_wkb(record.column("geometry").to_numpy(zero_copy_only=False))

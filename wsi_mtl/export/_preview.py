@@ -15,13 +15,12 @@ from collections import Counter
 from pathlib import Path
 
 import numpy as np
-import pyarrow.parquet as pq
 import shapely
 from PIL import Image, ImageDraw, ImageFont
 
 from ..atomic import atomic_path
 from ..objects import TASKS
-from ._table import read_table_info
+from ._table import iter_table, read_table_info
 
 __all__ = ["write_preview"]
 
@@ -143,8 +142,7 @@ def write_preview(
     tissue_masks: dict[tuple[str, str], Image.Image] = {}
     counts: Counter[tuple[str, str]] = Counter()
 
-    parquet = pq.ParquetFile(table_path)
-    for record in parquet.iter_batches(batch_size=batch_rows, columns=["task", "class_name", "geometry"]):
+    for record in iter_table(table_path, columns=["task", "class_name", "geometry"], batch_rows=batch_rows):
         tasks = record.column("task").to_pylist()
         classes = record.column("class_name").to_pylist()
         geoms = shapely.from_wkb(record.column("geometry").to_numpy(zero_copy_only=False))

@@ -1,0 +1,77 @@
+"""The training config and validation-split loaders."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from wsi_mtl.errors import InputError
+from wsi_mtl.train import SOURCES, TrainConfig, load_config, load_split
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_shipped_config_and_split_load():
+    cfg = load_config(REPO / "configs" / "wsimtl-small.yaml")
+    assert isinstance(cfg, TrainConfig)
+    assert cfg.arch == "wsimtl_small" and cfg.bf16 and cfg.channels_last
+    assert cfg.splits == REPO / "configs" / "splits" / "validation.yaml"
+    split = load_split(cfg.splits)
+    assert set(split) == set(SOURCES)
+    assert len(split["monuseg"]) == 3 and len(split["glas"]) == 15
+    assert len(split["lc25000"]) == 225 and len(split["kather2016"]) == 20
+    assert len(split["crchistophenotypes"]) == 10
+
+
+def test_relative_paths_overrides_and_env(tmp_path, monkeypatch):
+    (tmp_path / "configs").mkdir()
+    path = tmp_path / "configs" / "c.json"
+    path.write_text(json.dumps({"run_dir": "runs/x", "steps": 7, "schedule": ["nuclei", "cls"]}))
+    monkeypatch.delenv("WSIMTL_DATA", raising=False)
+    cfg = load_config(path, steps=9, lr=None)
+    assert cfg.run_dir == tmp_path / "runs" / "x"
+    assert cfg.data_root == tmp_path / "../shared/data"
+    assert cfg.steps == 9 and cfg.schedule == ("nuclei", "cls")
+    monkeypatch.setenv("WSIMTL_DATA", str(tmp_path))
+    assert load_config(path).data_root == tmp_path
+
+
+@pytest.mark.parametrize(
+    ("content", "match"),
+    [
+        ("bogus_key: 1\n", "unknown keys"),
+        ("schedule: [seg, dance]\n", "schedule"),
+        ("seg_mixture: {cats: 1.0}\n", "unknown tasks"),
+        ("cls_mixture: {lc25000: 0}\n", "positive sum"),
+        ("seg_crop_px: 100\n", "multiples of 32"),
+        ("steps: 0\n", ">= 1"),
+        ("scale_range: [1.2, 1.0]\n", "scale_range"),
+        ("- a list\n", "mapping"),
+        ("steps: [\n", "not valid"),
+    ],
+)
+def test_bad_configs_raise_input_error(tmp_path, content, match):
+    path = tmp_path / "bad.yaml"
+    path.write_text(content)
+    with pytest.raises(InputError, match=match):
+        load_config(path)
+
+
+def test_missing_config_file(tmp_path):
+    with pytest.raises(InputError, match="cannot read"):
+        load_config(tmp_path / "nope.yaml")
+
+
+def test_split_errors(tmp_path):
+    p = tmp_path / "s.yaml"
+    p.write_text("monuseg: [a, a]\n")
+    with pytest.raises(InputError, match="duplicate"):
+        load_split(p)
+    p.write_text("mystery: [a]\n")
+    with pytest.raises(InputError, match="unknown sources"):
+        load_split(p)
+    p.write_text("[1, 2]\n")
+    with pytest.raises(InputError, match="mapping"):
+        load_split(p)

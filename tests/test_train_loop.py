@@ -1,0 +1,189 @@
+"""Training on tiny synthetic data: loss goes down, unsupervised heads stay untouched, runs resume."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from wsi_mtl.network import create_model, get_model_config
+from wsi_mtl.train import (
+    ClsItem,
+    SegItem,
+    Sources,
+    TrainConfig,
+    load_config,
+    make_cls_batch,
+    make_seg_batch,
+    train,
+    train_step,
+)
+
+
+def _blobs(rng: np.random.Generator, size: int, n: int, radius: float) -> tuple[np.ndarray, np.ndarray]:
+    """An RGB image with n dark disks on a pink background, and their instance labels."""
+    yy, xx = np.mgrid[:size, :size]
+    labels = np.zeros((size, size), np.int32)
+    for k in range(1, n + 1):
+        cy, cx = rng.uniform(radius, size - radius, 2)
+        labels[((yy - cy) ** 2 + (xx - cx) ** 2 <= radius**2) & (labels == 0)] = k
+    image = np.empty((size, size, 3), np.uint8)
+    image[:] = (235, 180, 210)
+    image[labels > 0] = (70, 40, 120)
+    noise = rng.integers(-10, 10, image.shape)
+    return np.clip(image.astype(int) + noise, 0, 255).astype(np.uint8), labels
+
+
+def _synthetic_sources(seed: int = 0) -> Sources:
+    rng = np.random.default_rng(seed)
+    nuclei = [SegItem(f"n{i}", "syn", "nuclei", *_blobs(rng, 96, 12, 5)) for i in range(2)]
+    glands = []
+    for i in range(2):
+        img, lab = _blobs(rng, 96, 2, 20)
+        glands.append(SegItem(f"g{i}", "syn", "gland", img, lab, patch={"Patch-GlaS": i % 2}))
+    cls = [ClsItem(f"c{i}", "syn", "Patch-LC25000", i % 3, _blobs(rng, 64, 3 * (i % 3) + 1, 6)[0]) for i in range(6)]
+    return Sources({"nuclei": nuclei, "gland": glands}, {"lc25000": cls})
+
+
+def _cfg(**kw) -> TrainConfig:
+    base = dict(seg_batch=2, seg_crop_px=64, cls_batch=4, cls_crop_px=64, scale_range=(1.0, 1.0), hed_sigma=0.0, hed_bias=0.0, blur_p=0.0, bf16=False, lr=3e-3)
+    return TrainConfig(**(base | kw))
+
+
+def test_batches_carry_partial_labels():
+    data = _synthetic_sources()
+    cfg = _cfg()
+    model_cfg = get_model_config("wsimtl_small")
+    rng = np.random.default_rng(0)
+    b = make_seg_batch(rng, data, cfg, model_cfg.patch_heads, task="gland")
+    assert b.images.shape == (2, 3, 64, 64) and b.images.dtype == torch.float32
+    assert (b.seg["Nuclei-INST"] == 255).all() and (b.seg["Lumen-INST"] == 255).all()
+    assert set(torch.unique(b.seg["Gland-INST"]).tolist()) <= {0, 1, 2, 255}
+    assert (b.patch["Patch-GlaS"] >= 0).all() and (b.patch["Patch-Class"] == -1).all()
+    c = make_cls_batch(rng, data, cfg, model_cfg.patch_heads)
+    assert c.images.shape == (4, 3, 64, 64) and (c.patch["Patch-LC25000"] >= 0).all() and not c.seg
+
+
+@pytest.mark.slow
+def test_training_steps_lower_the_loss_and_leave_lumen_untouched():
+    torch.manual_seed(0)
+    model = create_model("wsimtl_small", seed=0)
+    lumen_before = {k: v.clone() for k, v in model.state_dict().items() if "Lumen" in k}
+    assert lumen_before
+    params = [p for n, p in model.named_parameters() if "Lumen" not in n]
+    opt = torch.optim.AdamW(params, lr=3e-3)
+    data = _synthetic_sources()
+    cfg = _cfg()
+    batch = make_seg_batch(np.random.default_rng(1), data, cfg, model.config.patch_heads, task="nuclei")
+    losses = [train_step(model, opt, batch, cfg=cfg)["Nuclei-INST"] for _ in range(12)]
+    assert losses[-1] < 0.7 * losses[0], losses
+    for k, v in model.state_dict().items():
+        if "Lumen" in k:
+            assert torch.equal(v, lumen_before[k]), k
+    assert set(model.config.heads) >= {"Lumen-INST", "Nuclei-INST"}  # heads restored after the step
+
+
+# ---- end to end on a tiny fake copy of ../shared/data ------------------------------------------
+def _write_png(path: Path, array: np.ndarray) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(array).save(path)
+
+
+def _write_csv(path: Path, header: list[str], rows: list[list[object]]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w", newline="") as fh:
+        w = csv.writer(fh)
+        w.writerow(header)
+        w.writerows(rows)
+
+
+def _fake_data(root: Path) -> None:
+    rng = np.random.default_rng(3)
+    mon = root / "nuclei" / "monuseg"
+    rows = []
+    for i in range(3):
+        img, lab = _blobs(rng, 128, 15, 8)
+        _write_png(mon / "images" / f"m{i}.png", img)
+        _write_png(mon / "instance_masks_from_xml" / f"m{i}.png", lab.astype(np.uint16))
+        _write_png(mon / "binary_masks" / f"m{i}.png", (lab > 0).astype(np.uint8))
+        rows.append([f"m{i}", "train", f"images/m{i}.png", "", f"binary_masks/m{i}.png", f"instance_masks_from_xml/m{i}.png", 15])
+    _write_csv(mon / "manifest.csv", ["name", "split", "image", "xml", "binary_mask", "instance_mask", "n_nuclei_xml"], rows)
+    _write_csv(root / "nuclei" / "cpm15" / "manifest.csv", ["name", "width", "height"], [])
+    crc = root / "nuclei" / "crchistophenotypes"
+    pts = []
+    for i in range(2):
+        img, lab = _blobs(rng, 64, 6, 4)
+        _write_png(crc / "images" / f"img{i}.png", img)
+        for k in range(1, 7):
+            yy, xx = np.nonzero(lab == k)
+            if yy.size:
+                pts.append([f"img{i}", xx.mean() + 1, yy.mean() + 1, ["epithelial", "fibroblast", "inflammatory", "others", "detection"][k % 5]])
+    _write_csv(crc / "manifest.csv", ["image", "sfcn_opi_split"], [["img0", "train"], ["img1", "validation"]])
+    _write_csv(crc / "points.csv", ["image", "x", "y", "label_file"], pts)
+    glas = root / "glands" / "glas"
+    rows = []
+    for i in range(3):
+        img, lab = _blobs(rng, 100, 2, 22)
+        _write_png(glas / "images" / f"train_{i}.png", img)
+        _write_png(glas / "annotations" / f"train_{i}_anno.png", lab.astype(np.uint8))
+        rows.append([f"train_{i}", "train", f"images/train_{i}.png", f"annotations/train_{i}_anno.png", ["benign", "malignant"][i % 2]])
+    _write_csv(glas / "manifest.csv", ["name", "split", "image", "annotation", "grade_glas"], rows)
+    lc = root / "tissue" / "lc25000_lung_224"
+    rows = []
+    for c, name in enumerate(["lung_aca", "lung_n", "lung_scc"]):
+        for j in range(2):
+            _write_png(lc / name / f"{name}{j}.png", _blobs(rng, 32, 2 * c + 1, 3)[0])
+            rows.append([f"{name}/{name}{j}.png", name])
+    _write_csv(lc / "labels.csv", ["file", "label"], rows)
+    ka = root / "tissue" / "kather2016_like_100"
+    rows = []
+    for j in range(4):
+        _write_png(ka / "images" / f"k{j}.png", _blobs(rng, 48, j + 1, 4)[0])
+        rows.append([f"images/k{j}.png", j % 8, "x"])
+    _write_csv(ka / "labels.csv", ["file", "label_index", "label_name_assumed_tfds_order"], rows)
+
+
+def _write_config(tmp: Path, run: str, steps: int) -> Path:
+    (tmp / "configs").mkdir(exist_ok=True)
+    split = tmp / "configs" / "split.yaml"
+    split.write_text(
+        "monuseg: [m2]\nglas: [train_2]\ncrchistophenotypes: [img1]\n"
+        "lc25000: [lung_aca/lung_aca1.png, lung_n/lung_n1.png, lung_scc/lung_scc1.png]\nkather2016: [images/k3.png]\n"
+    )
+    cfg = {
+        "data_root": "data", "splits": "configs/split.yaml", "run_dir": run, "output_model": f"{run}/model",
+        "seed": 5, "threads": 1, "steps": steps, "steps_per_epoch": 2, "checkpoint_every": 1,
+        "seg_batch": 2, "seg_crop_px": 64, "cls_batch": 2, "cls_crop_px": 32,
+        "schedule": ["nuclei", "cls", "gland", "nuclei_type", "nuclei_binary"], "bf16": False,
+        "source_mpp": {"monuseg": 0.5, "glas": 0.5, "crchistophenotypes": 0.5, "lc25000": 0.5, "kather2016": 0.5},
+    }
+    path = tmp / "configs" / f"{run}.json"
+    path.write_text(json.dumps(cfg))
+    return path
+
+
+@pytest.mark.slow
+def test_train_end_to_end_resumes_exactly(tmp_path):
+    _fake_data(tmp_path / "data")
+    straight = load_config(_write_config(tmp_path, "a", steps=4))
+    result = train(straight, progress=False)
+    assert result.step == 4 and result.model_dir is not None
+    assert (result.model_dir / "config.json").exists() and (result.model_dir / "weights.safetensors").exists()
+    lines = [json.loads(x) for x in (tmp_path / "a" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in lines] == [2, 4]
+    assert {"nuclei", "glands", "nuclei_type", "tissue"} <= set(lines[-1])
+
+    # Same recipe, stopped after 2 steps and resumed: identical weights at step 4.
+    half = load_config(_write_config(tmp_path, "b", steps=2))
+    train(half, progress=False, export=False)
+    resumed = load_config(_write_config(tmp_path, "b", steps=4))
+    assert train(resumed, progress=False, export=False).step == 4
+    a = torch.load(tmp_path / "a" / "checkpoint.pt", weights_only=True)["model"]
+    b = torch.load(tmp_path / "b" / "checkpoint.pt", weights_only=True)["model"]
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=0, atol=0, msg=k)

@@ -1,0 +1,48 @@
+"""``wsimtl train CONFIG``: multi-task training from a YAML/JSON recipe."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+
+@click.command("train")
+@click.argument("config", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.option("--steps", type=click.IntRange(min=1), default=None, help="Override the number of steps.")
+@click.option("--steps-per-epoch", type=click.IntRange(min=1), default=None, help="Validate every this many steps.")
+@click.option("--run-dir", type=click.Path(file_okay=False, path_type=Path), default=None, help="Override the run folder (checkpoints, metrics.jsonl).")
+@click.option("--output-model", type=click.Path(file_okay=False, path_type=Path), default=None, help="Override where the trained model is saved.")
+@click.option("--data-root", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None, help="Override the data folder (default from config / $WSIMTL_DATA).")
+@click.option("--max-minutes", type=click.FloatRange(min=0, min_open=True), default=None, help="Stop after this long (resumable) without exporting.")
+@click.option("--threads", type=click.IntRange(min=1), default=None, help="torch CPU threads.")
+@click.option("--no-export", is_flag=True, help="Do not save the model folder at the end.")
+@click.option("--export-only", is_flag=True, help="Only export the best checkpoint of the run folder.")
+@click.option("--progress/--no-progress", default=True, help="Show a progress bar.")
+def train(config: Path, steps: int | None, steps_per_epoch: int | None, run_dir: Path | None, output_model: Path | None, data_root: Path | None,
+          max_minutes: float | None, threads: int | None, no_export: bool, export_only: bool, progress: bool) -> None:
+    """Train the model described by CONFIG (resumes from the run folder's checkpoint)."""
+    import json
+
+    from ..train import export_model, load_config
+    from ..train import train as run_training
+
+    cfg = load_config(
+        config,
+        steps=steps,
+        steps_per_epoch=steps_per_epoch,
+        run_dir=str(run_dir.resolve()) if run_dir else None,
+        output_model=str(output_model.resolve()) if output_model else None,
+        data_root=str(data_root.resolve()) if data_root else None,
+        threads=threads,
+    )
+    if export_only:
+        out = export_model(cfg)
+        click.echo(f"exported {out}")
+        return
+    result = run_training(cfg, max_minutes=max_minutes, progress=progress, export=not no_export)
+    click.echo(f"trained to step {result.step} in {result.seconds / 60:.1f} min; run folder {cfg.run_dir}")
+    if result.model_dir:
+        click.echo(f"model saved to {result.model_dir}")
+    if result.metrics:
+        click.echo(json.dumps(result.metrics, default=float, indent=1))

@@ -1,0 +1,49 @@
+"""Multi-task training (Cerberus-style partial labels) and evaluation on labelled tiles.
+
+``train(load_config("configs/wsimtl-small.yaml"))`` trains and exports a model;
+``evaluate_sources(model, data)`` computes the validation metrics.
+"""
+
+from ._config import DEFAULT_SOURCE_MPP, SOURCES, TrainConfig, load_config, load_split
+from ._data import ClsItem, SegItem, Sources, load_sources, sample_cls, sample_seg
+from ._evaluate import classify_image, evaluate_sources, format_table, instance_types, predict_image
+from ._losses import masked_cross_entropy, masked_dice_loss, patch_loss, seg_loss
+from ._loop import UNTRAINED_HEADS, Batch, TrainResult, compute_losses, export_model, make_cls_batch, make_seg_batch, train, train_step
+from ._targets import FOREGROUND, IGNORE, binary_targets, inst_targets, type_targets_from_points
+
+__all__ = [
+    "DEFAULT_SOURCE_MPP",
+    "SOURCES",
+    "TrainConfig",
+    "load_config",
+    "load_split",
+    "ClsItem",
+    "SegItem",
+    "Sources",
+    "load_sources",
+    "sample_cls",
+    "sample_seg",
+    "classify_image",
+    "evaluate_sources",
+    "format_table",
+    "instance_types",
+    "predict_image",
+    "masked_cross_entropy",
+    "masked_dice_loss",
+    "patch_loss",
+    "seg_loss",
+    "UNTRAINED_HEADS",
+    "Batch",
+    "TrainResult",
+    "compute_losses",
+    "export_model",
+    "make_cls_batch",
+    "make_seg_batch",
+    "train",
+    "train_step",
+    "FOREGROUND",
+    "IGNORE",
+    "binary_targets",
+    "inst_targets",
+    "type_targets_from_points",
+]

@@ -1,0 +1,181 @@
+"""Training configuration: a YAML/JSON file read into a frozen dataclass, and the validation split."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from ..errors import InputError
+
+__all__ = ["TrainConfig", "load_config", "load_split", "SOURCES", "DEFAULT_SOURCE_MPP"]
+
+#: Data sources the trainer knows, keyed as in the config and the split file.
+SOURCES: tuple[str, ...] = ("monuseg", "cpm15", "crchistophenotypes", "glas", "lc25000", "kather2016")
+
+#: Microns per pixel of each source as stored in ../shared/data (see MODEL_CARD.md for reasons).
+DEFAULT_SOURCE_MPP: dict[str, float] = {
+    "monuseg": 0.25,  # 40x
+    "cpm15_20x": 0.5,
+    "cpm15_40x": 0.25,
+    "crchistophenotypes": 0.5,  # 20x
+    "glas": 0.62,  # 20x Zeiss MIRAX MIDI, 0.6203 um/px
+    "kather2016": 0.495 * 150 / 224,  # 150 px tiles at 0.495 um/px upscaled to 224 px
+    "lc25000": 1.0,  # assumption: 768 px originals downscaled to 224 px, judged from red cell size
+}
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Everything a training run needs; see ``configs/wsimtl-small.yaml`` for a commented example.
+
+    Paths (``data_root``, ``splits``, ``run_dir``, ``output_model``) are resolved relative to the
+    config file's folder's parent (the repository root for files in ``configs/``) unless absolute;
+    ``$WSIMTL_DATA`` overrides ``data_root``.
+    """
+
+    name: str = "wsimtl-small"
+    arch: str = "wsimtl_small"
+    data_root: Path = Path("../shared/data")
+    splits: Path = Path("configs/splits/validation.yaml")
+    run_dir: Path = Path("runs/wsimtl-small")
+    output_model: Path | None = Path("models/wsimtl-small")
+    seed: int = 0
+    threads: int = 2
+    steps: int = 6000
+    steps_per_epoch: int = 500
+    checkpoint_every: int = 100
+    seg_batch: int = 8
+    seg_crop_px: int = 256
+    cls_batch: int = 16
+    cls_crop_px: int = 160
+    schedule: tuple[str, ...] = ("seg", "seg", "cls")
+    seg_mixture: Mapping[str, float] = field(default_factory=lambda: {"nuclei": 0.35, "nuclei_binary": 0.1, "nuclei_type": 0.25, "gland": 0.3})
+    cls_mixture: Mapping[str, float] = field(default_factory=lambda: {"lc25000": 0.5, "kather2016": 0.5})
+    lr: float = 2e-3
+    weight_decay: float = 1e-4
+    warmup_steps: int = 100
+    min_lr_ratio: float = 0.05
+    dice_weight: float = 1.0
+    loss_weights: Mapping[str, float] = field(default_factory=dict)
+    scale_range: tuple[float, float] = (0.87, 1.15)
+    hed_sigma: float = 0.05
+    hed_bias: float = 0.02
+    blur_p: float = 0.2
+    nuclei_erosion_px: int = 3
+    gland_erosion_px: int = 11
+    type_radius_px: float = 4.0
+    type_background_px: float = 10.0
+    bf16: bool = True
+    channels_last: bool = True
+    source_mpp: Mapping[str, float] = field(default_factory=lambda: dict(DEFAULT_SOURCE_MPP))
+    val_max_lc25000: int | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready dict (paths as strings)."""
+        out = {}
+        for f in dataclasses.fields(self):
+            v = getattr(self, f.name)
+            out[f.name] = str(v) if isinstance(v, Path) else list(v) if isinstance(v, tuple) else dict(v) if isinstance(v, Mapping) else v
+        return out
+
+
+_SEG_TASKS = ("nuclei", "nuclei_binary", "nuclei_type", "gland")
+_CLS_TASKS = ("lc25000", "kather2016")
+
+
+def _validate(data: Mapping[str, Any], base: Path) -> TrainConfig:
+    fields = {f.name: f for f in dataclasses.fields(TrainConfig)}
+    unknown = sorted(set(data) - set(fields))
+    if unknown:
+        raise InputError(f"training config: unknown keys {unknown}; known: {sorted(fields)}")
+    kw: dict[str, Any] = {}
+    for k, v in data.items():
+        if k in ("data_root", "splits", "run_dir", "output_model"):
+            if v is None:
+                kw[k] = None
+                continue
+            p = Path(os.path.expanduser(str(v)))
+            kw[k] = p if p.is_absolute() else (base / p)
+        elif k in ("schedule", "scale_range"):
+            kw[k] = tuple(v)
+        elif k == "source_mpp":
+            kw[k] = {**DEFAULT_SOURCE_MPP, **{str(a): float(b) for a, b in v.items()}}
+        else:
+            kw[k] = v
+    for k in ("data_root", "splits", "run_dir", "output_model"):
+        if k not in kw and fields[k].default is not None:
+            kw[k] = base / fields[k].default  # type: ignore[operator]
+    env = os.environ.get("WSIMTL_DATA")
+    if env:
+        kw["data_root"] = Path(env)
+    try:
+        cfg = TrainConfig(**kw)
+    except TypeError as exc:
+        raise InputError(f"training config: {exc}") from None
+    kinds = ("seg", "cls", *_SEG_TASKS)
+    bad = [s for s in cfg.schedule if s not in kinds]
+    if bad or not cfg.schedule:
+        raise InputError(f"training config: schedule entries must be among {list(kinds)}, got {list(cfg.schedule)}")
+    for name, mix, known in (("seg_mixture", cfg.seg_mixture, _SEG_TASKS), ("cls_mixture", cfg.cls_mixture, _CLS_TASKS)):
+        extra = sorted(set(mix) - set(known))
+        if extra:
+            raise InputError(f"training config: {name} has unknown tasks {extra}; known: {list(known)}")
+        if any(float(w) < 0 for w in mix.values()) or sum(float(w) for w in mix.values()) <= 0:
+            raise InputError(f"training config: {name} weights must be >= 0 with a positive sum, got {dict(mix)}")
+    if cfg.steps < 1 or cfg.steps_per_epoch < 1 or cfg.checkpoint_every < 1:
+        raise InputError("training config: steps, steps_per_epoch and checkpoint_every must be >= 1")
+    if cfg.seg_crop_px % 32 or cfg.cls_crop_px % 32:
+        raise InputError(f"training config: crop sizes must be multiples of 32, got {cfg.seg_crop_px} and {cfg.cls_crop_px}")
+    lo, hi = cfg.scale_range
+    if not 0 < lo <= hi:
+        raise InputError(f"training config: scale_range must be 0 < low <= high, got {cfg.scale_range}")
+    return cfg
+
+
+def load_config(path: str | os.PathLike[str], **overrides: Any) -> TrainConfig:
+    """Read a training config (``.yaml``/``.yml``/``.json``) and apply ``overrides`` (None = keep).
+
+    Relative paths inside the file are taken relative to the parent of the file's folder (the
+    repository root for ``configs/*.yaml``).
+    """
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except OSError as exc:
+        raise InputError(f"cannot read training config {path}: {exc.strerror or exc}") from None
+    try:
+        data = json.loads(text) if path.suffix.lower() == ".json" else yaml.safe_load(text)
+    except (json.JSONDecodeError, yaml.YAMLError) as exc:
+        raise InputError(f"training config {path} is not valid {path.suffix.lstrip('.') or 'YAML'}: {exc}") from None
+    if data is None:
+        data = {}
+    if not isinstance(data, Mapping):
+        raise InputError(f"training config {path} must hold a mapping, got {type(data).__name__}")
+    data = {**data, **{k: v for k, v in overrides.items() if v is not None}}
+    return _validate(data, path.resolve().parent.parent)
+
+
+def load_split(path: str | os.PathLike[str]) -> dict[str, list[str]]:
+    """Read a validation split file: source name -> list of image names or file paths."""
+    path = Path(path)
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except (OSError, yaml.YAMLError) as exc:
+        raise InputError(f"cannot read split file {path}: {exc}") from None
+    if not isinstance(data, Mapping):
+        raise InputError(f"split file {path} must hold a mapping of source -> list of names")
+    unknown = sorted(set(data) - set(SOURCES))
+    if unknown:
+        raise InputError(f"split file {path}: unknown sources {unknown}; known: {list(SOURCES)}")
+    out = {s: [str(x) for x in (data.get(s) or [])] for s in SOURCES}
+    for s, names in out.items():
+        if len(set(names)) != len(names):
+            raise InputError(f"split file {path}: duplicate names under {s}")
+    return out

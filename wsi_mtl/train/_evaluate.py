@@ -1,0 +1,277 @@
+"""Evaluate a model on labelled tiles: nuclei (Dice, AJI, PQ), glands (GlaS object scores), nuclear
+types (point matching) and tissue classification (accuracy, macro F1)."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from scipy import ndimage
+from tqdm import tqdm
+
+from .. import metrics
+from ._augment import resize_labels
+from ._data import CRCHP_CLASSES, ClsItem, SegItem, Sources
+from ._postprocess import gland_labels, nuclei_labels
+
+__all__ = ["heads_only", "predict_image", "classify_image", "evaluate_sources", "format_table", "instance_types"]
+
+logger = logging.getLogger(__name__)
+
+
+def _autocast(enabled: bool) -> contextlib.AbstractContextManager[Any]:
+    return torch.autocast("cpu", dtype=torch.bfloat16) if enabled else contextlib.nullcontext()
+
+
+@contextlib.contextmanager
+def heads_only(model: torch.nn.Module, names: Iterable[str]) -> Iterator[None]:
+    """Temporarily restrict ``model`` to the heads ``names`` so that unused decoders are not computed."""
+    old = model.config
+    keep = set(names)
+    model.config = old.replace(heads={k: v for k, v in old.heads.items() if k in keep})
+    try:
+        yield
+    finally:
+        model.config = old
+
+
+@torch.no_grad()
+def predict_image(model: torch.nn.Module, image: np.ndarray, *, heads: Iterable[str] | None = None, margin_px: int = 32, bf16: bool = True) -> dict[str, np.ndarray]:
+    """Softmax maps of the ``heads`` (default all) for one whole image at the model's mpp.
+
+    The image is reflected by ``margin_px`` (rounded up so each side is a multiple of the model
+    stride) and the maps cropped back. Segmentation heads: (C, H, W) float32; patch heads: the
+    dense (C, h, w) map at ``patch_stride_px``.
+    """
+    stride = int(model.config.stride)
+    h, w = image.shape[:2]
+    ph, pw = -(-(h + 2 * margin_px) // stride) * stride, -(-(w + 2 * margin_px) // stride) * stride
+    top, left = (ph - h) // 2, (pw - w) // 2
+    x = torch.from_numpy(np.array(image, copy=True)).permute(2, 0, 1)[None].float()
+    mode = "reflect" if min(h, w) > max(ph - h, pw - w) else "replicate"
+    x = F.pad(x, (left, pw - w - left, top, ph - h - top), mode=mode)
+    was_training = model.training
+    model.eval()
+    try:
+        with heads_only(model, model.config.heads if heads is None else heads), _autocast(bf16):
+            out = model.predict(x)
+    finally:
+        model.train(was_training)
+    ps = int(model.config.patch_stride_px)
+    res = {}
+    for name, t in out.items():
+        a = t[0].float().numpy()
+        if a.shape[-2:] == (ph, pw):
+            res[name] = a[:, top : top + h, left : left + w]
+        else:
+            t0, l0 = top // ps, left // ps
+            res[name] = a[:, t0 : t0 + max(1, -(-h // ps)), l0 : l0 + max(1, -(-w // ps))]
+    return res
+
+
+@torch.no_grad()
+def classify_image(model: torch.nn.Module, image: np.ndarray, head: str, *, bf16: bool = True) -> np.ndarray:
+    """Class probabilities (C,) of a tile for one patch head: the mean of the dense patch map."""
+    probs = predict_image(model, image, heads=[head], margin_px=0, bf16=bf16)[head]
+    return probs.reshape(probs.shape[0], -1).mean(axis=1)
+
+
+def instance_types(labels: np.ndarray, type_prob: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Centroid (row, col) and class of each instance: argmax over classes >= 1 of the summed type
+    probabilities inside it.
+
+    Returns ``(ids, centroids_yx (N, 2), classes (N,))``.
+    """
+    ids = np.unique(labels)
+    ids = ids[ids != 0]
+    if ids.size == 0:
+        return ids, np.zeros((0, 2)), np.zeros(0, int)
+    index = ids.tolist()
+    cents = np.array(ndimage.center_of_mass(np.ones(labels.shape), labels, index)).reshape(-1, 2)
+    sums = np.stack([np.bincount(labels.ravel(), weights=type_prob[c].ravel(), minlength=int(labels.max()) + 1)[ids] for c in range(type_prob.shape[0])], axis=1)
+    cls = 1 + np.argmax(sums[:, 1:], axis=1)
+    return ids, cents, cls
+
+
+def _mean(vals: Iterable[float]) -> float:
+    v = [x for x in vals if np.isfinite(x)]
+    return float(np.mean(v)) if v else float("nan")
+
+
+def evaluate_sources(
+    model: torch.nn.Module,
+    data: Sources,
+    *,
+    gland_truth: Mapping[str, np.ndarray] | None = None,
+    type_radius_px: float = 6.0,
+    bf16: bool = True,
+    progress: bool = False,
+    per_image: bool = False,
+) -> dict[str, Any]:
+    """Metrics of ``model`` on labelled data (each task only when its data is present).
+
+    Parameters
+    ----------
+    model
+        A :class:`~wsi_mtl.network.MultiTaskNet`.
+    data
+        Items at the model's mpp: ``seg["nuclei"]`` (instance labels), ``seg["gland"]``,
+        ``seg["nuclei_type"]`` (with points), ``cls["lc25000"]``, ``cls["kather2016"]``.
+    gland_truth
+        Optional native-resolution gland labels by item name: gland predictions are resized to
+        them and scored there (GlaS protocol, Hausdorff in native pixels); else at model mpp.
+    type_radius_px
+        Matching radius of nucleus centres in model pixels (6 px at 20x / 0.5 um/px).
+    per_image
+        Also return the per-image scores under ``"images"``.
+
+    Returns
+    -------
+    dict
+        ``nuclei`` {dice, aji, pq, dq, sq, n_images}, ``glands`` {f1, precision, recall,
+        object_dice, object_hausdorff, patch_glas_accuracy, n_images}, ``nuclei_type``
+        {detection_f1, f1 per class, macro_f1}, ``tissue`` {lc25000: {accuracy, macro_f1},
+        kather2016: {...}}.
+    """
+    heads = set(model.config.heads)
+    res: dict[str, Any] = {}
+    images: dict[str, Any] = {}
+    wrap = (lambda it, d: tqdm(it, desc=d, leave=False)) if progress else (lambda it, d: it)
+
+    nuclei: Sequence[SegItem] = data.seg.get("nuclei", [])
+    if nuclei and "Nuclei-INST" in heads:
+        rows = []
+        for item in wrap(nuclei, "nuclei"):
+            probs = predict_image(model, item.image, heads=["Nuclei-INST"], bf16=bf16)
+            pred = nuclei_labels(probs["Nuclei-INST"])
+            pq = metrics.panoptic_quality(item.labels, pred)
+            row = {"dice": metrics.dice_score(item.labels, pred), "aji": metrics.aji(item.labels, pred), "pq": pq.pq, "dq": pq.dq, "sq": pq.sq}
+            rows.append(row)
+            images[f"nuclei/{item.name}"] = row
+        res["nuclei"] = {k: _mean(r[k] for r in rows) for k in ("dice", "aji", "pq", "dq", "sq")} | {"n_images": len(rows)}
+
+    glands: Sequence[SegItem] = data.seg.get("gland", [])
+    if glands and "Gland-INST" in heads:
+        tp = fp = fn = 0
+        dices, hds, correct, n_grade = [], [], 0, 0
+        for item in wrap(glands, "glands"):
+            probs = predict_image(model, item.image, heads=["Gland-INST", "Patch-GlaS"], bf16=bf16)
+            pred = gland_labels(probs["Gland-INST"])
+            truth = item.labels
+            if gland_truth is not None and item.name in gland_truth:
+                truth = gland_truth[item.name]
+                pred = resize_labels(pred, truth.shape)
+            s = metrics.gland_scores(truth, pred)
+            tp, fp, fn = tp + s.tp, fp + s.fp, fn + s.fn
+            dices.append(s.object_dice)
+            hds.append(s.object_hausdorff)
+            row: dict[str, Any] = {"f1": s.f1, "object_dice": s.object_dice, "object_hausdorff": s.object_hausdorff}
+            if "Patch-GlaS" in probs and "Patch-GlaS" in item.patch:
+                p = probs["Patch-GlaS"].reshape(probs["Patch-GlaS"].shape[0], -1).mean(axis=1)
+                ok = int(np.argmax(p)) == item.patch["Patch-GlaS"]
+                correct += ok
+                n_grade += 1
+                row["grade_correct"] = bool(ok)
+            images[f"glands/{item.name}"] = row
+        res["glands"] = {
+            "f1": 2 * tp / (2 * tp + fp + fn) if (tp + fp + fn) else 1.0,
+            "precision": tp / (tp + fp) if tp + fp else float("nan"),
+            "recall": tp / (tp + fn) if tp + fn else float("nan"),
+            "object_dice": _mean(dices),
+            "object_hausdorff": _mean(hds),
+            "patch_glas_accuracy": correct / n_grade if n_grade else float("nan"),
+            "n_images": len(glands),
+        }
+
+    typed: Sequence[SegItem] = data.seg.get("nuclei_type", [])
+    if typed and "Nuclei-TYPE" in heads and "Nuclei-INST" in heads:
+        names = {v: k for k, v in CRCHP_CLASSES.items()}
+        counts = {n: {"tp": 0, "fp": 0, "fn": 0} for n in names.values()}
+        det_tp = det_true = det_pred = 0
+        for item in wrap(typed, "nuclear types"):
+            probs = predict_image(model, item.image, heads=["Nuclei-INST", "Nuclei-TYPE"], bf16=bf16)
+            lab = nuclei_labels(probs["Nuclei-INST"])
+            _, cents, cls = instance_types(lab, probs["Nuclei-TYPE"])
+            true_yx = item.points_yx if item.points_yx is not None else np.zeros((0, 2))
+            true_cls = np.where(item.point_classes > 0, item.point_classes, -1) if item.point_classes is not None else np.zeros(0, int)
+            s = metrics.point_type_scores(true_yx, true_cls, cents, cls, class_names=names, radius_px=type_radius_px)
+            for n, c in s.class_counts.items():
+                for k in c:
+                    counts[n][k] += c[k]
+            det_tp += s.n_matched
+            det_true += len(true_cls)
+            det_pred += len(cls)
+            images[f"nuclei_type/{item.name}"] = {"detection_f1": s.detection_f1, **{f"f1_{k}": v for k, v in s.class_f1.items()}}
+        f1 = {n: (2 * c["tp"] / (2 * c["tp"] + c["fp"] + c["fn"]) if (2 * c["tp"] + c["fp"] + c["fn"]) else float("nan")) for n, c in counts.items()}
+        res["nuclei_type"] = {
+            "detection_f1": 2 * det_tp / (det_true + det_pred) if det_true + det_pred else float("nan"),
+            "f1": f1,
+            "macro_f1": _mean(f1.values()),
+            "n_images": len(typed),
+        }
+
+    tissue: dict[str, Any] = {}
+    for task, items in data.cls.items():
+        items = list(items)
+        if not items or items[0].head not in heads:
+            continue
+        true, pred = [], []
+        for it in wrap(items, task):
+            p = classify_image(model, _pad_to(it, int(model.config.stride)), it.head, bf16=bf16)
+            true.append(it.label)
+            pred.append(int(np.argmax(p)))
+        t, p_ = np.array(true), np.array(pred)
+        n_cls = model.config.heads[items[0].head].num_classes
+        tissue[task] = {
+            "accuracy": metrics.accuracy(t, p_),
+            "macro_f1": metrics.macro_f1(t, p_, num_classes=n_cls),
+            "confusion": metrics.confusion_matrix(t, p_, num_classes=n_cls).tolist(),
+            "n_images": len(items),
+        }
+    if tissue:
+        res["tissue"] = tissue
+    if per_image:
+        res["images"] = images
+    return res
+
+
+def _pad_to(item: ClsItem, stride: int) -> np.ndarray:
+    """The tile reflected up to a multiple of ``stride`` (small Kather tiles: 149 -> 160 px)."""
+    img = item.image
+    h, w = img.shape[:2]
+    ph, pw = -(-h // stride) * stride, -(-w // stride) * stride
+    if (ph, pw) == (h, w):
+        return img
+    top, left = (ph - h) // 2, (pw - w) // 2
+    return np.pad(img, ((top, ph - h - top), (left, pw - w - left), (0, 0)), mode="reflect")
+
+
+def format_table(result: Mapping[str, Any]) -> str:
+    """A plain-text table of the headline numbers of :func:`evaluate_sources`."""
+    lines = [f"{'task':<14}{'metric':<22}{'value':>10}"]
+
+    def add(task: str, metric: str, v: Any) -> None:
+        lines.append(f"{task:<14}{metric:<22}{v:>10.4f}" if isinstance(v, float) else f"{task:<14}{metric:<22}{v!s:>10}")
+
+    for k in ("dice", "aji", "pq", "dq", "sq", "n_images"):
+        if "nuclei" in result:
+            add("nuclei", k, result["nuclei"][k])
+    for k in ("f1", "precision", "recall", "object_dice", "object_hausdorff", "patch_glas_accuracy", "n_images"):
+        if "glands" in result:
+            add("glands", k, result["glands"][k])
+    if "nuclei_type" in result:
+        nt = result["nuclei_type"]
+        add("nuclei_type", "detection_f1", nt["detection_f1"])
+        for n, v in nt["f1"].items():
+            add("nuclei_type", f"f1 {n}", v)
+        add("nuclei_type", "macro_f1", nt["macro_f1"])
+    for task, t in result.get("tissue", {}).items():
+        add(task, "accuracy", t["accuracy"])
+        add(task, "macro_f1", t["macro_f1"])
+        add(task, "n_images", t["n_images"])
+    return "\n".join(lines)

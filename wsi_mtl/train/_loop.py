@@ -1,0 +1,322 @@
+"""The multi-task training loop: task-balanced batches, masked losses, resumable checkpoints."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import math
+import os
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from ..errors import InputError
+from ..network import MultiTaskNet, create_model, get_model_config, save_model
+from ._augment import hed_jitter, random_blur
+from ._config import TrainConfig
+from ._data import SEG_HEADS, Sources, load_sources, sample_cls, sample_seg
+from ._evaluate import evaluate_sources, heads_only
+from ._losses import patch_loss, seg_loss
+
+__all__ = ["Batch", "make_seg_batch", "make_cls_batch", "train_step", "train", "heads_only", "TrainResult", "score_of", "UNTRAINED_HEADS"]
+
+logger = logging.getLogger(__name__)
+
+#: Heads no source supervises: they keep their initial weights and are never computed in training.
+UNTRAINED_HEADS: tuple[str, ...] = ("Lumen-INST",)
+
+CHECKPOINT = "checkpoint.pt"
+BEST = "best.pt"
+METRICS = "metrics.jsonl"
+
+
+@dataclass
+class Batch:
+    """A training batch: images (N, 3, H, W) float 0-255, seg targets (N, H, W) uint8, patch labels (N,) long (-1 = none)."""
+
+    kind: str
+    images: torch.Tensor
+    seg: dict[str, torch.Tensor]
+    patch: dict[str, torch.Tensor]
+
+
+def _pick(rng: np.random.Generator, mixture: Mapping[str, float], available: Mapping[str, Sequence[Any]]) -> str:
+    tasks = [t for t, w in mixture.items() if w > 0 and available.get(t)]
+    if not tasks:
+        raise InputError(f"no training data for any task of {dict(mixture)}")
+    w = np.array([mixture[t] for t in tasks], float)
+    return tasks[int(rng.choice(len(tasks), p=w / w.sum()))]
+
+
+def make_seg_batch(rng: np.random.Generator, data: Sources, cfg: TrainConfig, patch_heads: Sequence[str], *, task: str | None = None) -> Batch:
+    """A segmentation batch of one ``task``, or (None) each sample from a task of ``cfg.seg_mixture``."""
+    imgs, tgts, patches = [], {h: [] for h in SEG_HEADS}, {h: [] for h in patch_heads}
+    if task is not None and not data.seg.get(task):
+        raise InputError(f"no training data for task {task!r}")
+    fixed = task
+    for _ in range(cfg.seg_batch):
+        task = fixed or _pick(rng, cfg.seg_mixture, data.seg)
+        items = data.seg[task]
+        item = items[int(rng.integers(len(items)))]
+        img, t, p = sample_seg(rng, item, crop_px=cfg.seg_crop_px, scale_range=cfg.scale_range, nuclei_erosion_px=cfg.nuclei_erosion_px, gland_erosion_px=cfg.gland_erosion_px)
+        imgs.append(img)
+        for h in SEG_HEADS:
+            tgts[h].append(t[h])
+        for h in patch_heads:
+            patches[h].append(p.get(h, -1))
+    return Batch(
+        "seg",
+        torch.from_numpy(np.stack(imgs)).permute(0, 3, 1, 2).float(),
+        {h: torch.from_numpy(np.stack(v)) for h, v in tgts.items()},
+        {h: torch.tensor(v, dtype=torch.long) for h, v in patches.items()},
+    )
+
+
+def make_cls_batch(rng: np.random.Generator, data: Sources, cfg: TrainConfig, patch_heads: Sequence[str]) -> Batch:
+    """A classification batch mixing the tasks of ``cfg.cls_mixture``; each sample labels one patch head."""
+    imgs, patches = [], {h: [] for h in patch_heads}
+    for _ in range(cfg.cls_batch):
+        task = _pick(rng, cfg.cls_mixture, data.cls)
+        items = data.cls[task]
+        item = items[int(rng.integers(len(items)))]
+        imgs.append(sample_cls(rng, item, crop_px=cfg.cls_crop_px, scale_range=cfg.scale_range))
+        for h in patch_heads:
+            patches[h].append(item.label if h == item.head else -1)
+    return Batch("cls", torch.from_numpy(np.stack(imgs)).permute(0, 3, 1, 2).float(), {}, {h: torch.tensor(v, dtype=torch.long) for h, v in patches.items()})
+
+
+def _autocast(enabled: bool) -> contextlib.AbstractContextManager[Any]:
+    return torch.autocast("cpu", dtype=torch.bfloat16) if enabled else contextlib.nullcontext()
+
+
+def compute_losses(model: MultiTaskNet, batch: Batch, *, dice_weight: float = 1.0, weights: Mapping[str, float] | None = None, bf16: bool = False) -> dict[str, torch.Tensor]:
+    """Forward ``batch`` through the heads it has labels for; a loss per labelled head (weighted)."""
+    weights = weights or {}
+    cfg_heads = model.config.heads
+    seg = [h for h, t in batch.seg.items() if h in cfg_heads and h not in UNTRAINED_HEADS and bool((t != 255).any())]
+    patch = [h for h, t in batch.patch.items() if h in cfg_heads and bool((t >= 0).any())]
+    if not seg and not patch:
+        return {}
+    x = batch.images
+    if getattr(model, "_channels_last", False):
+        x = x.contiguous(memory_format=torch.channels_last)
+    with heads_only(model, seg + patch), _autocast(bf16):
+        out = model(x)
+    losses = {}
+    for h in seg:
+        losses[h] = float(weights.get(h, 1.0)) * seg_loss(out[h], batch.seg[h], dice_weight=dice_weight)
+    for h in patch:
+        losses[h] = float(weights.get(h, 1.0)) * patch_loss(out[h], batch.patch[h])
+    return losses
+
+
+def train_step(model: MultiTaskNet, optimizer: torch.optim.Optimizer, batch: Batch, *, generator: torch.Generator | None = None, cfg: TrainConfig | None = None) -> dict[str, float]:
+    """One optimisation step on ``batch`` (photometric augmentation applied here); losses as floats."""
+    cfg = cfg or TrainConfig()
+    model.train()
+    if cfg.hed_sigma > 0 or cfg.hed_bias > 0:
+        batch.images = hed_jitter(batch.images, sigma=cfg.hed_sigma, bias=cfg.hed_bias, generator=generator)
+    if cfg.blur_p > 0:
+        batch.images = random_blur(batch.images, p=cfg.blur_p, generator=generator)
+    optimizer.zero_grad(set_to_none=True)
+    losses = compute_losses(model, batch, dice_weight=cfg.dice_weight, weights=cfg.loss_weights, bf16=cfg.bf16)
+    if not losses:
+        return {}
+    total = sum(losses.values())
+    total.backward()  # type: ignore[union-attr]
+    torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.grad is not None], 5.0)
+    optimizer.step()
+    return {k: float(v.detach()) for k, v in losses.items()} | {"total": float(total.detach())}  # type: ignore[union-attr]
+
+
+def _lr_factor(step: int, cfg: TrainConfig) -> float:
+    if step < cfg.warmup_steps:
+        return (step + 1) / cfg.warmup_steps
+    t = (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps)
+    return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, t)))
+
+
+def score_of(metrics: Mapping[str, Any]) -> float:
+    """One number to pick the best checkpoint: mean of nuclei AJI, gland F1, type macro F1 and the
+    tissue accuracies that were measured."""
+    vals = []
+    if "nuclei" in metrics:
+        vals.append(metrics["nuclei"]["aji"])
+    if "glands" in metrics:
+        vals.append(metrics["glands"]["f1"])
+    if "nuclei_type" in metrics:
+        vals.append(metrics["nuclei_type"]["macro_f1"])
+    for t in metrics.get("tissue", {}).values():
+        vals.append(t["accuracy"])
+    vals = [v for v in vals if isinstance(v, float) and math.isfinite(v)]
+    return float(np.mean(vals)) if vals else float("nan")
+
+
+def _save_atomic(obj: Any, path: Path) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def _rng_state(rng: np.random.Generator, gen: torch.Generator) -> dict[str, Any]:
+    return {"numpy": json.dumps(rng.bit_generator.state), "torch_gen": gen.get_state(), "torch_global": torch.get_rng_state()}
+
+
+@dataclass(frozen=True)
+class TrainResult:
+    """What :func:`train` did: final step, wall seconds of this call, last validation metrics, exported folder."""
+
+    step: int
+    seconds: float
+    metrics: dict[str, Any]
+    model_dir: Path | None
+
+
+def _trainable(model: MultiTaskNet) -> list[torch.nn.Parameter]:
+    skip = {model.config.heads[h].decoder for h in UNTRAINED_HEADS if h in model.config.heads}
+    out = []
+    for name, p in model.named_parameters():
+        parts = name.split(".")
+        if len(parts) > 1 and parts[0] in ("decoder_head", "output_head") and parts[1] in skip:
+            p.requires_grad_(False)
+            continue
+        out.append(p)
+    return out
+
+
+def train(cfg: TrainConfig, *, max_minutes: float | None = None, progress: bool = True, export: bool = True) -> TrainResult:
+    """Train (or resume) the model described by ``cfg``; validate every ``steps_per_epoch`` steps.
+
+    The run folder holds ``checkpoint.pt`` (weights, optimiser, step, RNG states; resumed when
+    present), ``best.pt`` (weights of the best validation score), ``metrics.jsonl`` (one line per
+    validation) and ``config.json``. At the end the best weights are saved with
+    :func:`~wsi_mtl.network.save_model` into ``cfg.output_model`` (unless ``export`` is False).
+    ``max_minutes`` stops early (after a checkpoint) so that a later call resumes.
+    """
+    t_start = time.monotonic()
+    torch.set_num_threads(max(1, int(cfg.threads)))
+    run = Path(cfg.run_dir)
+    run.mkdir(parents=True, exist_ok=True)
+    (run / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2) + "\n")
+    torch.manual_seed(cfg.seed)
+    rng = np.random.default_rng(cfg.seed)
+    gen = torch.Generator().manual_seed(cfg.seed + 1)
+
+    model = create_model(get_model_config(cfg.arch), seed=cfg.seed)
+    if cfg.channels_last:
+        model.set_channels_last(True)
+    params = _trainable(model)
+    decay = [p for p in params if p.ndim > 1]
+    no_decay = [p for p in params if p.ndim <= 1]
+    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr)
+    step = 0
+    best = -math.inf
+    ckpt_path = run / CHECKPOINT
+    if ckpt_path.exists():
+        ck = torch.load(ckpt_path, map_location="cpu", weights_only=True)
+        model.load_state_dict(ck["model"])
+        optimizer.load_state_dict(ck["optimizer"])
+        step = int(ck["step"])
+        best = float(ck.get("best", -math.inf))
+        rng.bit_generator.state = json.loads(ck["rng"]["numpy"])
+        gen.set_state(ck["rng"]["torch_gen"])
+        torch.set_rng_state(ck["rng"]["torch_global"])
+        logger.info("resumed %s at step %d", ckpt_path, step)
+
+    from ._config import load_split
+
+    split = load_split(cfg.splits)
+    mc = model.config
+    lc_classes = list(mc.heads["Patch-LC25000"].class_names) if "Patch-LC25000" in mc.heads else ["lung_aca", "lung_n", "lung_scc"]
+    t0 = time.monotonic()
+    train_data = load_sources(Path(cfg.data_root), mpp=mc.mpp, source_mpp=cfg.source_mpp, split=split, part="train", lc_classes=lc_classes, radius_px=cfg.type_radius_px, background_px=cfg.type_background_px)
+    val_data = load_sources(Path(cfg.data_root), mpp=mc.mpp, source_mpp=cfg.source_mpp, split=split, part="val", lc_classes=lc_classes, radius_px=cfg.type_radius_px, background_px=cfg.type_background_px)
+    if cfg.val_max_lc25000 is not None and "lc25000" in val_data.cls:
+        items = val_data.cls["lc25000"]
+        val_data.cls["lc25000"] = items[:: max(1, len(items) // cfg.val_max_lc25000)][: cfg.val_max_lc25000]
+    logger.info("loaded data in %.1f s: train %s, val %s", time.monotonic() - t0, train_data.summary(), val_data.summary())
+    _check_disjoint(train_data, val_data)
+
+    patch_heads = mc.patch_heads
+    last_metrics: dict[str, Any] = {}
+    deadline = None if max_minutes is None else t_start + 60.0 * max_minutes
+    bar = tqdm(total=cfg.steps, initial=step, desc="train", disable=not progress, dynamic_ncols=True)
+    running: dict[str, float] = {}
+    stopped_early = False
+    while step < cfg.steps:
+        for g in optimizer.param_groups:
+            g["lr"] = cfg.lr * _lr_factor(step, cfg)
+        kind = cfg.schedule[step % len(cfg.schedule)]
+        if kind == "cls":
+            batch = make_cls_batch(rng, train_data, cfg, patch_heads)
+        else:
+            batch = make_seg_batch(rng, train_data, cfg, patch_heads, task=None if kind == "seg" else kind)
+        losses = train_step(model, optimizer, batch, generator=gen, cfg=cfg)
+        for k, v in losses.items():
+            running[k] = 0.95 * running.get(k, v) + 0.05 * v
+        step += 1
+        bar.update(1)
+        bar.set_postfix({k.replace("Patch-", "P-").replace("-INST", ""): f"{v:.3f}" for k, v in running.items()}, refresh=False)
+        is_epoch_end = step % cfg.steps_per_epoch == 0 or step == cfg.steps
+        if is_epoch_end:
+            last_metrics = evaluate_sources(model, val_data, bf16=cfg.bf16)
+            score = score_of(last_metrics)
+            rec = {"step": step, "epoch": step // cfg.steps_per_epoch, "lr": optimizer.param_groups[0]["lr"], "elapsed_s": round(time.monotonic() - t_start, 1), "train_loss": dict(running), "score": score, **last_metrics}
+            with open(run / METRICS, "a") as fh:
+                fh.write(json.dumps(rec, default=float) + "\n")
+            logger.info("step %d validation: score %.4f %s", step, score, json.dumps({k: last_metrics[k] for k in last_metrics if k != "tissue"}, default=float)[:400])
+            if math.isfinite(score) and score > best:
+                best = score
+                _save_atomic({"model": model.state_dict(), "step": step, "score": score}, run / BEST)
+        if step % cfg.checkpoint_every == 0 or is_epoch_end or step == cfg.steps:
+            _save_atomic({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "step": step, "best": best, "rng": _rng_state(rng, gen)}, ckpt_path)
+        if deadline is not None and time.monotonic() > deadline:
+            _save_atomic({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "step": step, "best": best, "rng": _rng_state(rng, gen)}, ckpt_path)
+            logger.warning("stopping at step %d: --max-minutes %.1f reached (run the same command again to continue)", step, max_minutes)
+            stopped_early = True
+            break
+    bar.close()
+    out_dir = None
+    if export and cfg.output_model is not None and not stopped_early:
+        out_dir = export_model(cfg, model)
+    return TrainResult(step, time.monotonic() - t_start, last_metrics, out_dir)
+
+
+def export_model(cfg: TrainConfig, model: MultiTaskNet | None = None, *, which: str = "best") -> Path:
+    """Save the ``best`` (or ``last``) weights of the run with ``save_model`` into ``cfg.output_model``."""
+    run = Path(cfg.run_dir)
+    if model is None:
+        model = create_model(get_model_config(cfg.arch), seed=cfg.seed)
+    path = run / (BEST if which == "best" else CHECKPOINT)
+    if not path.exists():
+        path = run / CHECKPOINT
+    if not path.exists():
+        raise InputError(f"no checkpoint in {run} to export")
+    ck = torch.load(path, map_location="cpu", weights_only=True)
+    model.load_state_dict(ck["model"])
+    model.set_channels_last(False)
+    model.eval()
+    extra = dict(model.config.extra) | {"training": {"steps": int(ck.get("step", 0)), "config": f"{cfg.name}", "untrained_heads": list(UNTRAINED_HEADS)}}
+    model.config = model.config.replace(extra=extra)
+    assert cfg.output_model is not None
+    save_model(model, cfg.output_model, trained=True)
+    logger.info("exported %s weights of step %s to %s", which, ck.get("step"), cfg.output_model)
+    return Path(cfg.output_model)
+
+
+def _check_disjoint(a: Sources, b: Sources) -> None:
+    for task in set(a.seg) & set(b.seg):
+        both = {(i.source, i.name) for i in a.seg[task]} & {(i.source, i.name) for i in b.seg[task]}
+        if both:
+            raise InputError(f"validation images also in training ({task}): {sorted(both)[:3]}")
+    for task in set(a.cls) & set(b.cls):
+        both = {i.name for i in a.cls[task]} & {i.name for i in b.cls[task]}
+        if both:
+            raise InputError(f"validation images also in training ({task}): {sorted(both)[:3]}")

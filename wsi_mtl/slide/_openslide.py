@@ -67,6 +67,9 @@ class OpenSlideReader(SlideReader):
             if found is not None:
                 self._tiff, self._tiles = found
                 self.decoder = "tifffile-tiles"
+                if self._tiles.truncated():
+                    self.close()
+                    raise SlideError(f"{path} is truncated: image data ends beyond the end of the file")
 
     @classmethod
     def open(cls, path: Path, *, direct: bool = True) -> OpenSlideReader:

@@ -31,6 +31,45 @@ def _has_tiff_magic(path: Path) -> bool:
         return fh.read(4) in _TIFF_MAGIC
 
 
+def ifd_chain_broken(path: Path, *, max_ifds: int = 100_000) -> bool:
+    """True if the TIFF's chain of image directories points beyond the end of the file (truncated).
+
+    Walks the IFD offsets only (classic TIFF and BigTIFF), reading a few bytes per directory.
+    """
+    import struct
+
+    size = path.stat().st_size
+    with open(path, "rb") as fh:
+        head = fh.read(16)
+        if len(head) < 8 or head[:4] not in _TIFF_MAGIC:
+            return False
+        order = "<" if head[:2] == b"II" else ">"
+        big = head[2:4] in (b"+\x00", b"\x00+")
+        if big:
+            if len(head) < 16:
+                return True
+            offset = struct.unpack(order + "Q", head[8:16])[0]
+            count_fmt, count_size, entry_size, next_fmt, next_size = "Q", 8, 20, "Q", 8
+        else:
+            offset = struct.unpack(order + "I", head[4:8])[0]
+            count_fmt, count_size, entry_size, next_fmt, next_size = "H", 2, 12, "I", 4
+        seen = set()
+        while offset and len(seen) < max_ifds:
+            if offset in seen:
+                return False  # a loop is damage of another kind; tifffile reports it
+            seen.add(offset)
+            if offset + count_size > size:
+                return True
+            fh.seek(offset)
+            count = struct.unpack(order + count_fmt, fh.read(count_size))[0]
+            end = offset + count_size + count * entry_size
+            if end + next_size > size:
+                return True
+            fh.seek(end)
+            offset = struct.unpack(order + next_fmt, fh.read(next_size))[0]
+    return False
+
+
 def is_ome_tiff(path: Path) -> bool:
     """True if ``path`` is a TIFF whose first ImageDescription is OME-XML (cheap: reads one IFD)."""
     import tifffile
@@ -219,6 +258,8 @@ class TiffReader(SlideReader):
 
         if not _has_tiff_magic(path):
             raise NotMyFormat(path)
+        if ifd_chain_broken(path):
+            raise SlideError(f"{path} is truncated: its image directories point beyond the end of the file")
         with _quiet_tifffile():
             try:
                 tif = tifffile.TiffFile(path)

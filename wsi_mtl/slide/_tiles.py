@@ -82,6 +82,10 @@ class SegmentReader:
         self._size = os.fstat(self._fd).st_size
         self._path = os.fspath(path)
 
+    def truncated(self) -> bool:
+        """True if some segment's bytes lie beyond the end of the file."""
+        return any(lv.offsets.size and int((lv.offsets + lv.counts).max()) > self._size for lv in self._levels)
+
     @property
     def shapes(self) -> list[tuple[int, int]]:
         """(height, width) of each level."""

@@ -434,6 +434,9 @@ def test_read_argument_validation(svs_jpeg: Path) -> None:
             slide.read(0, 0, 10, 10, mpp=0)
         with pytest.raises(ValueError, match="mpp must be"):
             slide.thumbnail(mpp=-2)
+        with pytest.raises(ValueError, match="mpp must be"):
+            slide.read(0, 0, 10, 10, mpp=float("inf"))
+        assert slide.thumbnail(mpp=100.0).shape == (3, 4, 3)  # very coarse previews are fine
 
 
 def test_backend_choice(svs_jpeg: Path, png_image: Path) -> None:

@@ -211,8 +211,9 @@ class Slide:
         return max(1, math.ceil(self.height * scale - 1e-6)), max(1, math.ceil(self.width * scale - 1e-6))
 
     def _check_mpp(self, mpp: float) -> float:
-        if not isinstance(mpp, (int, float, np.floating, np.integer)) or not plausible_mpp(float(mpp)):
-            raise ValueError(f"mpp must be a positive number of microns per pixel in (0.01, 50), got {mpp!r}")
+        if isinstance(mpp, bool) or not isinstance(mpp, (int, float, np.floating, np.integer)) \
+                or not math.isfinite(float(mpp)) or float(mpp) <= 0:
+            raise ValueError(f"mpp must be a positive number of microns per pixel, got {mpp!r}")
         return float(mpp)
 
     # -- reading ------------------------------------------------------------------------------

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import numbers
 import os
 from collections import Counter
 from collections.abc import Iterable, Iterator, Sequence
@@ -173,7 +174,7 @@ def write_table(
     OutputError
         The disk is full or the folder is not writable.
     """
-    if not (isinstance(mpp, (int, float)) and np.isfinite(mpp) and mpp > 0):
+    if not (isinstance(mpp, numbers.Real) and not isinstance(mpp, bool) and np.isfinite(mpp) and mpp > 0):
         raise ValueError(f"mpp must be a positive number of micrometres per pixel, got {mpp!r}")
     if row_group_rows < 1:
         raise ValueError(f"row_group_rows must be at least 1, got {row_group_rows}")

@@ -543,3 +543,32 @@ def test_openslide_tiff_resolution_property_fallback() -> None:
     assert _tiff_resolution_mpp({"tiff.ResolutionUnit": "inch", "tiff.XResolution": "101600"}) == (0.25, 0.25)
     assert _tiff_resolution_mpp({"tiff.ResolutionUnit": "none", "tiff.XResolution": "1"}) is None
     assert _tiff_resolution_mpp({}) is None
+
+
+def test_segment_cache_is_a_byte_bounded_lru() -> None:
+    from wsi_mtl.slide._tiles import _SegmentCache
+
+    cache = _SegmentCache(capacity=300)
+    a, b, c = (np.zeros(100, np.uint8) for _ in range(3))
+    cache.put((0, 1), a)
+    cache.put((0, 2), b)
+    cache.put((0, 3), c)
+    assert cache.get((0, 1)) is a  # refreshes (0, 1)
+    cache.put((0, 4), np.zeros(100, np.uint8))  # evicts the least recently used: (0, 2)
+    assert cache.get((0, 2)) is None and cache.get((0, 3)) is c and cache.get((0, 1)) is a
+    cache.put((0, 5), np.zeros(1000, np.uint8))  # larger than the whole cache: not kept
+    assert cache.get((0, 5)) is None
+    assert not a.flags.writeable  # cached segments are shared read-only
+    assert (cache.hits, cache.misses) == (3, 2)
+
+
+def test_repeated_reads_hit_the_segment_cache(svs_jpeg: Path) -> None:
+    with open_slide(svs_jpeg) as slide:
+        cache = slide._reader._tiles._cache
+        first = slide.read(100, 100, 300, 300, mpp=0.25)
+        misses = cache.misses
+        second = slide.read(100, 100, 300, 300, mpp=0.25)
+        assert cache.misses == misses and cache.hits >= 4
+        np.testing.assert_array_equal(first, second)
+        first[:] = 0  # callers own what read() returns
+        np.testing.assert_array_equal(slide.read(100, 100, 300, 300, mpp=0.25), second)

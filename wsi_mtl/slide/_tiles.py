@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
+from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -61,10 +63,54 @@ class _Level:
     jpegtables: bytes | None
 
 
-class SegmentReader:
-    """Region reads from single-page TIFF levels (tiled or stripped), safe for concurrent threads."""
+#: default size of the decoded-segment cache: neighbouring network tiles overlap by their context
+#: margin, so the same JPEG tiles are wanted twice, one tile row apart
+CACHE_BYTES = 256 * 2**20
 
-    def __init__(self, path: os.PathLike | str, pages: list[Any]) -> None:
+
+class _SegmentCache:
+    """A byte-bounded LRU of decoded segments shared by all reader threads."""
+
+    def __init__(self, capacity: int) -> None:
+        self.capacity = capacity
+        self._items: OrderedDict[tuple[int, int], NDArray[np.uint8]] = OrderedDict()
+        self._bytes = 0
+        self._lock = threading.Lock()
+        self.hits = self.misses = 0
+
+    def get(self, key: tuple[int, int]) -> NDArray[np.uint8] | None:
+        with self._lock:
+            item = self._items.get(key)
+            if item is None:
+                self.misses += 1
+                return None
+            self._items.move_to_end(key)
+            self.hits += 1
+            return item
+
+    def put(self, key: tuple[int, int], value: NDArray[np.uint8]) -> None:
+        if value.nbytes > self.capacity:
+            return
+        value.flags.writeable = False
+        with self._lock:
+            old = self._items.pop(key, None)
+            if old is not None:
+                self._bytes -= old.nbytes
+            self._items[key] = value
+            self._bytes += value.nbytes
+            while self._bytes > self.capacity:
+                _, dropped = self._items.popitem(last=False)
+                self._bytes -= dropped.nbytes
+
+
+class SegmentReader:
+    """Region reads from single-page TIFF levels (tiled or stripped), safe for concurrent threads.
+
+    Decoded segments are kept in a shared LRU cache of ``cache_bytes`` (0 disables it).
+    """
+
+    def __init__(self, path: os.PathLike | str, pages: list[Any], *, cache_bytes: int = CACHE_BYTES) -> None:
+        self._cache = _SegmentCache(cache_bytes) if cache_bytes > 0 else None
         self._levels: list[_Level] = []
         for page in pages:
             if not segment_readable(page):
@@ -106,6 +152,17 @@ class SegmentReader:
             raise DamagedRegionError(f"tile {index} cannot be decoded")
         return array.reshape(array.shape[-3:])
 
+    def _cached_segment(self, level: int, lv: _Level, index: int) -> NDArray[np.uint8] | None:
+        if self._cache is None:
+            return self._segment(lv, index)
+        key = (level, index)
+        seg = self._cache.get(key)
+        if seg is None:
+            seg = self._segment(lv, index)
+            if seg is not None:
+                self._cache.put(key, seg)
+        return seg
+
     def read(self, level: int, y: int, x: int, height: int, width: int) -> NDArray[np.uint8]:
         """Level pixels [y, y + height) x [x, x + width) as (height, width, 3) uint8; white outside."""
         if self._fd < 0:
@@ -119,7 +176,7 @@ class SegmentReader:
                 sy = row * lv.seg_h
                 for col in range(x0 // lv.seg_w, (x1 - 1) // lv.seg_w + 1):
                     sx = col * lv.seg_w
-                    seg = self._segment(lv, row * lv.cols + col)
+                    seg = self._cached_segment(level, lv, row * lv.cols + col)
                     if seg is None:
                         continue
                     ay0, ax0 = max(y0, sy), max(x0, sx)

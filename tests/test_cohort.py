@@ -59,7 +59,8 @@ def fake_load_model(name: str | None, *, device: str) -> dict[str, Any]:
 
 
 def fake_segment(slide_path: Path, out_dir: Path, *, model: dict[str, Any], mpp: float | None, device: str, progress: bool, **options: Any) -> SimpleNamespace:
-    """Stands in for segment_slide: BAD files raise SlideError, BOOM a ZeroDivisionError, SLOW ones wait."""
+    """Stands in for segment_slide: BAD files raise SlideError, BOOM a ZeroDivisionError, SLOW ones
+    take 0.3 s, WAIT ones wait for a ``<slide>.go`` file."""
     data = Path(slide_path).read_bytes()
     _log(f"segment {Path(slide_path).name} {os.getpid()}")
     if data.startswith(b"BAD"):
@@ -68,6 +69,12 @@ def fake_segment(slide_path: Path, out_dir: Path, *, model: dict[str, Any], mpp:
         raise ZeroDivisionError("boom\nsecond line")
     if data.startswith(b"SLOW"):
         time.sleep(0.3)
+    if data.startswith(b"WAIT"):  # until the test creates <slide>.go
+        go = Path(f"{slide_path}.go")
+        for _ in range(6000):
+            if go.exists():
+                break
+            time.sleep(0.05)
     result = Path(out_dir) / Path(slide_path).stem
     result.mkdir(parents=True, exist_ok=True)
     (result / "maps.bin").write_bytes(b"x")

@@ -74,3 +74,29 @@ def test_without_sbatch_the_slurm_executor_is_an_input_error(tmp_path: Path, mon
     monkeypatch.setattr(_executors.shutil, "which", lambda name: None)
     with pytest.raises(InputError, match="needs SLURM's sbatch on PATH"):
         _executors._check_job_script("#!/bin/bash\n", tmp_path)
+
+
+def test_slurm_executor_without_dask_jobqueue_is_an_input_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    import sys
+
+    from wsi_mtl.cohort import _executors
+
+    monkeypatch.setitem(sys.modules, "dask_jobqueue", None)  # as if not installed
+    with pytest.raises(InputError, match="needs dask-jobqueue"):
+        _executors._import_slurm_cluster()
+
+
+def test_importing_dask_jobqueue_keeps_ctrl_c_and_works_in_threads() -> None:
+    import subprocess
+    import sys
+
+    code = (
+        "import signal, threading\n"
+        "from wsi_mtl.cohort._executors import _import_slurm_cluster\n"
+        "found = []\n"
+        "t = threading.Thread(target=lambda: found.append(_import_slurm_cluster().__name__))\n"
+        "t.start(); t.join()\n"
+        "print(found, signal.getsignal(signal.SIGINT) is signal.default_int_handler)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.split("\n")[0] == "['SLURMCluster'] True"

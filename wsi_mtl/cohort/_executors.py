@@ -8,8 +8,10 @@ import multiprocessing
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
+import threading
 import uuid
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ProcessPoolExecutor, as_completed
@@ -197,6 +199,9 @@ class DaskExecutor(Executor):
         except ImportError as exc:
             raise InputError("the dask and slurm executors need dask[distributed] (pip install 'wsimtl[cohort]')") from exc
         self._own: list[Any] = []
+        self._cluster: Any = None  # a SLURMCluster whose ended jobs are replaced
+        self._jobs = 0
+        self.watch_s = 5.0
         gpus = 0
         if client is not None:
             self.client = client
@@ -209,6 +214,7 @@ class DaskExecutor(Executor):
             self._own.append(self.client)
         elif slurm is not None:
             cluster = _slurm_cluster(slurm.validated(), out_dir)
+            self._cluster, self._jobs = cluster, slurm.jobs
             self._own.append(cluster)
             self.client = Client(cluster)
             self._own.insert(0, self.client)
@@ -225,7 +231,7 @@ class DaskExecutor(Executor):
         self.client.register_plugin(ModelCachePlugin(gpus), name=PLUGIN_NAME)
 
     def run(self, tasks: Sequence[SlideTask], job: BatchJob) -> Iterator[SlideOutcome]:
-        from distributed import as_completed as dask_as_completed
+        from distributed import wait
 
         from ._dask import dask_process
 
@@ -234,14 +240,32 @@ class DaskExecutor(Executor):
         keys = [f"wsimtl-slide-{task.id}-{uuid.uuid4().hex[:8]}" for task in tasks]
         futures = self.client.map(dask_process, list(tasks), job=job, key=keys, pure=False)
         by_key = {future.key: task for future, task in zip(futures, tasks, strict=True)}
+        pending = set(futures)
         try:
-            for future in dask_as_completed(futures):
-                yield _outcome_of(future, by_key[future.key])
-                future.release()
+            while pending:
+                try:
+                    done = wait(list(pending), timeout=self.watch_s, return_when="FIRST_COMPLETED").done
+                except TimeoutError:
+                    done = set()
+                for future in done:
+                    pending.discard(future)
+                    yield _outcome_of(future, by_key[future.key])
+                    future.release()
+                self._replace_ended_jobs()
         finally:  # interrupted: withdraw what has not run
             for future in futures:
                 if not future.done():
                     future.cancel()
+
+    def _replace_ended_jobs(self) -> None:
+        """Submit new SLURM jobs for those that ended (walltime, pre-emption, node failure).
+
+        ``SLURMCluster`` keeps the specification of a job whose worker is gone; scaling to the same
+        number of jobs again starts a job for every such specification.
+        """
+        if self._cluster is not None and len(self._cluster.workers) < self._jobs:
+            log.info("%d of %d SLURM worker jobs are running or queued; submitting replacements", len(self._cluster.workers), self._jobs)
+            self._cluster.scale(jobs=self._jobs)
 
     def close(self) -> None:
         for item in self._own:
@@ -250,12 +274,34 @@ class DaskExecutor(Executor):
         self._own.clear()
 
 
+def _import_slurm_cluster() -> Any:
+    """Import ``dask_jobqueue.SLURMCluster`` without letting it take over Ctrl-C.
+
+    dask-jobqueue sets a SIGINT handler (``sys.exit``) when imported, which fails outside the main
+    thread and would turn Ctrl-C into a silent exit; the handler in place before is kept.
+    """
+    if sys.modules.get("dask_jobqueue") is None:
+        real_signal = signal.signal
+        in_main = threading.current_thread() is threading.main_thread()
+        previous = signal.getsignal(signal.SIGINT) if in_main else None
+        if not in_main:
+            signal.signal = lambda *args, **kwargs: None  # type: ignore[assignment]
+        try:
+            import dask_jobqueue  # noqa: F401
+        except ImportError as exc:
+            raise InputError("the slurm executor needs dask-jobqueue (pip install 'wsimtl[cohort]')") from exc
+        finally:
+            signal.signal = real_signal
+            if previous is not None:
+                signal.signal(signal.SIGINT, previous)
+    from dask_jobqueue import SLURMCluster
+
+    return SLURMCluster
+
+
 def _slurm_cluster(options: SlurmOptions, out_dir: Path | None) -> Any:
     """Start a ``SLURMCluster`` with ``options.jobs`` jobs; each job runs one worker per GPU (or one)."""
-    try:
-        from dask_jobqueue import SLURMCluster
-    except ImportError as exc:
-        raise InputError("the slurm executor needs dask-jobqueue (pip install 'wsimtl[cohort]')") from exc
+    SLURMCluster = _import_slurm_cluster()
     log_dir = options.log_dir or ((out_dir or Path.cwd()) / ".slurm-logs")
     log_dir.mkdir(parents=True, exist_ok=True)
     processes = max(1, options.gpus_per_job)

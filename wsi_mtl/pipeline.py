@@ -91,6 +91,18 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
+def _weights_sha256(model: Any) -> str:
+    """The weights file's sha256 from the config, else a sha256 over the state dict's tensors."""
+    known = getattr(model.config, "weights_sha256", None)
+    if known:
+        return str(known)
+    h = hashlib.sha256()
+    for name, tensor in sorted(model.state_dict().items()):
+        h.update(name.encode())
+        h.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()
+
+
 def _files_entry(result_dir: Path, path: Path) -> dict[str, Any]:
     if path.is_dir():
         size = sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
@@ -181,6 +193,7 @@ def segment_slide(
             model = load_model(model, device=str(dev))
             timings["load_model"] = time.perf_counter() - t0
         cfg = model.config
+        weights_sha = _weights_sha256(model)
         if not cfg.trained:
             log.warning("model %s is UNTRAINED (random weights): outputs are meaningless", cfg.name)
         amp = resolve_precision(dev, precision)
@@ -229,7 +242,7 @@ def segment_slide(
         fingerprint = {
             "wsimtl": __version__,
             "model": cfg.name,
-            "weights_sha256": cfg.weights_sha256,
+            "weights_sha256": weights_sha,
             "slide_size": [slide.width, slide.height],
             "slide_mpp": slide.mpp,
             "core_px": core,
@@ -240,7 +253,7 @@ def segment_slide(
         }
         attrs = {
             "version": __version__,
-            "model": {"name": cfg.name, "trained": bool(cfg.trained), "weights_sha256": cfg.weights_sha256},
+            "model": {"name": cfg.name, "trained": bool(cfg.trained), "weights_sha256": weights_sha},
             "heads": heads_attrs,
             "slide": {"path": str(slide_path.resolve()), "width": slide.width, "height": slide.height, "mpp": slide.mpp, "mpp_source": slide.mpp_source, "offset": list(slide.offset)},
             "model_mpp": model_mpp,
@@ -320,7 +333,7 @@ def _infer_maps(slide: Any, slide_path: Path, result_dir: Path, model: Any, grid
             "model": {
                 "name": cfg.name,
                 "trained": bool(cfg.trained),
-                "weights_sha256": cfg.weights_sha256,
+                "weights_sha256": fingerprint["weights_sha256"],
                 "mpp": model_mpp,
                 "license": getattr(cfg, "license", None),
                 "warning": None if cfg.trained else "UNTRAINED model with random weights: outputs are meaningless",

@@ -75,7 +75,8 @@ class TrainConfig:
     bf16: bool = True
     channels_last: bool = True
     source_mpp: Mapping[str, float] = field(default_factory=lambda: dict(DEFAULT_SOURCE_MPP))
-    val_max_lc25000: int | None = None
+    val_limit: Mapping[str, int] = field(default_factory=dict)
+    time_budget_minutes: float | None = None
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready dict (paths as strings)."""
@@ -133,6 +134,11 @@ def _validate(data: Mapping[str, Any], base: Path) -> TrainConfig:
         raise InputError("training config: steps, steps_per_epoch and checkpoint_every must be >= 1")
     if cfg.seg_crop_px % 32 or cfg.cls_crop_px % 32:
         raise InputError(f"training config: crop sizes must be multiples of 32, got {cfg.seg_crop_px} and {cfg.cls_crop_px}")
+    bad_limits = sorted(set(cfg.val_limit) - set(_SEG_TASKS) - set(_CLS_TASKS))
+    if bad_limits:
+        raise InputError(f"training config: val_limit has unknown tasks {bad_limits}")
+    if cfg.time_budget_minutes is not None and cfg.time_budget_minutes <= 0:
+        raise InputError(f"training config: time_budget_minutes must be positive, got {cfg.time_budget_minutes}")
     lo, hi = cfg.scale_range
     if not 0 < lo <= hi:
         raise InputError(f"training config: scale_range must be 0 < low <= high, got {cfg.scale_range}")

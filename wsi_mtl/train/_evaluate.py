@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+from pathlib import Path
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
@@ -16,10 +17,11 @@ from tqdm import tqdm
 
 from .. import metrics
 from ._augment import resize_labels
-from ._data import CRCHP_CLASSES, ClsItem, SegItem, Sources
+from ..errors import InputError
+from ._data import CRCHP_CLASSES, ClsItem, SegItem, Sources, _csv, _read_labels
 from ._postprocess import gland_labels, nuclei_labels
 
-__all__ = ["heads_only", "predict_image", "classify_image", "evaluate_sources", "format_table", "instance_types"]
+__all__ = ["REFERENCE_IMAGES", "reference_metrics", "evaluate_split", "glas_native_truth", "heads_only", "predict_image", "classify_image", "evaluate_sources", "format_table", "instance_types"]
 
 logger = logging.getLogger(__name__)
 
@@ -275,3 +277,71 @@ def format_table(result: Mapping[str, Any]) -> str:
         add(task, "macro_f1", t["macro_f1"])
         add(task, "n_images", t["n_images"])
     return "\n".join(lines)
+
+
+def glas_native_truth(root: Path, names: Sequence[str]) -> dict[str, np.ndarray]:
+    """GlaS gland labels at their native resolution, by image name (for scoring in native pixels)."""
+    base = Path(root) / "glands" / "glas"
+    by = {r["name"]: r for r in _csv(base / "manifest.csv")}
+    return {n: _read_labels(base / by[n]["annotation"]) for n in names if n in by}
+
+
+#: Evaluation tasks and the loader task names they need.
+EVAL_TASKS: dict[str, tuple[str, ...]] = {
+    "nuclei": ("nuclei",),
+    "glands": ("gland",),
+    "nuclei_type": ("nuclei_type",),
+    "tissue": ("lc25000", "kather2016"),
+}
+
+
+def evaluate_split(
+    model: torch.nn.Module,
+    *,
+    data_root: Path,
+    split: Mapping[str, Sequence[str]],
+    source_mpp: Mapping[str, float] | None = None,
+    tasks: Iterable[str] | None = None,
+    only: Mapping[str, Sequence[str]] | None = None,
+    bf16: bool = True,
+    progress: bool = False,
+    per_image: bool = False,
+) -> dict[str, Any]:
+    """Load the held-out ``split`` of ``data_root`` at the model's mpp and score ``model`` on it.
+
+    Parameters
+    ----------
+    tasks
+        Subset of ``nuclei``, ``glands``, ``nuclei_type``, ``tissue`` (default all).
+    only
+        Restrict a source to some of its split names (e.g. ``{"monuseg": [name]}``).
+    """
+    from ._config import DEFAULT_SOURCE_MPP
+    from ._data import load_sources
+
+    tasks = list(EVAL_TASKS) if tasks is None else list(tasks)
+    bad = sorted(set(tasks) - set(EVAL_TASKS))
+    if bad:
+        raise InputError(f"unknown evaluation tasks {bad}; known: {list(EVAL_TASKS)}")
+    split = {k: list(v) for k, v in split.items()}
+    for src, names in (only or {}).items():
+        split[src] = [n for n in split.get(src, []) if n in set(names)]
+    loader_tasks = [t for task in tasks for t in EVAL_TASKS[task]]
+    heads = model.config.heads
+    lc = list(heads["Patch-LC25000"].class_names) if "Patch-LC25000" in heads else ["lung_aca", "lung_n", "lung_scc"]
+    data = load_sources(Path(data_root), mpp=float(model.config.mpp), source_mpp={**DEFAULT_SOURCE_MPP, **(source_mpp or {})}, split=split, part="val", lc_classes=lc, tasks=loader_tasks)
+    truth = glas_native_truth(Path(data_root), split.get("glas", [])) if "glands" in tasks else None
+    return evaluate_sources(model, data, gland_truth=truth, bf16=bf16, progress=progress, per_image=per_image)
+
+
+#: The validation images whose scores are stored with a shipped model (``expected_metrics.json``).
+REFERENCE_IMAGES: dict[str, list[str]] = {"monuseg": ["TCGA-A7-A13E-01Z-00-DX1"], "glas": ["train_4"]}
+
+
+def reference_metrics(model: torch.nn.Module, *, data_root: Path, split: Mapping[str, Sequence[str]], images: Mapping[str, Sequence[str]] | None = None) -> dict[str, Any]:
+    """Per-image nuclei and gland scores of ``model`` on a few validation images, in float32 (no
+    autocast) so that they reproduce across CPUs; stored beside shipped weights and re-checked by
+    the tests."""
+    images = dict(REFERENCE_IMAGES if images is None else images)
+    res = evaluate_split(model, data_root=data_root, split=split, tasks=["nuclei", "glands"], only=images, bf16=False, per_image=True)
+    return {"images": images, "bf16": False, "per_image": res["images"]}

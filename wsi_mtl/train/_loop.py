@@ -22,7 +22,7 @@ from ..network import MultiTaskNet, create_model, get_model_config, save_model
 from ._augment import hed_jitter, random_blur
 from ._config import TrainConfig
 from ._data import SEG_HEADS, Sources, load_sources, sample_cls, sample_seg
-from ._evaluate import evaluate_sources, heads_only
+from ._evaluate import evaluate_sources, glas_native_truth, heads_only
 from ._losses import patch_loss, seg_loss
 
 __all__ = ["Batch", "make_seg_batch", "make_cls_batch", "train_step", "train", "heads_only", "TrainResult", "score_of", "UNTRAINED_HEADS"]
@@ -136,10 +136,12 @@ def train_step(model: MultiTaskNet, optimizer: torch.optim.Optimizer, batch: Bat
     return {k: float(v.detach()) for k, v in losses.items()} | {"total": float(total.detach())}  # type: ignore[union-attr]
 
 
-def _lr_factor(step: int, cfg: TrainConfig) -> float:
+def _lr_factor(step: int, cfg: TrainConfig, horizon: int | None = None) -> float:
+    """Linear warm-up then cosine decay to ``min_lr_ratio`` at ``horizon`` (default ``cfg.steps``)."""
+    total = cfg.steps if horizon is None else horizon
     if step < cfg.warmup_steps:
         return (step + 1) / cfg.warmup_steps
-    t = (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps)
+    t = (step - cfg.warmup_steps) / max(1, total - cfg.warmup_steps)
     return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, t)))
 
 
@@ -196,9 +198,12 @@ def train(cfg: TrainConfig, *, max_minutes: float | None = None, progress: bool 
 
     The run folder holds ``checkpoint.pt`` (weights, optimiser, step, RNG states; resumed when
     present), ``best.pt`` (weights of the best validation score), ``metrics.jsonl`` (one line per
-    validation) and ``config.json``. At the end the best weights are saved with
+    validation) and ``config.json``. At the end the final weights are saved with
     :func:`~wsi_mtl.network.save_model` into ``cfg.output_model`` (unless ``export`` is False).
     ``max_minutes`` stops early (after a checkpoint) so that a later call resumes.
+    With ``cfg.time_budget_minutes`` the LR schedule ends (and training stops) at the step that the
+    pace measured so far affords within that budget (capped at ``cfg.steps``), so a slow or busy
+    machine still gets a complete schedule; the horizon is kept in the checkpoint.
     """
     t_start = time.monotonic()
     torch.set_num_threads(max(1, int(cfg.threads)))
@@ -218,6 +223,8 @@ def train(cfg: TrainConfig, *, max_minutes: float | None = None, progress: bool 
     optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr)
     step = 0
     best = -math.inf
+    train_seconds = 0.0  # wall time spent in the loop (steps + validation), summed over resumes
+    horizon = cfg.steps  # the step the LR schedule ends at; shrunk to fit time_budget_minutes
     ckpt_path = run / CHECKPOINT
     if ckpt_path.exists():
         ck = torch.load(ckpt_path, map_location="cpu", weights_only=True)
@@ -225,6 +232,9 @@ def train(cfg: TrainConfig, *, max_minutes: float | None = None, progress: bool 
         optimizer.load_state_dict(ck["optimizer"])
         step = int(ck["step"])
         best = float(ck.get("best", -math.inf))
+        train_seconds = float(ck.get("train_seconds", 0.0))
+        if cfg.time_budget_minutes is not None:
+            horizon = min(cfg.steps, int(ck.get("horizon", cfg.steps)))
         rng.bit_generator.state = json.loads(ck["rng"]["numpy"])
         gen.set_state(ck["rng"]["torch_gen"])
         torch.set_rng_state(ck["rng"]["torch_global"])
@@ -238,11 +248,14 @@ def train(cfg: TrainConfig, *, max_minutes: float | None = None, progress: bool 
     t0 = time.monotonic()
     train_data = load_sources(Path(cfg.data_root), mpp=mc.mpp, source_mpp=cfg.source_mpp, split=split, part="train", lc_classes=lc_classes, radius_px=cfg.type_radius_px, background_px=cfg.type_background_px)
     val_data = load_sources(Path(cfg.data_root), mpp=mc.mpp, source_mpp=cfg.source_mpp, split=split, part="val", lc_classes=lc_classes, radius_px=cfg.type_radius_px, background_px=cfg.type_background_px)
-    if cfg.val_max_lc25000 is not None and "lc25000" in val_data.cls:
-        items = val_data.cls["lc25000"]
-        val_data.cls["lc25000"] = items[:: max(1, len(items) // cfg.val_max_lc25000)][: cfg.val_max_lc25000]
+    for task, n in cfg.val_limit.items():
+        group = val_data.seg if task in val_data.seg else val_data.cls
+        if task in group and len(group[task]) > n:
+            items = group[task]
+            group[task] = items[:: max(1, len(items) // n)][:n]  # type: ignore[index]
     logger.info("loaded data in %.1f s: train %s, val %s", time.monotonic() - t0, train_data.summary(), val_data.summary())
     _check_disjoint(train_data, val_data)
+    gland_truth = glas_native_truth(Path(cfg.data_root), [i.name for i in val_data.seg.get("gland", [])])
 
     patch_heads = mc.patch_heads
     last_metrics: dict[str, Any] = {}
@@ -250,9 +263,17 @@ def train(cfg: TrainConfig, *, max_minutes: float | None = None, progress: bool 
     bar = tqdm(total=cfg.steps, initial=step, desc="train", disable=not progress, dynamic_ncols=True)
     running: dict[str, float] = {}
     stopped_early = False
-    while step < cfg.steps:
+    budget_s = None if cfg.time_budget_minutes is None else 60.0 * cfg.time_budget_minutes
+
+    def state() -> dict[str, Any]:
+        return {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "step": step, "best": best, "rng": _rng_state(rng, gen),
+                "train_seconds": train_seconds, "horizon": horizon}
+
+    t_loop = time.monotonic()
+    base_seconds = train_seconds
+    while step < horizon:
         for g in optimizer.param_groups:
-            g["lr"] = cfg.lr * _lr_factor(step, cfg)
+            g["lr"] = cfg.lr * _lr_factor(step, cfg, horizon)
         kind = cfg.schedule[step % len(cfg.schedule)]
         if kind == "cls":
             batch = make_cls_batch(rng, train_data, cfg, patch_heads)
@@ -262,30 +283,44 @@ def train(cfg: TrainConfig, *, max_minutes: float | None = None, progress: bool 
         for k, v in losses.items():
             running[k] = 0.95 * running.get(k, v) + 0.05 * v
         step += 1
+        train_seconds = base_seconds + time.monotonic() - t_loop
+        if budget_s is not None and step % 10 == 0:
+            # Fit the schedule into the time budget: project the steps still affordable at the
+            # mean pace so far (validation included), keeping 5% for the final validation.
+            pace = train_seconds / step
+            affordable = step + int(max(0.0, 0.95 * budget_s - train_seconds) / pace)
+            new = max(step + 1, min(cfg.steps, affordable))
+            if train_seconds >= budget_s:
+                new = step
+            if new != horizon:
+                horizon = new
+                bar.total = horizon
         bar.update(1)
         bar.set_postfix({k.replace("Patch-", "P-").replace("-INST", ""): f"{v:.3f}" for k, v in running.items()}, refresh=False)
-        is_epoch_end = step % cfg.steps_per_epoch == 0 or step == cfg.steps
+        is_epoch_end = step % cfg.steps_per_epoch == 0 or step >= horizon
         if is_epoch_end:
-            last_metrics = evaluate_sources(model, val_data, bf16=cfg.bf16)
+            last_metrics = evaluate_sources(model, val_data, gland_truth=gland_truth, bf16=cfg.bf16)
             score = score_of(last_metrics)
-            rec = {"step": step, "epoch": step // cfg.steps_per_epoch, "lr": optimizer.param_groups[0]["lr"], "elapsed_s": round(time.monotonic() - t_start, 1), "train_loss": dict(running), "score": score, **last_metrics}
+            rec = {"step": step, "epoch": step // cfg.steps_per_epoch, "horizon": horizon, "lr": optimizer.param_groups[0]["lr"], "train_s": round(base_seconds + time.monotonic() - t_loop, 1), "train_loss": dict(running), "score": score, **last_metrics}
             with open(run / METRICS, "a") as fh:
                 fh.write(json.dumps(rec, default=float) + "\n")
             logger.info("step %d validation: score %.4f %s", step, score, json.dumps({k: last_metrics[k] for k in last_metrics if k != "tissue"}, default=float)[:400])
             if math.isfinite(score) and score > best:
                 best = score
                 _save_atomic({"model": model.state_dict(), "step": step, "score": score}, run / BEST)
-        if step % cfg.checkpoint_every == 0 or is_epoch_end or step == cfg.steps:
-            _save_atomic({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "step": step, "best": best, "rng": _rng_state(rng, gen)}, ckpt_path)
-        if deadline is not None and time.monotonic() > deadline:
-            _save_atomic({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "step": step, "best": best, "rng": _rng_state(rng, gen)}, ckpt_path)
+        train_seconds = base_seconds + time.monotonic() - t_loop
+        if step % cfg.checkpoint_every == 0 or is_epoch_end:
+            _save_atomic(state(), ckpt_path)
+        if deadline is not None and time.monotonic() > deadline and step < horizon:
+            _save_atomic(state(), ckpt_path)
             logger.warning("stopping at step %d: --max-minutes %.1f reached (run the same command again to continue)", step, max_minutes)
             stopped_early = True
             break
     bar.close()
     out_dir = None
     if export and cfg.output_model is not None and not stopped_early:
-        out_dir = export_model(cfg, model)
+        out_dir = export_model(cfg, model, which="last")
+    logger.info("finished at step %d after %.1f min in the loop", step, train_seconds / 60)
     return TrainResult(step, time.monotonic() - t_start, last_metrics, out_dir)
 
 

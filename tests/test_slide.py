@@ -278,6 +278,17 @@ def test_transparent_png_pixels_are_white(tmp_path: Path) -> None:
     assert (region[:, 15:] == (200, 100, 150)).all()
 
 
+def test_grey_and_16_bit_png(tmp_path: Path) -> None:
+    grey = np.tile(np.arange(0, 256, 16, dtype=np.uint8), (8, 1))
+    Image.fromarray(grey).save(tmp_path / "grey.png")
+    Image.fromarray(grey.astype(np.uint16) * 257).save(tmp_path / "grey16.png")
+    for name in ("grey.png", "grey16.png"):
+        with open_slide(tmp_path / name, mpp=1.0) as slide:
+            region = slide.read(0, 0, 16, 8, mpp=1.0)
+        assert region.shape == (8, 16, 3)
+        np.testing.assert_array_equal(region[..., 1], grey)
+
+
 # -- mpp ----------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def small_image() -> np.ndarray:

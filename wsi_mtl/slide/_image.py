@@ -68,7 +68,11 @@ class PillowReader(SlideReader):
                 except (OSError, SyntaxError, ValueError) as exc:
                     raise SlideError(f"{path} cannot be decoded (truncated or damaged?): {exc}") from exc
                 info = dict(img.info)
-                if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
+                if img.mode in ("I;16", "I;16B", "I;16L", "I"):  # 16-bit grey: keep the top 8 bits
+                    grey = np.asarray(img).astype(np.float64)
+                    top = 65535.0 if img.mode.startswith("I;16") or grey.max() > 255 else 255.0
+                    array = np.repeat(np.rint(grey * (255.0 / top)).astype(np.uint8)[..., None], 3, axis=2)
+                elif img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
                     array = rgba_to_rgb(np.asarray(img.convert("RGBA")))
                 else:
                     array = np.asarray(img.convert("RGB"))

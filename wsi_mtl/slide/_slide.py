@@ -291,9 +291,9 @@ class Slide:
         """
         h, w = self.size_at(mpp)
         ds = mpp / self.mpp
-        lds = self.levels[self.best_level(ds)][2]
-        src_row_px = max(1.0, self.levels[self.best_level(ds)][0] * ds / lds)
-        band = max(1, int(_BAND_PIXELS / src_row_px / (ds / lds)))
+        level_width, _, lds = self.levels[self.best_level(ds)]
+        source_px_per_row = max(1.0, level_width * ds / lds)  # source pixels behind one output row
+        band = max(1, int(_BAND_PIXELS / source_px_per_row))
         if band >= h:
             return self.read(0, 0, w, h, mpp=mpp)
         out = np.empty((h, w, 3), np.uint8)

@@ -450,3 +450,18 @@ def test_slurm_options_are_checked() -> None:
         SlurmOptions(walltime="2 hours").validated()
     with pytest.raises(InputError, match="cores >= 1"):
         SlurmOptions(cores=0).validated()
+
+
+def test_local_devices(monkeypatch: pytest.MonkeyPatch) -> None:
+    import torch
+
+    from wsi_mtl.cohort._batch import local_devices
+
+    assert local_devices("cpu", None) is None
+    assert local_devices("auto", ["cpu", "cpu"]) == ["cpu", "cpu"]
+    with pytest.raises(InputError, match="unknown device 'gpu0'"):
+        local_devices("cpu", ["cpu", "gpu0"])
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 3)
+    assert local_devices("auto", None) == ["cuda:0", "cuda:1", "cuda:2"]
+    assert local_devices("cpu", None) is None

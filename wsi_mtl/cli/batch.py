@@ -42,7 +42,7 @@ def _shard(ctx: click.Context, param: click.Parameter, value: str | None) -> tup
 @click.option("--no-tissue-mask", is_flag=True, help="Process whole slides, background included.")
 @click.option("--no-objects", is_flag=True, help="Stop at the maps (no polygons, tables or GeoJSON).")
 @click.option("--executor", type=click.Choice(["local", "dask", "slurm"]), default="local", show_default=True, help="Where slides run: this machine, a Dask cluster, or SLURM jobs running Dask workers.")
-@click.option("--devices", callback=_devices, default=None, help="local: one process per device, e.g. cuda:0,cuda:1.")
+@click.option("--devices", callback=_devices, default=None, help="local: one process per device, e.g. cuda:0,cuda:1 (default with --device auto: every GPU).")
 @click.option("--scheduler", default=None, help="dask: address (tcp://host:8786) or scheduler file (.json) of a running scheduler.")
 @click.option("--workers", type=click.IntRange(min=1), default=None, help="dask: workers of a new local cluster (no --scheduler).")
 @click.option("--partition", default=None, help="slurm: partition of the worker jobs.")

@@ -20,7 +20,7 @@ from ._summary import SUMMARY_NAME
 if TYPE_CHECKING:
     from distributed import Client
 
-__all__ = ["BatchResult", "CohortFailedError", "run_batch", "describe", "raise_for_failures"]
+__all__ = ["BatchResult", "CohortFailedError", "run_batch", "describe", "raise_for_failures", "local_devices"]
 
 log = logging.getLogger(__name__)
 
@@ -96,6 +96,37 @@ def _make_executor(
     raise InputError(f"unknown executor {executor!r}; use local, dask or slurm")
 
 
+def local_devices(device: str, devices: Sequence[str] | None) -> list[str] | None:
+    """The devices of the local executor, checked: ``devices`` if given, else every GPU for ``auto``.
+
+    Parameters
+    ----------
+    device : str
+        The ``--device`` option (``auto`` picks all CUDA GPUs when there are several).
+    devices : sequence of str or None
+        The ``--devices`` option.
+
+    Returns
+    -------
+    list of str or None
+        One entry per worker process; None for one in-process worker on ``device``.
+    """
+    import torch
+
+    from ..engine import resolve_device
+
+    if devices:
+        for name in devices:
+            resolve_device(name)  # a device this machine lacks fails now, not once per slide
+        return list(devices)
+    resolve_device(device)
+    if device == "auto" and torch.cuda.is_available() and torch.cuda.device_count() > 1:
+        found = [f"cuda:{i}" for i in range(torch.cuda.device_count())]
+        log.info("one worker process per GPU: %s", ", ".join(found))
+        return found
+    return None
+
+
 def run_batch(
     slides: Iterable[str | os.PathLike[str] | SlideTask],
     out_dir: str | os.PathLike[str],
@@ -136,7 +167,8 @@ def run_batch(
         cluster (``client``, ``scheduler`` address, or a new ``LocalCluster`` of ``workers``), or
         SLURM jobs running Dask workers (``slurm``).
     devices : sequence of str, optional
-        Devices for the local executor, e.g. ``["cuda:0", "cuda:1"]``.
+        Devices for the local executor, one worker process each, e.g. ``["cuda:0", "cuda:1"]``
+        (default: every GPU when ``options.device`` is ``auto`` and there are several).
     scheduler : str, optional
         Dask scheduler address or scheduler file.
     workers : int, optional
@@ -192,11 +224,8 @@ def run_batch(
         is_complete_fn=is_complete_fn,
         load_model_fn=load_model_fn,
     )
-    if executor == "local":  # a device this machine lacks fails now, not once per slide
-        from ..engine import resolve_device as check_device
-
-        for device in devices or [job.options.device]:
-            check_device(device)
+    if executor == "local":
+        devices = local_devices(job.options.device, devices)
     outcomes: dict[str, SlideOutcome] = {}
     with (
         _make_executor(executor, devices=devices, client=client, scheduler=scheduler, workers=workers, slurm=slurm, out_dir=out) as runner,

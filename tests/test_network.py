@@ -1,0 +1,536 @@
+"""Tests of wsi_mtl.network: Cerberus compatibility, loading/saving, config, predict contract."""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import zlib
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+
+from wsi_mtl.errors import ModelError
+from wsi_mtl.network import (
+    ArchParams,
+    HeadConfig,
+    ModelConfig,
+    MultiTaskNet,
+    check_state_dict,
+    create_model,
+    get_model_config,
+    list_models,
+    load_model,
+    read_torch_checkpoint,
+    save_model,
+)
+from wsi_mtl.network import io as net_io
+from wsi_mtl.network.registry import cerberus_heads
+
+REF = Path("/work/shared/reference/cerberus")
+TSV = REF / "cerberus_state_dict.tsv"
+NPZ = REF / "cerberus_reference_outputs.npz"
+needs_ref = pytest.mark.skipif(not (TSV.is_file() and NPZ.is_file()), reason=f"Cerberus reference fixture absent from {REF}")
+
+
+# ---- helpers ---------------------------------------------------------------------------------
+def recipe_state_dict() -> dict[str, torch.Tensor]:
+    """Deterministic weights for every key of the Cerberus tsv, by the README recipe."""
+    out = {}
+    for line in TSV.read_text().splitlines()[1:]:
+        key, shape_s, dtype = line.split("\t")
+        shape = () if shape_s == "scalar" else tuple(int(v) for v in shape_s.split("x"))
+        rng = np.random.default_rng(zlib.crc32(key.encode()))
+        if key.endswith("num_batches_tracked"):
+            arr = np.zeros(shape)
+        elif key.endswith("running_mean"):
+            arr = 0.1 * rng.standard_normal(shape)
+        elif key.endswith("running_var"):
+            arr = 1.0 + 0.5 * rng.random(shape)
+        elif len(shape) >= 2:
+            arr = rng.standard_normal(shape) * np.sqrt(2 / np.prod(shape[1:]))
+        elif key.endswith("weight"):
+            arr = 1.0 + 0.1 * rng.standard_normal(shape)
+        else:
+            arr = 0.05 * rng.standard_normal(shape)
+        out[key] = torch.from_numpy(np.asarray(arr).astype(np.int64 if dtype == "int64" else np.float32))
+    return out
+
+
+@pytest.fixture(scope="module")
+def cerberus_sd() -> dict[str, torch.Tensor]:
+    if not TSV.is_file():
+        pytest.skip(f"{TSV} absent")
+    return recipe_state_dict()
+
+
+@pytest.fixture(scope="module")
+def reference() -> dict[str, np.ndarray]:
+    if not NPZ.is_file():
+        pytest.skip(f"{NPZ} absent")
+    with np.load(NPZ) as z:
+        return {k: z[k] for k in z.files}
+
+
+def write_cerberus_folder(folder: Path, state_dict: dict[str, torch.Tensor], *, settings: bool = True) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    torch.save({"desc": {"module." + k: v for k, v in state_dict.items()}, "epoch": 50}, folder / "weights.tar")
+    if settings:
+        shutil.copy(REF / "settings.example.yml", folder / "settings.yml")
+    return folder
+
+
+def assert_matches_reference(out: dict[str, torch.Tensor], reference: dict[str, np.ndarray]) -> None:
+    for name in ("Nuclei-INST", "Gland-INST", "Lumen-INST", "Nuclei-TYPE", "Gland-TYPE", "Patch-Class"):
+        got, want = out[name][0].float().numpy(), reference[name]
+        assert got.shape == want.shape, name
+        err = np.abs(got - want).max()
+        assert err <= 1e-4 * np.abs(want).max(), f"{name}: max abs err {err}"
+
+
+def reference_input(reference: dict[str, np.ndarray]) -> torch.Tensor:
+    return torch.from_numpy(reference["input_rgb_uint8"].copy()).permute(2, 0, 1)[None].float()
+
+
+def calibrated(arch: str, *, seed: int = 0) -> MultiTaskNet:
+    """A random model whose BN statistics come from data, so activations have a realistic range."""
+    model = create_model(arch, seed=seed)
+    for m in model.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.momentum = None
+            m.reset_running_stats()
+    gen = torch.Generator().manual_seed(seed)
+    size = 4 * model.config.stride
+    smooth = torch.nn.functional.interpolate(torch.rand(2, 3, size // 8, size // 8, generator=gen), size=(size, size), mode="bilinear")
+    model.train()
+    with torch.no_grad():
+        feats, _ = model._features(smooth * 255)
+        cells = model.config.arch_params.patch_cells
+        dense = torch.nn.functional.avg_pool2d(feats[4], cells, stride=1, padding=cells // 2, count_include_pad=False)
+        for name in model.config.patch_heads:
+            model.decoder_head[model.config.heads[name].decoder](dense)
+    return model.eval()
+
+
+@pytest.fixture
+def no_models_dir(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Path:
+    """Model lookup sees only an empty folder (no real weights leak into tests)."""
+    empty = tmp_path / "models"
+    empty.mkdir()
+    monkeypatch.setattr(net_io, "models_dirs", lambda: [empty])
+    return empty
+
+
+# ---- Cerberus compatibility --------------------------------------------------------------------
+@needs_ref
+def test_cerberus_layout_keys_and_shapes(cerberus_sd: dict[str, torch.Tensor]) -> None:
+    model = create_model("cerberus_r34")
+    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    assert expected == {k: tuple(v.shape) for k, v in cerberus_sd.items()}
+    assert "backbone.fc.weight" in expected and "decoder_head.Patch-Class.bn1.weight" in expected
+
+
+@needs_ref
+@pytest.mark.slow
+def test_cerberus_reference_outputs(cerberus_sd: dict[str, torch.Tensor], reference: dict[str, np.ndarray]) -> None:
+    model = create_model("cerberus_r34")
+    model.load_state_dict(cerberus_sd, strict=True)
+    model.eval()
+    with torch.no_grad():
+        out = model(reference_input(reference))
+    assert list(out) == list(cerberus_heads())
+    assert_matches_reference(out, reference)
+
+
+@needs_ref
+@pytest.mark.slow
+@pytest.mark.parametrize("settings", [True, False], ids=["settings", "keys-only"])
+def test_load_cerberus_folder(tmp_path: Path, settings: bool, cerberus_sd: dict[str, torch.Tensor],
+                              reference: dict[str, np.ndarray]) -> None:
+    folder = write_cerberus_folder(tmp_path / "cerberus", cerberus_sd, settings=settings)
+    model = load_model(folder)
+    assert not model.training
+    assert model.output_heads == list(cerberus_heads())
+    assert model.config.heads["Nuclei-TYPE"].class_names[2] == "epithelial"
+    assert model.config.trained and model.config.context_px == 160
+    assert model.config.weights_sha256 == net_io.file_sha256(folder / "weights.tar")
+    with torch.no_grad():
+        out = model(reference_input(reference))  # BN folded, channels_last: still the same function
+    assert_matches_reference(out, reference)
+
+
+@needs_ref
+@pytest.mark.slow
+@pytest.mark.parametrize("change", ["rename", "shape"])
+def test_cerberus_mismatch_names_key(tmp_path: Path, cerberus_sd: dict[str, torch.Tensor], change: str) -> None:
+    sd = dict(cerberus_sd)
+    key = "decoder_head.Lumen.2.block.1.conv.weight"
+    if change == "rename":
+        sd["decoder_head.Lumen.2.block.1.convx.weight"] = sd.pop(key)
+    else:
+        sd[key] = torch.zeros(64, 64, 1, 1)
+    folder = write_cerberus_folder(tmp_path / "bad", sd)
+    with pytest.raises(ModelError, match=key.replace(".", r"\.")) as info:
+        load_model(folder)
+    assert "\n" not in str(info.value)
+
+
+def test_check_state_dict_reports_first_problem() -> None:
+    model = create_model("wsimtl_small")
+    sd = model.state_dict()
+    sd["extra.weight"] = torch.zeros(1)
+    with pytest.raises(ModelError, match=r"unexpected key 'extra\.weight'"):
+        check_state_dict(model, sd)
+    sd.pop("extra.weight")
+    sd["conv_map.weight"] = sd["conv_map.weight"][:1]
+    with pytest.raises(ModelError, match=r"shape mismatch at 'conv_map\.weight'"):
+        check_state_dict(model, sd)
+    sd["conv_map.weight"] = "not a tensor"  # type: ignore[assignment]
+    with pytest.raises(ModelError, match=r"'conv_map\.weight' is not a tensor"):
+        check_state_dict(model, sd)
+
+
+class _Payload:
+    """A pickle that would run code (touch a file) when unpickled unsafely."""
+
+    def __init__(self, target: Path) -> None:
+        self.target = target
+
+    def __reduce__(self):  # noqa: ANN204
+        return (Path.touch, (self.target,))
+
+
+def test_refuses_pickle_that_is_not_weights_only(tmp_path: Path) -> None:
+    folder = tmp_path / "evil"
+    folder.mkdir()
+    marker = tmp_path / "pwned"
+    torch.save({"desc": {"module.x": torch.zeros(1)}, "payload": _Payload(marker)}, folder / "weights.tar")
+    with pytest.raises(ModelError, match="refused to load.*weights-only"):
+        load_model(folder)
+    assert not marker.exists()
+
+
+def test_read_checkpoint_errors(tmp_path: Path) -> None:
+    garbage = tmp_path / "garbage.tar"
+    garbage.write_bytes(b"this is not a checkpoint")
+    with pytest.raises(ModelError, match="cannot read checkpoint"):
+        read_torch_checkpoint(garbage)
+    empty = tmp_path / "empty.pth"
+    torch.save({"desc": {}}, empty)
+    with pytest.raises(ModelError, match="no state dict of tensors"):
+        read_torch_checkpoint(empty)
+    nested = tmp_path / "nested.pth"
+    torch.save({"state_dict": {"module._orig_mod.a": torch.ones(2)}}, nested)
+    assert list(read_torch_checkpoint(nested)) == ["a"]
+
+
+def test_cerberus_settings_errors(tmp_path: Path) -> None:
+    sd = {"output_head.Nuclei.INST.x.1.conv.weight": torch.zeros(3, 96, 1, 1)}
+    folder = tmp_path / "c"
+    folder.mkdir()
+    torch.save({"desc": sd}, folder / "weights.tar")
+    settings = folder / "settings.yml"
+    cases = {
+        "model_kwargs: {encoder_backbone_name: resnet50, considered_tasks: [Nuclei], decoder_kwargs: {Nuclei: {INST: 3}}}": "unsupported Cerberus backbone 'resnet50'",
+        "model_kwargs: {considered_tasks: [Nuclei], decoder_kwargs: {Nuclei: {HV: 2}}}": "unsupported output 'HV'",
+        "model_kwargs: {considered_tasks: [Nuclei], decoder_kwargs: {}}": "no outputs for task 'Nuclei'",
+        "model_kwargs: {considered_tasks: Nuclei}": "needs 'considered_tasks'",
+        "dataset_kwargs: {}": "no 'model_kwargs'",
+        "model_kwargs: [unclosed": "cannot parse",
+    }
+    for text, message in cases.items():
+        settings.write_text(text)
+        with pytest.raises(ModelError, match=message):
+            load_model(folder)
+    settings.unlink()
+    torch.save({"desc": {"backbone.conv1.weight": torch.zeros(64, 3, 7, 7)}}, folder / "weights.tar")
+    with pytest.raises(ModelError, match="no Cerberus output heads"):
+        load_model(folder)
+    torch.save({"desc": {"output_head.Nuclei.HV.x.1.conv.weight": torch.zeros(2, 96, 1, 1)}}, folder / "weights.tar")
+    with pytest.raises(ModelError, match="unsupported output head Nuclei.HV"):
+        load_model(folder)
+
+
+def test_cerberus_subset_from_keys_loads(tmp_path: Path) -> None:
+    """A checkpoint with fewer tasks (no settings.yml) gets exactly the heads its keys hold."""
+    config = get_model_config("cerberus_r34")
+    config = config.replace(heads={k: v for k, v in config.heads.items() if k in ("Nuclei-INST", "Patch-Class")})
+    model = create_model(config)
+    folder = write_cerberus_folder(tmp_path / "sub", model.state_dict(), settings=False)
+    loaded = load_model(folder)
+    assert loaded.output_heads == ["Nuclei-INST", "Patch-Class"]
+    x = torch.rand(1, 3, 32, 32) * 255
+    with torch.no_grad():
+        assert torch.allclose(loaded(x)["Nuclei-INST"], model.eval()(x)["Nuclei-INST"], atol=1e-4)
+
+
+# ---- our format --------------------------------------------------------------------------------
+def test_safetensors_round_trip_is_exact(tmp_path: Path) -> None:
+    model = calibrated("wsimtl_small")
+    folder = save_model(model, tmp_path / "m", trained=False)
+    assert (folder / "weights.safetensors").is_file() and (folder / "config.json").is_file()
+    loaded = load_model(folder)
+    assert loaded.config.weights_sha256 == net_io.file_sha256(folder / "weights.safetensors")
+    assert loaded.config.replace(weights_sha256=None) == model.config.replace(weights_sha256=None)
+    assert not loaded.config.trained
+    model.fold_bn(True).set_channels_last(True)  # the same inference path load_model uses
+    x = torch.rand(2, 3, 64, 96, generator=torch.Generator().manual_seed(1)) * 255
+    with torch.no_grad():
+        a, b = model(x), loaded(x)
+    for name in model.output_heads:
+        assert torch.equal(a[name], b[name]), name
+    # loading through the file path works too
+    assert load_model(folder / "weights.safetensors").output_heads == model.output_heads
+
+
+def test_our_folder_errors(tmp_path: Path) -> None:
+    model = create_model("wsimtl_small")
+    folder = save_model(model, tmp_path / "m")
+    (folder / "weights.safetensors").write_bytes(b"\x00" * 16)
+    with pytest.raises(ModelError, match="cannot read .*weights.safetensors"):
+        load_model(folder)
+    save_model(model, folder)
+    cfg = json.loads((folder / "config.json").read_text())
+    cfg["arch"] = "resnet9000"
+    (folder / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ModelError, match="unknown arch 'resnet9000'"):
+        load_model(folder)
+    cfg["arch"] = "wsimtl_small"
+    cfg["arch_params"]["decoder_out"] = 12
+    (folder / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ModelError, match="shape mismatch at"):
+        load_model(folder)
+    (folder / "config.json").write_text("{not json")
+    with pytest.raises(ModelError, match="not valid JSON"):
+        load_model(folder)
+    other = tmp_path / "renamed.safetensors"
+    shutil.copy(folder / "weights.safetensors", other)
+    with pytest.raises(ModelError, match="must be weights.safetensors beside a config.json"):
+        load_model(other)
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(ModelError, match="is not a model folder"):
+        load_model(empty)
+
+
+def test_save_model_unwritable(tmp_path: Path) -> None:
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    with pytest.raises(ModelError, match="cannot write model"):
+        save_model(create_model("wsimtl_small"), blocker / "sub")
+
+
+def test_unknown_name_lists_known_models(no_models_dir: Path) -> None:
+    with pytest.raises(ModelError, match="cerberus_r34.*wsimtl_small"):
+        load_model("resnet9000")
+    with pytest.raises(ModelError, match="known models"):
+        load_model("/no/such/folder")
+    with pytest.raises(ModelError, match="invalid device"):
+        load_model(device="warp-drive")
+
+
+def test_default_model_untrained_then_from_models_dir(no_models_dir: Path, caplog: pytest.LogCaptureFixture) -> None:
+    with caplog.at_level(logging.WARNING, logger="wsi_mtl.network"):
+        model = load_model()
+    assert model.config.name == "wsimtl-small" and not model.config.trained
+    assert model.config.weights_sha256 is None
+    assert "RANDOMLY INITIALISED" in caplog.text
+    assert not model.training
+    save_model(calibrated("wsimtl_small"), no_models_dir / "wsimtl-small", trained=True)
+    for name in (None, "wsimtl-small", "wsimtl_small"):
+        found = load_model(name)
+        assert found.config.trained and found.config.weights_sha256
+
+
+def test_models_dirs_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.setenv("WSIMTL_MODELS_DIR", str(tmp_path))
+    assert net_io.models_dirs()[0] == tmp_path
+    save_model(create_model("wsimtl_small"), tmp_path / "wsimtl-small")
+    assert net_io.find_model_folder("wsimtl_small") == tmp_path / "wsimtl-small"
+
+
+def test_models_cli(no_models_dir: Path) -> None:
+    from wsi_mtl.cli.models import models
+
+    result = CliRunner().invoke(models, [])
+    assert result.exit_code == 0, result.output
+    assert "wsimtl_small" in result.output and "cerberus_r34" in result.output and "RANDOM" in result.output
+    save_model(create_model("wsimtl_small"), no_models_dir / "wsimtl-small", trained=True)
+    result = CliRunner().invoke(models, ["--json"])
+    rows = [json.loads(line) for line in result.output.splitlines()]
+    small = next(r for r in rows if r["arch"] == "wsimtl_small")
+    assert small["trained"] and small["folder"].endswith("wsimtl-small")
+
+
+# ---- config -------------------------------------------------------------------------------------
+@pytest.mark.parametrize("arch", list_models())
+def test_config_json_round_trip(arch: str) -> None:
+    config = get_model_config(arch)
+    again = ModelConfig.from_json(config.to_json())
+    assert again == config
+    assert list(again.heads) == list(config.heads)
+    assert config.context_px % config.stride == 0 and config.patch_stride_px == config.arch_params.output_stride
+
+
+def test_cerberus_config_facts() -> None:
+    c = get_model_config("cerberus_r34")
+    assert c.context_px == 160 and c.stride == 16 and c.mpp == 0.5
+    assert c.heads["Patch-Class"].class_names[1] == "abnormal epithelium"
+    assert c.heads["Nuclei-TYPE"].num_classes == 7 and c.heads["Gland-TYPE"].num_classes == 3
+    small = get_model_config("wsimtl-small")
+    assert small.output_heads == ["Nuclei-INST", "Gland-INST", "Lumen-INST", "Nuclei-TYPE", "Patch-Class",
+                                  "Patch-LC25000", "Patch-GlaS"]
+    assert small.heads["Patch-Class"].class_names == ("tumor", "stroma", "complex", "lympho", "debris", "mucosa",
+                                                      "adipose", "empty")
+    for head in list(c.heads.values()) + list(small.heads.values()):
+        assert len(set(head.colors)) == head.num_classes  # distinct colours within a head
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"arch_params": {"encoder_layers": [1, 2, 3]}}, "encoder_layers"),
+        ({"arch_params": {"encoder_widths": [1, 2]}}, "encoder_widths"),
+        ({"arch_params": {"stem_stride": 4}}, "stem_stride"),
+        ({"arch_params": {"decoder_mid": [1]}}, "decoder_mid"),
+        ({"arch_params": {"patch_cells": 4}}, "patch_cells"),
+        ({"arch_params": {"full_res": "magic"}}, "full_res"),
+        ({"arch_params": {"full_res_channels": 0}}, "full_res_convs and full_res_channels"),
+        ({"arch_params": {"bogus": 1}}, "unknown arch_params"),
+        ({"heads": {"A": {"kind": "blob", "decoder": "A", "class_names": ["a", "b"], "colors": [[0, 0, 0]] * 2}}}, "head kind"),
+        ({"heads": {"A": {"kind": "inst", "decoder": "A.b", "class_names": ["a", "b"], "colors": [[0, 0, 0]] * 2}}}, "no '.'"),
+        ({"heads": {"A": {"kind": "inst", "decoder": "A", "class_names": ["a"], "colors": [[0, 0, 0]]}}}, "at least 2 classes"),
+        ({"heads": {"A": {"kind": "inst", "decoder": "A", "class_names": ["a", "b"], "colors": [[0, 0, 0]]}}}, "2 classes but 1 colours"),
+        ({"heads": {"A": {"kind": "inst", "decoder": "A", "class_names": ["a", "b"], "colors": [[0, 0, 300]] * 2}}}, "not an RGB triple"),
+        ({"heads": {"A": {"kind": "inst", "decoder": "A", "class_names": ["a", "b"]}}}, "malformed"),
+        ({"heads": {}}, "has no heads"),
+        ({"heads": {"A": {"kind": "inst", "decoder": "D", "class_names": ["a", "b"], "colors": [[0, 0, 0]] * 2},
+                    "B": {"kind": "inst", "decoder": "D", "class_names": ["a", "b"], "colors": [[0, 0, 0]] * 2}}}, "share module"),
+        ({"heads": {"A": {"kind": "inst", "decoder": "D", "class_names": ["a", "b"], "colors": [[0, 0, 0]] * 2},
+                    "B": {"kind": "patch", "decoder": "D", "class_names": ["a", "b"], "colors": [[0, 0, 0]] * 2}}}, "both as decoder and patch"),
+        ({"mpp": 0}, "mpp must be positive"),
+        ({"stride": 24}, "not a multiple of"),
+        ({"patch_stride_px": 16}, "must equal the encoder"),
+        ({"context_px": 40}, "non-negative multiple"),
+    ],
+)
+def test_config_validation(change: dict, message: str) -> None:
+    data = get_model_config("wsimtl_small").to_dict()
+    for key, value in change.items():
+        if key == "arch_params":
+            data[key] = {**data[key], **value}
+        else:
+            data[key] = value
+    with pytest.raises(ModelError, match=message):
+        ModelConfig.from_dict(data)
+
+
+def test_config_from_dict_errors(caplog: pytest.LogCaptureFixture) -> None:
+    with pytest.raises(ModelError, match="must be a JSON object"):
+        ModelConfig.from_dict([1, 2])  # type: ignore[arg-type]
+    data = get_model_config("wsimtl_small").to_dict()
+    del data["heads"]
+    with pytest.raises(ModelError, match="lacks the required key 'heads'"):
+        ModelConfig.from_dict(data)
+    data = get_model_config("wsimtl_small").to_dict()
+    data["future_field"] = 1
+    with caplog.at_level(logging.WARNING):
+        assert ModelConfig.from_dict(data) == get_model_config("wsimtl_small")
+    assert "future_field" in caplog.text
+    with pytest.raises(ModelError, match="unknown model 'nope'"):
+        get_model_config("nope")
+    with pytest.raises(ModelError, match="is not a HeadConfig"):
+        get_model_config("wsimtl_small").replace(heads={"A": "B"})
+
+
+# ---- forward / predict contract ------------------------------------------------------------------
+@pytest.mark.parametrize("arch", [pytest.param(a, marks=pytest.mark.slow) if a == "cerberus_r34" else a for a in list_models()])
+def test_predict_shapes(arch: str) -> None:
+    model = create_model(arch).eval()
+    s = model.config.stride
+    x = torch.rand(2, 3, 2 * s, 3 * s) * 255
+    logits = model(x)
+    probs = model.predict(x)
+    assert list(logits) == list(probs) == model.output_heads
+    ps = model.config.patch_stride_px
+    for name, head in model.config.heads.items():
+        if head.kind == "patch":
+            assert logits[name].shape == (2, head.num_classes, 1, 1)
+            assert probs[name].shape == (2, head.num_classes, 2 * s // ps, 3 * s // ps)
+        else:
+            assert logits[name].shape == probs[name].shape == (2, head.num_classes, 2 * s, 3 * s)
+        assert probs[name].dtype == torch.float32
+        assert torch.allclose(probs[name].sum(1), torch.ones(()), atol=1e-5)
+
+
+def test_input_checks() -> None:
+    model = create_model("wsimtl_small").eval()
+    with pytest.raises(ValueError, match="multiples of 32"):
+        model(torch.zeros(1, 3, 48, 64))
+    with pytest.raises(ValueError, match="N x 3 x H x W"):
+        model.predict(torch.zeros(1, 1, 64, 64))
+
+
+@pytest.mark.parametrize(
+    ("arch", "cells_in"),
+    [("wsimtl_small", 5), ("wsimtl_small", 7), pytest.param("cerberus_r34", 9, marks=pytest.mark.slow)],
+)
+def test_dense_patch_centre_equals_cerberus_crop(arch: str, cells_in: int) -> None:
+    model = calibrated(arch)
+    size = cells_in * model.config.patch_stride_px
+    x = torch.rand(1, 3, size, size, generator=torch.Generator().manual_seed(3)) * 255
+    with torch.no_grad():
+        logits = model(x)
+    probs = model.predict(x)
+    c = cells_in // 2
+    for name in model.config.patch_heads:
+        want = torch.softmax(logits[name][0, :, 0, 0], 0)
+        assert torch.allclose(probs[name][0, :, c, c], want, atol=1e-5), name
+
+
+def test_fold_bn_same_function_and_train_drops_it() -> None:
+    model = calibrated("wsimtl_small")
+    x = torch.rand(1, 3, 64, 64, generator=torch.Generator().manual_seed(5)) * 255
+    ref = model.predict(x)
+    model.fold_bn(True).set_channels_last(True)
+    folded = model.predict(x)
+    for name in ref:
+        assert torch.allclose(ref[name], folded[name], atol=1e-5), name
+    assert model.backbone.fold0_w is not None and "backbone.fold0_w" not in model.state_dict()
+    model.train()
+    assert model.backbone.fold0_w is None
+
+
+def test_bf16_predict_close_to_fp32() -> None:
+    """bf16 autocast vs fp32 on a calibrated random small model: max abs probability difference
+    <= 0.05 for segmentation heads, <= 0.1 for patch heads (measured 0.035 and 0.06); mean <= 0.02.
+
+    Random weights amplify rounding; a trained model is expected to be at least as tight.
+    """
+    model = calibrated("wsimtl_small").fold_bn(True).set_channels_last(True)
+    gen = torch.Generator().manual_seed(7)
+    x = torch.nn.functional.interpolate(torch.rand(1, 3, 16, 16, generator=gen), size=(128, 128), mode="bilinear") * 255
+    fp32 = model.predict(x)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        bf16 = model.predict(x)
+    for name in fp32:
+        assert bf16[name].dtype == torch.float32
+        diff = (bf16[name] - fp32[name]).abs()
+        limit = 0.1 if model.config.heads[name].kind == "patch" else 0.05
+        assert diff.max() <= limit and diff.mean() <= 0.02, name
+
+
+def test_load_model_public_reexport(no_models_dir: Path) -> None:
+    import wsi_mtl
+
+    assert wsi_mtl.load_model is load_model
+    assert isinstance(wsi_mtl.load_model("cerberus_r34"), MultiTaskNet)
+
+
+def test_head_config_properties() -> None:
+    head = HeadConfig("type", "Nuclei#TYPE", ("a", "b"), ((1, 2, 3), (4, 5, 6)))
+    assert head.out_key == "TYPE" and head.num_classes == 2
+    assert ArchParams(stem_stride=2).output_stride == 32

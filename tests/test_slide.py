@@ -11,7 +11,13 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from wsi_mtl.errors import DamagedRegionError, InputError, MissingMppError, SlideError, UnsupportedSlideError
+from wsi_mtl.errors import (
+    DamagedRegionError,
+    InputError,
+    MissingMppError,
+    SlideError,
+    UnsupportedSlideError,
+)
 from wsi_mtl.slide import OpenSlideReader, Slide, SlideReader, TiffReader, open_slide
 from wsi_mtl.slide._base import rgba_to_rgb
 from wsi_mtl.slide._slide import _resample

@@ -12,8 +12,16 @@ import tifffile
 from PIL import Image
 
 from wsi_mtl import synthetic
-from wsi_mtl.synthetic import (damage_tile, downsample_image, make_he_texture, truncate_file, write_generic_tiff,
-                               write_mosaic_slide, write_ome_tiff, write_svs)
+from wsi_mtl.synthetic import (
+    damage_tile,
+    downsample_image,
+    make_he_texture,
+    truncate_file,
+    write_generic_tiff,
+    write_mosaic_slide,
+    write_ome_tiff,
+    write_svs,
+)
 
 
 def mean_abs(a: np.ndarray, b: np.ndarray) -> float:

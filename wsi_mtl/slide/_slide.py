@@ -12,7 +12,13 @@ import numpy as np
 from numpy.typing import NDArray
 from PIL import Image
 
-from ..errors import DamagedRegionError, InputError, MissingMppError, SlideError, UnsupportedSlideError
+from ..errors import (
+    DamagedRegionError,
+    InputError,
+    MissingMppError,
+    SlideError,
+    UnsupportedSlideError,
+)
 from ._base import NotMyFormat, SlideReader, plausible_mpp
 
 __all__ = ["Slide", "open_slide", "SUPPORTED_FORMATS"]
@@ -158,7 +164,8 @@ class Slide:
     mpp : float
         Microns per level-0 pixel.
     mpp_source : str
-        "openslide", "tiff-resolution", "ome", "image-resolution", "objective-power" or "override".
+        "openslide", "tiff-resolution", "ome", "aperio" (ImageDescription read by tifffile),
+        "image-resolution" (PNG/JPEG dpi), "objective-power" (10 / power, with a warning) or "override".
     backend : str
         "openslide", "tifffile" or "pillow": who parsed the format and its metadata.
     decoder : str

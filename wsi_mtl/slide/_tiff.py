@@ -5,8 +5,8 @@ from __future__ import annotations
 import contextlib
 import logging
 import threading
-from collections.abc import Iterator
 import xml.etree.ElementTree as ET
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -154,7 +154,9 @@ def _quiet_tifffile() -> Iterator[None]:
 
 
 class TiffReader(SlideReader):
-    """Reader over tifffile's zarr view of each pyramid level, with one file handle per thread."""
+    """Reader over tifffile: direct segment decoding where every level is one interleaved page
+    (:class:`~wsi_mtl.slide._tiles.SegmentReader`), else tifffile's zarr view of each level with one
+    file handle per thread (tifffile handles are not thread-safe)."""
 
     backend = "tifffile"
 

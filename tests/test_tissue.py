@@ -164,3 +164,26 @@ def test_helper_validation() -> None:
 def test_compute_rejects_bad_mask_mpp(svs_jpeg: Path) -> None:
     with open_slide(svs_jpeg) as slide, pytest.raises(ValueError, match="mask_mpp"):
         compute_tissue_mask(slide, mask_mpp=-8.0)
+
+
+@pytest.mark.shared_data
+def test_kather_tiles_tissue_vs_empty(shared_data: Path) -> None:
+    import csv
+
+    from PIL import Image
+
+    folder = shared_data / "tissue" / "kather2016_like_100"
+    if not (folder / "labels.csv").is_file():
+        pytest.skip(f"{folder} not present")
+    fractions: dict[str, list[float]] = {}
+    with open(folder / "labels.csv") as fh:
+        for row in csv.DictReader(fh):
+            name = row["label_name_assumed_tfds_order"]
+            if name not in ("tumor", "stroma", "lympho", "empty"):
+                continue
+            image = np.asarray(Image.open(folder / row["file"]).convert("RGB"))[::4, ::4]
+            result = tissue_mask_from_image(np.ascontiguousarray(image), mpp=2.0, min_tissue_um2=200)
+            fractions.setdefault(name, []).append(result.fraction)
+    for name in ("tumor", "stroma", "lympho"):
+        assert np.mean(fractions[name]) > 0.9, name
+    assert np.mean(fractions["empty"]) < 0.4  # noisy grey glass tiles

@@ -33,7 +33,7 @@ __all__ = ["TissueMask", "compute_tissue_mask", "tissue_mask_from_image"]
 logger = logging.getLogger(__name__)
 
 #: saturation below this is never tissue, whatever Otsu says (white/grey background, glass)
-_MIN_SATURATION = 0.07
+_MIN_SATURATION = 0.08
 #: the Otsu threshold is not allowed above this (heavily stained slides still keep pale stroma)
 _MAX_SATURATION = 0.25
 #: pixels brighter than this in every channel are background
@@ -178,6 +178,8 @@ def tissue_mask_from_image(image: NDArray[np.uint8], *, mpp: float, min_tissue_u
     if not (math.isfinite(mpp) and mpp > 0):
         raise ValueError(f"mpp must be positive, got {mpp}")
     hue, sat, val = _hsv(image)
+    # a light blur keeps JPEG chroma noise on glass from passing the threshold pixel by pixel
+    sat = ndimage.gaussian_filter(sat, 1.0)
     rgb_min = image.min(axis=2)
     rgb_max = image.max(axis=2)
     usable = rgb_max >= _BLACK_LEVEL  # black borders, black pen and shadows are never tissue

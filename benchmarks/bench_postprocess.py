@@ -6,7 +6,8 @@ holds a whole map), then runs ``extract_objects(tasks=("nuclei",))`` on each in 
 subprocess and prints, from one run:
 
 * nuclei/s per core (goal >= 2,000), end to end: zarr reads, instances, types, polygons,
-  measurements and ObjectBatch assembly;
+  measurements and ObjectBatch assembly, as nuclei per CPU-second of all processes (on a shared
+  machine wall time mostly measures the neighbours; wall-clock rates are printed too);
 * peak RSS of each extraction process and the ratio 4N / N (goal <= 1.2: memory flat in slide size).
 
 Usage::
@@ -108,14 +109,19 @@ def extract(path: Path, *, workers: int, chunk_px: int) -> dict:
     """Run nuclei extraction, consuming batches as a streaming exporter would."""
     from wsi_mtl.postprocess import extract_objects
 
-    t0 = time.perf_counter()
+    def cpu() -> float:
+        me, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+        return me.ru_utime + me.ru_stime + kids.ru_utime + kids.ru_stime
+
+    t0, c0 = time.perf_counter(), cpu()
     n = 0
     for batch in extract_objects(path, tasks=("nuclei",), workers=workers, chunk_px=chunk_px):
         n += len(batch)
-    dt = time.perf_counter() - t0
+    dt, dc = time.perf_counter() - t0, cpu() - c0  # worker processes are reaped by now
     self_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     child_kb = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
-    return {"nuclei": n, "seconds": dt, "rss_self_mb": self_kb / 1024, "rss_children_mb": child_kb / 1024}
+    return {"nuclei": n, "seconds": dt, "cpu_seconds": dc, "rss_self_mb": self_kb / 1024,
+            "rss_children_mb": child_kb / 1024}
 
 
 def _run_child(*args: str) -> dict:
@@ -152,17 +158,19 @@ def main() -> None:
                              "--chunk-px", str(args.chunk_px))
             res["planted"] = built["planted"]
             results[scale] = res
-            rate = res["nuclei"] / res["seconds"] / args.workers
             rss = max(res["rss_self_mb"], res["rss_children_mb"])
-            log.info("x%d: %d nuclei (planted %d) in %.1f s = %.0f nuclei/s per core; peak RSS %.0f MB",
-                     scale, res["nuclei"], res["planted"], res["seconds"], rate, rss)
+            log.info("x%d: %d nuclei (planted %d) in %.1f s wall, %.1f s CPU = %.0f nuclei per CPU-second; "
+                     "peak RSS %.0f MB", scale, res["nuclei"], res["planted"], res["seconds"], res["cpu_seconds"],
+                     res["nuclei"] / res["cpu_seconds"], rss)
             import shutil
 
             shutil.rmtree(Path(tmp) / f"x{scale}", ignore_errors=True)
     base, big = results[1], results[args.scale]
     peak = lambda r: max(r["rss_self_mb"], r["rss_children_mb"])  # noqa: E731
-    log.info("nuclei/s per core: %.0f (x1), %.0f (x%d)  [goal >= 2000]",
-             base["nuclei"] / base["seconds"] / args.workers, big["nuclei"] / big["seconds"] / args.workers, args.scale)
+    # per core = per CPU-second of all processes: wall time on a shared machine measures the neighbours
+    log.info("nuclei/s per core (CPU time): %.0f (x1), %.0f (x%d); wall-clock per worker: %.0f, %.0f  [goal >= 2000]",
+             base["nuclei"] / base["cpu_seconds"], big["nuclei"] / big["cpu_seconds"], args.scale,
+             base["nuclei"] / base["seconds"] / args.workers, big["nuclei"] / big["seconds"] / args.workers)
     log.info("peak RSS x%d / x1: %.0f / %.0f MB = %.2f  [goal <= 1.2]", args.scale, peak(big), peak(base),
              peak(big) / peak(base))
     if base["nuclei"] != base["planted"] or big["nuclei"] != big["planted"]:

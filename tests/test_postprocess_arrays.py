@@ -254,7 +254,8 @@ def test_measurements_match_regionprops_for_an_ellipse():
 def test_nuclei_polygons_match_real_instances():
     """MoNuSeg masks at 0.5 um/px: polygons (simplified within half a pixel) vs source instances.
 
-    Measured on the first two images: mean IoU ~0.985, min ~0.90 (the smallest nuclei, ~20 px).
+    Measured on all 13 images (4,949 nuclei): mean IoU 0.985, median 0.986, 1st percentile 0.948,
+    min 0.67 (nuclei of a few pixels after the 2x nearest downsampling). Here: the first two images.
     """
     if not MONUSEG.is_dir():
         pytest.skip(f"shared data absent: {MONUSEG}")

@@ -394,3 +394,27 @@ def test_batches_follow_the_object_schema(tmp_path):
     assert 0 < batch.columns["solidity"][0] <= 1
     # default tasks: those whose heads the store holds; nothing computed -> no batches
     assert list(extract_objects(write_predictions(tmp_path / "empty", {"Nuclei-INST": np.zeros((3, 64, 64), np.uint8)}, core_px=32))) == []
+
+
+@pytest.mark.parametrize("gland_downsample", [1, 2])
+def test_chunked_glands_and_lumen_equal_whole_on_a_coarser_grid(tmp_path, gland_downsample):
+    from skimage.draw import ellipse
+
+    rng = np.random.default_rng(3)
+    glands = np.zeros((200, 260), np.int32)
+    lumen = np.zeros_like(glands)
+    k = 0
+    for cy in range(30, 200, 55):
+        for cx in range(30, 260, 60):
+            k += 1
+            a, b = rng.uniform(18, 26), rng.uniform(18, 28)
+            glands[ellipse(cy, cx, a, b, shape=glands.shape, rotation=rng.uniform(0, 3))] = k
+            lumen[ellipse(cy, cx, a / 3, b / 3, shape=glands.shape)] = k
+    maps = {"Gland-INST": label_to_3class(glands, erosion_px=5), "Lumen-INST": label_to_3class(lumen, erosion_px=1)}
+    params = PostprocessParams(gland_downsample=gland_downsample, gland_halo_px=8, gland_min_area_px=50, lumen_min_area_px=8)
+    whole = objects_from_maps(maps, slide_mpp=0.25, downsample=2.0, params=params)
+    assert (whole.columns["task"] == "gland").sum() == k
+    assert (whole.columns["task"] == "lumen").sum() == k
+    store = write_predictions(tmp_path, maps, core_px=64)
+    chunked = concat_batches(list(extract_objects(store, chunk_px=64, params=params)))
+    _assert_same_objects(whole, chunked)

@@ -307,11 +307,15 @@ def _nuclei_chunk(reader: Any, chunk: Chunk, meta: MapsMeta, params: Postprocess
                     f"a nucleus at model pixel (y={sl[0].start + chunk.read[0]}, x={sl[1].start + chunk.read[2]}) is "
                     f"wider than the largest halo ({chunk.halo_px} px); increase max_halo_px"
                 )
-            log.warning(
-                "chunk %s: %d nuclei lie in foreground blobs wider than the halo (%d px); they are kept, "
-                "but may differ slightly from a whole-slide run: increase max_halo_px to avoid this",
-                (chunk.row, chunk.col), int(cut.sum()), chunk.halo_px,
+            warning = (
+                f"chunk {(chunk.row, chunk.col)}: {int(cut.sum())} nuclei lie in foreground blobs wider than the "
+                f"halo ({chunk.halo_px} px); they are kept, but may differ slightly from a whole-slide run: "
+                "increase max_halo_px to avoid this"
             )
+        else:
+            warning = None
+    else:
+        warning = None
     ids, polys = labels_to_polygons(
         labels, offset_yx=(chunk.read[0], chunk.read[2]), downsample=meta.downsample,
         simplify_px=params.simplify_px, label_ids=owned,
@@ -323,7 +327,10 @@ def _nuclei_chunk(reader: Any, chunk: Chunk, meta: MapsMeta, params: Postprocess
     else:
         cls = np.ones(len(ids), np.int32)
         prob = _mean_in_labels(labels, inst[1].astype(np.uint16) + inst[2], ids, 255.0 if inst.dtype == np.uint8 else 1.0)
-    return {"nuclei": _rows("nuclei", cls, prob, polys, meta.slide_mpp, True)}
+    out: dict[str, Any] = {"nuclei": _rows("nuclei", cls, prob, polys, meta.slide_mpp, True)}
+    if warning:
+        out["warnings"] = [warning]  # logged by the main process (workers have no log handlers)
+    return out
 
 
 def _coarse_read(reader: Any, head: str, chunk: Chunk, f: int, fine_shape: tuple[int, int]) -> np.ndarray:
@@ -550,7 +557,10 @@ def _assemble(results: Iterator[dict[str, Any]], meta: MapsMeta, params: Postpro
     open_parts: list[dict[str, np.ndarray]] = []
     for res in results:
         for key, rows in res.items():
-            if key == "tissue_open":
+            if key == "warnings":
+                for message in rows:
+                    log.warning(message)
+            elif key == "tissue_open":
                 open_parts.append(rows)
             elif len(rows["class_id"]):
                 yield _to_batch(rows, meta)
@@ -630,6 +640,11 @@ def extract_objects(
     tasks = _check_tasks(_available_tasks(meta) if tasks is None else tasks, meta)
     jobs = _plan_jobs(meta, tasks, chunk_px=chunk_px, halo_px=halo_px, max_halo_px=max_halo_px, params=params)
     log.info("post-processing %s: %d chunks, tasks %s, %d worker(s)", predictions_path, len(jobs), tasks, workers)
+    # arguments are checked now; the work starts when the caller iterates
+    return _extract_iter(predictions_path, jobs, meta, params, workers)
+
+
+def _extract_iter(predictions_path: str | Path, jobs: list[_Job], meta: MapsMeta, params: PostprocessParams, workers: int) -> Iterator[ObjectBatch]:
     if workers == 1:
         reader = _ZarrReader(predictions_path)
         results: Iterator[dict[str, Any]] = (_run_job(reader, j, meta, params) for j in jobs)

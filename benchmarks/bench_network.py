@@ -52,11 +52,12 @@ def build(arch: str, overrides: dict) -> MultiTaskNet:
                 m.momentum = None
                 m.reset_running_stats()
         img = torch.from_numpy(test_image(512).copy()).permute(2, 0, 1)[None].float()
-        feats, _ = model._features(img)
+        seg = [n for n in model.output_heads if n not in model.config.patch_heads]
+        x4, _ = model._features(img, seg)
         # patch heads: statistics over the dense window averages (as predict uses them), not over
         # a batch of one pooled vector
         cells = model.config.arch_params.patch_cells
-        dense = torch.nn.functional.avg_pool2d(feats[4], cells, stride=1, padding=cells // 2, count_include_pad=False)
+        dense = torch.nn.functional.avg_pool2d(x4, cells, stride=1, padding=cells // 2, count_include_pad=False)
         for name in model.config.patch_heads:
             model.decoder_head[model.config.heads[name].decoder](dense)
     model.eval().fold_bn(True).set_channels_last(True)

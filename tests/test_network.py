@@ -107,9 +107,10 @@ def calibrated(arch: str, *, seed: int = 0) -> MultiTaskNet:
     smooth = torch.nn.functional.interpolate(torch.rand(2, 3, size // 8, size // 8, generator=gen), size=(size, size), mode="bilinear")
     model.train()
     with torch.no_grad():
-        feats, _ = model._features(smooth * 255)
+        seg = [n for n in model.output_heads if n not in model.config.patch_heads]
+        x4, _ = model._features(smooth * 255, seg)
         cells = model.config.arch_params.patch_cells
-        dense = torch.nn.functional.avg_pool2d(feats[4], cells, stride=1, padding=cells // 2, count_include_pad=False)
+        dense = torch.nn.functional.avg_pool2d(x4, cells, stride=1, padding=cells // 2, count_include_pad=False)
         for name in model.config.patch_heads:
             model.decoder_head[model.config.heads[name].decoder](dense)
     return model.eval()
@@ -534,3 +535,21 @@ def test_head_config_properties() -> None:
     head = HeadConfig("type", "Nuclei#TYPE", ("a", "b"), ((1, 2, 3), (4, 5, 6)))
     assert head.out_key == "TYPE" and head.num_classes == 2
     assert ArchParams(stem_stride=2).output_stride == 32
+
+
+def test_heads_subset_skips_decoders() -> None:
+    model = calibrated("wsimtl_small")
+    x = torch.rand(1, 3, 160, 160, generator=torch.Generator().manual_seed(9)) * 255
+    with torch.no_grad():
+        full = model(x)
+        only = model(x, heads=["Patch-GlaS", "Nuclei-TYPE"])
+    assert list(only) == ["Nuclei-TYPE", "Patch-GlaS"]  # model order
+    for name in only:
+        assert torch.equal(only[name], full[name])
+    calls = []
+    hook = model.decoder_head["Gland"].register_forward_hook(lambda *a: calls.append(1))
+    probs = model.predict(x, heads=["Patch-Class"])
+    hook.remove()
+    assert list(probs) == ["Patch-Class"] and not calls
+    with pytest.raises(ValueError, match=r"unknown heads \['Gland-TYPE'\]"):
+        model(x, heads=["Gland-TYPE"])

@@ -301,64 +301,82 @@ class MultiTaskNet(nn.Module):
             raise ValueError(f"input height and width must be multiples of {s}, got {tuple(x.shape[-2:])}")
 
     # ---- forward ------------------------------------------------------------------------------
-    def _features(self, x: torch.Tensor) -> tuple[list[torch.Tensor], dict[str, torch.Tensor]]:
+    def _select(self, heads: Sequence[str] | None) -> list[str]:
+        if heads is None:
+            return self.config.output_heads
+        unknown = [h for h in heads if h not in self.config.heads]
+        if unknown:
+            raise ValueError(f"unknown heads {unknown}; this model has {self.config.output_heads}")
+        return [h for h in self.config.output_heads if h in set(heads)]
+
+    def _features(self, x: torch.Tensor, names: Sequence[str]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """x4 and the logits of the segmentation heads in ``names`` (only their decoders run)."""
         self._check_input(x)
         if self._channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         x = x / 255.0
-        feats = self.backbone(x)
-        x0, x1, x2, x3, x4 = feats
+        x0, x1, x2, x3, x4 = self.backbone(x)
+        seg_heads = {n: self.config.heads[n] for n in names if self.config.heads[n].kind != "patch"}
+        if not seg_heads:
+            return x4, {}
         skips = [x3, x2, x1, x0]
         full = None if self.full_skip is None else self.full_skip(x)
         if full is not None and not self._refine:
             skips.append(full)
         start = self.conv_map(x4)
-        seg: dict[str, torch.Tensor] = {}
-        for name, head in self.config.heads.items():
-            if head.kind == "patch":
-                continue
-            if head.decoder not in seg:
-                seg[head.decoder] = self.decoder_head[head.decoder](start, skips)
-        out = {
-            name: self.output_head[head.decoder][head.out_key](seg[head.decoder], full if self._refine else None)
-            for name, head in self.config.heads.items()
-            if head.kind != "patch"
-        }
-        return feats, out
-
-    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Raw logits keyed by output name (patch heads: centre window, N x C x 1 x 1)."""
-        feats, seg = self._features(x)
-        x4 = feats[4]
-        cells = self.config.arch_params.patch_cells
-        h, w = x4.shape[-2:]
-        if h > cells or w > cells:
-            top, left = max(0, (h - cells) // 2), max(0, (w - cells) // 2)
-            x4 = x4[..., top : top + min(h, cells), left : left + min(w, cells)]
-        pooled = x4.mean(dim=(-2, -1), keepdim=True)
+        decoded: dict[str, torch.Tensor] = {}
         out: dict[str, torch.Tensor] = {}
-        for name, head in self.config.heads.items():
-            out[name] = self.decoder_head[head.decoder](pooled) if head.kind == "patch" else seg[name]
-        return out
+        for name, head in seg_heads.items():
+            if head.decoder not in decoded:
+                decoded[head.decoder] = self.decoder_head[head.decoder](start, skips)
+            out[name] = self.output_head[head.decoder][head.out_key](decoded[head.decoder], full if self._refine else None)
+        return x4, out
+
+    def forward(self, x: torch.Tensor, *, heads: Sequence[str] | None = None) -> dict[str, torch.Tensor]:
+        """Raw logits keyed by output name (patch heads: centre window, N x C x 1 x 1).
+
+        Parameters
+        ----------
+        x
+            N x 3 x H x W float RGB in 0-255; H and W multiples of ``config.stride``.
+        heads
+            Output names to compute (default all); decoders no requested head needs are skipped
+            (e.g. ``heads=["Patch-Class"]`` runs only the encoder and that head).
+        """
+        names = self._select(heads)
+        x4, out = self._features(x, names)
+        patch = [n for n in names if self.config.heads[n].kind == "patch"]
+        if patch:
+            cells = self.config.arch_params.patch_cells
+            h, w = x4.shape[-2:]
+            if h > cells or w > cells:
+                top, left = max(0, (h - cells) // 2), max(0, (w - cells) // 2)
+                x4 = x4[..., top : top + min(h, cells), left : left + min(w, cells)]
+            pooled = x4.mean(dim=(-2, -1), keepdim=True)
+            for name in patch:
+                out[name] = self.decoder_head[self.config.heads[name].decoder](pooled)
+        return {n: out[n] for n in names}
 
     @torch.no_grad()
-    def predict(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+    def predict(self, x: torch.Tensor, *, heads: Sequence[str] | None = None) -> dict[str, torch.Tensor]:
         """Softmax probabilities (float32) for the engine.
 
         Segmentation heads: N x C x H x W. Patch heads: dense N x C x H/ps x W/ps maps
         (ps = ``config.patch_stride_px``), each cell classified from the average of x4 over the
         ``patch_cells`` x ``patch_cells`` window centred on it (windows clipped at the border),
         so the centre cell of a 1-patch tile equals the Cerberus centre-crop result.
-        Works under ``torch.autocast``; outputs are always float32.
+        Works under ``torch.autocast``; outputs are always float32. ``heads`` as in ``forward``.
         """
-        feats, seg = self._features(x)
+        names = self._select(heads)
+        x4, seg = self._features(x, names)
         cells = self.config.arch_params.patch_cells
         dense = None
         out: dict[str, torch.Tensor] = {}
-        for name, head in self.config.heads.items():
+        for name in names:
+            head = self.config.heads[name]
             if head.kind == "patch":
                 if dense is None:
-                    dense = F.avg_pool2d(feats[4], cells, stride=1, padding=cells // 2, count_include_pad=False)
+                    dense = F.avg_pool2d(x4, cells, stride=1, padding=cells // 2, count_include_pad=False)
                 logits = self.decoder_head[head.decoder](dense)
             else:
                 logits = seg[name]

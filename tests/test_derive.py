@@ -371,3 +371,17 @@ def test_end_to_end_with_real_postprocessing(tmp_path: Path) -> None:
     run = json.loads((result_dir / "run.json").read_text())
     assert run["objects"] == summary["objects"]
     assert "predictions.zarr/tissue_classes" in [f["path"] for f in run["files"]]
+
+
+def test_disk_full_while_storing_tissue_map(result_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import errno
+
+    from wsi_mtl.errors import OutputError
+
+    def full(*args: Any, **kwargs: Any) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(postprocess, "extract_objects", fake_extract(10), raising=False)
+    monkeypatch.setattr(derive, "_store_tissue_map", full)
+    with pytest.raises(OutputError, match="disk full while writing .*tissue_classes"):
+        derive_objects(result_dir)

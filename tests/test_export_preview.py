@@ -135,3 +135,14 @@ def test_preview_bad_downsample(table: Path, tmp_path: Path, downsample: float) 
 def test_preview_missing_table(tmp_path: Path) -> None:
     with pytest.raises(InputError, match="object table not found"):
         write_preview(_thumb(), tmp_path / "none.parquet", tmp_path / "p.png", downsample=10.0)
+
+
+def test_preview_interrupted_leaves_no_file(table: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    def broken_save(self: Image.Image, fp: object, *args: object, **kwargs: object) -> None:
+        Path(str(fp)).write_bytes(b"\x89PNG half")
+        raise OSError("encoder died")
+
+    monkeypatch.setattr(Image.Image, "save", broken_save)
+    with pytest.raises(OSError, match="encoder died"):
+        write_preview(_thumb(), table, tmp_path / "preview.png", downsample=10.0)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["objects.parquet"]

@@ -180,3 +180,15 @@ def test_read_table_info_errors(tmp_path: Path) -> None:
     bad.write_text("not parquet")
     with pytest.raises(InputError, match="not a readable Parquet"):
         read_table_info(bad)
+
+
+def test_synthetic_batches() -> None:
+    batches = list(synthetic_batches(25, batch_size=10, tasks=ALL_TASKS, seed=1))
+    assert [len(b) for b in batches] == [10, 10, 5]
+    for b in batches:
+        assert set(b.columns) == set(COLUMNS) and shapely.is_valid(b.geometry).all()
+        assert all(len(b.columns[c]) == len(b) for c in COLUMNS)
+    again = list(synthetic_batches(25, batch_size=10, tasks=ALL_TASKS, seed=1))
+    assert (again[0].columns["id"] == batches[0].columns["id"]).all()
+    with pytest.raises(ValueError, match="no synthetic classes"):
+        next(synthetic_batches(5, tasks=("mitosis",)))

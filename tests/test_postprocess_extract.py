@@ -17,7 +17,6 @@ from wsi_mtl.postprocess import (
     PostprocessParams,
     concat_batches,
     extract_objects,
-    gland_instances,
     label_to_3class,
     nuclei_instances,
     objects_from_maps,
@@ -185,7 +184,7 @@ def real_store(real_maps, tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def whole(real_maps):
     return objects_from_maps(
-        real_maps, slide_mpp=0.25, downsample=2.0, head_downsample={"Patch-Class": 32.0},
+        real_maps, slide_mpp=0.25, downsample=2.0,  # Patch-Class: 16 model px per cell, inferred
         classes={"Nuclei-TYPE": (NUCLEI_TYPES, _colors(4)), "Gland-TYPE": (GLAND_TYPES, _colors(3)),
                  "Patch-Class": (TISSUE, _colors(4))},
     )

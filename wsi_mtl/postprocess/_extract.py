@@ -675,7 +675,8 @@ def objects_from_maps(
     downsample : float
         Level-0 px per model px.
     head_downsample : mapping, optional
-        Level-0 px per array px for heads on another grid (``Patch-Class``).
+        Level-0 px per array px for heads on another grid; for ``Patch-Class`` the default is
+        inferred from the array sizes (``downsample * ceil(H / H_patch)``).
     classes : mapping head -> (names, colours), optional
     tasks, params
         As in :func:`extract_objects`.
@@ -688,6 +689,9 @@ def objects_from_maps(
     params = params or PostprocessParams()
     head_downsample = dict(head_downsample or {})
     classes = dict(classes or {})
+    seg = [np.shape(a)[1] for n, a in maps.items() if n != PATCH]
+    if PATCH in maps and PATCH not in head_downsample and seg:
+        head_downsample[PATCH] = downsample * math.ceil(max(seg) / max(1, np.shape(maps[PATCH])[1]))
     heads = {}
     for name, arr in maps.items():
         names, colors = classes.get(name, ((), ()))

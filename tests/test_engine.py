@@ -235,3 +235,21 @@ def test_device_and_precision_resolution():
     if not torch.cuda.is_available():
         with pytest.raises(InputError, match="CUDA is not available"):
             resolve_device("cuda")
+
+
+def test_full_disk_while_writing_is_a_one_line_output_error(model, tmp_path, monkeypatch):
+    import errno
+
+    from wsi_mtl.errors import OutputError
+
+    slide = ArraySlide(he_like(128, 128))
+
+    import zarr
+
+    def no_space(self, key, value):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(zarr.Array, "__setitem__", no_space)
+    with pytest.raises(OutputError, match="disk full"):
+        _run(slide, model, tmp_path, core=64, margin=32)
+    assert not (tmp_path / PREDICTIONS).exists()

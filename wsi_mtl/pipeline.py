@@ -17,6 +17,7 @@ import numpy as np
 import torch
 
 from . import __version__
+from .atomic import output_error, write_json_atomic
 from .engine import cpu_count, resolve_device, resolve_precision, run_inference
 from .errors import InputError, NoTissueError, OutputError
 from .store import PREDICTIONS, HeadLayout, PredictionStore
@@ -66,8 +67,6 @@ def is_complete(result_dir: str | Path) -> bool:
 
 
 def _write_run(result_dir: Path, run: dict[str, Any]) -> None:
-    from .atomic import write_json_atomic
-
     write_json_atomic(result_dir / RUN_JSON, run)
 
 
@@ -78,8 +77,6 @@ def _prepare_result_dir(path: Path) -> None:
         probe.write_bytes(b"")
         probe.unlink()
     except OSError as exc:
-        from .atomic import output_error
-
         raise output_error(exc, path) or OutputError(f"cannot write to output folder {path}: {exc.strerror or exc}") from exc
 
 

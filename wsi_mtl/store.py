@@ -8,7 +8,6 @@ written, so a folder named ``predictions.zarr`` is always complete. Every tile w
 
 from __future__ import annotations
 
-import errno
 import json
 import logging
 import os
@@ -21,6 +20,7 @@ import numpy as np
 import zarr
 from zarr.codecs import BloscCodec
 
+from .atomic import output_error
 from .errors import OutputError
 from .tiling import Tile
 
@@ -79,9 +79,7 @@ def ome_image_attrs(name: str, *, channels_axis: bool = True, downsample: float)
 
 
 def _output_error(exc: OSError, path: Path) -> OutputError:
-    if exc.errno == errno.ENOSPC:
-        return OutputError(f"disk full while writing {path}; free space and run the same command again to continue")
-    return OutputError(f"cannot write {path}: {exc.strerror or exc}")
+    return output_error(exc, path) or OutputError(f"cannot write {path}: {exc.strerror or exc}")
 
 
 class PredictionStore:

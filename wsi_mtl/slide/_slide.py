@@ -368,7 +368,6 @@ def _resample(src: NDArray[np.uint8], width: int, height: int, box: tuple[float,
         if abs(ratio - k) < 1e-9 and all(abs(v - round(v)) < 1e-6 for v in box[:2]) \
                 and src.shape[1] >= round(box[0]) + width * k and src.shape[0] >= round(box[1]) + height * k:
             x0, y0 = round(box[0]), round(box[1])
-            image = image.crop((x0, y0, x0 + width * k, y0 + height * k))
-            return np.asarray(image.reduce(k))
+            return np.asarray(image.reduce(k, box=(x0, y0, x0 + width * k, y0 + height * k)))  # no crop copy
         return np.asarray(image.resize((width, height), Image.Resampling.BOX, box=box))
     return np.asarray(image.resize((width, height), Image.Resampling.BILINEAR, box=box))

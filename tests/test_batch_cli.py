@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from test_cohort import LOG_ENV, fake_load_model, fake_segment, log_lines
+from test_cohort import LOG_ENV, fake_load_model, fake_segment, fresh_models, log_lines  # noqa: F401 - autouse fixture
 from wsi_mtl.cli import cli, main
 
 

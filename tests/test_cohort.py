@@ -14,6 +14,7 @@ import os
 import threading
 import time
 from collections import Counter
+from collections.abc import Iterator
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -108,6 +109,16 @@ def log_lines(path: Path, kind: str) -> list[list[str]]:
     if not path.exists():
         return []
     return [line.split()[1:] for line in path.read_text().splitlines() if line.startswith(kind + " ")]
+
+
+@pytest.fixture(autouse=True)
+def fresh_models() -> Iterator[None]:
+    """Each test starts with an empty per-process model cache (a real process keeps it for good)."""
+    from wsi_mtl.cohort._slide import PROCESS_MODELS
+
+    PROCESS_MODELS.clear()
+    yield
+    PROCESS_MODELS.clear()
 
 
 @pytest.fixture()
@@ -465,3 +476,31 @@ def test_local_devices(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 3)
     assert local_devices("auto", None) == ["cuda:0", "cuda:1", "cuda:2"]
     assert local_devices("cpu", None) is None
+
+
+def test_model_cache_loads_once_per_loader_name_and_device() -> None:
+    from wsi_mtl.cohort import ModelCache
+
+    calls: list[tuple[str | None, str]] = []
+
+    def loader(name: str | None, *, device: str) -> tuple[str | None, str]:
+        calls.append((name, device))
+        return (name, device)
+
+    def other_loader(name: str | None, *, device: str) -> str:
+        return "other"
+
+    cache = ModelCache()
+    assert cache.get("m", "cpu", loader) is cache.get("m", "cpu", loader)
+    cache.get("m", "cuda:1", loader)
+    cache.get(None, "cpu", loader)
+    assert cache.get("m", "cpu", other_loader) == "other"
+    assert calls == [("m", "cpu"), ("m", "cuda:1"), (None, "cpu")]
+    assert len(cache) == 4
+
+
+def test_device_pool_needs_devices() -> None:
+    from wsi_mtl.cohort import DevicePoolExecutor
+
+    with pytest.raises(InputError, match="at least one device"):
+        DevicePoolExecutor([])

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 
+from test_cohort import fresh_models  # noqa: F401 - autouse fixture
 from wsi_mtl import synthetic
 from wsi_mtl.cli import main
 from wsi_mtl.pipeline import is_complete

@@ -161,20 +161,25 @@ class SlideOutcome:
 
 
 class ModelCache:
-    """Loaded models keyed by (name, device): each worker loads a model once, not once per slide."""
+    """Loaded models keyed by (loader, name, device): each worker loads a model once, not once per slide."""
 
     def __init__(self) -> None:
-        self._models: dict[tuple[str | None, str], Any] = {}
+        self._models: dict[tuple[LoadModelFn, str | None, str], Any] = {}
         self._lock = threading.Lock()
 
     def get(self, name: str | None, device: str, loader: LoadModelFn) -> Any:
         """Return the cached model, loading it with ``loader(name, device=device)`` the first time."""
-        key = (name, device)
+        key = (loader, name, device)
         with self._lock:
             if key not in self._models:
                 log.info("loading model %s on %s", name or "(default)", device)
                 self._models[key] = loader(name, device=device)
             return self._models[key]
+
+    def clear(self) -> None:
+        """Drop every model (they are freed once no caller holds them)."""
+        with self._lock:
+            self._models.clear()
 
     def __len__(self) -> int:
         return len(self._models)

@@ -589,3 +589,35 @@ def test_repeated_reads_hit_the_segment_cache(svs_jpeg: Path) -> None:
         np.testing.assert_array_equal(first, second)
         first[:] = 0  # callers own what read() returns
         np.testing.assert_array_equal(slide.read(100, 100, 300, 300, mpp=0.25), second)
+
+
+def test_openslide_damage_in_one_thread_does_not_fail_others(svs_jpeg: Path, tmp_path: Path, damage_slide) -> None:
+    """A decode error poisons an OpenSlide handle; concurrent good reads must still succeed."""
+    dst = tmp_path / "damaged.svs"
+    damage_slide(svs_jpeg, dst, level=0, tile_index=1)
+    errors: list[BaseException] = []
+    damaged = [0]
+    with Slide(OpenSlideReader.open(dst, direct=False)) as slide:
+        expected = slide.read(0, 512, 256, 256, mpp=0.25)
+
+        def bad() -> None:
+            for _ in range(15):
+                try:
+                    slide.read(300, 0, 64, 64, mpp=0.25)
+                except DamagedRegionError:
+                    damaged[0] += 1
+
+        def good() -> None:
+            try:
+                for _ in range(15):
+                    np.testing.assert_array_equal(slide.read(0, 512, 256, 256, mpp=0.25), expected)
+            except BaseException as exc:  # noqa: BLE001 - collected and asserted below
+                errors.append(exc)
+
+        threads = [threading.Thread(target=bad)] + [threading.Thread(target=good) for _ in range(2)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    assert damaged[0] == 15
+    assert not errors, errors[0]

@@ -41,6 +41,8 @@ class OpenSlideReader(SlideReader):
         self._handle = handle
         self._generation = 0
         self._lock = threading.Lock()
+        self._users: dict[int, int] = {}  # id(handle) -> threads reading through it
+        self._retired: list[object] = []  # replaced handles still in use by some thread
         props = dict(handle.properties)
         self.properties = props
         self.format = props.get("openslide.vendor", "unknown")
@@ -89,12 +91,33 @@ class OpenSlideReader(SlideReader):
             raise SlideError(f"{path} looks like a {vendor} slide but cannot be opened (truncated or damaged?): {exc}") from exc
         return cls(path, handle, direct=direct)
 
+    def _acquire(self) -> tuple[object, int]:
+        """The current handle and its generation, counted as in use until :meth:`_release`."""
+        with self._lock:
+            if self._handle is None:
+                raise ValueError(f"{self.path} is closed")
+            handle = self._handle
+            self._users[id(handle)] = self._users.get(id(handle), 0) + 1
+            return handle, self._generation
+
+    def _release(self, handle: object) -> None:
+        with self._lock:
+            left = self._users[id(handle)] - 1
+            if left:
+                self._users[id(handle)] = left
+                return
+            del self._users[id(handle)]
+            if handle in self._retired:  # replaced while this thread used it: now nobody does
+                self._retired.remove(handle)
+                _close_quietly(handle)
+
     def _reopen(self, generation: int) -> None:
+        """Replace the handle after a decode error; the old one closes once no thread uses it."""
         import openslide
 
         with self._lock:
-            if generation != self._generation:
-                return  # another thread already reopened
+            if generation != self._generation or self._handle is None:
+                return  # another thread already reopened (or the reader was closed)
             old = self._handle
             try:
                 self._handle = openslide.OpenSlide(str(self.path))
@@ -102,10 +125,10 @@ class OpenSlideReader(SlideReader):
                 logger.error("cannot reopen %s after a decode error: %s", self.path, exc)
                 return
             self._generation += 1
-            try:
-                old.close()
-            except Exception:  # noqa: BLE001 - an errored handle may fail to close; the new one is fine
-                logger.debug("closing errored OpenSlide handle failed", exc_info=True)
+            if self._users.get(id(old)):
+                self._retired.append(old)  # closing it under a reading thread would crash
+            else:
+                _close_quietly(old)
 
     def read_region(self, level: int, y: int, x: int, height: int, width: int) -> NDArray[np.uint8]:
         import openslide
@@ -114,25 +137,43 @@ class OpenSlideReader(SlideReader):
             return self._tiles.read(level, y, x, height, width)
         ds = self.levels[level][2]
         location = (int(round(x * ds)), int(round(y * ds)))
-        # A failed read leaves the handle in an error state, possibly because of another thread's
-        # damaged region: reopen and retry once on a fresh handle; a second failure is this region's.
-        for attempt in range(2):
-            handle, generation = self._handle, self._generation
-            try:
-                rgba = np.asarray(handle.read_region(location, level, (int(width), int(height))))
-                return rgba_to_rgb(rgba)
-            except openslide.OpenSlideError as exc:
-                self._reopen(generation)
-                if attempt == 1:
-                    raise DamagedRegionError(str(exc)) from exc
-        raise AssertionError("unreachable")  # pragma: no cover
+        # A failed read leaves the shared handle in an error state, possibly because of another
+        # thread's damaged region. Replace the shared handle, then decide on a private fresh handle
+        # (which no other thread can poison): if that fails too, the damage is in this region.
+        handle, generation = self._acquire()
+        try:
+            return rgba_to_rgb(np.asarray(handle.read_region(location, level, (int(width), int(height)))))
+        except openslide.OpenSlideError:
+            self._reopen(generation)
+        finally:
+            self._release(handle)
+        private = openslide.OpenSlide(str(self.path))
+        try:
+            return rgba_to_rgb(np.asarray(private.read_region(location, level, (int(width), int(height)))))
+        except openslide.OpenSlideError as exc:
+            raise DamagedRegionError(str(exc)) from exc
+        finally:
+            _close_quietly(private)
 
     def close(self) -> None:
         with self._lock:
-            self._handle.close()
+            if self._handle is not None:
+                _close_quietly(self._handle)
+                self._handle = None
+            for handle in self._retired:
+                _close_quietly(handle)
+            self._retired.clear()
             if self._tiles is not None:
                 self._tiles.close()
                 self._tiff.close()
+                self._tiles = None
+
+
+def _close_quietly(handle: object) -> None:
+    try:
+        handle.close()  # type: ignore[attr-defined]
+    except Exception:  # noqa: BLE001 - an errored handle may fail to close; nothing to recover
+        logger.debug("closing an OpenSlide handle failed", exc_info=True)
 
 
 def _tiff_resolution_mpp(props: dict[str, str]) -> tuple[float, float] | None:

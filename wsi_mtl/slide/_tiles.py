@@ -64,9 +64,9 @@ class _Level:
     jpegtables: bytes | None
 
 
-#: default size of the decoded-segment cache: neighbouring network tiles overlap by their context
-#: margin, so the same JPEG tiles are wanted twice, one tile row apart
-CACHE_BYTES = 256 * 2**20
+#: default size of the decoded-segment cache per open slide ($WSIMTL_TILE_CACHE_MB, 0 disables):
+#: neighbouring network tiles overlap by their context margin, so JPEG tiles are wanted twice
+CACHE_BYTES = int(float(os.environ.get("WSIMTL_TILE_CACHE_MB", "256")) * 2**20)
 
 
 class _SegmentCache:

@@ -247,9 +247,9 @@ def write_svs(
             for i, factor in enumerate(levels):
                 level = downsample_image(image, factor)
                 lh, lw = level.shape[:2]
-                desc = f"{_APERIO_HEADER}\r\n{width}x{height} [0,0 {width}x{height}] ({tile}x{tile}) -> {lw}x{lh} {codec_name}/RGB Q={quality}{suffix}"
-                if i == 0:
-                    desc = f"{_APERIO_HEADER}\r\n{width}x{height} [0,0 {width}x{height}] ({tile}x{tile}) {codec_name}/RGB Q={quality}{suffix}"
+                resized = "" if i == 0 else f" -> {lw}x{lh}"
+                desc = (f"{_APERIO_HEADER}\r\n{width}x{height} [0,0 {width}x{height}] ({tile}x{tile}){resized} "
+                        f"{codec_name}/RGB Q={quality}{suffix}")
                 tif.write(level, tile=(tile, tile), photometric="rgb", compression=codec, compressionargs=codec_args,
                           description=desc, metadata=None)
                 if i == 0:
@@ -264,8 +264,8 @@ def write_svs(
                 tif.write(label_img, photometric="rgb", compression="lzw", description=f"{_APERIO_HEADER}\r\nlabel 128x96",
                           metadata=None, subfiletype=1, rowsperstrip=16)
                 macro = downsample_image(image, max(1, math.ceil(max(height, width) / 256)))
-                tif.write(macro, photometric="rgb", compression="jpeg", description=f"{_APERIO_HEADER}\r\nmacro {macro.shape[1]}x{macro.shape[0]}",
-                          metadata=None, subfiletype=9, rowsperstrip=16)
+                tif.write(macro, photometric="rgb", compression="jpeg", metadata=None, subfiletype=9, rowsperstrip=16,
+                          description=f"{_APERIO_HEADER}\r\nmacro {macro.shape[1]}x{macro.shape[0]}")
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
@@ -477,7 +477,8 @@ def write_mosaic_slide(
         with tifffile.TiffWriter(tmp, bigtiff=height * width * 3 > 2**31) as tif:
             for i, factor in enumerate(levels):
                 lh, lw = -(-height // factor), -(-width // factor)
-                desc = f"{_APERIO_HEADER}\r\n{width}x{height} [0,0 {width}x{height}] ({tile}x{tile}) -> {lw}x{lh} JPEG/RGB Q={quality}{suffix}"
+                desc = (f"{_APERIO_HEADER}\r\n{width}x{height} [0,0 {width}x{height}] ({tile}x{tile}) -> {lw}x{lh} "
+                        f"JPEG/RGB Q={quality}{suffix}")
                 tif.write(tiles(factor), shape=(lh, lw, 3), dtype=np.uint8, tile=(tile, tile), photometric="rgb",
                           compression=codec, compressionargs=codec_args, description=desc, metadata=None)
                 logger.info("mosaic level %d (%d x %d) written", factor, lw, lh)
@@ -513,7 +514,8 @@ def truncate_file(src: str | os.PathLike, dst: str | os.PathLike, *, fraction: f
     return dst
 
 
-def damage_tile(src: str | os.PathLike, dst: str | os.PathLike, *, level: int = 0, tile_index: int = 1) -> tuple[int, int, int, int]:
+def damage_tile(src: str | os.PathLike, dst: str | os.PathLike, *, level: int = 0,
+                tile_index: int = 1) -> tuple[int, int, int, int]:
     """Copy ``src`` to ``dst`` with one tile's compressed bytes zeroed, so that it cannot be decoded.
 
     Parameters

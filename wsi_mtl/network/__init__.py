@@ -1,7 +1,15 @@
 """The multi-task network: architecture, model config, registry and weight loading.
 
-``load_model()`` returns the default model (``wsimtl-small``) ready for inference;
-``model.predict(x)`` gives the probability maps the engine stitches.
+Inference::
+
+    model = load_model()                      # default wsimtl-small (eval, BN folded, channels_last)
+    probs = model.predict(x)                  # x: N x 3 x H x W float RGB 0-255, H, W % config.stride == 0
+
+Training::
+
+    model = create_model("wsimtl_small")      # random init (seed 0), train mode, full state dict
+    logits = model(x, heads=["Nuclei-INST"])  # raw logits; only the decoders needed run
+    save_model(model, "models/wsimtl-small")  # config.json + weights.safetensors (trained=True)
 """
 
 from __future__ import annotations

@@ -168,8 +168,13 @@ def cerberus_r34() -> ModelConfig:
     )
 
 
-#: Measured context margin of ``wsimtl_small`` (see benchmarks/bench_network.py --context).
-WSIMTL_SMALL_CONTEXT_PX = 96
+#: Context margin of ``wsimtl_small``, measured with ``benchmarks/bench_network.py --context``
+#: (BN-calibrated random weights, 1024 px crop of CMU-1-Small-Region, 256 px cores): max abs
+#: probability difference tiled vs whole, segmentation / patch heads, per margin:
+#: 0: .73/.41, 32: .40/.42, 64: .19/.39, 96: .12/.27, 128: .048/.17, 160: .031/.080,
+#: 192: .0098/.033, 224: .0025/.0072, 256: .0003/.0011. Smallest multiple of 32 with <= 0.02: 224.
+#: Re-measure with the trained weights.
+WSIMTL_SMALL_CONTEXT_PX = 224
 
 
 @register_model

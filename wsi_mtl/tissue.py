@@ -10,7 +10,7 @@ Examples
 >>> mask = TissueMask(mask=np.array([[False, True], [False, False]]), mpp=8.0)
 >>> mask.fraction
 0.25
->>> mask.any_in(0, 0, 16, 16, mpp=0.5), mask.any_in(16, 0, 32, 16, mpp=0.5)
+>>> mask.any_in(0, 0, 16, 16, mpp=0.5), mask.any_in(0, 16, 16, 32, mpp=0.5)  # (y0, x0, y1, x1)
 (False, True)
 """
 

@@ -8,7 +8,8 @@ subprocess and prints, from one run:
 * nuclei/s per core (goal >= 2,000), end to end: zarr reads, instances, types, polygons,
   measurements and ObjectBatch assembly, as nuclei per CPU-second of all processes (on a shared
   machine wall time mostly measures the neighbours; wall-clock rates are printed too);
-* peak RSS of each extraction process and the ratio 4N / N (goal <= 1.2: memory flat in slide size).
+* peak RSS of the extraction process (and of the largest pool worker, sampled with psutil) and
+  the ratio 4N / N (goal <= 1.2: memory flat in slide size).
 
 Usage::
 
@@ -109,19 +110,59 @@ def extract(path: Path, *, workers: int, chunk_px: int) -> dict:
     """Run nuclei extraction, consuming batches as a streaming exporter would."""
     from wsi_mtl.postprocess import extract_objects
 
-    def cpu() -> float:
-        me, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
-        return me.ru_utime + me.ru_stime + kids.ru_utime + kids.ru_stime
-
-    t0, c0 = time.perf_counter(), cpu()
+    sampler = _Descendants() if workers > 1 else None
+    me = resource.getrusage(resource.RUSAGE_SELF)
+    t0, c0 = time.perf_counter(), me.ru_utime + me.ru_stime
     n = 0
     for batch in extract_objects(path, tasks=("nuclei",), workers=workers, chunk_px=chunk_px):
         n += len(batch)
-    dt, dc = time.perf_counter() - t0, cpu() - c0  # worker processes are reaped by now
-    self_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    child_kb = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
-    return {"nuclei": n, "seconds": dt, "cpu_seconds": dc, "rss_self_mb": self_kb / 1024,
-            "rss_children_mb": child_kb / 1024}
+    dt = time.perf_counter() - t0
+    me = resource.getrusage(resource.RUSAGE_SELF)
+    dc = me.ru_utime + me.ru_stime - c0
+    child_mb = 0.0
+    if sampler is not None:
+        sampler.stop()
+        dc += sampler.cpu_seconds()
+        child_mb = sampler.peak_rss_mb
+    return {"nuclei": n, "seconds": dt, "cpu_seconds": dc, "rss_self_mb": me.ru_maxrss / 1024,
+            "rss_children_mb": child_mb}
+
+
+class _Descendants:
+    """Samples the pool's worker processes (grandchildren via the forkserver, so RUSAGE_CHILDREN
+    misses them): the largest RSS of any one worker and the CPU time each used (last sample)."""
+
+    def __init__(self, every_s: float = 0.2) -> None:
+        import threading
+
+        import psutil
+
+        self._me = psutil.Process()
+        self._cpu: dict[int, float] = {}
+        self.peak_rss_mb = 0.0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, args=(every_s,), daemon=True)
+        self._thread.start()
+
+    def _run(self, every_s: float) -> None:
+        import psutil
+
+        while not self._stop.is_set():
+            for p in self._me.children(recursive=True):
+                try:
+                    t = p.cpu_times()
+                    self._cpu[p.pid] = t.user + t.system
+                    self.peak_rss_mb = max(self.peak_rss_mb, p.memory_info().rss / 2**20)
+                except psutil.Error:
+                    pass
+            self._stop.wait(every_s)
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def cpu_seconds(self) -> float:
+        return sum(self._cpu.values())
 
 
 def _run_child(*args: str) -> dict:

@@ -41,8 +41,10 @@ class SlideResult:
     run: dict[str, Any]
 
 
-def result_dir_for(slide_path: str | Path, out_dir: str | Path) -> Path:
-    """``out_dir/<slide stem>``; ``.ome.tif(f)`` counts as one suffix."""
+def result_dir_for(slide_path: str | Path, out_dir: str | Path, *, name: str | None = None) -> Path:
+    """``out_dir/<name or slide stem>``; ``.ome.tif(f)`` counts as one suffix."""
+    if name:
+        return Path(out_dir) / name
     name = Path(slide_path).name
     for suffix in (".ome.tiff", ".ome.tif"):
         if name.lower().endswith(suffix):
@@ -138,6 +140,7 @@ def segment_slide(
     geojson_gz: bool = False,
     overwrite: bool = False,
     progress: bool = True,
+    name: str | None = None,
 ) -> SlideResult:
     """Run the multi-task network over one slide and write its results to ``out_dir/<stem>/``.
 
@@ -163,6 +166,8 @@ def segment_slide(
         Post-process the maps into objects and export them.
     overwrite : bool
         Recompute even when a complete result exists.
+    name : str, optional
+        Name of the result folder (default: the slide's file name without its suffix).
 
     Returns
     -------
@@ -175,7 +180,7 @@ def segment_slide(
     t_start = time.perf_counter()
     timings: dict[str, float] = {}
     slide_path = Path(slide_path)
-    result_dir = result_dir_for(slide_path, out_dir)
+    result_dir = result_dir_for(slide_path, out_dir, name=name)
     if not overwrite and is_complete(result_dir):
         log.info("%s is already complete; nothing to do (use overwrite to recompute)", result_dir)
         return SlideResult(result_dir, read_run(result_dir) or {})

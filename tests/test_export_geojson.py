@@ -286,3 +286,20 @@ def test_glas_polygons_round_trip(tmp_path: Path) -> None:
         ious.append((truth & drawn).sum() / (truth | drawn).sum())
     assert np.median(ious) >= 0.98
     assert min(ious) >= 0.95, sorted(ious)[:5]
+
+
+def test_parallel_formatting_gives_identical_files(tmp_path: Path) -> None:
+    table = tmp_path / "objects.parquet"
+    write_table(synthetic_batches(900, batch_size=150, tasks=ALL_TASKS, extent_px=20_000, seed=9), table,
+                mpp=0.25, row_group_rows=200)
+    assert pq.ParquetFile(table).metadata.num_row_groups == 3  # 300-row groups (two batches each)
+    (tmp_path / "serial").mkdir()
+    (tmp_path / "parallel").mkdir()
+    serial = write_geojson_files(table, tmp_path / "serial", batch_rows=100)
+    parallel = write_geojson_files(table, tmp_path / "parallel", batch_rows=100, workers=2)
+    assert [p.name for p in serial] == [p.name for p in parallel]
+    for a, b in zip(serial, parallel):
+        assert serial[a] == parallel[b]
+        assert a.read_bytes() == b.read_bytes()
+    with pytest.raises(ValueError, match="workers"):
+        write_geojson(table, tmp_path / "o.geojson", workers=0)

@@ -237,7 +237,7 @@ def derive_objects(
     result_dir : path-like
         A slide's result folder holding ``predictions.zarr`` (and normally ``run.json``).
     workers : int, default 1
-        Post-processing processes.
+        Processes for post-processing and for formatting GeoJSON.
     geojson_gz : bool, default False
         Gzip the GeoJSON files.
     slide : Slide, optional
@@ -289,7 +289,7 @@ def derive_objects(
     export_s = time.perf_counter() - t_start - objects_s
 
     t0 = time.perf_counter()
-    written = [result_dir / TABLE, *write_geojson_files(result_dir / TABLE, result_dir, gz=geojson_gz)]
+    written = [result_dir / TABLE, *write_geojson_files(result_dir / TABLE, result_dir, gz=geojson_gz, workers=workers)]
     thumb, downsample = _thumbnail(predictions, attrs, run, slide, mpp=mpp, width=width, height=height)
     write_preview(thumb, result_dir / TABLE, result_dir / PREVIEW, downsample=downsample)
     written.append(result_dir / PREVIEW)

@@ -9,7 +9,7 @@ import click
 
 @click.command("export")
 @click.argument("result_dir", type=click.Path(path_type=Path, file_okay=False))
-@click.option("--workers", type=click.IntRange(min=1), default=1, show_default=True, help="Post-processing processes.")
+@click.option("--workers", type=click.IntRange(min=1), default=1, show_default=True, help="Processes for post-processing and GeoJSON formatting.")
 @click.option("--geojson-gz", is_flag=True, help="Write gzipped GeoJSON (.geojson.gz) instead of plain .geojson.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar or summary.")
 def export(result_dir: Path, workers: int, geojson_gz: bool, quiet: bool) -> None:

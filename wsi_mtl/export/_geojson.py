@@ -26,7 +26,10 @@ import gzip
 import json
 import logging
 import os
-from collections.abc import Iterable, Sequence
+import zlib
+from collections import deque
+from concurrent.futures import Future, ProcessPoolExecutor
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import IO
 
@@ -109,7 +112,8 @@ class _Templates:
     def _color(self, task: str, class_name: str) -> tuple[int, int, int]:
         color = self._colors.get((task, class_name))
         if color is None:
-            color = _FALLBACK_COLORS[len(self._colors) % len(_FALLBACK_COLORS)]
+            # deterministic, so that every worker process picks the same colour for a class
+            color = _FALLBACK_COLORS[zlib.crc32(f"{task}/{class_name}".encode()) % len(_FALLBACK_COLORS)]
             self._colors[(task, class_name)] = color
         return color
 
@@ -136,11 +140,13 @@ class _Templates:
         return text
 
 
-def _features(table_path: Path, *, batch_rows: int, templates: _Templates) -> Iterable[tuple[np.ndarray, list[str]]]:
-    """Yield (task per feature, feature JSON text) for each record batch of the table."""
+def _features(
+    table_path: Path, *, batch_rows: int, templates: _Templates, row_groups: list[int] | None = None
+) -> Iterable[tuple[np.ndarray, list[str]]]:
+    """Yield (task per feature, feature JSON text) for each record batch of the table (or of its ``row_groups``)."""
     import pyarrow.compute as pc
 
-    for record in iter_table(table_path, columns=_COLUMNS, batch_rows=batch_rows):
+    for record in iter_table(table_path, columns=_COLUMNS, batch_rows=batch_rows, row_groups=row_groups):
         if record.num_rows == 0:
             continue
         geoms = shapely.from_wkb(record.column("geometry").to_numpy(zero_copy_only=False))
@@ -197,18 +203,51 @@ def _open_stream(stack: contextlib.ExitStack, tmp: Path, *, gz: bool) -> IO[byte
     return raw
 
 
+def _format_row_group(
+    table_path: Path, row_group: int, colors: dict[tuple[str, str], tuple[int, int, int]], batch_rows: int
+) -> list[tuple[np.ndarray, list[str]]]:
+    """Worker-process job: the feature texts of one row group."""
+    return list(_features(table_path, batch_rows=batch_rows, templates=_Templates(colors), row_groups=[row_group]))
+
+
+def _parallel_features(
+    table_path: Path, *, colors: dict[tuple[str, str], tuple[int, int, int]], batch_rows: int, workers: int
+) -> Iterator[tuple[np.ndarray, list[str]]]:
+    """Feature texts formatted by ``workers`` processes, one row group each, yielded in table order.
+
+    At most ``2 * workers`` row groups are in flight, so memory stays bounded.
+    """
+    import pyarrow.parquet as pq
+
+    n_groups = pq.ParquetFile(table_path).metadata.num_row_groups
+    with ProcessPoolExecutor(max_workers=workers) as pool:
+        pending: deque[Future[list[tuple[np.ndarray, list[str]]]]] = deque()
+        next_group = 0
+        while next_group < n_groups or pending:
+            while next_group < n_groups and len(pending) < 2 * workers:
+                pending.append(pool.submit(_format_row_group, table_path, next_group, colors, batch_rows))
+                next_group += 1
+            yield from pending.popleft().result()
+
+
 def _write_many(
     table_path: Path,
     targets: list[tuple[Path, frozenset[str]]],
     *,
     gz: bool,
     batch_rows: int,
+    workers: int = 1,
 ) -> dict[Path, int]:
     """Write several GeoJSON files in one pass over the table; returns features per file."""
     if batch_rows < 1:
         raise ValueError(f"batch_rows must be at least 1, got {batch_rows}")
+    if workers < 1:
+        raise ValueError(f"workers must be at least 1, got {workers}")
     info = read_table_info(table_path)
-    templates = _Templates(info["colors"])
+    if workers > 1 and info["rows"] > batch_rows:
+        features = _parallel_features(table_path, colors=info["colors"], batch_rows=batch_rows, workers=workers)
+    else:
+        features = _features(table_path, batch_rows=batch_rows, templates=_Templates(info["colors"]))
     with contextlib.ExitStack() as stack:
         sinks: list[tuple[Path, _Sink]] = []
         for final, tasks in targets:
@@ -216,7 +255,7 @@ def _write_many(
             sink = _Sink(_open_stream(stack, tmp, gz=gz), tasks)
             sink.fh.write(_HEADER)
             sinks.append((final, sink))
-        for task_arr, texts in _features(table_path, batch_rows=batch_rows, templates=templates):
+        for task_arr, texts in features:
             for _, sink in sinks:
                 if sink.tasks >= set(task_arr):
                     sink.write(texts)
@@ -237,6 +276,7 @@ def write_geojson(
     tasks: Iterable[str] | None = None,
     gz: bool = False,
     batch_rows: int = 32_768,
+    workers: int = 1,
 ) -> int:
     """Write objects of the table as a QuPath-readable GeoJSON FeatureCollection, atomically.
 
@@ -252,6 +292,8 @@ def write_geojson(
         Gzip the stream (not every QuPath version reads ``.geojson.gz``).
     batch_rows : int, default 32768
         Rows read from the table at a time; bounds memory.
+    workers : int, default 1
+        Processes formatting features (one table row group each); the output is identical.
 
     Returns
     -------
@@ -261,7 +303,8 @@ def write_geojson(
     Raises
     ------
     ValueError
-        An unknown task, ``batch_rows`` below 1, or ``gz=True`` for a name not ending in ``.gz``.
+        An unknown task, ``batch_rows`` or ``workers`` below 1, or ``gz=True`` for a name not
+        ending in ``.gz``.
     InputError
         The table does not exist or cannot be read.
     OutputError
@@ -271,7 +314,7 @@ def write_geojson(
     if gz and out_path.suffix != ".gz":
         raise ValueError(f"gz=True needs an output name ending in .gz, got {out_path.name}")
     chosen = _validate_tasks(tasks)
-    return _write_many(Path(table_path), [(out_path, chosen)], gz=gz, batch_rows=batch_rows)[out_path]
+    return _write_many(Path(table_path), [(out_path, chosen)], gz=gz, batch_rows=batch_rows, workers=workers)[out_path]
 
 
 def write_geojson_files(
@@ -281,6 +324,7 @@ def write_geojson_files(
     gz: bool = False,
     per_task: bool = True,
     batch_rows: int = 32_768,
+    workers: int = 1,
 ) -> dict[Path, int]:
     """Write ``objects.geojson`` and the per-task files in one pass over the table.
 
@@ -300,6 +344,8 @@ def write_geojson_files(
         Also write the per-task files.
     batch_rows : int, default 32768
         Rows read from the table at a time.
+    workers : int, default 1
+        Processes formatting features (one table row group each); the output is identical.
 
     Returns
     -------
@@ -309,7 +355,7 @@ def write_geojson_files(
     Raises
     ------
     ValueError
-        ``batch_rows`` below 1.
+        ``batch_rows`` or ``workers`` below 1.
     InputError
         The table does not exist or cannot be read.
     OutputError
@@ -323,5 +369,5 @@ def write_geojson_files(
         for stem, tasks in GEOJSON_FILES.items():
             if present & set(tasks):
                 targets.append((out_dir / f"{stem}{suffix}", frozenset(tasks)))
-    return _write_many(Path(table_path), targets, gz=gz, batch_rows=batch_rows)
+    return _write_many(Path(table_path), targets, gz=gz, batch_rows=batch_rows, workers=workers)
 

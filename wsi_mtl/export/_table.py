@@ -313,7 +313,9 @@ def read_table_info(path: str | os.PathLike[str]) -> dict[str, Any]:
     }
 
 
-def iter_table(path: str | os.PathLike[str], *, columns: Sequence[str], batch_rows: int) -> Iterator[pa.RecordBatch]:
+def iter_table(
+    path: str | os.PathLike[str], *, columns: Sequence[str], batch_rows: int, row_groups: Sequence[int] | None = None
+) -> Iterator[pa.RecordBatch]:
     """Stream record batches of ``columns`` from an object table with bounded memory.
 
     Pre-buffering and threaded read-ahead are off: with them, pyarrow keeps reading ahead and
@@ -322,4 +324,5 @@ def iter_table(path: str | os.PathLike[str], *, columns: Sequence[str], batch_ro
     """
     read_table_info(path)  # one clear InputError for a missing or unreadable table
     with pq.ParquetFile(path, pre_buffer=False) as parquet:
-        yield from parquet.iter_batches(batch_size=batch_rows, columns=list(columns), use_threads=False)
+        groups = list(range(parquet.num_row_groups)) if row_groups is None else list(row_groups)
+        yield from parquet.iter_batches(batch_size=batch_rows, row_groups=groups, columns=list(columns), use_threads=False)

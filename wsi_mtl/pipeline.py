@@ -286,7 +286,7 @@ def segment_slide(
     if objects:
         from .derive import derive_objects
 
-        derive_objects(result_dir, progress=progress, geojson_gz=geojson_gz)
+        derive_objects(result_dir, workers=cpu_count(), progress=progress, geojson_gz=geojson_gz)
         run = read_run(result_dir) or run
     run["status"] = "complete"
     run.setdefault("timings_s", {})["total"] = round(time.perf_counter() - t_start, 3)

@@ -506,8 +506,9 @@ def test_fold_bn_same_function_and_train_drops_it() -> None:
 
 
 def test_bf16_predict_close_to_fp32() -> None:
-    """bf16 autocast vs fp32 on a calibrated random small model: max abs probability difference
-    <= 0.05 for segmentation heads, <= 0.1 for patch heads (measured 0.035 and 0.06); mean <= 0.02.
+    """bf16 autocast vs fp32 on a calibrated random small model: max / mean abs probability
+    difference <= 0.05 / 0.01 for segmentation heads (measured 0.037 / 0.003) and <= 0.1 / 0.04 for
+    the 4 x 4 patch maps (measured 0.052 / 0.017; the error comes from x4, the heads run in fp32).
 
     Random weights amplify rounding; a trained model is expected to be at least as tight.
     """
@@ -520,8 +521,8 @@ def test_bf16_predict_close_to_fp32() -> None:
     for name in fp32:
         assert bf16[name].dtype == torch.float32
         diff = (bf16[name] - fp32[name]).abs()
-        limit = 0.1 if model.config.heads[name].kind == "patch" else 0.05
-        assert diff.max() <= limit and diff.mean() <= 0.02, name
+        limit, mean_limit = (0.1, 0.04) if model.config.heads[name].kind == "patch" else (0.05, 0.01)
+        assert diff.max() <= limit and diff.mean() <= mean_limit, name
 
 
 def test_load_model_public_reexport(no_models_dir: Path) -> None:
@@ -553,3 +554,23 @@ def test_heads_subset_skips_decoders() -> None:
     assert list(probs) == ["Patch-Class"] and not calls
     with pytest.raises(ValueError, match=r"unknown heads \['Gland-TYPE'\]"):
         model(x, heads=["Gland-TYPE"])
+
+
+def test_batched_refine_equals_per_head_output_heads() -> None:
+    """The one-upsample/one-conv refine step equals each OutputHead applied with the full skip."""
+    model = calibrated("wsimtl_small")
+    x = torch.rand(2, 3, 64, 96, generator=torch.Generator().manual_seed(11)) * 255
+    with torch.no_grad():
+        out = model(x)
+        xin = x / 255
+        feats = model.backbone(xin)
+        full = model.full_skip(xin)
+        start = model.conv_map(feats[4])
+        skips = [feats[3], feats[2], feats[1], feats[0]]
+        for name, head in model.config.heads.items():
+            if head.kind == "patch":
+                continue
+            decoded = model.decoder_head[head.decoder](start, skips)
+            ref = model.output_head[head.decoder][head.out_key](decoded, full)
+            assert ref.shape == out[name].shape
+            assert torch.allclose(out[name], ref, atol=1e-5), name

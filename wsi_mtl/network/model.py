@@ -212,6 +212,11 @@ class PatchHead(nn.Module):
         self.conv2 = nn.Conv2d(hidden, cout, 1, bias=True)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # tiny (one vector per cell): always float32, also under autocast
+        with torch.autocast(x.device.type, enabled=False):
+            return self._forward(x.float())
+
+    def _forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.dropout(F.relu(self.bn1(x)))
         x = F.relu(self.bn2(self.conv1(x)))
         return self.conv2(x)
@@ -329,8 +334,37 @@ class MultiTaskNet(nn.Module):
         for name, head in seg_heads.items():
             if head.decoder not in decoded:
                 decoded[head.decoder] = self.decoder_head[head.decoder](start, skips)
-            out[name] = self.output_head[head.decoder][head.out_key](decoded[head.decoder], full if self._refine else None)
+            if self._refine:
+                out[name] = self.output_head[head.decoder][head.out_key].x(decoded[head.decoder])
+            else:
+                out[name] = self.output_head[head.decoder][head.out_key](decoded[head.decoder])
+        if self._refine:
+            out = self._refine_all(out, full)
         return x4, out
+
+    def _refine_all(self, half: dict[str, torch.Tensor], full: torch.Tensor) -> dict[str, torch.Tensor]:
+        """``OutputHead`` refine step for all heads at once: one upsample, one 3x3 conv.
+
+        The half-resolution logits are concatenated and zero-padded to a multiple of 16 channels
+        (the fast channels_last kernels), upsampled 2x, the stacked ``refine`` convs applied to the
+        full-resolution skip and added; the result is made NCHW-contiguous so that each head's
+        channel slice is contiguous. Identical to calling each head with ``full`` (logits are
+        float32 even under autocast).
+        """
+        names = list(half)
+        refines = [self.output_head[self.config.heads[n].decoder][self.config.heads[n].out_key].refine for n in names]
+        sizes = [t.shape[1] for t in half.values()]
+        total = sum(sizes)
+        pad = (-total) % 16
+        stacked = torch.cat(list(half.values()), dim=1)
+        weight = torch.cat([r.weight for r in refines], dim=0)
+        if pad:
+            stacked = F.pad(stacked, (0, 0, 0, 0, 0, pad))
+            weight = F.pad(weight, (0, 0, 0, 0, 0, 0, 0, pad))
+        # float32 from here on (cheap at half resolution; the fp32 channels_last kernel is fastest)
+        up = F.interpolate(stacked.float(), size=full.shape[-2:], mode="bilinear", align_corners=False)
+        logits = up.add_(F.conv2d(full, weight, padding=1))[:, :total].contiguous()
+        return dict(zip(names, torch.split(logits, sizes, dim=1)))
 
     def forward(self, x: torch.Tensor, *, heads: Sequence[str] | None = None) -> dict[str, torch.Tensor]:
         """Raw logits keyed by output name (patch heads: centre window, N x C x 1 x 1).
@@ -352,7 +386,7 @@ class MultiTaskNet(nn.Module):
             if h > cells or w > cells:
                 top, left = max(0, (h - cells) // 2), max(0, (w - cells) // 2)
                 x4 = x4[..., top : top + min(h, cells), left : left + min(w, cells)]
-            pooled = x4.mean(dim=(-2, -1), keepdim=True)
+            pooled = x4.float().mean(dim=(-2, -1), keepdim=True)
             for name in patch:
                 out[name] = self.decoder_head[self.config.heads[name].decoder](pooled)
         return {n: out[n] for n in names}
@@ -376,7 +410,7 @@ class MultiTaskNet(nn.Module):
             head = self.config.heads[name]
             if head.kind == "patch":
                 if dense is None:
-                    dense = F.avg_pool2d(x4, cells, stride=1, padding=cells // 2, count_include_pad=False)
+                    dense = F.avg_pool2d(x4.float(), cells, stride=1, padding=cells // 2, count_include_pad=False)
                 logits = self.decoder_head[head.decoder](dense)
             else:
                 logits = seg[name]

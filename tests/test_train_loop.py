@@ -112,6 +112,10 @@ def _fake_data(root: Path) -> None:
         _write_png(mon / "instance_masks_from_xml" / f"m{i}.png", lab.astype(np.uint16))
         _write_png(mon / "binary_masks" / f"m{i}.png", (lab > 0).astype(np.uint8))
         rows.append([f"m{i}", "train", f"images/m{i}.png", "", f"binary_masks/m{i}.png", f"instance_masks_from_xml/m{i}.png", 15])
+    img, lab = _blobs(rng, 128, 15, 8)  # one image with a binary mask only
+    _write_png(mon / "images" / "m3.png", img)
+    _write_png(mon / "binary_masks" / "m3.png", (lab > 0).astype(np.uint8))
+    rows.append(["m3", "train", "images/m3.png", "", "binary_masks/m3.png", "", ""])
     _write_csv(mon / "manifest.csv", ["name", "split", "image", "xml", "binary_mask", "instance_mask", "n_nuclei_xml"], rows)
     _write_csv(root / "nuclei" / "cpm15" / "manifest.csv", ["name", "width", "height"], [])
     crc = root / "nuclei" / "crchistophenotypes"
@@ -187,3 +191,18 @@ def test_train_end_to_end_resumes_exactly(tmp_path):
     b = torch.load(tmp_path / "b" / "checkpoint.pt", weights_only=True)["model"]
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=0, atol=0, msg=k)
+
+
+@pytest.mark.slow
+def test_time_budget_ends_the_schedule_early(tmp_path):
+    _fake_data(tmp_path / "data")
+    path = _write_config(tmp_path, "t", steps=40)
+    cfg = load_config(path, time_budget_minutes=1e-6, steps_per_epoch=100)
+    result = train(cfg, progress=False)
+    # The pace is checked every 10 steps; the budget is long spent by then, so the schedule ends at 10
+    # with a final validation and the exported model.
+    assert result.step == 10 and result.model_dir is not None
+    lines = [json.loads(x) for x in (tmp_path / "t" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in lines] == [10] and lines[0]["horizon"] == 10
+    ck = torch.load(tmp_path / "t" / "checkpoint.pt", weights_only=True)
+    assert ck["step"] == 10 and ck["horizon"] == 10 and ck["train_seconds"] > 0

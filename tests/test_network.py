@@ -574,3 +574,12 @@ def test_batched_refine_equals_per_head_output_heads() -> None:
             ref = model.output_head[head.decoder][head.out_key](decoded, full)
             assert ref.shape == out[name].shape
             assert torch.allclose(out[name], ref, atol=1e-5), name
+
+
+def test_nchw_transpose_helper() -> None:
+    from wsi_mtl.network.model import _nchw
+
+    t = torch.randn(2, 16, 8, 12).contiguous(memory_format=torch.channels_last)
+    with torch.no_grad():
+        out = _nchw(t)
+    assert out.is_contiguous() and torch.equal(out, t)

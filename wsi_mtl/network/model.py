@@ -222,6 +222,21 @@ class PatchHead(nn.Module):
         return self.conv2(x)
 
 
+def _nchw(t: torch.Tensor) -> torch.Tensor:
+    """``t.contiguous()``, through per-image 2D transposes when ``t`` is channels_last.
+
+    torch copies a transposed 2D matrix with a blocked kernel, about 3x faster than the generic
+    channels_last -> NCHW copy; used only without autograd.
+    """
+    if t.is_contiguous() or torch.is_grad_enabled() or not t.is_contiguous(memory_format=torch.channels_last):
+        return t.contiguous()
+    n, c, h, w = t.shape
+    out = torch.empty((n, c, h, w), dtype=t.dtype, device=t.device)
+    for i in range(n):
+        out[i].view(c, h * w).copy_(t[i].permute(1, 2, 0).reshape(h * w, c).t())
+    return out
+
+
 class MultiTaskNet(nn.Module):
     """Cerberus-style multi-task network built from a :class:`ModelConfig`.
 
@@ -363,7 +378,7 @@ class MultiTaskNet(nn.Module):
             weight = F.pad(weight, (0, 0, 0, 0, 0, 0, 0, pad))
         # float32 from here on (cheap at half resolution; the fp32 channels_last kernel is fastest)
         up = F.interpolate(stacked.float(), size=full.shape[-2:], mode="bilinear", align_corners=False)
-        logits = up.add_(F.conv2d(full, weight, padding=1))[:, :total].contiguous()
+        logits = _nchw(up.add_(F.conv2d(full, weight, padding=1)))[:, :total]
         return dict(zip(names, torch.split(logits, sizes, dim=1)))
 
     def forward(self, x: torch.Tensor, *, heads: Sequence[str] | None = None) -> dict[str, torch.Tensor]:

@@ -287,7 +287,7 @@ def test_safetensors_round_trip_is_exact(tmp_path: Path) -> None:
     assert load_model(folder / "weights.safetensors").output_heads == model.output_heads
 
 
-def test_our_folder_errors(tmp_path: Path) -> None:
+def test_our_folder_errors(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     model = create_model("wsimtl_small")
     folder = save_model(model, tmp_path / "m")
     (folder / "weights.safetensors").write_bytes(b"\x00" * 16)
@@ -304,6 +304,12 @@ def test_our_folder_errors(tmp_path: Path) -> None:
     (folder / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(ModelError, match="shape mismatch at"):
         load_model(folder)
+    cfg["arch_params"]["decoder_out"] = 16
+    cfg["context_px"] = 64
+    (folder / "config.json").write_text(json.dumps(cfg))
+    with caplog.at_level(logging.WARNING, logger="wsi_mtl.network"):
+        assert load_model(folder).config.context_px == 64
+    assert "context_px 64 is below the 224" in caplog.text
     (folder / "config.json").write_text("{not json")
     with pytest.raises(ModelError, match="not valid JSON"):
         load_model(folder)

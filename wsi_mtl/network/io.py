@@ -297,6 +297,12 @@ def _load_ours(folder: Path) -> MultiTaskNet:
     model = MultiTaskNet(config)
     check_state_dict(model, state_dict, what=f"weights in {weights}")
     model.load_state_dict(state_dict, strict=True)
+    default = get_model_config(config.arch)
+    if default.arch_params == config.arch_params and config.context_px < default.context_px:
+        logger.warning(
+            "%s: context_px %d is below the %d measured for arch %s; tiles may show seams",
+            config_path, config.context_px, default.context_px, config.arch,
+        )
     sha = file_sha256(weights)
     if config.weights_sha256 and config.weights_sha256 != sha:
         logger.warning("%s: sha256 %s differs from the one recorded in %s", weights, sha[:12], config_path)

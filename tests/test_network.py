@@ -337,6 +337,13 @@ def test_unknown_name_lists_known_models(no_models_dir: Path) -> None:
         load_model("/no/such/folder")
     with pytest.raises(ModelError, match="invalid device"):
         load_model(device="warp-drive")
+    assert net_io.resolve_device("auto").type in ("cpu", "cuda", "mps")
+    if not torch.cuda.is_available():
+        with pytest.raises(ModelError, match="CUDA is not available"):
+            load_model(device="cuda")
+    if not torch.backends.mps.is_available():
+        with pytest.raises(ModelError, match="MPS is not available"):
+            load_model(device="mps")
 
 
 def test_default_model_untrained_then_from_models_dir(no_models_dir: Path, caplog: pytest.LogCaptureFixture) -> None:

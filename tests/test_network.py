@@ -13,7 +13,7 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from wsi_mtl.errors import ModelError
+from wsi_mtl.errors import InputError, ModelError
 from wsi_mtl.network import (
     ArchParams,
     HeadConfig,
@@ -335,14 +335,14 @@ def test_unknown_name_lists_known_models(no_models_dir: Path) -> None:
         load_model("resnet9000")
     with pytest.raises(ModelError, match="known models"):
         load_model("/no/such/folder")
-    with pytest.raises(ModelError, match="invalid device"):
+    with pytest.raises(InputError, match="unknown device"):
         load_model(device="warp-drive")
     assert net_io.resolve_device("auto").type in ("cpu", "cuda", "mps")
     if not torch.cuda.is_available():
-        with pytest.raises(ModelError, match="CUDA is not available"):
+        with pytest.raises(InputError, match="CUDA is not available"):
             load_model(device="cuda")
     if not torch.backends.mps.is_available():
-        with pytest.raises(ModelError, match="MPS is not available"):
+        with pytest.raises(InputError, match="MPS is not available"):
             load_model(device="mps")
 
 

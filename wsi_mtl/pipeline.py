@@ -82,14 +82,6 @@ def _prepare_result_dir(path: Path) -> None:
         raise output_error(exc, path) or OutputError(f"cannot write to output folder {path}: {exc.strerror or exc}") from exc
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def _weights_sha256(model: Any) -> str:
     """The weights file's sha256 from the config, else a sha256 over the state dict's tensors."""
     known = getattr(model.config, "weights_sha256", None)

@@ -193,13 +193,9 @@ def resolve_device(device: str) -> str:
     """Turn ``"auto"`` into ``cuda``, ``mps`` or ``cpu`` (whatever is present); keep anything else."""
     if device != "auto":
         return device
-    import torch
+    from ..devices import resolve_device as _resolve
 
-    if torch.cuda.is_available():
-        return "cuda"
-    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
-        return "mps"
-    return "cpu"
+    return str(_resolve("auto"))
 
 
 def one_line(exc: BaseException) -> str:

@@ -23,6 +23,7 @@ from typing import Any
 
 import torch
 
+from ..devices import resolve_device
 from ..errors import ModelError
 from .config import INST_CLASSES, ArchParams, HeadConfig, ModelConfig
 from .model import MultiTaskNet
@@ -83,27 +84,6 @@ def find_model_folder(name: str) -> Path | None:
             if folder.is_dir() and (_is_ours(folder) or _is_cerberus(folder)):
                 return folder
     return None
-
-
-def resolve_device(device: str | torch.device) -> torch.device:
-    """``"auto"`` -> cuda, then mps, then cpu; anything else as ``torch.device``."""
-    if isinstance(device, str) and device == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda")
-        mps = getattr(torch.backends, "mps", None)
-        if mps is not None and mps.is_available():
-            return torch.device("mps")
-        return torch.device("cpu")
-    try:
-        dev = torch.device(device)
-    except (RuntimeError, TypeError) as exc:
-        raise ModelError(f"invalid device {device!r}: {exc}") from None
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ModelError(f"device {device!r} requested but CUDA is not available (use 'cpu' or 'auto')")
-    mps = getattr(torch.backends, "mps", None)
-    if dev.type == "mps" and not (mps is not None and mps.is_available()):
-        raise ModelError(f"device {device!r} requested but MPS is not available (use 'cpu' or 'auto')")
-    return dev
 
 
 def file_sha256(path: Path) -> str:

@@ -146,10 +146,16 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--context", action="store_true", help="measure the context curve instead of throughput")
     parser.add_argument("--margins", default="0,32,64,96,128,160,192")
+    parser.add_argument("--model", default=None, help="measure a saved model (name or folder) instead of a calibrated random one")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     torch.set_num_threads(args.threads)
-    model = build(args.arch, json.loads(args.override))
+    if args.model:
+        from wsi_mtl.network import load_model
+
+        model = load_model(args.model)
+    else:
+        model = build(args.arch, json.loads(args.override))
     n = sum(p.numel() for p in model.parameters())
     logger.info("arch %s %s: %.2fM parameters, stride %d", args.arch, args.override, n / 1e6, model.config.stride)
     if args.context:

@@ -8,7 +8,7 @@ Prints
 The slides are Aperio-style SVS mosaics of real H&E (GlaS images from ../shared/data when present,
 else synthetic texture) at 0.25 um/px, written once into a temporary folder.
 
-    python benchmarks/bench_pipeline.py [--size 8192] [--device cpu] [--batch-size 2]
+    python benchmarks/bench_pipeline.py [--size 8192] [--device cpu] [--batch-size 1]
 """
 
 from __future__ import annotations
@@ -121,7 +121,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--size", type=int, default=8192, help="level-0 side of the 1x slide (px at 0.25 um/px)")
     ap.add_argument("--device", default="cpu")
-    ap.add_argument("--batch-size", type=int, default=2)
+    ap.add_argument("--batch-size", type=int, default=1)
     ap.add_argument("--precision", default="auto")
     ap.add_argument("--child", choices=["pipeline", "network"])
     ap.add_argument("--slide")

@@ -309,7 +309,7 @@ def test_our_folder_errors(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> 
     (folder / "config.json").write_text(json.dumps(cfg))
     with caplog.at_level(logging.WARNING, logger="wsi_mtl.network"):
         assert load_model(folder).config.context_px == 64
-    assert "context_px 64 is below the 224" in caplog.text
+    assert "context_px 64 is below the 192" in caplog.text
     (folder / "config.json").write_text("{not json")
     with pytest.raises(ModelError, match="not valid JSON"):
         load_model(folder)

@@ -28,8 +28,10 @@ __all__ = ["SlideResult", "segment_slide", "is_complete", "result_dir_for", "rea
 log = logging.getLogger(__name__)
 
 RUN_JSON = "run.json"
-_DEFAULT_CORE_PX = {"cpu": 1024, "cuda": 2048, "mps": 1024}
-_DEFAULT_BATCH = {"cpu": 2, "cuda": 8, "mps": 4}
+# Larger cores waste less on context (the margin is paid per tile): with the default model's 192 px
+# margin, a 1536 px core keeps 64% of the computed pixels (1024 px: 53%) at ~1.8 GB peak on CPU.
+_DEFAULT_CORE_PX = {"cpu": 1536, "cuda": 2048, "mps": 1024}
+_DEFAULT_BATCH = {"cpu": 1, "cuda": 4, "mps": 2}
 _MASK_MPP = 8.0
 
 

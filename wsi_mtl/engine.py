@@ -163,18 +163,20 @@ class _Writer(threading.Thread):
 
 
 def _cores_to_uint8(probs: dict[str, torch.Tensor], grid: TileGrid, tiles: list[Tile], cell_px: dict[str, int]) -> list[dict[str, np.ndarray]]:
-    """Crop each tile's core out of the batch outputs and quantise to uint8 (round(255 * p))."""
+    """Crop each tile's core out of the batch outputs and quantise it to uint8 (round(255 * p)).
+
+    Cropping first means the margin, ~40% of a tile, is never converted or copied.
+    """
     per_tile: list[dict[str, np.ndarray]] = [{} for _ in tiles]
     for name, p in probs.items():
         cell = cell_px[name]
-        q = p.float().mul_(255.0).add_(0.5).clamp_(0.0, 255.0).to(torch.uint8)
-        if q.device.type != "cpu":
-            q = q.cpu()
-        q = q.numpy()
         m = grid.margin_px // cell
         for i, tile in enumerate(tiles):
             h, w = -(-tile.height // cell), -(-tile.width // cell)
-            per_tile[i][name] = np.ascontiguousarray(q[i, :, m : m + h, m : m + w])
+            core = p[i, :, m : m + h, m : m + w]
+            # probabilities lie in [0, 1], so 255 p + 0.5 lies in [0.5, 255.5): truncation rounds
+            q = core.mul(255.0).add_(0.5).clamp_(max=255.0).to(torch.uint8)
+            per_tile[i][name] = (q.cpu() if q.device.type != "cpu" else q).numpy()
     return per_tile
 
 
@@ -247,6 +249,8 @@ def run_inference(
                         if device.type == "cuda":
                             torch.cuda.synchronize(device)
                         stats.network_s += time.perf_counter() - t0
+                        # cropped and quantised here: in the writer thread, torch's ops would fight the
+                        # network's own threads for the cores (measured 1.44x network time vs 1.17x)
                         cores = _cores_to_uint8(probs, grid, [t for t, _ in batch], cell_px)
                     job.extend((tile, out, None) for (tile, _), out in zip(batch, cores))
                 stats.wait_write_s += writer.put(job)

@@ -109,27 +109,44 @@ def test_stale_lock_is_taken_over_and_a_live_one_is_not(tmp_path: Path) -> None:
     taker.release()
 
 
-def test_replaced_lock_is_put_back_when_judged_stale_too_late(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """A lock replaced between the staleness check and the rename is restored, not stolen."""
+def test_lock_replaced_after_being_judged_stale_is_left_alone(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A lock replaced between the staleness check and the takeover is not removed."""
     path = tmp_path / "a.lock"
     path.write_text(json.dumps({"token": "dead"}))
     _age(path, 120)
     fresh = LockFile(path, stale_after_s=60, heartbeat_s=None)
-    real_rename = os.rename
+    real_open = os.open
+    replaced = []
 
-    def rename_after_replacement(src: os.PathLike[str], dst: os.PathLike[str]) -> None:
-        # another process takes the stale lock over and creates its own before our rename
-        Path(src).unlink()
-        assert fresh.acquire()
-        real_rename(src, dst)
+    def open_after_replacement(file, flags, *args):
+        if str(file).endswith(".takeover") and not replaced:
+            # another process takes the stale lock over and creates its own before our guard
+            replaced.append(True)
+            Path(path).unlink()
+            assert fresh.acquire()
+        return real_open(file, flags, *args)
 
-    monkeypatch.setattr(os, "rename", rename_after_replacement)
+    monkeypatch.setattr(os, "open", open_after_replacement)
     late = LockFile(path, stale_after_s=60, heartbeat_s=None)
     assert not late.acquire()
-    monkeypatch.setattr(os, "rename", real_rename)
-    assert read_owner(path)["token"] == fresh.token
+    monkeypatch.setattr(os, "open", real_open)
+    assert replaced and read_owner(path)["token"] == fresh.token
     assert [p.name for p in tmp_path.iterdir()] == ["a.lock"]
     fresh.release()
+
+
+def test_guard_left_by_a_dead_reclaimer_is_cleared(tmp_path: Path) -> None:
+    path = tmp_path / "a.lock"
+    path.write_text(json.dumps({"token": "dead"}))
+    _age(path, 120)
+    guard = tmp_path / "a.lock.takeover"
+    guard.write_text("")
+    lock = LockFile(path, stale_after_s=60, heartbeat_s=None)
+    assert not lock.acquire()  # a live-looking guard: someone else is taking over
+    _age(guard, 120)
+    assert not lock.acquire()  # the old guard is cleared ...
+    assert lock.acquire()  # ... and the next attempt takes the stale lock over
+    lock.release()
 
 
 def _race(path: Path, barrier: threading.Barrier, wins: list[str]) -> None:

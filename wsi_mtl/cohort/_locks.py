@@ -3,9 +3,9 @@
 A lock is a file created with ``os.open(O_CREAT | O_EXCL)``: exactly one creator wins. Its content
 names the owner (host, pid, SLURM job id, a random token); its modification time is the heartbeat,
 refreshed by a background thread. A lock whose heartbeat is older than ``stale_after_s`` belongs to
-a process that died; another process takes it over by renaming it to a unique name (only one
-rename of a given file can succeed), checking that what it renamed is the stale lock it judged,
-deleting it and creating its own.
+a process that died. Reclaimers take turns through a guard file (itself an exclusive create),
+re-check under it that the lock is still stale, delete it and then create their own with an
+exclusive create, so a fresh lock is never removed and exactly one process wins.
 """
 
 from __future__ import annotations
@@ -75,6 +75,10 @@ def _validate_times(stale_after_s: float, heartbeat_s: float | None) -> None:
             f"lock heartbeat {heartbeat_s} s must be positive and at most half the lock timeout "
             f"({stale_after_s} s), or a live lock could be judged stale"
         )
+
+
+#: a takeover guard older than this was left by a reclaimer that died
+_GUARD_STALE_S = 60.0
 
 
 class LockFile:
@@ -203,38 +207,42 @@ class LockFile:
         return True
 
     def _take_over_stale(self) -> bool:
-        """Remove the lock file if it is stale; True when this process removed it.
+        """Remove the lock file if it is stale; True when the caller should try to create it.
 
-        The file is renamed to a name unique to this attempt: of several processes that judged it
-        stale, one rename succeeds. The winner checks that the renamed file is the one it judged
-        (same inode, same owner token, still old); if another process replaced the lock in the
-        meantime, the fresh lock is linked back (a link never overwrites) and the takeover fails.
+        Reclaimers serialise on a guard file (``<lock>.takeover``, exclusive create) and re-check
+        staleness while holding it, so a lock that another process has just created or renewed is
+        never removed; creating the new lock afterwards is an exclusive create, so of all the
+        processes that try, exactly one wins. A guard left by a reclaimer that died is removed
+        once it is older than a minute.
         """
+        if not self._is_stale_now():
+            return not self.path.exists()
+        guard = self.path.with_name(self.path.name + ".takeover")
         try:
-            before = self.path.stat()
-        except FileNotFoundError:
-            return True  # released meanwhile: try to create it
-        if time.time() - before.st_mtime <= self.stale_after_s:
+            os.close(os.open(guard, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644))
+        except FileExistsError:
+            with contextlib.suppress(FileNotFoundError):
+                if time.time() - guard.stat().st_mtime > _GUARD_STALE_S:
+                    guard.unlink()
             return False
-        judged = read_owner(self.path)
-        aside = self.path.with_name(f"{self.path.name}.stale-{uuid.uuid4().hex}")
         try:
-            os.rename(self.path, aside)
-        except FileNotFoundError:
-            return False  # another process took it over first
-        try:
-            after = aside.stat()
-            same = (after.st_ino, after.st_dev) == (before.st_ino, before.st_dev) and read_owner(aside) == judged
-            if same and time.time() - after.st_mtime > self.stale_after_s:
-                log.warning("took over the stale lock %s (owner %s)", self.path, judged)
-                return True
-            log.debug("%s was replaced while judged stale; putting it back", self.path)
-            with contextlib.suppress(FileExistsError):
-                os.link(aside, self.path)
-            return False
+            if not self._is_stale_now():
+                return not self.path.exists()
+            judged = read_owner(self.path)
+            with contextlib.suppress(FileNotFoundError):
+                self.path.unlink()
+            log.warning("took over the stale lock %s (owner %s)", self.path, judged)
+            return True
         finally:
             with contextlib.suppress(FileNotFoundError):
-                aside.unlink()
+                guard.unlink()
+
+    def _is_stale_now(self) -> bool:
+        """Whether the lock file exists and its heartbeat is older than ``stale_after_s``."""
+        try:
+            return time.time() - self.path.stat().st_mtime > self.stale_after_s
+        except FileNotFoundError:
+            return False
 
     def _still_ours(self) -> bool:
         """Whether the lock file exists and carries this object's token."""

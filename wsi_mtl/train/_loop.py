@@ -289,7 +289,7 @@ def train(cfg: TrainConfig, *, max_minutes: float | None = None, progress: bool 
             # mean pace so far (validation included), keeping 5% for the final validation.
             pace = train_seconds / step
             affordable = step + int(max(0.0, 0.95 * budget_s - train_seconds) / pace)
-            new = max(step + 1, min(cfg.steps, affordable))
+            new = min(cfg.steps, max(step + 1, affordable))
             if train_seconds >= budget_s:
                 new = step
             if new != horizon:

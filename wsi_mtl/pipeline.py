@@ -256,6 +256,7 @@ def segment_slide(
             "downsample": ds,
             "tile": {"core_px": core, "margin_px": margin_px},
             "tissue_mask_mpp": tissue.mpp,
+            "postprocess": dict(cfg.extra.get("postprocess") or {}),
         }
         previous = read_run(result_dir)
         maps_done = (

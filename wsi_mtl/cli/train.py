@@ -17,10 +17,11 @@ import click
 @click.option("--max-minutes", type=click.FloatRange(min=0, min_open=True), default=None, help="Stop after this long (resumable) without exporting.")
 @click.option("--threads", type=click.IntRange(min=1), default=None, help="torch CPU threads.")
 @click.option("--no-export", is_flag=True, help="Do not save the model folder at the end.")
-@click.option("--export-only", is_flag=True, help="Only export the best checkpoint of the run folder.")
+@click.option("--export-only", is_flag=True, help="Only export the run folder's final checkpoint (with --best: the best-scoring one).")
+@click.option("--best", is_flag=True, help="With --export-only: export the checkpoint of the best validation score.")
 @click.option("--progress/--no-progress", default=True, help="Show a progress bar.")
 def train(config: Path, steps: int | None, steps_per_epoch: int | None, run_dir: Path | None, output_model: Path | None, data_root: Path | None,
-          max_minutes: float | None, threads: int | None, no_export: bool, export_only: bool, progress: bool) -> None:
+          max_minutes: float | None, threads: int | None, no_export: bool, export_only: bool, best: bool, progress: bool) -> None:
     """Train the model described by CONFIG (resumes from the run folder's checkpoint)."""
     import json
 
@@ -37,7 +38,7 @@ def train(config: Path, steps: int | None, steps_per_epoch: int | None, run_dir:
         threads=threads,
     )
     if export_only:
-        out = export_model(cfg)
+        out = export_model(cfg, which="best" if best else "last")
         click.echo(f"exported {out}")
         return
     result = run_training(cfg, max_minutes=max_minutes, progress=progress, export=not no_export)

@@ -35,7 +35,7 @@ import math
 import uuid
 from collections.abc import Iterable, Iterator, Mapping
 from concurrent.futures import Future, ProcessPoolExecutor
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -121,6 +121,16 @@ class PostprocessParams:
     simplify_px: float = 0.5
     tissue_min_area_px: int = 1
 
+    @classmethod
+    def from_mapping(cls, values: Mapping[str, Any] | None) -> PostprocessParams:
+        """Defaults overridden by the known keys of ``values`` (a model's tuned settings); others are ignored."""
+        kinds = {f.name: (int if f.type in ("int", int) else float) for f in fields(cls)}
+        values = dict(values or {})
+        unknown = sorted(set(values) - set(kinds))
+        if unknown:
+            log.warning("ignoring unknown post-processing settings %s", unknown)
+        return cls(**{k: kinds[k](v) for k, v in values.items() if k in kinds})
+
 
 @dataclass(frozen=True)
 class HeadMeta:
@@ -139,6 +149,8 @@ class MapsMeta:
     slide_mpp: float
     downsample: float
     heads: dict[str, HeadMeta] = field(default_factory=dict)
+    #: The model's tuned post-processing settings recorded in the store (``PostprocessParams`` fields).
+    postprocess: dict[str, Any] = field(default_factory=dict)
 
 
 # ------------------------------------------------------------------------------------ reading
@@ -192,7 +204,7 @@ def read_meta(predictions_path: str | Path) -> MapsMeta:
         classes = tuple(info.get("classes") or info.get("class_names") or ())
         colors = tuple(tuple(int(v) for v in c) for c in info.get("colors") or ())
         heads[name] = HeadMeta(tuple(arr.shape), float(head_ds), classes, colors)
-    return MapsMeta(float(slide_mpp), float(ds), heads)
+    return MapsMeta(float(slide_mpp), float(ds), heads, dict(attrs.get("postprocess") or {}))
 
 
 class _ZarrReader:
@@ -619,7 +631,8 @@ def extract_objects(
     workers : int
         Processes; 1 runs in this process.
     params : PostprocessParams, optional
-        Thresholds and sizes.
+        Thresholds and sizes; default: the model's tuned settings recorded in the store
+        (``postprocess`` attribute), else the defaults.
 
     Yields
     ------
@@ -633,10 +646,10 @@ def extract_objects(
     HaloTooSmallError
         An object wider than the largest halo (the message names the parameter to increase).
     """
-    params = params or PostprocessParams()
     if workers < 1:
         raise ValueError(f"workers must be >= 1; got {workers}")
     meta = read_meta(predictions_path)
+    params = params or PostprocessParams.from_mapping(meta.postprocess)
     tasks = _check_tasks(_available_tasks(meta) if tasks is None else tasks, meta)
     jobs = _plan_jobs(meta, tasks, chunk_px=chunk_px, halo_px=halo_px, max_halo_px=max_halo_px, params=params)
     log.info("post-processing %s: %d chunks, tasks %s, %d worker(s)", predictions_path, len(jobs), tasks, workers)

@@ -53,6 +53,10 @@ class TrainConfig:
     checkpoint_every: int = 100
     seg_batch: int = 8
     seg_crop_px: int = 256
+    #: Per-task overrides of ``seg_crop_px`` / ``seg_batch`` for schedule entries naming one task
+    #: (glands need more context than nuclei: larger, fewer crops at about the same cost).
+    task_crop_px: Mapping[str, int] = field(default_factory=dict)
+    task_batch: Mapping[str, int] = field(default_factory=dict)
     cls_batch: int = 16
     cls_crop_px: int = 160
     schedule: tuple[str, ...] = ("seg", "seg", "cls")
@@ -77,6 +81,10 @@ class TrainConfig:
     source_mpp: Mapping[str, float] = field(default_factory=lambda: dict(DEFAULT_SOURCE_MPP))
     val_limit: Mapping[str, int] = field(default_factory=dict)
     time_budget_minutes: float | None = None
+    #: Tune the post-processing thresholds on training images at export (see ``wsi_mtl.train._tune``).
+    tune_postprocess: bool = False
+    #: Training images used for tuning, per task (``nuclei``, ``gland``; spread evenly over the set).
+    tune_images: Mapping[str, int] = field(default_factory=lambda: {"nuclei": 25, "gland": 24})
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready dict (paths as strings)."""
@@ -134,6 +142,14 @@ def _validate(data: Mapping[str, Any], base: Path) -> TrainConfig:
         raise InputError("training config: steps, steps_per_epoch and checkpoint_every must be >= 1")
     if cfg.seg_crop_px % 32 or cfg.cls_crop_px % 32:
         raise InputError(f"training config: crop sizes must be multiples of 32, got {cfg.seg_crop_px} and {cfg.cls_crop_px}")
+    for name, per_task in (("task_crop_px", cfg.task_crop_px), ("task_batch", cfg.task_batch)):
+        extra = sorted(set(per_task) - set(_SEG_TASKS))
+        if extra:
+            raise InputError(f"training config: {name} has unknown tasks {extra}; known: {list(_SEG_TASKS)}")
+        if any(int(v) < 1 for v in per_task.values()):
+            raise InputError(f"training config: {name} values must be >= 1, got {dict(per_task)}")
+    if any(int(v) % 32 for v in cfg.task_crop_px.values()):
+        raise InputError(f"training config: task_crop_px values must be multiples of 32, got {dict(cfg.task_crop_px)}")
     bad_limits = sorted(set(cfg.val_limit) - set(_SEG_TASKS) - set(_CLS_TASKS))
     if bad_limits:
         raise InputError(f"training config: val_limit has unknown tasks {bad_limits}")

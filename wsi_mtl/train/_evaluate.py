@@ -19,7 +19,8 @@ from .. import metrics
 from ._augment import resize_labels
 from ..errors import InputError
 from ._data import CRCHP_CLASSES, ClsItem, SegItem, Sources, _csv, _read_labels
-from ._postprocess import gland_labels, nuclei_labels
+from ..postprocess import PostprocessParams
+from ._postprocess import gland_labels, nuclei_labels, params_of
 
 __all__ = ["REFERENCE_IMAGES", "reference_metrics", "evaluate_split", "glas_native_truth", "heads_only", "predict_image", "classify_image", "evaluate_sources", "format_table", "instance_types"]
 
@@ -114,6 +115,7 @@ def evaluate_sources(
     bf16: bool = True,
     progress: bool = False,
     per_image: bool = False,
+    params: PostprocessParams | None = None,
 ) -> dict[str, Any]:
     """Metrics of ``model`` on labelled data (each task only when its data is present).
 
@@ -131,6 +133,8 @@ def evaluate_sources(
         Matching radius of nucleus centres in model pixels (6 px at 20x / 0.5 um/px).
     per_image
         Also return the per-image scores under ``"images"``.
+    params
+        Post-processing settings (default: the model's own, as `wsimtl segment` uses them).
 
     Returns
     -------
@@ -141,6 +145,7 @@ def evaluate_sources(
         kather2016: {...}}.
     """
     heads = set(model.config.heads)
+    params = params or params_of(model)
     res: dict[str, Any] = {}
     images: dict[str, Any] = {}
     wrap = (lambda it, d: tqdm(it, desc=d, leave=False)) if progress else (lambda it, d: it)
@@ -150,7 +155,7 @@ def evaluate_sources(
         rows = []
         for item in wrap(nuclei, "nuclei"):
             probs = predict_image(model, item.image, heads=["Nuclei-INST"], bf16=bf16)
-            pred = nuclei_labels(probs["Nuclei-INST"])
+            pred = nuclei_labels(probs["Nuclei-INST"], params)
             pq = metrics.panoptic_quality(item.labels, pred)
             row = {"dice": metrics.dice_score(item.labels, pred), "aji": metrics.aji(item.labels, pred), "pq": pq.pq, "dq": pq.dq, "sq": pq.sq}
             rows.append(row)
@@ -163,7 +168,7 @@ def evaluate_sources(
         dices, hds, correct, n_grade = [], [], 0, 0
         for item in wrap(glands, "glands"):
             probs = predict_image(model, item.image, heads=["Gland-INST", "Patch-GlaS"], bf16=bf16)
-            pred = gland_labels(probs["Gland-INST"])
+            pred = gland_labels(probs["Gland-INST"], params)
             truth = item.labels
             if gland_truth is not None and item.name in gland_truth:
                 truth = gland_truth[item.name]
@@ -197,7 +202,7 @@ def evaluate_sources(
         det_tp = det_true = det_pred = 0
         for item in wrap(typed, "nuclear types"):
             probs = predict_image(model, item.image, heads=["Nuclei-INST", "Nuclei-TYPE"], bf16=bf16)
-            lab = nuclei_labels(probs["Nuclei-INST"])
+            lab = nuclei_labels(probs["Nuclei-INST"], params)
             _, cents, cls = instance_types(lab, probs["Nuclei-TYPE"])
             true_yx = item.points_yx if item.points_yx is not None else np.zeros((0, 2))
             true_cls = np.where(item.point_classes > 0, item.point_classes, -1) if item.point_classes is not None else np.zeros(0, int)

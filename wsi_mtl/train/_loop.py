@@ -56,16 +56,21 @@ def _pick(rng: np.random.Generator, mixture: Mapping[str, float], available: Map
 
 
 def make_seg_batch(rng: np.random.Generator, data: Sources, cfg: TrainConfig, patch_heads: Sequence[str], *, task: str | None = None) -> Batch:
-    """A segmentation batch of one ``task``, or (None) each sample from a task of ``cfg.seg_mixture``."""
+    """A segmentation batch of one ``task``, or (None) each sample from a task of ``cfg.seg_mixture``.
+
+    A named task uses its ``cfg.task_crop_px`` / ``cfg.task_batch`` when set.
+    """
+    crop_px = int(cfg.task_crop_px.get(task, cfg.seg_crop_px)) if task is not None else cfg.seg_crop_px
+    n = int(cfg.task_batch.get(task, cfg.seg_batch)) if task is not None else cfg.seg_batch
     imgs, tgts, patches = [], {h: [] for h in SEG_HEADS}, {h: [] for h in patch_heads}
     if task is not None and not data.seg.get(task):
         raise InputError(f"no training data for task {task!r}")
     fixed = task
-    for _ in range(cfg.seg_batch):
+    for _ in range(n):
         task = fixed or _pick(rng, cfg.seg_mixture, data.seg)
         items = data.seg[task]
         item = items[int(rng.integers(len(items)))]
-        img, t, p = sample_seg(rng, item, crop_px=cfg.seg_crop_px, scale_range=cfg.scale_range, nuclei_erosion_px=cfg.nuclei_erosion_px, gland_erosion_px=cfg.gland_erosion_px)
+        img, t, p = sample_seg(rng, item, crop_px=crop_px, scale_range=cfg.scale_range, nuclei_erosion_px=cfg.nuclei_erosion_px, gland_erosion_px=cfg.gland_erosion_px)
         imgs.append(img)
         for h in SEG_HEADS:
             tgts[h].append(t[h])
@@ -325,7 +330,11 @@ def train(cfg: TrainConfig, *, max_minutes: float | None = None, progress: bool 
 
 
 def export_model(cfg: TrainConfig, model: MultiTaskNet | None = None, *, which: str = "best") -> Path:
-    """Save the ``best`` (or ``last``) weights of the run with ``save_model`` into ``cfg.output_model``."""
+    """Save the ``best`` (or ``last``) weights of the run with ``save_model`` into ``cfg.output_model``.
+
+    With ``cfg.tune_postprocess`` the post-processing thresholds are first tuned on training
+    images (:func:`~wsi_mtl.train._tune.tune_postprocess`) and stored in the model's config.
+    """
     run = Path(cfg.run_dir)
     if model is None:
         model = create_model(get_model_config(cfg.arch), seed=cfg.seed)
@@ -338,12 +347,38 @@ def export_model(cfg: TrainConfig, model: MultiTaskNet | None = None, *, which: 
     model.load_state_dict(ck["model"])
     model.set_channels_last(False)
     model.eval()
-    extra = dict(model.config.extra) | {"training": {"steps": int(ck.get("step", 0)), "config": f"{cfg.name}", "untrained_heads": list(UNTRAINED_HEADS)}}
-    model.config = model.config.replace(extra=extra)
+    training: dict[str, Any] = {"steps": int(ck.get("step", 0)), "config": f"{cfg.name}", "untrained_heads": list(UNTRAINED_HEADS)}
+    extra = dict(model.config.extra)
+    if cfg.tune_postprocess:
+        tuned = tune_on_training_images(cfg, model)
+        extra["postprocess"] = tuned["postprocess"]
+        training["postprocess_tuning"] = {"scores": tuned["scores"], "n_images": tuned["n_images"], "images": "training images (never the validation split)"}
+    model.config = model.config.replace(extra=extra | {"training": training})
     assert cfg.output_model is not None
     save_model(model, cfg.output_model, trained=True)
     logger.info("exported %s weights of step %s to %s", which, ck.get("step"), cfg.output_model)
     return Path(cfg.output_model)
+
+
+def tune_on_training_images(cfg: TrainConfig, model: MultiTaskNet) -> dict[str, Any]:
+    """Tune post-processing on ``cfg.tune_images`` training images per task (evenly spaced)."""
+    from ._config import load_split
+    from ._tune import tune_postprocess
+
+    mc = model.config
+    lc = list(mc.heads["Patch-LC25000"].class_names) if "Patch-LC25000" in mc.heads else ["lung_aca", "lung_n", "lung_scc"]
+    data = load_sources(Path(cfg.data_root), mpp=mc.mpp, source_mpp=cfg.source_mpp, split=load_split(cfg.splits), part="train",
+                        lc_classes=lc, tasks=["nuclei", "gland"])
+
+    def spread(items: list[Any], n: int) -> list[Any]:
+        return items if len(items) <= n else [items[int(i)] for i in np.linspace(0, len(items) - 1, n)]
+
+    return tune_postprocess(
+        model,
+        spread(data.seg.get("nuclei", []), int(cfg.tune_images.get("nuclei", 25))),
+        spread(data.seg.get("gland", []), int(cfg.tune_images.get("gland", 24))),
+        bf16=cfg.bf16,
+    )
 
 
 def _check_disjoint(a: Sources, b: Sources) -> None:

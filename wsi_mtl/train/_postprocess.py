@@ -1,19 +1,32 @@
-"""Instance extraction for evaluation: the same post-processing `wsimtl segment` uses."""
+"""Instance extraction for evaluation: the same post-processing (and settings) `wsimtl segment` uses."""
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 
-from ..postprocess import gland_instances, nuclei_instances
+from ..postprocess import PostprocessParams, gland_instances, nuclei_instances
 
-__all__ = ["nuclei_labels", "gland_labels"]
+__all__ = ["nuclei_labels", "gland_labels", "params_of"]
 
 
-def nuclei_labels(prob: np.ndarray) -> np.ndarray:
+def params_of(model: Any) -> PostprocessParams:
+    """The post-processing settings of a model: its tuned ``extra.postprocess``, else the defaults."""
+    config = getattr(model, "config", None)
+    extra = getattr(config, "extra", None) or {}
+    return PostprocessParams.from_mapping(extra.get("postprocess"))
+
+
+def nuclei_labels(prob: np.ndarray, params: PostprocessParams | None = None) -> np.ndarray:
     """(H, W) int32 nuclei instances from a (3, H, W) Nuclei-INST map (float or uint8 255 p)."""
-    return np.asarray(nuclei_instances(prob)).astype(np.int32)
+    p = params or PostprocessParams()
+    return np.asarray(
+        nuclei_instances(prob, min_area_px=p.nuclei_min_area_px, marker_threshold=p.nuclei_marker_threshold, mask_threshold=p.nuclei_mask_threshold)
+    ).astype(np.int32)
 
 
-def gland_labels(prob: np.ndarray) -> np.ndarray:
+def gland_labels(prob: np.ndarray, params: PostprocessParams | None = None) -> np.ndarray:
     """(H, W) int32 gland instances from a (3, H, W) Gland-INST map at 0.5 um/px."""
-    return np.asarray(gland_instances(prob)).astype(np.int32)
+    p = params or PostprocessParams()
+    return np.asarray(gland_instances(prob, threshold=p.gland_threshold, erosion_px=p.gland_erosion_px, min_area_px=p.gland_min_area_px)).astype(np.int32)

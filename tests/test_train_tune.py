@@ -1,0 +1,105 @@
+"""Per-task crop sizes, tuned post-processing settings and where they are used."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from wsi_mtl.errors import InputError
+from wsi_mtl.network import get_model_config
+from wsi_mtl.postprocess import PostprocessParams, extract_objects
+from wsi_mtl.train import SegItem, Sources, TrainConfig, load_config, make_seg_batch
+from wsi_mtl.train._postprocess import gland_labels, params_of
+from wsi_mtl.train._tune import choose_params
+
+from test_postprocess_extract import write_predictions
+
+
+def _disks(size: int, centres: list[tuple[int, int]], radius: int) -> np.ndarray:
+    yy, xx = np.mgrid[:size, :size]
+    lab = np.zeros((size, size), np.int32)
+    for k, (cy, cx) in enumerate(centres, start=1):
+        lab[(yy - cy) ** 2 + (xx - cx) ** 2 <= radius**2] = k
+    return lab
+
+
+def _weak_inst(labels: np.ndarray, interior: float) -> np.ndarray:
+    """A 3-class INST map whose object pixels have interior probability ``interior`` (rest boundary)."""
+    p = np.zeros((3,) + labels.shape, np.float32)
+    obj = labels > 0
+    p[0][~obj] = 1.0
+    p[1][obj] = interior
+    p[2][obj] = 1.0 - interior
+    return p
+
+
+def test_task_crop_and_batch_override_named_tasks_only():
+    rng = np.random.default_rng(0)
+    img = np.full((200, 200, 3), 200, np.uint8)
+    lab = _disks(200, [(50, 50), (140, 120)], 30)
+    data = Sources({"gland": [SegItem("g", "syn", "gland", img, lab)], "nuclei": [SegItem("n", "syn", "nuclei", img, lab)]}, {})
+    cfg = TrainConfig(seg_batch=4, seg_crop_px=64, task_crop_px={"gland": 128}, task_batch={"gland": 2}, scale_range=(1.0, 1.0))
+    heads = get_model_config("wsimtl_small").patch_heads
+    g = make_seg_batch(rng, data, cfg, heads, task="gland")
+    n = make_seg_batch(rng, data, cfg, heads, task="nuclei")
+    assert g.images.shape == (2, 3, 128, 128) and g.seg["Gland-INST"].shape == (2, 128, 128)
+    assert n.images.shape == (4, 3, 64, 64)
+
+
+@pytest.mark.parametrize("bad", [{"task_crop_px": {"gland": 100}}, {"task_crop_px": {"glands": 128}}, {"task_batch": {"gland": 0}}])
+def test_task_overrides_are_checked(tmp_path, bad):
+    path = tmp_path / "c.json"
+    path.write_text(json.dumps(bad))
+    with pytest.raises(InputError, match="task_"):
+        load_config(path)
+
+
+def test_from_mapping_overrides_known_fields_and_ignores_others(caplog):
+    p = PostprocessParams.from_mapping({"gland_threshold": 0.3, "nuclei_min_area_px": 6, "bogus": 1})
+    assert p.gland_threshold == 0.3 and p.nuclei_min_area_px == 6.0 and isinstance(p.nuclei_min_area_px, float)
+    assert p.gland_erosion_px == PostprocessParams().gland_erosion_px
+    assert "bogus" in caplog.text
+    assert PostprocessParams.from_mapping(None) == PostprocessParams()
+
+
+def test_choose_params_finds_the_threshold_that_recovers_weak_glands():
+    lab = _disks(160, [(40, 40), (110, 110)], 28)
+    item = SegItem("g", "syn", "gland", np.zeros((160, 160, 3), np.uint8), lab)
+    prob = _weak_inst(lab, 0.6)  # interior - boundary = 0.2: the default threshold 0.5 finds nothing
+    assert gland_labels(prob).max() == 0
+    grid = {"gland_threshold": (0.5, 0.1), "gland_erosion_px": (5.0,), "gland_min_area_px": (100.0,)}
+    best, score, default = choose_params("glands", [item], [prob], grid)
+    assert best == {"gland_threshold": 0.1, "gland_erosion_px": 5.0, "gland_min_area_px": 100.0}
+    assert default < score
+    assert gland_labels(prob, PostprocessParams(**best)).max() == 2
+
+
+def test_model_settings_reach_evaluation_and_extract_objects(tmp_path):
+    class _M:
+        config = get_model_config("wsimtl_small").replace(extra={"postprocess": {"gland_threshold": 0.1, "gland_min_area_px": 100.0}})
+
+    assert params_of(_M()).gland_threshold == 0.1
+    lab = _disks(160, [(40, 40), (110, 110)], 28)
+    maps = {"Gland-INST": np.round(255 * _weak_inst(lab, 0.6)).astype(np.uint8)}
+    default_dir, tuned_dir = tmp_path / "a", tmp_path / "b"
+    write_predictions(default_dir, maps)
+    write_predictions(tuned_dir, maps)
+    import zarr
+
+    root = zarr.open_group(tuned_dir / "predictions.zarr", mode="r+")
+    root.attrs["wsimtl"] = dict(root.attrs["wsimtl"]) | {"postprocess": {"gland_threshold": 0.1, "gland_min_area_px": 100.0}}
+
+    def glands(d):
+        return sum(len(b) for b in extract_objects(d / "predictions.zarr", tasks=["gland"]))
+
+    assert glands(default_dir) == 0
+    assert glands(tuned_dir) == 2
+
+
+def test_shipped_config_tunes_at_export():
+    from pathlib import Path
+
+    cfg = load_config(Path(__file__).resolve().parents[1] / "configs" / "wsimtl-small.yaml")
+    assert cfg.tune_postprocess and cfg.task_crop_px["gland"] > cfg.seg_crop_px

@@ -1,0 +1,127 @@
+"""Tune a model's post-processing thresholds on training images (never on the validation split).
+
+The network is run once per image; every candidate setting is then applied to the stored maps.
+The chosen values go into the model's ``config.json`` (``extra.postprocess``), where
+`wsimtl segment`, `wsimtl export` and `wsimtl evaluate` read them.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+from dataclasses import replace
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+
+from .. import metrics
+from ..postprocess import PostprocessParams
+from ._data import SegItem
+from ._evaluate import predict_image
+from ._postprocess import gland_labels, nuclei_labels
+
+__all__ = ["NUCLEI_GRID", "GLAND_GRID", "choose_params", "tune_postprocess"]
+
+logger = logging.getLogger(__name__)
+
+#: Candidate nuclei settings (PostprocessParams field -> values), scored by mean (AJI + PQ) / 2.
+NUCLEI_GRID: dict[str, tuple[float, ...]] = {
+    "nuclei_marker_threshold": (0.4, 0.5, 0.6, 0.7),
+    "nuclei_mask_threshold": (0.4, 0.5, 0.6),
+    "nuclei_min_area_px": (6.0, 10.0, 16.0),
+}
+#: Candidate gland settings, scored by pooled object F1 + mean object Dice.
+GLAND_GRID: dict[str, tuple[float, ...]] = {
+    "gland_threshold": (0.2, 0.3, 0.4, 0.5, 0.6),
+    "gland_erosion_px": (3.0, 5.0, 8.0, 12.0),
+    "gland_min_area_px": (100.0, 400.0, 1000.0, 2000.0),
+}
+
+
+def _combos(grid: Mapping[str, Sequence[float]]) -> list[dict[str, float]]:
+    keys = list(grid)
+    return [dict(zip(keys, vals)) for vals in itertools.product(*(grid[k] for k in keys))]
+
+
+def _nuclei_score(items: Sequence[SegItem], maps: Sequence[np.ndarray], params: PostprocessParams) -> float:
+    vals = []
+    for item, prob in zip(items, maps):
+        pred = nuclei_labels(prob, params)
+        vals.append(0.5 * (metrics.aji(item.labels, pred) + metrics.panoptic_quality(item.labels, pred).pq))
+    return float(np.mean(vals)) if vals else float("nan")
+
+
+def _gland_score(items: Sequence[SegItem], maps: Sequence[np.ndarray], params: PostprocessParams) -> float:
+    tp = fp = fn = 0
+    dices = []
+    for item, prob in zip(items, maps):
+        pred = gland_labels(prob, params)
+        _, t, p, n = metrics.object_f1(item.labels, pred)
+        tp, fp, fn = tp + t, fp + p, fn + n
+        dices.append(metrics.object_dice(item.labels, pred))
+    f1 = 2 * tp / (2 * tp + fp + fn) if (tp + fp + fn) else 1.0
+    return float(f1 + np.mean(dices)) if dices else float("nan")
+
+
+def choose_params(task: str, items: Sequence[SegItem], maps: Sequence[np.ndarray], grid: Mapping[str, Sequence[float]]) -> tuple[dict[str, float], float, float]:
+    """The ``grid`` setting that scores best for ``task`` (``"nuclei"`` or ``"glands"``) on stored maps.
+
+    ``maps`` are the (3, H, W) INST probabilities of ``items``. Returns the chosen fields, their
+    score and the score of the defaults; ties keep the earlier candidate.
+    """
+    score_fn = {"nuclei": _nuclei_score, "glands": _gland_score}[task]
+    default = PostprocessParams()
+    best: dict[str, float] = {}
+    best_score = -np.inf
+    for combo in _combos(grid):
+        s = score_fn(items, maps, replace(default, **combo))
+        if s > best_score:
+            best, best_score = combo, s
+    return best, float(best_score), score_fn(items, maps, default)
+
+
+def tune_postprocess(
+    model: torch.nn.Module,
+    nuclei: Sequence[SegItem] = (),
+    glands: Sequence[SegItem] = (),
+    *,
+    nuclei_grid: Mapping[str, Sequence[float]] | None = None,
+    gland_grid: Mapping[str, Sequence[float]] | None = None,
+    bf16: bool = True,
+) -> dict[str, Any]:
+    """Pick the post-processing settings that score best on ``nuclei`` and ``glands`` items.
+
+    Parameters
+    ----------
+    model
+        A :class:`~wsi_mtl.network.MultiTaskNet` (eval mode is set here).
+    nuclei, glands
+        Labelled items at the model's mpp (instance labels); pass training images, never the
+        validation split.
+    nuclei_grid, gland_grid
+        Candidate values per :class:`~wsi_mtl.postprocess.PostprocessParams` field
+        (default :data:`NUCLEI_GRID`, :data:`GLAND_GRID`).
+
+    Returns
+    -------
+    dict
+        ``postprocess`` (the chosen fields), ``scores`` (best and default score per task) and
+        ``n_images`` per task.
+    """
+    model.eval()
+    chosen: dict[str, float] = {}
+    scores: dict[str, dict[str, float]] = {}
+    for task, items, head, grid in (
+        ("nuclei", nuclei, "Nuclei-INST", nuclei_grid or NUCLEI_GRID),
+        ("glands", glands, "Gland-INST", gland_grid or GLAND_GRID),
+    ):
+        if not items or head not in model.config.heads:
+            continue
+        maps = [predict_image(model, it.image, heads=[head], bf16=bf16)[head] for it in items]
+        best, best_score, base = choose_params(task, items, maps, grid)
+        logger.info("tuned %s post-processing on %d images: %s (score %.4f; defaults %.4f)", task, len(items), best, best_score, base)
+        chosen.update(best)
+        scores[task] = {"best": float(best_score), "default": float(base)}
+    return {"postprocess": chosen, "scores": scores, "n_images": {"nuclei": len(nuclei), "glands": len(glands)}}

@@ -1,0 +1,116 @@
+"""`wsimtl evaluate --tiles`: a user's own labelled tiles."""
+
+from __future__ import annotations
+
+import csv
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+from PIL import Image
+
+from wsi_mtl.cli import cli, main
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _tile_dir(root: Path, n: int = 2, size: int = 96, mismatch: bool = False) -> Path:
+    rng = np.random.default_rng(0)
+    (root / "images").mkdir(parents=True)
+    (root / "labels").mkdir()
+    yy, xx = np.mgrid[:size, :size]
+    for i in range(n):
+        lab = np.zeros((size, size), np.uint16)
+        for k in range(1, 8):
+            cy, cx = rng.uniform(8, size - 8, 2)
+            lab[((yy - cy) ** 2 + (xx - cx) ** 2 <= 25) & (lab == 0)] = k
+        img = np.full((size, size, 3), (235, 180, 210), np.uint8)
+        img[lab > 0] = (70, 40, 120)
+        Image.fromarray(img).save(root / "images" / f"t{i}.png")
+        Image.fromarray(lab[: size - 1] if mismatch and i == 0 else lab).save(root / "labels" / f"t{i}.png")
+    return root
+
+
+def test_nuclei_tiles_are_scored(tmp_path):
+    tiles = _tile_dir(tmp_path / "tiles")
+    out = tmp_path / "m.json"
+    res = CliRunner().invoke(cli, ["evaluate", "--tiles", str(tiles), "--task", "nuclei", "--mpp", "0.5", "--json", str(out), "--no-progress", "--per-image"],
+                             catch_exceptions=False)
+    assert res.exit_code == 0, res.output
+    data = json.loads(out.read_text())
+    assert data["nuclei"]["n_images"] == 2 and set(data["images"]) == {"nuclei/t0", "nuclei/t1"}
+    assert 0.0 <= data["nuclei"]["aji"] <= 1.0 and 0.0 <= data["nuclei"]["dice"] <= 1.0
+    assert "glands" not in data and data["mpp"] == 0.5
+
+
+def test_tissue_tiles_need_known_labels(tmp_path):
+    root = tmp_path / "tissue"
+    root.mkdir()
+    for i, label in enumerate(["lung_aca", "lung_n", "lung_scc"]):
+        Image.fromarray(np.full((64, 64, 3), 60 * i + 40, np.uint8)).save(root / f"{i}.png")
+    with open(root / "labels.csv", "w", newline="") as fh:
+        w = csv.writer(fh)
+        w.writerow(["file", "label"])
+        w.writerows([["0.png", "lung_aca"], ["1.png", "lung_n"], ["2.png", "lung_scc"]])
+    out = tmp_path / "m.json"
+    res = CliRunner().invoke(cli, ["evaluate", "--tiles", str(root), "--task", "tissue", "--head", "Patch-LC25000", "--mpp", "1.0", "--json", str(out), "--no-progress"],
+                             catch_exceptions=False)
+    assert res.exit_code == 0, res.output
+    t = json.loads(out.read_text())["tissue"]["tiles"]
+    assert t["n_images"] == 3 and np.array(t["confusion"]).sum() == 3
+    with open(root / "labels.csv", "a", newline="") as fh:
+        fh.write("0.png,lung_xyz\n")
+    with pytest.raises(SystemExit) as exc:
+        main(["evaluate", "--tiles", str(root), "--task", "tissue", "--head", "Patch-LC25000", "--mpp", "1.0", "--no-progress"])
+    assert exc.value.code == 2
+
+
+@pytest.mark.parametrize("args", [
+    ["--task", "nuclei"],  # no --mpp
+    ["--mpp", "0.5"],  # no --task
+    ["--task", "tissue", "--mpp", "0.5"],  # no --head
+])
+def test_missing_options_are_one_line_errors(tmp_path, capsys, args):
+    tiles = _tile_dir(tmp_path / "tiles", n=1)
+    with pytest.raises(SystemExit) as exc:
+        main(["evaluate", "--tiles", str(tiles), "--no-progress", *args])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("wsimtl: error:")
+
+
+def test_label_map_of_another_size_is_refused(tmp_path, capsys):
+    tiles = _tile_dir(tmp_path / "tiles", mismatch=True)
+    with pytest.raises(SystemExit) as exc:
+        main(["evaluate", "--tiles", str(tiles), "--task", "glands", "--mpp", "0.62", "--no-progress"])
+    assert exc.value.code == 2
+    assert "label map of t0" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+@pytest.mark.shared_data
+def test_tiles_give_the_same_scores_as_the_split(shared_data, tmp_path):
+    """A validation image copied into the tiles layout scores exactly as through the split."""
+    from wsi_mtl.network import load_model
+    from wsi_mtl.train import evaluate_split, load_split
+
+    name = "TCGA-A7-A13E-01Z-00-DX1"
+    base = shared_data / "nuclei" / "monuseg"
+    row = next(r for r in csv.DictReader(open(base / "manifest.csv")) if r["name"] == name)
+    tiles = tmp_path / "tiles"
+    (tiles / "images").mkdir(parents=True)
+    (tiles / "labels").mkdir()
+    shutil.copy(base / row["image"], tiles / "images" / (name + Path(row["image"]).suffix))
+    shutil.copy(base / row["instance_mask"], tiles / "labels" / (name + ".png"))
+    out = tmp_path / "m.json"
+    res = CliRunner().invoke(cli, ["evaluate", "--tiles", str(tiles), "--task", "nuclei", "--mpp", "0.25", "--json", str(out), "--no-progress"],
+                             catch_exceptions=False)
+    assert res.exit_code == 0, res.output
+    got = json.loads(out.read_text())["nuclei"]
+    ref = evaluate_split(load_model("wsimtl-small"), data_root=shared_data, split=load_split(REPO / "configs" / "splits" / "validation.yaml"),
+                         tasks=["nuclei"], only={"monuseg": [name]})["nuclei"]
+    for k in ("dice", "aji", "pq"):
+        assert got[k] == pytest.approx(ref[k], abs=1e-9), k

@@ -103,3 +103,28 @@ def test_shipped_config_tunes_at_export():
 
     cfg = load_config(Path(__file__).resolve().parents[1] / "configs" / "wsimtl-small.yaml")
     assert cfg.tune_postprocess and cfg.task_crop_px["gland"] > cfg.seg_crop_px
+
+
+def test_refit_batchnorm_averages_statistics_and_keeps_weights():
+    import torch
+
+    from test_train_loop import _cfg, _synthetic_sources
+    from wsi_mtl.network import create_model
+    from wsi_mtl.train._loop import refit_batchnorm
+
+    model = create_model(get_model_config("wsimtl_small"), seed=0)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    cfg = _cfg(schedule=("nuclei", "gland", "cls"))
+    refit_batchnorm(model, cfg, _synthetic_sources(), batches=6)
+    after = model.state_dict()
+    assert not model.training
+    for k, v in after.items():
+        if "running" not in k and "num_batches" not in k:
+            assert torch.equal(v, before[k]), k  # weights untouched
+    stem = "backbone.bn1.running_mean"
+    assert not torch.equal(after[stem], before[stem])  # the encoder saw every batch
+    assert int(after["backbone.bn1.num_batches_tracked"]) == 6
+    lumen = [k for k in after if k.startswith("decoder_head.Lumen.") and k.endswith("running_mean")]
+    assert lumen and all(torch.equal(after[k], before[k]) for k in lumen)  # untrained decoder kept as is
+    nuclei = [k for k in after if k.startswith("decoder_head.Nuclei.") and k.endswith("num_batches_tracked")]
+    assert nuclei and all(int(after[k]) == 2 for k in nuclei)  # only its own task's batches

@@ -81,6 +81,9 @@ class TrainConfig:
     source_mpp: Mapping[str, float] = field(default_factory=lambda: dict(DEFAULT_SOURCE_MPP))
     val_limit: Mapping[str, int] = field(default_factory=dict)
     time_budget_minutes: float | None = None
+    #: Training batches (the schedule's rotation) over which BatchNorm statistics are re-estimated
+    #: at export (0: keep the running averages of the last steps).
+    refit_bn_batches: int = 0
     #: Tune the post-processing thresholds on training images at export (see ``wsi_mtl.train._tune``).
     tune_postprocess: bool = False
     #: Training images used for tuning, per task (``nuclei``, ``gland``; spread evenly over the set).

@@ -349,6 +349,9 @@ def export_model(cfg: TrainConfig, model: MultiTaskNet | None = None, *, which: 
     model.eval()
     training: dict[str, Any] = {"steps": int(ck.get("step", 0)), "config": f"{cfg.name}", "untrained_heads": list(UNTRAINED_HEADS)}
     extra = dict(model.config.extra)
+    if cfg.refit_bn_batches > 0:
+        refit_batchnorm(model, cfg, _training_sources(cfg, model), batches=cfg.refit_bn_batches)
+        training["batchnorm_refit_batches"] = int(cfg.refit_bn_batches)
     if cfg.tune_postprocess:
         tuned = tune_on_training_images(cfg, model)
         extra["postprocess"] = tuned["postprocess"]
@@ -360,15 +363,72 @@ def export_model(cfg: TrainConfig, model: MultiTaskNet | None = None, *, which: 
     return Path(cfg.output_model)
 
 
-def tune_on_training_images(cfg: TrainConfig, model: MultiTaskNet) -> dict[str, Any]:
-    """Tune post-processing on ``cfg.tune_images`` training images per task (evenly spaced)."""
+#: The heads each schedule entry trains (and so the decoders whose BatchNorm it feeds).
+_ENTRY_HEADS: dict[str, tuple[str, ...]] = {
+    "nuclei": ("Nuclei-INST",),
+    "nuclei_binary": ("Nuclei-INST",),
+    "nuclei_type": ("Nuclei-TYPE",),
+    "gland": ("Gland-INST", "Patch-GlaS"),
+    "cls": ("Patch-Class", "Patch-LC25000"),
+}
+
+
+def _training_sources(cfg: TrainConfig, model: MultiTaskNet, tasks: Sequence[str] | None = None) -> Sources:
     from ._config import load_split
-    from ._tune import tune_postprocess
 
     mc = model.config
     lc = list(mc.heads["Patch-LC25000"].class_names) if "Patch-LC25000" in mc.heads else ["lung_aca", "lung_n", "lung_scc"]
-    data = load_sources(Path(cfg.data_root), mpp=mc.mpp, source_mpp=cfg.source_mpp, split=load_split(cfg.splits), part="train",
-                        lc_classes=lc, tasks=["nuclei", "gland"])
+    return load_sources(Path(cfg.data_root), mpp=mc.mpp, source_mpp=cfg.source_mpp, split=load_split(cfg.splits), part="train", lc_classes=lc, tasks=tasks)
+
+
+@torch.no_grad()
+def refit_batchnorm(model: MultiTaskNet, cfg: TrainConfig, data: Sources, *, batches: int, seed: int | None = None) -> None:
+    """Re-estimate every BatchNorm's running statistics as the plain average over ``batches``
+    training batches drawn as in training (the schedule's rotation, no photometric jitter).
+
+    Each step of training is one task, so the encoder's batch statistics swing between tasks and
+    the exponential running averages mostly remember the last few steps; evaluation then
+    normalises with statistics that match no task. Here each decoder sees only its own task's
+    batches (as in training) and the encoder all of them, equally weighted over the rotation.
+    Weights are unchanged; the model is left in eval mode.
+    """
+    rng = np.random.default_rng(cfg.seed if seed is None else seed)
+    bns = [m for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    saved = [m.momentum for m in bns]
+    frozen = {n: m for n, m in model.named_modules() if isinstance(m, torch.nn.BatchNorm2d) and any(f".{h}." in f".{n}." for h in _untrained_decoders(model))}
+    for m in bns:
+        if m not in frozen.values():
+            m.reset_running_stats()
+            m.momentum = None  # cumulative average
+    model.train()
+    try:
+        for i in range(batches):
+            kind = cfg.schedule[i % len(cfg.schedule)]
+            if kind == "cls":
+                batch = make_cls_batch(rng, data, cfg, model.config.patch_heads)
+                heads = list(_ENTRY_HEADS["cls"])
+            else:
+                batch = make_seg_batch(rng, data, cfg, model.config.patch_heads, task=None if kind == "seg" else kind)
+                heads = list(_ENTRY_HEADS.get(kind, ("Nuclei-INST", "Gland-INST", "Nuclei-TYPE")))
+            heads = [h for h in heads if h in model.config.heads]
+            x = batch.images.contiguous(memory_format=torch.channels_last) if getattr(model, "_channels_last", False) else batch.images
+            with _autocast(cfg.bf16):
+                model(x, heads=heads)
+    finally:
+        for m, mom in zip(bns, saved):
+            m.momentum = mom
+        model.eval()
+
+
+def _untrained_decoders(model: MultiTaskNet) -> set[str]:
+    return {model.config.heads[h].decoder for h in UNTRAINED_HEADS if h in model.config.heads}
+
+
+def tune_on_training_images(cfg: TrainConfig, model: MultiTaskNet) -> dict[str, Any]:
+    """Tune post-processing on ``cfg.tune_images`` training images per task (evenly spaced)."""
+    from ._tune import tune_postprocess
+
+    data = _training_sources(cfg, model, tasks=["nuclei", "gland"])
 
     def spread(items: list[Any], n: int) -> list[Any]:
         return items if len(items) <= n else [items[int(i)] for i in np.linspace(0, len(items) - 1, n)]

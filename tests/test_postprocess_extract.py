@@ -239,6 +239,20 @@ def test_chunked_equals_whole_on_real_masks(real_maps, real_store, whole):
 
 @pytest.mark.shared_data
 @pytest.mark.slow
+def test_chunked_equals_whole_with_opened_gland_cores(real_maps, real_store):
+    """Tuned gland settings (cores opened with a disk) keep chunked extraction exact."""
+    from wsi_mtl.postprocess import PostprocessParams
+
+    params = PostprocessParams(gland_threshold=0.3, gland_open_px=6, gland_erosion_px=3, gland_min_area_px=200)
+    whole = objects_from_maps(real_maps, slide_mpp=0.25, downsample=2.0, tasks=("gland",), params=params,
+                              classes={"Gland-TYPE": (GLAND_TYPES, _colors(3))})
+    chunked = concat_batches(list(extract_objects(real_store, tasks=["gland"], chunk_px=128, workers=1, params=params)))
+    assert len(whole) > 10
+    _assert_same_objects(whole, chunked)
+
+
+@pytest.mark.shared_data
+@pytest.mark.slow
 def test_chunked_equals_whole_with_two_workers(real_store, whole):
     chunked = concat_batches(list(extract_objects(real_store, chunk_px=256, workers=2)))
     _assert_same_objects(whole, chunked)

@@ -128,3 +128,15 @@ def test_refit_batchnorm_averages_statistics_and_keeps_weights():
     assert lumen and all(torch.equal(after[k], before[k]) for k in lumen)  # untrained decoder kept as is
     nuclei = [k for k in after if k.startswith("decoder_head.Nuclei.") and k.endswith("num_batches_tracked")]
     assert nuclei and all(int(after[k]) == 2 for k in nuclei)  # only its own task's batches
+
+
+def test_opening_splits_glands_joined_by_a_thin_bridge():
+    from wsi_mtl.postprocess import gland_instances
+
+    lab = _disks(120, [(60, 30), (60, 90)], 22)
+    lab[58:62, 30:90] = 1  # a 4 px bridge: one blob
+    prob = _weak_inst((lab > 0).astype(np.int32), 1.0)
+    assert gland_instances(prob, min_area_px=100).max() == 1
+    split = gland_instances(prob, min_area_px=100, open_px=4)
+    assert split.max() == 2
+    assert split[60, 30] != split[60, 90]

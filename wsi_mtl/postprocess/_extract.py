@@ -90,7 +90,7 @@ class PostprocessParams:
     ----------
     nuclei_min_area_px, nuclei_marker_threshold, nuclei_mask_threshold
         See :func:`~wsi_mtl.postprocess.nuclei_instances`.
-    gland_threshold, gland_erosion_px, gland_min_area_px
+    gland_threshold, gland_erosion_px, gland_min_area_px, gland_open_px
         See :func:`~wsi_mtl.postprocess.gland_instances` (erosion 5 = Cerberus' 11x11).
     lumen_threshold, lumen_erosion_px, lumen_min_area_px, lumen_min_inside
         See :func:`~wsi_mtl.postprocess.lumen_instances`.
@@ -111,6 +111,7 @@ class PostprocessParams:
     gland_threshold: float = 0.5
     gland_erosion_px: float = 5
     gland_min_area_px: float = 400
+    gland_open_px: float = 0
     lumen_threshold: float = 0.5
     lumen_erosion_px: float = 1
     lumen_min_area_px: float = 40
@@ -358,8 +359,9 @@ def _glands_chunk(reader: Any, chunk: Chunk, meta: MapsMeta, params: Postprocess
     if not ginst.any():
         return _empty_result()
     g_er = math.ceil(params.gland_erosion_px / f)
-    glands = _core_instances(ginst, threshold=params.gland_threshold, erosion_px=g_er, min_area_px=params.gland_min_area_px / f**2)
-    g_margin = 2 * g_er + 1
+    glands = _core_instances(ginst, threshold=params.gland_threshold, erosion_px=g_er, min_area_px=params.gland_min_area_px / f**2,
+                             open_px=params.gland_open_px / f)
+    g_margin = 2 * g_er + 1 + 2 * math.ceil(params.gland_open_px / f)  # opening looks 2 radii away
     g_slices = ndi.find_objects(glands)
     g_cut = np.array([s is not None and _touches_open_edge(s, glands.shape, chunk, g_margin) for s in g_slices], bool)
     out: dict[str, Any] = {}

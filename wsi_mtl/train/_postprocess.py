@@ -29,4 +29,5 @@ def nuclei_labels(prob: np.ndarray, params: PostprocessParams | None = None) -> 
 def gland_labels(prob: np.ndarray, params: PostprocessParams | None = None) -> np.ndarray:
     """(H, W) int32 gland instances from a (3, H, W) Gland-INST map at 0.5 um/px."""
     p = params or PostprocessParams()
-    return np.asarray(gland_instances(prob, threshold=p.gland_threshold, erosion_px=p.gland_erosion_px, min_area_px=p.gland_min_area_px)).astype(np.int32)
+    return np.asarray(gland_instances(prob, threshold=p.gland_threshold, erosion_px=p.gland_erosion_px, min_area_px=p.gland_min_area_px,
+                                      open_px=p.gland_open_px)).astype(np.int32)

@@ -34,9 +34,10 @@ NUCLEI_GRID: dict[str, tuple[float, ...]] = {
 }
 #: Candidate gland settings, scored by pooled object F1 + mean object Dice.
 GLAND_GRID: dict[str, tuple[float, ...]] = {
-    "gland_threshold": (0.2, 0.3, 0.4, 0.5, 0.6),
-    "gland_erosion_px": (3.0, 5.0, 8.0, 12.0),
-    "gland_min_area_px": (100.0, 400.0, 1000.0, 2000.0),
+    "gland_threshold": (0.2, 0.35, 0.5),
+    "gland_erosion_px": (3.0, 5.0, 8.0),
+    "gland_min_area_px": (200.0, 800.0, 2000.0),
+    "gland_open_px": (0.0, 4.0, 8.0),
 }
 
 

@@ -206,3 +206,51 @@ def test_time_budget_ends_the_schedule_early(tmp_path):
     assert [r["step"] for r in lines] == [10] and lines[0]["horizon"] == 10
     ck = torch.load(tmp_path / "t" / "checkpoint.pt", weights_only=True)
     assert ck["step"] == 10 and ck["horizon"] == 10 and ck["train_seconds"] > 0
+
+
+@pytest.mark.slow
+def test_fine_tuning_starts_from_init_weights_and_records_them(tmp_path):
+    _fake_data(tmp_path / "data")
+    first = train(load_config(_write_config(tmp_path, "s1", steps=2)), progress=False)
+    assert first.model_dir is not None
+    stage1 = torch.load(tmp_path / "s1" / "checkpoint.pt", weights_only=True)["model"]
+
+    # Zero steps after the init: the weights must be exactly the stage-1 model's (not a seeded init).
+    from wsi_mtl.network import load_model
+    from wsi_mtl.train import load_initial_weights
+
+    fresh = create_model("wsimtl_small", seed=123)
+    assert load_initial_weights(fresh, first.model_dir) == 2
+    for k, v in load_model(first.model_dir).state_dict().items():
+        torch.testing.assert_close(fresh.state_dict()[k], v, rtol=0, atol=0, msg=k)
+    fresh2 = create_model("wsimtl_small", seed=123)
+    assert load_initial_weights(fresh2, tmp_path / "s1" / "checkpoint.pt") == 2
+    enc = "backbone.conv1.weight"
+    torch.testing.assert_close(fresh2.state_dict()[enc], stage1[enc], rtol=0, atol=0)
+
+    # A stage-2 run from the stage-1 checkpoint records where it started, in its checkpoint and config.json.
+    path = _write_config(tmp_path, "s2", steps=2)
+    cfg = load_config(path, init_from=str(tmp_path / "s1" / "checkpoint.pt"))
+    result = train(cfg, progress=False)
+    ck = torch.load(tmp_path / "s2" / "checkpoint.pt", weights_only=True)
+    assert ck["init"] == {"from": str(tmp_path / "s1" / "checkpoint.pt"), "steps": 2}
+    meta = json.loads((result.model_dir / "config.json").read_text())["extra"]["training"]
+    assert meta["init_from"]["steps"] == 2 and meta["steps"] == 2 and meta["train_seconds"] > 0
+
+
+def test_init_from_rejects_missing_and_mismatching_sources(tmp_path):
+    from wsi_mtl.errors import InputError
+    from wsi_mtl.train import load_initial_weights
+
+    model = create_model("wsimtl_small", seed=0)
+    with pytest.raises(InputError, match="no such model folder or checkpoint"):
+        load_initial_weights(model, tmp_path / "nothing")
+    bad = tmp_path / "bad.pt"
+    state = model.state_dict()
+    key = next(iter(state))
+    torch.save({"model": {**state, key: torch.zeros(1)}, "step": 5}, bad)
+    with pytest.raises(InputError, match="do not fit"):
+        load_initial_weights(model, bad)
+    (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
+    with pytest.raises(InputError, match="not a readable checkpoint"):
+        load_initial_weights(model, tmp_path / "junk.pt")

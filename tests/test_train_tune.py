@@ -140,3 +140,31 @@ def test_opening_splits_glands_joined_by_a_thin_bridge():
     split = gland_instances(prob, min_area_px=100, open_px=4)
     assert split.max() == 2
     assert split[60, 30] != split[60, 90]
+
+
+def test_gland_sweep_reuses_grown_instances_with_identical_scores():
+    from dataclasses import replace
+
+    from wsi_mtl import metrics
+    from wsi_mtl.train._tune import GLAND_GRID, _combos, _gland_score, _GrownGlands
+
+    rng = np.random.default_rng(4)
+    items, maps = [], []
+    for seed in range(2):
+        lab = _disks(160, [(40, 40), (45, 110), (120, 70), (118, 130)], 22 + seed * 4)
+        p = _weak_inst(lab, 0.8) + rng.uniform(0, 0.35, (3, 160, 160)).astype(np.float32)
+        items.append(SegItem(f"g{seed}", "syn", "gland", np.zeros((160, 160, 3), np.uint8), lab))
+        maps.append(p / p.sum(0, keepdims=True))
+    cache = _GrownGlands()
+    for combo in _combos(GLAND_GRID):
+        params = replace(PostprocessParams(), **combo)
+        tp = fp = fn = 0
+        dices = []
+        for item, prob in zip(items, maps):
+            pred = gland_labels(prob, params)
+            _, t, f, n = metrics.object_f1(item.labels, pred)
+            tp, fp, fn = tp + t, fp + f, fn + n
+            dices.append(metrics.object_dice(item.labels, pred))
+        direct = (2 * tp / (2 * tp + fp + fn) if (tp + fp + fn) else 1.0) + float(np.mean(dices))
+        assert _gland_score(items, maps, params, cache) == pytest.approx(direct, abs=1e-12), combo
+    assert cache.key == (0.5, 8.0, 8.0)

@@ -39,15 +39,28 @@ def pair_overlaps(true: np.ndarray, pred: np.ndarray) -> tuple[np.ndarray, np.nd
         ``inter[i, j]`` = pixels shared by ``true_ids[i]`` and ``pred_ids[j]``.
     """
     true, pred = _validate_pair(true, pred)
-    t = true.ravel()
-    p = pred.ravel()
-    true_ids, t_inv, true_area = np.unique(t, return_inverse=True, return_counts=True)
-    pred_ids, p_inv, pred_area = np.unique(p, return_inverse=True, return_counts=True)
-    inter = np.zeros((true_ids.size, pred_ids.size), dtype=np.int64)
-    np.add.at(inter, (t_inv, p_inv), 1)
-    t_keep = true_ids != 0
-    p_keep = pred_ids != 0
-    return (true_ids[t_keep], pred_ids[p_keep], true_area[t_keep], pred_area[p_keep], inter[np.ix_(t_keep, p_keep)])
+    t_ids, t_idx = _compact(true.ravel())
+    p_ids, p_idx = _compact(pred.ravel())
+    # One histogram of (true, pred) index pairs: O(pixels), no sort (background is index 0).
+    joint = np.bincount(t_idx * p_ids.size + p_idx, minlength=t_ids.size * p_ids.size).reshape(t_ids.size, p_ids.size)
+    true_area = joint.sum(axis=1)
+    pred_area = joint.sum(axis=0)
+    return t_ids[1:], p_ids[1:], true_area[1:], pred_area[1:], joint[1:, 1:]
+
+
+def _compact(labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Ids present (0 always first) and each pixel's index into them."""
+    top = int(labels.max(initial=0))
+    if top <= 4 * labels.size + 1024:
+        counts = np.bincount(labels, minlength=1)
+        ids = np.flatnonzero(counts)
+        if ids[0] != 0:
+            ids = np.concatenate([[0], ids])
+        lut = np.zeros(top + 1, np.int64)
+        lut[ids] = np.arange(ids.size)
+        return ids.astype(np.int64), lut[labels]
+    ids, inv = np.unique(np.concatenate([[0], labels]), return_inverse=True)
+    return ids.astype(np.int64), inv[1:].astype(np.int64)
 
 
 def dice_score(true: np.ndarray, pred: np.ndarray) -> float:

@@ -88,6 +88,10 @@ class TrainConfig:
     tune_postprocess: bool = False
     #: Training images used for tuning, per task (``nuclei``, ``gland``; spread evenly over the set).
     tune_images: Mapping[str, int] = field(default_factory=lambda: {"nuclei": 25, "gland": 24})
+    #: Start a new run from these weights instead of a seeded initialisation: a model folder
+    #: (``config.json`` + ``weights.safetensors``) or a run's ``checkpoint.pt`` / ``best.pt``
+    #: (a fine-tuning stage). Ignored when the run folder already holds a checkpoint (resume).
+    init_from: Path | None = None
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready dict (paths as strings)."""
@@ -109,7 +113,7 @@ def _validate(data: Mapping[str, Any], base: Path) -> TrainConfig:
         raise InputError(f"training config: unknown keys {unknown}; known: {sorted(fields)}")
     kw: dict[str, Any] = {}
     for k, v in data.items():
-        if k in ("data_root", "splits", "run_dir", "output_model"):
+        if k in ("data_root", "splits", "run_dir", "output_model", "init_from"):
             if v is None:
                 kw[k] = None
                 continue

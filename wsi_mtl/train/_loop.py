@@ -25,7 +25,7 @@ from ._data import SEG_HEADS, Sources, load_sources, sample_cls, sample_seg
 from ._evaluate import evaluate_sources, glas_native_truth, heads_only
 from ._losses import patch_loss, seg_loss
 
-__all__ = ["Batch", "make_seg_batch", "make_cls_batch", "train_step", "train", "heads_only", "TrainResult", "score_of", "UNTRAINED_HEADS"]
+__all__ = ["Batch", "make_seg_batch", "make_cls_batch", "train_step", "train", "heads_only", "TrainResult", "score_of", "UNTRAINED_HEADS", "load_initial_weights"]
 
 logger = logging.getLogger(__name__)
 
@@ -150,6 +150,38 @@ def _lr_factor(step: int, cfg: TrainConfig, horizon: int | None = None) -> float
     return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, t)))
 
 
+def load_initial_weights(model: MultiTaskNet, source: str | os.PathLike[str]) -> int:
+    """Copy weights into ``model`` from a model folder or a run's ``.pt`` checkpoint (fine-tuning).
+
+    Returns the number of training steps the source had (0 when it does not say). A missing
+    source, or one whose tensors do not fit ``model``, is an :class:`~wsi_mtl.errors.InputError`.
+    """
+    path = Path(source)
+    if path.is_dir():
+        from ..network import load_model
+
+        src = load_model(path)
+        state = src.state_dict()
+        steps = int(src.config.extra.get("training", {}).get("steps", 0))
+    elif path.is_file():
+        try:
+            ck = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as exc:  # noqa: BLE001 - any unreadable checkpoint is the user's input error
+            raise InputError(f"init_from {path}: not a readable checkpoint ({type(exc).__name__}: {exc})") from None
+        state = ck.get("model", ck) if isinstance(ck, Mapping) else None
+        if not isinstance(state, Mapping):
+            raise InputError(f"init_from {path}: no model weights in the checkpoint")
+        steps = int(ck.get("step", 0)) if isinstance(ck, Mapping) else 0
+    else:
+        raise InputError(f"init_from {path}: no such model folder or checkpoint")
+    own = model.state_dict()
+    bad = [k for k in own if k not in state or tuple(state[k].shape) != tuple(own[k].shape)]
+    if bad:
+        raise InputError(f"init_from {path}: weights do not fit arch {model.config.arch!r} (first mismatch: {bad[0]})")
+    model.load_state_dict({k: state[k] for k in own})
+    return steps
+
+
 def score_of(metrics: Mapping[str, Any]) -> float:
     """One number to pick the best checkpoint: mean of nuclei AJI, gland F1, type macro F1 and the
     tissue accuracies that were measured."""
@@ -231,6 +263,7 @@ def train(cfg: TrainConfig, *, max_minutes: float | None = None, progress: bool 
     train_seconds = 0.0  # wall time spent in the loop (steps + validation), summed over resumes
     horizon = cfg.steps  # the step the LR schedule ends at; shrunk to fit time_budget_minutes
     ckpt_path = run / CHECKPOINT
+    init: dict[str, Any] = {}  # where a fine-tuning run started from (kept in its checkpoints)
     if ckpt_path.exists():
         ck = torch.load(ckpt_path, map_location="cpu", weights_only=True)
         model.load_state_dict(ck["model"])
@@ -238,12 +271,17 @@ def train(cfg: TrainConfig, *, max_minutes: float | None = None, progress: bool 
         step = int(ck["step"])
         best = float(ck.get("best", -math.inf))
         train_seconds = float(ck.get("train_seconds", 0.0))
+        init = dict(ck.get("init", {}))
         if cfg.time_budget_minutes is not None:
             horizon = min(cfg.steps, int(ck.get("horizon", cfg.steps)))
         rng.bit_generator.state = json.loads(ck["rng"]["numpy"])
         gen.set_state(ck["rng"]["torch_gen"])
         torch.set_rng_state(ck["rng"]["torch_global"])
         logger.info("resumed %s at step %d", ckpt_path, step)
+    elif cfg.init_from is not None:
+        init_steps = load_initial_weights(model, cfg.init_from)
+        init = {"from": str(cfg.init_from), "steps": init_steps}
+        logger.info("initialised from %s (%d earlier steps)", cfg.init_from, init_steps)
 
     from ._config import load_split
 
@@ -272,7 +310,7 @@ def train(cfg: TrainConfig, *, max_minutes: float | None = None, progress: bool 
 
     def state() -> dict[str, Any]:
         return {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "step": step, "best": best, "rng": _rng_state(rng, gen),
-                "train_seconds": train_seconds, "horizon": horizon}
+                "train_seconds": train_seconds, "horizon": horizon, "init": init}
 
     t_loop = time.monotonic()
     base_seconds = train_seconds
@@ -312,7 +350,7 @@ def train(cfg: TrainConfig, *, max_minutes: float | None = None, progress: bool 
             logger.info("step %d validation: score %.4f %s", step, score, json.dumps({k: last_metrics[k] for k in last_metrics if k != "tissue"}, default=float)[:400])
             if math.isfinite(score) and score > best:
                 best = score
-                _save_atomic({"model": model.state_dict(), "step": step, "score": score}, run / BEST)
+                _save_atomic({"model": model.state_dict(), "step": step, "score": score, "train_seconds": train_seconds, "init": init}, run / BEST)
         train_seconds = base_seconds + time.monotonic() - t_loop
         if step % cfg.checkpoint_every == 0 or is_epoch_end:
             _save_atomic(state(), ckpt_path)
@@ -348,6 +386,10 @@ def export_model(cfg: TrainConfig, model: MultiTaskNet | None = None, *, which: 
     model.set_channels_last(False)
     model.eval()
     training: dict[str, Any] = {"steps": int(ck.get("step", 0)), "config": f"{cfg.name}", "untrained_heads": list(UNTRAINED_HEADS)}
+    if "train_seconds" in ck:
+        training["train_seconds"] = round(float(ck["train_seconds"]), 1)
+    if ck.get("init"):
+        training["init_from"] = dict(ck["init"])
     extra = dict(model.config.extra)
     if cfg.refit_bn_batches > 0:
         refit_batchnorm(model, cfg, _training_sources(cfg, model), batches=cfg.refit_bn_batches)

@@ -230,12 +230,15 @@ def test_fine_tuning_starts_from_init_weights_and_records_them(tmp_path):
 
     # A stage-2 run from the stage-1 checkpoint records where it started, in its checkpoint and config.json.
     path = _write_config(tmp_path, "s2", steps=2)
-    cfg = load_config(path, init_from=str(tmp_path / "s1" / "checkpoint.pt"))
+    cfg = load_config(path, init_from=str(tmp_path / "s1" / "checkpoint.pt"), refit_patch_heads=True)
     result = train(cfg, progress=False)
     ck = torch.load(tmp_path / "s2" / "checkpoint.pt", weights_only=True)
     assert ck["init"] == {"from": str(tmp_path / "s1" / "checkpoint.pt"), "steps": 2}
     meta = json.loads((result.model_dir / "config.json").read_text())["extra"]["training"]
     assert meta["init_from"]["steps"] == 2 and meta["steps"] == 2 and meta["train_seconds"] > 0
+    refit = meta["patch_head_refit"]  # the fake data labels every patch head
+    assert set(refit) == {"Patch-LC25000", "Patch-Class", "Patch-GlaS"}
+    assert all(isinstance(r["kept"], bool) and r["n_tiles"] >= 1 for r in refit.values())
 
 
 def test_init_from_rejects_missing_and_mismatching_sources(tmp_path):

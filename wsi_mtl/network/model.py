@@ -406,6 +406,17 @@ class MultiTaskNet(nn.Module):
                 out[name] = self.decoder_head[self.config.heads[name].decoder](pooled)
         return {n: out[n] for n in names}
 
+    def _window_means(self, x4: torch.Tensor) -> torch.Tensor:
+        cells = self.config.arch_params.patch_cells
+        return F.avg_pool2d(x4.float(), cells, stride=1, padding=cells // 2, count_include_pad=False)
+
+    @torch.no_grad()
+    def patch_features(self, x: torch.Tensor) -> torch.Tensor:
+        """The dense map every patch head classifies in :meth:`predict`: x4 averaged over the
+        ``patch_cells`` window centred on each cell (N x C x H/ps x W/ps, float32; encoder only)."""
+        x4, _ = self._features(x, [])
+        return self._window_means(x4)
+
     @torch.no_grad()
     def predict(self, x: torch.Tensor, *, heads: Sequence[str] | None = None) -> dict[str, torch.Tensor]:
         """Softmax probabilities (float32) for the engine.
@@ -418,14 +429,13 @@ class MultiTaskNet(nn.Module):
         """
         names = self._select(heads)
         x4, seg = self._features(x, names)
-        cells = self.config.arch_params.patch_cells
         dense = None
         out: dict[str, torch.Tensor] = {}
         for name in names:
             head = self.config.heads[name]
             if head.kind == "patch":
                 if dense is None:
-                    dense = F.avg_pool2d(x4.float(), cells, stride=1, padding=cells // 2, count_include_pad=False)
+                    dense = self._window_means(x4)
                 logits = self.decoder_head[head.decoder](dense)
             else:
                 logits = seg[name]

@@ -88,6 +88,9 @@ class TrainConfig:
     tune_postprocess: bool = False
     #: Training images used for tuning, per task (``nuclei``, ``gland``; spread evenly over the set).
     tune_images: Mapping[str, int] = field(default_factory=lambda: {"nuclei": 25, "gland": 24})
+    #: At export, refit the patch heads on the frozen inference features of their training tiles,
+    #: kept per head only where it classifies held-out training tiles better (``wsi_mtl.train._heads``).
+    refit_patch_heads: bool = False
     #: Start a new run from these weights instead of a seeded initialisation: a model folder
     #: (``config.json`` + ``weights.safetensors``) or a run's ``checkpoint.pt`` / ``best.pt``
     #: (a fine-tuning stage). Ignored when the run folder already holds a checkpoint (resume).

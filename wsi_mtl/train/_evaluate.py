@@ -51,13 +51,9 @@ def predict_image(model: torch.nn.Module, image: np.ndarray, *, heads: Iterable[
     stride) and the maps cropped back. Segmentation heads: (C, H, W) float32; patch heads: the
     dense (C, h, w) map at ``patch_stride_px``.
     """
-    stride = int(model.config.stride)
+    x, top, left = _padded_input(image, int(model.config.stride), margin_px)
     h, w = image.shape[:2]
-    ph, pw = -(-(h + 2 * margin_px) // stride) * stride, -(-(w + 2 * margin_px) // stride) * stride
-    top, left = (ph - h) // 2, (pw - w) // 2
-    x = torch.from_numpy(np.array(image, copy=True)).permute(2, 0, 1)[None].float()
-    mode = "reflect" if min(h, w) > max(ph - h, pw - w) else "replicate"
-    x = F.pad(x, (left, pw - w - left, top, ph - h - top), mode=mode)
+    ph, pw = x.shape[-2:]
     was_training = model.training
     model.eval()
     try:
@@ -65,16 +61,43 @@ def predict_image(model: torch.nn.Module, image: np.ndarray, *, heads: Iterable[
             out = model.predict(x)
     finally:
         model.train(was_training)
-    ps = int(model.config.patch_stride_px)
     res = {}
     for name, t in out.items():
         a = t[0].float().numpy()
-        if a.shape[-2:] == (ph, pw):
-            res[name] = a[:, top : top + h, left : left + w]
-        else:
-            t0, l0 = top // ps, left // ps
-            res[name] = a[:, t0 : t0 + max(1, -(-h // ps)), l0 : l0 + max(1, -(-w // ps))]
+        res[name] = a[:, top : top + h, left : left + w] if a.shape[-2:] == (ph, pw) else _patch_cells(a, model, top, left, h, w)
     return res
+
+
+def _padded_input(image: np.ndarray, stride: int, margin_px: int) -> tuple[torch.Tensor, int, int]:
+    """(1, 3, H', W') float tensor of ``image`` reflected by at least ``margin_px`` up to multiples of ``stride``; top, left offsets."""
+    h, w = image.shape[:2]
+    ph, pw = -(-(h + 2 * margin_px) // stride) * stride, -(-(w + 2 * margin_px) // stride) * stride
+    top, left = (ph - h) // 2, (pw - w) // 2
+    x = torch.from_numpy(np.array(image, copy=True)).permute(2, 0, 1)[None].float()
+    mode = "reflect" if min(h, w) > max(ph - h, pw - w) else "replicate"
+    return F.pad(x, (left, pw - w - left, top, ph - h - top), mode=mode), top, left
+
+
+def _patch_cells(a: np.ndarray, model: torch.nn.Module, top: int, left: int, h: int, w: int) -> np.ndarray:
+    """The cells of a dense (C, h', w') patch map that cover the unpadded image."""
+    ps = int(model.config.patch_stride_px)
+    t0, l0 = top // ps, left // ps
+    return a[:, t0 : t0 + max(1, -(-h // ps)), l0 : l0 + max(1, -(-w // ps))]
+
+
+@torch.no_grad()
+def patch_feature_map(model: torch.nn.Module, image: np.ndarray, *, margin_px: int = 0, bf16: bool = True) -> np.ndarray:
+    """The (C, h, w) window features the patch heads classify for ``image``, padded and cropped
+    exactly as :func:`predict_image` crops its patch maps (eval mode)."""
+    x, top, left = _padded_input(image, int(model.config.stride), margin_px)
+    was_training = model.training
+    model.eval()
+    try:
+        with _autocast(bf16):
+            f = model.patch_features(x)
+    finally:
+        model.train(was_training)
+    return _patch_cells(f[0].float().numpy(), model, top, left, *image.shape[:2])
 
 
 @torch.no_grad()

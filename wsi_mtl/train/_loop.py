@@ -394,6 +394,11 @@ def export_model(cfg: TrainConfig, model: MultiTaskNet | None = None, *, which: 
     if cfg.refit_bn_batches > 0:
         refit_batchnorm(model, cfg, _training_sources(cfg, model), batches=cfg.refit_bn_batches)
         training["batchnorm_refit_batches"] = int(cfg.refit_bn_batches)
+    if cfg.refit_patch_heads:
+        from ._heads import refit_patch_heads, refit_summary
+
+        report = refit_patch_heads(model, _training_sources(cfg, model, tasks=["gland", "lc25000", "kather2016"]), seed=cfg.seed, bf16=cfg.bf16)
+        training["patch_head_refit"] = refit_summary(report)
     if cfg.tune_postprocess:
         tuned = tune_on_training_images(cfg, model)
         extra["postprocess"] = tuned["postprocess"]

@@ -1,0 +1,74 @@
+"""Patch heads refit on frozen inference features: kept only where held-out tiles improve."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from wsi_mtl.network import create_model
+from wsi_mtl.train import ClsItem, Sources, classify_image
+from wsi_mtl.train import _heads
+from wsi_mtl.train._evaluate import patch_feature_map, predict_image
+
+
+def _tiles(rng: np.random.Generator, n: int, size: int = 64) -> list[ClsItem]:
+    """Three classes told apart by colour, with noise."""
+    colours = [(200, 60, 60), (60, 200, 60), (60, 60, 200)]
+    out = []
+    for i in range(n):
+        c = i % 3
+        img = np.clip(np.array(colours[c])[None, None] + rng.normal(0, 40, (size, size, 3)), 0, 255).astype(np.uint8)
+        out.append(ClsItem(f"t{i}", "syn", "Patch-LC25000", c, img))
+    return out
+
+
+def test_patch_feature_map_is_what_predict_classifies():
+    model = create_model("wsimtl_small", seed=0).eval()
+    img = np.random.default_rng(0).integers(0, 255, (96, 128, 3), dtype=np.uint8)
+    feats = torch.from_numpy(patch_feature_map(model, img, margin_px=32, bf16=False))[None]
+    head = model.decoder_head[model.config.heads["Patch-LC25000"].decoder]
+    with torch.no_grad():
+        via_feats = torch.softmax(head(feats), dim=1)[0].numpy()
+    direct = predict_image(model, img, heads=["Patch-LC25000"], margin_px=32, bf16=False)["Patch-LC25000"]
+    assert via_feats.shape == direct.shape
+    np.testing.assert_allclose(via_feats, direct, atol=1e-5)
+
+
+@pytest.mark.slow
+def test_refit_learns_a_separable_head_and_keeps_it():
+    torch.manual_seed(0)
+    model = create_model("wsimtl_small", seed=0)
+    rng = np.random.default_rng(1)
+    train, test = _tiles(rng, 30), _tiles(rng, 30)
+    acc = lambda: np.mean([int(np.argmax(classify_image(model, t.image, t.head, bf16=False))) == t.label for t in test])
+    before = acc()
+    seg_before = {k: v.clone() for k, v in model.state_dict().items() if not k.startswith("decoder_head.")}
+    report = _heads.refit_patch_heads(model, Sources({}, {"lc25000": train}), epochs=15, bf16=False, seed=3)
+    r = report["Patch-LC25000"]
+    assert r.n_tiles == 30 and r.n_holdout == 6 and r.kept
+    assert r.accuracy_after >= r.accuracy_before
+    assert acc() >= 0.9 > before
+    for k, v in model.state_dict().items():  # the encoder and every other head are untouched
+        if k in seg_before:
+            torch.testing.assert_close(v, seg_before[k], rtol=0, atol=0)
+    assert set(report) == {"Patch-LC25000"}
+
+
+def test_refit_that_does_worse_on_held_out_tiles_is_not_kept(monkeypatch):
+    model = create_model("wsimtl_small", seed=0)
+    rng = np.random.default_rng(2)
+    head = model.decoder_head[model.config.heads["Patch-LC25000"].decoder]
+    before = {k: v.clone() for k, v in head.state_dict().items()}
+
+    def sabotage(h, x, y, **kw):  # a "refit" that always answers one class with certainty
+        with torch.no_grad():
+            h.conv2.weight.zero_()
+            h.conv2.bias.copy_(torch.tensor([50.0, -50.0, -50.0]))
+
+    monkeypatch.setattr(_heads, "_fit", sabotage)
+    tiles = [t for t in _tiles(rng, 30) if t.label != 0]
+    report = _heads.refit_patch_heads(model, Sources({}, {"lc25000": tiles}), bf16=False)
+    assert report["Patch-LC25000"].accuracy_after == 0.0 and not report["Patch-LC25000"].kept
+    for k, v in head.state_dict().items():
+        torch.testing.assert_close(v, before[k], rtol=0, atol=0)

@@ -1,0 +1,195 @@
+"""Refit the patch-classification heads on frozen encoder features (at export).
+
+During training each classification step updates the encoder and the heads together on one
+160 px crop per sample, with BatchNorm in training mode. At inference a head classifies the
+window means of the encoder's deepest features, with the encoder's exported (eval-mode)
+statistics, and a tile's class is the mean of its dense map. Here those exact inference features
+are computed once per training tile (four dihedral views) and each head (a tiny pointwise MLP) is
+trained further on them, the encoder untouched. Part of the training tiles is held out first:
+the refit is kept only where it classifies the held-out tiles better than the head it replaces.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from ._data import Sources
+from ._evaluate import _pad_to, patch_feature_map
+
+__all__ = ["HeadRefit", "refit_patch_heads"]
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class HeadRefit:
+    """What refitting one head did: held-out tile accuracy and mean NLL before and after, whether kept."""
+
+    head: str
+    n_tiles: int
+    n_holdout: int
+    accuracy_before: float
+    accuracy_after: float
+    nll_before: float
+    nll_after: float
+    kept: bool
+
+    def to_dict(self) -> dict[str, Any]:
+        return {k: (round(v, 4) if isinstance(v, float) else v) for k, v in self.__dict__.items()}
+
+
+def _views(image: np.ndarray) -> list[np.ndarray]:
+    return [image, np.rot90(image).copy(), image[::-1].copy(), image[:, ::-1].copy()]
+
+
+def _samples(model: torch.nn.Module, data: Sources) -> dict[str, list[tuple[int, np.ndarray, int]]]:
+    """Head -> (label, image, margin) of every labelled training tile (patch labels of gland images too)."""
+    stride = int(model.config.stride)
+    out: dict[str, list[tuple[int, np.ndarray, int]]] = {}
+    for items in data.cls.values():
+        for it in items:
+            out.setdefault(it.head, []).append((int(it.label), _pad_to(it, stride), 0))
+    for it in data.seg.get("gland", []):
+        for head, label in it.patch.items():
+            if label >= 0:
+                out.setdefault(head, []).append((int(label), it.image, 32))  # as evaluation predicts GlaS images
+    return {h: v for h, v in out.items() if h in model.config.heads}
+
+
+def _tile_scores(head: torch.nn.Module, feats: Sequence[torch.Tensor], labels: np.ndarray) -> tuple[float, float]:
+    """Accuracy and mean NLL of tiles classified as in evaluation (mean softmax of the first view's dense map)."""
+    head.eval()
+    correct, nll = 0, 0.0
+    with torch.no_grad():
+        for f, y in zip(feats, labels):
+            p = torch.softmax(head(f[:1]), dim=1).mean(dim=(0, 2, 3))
+            correct += int(int(torch.argmax(p)) == int(y))
+            nll += -float(torch.log(p[int(y)].clamp_min(1e-8)))
+    n = max(1, len(feats))
+    return correct / n, nll / n
+
+
+def _vectors(feats: Sequence[torch.Tensor], labels: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+    xs, ys = [], []
+    for f, y in zip(feats, labels):
+        v = f.permute(0, 2, 3, 1).reshape(-1, f.shape[1])  # every view, every cell
+        xs.append(v)
+        ys.append(torch.full((v.shape[0],), int(y), dtype=torch.long))
+    return torch.cat(xs), torch.cat(ys)
+
+
+def _fit(head: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, *, num_classes: int, epochs: int, lr: float, batch: int, seed: int) -> None:
+    """Train ``head`` on cell vectors, class-balanced; then BatchNorm statistics as the plain mean over them (no dropout)."""
+    gen = torch.Generator().manual_seed(seed)
+    counts = torch.bincount(y, minlength=num_classes).float().clamp_min(1)
+    weight = (counts.sum() / (counts.numel() * counts))
+    opt = torch.optim.AdamW(head.parameters(), lr=lr, weight_decay=1e-4)
+    steps = epochs * max(1, -(-x.shape[0] // batch))
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps, pct_start=0.1)
+    head.train()
+    for _ in range(epochs):
+        order = torch.randperm(x.shape[0], generator=gen)
+        for i in range(0, x.shape[0], batch):
+            idx = order[i : i + batch]
+            if idx.numel() < 2:
+                continue
+            logits = head(x[idx, :, None, None]).flatten(1)
+            loss = F.cross_entropy(logits, y[idx], weight=weight)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+    bns = [m for m in head.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    for m in bns:
+        m.reset_running_stats()
+        m.momentum = None
+    head.train()
+    for m in head.modules():
+        if isinstance(m, torch.nn.Dropout):
+            m.eval()
+    with torch.no_grad():
+        for i in range(0, x.shape[0], 4096):
+            head(x[i : i + 4096, :, None, None])
+    for m in bns:
+        m.momentum = 0.1
+    head.eval()
+
+
+def refit_patch_heads(
+    model: torch.nn.Module,
+    data: Sources,
+    *,
+    epochs: int = 20,
+    lr: float = 2e-3,
+    batch: int = 512,
+    holdout: float = 0.2,
+    seed: int = 0,
+    bf16: bool = True,
+    heads: Sequence[str] | None = None,
+) -> dict[str, HeadRefit]:
+    """Refit each patch head of ``model`` on its training tiles' frozen inference features.
+
+    Parameters
+    ----------
+    model
+        A :class:`~wsi_mtl.network.MultiTaskNet` with its final encoder statistics (eval mode is set).
+    data
+        Training sources (never the validation split): ``cls`` tiles and the patch labels of ``seg["gland"]``.
+    epochs, lr, batch
+        Head training on the cell vectors of four dihedral views of each tile (AdamW, one-cycle).
+    holdout
+        Fraction of each head's tiles (stratified by class, drawn with ``seed``) held out to decide
+        whether the refit replaces the head; the kept refit is then trained again on all tiles.
+    heads
+        Patch heads to refit (default: every patch head with labelled tiles).
+
+    Returns
+    -------
+    dict
+        Head name -> :class:`HeadRefit`. The model is changed in place only where ``kept``.
+    """
+    model.eval()
+    rng = np.random.default_rng(seed)
+    report: dict[str, HeadRefit] = {}
+    for name, samples in _samples(model, data).items():
+        if heads is not None and name not in heads:
+            continue
+        labels = np.array([s[0] for s in samples])
+        feats = [torch.from_numpy(np.stack([patch_feature_map(model, v, margin_px=m, bf16=bf16) for v in _views(img)])) for _, img, m in samples]
+        hold = np.zeros(len(samples), bool)
+        for c in np.unique(labels):
+            idx = np.flatnonzero(labels == c)
+            k = int(round(holdout * idx.size))
+            if idx.size > 1 and k:
+                hold[rng.choice(idx, size=min(k, idx.size - 1), replace=False)] = True
+        module = model.decoder_head[model.config.heads[name].decoder]
+        fit = {"num_classes": int(model.config.heads[name].num_classes), "epochs": epochs, "lr": lr, "batch": batch, "seed": seed}
+        train_f = [f for f, h in zip(feats, hold) if not h]
+        hold_f = [f for f, h in zip(feats, hold) if h]
+        before = _tile_scores(module, hold_f, labels[hold])
+        trial = copy.deepcopy(module)
+        _fit(trial, *_vectors(train_f, labels[~hold]), **fit)
+        after = _tile_scores(trial, hold_f, labels[hold])
+        kept = bool(hold.any()) and (after[0] > before[0] or (after[0] == before[0] and after[1] < before[1]))
+        if kept:
+            final = copy.deepcopy(module)
+            _fit(final, *_vectors(feats, labels), **fit)
+            module.load_state_dict(final.state_dict())
+        module.eval()
+        report[name] = HeadRefit(name, len(samples), int(hold.sum()), before[0], after[0], before[1], after[1], kept)
+        logger.info("patch head %s: held-out accuracy %.3f -> %.3f (nll %.3f -> %.3f) on %d of %d tiles; %s",
+                    name, before[0], after[0], before[1], after[1], int(hold.sum()), len(samples), "kept" if kept else "not kept")
+    return report
+
+
+def refit_summary(report: Mapping[str, HeadRefit]) -> dict[str, dict[str, Any]]:
+    """JSON-ready form of :func:`refit_patch_heads`' report (for ``config.json``)."""
+    return {k: v.to_dict() for k, v in report.items()}

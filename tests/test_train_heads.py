@@ -72,3 +72,14 @@ def test_refit_that_does_worse_on_held_out_tiles_is_not_kept(monkeypatch):
     assert report["Patch-LC25000"].accuracy_after == 0.0 and not report["Patch-LC25000"].kept
     for k, v in head.state_dict().items():
         torch.testing.assert_close(v, before[k], rtol=0, atol=0)
+
+
+def test_refit_takes_non_square_gland_images_with_patch_labels():
+    from wsi_mtl.train import SegItem
+
+    model = create_model("wsimtl_small", seed=0)
+    rng = np.random.default_rng(5)
+    items = [SegItem(f"g{i}", "syn", "gland", t.image[:, :48].copy(), np.zeros((64, 48), np.int32), patch={"Patch-GlaS": t.label % 2})
+             for i, t in enumerate(_tiles(rng, 10))]
+    report = _heads.refit_patch_heads(model, Sources({"gland": items}, {}), epochs=2, bf16=False)
+    assert set(report) == {"Patch-GlaS"} and report["Patch-GlaS"].n_tiles == 10

@@ -64,25 +64,26 @@ def _samples(model: torch.nn.Module, data: Sources) -> dict[str, list[tuple[int,
     return {h: v for h, v in out.items() if h in model.config.heads}
 
 
-def _tile_scores(head: torch.nn.Module, feats: Sequence[torch.Tensor], labels: np.ndarray) -> tuple[float, float]:
+def _tile_scores(head: torch.nn.Module, feats: Sequence[Sequence[torch.Tensor]], labels: np.ndarray) -> tuple[float, float]:
     """Accuracy and mean NLL of tiles classified as in evaluation (mean softmax of the first view's dense map)."""
     head.eval()
     correct, nll = 0, 0.0
     with torch.no_grad():
         for f, y in zip(feats, labels):
-            p = torch.softmax(head(f[:1]), dim=1).mean(dim=(0, 2, 3))
+            p = torch.softmax(head(f[0]), dim=1).mean(dim=(0, 2, 3))
             correct += int(int(torch.argmax(p)) == int(y))
             nll += -float(torch.log(p[int(y)].clamp_min(1e-8)))
     n = max(1, len(feats))
     return correct / n, nll / n
 
 
-def _vectors(feats: Sequence[torch.Tensor], labels: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+def _vectors(feats: Sequence[Sequence[torch.Tensor]], labels: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
     xs, ys = [], []
-    for f, y in zip(feats, labels):
-        v = f.permute(0, 2, 3, 1).reshape(-1, f.shape[1])  # every view, every cell
-        xs.append(v)
-        ys.append(torch.full((v.shape[0],), int(y), dtype=torch.long))
+    for views, y in zip(feats, labels):
+        for f in views:
+            v = f.permute(0, 2, 3, 1).reshape(-1, f.shape[1])  # every cell of every view
+            xs.append(v)
+            ys.append(torch.full((v.shape[0],), int(y), dtype=torch.long))
     return torch.cat(xs), torch.cat(ys)
 
 
@@ -163,7 +164,8 @@ def refit_patch_heads(
         if heads is not None and name not in heads:
             continue
         labels = np.array([s[0] for s in samples])
-        feats = [torch.from_numpy(np.stack([patch_feature_map(model, v, margin_px=m, bf16=bf16) for v in _views(img)])) for _, img, m in samples]
+        # per tile, one (1, C, h, w) map per view (views of a non-square image differ in shape)
+        feats = [[torch.from_numpy(patch_feature_map(model, v, margin_px=m, bf16=bf16))[None] for v in _views(img)] for _, img, m in samples]
         hold = np.zeros(len(samples), bool)
         for c in np.unique(labels):
             idx = np.flatnonzero(labels == c)

@@ -167,4 +167,4 @@ def test_gland_sweep_reuses_grown_instances_with_identical_scores():
             dices.append(metrics.object_dice(item.labels, pred))
         direct = (2 * tp / (2 * tp + fp + fn) if (tp + fp + fn) else 1.0) + float(np.mean(dices))
         assert _gland_score(items, maps, params, cache) == pytest.approx(direct, abs=1e-12), combo
-    assert cache.key == (0.5, 8.0, 8.0)
+    assert cache.key == tuple(GLAND_GRID[k][-1] for k in ("gland_threshold", "gland_erosion_px", "gland_open_px"))

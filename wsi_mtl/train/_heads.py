@@ -90,6 +90,7 @@ def _vectors(feats: Sequence[Sequence[torch.Tensor]], labels: np.ndarray) -> tup
 def _fit(head: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, *, num_classes: int, epochs: int, lr: float, batch: int, seed: int) -> None:
     """Train ``head`` on cell vectors, class-balanced; then BatchNorm statistics as the plain mean over them (no dropout)."""
     gen = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)  # dropout draws from the global generator
     counts = torch.bincount(y, minlength=num_classes).float().clamp_min(1)
     weight = (counts.sum() / (counts.numel() * counts))
     opt = torch.optim.AdamW(head.parameters(), lr=lr, weight_decay=1e-4)

@@ -150,6 +150,14 @@ def _lr_factor(step: int, cfg: TrainConfig, horizon: int | None = None) -> float
     return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, t)))
 
 
+def _shown_path(path: Path) -> str:
+    """``path`` relative to the working directory when inside it (as recorded in config.json), else absolute."""
+    try:
+        return str(Path(path).resolve().relative_to(Path.cwd().resolve()))
+    except ValueError:
+        return str(path)
+
+
 def load_initial_weights(model: MultiTaskNet, source: str | os.PathLike[str]) -> int:
     """Copy weights into ``model`` from a model folder or a run's ``.pt`` checkpoint (fine-tuning).
 
@@ -280,7 +288,7 @@ def train(cfg: TrainConfig, *, max_minutes: float | None = None, progress: bool 
         logger.info("resumed %s at step %d", ckpt_path, step)
     elif cfg.init_from is not None:
         init_steps = load_initial_weights(model, cfg.init_from)
-        init = {"from": str(cfg.init_from), "steps": init_steps}
+        init = {"from": _shown_path(cfg.init_from), "steps": init_steps}
         logger.info("initialised from %s (%d earlier steps)", cfg.init_from, init_steps)
 
     from ._config import load_split

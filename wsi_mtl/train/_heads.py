@@ -110,6 +110,7 @@ def _fit(head: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, *, num_classes
             opt.step()
             sched.step()
     bns = [m for m in head.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    momenta = [m.momentum for m in bns]
     for m in bns:
         m.reset_running_stats()
         m.momentum = None
@@ -120,8 +121,8 @@ def _fit(head: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, *, num_classes
     with torch.no_grad():
         for i in range(0, x.shape[0], 4096):
             head(x[i : i + 4096, :, None, None])
-    for m in bns:
-        m.momentum = 0.1
+    for m, mom in zip(bns, momenta):
+        m.momentum = mom
     head.eval()
 
 

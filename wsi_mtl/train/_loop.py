@@ -179,7 +179,7 @@ def load_initial_weights(model: MultiTaskNet, source: str | os.PathLike[str]) ->
         state = ck.get("model", ck) if isinstance(ck, Mapping) else None
         if not isinstance(state, Mapping):
             raise InputError(f"init_from {path}: no model weights in the checkpoint")
-        steps = int(ck.get("step", 0)) if isinstance(ck, Mapping) else 0
+        steps = int(ck.get("step", 0))
     else:
         raise InputError(f"init_from {path}: no such model folder or checkpoint")
     own = model.state_dict()
@@ -399,16 +399,23 @@ def export_model(cfg: TrainConfig, model: MultiTaskNet | None = None, *, which: 
     if ck.get("init"):
         training["init_from"] = dict(ck["init"])
     extra = dict(model.config.extra)
+    # The training sources are read once, for every export step that needs them.
+    tasks = set(_HEAD_REFIT_TASKS if cfg.refit_patch_heads else ()) | set(_TUNE_TASKS if cfg.tune_postprocess else ())
+    data = None
     if cfg.refit_bn_batches > 0:
-        refit_batchnorm(model, cfg, _training_sources(cfg, model), batches=cfg.refit_bn_batches)
+        data = _training_sources(cfg, model)  # every source: the BatchNorm refit draws the whole rotation
+    elif tasks:
+        data = _training_sources(cfg, model, tasks=sorted(tasks))
+    if cfg.refit_bn_batches > 0:
+        refit_batchnorm(model, cfg, data, batches=cfg.refit_bn_batches)
         training["batchnorm_refit_batches"] = int(cfg.refit_bn_batches)
     if cfg.refit_patch_heads:
         from ._heads import refit_patch_heads, refit_summary
 
-        report = refit_patch_heads(model, _training_sources(cfg, model, tasks=["gland", "lc25000", "kather2016"]), seed=cfg.seed, bf16=cfg.bf16)
+        report = refit_patch_heads(model, data, seed=cfg.seed, bf16=cfg.bf16)
         training["patch_head_refit"] = refit_summary(report)
     if cfg.tune_postprocess:
-        tuned = tune_on_training_images(cfg, model)
+        tuned = tune_on_training_images(cfg, model, data)
         extra["postprocess"] = tuned["postprocess"]
         training["postprocess_tuning"] = {"scores": tuned["scores"], "n_images": tuned["n_images"], "images": "training images (never the validation split)"}
     model.config = model.config.replace(extra=extra | {"training": training})
@@ -479,11 +486,18 @@ def _untrained_decoders(model: MultiTaskNet) -> set[str]:
     return {model.config.heads[h].decoder for h in UNTRAINED_HEADS if h in model.config.heads}
 
 
-def tune_on_training_images(cfg: TrainConfig, model: MultiTaskNet) -> dict[str, Any]:
-    """Tune post-processing on ``cfg.tune_images`` training images per task (evenly spaced)."""
+#: Training sources the export's patch-head refit and threshold tuning read.
+_HEAD_REFIT_TASKS: tuple[str, ...] = ("gland", "lc25000", "kather2016")
+_TUNE_TASKS: tuple[str, ...] = ("nuclei", "gland")
+
+
+def tune_on_training_images(cfg: TrainConfig, model: MultiTaskNet, data: Sources | None = None) -> dict[str, Any]:
+    """Tune post-processing on ``cfg.tune_images`` training images per task (evenly spaced);
+    ``data``: training sources already loaded (read here otherwise)."""
     from ._tune import tune_postprocess
 
-    data = _training_sources(cfg, model, tasks=["nuclei", "gland"])
+    if data is None:
+        data = _training_sources(cfg, model, tasks=list(_TUNE_TASKS))
 
     def spread(items: list[Any], n: int) -> list[Any]:
         return items if len(items) <= n else [items[int(i)] for i in np.linspace(0, len(items) - 1, n)]

@@ -8,6 +8,7 @@ The chosen values go into the model's ``config.json`` (``extra.postprocess``), w
 from __future__ import annotations
 
 import itertools
+from functools import partial
 import logging
 from dataclasses import replace
 from collections.abc import Mapping, Sequence
@@ -94,13 +95,7 @@ def choose_params(task: str, items: Sequence[SegItem], maps: Sequence[np.ndarray
     ``maps`` are the (3, H, W) INST probabilities of ``items``. Returns the chosen fields, their
     score and the score of the defaults; ties keep the earlier candidate.
     """
-    if task == "glands":
-        cache = _GrownGlands()
-
-        def score_fn(items: Sequence[SegItem], maps: Sequence[np.ndarray], params: PostprocessParams) -> float:
-            return _gland_score(items, maps, params, cache)
-    else:
-        score_fn = {"nuclei": _nuclei_score}[task]
+    score_fn = {"nuclei": _nuclei_score, "glands": partial(_gland_score, grown=_GrownGlands())}[task]
     default = PostprocessParams()
     best: dict[str, float] = {}
     best_score = -np.inf

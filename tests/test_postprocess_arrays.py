@@ -305,3 +305,20 @@ def test_tissue_class_map_and_region_polygons():
     assert sorted(cid2.tolist()) == [0, 0, 1]
     with pytest.raises(ValueError, match="downsample"):
         tissue_polygons(q, downsample=-1)
+
+
+def test_remove_small_instances_drops_and_renumbers_in_order():
+    from wsi_mtl.postprocess import remove_small_instances
+
+    labels = np.zeros((6, 8), np.int32)
+    labels[0, :3] = 5   # 3 px
+    labels[2, :1] = 2   # 1 px: dropped
+    labels[4, :4] = 9   # 4 px
+    out = remove_small_instances(labels, 2)
+    assert out.dtype == np.int32
+    assert set(np.unique(out)) == {0, 1, 2}
+    # order kept: the old label 5 becomes 1, 9 becomes 2; the 1-px instance is gone
+    assert (out[0, :3] == 1).all() and (out[4, :4] == 2).all() and out[2, 0] == 0
+    assert np.array_equal(remove_small_instances(labels, 0) > 0, labels > 0)
+    with pytest.raises(TypeError):
+        remove_small_instances(labels > 0, 2)

@@ -24,6 +24,7 @@ from tqdm.auto import tqdm
 
 from .devices import resolve_device
 from .errors import DamagedRegionError, InputError
+from .network.tta import predict_tta
 from .store import PredictionStore
 from .tiling import Tile, TileGrid
 
@@ -193,8 +194,12 @@ def run_inference(
     precision: torch.dtype | None = None,
     workers: int = 2,
     progress: bool = True,
+    tta: int = 1,
 ) -> EngineStats:
     """Run ``model`` over ``tiles`` of ``slide`` at ``mpp`` and write every core into ``store``.
+
+    ``tta`` > 1 averages the maps over that many dihedral views of each batch
+    (:func:`wsi_mtl.network.tta.predict_tta`), at one network pass per view.
 
     Tiles already in ``store.done`` are skipped (resume). A tile whose region fails to decode is
     recorded as damaged (its outputs stay zero) and the run goes on.
@@ -245,7 +250,7 @@ def run_inference(
                     x = x.to(device, non_blocking=pin).permute(0, 3, 1, 2).float()
                     t0 = time.perf_counter()
                     with torch.inference_mode(), autocast:
-                        probs = model.predict(x)
+                        probs = predict_tta(model, x, views=tta)
                         if device.type == "cuda":
                             torch.cuda.synchronize(device)
                         stats.network_s += time.perf_counter() - t0

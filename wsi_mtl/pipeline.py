@@ -19,6 +19,7 @@ import torch
 from . import __version__
 from .atomic import output_error, write_json_atomic
 from .engine import cpu_count, resolve_device, resolve_precision, run_inference
+from .network.tta import TTA_VIEWS
 from .errors import InputError, NoTissueError, OutputError
 from .store import PREDICTIONS, HeadLayout, PredictionStore
 from .tiling import Tile, kept_fraction, plan_tiles
@@ -135,6 +136,7 @@ def segment_slide(
     overwrite: bool = False,
     progress: bool = True,
     name: str | None = None,
+    tta: int = 1,
 ) -> SlideResult:
     """Run the multi-task network over one slide and write its results to ``out_dir/<stem>/``.
 
@@ -162,6 +164,9 @@ def segment_slide(
         Recompute even when a complete result exists.
     name : str, optional
         Name of the result folder (default: the slide's file name without its suffix).
+    tta : int
+        Test-time augmentation: average the maps over 1 (off), 2, 4 or 8 dihedral views of every
+        tile, at one network pass per view.
 
     Returns
     -------
@@ -203,6 +208,8 @@ def segment_slide(
         margin_px = int(math.ceil(margin_px / stride)) * stride
         if batch_size < 1 or (workers is not None and workers < 1):
             raise InputError("batch size and workers must be at least 1")
+        if tta not in TTA_VIEWS:
+            raise InputError(f"tta must be one of {', '.join(map(str, TTA_VIEWS))} views, not {tta}")
         workers = workers or min(4, max(2, cpu_count()))
 
         model_mpp = float(cfg.mpp)
@@ -246,6 +253,7 @@ def segment_slide(
             "precision": str(amp),
             "tissue_mask": tissue_mask,
             "tiles": len(tiles),
+            "tta": int(tta),
         }
         attrs = {
             "version": __version__,
@@ -275,7 +283,7 @@ def segment_slide(
         run = previous
     else:
         run = _infer_maps(slide, slide_path, result_dir, model, grid, tiles, tissue, heads, fingerprint, attrs,
-                          dev=dev, amp=amp, batch_size=batch_size, workers=workers, progress=progress,
+                          dev=dev, amp=amp, batch_size=batch_size, workers=workers, progress=progress, tta=tta,
                           tissue_mask=tissue_mask, objects=objects, mpp=mpp, timings=timings)
 
     if objects:
@@ -291,7 +299,7 @@ def segment_slide(
 
 def _infer_maps(slide: Any, slide_path: Path, result_dir: Path, model: Any, grid: Any, tiles: list[Tile], tissue: Any,
                 heads: list[HeadLayout], fingerprint: dict[str, Any], attrs: dict[str, Any], *, dev: torch.device,
-                amp: torch.dtype | None, batch_size: int, workers: int, progress: bool, tissue_mask: bool,
+                amp: torch.dtype | None, batch_size: int, workers: int, progress: bool, tta: int, tissue_mask: bool,
                 objects: bool, mpp: float | None, timings: dict[str, float]) -> dict[str, Any]:
     """Run the network over ``tiles`` into predictions.zarr and write run.json with status ``maps``."""
     cfg = model.config
@@ -303,7 +311,7 @@ def _infer_maps(slide: Any, slide_path: Path, result_dir: Path, model: Any, grid
             store.write_mask("tissue_mask", tissue.mask, downsample=tissue.mpp / slide.mpp)
             stats = run_inference(
                 slide, model, grid, tiles, store, mpp=model_mpp, device=dev, batch_size=batch_size,
-                precision=amp, workers=workers, progress=progress,
+                precision=amp, workers=workers, progress=progress, tta=tta,
             )
             store.update_attrs(damaged_regions=stats.damaged)
             store.finalize()
@@ -343,6 +351,7 @@ def _infer_maps(slide: Any, slide_path: Path, result_dir: Path, model: Any, grid
                 "tile_margin_px": grid.margin_px,
                 "tile_input_px": grid.input_px,
                 "workers": workers,
+                "tta_views": tta,
                 "torch_threads": torch.get_num_threads(),
                 "tissue_mask": tissue_mask,
                 "objects": objects,

@@ -38,6 +38,7 @@ def _shard(ctx: click.Context, param: click.Parameter, value: str | None) -> tup
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda, cuda:N or mps (each worker's device).")
 @click.option("--precision", type=click.Choice(["auto", "fp32", "bf16", "fp16"]), default="auto", show_default=True, help="Mixed precision.")
 @click.option("--batch-size", type=click.IntRange(min=1), default=None, help="Tiles per batch.")
+@click.option("--tta", type=click.Choice(["1", "2", "4", "8"]), default="1", show_default=True, help="Test-time augmentation: average the maps over this many flipped/rotated views of each tile (one network pass per view).")
 @click.option("--tile-size", type=click.IntRange(min=32), default=None, help="Output core side in model pixels.")
 @click.option("--no-tissue-mask", is_flag=True, help="Process whole slides, background included.")
 @click.option("--no-objects", is_flag=True, help="Stop at the maps (no polygons, tables or GeoJSON).")
@@ -57,7 +58,7 @@ def _shard(ctx: click.Context, param: click.Parameter, value: str | None) -> tup
 @click.option("--shard", callback=_shard, default=None, help="i/n: only every n-th slide of the sorted list, from the i-th (default: from SLURM_ARRAY_TASK_ID/COUNT).")
 @click.option("--lock-timeout", type=click.FloatRange(min=1.0), default=600.0, show_default=True, help="Seconds without a heartbeat after which a slide lock is stale (its worker died) and is taken over.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar or summary lines.")
-def batch(inputs: tuple[str, ...], out_dir: Path, model: str | None, device: str, precision: str, batch_size: int | None, tile_size: int | None,
+def batch(inputs: tuple[str, ...], out_dir: Path, model: str | None, device: str, precision: str, batch_size: int | None, tta: str, tile_size: int | None,
           no_tissue_mask: bool, no_objects: bool, executor: str, devices: list[str] | None, scheduler: str | None, workers: int | None,
           partition: str | None, account: str | None, walltime: str, memory: str, cores: int, gpus_per_job: int, jobs: int,
           interface: str | None, job_prologue: tuple[str, ...], shard: tuple[int, int] | None, lock_timeout: float, quiet: bool) -> None:
@@ -74,7 +75,7 @@ def batch(inputs: tuple[str, ...], out_dir: Path, model: str | None, device: str
     if scheduler and executor != "dask":
         raise InputError("--scheduler needs --executor dask")
     options = SegmentOptions(model=model, device=device, precision=precision, batch_size=batch_size, tile_size=tile_size,
-                             tissue_mask=not no_tissue_mask, objects=not no_objects)
+                             tissue_mask=not no_tissue_mask, objects=not no_objects, tta=int(tta))
     slurm = SlurmOptions(partition=partition, account=account, walltime=walltime, memory=memory, cores=cores,
                          gpus_per_job=gpus_per_job, jobs=jobs, interface=interface, prologue=tuple(job_prologue))
     result = run_batch(inputs, out_dir, options=options, executor=executor, devices=devices, scheduler=scheduler,  # type: ignore[arg-type]

@@ -18,6 +18,7 @@ from ..errors import InputError
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda, cuda:N or mps.")
 @click.option("--precision", type=click.Choice(["auto", "fp32", "bf16", "fp16"]), default="auto", show_default=True, help="Mixed precision: auto = bf16 on capable CPUs and CUDA, fp32 elsewhere.")
 @click.option("--batch-size", type=click.IntRange(min=1), default=None, help="Tiles per batch (default: 1 on CPU, 4 on CUDA).")
+@click.option("--tta", type=click.Choice(["1", "2", "4", "8"]), default="1", show_default=True, help="Test-time augmentation: average the maps over this many flipped/rotated views of each tile (one network pass per view).")
 @click.option("--tile-size", type=click.IntRange(min=32), default=None, help="Output core side in model pixels; also the zarr chunk (default: 1536 on CPU, 2048 on CUDA).")
 @click.option("--margin", type=click.IntRange(min=0), default=None, help="Context margin in model pixels (default: the model's).")
 @click.option("--workers", type=click.IntRange(min=1), default=None, help="Reader threads.")
@@ -27,7 +28,7 @@ from ..errors import InputError
 @click.option("--overwrite", is_flag=True, help="Recompute even if a complete result exists.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar or summary.")
 def segment(slide: Path | None, out_dir: Path, sample: bool, model: str | None, mpp: float | None, device: str, precision: str,
-            batch_size: int | None, tile_size: int | None, margin: int | None, workers: int | None, no_tissue_mask: bool,
+            batch_size: int | None, tta: str, tile_size: int | None, margin: int | None, workers: int | None, no_tissue_mask: bool,
             no_objects: bool, geojson_gz: bool, overwrite: bool, quiet: bool) -> None:
     """Segment nuclei, glands and lumen and map tissue types in SLIDE; results go to OUT/<slide name>/."""
     from ..pipeline import segment_slide
@@ -41,7 +42,7 @@ def segment(slide: Path | None, out_dir: Path, sample: bool, model: str | None, 
     result = segment_slide(
         slide, out_dir, model=model, mpp=mpp, device=device, precision=precision, batch_size=batch_size,
         tile_size=tile_size, margin=margin, workers=workers, tissue_mask=not no_tissue_mask, objects=not no_objects,
-        geojson_gz=geojson_gz, overwrite=overwrite, progress=not quiet,
+        geojson_gz=geojson_gz, overwrite=overwrite, progress=not quiet, tta=int(tta),
     )
     if quiet:
         return

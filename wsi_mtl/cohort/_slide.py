@@ -31,7 +31,7 @@ class SegmentOptions:
 
     ``model`` is a model name or path (loaded once per worker), ``device`` ``"auto"``, ``"cpu"``,
     ``"cuda"``, ``"cuda:1"`` or ``"mps"``, ``precision`` ``"auto"``, ``"fp32"``, ``"bf16"`` or
-    ``"fp16"``; None keeps the pipeline's default.
+    ``"fp16"``, ``tta`` the test-time augmentation views (1 = off); None keeps the pipeline's default.
     """
 
     model: str | None = None
@@ -42,6 +42,7 @@ class SegmentOptions:
     workers: int | None = None
     tissue_mask: bool = True
     objects: bool = True
+    tta: int = 1
 
 
 SegmentFn = Callable[..., Any]
@@ -315,6 +316,7 @@ def _segment(
             workers=options.workers,
             tissue_mask=options.tissue_mask,
             objects=options.objects,
+            tta=options.tta,
             progress=False,
             **extra,
         )

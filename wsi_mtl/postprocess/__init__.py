@@ -24,6 +24,7 @@ from wsi_mtl.postprocess._instances import (
     label_to_3class,
     lumen_instances,
     nuclei_instances,
+    remove_small_instances,
 )
 from wsi_mtl.postprocess._polygons import labels_to_polygons, polygon_measurements, rasterize_polygons
 from wsi_mtl.postprocess._tissue import tissue_class_map, tissue_polygons
@@ -46,6 +47,7 @@ __all__ = [
     "instance_type",
     "label_to_3class",
     "downsample_prob",
+    "remove_small_instances",
     "labels_to_polygons",
     "polygon_measurements",
     "rasterize_polygons",

@@ -19,6 +19,7 @@ __all__ = [
     "instance_type",
     "label_to_3class",
     "downsample_prob",
+    "remove_small_instances",
 ]
 
 
@@ -69,6 +70,12 @@ def _remove_small(labels: np.ndarray, min_area_px: float) -> np.ndarray:
         labels = labels.copy()
         labels[small[labels]] = 0
     return labels
+
+
+def remove_small_instances(labels: np.ndarray, min_area_px: float) -> np.ndarray:
+    """Drop the instances of ``labels`` smaller than ``min_area_px`` pixels and renumber the rest
+    1..n in their order (the last step of :func:`nuclei_instances` and :func:`gland_instances`)."""
+    return _relabel_sequential(_remove_small(_validate_labels(labels), min_area_px))
 
 
 def _nuclei_instances(

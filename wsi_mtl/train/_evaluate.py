@@ -19,6 +19,7 @@ from .. import metrics
 from ._augment import resize_labels
 from ..errors import InputError
 from ._data import CRCHP_CLASSES, ClsItem, SegItem, Sources, _csv, _read_labels
+from ..network.tta import predict_tta
 from ..postprocess import PostprocessParams
 from ._postprocess import gland_labels, nuclei_labels, params_of
 
@@ -44,12 +45,13 @@ def heads_only(model: torch.nn.Module, names: Iterable[str]) -> Iterator[None]:
 
 
 @torch.no_grad()
-def predict_image(model: torch.nn.Module, image: np.ndarray, *, heads: Iterable[str] | None = None, margin_px: int = 32, bf16: bool = True) -> dict[str, np.ndarray]:
+def predict_image(model: torch.nn.Module, image: np.ndarray, *, heads: Iterable[str] | None = None, margin_px: int = 32, bf16: bool = True, tta: int = 1) -> dict[str, np.ndarray]:
     """Softmax maps of the ``heads`` (default all) for one whole image at the model's mpp.
 
     The image is reflected by ``margin_px`` (rounded up so each side is a multiple of the model
     stride) and the maps cropped back. Segmentation heads: (C, H, W) float32; patch heads: the
-    dense (C, h, w) map at ``patch_stride_px``.
+    dense (C, h, w) map at ``patch_stride_px``. ``tta`` > 1 averages that many dihedral views
+    (:func:`~wsi_mtl.network.tta.predict_tta`).
     """
     x, top, left = _padded_input(image, int(model.config.stride), margin_px)
     h, w = image.shape[:2]
@@ -58,7 +60,7 @@ def predict_image(model: torch.nn.Module, image: np.ndarray, *, heads: Iterable[
     model.eval()
     try:
         with heads_only(model, model.config.heads if heads is None else heads), _autocast(bf16):
-            out = model.predict(x)
+            out = predict_tta(model, x, views=tta)
     finally:
         model.train(was_training)
     res = {}
@@ -101,9 +103,9 @@ def patch_feature_map(model: torch.nn.Module, image: np.ndarray, *, margin_px: i
 
 
 @torch.no_grad()
-def classify_image(model: torch.nn.Module, image: np.ndarray, head: str, *, bf16: bool = True) -> np.ndarray:
+def classify_image(model: torch.nn.Module, image: np.ndarray, head: str, *, bf16: bool = True, tta: int = 1) -> np.ndarray:
     """Class probabilities (C,) of a tile for one patch head: the mean of the dense patch map."""
-    probs = predict_image(model, image, heads=[head], margin_px=0, bf16=bf16)[head]
+    probs = predict_image(model, image, heads=[head], margin_px=0, bf16=bf16, tta=tta)[head]
     return probs.reshape(probs.shape[0], -1).mean(axis=1)
 
 
@@ -139,6 +141,7 @@ def evaluate_sources(
     progress: bool = False,
     per_image: bool = False,
     params: PostprocessParams | None = None,
+    tta: int = 1,
 ) -> dict[str, Any]:
     """Metrics of ``model`` on labelled data (each task only when its data is present).
 
@@ -158,6 +161,8 @@ def evaluate_sources(
         Also return the per-image scores under ``"images"``.
     params
         Post-processing settings (default: the model's own, as `wsimtl segment` uses them).
+    tta
+        Test-time augmentation views for every prediction (1 = off), as ``wsimtl segment --tta``.
 
     Returns
     -------
@@ -177,7 +182,7 @@ def evaluate_sources(
     if nuclei and "Nuclei-INST" in heads:
         rows = []
         for item in wrap(nuclei, "nuclei"):
-            probs = predict_image(model, item.image, heads=["Nuclei-INST"], bf16=bf16)
+            probs = predict_image(model, item.image, heads=["Nuclei-INST"], bf16=bf16, tta=tta)
             pred = nuclei_labels(probs["Nuclei-INST"], params)
             pq = metrics.panoptic_quality(item.labels, pred)
             row = {"dice": metrics.dice_score(item.labels, pred), "aji": metrics.aji(item.labels, pred), "pq": pq.pq, "dq": pq.dq, "sq": pq.sq}
@@ -190,7 +195,7 @@ def evaluate_sources(
         tp = fp = fn = 0
         dices, hds, correct, n_grade = [], [], 0, 0
         for item in wrap(glands, "glands"):
-            probs = predict_image(model, item.image, heads=["Gland-INST", "Patch-GlaS"], bf16=bf16)
+            probs = predict_image(model, item.image, heads=["Gland-INST", "Patch-GlaS"], bf16=bf16, tta=tta)
             pred = gland_labels(probs["Gland-INST"], params)
             truth = item.labels
             if gland_truth is not None and item.name in gland_truth:
@@ -224,7 +229,7 @@ def evaluate_sources(
         counts = {n: {"tp": 0, "fp": 0, "fn": 0} for n in names.values()}
         det_tp = det_true = det_pred = 0
         for item in wrap(typed, "nuclear types"):
-            probs = predict_image(model, item.image, heads=["Nuclei-INST", "Nuclei-TYPE"], bf16=bf16)
+            probs = predict_image(model, item.image, heads=["Nuclei-INST", "Nuclei-TYPE"], bf16=bf16, tta=tta)
             lab = nuclei_labels(probs["Nuclei-INST"], params)
             _, cents, cls = instance_types(lab, probs["Nuclei-TYPE"])
             true_yx = item.points_yx if item.points_yx is not None else np.zeros((0, 2))
@@ -252,7 +257,7 @@ def evaluate_sources(
             continue
         true, pred = [], []
         for it in wrap(items, task):
-            p = classify_image(model, _pad_to(it, int(model.config.stride)), it.head, bf16=bf16)
+            p = classify_image(model, _pad_to(it, int(model.config.stride)), it.head, bf16=bf16, tta=tta)
             true.append(it.label)
             pred.append(int(np.argmax(p)))
         t, p_ = np.array(true), np.array(pred)
@@ -334,6 +339,7 @@ def evaluate_split(
     bf16: bool = True,
     progress: bool = False,
     per_image: bool = False,
+    tta: int = 1,
 ) -> dict[str, Any]:
     """Load the held-out ``split`` of ``data_root`` at the model's mpp and score ``model`` on it.
 
@@ -359,7 +365,7 @@ def evaluate_split(
     lc = list(heads["Patch-LC25000"].class_names) if "Patch-LC25000" in heads else ["lung_aca", "lung_n", "lung_scc"]
     data = load_sources(Path(data_root), mpp=float(model.config.mpp), source_mpp={**DEFAULT_SOURCE_MPP, **(source_mpp or {})}, split=split, part="val", lc_classes=lc, tasks=loader_tasks)
     truth = glas_native_truth(Path(data_root), split.get("glas", [])) if "glands" in tasks else None
-    return evaluate_sources(model, data, gland_truth=truth, bf16=bf16, progress=progress, per_image=per_image)
+    return evaluate_sources(model, data, gland_truth=truth, bf16=bf16, progress=progress, per_image=per_image, tta=tta)
 
 
 #: The validation images whose scores are stored with a shipped model (``expected_metrics.json``).

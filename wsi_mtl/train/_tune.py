@@ -18,8 +18,7 @@ import numpy as np
 import torch
 
 from .. import metrics
-from ..postprocess import PostprocessParams
-from ..postprocess._instances import _relabel_sequential, _remove_small
+from ..postprocess import PostprocessParams, remove_small_instances
 from ._data import SegItem
 from ._evaluate import predict_image
 from ._postprocess import gland_labels, nuclei_labels
@@ -74,7 +73,7 @@ class _GrownGlands:
         if key != self.key:
             grown = replace(params, gland_min_area_px=0.0)
             self.key, self.labels = key, [gland_labels(prob, grown) for prob in maps]
-        return [_relabel_sequential(_remove_small(lab, params.gland_min_area_px)) for lab in self.labels]
+        return [remove_small_instances(lab, params.gland_min_area_px) for lab in self.labels]
 
 
 def _gland_score(items: Sequence[SegItem], maps: Sequence[np.ndarray], params: PostprocessParams, grown: _GrownGlands | None = None) -> float:

@@ -278,7 +278,7 @@ def test_options_mpp_and_ids_reach_the_slide_function(cohort: Path, tmp_path: Pa
     assert result.exit_code == 0
     run_a = json.loads((out / "case-1" / "a" / "run.json").read_text())  # no name= support: OUT/<id>/<stem>
     assert run_a["mpp"] == 0.5 and run_a["model"] == "tiny" and run_a["device"] == "cpu"
-    assert run_a["options"] == {"batch_size": 3, "objects": False, "precision": "auto", "tile_size": 64, "tissue_mask": False, "workers": None}
+    assert run_a["options"] == {"batch_size": 3, "objects": False, "precision": "auto", "tile_size": 64, "tissue_mask": False, "tta": 1, "workers": None}
     assert json.loads((out / "b" / "run.json").read_text())["mpp"] is None
     assert result.outcomes[0].result_dir == str(out / "case-1" / "a")
     assert log_lines(call_log, "load") == [["tiny", "cpu", str(os.getpid()), str(threading.get_ident())]]

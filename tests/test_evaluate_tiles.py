@@ -46,6 +46,22 @@ def test_nuclei_tiles_are_scored(tmp_path):
     assert "glands" not in data and data["mpp"] == 0.5
 
 
+def test_tta_is_applied_and_recorded(tmp_path):
+    tiles = _tile_dir(tmp_path / "tiles")
+    scores = {}
+    for views in ("1", "8"):
+        out = tmp_path / f"m{views}.json"
+        res = CliRunner().invoke(cli, ["evaluate", "--tiles", str(tiles), "--task", "nuclei", "--mpp", "0.5", "--json", str(out), "--no-progress", "--tta", views],
+                                 catch_exceptions=False)
+        assert res.exit_code == 0, res.output
+        data = json.loads(out.read_text())
+        assert data["tta"] == int(views)
+        scores[views] = data["nuclei"]
+    assert scores["1"] != scores["8"]  # the averaged maps give other objects
+    res = CliRunner().invoke(cli, ["evaluate", "--tiles", str(tiles), "--task", "nuclei", "--mpp", "0.5", "--tta", "3"])
+    assert res.exit_code == 2 and "--tta" in res.output
+
+
 def test_tissue_tiles_need_known_labels(tmp_path):
     root = tmp_path / "tissue"
     root.mkdir()

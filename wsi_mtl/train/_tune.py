@@ -31,16 +31,16 @@ logger = logging.getLogger(__name__)
 NUCLEI_GRID: dict[str, tuple[float, ...]] = {
     "nuclei_marker_threshold": (0.4, 0.5, 0.6, 0.7, 0.8, 0.9),
     "nuclei_mask_threshold": (0.4, 0.5, 0.6, 0.7),
-    "nuclei_min_area_px": (6.0, 10.0, 16.0, 24.0, 32.0),
+    "nuclei_min_area_px": (10.0, 16.0, 24.0, 32.0, 48.0),
 }
 #: Candidate gland settings, scored by pooled object F1 + mean object Dice. ``gland_min_area_px``
 #: comes last so that it varies fastest: the grown instances of one (threshold, erosion, opening)
 #: are computed once and only filtered by size for each of its values.
 GLAND_GRID: dict[str, tuple[float, ...]] = {
-    "gland_threshold": (0.05, 0.1, 0.2, 0.35, 0.5),
-    "gland_erosion_px": (3.0, 5.0, 8.0, 11.0),
+    "gland_threshold": (0.02, 0.05, 0.1, 0.2, 0.35),
+    "gland_erosion_px": (5.0, 8.0, 11.0, 14.0),
     "gland_open_px": (0.0, 4.0, 8.0),
-    "gland_min_area_px": (200.0, 800.0, 2000.0, 4000.0, 6000.0),
+    "gland_min_area_px": (800.0, 2000.0, 4000.0, 6000.0, 9000.0),
 }
 
 

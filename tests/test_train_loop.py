@@ -17,6 +17,7 @@ from wsi_mtl.train import (
     SegItem,
     Sources,
     TrainConfig,
+    export_model,
     load_config,
     make_cls_batch,
     make_seg_batch,
@@ -257,3 +258,59 @@ def test_init_from_rejects_missing_and_mismatching_sources(tmp_path):
     (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
     with pytest.raises(InputError, match="not a readable checkpoint"):
         load_initial_weights(model, tmp_path / "junk.pt")
+
+
+def test_trainable_limits_training_to_named_modules():
+    """Only the named modules change; every other parameter and BatchNorm statistic stays bit-identical
+    (the frozen BatchNorm layers run in eval mode, so their running averages are not fed)."""
+    torch.manual_seed(0)
+    model = create_model("wsimtl_small", seed=0)
+    only = ("decoder_head.Nuclei", "output_head.Nuclei")
+    cfg = _cfg(trainable=only)
+    from wsi_mtl.train._loop import _trainable, _within
+
+    params = _trainable(model, cfg.trainable)
+    assert params and all(p.requires_grad for p in params)
+    opt = torch.optim.AdamW(params, lr=3e-3)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    batch = make_seg_batch(np.random.default_rng(1), _synthetic_sources(), cfg, model.config.patch_heads, task="nuclei")
+    losses = [train_step(model, opt, batch, cfg=cfg)["Nuclei-INST"] for _ in range(6)]
+    assert losses[-1] < losses[0], losses
+    changed = {k for k, v in model.state_dict().items() if not torch.equal(v, before[k])}
+    assert changed and all(_within(k, only) for k in changed), sorted(changed - {k for k in changed if _within(k, only)})[:3]
+    assert any(k.endswith("running_mean") for k in changed)  # the trained decoder's BatchNorm still learns its statistics
+    assert not _within("decoder_head.Nuclei#TYPE.0.weight", only)  # a module path, not a string prefix
+
+
+def test_trainable_rejects_unknown_modules():
+    from wsi_mtl.errors import InputError
+    from wsi_mtl.train._loop import _trainable
+
+    with pytest.raises(InputError, match="trainable"):
+        _trainable(create_model("wsimtl_small", seed=0), ["decoder_head.Nucleus"])
+
+
+@pytest.mark.slow
+def test_fine_tuning_keeps_the_init_models_untuned_settings(tmp_path):
+    """A stage that tunes only nuclei (or nothing) keeps the gland settings its init_from model had."""
+    from wsi_mtl.network import load_model, save_model
+
+    _fake_data(tmp_path / "data")
+    first = train(load_config(_write_config(tmp_path, "p1", steps=2)), progress=False)
+    m = load_model(first.model_dir)
+    settings = {"gland_threshold": 0.07, "gland_erosion_px": 9.0, "nuclei_min_area_px": 12.0}
+    m.config = m.config.replace(extra=dict(m.config.extra) | {"postprocess": settings})
+    save_model(m, tmp_path / "tuned", trained=True)
+    path = _write_config(tmp_path, "p2", steps=2)
+    cfg = load_config(path, init_from=str(tmp_path / "tuned"), trainable=["decoder_head.Nuclei", "output_head.Nuclei"])
+    result = train(cfg, progress=False)
+    assert json.loads((result.model_dir / "config.json").read_text())["extra"]["postprocess"] == settings
+    # tuning nuclei alone replaces the nuclei fields and keeps the rest
+    cfg = load_config(path, init_from=str(tmp_path / "tuned"), tune_postprocess=True, tune_images={"nuclei": 1, "gland": 0})
+    export_model(cfg, which="last")
+    pp = json.loads((result.model_dir / "config.json").read_text())["extra"]["postprocess"]
+    assert pp["gland_threshold"] == 0.07 and pp["gland_erosion_px"] == 9.0 and "nuclei_marker_threshold" in pp
+    # and the frozen modules are those of the init model
+    a, b = load_model(tmp_path / "tuned").state_dict(), load_model(result.model_dir).state_dict()
+    assert torch.equal(a["backbone.conv1.weight"], b["backbone.conv1.weight"])
+    assert not torch.equal(a["output_head.Nuclei.INST.x.1.conv.weight"], b["output_head.Nuclei.INST.x.1.conv.weight"])

@@ -95,6 +95,10 @@ class TrainConfig:
     #: (``config.json`` + ``weights.safetensors``) or a run's ``checkpoint.pt`` / ``best.pt``
     #: (a fine-tuning stage). Ignored when the run folder already holds a checkpoint (resume).
     init_from: Path | None = None
+    #: Train only the parameters inside these modules (dotted module paths of the network, e.g.
+    #: ``decoder_head.Nuclei``); everything else is frozen and its BatchNorm statistics are kept.
+    #: Empty: train everything.
+    trainable: tuple[str, ...] = ()
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready dict (paths as strings)."""
@@ -122,7 +126,7 @@ def _validate(data: Mapping[str, Any], base: Path) -> TrainConfig:
                 continue
             p = Path(os.path.expanduser(str(v)))
             kw[k] = p if p.is_absolute() else (base / p)
-        elif k in ("schedule", "scale_range"):
+        elif k in ("schedule", "scale_range", "trainable"):
             kw[k] = tuple(v)
         elif k == "source_mpp":
             kw[k] = {**DEFAULT_SOURCE_MPP, **{str(a): float(b) for a, b in v.items()}}

@@ -126,6 +126,7 @@ def train_step(model: MultiTaskNet, optimizer: torch.optim.Optimizer, batch: Bat
     """One optimisation step on ``batch`` (photometric augmentation applied here); losses as floats."""
     cfg = cfg or TrainConfig()
     model.train()
+    _freeze_batchnorm(model, cfg.trainable)
     if cfg.hed_sigma > 0 or cfg.hed_bias > 0:
         batch.images = hed_jitter(batch.images, sigma=cfg.hed_sigma, bias=cfg.hed_bias, generator=generator)
     if cfg.blur_p > 0:
@@ -135,9 +136,10 @@ def train_step(model: MultiTaskNet, optimizer: torch.optim.Optimizer, batch: Bat
     if not losses:
         return {}
     total = sum(losses.values())
-    total.backward()  # type: ignore[union-attr]
-    torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.grad is not None], 5.0)
-    optimizer.step()
+    if total.requires_grad:  # type: ignore[union-attr]  # False when every head of the batch is frozen (``trainable``)
+        total.backward()  # type: ignore[union-attr]
+        torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.grad is not None], 5.0)
+        optimizer.step()
     return {k: float(v.detach()) for k, v in losses.items()} | {"total": float(total.detach())}  # type: ignore[union-attr]
 
 
@@ -226,16 +228,37 @@ class TrainResult:
     model_dir: Path | None
 
 
-def _trainable(model: MultiTaskNet) -> list[torch.nn.Parameter]:
+def _within(name: str, modules: Sequence[str]) -> bool:
+    """Whether the parameter or module ``name`` lies inside one of the dotted module paths."""
+    return any(name == m or name.startswith(m + ".") for m in modules)
+
+
+def _trainable(model: MultiTaskNet, only: Sequence[str] = ()) -> list[torch.nn.Parameter]:
+    """The parameters to optimise: all but the untrained heads' (and, with ``only``, those inside
+    these modules); the others get ``requires_grad=False``."""
     skip = {model.config.heads[h].decoder for h in UNTRAINED_HEADS if h in model.config.heads}
+    names = dict(model.named_modules())
+    unknown = [m for m in only if m not in names]
+    if unknown:
+        raise InputError(f"training config: trainable names no module of the network: {unknown[0]!r} (e.g. backbone, decoder_head.Nuclei, output_head.Nuclei)")
     out = []
     for name, p in model.named_parameters():
         parts = name.split(".")
-        if len(parts) > 1 and parts[0] in ("decoder_head", "output_head") and parts[1] in skip:
+        untrained = len(parts) > 1 and parts[0] in ("decoder_head", "output_head") and parts[1] in skip
+        if untrained or (only and not _within(name, only)):
             p.requires_grad_(False)
             continue
         out.append(p)
     return out
+
+
+def _freeze_batchnorm(model: MultiTaskNet, only: Sequence[str]) -> None:
+    """Put the BatchNorm layers outside the ``only`` modules in eval mode (their statistics stay)."""
+    if not only:
+        return
+    for name, m in model.named_modules():
+        if isinstance(m, torch.nn.modules.batchnorm._BatchNorm) and not _within(name, only):
+            m.eval()
 
 
 def train(cfg: TrainConfig, *, max_minutes: float | None = None, progress: bool = True, export: bool = True) -> TrainResult:
@@ -262,7 +285,7 @@ def train(cfg: TrainConfig, *, max_minutes: float | None = None, progress: bool 
     model = create_model(get_model_config(cfg.arch), seed=cfg.seed)
     if cfg.channels_last:
         model.set_channels_last(True)
-    params = _trainable(model)
+    params = _trainable(model, cfg.trainable)
     decay = [p for p in params if p.ndim > 1]
     no_decay = [p for p in params if p.ndim <= 1]
     optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr)
@@ -399,6 +422,9 @@ def export_model(cfg: TrainConfig, model: MultiTaskNet | None = None, *, which: 
     if ck.get("init"):
         training["init_from"] = dict(ck["init"])
     extra = dict(model.config.extra)
+    inherited = _init_postprocess(cfg)
+    if inherited:
+        extra["postprocess"] = inherited
     # The training sources are read once, for every export step that needs them.
     tasks = set(_HEAD_REFIT_TASKS if cfg.refit_patch_heads else ()) | set(_TUNE_TASKS if cfg.tune_postprocess else ())
     data = None
@@ -416,13 +442,27 @@ def export_model(cfg: TrainConfig, model: MultiTaskNet | None = None, *, which: 
         training["patch_head_refit"] = refit_summary(report)
     if cfg.tune_postprocess:
         tuned = tune_on_training_images(cfg, model, data)
-        extra["postprocess"] = tuned["postprocess"]
+        # settings of a task not tuned here (no tuning images) stay as the init_from model had them
+        extra["postprocess"] = {**inherited, **tuned["postprocess"]}
         training["postprocess_tuning"] = {"scores": tuned["scores"], "n_images": tuned["n_images"], "images": "training images (never the validation split)"}
     model.config = model.config.replace(extra=extra | {"training": training})
     assert cfg.output_model is not None
     save_model(model, cfg.output_model, trained=True)
     logger.info("exported %s weights of step %s to %s", which, ck.get("step"), cfg.output_model)
     return Path(cfg.output_model)
+
+
+def _init_postprocess(cfg: TrainConfig) -> dict[str, Any]:
+    """The tuned post-processing settings of an ``init_from`` model folder ({} otherwise)."""
+    src = cfg.init_from
+    if src is None or not (Path(src) / "config.json").is_file():
+        return {}
+    try:
+        data = json.loads((Path(src) / "config.json").read_text())
+    except (OSError, ValueError):
+        return {}
+    pp = (data.get("extra") or {}).get("postprocess") if isinstance(data, dict) else None
+    return dict(pp) if isinstance(pp, dict) else {}
 
 
 #: The heads each schedule entry trains (and so the decoders whose BatchNorm it feeds).

@@ -17,8 +17,8 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from ..errors import InputError
-from ..network import MultiTaskNet, create_model, get_model_config, save_model
+from ..errors import InputError, ModelError
+from ..network import ModelConfig, MultiTaskNet, create_model, get_model_config, save_model
 from ._augment import hed_jitter, random_blur
 from ._config import TrainConfig
 from ._data import SEG_HEADS, Sources, load_sources, sample_cls, sample_seg
@@ -454,15 +454,16 @@ def export_model(cfg: TrainConfig, model: MultiTaskNet | None = None, *, which: 
 
 def _init_postprocess(cfg: TrainConfig) -> dict[str, Any]:
     """The tuned post-processing settings of an ``init_from`` model folder ({} otherwise)."""
-    src = cfg.init_from
-    if src is None or not (Path(src) / "config.json").is_file():
+    from ..network.io import CONFIG_FILE
+
+    path = None if cfg.init_from is None else Path(cfg.init_from) / CONFIG_FILE
+    if path is None or not path.is_file():
         return {}
     try:
-        data = json.loads((Path(src) / "config.json").read_text())
-    except (OSError, ValueError):
+        pp = ModelConfig.from_json(path.read_text()).extra.get("postprocess")
+    except (OSError, ModelError):
         return {}
-    pp = (data.get("extra") or {}).get("postprocess") if isinstance(data, dict) else None
-    return dict(pp) if isinstance(pp, dict) else {}
+    return dict(pp) if isinstance(pp, Mapping) else {}
 
 
 #: The heads each schedule entry trains (and so the decoders whose BatchNorm it feeds).

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import shutil
@@ -28,6 +29,7 @@ from wsi_mtl.network import (
     save_model,
 )
 from wsi_mtl.network import io as net_io
+from wsi_mtl.network.model import window_stats
 from wsi_mtl.network.registry import cerberus_heads
 
 REF = Path("/work/shared/reference/cerberus")
@@ -95,9 +97,15 @@ def reference_input(reference: dict[str, np.ndarray]) -> torch.Tensor:
     return torch.from_numpy(reference["input_rgb_uint8"].copy()).permute(2, 0, 1)[None].float()
 
 
-def calibrated(arch: str, *, seed: int = 0) -> MultiTaskNet:
+def with_pool(arch: str, pool: str) -> ModelConfig:
+    """The arch's config with every patch head pooling ``pool``."""
+    config = get_model_config(arch)
+    return config.replace(heads={n: dataclasses.replace(h, pool=pool) if h.kind == "patch" else h for n, h in config.heads.items()})
+
+
+def calibrated(arch: str, *, seed: int = 0, pool: str = "mean") -> MultiTaskNet:
     """A random model whose BN statistics come from data, so activations have a realistic range."""
-    model = create_model(arch, seed=seed)
+    model = create_model(with_pool(arch, pool), seed=seed)
     for m in model.modules():
         if isinstance(m, torch.nn.BatchNorm2d):
             m.momentum = None
@@ -109,8 +117,7 @@ def calibrated(arch: str, *, seed: int = 0) -> MultiTaskNet:
     with torch.no_grad():
         seg = [n for n in model.output_heads if n not in model.config.patch_heads]
         x4, _ = model._features(smooth * 255, seg)
-        cells = model.config.arch_params.patch_cells
-        dense = torch.nn.functional.avg_pool2d(x4, cells, stride=1, padding=cells // 2, count_include_pad=False)
+        dense = window_stats(x4, model.config.arch_params.patch_cells, [pool])[pool]
         for name in model.config.patch_heads:
             model.decoder_head[model.config.heads[name].decoder](dense)
     return model.eval()
@@ -429,6 +436,8 @@ def test_cerberus_config_facts() -> None:
         ({"stride": 24}, "not a multiple of"),
         ({"patch_stride_px": 16}, "must equal the encoder"),
         ({"context_px": 40}, "non-negative multiple"),
+        ({"heads": {"P": {"kind": "patch", "decoder": "P", "class_names": ["a", "b"], "colors": [[0, 0, 0]] * 2, "pool": "max"}}}, "pool must be one of"),
+        ({"heads": {"A": {"kind": "inst", "decoder": "D", "class_names": ["a", "b"], "colors": [[0, 0, 0]] * 2, "pool": "mean_std"}}}, "patch heads only"),
     ],
 )
 def test_config_validation(change: dict, message: str) -> None:
@@ -489,11 +498,12 @@ def test_input_checks() -> None:
 
 
 @pytest.mark.parametrize(
-    ("arch", "cells_in"),
-    [("wsimtl_small", 5), ("wsimtl_small", 7), pytest.param("cerberus_r34", 9, marks=pytest.mark.slow)],
+    ("arch", "cells_in", "pool"),
+    [("wsimtl_small", 5, "mean"), ("wsimtl_small", 7, "mean"), ("wsimtl_small", 5, "mean_std"), ("wsimtl_small", 7, "mean_std"),
+     pytest.param("cerberus_r34", 9, "mean", marks=pytest.mark.slow)],
 )
-def test_dense_patch_centre_equals_cerberus_crop(arch: str, cells_in: int) -> None:
-    model = calibrated(arch)
+def test_dense_patch_centre_equals_cerberus_crop(arch: str, cells_in: int, pool: str) -> None:
+    model = calibrated(arch, pool=pool)
     size = cells_in * model.config.patch_stride_px
     x = torch.rand(1, 3, size, size, generator=torch.Generator().manual_seed(3)) * 255
     with torch.no_grad():
@@ -596,3 +606,35 @@ def test_nchw_transpose_helper() -> None:
     with torch.no_grad():
         out = _nchw(t)
     assert out.is_contiguous() and torch.equal(out, t)
+
+
+def test_window_stats_are_the_mean_and_std_of_each_clipped_window() -> None:
+    x = torch.randn(2, 4, 6, 5, generator=torch.Generator().manual_seed(0)) * 3 + 1
+    got = window_stats(x, 3, ["mean", "mean_std"])
+    a = x.numpy()
+    for i in range(6):
+        for j in range(5):
+            win = a[:, :, max(0, i - 1) : i + 2, max(0, j - 1) : j + 2].reshape(2, 4, -1)  # clipped at the border
+            np.testing.assert_allclose(got["mean"][:, :, i, j].numpy(), win.mean(-1), rtol=1e-5, atol=1e-5)
+            np.testing.assert_allclose(got["mean_std"][:, 4:, i, j].numpy(), win.std(-1), rtol=1e-3, atol=2e-3)
+    torch.testing.assert_close(got["mean_std"][:, :4], got["mean"])
+    whole = window_stats(x, None, ["mean_std"])["mean_std"]
+    assert whole.shape == (2, 8, 1, 1)
+    np.testing.assert_allclose(whole[:, 4:, 0, 0].numpy(), a.reshape(2, 4, -1).std(-1), rtol=1e-3, atol=2e-3)
+    with pytest.raises(ValueError, match="unknown patch pool"):
+        window_stats(x, 3, ["max"])
+
+
+def test_mean_std_patch_heads_round_trip_through_a_model_folder(tmp_path: Path) -> None:
+    model = calibrated("wsimtl_small", pool="mean_std")
+    head = model.decoder_head[model.config.heads["Patch-LC25000"].decoder]
+    assert head.bn1.num_features == 2 * model.config.arch_params.encoder_widths[4]
+    save_model(model, tmp_path / "m")
+    saved = json.loads((tmp_path / "m" / "config.json").read_text())["heads"]
+    assert saved["Patch-LC25000"]["pool"] == "mean_std" and "pool" not in saved["Nuclei-INST"]
+    loaded = load_model(tmp_path / "m")
+    assert loaded.config.heads["Patch-LC25000"].pool == "mean_std"
+    x = torch.rand(1, 3, 160, 192, generator=torch.Generator().manual_seed(1)) * 255
+    want, got = model.predict(x), loaded.predict(x)
+    for name in model.config.patch_heads:
+        torch.testing.assert_close(got[name], want[name], rtol=0, atol=1e-6)

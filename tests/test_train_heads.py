@@ -83,3 +83,34 @@ def test_refit_takes_non_square_gland_images_with_patch_labels():
              for i, t in enumerate(_tiles(rng, 10))]
     report = _heads.refit_patch_heads(model, Sources({"gland": items}, {}), epochs=2, bf16=False)
     assert set(report) == {"Patch-GlaS"} and report["Patch-GlaS"].n_tiles == 10
+
+
+def test_refit_to_mean_std_pool_changes_the_head_and_the_config(tmp_path):
+    from wsi_mtl.network import load_model, save_model
+    from wsi_mtl.train._loop import _pools_of_state
+
+    model = create_model("wsimtl_small", seed=0)
+    rng = np.random.default_rng(4)
+    train, test = _tiles(rng, 30), _tiles(rng, 15)
+    report = _heads.refit_patch_heads(model, Sources({}, {"lc25000": train}), epochs=4, bf16=False, seed=3, pools=("mean_std",))
+    r = report["Patch-LC25000"]
+    assert r.pool_before == "mean" and set(r.candidates) == {"mean", "mean_std"}  # the head's own pool is always a candidate
+    assert r.kept and r.pool_after == "mean_std", r.to_dict()  # seeded: on these tiles the fresh mean_std head wins
+    spec = model.config.heads["Patch-LC25000"]
+    head = model.decoder_head[spec.decoder]
+    width = model.config.arch_params.encoder_widths[4]
+    assert spec.pool == "mean_std" and head.bn1.num_features == 2 * width
+    assert model.config.heads["Patch-Class"].pool == "mean"  # other heads keep theirs
+    acc = np.mean([int(np.argmax(classify_image(model, t.image, t.head, bf16=False))) == t.label for t in test])
+    assert acc >= 0.9
+    # what predict classifies is the mean_std feature map
+    feats = torch.from_numpy(patch_feature_map(model, test[0].image, margin_px=32, bf16=False, pool="mean_std"))[None]
+    with torch.no_grad():
+        via = torch.softmax(head(feats), dim=1)[0].numpy()
+    np.testing.assert_allclose(via, predict_image(model, test[0].image, heads=["Patch-LC25000"], margin_px=32, bf16=False)["Patch-LC25000"], atol=1e-5)
+    # a state dict of the refit model tells its pools; the saved folder loads with them
+    assert _pools_of_state(create_model("wsimtl_small").config, model.state_dict()).heads["Patch-LC25000"].pool == "mean_std"
+    save_model(model, tmp_path / "m")
+    again = load_model(tmp_path / "m")
+    np.testing.assert_allclose(classify_image(again, test[0].image, "Patch-LC25000", bf16=False),
+                               classify_image(model, test[0].image, "Patch-LC25000", bf16=False), atol=1e-5)

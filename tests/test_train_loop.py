@@ -314,3 +314,32 @@ def test_fine_tuning_keeps_the_init_models_untuned_settings(tmp_path):
     a, b = load_model(tmp_path / "tuned").state_dict(), load_model(result.model_dir).state_dict()
     assert torch.equal(a["backbone.conv1.weight"], b["backbone.conv1.weight"])
     assert not torch.equal(a["output_head.Nuclei.INST.x.1.conv.weight"], b["output_head.Nuclei.INST.x.1.conv.weight"])
+
+
+def test_a_run_starts_from_the_patch_pools_of_its_init_weights(tmp_path):
+    """A model whose LC25000 head pools mean_std (see wsi_mtl.train._heads) can be fine-tuned,
+    resumed and exported: the network is built with the pools its weights were fitted on."""
+    import dataclasses
+
+    from wsi_mtl.network import save_model
+    from wsi_mtl.train import load_initial_weights
+    from wsi_mtl.train._loop import _initial_config
+
+    base = get_model_config("wsimtl_small")
+    heads = {**base.heads, "Patch-LC25000": dataclasses.replace(base.heads["Patch-LC25000"], pool="mean_std")}
+    src = create_model(base.replace(heads=heads), seed=2)
+    save_model(src, tmp_path / "init")
+    torch.save({"model": src.state_dict(), "step": 7}, tmp_path / "init.pt")
+    path = _write_config(tmp_path, "r", steps=1)
+    assert _initial_config(load_config(path)).heads["Patch-LC25000"].pool == "mean"  # no init: the arch as registered
+    for init in (tmp_path / "init", tmp_path / "init.pt"):
+        config = _initial_config(load_config(path, init_from=str(init)))
+        assert config.heads["Patch-LC25000"].pool == "mean_std" and config.heads["Patch-Class"].pool == "mean"
+        model = create_model(config, seed=0)
+        load_initial_weights(model, init)
+        for k, v in src.state_dict().items():
+            torch.testing.assert_close(model.state_dict()[k], v, rtol=0, atol=0, msg=k)
+    # a run resuming its own checkpoint takes that checkpoint's pools, whatever init_from says
+    (tmp_path / "r").mkdir()
+    torch.save({"model": src.state_dict(), "step": 1}, tmp_path / "r" / "checkpoint.pt")
+    assert _initial_config(load_config(path)).heads["Patch-LC25000"].pool == "mean_std"

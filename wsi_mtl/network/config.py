@@ -18,7 +18,7 @@ from typing import Any
 
 from ..errors import ModelError
 
-__all__ = ["ArchParams", "HeadConfig", "ModelConfig", "HEAD_KINDS", "INST_CLASSES"]
+__all__ = ["ArchParams", "HeadConfig", "ModelConfig", "HEAD_KINDS", "INST_CLASSES", "PATCH_POOLS"]
 
 logger = logging.getLogger(__name__)
 
@@ -27,6 +27,10 @@ HEAD_KINDS: tuple[str, ...] = ("inst", "type", "patch")
 
 #: Classes of every INST map (Cerberus): background, eroded object interior, boundary band.
 INST_CLASSES: tuple[str, ...] = ("background", "interior", "boundary")
+
+#: How a patch head summarises the encoder cells of its window: their mean (Cerberus), or their
+#: mean and standard deviation per channel (first- and second-order statistics, twice the input).
+PATCH_POOLS: tuple[str, ...] = ("mean", "mean_std")
 
 #: Name of the output module under ``output_head.<decoder>`` for each segmentation kind.
 _OUT_KEY = {"inst": "INST", "type": "TYPE"}
@@ -125,12 +129,15 @@ class HeadConfig:
         One name per output channel.
     colors
         One RGB triple (0-255) per class, for QuPath and previews.
+    pool
+        Patch heads only: the window statistics the head classifies, one of :data:`PATCH_POOLS`.
     """
 
     kind: str
     decoder: str
     class_names: tuple[str, ...]
     colors: tuple[tuple[int, int, int], ...]
+    pool: str = "mean"
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "class_names", tuple(str(c) for c in self.class_names))
@@ -148,6 +155,10 @@ class HeadConfig:
         for c in self.colors:
             if len(c) != 3 or not all(0 <= v <= 255 for v in c):
                 raise ModelError(f"head {self.decoder!r}: colour {c} is not an RGB triple in 0-255")
+        if self.pool not in PATCH_POOLS:
+            raise ModelError(f"head {self.decoder!r}: pool must be one of {PATCH_POOLS}, got {self.pool!r}")
+        if self.pool != "mean" and self.kind != "patch":
+            raise ModelError(f"head {self.decoder!r}: pool applies to patch heads only, not {self.kind!r} heads")
 
     @property
     def num_classes(self) -> int:
@@ -269,7 +280,7 @@ class ModelConfig:
             elif f.name == "heads":
                 value = {
                     n: {"kind": h.kind, "decoder": h.decoder, "class_names": list(h.class_names),
-                        "colors": [list(c) for c in h.colors]}
+                        "colors": [list(c) for c in h.colors], **({"pool": h.pool} if h.pool != "mean" else {})}
                     for n, h in value.items()
                 }
             else:

@@ -17,7 +17,7 @@ from torch import nn
 
 from .config import ArchParams, ModelConfig
 
-__all__ = ["MultiTaskNet", "ResNetEncoder", "UNetDecoder", "OutputHead", "PatchHead"]
+__all__ = ["MultiTaskNet", "ResNetEncoder", "UNetDecoder", "OutputHead", "PatchHead", "window_stats"]
 
 logger = logging.getLogger(__name__)
 
@@ -200,7 +200,8 @@ class PatchHead(nn.Module):
     """Cerberus patch classifier on pooled x4: BN-ReLU-Dropout-1x1conv-BN-ReLU-1x1conv.
 
     Every layer is pointwise, so it applies equally to a globally pooled 1x1 map (Cerberus) and to
-    a dense map of window averages (``MultiTaskNet.predict``).
+    a dense map of window statistics (``MultiTaskNet.predict``). ``cin`` is the width of x4, or
+    twice it for a ``mean_std`` head (see :func:`window_stats`).
     """
 
     def __init__(self, cin: int, hidden: int, cout: int, *, dropout: float) -> None:
@@ -220,6 +221,35 @@ class PatchHead(nn.Module):
         x = self.dropout(F.relu(self.bn1(x)))
         x = F.relu(self.bn2(self.conv1(x)))
         return self.conv2(x)
+
+
+def window_stats(x4: torch.Tensor, cells: int | None, pools: Sequence[str]) -> dict[str, torch.Tensor]:
+    """Per-channel statistics of the encoder cells a patch head pools, one map per pool mode.
+
+    ``cells`` odd: dense maps of the ``cells`` x ``cells`` window centred on each cell (windows
+    clipped at the border, as ``count_include_pad=False``); ``None``: one 1 x 1 map over all of
+    ``x4``. ``"mean"`` gives the channel means (C channels); ``"mean_std"`` the means and then the
+    standard deviations (2C channels). Always float32.
+    """
+    x = x4.float()
+    if cells is None:
+        mean = x.mean(dim=(-2, -1), keepdim=True)
+        sq = x.square().mean(dim=(-2, -1), keepdim=True) if "mean_std" in pools else None
+    else:
+        pad = cells // 2
+        mean = F.avg_pool2d(x, cells, stride=1, padding=pad, count_include_pad=False)
+        sq = F.avg_pool2d(x.square(), cells, stride=1, padding=pad, count_include_pad=False) if "mean_std" in pools else None
+    out: dict[str, torch.Tensor] = {}
+    for pool in dict.fromkeys(pools):
+        if pool == "mean":
+            out[pool] = mean
+        elif pool == "mean_std":
+            assert sq is not None
+            std = (sq - mean.square()).clamp_min(0.0).add(1e-6).sqrt()  # eps keeps the gradient finite
+            out[pool] = torch.cat([mean, std], dim=1)
+        else:
+            raise ValueError(f"unknown patch pool {pool!r}")
+    return out
 
 
 def _nchw(t: torch.Tensor) -> torch.Tensor:
@@ -266,7 +296,8 @@ class MultiTaskNet(nn.Module):
             self.output_head[dec] = nn.ModuleDict()
         for head in config.heads.values():
             if head.kind == "patch":
-                self.decoder_head[head.decoder] = PatchHead(w[4], p.patch_hidden, head.num_classes, dropout=p.patch_dropout)
+                cin = w[4] * (2 if head.pool == "mean_std" else 1)
+                self.decoder_head[head.decoder] = PatchHead(cin, p.patch_hidden, head.num_classes, dropout=p.patch_dropout)
             else:
                 self.output_head[head.decoder][head.out_key] = OutputHead(
                     p.decoder_out, p.head_hidden, head.num_classes, refine_channels=p.full_res_channels if refine else 0
@@ -401,21 +432,19 @@ class MultiTaskNet(nn.Module):
             if h > cells or w > cells:
                 top, left = max(0, (h - cells) // 2), max(0, (w - cells) // 2)
                 x4 = x4[..., top : top + min(h, cells), left : left + min(w, cells)]
-            pooled = x4.float().mean(dim=(-2, -1), keepdim=True)
+            pooled = window_stats(x4, None, [self.config.heads[n].pool for n in patch])
             for name in patch:
-                out[name] = self.decoder_head[self.config.heads[name].decoder](pooled)
+                head = self.config.heads[name]
+                out[name] = self.decoder_head[head.decoder](pooled[head.pool])
         return {n: out[n] for n in names}
 
-    def _window_means(self, x4: torch.Tensor) -> torch.Tensor:
-        cells = self.config.arch_params.patch_cells
-        return F.avg_pool2d(x4.float(), cells, stride=1, padding=cells // 2, count_include_pad=False)
-
     @torch.no_grad()
-    def patch_features(self, x: torch.Tensor) -> torch.Tensor:
-        """The dense map every patch head classifies in :meth:`predict`: x4 averaged over the
-        ``patch_cells`` window centred on each cell (N x C x H/ps x W/ps, float32; encoder only)."""
+    def patch_features(self, x: torch.Tensor, pool: str = "mean") -> torch.Tensor:
+        """The dense map a patch head with ``pool`` classifies in :meth:`predict`: the statistics of
+        x4 over the ``patch_cells`` window centred on each cell (N x C' x H/ps x W/ps, float32;
+        encoder only; see :func:`window_stats`)."""
         x4, _ = self._features(x, [])
-        return self._window_means(x4)
+        return window_stats(x4, self.config.arch_params.patch_cells, [pool])[pool]
 
     @torch.no_grad()
     def predict(self, x: torch.Tensor, *, heads: Sequence[str] | None = None) -> dict[str, torch.Tensor]:
@@ -429,14 +458,13 @@ class MultiTaskNet(nn.Module):
         """
         names = self._select(heads)
         x4, seg = self._features(x, names)
-        dense = None
+        pools = [self.config.heads[n].pool for n in names if self.config.heads[n].kind == "patch"]
+        dense = window_stats(x4, self.config.arch_params.patch_cells, pools) if pools else {}
         out: dict[str, torch.Tensor] = {}
         for name in names:
             head = self.config.heads[name]
             if head.kind == "patch":
-                if dense is None:
-                    dense = self._window_means(x4)
-                logits = self.decoder_head[head.decoder](dense)
+                logits = self.decoder_head[head.decoder](dense[head.pool])
             else:
                 logits = seg[name]
             out[name] = torch.softmax(logits.float(), dim=1)

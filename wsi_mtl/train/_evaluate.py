@@ -88,15 +88,15 @@ def _patch_cells(a: np.ndarray, model: torch.nn.Module, top: int, left: int, h: 
 
 
 @torch.no_grad()
-def patch_feature_map(model: torch.nn.Module, image: np.ndarray, *, margin_px: int = 0, bf16: bool = True) -> np.ndarray:
-    """The (C, h, w) window features the patch heads classify for ``image``, padded and cropped
-    exactly as :func:`predict_image` crops its patch maps (eval mode)."""
+def patch_feature_map(model: torch.nn.Module, image: np.ndarray, *, margin_px: int = 0, bf16: bool = True, pool: str = "mean") -> np.ndarray:
+    """The (C, h, w) window features a patch head with ``pool`` classifies for ``image``, padded
+    and cropped exactly as :func:`predict_image` crops its patch maps (eval mode)."""
     x, top, left = _padded_input(image, int(model.config.stride), margin_px)
     was_training = model.training
     model.eval()
     try:
         with _autocast(bf16):
-            f = model.patch_features(x)
+            f = model.patch_features(x, pool)
     finally:
         model.train(was_training)
     return _patch_cells(f[0].float().numpy(), model, top, left, *image.shape[:2])

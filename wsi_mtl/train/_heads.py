@@ -7,6 +7,10 @@ statistics, and a tile's class is the mean of its dense map. Here those exact in
 are computed once per training tile (four dihedral views) and each head (a tiny pointwise MLP) is
 trained further on them, the encoder untouched. Part of the training tiles is held out first:
 the refit is kept only where it classifies the held-out tiles better than the head it replaces.
+
+Each head may also change what it pools (``HeadConfig.pool``): besides a refit on the window means
+it keeps, a fresh head is fitted on the window means and standard deviations, and the candidate
+that classifies the held-out tiles best is the one compared with the current head.
 """
 
 from __future__ import annotations
@@ -14,13 +18,15 @@ from __future__ import annotations
 import copy
 import logging
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ..network.config import PATCH_POOLS
+from ..network.model import PatchHead
 from ._data import Sources
 from ._evaluate import _pad_to, patch_feature_map
 
@@ -41,9 +47,17 @@ class HeadRefit:
     nll_before: float
     nll_after: float
     kept: bool
+    pool_before: str = "mean"
+    #: pool of the best candidate (the head's pool now where ``kept``)
+    pool_after: str = "mean"
+    #: held-out accuracy of every candidate pool
+    candidates: Mapping[str, float] | None = None
 
     def to_dict(self) -> dict[str, Any]:
-        return {k: (round(v, 4) if isinstance(v, float) else v) for k, v in self.__dict__.items()}
+        def r(v: Any) -> Any:
+            return round(v, 4) if isinstance(v, float) else ({k: r(x) for k, x in v.items()} if isinstance(v, Mapping) else v)
+
+        return {k: r(v) for k, v in self.__dict__.items()}
 
 
 def _views(image: np.ndarray) -> list[np.ndarray]:
@@ -137,6 +151,7 @@ def refit_patch_heads(
     seed: int = 0,
     bf16: bool = True,
     heads: Sequence[str] | None = None,
+    pools: Sequence[str] = PATCH_POOLS,
 ) -> dict[str, HeadRefit]:
     """Refit each patch head of ``model`` on its training tiles' frozen inference features.
 
@@ -153,6 +168,10 @@ def refit_patch_heads(
         whether the refit replaces the head; the kept refit is then trained again on all tiles.
     heads
         Patch heads to refit (default: every patch head with labelled tiles).
+    pools
+        Window statistics to try (:data:`~wsi_mtl.network.config.PATCH_POOLS`). The head's own
+        pool is refit from its weights, another pool from a fresh head; the best on the held-out
+        tiles competes with the current head, and a kept head changes ``model.config`` to its pool.
 
     Returns
     -------
@@ -162,35 +181,63 @@ def refit_patch_heads(
     model.eval()
     rng = np.random.default_rng(seed)
     report: dict[str, HeadRefit] = {}
+    width = int(model.config.arch_params.encoder_widths[4])
     for name, samples in _samples(model, data).items():
         if heads is not None and name not in heads:
             continue
+        spec = model.config.heads[name]
         labels = np.array([s[0] for s in samples])
-        # per tile, one (1, C, h, w) map per view (views of a non-square image differ in shape)
-        feats = [[torch.from_numpy(patch_feature_map(model, v, margin_px=m, bf16=bf16))[None] for v in _views(img)] for _, img, m in samples]
+        # per tile, one (1, 2C, h, w) map of window means and standard deviations per view (views
+        # of a non-square image differ in shape); the means are its first C channels
+        stats = [[torch.from_numpy(patch_feature_map(model, v, margin_px=m, bf16=bf16, pool="mean_std"))[None] for v in _views(img)] for _, img, m in samples]
+
+        def feats(pool: str) -> list[list[torch.Tensor]]:
+            return stats if pool == "mean_std" else [[f[:, :width] for f in views] for views in stats]
+
         hold = np.zeros(len(samples), bool)
         for c in np.unique(labels):
             idx = np.flatnonzero(labels == c)
             k = int(round(holdout * idx.size))
             if idx.size > 1 and k:
                 hold[rng.choice(idx, size=min(k, idx.size - 1), replace=False)] = True
-        module = model.decoder_head[model.config.heads[name].decoder]
-        fit = {"num_classes": int(model.config.heads[name].num_classes), "epochs": epochs, "lr": lr, "batch": batch, "seed": seed}
-        train_f = [f for f, h in zip(feats, hold) if not h]
-        hold_f = [f for f, h in zip(feats, hold) if h]
-        before = _tile_scores(module, hold_f, labels[hold])
-        trial = copy.deepcopy(module)
-        _fit(trial, *_vectors(train_f, labels[~hold]), **fit)
-        after = _tile_scores(trial, hold_f, labels[hold])
+        module = model.decoder_head[spec.decoder]
+        fit = {"num_classes": int(spec.num_classes), "epochs": epochs, "lr": lr, "batch": batch, "seed": seed}
+
+        def start(pool: str) -> torch.nn.Module:
+            if pool == spec.pool:
+                return copy.deepcopy(module)
+            p = model.config.arch_params
+            cin = width * (2 if pool == "mean_std" else 1)
+            torch.manual_seed(seed)
+            return PatchHead(cin, p.patch_hidden, spec.num_classes, dropout=p.patch_dropout)
+
+        def split(fs: list[list[torch.Tensor]], held: bool) -> list[list[torch.Tensor]]:
+            return [f for f, h in zip(fs, hold) if h == held]
+
+        before = _tile_scores(module, split(feats(spec.pool), True), labels[hold])
+        tried: dict[str, tuple[float, float]] = {}
+        for pool in dict.fromkeys([spec.pool, *pools]):
+            trial = start(pool)
+            _fit(trial, *_vectors(split(feats(pool), False), labels[~hold]), **fit)
+            tried[pool] = _tile_scores(trial, split(feats(pool), True), labels[hold])
+        best = max(tried, key=lambda k: (tried[k][0], -tried[k][1]))  # accuracy, then lower NLL; ties keep the earlier (own pool first)
+        after = tried[best]
         kept = bool(hold.any()) and (after[0] > before[0] or (after[0] == before[0] and after[1] < before[1]))
         if kept:
-            final = copy.deepcopy(module)
-            _fit(final, *_vectors(feats, labels), **fit)
-            module.load_state_dict(final.state_dict())
-        module.eval()
-        report[name] = HeadRefit(name, len(samples), int(hold.sum()), before[0], after[0], before[1], after[1], kept)
-        logger.info("patch head %s: held-out accuracy %.3f -> %.3f (nll %.3f -> %.3f) on %d of %d tiles; %s",
-                    name, before[0], after[0], before[1], after[1], int(hold.sum()), len(samples), "kept" if kept else "not kept")
+            final = start(best)
+            _fit(final, *_vectors(feats(best), labels), **fit)
+            final.eval()
+            if best == spec.pool:
+                module.load_state_dict(final.state_dict())
+            else:
+                model.decoder_head[spec.decoder] = final
+                model.config = model.config.replace(heads={**model.config.heads, name: replace(spec, pool=best)})
+        model.decoder_head[spec.decoder].eval()
+        report[name] = HeadRefit(name, len(samples), int(hold.sum()), before[0], after[0], before[1], after[1], kept,
+                                 pool_before=spec.pool, pool_after=best, candidates={k: v[0] for k, v in tried.items()})
+        logger.info("patch head %s: held-out accuracy %.3f -> %.3f (nll %.3f -> %.3f; pool %s -> %s; candidates %s) on %d of %d tiles; %s",
+                    name, before[0], after[0], before[1], after[1], spec.pool, best,
+                    {k: round(v[0], 3) for k, v in tried.items()}, int(hold.sum()), len(samples), "kept" if kept else "not kept")
     return report
 
 

@@ -9,7 +9,7 @@ import math
 import os
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -160,6 +160,45 @@ def _shown_path(path: Path) -> str:
         return str(path)
 
 
+def _pools_of_state(config: ModelConfig, state: Mapping[str, torch.Tensor]) -> ModelConfig:
+    """``config`` with each patch head's pool set to the one its weights in ``state`` take: a head
+    whose first layer is twice the encoder's width was fitted on ``mean_std`` window statistics."""
+    width = int(config.arch_params.encoder_widths[4])
+    heads = dict(config.heads)
+    for name, head in config.heads.items():
+        w = state.get(f"decoder_head.{head.decoder}.bn1.weight") if head.kind == "patch" else None
+        if w is not None and w.ndim == 1 and int(w.shape[0]) in (width, 2 * width):
+            heads[name] = replace(head, pool="mean_std" if int(w.shape[0]) == 2 * width else "mean")
+    return config.replace(heads=heads)
+
+
+def _initial_config(cfg: TrainConfig) -> ModelConfig:
+    """The arch's config, with the patch-head pools of the weights the run starts from (its own
+    checkpoint when resuming, else ``init_from``)."""
+    config = get_model_config(cfg.arch)
+    ckpt = Path(cfg.run_dir) / CHECKPOINT
+    source = ckpt if ckpt.exists() else (None if cfg.init_from is None else Path(cfg.init_from))
+    if source is None:
+        return config
+    from ..network.io import CONFIG_FILE
+
+    if source.is_dir() and (source / CONFIG_FILE).is_file():
+        try:
+            pools = {n: h.pool for n, h in ModelConfig.from_json((source / CONFIG_FILE).read_text()).heads.items()}
+        except (OSError, ModelError):
+            return config  # load_initial_weights reports what is wrong with the folder
+        return config.replace(heads={n: replace(h, pool=pools.get(n, h.pool)) for n, h in config.heads.items()})
+    if source.is_file():
+        try:
+            ck = torch.load(source, map_location="cpu", weights_only=True)
+        except Exception:  # noqa: BLE001 - load_initial_weights reports unreadable checkpoints
+            return config
+        state = ck.get("model", ck) if isinstance(ck, Mapping) else None
+        if isinstance(state, Mapping):
+            return _pools_of_state(config, state)
+    return config
+
+
 def load_initial_weights(model: MultiTaskNet, source: str | os.PathLike[str]) -> int:
     """Copy weights into ``model`` from a model folder or a run's ``.pt`` checkpoint (fine-tuning).
 
@@ -282,7 +321,7 @@ def train(cfg: TrainConfig, *, max_minutes: float | None = None, progress: bool 
     rng = np.random.default_rng(cfg.seed)
     gen = torch.Generator().manual_seed(cfg.seed + 1)
 
-    model = create_model(get_model_config(cfg.arch), seed=cfg.seed)
+    model = create_model(_initial_config(cfg), seed=cfg.seed)
     if cfg.channels_last:
         model.set_channels_last(True)
     params = _trainable(model, cfg.trainable)
@@ -405,14 +444,14 @@ def export_model(cfg: TrainConfig, model: MultiTaskNet | None = None, *, which: 
     images (:func:`~wsi_mtl.train._tune.tune_postprocess`) and stored in the model's config.
     """
     run = Path(cfg.run_dir)
-    if model is None:
-        model = create_model(get_model_config(cfg.arch), seed=cfg.seed)
     path = run / (BEST if which == "best" else CHECKPOINT)
     if not path.exists():
         path = run / CHECKPOINT
     if not path.exists():
         raise InputError(f"no checkpoint in {run} to export")
     ck = torch.load(path, map_location="cpu", weights_only=True)
+    if model is None:
+        model = create_model(_pools_of_state(get_model_config(cfg.arch), ck["model"]), seed=cfg.seed)
     model.load_state_dict(ck["model"])
     model.set_channels_last(False)
     model.eval()

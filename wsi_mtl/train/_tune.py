@@ -37,8 +37,8 @@ NUCLEI_GRID: dict[str, tuple[float, ...]] = {
 #: comes last so that it varies fastest: the grown instances of one (threshold, erosion, opening)
 #: are computed once and only filtered by size for each of its values.
 GLAND_GRID: dict[str, tuple[float, ...]] = {
-    "gland_threshold": (0.02, 0.05, 0.1, 0.2, 0.35),
-    "gland_erosion_px": (5.0, 8.0, 11.0, 14.0),
+    "gland_threshold": (0.02, 0.05, 0.1, 0.2, 0.35, 0.5),
+    "gland_erosion_px": (3.0, 5.0, 8.0, 11.0, 14.0),
     "gland_open_px": (0.0, 4.0, 8.0),
     "gland_min_area_px": (800.0, 2000.0, 4000.0, 6000.0, 9000.0),
 }

@@ -28,7 +28,7 @@ import numpy as np
 import torch
 
 from wsi_mtl.network import create_model, get_model_config
-from wsi_mtl.network.model import MultiTaskNet
+from wsi_mtl.network.model import MultiTaskNet, window_stats
 
 logger = logging.getLogger("bench_network")
 
@@ -56,10 +56,10 @@ def build(arch: str, overrides: dict) -> MultiTaskNet:
         x4, _ = model._features(img, seg)
         # patch heads: statistics over the dense window averages (as predict uses them), not over
         # a batch of one pooled vector
-        cells = model.config.arch_params.patch_cells
-        dense = torch.nn.functional.avg_pool2d(x4, cells, stride=1, padding=cells // 2, count_include_pad=False)
-        for name in model.config.patch_heads:
-            model.decoder_head[model.config.heads[name].decoder](dense)
+        heads = [model.config.heads[n] for n in model.config.patch_heads]
+        dense = window_stats(x4, model.config.arch_params.patch_cells, [h.pool for h in heads])
+        for head in heads:
+            model.decoder_head[head.decoder](dense[head.pool])
     model.eval().fold_bn(True).set_channels_last(True)
     return model
 

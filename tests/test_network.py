@@ -637,4 +637,4 @@ def test_mean_std_patch_heads_round_trip_through_a_model_folder(tmp_path: Path) 
     x = torch.rand(1, 3, 160, 192, generator=torch.Generator().manual_seed(1)) * 255
     want, got = model.predict(x), loaded.predict(x)
     for name in model.config.patch_heads:
-        torch.testing.assert_close(got[name], want[name], rtol=0, atol=1e-6)
+        torch.testing.assert_close(got[name], want[name], rtol=0, atol=1e-4)  # load_model folds BN and goes channels_last: float rounding only

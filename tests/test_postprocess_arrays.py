@@ -159,6 +159,15 @@ def test_instance_type_majority_vote_ignores_nolabel():
     # no other class present: nolabel wins
     cls0, _ = instance_type(labels, np.stack([np.full((4, 10), 255, np.uint8), np.zeros((4, 10), np.uint8)]))
     assert cls0.tolist() == [0, 0]
+    # never_class: background takes no votes, every pixel votes for its most probable other class
+    bg = np.zeros((3, 4, 10), np.uint8)
+    bg[0] = 200  # background is the argmax everywhere ...
+    bg[1] = 30
+    bg[2, :, :3] = 50  # ... class 2 is the best other class on 3 columns of object 1 (columns 0-4)
+    assert instance_type(labels, bg)[0].tolist() == [0, 0]
+    cls_n, prob_n = instance_type(labels, bg, never_class=0)
+    assert cls_n.tolist() == [2, 1]  # object 1: 12 pixels vote 2, 8 vote 1; object 2: all vote 1
+    assert prob_n[1] == pytest.approx(30 / 255)
     assert instance_type(np.zeros((4, 10), np.int32), tp)[0].size == 0
     with pytest.raises(ValueError, match="does not match"):
         instance_type(labels[:2], tp)

@@ -335,7 +335,7 @@ def _nuclei_chunk(reader: Any, chunk: Chunk, meta: MapsMeta, params: Postprocess
     )
     if NUCLEI_TYPE in meta.heads:
         tprob = reader.read(NUCLEI_TYPE, chunk.read)
-        cls, prob = instance_type(labels, tprob)
+        cls, prob = instance_type(labels, tprob, never_class=0)  # every detected nucleus gets a nuclear type
         cls, prob = cls[ids - 1], prob[ids - 1]
     else:
         cls = np.ones(len(ids), np.int32)

@@ -374,12 +374,15 @@ def instance_type(
     type_prob: np.ndarray,
     *,
     ignore_class: int | None = 0,
+    never_class: int | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Class of each instance by majority vote of the per-pixel argmax.
 
     A pixel votes for its most probable class. ``ignore_class`` (the no-label class 0) wins only
-    when no pixel of the instance voted for another class. The probability is the mean probability
-    of the winning class over the instance's pixels.
+    when no pixel of the instance voted for another class. ``never_class`` takes no votes at all:
+    each pixel votes for its most probable other class (nuclei: the instance map says what is a
+    nucleus, the type map only which type). The probability is the mean probability of the
+    winning class over the instance's pixels.
 
     Parameters
     ----------
@@ -389,6 +392,8 @@ def instance_type(
         Class probabilities on the same grid.
     ignore_class : int or None
         Class that loses every vote it does not win alone.
+    never_class : int or None
+        Class that is never the answer (no pixel votes for it).
 
     Returns
     -------
@@ -413,7 +418,12 @@ def instance_type(
     fg = labels > 0
     lab = labels[fg].astype(np.int64)
     probs = type_prob[:, fg]  # (C, m)
-    vote = np.argmax(probs, axis=0)
+    if never_class is not None and 0 <= never_class < c and c > 1:
+        ballot = probs.astype(np.float32)
+        ballot[never_class] = -1.0
+        vote = np.argmax(ballot, axis=0)
+    else:
+        vote = np.argmax(probs, axis=0)
     counts = np.bincount(lab * c + vote, minlength=(n + 1) * c).reshape(n + 1, c)[1:]
     if ignore_class is not None and 0 <= ignore_class < c:
         others = counts.sum(axis=1) - counts[:, ignore_class]

@@ -20,7 +20,7 @@ from ._augment import resize_labels
 from ..errors import InputError
 from ._data import CRCHP_CLASSES, ClsItem, SegItem, Sources, _csv, _read_labels
 from ..network.tta import predict_tta
-from ..postprocess import PostprocessParams
+from ..postprocess import PostprocessParams, instance_type
 from ._postprocess import gland_labels, nuclei_labels, params_of
 
 __all__ = ["REFERENCE_IMAGES", "reference_metrics", "evaluate_split", "glas_native_truth", "heads_only", "predict_image", "classify_image", "evaluate_sources", "format_table", "instance_types"]
@@ -110,8 +110,8 @@ def classify_image(model: torch.nn.Module, image: np.ndarray, head: str, *, bf16
 
 
 def instance_types(labels: np.ndarray, type_prob: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Centroid (row, col) and class of each instance: argmax over classes >= 1 of the summed type
-    probabilities inside it.
+    """Centroid (row, col) and class of each instance, the class as `wsimtl segment` gives it
+    (:func:`~wsi_mtl.postprocess.instance_type`: per-pixel vote, never the background class).
 
     Returns ``(ids, centroids_yx (N, 2), classes (N,))``.
     """
@@ -121,9 +121,8 @@ def instance_types(labels: np.ndarray, type_prob: np.ndarray) -> tuple[np.ndarra
         return ids, np.zeros((0, 2)), np.zeros(0, int)
     index = ids.tolist()
     cents = np.array(ndimage.center_of_mass(np.ones(labels.shape), labels, index)).reshape(-1, 2)
-    sums = np.stack([np.bincount(labels.ravel(), weights=type_prob[c].ravel(), minlength=int(labels.max()) + 1)[ids] for c in range(type_prob.shape[0])], axis=1)
-    cls = 1 + np.argmax(sums[:, 1:], axis=1)
-    return ids, cents, cls
+    cls, _ = instance_type(labels, type_prob, never_class=0)
+    return ids, cents, cls[ids - 1].astype(int)
 
 
 def _mean(vals: Iterable[float]) -> float:

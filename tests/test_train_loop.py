@@ -340,6 +340,7 @@ def test_a_run_starts_from_the_patch_pools_of_its_init_weights(tmp_path):
         for k, v in src.state_dict().items():
             torch.testing.assert_close(model.state_dict()[k], v, rtol=0, atol=0, msg=k)
     # a run resuming its own checkpoint takes that checkpoint's pools, whatever init_from says
-    (tmp_path / "r").mkdir()
-    torch.save({"model": src.state_dict(), "step": 1}, tmp_path / "r" / "checkpoint.pt")
-    assert _initial_config(load_config(path)).heads["Patch-LC25000"].pool == "mean_std"
+    plain = create_model(base, seed=0)
+    torch.save({"model": plain.state_dict(), "step": 1}, tmp_path / "plain.pt")
+    assert _initial_config(load_config(path, init_from=str(tmp_path / "plain.pt")), src.state_dict()).heads["Patch-LC25000"].pool == "mean_std"
+    assert _initial_config(load_config(path, init_from=str(tmp_path / "init")), plain.state_dict()).heads["Patch-LC25000"].pool == "mean"

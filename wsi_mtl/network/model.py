@@ -15,9 +15,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .config import ArchParams, ModelConfig
+from .config import ArchParams, HeadConfig, ModelConfig
 
-__all__ = ["MultiTaskNet", "ResNetEncoder", "UNetDecoder", "OutputHead", "PatchHead", "window_stats"]
+__all__ = ["MultiTaskNet", "ResNetEncoder", "UNetDecoder", "OutputHead", "PatchHead", "build_patch_head", "patch_head_inputs", "window_stats"]
 
 logger = logging.getLogger(__name__)
 
@@ -200,8 +200,8 @@ class PatchHead(nn.Module):
     """Cerberus patch classifier on pooled x4: BN-ReLU-Dropout-1x1conv-BN-ReLU-1x1conv.
 
     Every layer is pointwise, so it applies equally to a globally pooled 1x1 map (Cerberus) and to
-    a dense map of window statistics (``MultiTaskNet.predict``). ``cin`` is the width of x4, or
-    twice it for a ``mean_std`` head (see :func:`window_stats`).
+    a dense map of window statistics (``MultiTaskNet.predict``). ``cin`` is
+    :func:`patch_head_inputs` of the head's pool.
     """
 
     def __init__(self, cin: int, hidden: int, cout: int, *, dropout: float) -> None:
@@ -221,6 +221,16 @@ class PatchHead(nn.Module):
         x = self.dropout(F.relu(self.bn1(x)))
         x = F.relu(self.bn2(self.conv1(x)))
         return self.conv2(x)
+
+
+def patch_head_inputs(params: ArchParams, pool: str) -> int:
+    """Input channels of a patch head that classifies ``pool`` statistics of x4 (see :func:`window_stats`)."""
+    return params.encoder_widths[4] * (2 if pool == "mean_std" else 1)
+
+
+def build_patch_head(params: ArchParams, head: HeadConfig) -> PatchHead:
+    """A freshly initialised patch head for ``head`` (its classes and pool) in an arch with ``params``."""
+    return PatchHead(patch_head_inputs(params, head.pool), params.patch_hidden, head.num_classes, dropout=params.patch_dropout)
 
 
 def window_stats(x4: torch.Tensor, cells: int | None, pools: Sequence[str]) -> dict[str, torch.Tensor]:
@@ -296,8 +306,7 @@ class MultiTaskNet(nn.Module):
             self.output_head[dec] = nn.ModuleDict()
         for head in config.heads.values():
             if head.kind == "patch":
-                cin = w[4] * (2 if head.pool == "mean_std" else 1)
-                self.decoder_head[head.decoder] = PatchHead(cin, p.patch_hidden, head.num_classes, dropout=p.patch_dropout)
+                self.decoder_head[head.decoder] = build_patch_head(p, head)
             else:
                 self.output_head[head.decoder][head.out_key] = OutputHead(
                     p.decoder_out, p.head_hidden, head.num_classes, refine_channels=p.full_res_channels if refine else 0

@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from ..network.config import PATCH_POOLS
-from ..network.model import PatchHead
+from ..network.model import build_patch_head
 from ._data import Sources
 from ._evaluate import _pad_to, patch_feature_map
 
@@ -206,10 +206,8 @@ def refit_patch_heads(
         def start(pool: str) -> torch.nn.Module:
             if pool == spec.pool:
                 return copy.deepcopy(module)
-            p = model.config.arch_params
-            cin = width * (2 if pool == "mean_std" else 1)
             torch.manual_seed(seed)
-            return PatchHead(cin, p.patch_hidden, spec.num_classes, dropout=p.patch_dropout)
+            return build_patch_head(model.config.arch_params, replace(spec, pool=pool))
 
         def split(fs: list[list[torch.Tensor]], held: bool) -> list[list[torch.Tensor]]:
             return [f for f, h in zip(fs, hold) if h == held]

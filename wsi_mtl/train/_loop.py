@@ -19,6 +19,8 @@ from tqdm import tqdm
 
 from ..errors import InputError, ModelError
 from ..network import ModelConfig, MultiTaskNet, create_model, get_model_config, save_model
+from ..network.config import PATCH_POOLS
+from ..network.model import patch_head_inputs
 from ._augment import hed_jitter, random_blur
 from ._config import TrainConfig
 from ._data import SEG_HEADS, Sources, load_sources, sample_cls, sample_seg
@@ -161,36 +163,44 @@ def _shown_path(path: Path) -> str:
 
 
 def _pools_of_state(config: ModelConfig, state: Mapping[str, torch.Tensor]) -> ModelConfig:
-    """``config`` with each patch head's pool set to the one its weights in ``state`` take: a head
-    whose first layer is twice the encoder's width was fitted on ``mean_std`` window statistics."""
-    width = int(config.arch_params.encoder_widths[4])
+    """``config`` with each patch head's pool set to the one its weights in ``state`` take (the
+    pool whose :func:`~wsi_mtl.network.model.patch_head_inputs` is the width of their first layer)."""
     heads = dict(config.heads)
     for name, head in config.heads.items():
         w = state.get(f"decoder_head.{head.decoder}.bn1.weight") if head.kind == "patch" else None
-        if w is not None and w.ndim == 1 and int(w.shape[0]) in (width, 2 * width):
-            heads[name] = replace(head, pool="mean_std" if int(w.shape[0]) == 2 * width else "mean")
+        fits = [p for p in PATCH_POOLS if w is not None and w.ndim == 1 and int(w.shape[0]) == patch_head_inputs(config.arch_params, p)]
+        if fits:
+            heads[name] = replace(head, pool=fits[0])
     return config.replace(heads=heads)
 
 
-def _initial_config(cfg: TrainConfig) -> ModelConfig:
-    """The arch's config, with the patch-head pools of the weights the run starts from (its own
-    checkpoint when resuming, else ``init_from``)."""
-    config = get_model_config(cfg.arch)
-    ckpt = Path(cfg.run_dir) / CHECKPOINT
-    source = ckpt if ckpt.exists() else (None if cfg.init_from is None else Path(cfg.init_from))
-    if source is None:
-        return config
+def _folder_config(folder: str | os.PathLike[str] | None) -> ModelConfig | None:
+    """The ``ModelConfig`` of a model folder (``init_from``); None where there is none or it does not parse."""
     from ..network.io import CONFIG_FILE
 
-    if source.is_dir() and (source / CONFIG_FILE).is_file():
+    path = None if folder is None else Path(folder) / CONFIG_FILE
+    if path is None or not path.is_file():
+        return None
+    try:
+        return ModelConfig.from_json(path.read_text())
+    except (OSError, ModelError):
+        return None  # load_initial_weights reports what is wrong with the folder
+
+
+def _initial_config(cfg: TrainConfig, resumed: Mapping[str, torch.Tensor] | None = None) -> ModelConfig:
+    """The arch's config, with the patch-head pools of the weights the run starts from: the
+    ``resumed`` state of its own checkpoint, else ``init_from`` (a model folder or a ``.pt``)."""
+    config = get_model_config(cfg.arch)
+    if resumed is not None:
+        return _pools_of_state(config, resumed)
+    if cfg.init_from is None:
+        return config
+    folder = _folder_config(cfg.init_from)
+    if folder is not None:
+        return config.replace(heads={n: replace(h, pool=folder.heads[n].pool) if n in folder.heads else h for n, h in config.heads.items()})
+    if Path(cfg.init_from).is_file():
         try:
-            pools = {n: h.pool for n, h in ModelConfig.from_json((source / CONFIG_FILE).read_text()).heads.items()}
-        except (OSError, ModelError):
-            return config  # load_initial_weights reports what is wrong with the folder
-        return config.replace(heads={n: replace(h, pool=pools.get(n, h.pool)) for n, h in config.heads.items()})
-    if source.is_file():
-        try:
-            ck = torch.load(source, map_location="cpu", weights_only=True)
+            ck = torch.load(cfg.init_from, map_location="cpu", weights_only=True)
         except Exception:  # noqa: BLE001 - load_initial_weights reports unreadable checkpoints
             return config
         state = ck.get("model", ck) if isinstance(ck, Mapping) else None
@@ -321,7 +331,9 @@ def train(cfg: TrainConfig, *, max_minutes: float | None = None, progress: bool 
     rng = np.random.default_rng(cfg.seed)
     gen = torch.Generator().manual_seed(cfg.seed + 1)
 
-    model = create_model(_initial_config(cfg), seed=cfg.seed)
+    ckpt_path = run / CHECKPOINT
+    ck = torch.load(ckpt_path, map_location="cpu", weights_only=True) if ckpt_path.exists() else None
+    model = create_model(_initial_config(cfg, None if ck is None else ck["model"]), seed=cfg.seed)
     if cfg.channels_last:
         model.set_channels_last(True)
     params = _trainable(model, cfg.trainable)
@@ -332,10 +344,8 @@ def train(cfg: TrainConfig, *, max_minutes: float | None = None, progress: bool 
     best = -math.inf
     train_seconds = 0.0  # wall time spent in the loop (steps + validation), summed over resumes
     horizon = cfg.steps  # the step the LR schedule ends at; shrunk to fit time_budget_minutes
-    ckpt_path = run / CHECKPOINT
     init: dict[str, Any] = {}  # where a fine-tuning run started from (kept in its checkpoints)
-    if ckpt_path.exists():
-        ck = torch.load(ckpt_path, map_location="cpu", weights_only=True)
+    if ck is not None:
         model.load_state_dict(ck["model"])
         optimizer.load_state_dict(ck["optimizer"])
         step = int(ck["step"])
@@ -493,15 +503,8 @@ def export_model(cfg: TrainConfig, model: MultiTaskNet | None = None, *, which: 
 
 def _init_postprocess(cfg: TrainConfig) -> dict[str, Any]:
     """The tuned post-processing settings of an ``init_from`` model folder ({} otherwise)."""
-    from ..network.io import CONFIG_FILE
-
-    path = None if cfg.init_from is None else Path(cfg.init_from) / CONFIG_FILE
-    if path is None or not path.is_file():
-        return {}
-    try:
-        pp = ModelConfig.from_json(path.read_text()).extra.get("postprocess")
-    except (OSError, ModelError):
-        return {}
+    folder = _folder_config(cfg.init_from)
+    pp = None if folder is None else folder.extra.get("postprocess")
     return dict(pp) if isinstance(pp, Mapping) else {}
 
 

@@ -87,7 +87,7 @@ def test_refit_takes_non_square_gland_images_with_patch_labels():
 
 def test_refit_to_mean_std_pool_changes_the_head_and_the_config(tmp_path):
     from wsi_mtl.network import load_model, save_model
-    from wsi_mtl.train._loop import _pools_of_state
+    from wsi_mtl.train._loop import _config_of_state
 
     model = create_model("wsimtl_small", seed=0)
     rng = np.random.default_rng(4)
@@ -109,7 +109,7 @@ def test_refit_to_mean_std_pool_changes_the_head_and_the_config(tmp_path):
         via = torch.softmax(head(feats), dim=1)[0].numpy()
     np.testing.assert_allclose(via, predict_image(model, test[0].image, heads=["Patch-LC25000"], margin_px=32, bf16=False)["Patch-LC25000"], atol=1e-5)
     # a state dict of the refit model tells its pools; the saved folder loads with them
-    assert _pools_of_state(create_model("wsimtl_small").config, model.state_dict()).heads["Patch-LC25000"].pool == "mean_std"
+    assert _config_of_state(create_model("wsimtl_small").config, model.state_dict()).heads["Patch-LC25000"].pool == "mean_std"
     save_model(model, tmp_path / "m")
     again = load_model(tmp_path / "m")
     np.testing.assert_allclose(classify_image(again, test[0].image, "Patch-LC25000", bf16=False),

@@ -176,17 +176,46 @@ class UNetDecoder(nn.ModuleList):
         return x
 
 
+class FineBranch(nn.Module):
+    """Full-resolution correction of one head's logits (``ArchParams.fine_decoders``).
+
+    The decoder's half-resolution features are upsampled 2x bilinearly and added to the branch's
+    own 3x3 conv of the input (``skip``), then pass two 3x3 conv-bn-relu layers (``body``) and a
+    1x1 conv (``out``) that starts at zero, so a new branch leaves the logits as they were until
+    it is trained.
+    """
+
+    def __init__(self, cin: int, channels: int, cout: int) -> None:
+        super().__init__()
+        self.skip = ConvBNReLU(3, channels, 3)
+        self.lift = Conv1x1(cin, channels) if cin != channels else None
+        self.body = ConvBlock([channels, channels, channels], 3)
+        self.out = nn.Conv2d(channels, cout, 1)
+        nn.init.zeros_(self.out.weight)
+        nn.init.zeros_(self.out.bias)
+
+    def forward(self, feats: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """Logit correction at the resolution of ``x`` (the network input, scaled to 0-1)."""
+        if self.lift is not None:
+            feats = self.lift(feats)
+        up = F.interpolate(feats, size=x.shape[-2:], mode="bilinear", align_corners=False)
+        return self.out(self.body(up.add_(self.skip(x))))
+
+
 class OutputHead(nn.Module):
     """1x1 conv-bn-relu to ``hidden`` then 1x1 conv to the classes (keys ``x.0.block.0``, ``x.1``).
 
     With ``refine_channels`` (stride-2 ``"refine"`` models) the logits are upsampled 2x
-    bilinearly and a 3x3 conv (``refine``) of the shared full-resolution skip is added.
+    bilinearly and a 3x3 conv (``refine``) of the shared full-resolution skip is added; with
+    ``fine_channels`` the network adds the correction of a :class:`FineBranch` (``fine``), which
+    needs the input and so is not part of ``forward``.
     """
 
-    def __init__(self, cin: int, hidden: int, cout: int, *, refine_channels: int = 0) -> None:
+    def __init__(self, cin: int, hidden: int, cout: int, *, refine_channels: int = 0, fine_channels: int = 0) -> None:
         super().__init__()
         self.x = nn.Sequential(ConvBlock([cin, hidden], 1), Conv1x1(hidden, cout))
         self.refine = nn.Conv2d(refine_channels, cout, 3, padding=1, bias=False) if refine_channels else None
+        self.fine = FineBranch(cin, fine_channels, cout) if fine_channels else None
 
     def forward(self, x: torch.Tensor, full: torch.Tensor | None = None) -> torch.Tensor:
         logits = self.x(x)
@@ -309,7 +338,11 @@ class MultiTaskNet(nn.Module):
                 self.decoder_head[head.decoder] = build_patch_head(p, head)
             else:
                 self.output_head[head.decoder][head.out_key] = OutputHead(
-                    p.decoder_out, p.head_hidden, head.num_classes, refine_channels=p.full_res_channels if refine else 0
+                    p.decoder_out,
+                    p.head_hidden,
+                    head.num_classes,
+                    refine_channels=p.full_res_channels if refine else 0,
+                    fine_channels=p.fine_channels if head.decoder in p.fine_decoders else 0,
                 )
         self._channels_last = False
         self._folded = False
@@ -395,6 +428,10 @@ class MultiTaskNet(nn.Module):
                 out[name] = self.output_head[head.decoder][head.out_key](decoded[head.decoder])
         if self._refine:
             out = self._refine_all(out, full)
+            for name, head in seg_heads.items():
+                fine = self.output_head[head.decoder][head.out_key].fine
+                if fine is not None:
+                    out[name] = out[name] + fine(decoded[head.decoder], x).float()
         return x4, out
 
     def _refine_all(self, half: dict[str, torch.Tensor], full: torch.Tensor) -> dict[str, torch.Tensor]:

@@ -99,6 +99,10 @@ class TrainConfig:
     #: ``decoder_head.Nuclei``); everything else is frozen and its BatchNorm statistics are kept.
     #: Empty: train everything.
     trainable: tuple[str, ...] = ()
+    #: Changes to the arch's ``ArchParams`` for the network this run builds, applied after the
+    #: shape of the weights it starts from (e.g. ``{fine_decoders: [Nuclei]}`` adds a fine branch
+    #: to a trained model). Empty: the arch as registered, shaped as its starting weights.
+    arch_params: Mapping[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready dict (paths as strings)."""

@@ -162,16 +162,28 @@ def _shown_path(path: Path) -> str:
         return str(path)
 
 
-def _pools_of_state(config: ModelConfig, state: Mapping[str, torch.Tensor]) -> ModelConfig:
-    """``config`` with each patch head's pool set to the one its weights in ``state`` take (the
-    pool whose :func:`~wsi_mtl.network.model.patch_head_inputs` is the width of their first layer)."""
+def _config_of_state(config: ModelConfig, state: Mapping[str, torch.Tensor]) -> ModelConfig:
+    """``config`` shaped as the weights in ``state`` are: each patch head's pool (the one whose
+    :func:`~wsi_mtl.network.model.patch_head_inputs` is the width of its first layer), and the
+    fine branches (``ArchParams.fine_decoders`` / ``fine_channels``) the state holds."""
     heads = dict(config.heads)
+    fine: dict[str, int] = {}
     for name, head in config.heads.items():
-        w = state.get(f"decoder_head.{head.decoder}.bn1.weight") if head.kind == "patch" else None
-        fits = [p for p in PATCH_POOLS if w is not None and w.ndim == 1 and int(w.shape[0]) == patch_head_inputs(config.arch_params, p)]
-        if fits:
-            heads[name] = replace(head, pool=fits[0])
-    return config.replace(heads=heads)
+        if head.kind == "patch":
+            w = state.get(f"decoder_head.{head.decoder}.bn1.weight")
+            fits = [p for p in PATCH_POOLS if w is not None and w.ndim == 1 and int(w.shape[0]) == patch_head_inputs(config.arch_params, p)]
+            if fits:
+                heads[name] = replace(head, pool=fits[0])
+        else:
+            w = state.get(f"output_head.{head.decoder}.{head.out_key}.fine.out.weight")
+            if w is not None and w.ndim == 4:
+                fine[head.decoder] = int(w.shape[1])
+    arch = replace(
+        config.arch_params,
+        fine_decoders=tuple(fine),
+        fine_channels=next(iter(fine.values()), config.arch_params.fine_channels),
+    )
+    return config.replace(heads=heads, arch_params=arch)
 
 
 def _folder_config(folder: str | os.PathLike[str] | None) -> ModelConfig | None:
@@ -188,16 +200,29 @@ def _folder_config(folder: str | os.PathLike[str] | None) -> ModelConfig | None:
 
 
 def _initial_config(cfg: TrainConfig, resumed: Mapping[str, torch.Tensor] | None = None) -> ModelConfig:
-    """The arch's config, with the patch-head pools of the weights the run starts from: the
-    ``resumed`` state of its own checkpoint, else ``init_from`` (a model folder or a ``.pt``)."""
+    """The arch's config shaped as the weights the run starts from (patch-head pools, fine
+    branches): the ``resumed`` state of its own checkpoint, else ``init_from`` (a model folder or a
+    ``.pt``); then the config's own ``arch_params`` changes (e.g. a fine branch to add)."""
+    config = _start_config(cfg, resumed)
+    if not cfg.arch_params:
+        return config
+    try:
+        return config.replace(arch_params=replace(config.arch_params, **cfg.arch_params))
+    except (TypeError, ModelError) as exc:
+        raise InputError(f"training config: arch_params {dict(cfg.arch_params)} do not fit arch {cfg.arch!r}: {exc}") from None
+
+
+def _start_config(cfg: TrainConfig, resumed: Mapping[str, torch.Tensor] | None) -> ModelConfig:
     config = get_model_config(cfg.arch)
     if resumed is not None:
-        return _pools_of_state(config, resumed)
+        return _config_of_state(config, resumed)
     if cfg.init_from is None:
         return config
     folder = _folder_config(cfg.init_from)
     if folder is not None:
-        return config.replace(heads={n: replace(h, pool=folder.heads[n].pool) if n in folder.heads else h for n, h in config.heads.items()})
+        arch = replace(config.arch_params, fine_decoders=folder.arch_params.fine_decoders, fine_channels=folder.arch_params.fine_channels)
+        heads = {n: replace(h, pool=folder.heads[n].pool) if n in folder.heads else h for n, h in config.heads.items()}
+        return config.replace(heads=heads, arch_params=arch)
     if Path(cfg.init_from).is_file():
         try:
             ck = torch.load(cfg.init_from, map_location="cpu", weights_only=True)
@@ -205,7 +230,7 @@ def _initial_config(cfg: TrainConfig, resumed: Mapping[str, torch.Tensor] | None
             return config
         state = ck.get("model", ck) if isinstance(ck, Mapping) else None
         if isinstance(state, Mapping):
-            return _pools_of_state(config, state)
+            return _config_of_state(config, state)
     return config
 
 
@@ -214,6 +239,8 @@ def load_initial_weights(model: MultiTaskNet, source: str | os.PathLike[str]) ->
 
     Returns the number of training steps the source had (0 when it does not say). A missing
     source, or one whose tensors do not fit ``model``, is an :class:`~wsi_mtl.errors.InputError`.
+    Fine branches the source lacks (``ArchParams.fine_decoders`` added by this run) keep their
+    initialisation, which leaves the logits as the source computed them.
     """
     path = Path(source)
     if path.is_dir():
@@ -234,10 +261,13 @@ def load_initial_weights(model: MultiTaskNet, source: str | os.PathLike[str]) ->
     else:
         raise InputError(f"init_from {path}: no such model folder or checkpoint")
     own = model.state_dict()
-    bad = [k for k in own if k not in state or tuple(state[k].shape) != tuple(own[k].shape)]
+    new = [k for k in own if k not in state and ".fine." in k]
+    bad = [k for k in own if k not in new and (k not in state or tuple(state[k].shape) != tuple(own[k].shape))]
     if bad:
         raise InputError(f"init_from {path}: weights do not fit arch {model.config.arch!r} (first mismatch: {bad[0]})")
-    model.load_state_dict({k: state[k] for k in own})
+    if new:
+        logger.info("init_from %s: %d tensors of new fine branches keep their initialisation", path, len(new))
+    model.load_state_dict({k: state[k] for k in own if k not in new} | {k: own[k] for k in new})
     return steps
 
 
@@ -461,7 +491,7 @@ def export_model(cfg: TrainConfig, model: MultiTaskNet | None = None, *, which: 
         raise InputError(f"no checkpoint in {run} to export")
     ck = torch.load(path, map_location="cpu", weights_only=True)
     if model is None:
-        model = create_model(_pools_of_state(get_model_config(cfg.arch), ck["model"]), seed=cfg.seed)
+        model = create_model(_config_of_state(get_model_config(cfg.arch), ck["model"]), seed=cfg.seed)
     model.load_state_dict(ck["model"])
     model.set_channels_last(False)
     model.eval()

@@ -638,3 +638,57 @@ def test_mean_std_patch_heads_round_trip_through_a_model_folder(tmp_path: Path) 
     want, got = model.predict(x), loaded.predict(x)
     for name in model.config.patch_heads:
         torch.testing.assert_close(got[name], want[name], rtol=0, atol=1e-4)  # load_model folds BN and goes channels_last: float rounding only
+
+
+def with_fine(config: ModelConfig, decoders: tuple[str, ...] = ("Nuclei",), channels: int = 16) -> ModelConfig:
+    return config.replace(arch_params=dataclasses.replace(config.arch_params, fine_decoders=decoders, fine_channels=channels))
+
+
+def test_fine_branch_config_is_validated() -> None:
+    base = get_model_config("wsimtl_small")
+    with pytest.raises(ModelError, match="fine_channels must be >= 1"):
+        with_fine(base, channels=0)
+    with pytest.raises(ModelError, match="need stem_stride 2"):
+        with_fine(get_model_config("cerberus_r34"))
+    with pytest.raises(ModelError, match="need stem_stride 2"):
+        dataclasses.replace(base.arch_params, full_res="block", fine_decoders=("Nuclei",))
+
+
+def test_a_new_fine_branch_starts_as_the_model_without_it_and_then_sharpens_only_its_heads() -> None:
+    plain = calibrated("wsimtl_small", seed=3)
+    fine = create_model(with_fine(plain.config), seed=5)
+    missing, unexpected = fine.load_state_dict(plain.state_dict(), strict=False)
+    assert unexpected == [] and missing and all(".fine." in k for k in missing)
+    assert all(k.startswith("output_head.Nuclei.INST.fine.") for k in missing)
+    fine.eval()
+    x = torch.rand(2, 3, 96, 128, generator=torch.Generator().manual_seed(4)) * 255
+    with torch.no_grad():
+        want, got = plain.predict(x), fine.predict(x)
+        for name in plain.output_heads:
+            torch.testing.assert_close(got[name], want[name], rtol=0, atol=1e-6)
+        branch = fine.output_head["Nuclei"]["INST"].fine
+        torch.nn.init.normal_(branch.out.weight, std=0.5)
+        moved = fine.predict(x)
+    assert (moved["Nuclei-INST"] - want["Nuclei-INST"]).abs().max() > 1e-2
+    assert moved["Nuclei-INST"].shape == want["Nuclei-INST"].shape == (2, 3, 96, 128)
+    for name in plain.output_heads:
+        if name != "Nuclei-INST":
+            torch.testing.assert_close(moved[name], want[name], rtol=0, atol=1e-6)
+
+
+def test_fine_branches_round_trip_through_a_model_folder(tmp_path: Path) -> None:
+    model = create_model(with_fine(get_model_config("wsimtl_small"), ("Nuclei", "Gland"), 8), seed=1)
+    for m in model.modules():
+        if isinstance(m, torch.nn.Conv2d) and m.weight.shape[-1] == 1 and not m.weight.any():
+            torch.nn.init.normal_(m.weight, std=0.3)  # give the zero-started branches something to carry
+    model.eval()
+    save_model(model, tmp_path / "m")
+    saved = json.loads((tmp_path / "m" / "config.json").read_text())["arch_params"]
+    assert saved["fine_decoders"] == ["Nuclei", "Gland"] and saved["fine_channels"] == 8
+    loaded = load_model(tmp_path / "m")  # folds BN, channels_last
+    assert loaded.config.arch_params.fine_decoders == ("Nuclei", "Gland")
+    x = torch.rand(1, 3, 64, 96, generator=torch.Generator().manual_seed(2)) * 255
+    with torch.no_grad():
+        want, got = model.predict(x), loaded.predict(x)
+    for name in model.output_heads:
+        torch.testing.assert_close(got[name], want[name], rtol=0, atol=1e-4)

@@ -344,3 +344,65 @@ def test_a_run_starts_from_the_patch_pools_of_its_init_weights(tmp_path):
     torch.save({"model": plain.state_dict(), "step": 1}, tmp_path / "plain.pt")
     assert _initial_config(load_config(path, init_from=str(tmp_path / "plain.pt")), src.state_dict()).heads["Patch-LC25000"].pool == "mean_std"
     assert _initial_config(load_config(path, init_from=str(tmp_path / "init")), plain.state_dict()).heads["Patch-LC25000"].pool == "mean"
+
+
+def test_a_run_can_add_a_fine_branch_and_keeps_the_fine_branches_of_its_weights(tmp_path):
+    """``arch_params`` in a training config adds a fine branch to a trained model (it starts at
+    zero, the rest loads as it was); a run resuming or starting from weights with a fine branch
+    builds it, whatever its own config says; a branch missing from the weights is only allowed
+    where it is a fine branch."""
+    import dataclasses
+
+    from wsi_mtl.errors import InputError
+    from wsi_mtl.network import save_model
+    from wsi_mtl.train import load_initial_weights
+    from wsi_mtl.train._loop import _initial_config
+
+    base = get_model_config("wsimtl_small")
+    plain = create_model(base, seed=2)
+    save_model(plain, tmp_path / "plain")
+    path = _write_config(tmp_path, "f", steps=1)
+    adding = load_config(path, init_from=str(tmp_path / "plain"), arch_params={"fine_decoders": ["Nuclei"], "fine_channels": 8})
+    config = _initial_config(adding)
+    assert config.arch_params.fine_decoders == ("Nuclei",) and config.arch_params.fine_channels == 8
+    model = create_model(config, seed=0)
+    load_initial_weights(model, tmp_path / "plain")
+    state = model.state_dict()
+    assert not state["output_head.Nuclei.INST.fine.out.weight"].any()
+    torch.testing.assert_close(state["output_head.Nuclei.INST.x.1.conv.weight"], plain.state_dict()["output_head.Nuclei.INST.x.1.conv.weight"], rtol=0, atol=0)
+    # weights with a fine branch: a folder, a .pt, or the run's own checkpoint
+    save_model(model, tmp_path / "fine")
+    torch.save({"model": model.state_dict(), "step": 3}, tmp_path / "fine.pt")
+    for init in (tmp_path / "fine", tmp_path / "fine.pt"):
+        got = _initial_config(load_config(path, init_from=str(init))).arch_params
+        assert (got.fine_decoders, got.fine_channels) == (("Nuclei",), 8)
+    got = _initial_config(load_config(path, init_from=str(tmp_path / "plain")), model.state_dict()).arch_params
+    assert (got.fine_decoders, got.fine_channels) == (("Nuclei",), 8)
+    assert _initial_config(load_config(path, init_from=str(tmp_path / "fine")), plain.state_dict()).arch_params.fine_decoders == ()
+    # only fine-branch tensors may be absent from the source
+    lacking = {k: v for k, v in plain.state_dict().items() if not k.startswith("output_head.Gland.INST.x.1")}
+    torch.save({"model": lacking}, tmp_path / "lacking.pt")
+    with pytest.raises(InputError, match="do not fit.*output_head.Gland.INST.x.1"):
+        load_initial_weights(create_model(config, seed=0), tmp_path / "lacking.pt")
+    for wrong in ("Patch-GlaS", "Nucleus"):
+        with pytest.raises(InputError, match="fine_decoders .* do not fit.*its decoders are"):
+            _initial_config(load_config(path, arch_params={"fine_decoders": [wrong]}))
+    with pytest.raises(InputError, match="arch_params .* do not fit"):
+        _initial_config(load_config(path, arch_params={"fine_width": 3}))
+    assert dataclasses.asdict(_initial_config(load_config(path)).arch_params) == dataclasses.asdict(base.arch_params)
+
+
+def test_training_a_new_fine_branch_exports_it(tmp_path):
+    _fake_data(tmp_path / "data")
+    from wsi_mtl.network import load_model, save_model
+
+    save_model(create_model("wsimtl_small", seed=2), tmp_path / "plain")
+    path = _write_config(tmp_path, "g", steps=3)
+    cfg = load_config(path, init_from=str(tmp_path / "plain"), trainable=["decoder_head.Nuclei", "output_head.Nuclei"],
+                      arch_params={"fine_decoders": ["Nuclei"]}, schedule=["nuclei"])
+    result = train(cfg, progress=False)
+    saved = json.loads((result.model_dir / "config.json").read_text())["arch_params"]
+    assert saved["fine_decoders"] == ["Nuclei"]
+    state = load_model(result.model_dir).state_dict()
+    assert state["output_head.Nuclei.INST.fine.out.weight"].abs().sum() > 0  # trained away from its zero start
+    torch.testing.assert_close(state["backbone.conv1.weight"], load_model(tmp_path / "plain").state_dict()["backbone.conv1.weight"], rtol=0, atol=0)

@@ -263,9 +263,6 @@ class ModelConfig:
         patches = {h.decoder for h in self.heads.values() if h.kind == "patch"}
         if decoders & patches:
             raise ModelError(f"names used both as decoder and patch head: {sorted(decoders & patches)}")
-        stray = sorted(set(self.arch_params.fine_decoders) - decoders)
-        if stray:
-            raise ModelError(f"model {self.name!r}: fine_decoders {stray} are not segmentation decoders of its heads")
 
     # ---- convenience -------------------------------------------------------------------------
     @property

@@ -207,9 +207,13 @@ def _initial_config(cfg: TrainConfig, resumed: Mapping[str, torch.Tensor] | None
     if not cfg.arch_params:
         return config
     try:
-        return config.replace(arch_params=replace(config.arch_params, **cfg.arch_params))
+        config = config.replace(arch_params=replace(config.arch_params, **cfg.arch_params))
     except (TypeError, ModelError) as exc:
         raise InputError(f"training config: arch_params {dict(cfg.arch_params)} do not fit arch {cfg.arch!r}: {exc}") from None
+    stray = sorted(set(config.arch_params.fine_decoders) - set(config.seg_decoders))
+    if stray:
+        raise InputError(f"training config: arch_params fine_decoders {stray} do not fit arch {cfg.arch!r}: its decoders are {config.seg_decoders}")
+    return config
 
 
 def _start_config(cfg: TrainConfig, resumed: Mapping[str, torch.Tensor] | None) -> ModelConfig:

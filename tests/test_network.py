@@ -692,3 +692,29 @@ def test_fine_branches_round_trip_through_a_model_folder(tmp_path: Path) -> None
         want, got = model.predict(x), loaded.predict(x)
     for name in model.output_heads:
         torch.testing.assert_close(got[name], want[name], rtol=0, atol=1e-4)
+
+
+def test_private_shallow_encoders_copy_the_shared_one_and_then_move_only_their_decoder() -> None:
+    plain = calibrated("wsimtl_small", seed=3)
+    for stages in (1, 2, 3):
+        config = plain.config.replace(arch_params=dataclasses.replace(plain.config.arch_params, private_decoders=("Nuclei",), private_stages=stages))
+        own = create_model(config, seed=5)
+        private = own.private_encoder["Nuclei"]
+        assert [n for n, _ in private.named_children() if n.startswith("layer")] == [f"layer{i}" for i in range(1, stages)]
+        state = plain.state_dict()
+        state |= {f"private_encoder.Nuclei.{k}": v for k, v in private.state_dict().items() for v in [state[f"backbone.{k}"]]}
+        own.load_state_dict(state)
+        own.eval()
+        x = torch.rand(1, 3, 96, 128, generator=torch.Generator().manual_seed(4)) * 255
+        with torch.no_grad():
+            want, got = plain.predict(x), own.predict(x)
+            for name in plain.output_heads:
+                torch.testing.assert_close(got[name], want[name], rtol=0, atol=1e-6)
+            torch.nn.init.normal_(private.conv1.weight, std=0.1)
+            moved = own.predict(x)
+        assert (moved["Nuclei-INST"] - want["Nuclei-INST"]).abs().max() > 1e-3
+        for name in plain.output_heads:
+            if name != "Nuclei-INST":  # the type map has its own decoder, fed by the shared encoder
+                torch.testing.assert_close(moved[name], want[name], rtol=0, atol=1e-6)
+    with pytest.raises(ModelError, match="private_stages must be 1, 2 or 3"):
+        dataclasses.replace(plain.config.arch_params, private_stages=4)

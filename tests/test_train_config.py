@@ -25,6 +25,24 @@ def test_shipped_config_and_split_load():
     assert len(split["crchistophenotypes"]) == 10
 
 
+@pytest.mark.parametrize("path", sorted((REPO / "configs").glob("wsimtl-small*.yaml")), ids=lambda p: p.stem)
+def test_every_stage_config_builds_its_network(path):
+    """The configs the model card names parse, and the network each would build (from the shipped
+    folder where it fine-tunes one) accepts the weights it starts from."""
+    from wsi_mtl.network import create_model
+    from wsi_mtl.train import load_initial_weights
+    from wsi_mtl.train._loop import _initial_config
+
+    cfg = load_config(path)
+    model = create_model(_initial_config(cfg), seed=0)
+    if cfg.init_from is not None and cfg.init_from.is_dir():
+        load_initial_weights(model, cfg.init_from)
+    for name in cfg.trainable:
+        model.get_submodule(name)  # every trainable module exists
+    for field in ("fine_decoders", "private_decoders"):
+        assert set(cfg.arch_params.get(field, ())) <= set(getattr(model.config.arch_params, field))
+
+
 def test_relative_paths_overrides_and_env(tmp_path, monkeypatch):
     (tmp_path / "configs").mkdir()
     path = tmp_path / "configs" / "c.json"

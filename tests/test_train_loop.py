@@ -390,6 +390,19 @@ def test_a_run_can_add_a_fine_branch_and_keeps_the_fine_branches_of_its_weights(
     with pytest.raises(InputError, match="arch_params .* do not fit"):
         _initial_config(load_config(path, arch_params={"fine_width": 3}))
     assert dataclasses.asdict(_initial_config(load_config(path)).arch_params) == dataclasses.asdict(base.arch_params)
+    # a private shallow encoder added to trained weights starts as a copy of their shared one
+    private = load_config(path, init_from=str(tmp_path / "fine"), arch_params={"private_decoders": ["Nuclei"], "private_stages": 3})
+    config = _initial_config(private)
+    assert config.arch_params.private_decoders == ("Nuclei",) and config.arch_params.fine_decoders == ("Nuclei",)
+    grown = create_model(config, seed=0)
+    load_initial_weights(grown, tmp_path / "fine")
+    got = grown.state_dict()
+    for key in ("conv1.weight", "bn1.running_var", "layer2.1.conv2.weight"):
+        torch.testing.assert_close(got[f"private_encoder.Nuclei.{key}"], got[f"backbone.{key}"], rtol=0, atol=0)
+    resumed = _initial_config(load_config(path), grown.state_dict()).arch_params
+    assert (resumed.private_decoders, resumed.private_stages, resumed.fine_channels) == (("Nuclei",), 3, 8)
+    with pytest.raises(InputError, match="private_decoders .* do not fit"):
+        _initial_config(load_config(path, arch_params={"private_decoders": ["Glands"]}))
 
 
 def test_training_a_new_fine_branch_exports_it(tmp_path):

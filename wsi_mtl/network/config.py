@@ -73,6 +73,13 @@ class ArchParams:
         10-16 px across at 0.5 um/px, their boundary band 1-2 px); costs only those decoders.
     fine_channels
         Channels of each fine branch.
+    private_decoders
+        Decoders that read the shallow encoder stages from a private copy of them instead of the
+        shared encoder (the deep stages and ``x4`` stay shared): low-level features a task can
+        fine-tune without changing the others. A new copy starts as the shared weights.
+    private_stages
+        How many shallow outputs the private copies compute: 1 = the stem (``x0``), 2 = stem and
+        ``layer1`` (``x0``, ``x1``), 3 = also ``layer2`` (``x2``).
     head_hidden
         Hidden channels of the 1x1 output heads (Cerberus: 96).
     patch_hidden
@@ -94,6 +101,8 @@ class ArchParams:
     full_res_convs: int = 1
     fine_decoders: tuple[str, ...] = ()
     fine_channels: int = 16
+    private_decoders: tuple[str, ...] = ()
+    private_stages: int = 2
     head_hidden: int = 96
     patch_hidden: int = 256
     patch_cells: int = 9
@@ -104,6 +113,7 @@ class ArchParams:
         object.__setattr__(self, "encoder_widths", tuple(int(v) for v in self.encoder_widths))
         object.__setattr__(self, "decoder_mid", tuple(int(v) for v in self.decoder_mid))
         object.__setattr__(self, "fine_decoders", tuple(str(v) for v in self.fine_decoders))
+        object.__setattr__(self, "private_decoders", tuple(str(v) for v in self.private_decoders))
         if len(self.encoder_layers) != 4 or min(self.encoder_layers) < 1:
             raise ModelError(f"encoder_layers must be 4 positive integers, got {self.encoder_layers}")
         if len(self.encoder_widths) != 5 or min(self.encoder_widths) < 1:
@@ -122,6 +132,8 @@ class ArchParams:
             raise ModelError("fine_decoders need stem_stride 2 and full_res 'refine'")
         if self.fine_channels < 1:
             raise ModelError(f"fine_channels must be >= 1, got {self.fine_channels}")
+        if not 1 <= self.private_stages <= 3:
+            raise ModelError(f"private_stages must be 1, 2 or 3, got {self.private_stages}")
 
     @property
     def output_stride(self) -> int:

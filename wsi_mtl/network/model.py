@@ -127,30 +127,30 @@ class ResNetEncoder(_Foldable):
     outputs at 2, 4, 8, 16 times that stride.
     """
 
-    def __init__(self, params: ArchParams) -> None:
+    def __init__(self, params: ArchParams, outputs: int = 5) -> None:
         super().__init__()
         w = params.encoder_widths
         self.conv1 = nn.Conv2d(3, w[0], 7, stride=params.stem_stride, padding=3, bias=False)
         self.bn1 = nn.BatchNorm2d(w[0])
         self.maxpool = nn.MaxPool2d(3, stride=2, padding=1)
         cin = w[0]
-        for i, (blocks, cout) in enumerate(zip(params.encoder_layers, w[1:]), start=1):
+        self._stages = outputs - 1
+        for i, (blocks, cout) in enumerate(zip(params.encoder_layers[: self._stages], w[1:]), start=1):
             stride = 1 if i == 1 else 2
             layer = [BasicBlock(cin, cout, stride)] + [BasicBlock(cout, cout, 1) for _ in range(blocks - 1)]
             self.add_module(f"layer{i}", nn.Sequential(*layer))
             cin = cout
         # Unused ImageNet classifier, kept so that the published checkpoint loads strictly.
-        self.fc = nn.Linear(w[4], params.encoder_fc_classes) if params.encoder_fc_classes else None
+        self.fc = nn.Linear(w[4], params.encoder_fc_classes) if params.encoder_fc_classes and outputs == 5 else None
         self._pairs = (("conv1", "bn1"),)
         self._init_fold()
 
     def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
-        x0 = F.relu(self._conv_bn(x, 0), inplace=True)
-        x1 = self.layer1(self.maxpool(x0))
-        x2 = self.layer2(x1)
-        x3 = self.layer3(x2)
-        x4 = self.layer4(x3)
-        return [x0, x1, x2, x3, x4]
+        """x0..x4 (with ``outputs`` < 5 at construction: the first ``outputs`` of them)."""
+        feats = [F.relu(self._conv_bn(x, 0), inplace=True)]
+        for i in range(1, self._stages + 1):
+            feats.append(getattr(self, f"layer{i}")(self.maxpool(feats[-1]) if i == 1 else feats[-1]))
+        return feats
 
 
 class UNetDecoder(nn.ModuleList):
@@ -321,6 +321,8 @@ class MultiTaskNet(nn.Module):
         p = config.arch_params
         w = p.encoder_widths
         self.backbone = ResNetEncoder(p)
+        # Private copies of the shallow stages for some decoders (ArchParams.private_decoders).
+        self.private_encoder = nn.ModuleDict({d: ResNetEncoder(p, outputs=p.private_stages) for d in p.private_decoders if d in config.seg_decoders})
         self.conv_map = nn.Conv2d(w[4], w[3], 1, bias=False)
         # Full-resolution skip for stride-2 stems (shared by all decoders / heads).
         refine = p.stem_stride == 2 and p.full_res == "refine"
@@ -421,7 +423,11 @@ class MultiTaskNet(nn.Module):
         out: dict[str, torch.Tensor] = {}
         for name, head in seg_heads.items():
             if head.decoder not in decoded:
-                decoded[head.decoder] = self.decoder_head[head.decoder](start, skips)
+                own = skips
+                if head.decoder in self.private_encoder:
+                    shallow = self.private_encoder[head.decoder](x)  # x0, x1[, x2]
+                    own = [*skips[: 4 - len(shallow)], *reversed(shallow), *skips[4:]]
+                decoded[head.decoder] = self.decoder_head[head.decoder](start, own)
             if self._refine:
                 out[name] = self.output_head[head.decoder][head.out_key].x(decoded[head.decoder])
             else:

@@ -165,9 +165,11 @@ def _shown_path(path: Path) -> str:
 def _config_of_state(config: ModelConfig, state: Mapping[str, torch.Tensor]) -> ModelConfig:
     """``config`` shaped as the weights in ``state`` are: each patch head's pool (the one whose
     :func:`~wsi_mtl.network.model.patch_head_inputs` is the width of its first layer), and the
-    fine branches (``ArchParams.fine_decoders`` / ``fine_channels``) the state holds."""
+    fine branches and private shallow encoders (``ArchParams.fine_decoders`` / ``fine_channels``,
+    ``private_decoders`` / ``private_stages``) the state holds."""
     heads = dict(config.heads)
     fine: dict[str, int] = {}
+    private: dict[str, int] = {}
     for name, head in config.heads.items():
         if head.kind == "patch":
             w = state.get(f"decoder_head.{head.decoder}.bn1.weight")
@@ -178,10 +180,14 @@ def _config_of_state(config: ModelConfig, state: Mapping[str, torch.Tensor]) -> 
             w = state.get(f"output_head.{head.decoder}.{head.out_key}.fine.out.weight")
             if w is not None and w.ndim == 4:
                 fine[head.decoder] = int(w.shape[1])
+            if f"private_encoder.{head.decoder}.conv1.weight" in state:
+                private[head.decoder] = 1 + sum(f"private_encoder.{head.decoder}.layer{i}.0.conv1.weight" in state for i in (1, 2, 3))
     arch = replace(
         config.arch_params,
         fine_decoders=tuple(fine),
         fine_channels=next(iter(fine.values()), config.arch_params.fine_channels),
+        private_decoders=tuple(private),
+        private_stages=next(iter(private.values()), config.arch_params.private_stages),
     )
     return config.replace(heads=heads, arch_params=arch)
 
@@ -210,10 +216,15 @@ def _initial_config(cfg: TrainConfig, resumed: Mapping[str, torch.Tensor] | None
         config = config.replace(arch_params=replace(config.arch_params, **cfg.arch_params))
     except (TypeError, ModelError) as exc:
         raise InputError(f"training config: arch_params {dict(cfg.arch_params)} do not fit arch {cfg.arch!r}: {exc}") from None
-    stray = sorted(set(config.arch_params.fine_decoders) - set(config.seg_decoders))
-    if stray:
-        raise InputError(f"training config: arch_params fine_decoders {stray} do not fit arch {cfg.arch!r}: its decoders are {config.seg_decoders}")
+    for field in ("fine_decoders", "private_decoders"):
+        stray = sorted(set(getattr(config.arch_params, field)) - set(config.seg_decoders))
+        if stray:
+            raise InputError(f"training config: arch_params {field} {stray} do not fit arch {cfg.arch!r}: its decoders are {config.seg_decoders}")
     return config
+
+
+#: ``ArchParams`` fields a model's weights decide (a run starting from them builds them so).
+_WEIGHT_SHAPED = ("fine_decoders", "fine_channels", "private_decoders", "private_stages")
 
 
 def _start_config(cfg: TrainConfig, resumed: Mapping[str, torch.Tensor] | None) -> ModelConfig:
@@ -224,7 +235,7 @@ def _start_config(cfg: TrainConfig, resumed: Mapping[str, torch.Tensor] | None) 
         return config
     folder = _folder_config(cfg.init_from)
     if folder is not None:
-        arch = replace(config.arch_params, fine_decoders=folder.arch_params.fine_decoders, fine_channels=folder.arch_params.fine_channels)
+        arch = replace(config.arch_params, **{k: getattr(folder.arch_params, k) for k in _WEIGHT_SHAPED})
         heads = {n: replace(h, pool=folder.heads[n].pool) if n in folder.heads else h for n, h in config.heads.items()}
         return config.replace(heads=heads, arch_params=arch)
     if Path(cfg.init_from).is_file():
@@ -243,8 +254,9 @@ def load_initial_weights(model: MultiTaskNet, source: str | os.PathLike[str]) ->
 
     Returns the number of training steps the source had (0 when it does not say). A missing
     source, or one whose tensors do not fit ``model``, is an :class:`~wsi_mtl.errors.InputError`.
-    Fine branches the source lacks (``ArchParams.fine_decoders`` added by this run) keep their
-    initialisation, which leaves the logits as the source computed them.
+    Parts the source lacks that this run adds start so that the network computes what the
+    source did: fine branches (``ArchParams.fine_decoders``) keep their zero start, private shallow
+    encoders (``private_decoders``) copy the source's shared ``backbone``.
     """
     path = Path(source)
     if path.is_dir():
@@ -265,13 +277,18 @@ def load_initial_weights(model: MultiTaskNet, source: str | os.PathLike[str]) ->
     else:
         raise InputError(f"init_from {path}: no such model folder or checkpoint")
     own = model.state_dict()
-    new = [k for k in own if k not in state and ".fine." in k]
+    new = {k: own[k] for k in own if k not in state and ".fine." in k}
+    for k in own:
+        if k not in state and k.startswith("private_encoder."):
+            shared = "backbone." + k.split(".", 2)[2]
+            if shared in state:
+                new[k] = state[shared]
     bad = [k for k in own if k not in new and (k not in state or tuple(state[k].shape) != tuple(own[k].shape))]
     if bad:
         raise InputError(f"init_from {path}: weights do not fit arch {model.config.arch!r} (first mismatch: {bad[0]})")
     if new:
-        logger.info("init_from %s: %d tensors of new fine branches keep their initialisation", path, len(new))
-    model.load_state_dict({k: state[k] for k in own if k not in new} | {k: own[k] for k in new})
+        logger.info("init_from %s: %d tensors of new fine branches / private encoders start from zero / the shared encoder", path, len(new))
+    model.load_state_dict({k: state[k] for k in own if k not in new} | new)
     return steps
 
 

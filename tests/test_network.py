@@ -5,9 +5,11 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import os
 import shutil
 import zlib
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -280,6 +282,10 @@ def test_safetensors_round_trip_is_exact(tmp_path: Path) -> None:
     model = calibrated("wsimtl_small")
     folder = save_model(model, tmp_path / "m", trained=False)
     assert (folder / "weights.safetensors").is_file() and (folder / "config.json").is_file()
+    umask = os.umask(0)
+    os.umask(umask)
+    for name in ("weights.safetensors", "config.json"):  # readable by whoever may read the folder
+        assert (folder / name).stat().st_mode & 0o777 == 0o666 & ~umask, name
     loaded = load_model(folder)
     assert loaded.config.weights_sha256 == net_io.file_sha256(folder / "weights.safetensors")
     assert loaded.config.replace(weights_sha256=None) == model.config.replace(weights_sha256=None)
@@ -654,26 +660,31 @@ def test_fine_branch_config_is_validated() -> None:
         dataclasses.replace(base.arch_params, full_res="block", fine_decoders=("Nuclei",))
 
 
+def only_nuclei_moves(plain: MultiTaskNet, grown: MultiTaskNet, perturb: Any, min_change: float) -> dict[str, torch.Tensor]:
+    """``grown`` (eval) predicts what ``plain`` does; after ``perturb()`` only ``Nuclei-INST`` changes."""
+    x = torch.rand(2, 3, 96, 128, generator=torch.Generator().manual_seed(4)) * 255
+    with torch.no_grad():
+        want, got = plain.predict(x), grown.predict(x)
+        for name in plain.output_heads:
+            torch.testing.assert_close(got[name], want[name], rtol=0, atol=1e-6)
+        perturb()
+        moved = grown.predict(x)
+    assert (moved["Nuclei-INST"] - want["Nuclei-INST"]).abs().max() > min_change
+    for name in plain.output_heads:
+        if name != "Nuclei-INST":  # the type map has its own decoder
+            torch.testing.assert_close(moved[name], want[name], rtol=0, atol=1e-6)
+    return moved
+
+
 def test_a_new_fine_branch_starts_as_the_model_without_it_and_then_sharpens_only_its_heads() -> None:
     plain = calibrated("wsimtl_small", seed=3)
     fine = create_model(with_fine(plain.config), seed=5)
     missing, unexpected = fine.load_state_dict(plain.state_dict(), strict=False)
     assert unexpected == [] and missing and all(".fine." in k for k in missing)
     assert all(k.startswith("output_head.Nuclei.INST.fine.") for k in missing)
-    fine.eval()
-    x = torch.rand(2, 3, 96, 128, generator=torch.Generator().manual_seed(4)) * 255
-    with torch.no_grad():
-        want, got = plain.predict(x), fine.predict(x)
-        for name in plain.output_heads:
-            torch.testing.assert_close(got[name], want[name], rtol=0, atol=1e-6)
-        branch = fine.output_head["Nuclei"]["INST"].fine
-        torch.nn.init.normal_(branch.out.weight, std=0.5)
-        moved = fine.predict(x)
-    assert (moved["Nuclei-INST"] - want["Nuclei-INST"]).abs().max() > 1e-2
-    assert moved["Nuclei-INST"].shape == want["Nuclei-INST"].shape == (2, 3, 96, 128)
-    for name in plain.output_heads:
-        if name != "Nuclei-INST":
-            torch.testing.assert_close(moved[name], want[name], rtol=0, atol=1e-6)
+    branch = fine.eval().output_head["Nuclei"]["INST"].fine
+    moved = only_nuclei_moves(plain, fine, lambda: torch.nn.init.normal_(branch.out.weight, std=0.5), 1e-2)
+    assert moved["Nuclei-INST"].shape == (2, 3, 96, 128)
 
 
 def test_fine_branches_round_trip_through_a_model_folder(tmp_path: Path) -> None:
@@ -702,19 +713,8 @@ def test_private_shallow_encoders_copy_the_shared_one_and_then_move_only_their_d
         private = own.private_encoder["Nuclei"]
         assert [n for n, _ in private.named_children() if n.startswith("layer")] == [f"layer{i}" for i in range(1, stages)]
         state = plain.state_dict()
-        state |= {f"private_encoder.Nuclei.{k}": v for k, v in private.state_dict().items() for v in [state[f"backbone.{k}"]]}
+        state |= {f"private_encoder.Nuclei.{k}": state[f"backbone.{k}"] for k in private.state_dict()}
         own.load_state_dict(state)
-        own.eval()
-        x = torch.rand(1, 3, 96, 128, generator=torch.Generator().manual_seed(4)) * 255
-        with torch.no_grad():
-            want, got = plain.predict(x), own.predict(x)
-            for name in plain.output_heads:
-                torch.testing.assert_close(got[name], want[name], rtol=0, atol=1e-6)
-            torch.nn.init.normal_(private.conv1.weight, std=0.1)
-            moved = own.predict(x)
-        assert (moved["Nuclei-INST"] - want["Nuclei-INST"]).abs().max() > 1e-3
-        for name in plain.output_heads:
-            if name != "Nuclei-INST":  # the type map has its own decoder, fed by the shared encoder
-                torch.testing.assert_close(moved[name], want[name], rtol=0, atol=1e-6)
+        only_nuclei_moves(plain, own.eval(), lambda: torch.nn.init.normal_(private.conv1.weight, std=0.1), 1e-3)
     with pytest.raises(ModelError, match="private_stages must be 1, 2 or 3"):
         dataclasses.replace(plain.config.arch_params, private_stages=4)

@@ -321,6 +321,9 @@ def save_model(model: MultiTaskNet, folder: str | os.PathLike[str], *, trained: 
         state = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
         tmp_w = folder / (WEIGHTS_FILE + ".tmp")
         save_file(state, str(tmp_w), metadata={"format": "pt", "arch": model.config.arch})
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp_w, 0o666 & ~umask)  # safetensors creates it owner-only; a model folder is for sharing
         sha = file_sha256(tmp_w)
         config = model.config.replace(trained=trained, weights_sha256=sha)
         tmp_c = folder / (CONFIG_FILE + ".tmp")

@@ -5,9 +5,14 @@ Usage (run it niced on a shared machine)::
     nice -n 10 python benchmarks/bench_network.py                 # throughput of wsimtl_small
     nice -n 10 python benchmarks/bench_network.py --arch cerberus_r34 --repeats 1
     nice -n 10 python benchmarks/bench_network.py --context       # tiled-vs-whole difference curve
+    nice -n 10 python benchmarks/bench_network.py --model wsimtl-small --without-own-parts
 
 Throughput: ``model.predict`` in eval mode, channels_last, fp32 and bf16 autocast, for a batch of
 4 x 512 x 512 and 1 x 1024 x 1024; the best of ``--repeats`` timed runs after one warm-up.
+
+``--without-own-parts`` also times the same weights with every decoder's own parts removed
+(``fine_decoders`` and ``private_decoders`` emptied: the network the model had before them) and
+prints the time ratio of the two, measured in the same run.
 
 Context: ``predict`` on a 1024 x 1024 image (a crop of CMU-1-Small-Region.svs when openslide and
 the file are available, else a smooth random image) against the same image computed in 256 x 256
@@ -147,6 +152,7 @@ def main() -> None:
     parser.add_argument("--context", action="store_true", help="measure the context curve instead of throughput")
     parser.add_argument("--margins", default="0,32,64,96,128,160,192")
     parser.add_argument("--model", default=None, help="measure a saved model (name or folder) instead of a calibrated random one")
+    parser.add_argument("--without-own-parts", action="store_true", help="also time the model without its fine branches and private encoders; print the ratio")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     torch.set_num_threads(args.threads)
@@ -163,8 +169,25 @@ def main() -> None:
         ok = [m for m, d in curve.items() if max(d.values()) <= 0.02]
         logger.info("curve %s; smallest margin with diff <= 0.02: %s", curve, min(ok) if ok else None)
     else:
-        for key, (wall, cpu) in throughput(model, repeats=args.repeats).items():
+        full = throughput(model, repeats=args.repeats)
+        for key, (wall, cpu) in full.items():
             logger.info("%-12s %6.2f MP/s wall  %6.2f MP per CPU-second", key, wall, cpu)
+        if args.without_own_parts:
+            plain = without_own_parts(model)
+            for key, (wall, cpu) in throughput(plain, repeats=args.repeats).items():
+                logger.info("%-12s %6.2f MP/s wall without own parts: the model takes %.2fx its time (CPU time %.2fx)",
+                            key, wall, wall / full[key][0], cpu / full[key][1])
+
+
+def without_own_parts(model: MultiTaskNet) -> MultiTaskNet:
+    """``model`` without fine branches and private encoders (its other weights, same inference setup)."""
+    import dataclasses
+
+    config = model.config.replace(arch_params=dataclasses.replace(model.config.arch_params, fine_decoders=(), private_decoders=()))
+    plain = create_model(config, seed=0)
+    own = plain.state_dict()
+    plain.load_state_dict({k: v for k, v in model.state_dict().items() if k in own})
+    return plain.eval().fold_bn(True).set_channels_last(True)
 
 
 if __name__ == "__main__":

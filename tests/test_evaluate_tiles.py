@@ -17,7 +17,7 @@ from wsi_mtl.cli import cli, main
 REPO = Path(__file__).resolve().parents[1]
 
 
-def _tile_dir(root: Path, n: int = 2, size: int = 96, mismatch: bool = False) -> Path:
+def _tile_dir(root: Path, n: int = 2, size: int = 96, mismatch: bool = False, noise: float = 0.0) -> Path:
     rng = np.random.default_rng(0)
     (root / "images").mkdir(parents=True)
     (root / "labels").mkdir()
@@ -29,6 +29,8 @@ def _tile_dir(root: Path, n: int = 2, size: int = 96, mismatch: bool = False) ->
             lab[((yy - cy) ** 2 + (xx - cx) ** 2 <= 25) & (lab == 0)] = k
         img = np.full((size, size, 3), (235, 180, 210), np.uint8)
         img[lab > 0] = (70, 40, 120)
+        if noise:  # a harder image, on which the views of test-time augmentation disagree
+            img = np.clip(img + rng.normal(0, noise, img.shape), 0, 255).astype(np.uint8)
         Image.fromarray(img).save(root / "images" / f"t{i}.png")
         Image.fromarray(lab[: size - 1] if mismatch and i == 0 else lab).save(root / "labels" / f"t{i}.png")
     return root
@@ -47,7 +49,7 @@ def test_nuclei_tiles_are_scored(tmp_path):
 
 
 def test_tta_is_applied_and_recorded(tmp_path):
-    tiles = _tile_dir(tmp_path / "tiles")
+    tiles = _tile_dir(tmp_path / "tiles", noise=60.0)
     scores = {}
     for views in ("1", "8"):
         out = tmp_path / f"m{views}.json"

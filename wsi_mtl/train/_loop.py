@@ -206,11 +206,19 @@ def _folder_config(folder: str | os.PathLike[str] | None) -> ModelConfig | None:
         return None  # load_initial_weights reports what is wrong with the folder
 
 
-def _initial_config(cfg: TrainConfig, resumed: Mapping[str, torch.Tensor] | None = None) -> ModelConfig:
+def _initial_config(cfg: TrainConfig, start: Mapping[str, torch.Tensor] | None = None) -> ModelConfig:
     """The arch's config shaped as the weights the run starts from (patch-head pools, fine
-    branches): the ``resumed`` state of its own checkpoint, else ``init_from`` (a model folder or a
-    ``.pt``); then the config's own ``arch_params`` changes (e.g. a fine branch to add)."""
-    config = _start_config(cfg, resumed)
+    branches, private encoders: :func:`_config_of_state`), then the config's own ``arch_params``
+    changes (e.g. a fine branch to add). ``start``: the state of the run's checkpoint when it
+    resumes, else of ``init_from``; None reads ``init_from`` (if any) here."""
+    if start is None and cfg.init_from is not None:
+        try:
+            start, _ = _read_initial(cfg.init_from)
+        except InputError:
+            start = None  # load_initial_weights reports what is wrong with the source
+    config = get_model_config(cfg.arch)
+    if start is not None:
+        config = _config_of_state(config, start)
     if not cfg.arch_params:
         return config
     try:
@@ -224,59 +232,38 @@ def _initial_config(cfg: TrainConfig, resumed: Mapping[str, torch.Tensor] | None
     return config
 
 
-#: ``ArchParams`` fields a model's weights decide (a run starting from them builds them so).
-_WEIGHT_SHAPED = ("fine_decoders", "fine_channels", "private_decoders", "private_stages")
+def _read_initial(source: str | os.PathLike[str]) -> tuple[Mapping[str, torch.Tensor], int]:
+    """The weights of a model folder or a run's ``.pt`` checkpoint, and the training steps it had."""
+    path = Path(source)
+    if path.is_dir():
+        from ..network import load_model
+
+        src = load_model(path)
+        return src.state_dict(), int(src.config.extra.get("training", {}).get("steps", 0))
+    if not path.is_file():
+        raise InputError(f"init_from {path}: no such model folder or checkpoint")
+    try:
+        ck = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - any unreadable checkpoint is the user's input error
+        raise InputError(f"init_from {path}: not a readable checkpoint ({type(exc).__name__}: {exc})") from None
+    state = ck.get("model", ck) if isinstance(ck, Mapping) else None
+    if not isinstance(state, Mapping):
+        raise InputError(f"init_from {path}: no model weights in the checkpoint")
+    return state, int(ck.get("step", 0))
 
 
-def _start_config(cfg: TrainConfig, resumed: Mapping[str, torch.Tensor] | None) -> ModelConfig:
-    config = get_model_config(cfg.arch)
-    if resumed is not None:
-        return _config_of_state(config, resumed)
-    if cfg.init_from is None:
-        return config
-    folder = _folder_config(cfg.init_from)
-    if folder is not None:
-        arch = replace(config.arch_params, **{k: getattr(folder.arch_params, k) for k in _WEIGHT_SHAPED})
-        heads = {n: replace(h, pool=folder.heads[n].pool) if n in folder.heads else h for n, h in config.heads.items()}
-        return config.replace(heads=heads, arch_params=arch)
-    if Path(cfg.init_from).is_file():
-        try:
-            ck = torch.load(cfg.init_from, map_location="cpu", weights_only=True)
-        except Exception:  # noqa: BLE001 - load_initial_weights reports unreadable checkpoints
-            return config
-        state = ck.get("model", ck) if isinstance(ck, Mapping) else None
-        if isinstance(state, Mapping):
-            return _config_of_state(config, state)
-    return config
-
-
-def load_initial_weights(model: MultiTaskNet, source: str | os.PathLike[str]) -> int:
+def load_initial_weights(model: MultiTaskNet, source: str | os.PathLike[str], *, initial: tuple[Mapping[str, torch.Tensor], int] | None = None) -> int:
     """Copy weights into ``model`` from a model folder or a run's ``.pt`` checkpoint (fine-tuning).
 
     Returns the number of training steps the source had (0 when it does not say). A missing
     source, or one whose tensors do not fit ``model``, is an :class:`~wsi_mtl.errors.InputError`.
     Parts the source lacks that this run adds start so that the network computes what the
     source did: fine branches (``ArchParams.fine_decoders``) keep their zero start, private shallow
-    encoders (``private_decoders``) copy the source's shared ``backbone``.
+    encoders (``private_decoders``) copy the source's shared ``backbone``. ``initial``: the
+    source's ``(state, steps)`` when the caller has read them already.
     """
+    state, steps = _read_initial(source) if initial is None else initial
     path = Path(source)
-    if path.is_dir():
-        from ..network import load_model
-
-        src = load_model(path)
-        state = src.state_dict()
-        steps = int(src.config.extra.get("training", {}).get("steps", 0))
-    elif path.is_file():
-        try:
-            ck = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as exc:  # noqa: BLE001 - any unreadable checkpoint is the user's input error
-            raise InputError(f"init_from {path}: not a readable checkpoint ({type(exc).__name__}: {exc})") from None
-        state = ck.get("model", ck) if isinstance(ck, Mapping) else None
-        if not isinstance(state, Mapping):
-            raise InputError(f"init_from {path}: no model weights in the checkpoint")
-        steps = int(ck.get("step", 0))
-    else:
-        raise InputError(f"init_from {path}: no such model folder or checkpoint")
     own = model.state_dict()
     new = {k: own[k] for k in own if k not in state and ".fine." in k}
     for k in own:
@@ -388,7 +375,9 @@ def train(cfg: TrainConfig, *, max_minutes: float | None = None, progress: bool 
 
     ckpt_path = run / CHECKPOINT
     ck = torch.load(ckpt_path, map_location="cpu", weights_only=True) if ckpt_path.exists() else None
-    model = create_model(_initial_config(cfg, None if ck is None else ck["model"]), seed=cfg.seed)
+    initial = _read_initial(cfg.init_from) if ck is None and cfg.init_from is not None else None  # read once
+    start = ck["model"] if ck is not None else None if initial is None else initial[0]
+    model = create_model(_initial_config(cfg, start), seed=cfg.seed)
     if cfg.channels_last:
         model.set_channels_last(True)
     params = _trainable(model, cfg.trainable)
@@ -414,7 +403,7 @@ def train(cfg: TrainConfig, *, max_minutes: float | None = None, progress: bool 
         torch.set_rng_state(ck["rng"]["torch_global"])
         logger.info("resumed %s at step %d", ckpt_path, step)
     elif cfg.init_from is not None:
-        init_steps = load_initial_weights(model, cfg.init_from)
+        init_steps = load_initial_weights(model, cfg.init_from, initial=initial)
         init = {"from": _shown_path(cfg.init_from), "steps": init_steps}
         logger.info("initialised from %s (%d earlier steps)", cfg.init_from, init_steps)
 

@@ -271,20 +271,24 @@ def window_stats(x4: torch.Tensor, cells: int | None, pools: Sequence[str]) -> d
     standard deviations (2C channels). Always float32.
     """
     x = x4.float()
+    # The variance is taken of x minus its per-image channel mean: the same value, without most of
+    # the cancellation of E[x^2] - E[x]^2 when a channel's mean is large against its spread.
+    shift = x.mean(dim=(-2, -1), keepdim=True).detach() if "mean_std" in pools else None
     if cells is None:
         mean = x.mean(dim=(-2, -1), keepdim=True)
-        sq = x.square().mean(dim=(-2, -1), keepdim=True) if "mean_std" in pools else None
     else:
         pad = cells // 2
         mean = F.avg_pool2d(x, cells, stride=1, padding=pad, count_include_pad=False)
-        sq = F.avg_pool2d(x.square(), cells, stride=1, padding=pad, count_include_pad=False) if "mean_std" in pools else None
     out: dict[str, torch.Tensor] = {}
     for pool in dict.fromkeys(pools):
         if pool == "mean":
             out[pool] = mean
         elif pool == "mean_std":
-            assert sq is not None
-            std = (sq - mean.square()).clamp_min(0.0).add(1e-6).sqrt()  # eps keeps the gradient finite
+            assert shift is not None
+            xc = x - shift
+            sq = xc.square().mean(dim=(-2, -1), keepdim=True) if cells is None else F.avg_pool2d(
+                xc.square(), cells, stride=1, padding=cells // 2, count_include_pad=False)
+            std = (sq - (mean - shift).square()).clamp_min(0.0).add(1e-6).sqrt()  # eps keeps the gradient finite
             out[pool] = torch.cat([mean, std], dim=1)
         else:
             raise ValueError(f"unknown patch pool {pool!r}")

@@ -76,6 +76,8 @@ class TrainConfig:
     gland_erosion_px: int = 11
     type_radius_px: float = 4.0
     type_background_px: float = 10.0
+    #: bf16 autocast in training steps; ``"auto"`` in a config file means: where the CPU has native
+    #: bf16 (avx512_bf16 / AMX), since emulated bf16 is slower than fp32 (resolved when it is read).
     bf16: bool = True
     channels_last: bool = True
     source_mpp: Mapping[str, float] = field(default_factory=lambda: dict(DEFAULT_SOURCE_MPP))
@@ -117,6 +119,17 @@ _SEG_TASKS = ("nuclei", "nuclei_binary", "nuclei_type", "gland")
 _CLS_TASKS = ("lc25000", "kather2016")
 
 
+def _bf16_setting(value: Any) -> bool:
+    """``bf16`` of a config file: true, false, or ``"auto"`` (native bf16 on this CPU)."""
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, str) and value.strip().lower() == "auto":
+        from ..engine import _cpu_has_bf16
+
+        return _cpu_has_bf16()
+    raise InputError(f"training config: bf16 must be true, false or auto, got {value!r}")
+
+
 def _validate(data: Mapping[str, Any], base: Path) -> TrainConfig:
     fields = {f.name: f for f in dataclasses.fields(TrainConfig)}
     unknown = sorted(set(data) - set(fields))
@@ -134,6 +147,8 @@ def _validate(data: Mapping[str, Any], base: Path) -> TrainConfig:
             kw[k] = tuple(v)
         elif k == "source_mpp":
             kw[k] = {**DEFAULT_SOURCE_MPP, **{str(a): float(b) for a, b in v.items()}}
+        elif k == "bf16":
+            kw[k] = _bf16_setting(v)
         else:
             kw[k] = v
     for k in ("data_root", "splits", "run_dir", "output_model"):

@@ -365,7 +365,7 @@ def train(cfg: TrainConfig, *, max_minutes: float | None = None, progress: bool 
     torch.set_num_threads(max(1, int(cfg.threads)))
     if cfg.bf16 and not _cpu_has_bf16():
         logger.warning("bf16: true, but this CPU has no native bf16 (avx512_bf16 / amx): autocast emulates it, "
-                       "slower than fp32 here; set bf16: false for speed")
+                       "slower than fp32 here; set bf16: false or auto for speed")
     run = Path(cfg.run_dir)
     run.mkdir(parents=True, exist_ok=True)
     (run / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2) + "\n")

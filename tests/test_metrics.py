@@ -88,6 +88,31 @@ def test_instance_metric_input_errors():
 
 
 # ---- GlaS object metrics -------------------------------------------------------------------------
+def test_instance_errors_hand_case():
+    # Truth on a 6 x 12 map: A (rows 0-1, cols 0-1), B (rows 0-1, cols 2-3) touching A, C (rows 4-5,
+    # cols 0-3), D (rows 4-5, cols 10-11).
+    # Prediction: one object over A and B (a merge of 2), C cut into halves (a split), nothing on D
+    # (missed), and E on empty ground at rows 0-1, cols 8-9 (spurious).
+    t = _rect((6, 12), (0, 2, 0, 2), (0, 2, 2, 4), (4, 6, 0, 4), (4, 6, 10, 12))
+    p = _rect((6, 12), (0, 2, 0, 4), (4, 6, 0, 2), (4, 6, 2, 4), (0, 2, 8, 10))
+    e = metrics.instance_errors(t, p)
+    assert e.as_dict() == {"n_true": 4, "n_pred": 4, "merges": 1, "merged_true": 2, "splits": 1, "missed": 1, "spurious": 1}
+    # A prediction that covers a true object only by a third is neither a merge nor spurious for it;
+    # the true object, two thirds uncovered, is missed.
+    t2 = _rect((1, 6), (0, 1, 0, 6))
+    p2 = _rect((1, 6), (0, 1, 0, 2))
+    e2 = metrics.instance_errors(t2, p2)
+    assert (e2.merges, e2.splits, e2.missed, e2.spurious) == (0, 0, 1, 0)
+
+
+def test_instance_errors_empty_maps():
+    t = _rect((4, 4), (0, 2, 0, 2))
+    empty = np.zeros((4, 4), np.int32)
+    assert metrics.instance_errors(t, empty).as_dict() == {"n_true": 1, "n_pred": 0, "merges": 0, "merged_true": 0, "splits": 0, "missed": 1, "spurious": 0}
+    assert metrics.instance_errors(empty, t).spurious == 1
+    assert metrics.instance_errors(t, t).as_dict() == {"n_true": 1, "n_pred": 1, "merges": 0, "merged_true": 0, "splits": 0, "missed": 0, "spurious": 0}
+
+
 def test_object_f1_counts():
     # G1 = 2x5 (10 px), G2 = 2x5 (10 px).
     # S1 covers 6 px of G1 (> 50%) -> TP. S2 covers exactly 5 px of G2 (50%, not more) -> FP and G2

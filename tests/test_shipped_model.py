@@ -39,7 +39,9 @@ def test_shipped_weights_reproduce_stored_scores():
     assert set(got["per_image"]) == set(expected["per_image"])
     for key, scores in expected["per_image"].items():
         for name, value in scores.items():
-            if isinstance(value, bool) or value is None:
+            if isinstance(value, dict):  # error counts: a pixel flipped by another CPU's rounding may move one
+                assert got["per_image"][key][name] == pytest.approx(value, abs=3), (key, name)
+            elif isinstance(value, bool) or value is None:
                 assert got["per_image"][key][name] == value, (key, name)
             elif name == "object_hausdorff":
                 assert got["per_image"][key][name] == pytest.approx(value, rel=0.05, abs=1.0), (key, name)

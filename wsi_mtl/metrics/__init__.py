@@ -2,7 +2,7 @@
 
 from ._classification import accuracy, confusion_matrix, f1_per_class, macro_f1
 from ._gland import GlandScores, gland_scores, hausdorff_distance, object_dice, object_f1, object_hausdorff
-from ._instance import PanopticQuality, aji, dice_score, pair_overlaps, panoptic_quality
+from ._instance import InstanceErrors, PanopticQuality, aji, dice_score, instance_errors, pair_overlaps, panoptic_quality
 from ._points import PointTypeScores, match_points, point_type_scores
 
 __all__ = [
@@ -16,8 +16,10 @@ __all__ = [
     "object_dice",
     "object_f1",
     "object_hausdorff",
+    "InstanceErrors",
     "PanopticQuality",
     "aji",
+    "instance_errors",
     "dice_score",
     "pair_overlaps",
     "panoptic_quality",

@@ -166,7 +166,8 @@ def evaluate_sources(
     Returns
     -------
     dict
-        ``nuclei`` {dice, aji, pq, dq, sq, n_images}, ``glands`` {f1, precision, recall,
+        ``nuclei`` {dice, aji, pq, dq, sq, n_images, errors (:func:`~wsi_mtl.metrics.instance_errors`
+        counts summed over images)}, ``glands`` {f1, precision, recall,
         object_dice, object_hausdorff, patch_glas_accuracy, n_images}, ``nuclei_type``
         {detection_f1, f1 per class, macro_f1}, ``tissue`` {lc25000: {accuracy, macro_f1},
         kather2016: {...}}.
@@ -184,10 +185,12 @@ def evaluate_sources(
             probs = predict_image(model, item.image, heads=["Nuclei-INST"], bf16=bf16, tta=tta)
             pred = nuclei_labels(probs["Nuclei-INST"], params)
             pq = metrics.panoptic_quality(item.labels, pred)
-            row = {"dice": metrics.dice_score(item.labels, pred), "aji": metrics.aji(item.labels, pred), "pq": pq.pq, "dq": pq.dq, "sq": pq.sq}
+            row = {"dice": metrics.dice_score(item.labels, pred), "aji": metrics.aji(item.labels, pred), "pq": pq.pq, "dq": pq.dq, "sq": pq.sq,
+                   "errors": metrics.instance_errors(item.labels, pred).as_dict()}
             rows.append(row)
             images[f"nuclei/{item.name}"] = row
-        res["nuclei"] = {k: _mean(r[k] for r in rows) for k in ("dice", "aji", "pq", "dq", "sq")} | {"n_images": len(rows)}
+        errors = {k: sum(r["errors"][k] for r in rows) for k in rows[0]["errors"]}
+        res["nuclei"] = {k: _mean(r[k] for r in rows) for k in ("dice", "aji", "pq", "dq", "sq")} | {"n_images": len(rows), "errors": errors}
 
     glands: Sequence[SegItem] = data.seg.get("gland", [])
     if glands and "Gland-INST" in heads:
@@ -295,6 +298,8 @@ def format_table(result: Mapping[str, Any]) -> str:
     for k in ("dice", "aji", "pq", "dq", "sq", "n_images"):
         if "nuclei" in result:
             add("nuclei", k, result["nuclei"][k])
+    for k, v in (result.get("nuclei", {}).get("errors") or {}).items():
+        add("nuclei", k, v)
     for k in ("f1", "precision", "recall", "object_dice", "object_hausdorff", "patch_glas_accuracy", "n_images"):
         if "glands" in result:
             add("glands", k, result["glands"][k])

@@ -419,3 +419,24 @@ def test_training_a_new_fine_branch_exports_it(tmp_path):
     state = load_model(result.model_dir).state_dict()
     assert state["output_head.Nuclei.INST.fine.out.weight"].abs().sum() > 0  # trained away from its zero start
     torch.testing.assert_close(state["backbone.conv1.weight"], load_model(tmp_path / "plain").state_dict()["backbone.conv1.weight"], rtol=0, atol=0)
+
+
+def test_stages_keep_the_records_of_the_stages_before(tmp_path):
+    """A model fine-tuned from a folder keeps that folder's training record, and the records it
+    carried, oldest first; exporting the same run again does not repeat its own record."""
+    _fake_data(tmp_path / "data")
+    from wsi_mtl.network import load_model, save_model
+    from wsi_mtl.train import export_model
+
+    start = create_model("wsimtl_small", seed=2)
+    start.config = start.config.replace(extra={"training": {"steps": 7, "config": "stage-b", "earlier": [{"steps": 4, "config": "stage-a"}]}})
+    save_model(start, tmp_path / "start", trained=True)
+    cfg = load_config(_write_config(tmp_path, "h", steps=2), init_from=str(tmp_path / "start"), schedule=["nuclei"])
+    result = train(cfg, progress=False)
+    record = load_model(result.model_dir).config.extra["training"]
+    assert record["steps"] == 2 and record["init_from"]["steps"] == 7
+    assert [e["config"] for e in record["earlier"]] == ["stage-a", "stage-b"]
+    assert "earlier" not in record["earlier"][1]
+    # the output folder now holds this run's export; exporting again from it as init_from keeps the list
+    again = export_model(load_config(_write_config(tmp_path, "h", steps=2), init_from=str(result.model_dir), schedule=["nuclei"]), which="last")
+    assert [e["config"] for e in load_model(again).config.extra["training"]["earlier"]] == ["stage-a", "stage-b"]

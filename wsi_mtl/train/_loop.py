@@ -514,6 +514,9 @@ def export_model(cfg: TrainConfig, model: MultiTaskNet | None = None, *, which: 
         training["train_seconds"] = round(float(ck["train_seconds"]), 1)
     if ck.get("init"):
         training["init_from"] = dict(ck["init"])
+    earlier = _earlier_training(cfg, training)
+    if earlier:
+        training["earlier"] = earlier
     extra = dict(model.config.extra)
     inherited = _init_postprocess(cfg)
     if inherited:
@@ -543,6 +546,23 @@ def export_model(cfg: TrainConfig, model: MultiTaskNet | None = None, *, which: 
     save_model(model, cfg.output_model, trained=True)
     logger.info("exported %s weights of step %s to %s", which, ck.get("step"), cfg.output_model)
     return Path(cfg.output_model)
+
+
+def _earlier_training(cfg: TrainConfig, own: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """The training records of the stages an ``init_from`` model folder came from, oldest first.
+
+    A model fine-tuned in stages keeps every stage's record in ``extra.training.earlier`` (a
+    checkpoint ``init_from`` carries none). A folder that already holds this run's own export
+    (exported twice) adds nothing."""
+    folder = _folder_config(cfg.init_from)
+    prev = None if folder is None else folder.extra.get("training")
+    if not isinstance(prev, Mapping):
+        return []
+    prev = dict(prev)
+    earlier = [dict(e) for e in prev.pop("earlier", []) if isinstance(e, Mapping)]
+    if all(prev.get(k) == own.get(k) for k in ("config", "steps", "init_from")):
+        return earlier
+    return [*earlier, prev]
 
 
 def _init_postprocess(cfg: TrainConfig) -> dict[str, Any]:

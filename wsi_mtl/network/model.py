@@ -271,23 +271,22 @@ def window_stats(x4: torch.Tensor, cells: int | None, pools: Sequence[str]) -> d
     standard deviations (2C channels). Always float32.
     """
     x = x4.float()
-    # The variance is taken of x minus its per-image channel mean: the same value, without most of
-    # the cancellation of E[x^2] - E[x]^2 when a channel's mean is large against its spread.
-    shift = x.mean(dim=(-2, -1), keepdim=True).detach() if "mean_std" in pools else None
-    if cells is None:
-        mean = x.mean(dim=(-2, -1), keepdim=True)
-    else:
-        pad = cells // 2
-        mean = F.avg_pool2d(x, cells, stride=1, padding=pad, count_include_pad=False)
+
+    def average(t: torch.Tensor) -> torch.Tensor:
+        if cells is None:
+            return t.mean(dim=(-2, -1), keepdim=True)
+        return F.avg_pool2d(t, cells, stride=1, padding=cells // 2, count_include_pad=False)
+
+    mean = average(x)
     out: dict[str, torch.Tensor] = {}
     for pool in dict.fromkeys(pools):
         if pool == "mean":
             out[pool] = mean
         elif pool == "mean_std":
-            assert shift is not None
-            xc = x - shift
-            sq = xc.square().mean(dim=(-2, -1), keepdim=True) if cells is None else F.avg_pool2d(
-                xc.square(), cells, stride=1, padding=cells // 2, count_include_pad=False)
+            # The variance of x minus its per-image channel mean: the same value, without most of
+            # the cancellation of E[x^2] - E[x]^2 when a channel's mean is large against its spread.
+            shift = x.mean(dim=(-2, -1), keepdim=True).detach()
+            sq = average((x - shift).square())
             std = (sq - (mean - shift).square()).clamp_min(0.0).add(1e-6).sqrt()  # eps keeps the gradient finite
             out[pool] = torch.cat([mean, std], dim=1)
         else:

@@ -514,11 +514,12 @@ def export_model(cfg: TrainConfig, model: MultiTaskNet | None = None, *, which: 
         training["train_seconds"] = round(float(ck["train_seconds"]), 1)
     if ck.get("init"):
         training["init_from"] = dict(ck["init"])
-    earlier = _earlier_training(cfg, training)
+    folder = _folder_config(cfg.init_from)  # read once, for the records and the settings it passes on
+    earlier = _earlier_training(folder, training)
     if earlier:
         training["earlier"] = earlier
     extra = dict(model.config.extra)
-    inherited = _init_postprocess(cfg)
+    inherited = _init_postprocess(folder)
     if inherited:
         extra["postprocess"] = inherited
     # The training sources are read once, for every export step that needs them.
@@ -548,13 +549,13 @@ def export_model(cfg: TrainConfig, model: MultiTaskNet | None = None, *, which: 
     return Path(cfg.output_model)
 
 
-def _earlier_training(cfg: TrainConfig, own: Mapping[str, Any]) -> list[dict[str, Any]]:
-    """The training records of the stages an ``init_from`` model folder came from, oldest first.
+def _earlier_training(folder: ModelConfig | None, own: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """The training records of the stages an ``init_from`` model folder (its config) came from,
+    oldest first.
 
     A model fine-tuned in stages keeps every stage's record in ``extra.training.earlier`` (a
     checkpoint ``init_from`` carries none). A folder that already holds this run's own export
     (exported twice) adds nothing."""
-    folder = _folder_config(cfg.init_from)
     prev = None if folder is None else folder.extra.get("training")
     if not isinstance(prev, Mapping):
         return []
@@ -565,9 +566,8 @@ def _earlier_training(cfg: TrainConfig, own: Mapping[str, Any]) -> list[dict[str
     return [*earlier, prev]
 
 
-def _init_postprocess(cfg: TrainConfig) -> dict[str, Any]:
-    """The tuned post-processing settings of an ``init_from`` model folder ({} otherwise)."""
-    folder = _folder_config(cfg.init_from)
+def _init_postprocess(folder: ModelConfig | None) -> dict[str, Any]:
+    """The tuned post-processing settings of an ``init_from`` model folder's config ({} otherwise)."""
     pp = None if folder is None else folder.extra.get("postprocess")
     return dict(pp) if isinstance(pp, Mapping) else {}
 

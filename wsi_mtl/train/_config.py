@@ -115,7 +115,7 @@ class TrainConfig:
         return out
 
 
-_SEG_TASKS = ("nuclei", "nuclei_binary", "nuclei_type", "gland")
+_SEG_TASKS = ("nuclei", "nuclei_binary", "nuclei_split", "nuclei_type", "gland")
 _CLS_TASKS = ("lc25000", "kather2016")
 
 

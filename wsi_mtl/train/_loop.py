@@ -576,6 +576,7 @@ def _init_postprocess(folder: ModelConfig | None) -> dict[str, Any]:
 _ENTRY_HEADS: dict[str, tuple[str, ...]] = {
     "nuclei": ("Nuclei-INST",),
     "nuclei_binary": ("Nuclei-INST",),
+    "nuclei_split": ("Nuclei-INST",),
     "nuclei_type": ("Nuclei-TYPE",),
     "gland": ("Gland-INST", "Patch-GlaS"),
     "cls": ("Patch-Class", "Patch-LC25000"),

@@ -15,6 +15,7 @@ from wsi_mtl.train import (
     masked_dice_loss,
     patch_loss,
     seg_loss,
+    split_touching,
     type_targets_from_points,
 )
 
@@ -61,6 +62,49 @@ def test_inst_targets_errors():
 def test_binary_targets():
     m = np.array([[0, 1], [1, 0]])
     np.testing.assert_array_equal(binary_targets(m), [[0, FOREGROUND], [FOREGROUND, 0]])
+
+
+def _discs(shape, centres, radius):
+    yy, xx = np.mgrid[: shape[0], : shape[1]]
+    return [(yy - cy) ** 2 + (xx - cx) ** 2 <= radius**2 for cy, cx in centres]
+
+
+def test_split_touching_cuts_overlapping_discs_at_their_neck():
+    a, b, c = _discs((20, 48), [(10, 9), (10, 19), (10, 38)], 6)  # a and b overlap; c stands alone
+    lab = split_touching(a | b | c)
+    assert lab.dtype == np.int32 and set(np.unique(lab)) == {0, 1, 2, 3}
+    # every pixel of the union is labelled, nothing outside it
+    np.testing.assert_array_equal(lab > 0, a | b | c)
+    # each disc centre is its own object, and the cut lies at the neck (column 14)
+    assert len({lab[10, 9], lab[10, 19], lab[10, 38]}) == 3
+    assert lab[10, 11] == lab[10, 9] and lab[10, 17] == lab[10, 19]
+    # the split separates them by a boundary band in the 3-class target
+    t = inst_targets(lab, erosion_px=3)
+    assert (t[10, 13:16] == 2).any() and t[10, 9] == 1 and t[10, 19] == 1
+
+
+def test_split_touching_keeps_thin_and_small_blobs_whole():
+    m = np.zeros((12, 30), bool)
+    m[5, 2:20] = True  # a one-pixel line: no distance maximum stands h above its neighbours
+    m[8:10, 24:26] = True  # a 2x2 blob
+    lab = split_touching(m, h=0.5)
+    np.testing.assert_array_equal(lab > 0, m)
+    assert lab.max() == 2 and len(np.unique(lab[5, 2:20])) == 1
+
+
+def test_split_touching_larger_h_merges_a_shallow_bump():
+    (a,) = _discs((20, 40), [(10, 12)], 7)
+    (b,) = _discs((20, 40), [(10, 22)], 4)  # the small disc's distance peak rises ~1 px above the neck
+    assert split_touching(a | b, h=0.5).max() == 2
+    assert split_touching(a | b, h=2.0).max() == 1
+
+
+def test_split_touching_errors():
+    with pytest.raises(ValueError, match="2-D"):
+        split_touching(np.zeros((3, 3, 1), bool))
+    with pytest.raises(ValueError, match="h must be"):
+        split_touching(np.zeros((3, 3), bool), h=0)
+    assert split_touching(np.zeros((4, 4), bool)).max() == 0
 
 
 def test_type_targets_from_points_disks_ignore_and_background():

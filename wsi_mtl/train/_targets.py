@@ -78,9 +78,10 @@ def split_touching(mask: np.ndarray, *, h: float = 0.5, sigma: float = 0.5) -> n
     """Instance labels from a foreground mask whose touching objects are not separated.
 
     Each pixel's distance to the background, smoothed by a Gaussian of ``sigma`` px, is flooded
-    (watershed of the negated distance) from its h-maxima of height ``h`` px: a blob of two
-    overlapping discs gets one marker per disc and splits at its neck. Marker-free blobs (thinner
-    than the smoothing) stay one object.
+    (watershed of the negated distance) from its h-maxima (``skimage.morphology.h_maxima``): a
+    blob of two overlapping discs gets one marker per disc and splits at its neck, while a peak
+    that rises less than ``h`` px above the saddle to a higher one marks nothing and is flooded
+    from it. Marker-free blobs stay one object each.
 
     Parameters
     ----------

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 from scipy import ndimage
+from skimage.morphology import h_maxima
+from skimage.segmentation import watershed
 
 __all__ = ["IGNORE", "FOREGROUND", "inst_targets", "binary_targets", "split_touching", "type_targets_from_points", "background_from_labels"]
 
@@ -101,9 +103,6 @@ def split_touching(mask: np.ndarray, *, h: float = 0.5, sigma: float = 0.5) -> n
     >>> int(ndimage.label(two)[1]), int(split_touching(two).max())
     (1, 2)
     """
-    from skimage.morphology import h_maxima
-    from skimage.segmentation import watershed
-
     mask = np.asarray(mask)
     if mask.ndim != 2:
         raise ValueError(f"mask must be 2-D, got shape {mask.shape}")

@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from PIL import Image
+from scipy import ndimage
 
 from wsi_mtl.metrics import aji
 from wsi_mtl.train import load_split, load_sources, split_touching
@@ -41,8 +42,6 @@ def test_nuclei_split_items_are_the_binary_only_images_cut_into_instances():
         np.testing.assert_array_equal(item.labels > 0, binary[name].labels > 0)  # foreground is the annotators'
         np.testing.assert_array_equal(item.image, binary[name].image)
     # the cut separates touching nuclei: more objects than 4-connected mask components overall
-    from scipy import ndimage
-
     n_objects = sum(int(i.labels.max()) for i in cut.values())
     n_components = sum(ndimage.label(i.labels > 0)[1] for i in cut.values())
     assert n_objects > 1.1 * n_components
@@ -74,7 +73,5 @@ def test_split_binary_masks_approach_the_xml_instances():
         shape = (inst.shape[0] // 2, inst.shape[1] // 2)  # 0.25 -> 0.5 um/px
         truth = resize_labels(inst, shape)
         mask = resize_labels(binary.astype(np.int32), shape) > 0
-        from scipy import ndimage
-
         cut, whole = aji(truth, split_touching(mask)), aji(truth, ndimage.label(mask)[0])
         assert cut > 0.7 and cut > whole, (r["name"], cut, whole)

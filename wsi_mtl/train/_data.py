@@ -22,7 +22,7 @@ __all__ = [
     "CRCHP_CLASSES",
     "SEG_HEADS",
     "load_monuseg",
-    "load_monuseg_split",
+    "split_binary_items",
     "load_cpm15",
     "load_crchistophenotypes",
     "load_glas",
@@ -136,18 +136,14 @@ def load_monuseg(root: Path, *, mpp: float, source_mpp: float, names: Sequence[s
     return out
 
 
-def load_monuseg_split(root: Path, *, mpp: float, source_mpp: float, exclude: Sequence[str] = (), h: float = 0.5, sigma: float = 0.5) -> list[SegItem]:
-    """The MoNuSeg images with binary masks only, each mask split into instances at the model's mpp.
+def split_binary_items(items: Sequence[SegItem], *, h: float = 0.5, sigma: float = 0.5) -> list[SegItem]:
+    """``"nuclei"`` items of source ``"monuseg_split"`` from ``"nuclei_binary"`` items (same images).
 
-    :func:`~wsi_mtl.train._targets.split_touching` cuts touching nuclei apart at the necks of the
-    mask (on the MoNuSeg images that have both masks, its split of the binary mask scores AJI
-    0.74-0.89 against the XML instances at 0.5 um/px). The items are ``"nuclei"`` items of source
-    ``"monuseg_split"``: their boundaries are estimates, their foreground is the annotators'.
+    :func:`~wsi_mtl.train._targets.split_touching` cuts each mask into nuclei at its necks (on the
+    MoNuSeg images that have both masks, the cut binary mask scores AJI 0.74-0.89 against the XML
+    instances at 0.5 um/px): their boundaries are estimates, their foreground is the annotators'.
     """
-    out = []
-    for it in load_monuseg(root, mpp=mpp, source_mpp=source_mpp, exclude=exclude, binary_only=True):
-        out.append(SegItem(it.name, "monuseg_split", "nuclei", it.image, split_touching(it.labels > 0, h=h, sigma=sigma)))
-    return out
+    return [SegItem(it.name, "monuseg_split", "nuclei", it.image, split_touching(it.labels > 0, h=h, sigma=sigma)) for it in items]
 
 
 def load_cpm15(root: Path, *, mpp: float, mpp_20x: float, mpp_40x: float, names: Sequence[str] | None = None, exclude: Sequence[str] = ()) -> list[SegItem]:
@@ -273,7 +269,7 @@ def load_sources(
 
     ``tasks`` limits loading to some of nuclei, nuclei_binary, nuclei_split, nuclei_type, gland,
     lc25000, kather2016 (default: all of them). ``nuclei_split`` (the binary-only MoNuSeg masks cut
-    into instances, :func:`load_monuseg_split`) is a training task only, as is ``nuclei_binary``.
+    into instances, :func:`split_binary_items`) is a training task only, as is ``nuclei_binary``.
     """
     if part not in ("train", "val"):
         raise ValueError(f"part must be 'train' or 'val', got {part!r}")
@@ -289,10 +285,13 @@ def load_sources(
     if "nuclei" in want:
         seg["nuclei"] = load_monuseg(root, mpp=mpp, source_mpp=source_mpp["monuseg"], **sel("monuseg"))
         seg["nuclei"] += load_cpm15(root, mpp=mpp, mpp_20x=source_mpp["cpm15_20x"], mpp_40x=source_mpp["cpm15_40x"], **sel("cpm15"))
-    if "nuclei_binary" in want and part == "train":
-        seg["nuclei_binary"] = load_monuseg(root, mpp=mpp, source_mpp=source_mpp["monuseg"], binary_only=True, names=None, exclude=split.get("monuseg", []))
-    if "nuclei_split" in want and part == "train":
-        seg["nuclei_split"] = load_monuseg_split(root, mpp=mpp, source_mpp=source_mpp["monuseg"], exclude=split.get("monuseg", []))
+    if want & {"nuclei_binary", "nuclei_split"} and part == "train":
+        # one read of the binary-mask images serves both tasks
+        binary = load_monuseg(root, mpp=mpp, source_mpp=source_mpp["monuseg"], binary_only=True, names=None, exclude=split.get("monuseg", []))
+        if "nuclei_binary" in want:
+            seg["nuclei_binary"] = binary
+        if "nuclei_split" in want:
+            seg["nuclei_split"] = split_binary_items(binary)
     if "nuclei_type" in want:
         seg["nuclei_type"] = load_crchistophenotypes(root, mpp=mpp, source_mpp=source_mpp["crchistophenotypes"], radius_px=radius_px, background_px=background_px, **sel("crchistophenotypes"))
     if "gland" in want:

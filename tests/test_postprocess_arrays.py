@@ -331,3 +331,81 @@ def test_remove_small_instances_drops_and_renumbers_in_order():
     assert np.array_equal(remove_small_instances(labels, 0) > 0, labels > 0)
     with pytest.raises(TypeError):
         remove_small_instances(labels > 0, 2)
+
+
+# ---------------------------------------------------------------- neck cutting, confidence
+
+
+def _two_overlapping_discs(shape=(40, 60), centres=((20, 20), (20, 36)), r=10) -> tuple[np.ndarray, np.ndarray]:
+    """One label covering two overlapping discs, and the discs as two labels (ground truth)."""
+    truth = np.zeros(shape, np.int32)
+    for k, c in enumerate(centres, start=1):
+        rr, cc = disk(c, r, shape=shape)
+        free = truth[rr, cc] == 0
+        truth[rr[free], cc[free]] = k
+    return (truth > 0).astype(np.int32), truth
+
+
+def test_split_at_necks_cuts_overlapping_discs_and_leaves_single_shapes():
+    from wsi_mtl.postprocess import split_at_necks
+
+    merged, truth = _two_overlapping_discs()
+    lab = merged.copy()
+    rr, cc = ellipse(20, 80, 6, 14, shape=(40, 100))  # an elongated single nucleus
+    lab = np.pad(lab, ((0, 0), (0, 40)))
+    lab[rr, cc] = 7
+    out = split_at_necks(lab, 0.75)
+    assert out.dtype == np.int32
+    pieces = np.unique(out[np.pad(merged, ((0, 0), (0, 40))) > 0])
+    assert len(pieces) == 2 and 1 in pieces  # the first piece keeps the label
+    for k in (1, 2):
+        best = max(((out[:, :60] == p) & (truth == k)).sum() / ((out[:, :60] == p) | (truth == k)).sum() for p in pieces)
+        assert best > 0.9
+    np.testing.assert_array_equal(out == 7, lab == 7)  # one peak ridge: untouched
+    assert split_at_necks(lab, 20.0).max() == 7  # no peak rises that high above a saddle
+    np.testing.assert_array_equal(split_at_necks(np.zeros((5, 5), np.int32), 1.0), 0)
+    with pytest.raises(ValueError, match="h must be"):
+        split_at_necks(lab, 0.0)
+
+
+def test_split_at_necks_reads_objects_not_label_numbers_or_position():
+    from wsi_mtl.postprocess import split_at_necks
+
+    merged, _ = _two_overlapping_discs()
+    a = split_at_necks(merged * 5, 0.75)
+    shifted = np.zeros((60, 90), np.int32)
+    shifted[13:53, 21:81] = merged * 3
+    b = split_at_necks(shifted, 0.75)[13:53, 21:81]
+    # same partition whatever the label and where the object lies
+    pairs_a = {(int(x), int(y)) for x, y in zip(a[merged > 0], b[merged > 0])}
+    assert len(pairs_a) == 2 and len({x for x, _ in pairs_a}) == 2 and len({y for _, y in pairs_a}) == 2
+
+
+def test_nuclei_split_h_separates_nuclei_whose_markers_merged():
+    merged, truth = _two_overlapping_discs()
+    prob = label_to_3class(merged, erosion_px=1).astype(np.float32) / 255  # one interior spanning both discs
+    assert nuclei_instances(prob, min_area_px=5).max() == 1
+    out = nuclei_instances(prob, min_area_px=5, split_h=0.75)
+    assert out.max() == 2
+    u8 = np.round(prob * 255).astype(np.uint8)
+    np.testing.assert_array_equal(nuclei_instances(u8, min_area_px=5, split_h=0.75), out)
+
+
+def test_min_interior_drops_nuclei_the_network_is_unsure_of():
+    from wsi_mtl.postprocess import remove_unconfident_instances
+
+    lab = np.zeros((30, 60), np.int32)
+    lab[disk((15, 14), 8)] = 1
+    lab[disk((15, 44), 8)] = 2
+    prob = label_to_3class(lab, erosion_px=1).astype(np.float32) / 255
+    weak = lab == 2
+    prob[1][weak] *= 0.6  # the second nucleus: interior 0.6 at most, the rest goes to background
+    prob[0][weak] = 1 - prob[1][weak] - prob[2][weak]
+    assert nuclei_instances(prob, min_area_px=5, marker_threshold=0.5).max() == 2
+    out = nuclei_instances(prob, min_area_px=5, marker_threshold=0.5, min_interior=0.9)
+    assert out.max() == 1 and (out[lab == 1] == 1).all() and not out[weak].any()
+    u8 = np.round(prob * 255).astype(np.uint8)
+    np.testing.assert_array_equal(nuclei_instances(u8, min_area_px=5, marker_threshold=0.5, min_interior=0.9), out)
+    kept = remove_unconfident_instances(lab, prob, 0.9)
+    np.testing.assert_array_equal(kept, np.where(weak, 0, lab))
+    np.testing.assert_array_equal(remove_unconfident_instances(lab, prob, 0.0), lab)

@@ -440,3 +440,38 @@ def test_stages_keep_the_records_of_the_stages_before(tmp_path):
     # the output folder now holds this run's export; exporting again from it as init_from keeps the list
     again = export_model(load_config(_write_config(tmp_path, "h", steps=2), init_from=str(result.model_dir), schedule=["nuclei"]), which="last")
     assert [e["config"] for e in load_model(again).config.extra["training"]["earlier"]] == ["stage-a", "stage-b"]
+
+
+def test_tune_only_rewrites_the_settings_and_keeps_the_weights(tmp_path):
+    """`wsimtl train --tune-only`: the model folder's post-processing is re-tuned on the named
+    sources' training images, the weights (and their sha256) stay, the replaced tuning is kept."""
+    from click.testing import CliRunner
+
+    from wsi_mtl.cli import cli
+    from wsi_mtl.errors import InputError
+    from wsi_mtl.network.io import file_sha256
+    from wsi_mtl.train import retune_model
+
+    _fake_data(tmp_path / "data")
+    path = _write_config(tmp_path, "t", steps=2)
+    first = train(load_config(path, tune_postprocess=True, tune_images={"nuclei": 2, "gland": 0}), progress=False)
+    weights = first.model_dir / "weights.safetensors"
+    sha = file_sha256(weights)
+    before = json.loads((first.model_dir / "config.json").read_text())["extra"]
+    res = CliRunner().invoke(cli, ["train", str(path), "--tune-only"], catch_exceptions=False)
+    assert res.exit_code == 0, res.output
+    assert file_sha256(weights) == sha
+    # default tune_sources: every nuclei source; now only monuseg, through the function
+    cfg = load_config(path, tune_postprocess=True, tune_images={"nuclei": 25, "gland": 0}, tune_sources={"nuclei": ["monuseg"]})
+    retune_model(cfg)
+    after = json.loads((first.model_dir / "config.json").read_text())["extra"]
+    assert file_sha256(weights) == sha and after["training"]["steps"] == before["training"]["steps"]
+    tuning = after["training"]["postprocess_tuning"]
+    assert tuning["sources"] == {"nuclei": ["monuseg"]} and tuning["n_images"]["nuclei"] == 2  # m2 is held out
+    assert "previous" in tuning and "nuclei_split_h" in after["postprocess"]
+    with pytest.raises(InputError, match="no nuclei training images from"):
+        retune_model(load_config(path, tune_sources={"nuclei": ["cpm15"]}))
+    with pytest.raises(InputError, match="tune_sources"):
+        load_config(path, tune_sources={"lumen": ["x"]})
+    with pytest.raises(InputError, match="no model folder"):
+        retune_model(load_config(path, output_model=str(tmp_path / "nowhere")))

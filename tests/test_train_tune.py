@@ -168,3 +168,32 @@ def test_gland_sweep_reuses_grown_instances_with_identical_scores():
         direct = (2 * tp / (2 * tp + fp + fn) if (tp + fp + fn) else 1.0) + float(np.mean(dices))
         assert _gland_score(items, maps, params, cache) == pytest.approx(direct, abs=1e-12), combo
     assert cache.key == tuple(GLAND_GRID[k][-1] for k in ("gland_threshold", "gland_erosion_px", "gland_open_px"))
+
+
+def test_nuclei_sweep_reuses_instances_with_identical_scores():
+    """The tuner's cached instances (filtered per confidence and size) score exactly as the
+    post-processing run afresh for every setting of the grid."""
+    from dataclasses import replace
+
+    from wsi_mtl import metrics
+    from wsi_mtl.postprocess import label_to_3class
+    from wsi_mtl.train._postprocess import nuclei_labels
+    from wsi_mtl.train._tune import NUCLEI_GRID, _combos, _GrownNuclei, _nuclei_score
+
+    rng = np.random.default_rng(7)
+    items, maps = [], []
+    for seed in range(2):
+        lab = _disks(64, [(16, 16), (16, 27), (45, 40), (48, 12)], 6 + seed)
+        merged = (lab > 0).astype(np.int32)  # touching nuclei share one interior
+        p = label_to_3class(merged, erosion_px=1).astype(np.float32) / 255 + rng.uniform(0, 0.4, (3, 64, 64)).astype(np.float32)
+        items.append(SegItem(f"n{seed}", "syn", "nuclei", np.zeros((64, 64, 3), np.uint8), lab))
+        maps.append(p / p.sum(0, keepdims=True))
+    cache = _GrownNuclei()
+    combos = _combos(NUCLEI_GRID)
+    assert len(combos) == int(np.prod([len(v) for v in NUCLEI_GRID.values()]))
+    for combo in combos[::7] + combos[-3:]:
+        params = replace(PostprocessParams(), **combo)
+        direct = [0.5 * (metrics.aji(it.labels, nuclei_labels(m, params)) + metrics.panoptic_quality(it.labels, nuclei_labels(m, params)).pq)
+                  for it, m in zip(items, maps)]
+        assert _nuclei_score(items, maps, params, cache) == pytest.approx(float(np.mean(direct)), abs=1e-12), combo
+    assert cache.key == tuple(NUCLEI_GRID[k][-1] for k in ("nuclei_marker_threshold", "nuclei_mask_threshold", "nuclei_split_h"))

@@ -18,14 +18,15 @@ import click
 @click.option("--threads", type=click.IntRange(min=1), default=None, help="torch CPU threads.")
 @click.option("--no-export", is_flag=True, help="Do not save the model folder at the end.")
 @click.option("--export-only", is_flag=True, help="Only export the run folder's final checkpoint (with --best: the best-scoring one).")
+@click.option("--tune-only", is_flag=True, help="Only re-tune the post-processing of the model in the config's output_model on training images (weights unchanged).")
 @click.option("--best", is_flag=True, help="With --export-only: export the checkpoint of the best validation score.")
 @click.option("--progress/--no-progress", default=True, help="Show a progress bar.")
 def train(config: Path, steps: int | None, steps_per_epoch: int | None, run_dir: Path | None, output_model: Path | None, data_root: Path | None,
-          max_minutes: float | None, threads: int | None, no_export: bool, export_only: bool, best: bool, progress: bool) -> None:
+          max_minutes: float | None, threads: int | None, no_export: bool, export_only: bool, tune_only: bool, best: bool, progress: bool) -> None:
     """Train the model described by CONFIG (resumes from the run folder's checkpoint)."""
     import json
 
-    from ..train import export_model, load_config
+    from ..train import export_model, load_config, retune_model
     from ..train import train as run_training
 
     cfg = load_config(
@@ -37,6 +38,9 @@ def train(config: Path, steps: int | None, steps_per_epoch: int | None, run_dir:
         data_root=str(data_root.resolve()) if data_root else None,
         threads=threads,
     )
+    if tune_only:
+        click.echo(f"re-tuned {retune_model(cfg)}")
+        return
     if export_only:
         out = export_model(cfg, which="best" if best else "last")
         click.echo(f"exported {out}")

@@ -25,6 +25,8 @@ from wsi_mtl.postprocess._instances import (
     lumen_instances,
     nuclei_instances,
     remove_small_instances,
+    remove_unconfident_instances,
+    split_at_necks,
 )
 from wsi_mtl.postprocess._polygons import labels_to_polygons, polygon_measurements, rasterize_polygons
 from wsi_mtl.postprocess._tissue import tissue_class_map, tissue_polygons
@@ -42,6 +44,8 @@ __all__ = [
     "plan_chunks",
     "owns",
     "nuclei_instances",
+    "split_at_necks",
+    "remove_unconfident_instances",
     "gland_instances",
     "lumen_instances",
     "instance_type",

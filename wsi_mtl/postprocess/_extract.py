@@ -50,6 +50,7 @@ from wsi_mtl.postprocess._chunks import Chunk, plan_chunks
 from wsi_mtl.postprocess._instances import (
     _core_instances,
     _inside_fraction,
+    NECK_REACH_PX,
     _nuclei_instances,
     downsample_prob,
     instance_type,
@@ -90,6 +91,9 @@ class PostprocessParams:
     ----------
     nuclei_min_area_px, nuclei_marker_threshold, nuclei_mask_threshold
         See :func:`~wsi_mtl.postprocess.nuclei_instances`.
+    nuclei_split_h, nuclei_min_interior
+        ``split_h`` and ``min_interior`` of :func:`~wsi_mtl.postprocess.nuclei_instances`
+        (0 = off): cut nuclei at the necks of their distance map, drop unconfident ones.
     gland_threshold, gland_erosion_px, gland_min_area_px, gland_open_px
         See :func:`~wsi_mtl.postprocess.gland_instances` (erosion 5 = Cerberus' 11x11).
     lumen_threshold, lumen_erosion_px, lumen_min_area_px, lumen_min_inside
@@ -108,6 +112,8 @@ class PostprocessParams:
     nuclei_min_area_px: float = 10
     nuclei_marker_threshold: float = 0.5
     nuclei_mask_threshold: float = 0.5
+    nuclei_split_h: float = 0
+    nuclei_min_interior: float = 0
     gland_threshold: float = 0.5
     gland_erosion_px: float = 5
     gland_min_area_px: float = 400
@@ -298,7 +304,11 @@ def _nuclei_chunk(reader: Any, chunk: Chunk, meta: MapsMeta, params: Postprocess
         mask_threshold=params.nuclei_mask_threshold,
         min_marker_px=1,
         keep_unmarked=True,
+        split_h=params.nuclei_split_h,
+        min_interior=params.nuclei_min_interior,
     )
+    # neck cutting reads a few pixels around each blob: blobs that close to an open edge wait
+    reach = 1 + (NECK_REACH_PX if params.nuclei_split_h > 0 else 0)
     slices = ndi.find_objects(labels)
     owned = _owned(slices, range(1, len(slices) + 1), chunk)
     if len(owned) == 0:
@@ -309,7 +319,7 @@ def _nuclei_chunk(reader: Any, chunk: Chunk, meta: MapsMeta, params: Postprocess
         comp_of_label[labels[on]] = comps[on]
         comp_of = comp_of_label[owned]
         comp_slices = ndi.find_objects(comps)
-        cut = np.array([_touches_open_edge(comp_slices[c - 1], labels.shape, chunk) for c in comp_of], bool)
+        cut = np.array([_touches_open_edge(comp_slices[c - 1], labels.shape, chunk, margin=reach) for c in comp_of], bool)
         if cut.any():
             if not final:
                 return None

@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -90,6 +90,9 @@ class TrainConfig:
     tune_postprocess: bool = False
     #: Training images used for tuning, per task (``nuclei``, ``gland``; spread evenly over the set).
     tune_images: Mapping[str, int] = field(default_factory=lambda: {"nuclei": 25, "gland": 24})
+    #: Sources the tuning images of a task come from (``SegItem.source``, e.g. ``{nuclei: [monuseg]}``
+    #: to tune on the source most like the slides the model will see); a task not named uses all.
+    tune_sources: Mapping[str, Sequence[str]] = field(default_factory=dict)
     #: At export, refit the patch heads on the frozen inference features of their training tiles,
     #: kept per head only where it classifies held-out training tiles better (``wsi_mtl.train._heads``).
     refit_patch_heads: bool = False
@@ -186,6 +189,9 @@ def _validate(data: Mapping[str, Any], base: Path) -> TrainConfig:
     bad_limits = sorted(set(cfg.val_limit) - set(_SEG_TASKS) - set(_CLS_TASKS))
     if bad_limits:
         raise InputError(f"training config: val_limit has unknown tasks {bad_limits}")
+    bad_tune = sorted(set(cfg.tune_sources) - {"nuclei", "gland"})
+    if bad_tune or any(isinstance(v, str) or not isinstance(v, Sequence) for v in cfg.tune_sources.values()):
+        raise InputError(f"training config: tune_sources maps nuclei / gland to lists of sources, got {dict(cfg.tune_sources)}")
     if cfg.time_budget_minutes is not None and cfg.time_budget_minutes <= 0:
         raise InputError(f"training config: time_budget_minutes must be positive, got {cfg.time_budget_minutes}")
     lo, hi = cfg.scale_range

@@ -549,6 +549,34 @@ def export_model(cfg: TrainConfig, model: MultiTaskNet | None = None, *, which: 
     return Path(cfg.output_model)
 
 
+def retune_model(cfg: TrainConfig) -> Path:
+    """Re-tune the post-processing of the model saved in ``cfg.output_model`` on training images
+    (``cfg.tune_images`` / ``cfg.tune_sources``) and rewrite its ``config.json``; the weights are
+    left as they are. Settings of a task without tuning images are kept."""
+    from ..network import load_model
+
+    if cfg.output_model is None or not (Path(cfg.output_model) / "config.json").is_file():
+        raise InputError(f"no model folder at {cfg.output_model} to re-tune")
+    model = load_model(cfg.output_model)
+    model.eval()
+    sha = model.config.weights_sha256
+    tuned = tune_on_training_images(cfg, model)
+    extra = dict(model.config.extra)
+    extra["postprocess"] = {**dict(extra.get("postprocess") or {}), **tuned["postprocess"]}
+    training = dict(extra.get("training") or {})
+    record: dict[str, Any] = {"scores": tuned["scores"], "n_images": tuned["n_images"], "sources": {k: list(v) for k, v in cfg.tune_sources.items()},
+                              "images": "training images (never the validation split)"}
+    if "postprocess_tuning" in training:
+        record["previous"] = training["postprocess_tuning"]  # the tuning this one replaces
+    training["postprocess_tuning"] = record
+    model.config = model.config.replace(extra=extra | {"training": training})
+    save_model(model, cfg.output_model, trained=bool(model.config.trained))
+    if sha and model.config.weights_sha256 != sha:
+        raise ModelError(f"re-tuning changed the weights of {cfg.output_model} (sha256 {sha[:12]} -> {model.config.weights_sha256[:12]})")
+    logger.info("re-tuned %s: %s", cfg.output_model, tuned["postprocess"])
+    return Path(cfg.output_model)
+
+
 def _earlier_training(folder: ModelConfig | None, own: Mapping[str, Any]) -> list[dict[str, Any]]:
     """The training records of the stages an ``init_from`` model folder (its config) came from,
     oldest first.
@@ -640,20 +668,31 @@ _TUNE_TASKS: tuple[str, ...] = ("nuclei", "gland")
 
 
 def tune_on_training_images(cfg: TrainConfig, model: MultiTaskNet, data: Sources | None = None) -> dict[str, Any]:
-    """Tune post-processing on ``cfg.tune_images`` training images per task (evenly spaced);
+    """Tune post-processing on ``cfg.tune_images`` training images per task (evenly spaced, from
+    ``cfg.tune_sources`` where it names the task's sources);
     ``data``: training sources already loaded (read here otherwise)."""
     from ._tune import tune_postprocess
 
     if data is None:
         data = _training_sources(cfg, model, tasks=list(_TUNE_TASKS))
 
+    def of_sources(task: str) -> list[Any]:
+        items = data.seg.get(task, [])
+        wanted = cfg.tune_sources.get(task)
+        if not wanted:
+            return list(items)
+        chosen = [it for it in items if it.source in set(wanted)]
+        if not chosen and int(cfg.tune_images.get(task, 1)) > 0:
+            raise InputError(f"tune_sources: no {task} training images from {list(wanted)} (sources here: {sorted({it.source for it in items})})")
+        return chosen
+
     def spread(items: list[Any], n: int) -> list[Any]:
         return items if len(items) <= n else [items[int(i)] for i in np.linspace(0, len(items) - 1, n)]
 
     return tune_postprocess(
         model,
-        spread(data.seg.get("nuclei", []), int(cfg.tune_images.get("nuclei", 25))),
-        spread(data.seg.get("gland", []), int(cfg.tune_images.get("gland", 24))),
+        spread(of_sources("nuclei"), int(cfg.tune_images.get("nuclei", 25))),
+        spread(of_sources("gland"), int(cfg.tune_images.get("gland", 24))),
         bf16=cfg.bf16,
     )
 

@@ -22,7 +22,8 @@ def nuclei_labels(prob: np.ndarray, params: PostprocessParams | None = None) -> 
     """(H, W) int32 nuclei instances from a (3, H, W) Nuclei-INST map (float or uint8 255 p)."""
     p = params or PostprocessParams()
     return np.asarray(
-        nuclei_instances(prob, min_area_px=p.nuclei_min_area_px, marker_threshold=p.nuclei_marker_threshold, mask_threshold=p.nuclei_mask_threshold)
+        nuclei_instances(prob, min_area_px=p.nuclei_min_area_px, marker_threshold=p.nuclei_marker_threshold, mask_threshold=p.nuclei_mask_threshold,
+                         split_h=p.nuclei_split_h, min_interior=p.nuclei_min_interior)
     ).astype(np.int32)
 
 

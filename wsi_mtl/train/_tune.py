@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from .. import metrics
-from ..postprocess import PostprocessParams, remove_small_instances
+from ..postprocess import PostprocessParams, remove_small_instances, remove_unconfident_instances
 from ._data import SegItem
 from ._evaluate import predict_image
 from ._postprocess import gland_labels, nuclei_labels
@@ -28,10 +28,14 @@ __all__ = ["NUCLEI_GRID", "GLAND_GRID", "choose_params", "tune_postprocess"]
 logger = logging.getLogger(__name__)
 
 #: Candidate nuclei settings (PostprocessParams field -> values), scored by mean (AJI + PQ) / 2.
+#: ``nuclei_min_interior`` and ``nuclei_min_area_px`` come last so that they vary fastest: the
+#: instances of one (marker, mask, split) setting are computed once and only filtered for them.
 NUCLEI_GRID: dict[str, tuple[float, ...]] = {
-    "nuclei_marker_threshold": (0.4, 0.5, 0.6, 0.7, 0.8, 0.9),
-    "nuclei_mask_threshold": (0.4, 0.5, 0.6, 0.7),
-    "nuclei_min_area_px": (10.0, 16.0, 24.0, 32.0, 48.0),
+    "nuclei_marker_threshold": (0.5, 0.6, 0.7, 0.8, 0.9),
+    "nuclei_mask_threshold": (0.3, 0.4, 0.5, 0.6),
+    "nuclei_split_h": (0.0, 0.5, 0.75, 1.0, 1.5),
+    "nuclei_min_interior": (0.0, 0.8, 0.9),
+    "nuclei_min_area_px": (16.0, 24.0, 32.0, 48.0),
 }
 #: Candidate gland settings, scored by pooled object F1 + mean object Dice. ``gland_min_area_px``
 #: comes last so that it varies fastest: the grown instances of one (threshold, erosion, opening)
@@ -49,10 +53,27 @@ def _combos(grid: Mapping[str, Sequence[float]]) -> list[dict[str, float]]:
     return [dict(zip(keys, vals)) for vals in itertools.product(*(grid[k] for k in keys))]
 
 
-def _nuclei_score(items: Sequence[SegItem], maps: Sequence[np.ndarray], params: PostprocessParams) -> float:
+class _GrownNuclei:
+    """Nuclei instances before the confidence and size filters, for the last (marker, mask, split)
+    setting asked: ``nuclei_labels`` = those filters applied to these, so a sweep over
+    ``nuclei_min_interior`` and ``nuclei_min_area_px`` reuses them."""
+
+    def __init__(self) -> None:
+        self.key: tuple[float, float, float] | None = None
+        self.labels: list[np.ndarray] = []
+
+    def get(self, maps: Sequence[np.ndarray], params: PostprocessParams) -> list[np.ndarray]:
+        key = (params.nuclei_marker_threshold, params.nuclei_mask_threshold, params.nuclei_split_h)
+        if key != self.key:
+            grown = replace(params, nuclei_min_interior=0.0, nuclei_min_area_px=0.0)
+            self.key, self.labels = key, [nuclei_labels(prob, grown) for prob in maps]
+        return [remove_small_instances(remove_unconfident_instances(lab, prob, params.nuclei_min_interior), params.nuclei_min_area_px)
+                for lab, prob in zip(self.labels, maps)]
+
+
+def _nuclei_score(items: Sequence[SegItem], maps: Sequence[np.ndarray], params: PostprocessParams, grown: _GrownNuclei | None = None) -> float:
     vals = []
-    for item, prob in zip(items, maps):
-        pred = nuclei_labels(prob, params)
+    for item, pred in zip(items, (grown or _GrownNuclei()).get(maps, params)):
         vals.append(0.5 * (metrics.aji(item.labels, pred) + metrics.panoptic_quality(item.labels, pred).pq))
     return float(np.mean(vals)) if vals else float("nan")
 
@@ -94,7 +115,7 @@ def choose_params(task: str, items: Sequence[SegItem], maps: Sequence[np.ndarray
     ``maps`` are the (3, H, W) INST probabilities of ``items``. Returns the chosen fields, their
     score and the score of the defaults; ties keep the earlier candidate.
     """
-    score_fn = {"nuclei": _nuclei_score, "glands": partial(_gland_score, grown=_GrownGlands())}[task]
+    score_fn = {"nuclei": partial(_nuclei_score, grown=_GrownNuclei()), "glands": partial(_gland_score, grown=_GrownGlands())}[task]
     default = PostprocessParams()
     best: dict[str, float] = {}
     best_score = -np.inf

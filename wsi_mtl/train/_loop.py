@@ -551,17 +551,17 @@ def export_model(cfg: TrainConfig, model: MultiTaskNet | None = None, *, which: 
 
 def retune_model(cfg: TrainConfig) -> Path:
     """Re-tune the post-processing of the model saved in ``cfg.output_model`` on training images
-    (``cfg.tune_images`` / ``cfg.tune_sources``) and rewrite its ``config.json``; the weights are
-    left as they are. Settings of a task without tuning images are kept."""
+    (``cfg.tune_images`` / ``cfg.tune_sources``) and rewrite its ``config.json`` (atomically); the
+    weights file is not touched. Settings of a task without tuning images are kept."""
     from ..network import load_model
 
-    if cfg.output_model is None or not (Path(cfg.output_model) / "config.json").is_file():
+    folder = Path(cfg.output_model) if cfg.output_model is not None else None
+    if folder is None or not (folder / "config.json").is_file():
         raise InputError(f"no model folder at {cfg.output_model} to re-tune")
-    model = load_model(cfg.output_model)
-    model.eval()
-    sha = model.config.weights_sha256
+    model = load_model(folder)  # for inference (BatchNorm folded): only its maps are used
     tuned = tune_on_training_images(cfg, model)
-    extra = dict(model.config.extra)
+    config = ModelConfig.from_json((folder / "config.json").read_text())
+    extra = dict(config.extra)
     extra["postprocess"] = {**dict(extra.get("postprocess") or {}), **tuned["postprocess"]}
     training = dict(extra.get("training") or {})
     record: dict[str, Any] = {"scores": tuned["scores"], "n_images": tuned["n_images"], "sources": {k: list(v) for k, v in cfg.tune_sources.items()},
@@ -569,12 +569,15 @@ def retune_model(cfg: TrainConfig) -> Path:
     if "postprocess_tuning" in training:
         record["previous"] = training["postprocess_tuning"]  # the tuning this one replaces
     training["postprocess_tuning"] = record
-    model.config = model.config.replace(extra=extra | {"training": training})
-    save_model(model, cfg.output_model, trained=bool(model.config.trained))
-    if sha and model.config.weights_sha256 != sha:
-        raise ModelError(f"re-tuning changed the weights of {cfg.output_model} (sha256 {sha[:12]} -> {model.config.weights_sha256[:12]})")
-    logger.info("re-tuned %s: %s", cfg.output_model, tuned["postprocess"])
-    return Path(cfg.output_model)
+    text = config.replace(extra=extra | {"training": training}).to_json() + "\n"
+    tmp = folder / "config.json.tmp"
+    try:
+        tmp.write_text(text)
+        os.replace(tmp, folder / "config.json")
+    except OSError as exc:
+        raise ModelError(f"cannot write {folder / 'config.json'}: {exc.strerror or exc}") from None
+    logger.info("re-tuned %s: %s", folder, tuned["postprocess"])
+    return folder
 
 
 def _earlier_training(folder: ModelConfig | None, own: Mapping[str, Any]) -> list[dict[str, Any]]:

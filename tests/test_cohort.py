@@ -436,6 +436,25 @@ def test_summary_updates_from_many_threads_are_all_kept(tmp_path: Path) -> None:
     assert [p.name for p in tmp_path.iterdir() if p.name != ".locks"] == ["batch_summary.csv"]
 
 
+def test_a_skipped_row_never_hides_a_row_written_in_this_batch(tmp_path: Path) -> None:
+    """Two batches at once: one finishes a slide, the other finds it complete before the first has
+    written its row. Whichever row lands second, the summary ends with ``done``."""
+    now = time.time()
+    done = {"id": "a", "slide": "/s/a.svs", "status": "done", "finished_at": "2999-01-01T00:00:00+00:00"}
+    skipped = {"id": "a", "slide": "/s/a.svs", "status": "skipped", "finished_at": "2999-01-01T00:00:01+00:00"}
+    update_summary(tmp_path, [done])
+    update_summary(tmp_path, [skipped], keep_recorded_since=now)
+    assert read_summary(tmp_path)["a"]["status"] == "done"
+    # a row from an earlier batch is replaced; so is any row when no time is given
+    old = {**done, "id": "b", "finished_at": "2000-01-01T00:00:00+00:00"}
+    update_summary(tmp_path, [old])
+    update_summary(tmp_path, [{**skipped, "id": "b"}, {**skipped, "id": "c"}], keep_recorded_since=now)
+    rows = read_summary(tmp_path)
+    assert (rows["b"]["status"], rows["c"]["status"]) == ("skipped", "skipped")
+    update_summary(tmp_path, [skipped])
+    assert read_summary(tmp_path)["a"]["status"] == "skipped"
+
+
 def test_summary_disk_full_is_an_output_error(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     def full(*args: Any) -> None:
         raise OSError(errno.ENOSPC, "No space left on device")

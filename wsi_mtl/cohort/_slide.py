@@ -16,7 +16,7 @@ from typing import Any, Literal
 from ..errors import WsimtlError
 from ._locks import LockFile, lock_owner
 from ._manifest import SlideTask, _default_id
-from ._summary import read_summary, update_summary
+from ._summary import finished_at, read_summary, update_summary
 
 __all__ = ["SegmentOptions", "BatchJob", "SlideOutcome", "ModelCache", "process_slide", "recorded_since", "resolve_device", "one_line", "skipped_outcome"]
 
@@ -239,11 +239,8 @@ def recorded_since(job: BatchJob, slide_id: str) -> dict[str, str] | None:
     row = read_summary(job.out_dir).get(slide_id)
     if row is None:
         return None
-    try:
-        when = datetime.fromisoformat(row.get("finished_at", "")).timestamp()
-    except ValueError:
-        return None
-    return row if when >= job.started_at else None
+    when = finished_at(row)
+    return row if when is not None and when >= job.started_at else None
 
 
 def process_slide(task: SlideTask, job: BatchJob, *, models: ModelCache | None = None, device: str | None = None) -> SlideOutcome:
@@ -273,8 +270,8 @@ def process_slide(task: SlideTask, job: BatchJob, *, models: ModelCache | None =
     out_arg, extra, result_dir = job.placement(task)
     if job.is_complete(result_dir):
         outcome = skipped_outcome(task, result_dir)
-        if recorded_since(job, task.id) is None:  # keep the row of a worker that finished it in this batch
-            update_summary(job.out_dir, [outcome.row()])
+        # keep the row of a worker that finished it in this batch (even one written a moment ago)
+        update_summary(job.out_dir, [outcome.row()], keep_recorded_since=job.started_at)
         return outcome
     lock = LockFile(job.lock_path(task), stale_after_s=job.stale_after_s, heartbeat_s=job.heartbeat_s)
     if not lock.acquire():
@@ -283,8 +280,7 @@ def process_slide(task: SlideTask, job: BatchJob, *, models: ModelCache | None =
     try:
         if job.is_complete(result_dir):  # finished between the check and the lock
             outcome = skipped_outcome(task, result_dir)
-            if recorded_since(job, task.id) is None:
-                update_summary(job.out_dir, [outcome.row()])
+            update_summary(job.out_dir, [outcome.row()], keep_recorded_since=job.started_at)
             return outcome
         outcome = _segment(task, job, models, device, out_arg, extra, result_dir)
         if lock.lost:

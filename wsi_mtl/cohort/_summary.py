@@ -7,13 +7,14 @@ import io
 import os
 import uuid
 from collections.abc import Iterable, Mapping
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
 from ..atomic import output_error
 from ._locks import LockFile
 
-__all__ = ["SUMMARY_NAME", "BASE_COLUMNS", "read_summary", "update_summary"]
+__all__ = ["SUMMARY_NAME", "BASE_COLUMNS", "finished_at", "read_summary", "update_summary"]
 
 SUMMARY_NAME = "batch_summary.csv"
 #: Columns always present, in order; ``objects_<task>`` columns (object counts) follow, then TAIL_COLUMNS.
@@ -48,7 +49,16 @@ def _columns(rows: Iterable[Mapping[str, Any]]) -> list[str]:
     return [*BASE_COLUMNS, *counts, *TAIL_COLUMNS]
 
 
-def update_summary(out_dir: str | os.PathLike[str], rows: Iterable[Mapping[str, Any]], *, stale_after_s: float = 120.0) -> Path:
+def finished_at(row: Mapping[str, Any]) -> float | None:
+    """The POSIX time of a row's ``finished_at`` (None when absent or unreadable)."""
+    try:
+        return datetime.fromisoformat(str(row.get("finished_at", ""))).timestamp()
+    except ValueError:
+        return None
+
+
+def update_summary(out_dir: str | os.PathLike[str], rows: Iterable[Mapping[str, Any]], *, stale_after_s: float = 120.0,
+                   keep_recorded_since: float | None = None) -> Path:
     """Replace (by id) or add rows of the summary, atomically and under a lock.
 
     Several processes may call this at once on one folder: each holds
@@ -63,6 +73,11 @@ def update_summary(out_dir: str | os.PathLike[str], rows: Iterable[Mapping[str, 
         Rows with at least ``id``; missing columns are left empty.
     stale_after_s : float
         Seconds after which a summary lock left by a dead process is taken over.
+    keep_recorded_since : float, optional
+        A POSIX time: existing rows finished at or after it are kept, not replaced (a worker that
+        finds a slide complete adds its ``skipped`` row this way, so that it never hides the
+        ``done`` row of the worker that finished the slide a moment before; the check is made
+        under the lock).
 
     Returns
     -------
@@ -73,7 +88,10 @@ def update_summary(out_dir: str | os.PathLike[str], rows: Iterable[Mapping[str, 
     path = out_dir / SUMMARY_NAME
     new = {str(row["id"]): dict(row) for row in rows}
     with LockFile(out_dir / ".locks" / "batch_summary.lock", stale_after_s=stale_after_s, heartbeat_s=stale_after_s / 4):
-        merged: dict[str, dict[str, Any]] = {**read_summary(out_dir), **new}
+        old = read_summary(out_dir)
+        if keep_recorded_since is not None:
+            new = {k: v for k, v in new.items() if k not in old or (finished_at(old[k]) or float("-inf")) < keep_recorded_since}
+        merged: dict[str, dict[str, Any]] = {**old, **new}
         ordered = sorted(merged.values(), key=lambda r: (str(r.get("slide", "")), str(r["id"])))
         buffer = io.StringIO()
         writer = csv.DictWriter(buffer, fieldnames=_columns(ordered), restval="", extrasaction="ignore", lineterminator="\n")

@@ -50,12 +50,11 @@ def main() -> None:
     model = load_model(args.model)
     split = load_split(ROOT / "configs" / "splits" / "validation.yaml")
     items = load_monuseg(args.data_root, mpp=float(model.config.mpp), source_mpp=DEFAULT_SOURCE_MPP["monuseg"], names=split["monuseg"])
-    maps = []
     with torch.inference_mode():
         predict_image(model, items[0].image, heads=["Nuclei-INST"], bf16=False)  # warm-up
-        t_net = 0.0
-        for it in items:
-            t_net += _best_of(lambda: maps.append(predict_image(model, it.image, heads=["Nuclei-INST"], bf16=False)["Nuclei-INST"]), 1)
+        t0 = time.perf_counter()
+        maps = [predict_image(model, it.image, heads=["Nuclei-INST"], bf16=False)["Nuclei-INST"] for it in items]
+        t_net = time.perf_counter() - t0
     maps = [np.round(m * 255).astype(np.uint8) for m in maps]
     tuned = params_of(model)
     plain = replace(tuned, nuclei_split_h=0.0, nuclei_min_interior=0.0)

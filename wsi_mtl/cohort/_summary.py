@@ -91,6 +91,8 @@ def update_summary(out_dir: str | os.PathLike[str], rows: Iterable[Mapping[str, 
         old = read_summary(out_dir)
         if keep_recorded_since is not None:
             new = {k: v for k, v in new.items() if k not in old or (finished_at(old[k]) or float("-inf")) < keep_recorded_since}
+            if not new:
+                return path  # every row is kept as it is: nothing to rewrite
         merged: dict[str, dict[str, Any]] = {**old, **new}
         ordered = sorted(merged.values(), key=lambda r: (str(r.get("slide", "")), str(r["id"])))
         buffer = io.StringIO()

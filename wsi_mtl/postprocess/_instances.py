@@ -90,15 +90,12 @@ NECK_REACH_PX = 2
 def _contacts(labels: np.ndarray) -> np.ndarray:
     """Pixels with a 4-neighbour of another nonzero label."""
     out = np.zeros(labels.shape, bool)
-    for axis in (0, 1):
-        a, b = (labels[1:], labels[:-1]) if axis == 0 else (labels[:, 1:], labels[:, :-1])
-        edge = (a != b) & (a > 0) & (b > 0)
-        if axis == 0:
-            out[1:] |= edge
-            out[:-1] |= edge
-        else:
-            out[:, 1:] |= edge
-            out[:, :-1] |= edge
+    rows = (labels[1:] != labels[:-1]) & (labels[1:] > 0) & (labels[:-1] > 0)
+    out[1:] |= rows
+    out[:-1] |= rows
+    cols = (labels[:, 1:] != labels[:, :-1]) & (labels[:, 1:] > 0) & (labels[:, :-1] > 0)
+    out[:, 1:] |= cols
+    out[:, :-1] |= cols
     return out
 
 

@@ -553,14 +553,16 @@ def retune_model(cfg: TrainConfig) -> Path:
     """Re-tune the post-processing of the model saved in ``cfg.output_model`` on training images
     (``cfg.tune_images`` / ``cfg.tune_sources``) and rewrite its ``config.json`` (atomically); the
     weights file is not touched. Settings of a task without tuning images are kept."""
+    from ..atomic import atomic_path
     from ..network import load_model
+    from ..network.io import CONFIG_FILE
 
     folder = Path(cfg.output_model) if cfg.output_model is not None else None
-    if folder is None or not (folder / "config.json").is_file():
+    if folder is None or not (folder / CONFIG_FILE).is_file():
         raise InputError(f"no model folder at {cfg.output_model} to re-tune")
     model = load_model(folder)  # for inference (BatchNorm folded): only its maps are used
     tuned = tune_on_training_images(cfg, model)
-    config = ModelConfig.from_json((folder / "config.json").read_text())
+    config = ModelConfig.from_json((folder / CONFIG_FILE).read_text())  # as written: not the loaded model's
     extra = dict(config.extra)
     extra["postprocess"] = {**dict(extra.get("postprocess") or {}), **tuned["postprocess"]}
     training = dict(extra.get("training") or {})
@@ -569,13 +571,8 @@ def retune_model(cfg: TrainConfig) -> Path:
     if "postprocess_tuning" in training:
         record["previous"] = training["postprocess_tuning"]  # the tuning this one replaces
     training["postprocess_tuning"] = record
-    text = config.replace(extra=extra | {"training": training}).to_json() + "\n"
-    tmp = folder / "config.json.tmp"
-    try:
-        tmp.write_text(text)
-        os.replace(tmp, folder / "config.json")
-    except OSError as exc:
-        raise ModelError(f"cannot write {folder / 'config.json'}: {exc.strerror or exc}") from None
+    with atomic_path(folder / CONFIG_FILE) as tmp:
+        tmp.write_text(config.replace(extra=extra | {"training": training}).to_json() + "\n")
     logger.info("re-tuned %s: %s", folder, tuned["postprocess"])
     return folder
 

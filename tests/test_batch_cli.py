@@ -71,11 +71,13 @@ def test_options_pass_through(fakes: Path, slides: Path, tmp_path: Path) -> None
     manifest.write_text(f"path,id,mpp\n{slides / 'a.svs'},case-a,0.25\n")
     out = tmp_path / "out"
     result = CliRunner().invoke(cli, ["batch", str(manifest), "-o", str(out), "--model", "tiny", "--device", "cpu", "--precision", "fp32",
-                                      "--batch-size", "3", "--tile-size", "128", "--tta", "4", "--no-objects", "--no-tissue-mask", "-q"])
+                                      "--batch-size", "3", "--tile-size", "128", "--tta", "4", "--no-objects", "--no-tissue-mask",
+                                      "--postprocess", "nuclei_split_h=0", "-q"])
     assert result.exit_code == 0, result.output
     run = json.loads((out / "case-a" / "a" / "run.json").read_text())
     assert run["mpp"] == 0.25 and run["model"] == "tiny" and run["device"] == "cpu"
-    assert run["options"] == {"batch_size": 3, "objects": False, "precision": "fp32", "tile_size": 128, "tissue_mask": False, "tta": 4, "workers": None}
+    assert run["options"] == {"batch_size": 3, "objects": False, "precision": "fp32", "tile_size": 128, "tissue_mask": False, "tta": 4, "workers": None,
+                              "postprocess": {"nuclei_split_h": 0.0}}
 
 
 def test_shard_option_and_job_array_environment(fakes: Path, slides: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -114,6 +116,7 @@ def test_bad_options_are_usage_errors(fakes: Path, slides: Path, tmp_path: Path,
         (["--scheduler", "tcp://127.0.0.1:1"], "--scheduler needs --executor dask"),
         (["--device", "tpu"], "unknown device 'tpu'"),
         (["--executor", "slurm", "--walltime", "soon"], "walltime 'soon'"),
+        (["--postprocess", "nuclei_split_hh=0"], "unknown post-processing setting 'nuclei_split_hh'"),
     ],
 )
 def test_inconsistent_options_are_input_errors(fakes: Path, slides: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str], args: list[str], message: str) -> None:

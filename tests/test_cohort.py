@@ -273,12 +273,17 @@ def test_options_mpp_and_ids_reach_the_slide_function(cohort: Path, tmp_path: Pa
     manifest = cohort / "m.csv"
     manifest.write_text("slide,id,mpp\na.svs,case-1,0.5\nb.svs,,\n")
     out = tmp_path / "out"
-    options = SegmentOptions(model="tiny", device="cpu", batch_size=3, tile_size=64, objects=False, tissue_mask=False)
+    options = SegmentOptions(model="tiny", device="cpu", batch_size=3, tile_size=64, objects=False, tissue_mask=False,
+                             postprocess=(("nuclei_split_h", "0"), ("gland_downsample", "2")))
     result = run_batch([manifest], out, options=options, progress=False, **FAKES)
     assert result.exit_code == 0
     run_a = json.loads((out / "case-1" / "a" / "run.json").read_text())  # no name= support: OUT/<id>/<stem>
     assert run_a["mpp"] == 0.5 and run_a["model"] == "tiny" and run_a["device"] == "cpu"
-    assert run_a["options"] == {"batch_size": 3, "objects": False, "precision": "auto", "tile_size": 64, "tissue_mask": False, "tta": 1, "workers": None}
+    assert run_a["options"] == {"batch_size": 3, "objects": False, "precision": "auto", "tile_size": 64, "tissue_mask": False, "tta": 1, "workers": None,
+                                "postprocess": {"nuclei_split_h": 0.0, "gland_downsample": 2}}  # checked and typed once, before any slide
+    with pytest.raises(InputError, match="unknown post-processing setting 'nuclei_split'"):
+        run_batch([manifest], tmp_path / "bad", options=SegmentOptions(postprocess=(("nuclei_split", 1),)), progress=False, **FAKES)
+    assert not (tmp_path / "bad").exists()
     assert json.loads((out / "b" / "run.json").read_text())["mpp"] is None
     assert result.outcomes[0].result_dir == str(out / "case-1" / "a")
     assert log_lines(call_log, "load") == [["tiny", "cpu", str(os.getpid()), str(threading.get_ident())]]

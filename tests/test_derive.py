@@ -69,9 +69,9 @@ def make_result_dir(tmp_path: Path, *, width: int = 4000, height: int = 3000, sl
 
 
 def fake_extract(n: int = 600, *, width: int = 4000, height: int = 3000, calls: list | None = None, fail_after: int | None = None):
-    def extract_objects(predictions_path: Path, *, workers: int = 1, tasks: tuple[str, ...] | None = None) -> Iterator[ObjectBatch]:
+    def extract_objects(predictions_path: Path, *, workers: int = 1, tasks: tuple[str, ...] | None = None, params: Any = None) -> Iterator[ObjectBatch]:
         if calls is not None:
-            calls.append({"path": Path(predictions_path), "workers": workers, "tasks": tasks})
+            calls.append({"path": Path(predictions_path), "workers": workers, "tasks": tasks, "params": params})
         extent = min(width, height)
         for i, batch in enumerate(synthetic_batches(n, batch_size=200, tasks=ALL_TASKS, extent_px=extent, seed=1)):
             if fail_after is not None and i >= fail_after:
@@ -96,7 +96,7 @@ def test_derive_writes_everything_and_updates_run_json(result_dir: Path, monkeyp
     calls: list[dict[str, Any]] = []
     monkeypatch.setattr(postprocess, "extract_objects", fake_extract(calls=calls), raising=False)
     summary = derive_objects(result_dir, workers=2)
-    assert calls == [{"path": result_dir / "predictions.zarr", "workers": 2, "tasks": None}]
+    assert calls == [{"path": result_dir / "predictions.zarr", "workers": 2, "tasks": None, "params": postprocess.PostprocessParams()}]
     info = read_table_info(result_dir / "objects.parquet")
     assert summary["rows"] == info["rows"] == 600
     assert summary["objects"] == info["counts"] and set(summary["objects"]) == set(ALL_TASKS)

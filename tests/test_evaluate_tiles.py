@@ -64,6 +64,24 @@ def test_tta_is_applied_and_recorded(tmp_path):
     assert res.exit_code == 2 and "--tta" in res.output
 
 
+def test_postprocess_overrides_are_applied_and_recorded(tmp_path, capsys):
+    tiles = _tile_dir(tmp_path / "tiles")
+    got = {}
+    for name, extra in (("own", []), ("huge", ["--postprocess", "nuclei_min_area_px=100000"])):
+        out = tmp_path / f"{name}.json"
+        res = CliRunner().invoke(cli, ["evaluate", "--tiles", str(tiles), "--task", "nuclei", "--mpp", "0.5", "--json", str(out), "--no-progress", *extra],
+                                 catch_exceptions=False)
+        assert res.exit_code == 0, res.output
+        got[name] = json.loads(out.read_text())
+    assert "postprocess_overrides" not in got["own"] and got["huge"]["postprocess_overrides"] == {"nuclei_min_area_px": 100000.0}
+    assert got["own"]["nuclei"]["errors"]["n_pred"] > 0 and got["huge"]["nuclei"]["errors"]["n_pred"] == 0  # every object is now too small
+    with pytest.raises(SystemExit) as exc:
+        main(["evaluate", "--tiles", str(tiles), "--task", "nuclei", "--mpp", "0.5", "--postprocess", "nuclei_min_areas=3"])
+    assert exc.value.code != 0
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "unknown post-processing setting 'nuclei_min_areas'" in err[0]
+
+
 def test_tissue_tiles_need_known_labels(tmp_path):
     root = tmp_path / "tissue"
     root.mkdir()

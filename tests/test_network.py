@@ -707,7 +707,7 @@ def test_fine_branches_round_trip_through_a_model_folder(tmp_path: Path) -> None
 
 def test_private_shallow_encoders_copy_the_shared_one_and_then_move_only_their_decoder() -> None:
     plain = calibrated("wsimtl_small", seed=3)
-    for stages in (1, 2, 3):
+    for stages in (1, 2, 3, 4):
         config = plain.config.replace(arch_params=dataclasses.replace(plain.config.arch_params, private_decoders=("Nuclei",), private_stages=stages))
         own = create_model(config, seed=5)
         private = own.private_encoder["Nuclei"]
@@ -716,5 +716,5 @@ def test_private_shallow_encoders_copy_the_shared_one_and_then_move_only_their_d
         state |= {f"private_encoder.Nuclei.{k}": state[f"backbone.{k}"] for k in private.state_dict()}
         own.load_state_dict(state)
         only_nuclei_moves(plain, own.eval(), lambda: torch.nn.init.normal_(private.conv1.weight, std=0.1), 1e-3)
-    with pytest.raises(ModelError, match="private_stages must be 1, 2 or 3"):
-        dataclasses.replace(plain.config.arch_params, private_stages=4)
+    with pytest.raises(ModelError, match="private_stages must be 1, 2, 3 or 4"):
+        dataclasses.replace(plain.config.arch_params, private_stages=5)

@@ -452,3 +452,19 @@ def test_chunked_glands_and_lumen_equal_whole_on_a_coarser_grid(tmp_path, gland_
     store = write_predictions(tmp_path, maps, core_px=64)
     chunked = concat_batches(list(extract_objects(store, chunk_px=64, params=params)))
     _assert_same_objects(whole, chunked)
+
+
+def test_overrides_are_checked_and_typed_as_their_fields() -> None:
+    from wsi_mtl.postprocess import check_overrides
+
+    got = check_overrides({"nuclei_split_h": "0", "gland_halo_px": "512", "simplify_px": 1})
+    assert got == {"nuclei_split_h": 0.0, "gland_halo_px": 512, "simplify_px": 1.0}
+    assert isinstance(got["gland_halo_px"], int) and isinstance(got["nuclei_split_h"], float)
+    params = PostprocessParams(nuclei_marker_threshold=0.6).with_overrides({"nuclei_mask_threshold": 0.3})
+    assert (params.nuclei_marker_threshold, params.nuclei_mask_threshold) == (0.6, 0.3)
+    assert check_overrides(None) == {}
+    for bad, match in ((("nuclei_spilt_h", 1), "unknown post-processing setting 'nuclei_spilt_h'; known: nuclei_min_area_px"),
+                       (("nuclei_split_h", "a"), "must be a number"), (("nuclei_split_h", "nan"), "finite"),
+                       (("gland_downsample", 0), ">= 1"), (("tissue_min_area_px", 2.5), "whole number")):
+        with pytest.raises(InputError, match=match):
+            check_overrides(dict([bad]))

@@ -82,6 +82,25 @@ def test_segment_with_objects_lists_every_file(svs_jpeg, tmp_path):
     again = wsimtl("segment", str(svs_jpeg), "-o", str(tmp_path), "--quiet")
     assert again.returncode == 0
     assert json.loads((result / "run.json").read_text())["created"] == run["created"]
+    assert run["postprocess"]["overrides"] == {} and run["postprocess"]["settings"]["nuclei_split_h"] > 0  # the model's tuned settings
+    # post-processing overrides on a complete result re-derive the objects from the stored maps
+    nuclei = sum(run["objects"]["nuclei"].values())
+    assert nuclei > 0
+    big = wsimtl("segment", str(svs_jpeg), "-o", str(tmp_path), "--quiet", "--postprocess", "nuclei_min_area_px=100000", "--postprocess", "nuclei_split_h=0")
+    assert big.returncode == 0, big.stderr
+    bigger = json.loads((result / "run.json").read_text())
+    assert bigger["created"] == run["created"] and bigger["status"] == "complete"  # no network pass
+    assert sum(bigger["objects"].get("nuclei", {}).values()) == 0
+    assert bigger["postprocess"]["overrides"] == {"nuclei_min_area_px": 100000.0, "nuclei_split_h": 0.0}
+    assert bigger["postprocess"]["settings"]["nuclei_min_area_px"] == 100000.0
+    # `export` takes them too; without any, the model's own settings come back
+    cut = wsimtl("export", str(result), "--quiet", "--postprocess", "nuclei_split_h=0")
+    assert cut.returncode == 0, cut.stderr
+    assert json.loads((result / "run.json").read_text())["postprocess"]["overrides"] == {"nuclei_split_h": 0.0}
+    back = wsimtl("segment", str(svs_jpeg), "-o", str(tmp_path), "--quiet")
+    assert back.returncode == 0, back.stderr
+    restored = json.loads((result / "run.json").read_text())
+    assert restored["objects"] == run["objects"] and restored["postprocess"] == run["postprocess"]
 
 
 @pytest.mark.slow
@@ -174,6 +193,16 @@ def test_mismatching_weights(svs_jpeg, tmp_path):
     save_file(weights, folder / "weights.safetensors")
     proc = wsimtl("segment", str(svs_jpeg), "-o", str(tmp_path / "out"), "--model", str(folder), *FAST)
     assert_one_line_error(proc, key)
+
+
+@pytest.mark.parametrize(("setting", "fragment"), [("nuclei_split=1", "unknown post-processing setting 'nuclei_split'"),
+                                                    ("nuclei_split_h", "KEY=VALUE"),
+                                                    ("nuclei_split_h=-1", "finite number >= 0"),
+                                                    ("gland_halo_px=1.5", "whole number")])
+def test_bad_postprocess_setting_fails_before_the_network_runs(svs_jpeg, tmp_path, setting, fragment):
+    proc = wsimtl("segment", str(svs_jpeg), "-o", str(tmp_path), "--quiet", "--postprocess", setting)
+    assert_one_line_error(proc, fragment)
+    assert not (tmp_path / svs_jpeg.stem).exists()
 
 
 def test_neither_slide_nor_sample(tmp_path):

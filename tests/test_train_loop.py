@@ -401,6 +401,23 @@ def test_a_run_can_add_a_fine_branch_and_keeps_the_fine_branches_of_its_weights(
         torch.testing.assert_close(got[f"private_encoder.Nuclei.{key}"], got[f"backbone.{key}"], rtol=0, atol=0)
     resumed = _initial_config(load_config(path), grown.state_dict()).arch_params
     assert (resumed.private_decoders, resumed.private_stages, resumed.fine_channels) == (("Nuclei",), 3, 8)
+    # a private encoder grown by one stage keeps its trained stages and copies the new one (layer3)
+    # from the shared encoder
+    for k, v in grown.private_encoder["Nuclei"].state_dict().items():
+        if v.is_floating_point():
+            v.add_(0.25)  # as if trained: no longer equal to the shared copy
+    save_model(grown, tmp_path / "private3")
+    deeper = _initial_config(load_config(path, init_from=str(tmp_path / "private3"), arch_params={"private_stages": 4}))
+    assert deeper.arch_params.private_stages == 4
+    grown4 = create_model(deeper, seed=0)
+    load_initial_weights(grown4, tmp_path / "private3")
+    got4, src = grown4.state_dict(), grown.state_dict()
+    for key in ("layer3.0.conv1.weight", "layer3.1.bn2.running_mean"):
+        torch.testing.assert_close(got4[f"private_encoder.Nuclei.{key}"], got4[f"backbone.{key}"], rtol=0, atol=0)
+    for key in ("layer2.0.conv1.weight", "layer1.1.bn2.running_var"):
+        torch.testing.assert_close(got4[f"private_encoder.Nuclei.{key}"], src[f"private_encoder.Nuclei.{key}"])
+        assert not torch.equal(got4[f"private_encoder.Nuclei.{key}"], got4[f"backbone.{key}"])
+    assert _initial_config(load_config(path), got4).arch_params.private_stages == 4
     with pytest.raises(InputError, match="private_decoders .* do not fit"):
         _initial_config(load_config(path, arch_params={"private_decoders": ["Glands"]}))
 

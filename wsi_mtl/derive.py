@@ -12,7 +12,8 @@ import math
 import os
 import shutil
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
@@ -223,6 +224,7 @@ def derive_objects(
     progress: bool = False,
     tasks: Iterable[str] | None = None,
     tissue_map: bool = True,
+    postprocess: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Post-process a finished ``predictions.zarr`` into objects and write every export.
 
@@ -230,7 +232,8 @@ def derive_objects(
     ``.geojson`` (``.geojson.gz`` with ``geojson_gz``), ``preview.png`` and (``tissue_map``)
     ``predictions.zarr/tissue_classes``, then updates ``run.json``: ``objects``
     (``{task: {class_name: count}}``), ``files`` (relative paths with bytes) and
-    ``timings_s.objects`` / ``timings_s.export``. Every file is written atomically.
+    ``timings_s.objects`` / ``timings_s.export``, and ``postprocess`` (the settings used and the
+    user's overrides). Every file is written atomically.
 
     Parameters
     ----------
@@ -249,6 +252,10 @@ def derive_objects(
         Tasks to extract (all by default).
     tissue_map : bool, default True
         Store the tissue class map in predictions.zarr.
+    postprocess : mapping, optional
+        Post-processing settings (:class:`~wsi_mtl.postprocess.PostprocessParams` field -> number)
+        that replace the model's tuned ones recorded in the store, e.g. ``{"nuclei_split_h": 0}``;
+        unknown names and bad values are an :class:`~wsi_mtl.errors.InputError`.
 
     Returns
     -------
@@ -272,10 +279,12 @@ def derive_objects(
     run = _read_run(result_dir)
     mpp, width, height = _slide_geometry(attrs, run, predictions)
     from .export import write_geojson_files, write_preview, write_table
-    from .postprocess import extract_objects
+    from .postprocess import PostprocessParams, check_overrides, extract_objects
 
+    overrides = check_overrides(postprocess)
+    params = replace(PostprocessParams.from_mapping(attrs.get("postprocess")), **overrides)
     t_start = time.perf_counter()
-    kwargs: dict[str, Any] = {"workers": workers}
+    kwargs: dict[str, Any] = {"workers": workers, "params": params}
     if tasks is not None:
         kwargs["tasks"] = tuple(tasks)
     batches = _Timed(extract_objects(predictions, **kwargs))
@@ -312,6 +321,7 @@ def derive_objects(
             f["bytes"] = _size(result_dir / PREDICTIONS)
     timings = {"objects": round(objects_s, 3), "export": round(export_s, 3)}
     run["objects"] = table.counts
+    run["postprocess"] = {"settings": asdict(params), "overrides": overrides}
     run["files"] = files + entries
     run.setdefault("timings_s", {}).update(timings)
     write_json_atomic(result_dir / RUN_JSON, run)

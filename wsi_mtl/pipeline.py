@@ -8,6 +8,7 @@ import logging
 import math
 import platform
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -137,6 +138,7 @@ def segment_slide(
     progress: bool = True,
     name: str | None = None,
     tta: int = 1,
+    postprocess: Mapping[str, Any] | None = None,
 ) -> SlideResult:
     """Run the multi-task network over one slide and write its results to ``out_dir/<stem>/``.
 
@@ -167,6 +169,11 @@ def segment_slide(
     tta : int
         Test-time augmentation: average the maps over 1 (off), 2, 4 or 8 dihedral views of every
         tile, at one network pass per view.
+    postprocess : mapping, optional
+        Post-processing settings that replace the model's tuned ones
+        (:class:`~wsi_mtl.postprocess.PostprocessParams` field -> number, e.g.
+        ``{"nuclei_split_h": 0}``), checked before anything runs. A complete result whose objects
+        were made with other overrides gets its objects re-derived from the stored maps.
 
     Returns
     -------
@@ -174,15 +181,21 @@ def segment_slide(
         The result folder and the contents of its run.json.
     """
     from .network import load_model
+    from .postprocess import check_overrides
     from .slide import open_slide
 
     t_start = time.perf_counter()
     timings: dict[str, float] = {}
+    overrides = check_overrides(postprocess)
     slide_path = Path(slide_path)
     result_dir = result_dir_for(slide_path, out_dir, name=name)
     if not overwrite and is_complete(result_dir):
-        log.info("%s is already complete; nothing to do (use overwrite to recompute)", result_dir)
-        return SlideResult(result_dir, read_run(result_dir) or {})
+        done = read_run(result_dir) or {}
+        if not objects or dict((done.get("postprocess") or {}).get("overrides") or {}) == overrides:
+            log.info("%s is already complete; nothing to do (use overwrite to recompute)", result_dir)
+            return SlideResult(result_dir, done)
+        log.info("%s is complete; re-deriving its objects with post-processing overrides %s", result_dir, overrides)
+        return _derive_and_finish(result_dir, done, objects=True, overrides=overrides, progress=progress, geojson_gz=geojson_gz, t_start=t_start)
 
     t0 = time.perf_counter()
     slide = open_slide(slide_path, mpp=mpp)
@@ -286,10 +299,16 @@ def segment_slide(
                           dev=dev, amp=amp, batch_size=batch_size, workers=workers, progress=progress, tta=tta,
                           tissue_mask=tissue_mask, objects=objects, mpp=mpp, timings=timings)
 
+    return _derive_and_finish(result_dir, run, objects=objects, overrides=overrides, progress=progress, geojson_gz=geojson_gz, t_start=t_start)
+
+
+def _derive_and_finish(result_dir: Path, run: dict[str, Any], *, objects: bool, overrides: Mapping[str, Any], progress: bool,
+                       geojson_gz: bool, t_start: float) -> SlideResult:
+    """Objects and exports from the finished maps (``objects``), then run.json marked complete."""
     if objects:
         from .derive import derive_objects
 
-        derive_objects(result_dir, workers=cpu_count(), progress=progress, geojson_gz=geojson_gz)
+        derive_objects(result_dir, workers=cpu_count(), progress=progress, geojson_gz=geojson_gz, postprocess=overrides)
         run = read_run(result_dir) or run
     run["status"] = "complete"
     run.setdefault("timings_s", {})["total"] = round(time.perf_counter() - t_start, 3)

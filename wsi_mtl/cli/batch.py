@@ -7,6 +7,7 @@ from pathlib import Path
 import click
 
 from ..errors import InputError
+from ._options import parse_settings, postprocess_option
 
 
 def _devices(ctx: click.Context, param: click.Parameter, value: str | None) -> list[str] | None:
@@ -57,11 +58,12 @@ def _shard(ctx: click.Context, param: click.Parameter, value: str | None) -> tup
 @click.option("--job-prologue", multiple=True, help="slurm: shell line run before each worker starts (repeatable), e.g. 'module load cuda'.")
 @click.option("--shard", callback=_shard, default=None, help="i/n: only every n-th slide of the sorted list, from the i-th (default: from SLURM_ARRAY_TASK_ID/COUNT).")
 @click.option("--lock-timeout", type=click.FloatRange(min=1.0), default=600.0, show_default=True, help="Seconds without a heartbeat after which a slide lock is stale (its worker died) and is taken over.")
+@postprocess_option
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar or summary lines.")
 def batch(inputs: tuple[str, ...], out_dir: Path, model: str | None, device: str, precision: str, batch_size: int | None, tta: str, tile_size: int | None,
           no_tissue_mask: bool, no_objects: bool, executor: str, devices: list[str] | None, scheduler: str | None, workers: int | None,
           partition: str | None, account: str | None, walltime: str, memory: str, cores: int, gpus_per_job: int, jobs: int,
-          interface: str | None, job_prologue: tuple[str, ...], shard: tuple[int, int] | None, lock_timeout: float, quiet: bool) -> None:
+          interface: str | None, job_prologue: tuple[str, ...], shard: tuple[int, int] | None, lock_timeout: float, postprocess: tuple[str, ...], quiet: bool) -> None:
     """Segment every slide of INPUTS into OUT/<id>/, skipping finished ones; exit 3 if some failed.
 
     INPUTS are slide files, folders, glob patterns ('tcga/**/*.svs') or CSV manifests (a 'slide' or
@@ -75,7 +77,8 @@ def batch(inputs: tuple[str, ...], out_dir: Path, model: str | None, device: str
     if scheduler and executor != "dask":
         raise InputError("--scheduler needs --executor dask")
     options = SegmentOptions(model=model, device=device, precision=precision, batch_size=batch_size, tile_size=tile_size,
-                             tissue_mask=not no_tissue_mask, objects=not no_objects, tta=int(tta))
+                             tissue_mask=not no_tissue_mask, objects=not no_objects, tta=int(tta),
+                             postprocess=tuple(parse_settings(postprocess).items()))
     slurm = SlurmOptions(partition=partition, account=account, walltime=walltime, memory=memory, cores=cores,
                          gpus_per_job=gpus_per_job, jobs=jobs, interface=interface, prologue=tuple(job_prologue))
     result = run_batch(inputs, out_dir, options=options, executor=executor, devices=devices, scheduler=scheduler,  # type: ignore[arg-type]

@@ -6,6 +6,8 @@ from pathlib import Path
 
 import click
 
+from ._options import parse_settings, postprocess_option
+
 _REPO_CONFIG = Path("configs") / "wsimtl-small.yaml"
 
 
@@ -27,10 +29,12 @@ _REPO_CONFIG = Path("configs") / "wsimtl-small.yaml"
 @click.option("--bf16/--no-bf16", default=True, show_default=True, help="bfloat16 autocast on CPU.")
 @click.option("--tta", type=click.Choice(["1", "2", "4", "8"]), default="1", show_default=True, help="Test-time augmentation views, as `wsimtl segment --tta`.")
 @click.option("--threads", type=click.IntRange(min=1), default=None, help="torch CPU threads.")
+@postprocess_option
 @click.option("--progress/--no-progress", default=True, help="Show progress bars.")
 def evaluate(model_name: str | None, config: Path | None, split_path: Path | None, data_root: Path | None, tasks: str,
              tiles_dir: Path | None, tile_task: str | None, mpp: float | None, head: str | None,
-             json_path: Path | None, per_image: bool, bf16: bool, tta: str, threads: int | None, progress: bool) -> None:
+             json_path: Path | None, per_image: bool, bf16: bool, tta: str, threads: int | None, postprocess: tuple[str, ...],
+             progress: bool) -> None:
     """Score a model: nuclei Dice/AJI/PQ, GlaS gland object F1/Dice/Hausdorff, nuclear type F1, tissue accuracy.
 
     By default on the held-out validation split of the training data; with --tiles on your own
@@ -42,10 +46,12 @@ def evaluate(model_name: str | None, config: Path | None, split_path: Path | Non
     from ..network import load_model
     from ..train import evaluate_split, load_config, load_split
 
+    overrides = parse_settings(postprocess)
     if threads:
         torch.set_num_threads(threads)
     if tiles_dir is not None:
-        result = _evaluate_tiles(model_name, tiles_dir, tile_task, mpp, head, bf16=bf16, progress=progress, per_image=per_image, tta=int(tta))
+        result = _evaluate_tiles(model_name, tiles_dir, tile_task, mpp, head, bf16=bf16, progress=progress, per_image=per_image, tta=int(tta),
+                                 overrides=overrides)
         _report(result, json_path)
         return
     if config is None and _REPO_CONFIG.exists():
@@ -57,15 +63,30 @@ def evaluate(model_name: str | None, config: Path | None, split_path: Path | Non
         raise InputError("no split or data folder: pass --config, or --split and --data-root")
     task_list = [t.strip() for t in tasks.split(",") if t.strip()]
     model = load_model(model_name)
+    params = _params(model, overrides)
     result = evaluate_split(model, data_root=Path(root), split=load_split(split_file), source_mpp=cfg.source_mpp if cfg else None,
-                            tasks=task_list, bf16=bf16, progress=progress, per_image=per_image, tta=int(tta))
+                            tasks=task_list, bf16=bf16, progress=progress, per_image=per_image, tta=int(tta), params=params)
     result = {"model": model.config.name, "trained": model.config.trained, "weights_sha256": model.config.weights_sha256,
-              "split": str(split_file), "data_root": str(root), "tta": int(tta), **result}
+              "split": str(split_file), "data_root": str(root), "tta": int(tta), **_overridden(overrides), **result}
     _report(result, json_path)
 
 
+def _params(model: object, overrides: dict[str, str]) -> object:
+    """The model's post-processing settings with the user's overrides (checked: InputError)."""
+    from ..train._postprocess import params_of
+
+    return params_of(model).with_overrides(overrides)
+
+
+def _overridden(overrides: dict[str, str]) -> dict:
+    """``{"postprocess_overrides": ...}`` for the JSON where the user gave any."""
+    from ..postprocess import check_overrides
+
+    return {"postprocess_overrides": check_overrides(overrides)} if overrides else {}
+
+
 def _evaluate_tiles(model_name: str | None, tiles_dir: Path, task: str | None, mpp: float | None, head: str | None, *,
-                    bf16: bool, progress: bool, per_image: bool, tta: int = 1) -> dict:
+                    bf16: bool, progress: bool, per_image: bool, tta: int = 1, overrides: dict[str, str] | None = None) -> dict:
     from ..errors import InputError
     from ..network import load_model
     from ..train import evaluate_sources
@@ -82,9 +103,10 @@ def _evaluate_tiles(model_name: str | None, tiles_dir: Path, task: str | None, m
         raise InputError(f"--task tissue needs --head, one of {patch}")
     names = list(heads[head].class_names) if task == "tissue" and head else []
     data, truth = load_tiles(tiles_dir, task=task, mpp=mpp, model_mpp=float(model.config.mpp), head=head, class_names=names)
-    result = evaluate_sources(model, data, gland_truth=truth or None, bf16=bf16, progress=progress, per_image=per_image, tta=tta)
+    params = _params(model, overrides or {})
+    result = evaluate_sources(model, data, gland_truth=truth or None, bf16=bf16, progress=progress, per_image=per_image, tta=tta, params=params)
     return {"model": model.config.name, "trained": model.config.trained, "weights_sha256": model.config.weights_sha256,
-            "tiles": str(tiles_dir), "mpp": mpp, "tta": tta, **result}
+            "tiles": str(tiles_dir), "mpp": mpp, "tta": tta, **_overridden(overrides or {}), **result}
 
 
 def _report(result: dict, json_path: Path | None) -> None:

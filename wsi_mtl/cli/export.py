@@ -6,17 +6,20 @@ from pathlib import Path
 
 import click
 
+from ._options import parse_settings, postprocess_option
+
 
 @click.command("export")
 @click.argument("result_dir", type=click.Path(path_type=Path, file_okay=False))
 @click.option("--workers", type=click.IntRange(min=1), default=1, show_default=True, help="Processes for post-processing and GeoJSON formatting.")
 @click.option("--geojson-gz", is_flag=True, help="Write gzipped GeoJSON (.geojson.gz) instead of plain .geojson.")
+@postprocess_option
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar or summary.")
-def export(result_dir: Path, workers: int, geojson_gz: bool, quiet: bool) -> None:
+def export(result_dir: Path, workers: int, geojson_gz: bool, postprocess: tuple[str, ...], quiet: bool) -> None:
     """Re-derive objects from RESULT_DIR/predictions.zarr and rewrite the table, GeoJSON and preview."""
     from ..derive import derive_objects
 
-    summary = derive_objects(result_dir, workers=workers, geojson_gz=geojson_gz, progress=not quiet)
+    summary = derive_objects(result_dir, workers=workers, geojson_gz=geojson_gz, progress=not quiet, postprocess=parse_settings(postprocess))
     if quiet:
         return
     click.echo(f"results: {result_dir}")

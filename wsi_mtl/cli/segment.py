@@ -7,6 +7,7 @@ from pathlib import Path
 import click
 
 from ..errors import InputError
+from ._options import parse_settings, postprocess_option
 
 
 @click.command("segment")
@@ -26,10 +27,11 @@ from ..errors import InputError
 @click.option("--no-objects", is_flag=True, help="Stop at the maps (no polygons, tables or GeoJSON).")
 @click.option("--geojson-gz", is_flag=True, help="Also write gzipped GeoJSON.")
 @click.option("--overwrite", is_flag=True, help="Recompute even if a complete result exists.")
+@postprocess_option
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar or summary.")
 def segment(slide: Path | None, out_dir: Path, sample: bool, model: str | None, mpp: float | None, device: str, precision: str,
             batch_size: int | None, tta: str, tile_size: int | None, margin: int | None, workers: int | None, no_tissue_mask: bool,
-            no_objects: bool, geojson_gz: bool, overwrite: bool, quiet: bool) -> None:
+            no_objects: bool, geojson_gz: bool, overwrite: bool, postprocess: tuple[str, ...], quiet: bool) -> None:
     """Segment nuclei, glands and lumen and map tissue types in SLIDE; results go to OUT/<slide name>/."""
     from ..pipeline import segment_slide
 
@@ -42,7 +44,7 @@ def segment(slide: Path | None, out_dir: Path, sample: bool, model: str | None, 
     result = segment_slide(
         slide, out_dir, model=model, mpp=mpp, device=device, precision=precision, batch_size=batch_size,
         tile_size=tile_size, margin=margin, workers=workers, tissue_mask=not no_tissue_mask, objects=not no_objects,
-        geojson_gz=geojson_gz, overwrite=overwrite, progress=not quiet, tta=int(tta),
+        geojson_gz=geojson_gz, overwrite=overwrite, progress=not quiet, tta=int(tta), postprocess=parse_settings(postprocess),
     )
     if quiet:
         return

@@ -6,11 +6,12 @@ import logging
 import os
 import time
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal
 
 from ..errors import InputError, OutputError, WsimtlError
+from ..postprocess import check_overrides
 from ._executors import DaskExecutor, DevicePoolExecutor, Executor, LocalExecutor, SlurmOptions
 from ._locks import LockFile, _validate_times
 from ._manifest import SlideTask, collect_slides, take_shard
@@ -209,6 +210,8 @@ def run_batch(
     if shard is not None:
         tasks = take_shard(tasks, *shard)
         log.info("shard %d/%d: %d slides", shard[0], shard[1], len(tasks))
+    options = options or SegmentOptions()
+    options = replace(options, postprocess=tuple(check_overrides(dict(options.postprocess)).items()))  # bad names fail here, not per slide
     out = Path(out_dir).absolute()
     try:
         out.mkdir(parents=True, exist_ok=True)
@@ -216,7 +219,7 @@ def run_batch(
         raise OutputError(f"cannot create the output folder {out}: {exc.strerror}") from exc
     job = BatchJob(
         out_dir=out,
-        options=options or SegmentOptions(),
+        options=options,
         stale_after_s=lock_timeout_s,
         heartbeat_s=heartbeat_s,
         started_at=time.time(),

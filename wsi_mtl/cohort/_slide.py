@@ -31,7 +31,9 @@ class SegmentOptions:
 
     ``model`` is a model name or path (loaded once per worker), ``device`` ``"auto"``, ``"cpu"``,
     ``"cuda"``, ``"cuda:1"`` or ``"mps"``, ``precision`` ``"auto"``, ``"fp32"``, ``"bf16"`` or
-    ``"fp16"``, ``tta`` the test-time augmentation views (1 = off); None keeps the pipeline's default.
+    ``"fp16"``, ``tta`` the test-time augmentation views (1 = off), ``postprocess`` (name, value)
+    pairs that replace the model's post-processing settings (``segment_slide(postprocess=...)``);
+    None keeps the pipeline's default.
     """
 
     model: str | None = None
@@ -43,6 +45,7 @@ class SegmentOptions:
     tissue_mask: bool = True
     objects: bool = True
     tta: int = 1
+    postprocess: tuple[tuple[str, float | int], ...] = ()
 
 
 SegmentFn = Callable[..., Any]
@@ -313,6 +316,7 @@ def _segment(
             tissue_mask=options.tissue_mask,
             objects=options.objects,
             tta=options.tta,
+            postprocess=dict(options.postprocess),
             progress=False,
             **extra,
         )

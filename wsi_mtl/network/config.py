@@ -78,8 +78,9 @@ class ArchParams:
         shared encoder (the deep stages and ``x4`` stay shared): low-level features a task can
         fine-tune without changing the others. A new copy starts as the shared weights.
     private_stages
-        How many shallow outputs the private copies compute: 1 = the stem (``x0``), 2 = stem and
-        ``layer1`` (``x0``, ``x1``), 3 = also ``layer2`` (``x2``).
+        How many encoder outputs the private copies compute: 1 = the stem (``x0``), 2 = stem and
+        ``layer1`` (``x0``, ``x1``), 3 = also ``layer2`` (``x2``), 4 = also ``layer3`` (``x3``).
+        ``x4`` (and the decoder's start from it) always stays shared.
     head_hidden
         Hidden channels of the 1x1 output heads (Cerberus: 96).
     patch_hidden
@@ -132,8 +133,8 @@ class ArchParams:
             raise ModelError("fine_decoders need stem_stride 2 and full_res 'refine'")
         if self.fine_channels < 1:
             raise ModelError(f"fine_channels must be >= 1, got {self.fine_channels}")
-        if not 1 <= self.private_stages <= 3:
-            raise ModelError(f"private_stages must be 1, 2 or 3, got {self.private_stages}")
+        if not 1 <= self.private_stages <= 4:
+            raise ModelError(f"private_stages must be 1, 2, 3 or 4, got {self.private_stages}")
 
     @property
     def output_stride(self) -> int:

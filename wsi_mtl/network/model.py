@@ -428,7 +428,7 @@ class MultiTaskNet(nn.Module):
             if head.decoder not in decoded:
                 own = skips
                 if head.decoder in self.private_encoder:
-                    shallow = self.private_encoder[head.decoder](x)  # x0, x1[, x2]
+                    shallow = self.private_encoder[head.decoder](x)  # x0 .. x(private_stages - 1)
                     own = [*skips[: 4 - len(shallow)], *reversed(shallow), *skips[4:]]
                 decoded[head.decoder] = self.decoder_head[head.decoder](start, own)
             if self._refine:

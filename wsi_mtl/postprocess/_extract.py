@@ -60,6 +60,7 @@ from wsi_mtl.postprocess._tissue import _finish_regions, _tissue_parts, tissue_c
 
 __all__ = [
     "PostprocessParams",
+    "check_overrides",
     "HaloTooSmallError",
     "MapsMeta",
     "HeadMeta",
@@ -137,6 +138,39 @@ class PostprocessParams:
         if unknown:
             log.warning("ignoring unknown post-processing settings %s", unknown)
         return cls(**{k: kinds[k](v) for k, v in values.items() if k in kinds})
+
+    def with_overrides(self, overrides: Mapping[str, Any] | None) -> PostprocessParams:
+        """These settings with a user's ``overrides`` (field name -> number; see :func:`check_overrides`)."""
+        return replace(self, **check_overrides(overrides))
+
+
+def check_overrides(overrides: Mapping[str, Any] | None) -> dict[str, float | int]:
+    """A user's post-processing overrides (``PostprocessParams`` field -> number), checked and
+    converted to each field's type.
+
+    Raises
+    ------
+    InputError
+        An unknown field, or a value that is not a finite number >= 0 (a whole number for the
+        integer fields, >= 1 for ``gland_downsample``).
+    """
+    kinds = {f.name: (int if f.type in ("int", int) else float) for f in fields(PostprocessParams)}
+    checked: dict[str, float | int] = {}
+    for key, value in dict(overrides or {}).items():
+        if key not in kinds:
+            raise InputError(f"unknown post-processing setting {key!r}; known: {', '.join(kinds)}")
+        try:
+            number = float(value)
+        except (TypeError, ValueError):
+            raise InputError(f"post-processing setting {key} must be a number, got {value!r}") from None
+        if not math.isfinite(number) or number < 0:
+            raise InputError(f"post-processing setting {key} must be a finite number >= 0, got {value!r}")
+        if kinds[key] is int and not number.is_integer():
+            raise InputError(f"post-processing setting {key} must be a whole number, got {value!r}")
+        if key == "gland_downsample" and number < 1:
+            raise InputError(f"post-processing setting gland_downsample must be >= 1, got {value!r}")
+        checked[key] = kinds[key](number)
+    return checked
 
 
 @dataclass(frozen=True)

@@ -344,6 +344,7 @@ def evaluate_split(
     progress: bool = False,
     per_image: bool = False,
     tta: int = 1,
+    params: PostprocessParams | None = None,
 ) -> dict[str, Any]:
     """Load the held-out ``split`` of ``data_root`` at the model's mpp and score ``model`` on it.
 
@@ -353,6 +354,8 @@ def evaluate_split(
         Subset of ``nuclei``, ``glands``, ``nuclei_type``, ``tissue`` (default all).
     only
         Restrict a source to some of its split names (e.g. ``{"monuseg": [name]}``).
+    params
+        Post-processing settings (default: the model's own), as :func:`evaluate_sources`.
     """
     from ._config import DEFAULT_SOURCE_MPP
     from ._data import load_sources
@@ -369,7 +372,7 @@ def evaluate_split(
     lc = list(heads["Patch-LC25000"].class_names) if "Patch-LC25000" in heads else ["lung_aca", "lung_n", "lung_scc"]
     data = load_sources(Path(data_root), mpp=float(model.config.mpp), source_mpp={**DEFAULT_SOURCE_MPP, **(source_mpp or {})}, split=split, part="val", lc_classes=lc, tasks=loader_tasks)
     truth = glas_native_truth(Path(data_root), split.get("glas", [])) if "glands" in tasks else None
-    return evaluate_sources(model, data, gland_truth=truth, bf16=bf16, progress=progress, per_image=per_image, tta=tta)
+    return evaluate_sources(model, data, gland_truth=truth, bf16=bf16, progress=progress, per_image=per_image, tta=tta, params=params)
 
 
 #: The validation images whose scores are stored with a shipped model (``expected_metrics.json``).

@@ -132,7 +132,7 @@ class PostprocessParams:
     @classmethod
     def from_mapping(cls, values: Mapping[str, Any] | None) -> PostprocessParams:
         """Defaults overridden by the known keys of ``values`` (a model's tuned settings); others are ignored."""
-        kinds = {f.name: (int if f.type in ("int", int) else float) for f in fields(cls)}
+        kinds = _field_kinds()
         values = dict(values or {})
         unknown = sorted(set(values) - set(kinds))
         if unknown:
@@ -142,6 +142,11 @@ class PostprocessParams:
     def with_overrides(self, overrides: Mapping[str, Any] | None) -> PostprocessParams:
         """These settings with a user's ``overrides`` (field name -> number; see :func:`check_overrides`)."""
         return replace(self, **check_overrides(overrides))
+
+
+def _field_kinds() -> dict[str, type]:
+    """``PostprocessParams`` field name -> ``int`` or ``float``."""
+    return {f.name: (int if f.type in ("int", int) else float) for f in fields(PostprocessParams)}
 
 
 def check_overrides(overrides: Mapping[str, Any] | None) -> dict[str, float | int]:
@@ -154,7 +159,7 @@ def check_overrides(overrides: Mapping[str, Any] | None) -> dict[str, float | in
         An unknown field, or a value that is not a finite number >= 0 (a whole number for the
         integer fields, >= 1 for ``gland_downsample``).
     """
-    kinds = {f.name: (int if f.type in ("int", int) else float) for f in fields(PostprocessParams)}
+    kinds = _field_kinds()
     checked: dict[str, float | int] = {}
     for key, value in dict(overrides or {}).items():
         if key not in kinds:

@@ -486,6 +486,11 @@ def test_tune_only_rewrites_the_settings_and_keeps_the_weights(tmp_path):
     tuning = after["training"]["postprocess_tuning"]
     assert tuning["sources"] == {"nuclei": ["monuseg"]} and tuning["n_images"]["nuclei"] == 2  # m2 is held out
     assert "previous" in tuning and "nuclei_split_h" in after["postprocess"]
+    assert "sources" not in before["training"]["postprocess_tuning"]  # every source
+    # a training run that tunes on named sources records them the same way
+    named = train(load_config(path, tune_postprocess=True, tune_images={"nuclei": 25, "gland": 0}, tune_sources={"nuclei": ["monuseg"]},
+                              output_model=str(tmp_path / "named"), run_dir=str(tmp_path / "named-run")), progress=False)
+    assert json.loads((named.model_dir / "config.json").read_text())["extra"]["training"]["postprocess_tuning"]["sources"] == {"nuclei": ["monuseg"]}
     with pytest.raises(InputError, match="no nuclei training images from"):
         retune_model(load_config(path, tune_sources={"nuclei": ["cpm15"]}))
     with pytest.raises(InputError, match="tune_sources"):

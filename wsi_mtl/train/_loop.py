@@ -541,12 +541,20 @@ def export_model(cfg: TrainConfig, model: MultiTaskNet | None = None, *, which: 
         tuned = tune_on_training_images(cfg, model, data)
         # settings of a task not tuned here (no tuning images) stay as the init_from model had them
         extra["postprocess"] = {**inherited, **tuned["postprocess"]}
-        training["postprocess_tuning"] = {"scores": tuned["scores"], "n_images": tuned["n_images"], "images": "training images (never the validation split)"}
+        training["postprocess_tuning"] = _tuning_record(cfg, tuned)
     model.config = model.config.replace(extra=extra | {"training": training})
     assert cfg.output_model is not None
     save_model(model, cfg.output_model, trained=True)
     logger.info("exported %s weights of step %s to %s", which, ck.get("step"), cfg.output_model)
     return Path(cfg.output_model)
+
+
+def _tuning_record(cfg: TrainConfig, tuned: Mapping[str, Any]) -> dict[str, Any]:
+    """What ``config.json`` keeps of a post-processing tuning: scores, image counts, sources."""
+    record: dict[str, Any] = {"scores": tuned["scores"], "n_images": tuned["n_images"], "images": "training images (never the validation split)"}
+    if cfg.tune_sources:
+        record["sources"] = {k: list(v) for k, v in cfg.tune_sources.items()}
+    return record
 
 
 def retune_model(cfg: TrainConfig) -> Path:
@@ -566,8 +574,7 @@ def retune_model(cfg: TrainConfig) -> Path:
     extra = dict(config.extra)
     extra["postprocess"] = {**dict(extra.get("postprocess") or {}), **tuned["postprocess"]}
     training = dict(extra.get("training") or {})
-    record: dict[str, Any] = {"scores": tuned["scores"], "n_images": tuned["n_images"], "sources": {k: list(v) for k, v in cfg.tune_sources.items()},
-                              "images": "training images (never the validation split)"}
+    record = _tuning_record(cfg, tuned)
     if "postprocess_tuning" in training:
         record["previous"] = training["postprocess_tuning"]  # the tuning this one replaces
     training["postprocess_tuning"] = record

@@ -368,6 +368,57 @@ def test_split_at_necks_cuts_overlapping_discs_and_leaves_single_shapes():
         split_at_necks(lab, 0.0)
 
 
+def _split_one_by_one(labels: np.ndarray, h: float) -> np.ndarray:
+    """split_at_necks as its definition reads: h-maxima and watershed of each candidate alone."""
+    from scipy import ndimage as ndi
+    from skimage.morphology import h_maxima
+    from skimage.segmentation import watershed
+
+    from wsi_mtl.postprocess._instances import NECK_REACH_PX, NECK_SIGMA_PX, _contacts
+
+    n = int(labels.max())
+    core = (labels > 0) & ~_contacts(labels)
+    dist = ndi.gaussian_filter(ndi.distance_transform_edt(core).astype(np.float32), NECK_SIGMA_PX, truncate=NECK_REACH_PX / NECK_SIGMA_PX) * core
+    peaks, _ = ndi.label((dist == ndi.maximum_filter(dist, size=3)) & core)
+    counts = np.bincount(np.r_[0, [labels[peaks == q][0] for q in range(1, peaks.max() + 1)]].astype(int), minlength=n + 1)
+    out, nxt = labels.copy(), n + 1
+    for i, sl in enumerate(ndi.find_objects(labels), start=1):
+        if sl is None or counts[i] < 2:
+            continue
+        obj = np.pad(labels[sl] == i, 1)
+        d = np.where(obj, np.pad(dist[sl], 1), 0.0)
+        markers, k = ndi.label(h_maxima(d, h).astype(bool) & obj)
+        if k >= 2:
+            pieces = watershed(-d, markers, mask=obj)[1:-1, 1:-1]
+            out[sl][pieces > 1] = pieces[pieces > 1] + (nxt - 2)
+            nxt += k - 1
+    return out
+
+
+def test_split_at_necks_equals_each_object_alone():
+    """All candidates' h-maxima are found on one canvas: the same as per object, also for touching
+    objects, tiny ones whose peak is below h beside large ones, and blobs cut by straight lines."""
+    from scipy import ndimage as ndi
+
+    from wsi_mtl.postprocess import split_at_necks
+
+    rng = np.random.default_rng(7)
+    cut = 0
+    for trial in range(60):
+        blobs = ndi.gaussian_filter(rng.random((48, 64)), 2.0 + trial % 3) > 0.5
+        labels, _ = ndi.label(blobs)
+        labels = labels.astype(np.int32)
+        if trial % 2:  # touching objects: cut the blobs by a row and a column of other labels
+            labels[rng.integers(4, 44), :] = np.where(labels[rng.integers(4, 44), :] > 0, labels.max() + 1, 0)
+            labels[:, rng.integers(4, 60)] = np.where(blobs[:, 0] | True, labels.max() + 2, 0) * blobs[:, rng.integers(4, 60)]
+        labels[1:3, 1:3] = labels.max() + 1  # a tiny object (peak < h for the larger h)
+        for h in (0.3, 0.75, 1.5):
+            want = _split_one_by_one(labels, h)
+            np.testing.assert_array_equal(split_at_necks(labels, h), want)
+            cut += int(want.max() > labels.max())
+    assert cut > 20  # the cases do cut objects
+
+
 def test_split_at_necks_reads_objects_not_label_numbers_or_position():
     from wsi_mtl.postprocess import split_at_necks
 

@@ -3,10 +3,15 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import click
 
 from ._options import parse_settings, postprocess_option
+
+if TYPE_CHECKING:
+    from ..network import MultiTaskNet
+    from ..postprocess import PostprocessParams
 
 _REPO_CONFIG = Path("configs") / "wsimtl-small.yaml"
 
@@ -71,14 +76,14 @@ def evaluate(model_name: str | None, config: Path | None, split_path: Path | Non
     _report(result, json_path)
 
 
-def _params(model: object, overrides: dict[str, str]) -> object:
+def _params(model: MultiTaskNet, overrides: dict[str, str]) -> PostprocessParams:
     """The model's post-processing settings with the user's overrides (checked: InputError)."""
     from ..train._postprocess import params_of
 
     return params_of(model).with_overrides(overrides)
 
 
-def _overridden(overrides: dict[str, str]) -> dict:
+def _overridden(overrides: dict[str, str]) -> dict[str, Any]:
     """``{"postprocess_overrides": ...}`` for the JSON where the user gave any."""
     from ..postprocess import check_overrides
 

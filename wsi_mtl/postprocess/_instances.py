@@ -144,14 +144,28 @@ def split_at_necks(labels: np.ndarray, h: float) -> np.ndarray:
     candidates = np.flatnonzero(np.bincount(owner[1:], minlength=n + 1) >= 2)
     if len(candidates) == 0:
         return labels
-    out = labels.copy()
-    nxt = n + 1
     slices = ndi.find_objects(labels)
+    # h-maxima of every candidate at once: each crop (its box and a 1 px border of zeros) goes onto
+    # one canvas, side by side. A reconstruction's result does not depend on the order it visits
+    # pixels, and crops ringed by zeros cannot raise each other's, so the maxima are those of each
+    # crop alone (tests/test_postprocess_arrays.py); the watershed stays per crop, as its ties
+    # between equal heights are broken in an order that would depend on the other crops.
+    labels_p, dist_p = np.pad(labels, 1), np.pad(dist, 1)
+    crops = []
     for i in candidates:
         sl = slices[i - 1]
-        obj = np.pad(labels[sl] == i, 1)
-        d = np.where(obj, np.pad(dist[sl], 1), 0.0)
-        markers, k = ndi.label(h_maxima(d, h).astype(bool) & obj)
+        wide = (slice(sl[0].start, sl[0].stop + 2), slice(sl[1].start, sl[1].stop + 2))
+        obj = labels_p[wide] == i
+        crops.append((int(i), sl, obj, np.where(obj, dist_p[wide], 0)))
+    places, shape = _shelf_pack([c[2].shape for c in crops])
+    d_c = np.zeros(shape, dist.dtype)
+    for (_, _, _, d), (r, c) in zip(crops, places):
+        d_c[r : r + d.shape[0], c : c + d.shape[1]] = d
+    peaks_c = h_maxima(d_c, h).astype(bool)
+    out = labels.copy()
+    nxt = n + 1
+    for (i, sl, obj, d), (r, c) in zip(crops, places):
+        markers, k = ndi.label(peaks_c[r : r + d.shape[0], c : c + d.shape[1]] & obj)
         if k < 2:
             continue
         pieces = watershed(-d, markers, mask=obj)[1:-1, 1:-1]
@@ -159,6 +173,19 @@ def split_at_necks(labels: np.ndarray, h: float) -> np.ndarray:
         out[sl][new] = pieces[new] + (nxt - 2)
         nxt += k - 1
     return out
+
+
+def _shelf_pack(shapes: list[tuple[int, int]]) -> tuple[list[tuple[int, int]], tuple[int, int]]:
+    """Top-left corners for boxes of ``shapes`` laid in rows on one canvas, and its shape."""
+    width = max(max(w for _, w in shapes), int(np.sqrt(sum(hh * w for hh, w in shapes))) * 2)
+    places, r, c, row_h = [], 0, 0, 0
+    for hh, w in shapes:
+        if c + w > width:
+            r, c, row_h = r + row_h, 0, 0
+        places.append((r, c))
+        c += w
+        row_h = max(row_h, hh)
+    return places, (r + row_h, width)
 
 
 def _drop_unconfident(labels: np.ndarray, interior: np.ndarray, min_interior: float) -> np.ndarray:

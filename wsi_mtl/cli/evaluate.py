@@ -3,15 +3,11 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import click
 
 from ._options import parse_settings, postprocess_option
-
-if TYPE_CHECKING:
-    from ..network import MultiTaskNet
-    from ..postprocess import PostprocessParams
 
 _REPO_CONFIG = Path("configs") / "wsimtl-small.yaml"
 
@@ -49,9 +45,11 @@ def evaluate(model_name: str | None, config: Path | None, split_path: Path | Non
 
     from ..errors import InputError
     from ..network import load_model
+    from ..postprocess import check_overrides
     from ..train import evaluate_split, load_config, load_split
+    from ..train._postprocess import params_of
 
-    overrides = parse_settings(postprocess)
+    overrides = check_overrides(parse_settings(postprocess))  # before the model and data load
     if threads:
         torch.set_num_threads(threads)
     if tiles_dir is not None:
@@ -68,33 +66,25 @@ def evaluate(model_name: str | None, config: Path | None, split_path: Path | Non
         raise InputError("no split or data folder: pass --config, or --split and --data-root")
     task_list = [t.strip() for t in tasks.split(",") if t.strip()]
     model = load_model(model_name)
-    params = _params(model, overrides)
+    params = params_of(model).with_overrides(overrides)
     result = evaluate_split(model, data_root=Path(root), split=load_split(split_file), source_mpp=cfg.source_mpp if cfg else None,
                             tasks=task_list, bf16=bf16, progress=progress, per_image=per_image, tta=int(tta), params=params)
     result = {"model": model.config.name, "trained": model.config.trained, "weights_sha256": model.config.weights_sha256,
-              "split": str(split_file), "data_root": str(root), "tta": int(tta), **_overridden(overrides), **result}
+              "split": str(split_file), "data_root": str(root), "tta": int(tta), **_recorded(overrides), **result}
     _report(result, json_path)
 
 
-def _params(model: MultiTaskNet, overrides: dict[str, str]) -> PostprocessParams:
-    """The model's post-processing settings with the user's overrides (checked: InputError)."""
-    from ..train._postprocess import params_of
-
-    return params_of(model).with_overrides(overrides)
-
-
-def _overridden(overrides: dict[str, str]) -> dict[str, Any]:
+def _recorded(overrides: dict[str, Any]) -> dict[str, Any]:
     """``{"postprocess_overrides": ...}`` for the JSON where the user gave any."""
-    from ..postprocess import check_overrides
-
-    return {"postprocess_overrides": check_overrides(overrides)} if overrides else {}
+    return {"postprocess_overrides": overrides} if overrides else {}
 
 
 def _evaluate_tiles(model_name: str | None, tiles_dir: Path, task: str | None, mpp: float | None, head: str | None, *,
-                    bf16: bool, progress: bool, per_image: bool, tta: int = 1, overrides: dict[str, str] | None = None) -> dict:
+                    bf16: bool, progress: bool, per_image: bool, tta: int = 1, overrides: dict[str, Any] | None = None) -> dict:
     from ..errors import InputError
     from ..network import load_model
     from ..train import evaluate_sources
+    from ..train._postprocess import params_of
     from ..train._tiles import load_tiles
 
     if task is None:
@@ -108,10 +98,10 @@ def _evaluate_tiles(model_name: str | None, tiles_dir: Path, task: str | None, m
         raise InputError(f"--task tissue needs --head, one of {patch}")
     names = list(heads[head].class_names) if task == "tissue" and head else []
     data, truth = load_tiles(tiles_dir, task=task, mpp=mpp, model_mpp=float(model.config.mpp), head=head, class_names=names)
-    params = _params(model, overrides or {})
+    params = params_of(model).with_overrides(overrides)
     result = evaluate_sources(model, data, gland_truth=truth or None, bf16=bf16, progress=progress, per_image=per_image, tta=tta, params=params)
     return {"model": model.config.name, "trained": model.config.trained, "weights_sha256": model.config.weights_sha256,
-            "tiles": str(tiles_dir), "mpp": mpp, "tta": tta, **_overridden(overrides or {}), **result}
+            "tiles": str(tiles_dir), "mpp": mpp, "tta": tta, **_recorded(overrides or {}), **result}
 
 
 def _report(result: dict, json_path: Path | None) -> None:

@@ -244,7 +244,9 @@ def _write_many(
     if workers < 1:
         raise ValueError(f"workers must be at least 1, got {workers}")
     info = read_table_info(table_path)
-    if workers > 1 and info["rows"] > batch_rows:
+    from ..postprocess._pool import children_allowed  # a daemonic process (Dask worker) formats in-process
+
+    if workers > 1 and info["rows"] > batch_rows and children_allowed():
         features = _parallel_features(table_path, colors=info["colors"], batch_rows=batch_rows, workers=workers)
     else:
         features = _features(table_path, batch_rows=batch_rows, templates=_Templates(info["colors"]))

@@ -633,20 +633,31 @@ def _assemble(results: Iterator[dict[str, Any]], meta: MapsMeta, params: Postpro
 
 
 def _pool_results(path: str, jobs: list[_Job], meta: MapsMeta, params: PostprocessParams, workers: int) -> Iterator[dict[str, Any]]:
-    """Run jobs in a process pool, at most ``2 * workers`` in flight, yielding in job order."""
-    ctx = mp.get_context("forkserver" if "forkserver" in mp.get_all_start_methods() else "spawn")
-    with ProcessPoolExecutor(max_workers=workers, mp_context=ctx) as pool:
+    """Run jobs in a process pool (threads in a daemonic process, see ``_pool``), at most
+    ``2 * workers`` in flight, yielding in job order."""
+    from wsi_mtl.postprocess._pool import chunk_executor
+
+    pool, kind = chunk_executor(workers)
+    # threads share one reader (no per-process cache that would outlive this slide)
+    shared = _ZarrReader(path) if kind == "threads" else None
+
+    def submit(job: _Job) -> Future:
+        if shared is not None:
+            return pool.submit(_run_job, shared, job, meta, params)
+        return pool.submit(_worker, path, job, meta, params)
+
+    with pool:
         pending: list[Future] = []
         it = iter(jobs)
         for job in it:
-            pending.append(pool.submit(_worker, path, job, meta, params))
+            pending.append(submit(job))
             if len(pending) >= 2 * workers:
                 break
         while pending:
             res = pending.pop(0).result()
             nxt = next(it, None)
             if nxt is not None:
-                pending.append(pool.submit(_worker, path, nxt, meta, params))
+                pending.append(submit(nxt))
             yield res
 
 

@@ -1,0 +1,63 @@
+"""Chunk pools: processes normally, threads in a daemonic process (a Dask worker), same objects."""
+
+from __future__ import annotations
+
+import json
+import multiprocessing as mp
+from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import pytest
+import shapely
+from skimage.draw import disk
+
+from test_postprocess_extract import write_predictions
+from wsi_mtl.postprocess import concat_batches, extract_objects, label_to_3class
+from wsi_mtl.postprocess._pool import chunk_executor, pool_kind
+
+
+def _nuclei_store(folder: Path) -> Path:
+    """A nuclei map of 60 random disks, many across the 64-px chunk borders."""
+    rng = np.random.default_rng(5)
+    lab = np.zeros((256, 256), np.int32)
+    for k in range(1, 61):
+        lab[disk((rng.integers(8, 248), rng.integers(8, 248)), rng.integers(4, 9), shape=lab.shape)] = k
+    return write_predictions(folder, {"Nuclei-INST": label_to_3class(lab)}, core_px=64)
+
+
+def _objects(store: Path, workers: int) -> list[str]:
+    batch = concat_batches(list(extract_objects(store, tasks=("nuclei",), chunk_px=64, halo_px=8, workers=workers)))
+    return sorted(shapely.to_wkt(batch.geometry, rounding_precision=3).tolist())
+
+
+def _in_daemon(store: str, out: str) -> None:
+    """Daemonic child: what a Dask worker sees."""
+    pool, kind = chunk_executor(2)
+    pool.shutdown()
+    result = {"kind": kind, "pool_kind": pool_kind(2), "threads": isinstance(pool, ThreadPoolExecutor), "objects": _objects(Path(store), 2)}
+    Path(out).write_text(json.dumps(result))
+
+
+def test_processes_here_and_in_process_for_one_worker() -> None:
+    assert pool_kind(1) == "in-process" and pool_kind(2) == "processes"
+    pool, kind = chunk_executor(2)
+    with pool:
+        assert kind == "processes" and isinstance(pool, ProcessPoolExecutor)
+    with pytest.raises(ValueError, match="at least 2 workers"):
+        chunk_executor(1)
+
+
+def test_a_daemonic_process_extracts_on_threads_with_the_same_objects(tmp_path: Path) -> None:
+    store = _nuclei_store(tmp_path / "pred")
+    expected = _objects(store, 1)
+    assert len(expected) > 30
+    out = tmp_path / "daemon.json"
+    child = mp.get_context("spawn").Process(target=_in_daemon, args=(str(store), str(out)), daemon=True)
+    child.start()
+    child.join()
+    assert child.exitcode == 0
+    got = json.loads(out.read_text())
+    assert got["kind"] == got["pool_kind"] == "threads" and got["threads"]
+    assert got["objects"] == expected
+    assert _objects(store, 2) == expected  # and a process pool here

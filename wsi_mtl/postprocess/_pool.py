@@ -1,0 +1,43 @@
+"""How post-processing runs in parallel: a process pool where this process may start children.
+
+A daemonic process (a Dask worker under its nanny, a ``multiprocessing`` pool worker) may not
+start child processes; there the chunks run on threads instead (scikit-image, SciPy and shapely
+release the GIL for most of their work). The kind chosen is recorded in run.json
+(``parameters.postprocess_pool``).
+"""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+from concurrent.futures import Executor, ProcessPoolExecutor, ThreadPoolExecutor
+from typing import Literal
+
+__all__ = ["PoolKind", "children_allowed", "pool_kind", "chunk_executor"]
+
+PoolKind = Literal["in-process", "processes", "threads"]
+
+
+def children_allowed() -> bool:
+    """Whether this process may start child processes (a daemonic one may not)."""
+    return not mp.current_process().daemon
+
+
+def pool_kind(workers: int) -> PoolKind:
+    """How ``workers`` chunk workers run here: ``in-process`` (1), ``processes`` or ``threads``."""
+    if workers <= 1:
+        return "in-process"
+    return "processes" if children_allowed() else "threads"
+
+
+def chunk_executor(workers: int) -> tuple[Executor, PoolKind]:
+    """A pool of ``workers`` (>= 2) processes, or of threads where this process is daemonic.
+
+    Processes start by ``forkserver`` where the platform has it (else ``spawn``): never ``fork``,
+    which copies the threads' locks of a busy parent (reader threads, a Dask worker's loop).
+    """
+    if workers < 2:
+        raise ValueError(f"a chunk pool needs at least 2 workers; got {workers}")
+    if pool_kind(workers) == "threads":
+        return ThreadPoolExecutor(max_workers=workers, thread_name_prefix="wsimtl-chunks"), "threads"
+    ctx = mp.get_context("forkserver" if "forkserver" in mp.get_all_start_methods() else "spawn")
+    return ProcessPoolExecutor(max_workers=workers, mp_context=ctx), "processes"

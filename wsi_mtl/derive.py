@@ -322,6 +322,9 @@ def derive_objects(
     timings = {"objects": round(objects_s, 3), "export": round(export_s, 3)}
     run["objects"] = table.counts
     run["postprocess"] = {"settings": asdict(params), "overrides": overrides}
+    from .postprocess._pool import pool_kind  # processes, or threads in a daemonic Dask worker
+
+    run.setdefault("parameters", {})["postprocess_pool"] = pool_kind(workers)
     run["files"] = files + entries
     run.setdefault("timings_s", {}).update(timings)
     write_json_atomic(result_dir / RUN_JSON, run)

@@ -11,6 +11,7 @@ import errno
 import json
 import multiprocessing
 import os
+import re
 import threading
 import time
 from collections import Counter
@@ -61,13 +62,15 @@ def fake_load_model(name: str | None, *, device: str) -> dict[str, Any]:
 
 def fake_segment(slide_path: Path, out_dir: Path, *, model: dict[str, Any], mpp: float | None, device: str, progress: bool, **options: Any) -> SimpleNamespace:
     """Stands in for segment_slide: BAD files raise SlideError, BOOM a ZeroDivisionError, SLOW ones
-    take 0.3 s, WAIT ones wait for a ``<slide>.go`` file."""
+    take 0.3 s, ASSERT an AssertionError without message, WAIT ones wait for a ``<slide>.go`` file."""
     data = Path(slide_path).read_bytes()
     _log(f"segment {Path(slide_path).name} {os.getpid()}")
     if data.startswith(b"BAD"):
         raise SlideError(f"{Path(slide_path).name} is not a slide\n(truncated)")
     if data.startswith(b"BOOM"):
         raise ZeroDivisionError("boom\nsecond line")
+    if data.startswith(b"ASSERT"):
+        raise AssertionError
     if data.startswith(b"SLOW"):
         time.sleep(0.3)
     if data.startswith(b"WAIT"):  # until the test creates <slide>.go
@@ -263,10 +266,18 @@ def test_local_batch_failure_summary_and_rerun(cohort: Path, tmp_path: Path, cal
     raise_for_failures(fixed)
 
 
-def test_unexpected_exception_is_type_and_message(cohort: Path, tmp_path: Path, call_log: Path) -> None:
+def test_unexpected_exception_is_a_sentence_with_type_place_and_message(cohort: Path, tmp_path: Path, call_log: Path) -> None:
     (cohort / "b.svs").write_bytes(b"BOOM")
-    result = run_batch([cohort / "b.svs", cohort / "c.svs"], tmp_path / "out", options=SegmentOptions(device="cpu"), progress=False, **FAKES)
-    assert [(o.id, o.status, o.error) for o in result.outcomes] == [("b", "failed", "ZeroDivisionError: boom second line"), ("c", "done", "")]
+    (cohort / "a.svs").write_bytes(b"ASSERT")
+    out = tmp_path / "out"
+    result = run_batch([cohort / "a.svs", cohort / "b.svs", cohort / "c.svs"], out, options=SegmentOptions(device="cpu"), progress=False, **FAKES)
+    assert [(o.id, o.status) for o in result.outcomes] == [("a", "failed"), ("b", "failed"), ("c", "done")]
+    rows = _summary_rows(out)
+    unexpected = "unexpected error \\(a bug, please report it\\): "
+    where = r"raised at tests/test_cohort\.py:\d+ \(fake_segment\) from wsi_mtl/cohort/_slide\.py:\d+ \(_segment\)"
+    assert re.fullmatch(f"{unexpected}ZeroDivisionError {where}: boom second line", rows["b"]["error"])
+    assert re.fullmatch(f"{unexpected}AssertionError {where} with no message", rows["a"]["error"])
+    assert [o.error for o in result.outcomes[:2]] == [rows["a"]["error"], rows["b"]["error"]]
 
 
 def test_options_mpp_and_ids_reach_the_slide_function(cohort: Path, tmp_path: Path, call_log: Path) -> None:
@@ -528,3 +539,18 @@ def test_device_pool_needs_devices() -> None:
 
     with pytest.raises(InputError, match="at least one device"):
         DevicePoolExecutor([])
+
+
+def test_a_worker_that_fails_outside_the_slide_is_a_sentence() -> None:
+    from concurrent.futures import Future
+
+    from wsi_mtl.cohort._executors import _outcome_of
+
+    future: Future = Future()
+    try:
+        raise MemoryError()
+    except MemoryError as exc:
+        future.set_exception(exc)
+    outcome = _outcome_of(future, SlideTask(Path("a.svs"), "a"))
+    assert outcome.status == "failed"
+    assert re.fullmatch(r"the worker processing it failed: MemoryError raised at tests/test_cohort\.py:\d+ \(test_\w+\)( from [^ ]+ \(\w+\))? with no message", outcome.error)

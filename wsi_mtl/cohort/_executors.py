@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 
 from ..errors import InputError
 from ._manifest import SlideTask
-from ._slide import PROCESS_MODELS, BatchJob, SlideOutcome, one_line, process_slide
+from ._slide import PROCESS_MODELS, BatchJob, SlideOutcome, failure_sentence, one_line, process_slide
 
 if TYPE_CHECKING:
     from distributed import Client
@@ -159,8 +159,9 @@ def _outcome_of(future: Any, task: SlideTask) -> SlideOutcome:
     try:
         return future.result()
     except Exception as exc:
-        log.error("%s: the worker failed: %s", task.id, one_line(exc))
-        return SlideOutcome(str(task.slide), task.id, "failed", f"worker failed: {one_line(exc)}")
+        reason = failure_sentence(exc, lead="the worker processing it failed")
+        log.error("%s: %s", task.id, reason)
+        return SlideOutcome(str(task.slide), task.id, "failed", reason)
 
 
 # -- Dask ---------------------------------------------------------------------------------------

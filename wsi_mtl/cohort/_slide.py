@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import inspect
-import json
 import logging
 import threading
 import time
+import traceback
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -17,8 +17,9 @@ from ..errors import WsimtlError
 from ._locks import LockFile, lock_owner
 from ._manifest import SlideTask, _default_id
 from ._summary import finished_at, read_summary, update_summary
+from ..results import read_run
 
-__all__ = ["SegmentOptions", "BatchJob", "SlideOutcome", "ModelCache", "process_slide", "recorded_since", "resolve_device", "one_line", "skipped_outcome"]
+__all__ = ["SegmentOptions", "BatchJob", "SlideOutcome", "ModelCache", "process_slide", "recorded_since", "resolve_device", "one_line", "failure_sentence", "skipped_outcome"]
 
 log = logging.getLogger(__name__)
 
@@ -93,7 +94,7 @@ class BatchJob:
         """Whether ``result_dir`` holds a finished result."""
         if self.is_complete_fn is not None:
             return bool(self.is_complete_fn(result_dir))
-        from ..pipeline import is_complete
+        from ..results import is_complete
 
         return bool(is_complete(result_dir))
 
@@ -210,6 +211,38 @@ def one_line(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
 
 
+def _frame_text(frame: traceback.FrameSummary) -> str:
+    """``package/module.py:line (function)`` with the path cut after its last site-packages or wsi_mtl."""
+    parts = Path(frame.filename).parts
+    cut = max((i for i, part in enumerate(parts) if part in ("site-packages", "lib") or part.startswith("python3")), default=-1)
+    if "wsi_mtl" in parts:
+        cut = len(parts) - 1 - parts[::-1].index("wsi_mtl") - 1
+    kept = parts[cut + 1:] if cut >= 0 else parts[-2:]
+    return f"{'/'.join(kept)}:{frame.lineno} ({frame.name})"
+
+
+def failure_sentence(exc: BaseException, lead: str = "unexpected error (a bug, please report it)") -> str:
+    """Why a slide failed, in one line: a WsimtlError's message; for any other exception a sentence
+    after ``lead`` naming it, where it was raised (and the last wsimtl line on the way) and its message.
+
+    Examples
+    --------
+    >>> failure_sentence(ValueError(""))  # doctest: +ELLIPSIS
+    'unexpected error (a bug, please report it): ValueError with no message'
+    """
+    if isinstance(exc, WsimtlError):
+        return one_line(exc)
+    text = " ".join(str(exc).split())
+    frames = traceback.extract_tb(exc.__traceback__)
+    sentence = f"{lead}: {type(exc).__name__}"
+    if frames:
+        sentence += f" raised at {_frame_text(frames[-1])}"
+        ours = [f for f in frames if "wsi_mtl" in Path(f.filename).parts]
+        if ours and ours[-1] is not frames[-1]:
+            sentence += f" from {_frame_text(ours[-1])}"
+    return f"{sentence}: {text}" if text else f"{sentence} with no message"
+
+
 def _object_counts(run: Mapping[str, Any] | None) -> dict[str, int]:
     """Objects per task from a run.json dict (``objects: {task: {class: n}}``)."""
     counts: dict[str, int] = {}
@@ -223,18 +256,9 @@ def _object_counts(run: Mapping[str, Any] | None) -> dict[str, int]:
     return counts
 
 
-def _read_run(result_dir: Path) -> dict[str, Any] | None:
-    """The run.json of a result folder, or None."""
-    try:
-        data = json.loads((result_dir / "run.json").read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return None
-    return data if isinstance(data, dict) else None
-
-
 def skipped_outcome(task: SlideTask, result_dir: Path) -> SlideOutcome:
     """The outcome of a slide found finished."""
-    return SlideOutcome(str(task.slide), task.id, "skipped", objects=_object_counts(_read_run(result_dir)), result_dir=str(result_dir))
+    return SlideOutcome(str(task.slide), task.id, "skipped", objects=_object_counts(read_run(result_dir)), result_dir=str(result_dir))
 
 
 def recorded_since(job: BatchJob, slide_id: str) -> dict[str, str] | None:
@@ -321,7 +345,7 @@ def _segment(
             **extra,
         )
     except Exception as exc:  # one slide failing never stops the batch
-        reason = one_line(exc)
+        reason = failure_sentence(exc)
         if isinstance(exc, WsimtlError):
             log.warning("%s failed: %s", task.id, reason)
         else:

@@ -22,7 +22,7 @@ from dataclasses import replace
 import numpy as np
 import torch
 
-from wsi_mtl.engine import _cpu_has_bf16
+from wsi_mtl.devices import cpu_has_bf16
 from wsi_mtl.network import create_model
 from wsi_mtl.train import load_config, load_initial_weights, make_seg_batch, train_step
 from wsi_mtl.train._config import _SEG_TASKS
@@ -73,7 +73,7 @@ def main() -> None:
               f"({task}, {args.steps} steps, {torch.get_num_threads()} threads)")
     b, s = times[False]
     print(f"batch making share of a fp32 step: {b / (b + s):.1%}")
-    print(f"bf16 / fp32 train_step time: {times[True][1] / s:.2f} (native bf16 on this CPU: {_cpu_has_bf16()})")
+    print(f"bf16 / fp32 train_step time: {times[True][1] / s:.2f} (native bf16 on this CPU: {cpu_has_bf16()})")
 
 
 if __name__ == "__main__":

@@ -118,15 +118,30 @@ def test_derive_writes_everything_and_updates_run_json(result_dir: Path, monkeyp
     assert not [p for p in result_dir.iterdir() if ".partial-" in p.name]
 
 
-def test_rerun_with_gz_replaces_entries(result_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_gz_adds_copies_and_a_plain_export_removes_them(result_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """--geojson-gz adds gzipped copies; a later export without it leaves exactly what run.json lists."""
+    import gzip
+
     monkeypatch.setattr(postprocess, "extract_objects", fake_extract(), raising=False)
     derive_objects(result_dir)
-    derive_objects(result_dir, geojson_gz=True)
+    summary = derive_objects(result_dir, geojson_gz=True)
     run = json.loads((result_dir / "run.json").read_text())
     paths = [f["path"] for f in run["files"]]
-    assert len(paths) == len(set(paths))
-    assert "objects.geojson.gz" in paths and "objects.geojson" not in paths
-    assert paths.count("objects.parquet") == 1
+    assert len(paths) == len(set(paths)) and paths.count("objects.parquet") == 1
+    for stem in ("objects", "nuclei", "glands", "tissue"):
+        assert f"{stem}.geojson" in paths and f"{stem}.geojson.gz" in paths
+        assert gzip.decompress((result_dir / f"{stem}.geojson.gz").read_bytes()) == (result_dir / f"{stem}.geojson").read_bytes()
+    assert summary["removed"] == []
+
+    (result_dir / "mine.geojson").write_text("{}")  # a user's file: never ours, never removed
+    summary = derive_objects(result_dir)
+    run = json.loads((result_dir / "run.json").read_text())
+    listed = {f["path"] for f in run["files"]}
+    on_disk = {p.name for p in result_dir.iterdir() if p.name not in ("run.json", "mine.geojson")}
+    assert (result_dir / "mine.geojson").exists()
+    assert on_disk == listed - {"predictions.zarr/tissue_classes"}
+    assert not any(p.endswith(".gz") for p in listed)
+    assert sorted(summary["removed"]) == ["glands.geojson.gz", "nuclei.geojson.gz", "objects.geojson.gz", "tissue.geojson.gz"]
 
 
 def test_tissue_class_map_stored(result_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -219,12 +234,23 @@ def test_interrupted_derive_leaves_run_json_and_no_outputs(result_dir: Path, mon
     assert sorted(p.name for p in result_dir.iterdir()) == ["predictions.zarr", "run.json"]
 
 
-def test_missing_run_json_starts_one(result_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    (result_dir / "run.json").unlink()
+@pytest.mark.parametrize("damage", ["missing", "unreadable", "not an object"])
+def test_missing_or_unreadable_run_json_gives_an_incomplete_result(result_dir: Path, monkeypatch: pytest.MonkeyPatch, damage: str) -> None:
+    """Objects are exported, but a rebuilt run.json never makes the result count as complete."""
+    from wsi_mtl.results import is_complete
+
+    run_json = result_dir / "run.json"
+    if damage == "missing":
+        run_json.unlink()
+    else:
+        run_json.write_text('{"status": "complete", "files": [' if damage == "unreadable" else "[1, 2]")
     monkeypatch.setattr(postprocess, "extract_objects", fake_extract(30), raising=False)
     derive_objects(result_dir)
-    run = json.loads((result_dir / "run.json").read_text())
-    assert run["objects"] and run["files"][0]["path"] == "objects.parquet"
+    run = json.loads(run_json.read_text())
+    assert run["status"] == "incomplete" and run["objects"]
+    assert [f["path"] for f in run["files"]][:2] == ["predictions.zarr", "objects.parquet"]
+    assert run["slide"]["mpp"] == 0.25
+    assert not is_complete(result_dir)
 
 
 def test_missing_folder(tmp_path: Path) -> None:

@@ -16,10 +16,10 @@ REPO = Path(__file__).resolve().parents[1]
 def test_shipped_config_and_split_load():
     cfg = load_config(REPO / "configs" / "wsimtl-small.yaml")
     assert isinstance(cfg, TrainConfig)
-    from wsi_mtl.engine import _cpu_has_bf16
+    from wsi_mtl.devices import cpu_has_bf16
 
     assert cfg.arch == "wsimtl_small" and cfg.channels_last
-    assert cfg.bf16 is _cpu_has_bf16()  # bf16: auto
+    assert cfg.bf16 is cpu_has_bf16()  # bf16: auto
     assert cfg.splits == REPO / "configs" / "splits" / "validation.yaml"
     split = load_split(cfg.splits)
     assert set(split) == set(SOURCES)
@@ -101,9 +101,9 @@ def test_split_errors(tmp_path):
 @pytest.mark.parametrize("native", [True, False])
 def test_bf16_auto_follows_the_cpu(tmp_path, monkeypatch, native):
     """``bf16: auto`` turns autocast on only where the CPU has native bf16 (emulated bf16 is slower than fp32)."""
-    import wsi_mtl.engine
+    import wsi_mtl.devices
 
-    monkeypatch.setattr(wsi_mtl.engine, "_cpu_has_bf16", lambda: native)
+    monkeypatch.setattr(wsi_mtl.devices, "cpu_has_bf16", lambda: native)
     path = tmp_path / "c.yaml"
     path.write_text("bf16: auto\n")
     assert load_config(path).bf16 is native

@@ -19,18 +19,15 @@ from typing import Any
 
 import numpy as np
 
-from .atomic import atomic_path, output_error, write_json_atomic
+from .atomic import atomic_path, output_error
 from .errors import InputError, WsimtlError
 from .objects import ObjectBatch
+from .results import GEOJSON_SUFFIXES, PREDICTIONS, PREVIEW, RUN_JSON, TABLE, file_entry, read_run, write_run
 
-__all__ = ["derive_objects", "PREVIEW_MAX_PX", "TISSUE_CLASSES"]
+__all__ = ["derive_objects", "derive_into", "PREVIEW_MAX_PX", "TISSUE_CLASSES"]
 
 log = logging.getLogger(__name__)
 
-PREDICTIONS = "predictions.zarr"
-RUN_JSON = "run.json"
-TABLE = "objects.parquet"
-PREVIEW = "preview.png"
 #: name of the tissue class map group written into predictions.zarr
 TISSUE_CLASSES = "tissue_classes"
 #: longest side of preview.png's picture (without the legend), in px
@@ -84,18 +81,20 @@ def _read_attrs(predictions: Path) -> dict[str, Any]:
     return attrs
 
 
-def _read_run(result_dir: Path) -> dict[str, Any]:
-    """run.json as a dict; an empty dict (with a warning) where absent or unreadable."""
-    import json
+def _recovered_run(result_dir: Path, attrs: dict[str, Any]) -> dict[str, Any]:
+    """A new run.json for maps whose own run.json is missing or unreadable: status ``incomplete``.
 
-    path = result_dir / RUN_JSON
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        log.warning("no %s in %s: starting a new one", RUN_JSON, result_dir)
-    except (OSError, ValueError) as exc:
-        log.warning("unreadable %s (%s): starting a new one", path, exc)
-    return {}
+    The maps are there but the record of how they were made is not, so the result must not count
+    as complete (``wsimtl segment`` will check the maps again); objects can still be exported.
+    """
+    log.warning("no readable %s in %s: writing a new one marked incomplete", RUN_JSON, result_dir)
+    return {
+        "status": "incomplete",
+        "note": f"{RUN_JSON} was missing or unreadable; rebuilt from {PREDICTIONS} by an export",
+        "slide": dict(attrs.get("slide") or {}),
+        "model": dict(attrs.get("model") or {}),
+        "files": [file_entry(result_dir, result_dir / PREDICTIONS)],
+    }
 
 
 def _slide_geometry(attrs: dict[str, Any], run: dict[str, Any], predictions: Path) -> tuple[float, int, int]:
@@ -168,51 +167,51 @@ def _mask_picture(predictions: Path, *, width: int, height: int, downsample: flo
     return picture
 
 
-def _store_tissue_map(predictions: Path, attrs: dict[str, Any]) -> str | None:
-    """Write the most probable tissue class per Patch-Class cell into ``predictions.zarr``.
+def _store_tissue_map(predictions: Path, attrs: dict[str, Any], table: Path) -> list[Path]:
+    """The NGFF label images (tissue classes, nuclei, glands, lumen) rasterised from ``table``.
 
-    The map is an OME image group ``tissue_classes`` (int16 (1, Y, X), -1 where nothing was
-    computed) on the Patch-Class grid; written under a temporary name and renamed into place.
-    Returns the group name, or None when the store has no patch-classification head.
+    See :func:`wsi_mtl.export.write_label_images`; returns the label groups written.
     """
-    import zarr
+    from .export import write_label_images
 
-    from .postprocess import tissue_class_map
-    from .store import ome_image_attrs
-
-    heads = attrs.get("heads") or {}
-    patch = [name for name, head in heads.items() if head.get("kind") == "patch"]
-    if not patch or not (predictions / patch[0] / "0").exists():
-        return None
-    name = patch[0]
-    source = zarr.open_array(predictions / name / "0", mode="r")
-    cell = float(heads[name].get("cell_px", 1))
-    downsample = float(attrs.get("downsample", 1.0)) * cell
-    final = predictions / TISSUE_CLASSES
-    band = int(source.chunks[1])
-    with atomic_path(final, fsync=False) as tmp:
-        group = zarr.open_group(tmp, mode="w", zarr_format=3, attributes=ome_image_attrs(TISSUE_CLASSES, downsample=downsample))
-        group.attrs.update({"wsimtl": {"source": name, "classes": list(heads[name].get("classes", [])), "no_class": -1}})
-        target = group.create_array(
-            "0", shape=(1, *source.shape[1:]), chunks=(1, *source.chunks[1:]), dtype="int16", fill_value=-1,
-            dimension_names=("c", "y", "x"),
-        )
-        for y0 in range(0, source.shape[1], band):
-            target[0, y0 : y0 + band] = tissue_class_map(np.asarray(source[:, y0 : y0 + band]))
-        if final.exists():  # an earlier export: replace it (os.replace cannot overwrite a folder)
-            shutil.rmtree(final)
-    return TISSUE_CLASSES
-
-
-def _size(path: Path) -> int:
-    if path.is_dir():
-        return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
-    return path.stat().st_size
+    return write_label_images(predictions, table, attrs)
 
 
 def _is_ours(entry_path: str) -> bool:
     """Files this module writes (and rewrites): their old run.json entries are replaced."""
-    return entry_path in _OUR_FILES or entry_path.endswith((".geojson", ".geojson.gz"))
+    return entry_path in _OUR_FILES or entry_path.endswith(GEOJSON_SUFFIXES) or "/labels/" in entry_path
+
+
+def _geojson_names() -> set[str]:
+    """Every GeoJSON file name an export can write (plain and gzipped)."""
+    from .export import GEOJSON_FILES
+
+    return {f"{stem}{suffix}" for stem in ("objects", *GEOJSON_FILES) for suffix in GEOJSON_SUFFIXES}
+
+
+def _gzip_copy(path: Path) -> Path:
+    """Write ``path.gz``, a gzipped copy of ``path`` (atomically); return its path."""
+    import gzip
+
+    final = path.with_name(path.name + ".gz")
+    with atomic_path(final) as tmp, open(path, "rb") as src, open(tmp, "wb") as raw:
+        with gzip.GzipFile(filename="", mode="wb", fileobj=raw, compresslevel=6, mtime=0) as dst:
+            shutil.copyfileobj(src, dst, 1 << 20)
+    return final
+
+
+def remove_stale(result_dir: Path, old_files: list[str], written: set[str]) -> list[str]:
+    """Remove our GeoJSON files that this export did not write (an earlier export's); return their names."""
+    candidates = {p for p in old_files if p.endswith(GEOJSON_SUFFIXES)} | _geojson_names()
+    removed = []
+    for name in sorted(candidates - written):
+        path = result_dir / name
+        if path.is_file():
+            path.unlink()
+            removed.append(name)
+    if removed:
+        log.info("removed GeoJSON files of an earlier export: %s", ", ".join(removed))
+    return removed
 
 
 def derive_objects(
@@ -229,11 +228,13 @@ def derive_objects(
     """Post-process a finished ``predictions.zarr`` into objects and write every export.
 
     Writes ``objects.parquet``, ``objects.geojson`` plus ``nuclei``/``glands``/``tissue``
-    ``.geojson`` (``.geojson.gz`` with ``geojson_gz``), ``preview.png`` and (``tissue_map``)
-    ``predictions.zarr/tissue_classes``, then updates ``run.json``: ``objects``
-    (``{task: {class_name: count}}``), ``files`` (relative paths with bytes) and
-    ``timings_s.objects`` / ``timings_s.export``, and ``postprocess`` (the settings used and the
-    user's overrides). Every file is written atomically.
+    ``.geojson`` (and gzipped ``.geojson.gz`` copies with ``geojson_gz``), ``preview.png`` and
+    (``tissue_map``) ``predictions.zarr/tissue_classes``, removes GeoJSON files of an earlier
+    export that this one did not write, then updates ``run.json``: ``objects``
+    (``{task: {class_name: count}}``), ``files`` (relative paths with bytes: exactly what the
+    folder holds), ``timings_s.objects`` / ``timings_s.export``, and ``postprocess`` (the settings
+    used and the user's overrides). Every file is written atomically. A missing or unreadable
+    run.json is replaced by a new one with status ``incomplete``.
 
     Parameters
     ----------
@@ -242,7 +243,7 @@ def derive_objects(
     workers : int, default 1
         Processes for post-processing and for formatting GeoJSON.
     geojson_gz : bool, default False
-        Gzip the GeoJSON files.
+        Also write gzipped copies of the GeoJSON files.
     slide : Slide, optional
         The open slide, for the preview thumbnail. By default the slide recorded in run.json is
         reopened if it still exists; otherwise the preview is drawn on the stored tissue mask.
@@ -251,7 +252,7 @@ def derive_objects(
     tasks : iterable of str, optional
         Tasks to extract (all by default).
     tissue_map : bool, default True
-        Store the tissue class map in predictions.zarr.
+        Store the NGFF label images (tissue classes, nuclei, glands, lumen) in predictions.zarr.
     postprocess : mapping, optional
         Post-processing settings (:class:`~wsi_mtl.postprocess.PostprocessParams` field -> number)
         that replace the model's tuned ones recorded in the store, e.g. ``{"nuclei_split_h": 0}``;
@@ -260,8 +261,8 @@ def derive_objects(
     Returns
     -------
     dict
-        ``objects`` (counts), ``rows``, ``files`` (the entries added to run.json) and
-        ``timings_s`` (``objects``, ``export``).
+        ``objects`` (counts), ``rows``, ``files`` (the entries added to run.json),
+        ``removed`` (stale GeoJSON files deleted) and ``timings_s`` (``objects``, ``export``).
 
     Raises
     ------
@@ -271,12 +272,39 @@ def derive_objects(
     OutputError
         The disk is full or the folder is not writable.
     """
+    result_dir = Path(result_dir)
+    run = read_run(result_dir) if result_dir.is_dir() else None
+    if run is None and result_dir.is_dir() and (result_dir / PREDICTIONS / "zarr.json").is_file():
+        run = _recovered_run(result_dir, _read_attrs(result_dir / PREDICTIONS))
+    summary = derive_into(result_dir, run if run is not None else {}, workers=workers, geojson_gz=geojson_gz, slide=slide,
+                          progress=progress, tasks=tasks, tissue_map=tissue_map, postprocess=postprocess)
+    write_run(result_dir, summary.pop("run"))
+    summary["removed"] = remove_stale(result_dir, summary.pop("old_files"), {e["path"] for e in summary["files"]})
+    return summary
+
+
+def derive_into(
+    result_dir: Path,
+    run: dict[str, Any],
+    *,
+    workers: int = 1,
+    geojson_gz: bool = False,
+    slide: Any = None,
+    progress: bool = False,
+    tasks: Iterable[str] | None = None,
+    tissue_map: bool = True,
+    postprocess: Mapping[str, Any] | None = None,
+) -> dict[str, Any]:
+    """:func:`derive_objects` into the run record ``run`` (updated in place, not written).
+
+    For callers that hold run.json in memory and write it once (the pipeline). Returns the
+    summary of :func:`derive_objects` plus ``run`` and ``old_files`` (the paths ``run`` listed
+    before, for :func:`remove_stale` once the caller has written run.json).
+    """
     if workers < 1:
         raise InputError(f"workers must be at least 1, got {workers}")
-    result_dir = Path(result_dir)
     predictions = _check_result_dir(result_dir)
     attrs = _read_attrs(predictions)
-    run = _read_run(result_dir)
     mpp, width, height = _slide_geometry(attrs, run, predictions)
     from .export import write_geojson_files, write_preview, write_table
     from .postprocess import PostprocessParams, check_overrides, extract_objects
@@ -287,7 +315,10 @@ def derive_objects(
     kwargs: dict[str, Any] = {"workers": workers, "params": params}
     if tasks is not None:
         kwargs["tasks"] = tuple(tasks)
-    batches = _Timed(extract_objects(predictions, **kwargs))
+    if (run.get("parameters") or {}).get("tissue_mask") is False:
+        kwargs["tissue_mask"] = False  # run with --no-tissue-mask: objects are not filtered by the mask
+    extracted = extract_objects(predictions, **kwargs)
+    batches = _Timed(extracted)
     stream: Iterable[ObjectBatch] = batches
     if progress:
         from tqdm import tqdm
@@ -298,7 +329,8 @@ def derive_objects(
     export_s = time.perf_counter() - t_start - objects_s
 
     t0 = time.perf_counter()
-    written = [result_dir / TABLE, *write_geojson_files(result_dir / TABLE, result_dir, gz=geojson_gz, workers=workers)]
+    geojson = list(write_geojson_files(result_dir / TABLE, result_dir, workers=workers))
+    written = [result_dir / TABLE, *geojson, *([_gzip_copy(p) for p in geojson] if geojson_gz else [])]
     thumb, downsample = _thumbnail(predictions, attrs, run, slide, mpp=mpp, width=width, height=height)
     write_preview(thumb, result_dir / TABLE, result_dir / PREVIEW, downsample=downsample)
     written.append(result_dir / PREVIEW)
@@ -307,26 +339,28 @@ def derive_objects(
     if tissue_map:
         t0 = time.perf_counter()
         try:
-            if _store_tissue_map(predictions, attrs):
-                written.append(predictions / TISSUE_CLASSES)
+            written.extend(_store_tissue_map(predictions, attrs, result_dir / TABLE))
         except OSError as exc:
             raise output_error(exc, predictions / TISSUE_CLASSES) or exc
         objects_s += time.perf_counter() - t0
 
-    entries = [{"path": p.relative_to(result_dir).as_posix(), "bytes": _size(p)} for p in written]
+    entries = [file_entry(result_dir, p) for p in written]
     new_paths = {e["path"] for e in entries}
+    old_files = [str(f.get("path")) for f in run.get("files", [])]
     files = [f for f in run.get("files", []) if f.get("path") not in new_paths and not _is_ours(str(f.get("path")))]
     for f in files:
         if f.get("path") == PREDICTIONS and (result_dir / PREDICTIONS).exists():
-            f["bytes"] = _size(result_dir / PREDICTIONS)
+            f.update(file_entry(result_dir, result_dir / PREDICTIONS))
     timings = {"objects": round(objects_s, 3), "export": round(export_s, 3)}
     run["objects"] = table.counts
     run["postprocess"] = {"settings": asdict(params), "overrides": overrides}
+    # problems that did not stop extraction (e.g. truncated objects), already logged one line each
+    kept = [w for w in run.get("warnings", []) if not str(w).startswith("objects: ")]
+    run["warnings"] = kept + [f"objects: {w}" for w in getattr(extracted, "warnings", [])]
     from .postprocess._pool import pool_kind  # processes, or threads in a daemonic Dask worker
 
     run.setdefault("parameters", {})["postprocess_pool"] = pool_kind(workers)
     run["files"] = files + entries
     run.setdefault("timings_s", {}).update(timings)
-    write_json_atomic(result_dir / RUN_JSON, run)
     log.info("derived %d objects in %s (objects %.1f s, export %.1f s)", table.rows, result_dir, objects_s, export_s)
-    return {"objects": table.counts, "rows": table.rows, "files": entries, "timings_s": timings}
+    return {"objects": table.counts, "rows": table.rows, "files": entries, "timings_s": timings, "run": run, "old_files": old_files}

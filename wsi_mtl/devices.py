@@ -1,12 +1,15 @@
-"""Which torch device to run on: one place that turns ``auto | cpu | cuda[:i] | mps`` into a device."""
+"""Device helpers in one place: which torch device (``auto | cpu | cuda[:i] | mps``), which mixed
+precision on it, whether the CPU has native bf16, and how many CPU cores this process may use."""
 
 from __future__ import annotations
+
+import os
 
 import torch
 
 from .errors import InputError
 
-__all__ = ["resolve_device"]
+__all__ = ["resolve_device", "resolve_precision", "cpu_has_bf16", "cpu_count"]
 
 
 def _mps_available() -> bool:
@@ -41,3 +44,44 @@ def resolve_device(device: str | torch.device = "auto") -> torch.device:
     if dev.type not in {"cpu", "cuda", "mps"}:
         raise InputError(f"unsupported device {str(device)!r}; use auto, cpu, cuda, cuda:N or mps")
     return dev
+
+
+def cpu_count() -> int:
+    """CPU cores this process may use (respects affinity masks and cgroup-limited schedulers)."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # pragma: no cover - macOS / Windows
+        return max(1, os.cpu_count() or 1)
+
+
+def cpu_has_bf16() -> bool:
+    """True when this CPU computes bf16 natively (AVX512-BF16 or AMX); emulated bf16 is slower than fp32."""
+    probe = getattr(torch.cpu, "_is_avx512_bf16_supported", None) or getattr(torch.cpu, "_is_amx_tile_supported", None)
+    try:
+        return bool(probe and probe())
+    except Exception:  # pragma: no cover - defensive: probing must never fail a run
+        return False
+
+
+def resolve_precision(device: torch.device, requested: str = "auto") -> torch.dtype | None:
+    """The autocast dtype for ``device``: None means full fp32.
+
+    ``auto`` picks bf16 on CPUs with native bf16 (it doubles throughput here and agrees with fp32
+    within the tolerance tested in ``tests/test_network.py``), bf16 (else fp16) on CUDA, fp32 elsewhere.
+    """
+    requested = (requested or "auto").lower()
+    if requested not in {"auto", "fp32", "bf16", "fp16"}:
+        raise InputError(f"unknown precision {requested!r}; use auto, fp32, bf16 or fp16")
+    if requested == "fp32":
+        return None
+    if requested == "bf16":
+        return torch.bfloat16
+    if requested == "fp16":
+        if device.type == "cpu":
+            raise InputError("fp16 is not supported on the CPU; use bf16 or fp32")
+        return torch.float16
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    if device.type == "cpu" and cpu_has_bf16():
+        return torch.bfloat16
+    return None

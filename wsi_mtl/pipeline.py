@@ -1,15 +1,19 @@
-"""One slide end to end: slide -> tissue mask -> tiles -> network -> predictions.zarr -> objects -> run.json."""
+"""One slide end to end: slide -> tissue mask -> tiles -> network -> predictions.zarr -> objects -> run.json.
+
+:func:`segment_slide` runs named steps: check the options, decide from the result folder what this
+run must do (:func:`wsi_mtl.results.plan_rerun`), load the model, open the slide, plan the tiles,
+run the network into the maps (resuming finished tiles), derive the objects, and write run.json.
+"""
 
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 import math
 import platform
 import time
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -18,18 +22,19 @@ import numpy as np
 import torch
 
 from . import __version__
-from .atomic import output_error, write_json_atomic
-from .engine import cpu_count, resolve_device, resolve_precision, run_inference
-from .network.tta import TTA_VIEWS
+from .atomic import output_error
+from .devices import cpu_count, resolve_device, resolve_precision
+from .engine import run_inference
 from .errors import InputError, NoTissueError, OutputError
-from .store import PREDICTIONS, HeadLayout, PredictionStore
-from .tiling import Tile, kept_fraction, plan_tiles
+from .network.tta import TTA_VIEWS
+from .results import PREDICTIONS, RUN_JSON, file_entry, is_complete, maps_reusable, plan_rerun, read_run, result_dir_for, write_run
+from .store import HeadLayout, PredictionStore
+from .tiling import Tile, TileGrid, kept_fraction, plan_tiles
 
 __all__ = ["SlideResult", "segment_slide", "is_complete", "result_dir_for", "read_run", "RUN_JSON"]
 
 log = logging.getLogger(__name__)
 
-RUN_JSON = "run.json"
 # Larger cores waste less on context (the margin is paid per tile): with the default model's 192 px
 # margin, a 1536 px core keeps 64% of the computed pixels (1024 px: 53%) at ~1.8 GB peak on CPU.
 _DEFAULT_CORE_PX = {"cpu": 1536, "cuda": 2048, "mps": 1024}
@@ -39,41 +44,45 @@ _MASK_MPP = 8.0
 
 @dataclass(frozen=True)
 class SlideResult:
-    """Where a slide's results are and what its run.json says."""
+    """Where a slide's results are, what its run.json says, and what this call did.
+
+    ``action`` is ``computed`` (the network ran; tiles of an interrupted run resumed),
+    ``derived`` (the stored maps were complete: objects only) or ``reused`` (nothing to do);
+    ``summary`` says it in one line; ``seconds`` is this call's time.
+    """
 
     result_dir: Path
     run: dict[str, Any]
+    action: str = "computed"
+    summary: str = ""
+    seconds: float = 0.0
 
 
-def result_dir_for(slide_path: str | Path, out_dir: str | Path, *, name: str | None = None) -> Path:
-    """``out_dir/<name or slide stem>``; ``.ome.tif(f)`` counts as one suffix."""
-    if name:
-        return Path(out_dir) / name
-    name = Path(slide_path).name
-    for suffix in (".ome.tiff", ".ome.tif"):
-        if name.lower().endswith(suffix):
-            return Path(out_dir) / name[: -len(suffix)]
-    return Path(out_dir) / Path(name).stem
+@dataclass(frozen=True)
+class _Options:
+    """The run's options, checked before the slide is opened or the model loaded."""
+
+    device: torch.device
+    amp: torch.dtype | None
+    batch_size: int
+    workers: int
+    tta: int
+    tile_size: int | None
+    margin: int | None
+    overrides: dict[str, Any]
 
 
-def read_run(result_dir: str | Path) -> dict[str, Any] | None:
-    """The run.json of a result folder, or None when absent or unreadable."""
-    try:
-        return json.loads((Path(result_dir) / RUN_JSON).read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return None
+@dataclass
+class _Layout:
+    """What the network will compute: the tile grid, the tiles with tissue, the store's layout."""
 
-
-def is_complete(result_dir: str | Path) -> bool:
-    """True when run.json says the run completed and every file it lists exists."""
-    run = read_run(result_dir)
-    if not run or run.get("status") != "complete":
-        return False
-    return all((Path(result_dir) / f["path"]).exists() for f in run.get("files", []))
-
-
-def _write_run(result_dir: Path, run: dict[str, Any]) -> None:
-    write_json_atomic(result_dir / RUN_JSON, run)
+    grid: TileGrid
+    tiles: list[Tile]
+    tissue: Any
+    heads: list[HeadLayout]
+    fingerprint: dict[str, Any]
+    attrs: dict[str, Any]
+    timings: dict[str, float] = field(default_factory=dict)
 
 
 def _prepare_result_dir(path: Path) -> None:
@@ -96,14 +105,6 @@ def _weights_sha256(model: Any) -> str:
         h.update(name.encode())
         h.update(tensor.detach().cpu().contiguous().numpy().tobytes())
     return h.hexdigest()
-
-
-def _files_entry(result_dir: Path, path: Path) -> dict[str, Any]:
-    if path.is_dir():
-        size = sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
-    else:
-        size = path.stat().st_size
-    return {"path": path.relative_to(result_dir).as_posix(), "bytes": size}
 
 
 def _tissue_keep(mask: np.ndarray, mask_ds: float) -> Any:
@@ -180,220 +181,290 @@ def segment_slide(
     SlideResult
         The result folder and the contents of its run.json.
     """
-    from .network import load_model
-    from .postprocess import check_overrides
-    from .slide import open_slide
-
     t_start = time.perf_counter()
-    timings: dict[str, float] = {}
-    overrides = check_overrides(postprocess)
+    opts = _check_options(device=device, precision=precision, batch_size=batch_size, tile_size=tile_size, margin=margin,
+                          workers=workers, tta=tta, postprocess=postprocess)
     slide_path = Path(slide_path)
     result_dir = result_dir_for(slide_path, out_dir, name=name)
-    if not overwrite and is_complete(result_dir):
-        done = read_run(result_dir) or {}
-        if not objects or dict((done.get("postprocess") or {}).get("overrides") or {}) == overrides:
-            log.info("%s is already complete; nothing to do (use overwrite to recompute)", result_dir)
-            return SlideResult(result_dir, done)
-        log.info("%s is complete; re-deriving its objects with post-processing overrides %s", result_dir, overrides)
-        return _derive_and_finish(result_dir, done, objects=True, overrides=overrides, progress=progress, geojson_gz=geojson_gz, t_start=t_start)
+    rerun = plan_rerun(result_dir, objects=objects, overrides=opts.overrides, geojson_gz=geojson_gz, overwrite=overwrite)
+    if rerun.action == "nothing":
+        return _reused(result_dir, rerun.run or {}, t_start)
+    if rerun.action == "derive":
+        log.info("%s is complete; deriving its objects from the stored maps: %s", result_dir, rerun.reason)
+        run = rerun.run or {}
+        done = [f"maps complete: {(run.get('tiles') or {}).get('with_tissue', 0)} tiles reused"]
+        return _finish(result_dir, run, opts, objects=True, geojson_gz=geojson_gz, progress=progress, slide=None,
+                       t_start=t_start, done=done, action="derived", why=rerun.reason)
+
+    timings: dict[str, float] = {}
+    t0 = time.perf_counter()
+    with _open_slide(slide_path, mpp) as slide:
+        timings["open_slide"] = time.perf_counter() - t0
+        model = _load_model(model, opts.device, timings)
+        layout = _plan(slide, slide_path, model, opts, tissue_mask=tissue_mask)
+        _prepare_result_dir(result_dir)
+        layout.timings.update(timings)
+        previous = None if overwrite else read_run(result_dir)
+        if previous is not None and maps_reusable(result_dir, previous, layout.fingerprint):
+            log.info("maps of %s are complete; deriving objects only", result_dir)
+            run, action = previous, "derived"
+            done = [f"maps complete: {len(layout.tiles)} tiles reused"]
+        else:
+            run = _infer_maps(slide, slide_path, result_dir, model, layout, opts, progress=progress, tissue_mask=tissue_mask,
+                              objects=objects, mpp=mpp)
+            action, done = "computed", [_tiles_done(run)]
+        return _finish(result_dir, run, opts, objects=objects, geojson_gz=geojson_gz, progress=progress, slide=slide,
+                       t_start=t_start, done=done, action=action)
+
+
+def _check_options(*, device: str, precision: str, batch_size: int | None, tile_size: int | None, margin: int | None,
+                   workers: int | None, tta: int, postprocess: Mapping[str, Any] | None) -> _Options:
+    """Every option checked (InputError naming it) before anything is opened, loaded or written."""
+    from .postprocess import check_overrides
+
+    overrides = check_overrides(postprocess)
+    if tta not in TTA_VIEWS:
+        raise InputError(f"tta must be one of {', '.join(map(str, TTA_VIEWS))} views, not {tta}")
+    for label, value, least in (("batch size", batch_size, 1), ("workers", workers, 1), ("tile size", tile_size, 1), ("margin", margin, 0)):
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < least):
+            raise InputError(f"{label} must be a whole number of at least {least}, not {value!r}")
+    dev = resolve_device(device)
+    amp = resolve_precision(dev, precision)
+    return _Options(
+        device=dev, amp=amp, batch_size=batch_size or _DEFAULT_BATCH.get(dev.type, 2),
+        workers=workers or min(4, max(2, cpu_count())), tta=int(tta), tile_size=tile_size, margin=margin, overrides=overrides,
+    )
+
+
+def _open_slide(slide_path: Path, mpp: float | None) -> Any:
+    from .slide import open_slide
+
+    return open_slide(slide_path, mpp=mpp)
+
+
+def _load_model(model: Any, dev: torch.device, timings: dict[str, float]) -> Any:
+    """``model`` itself when already loaded, else the named (or default) model loaded onto ``dev``."""
+    if model is None or isinstance(model, (str, Path)):
+        from .network import load_model
+
+        t0 = time.perf_counter()
+        model = load_model(model, device=str(dev))
+        timings["load_model"] = time.perf_counter() - t0
+    if not model.config.trained:
+        log.warning("model %s is UNTRAINED (random weights): outputs are meaningless", model.config.name)
+    if dev.type == "cpu":
+        torch.set_num_threads(cpu_count())
+    return model
+
+
+def _plan(slide: Any, slide_path: Path, model: Any, opts: _Options, *, tissue_mask: bool) -> _Layout:
+    """Tile grid at the model's mpp, tissue mask, the tiles to compute, and the store's layout and fingerprint."""
+    cfg = model.config
+    stride = int(cfg.stride)
+    core = opts.tile_size or _DEFAULT_CORE_PX.get(opts.device.type, 1024)
+    core = max(stride, int(round(core / stride)) * stride)
+    margin_px = int(cfg.context_px if opts.margin is None else opts.margin)
+    margin_px = int(math.ceil(margin_px / stride)) * stride
+    heads = _head_layouts(cfg, core, margin_px)
+
+    model_mpp = float(cfg.mpp)
+    ds = model_mpp / slide.mpp
+    out_h = max(1, int(math.ceil(slide.height / ds)))
+    out_w = max(1, int(math.ceil(slide.width / ds)))
+    grid = plan_tiles(out_h, out_w, core_px=core, margin_px=margin_px, stride=stride)
+
+    from .tissue import compute_tissue_mask
 
     t0 = time.perf_counter()
-    slide = open_slide(slide_path, mpp=mpp)
-    timings["open_slide"] = time.perf_counter() - t0
-    try:
-        dev = resolve_device(device)
-        if model is None or isinstance(model, (str, Path)):
-            t0 = time.perf_counter()
-            model = load_model(model, device=str(dev))
-            timings["load_model"] = time.perf_counter() - t0
-        cfg = model.config
-        weights_sha = _weights_sha256(model)
-        if not cfg.trained:
-            log.warning("model %s is UNTRAINED (random weights): outputs are meaningless", cfg.name)
-        amp = resolve_precision(dev, precision)
-        if dev.type == "cpu":
-            torch.set_num_threads(cpu_count())
-        batch_size = batch_size or _DEFAULT_BATCH.get(dev.type, 2)
-        stride = int(cfg.stride)
-        core = tile_size or _DEFAULT_CORE_PX.get(dev.type, 1024)
-        core = max(stride, int(round(core / stride)) * stride)
-        margin_px = int(cfg.context_px if margin is None else margin)
-        margin_px = int(math.ceil(margin_px / stride)) * stride
-        if batch_size < 1 or (workers is not None and workers < 1):
-            raise InputError("batch size and workers must be at least 1")
-        if tta not in TTA_VIEWS:
-            raise InputError(f"tta must be one of {', '.join(map(str, TTA_VIEWS))} views, not {tta}")
-        workers = workers or min(4, max(2, cpu_count()))
-
-        model_mpp = float(cfg.mpp)
-        ds = model_mpp / slide.mpp
-        out_h = max(1, int(math.ceil(slide.height / ds)))
-        out_w = max(1, int(math.ceil(slide.width / ds)))
-        grid = plan_tiles(out_h, out_w, core_px=core, margin_px=margin_px, stride=stride)
-
-        _prepare_result_dir(result_dir)
-        t0 = time.perf_counter()
-        from .tissue import compute_tissue_mask
-
-        tissue = compute_tissue_mask(slide, mask_mpp=max(_MASK_MPP, model_mpp))
-        timings["tissue_mask"] = time.perf_counter() - t0
-        if tissue_mask:
-            if not tissue.mask.any():
-                raise NoTissueError(f"no tissue found in {slide_path.name}; use --no-tissue-mask to process it anyway")
-            tiles = list(grid.tiles(keep=_tissue_keep(tissue.mask, tissue.mpp / model_mpp)))
-        else:
-            tiles = list(grid.tiles())
-
-        heads = []
-        ps = int(getattr(cfg, "patch_stride_px", stride))
-        for name, head in cfg.heads.items():
-            cell = ps if head.kind == "patch" else 1
-            if core % cell or margin_px % cell:
-                raise InputError(f"tile size {core} and margin {margin_px} must be multiples of {cell} for head {name}")
-            heads.append(HeadLayout(name, len(head.class_names), cell))
-        heads_attrs = {
-            name: {"kind": h.kind, "classes": list(h.class_names), "colors": [list(c) for c in h.colors], "cell_px": (ps if h.kind == "patch" else 1)}
-            for name, h in cfg.heads.items()
-        }
-        fingerprint = {
-            "wsimtl": __version__,
-            "model": cfg.name,
-            "weights_sha256": weights_sha,
-            "slide_size": [slide.width, slide.height],
-            "slide_mpp": slide.mpp,
-            "core_px": core,
-            "margin_px": margin_px,
-            "precision": str(amp),
-            "tissue_mask": tissue_mask,
-            "tiles": len(tiles),
-            "tta": int(tta),
-        }
-        attrs = {
-            "version": __version__,
-            "model": {"name": cfg.name, "trained": bool(cfg.trained), "weights_sha256": weights_sha},
-            "heads": heads_attrs,
-            "slide": {"path": str(slide_path.resolve()), "width": slide.width, "height": slide.height, "mpp": slide.mpp, "mpp_source": slide.mpp_source, "offset": list(slide.offset)},
-            "model_mpp": model_mpp,
-            "downsample": ds,
-            "tile": {"core_px": core, "margin_px": margin_px},
-            "tissue_mask_mpp": tissue.mpp,
-            "postprocess": dict(cfg.extra.get("postprocess") or {}),
-        }
-        previous = read_run(result_dir)
-        maps_done = (
-            not overwrite
-            and previous is not None
-            and previous.get("status") == "maps"
-            and previous.get("fingerprint") == fingerprint
-            and (result_dir / PREDICTIONS).is_dir()
-        )
-    except BaseException:
-        slide.close()
-        raise
-    if maps_done:
-        slide.close()
-        log.info("maps of %s are complete; deriving objects only", result_dir)
-        run = previous
+    tissue = compute_tissue_mask(slide, mask_mpp=max(_MASK_MPP, model_mpp))
+    timings = {"tissue_mask": time.perf_counter() - t0}
+    if tissue_mask:
+        if not tissue.mask.any():
+            raise NoTissueError(f"no tissue found in {slide_path.name}; use --no-tissue-mask to process it anyway")
+        tiles = list(grid.tiles(keep=_tissue_keep(tissue.mask, tissue.mpp / model_mpp)))
     else:
-        run = _infer_maps(slide, slide_path, result_dir, model, grid, tiles, tissue, heads, fingerprint, attrs,
-                          dev=dev, amp=amp, batch_size=batch_size, workers=workers, progress=progress, tta=tta,
-                          tissue_mask=tissue_mask, objects=objects, mpp=mpp, timings=timings)
+        tiles = list(grid.tiles())
 
-    return _derive_and_finish(result_dir, run, objects=objects, overrides=overrides, progress=progress, geojson_gz=geojson_gz, t_start=t_start)
+    weights_sha = _weights_sha256(model)
+    fingerprint = {
+        "wsimtl": __version__,
+        "model": cfg.name,
+        "weights_sha256": weights_sha,
+        "slide_size": [slide.width, slide.height],
+        "slide_mpp": slide.mpp,
+        "core_px": core,
+        "margin_px": margin_px,
+        "precision": str(opts.amp),
+        "tissue_mask": tissue_mask,
+        "tiles": len(tiles),
+        "tta": opts.tta,
+    }
+    attrs = {
+        "version": __version__,
+        "model": {"name": cfg.name, "trained": bool(cfg.trained), "weights_sha256": weights_sha},
+        "heads": _heads_attrs(cfg),
+        "slide": {"path": str(slide_path.resolve()), "width": slide.width, "height": slide.height, "mpp": slide.mpp,
+                  "mpp_source": slide.mpp_source, "offset": list(slide.offset)},
+        "model_mpp": model_mpp,
+        "downsample": ds,
+        "tile": {"core_px": core, "margin_px": margin_px},
+        "tissue_mask_mpp": tissue.mpp,
+        "postprocess": dict(cfg.extra.get("postprocess") or {}),
+    }
+    return _Layout(grid, tiles, tissue, heads, fingerprint, attrs, timings)
 
 
-def _derive_and_finish(result_dir: Path, run: dict[str, Any], *, objects: bool, overrides: Mapping[str, Any], progress: bool,
-                       geojson_gz: bool, t_start: float) -> SlideResult:
-    """Objects and exports from the finished maps (``objects``), then run.json marked complete."""
+def _patch_cell(cfg: Any) -> int:
+    return int(getattr(cfg, "patch_stride_px", cfg.stride))
+
+
+def _head_layouts(cfg: Any, core: int, margin_px: int) -> list[HeadLayout]:
+    """One store layout per head; the tile core and margin must be whole patch cells."""
+    heads = []
+    for name, head in cfg.heads.items():
+        cell = _patch_cell(cfg) if head.kind == "patch" else 1
+        if core % cell or margin_px % cell:
+            raise InputError(f"tile size {core} and margin {margin_px} must be multiples of {cell} for head {name}")
+        heads.append(HeadLayout(name, len(head.class_names), cell))
+    return heads
+
+
+def _heads_attrs(cfg: Any) -> dict[str, Any]:
+    return {
+        name: {"kind": h.kind, "classes": list(h.class_names), "colors": [list(c) for c in h.colors],
+               "cell_px": (_patch_cell(cfg) if h.kind == "patch" else 1)}
+        for name, h in cfg.heads.items()
+    }
+
+
+def _tiles_done(run: Mapping[str, Any]) -> str:
+    """What the network did: tiles computed, and those reused from an interrupted run."""
+    tiles = run.get("tiles") or {}
+    computed, resumed = tiles.get("computed", 0), tiles.get("resumed", 0)
+    if resumed:
+        return f"resumed an interrupted run: {resumed} tiles reused, {computed} computed"
+    return f"maps: {computed} tiles computed"
+
+
+def _reused(result_dir: Path, run: dict[str, Any], t_start: float) -> SlideResult:
+    """A complete result that this run's options ask nothing more of."""
+    log.info("%s is already complete; nothing to do (use overwrite to recompute)", result_dir)
+    made = run.get("created", "earlier")
+    summary = f"already complete (made {made}): nothing to do; --overwrite recomputes"
+    return SlideResult(result_dir, run, "reused", summary, time.perf_counter() - t_start)
+
+
+def _finish(result_dir: Path, run: dict[str, Any], opts: _Options, *, objects: bool, geojson_gz: bool, progress: bool, slide: Any,
+            t_start: float, done: list[str], action: str, why: str = "") -> SlideResult:
+    """Objects and exports from the finished maps (``objects``), then run.json, marked complete, written once."""
+    old_files: list[str] = []
     if objects:
-        from .derive import derive_objects
+        from .derive import derive_into, remove_stale
 
-        derive_objects(result_dir, workers=cpu_count(), progress=progress, geojson_gz=geojson_gz, postprocess=overrides)
-        run = read_run(result_dir) or run
+        t0 = time.perf_counter()
+        summary = derive_into(result_dir, run, workers=cpu_count(), progress=progress, geojson_gz=geojson_gz, slide=slide,
+                              postprocess=opts.overrides)
+        run, old_files = summary["run"], summary["old_files"]
+        run.setdefault("parameters", {})["objects"] = True
+        done.append(f"objects derived in {time.perf_counter() - t0:.0f} s" + (f" ({why})" if why else ""))
+    else:
+        done.append("no objects (--no-objects)")
+    seconds = time.perf_counter() - t_start
     run["status"] = "complete"
-    run.setdefault("timings_s", {})["total"] = round(time.perf_counter() - t_start, 3)
-    _write_run(result_dir, run)
-    return SlideResult(result_dir, run)
+    run.setdefault("timings_s", {})["total"] = round(seconds, 3)
+    text = "; ".join(done)
+    run.setdefault("history", []).append({"at": datetime.now(timezone.utc).isoformat(timespec="seconds"), "did": text})
+    write_run(result_dir, run)
+    if objects:
+        remove_stale(result_dir, old_files, {f["path"] for f in run["files"]})
+    return SlideResult(result_dir, run, action, text, seconds)
 
 
-def _infer_maps(slide: Any, slide_path: Path, result_dir: Path, model: Any, grid: Any, tiles: list[Tile], tissue: Any,
-                heads: list[HeadLayout], fingerprint: dict[str, Any], attrs: dict[str, Any], *, dev: torch.device,
-                amp: torch.dtype | None, batch_size: int, workers: int, progress: bool, tta: int, tissue_mask: bool,
-                objects: bool, mpp: float | None, timings: dict[str, float]) -> dict[str, Any]:
-    """Run the network over ``tiles`` into predictions.zarr and write run.json with status ``maps``."""
-    cfg = model.config
-    model_mpp = float(cfg.mpp)
+def _infer_maps(slide: Any, slide_path: Path, result_dir: Path, model: Any, layout: _Layout, opts: _Options, *,
+                progress: bool, tissue_mask: bool, objects: bool, mpp: float | None) -> dict[str, Any]:
+    """Run the network over the layout's tiles into predictions.zarr and write run.json with status ``maps``.
+
+    That run.json is the checkpoint of the maps: a rerun that finds it (with the same fingerprint)
+    derives the objects only.
+    """
+    grid = layout.grid
+    store = PredictionStore(result_dir, heads=layout.heads, height=grid.height, width=grid.width, core_px=grid.core_px,
+                            downsample=layout.attrs["downsample"], fingerprint=layout.fingerprint, attrs=layout.attrs)
     try:
-        store = PredictionStore(result_dir, heads=heads, height=grid.height, width=grid.width, core_px=grid.core_px,
-                                downsample=attrs["downsample"], fingerprint=fingerprint, attrs=attrs)
-        try:
-            store.write_mask("tissue_mask", tissue.mask, downsample=tissue.mpp / slide.mpp)
-            stats = run_inference(
-                slide, model, grid, tiles, store, mpp=model_mpp, device=dev, batch_size=batch_size,
-                precision=amp, workers=workers, progress=progress, tta=tta,
-            )
-            store.update_attrs(damaged_regions=stats.damaged)
-            store.finalize()
-        finally:
-            store.close()
-        timings["inference"] = stats.wall_s
+        store.write_mask("tissue_mask", layout.tissue.mask, downsample=layout.tissue.mpp / slide.mpp)
+        stats = run_inference(
+            slide, model, grid, layout.tiles, store, mpp=float(model.config.mpp), device=opts.device, batch_size=opts.batch_size,
+            precision=opts.amp, workers=opts.workers, progress=progress, tta=opts.tta,
+        )
+        from .damage import check_damage  # warns once, or fails a mostly unreadable slide (the store stays resumable)
 
-        run: dict[str, Any] = {
-            "wsimtl_version": __version__,
-            "status": "maps",
-            "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-            "slide": {
-                "path": str(slide_path.resolve()),
-                "name": slide_path.name,
-                "backend": slide.backend,
-                "vendor": slide.vendor,
-                "width": slide.width,
-                "height": slide.height,
-                "offset": list(slide.offset),
-                "mpp": slide.mpp,
-                "mpp_source": slide.mpp_source,
-                "objective_power": slide.objective_power,
-            },
-            "model": {
-                "name": cfg.name,
-                "trained": bool(cfg.trained),
-                "weights_sha256": fingerprint["weights_sha256"],
-                "mpp": model_mpp,
-                "license": getattr(cfg, "license", None),
-                "warning": None if cfg.trained else "UNTRAINED model with random weights: outputs are meaningless",
-            },
-            "parameters": {
-                "device": str(dev),
-                "precision": str(amp).replace("torch.", "") if amp is not None else "fp32",
-                "batch_size": batch_size,
-                "tile_core_px": grid.core_px,
-                "tile_margin_px": grid.margin_px,
-                "tile_input_px": grid.input_px,
-                "workers": workers,
-                "tta_views": tta,
-                "torch_threads": torch.get_num_threads(),
-                "tissue_mask": tissue_mask,
-                "objects": objects,
-                "mpp_override": mpp,
-            },
-            "environment": {"python": platform.python_version(), "torch": torch.__version__, "platform": platform.platform()},
-            "tiles": {
-                "grid": [grid.rows, grid.cols],
-                "total": grid.rows * grid.cols,
-                "with_tissue": len(tiles),
-                "computed": stats.tiles_computed,
-                "resumed": stats.tiles_resumed,
-                "kept_fraction": round(kept_fraction(grid, tiles), 4),
-                "tissue_fraction": round(float(tissue.mask.mean()), 4),
-            },
-            "damaged_regions": stats.damaged,
-            "inference": stats.as_dict(),
-            "objects": {},
-            "timings_s": {k: round(v, 3) for k, v in timings.items()},
-            "files": [_files_entry(result_dir, result_dir / PREDICTIONS)],
-            "fingerprint": fingerprint,
-        }
-        _write_run(result_dir, run)
+        stats.damaged_fraction = check_damage(stats.damaged, layout.tissue, slide_mpp=slide.mpp, name=slide_path.name)
+        store.update_attrs(damaged_regions=stats.damaged)
+        store.finalize()
     finally:
-        slide.close()
+        store.close()
+    layout.timings["inference"] = stats.wall_s
+    run = _run_record(slide, slide_path, result_dir, model, layout, opts, stats, tissue_mask=tissue_mask, objects=objects, mpp=mpp)
+    write_run(result_dir, run)
     return run
+
+
+def _run_record(slide: Any, slide_path: Path, result_dir: Path, model: Any, layout: _Layout, opts: _Options, stats: Any, *,
+                tissue_mask: bool, objects: bool, mpp: float | None) -> dict[str, Any]:
+    """run.json of finished maps (status ``maps``)."""
+    cfg, grid, amp = model.config, layout.grid, opts.amp
+    return {
+        "wsimtl_version": __version__,
+        "status": "maps",
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "slide": {
+            "path": str(slide_path.resolve()),
+            "name": slide_path.name,
+            "backend": slide.backend,
+            "vendor": slide.vendor,
+            "width": slide.width,
+            "height": slide.height,
+            "offset": list(slide.offset),
+            "mpp": slide.mpp,
+            "mpp_source": slide.mpp_source,
+            "objective_power": slide.objective_power,
+        },
+        "model": {
+            "name": cfg.name,
+            "trained": bool(cfg.trained),
+            "weights_sha256": layout.fingerprint["weights_sha256"],
+            "mpp": float(cfg.mpp),
+            "license": getattr(cfg, "license", None),
+            "warning": None if cfg.trained else "UNTRAINED model with random weights: outputs are meaningless",
+        },
+        "parameters": {
+            "device": str(opts.device),
+            "precision": str(amp).replace("torch.", "") if amp is not None else "fp32",
+            "batch_size": opts.batch_size,
+            "tile_core_px": grid.core_px,
+            "tile_margin_px": grid.margin_px,
+            "tile_input_px": grid.input_px,
+            "workers": opts.workers,
+            "tta_views": opts.tta,
+            "torch_threads": torch.get_num_threads(),
+            "tissue_mask": tissue_mask,
+            "objects": objects,
+            "mpp_override": mpp,
+        },
+        "environment": {"python": platform.python_version(), "torch": torch.__version__, "platform": platform.platform()},
+        "tiles": {
+            "grid": [grid.rows, grid.cols],
+            "total": grid.rows * grid.cols,
+            "with_tissue": len(layout.tiles),
+            "computed": stats.tiles_computed,
+            "resumed": stats.tiles_resumed,
+            "kept_fraction": round(kept_fraction(grid, layout.tiles), 4),
+            "tissue_fraction": round(float(layout.tissue.mask.mean()), 4),
+        },
+        "damaged_regions": stats.damaged,
+        "inference": stats.as_dict(),
+        "objects": {},
+        "timings_s": {k: round(v, 3) for k, v in layout.timings.items()},
+        "files": [file_entry(result_dir, result_dir / PREDICTIONS)],
+        "fingerprint": layout.fingerprint,
+    }

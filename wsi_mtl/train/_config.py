@@ -127,9 +127,9 @@ def _bf16_setting(value: Any) -> bool:
     if isinstance(value, bool):
         return value
     if isinstance(value, str) and value.strip().lower() == "auto":
-        from ..engine import _cpu_has_bf16
+        from ..devices import cpu_has_bf16
 
-        return _cpu_has_bf16()
+        return cpu_has_bf16()
     raise InputError(f"training config: bf16 must be true, false or auto, got {value!r}")
 
 

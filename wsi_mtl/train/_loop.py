@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from ..engine import _cpu_has_bf16
+from ..devices import cpu_has_bf16
 from ..errors import InputError, ModelError
 from ..network import ModelConfig, MultiTaskNet, create_model, get_model_config, save_model
 from ..network.config import PATCH_POOLS
@@ -363,7 +363,7 @@ def train(cfg: TrainConfig, *, max_minutes: float | None = None, progress: bool 
     """
     t_start = time.monotonic()
     torch.set_num_threads(max(1, int(cfg.threads)))
-    if cfg.bf16 and not _cpu_has_bf16():
+    if cfg.bf16 and not cpu_has_bf16():
         logger.warning("bf16: true, but this CPU has no native bf16 (avx512_bf16 / amx): autocast emulates it, "
                        "slower than fp32 here; set bf16: false or auto for speed")
     run = Path(cfg.run_dir)

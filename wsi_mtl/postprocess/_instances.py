@@ -128,6 +128,14 @@ def split_at_necks(labels: np.ndarray, h: float) -> np.ndarray:
     labels = _validate_labels(labels)
     if h <= 0:
         raise ValueError(f"h must be > 0, got {h}")
+    return _split_at_necks(labels, h)
+
+
+def _split_at_necks(labels: np.ndarray, h: float, skip: np.ndarray | None = None) -> np.ndarray:
+    """:func:`split_at_necks`; objects ``i`` with ``skip[i]`` are never cut (they still shape their
+    neighbours' distance maps). New pieces are numbered in label order, so skipping objects whose
+    pieces would all be dropped later leaves the other pieces' order, and so any sequential
+    renumbering, unchanged."""
     n = int(labels.max(initial=0))
     if n == 0:
         return labels
@@ -141,7 +149,10 @@ def split_at_necks(labels: np.ndarray, h: float) -> np.ndarray:
     owner = np.zeros(n_peaks + 1, np.int64)
     on = peaks > 0
     owner[peaks[on]] = labels[on]
-    candidates = np.flatnonzero(np.bincount(owner[1:], minlength=n + 1) >= 2)
+    examine = np.bincount(owner[1:], minlength=n + 1) >= 2
+    if skip is not None:
+        examine &= ~skip
+    candidates = np.flatnonzero(examine)
     if len(candidates) == 0:
         return labels
     slices = ndi.find_objects(labels)
@@ -157,7 +168,7 @@ def split_at_necks(labels: np.ndarray, h: float) -> np.ndarray:
         wide = (slice(sl[0].start, sl[0].stop + 2), slice(sl[1].start, sl[1].stop + 2))
         obj = labels_p[wide] == i
         crops.append((int(i), sl, obj, np.where(obj, dist_p[wide], 0)))
-    places, shape = _shelf_pack([c[2].shape for c in crops])
+    places, shape = _shelf_pack([c[2].shape for c in crops])  # the canvas is ~2x smaller when crops go tallest first
     d_c = np.zeros(shape, dist.dtype)
     for (_, _, _, d), (r, c) in zip(crops, places):
         d_c[r : r + d.shape[0], c : c + d.shape[1]] = d
@@ -176,13 +187,16 @@ def split_at_necks(labels: np.ndarray, h: float) -> np.ndarray:
 
 
 def _shelf_pack(shapes: list[tuple[int, int]]) -> tuple[list[tuple[int, int]], tuple[int, int]]:
-    """Top-left corners for boxes of ``shapes`` laid in rows on one canvas, and its shape."""
+    """Top-left corners for boxes of ``shapes`` laid in rows on one canvas, tallest first (little
+    space lost in each row), and the canvas shape."""
     width = max(max(w for _, w in shapes), int(np.sqrt(sum(hh * w for hh, w in shapes))) * 2)
-    places, r, c, row_h = [], 0, 0, 0
-    for hh, w in shapes:
+    places: list[tuple[int, int]] = [(0, 0)] * len(shapes)
+    r, c, row_h = 0, 0, 0
+    for k in sorted(range(len(shapes)), key=lambda k: -shapes[k][0]):
+        hh, w = shapes[k]
         if c + w > width:
             r, c, row_h = r + row_h, 0, 0
-        places.append((r, c))
+        places[k] = (r, c)
         c += w
         row_h = max(row_h, hh)
     return places, (r + row_h, width)
@@ -193,8 +207,8 @@ def _drop_unconfident(labels: np.ndarray, interior: np.ndarray, min_interior: fl
     n = int(labels.max(initial=0))
     if n == 0:
         return labels
-    peak = ndi.maximum(interior, labels, np.arange(1, n + 1))
-    keep = np.r_[False, np.asarray(peak) >= min_interior]
+    keep = _reaches(labels, interior, min_interior, n)
+    keep[0] = False
     return np.where(keep[labels], labels, 0).astype(labels.dtype)
 
 
@@ -205,6 +219,23 @@ def remove_unconfident_instances(labels: np.ndarray, inst_prob: np.ndarray, min_
     inst_prob = _validate_prob(inst_prob, channels=3, name="inst_prob")
     labels = _validate_labels(labels, inst_prob.shape[1:])
     return _drop_unconfident(labels, inst_prob[1], min_interior * _scale(inst_prob)) if min_interior > 0 else labels
+
+
+def _doomed(labels: np.ndarray, interior: np.ndarray, min_peak: float, min_area_px: float) -> np.ndarray:
+    """Objects (index = label) that are dropped whatever they are cut into: smaller than
+    ``min_area_px``, or with no ``interior`` value reaching ``min_peak`` (> 0). Every piece of such
+    an object is as small or as unsure, so neck cutting may skip them."""
+    n = int(labels.max(initial=0))
+    doomed = np.bincount(labels.ravel(), minlength=n + 1) < min_area_px
+    if min_peak > 0:
+        doomed |= ~_reaches(labels, interior, min_peak, n)
+    doomed[0] = True
+    return doomed
+
+
+def _reaches(labels: np.ndarray, values: np.ndarray, least: float, n: int) -> np.ndarray:
+    """Whether some pixel of each object (index = label, 0..n) has ``values >= least``."""
+    return np.bincount(labels[values >= least], minlength=n + 1) > 0
 
 
 def _nuclei_instances(
@@ -264,7 +295,7 @@ def _nuclei_instances(
             ws = watershed(surface[sl], np.where(m, markers[sl], 0), mask=m, connectivity=1)
             labels[sl][m] = ws[m] + n_comp
     if split_h > 0:
-        labels = split_at_necks(labels, split_h)
+        labels = _split_at_necks(labels, split_h, skip=_doomed(labels, interior, min_interior * s, min_area_px))
     if min_interior > 0:
         labels = _drop_unconfident(labels, interior, min_interior * s)
     labels = _remove_small(labels, min_area_px)
@@ -339,20 +370,104 @@ def nuclei_instances(
 
 
 def _fill_holes_per_label(labels: np.ndarray) -> np.ndarray:
-    """Fill background holes inside each object with that object's label."""
+    """Fill background holes inside each object with that object's label.
+
+    A hole of object ``i`` is a 4-connected component of the pixels that are not ``i`` inside its
+    bounding box that does not reach the box's edge (``scipy.ndimage.binary_fill_holes``); only its
+    background pixels are filled, in label order (a later label wins a pixel two objects enclose).
+    An object can have a hole only where a 4-connected background component that does not reach
+    the array's edge lies strictly inside its box, so only those objects are examined.
+    """
     out = labels
-    for i, sl in enumerate(ndi.find_objects(labels), start=1):
-        if sl is None:
-            continue
+    slices = ndi.find_objects(labels)
+    for i in _may_enclose(labels, slices):
+        sl = slices[i - 1]
         crop = labels[sl]
         obj = crop == i
-        filled = ndi.binary_fill_holes(obj)
-        add = filled & ~obj & (crop == 0)
+        add = _holes(obj) & (crop == 0)
         if add.any():
             if out is labels:
                 out = labels.copy()
             out[sl][add] = i
     return out
+
+
+def _holes(mask: np.ndarray) -> np.ndarray:
+    """Pixels outside ``mask`` whose 4-connected component does not reach the array's edge."""
+    comps, n = ndi.label(~mask)
+    if n == 0:
+        return np.zeros(mask.shape, bool)
+    enclosed = np.ones(n + 1, bool)
+    enclosed[comps[0]] = enclosed[comps[-1]] = enclosed[comps[:, 0]] = enclosed[comps[:, -1]] = False
+    enclosed[0] = False
+    return enclosed[comps]
+
+
+def _may_enclose(labels: np.ndarray, slices: list) -> list[int]:
+    """Labels whose bounding box strictly holds the box of a background component that does not
+    reach the array's edge (the objects that can have holes), in increasing order."""
+    boxes = np.array([(s[0].start, s[0].stop, s[1].start, s[1].stop) if s is not None else (0, 0, 0, 0) for s in slices])
+    if len(boxes) == 0:
+        return []
+    back, n_back = ndi.label(labels == 0)
+    enclosed = np.ones(n_back + 1, bool)
+    enclosed[back[0]] = enclosed[back[-1]] = enclosed[back[:, 0]] = enclosed[back[:, -1]] = False
+    enclosed[0] = False
+    holes = [s for k, s in enumerate(ndi.find_objects(back), start=1) if enclosed[k]]
+    if not holes:
+        return []
+    hb = np.array([(s[0].start, s[0].stop, s[1].start, s[1].stop) for s in holes])
+    found = np.zeros(len(boxes), bool)
+    for k in range(0, len(hb), 256):  # blocks keep the (objects x holes) tables small
+        b = hb[k : k + 256]
+        inside = (
+            (boxes[:, None, 0] < b[None, :, 0]) & (b[None, :, 1] < boxes[:, None, 1])
+            & (boxes[:, None, 2] < b[None, :, 2]) & (b[None, :, 3] < boxes[:, None, 3])
+        )
+        found |= inside.any(axis=1)
+    return [int(i) + 1 for i in np.flatnonzero(found)]
+
+
+def _disk_rows(radius: int) -> list[tuple[int, int]]:
+    """``skimage.morphology.disk(radius)`` as (row offset, half-width) of its centred rows."""
+    from skimage.morphology import disk
+
+    foot = disk(radius)
+    return [(dy - radius, (int(row.sum()) - 1) // 2) for dy, row in enumerate(foot)]
+
+
+def _shifted_rows(mask: np.ndarray, radius: int, erode: bool) -> np.ndarray:
+    """Binary erosion (``erode``) or dilation of ``mask`` by ``disk(radius)``, outside = False.
+
+    The disk is a stack of centred rows: each row width's 1-D minimum (maximum) along x is taken
+    once, then shifted by every row offset and combined with AND (OR): the same set as
+    ``scipy.ndimage.binary_erosion`` / ``binary_dilation`` with that footprint, in a few passes.
+    """
+    m = mask.view(np.uint8)
+    filt = ndi.minimum_filter1d if erode else ndi.maximum_filter1d
+    along: dict[int, np.ndarray] = {}
+    out = np.full(mask.shape, erode, bool)
+    h = mask.shape[0]
+    for dy, half in _disk_rows(radius):
+        if half not in along:
+            along[half] = filt(m, 2 * half + 1, axis=1, mode="constant", cval=0).view(bool)
+        rows = along[half]
+        # erosion reads p + (dy, dx); dilation reads p - (dy, dx) (the disk is symmetric)
+        src = dy if erode else -dy
+        lo, hi = min(h, max(0, -src)), max(0, min(h, h - src))
+        hi = max(lo, hi)
+        if erode:
+            out[:lo] = False
+            out[hi:] = False
+            out[lo:hi] &= rows[lo + src : hi + src]
+        else:
+            out[lo:hi] |= rows[lo + src : hi + src]
+    return out
+
+
+def _open_disk(mask: np.ndarray, radius: int) -> np.ndarray:
+    """``scipy.ndimage.binary_opening(mask, structure=disk(radius))``, by rows of the disk."""
+    return _shifted_rows(_shifted_rows(np.ascontiguousarray(mask, bool), radius, True), radius, False)
 
 
 def _expand_labels_square(labels: np.ndarray, distance: int) -> np.ndarray:
@@ -374,20 +489,27 @@ def _expand_labels_square(labels: np.ndarray, distance: int) -> np.ndarray:
             row = sl[0].start
             col = sl[1].start + int(np.argmax(labels[row, sl[1]] == i + 1))
             first[i] = row * width + col
-    small = np.int16 if n < np.iinfo(np.int16).max else np.int32  # narrower is faster to filter
+    small = np.uint8 if n < 255 else np.int16 if n < np.iinfo(np.int16).max else np.int32  # narrower is faster to filter
     rank = np.empty(n + 1, small)  # label -> rank of its first pixel (0 = background)
     rank[0] = 0
     order = np.argsort(first, kind="stable")
     rank[order + 1] = np.arange(1, n + 1, dtype=small)
     back = np.zeros(n + 1, labels.dtype)
     back[rank[1:]] = np.arange(1, n + 1, dtype=labels.dtype)
-    r = rank[labels]
-    for _ in range(int(distance)):
+    # only the box of the objects grown by ``distance`` can change
+    d = int(distance)
+    ys, xs = np.flatnonzero(labels.any(axis=1)), np.flatnonzero(labels.any(axis=0))
+    box = (slice(max(0, ys[0] - d), ys[-1] + d + 1), slice(max(0, xs[0] - d), xs[-1] + d + 1))
+    r = rank[labels[box]]
+    keep = r > 0
+    for _ in range(d):
         grown = ndi.maximum_filter(r, size=3, mode="constant", cval=0)
-        keep = r > 0
-        grown[keep] = r[keep]
+        np.copyto(grown, r, where=keep)
         r = grown
-    return back[r]
+        keep = r > 0
+    out = labels.copy()
+    out[box] = back[r]
+    return out
 
 
 def _core_instances(
@@ -402,15 +524,22 @@ def _core_instances(
     work = np.int16 if s == 255.0 else np.float32
     core = inst_prob[1].astype(work) - inst_prob[2].astype(work) > threshold * s
     if open_px >= 1:
-        from skimage.morphology import disk
-
-        core = ndi.binary_opening(core, structure=disk(int(open_px)))
+        core = _open_disk(core, int(open_px))
     labels, _ = ndi.label(core)
     if erosion_px >= 1 and labels.max(initial=0):
         labels = _expand_labels_square(labels, int(erosion_px))
     labels = _fill_holes_per_label(labels.astype(np.int32))
-    labels = _remove_small(labels, min_area_px)
-    return _relabel_sequential(labels)
+    return _keep_large(labels, min_area_px)
+
+
+def _keep_large(labels: np.ndarray, min_area_px: float) -> np.ndarray:
+    """``_relabel_sequential(_remove_small(labels, min_area_px))`` with one count and one lookup."""
+    sizes = np.bincount(labels.ravel())
+    keep = sizes >= min_area_px if min_area_px > 0 else sizes > 0
+    keep[0] = False
+    lut = np.zeros(sizes.size, np.int32)
+    lut[keep] = np.arange(1, int(keep.sum()) + 1, dtype=np.int32)
+    return lut[labels]
 
 
 def gland_instances(

@@ -1,0 +1,143 @@
+"""The fast paths of the instance steps give exactly what their plain definitions give.
+
+Each plain definition below is the code the fast path replaced (one 3x3 dilation per step, one
+``binary_fill_holes`` per object, ``binary_opening`` with a disk, every nucleus examined for necks);
+they are compared pixel for pixel on random maps. ``benchmarks/bench_end_to_end.py`` and the checks
+reported with it compare them on real network maps as well.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from scipy import ndimage as ndi
+from skimage.morphology import disk
+
+import wsi_mtl.postprocess._instances as inst
+
+
+def _expand_plain(labels: np.ndarray, distance: int) -> np.ndarray:
+    """``distance`` 3x3 dilations into background, ties to the object whose first pixel is last."""
+    n = int(labels.max(initial=0))
+    if n == 0 or distance < 1:
+        return labels
+    flat = labels.ravel()
+    first = np.array([np.flatnonzero(flat == i)[0] if (flat == i).any() else -1 for i in range(1, n + 1)])
+    rank = np.zeros(n + 1, np.int64)
+    rank[np.argsort(first, kind="stable") + 1] = np.arange(1, n + 1)
+    back = np.zeros(n + 1, labels.dtype)
+    back[rank[1:]] = np.arange(1, n + 1)
+    r = rank[labels]
+    for _ in range(distance):
+        grown = ndi.maximum_filter(r, size=3, mode="constant", cval=0)
+        grown[r > 0] = r[r > 0]
+        r = grown
+    return back[r]
+
+
+def _fill_plain(labels: np.ndarray) -> np.ndarray:
+    out = labels.copy()
+    for i, sl in enumerate(ndi.find_objects(labels), start=1):
+        if sl is None:
+            continue
+        crop = labels[sl]
+        obj = crop == i
+        add = ndi.binary_fill_holes(obj) & ~obj & (crop == 0)
+        out[sl][add] = i
+    return out
+
+
+def _core_plain(prob: np.ndarray, threshold: float, erosion_px: int, min_area_px: float, open_px: int) -> np.ndarray:
+    core = prob[1].astype(np.int16) - prob[2].astype(np.int16) > threshold * 255
+    if open_px >= 1:
+        core = ndi.binary_opening(core, structure=disk(open_px))
+    labels, _ = ndi.label(core)
+    labels = _fill_plain(_expand_plain(labels.astype(np.int32), erosion_px))
+    sizes = np.bincount(labels.ravel())
+    labels[(sizes < min_area_px)[labels]] = 0
+    return inst._relabel_sequential(labels)
+
+
+def _random_gland_map(rng: np.random.Generator, shape=(96, 128), scale: float = 1.0) -> np.ndarray:
+    """Blobby interiors with rings (holes), thin bridges and a boundary band, as uint8 255 * p."""
+    smooth = ndi.gaussian_filter(rng.random(shape), rng.uniform(1.5, 4) * scale)
+    inside = smooth > np.quantile(smooth, rng.uniform(0.4, 0.75))
+    ring = ndi.gaussian_filter(rng.random(shape), 3)
+    inside &= ~((ring > 0.5) & (ring < 0.505 + rng.uniform(0, 0.01)))  # thin cuts: holes, necks
+    prob = np.zeros((3,) + shape, np.uint8)
+    prob[1][inside] = rng.integers(140, 256, int(inside.sum()))
+    edge = inside ^ ndi.binary_erosion(inside)
+    prob[2][edge] = rng.integers(0, 256, int(edge.sum()))
+    prob[0] = 255 - np.maximum(prob[1], prob[2])
+    return prob
+
+
+def test_open_disk_equals_binary_opening():
+    rng = np.random.default_rng(3)
+    for trial in range(40):
+        shape = (int(rng.integers(1, 60)), int(rng.integers(1, 70)))
+        mask = ndi.gaussian_filter(rng.random(shape), rng.uniform(0.5, 3)) > rng.uniform(0.3, 0.6)
+        for radius in (1, 2, 5, 8):
+            want = ndi.binary_opening(mask, structure=disk(radius))
+            np.testing.assert_array_equal(inst._open_disk(mask, radius), want, err_msg=f"{trial} r={radius}")
+
+
+def test_expand_and_fill_equal_their_plain_definitions():
+    rng = np.random.default_rng(11)
+    grown = filled = 0
+    for trial in range(60):
+        shape = (int(rng.integers(20, 80)), int(rng.integers(20, 90)))
+        blobs = ndi.gaussian_filter(rng.random(shape), rng.uniform(1, 3)) > rng.uniform(0.5, 0.6)
+        labels = ndi.label(blobs)[0].astype(np.int32)
+        for d in (1, 3, 8):
+            want = _expand_plain(labels, d)
+            got = inst._expand_labels_square(labels, d)
+            np.testing.assert_array_equal(got, want)
+            grown += int((want != labels).sum())
+        rings = labels.copy()
+        rings[ndi.binary_erosion(labels > 0, iterations=2)] = 0  # objects become rings: holes
+        rings[rng.random(shape) < 0.02] = 0  # pin-holes and cut rings
+        want = _fill_plain(rings)
+        np.testing.assert_array_equal(inst._fill_holes_per_label(rings), want)
+        filled += int((want != rings).sum())
+    assert grown > 1000 and filled > 100  # the cases do grow and fill
+
+
+@pytest.mark.parametrize("open_px", [0, 3, 8])
+def test_gland_instances_equal_plain_definition_on_random_maps(open_px):
+    rng = np.random.default_rng(100 + open_px)
+    found = 0
+    for _ in range(12):
+        sc = 1 + open_px / 4
+        prob = _random_gland_map(rng, (int(96 * sc), int(128 * sc)), scale=sc)
+        for erosion, min_area in ((5, 50), (8, 400), (1, 10)):
+            want = _core_plain(prob, 0.5, erosion, min_area, open_px)
+            got = inst._core_instances(prob, threshold=0.5, erosion_px=erosion, min_area_px=min_area, open_px=open_px)
+            np.testing.assert_array_equal(got, want)
+            found += int(want.max())
+    assert found > 20
+
+
+def test_nuclei_skip_doomed_objects_gives_the_same_nuclei(monkeypatch):
+    """Nuclei that min_area / min_interior drop whatever their pieces are not examined for necks:
+    the result equals examining every nucleus."""
+    rng = np.random.default_rng(5)
+    cut = 0
+    kw = dict(min_area_px=24, marker_threshold=0.6, mask_threshold=0.4, min_marker_px=1, keep_unmarked=True, split_h=0.75, min_interior=0.9)
+    for trial in range(20):
+        field = ndi.gaussian_filter(rng.random((80, 100)), 2.5)
+        fg = field > np.quantile(field, 0.55)
+        dist = ndi.distance_transform_edt(fg)
+        prob = np.zeros((3, 80, 100), np.float32)
+        prob[1] = np.clip(dist / 4, 0, 1) * rng.uniform(0.8, 1.0, (80, 100))
+        prob[2] = np.where(fg, 1 - prob[1], 0) * 0.9
+        prob[0] = 1 - prob[1] - prob[2]
+        u8 = np.round(prob * 255).astype(np.uint8)
+        fast, _ = inst._nuclei_instances(u8, **kw)
+        monkeypatch.setattr(inst, "_doomed", lambda labels, *a: np.zeros(int(labels.max()) + 1, bool))
+        plain, _ = inst._nuclei_instances(u8, **kw)
+        monkeypatch.undo()
+        np.testing.assert_array_equal(fast, plain)
+        no_cut, _ = inst._nuclei_instances(u8, **{**kw, "split_h": 0})
+        cut += int(fast.max() > no_cut.max())
+    assert cut > 3

@@ -8,7 +8,7 @@ thread turns each batch's cores into zarr chunks and records them in the resume 
 from __future__ import annotations
 
 import logging
-import os
+import math
 import queue
 import threading
 import time
@@ -22,13 +22,13 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from .devices import resolve_device
-from .errors import DamagedRegionError, InputError
+from .devices import cpu_count, resolve_device, resolve_precision  # re-exported: engine's public names
+from .errors import DamagedRegionError
 from .network.tta import predict_tta
 from .store import PredictionStore
 from .tiling import Tile, TileGrid
 
-__all__ = ["resolve_device", "resolve_precision", "run_inference", "EngineStats", "cpu_count"]
+__all__ = ["resolve_device", "resolve_precision", "run_inference", "EngineStats", "cpu_count", "damaged_regions"]
 
 log = logging.getLogger(__name__)
 
@@ -39,46 +39,6 @@ class _Readable(Protocol):
     def read(self, x: int, y: int, width: int, height: int, *, mpp: float) -> np.ndarray: ...
 
 
-def cpu_count() -> int:
-    """CPU cores this process may use (respects affinity masks and cgroup-limited schedulers)."""
-    try:
-        return max(1, len(os.sched_getaffinity(0)))
-    except AttributeError:  # pragma: no cover - macOS / Windows
-        return max(1, os.cpu_count() or 1)
-
-
-def _cpu_has_bf16() -> bool:
-    probe = getattr(torch.cpu, "_is_avx512_bf16_supported", None) or getattr(torch.cpu, "_is_amx_tile_supported", None)
-    try:
-        return bool(probe and probe())
-    except Exception:  # pragma: no cover - defensive: probing must never fail a run
-        return False
-
-
-def resolve_precision(device: torch.device, requested: str = "auto") -> torch.dtype | None:
-    """The autocast dtype for ``device``: None means full fp32.
-
-    ``auto`` picks bf16 on CPUs with native bf16 (it doubles throughput here and agrees with fp32
-    within the tolerance tested in ``tests/test_network.py``), fp16 on CUDA, fp32 elsewhere.
-    """
-    requested = (requested or "auto").lower()
-    if requested not in {"auto", "fp32", "bf16", "fp16"}:
-        raise InputError(f"unknown precision {requested!r}; use auto, fp32, bf16 or fp16")
-    if requested == "fp32":
-        return None
-    if requested == "bf16":
-        return torch.bfloat16
-    if requested == "fp16":
-        if device.type == "cpu":
-            raise InputError("fp16 is not supported on the CPU; use bf16 or fp32")
-        return torch.float16
-    if device.type == "cuda":
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    if device.type == "cpu" and _cpu_has_bf16():
-        return torch.bfloat16
-    return None
-
-
 @dataclass
 class EngineStats:
     """What one inference pass did and where its time went (seconds)."""
@@ -87,6 +47,7 @@ class EngineStats:
     tiles_resumed: int = 0
     tiles_computed: int = 0
     damaged: list[dict[str, Any]] = field(default_factory=list)
+    damaged_fraction: float = 0.0
     network_s: float = 0.0
     wait_read_s: float = 0.0
     wait_write_s: float = 0.0
@@ -98,6 +59,7 @@ class EngineStats:
             "tiles_resumed": self.tiles_resumed,
             "tiles_computed": self.tiles_computed,
             "damaged_regions": self.damaged,
+            "damaged_fraction": round(self.damaged_fraction, 4),
             "network_s": round(self.network_s, 3),
             "wait_read_s": round(self.wait_read_s, 3),
             "wait_write_s": round(self.wait_write_s, 3),
@@ -106,19 +68,57 @@ class EngineStats:
 
 
 def _read_tile(slide: _Readable, grid: TileGrid, tile: Tile, mpp: float) -> tuple[np.ndarray | None, dict[str, Any] | None]:
+    """The tile's input image and its damage record (None when it read cleanly).
+
+    A read that is damaged in parts returns the image (damaged parts white) and a record
+    ``{"regions": [...]}`` of those parts; a read that failed as a whole returns no image and
+    one region covering the tile's input.
+    """
     m = grid.margin_px
     try:
         image = slide.read(tile.x0 - m, tile.y0 - m, grid.input_px, grid.input_px, mpp=mpp)
     except DamagedRegionError as exc:
+        log.debug("damaged region: %s", exc)
+        if exc.image is not None:
+            regions = [{"x": bx, "y": by, "width": bw, "height": bh, "error": reason}
+                       for (bx, by, bw, bh), reason in zip(exc.boxes, exc.reasons)]
+            return exc.image, {"regions": regions}
         ds = mpp / slide.mpp
         region = {
             "x": round((tile.x0 - m) * ds), "y": round((tile.y0 - m) * ds),
             "width": round(grid.input_px * ds), "height": round(grid.input_px * ds),
             "error": str(exc),
         }
-        log.warning("damaged region skipped: %s", exc)
         return None, region
     return image, None
+
+
+def damaged_regions(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The store's per-tile damage records as one list of regions, each box once."""
+    seen: set[tuple[int, int, int, int]] = set()
+    out = []
+    for record in records:
+        for region in record.get("regions", [record]):
+            key = (region["x"], region["y"], region["width"], region["height"])
+            if key not in seen:
+                seen.add(key)
+                out.append(region)
+    return out
+
+
+def _blank_damaged(cores: dict[str, np.ndarray], tile: Tile, regions: list[dict[str, Any]], ds: float,
+                   cell_px: dict[str, int]) -> None:
+    """Set every head's core to 0 ("no data") where a damaged region (level-0 px, ``ds`` per model px) lies."""
+    for region in regions:
+        mx0 = math.floor(region["x"] / ds) - tile.x0
+        my0 = math.floor(region["y"] / ds) - tile.y0
+        mx1 = math.ceil((region["x"] + region["width"]) / ds) - tile.x0
+        my1 = math.ceil((region["y"] + region["height"]) / ds) - tile.y0
+        for name, core in cores.items():
+            cell = cell_px[name]
+            y0, x0 = max(0, my0 // cell), max(0, mx0 // cell)
+            y1, x1 = max(0, -(-my1 // cell)), max(0, -(-mx1 // cell))
+            core[:, y0:y1, x0:x1] = 0
 
 
 class _Writer(threading.Thread):
@@ -202,7 +202,9 @@ def run_inference(
     (:func:`wsi_mtl.network.tta.predict_tta`), at one network pass per view.
 
     Tiles already in ``store.done`` are skipped (resume). A tile whose region fails to decode is
-    recorded as damaged (its outputs stay zero) and the run goes on.
+    recorded as damaged (its outputs stay zero, "no data") and the run goes on; where only some of
+    the slide's tiles under it are damaged (corrupt JPEG data included), the network sees them white
+    and the maps store 0 over exactly those tiles. ``stats.damaged`` lists each damaged region once.
     """
     stats = EngineStats(tiles_total=len(tiles))
     todo = [t for t in tiles if t.key not in store.done]
@@ -229,7 +231,7 @@ def run_inference(
 
             fill()
             while pending:
-                batch: list[tuple[Tile, np.ndarray]] = []
+                batch: list[tuple[Tile, np.ndarray, dict[str, Any] | None]] = []
                 job: list[tuple[Tile, dict[str, np.ndarray] | None, dict[str, Any] | None]] = []
                 t0 = time.perf_counter()
                 while pending and len(batch) < batch_size:
@@ -238,12 +240,11 @@ def run_inference(
                     fill()
                     if image is None:
                         job.append((tile, None, damaged))
-                        stats.damaged.append(damaged)
                     else:
-                        batch.append((tile, image))
+                        batch.append((tile, image, damaged))
                 stats.wait_read_s += time.perf_counter() - t0
                 if batch:
-                    x = torch.from_numpy(np.stack([im for _, im in batch]))
+                    x = torch.from_numpy(np.stack([im for _, im, _ in batch]))
                     if pin:
                         x = x.pin_memory()
                     # NHWC uint8 -> NCHW float that is channels_last in memory: no copy of layout
@@ -256,8 +257,11 @@ def run_inference(
                         stats.network_s += time.perf_counter() - t0
                         # cropped and quantised here: in the writer thread, torch's ops would fight the
                         # network's own threads for the cores (measured 1.44x network time vs 1.17x)
-                        cores = _cores_to_uint8(probs, grid, [t for t, _ in batch], cell_px)
-                    job.extend((tile, out, None) for (tile, _), out in zip(batch, cores))
+                        cores = _cores_to_uint8(probs, grid, [t for t, _, _ in batch], cell_px)
+                    for (tile, _, damaged), out in zip(batch, cores):
+                        if damaged is not None:
+                            _blank_damaged(out, tile, damaged["regions"], mpp / slide.mpp, cell_px)
+                        job.append((tile, out, damaged))
                 stats.wait_write_s += writer.put(job)
                 stats.tiles_computed += len(job)
     finally:
@@ -266,5 +270,5 @@ def run_inference(
         finally:
             writer.bar.close()
             stats.wall_s = time.perf_counter() - t_start
-    stats.damaged = list(store.damaged)
+    stats.damaged = damaged_regions(store.damaged)
     return stats

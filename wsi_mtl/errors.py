@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from typing import Any
+
 __all__ = [
     "WsimtlError",
     "SlideError",
@@ -9,6 +12,7 @@ __all__ = [
     "MissingMppError",
     "NoTissueError",
     "DamagedRegionError",
+    "DamagedSlideError",
     "ModelError",
     "OutputError",
     "InputError",
@@ -52,9 +56,28 @@ class NoTissueError(SlideError):
 
 
 class DamagedRegionError(SlideError):
-    """One region of an otherwise readable slide failed to decode (a damaged tile)."""
+    """One region of an otherwise readable slide failed to decode (a damaged tile).
+
+    When only parts of the region are damaged, ``image`` holds the region with those parts white
+    and ``boxes`` their (x, y, width, height) in the raiser's pixel frame (level px in a reader,
+    level-0 px from :meth:`wsi_mtl.slide.Slide.read`), ``reasons`` why each failed; else ``image``
+    is None.
+    """
 
     exit_code = 14
+
+    def __init__(self, message: str, *, image: Any = None, boxes: Sequence[tuple[int, int, int, int]] = (),
+                 reasons: Sequence[str] = ()) -> None:
+        super().__init__(message)
+        self.image = image
+        self.boxes = list(boxes)
+        self.reasons = list(reasons) or [message] * len(self.boxes)
+
+
+class DamagedSlideError(SlideError):
+    """Too much of the slide's tissue is unreadable (see ``wsi_mtl.damage.MAX_DAMAGED_FRACTION``)."""
+
+    exit_code = 15
 
 
 class ModelError(WsimtlError):

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -28,7 +29,7 @@ from scipy import ndimage
 if TYPE_CHECKING:
     from .slide import Slide
 
-__all__ = ["TissueMask", "compute_tissue_mask", "tissue_mask_from_image"]
+__all__ = ["TissueMask", "compute_tissue_mask", "tissue_mask_from_image", "boxes_on_grid"]
 
 logger = logging.getLogger(__name__)
 
@@ -218,6 +219,17 @@ def _remove_small(mask: NDArray[np.bool_], min_px: int, *, keep_border: bool = F
     return keep[labels]
 
 
+def boxes_on_grid(boxes: Iterable[tuple[float, float, float, float]], shape: tuple[int, int], ds: float) -> NDArray[np.bool_]:
+    """A (H, W) mask of the grid pixels (``ds`` level-0 px each) whose centre lies in a level-0 box (x, y, w, h)."""
+    out = np.zeros(shape, bool)
+    h, w = shape
+    for x, y, bw, bh in boxes:
+        j0, i0 = math.ceil(x / ds - 0.5), math.ceil(y / ds - 0.5)
+        j1, i1 = math.ceil((x + bw) / ds - 0.5), math.ceil((y + bh) / ds - 0.5)
+        out[max(0, i0):min(h, i1), max(0, j0):min(w, j1)] = True
+    return out
+
+
 def compute_tissue_mask(slide: Slide, *, mask_mpp: float = 8.0, min_tissue_um2: float = 10_000.0) -> TissueMask:
     """Tissue mask of a slide from its thumbnail at ``mask_mpp``.
 
@@ -234,12 +246,16 @@ def compute_tissue_mask(slide: Slide, *, mask_mpp: float = 8.0, min_tissue_um2: 
     -------
     TissueMask
         Empty (``mask.any()`` is False) for an all-background slide; the caller decides whether
-        that is an error.
+        that is an error. Tiles of the thumbnail's level that cannot be decoded count as tissue.
     """
     if not (isinstance(mask_mpp, (int, float)) and math.isfinite(mask_mpp) and mask_mpp > 0):
         raise ValueError(f"mask_mpp must be a positive number of microns per pixel, got {mask_mpp!r}")
     mask_mpp = max(float(mask_mpp), slide.mpp)
-    thumb = slide.thumbnail(mpp=mask_mpp)
+    damaged: list[tuple[int, int, int, int]] = []
+    thumb = slide.thumbnail(mpp=mask_mpp, damaged=damaged)
     result = tissue_mask_from_image(thumb, mpp=mask_mpp, min_tissue_um2=min_tissue_um2)
+    if damaged:  # unreadable in the thumbnail: counted as tissue, so that its tiles are tried and reported
+        unknown = boxes_on_grid(damaged, result.mask.shape, mask_mpp / slide.mpp)
+        result = TissueMask(mask=result.mask | unknown, mpp=result.mpp, threshold=result.threshold)
     logger.info("%s: %.1f%% tissue at %.3g um/px", slide.path.name, 100 * result.fraction, mask_mpp)
     return result

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -266,6 +267,12 @@ class Slide:
         try:
             out[i0:i1, j0:j1] = self._read_inside(x + j0, y + i0, j1 - j0, i1 - i0, ds)
         except DamagedRegionError as exc:
+            if exc.image is not None:
+                out[i0:i1, j0:j1] = exc.image
+                raise DamagedRegionError(
+                    f"{self.path.name}: {len(exc.boxes)} damaged tile(s) in region x={round(x * ds)}, y={round(y * ds)}, "
+                    f"w={round(width * ds)}, h={round(height * ds)} (level-0 px) left white: {exc}",
+                    image=out, boxes=exc.boxes, reasons=exc.reasons) from exc
             raise DamagedRegionError(
                 f"{self.path.name}: region x={round(x * ds)}, y={round(y * ds)}, w={round(width * ds)}, h={round(height * ds)} "
                 f"(level-0 px) cannot be decoded: {exc}") from exc
@@ -281,16 +288,36 @@ class Slide:
         lx1, ly1 = lx0 + width * ratio, ly0 + height * ratio
         if abs(ratio - 1) * max(width, height) < 0.5:
             # same resolution as the level (within half a pixel over the region): plain crop
-            return self._reader.read_region(level, round(ly0), round(lx0), height, width)
+            return self._level_read(level, round(ly0), round(lx0), height, width, lambda src: src)
         # integer source box covering the continuous one; the reader pads white outside the level
         ix0, iy0 = math.floor(lx0 + 1e-6), math.floor(ly0 + 1e-6)
         ix1, iy1 = max(math.ceil(lx1 - 1e-6), ix0 + 1), max(math.ceil(ly1 - 1e-6), iy0 + 1)
-        src = self._reader.read_region(level, iy0, ix0, iy1 - iy0, ix1 - ix0)
         box = (lx0 - ix0, ly0 - iy0, lx1 - ix0, ly1 - iy0)
-        return _resample(src, width, height, box, ratio)
+        return self._level_read(level, iy0, ix0, iy1 - iy0, ix1 - ix0, lambda src: _resample(src, width, height, box, ratio))
 
-    def thumbnail(self, *, mpp: float) -> NDArray[np.uint8]:
+    def _level_read(self, level: int, y: int, x: int, height: int, width: int,
+                    finish: Callable[[NDArray[np.uint8]], NDArray[np.uint8]]) -> NDArray[np.uint8]:
+        """``finish(reader.read_region(...))``; a partly damaged read is finished too and re-raised
+        with its damaged boxes in level-0 px of the slide (from its bounds' origin)."""
+        try:
+            return finish(self._reader.read_region(level, y, x, height, width))
+        except DamagedRegionError as exc:
+            if exc.image is None:
+                raise
+            lds = self.levels[level][2]
+            ox, oy = self.offset
+            boxes = []
+            for bx, by, bw, bh in exc.boxes:
+                x0, y0 = math.floor(bx * lds) - ox, math.floor(by * lds) - oy
+                x1, y1 = math.ceil((bx + bw) * lds) - ox, math.ceil((by + bh) * lds) - oy
+                boxes.append((x0, y0, x1 - x0, y1 - y0))
+            raise DamagedRegionError(str(exc), image=finish(exc.image), boxes=boxes, reasons=exc.reasons) from exc
+
+    def thumbnail(self, *, mpp: float, damaged: list[tuple[int, int, int, int]] | None = None) -> NDArray[np.uint8]:
         """The whole slide at ``mpp`` (from the coarsest suitable level; banded for flat images).
+
+        Damaged tiles under a readable rest are left white and their level-0 boxes (x, y, w, h)
+        appended to ``damaged`` when given.
 
         Returns
         -------
@@ -302,11 +329,24 @@ class Slide:
         source_px_per_row = max(1.0, level_width * ds / lds)  # source pixels behind one output row
         band = max(1, int(_BAND_PIXELS / source_px_per_row))
         if band >= h:
-            return self.read(0, 0, w, h, mpp=mpp)
+            return self._read_lenient(0, 0, w, h, mpp, damaged)
         out = np.empty((h, w, 3), np.uint8)
         for y in range(0, h, band):
-            out[y:y + band] = self.read(0, y, w, min(band, h - y), mpp=mpp)
+            out[y:y + band] = self._read_lenient(0, y, w, min(band, h - y), mpp, damaged)
         return out
+
+    def _read_lenient(self, x: int, y: int, width: int, height: int, mpp: float,
+                      damaged: list[tuple[int, int, int, int]] | None) -> NDArray[np.uint8]:
+        """:meth:`read`, with damaged tiles left white when the rest of the region is readable."""
+        try:
+            return self.read(x, y, width, height, mpp=mpp)
+        except DamagedRegionError as exc:
+            if exc.image is None:
+                raise
+            logger.info("%s", exc)
+            if damaged is not None:
+                damaged.extend(exc.boxes)
+            return exc.image
 
     # -- metadata -----------------------------------------------------------------------------
     @property

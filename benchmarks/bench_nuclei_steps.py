@@ -44,7 +44,7 @@ def main() -> None:
     from wsi_mtl.train._config import DEFAULT_SOURCE_MPP, load_split
     from wsi_mtl.train._data import load_monuseg
     from wsi_mtl.train._evaluate import predict_image
-    from wsi_mtl.train._postprocess import nuclei_labels, params_of
+    from wsi_mtl.postprocess import nuclei_labels, params_of
 
     torch.set_num_threads(2)
     model = load_model(args.model)

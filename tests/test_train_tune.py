@@ -11,7 +11,7 @@ from wsi_mtl.errors import InputError
 from wsi_mtl.network import get_model_config
 from wsi_mtl.postprocess import PostprocessParams, extract_objects
 from wsi_mtl.train import SegItem, Sources, TrainConfig, load_config, make_seg_batch
-from wsi_mtl.train._postprocess import gland_labels, params_of
+from wsi_mtl.postprocess import gland_labels, params_of
 from wsi_mtl.train._tune import choose_params
 
 from test_postprocess_extract import write_predictions
@@ -177,7 +177,7 @@ def test_nuclei_sweep_reuses_instances_with_identical_scores():
 
     from wsi_mtl import metrics
     from wsi_mtl.postprocess import label_to_3class
-    from wsi_mtl.train._postprocess import nuclei_labels
+    from wsi_mtl.postprocess import nuclei_labels
     from wsi_mtl.train._tune import NUCLEI_GRID, _combos, _GrownNuclei, _nuclei_score
 
     rng = np.random.default_rng(7)

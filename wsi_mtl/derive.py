@@ -13,7 +13,7 @@ import os
 import shutil
 import time
 from collections.abc import Iterable, Iterator, Mapping
-from dataclasses import asdict, replace
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -307,10 +307,10 @@ def derive_into(
     attrs = _read_attrs(predictions)
     mpp, width, height = _slide_geometry(attrs, run, predictions)
     from .export import write_geojson_files, write_preview, write_table
-    from .postprocess import PostprocessParams, check_overrides, extract_objects
+    from .postprocess import check_overrides, extract_objects, params_of
 
     overrides = check_overrides(postprocess)
-    params = replace(PostprocessParams.from_mapping(attrs.get("postprocess")), **overrides)
+    params = params_of(attrs.get("postprocess"), overrides)
     t_start = time.perf_counter()
     kwargs: dict[str, Any] = {"workers": workers, "params": params}
     if tasks is not None:

@@ -143,10 +143,14 @@ def plan_rerun(result_dir: str | Path, *, objects: bool, overrides: Mapping[str,
 
 
 def maps_reusable(result_dir: str | Path, run: Mapping[str, Any] | None, fingerprint: Mapping[str, Any]) -> bool:
-    """True when run.json records finished maps (status ``maps``) made exactly as ``fingerprint`` says."""
+    """True when run.json records finished maps made exactly as ``fingerprint`` says.
+
+    Status ``maps`` (the objects were not finished) or ``complete`` (a file it lists has gone):
+    either way only the objects and exports need making again.
+    """
     return (
         run is not None
-        and run.get("status") == "maps"
+        and run.get("status") in ("maps", "complete")
         and run.get("fingerprint") == dict(fingerprint)
         and (Path(result_dir) / PREDICTIONS).is_dir()
     )

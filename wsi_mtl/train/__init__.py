@@ -9,12 +9,14 @@ from ._data import ClsItem, SegItem, Sources, load_sources, sample_cls, sample_s
 from ._evaluate import REFERENCE_IMAGES, reference_metrics, EVAL_TASKS, evaluate_split, glas_native_truth, heads_only, classify_image, evaluate_sources, format_table, instance_types, predict_image
 from ._losses import masked_cross_entropy, masked_dice_loss, patch_loss, seg_loss
 from ._loop import UNTRAINED_HEADS, Batch, TrainResult, compute_losses, export_model, load_initial_weights, retune_model, make_cls_batch, make_seg_batch, train, train_step
+from ._tiles import load_tiles
 from ._targets import FOREGROUND, IGNORE, binary_targets, inst_targets, split_touching, type_targets_from_points
 
 __all__ = [
     "DEFAULT_SOURCE_MPP",
     "SOURCES",
     "TrainConfig",
+    "load_tiles",
     "load_config",
     "load_split",
     "ClsItem",

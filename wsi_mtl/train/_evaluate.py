@@ -21,7 +21,7 @@ from ..errors import InputError
 from ._data import CRCHP_CLASSES, ClsItem, SegItem, Sources, _csv, _read_labels
 from ..network.tta import predict_tta
 from ..postprocess import PostprocessParams, instance_type
-from ._postprocess import gland_labels, nuclei_labels, params_of
+from ..postprocess import gland_labels, nuclei_labels, params_of
 
 __all__ = ["REFERENCE_IMAGES", "reference_metrics", "evaluate_split", "glas_native_truth", "heads_only", "predict_image", "classify_image", "evaluate_sources", "format_table", "instance_types"]
 

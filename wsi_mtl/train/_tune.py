@@ -21,7 +21,7 @@ from .. import metrics
 from ..postprocess import PostprocessParams, remove_small_instances, remove_unconfident_instances
 from ._data import SegItem
 from ._evaluate import predict_image
-from ._postprocess import gland_labels, nuclei_labels
+from ..postprocess import gland_labels, nuclei_labels
 
 __all__ = ["NUCLEI_GRID", "GLAND_GRID", "choose_params", "tune_postprocess"]
 

@@ -1,0 +1,86 @@
+"""wsi_mtl.results: the result folder's layout, run.json, and what a rerun must do."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from wsi_mtl.results import PREDICTIONS, TABLE, is_complete, maps_reusable, plan_rerun, read_run, result_dir_for, write_run
+
+
+def _result(tmp_path: Path, **run: object) -> Path:
+    """A result folder with predictions.zarr and the files ``run['files']`` lists."""
+    folder = tmp_path / "slide"
+    (folder / PREDICTIONS).mkdir(parents=True)
+    for entry in run.get("files", []):  # type: ignore[union-attr]
+        path = folder / entry["path"]  # type: ignore[index]
+        if not path.exists():
+            path.write_text("x")
+    write_run(folder, run)
+    return folder
+
+
+def _files(*names: str) -> list[dict[str, object]]:
+    return [{"path": n, "bytes": 1} for n in (PREDICTIONS, *names)]
+
+
+WITH_OBJECTS = _files(TABLE, "objects.geojson", "preview.png")
+
+
+def test_result_dir_names() -> None:
+    assert result_dir_for("/a/b/slide.svs", "out") == Path("out/slide")
+    assert result_dir_for("/a/b/scan.ome.tiff", "out") == Path("out/scan")
+    assert result_dir_for("/a/b/scan.ome.tiff", "out", name="id7") == Path("out/id7")
+
+
+@pytest.mark.parametrize("text", ['{"status": "complete", "files": [', "[1, 2]", ""])
+def test_unreadable_run_json_is_incomplete(tmp_path: Path, text: str) -> None:
+    folder = _result(tmp_path, status="complete", files=_files())
+    assert is_complete(folder)
+    (folder / "run.json").write_text(text)
+    assert read_run(folder) is None and not is_complete(folder)
+    assert plan_rerun(folder, objects=True, overrides={}).action == "compute"
+
+
+def test_complete_needs_every_listed_file(tmp_path: Path) -> None:
+    folder = _result(tmp_path, status="complete", files=WITH_OBJECTS)
+    assert is_complete(folder)
+    (folder / "objects.geojson").unlink()
+    assert not is_complete(folder)
+    assert not is_complete(_result(tmp_path / "m", status="maps", files=_files()))
+
+
+def test_rerun_without_objects_derives_them(tmp_path: Path) -> None:
+    """The bug of issue 16 item 8: a result made with --no-objects, run again without it, must get objects."""
+    folder = _result(tmp_path, status="complete", files=_files(), parameters={"objects": False})
+    rerun = plan_rerun(folder, objects=True, overrides={})
+    assert rerun.action == "derive" and "objects missing" in rerun.reason
+    assert plan_rerun(folder, objects=False, overrides={}).action == "nothing"
+
+
+def test_rerun_of_a_complete_result(tmp_path: Path) -> None:
+    folder = _result(tmp_path, status="complete", files=WITH_OBJECTS, postprocess={"overrides": {"nuclei_split_h": 0.0}})
+    assert plan_rerun(folder, objects=True, overrides={"nuclei_split_h": 0.0}).action == "nothing"
+    assert plan_rerun(folder, objects=False, overrides={}).action == "nothing"  # objects are kept
+    assert plan_rerun(folder, objects=True, overrides={}).action == "derive"  # other post-processing
+    assert plan_rerun(folder, objects=True, overrides={"nuclei_split_h": 0.0}, geojson_gz=True).action == "derive"
+    assert plan_rerun(folder, objects=True, overrides={"nuclei_split_h": 0.0}, overwrite=True).action == "compute"
+
+
+def test_partial_result_computes(tmp_path: Path) -> None:
+    assert plan_rerun(tmp_path / "none", objects=True, overrides={}).action == "compute"
+    folder = _result(tmp_path, status="maps", files=_files(), fingerprint={"tiles": 4})
+    rerun = plan_rerun(folder, objects=True, overrides={})
+    assert rerun.action == "compute" and rerun.run is not None
+    assert maps_reusable(folder, rerun.run, {"tiles": 4})
+    assert not maps_reusable(folder, rerun.run, {"tiles": 5})
+    (folder / "run.json").write_text(json.dumps({**rerun.run, "status": "incomplete"}))
+    assert not maps_reusable(folder, read_run(folder), {"tiles": 4})  # how the maps were made is unknown
+
+
+def test_write_run_is_atomic_json(tmp_path: Path) -> None:
+    write_run(tmp_path, {"status": "maps", "x": float("nan")})
+    assert json.loads((tmp_path / "run.json").read_text()) == {"status": "maps", "x": None}
+    assert [p.name for p in tmp_path.iterdir()] == ["run.json"]

@@ -1,0 +1,45 @@
+"""Post-processing with a model's settings: its tuned :class:`PostprocessParams` (plus a user's
+overrides), and whole-image nuclei and gland instances made with them, as ``wsimtl segment`` makes
+them chunk by chunk. Evaluation, tuning and the CLI use these; nothing else decides the settings."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+
+from ._extract import PostprocessParams
+from ._instances import gland_instances, nuclei_instances
+
+__all__ = ["nuclei_labels", "gland_labels", "params_of"]
+
+
+def params_of(source: Any, overrides: Mapping[str, Any] | None = None) -> PostprocessParams:
+    """The post-processing settings of a model, or of a store's recorded settings (a mapping), with
+    a user's ``overrides`` (checked; see :func:`~wsi_mtl.postprocess.check_overrides`).
+
+    A model's are its tuned ``config.extra.postprocess``; unknown or absent fields take the defaults.
+    """
+    if isinstance(source, Mapping) or source is None:
+        settings = source
+    else:
+        extra = getattr(getattr(source, "config", None), "extra", None) or {}
+        settings = extra.get("postprocess")
+    return PostprocessParams.from_mapping(settings).with_overrides(overrides)
+
+
+def nuclei_labels(prob: np.ndarray, params: PostprocessParams | None = None) -> np.ndarray:
+    """(H, W) int32 nuclei instances from a (3, H, W) Nuclei-INST map (float or uint8 255 p)."""
+    p = params or PostprocessParams()
+    return np.asarray(
+        nuclei_instances(prob, min_area_px=p.nuclei_min_area_px, marker_threshold=p.nuclei_marker_threshold, mask_threshold=p.nuclei_mask_threshold,
+                         split_h=p.nuclei_split_h, min_interior=p.nuclei_min_interior)
+    ).astype(np.int32)
+
+
+def gland_labels(prob: np.ndarray, params: PostprocessParams | None = None) -> np.ndarray:
+    """(H, W) int32 gland instances from a (3, H, W) Gland-INST map at 0.5 um/px."""
+    p = params or PostprocessParams()
+    return np.asarray(gland_instances(prob, threshold=p.gland_threshold, erosion_px=p.gland_erosion_px, min_area_px=p.gland_min_area_px,
+                                      open_px=p.gland_open_px)).astype(np.int32)

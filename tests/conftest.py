@@ -3,6 +3,9 @@
 Every synthetic slide holds the same image (``he_image``, 1024 x 1536 px) with pyramid levels
 1, 4 and 16, so tests can compare reads against ``he_image`` downsampled with
 ``wsi_mtl.synthetic.downsample_image``. Nothing here needs ``../shared``.
+
+The shared folder (data, reference fixtures) is found one way: ``$WSIMTL_SHARED``, else ``shared``
+beside the repository root (:func:`shared_path`; fixtures ``shared_dir``, ``shared_data``).
 """
 
 from __future__ import annotations
@@ -21,11 +24,13 @@ SLIDE_LEVELS = (1, 4, 16)
 _REPO = Path(__file__).resolve().parents[1]
 
 
-def _shared_data_dir() -> Path | None:
-    for candidate in (os.environ.get("WSIMTL_SHARED_DATA"), _REPO.parent / "shared" / "data", Path.cwd().parent / "shared" / "data"):
-        if candidate and Path(candidate).is_dir():
-            return Path(candidate)
-    return None
+SHARED_ENV = "WSIMTL_SHARED"
+
+
+def shared_path(*parts: str) -> Path:
+    """``$WSIMTL_SHARED/parts`` or ``<repo>/../shared/parts`` (it may not exist: callers skip then)."""
+    root = os.environ.get(SHARED_ENV)
+    return (Path(root).expanduser() if root else _REPO.parent / "shared").joinpath(*parts)
 
 
 @pytest.fixture(scope="session")
@@ -88,11 +93,20 @@ def damage_slide() -> Callable[..., tuple[int, int, int, int]]:
 
 
 @pytest.fixture(scope="session")
-def shared_data() -> Path:
-    """``../shared/data`` (or ``$WSIMTL_SHARED_DATA``); skips where it is absent."""
-    path = _shared_data_dir()
-    if path is None:
-        pytest.skip("../shared/data not present")
+def shared_dir() -> Path:
+    """The shared folder (``$WSIMTL_SHARED`` or ``../shared``); skips where it is absent."""
+    path = shared_path()
+    if not path.is_dir():
+        pytest.skip(f"shared folder {path} not present (set ${SHARED_ENV})")
+    return path
+
+
+@pytest.fixture(scope="session")
+def shared_data(shared_dir: Path) -> Path:
+    """``<shared>/data``; skips where it is absent."""
+    path = shared_dir / "data"
+    if not path.is_dir():
+        pytest.skip(f"{path} not present")
     return path
 
 

@@ -70,12 +70,13 @@ def test_options_pass_through(fakes: Path, slides: Path, tmp_path: Path) -> None
     manifest = tmp_path / "m.csv"
     manifest.write_text(f"path,id,mpp\n{slides / 'a.svs'},case-a,0.25\n")
     out = tmp_path / "out"
-    result = CliRunner().invoke(cli, ["batch", str(manifest), "-o", str(out), "--model", "tiny", "--device", "cpu", "--precision", "fp32",
+    (tmp_path / "tiny").mkdir()  # a model folder: the (fake) loader reads it
+    result = CliRunner().invoke(cli, ["batch", str(manifest), "-o", str(out), "--model", str(tmp_path / "tiny"), "--device", "cpu", "--precision", "fp32",
                                       "--batch-size", "3", "--tile-size", "128", "--tta", "4", "--no-objects", "--no-tissue-mask",
                                       "--postprocess", "nuclei_split_h=0", "-q"])
     assert result.exit_code == 0, result.output
     run = json.loads((out / "case-a" / "a" / "run.json").read_text())
-    assert run["mpp"] == 0.25 and run["model"] == "tiny" and run["device"] == "cpu"
+    assert run["mpp"] == 0.25 and run["model"] == str(tmp_path / "tiny") and run["device"] == "cpu"
     assert run["options"] == {"batch_size": 3, "objects": False, "precision": "fp32", "tile_size": 128, "tissue_mask": False, "tta": 4, "workers": None,
                               "postprocess": {"nuclei_split_h": 0.0}}
 
@@ -138,3 +139,37 @@ def test_help_lists_the_executors() -> None:
     assert result.exit_code == 0
     for word in ("--executor", "--scheduler", "--partition", "--gpus-per-job", "--shard", "--lock-timeout", "batch_summary.csv"):
         assert word in result.output
+
+
+def test_model_without_weights_is_refused_before_any_slide(fakes: Path, slides: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                           capsys: pytest.CaptureFixture[str]) -> None:
+    monkeypatch.setenv("WSIMTL_MODELS_DIR", str(tmp_path / "models"))
+    (tmp_path / "models").mkdir()
+    with pytest.raises(SystemExit) as info:
+        main(["batch", str(slides), "-o", str(tmp_path / "out"), "--model", "cerberus_r34", "-q"])
+    assert info.value.code == 20
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "model cerberus-r34 has no trained weights" in err and "--allow-untrained" in err
+    assert not (tmp_path / "out").exists() and not log_lines(fakes, "segment")
+    result = CliRunner().invoke(cli, ["batch", str(slides / "a.svs"), "-o", str(tmp_path / "out"), "--model", "cerberus-r34",
+                                      "--allow-untrained", "--device", "cpu", "-q"])
+    assert result.exit_code == 0, result.output
+    assert _statuses(tmp_path / "out") == {"a": "done"}
+
+
+def test_old_workers_spelling_still_sets_the_dask_workers(fakes: Path, slides: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import wsi_mtl.cohort
+
+    seen: dict = {}
+
+    def fake_run_batch(*args, **kwargs):
+        seen.update(kwargs)
+        raise SystemExit(0)
+
+    monkeypatch.setattr(wsi_mtl.cohort, "run_batch", fake_run_batch)
+    for option in ("--dask-workers", "--workers"):
+        seen.clear()
+        result = CliRunner().invoke(cli, ["batch", str(slides), "-o", str(tmp_path / "out"), "--executor", "dask", option, "3", "-q"])
+        assert result.exit_code == 0, result.output
+        assert seen["workers"] == 3 and seen["executor"] == "dask"
+        assert ("--workers is deprecated; use --dask-workers" in result.output) == (option == "--workers")

@@ -33,7 +33,10 @@ def test_export_command(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None
     assert "nuclei:" in res.output and "objects.geojson.gz" in res.output and "time: objects" in res.output
     run = json.loads((result_dir / "run.json").read_text())
     assert sum(sum(c.values()) for c in run["objects"].values()) == 300
-    assert (result_dir / "objects.geojson.gz").is_file() and not (result_dir / "objects.geojson").exists()
+    assert (result_dir / "objects.geojson.gz").is_file() and (result_dir / "objects.geojson").is_file()  # gz: also, not instead
+    listed = {f["path"] for f in run["files"]}
+    on_disk = {str(p.relative_to(result_dir)) for p in result_dir.rglob("*.geojson*")}
+    assert "objects.geojson.gz" in listed and on_disk == {p for p in listed if ".geojson" in p}  # nothing stale, nothing unlisted
 
 
 def test_export_quiet(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -34,7 +34,12 @@ from wsi_mtl.network import io as net_io
 from wsi_mtl.network.model import window_stats
 from wsi_mtl.network.registry import cerberus_heads
 
-REF = Path("/work/shared/reference/cerberus")
+try:
+    from conftest import shared_path
+except ImportError:  # tests collected as a package
+    from .conftest import shared_path  # type: ignore[no-redef]
+
+REF = shared_path("reference", "cerberus")
 TSV = REF / "cerberus_state_dict.tsv"
 NPZ = REF / "cerberus_reference_outputs.npz"
 needs_ref = pytest.mark.skipif(not (TSV.is_file() and NPZ.is_file()), reason=f"Cerberus reference fixture absent from {REF}")

@@ -76,7 +76,6 @@ def test_info_errors(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None
         ([str(tmp_path)], 10, "is a directory"),
         ([str(empty)], 10, "is empty"),
         ([str(text)], 11, "is not a slide format wsimtl reads"),
-        ([str(bare)], 12, "has no microns-per-pixel in its metadata; pass --mpp"),
         ([str(bare), "--mpp", "-1"], 2, "mpp must be between"),
     ]
     for args, expected_code, message in cases:
@@ -85,6 +84,23 @@ def test_info_errors(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None
         assert out == ""
         assert err.startswith("wsimtl: error: ") and message in err
         assert err.count("\n") == 1, err  # one line, no traceback
+
+
+def test_info_without_mpp_shows_the_rest(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from PIL import Image
+
+    bare = tmp_path / "bare.png"
+    Image.new("RGB", (24, 16), "white").save(bare)
+    code, out, err = run_main(["info", str(bare)], capsys)
+    assert code == 0, err
+    assert "mpp            unknown (pass --mpp)" in out
+    assert "24 x 16 px" in out and "um)" not in out and "png (backend pillow" in out
+    code, out, _ = run_main(["info", str(bare), "--json"], capsys)
+    data = json.loads(out)
+    assert code == 0 and data["mpp"] is None and data["mpp_source"] is None and data["size_um"] is None
+    assert (data["width"], data["height"]) == (24, 16)
+    code, out, _ = run_main(["info", str(bare), "--mpp", "0.5", "--json"], capsys)
+    assert code == 0 and json.loads(out)["size_um"] == [12.0, 8.0]
 
 
 def test_info_truncated(svs_jpeg: Path, tmp_path: Path, truncate_slide, capsys: pytest.CaptureFixture[str]) -> None:

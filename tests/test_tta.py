@@ -103,10 +103,32 @@ def test_predict_image_takes_tta(net):
         assert not np.allclose(four[name], one[name])
 
 
-def test_segment_records_tta_and_refuses_bad_values(he_image, tmp_path):
+@pytest.mark.slow
+def test_segment_applies_and_records_tta_and_refuses_bad_values(he_image, tmp_path, monkeypatch):
+    import zarr
+
+    import wsi_mtl.engine as engine
+    from wsi_mtl.store import PREDICTIONS
+
+    real = engine.predict_tta
+    views_seen: list[int] = []
+
+    def spy(*args, **kwargs):
+        views_seen.append(kwargs.get("views", 1))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(engine, "predict_tta", spy)
     slide = synthetic.write_svs(tmp_path / "s.svs", he_image[256:768, 512:1024], mpp=0.25, compression="jpeg", tile=256, levels=(1, 4))
-    res = segment_slide(slide, tmp_path / "out", tile_size=256, batch_size=1, objects=False, progress=False, tta=2)
-    run = json.loads((res.result_dir / "run.json").read_text())
-    assert run["parameters"]["tta_views"] == 2 and run["fingerprint"]["tta"] == 2
+    maps = {}
+    for views in (1, 2):
+        views_seen.clear()
+        res = segment_slide(slide, tmp_path / f"out{views}", tile_size=256, batch_size=1, objects=False, progress=False, tta=views,
+                            precision="fp32")
+        run = json.loads((res.result_dir / "run.json").read_text())
+        assert run["parameters"]["tta_views"] == views and run["fingerprint"]["tta"] == views
+        assert views_seen and set(views_seen) == {views}  # every batch went through that many views
+        maps[views] = zarr.open_group(res.result_dir / PREDICTIONS, mode="r")["Nuclei-INST"]["0"][:].astype(int)
+    assert maps[1].shape == maps[2].shape
+    assert np.abs(maps[1] - maps[2]).max() > 2  # the flipped view changed the stored probabilities (beyond uint8 rounding)
     with pytest.raises(InputError, match="tta"):
         segment_slide(slide, tmp_path / "bad", tile_size=256, objects=False, progress=False, tta=3)

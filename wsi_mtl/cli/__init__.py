@@ -23,6 +23,8 @@ _COMMANDS: dict[str, tuple[str, str]] = {
     "evaluate": ("wsi_mtl.cli.evaluate", "evaluate"),
     "batch": ("wsi_mtl.cli.batch", "batch"),
     "models": ("wsi_mtl.cli.models", "models"),
+    "embed": ("wsi_mtl.cli.embed", "embed"),
+    "probe": ("wsi_mtl.cli.probe", "probe"),
 }
 
 
@@ -42,11 +44,17 @@ class _LazyGroup(click.Group):
 
 @click.group(cls=_LazyGroup, context_settings={"help_option_names": ["-h", "--help"], "auto_envvar_prefix": "WSIMTL"})
 @click.version_option(package_name="wsimtl")
-@click.option("-v", "--verbose", count=True, help="More log output (-v info, -vv debug).")
+@click.option("-v", "--verbose", count=True, help="More log output: -v info, -vv debug (wsimtl's own), -vvv debug of every library too.")
 def cli(verbose: int) -> None:
     """Multi-task whole-slide analysis of H&E slides: nuclei, glands, lumen and tissue."""
-    level = logging.WARNING if verbose == 0 else logging.INFO if verbose == 1 else logging.DEBUG
-    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
+    _configure_logging(verbose)
+
+
+def _configure_logging(verbose: int) -> None:
+    """wsimtl's loggers follow ``-v``; other libraries' (numcodecs, dask, ...) stay at warnings below ``-vvv``."""
+    ours = logging.WARNING if verbose == 0 else logging.INFO if verbose == 1 else logging.DEBUG
+    logging.basicConfig(level=logging.DEBUG if verbose >= 3 else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    logging.getLogger("wsi_mtl").setLevel(ours)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -7,7 +7,21 @@ from pathlib import Path
 import click
 
 from ..errors import InputError
-from ._options import parse_settings, postprocess_option
+from ._options import (
+    allow_untrained_option,
+    batch_size_option,
+    check_model,
+    deprecated_option,
+    device_option,
+    model_option,
+    out_option,
+    parse_settings,
+    postprocess_option,
+    precision_option,
+    quiet_option,
+    tile_size_option,
+    tta_option,
+)
 
 
 def _devices(ctx: click.Context, param: click.Parameter, value: str | None) -> list[str] | None:
@@ -34,19 +48,21 @@ def _shard(ctx: click.Context, param: click.Parameter, value: str | None) -> tup
 
 @click.command("batch")
 @click.argument("inputs", nargs=-1, required=True)
-@click.option("-o", "--out", "out_dir", type=click.Path(path_type=Path, file_okay=False), default=Path("wsimtl-results"), show_default=True, help="Output folder: OUT/<id>/ per slide and OUT/batch_summary.csv.")
-@click.option("--model", default=None, help="Model name or folder, loaded once per worker (default: the shipped default model).")
-@click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda, cuda:N or mps (each worker's device).")
-@click.option("--precision", type=click.Choice(["auto", "fp32", "bf16", "fp16"]), default="auto", show_default=True, help="Mixed precision.")
-@click.option("--batch-size", type=click.IntRange(min=1), default=None, help="Tiles per batch.")
-@click.option("--tta", type=click.Choice(["1", "2", "4", "8"]), default="1", show_default=True, help="Test-time augmentation: average the maps over this many flipped/rotated views of each tile (one network pass per view).")
-@click.option("--tile-size", type=click.IntRange(min=32), default=None, help="Output core side in model pixels.")
+@out_option
+@model_option
+@allow_untrained_option
+@device_option
+@precision_option
+@batch_size_option
+@tta_option
+@tile_size_option
 @click.option("--no-tissue-mask", is_flag=True, help="Process whole slides, background included.")
 @click.option("--no-objects", is_flag=True, help="Stop at the maps (no polygons, tables or GeoJSON).")
 @click.option("--executor", type=click.Choice(["local", "dask", "slurm"]), default="local", show_default=True, help="Where slides run: this machine, a Dask cluster, or SLURM jobs running Dask workers.")
 @click.option("--devices", callback=_devices, default=None, help="local: one process per device, e.g. cuda:0,cuda:1 (default with --device auto: every GPU).")
 @click.option("--scheduler", default=None, help="dask: address (tcp://host:8786) or scheduler file (.json) of a running scheduler.")
-@click.option("--workers", type=click.IntRange(min=1), default=None, help="dask: workers of a new local cluster (no --scheduler).")
+@click.option("--dask-workers", type=click.IntRange(min=1), default=None, help="dask: workers of a new local cluster (no --scheduler).")
+@deprecated_option("--workers", "old_workers", use="--dask-workers", type=click.IntRange(min=1), default=None)
 @click.option("--partition", default=None, help="slurm: partition of the worker jobs.")
 @click.option("--account", default=None, help="slurm: account of the worker jobs.")
 @click.option("--walltime", default="04:00:00", show_default=True, help="slurm: time limit of each worker job.")
@@ -59,9 +75,10 @@ def _shard(ctx: click.Context, param: click.Parameter, value: str | None) -> tup
 @click.option("--shard", callback=_shard, default=None, help="i/n: only every n-th slide of the sorted list, from the i-th (default: from SLURM_ARRAY_TASK_ID/COUNT).")
 @click.option("--lock-timeout", type=click.FloatRange(min=1.0), default=600.0, show_default=True, help="Seconds without a heartbeat after which a slide lock is stale (its worker died) and is taken over.")
 @postprocess_option
-@click.option("-q", "--quiet", is_flag=True, help="No progress bar or summary lines.")
-def batch(inputs: tuple[str, ...], out_dir: Path, model: str | None, device: str, precision: str, batch_size: int | None, tta: str, tile_size: int | None,
-          no_tissue_mask: bool, no_objects: bool, executor: str, devices: list[str] | None, scheduler: str | None, workers: int | None,
+@quiet_option
+def batch(inputs: tuple[str, ...], out_dir: Path, model: str | None, allow_untrained: bool, device: str, precision: str, batch_size: int | None,
+          tta: str, tile_size: int | None, no_tissue_mask: bool, no_objects: bool, executor: str, devices: list[str] | None,
+          scheduler: str | None, dask_workers: int | None, old_workers: int | None,
           partition: str | None, account: str | None, walltime: str, memory: str, cores: int, gpus_per_job: int, jobs: int,
           interface: str | None, job_prologue: tuple[str, ...], shard: tuple[int, int] | None, lock_timeout: float, postprocess: tuple[str, ...], quiet: bool) -> None:
     """Segment every slide of INPUTS into OUT/<id>/, skipping finished ones; exit 3 if some failed.
@@ -76,13 +93,15 @@ def batch(inputs: tuple[str, ...], out_dir: Path, model: str | None, device: str
         raise InputError("--devices is for the local executor; Dask and SLURM workers use --device")
     if scheduler and executor != "dask":
         raise InputError("--scheduler needs --executor dask")
+    settings = tuple(parse_settings(postprocess).items())
+    check_model(model, allow_untrained=allow_untrained)
     options = SegmentOptions(model=model, device=device, precision=precision, batch_size=batch_size, tile_size=tile_size,
                              tissue_mask=not no_tissue_mask, objects=not no_objects, tta=int(tta),
-                             postprocess=tuple(parse_settings(postprocess).items()))
+                             postprocess=settings)
     slurm = SlurmOptions(partition=partition, account=account, walltime=walltime, memory=memory, cores=cores,
                          gpus_per_job=gpus_per_job, jobs=jobs, interface=interface, prologue=tuple(job_prologue))
     result = run_batch(inputs, out_dir, options=options, executor=executor, devices=devices, scheduler=scheduler,  # type: ignore[arg-type]
-                       workers=workers, slurm=slurm if executor == "slurm" else None, shard=shard or shard_from_env(),
+                       workers=dask_workers or old_workers, slurm=slurm if executor == "slurm" else None, shard=shard or shard_from_env(),
                        lock_timeout_s=lock_timeout, progress=not quiet)
     if not quiet:
         click.echo(describe(result))

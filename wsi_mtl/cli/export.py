@@ -6,20 +6,21 @@ from pathlib import Path
 
 import click
 
-from ._options import parse_settings, postprocess_option
+from ._options import geojson_gz_option, parse_settings, postprocess_option, quiet_option, workers_option
 
 
 @click.command("export")
 @click.argument("result_dir", type=click.Path(path_type=Path, file_okay=False))
-@click.option("--workers", type=click.IntRange(min=1), default=1, show_default=True, help="Processes for post-processing and GeoJSON formatting.")
-@click.option("--geojson-gz", is_flag=True, help="Write gzipped GeoJSON (.geojson.gz) instead of plain .geojson.")
+@workers_option
+@geojson_gz_option
 @postprocess_option
-@click.option("-q", "--quiet", is_flag=True, help="No progress bar or summary.")
-def export(result_dir: Path, workers: int, geojson_gz: bool, postprocess: tuple[str, ...], quiet: bool) -> None:
+@quiet_option
+def export(result_dir: Path, workers: int | None, geojson_gz: bool, postprocess: tuple[str, ...], quiet: bool) -> None:
     """Re-derive objects from RESULT_DIR/predictions.zarr and rewrite the table, GeoJSON and preview."""
     from ..derive import derive_objects
 
-    summary = derive_objects(result_dir, workers=workers, geojson_gz=geojson_gz, progress=not quiet, postprocess=parse_settings(postprocess))
+    summary = derive_objects(result_dir, workers=workers or 1, geojson_gz=geojson_gz, progress=not quiet,
+                             postprocess=parse_settings(postprocess))
     if quiet:
         return
     click.echo(f"results: {result_dir}")

@@ -8,20 +8,28 @@ from typing import Any
 
 import click
 
-__all__ = ["info", "format_info"]
+from ._options import json_option
+
+__all__ = ["info", "format_info", "slide_info"]
+
+_PLACEHOLDER_MPP = 1.0
 
 
 def format_info(data: dict[str, Any]) -> str:
     """Human-readable text of :meth:`wsi_mtl.slide.Slide.info`."""
-    width_um, height_um = data["size_um"]
     power = data["objective_power"]
+    size = f"{data['width']} x {data['height']} px"
+    if data["size_um"] is not None:
+        width_um, height_um = data["size_um"]
+        size += f" ({width_um:,.1f} x {height_um:,.1f} um)"
+    mpp = f"{data['mpp']:.4f} um/px (source: {data['mpp_source']})" if data["mpp"] is not None else "unknown (pass --mpp)"
     lines = [
         Path(data["path"]).name,
         f"  path           {data['path']}",
         f"  format         {data['format']} (backend {data['backend']}, decoder {data['decoder']})",
-        f"  size           {data['width']} x {data['height']} px ({width_um:,.1f} x {height_um:,.1f} um)",
+        f"  size           {size}",
         f"  bounds offset  x={data['offset'][0]}, y={data['offset'][1]}",
-        f"  mpp            {data['mpp']:.4f} um/px (source: {data['mpp_source']})",
+        f"  mpp            {mpp}",
         f"  objective      {f'{power:g}x' if power else 'unknown'}",
         f"  levels         {len(data['levels'])}",
     ]
@@ -35,11 +43,27 @@ def format_info(data: dict[str, Any]) -> str:
 @click.argument("slide", type=click.Path(path_type=Path, dir_okay=True))
 @click.option("--mpp", type=float, default=None, metavar="UM",
               help="Microns per pixel at level 0, overriding the slide's metadata.")
-@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of text.")
+@json_option
 def info(slide: Path, mpp: float | None, as_json: bool) -> None:
-    """Show a slide's format, size, microns per pixel (and its source), levels and associated images."""
+    """Show a slide's format, size, microns per pixel (and its source), levels and associated images.
+
+    A slide without microns per pixel is shown too, with mpp unknown (null in JSON): pass --mpp to
+    the commands that need it.
+    """
+    data = slide_info(slide, mpp)
+    click.echo(json.dumps(data, indent=2) if as_json else format_info(data))
+
+
+def slide_info(path: Path, mpp: float | None) -> dict[str, Any]:
+    """:meth:`Slide.info` of ``path``; where the slide has no mpp, the same with ``mpp``, its source and size in um None."""
+    from ..errors import MissingMppError
     from ..slide import open_slide
 
-    with open_slide(slide, mpp=mpp) as opened:
+    try:
+        with open_slide(path, mpp=mpp) as opened:
+            return opened.info()
+    except MissingMppError:
+        pass
+    with open_slide(path, mpp=_PLACEHOLDER_MPP) as opened:  # only to read the rest of the metadata
         data = opened.info()
-    click.echo(json.dumps(data, indent=2) if as_json else format_info(data))
+    return {**data, "mpp": None, "mpp_source": None, "size_um": None}

@@ -6,6 +6,8 @@ from pathlib import Path
 
 import click
 
+from ._options import deprecated_option, quiet_option
+
 
 @click.command("train")
 @click.argument("config", type=click.Path(exists=True, dir_okay=False, path_type=Path))
@@ -20,10 +22,13 @@ import click
 @click.option("--export-only", is_flag=True, help="Only export the run folder's final checkpoint (with --best: the best-scoring one).")
 @click.option("--tune-only", is_flag=True, help="Only re-tune the post-processing of the model in the config's output_model on training images (weights unchanged).")
 @click.option("--best", is_flag=True, help="With --export-only: export the checkpoint of the best validation score.")
-@click.option("--progress/--no-progress", default=True, help="Show a progress bar.")
+@quiet_option
+@deprecated_option("--progress/--no-progress", "old_progress", use="-q/--quiet", default=None)
 def train(config: Path, steps: int | None, steps_per_epoch: int | None, run_dir: Path | None, output_model: Path | None, data_root: Path | None,
-          max_minutes: float | None, threads: int | None, no_export: bool, export_only: bool, tune_only: bool, best: bool, progress: bool) -> None:
+          max_minutes: float | None, threads: int | None, no_export: bool, export_only: bool, tune_only: bool, best: bool, quiet: bool,
+          old_progress: bool | None) -> None:
     """Train the model described by CONFIG (resumes from the run folder's checkpoint)."""
+    progress = not quiet and old_progress is not False
     import json
 
     from ..train import export_model, load_config, retune_model

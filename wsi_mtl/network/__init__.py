@@ -27,7 +27,7 @@ from .io import (
     save_model,
 )
 from .model import MultiTaskNet
-from .registry import create_model, get_model_config, is_model, list_models, register_model
+from .registry import create_model, get_model_config, is_model, list_models, model_names, public_name, register_model
 
 __all__ = [
     "ArchParams",
@@ -40,6 +40,8 @@ __all__ = [
     "create_model",
     "get_model_config",
     "list_models",
+    "model_names",
+    "public_name",
     "is_model",
     "register_model",
     "describe_models",

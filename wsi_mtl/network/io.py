@@ -27,7 +27,7 @@ from ..devices import resolve_device
 from ..errors import ModelError
 from .config import INST_CLASSES, ArchParams, HeadConfig, ModelConfig
 from .model import MultiTaskNet
-from .registry import canonical_arch, cerberus_heads, create_model, get_model_config, list_models
+from .registry import canonical_arch, cerberus_heads, create_model, get_model_config, list_models, model_names
 
 __all__ = [
     "DEFAULT_MODEL",
@@ -275,7 +275,7 @@ def _load_ours(folder: Path) -> MultiTaskNet:
     except OSError as exc:
         raise ModelError(f"cannot read {config_path}: {exc.strerror}") from None
     if canonical_arch(config.arch) is None:
-        raise ModelError(f"{config_path}: unknown arch {config.arch!r}; known: {', '.join(list_models())}")
+        raise ModelError(f"{config_path}: unknown arch {config.arch!r}; known: {', '.join(model_names())}")
     try:
         state_dict = load_file(weights, device="cpu")
     except (SafetensorError, OSError, ValueError) as exc:
@@ -404,7 +404,7 @@ def load_model(name_or_path: str | os.PathLike[str] | None = None, *, device: st
         model = _load_path(folder) if folder is not None else _untrained(text)
     else:
         raise ModelError(
-            f"no model folder or registered model named {text!r}; known models: {', '.join(list_models())} "
+            f"no model folder or registered model named {text!r}; known models: {', '.join(model_names())} "
             f"(or pass a folder with {CONFIG_FILE} + {WEIGHTS_FILE}, or a Cerberus folder with {CERBERUS_WEIGHTS})"
         )
     model.eval().to(target)

@@ -1,7 +1,8 @@
 """A small registry of architectures: each entry is a function returning a default ModelConfig.
 
 ``@register_model`` records a builder under its function name (the *arch*, e.g. ``wsimtl_small``);
-model names with dashes (``wsimtl-small``) resolve to the same entry. Builders only choose
+model names with dashes (``wsimtl-small``) resolve to the same entry. Users see one spelling, the
+model name with dashes (:func:`public_name`, :func:`model_names`); both are accepted everywhere. Builders only choose
 parameters; :func:`create_model` is the one construction path.
 """
 
@@ -17,7 +18,8 @@ from ..errors import ModelError
 from .config import INST_CLASSES, ArchParams, HeadConfig, ModelConfig
 from .model import MultiTaskNet
 
-__all__ = ["register_model", "list_models", "is_model", "get_model_config", "create_model", "canonical_arch"]
+__all__ = ["register_model", "list_models", "model_names", "public_name", "is_model", "get_model_config", "create_model",
+           "canonical_arch"]
 
 logger = logging.getLogger(__name__)
 
@@ -46,6 +48,16 @@ def list_models() -> list[str]:
     return sorted(_BUILDERS)
 
 
+def public_name(name: str) -> str:
+    """The spelling shown to users: ``wsimtl_small`` and ``WSIMTL-small`` -> ``wsimtl-small``."""
+    return name.strip().lower().replace("_", "-")
+
+
+def model_names() -> list[str]:
+    """Registered model names as users see them (dashes), sorted; underscores are accepted too."""
+    return sorted(public_name(key) for key in _BUILDERS)
+
+
 def is_model(name: str) -> bool:
     """Whether ``name`` is a registered architecture."""
     return canonical_arch(name) is not None
@@ -55,7 +67,7 @@ def get_model_config(name: str, **overrides: Any) -> ModelConfig:
     """Default config of a registered architecture, with ``overrides`` applied to its fields."""
     key = canonical_arch(name)
     if key is None:
-        raise ModelError(f"unknown model {name!r}; known: {', '.join(list_models())}")
+        raise ModelError(f"unknown model {name!r}; known: {', '.join(model_names())}")
     config = _BUILDERS[key]()
     return config.replace(**overrides) if overrides else config
 

@@ -84,7 +84,7 @@ def test_features_follow_qupath_rules_and_match_table(table: Path, tmp_path: Pat
     for feature, area, solidity in zip(doc["features"], rows.column("area_um2").to_pylist(), rows.column("solidity").to_pylist()):
         meas = feature["properties"]["measurements"]
         assert meas["area_um2"] == pytest.approx(area, abs=1e-4)
-        assert set(meas) <= {"probability", "area_um2", "perimeter_um", "solidity", "eccentricity"}
+        assert set(meas) <= {"probability", "nucleus_probability", "area_um2", "perimeter_um", "solidity", "eccentricity", "truncated"}
         assert ("solidity" in meas) == (not math.isnan(solidity))
     colors = {f["properties"]["classification"]["name"]: f["properties"]["classification"]["color"] for f in doc["features"]}
     assert colors["epithelial"] == [255, 0, 0] and colors["tumour"] == [200, 0, 200]
@@ -111,6 +111,7 @@ def test_rounding_that_breaks_validity_keeps_exact_coordinates(tmp_path: Path) -
         "class_name": np.array(["lumen"] * n),
         "class_id": np.ones(n, dtype=np.int32),
         **{name: np.full(n, np.nan) for name, kind in COLUMNS.items() if kind == "f"},
+        **{name: np.zeros(n, bool) for name, kind in COLUMNS.items() if kind == "b"},
     }
     table = tmp_path / "t.parquet"
     write_table([ObjectBatch(cols, np.array([sliver, square], dtype=object))], table, mpp=1.0)
@@ -120,7 +121,7 @@ def test_rounding_that_breaks_validity_keeps_exact_coordinates(tmp_path: Path) -
     shapes = [assert_qupath_feature(f) for f in features]
     assert shapely.equals_exact(shapes[0], sliver, tolerance=0)
     assert shapely.equals_exact(shapes[1], shapely.box(20.12, 20.46, 30.79, 30.0), tolerance=1e-9)
-    assert features[0]["properties"]["measurements"] == {}  # all NaN: omitted, still an object
+    assert features[0]["properties"]["measurements"] == {"truncated": 0}  # NaN omitted, still an object
 
 
 def test_per_task_files_in_one_pass(table: Path, tmp_path: Path) -> None:
@@ -269,6 +270,7 @@ def test_glas_polygons_round_trip(tmp_path: Path) -> None:
             "class_name": np.array([row["grade_glas"]] * n),
             "class_id": np.ones(n, dtype=np.int32),
             **{name: np.full(n, np.nan) for name, kind in COLUMNS.items() if kind == "f"},
+            **{name: np.zeros(n, bool) for name, kind in COLUMNS.items() if kind == "b"},
         }
         cols["area_um2"] = shapely.area(np.array(polys, dtype=object)) * 0.62**2
         batches.append(ObjectBatch(cols, np.array(polys, dtype=object), {("gland", row["grade_glas"]): (0, 160, 0)}))

@@ -30,6 +30,7 @@ def _one(geometry: list[object], **overrides: object) -> ObjectBatch:
         "class_name": np.array(["epithelial"] * n),
         "class_id": np.ones(n, dtype=np.int32),
         **{name: np.full(n, 1.0) for name, kind in COLUMNS.items() if kind == "f"},
+        **{name: np.zeros(n, bool) for name, kind in COLUMNS.items() if kind == "b"},
     }
     cols.update(overrides)  # type: ignore[arg-type]
     return ObjectBatch(cols, np.array(geometry, dtype=object), {("nuclei", "epithelial"): (255, 0, 0)})

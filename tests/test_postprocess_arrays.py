@@ -167,7 +167,10 @@ def test_instance_type_majority_vote_ignores_nolabel():
     assert instance_type(labels, bg)[0].tolist() == [0, 0]
     cls_n, prob_n = instance_type(labels, bg, never_class=0)
     assert cls_n.tolist() == [2, 1]  # object 1: 12 pixels vote 2, 8 vote 1; object 2: all vote 1
-    assert prob_n[1] == pytest.approx(30 / 255)
+    # probability among the classes other than never_class: object 2 is all class 1 (30 / 30);
+    # object 1: class 2 has 50 / (30 + 50) on its 12 voting pixels and 0 on the other 8
+    assert prob_n[1] == pytest.approx(1.0)
+    assert prob_n[0] == pytest.approx(12 * 50 / 80 / 20)
     assert instance_type(np.zeros((4, 10), np.int32), tp)[0].size == 0
     with pytest.raises(ValueError, match="does not match"):
         instance_type(labels[:2], tp)

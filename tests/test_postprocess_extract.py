@@ -48,11 +48,15 @@ def write_predictions(
     downsample: float = 2.0,
     patch_cell_px: int = 16,
     core_px: int = 128,
+    slide_size: tuple[int, int] | None = None,
+    mask: np.ndarray | None = None,
+    mask_downsample: float = 8.0,
 ) -> Path:
     """Write ``maps`` (head -> (C, h, w) uint8) as a finished predictions.zarr via the engine's store.
 
     Segmentation heads share the model grid; ``Patch-Class`` is on a grid ``patch_cell_px`` times
-    coarser. Returns the store path.
+    coarser. ``slide_size`` (level-0 width, height) and a tissue ``mask`` (``mask_downsample``
+    level-0 px per pixel) are recorded when given. Returns the store path.
     """
     seg = [a for n, a in maps.items() if n != "Patch-Class"]
     height, width = seg[0].shape[1:]
@@ -65,12 +69,16 @@ def write_predictions(
         heads.append(HeadLayout(name, arr.shape[0], cell))
         names = classes.get(name, ["background", "interior", "boundary"])
         heads_attrs[name] = {"kind": kinds[name], "classes": names, "colors": _colors(len(names)), "cell_px": cell}
-    attrs = {"heads": heads_attrs, "slide": {"mpp": slide_mpp}, "model_mpp": slide_mpp * downsample,
-             "downsample": downsample}
+    slide = {"mpp": slide_mpp}
+    if slide_size is not None:
+        slide.update(width=slide_size[0], height=slide_size[1])
+    attrs = {"heads": heads_attrs, "slide": slide, "model_mpp": slide_mpp * downsample, "downsample": downsample}
     store = PredictionStore(result_dir, heads=heads, height=height, width=width, core_px=core_px,
                             downsample=downsample, fingerprint={"test": 1}, attrs=attrs)
     for name, arr in maps.items():
         store.root[name]["0"][...] = arr
+    if mask is not None:
+        store.write_mask("tissue_mask", mask, downsample=mask_downsample)
     return store.finalize()
 
 
@@ -335,13 +343,21 @@ def _blob_maps(h: int = 96, w: int = 96) -> dict[str, np.ndarray]:
     return {"Nuclei-INST": label_to_3class(lab)}
 
 
-def test_nucleus_wider_than_max_halo_raises(tmp_path):
+def test_nucleus_wider_than_max_halo_is_written_truncated(tmp_path, caplog):
     store = write_predictions(tmp_path, _blob_maps(), core_px=32)
-    with pytest.raises(HaloTooSmallError, match="max_halo_px"):
-        list(extract_objects(store, tasks=("nuclei",), chunk_px=32, halo_px=4, max_halo_px=8))
-    # growing the halo solves it: one object, same as whole
-    got = concat_batches(list(extract_objects(store, tasks=("nuclei",), chunk_px=32, halo_px=4, max_halo_px=64)))
-    assert len(got) == 1
+    with caplog.at_level(logging.WARNING, logger="wsi_mtl.postprocess._extract"):
+        stream = extract_objects(store, tasks=("nuclei",), chunk_px=32, halo_px=4, max_halo_px=8)
+        cut = concat_batches(list(stream))
+    # written once, cut at the edge of the read region (chunk 0 reads model px 0..40), flagged
+    assert len(cut) == 1 and cut.columns["truncated"].tolist() == [True]
+    assert cut.geometry[0].bounds[2] <= 40 * 2.0 and cut.geometry[0].area < 50 * 50 * 4
+    assert len(stream.warnings) == 1 and stream.warnings[0].startswith("1 nuclei") and "truncated" in stream.warnings[0]
+    assert caplog.text.count("flagged truncated") == 1
+    # growing the halo solves it: one whole object, not truncated
+    stream = extract_objects(store, tasks=("nuclei",), chunk_px=32, halo_px=4, max_halo_px=64)
+    got = concat_batches(list(stream))
+    assert len(got) == 1 and not got.columns["truncated"].any() and stream.warnings == []
+    assert got.geometry[0].area == pytest.approx(50 * 50 * 4, rel=0.05)
     with pytest.raises(ValueError, match="max_halo_px"):
         list(extract_objects(store, tasks=("nuclei",), chunk_px=32, halo_px=16, max_halo_px=8))
 
@@ -356,23 +372,30 @@ def test_chain_of_touching_nuclei_wider_than_halo_warns(tmp_path, caplog):
     assert len(whole) == 12
     with caplog.at_level(logging.WARNING, logger="wsi_mtl.postprocess._extract"):
         got = concat_batches(list(extract_objects(store, tasks=("nuclei",), chunk_px=64, halo_px=8, max_halo_px=16)))
-    assert "wider than the halo" in caplog.text
+    assert "blobs wider than the largest nuclei halo" in caplog.text and "truncated" not in caplog.text
     assert len(got) == 12
     big = concat_batches(list(extract_objects(store, tasks=("nuclei",), chunk_px=64, halo_px=8, max_halo_px=256)))
     _assert_same_objects(whole, big)
 
 
-def test_gland_wider_than_max_halo_raises(tmp_path):
+def test_gland_wider_than_max_halo_is_written_truncated(tmp_path):
     lab = np.zeros((256, 256), np.int32)
     lab[30:220, 30:220] = 1
+    lab[70:110, 226:254] = 2  # a small gland beside it, whole in every chunk that owns it
     store = write_predictions(tmp_path, {"Gland-INST": label_to_3class(lab, erosion_px=5)}, core_px=64)
-    small = PostprocessParams(gland_halo_px=8, gland_max_halo_px=16)
-    with pytest.raises(HaloTooSmallError, match="gland_max_halo_px"):
-        list(extract_objects(store, tasks=("gland",), chunk_px=64, params=small))
+    small = PostprocessParams(gland_halo_px=8, gland_max_halo_px=16, gland_min_area_px=100)
+    stream = extract_objects(store, tasks=("gland",), chunk_px=64, params=small)
+    got = concat_batches(list(stream))
+    big = got.columns["truncated"]
+    assert big.sum() == 1 and len(got) == 2  # written once, by the chunk owning its top-left corner
+    # cut at the read edge of chunk (0, 0): model px 0..64 + 16
+    assert got.geometry[big][0].bounds[2] == pytest.approx(80 * 2.0, abs=2) and got.geometry[~big][0].area > 0
+    assert [w.split(" ")[:2] for w in stream.warnings] == [["1", "glands"]]
+    assert "gland_max_halo_px" in stream.warnings[0]
     grown = PostprocessParams(gland_halo_px=8)
     got = concat_batches(list(extract_objects(store, tasks=("gland",), chunk_px=64, params=grown)))
-    assert len(got) == 1 and got.columns["class_name"][0] == "gland"
-    assert got.geometry[0].area == pytest.approx(190 * 190 * 4, rel=0.05)
+    assert len(got) == 2 and set(got.columns["class_name"]) == {"gland"} and not got.columns["truncated"].any()
+    assert max(g.area for g in got.geometry) == pytest.approx(190 * 190 * 4, rel=0.05)
 
 
 def test_extract_input_errors(tmp_path):
@@ -468,3 +491,75 @@ def test_overrides_are_checked_and_typed_as_their_fields() -> None:
                        (("gland_downsample", 0), ">= 1"), (("tissue_min_area_px", 2.5), "whole number")):
         with pytest.raises(InputError, match=match):
             check_overrides(dict([bad]))
+
+
+# ------------------------------------------------------------------------------ tissue mask and slide extent
+
+
+def _masked_maps() -> tuple[dict[str, np.ndarray], np.ndarray]:
+    """Nuclei, glands and tissue classes on a 128 x 128 model grid (2 level-0 px per model px);
+    the tissue mask (8 level-0 px per pixel) covers the left half only."""
+    nuc = np.zeros((128, 128), np.int32)
+    nuc[20:30, 20:30] = 1  # in tissue
+    nuc[20:30, 100:110] = 2  # on glass
+    nuc[60:70, 58:68] = 3  # 6 of 10 columns in tissue (the mask ends at model px 64)
+    gl = np.zeros((128, 128), np.int32)
+    gl[80:120, 20:100] = 1  # 44 of 80 columns in tissue: kept, clipped at the mask's edge
+    gl[40:56, 90:120] = 2  # on glass
+    tissue = np.ones((8, 8), np.int64)  # one class everywhere, glass included
+    mask = np.zeros((32, 32), bool)
+    mask[:, :16] = True
+    maps = {"Nuclei-INST": label_to_3class(nuc), "Gland-INST": label_to_3class(gl, erosion_px=5),
+            "Patch-Class": _one_hot(tissue, len(TISSUE), np.ones((8, 8), bool))}
+    return maps, mask
+
+
+@pytest.mark.parametrize("chunked", [False, True])
+def test_objects_and_tissue_classes_only_inside_the_tissue_mask(tmp_path, chunked):
+    maps, mask = _masked_maps()
+    params = PostprocessParams(gland_min_area_px=50, gland_halo_px=16)
+    if chunked:
+        store = write_predictions(tmp_path, maps, core_px=32, mask=mask, mask_downsample=8.0)
+        got = concat_batches(list(extract_objects(store, chunk_px=32, params=params)))
+    else:
+        got = objects_from_maps(maps, slide_mpp=0.25, downsample=2.0, params=params, tissue_mask=mask, mask_downsample=8.0)
+    task = got.columns["task"]
+    tissue_box = shapely.box(0, 0, 128, 256)  # the mask's tissue in level-0 px
+    nuclei = got.geometry[task == "nuclei"]
+    assert len(nuclei) == 2 and all(shapely.intersection(n, tissue_box).area >= 0.5 * n.area for n in nuclei)
+    (gland,) = got.geometry[task == "gland"]
+    assert gland.bounds[2] <= 128 + 1e-9 and gland.area == pytest.approx(40 * 44 * 4, rel=0.05)
+    regions = got.geometry[task == "tissue"]
+    assert shapely.union_all(regions).equals_exact(tissue_box, 1e-6) or shapely.union_all(regions).symmetric_difference(tissue_box).area < 1
+    # without the mask everything is kept
+    kept = objects_from_maps(maps, slide_mpp=0.25, downsample=2.0, params=params)
+    assert (kept.columns["task"] == "nuclei").sum() == 3 and (kept.columns["task"] == "gland").sum() == 2
+    assert shapely.union_all(kept.geometry[kept.columns["task"] == "tissue"]).area == pytest.approx(256 * 256)
+
+
+def test_min_in_tissue_is_a_setting_and_a_slide_run_without_mask_is_not_filtered(tmp_path):
+    maps, mask = _masked_maps()
+    store = write_predictions(tmp_path, maps, core_px=32, mask=mask, mask_downsample=8.0)
+    params = PostprocessParams(gland_min_area_px=50, min_in_tissue=0.7)
+    got = concat_batches(list(extract_objects(store, tasks=("nuclei",), chunk_px=64, params=params)))
+    assert len(got) == 1  # the nucleus 60% in tissue goes too
+    unmasked = concat_batches(list(extract_objects(store, tasks=("nuclei",), chunk_px=64, params=params, tissue_mask=False)))
+    assert len(unmasked) == 3
+    with pytest.raises(InputError, match="min_in_tissue"):
+        PostprocessParams().with_overrides({"min_in_tissue": 1.5})
+
+
+def test_geometry_is_clipped_to_the_slide(tmp_path):
+    """The model grid runs past the slide's edge (tiles are padded): nothing may reach beyond it."""
+    lab = np.zeros((64, 64), np.int32)
+    lab[50:64, 10:24] = 1  # a nucleus cut by the slide's bottom edge at level-0 y = 110
+    lab[10:24, 10:24] = 2
+    tissue = np.ones((4, 4), np.int64)
+    maps = {"Nuclei-INST": label_to_3class(lab), "Patch-Class": _one_hot(tissue, len(TISSUE), np.ones((4, 4), bool))}
+    store = write_predictions(tmp_path, maps, core_px=32, slide_size=(100, 110))
+    got = concat_batches(list(extract_objects(store, chunk_px=32)))
+    bounds = shapely.bounds(got.geometry)
+    assert len(got) == 3 and (bounds[:, 2] <= 100).all() and (bounds[:, 3] <= 110).all()
+    assert shapely.is_valid(got.geometry).all()
+    tissue_area = got.columns["area_um2"][got.columns["task"] == "tissue"]
+    assert tissue_area == pytest.approx([100 * 110 * 0.25**2])

@@ -16,21 +16,24 @@ __all__ = ["TASKS", "COLUMNS", "ObjectBatch"]
 #: the values of the ``task`` column, in export order
 TASKS: tuple[str, ...] = ("nuclei", "gland", "lumen", "tissue")
 
-#: column name -> numpy dtype kind, in table order (``geometry`` is handled separately)
+#: column name -> numpy dtype kind (``U`` str, ``i`` int32, ``f`` float64, ``b`` bool), in table
+#: order (``geometry`` is handled separately)
 COLUMNS: dict[str, str] = {
     "id": "U",  # UUID4 string
     "task": "U",
     "class_name": "U",
     "class_id": "i",
-    "probability": "f",  # mean probability of the assigned class inside the object
+    "probability": "f",  # mean probability of the assigned class among the task's object classes
+    "nucleus_probability": "f",  # nuclei: mean foreground probability of the instance map; NaN otherwise
     "centroid_x_px": "f",  # level-0 px
     "centroid_y_px": "f",
     "centroid_x_um": "f",
     "centroid_y_um": "f",
     "area_um2": "f",
     "perimeter_um": "f",
-    "solidity": "f",  # NaN where not measured (glands, lumen, tissue)
-    "eccentricity": "f",
+    "solidity": "f",  # NaN for tissue regions
+    "eccentricity": "f",  # NaN for tissue regions
+    "truncated": "b",  # wider than the largest halo: written cut at the halo edge
 }
 
 

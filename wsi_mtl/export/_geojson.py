@@ -47,10 +47,12 @@ log = logging.getLogger(__name__)
 #: table column -> QuPath measurement name (plain ASCII; units in the name)
 MEASUREMENTS: dict[str, str] = {
     "probability": "probability",
+    "nucleus_probability": "nucleus_probability",
     "area_um2": "area_um2",
     "perimeter_um": "perimeter_um",
     "solidity": "solidity",
     "eccentricity": "eccentricity",
+    "truncated": "truncated",  # 1 = cut at the halo edge, 0 = whole
 }
 
 #: per-task GeoJSON files written beside ``objects.geojson``: file stem -> tasks

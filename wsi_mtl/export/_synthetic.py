@@ -111,7 +111,8 @@ def synthetic_batches(
             "task": np.array([keys[i][0] for i in key_idx]),
             "class_name": np.array([keys[i][1] for i in key_idx]),
             "class_id": np.array([SYNTHETIC_CLASSES[keys[i]][0] for i in key_idx], dtype=np.int32),
-            "probability": rng.uniform(0.5, 1.0, n),
+            "probability": (probability := rng.uniform(0.5, 1.0, n)),
+            "nucleus_probability": np.where(is_nucleus, probability, np.nan),
             "centroid_x_px": cx,
             "centroid_y_px": cy,
             "centroid_x_um": cx * mpp,
@@ -120,6 +121,7 @@ def synthetic_batches(
             "perimeter_um": shapely.length(geometry) * mpp,
             "solidity": np.where(is_nucleus, area_px / hull, np.nan),
             "eccentricity": np.where(is_nucleus, np.sqrt(1.0 - (b / a) ** 2), np.nan),
+            "truncated": np.zeros(n, dtype=bool),
         }
         assert set(columns) == set(COLUMNS)
         yield ObjectBatch(columns=columns, geometry=geometry, colors=colors)

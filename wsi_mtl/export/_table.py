@@ -30,7 +30,7 @@ __all__ = ["write_table", "read_table_info", "iter_table", "TableSummary", "TABL
 
 log = logging.getLogger(__name__)
 
-_ARROW_TYPES = {"U": pa.string(), "i": pa.int32(), "f": pa.float64()}
+_ARROW_TYPES = {"U": pa.string(), "i": pa.int32(), "f": pa.float64(), "b": pa.bool_()}
 _BBOX_TYPE = pa.struct([(k, pa.float64()) for k in ("xmin", "ymin", "xmax", "ymax")])
 
 #: the Arrow schema of ``objects.parquet``
@@ -128,6 +128,8 @@ def _to_record_batch(batch: ObjectBatch) -> pa.RecordBatch:
             arrays.append(pa.array(np.asarray(col).astype(str), type=pa.string()))
         elif kind == "i":
             arrays.append(pa.array(np.asarray(col, dtype=np.int32)))
+        elif kind == "b":
+            arrays.append(pa.array(np.asarray(col, dtype=bool)))
         else:
             arrays.append(pa.array(np.asarray(col, dtype=np.float64)))
     arrays.append(pa.array(shapely.to_wkb(batch.geometry), type=pa.binary()))

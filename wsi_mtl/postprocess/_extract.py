@@ -8,20 +8,28 @@ How borders are handled, per task:
   start it owns; while the blob of an owned object touches a read edge inside the slide, the chunk
   is redone with twice the halo (up to ``max_halo_px``). If a blob is still cut at that halo, the
   object is kept when it does not itself touch the edge (a warning is logged), and an object cut
-  by the edge raises :class:`HaloTooSmallError` naming ``max_halo_px``.
+  by the edge is written as the part inside the read region, flagged ``truncated``.
 * **Glands and lumen** (model grid by default). The same chunk/halo/ownership scheme: an object
   is complete when its bounding box lies at least ``2 * erosion + 1`` pixels from every inner read
   edge (growing the cores back by the erosion size then sees every core that could compete for a
   pixel, and hole filling sees the whole object); a lumen also needs every gland it overlaps to be
   complete (the lumen-inside-gland test). Glands can be millimetres wide, so a chunk doubles its
-  halo until that holds, up to ``gland_max_halo_px`` (default 2048 px = 1 mm at 0.5 um/px), and
-  otherwise raises :class:`HaloTooSmallError`. ``gland_downsample`` can run this on an
+  halo until that holds, up to ``gland_max_halo_px`` (default 2048 px = 1 mm at 0.5 um/px).
+  An object still cut at that halo is written cut at the halo edge (the part inside the region
+  read by the chunk that owns its bounding-box start, so one chunk writes it) and flagged
+  ``truncated``. ``gland_downsample`` can run this on an
   area-averaged grid instead (16x fewer pixels at 4), at a cost in accuracy: on GlaS masks through
   3-class maps the median gland IoU is 0.997 on the model grid, 0.97 at 2x and 0.91 at 4x coarser.
 * **Tissue** (Patch-Class grid). Per-pixel argmax needs no halo; regions are traced with exact
   pixel-edge outlines, and regions touching a chunk edge are merged with :func:`shapely.union_all`
   after all chunks (exact, because pixel-edge outlines of adjacent parts share their edges), then
   simplified.
+
+Every task: polygons are clipped to the slide's extent, and objects with less than
+``min_in_tissue`` of their pixels inside the stored tissue mask are dropped (tissue-class cells
+with less than that share of tissue get no class), unless the slide was run without a mask.
+Problems that do not stop the run (truncated objects, blobs wider than the nuclei halo) are
+counted and reported as one warning line per kind in :attr:`ObjectStream.warnings`.
 
 Chunks run in a process pool with at most ``2 * workers`` chunks in flight, so memory depends on
 the chunk size, not on the slide size or the number of objects (except tissue regions that touch
@@ -56,7 +64,7 @@ from wsi_mtl.postprocess._instances import (
     instance_type,
 )
 from wsi_mtl.postprocess._polygons import labels_to_polygons, polygon_measurements
-from wsi_mtl.postprocess._tissue import _finish_regions, _tissue_parts, tissue_class_map
+from wsi_mtl.postprocess._tissue import NO_CLASS, _finish_regions, _tissue_parts, tissue_class_map
 
 __all__ = [
     "PostprocessParams",
@@ -68,6 +76,7 @@ __all__ = [
     "objects_from_maps",
     "read_meta",
     "concat_batches",
+    "ObjectStream",
 ]
 
 log = logging.getLogger(__name__)
@@ -81,7 +90,8 @@ _REQUIRED = {"nuclei": NUCLEI_INST, "gland": GLAND_INST, "lumen": LUMEN_INST, "t
 
 
 class HaloTooSmallError(InputError):
-    """An object is larger than the largest halo allowed; the message names the parameter."""
+    """An object is larger than the largest halo allowed (no longer raised by extraction, which
+    writes such objects flagged ``truncated``; kept for callers that catch it)."""
 
 
 @dataclass(frozen=True)
@@ -108,6 +118,10 @@ class PostprocessParams:
         Polygon simplification tolerance in pixels of the grid each task runs on.
     tissue_min_area_px : int
         Smallest tissue region kept, in Patch-Class pixels.
+    min_in_tissue : float
+        Nuclei, glands and lumen with less than this fraction of their pixels inside the tissue
+        mask are dropped, and Patch-Class cells less than this fraction tissue get no tissue
+        class (0 = keep everything; ignored for slides run with ``--no-tissue-mask``).
     """
 
     nuclei_min_area_px: float = 10
@@ -128,6 +142,7 @@ class PostprocessParams:
     gland_max_halo_px: int = 2048
     simplify_px: float = 0.5
     tissue_min_area_px: int = 1
+    min_in_tissue: float = 0.5
 
     @classmethod
     def from_mapping(cls, values: Mapping[str, Any] | None) -> PostprocessParams:
@@ -172,6 +187,8 @@ def check_overrides(overrides: Mapping[str, Any] | None) -> dict[str, float | in
             raise InputError(f"post-processing setting {key} must be a finite number >= 0, got {value!r}")
         if kinds[key] is int and not number.is_integer():
             raise InputError(f"post-processing setting {key} must be a whole number, got {value!r}")
+        if key == "min_in_tissue" and number > 1:
+            raise InputError(f"post-processing setting min_in_tissue must be a fraction in [0, 1], got {value!r}")
         if key == "gland_downsample" and number < 1:
             raise InputError(f"post-processing setting gland_downsample must be >= 1, got {value!r}")
         checked[key] = kinds[key](number)
@@ -197,6 +214,10 @@ class MapsMeta:
     heads: dict[str, HeadMeta] = field(default_factory=dict)
     #: The model's tuned post-processing settings recorded in the store (``PostprocessParams`` fields).
     postprocess: dict[str, Any] = field(default_factory=dict)
+    #: Level-0 (width, height) of the slide: every geometry is clipped to it (None: not clipped).
+    slide_size: tuple[int, int] | None = None
+    #: Level-0 px per tissue-mask px of the stored mask; None where no mask is used.
+    mask_downsample: float | None = None
 
 
 # ------------------------------------------------------------------------------------ reading
@@ -205,12 +226,27 @@ class MapsMeta:
 def _ome_scale(attrs: Mapping[str, Any]) -> float | None:
     try:
         ms = (attrs.get("ome") or attrs)["multiscales"][0]
+        if any(isinstance(a, dict) and a.get("unit") for a in ms.get("axes", [])):
+            return None  # a scale in micrometres (wsi_mtl.ome): the downsample comes from the attributes
         for t in ms["datasets"][0]["coordinateTransformations"]:
             if t.get("type") == "scale":
                 return float(t["scale"][-1])
     except (KeyError, IndexError, TypeError):
         return None
     return None
+
+
+def _mask_downsample(attrs: Mapping[str, Any], slide_mpp: float) -> float | None:
+    """Level-0 px per pixel of the stored tissue mask, from its OME scale (in level-0 px, or in
+    micrometres where its axes carry a unit); None where unreadable."""
+    try:
+        ms = (attrs.get("ome") or attrs)["multiscales"][0]
+        scale = next(float(t["scale"][-1]) for t in ms["datasets"][0]["coordinateTransformations"] if t.get("type") == "scale")
+        in_um = any(isinstance(a, dict) and a.get("unit") for a in ms.get("axes", []))
+    except (KeyError, IndexError, TypeError, ValueError, StopIteration):
+        log.warning("tissue mask without a readable scale: objects are not filtered by it")
+        return None
+    return scale / slide_mpp if in_um else scale
 
 
 def read_meta(predictions_path: str | Path) -> MapsMeta:
@@ -250,7 +286,12 @@ def read_meta(predictions_path: str | Path) -> MapsMeta:
         classes = tuple(info.get("classes") or info.get("class_names") or ())
         colors = tuple(tuple(int(v) for v in c) for c in info.get("colors") or ())
         heads[name] = HeadMeta(tuple(arr.shape), float(head_ds), classes, colors)
-    return MapsMeta(float(slide_mpp), float(ds), heads, dict(attrs.get("postprocess") or {}))
+    size = (slide.get("width"), slide.get("height"))
+    slide_size = (int(size[0]), int(size[1])) if all(isinstance(v, (int, float)) and v > 0 for v in size) else None
+    mask_ds = None
+    if "tissue_mask" in root and "0" in root["tissue_mask"]:
+        mask_ds = _mask_downsample(dict(root["tissue_mask"].attrs), float(slide_mpp))
+    return MapsMeta(float(slide_mpp), float(ds), heads, dict(attrs.get("postprocess") or {}), slide_size, mask_ds)
 
 
 class _ZarrReader:
@@ -259,6 +300,13 @@ class _ZarrReader:
 
         self.root = zarr.open_group(Path(path), mode="r")
         self._arrays: dict[str, Any] = {}
+        self._mask: np.ndarray | None = None
+
+    def mask(self) -> np.ndarray:
+        """The stored tissue mask (2-D bool), read once."""
+        if self._mask is None:
+            self._mask = np.asarray(self.root["tissue_mask"]["0"][0]) > 0
+        return self._mask
 
     def read(self, head: str, region: tuple[int, int, int, int]) -> np.ndarray:
         if head not in self._arrays:
@@ -268,8 +316,13 @@ class _ZarrReader:
 
 
 class _ArrayReader:
-    def __init__(self, maps: Mapping[str, np.ndarray]) -> None:
+    def __init__(self, maps: Mapping[str, np.ndarray], mask: np.ndarray | None = None) -> None:
         self.maps = maps
+        self._mask = mask
+
+    def mask(self) -> np.ndarray:
+        assert self._mask is not None, "no tissue mask given"
+        return self._mask
 
     def read(self, head: str, region: tuple[int, int, int, int]) -> np.ndarray:
         y0, y1, x0, x1 = region
@@ -291,9 +344,88 @@ def _empty_result() -> dict[str, Any]:
     return {}
 
 
-def _rows(task: str, class_id: np.ndarray, prob: np.ndarray, polys: np.ndarray, mpp: float, shape: bool) -> dict[str, Any]:
-    m = polygon_measurements(polys, mpp=mpp, shape_features=shape)
-    return {"task": task, "class_id": class_id.astype(np.int32), "probability": prob.astype(np.float32), "geometry": polys, **m}
+def _rows(task: str, class_id: np.ndarray, prob: np.ndarray, polys: np.ndarray, meta: MapsMeta, *,
+          nucleus_prob: np.ndarray | None = None, truncated: np.ndarray | None = None) -> dict[str, Any]:
+    """Table rows of one task's objects, clipped to the slide (objects left empty are dropped)."""
+    n = len(polys)
+    cols = {
+        "class_id": np.asarray(class_id, np.int32),
+        "probability": np.asarray(prob, np.float32),
+        "nucleus_probability": np.full(n, np.nan) if nucleus_prob is None else np.asarray(nucleus_prob, np.float64),
+        "truncated": np.zeros(n, bool) if truncated is None else np.asarray(truncated, bool),
+    }
+    polys, keep = _clip_to_slide(np.asarray(polys, dtype=object), meta.slide_size, multi=task == "tissue")
+    if not keep.all():
+        polys = polys[keep]
+        cols = {k: v[keep] for k, v in cols.items()}
+    m = polygon_measurements(polys, mpp=meta.slide_mpp, shape_features=task != "tissue")
+    return {"task": task, **cols, "geometry": polys, **m}
+
+
+def _polygonal(geom: shapely.Geometry, multi: bool) -> shapely.Geometry:
+    """The polygon parts of a clipped geometry: all of them (``multi``) or the largest."""
+    parts = [p for p in shapely.get_parts(geom) if isinstance(p, shapely.Polygon) and not p.is_empty]
+    if not parts:
+        return shapely.Polygon()
+    if not multi:
+        return max(parts, key=lambda p: p.area)
+    return parts[0] if len(parts) == 1 else shapely.MultiPolygon(parts)
+
+
+def _clip_to_slide(polys: np.ndarray, size: tuple[int, int] | None, *, multi: bool) -> tuple[np.ndarray, np.ndarray]:
+    """Polygons cut to ``[0, width] x [0, height]`` and which of them are left non-empty."""
+    if size is None or len(polys) == 0:
+        return polys, np.ones(len(polys), bool)
+    w, h = size
+    b = shapely.bounds(polys)
+    out = (b[:, 0] < 0) | (b[:, 1] < 0) | (b[:, 2] > w) | (b[:, 3] > h)
+    if out.any():
+        polys = polys.copy()
+        cut = shapely.intersection(polys[out], shapely.box(0, 0, w, h))
+        polys[out] = [_polygonal(g, multi) for g in cut]
+    return polys, ~shapely.is_empty(polys) & (shapely.area(polys) > 0)
+
+
+def _mask_fraction(reader: Any, meta: MapsMeta, region: tuple[int, int, int, int], grid_ds: float, *, samples: int = 1) -> np.ndarray:
+    """Share of each pixel of a grid region that the tissue mask calls tissue.
+
+    ``region`` is ``(y0, y1, x0, x1)`` on a grid of ``grid_ds`` level-0 px per pixel; each pixel is
+    sampled at ``samples x samples`` points (nearest mask pixel); outside the mask counts as glass.
+    Returns float32 (H, W) for ``samples > 1``, else bool.
+    """
+    mask = reader.mask()
+    mh, mw = mask.shape
+    padded = np.zeros((mh + 1, mw + 1), bool)
+    padded[:mh, :mw] = mask
+    offs = (np.arange(samples) + 0.5) / samples
+    y0, y1, x0, x1 = region
+
+    def index(a: int, b: int, limit: int) -> np.ndarray:
+        pos = ((np.arange(a, b)[:, None] + offs[None, :]) * (grid_ds / meta.mask_downsample)).ravel()
+        return np.where(pos < limit, pos.astype(np.int64), limit)
+
+    sampled = padded[np.ix_(index(y0, y1, mh), index(x0, x1, mw))]
+    if samples == 1:
+        return sampled
+    return sampled.reshape(y1 - y0, samples, x1 - x0, samples).mean(axis=(1, 3), dtype=np.float32)
+
+
+def _in_tissue(reader: Any, meta: MapsMeta, params: PostprocessParams, labels: np.ndarray, ids: np.ndarray,
+               region: tuple[int, int, int, int], grid_ds: float, *, clip: bool = False) -> np.ndarray:
+    """The ``ids`` of ``labels`` (read at ``region`` of a ``grid_ds`` grid) lying mostly in tissue.
+
+    With ``clip``, the pixels of ``labels`` outside the mask are also set to 0 (in place), so that
+    large objects (glands, lumen) end where the tissue ends.
+    """
+    if meta.mask_downsample is None or params.min_in_tissue <= 0 or len(ids) == 0:
+        return ids
+    inside = _mask_fraction(reader, meta, region, grid_ds)
+    n = int(labels.max(initial=0)) + 1
+    total = np.bincount(labels.ravel(), minlength=n)
+    within = np.bincount(labels[inside], minlength=n)
+    if clip:
+        labels[~inside] = 0
+    return ids[within[ids] >= params.min_in_tissue * np.maximum(total[ids], 1)]
 
 
 def _owned(slices: list, ids: Iterable[int], chunk: Chunk) -> np.ndarray:
@@ -359,39 +491,29 @@ def _nuclei_chunk(reader: Any, chunk: Chunk, meta: MapsMeta, params: Postprocess
         comp_of = comp_of_label[owned]
         comp_slices = ndi.find_objects(comps)
         cut = np.array([_touches_open_edge(comp_slices[c - 1], labels.shape, chunk, margin=reach) for c in comp_of], bool)
-        if cut.any():
-            if not final:
-                return None
-            broken = [i for i, c in zip(owned, cut) if c and _touches_open_edge(slices[i - 1], labels.shape, chunk)]
-            if broken:
-                sl = slices[broken[0] - 1]
-                raise HaloTooSmallError(
-                    f"a nucleus at model pixel (y={sl[0].start + chunk.read[0]}, x={sl[1].start + chunk.read[2]}) is "
-                    f"wider than the largest halo ({chunk.halo_px} px); increase max_halo_px"
-                )
-            warning = (
-                f"chunk {(chunk.row, chunk.col)}: {int(cut.sum())} nuclei lie in foreground blobs wider than the "
-                f"halo ({chunk.halo_px} px); they are kept, but may differ slightly from a whole-slide run: "
-                "increase max_halo_px to avoid this"
-            )
-        else:
-            warning = None
+        if cut.any() and not final:
+            return None
+        broken = np.array([c and _touches_open_edge(slices[i - 1], labels.shape, chunk) for i, c in zip(owned, cut)], bool)
     else:
-        warning = None
+        cut = broken = np.zeros(len(owned), bool)
+    kept = _in_tissue(reader, meta, params, labels, owned, chunk.read, meta.downsample)
     ids, polys = labels_to_polygons(
         labels, offset_yx=(chunk.read[0], chunk.read[2]), downsample=meta.downsample,
-        simplify_px=params.simplify_px, label_ids=owned,
+        simplify_px=params.simplify_px, label_ids=kept,
     )
+    truncated = np.isin(ids, owned[broken])
+    fg = _mean_in_labels(labels, inst[1].astype(np.uint16) + inst[2], ids, 255.0 if inst.dtype == np.uint8 else 1.0)
     if NUCLEI_TYPE in meta.heads:
         tprob = reader.read(NUCLEI_TYPE, chunk.read)
         cls, prob = instance_type(labels, tprob, never_class=0)  # every detected nucleus gets a nuclear type
         cls, prob = cls[ids - 1], prob[ids - 1]
     else:
-        cls = np.ones(len(ids), np.int32)
-        prob = _mean_in_labels(labels, inst[1].astype(np.uint16) + inst[2], ids, 255.0 if inst.dtype == np.uint8 else 1.0)
-    out: dict[str, Any] = {"nuclei": _rows("nuclei", cls, prob, polys, meta.slide_mpp, True)}
-    if warning:
-        out["warnings"] = [warning]  # logged by the main process (workers have no log handlers)
+        cls, prob = np.ones(len(ids), np.int32), fg
+    out: dict[str, Any] = {"nuclei": _rows("nuclei", cls, prob, polys, meta, nucleus_prob=fg, truncated=truncated)}
+    # counted by the main process (workers have no log handlers)
+    halo = chunk.halo_px
+    out["warnings"] = [(code, int(n), halo) for code, n in
+                       (("nuclei_truncated", truncated.sum()), ("nuclei_wide_blob", (cut & ~broken).sum())) if n]
     return out
 
 
@@ -420,7 +542,7 @@ def _glands_chunk(reader: Any, chunk: Chunk, meta: MapsMeta, params: Postprocess
     g_owned = _owned(g_slices, range(1, len(g_slices) + 1), chunk) if "gland" in tasks else np.zeros(0, np.int64)
     if len(g_owned) and g_cut[g_owned - 1].any():
         need_more = True
-    lumen = l_owned = None
+    lumen = l_owned = l_cut = None
     if "lumen" in tasks and LUMEN_INST in meta.heads:
         linst = _coarse_read(reader, LUMEN_INST, chunk, f, fine)
         l_er = math.ceil(params.lumen_erosion_px / f)
@@ -438,15 +560,16 @@ def _glands_chunk(reader: Any, chunk: Chunk, meta: MapsMeta, params: Postprocess
                 if cut or g_cut[under - 1].any():
                     need_more = True
                     break
-    if need_more:
-        if not final:
-            return None
-        raise HaloTooSmallError(
-            f"a gland or lumen in chunk {(chunk.row, chunk.col)} is wider than the largest halo "
-            f"({chunk.halo_px * f} model px); increase PostprocessParams.gland_max_halo_px"
-        )
+    if need_more and not final:
+        return None
+    # at the largest halo, what is still cut is written cut at the halo edge, flagged truncated
+    warnings: list[tuple[str, int, int]] = []
+    if lumen is not None and len(l_owned):  # before glands are clipped to the tissue
+        in_gland = _inside_fraction(lumen, glands)[l_owned] >= params.lumen_min_inside
+        l_owned, l_cut = l_owned[in_gland], l_cut[in_gland]
     if len(g_owned):
-        ids, polys = labels_to_polygons(glands, offset_yx=off, downsample=ds, simplify_px=params.simplify_px, label_ids=g_owned)
+        g_keep = _in_tissue(reader, meta, params, glands, g_owned, chunk.read, ds, clip=True)
+        ids, polys = labels_to_polygons(glands, offset_yx=off, downsample=ds, simplify_px=params.simplify_px, label_ids=g_keep)
         if GLAND_TYPE in meta.heads:
             gtype = _coarse_read(reader, GLAND_TYPE, chunk, f, fine)
             cls, prob = instance_type(glands, gtype)
@@ -454,14 +577,18 @@ def _glands_chunk(reader: Any, chunk: Chunk, meta: MapsMeta, params: Postprocess
         else:
             cls = np.ones(len(ids), np.int32)
             prob = _mean_in_labels(glands, ginst[1].astype(np.uint16) + ginst[2], ids, 255.0)
-        out["gland"] = _rows("gland", cls, prob, polys, meta.slide_mpp, False)
+        truncated = g_cut[ids - 1]
+        out["gland"] = _rows("gland", cls, prob, polys, meta, truncated=truncated)
+        warnings.append(("gland_truncated", int(truncated.sum()), chunk.halo_px * f))
     if lumen is not None and len(l_owned):
-        frac = _inside_fraction(lumen, glands)
-        l_keep = l_owned[frac[l_owned] >= params.lumen_min_inside]
+        l_keep = _in_tissue(reader, meta, params, lumen, l_owned, chunk.read, ds, clip=True)
         if len(l_keep):
             ids, polys = labels_to_polygons(lumen, offset_yx=off, downsample=ds, simplify_px=params.simplify_px, label_ids=l_keep)
             prob = _mean_in_labels(lumen, linst[1].astype(np.uint16) + linst[2], ids, 255.0)
-            out["lumen"] = _rows("lumen", np.ones(len(ids), np.int32), prob, polys, meta.slide_mpp, False)
+            truncated = np.isin(ids, l_owned[l_cut])
+            out["lumen"] = _rows("lumen", np.ones(len(ids), np.int32), prob, polys, meta, truncated=truncated)
+            warnings.append(("lumen_truncated", int(truncated.sum()), chunk.halo_px * f))
+    out["warnings"] = [w for w in warnings if w[1]]
     return out
 
 
@@ -469,7 +596,13 @@ def _tissue_chunk(reader: Any, chunk: Chunk, meta: MapsMeta, params: Postprocess
     prob = reader.read(PATCH, chunk.read)
     if not prob.any():
         return _empty_result()
-    parts = _tissue_parts(tissue_class_map(prob), prob, offset_yx=(chunk.read[0], chunk.read[2]), open_edges=chunk.open_edges)
+    class_map = tissue_class_map(prob)
+    if meta.mask_downsample is not None and params.min_in_tissue > 0:
+        cell_ds = meta.heads[PATCH].downsample
+        samples = int(min(8, max(1, math.ceil(2 * cell_ds / meta.mask_downsample))))
+        share = _mask_fraction(reader, meta, chunk.read, cell_ds, samples=samples)
+        class_map[share < params.min_in_tissue] = NO_CLASS  # glass gets no tissue class
+    parts = _tissue_parts(class_map, prob, offset_yx=(chunk.read[0], chunk.read[2]), open_edges=chunk.open_edges)
     touch = parts["touch"]
     out: dict[str, Any] = {}
     if touch.any():
@@ -482,7 +615,7 @@ def _tissue_chunk(reader: Any, chunk: Chunk, meta: MapsMeta, params: Postprocess
 
 def _finish_tissue(cls: np.ndarray, prob: np.ndarray, geometry: np.ndarray, meta: MapsMeta, params: PostprocessParams) -> dict[str, Any]:
     polys = _finish_regions(geometry, downsample=meta.heads[PATCH].downsample, simplify_px=params.simplify_px)
-    return _rows("tissue", cls, prob, polys, meta.slide_mpp, False)
+    return _rows("tissue", cls, prob, polys, meta)
 
 
 def _run_job(reader: Any, job: _Job, meta: MapsMeta, params: PostprocessParams) -> dict[str, Any]:
@@ -542,7 +675,7 @@ def _to_batch(rows: dict[str, Any], meta: MapsMeta) -> ObjectBatch:
         elif name == "class_name":
             columns[name] = class_name
         else:
-            columns[name] = np.asarray(rows[name], dtype=np.int32 if kind == "i" else np.float64)
+            columns[name] = np.asarray(rows[name], dtype={"i": np.int32, "b": bool}.get(kind, np.float64))
     used = {(task, names[c]): tuple(colors[c]) for c in np.unique(cls) if 0 <= c < len(names)}
     return ObjectBatch(columns=columns, geometry=np.asarray(rows["geometry"], dtype=object), colors=used)
 
@@ -616,13 +749,37 @@ def _plan_jobs(meta: MapsMeta, tasks: tuple[str, ...], *, chunk_px: int, halo_px
     return jobs
 
 
-def _assemble(results: Iterator[dict[str, Any]], meta: MapsMeta, params: PostprocessParams) -> Iterator[ObjectBatch]:
+#: warning code -> message (``n`` objects, largest halo ``halo`` in model px)
+_WARNINGS = {
+    "nuclei_truncated": "{n} nuclei wider than the largest nuclei halo ({halo} model px) were written cut at the halo "
+                        "edge and flagged truncated (extract_objects max_halo_px)",
+    "nuclei_wide_blob": "{n} nuclei lie in foreground blobs wider than the largest nuclei halo ({halo} model px): kept "
+                        "whole, but they may differ slightly from a whole-slide run (extract_objects max_halo_px)",
+    "gland_truncated": "{n} glands wider than the largest halo ({halo} model px) were written cut at the halo edge and "
+                       "flagged truncated (PostprocessParams.gland_max_halo_px)",
+    "lumen_truncated": "{n} lumen wider than the largest halo ({halo} model px) were written cut at the halo edge and "
+                       "flagged truncated (PostprocessParams.gland_max_halo_px)",
+}
+
+
+def _warning_lines(counts: dict[str, list[int]]) -> list[str]:
+    """One line per kind of warning, in :data:`_WARNINGS` order."""
+    return [_WARNINGS[code].format(n=counts[code][0], halo=counts[code][1]) for code in _WARNINGS if code in counts]
+
+
+def _assemble(results: Iterator[dict[str, Any]], meta: MapsMeta, params: PostprocessParams,
+              warnings: list[str] | None = None) -> Iterator[ObjectBatch]:
+    """Batches from chunk results; the warnings they count are logged (one line per kind) and
+    appended to ``warnings`` once the results are exhausted."""
     open_parts: list[dict[str, np.ndarray]] = []
+    counts: dict[str, list[int]] = {}
     for res in results:
         for key, rows in res.items():
             if key == "warnings":
-                for message in rows:
-                    log.warning(message)
+                for code, n, halo in rows:
+                    total = counts.setdefault(code, [0, 0])
+                    total[0] += n
+                    total[1] = max(total[1], halo)
             elif key == "tissue_open":
                 open_parts.append(rows)
             elif len(rows["class_id"]):
@@ -630,6 +787,25 @@ def _assemble(results: Iterator[dict[str, Any]], meta: MapsMeta, params: Postpro
     merged = _merge_tissue(open_parts, meta, params)
     if merged is not None and len(merged["class_id"]):
         yield _to_batch(merged, meta)
+    for line in _warning_lines(counts):
+        log.warning(line)
+        if warnings is not None:
+            warnings.append(line)
+
+
+class ObjectStream(Iterator[ObjectBatch]):
+    """The batches of :func:`extract_objects`; once they are exhausted, :attr:`warnings` holds one
+    line per kind of problem that did not stop the run (e.g. objects flagged ``truncated``)."""
+
+    def __init__(self, make: Any) -> None:
+        self.warnings: list[str] = []
+        self._it: Iterator[ObjectBatch] = make(self.warnings)
+
+    def __iter__(self) -> ObjectStream:
+        return self
+
+    def __next__(self) -> ObjectBatch:
+        return next(self._it)
 
 
 def _pool_results(path: str, jobs: list[_Job], meta: MapsMeta, params: PostprocessParams, workers: int) -> Iterator[dict[str, Any]]:
@@ -670,7 +846,8 @@ def extract_objects(
     max_halo_px: int | None = None,
     workers: int = 1,
     params: PostprocessParams | None = None,
-) -> Iterator[ObjectBatch]:
+    tissue_mask: bool = True,
+) -> ObjectStream:
     """Stream the objects of a predictions.zarr as batches (one per chunk and task).
 
     See the module docstring for how chunk borders are handled; the result equals a whole-slide
@@ -695,37 +872,44 @@ def extract_objects(
     params : PostprocessParams, optional
         Thresholds and sizes; default: the model's tuned settings recorded in the store
         (``postprocess`` attribute), else the defaults.
+    tissue_mask : bool
+        Drop objects outside the stored tissue mask (``params.min_in_tissue``); False for slides
+        run without a mask (a store without a mask is never filtered).
 
-    Yields
-    ------
-    ObjectBatch
-        Nuclei batches first, then glands/lumen, then tissue regions.
+    Returns
+    -------
+    ObjectStream
+        An iterator of ObjectBatch: nuclei batches first, then glands/lumen, then tissue
+        regions; its ``warnings`` (one line per kind, also logged) are complete once exhausted.
+        Objects wider than the largest halo do not stop the run: they are written cut at the
+        halo edge with ``truncated`` set.
 
     Raises
     ------
     InputError
         Missing store, attributes or a head a task needs; unknown task.
-    HaloTooSmallError
-        An object wider than the largest halo (the message names the parameter to increase).
     """
     if workers < 1:
         raise ValueError(f"workers must be >= 1; got {workers}")
     meta = read_meta(predictions_path)
+    if not tissue_mask:
+        meta = replace(meta, mask_downsample=None)
     params = params or PostprocessParams.from_mapping(meta.postprocess)
     tasks = _check_tasks(_available_tasks(meta) if tasks is None else tasks, meta)
     jobs = _plan_jobs(meta, tasks, chunk_px=chunk_px, halo_px=halo_px, max_halo_px=max_halo_px, params=params)
     log.info("post-processing %s: %d chunks, tasks %s, %d worker(s)", predictions_path, len(jobs), tasks, workers)
     # arguments are checked now; the work starts when the caller iterates
-    return _extract_iter(predictions_path, jobs, meta, params, workers)
+    return ObjectStream(lambda warnings: _extract_iter(predictions_path, jobs, meta, params, workers, warnings))
 
 
-def _extract_iter(predictions_path: str | Path, jobs: list[_Job], meta: MapsMeta, params: PostprocessParams, workers: int) -> Iterator[ObjectBatch]:
+def _extract_iter(predictions_path: str | Path, jobs: list[_Job], meta: MapsMeta, params: PostprocessParams, workers: int,
+                  warnings: list[str]) -> Iterator[ObjectBatch]:
     if workers == 1:
         reader = _ZarrReader(predictions_path)
         results: Iterator[dict[str, Any]] = (_run_job(reader, j, meta, params) for j in jobs)
     else:
         results = _pool_results(str(predictions_path), jobs, meta, params, workers)
-    yield from _assemble(results, meta, params)
+    yield from _assemble(results, meta, params, warnings)
 
 
 def objects_from_maps(
@@ -737,6 +921,9 @@ def objects_from_maps(
     classes: Mapping[str, tuple[Iterable[str], Iterable[tuple[int, int, int]]]] | None = None,
     tasks: Iterable[str] | None = None,
     params: PostprocessParams | None = None,
+    tissue_mask: np.ndarray | None = None,
+    mask_downsample: float | None = None,
+    slide_size: tuple[int, int] | None = None,
 ) -> ObjectBatch:
     """Whole-image post-processing of in-memory maps, in one piece (no chunks).
 
@@ -755,6 +942,11 @@ def objects_from_maps(
     classes : mapping head -> (names, colours), optional
     tasks, params
         As in :func:`extract_objects`.
+    tissue_mask : (H, W) bool ndarray, optional
+        Tissue mask at ``mask_downsample`` level-0 px per pixel; objects outside it are dropped
+        as in :func:`extract_objects`.
+    slide_size : (width, height), optional
+        Level-0 slide size every geometry is clipped to.
 
     Returns
     -------
@@ -772,13 +964,16 @@ def objects_from_maps(
         names, colors = classes.get(name, ((), ()))
         heads[name] = HeadMeta(tuple(np.shape(arr)), float(head_downsample.get(name, downsample)),
                                tuple(names), tuple(tuple(c) for c in colors))
-    meta = MapsMeta(float(slide_mpp), float(downsample), heads)
+    if tissue_mask is not None and not mask_downsample:
+        raise ValueError("tissue_mask needs mask_downsample (level-0 px per mask px)")
+    meta = MapsMeta(float(slide_mpp), float(downsample), heads, slide_size=slide_size,
+                    mask_downsample=float(mask_downsample) if tissue_mask is not None else None)
     tasks = _check_tasks(_available_tasks(meta) if tasks is None else tasks, meta)
     size = max(max(np.shape(a)[1:]) for a in maps.values())
     f = int(params.gland_downsample)
     chunk_px = -(-size // f) * f
     jobs = _plan_jobs(meta, tasks, chunk_px=chunk_px, halo_px=1, max_halo_px=1, params=params)
-    reader = _ArrayReader(maps)
+    reader = _ArrayReader(maps, None if tissue_mask is None else np.asarray(tissue_mask, bool))
     batches = list(_assemble((_run_job(reader, j, meta, params) for j in jobs), meta, params))
     return concat_batches(batches)
 
@@ -786,7 +981,7 @@ def objects_from_maps(
 def concat_batches(batches: list[ObjectBatch]) -> ObjectBatch:
     """Concatenate object batches (an empty batch for an empty list)."""
     if not batches:
-        cols = {k: np.zeros(0, dtype={"U": str, "i": np.int32, "f": np.float64}[v]) for k, v in COLUMNS.items()}
+        cols = {k: np.zeros(0, dtype={"U": str, "i": np.int32, "f": np.float64, "b": bool}[v]) for k, v in COLUMNS.items()}
         return ObjectBatch(columns=cols, geometry=np.empty(0, dtype=object))
     cols = {k: np.concatenate([b.columns[k] for b in batches]) for k in COLUMNS}
     colors: dict[tuple[str, str], tuple[int, int, int]] = {}

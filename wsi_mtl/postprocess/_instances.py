@@ -659,7 +659,9 @@ def instance_type(
     when no pixel of the instance voted for another class. ``never_class`` takes no votes at all:
     each pixel votes for its most probable other class (nuclei: the instance map says what is a
     nucleus, the type map only which type). The probability is the mean probability of the
-    winning class over the instance's pixels.
+    winning class over the instance's pixels; with ``never_class`` it is the class's probability
+    among the other classes (each pixel's ``p_class / sum of p over classes != never_class``), i.e.
+    the confidence of the type given that the object is one.
 
     Parameters
     ----------
@@ -677,7 +679,9 @@ def instance_type(
     class_id : (n,) int32 ndarray
         Entry ``i`` is the class of label ``i + 1``.
     probability : (n,) float32 ndarray
-        Mean probability (0-1) of that class inside the instance; NaN for absent labels.
+        Mean probability (0-1) of that class inside the instance (among the classes other than
+        ``never_class`` when given: pixels where those are all 0 count as uniform); NaN for
+        absent labels.
 
     Examples
     --------
@@ -707,10 +711,16 @@ def instance_type(
         counts[others > 0, ignore_class] = -1
     winner = np.argmax(counts, axis=1).astype(np.int32)
     win_prob = probs[winner[lab - 1], np.arange(lab.size)].astype(np.float64)
+    scale = _scale(type_prob)
+    if never_class is not None and 0 <= never_class < c and c > 1:
+        among = probs.sum(axis=0, dtype=np.float64) - probs[never_class]
+        with np.errstate(invalid="ignore", divide="ignore"):
+            win_prob = np.where(among > 0, win_prob / among, 1.0 / (c - 1))
+        scale = 1.0
     sums = np.bincount(lab, weights=win_prob, minlength=n + 1)[1:]
     sizes = np.bincount(lab, minlength=n + 1)[1:]
     with np.errstate(invalid="ignore", divide="ignore"):
-        mean = (sums / sizes / _scale(type_prob)).astype(np.float32)
+        mean = (sums / sizes / scale).astype(np.float32)
     return winner, mean
 
 

@@ -1,0 +1,33 @@
+"""segment_slide checks every option before it opens the slide, loads the model or writes anything."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from wsi_mtl.errors import InputError
+from wsi_mtl.pipeline import segment_slide
+
+
+@pytest.mark.parametrize(
+    ("options", "fragment"),
+    [
+        ({"tta": 3}, "tta must be one of"),
+        ({"batch_size": 0}, "batch size"),
+        ({"workers": 0}, "workers"),
+        ({"tile_size": -5}, "tile size"),
+        ({"margin": -1}, "margin"),
+        ({"batch_size": 2.5}, "batch size"),
+        ({"postprocess": {"nuclei_min_area_px": -1}}, "nuclei_min_area_px"),
+        ({"postprocess": {"no_such_setting": 1}}, "unknown post-processing setting"),
+        ({"precision": "fp8"}, "unknown precision"),
+        ({"device": "tpu"}, "device"),
+    ],
+)
+def test_bad_option_fails_before_slide_and_model(tmp_path: Path, options: dict[str, Any], fragment: str) -> None:
+    """A missing slide and an unknown model would fail later: the option's own error must come first."""
+    with pytest.raises(InputError, match=fragment):
+        segment_slide(tmp_path / "no-such-slide.svs", tmp_path / "out", model="no-such-model", **options)
+    assert not (tmp_path / "out").exists()

@@ -101,3 +101,29 @@ def test_importing_dask_jobqueue_keeps_ctrl_c_and_works_in_threads() -> None:
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.split("\n")[0] == "['SLURMCluster'] True"
+
+
+@pytest.mark.slow
+def test_daemonic_process_workers_post_process_on_threads(tmp_path: Path) -> None:
+    """A cluster the batch did not start (worker processes daemonic, as dask makes them by default):
+    the real pipeline with objects on post-processes on threads, and run.json says so."""
+    import json
+
+    import pyarrow.parquet as pq
+
+    from wsi_mtl import synthetic
+
+    folder = tmp_path / "slides"
+    folder.mkdir()
+    for i in range(2):
+        synthetic.write_svs(folder / f"slide{i}.svs", synthetic.make_he_texture(256, 256, seed=i), mpp=0.5, levels=(1,))
+    out = tmp_path / "out"
+    options = SegmentOptions(device="cpu", tile_size=256, batch_size=1, tissue_mask=False)
+    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None) as cluster, Client(cluster) as c:
+        assert all(c.run(lambda: __import__("multiprocessing").current_process().daemon).values())
+        result = run_batch([folder], out, executor="dask", client=c, options=options, progress=False)
+    assert {o.id: o.status for o in result.outcomes} == {"slide0": "done", "slide1": "done"}, [o.error for o in result.outcomes]
+    for outcome in result.outcomes:
+        run = json.loads((out / outcome.id / "run.json").read_text())
+        assert run["status"] == "complete" and run["parameters"]["postprocess_pool"] == "threads"
+        assert pq.read_metadata(out / outcome.id / "objects.parquet").num_rows == sum(outcome.objects.values())

@@ -1,9 +1,10 @@
 """``wsimtl batch`` end to end with the real pipeline and default model on tiny generated slides.
 
 Three 256 x 256 px slides and one corrupt file go through the local and Dask executors:
-the good slides finish, the corrupt one is reported, the exit code is 3, and a rerun skips every
-finished slide (SLURM: tests/test_cohort_slurm.py). Maps only (``--no-objects``) and no tissue mask (the slides are too small for one),
-so a slide takes a few seconds on a CPU.
+the good slides finish with their objects (post-processing runs in a process pool, inside Dask
+workers too), the corrupt one is reported, the exit code is 3, and a rerun skips every finished
+slide (SLURM: tests/test_cohort_slurm.py). No tissue mask (the slides are too small for one), so a
+slide takes a few seconds on a CPU. The default options on the real sample slide: the last test.
 """
 
 from __future__ import annotations
@@ -12,16 +13,18 @@ import csv
 import json
 from pathlib import Path
 
+import pyarrow.parquet as pq
 import pytest
 
 from test_cohort import fresh_models  # noqa: F401 - autouse fixture
 from wsi_mtl import synthetic
 from wsi_mtl.cli import main
+from wsi_mtl.objects import TASKS
 from wsi_mtl.pipeline import is_complete
 
 pytestmark = pytest.mark.slow
 
-FAST = ["--device", "cpu", "--tile-size", "256", "--batch-size", "1", "--no-objects", "--no-tissue-mask"]
+FAST = ["--device", "cpu", "--tile-size", "256", "--batch-size", "1", "--no-tissue-mask"]
 
 
 @pytest.fixture(scope="module")
@@ -46,17 +49,23 @@ def _batch(args: list[str]) -> int:
     return 0
 
 
-def _check_first_run(out: Path, code: int, capsys: pytest.CaptureFixture[str]) -> None:
-    assert code == 3
+def _check_first_run(out: Path, code: int, capsys: pytest.CaptureFixture[str], pool: str = "processes") -> None:
+    """Slides done with their objects (post-processed by a ``pool``), the corrupt one reported."""
     rows = _summary(out)
-    assert {k: r["status"] for k, r in rows.items()} == {"slide0": "done", "slide1": "done", "slide2": "done", "corrupt": "failed"}
+    assert code == 3, rows
+    assert {k: r["status"] for k, r in rows.items()} == {"slide0": "done", "slide1": "done", "slide2": "done", "corrupt": "failed"}, rows
     assert "corrupt.svs" in rows["corrupt"]["error"] and "\n" not in rows["corrupt"]["error"]
-    assert f"failed: corrupt: {rows['corrupt']['error']}" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert f"failed: corrupt: {rows['corrupt']['error']}" in err, err[-3000:]
     for i in range(3):
         result_dir = out / f"slide{i}"
         assert is_complete(result_dir)
         run = json.loads((result_dir / "run.json").read_text())
         assert run["status"] == "complete" and (result_dir / "predictions.zarr").is_dir()
+        assert run["parameters"]["postprocess_pool"] == pool
+        table = pq.read_table(result_dir / "objects.parquet", columns=["task"])
+        assert table.num_rows == sum(int(rows[f"slide{i}"].get(f"objects_{task}") or 0) for task in TASKS)
+        assert {p["path"] for p in run["files"]} >= {"objects.parquet", "preview.png"}
     assert not list((out / ".locks").glob("*.lock"))
 
 
@@ -75,5 +84,29 @@ def test_local_executor(cohort: Path, tmp_path: Path, capsys: pytest.CaptureFixt
 
 def test_dask_executor_local_cluster(cohort: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     out = tmp_path / "out"
-    _check_first_run(out, _batch([str(cohort), "-o", str(out), *FAST, "--executor", "dask", "--workers", "1"]), capsys)
+    _check_first_run(out, _batch([str(cohort), "-o", str(out), *FAST, "--executor", "dask", "--workers", "2"]), capsys)
     _check_rerun(out, _batch([str(cohort), "-o", str(out), *FAST, "--executor", "dask", "--workers", "1", "-q"]))
+
+
+@pytest.mark.shared_data
+def test_default_options_on_the_real_sample_slide(cmu_small: Path, tmp_path: Path) -> None:
+    """``wsimtl batch DIR -o OUT`` with nothing else, as a user runs it: the sample slide is done, its
+    objects are in objects.parquet and the summary, run.json is complete and lists every file."""
+    folder, out = tmp_path / "slides", tmp_path / "out"
+    folder.mkdir()
+    (folder / cmu_small.name).symlink_to(cmu_small)
+    assert _batch([str(folder), "-o", str(out), "-q"]) == 0
+    row = _summary(out)[cmu_small.stem]
+    assert row["status"] == "done" and row["error"] == ""
+    result_dir = out / cmu_small.stem
+    run = json.loads((result_dir / "run.json").read_text())
+    assert run["status"] == "complete" and is_complete(result_dir)
+    assert run["parameters"]["postprocess_pool"] == "processes"
+    rows = pq.read_table(result_dir / "objects.parquet", columns=["task"])
+    assert rows.num_rows > 0
+    per_task = {task: int(row[f"objects_{task}"]) for task in run["objects"]}
+    assert per_task == {task: sum(counts.values()) for task, counts in run["objects"].items()}
+    assert sum(per_task.values()) == rows.num_rows and per_task.get("nuclei", 0) > 0
+    for entry in run["files"]:
+        assert (result_dir / entry["path"]).exists(), entry
+    assert {e["path"] for e in run["files"]} >= {"predictions.zarr", "objects.parquet", "objects.geojson", "preview.png"}

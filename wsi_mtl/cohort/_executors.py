@@ -30,6 +30,11 @@ __all__ = ["SlurmOptions", "Executor", "LocalExecutor", "DevicePoolExecutor", "D
 
 log = logging.getLogger(__name__)
 
+#: ``distributed.worker.daemon`` of the workers a batch starts (local cluster, SLURM jobs): not
+#: daemonic, so that a slide's post-processing can use a process pool as it does outside Dask (a
+#: daemonic worker, e.g. one of a scheduler given with --scheduler, runs it on threads instead).
+WORKER_DAEMON = False
+
 
 @dataclass(frozen=True)
 class SlurmOptions:
@@ -223,7 +228,10 @@ class DaskExecutor(Executor):
         else:
             if workers is not None and workers < 1:
                 raise InputError(f"--workers must be at least 1, got {workers}")
-            cluster = LocalCluster(n_workers=workers or 1, threads_per_worker=1, dashboard_address=None)
+            import dask
+
+            with dask.config.set({"distributed.worker.daemon": WORKER_DAEMON}):
+                cluster = LocalCluster(n_workers=workers or 1, threads_per_worker=1, dashboard_address=None)
             self._own.append(cluster)
             self.client = Client(cluster)
             self._own.insert(0, self.client)
@@ -318,7 +326,7 @@ def _slurm_cluster(options: SlurmOptions, out_dir: Path | None) -> Any:
         interface=options.interface,
         python=options.python or sys.executable,
         job_extra_directives=directives,
-        job_script_prologue=list(options.prologue),
+        job_script_prologue=[f"export DASK_DISTRIBUTED__WORKER__DAEMON={WORKER_DAEMON}", *options.prologue],
         log_directory=str(log_dir),
         job_name="wsimtl",
     )

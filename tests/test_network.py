@@ -349,7 +349,7 @@ def test_save_model_unwritable(tmp_path: Path) -> None:
 
 
 def test_unknown_name_lists_known_models(no_models_dir: Path) -> None:
-    with pytest.raises(ModelError, match="cerberus_r34.*wsimtl_small"):
+    with pytest.raises(ModelError, match="cerberus-r34, wsimtl-small"):
         load_model("resnet9000")
     with pytest.raises(ModelError, match="known models"):
         load_model("/no/such/folder")
@@ -389,11 +389,12 @@ def test_models_cli(no_models_dir: Path) -> None:
 
     result = CliRunner().invoke(models, [])
     assert result.exit_code == 0, result.output
-    assert "wsimtl_small" in result.output and "cerberus_r34" in result.output and "RANDOM" in result.output
+    assert "wsimtl-small" in result.output and "cerberus-r34" in result.output and "--allow-untrained" in result.output
+    assert "wsimtl_small" not in result.output  # one spelling printed
     save_model(create_model("wsimtl_small"), no_models_dir / "wsimtl-small", trained=True)
     result = CliRunner().invoke(models, ["--json"])
     rows = [json.loads(line) for line in result.output.splitlines()]
-    small = next(r for r in rows if r["arch"] == "wsimtl_small")
+    small = next(r for r in rows if r["name"] == "wsimtl-small")
     assert small["trained"] and small["folder"].endswith("wsimtl-small")
 
 

@@ -53,8 +53,8 @@ tile_size_option: Callable[[F], F] = click.option(
 #: ``--workers N``: CPU parallelism of the command's own steps (never a count of machines or GPUs).
 workers_option: Callable[[F], F] = click.option(
     "--workers", type=click.IntRange(min=1), default=None, metavar="N",
-    help="CPU workers (threads or processes) for this command's parallel steps: slide reading, "
-         "post-processing, GeoJSON writing (default: segment min(4, CPUs) readers, export 1).",
+    help="CPU workers for this command's parallel CPU steps (segment: slide-reading threads, default min(4, CPUs); "
+         "export: post-processing and GeoJSON processes, default 1).",
 )
 quiet_option: Callable[[F], F] = click.option("-q", "--quiet", is_flag=True, help="No progress bars or summary lines.")
 #: ``--json``: a flag everywhere; files are written by options that name them.

@@ -56,7 +56,7 @@ def test_rerun_without_objects_derives_them(tmp_path: Path) -> None:
     """The bug of issue 16 item 8: a result made with --no-objects, run again without it, must get objects."""
     folder = _result(tmp_path, status="complete", files=_files(), parameters={"objects": False})
     rerun = plan_rerun(folder, objects=True, overrides={})
-    assert rerun.action == "derive" and "objects missing" in rerun.reason
+    assert rerun.action == "derive" and "no objects" in rerun.reason
     assert plan_rerun(folder, objects=False, overrides={}).action == "nothing"
 
 

@@ -162,9 +162,13 @@ def segment_slide(
     tissue_mask : bool
         Send only tiles touching tissue to the network (the mask is saved either way).
     objects : bool
-        Post-process the maps into objects and export them.
+        Post-process the maps into objects and export them. A complete result made without
+        objects gets them from its stored maps (the network does not run again).
+    geojson_gz : bool
+        Also write gzipped copies of the GeoJSON files.
     overwrite : bool
-        Recompute even when a complete result exists.
+        Recompute even when a complete result exists. Without it a rerun reuses what is done:
+        finished tiles of an interrupted run, finished maps, a complete result.
     name : str, optional
         Name of the result folder (default: the slide's file name without its suffix).
     tta : int
@@ -179,7 +183,8 @@ def segment_slide(
     Returns
     -------
     SlideResult
-        The result folder and the contents of its run.json.
+        The result folder, the contents of its run.json, and what this call did and reused
+        (``action``, ``summary``, ``seconds``).
     """
     t_start = time.perf_counter()
     opts = _check_options(device=device, precision=precision, batch_size=batch_size, tile_size=tile_size, margin=margin,

@@ -133,7 +133,7 @@ def plan_rerun(result_dir: str | Path, *, objects: bool, overrides: Mapping[str,
     if not objects:
         return Rerun("nothing", "complete", run)
     if TABLE not in listed_files(run):
-        return Rerun("derive", "objects missing (made with --no-objects)", run)
+        return Rerun("derive", "the result had no objects", run)
     made_with = dict((run.get("postprocess") or {}).get("overrides") or {})
     if made_with != dict(overrides):
         return Rerun("derive", f"post-processing overrides {dict(overrides) or 'none'} (objects made with {made_with or 'none'})", run)

@@ -5,7 +5,8 @@ Builds synthetic predictions.zarr stores holding N and 4N nuclei (jittered grid 
 holds a whole map), then runs ``extract_objects(tasks=("nuclei",))`` on each in its own
 subprocess and prints, from one run:
 
-* nuclei/s per core (goal >= 2,000), end to end: zarr reads, instances, types, polygons,
+* nuclei/s per core (goal >= 2,000) with the shipped model's tuned settings (neck cutting,
+  min_interior, min area), end to end: zarr reads, instances, types, polygons,
   measurements and ObjectBatch assembly, as nuclei per CPU-second of all processes (on a shared
   machine wall time mostly measures the neighbours; wall-clock rates are printed too);
 * peak RSS of the extraction process (and of the largest pool worker, sampled with psutil) and
@@ -106,15 +107,24 @@ def build(path: Path, n_nuclei: int, *, seed: int = 0) -> dict:
     return {"path": str(final), "planted": planted, "side_px": side}
 
 
+def shipped_params():
+    """The shipped model's tuned post-processing settings (neck cutting, min_interior, ...)."""
+    from wsi_mtl.postprocess import PostprocessParams
+
+    config = json.loads((Path(__file__).resolve().parents[1] / "models" / "wsimtl-small" / "config.json").read_text())
+    return PostprocessParams.from_mapping(config.get("extra", {}).get("postprocess"))
+
+
 def extract(path: Path, *, workers: int, chunk_px: int) -> dict:
-    """Run nuclei extraction, consuming batches as a streaming exporter would."""
+    """Run nuclei extraction with the shipped model's settings, consuming batches as a streaming
+    exporter would."""
     from wsi_mtl.postprocess import extract_objects
 
     sampler = _Descendants() if workers > 1 else None
     me = resource.getrusage(resource.RUSAGE_SELF)
     t0, c0 = time.perf_counter(), me.ru_utime + me.ru_stime
     n = 0
-    for batch in extract_objects(path, tasks=("nuclei",), workers=workers, chunk_px=chunk_px):
+    for batch in extract_objects(path, tasks=("nuclei",), workers=workers, chunk_px=chunk_px, params=shipped_params()):
         n += len(batch)
     dt = time.perf_counter() - t0
     me = resource.getrusage(resource.RUSAGE_SELF)

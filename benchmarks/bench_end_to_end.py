@@ -1,0 +1,199 @@
+"""End to end: `segment` with objects on a real-tissue mosaic, as ratios and rates from one run.
+
+Prints, for a mosaic slide of real H&E (MoNuSeg and GlaS images from ../shared/data when present,
+else synthetic texture) at 0.25 um/px and one of 4x its area, each run in its own process:
+
+  end-to-end wall / network time      the whole `segment` (maps, objects, exports) / the bare
+                                      network on the same tiles and batch size
+  objects time / network time         run.json's objects step / that network time
+  nuclei/s per core                   the nuclei instance step (neck cutting and every other tuned
+                                      setting of the shipped model) re-run on the slide's own
+                                      network maps, per CPU second of one process
+  gland step s                        the gland and lumen instance steps on the same maps, CPU s
+  GeoJSON features/s                  objects.geojson rewritten from the run's objects.parquet,
+                                      per wall and per CPU second, with the mean vertices per
+                                      nucleus and per gland of that real output
+  peak RSS 1x, 4x                     of each `segment` process (ru_maxrss), and their ratio
+
+    python benchmarks/bench_end_to_end.py [--size 4096] [--device cpu] [--batch-size 1] [--workers N]
+
+CPU-second figures are those of one process; wall-clock ratios depend on what else runs on the
+machine (say so when you quote them).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+
+from bench_pipeline import _child_network  # noqa: E402  (the bare-network timing)
+from bench_pipeline import _sources as _texture_or_glas  # noqa: E402
+
+DATA = HERE.parents[1] / "shared" / "data"
+
+
+def _sources(tmp: Path) -> list[Path]:
+    """MoNuSeg images (dense nuclei at their own 0.25 um/px) and GlaS images (glands), else texture."""
+    monuseg = DATA / "nuclei" / "monuseg" / "images"
+    nuclei = sorted(monuseg.glob("*.png"))[:20] if monuseg.is_dir() else []
+    glands = _texture_or_glas(tmp)
+    return [p for pair in zip(nuclei, glands) for p in pair] + nuclei[len(glands):] + glands[len(nuclei):] if nuclei else glands
+
+
+def _child_segment(slide: str, out: str, device: str, batch_size: int, workers: int | None) -> dict:
+    """`segment` with objects; its run.json timings, object counts and this process's peak RSS."""
+    from wsi_mtl.pipeline import segment_slide
+
+    t0 = time.perf_counter()
+    result = segment_slide(slide, out, device=device, batch_size=batch_size, workers=workers, objects=True, progress=False)
+    wall = time.perf_counter() - t0
+    run = result.run
+    return {
+        "wall_s": wall,
+        "network_s_inside": run["inference"]["network_s"],
+        "timings_s": run["timings_s"],
+        "objects": run["objects"],
+        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+    }
+
+
+def _child_steps(result_dir: str) -> dict:
+    """Instance steps on the run's own maps (the model's tuned settings) and the GeoJSON export."""
+    import numpy as np
+    import pyarrow.parquet as pq
+    import shapely
+    import zarr
+
+    from wsi_mtl.export import write_geojson
+    from wsi_mtl.postprocess import PostprocessParams, read_meta
+    from wsi_mtl.postprocess._instances import _core_instances, _nuclei_instances
+
+    res = Path(result_dir)
+    meta = read_meta(res / "predictions.zarr")
+    p = PostprocessParams.from_mapping(meta.postprocess)
+    store = zarr.open_group(str(res / "predictions.zarr"), mode="r")
+    nuc = store["Nuclei-INST"]["0"][:]
+    c0 = time.process_time()
+    labels, _ = _nuclei_instances(nuc, min_area_px=p.nuclei_min_area_px, marker_threshold=p.nuclei_marker_threshold,
+                                  mask_threshold=p.nuclei_mask_threshold, min_marker_px=1, keep_unmarked=True,
+                                  split_h=p.nuclei_split_h, min_interior=p.nuclei_min_interior)
+    nuclei_cpu = time.process_time() - c0
+    n_nuclei = int(labels.max())
+    del nuc, labels
+    gland = store["Gland-INST"]["0"][:]
+    c0 = time.process_time()
+    glands = _core_instances(gland, threshold=p.gland_threshold, erosion_px=int(p.gland_erosion_px),
+                             min_area_px=p.gland_min_area_px, open_px=p.gland_open_px)
+    if "Lumen-INST" in store:
+        _core_instances(store["Lumen-INST"]["0"][:], threshold=p.lumen_threshold, erosion_px=int(p.lumen_erosion_px),
+                        min_area_px=p.lumen_min_area_px)
+    gland_cpu = time.process_time() - c0
+    table = res / "objects.parquet"
+    t = pq.read_table(table, columns=["task", "geometry"])
+    geoms = shapely.from_wkb(t.column("geometry").to_numpy(zero_copy_only=False))
+    tasks = np.asarray(t.column("task").to_numpy(zero_copy_only=False))
+    verts = shapely.get_num_coordinates(geoms)
+    with tempfile.TemporaryDirectory(prefix="bench_e2e_geojson_") as tmp:
+        t0, c0 = time.perf_counter(), time.process_time()
+        n = write_geojson(table, Path(tmp) / "objects.geojson")
+        geo_wall, geo_cpu = time.perf_counter() - t0, time.process_time() - c0
+    return {
+        "params": {k: getattr(p, k) for k in ("nuclei_split_h", "nuclei_min_interior", "gland_open_px", "gland_erosion_px")},
+        "nuclei": n_nuclei,
+        "nuclei_cpu_s": nuclei_cpu,
+        "glands": int(glands.max()),
+        "gland_step_cpu_s": gland_cpu,
+        "geojson_features": n,
+        "geojson_wall_s": geo_wall,
+        "geojson_cpu_s": geo_cpu,
+        "vertices_per_nucleus": float(verts[tasks == "nuclei"].mean()) if (tasks == "nuclei").any() else float("nan"),
+        "vertices_per_gland": float(verts[tasks == "gland"].mean()) if (tasks == "gland").any() else float("nan"),
+    }
+
+
+def _run_child(*args: str) -> dict:
+    proc = subprocess.run([sys.executable, __file__, *args], capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise SystemExit(f"child {args} failed:\n{proc.stderr[-3000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def _write_slides(tmp: Path, size: int) -> tuple[Path, Path]:
+    from wsi_mtl.synthetic import write_mosaic_slide
+
+    sources = _sources(tmp)
+    small = write_mosaic_slide(tmp / "slide_1x.svs", sources=sources, height=size, width=size, mpp=0.25, seed=1)
+    large = write_mosaic_slide(tmp / "slide_4x.svs", sources=sources, height=2 * size, width=2 * size, mpp=0.25, seed=1)
+    return small, large
+
+
+def _result_dir(out: Path) -> str:
+    found = [p.parent for p in out.glob("*/run.json")]
+    if len(found) != 1:
+        raise SystemExit(f"expected one result folder under {out}, found {found}")
+    return str(found[0])
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--size", type=int, default=4096, help="level-0 side of the 1x slide (px at 0.25 um/px)")
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--batch-size", type=int, default=1)
+    ap.add_argument("--precision", default="auto")
+    ap.add_argument("--workers", type=int, default=None, help="post-processing workers of segment (default: its own)")
+    ap.add_argument("--child", choices=["segment", "network", "steps"])
+    ap.add_argument("--slide")
+    ap.add_argument("--out")
+    args = ap.parse_args()
+    if args.child == "segment":
+        print(json.dumps(_child_segment(args.slide, args.out, args.device, args.batch_size, args.workers)))
+        return
+    if args.child == "network":
+        print(json.dumps(_child_network(args.slide, args.device, args.batch_size, args.precision)))
+        return
+    if args.child == "steps":
+        print(json.dumps(_child_steps(args.out)))
+        return
+
+    with tempfile.TemporaryDirectory(prefix="wsimtl-bench-e2e-") as tmp_name:
+        tmp = Path(tmp_name)
+        t0 = time.perf_counter()
+        small, large = _write_slides(tmp, args.size)
+        print(f"slides written in {time.perf_counter() - t0:.1f} s: {args.size}^2 and {2 * args.size}^2 px at 0.25 um/px")
+        common = ["--device", args.device, "--batch-size", str(args.batch_size)]
+        if args.workers:
+            common += ["--workers", str(args.workers)]
+        net = _run_child("--child", "network", "--slide", str(small), "--precision", args.precision,
+                         "--device", args.device, "--batch-size", str(args.batch_size))
+        seg1 = _run_child("--child", "segment", "--slide", str(small), "--out", str(tmp / "out1"), *common)
+        steps = _run_child("--child", "steps", "--out", _result_dir(tmp / "out1"))
+        seg4 = _run_child("--child", "segment", "--slide", str(large), "--out", str(tmp / "out4"), *common)
+
+    net_s = net["network_s"]
+    tim = seg1["timings_s"]
+    print(f"bare network on the 1x slide's {net['tiles']} tiles: {net_s:.2f} s")
+    print(f"end-to-end wall / network time: {seg1['wall_s']:.2f} s / {net_s:.2f} s = {seg1['wall_s'] / net_s:.2f}")
+    print(f"objects time / network time:    {tim.get('objects', float('nan')):.2f} s / {net_s:.2f} s = {tim.get('objects', float('nan')) / net_s:.2f}"
+          f"   (export {tim.get('export', float('nan')):.2f} s)")
+    print(f"settings: {steps['params']}")
+    print(f"nuclei/s per core on these maps: {steps['nuclei'] / steps['nuclei_cpu_s']:,.0f}  ({steps['nuclei']} nuclei in {steps['nuclei_cpu_s']:.2f} CPU s)")
+    print(f"gland + lumen steps: {steps['gland_step_cpu_s']:.2f} CPU s ({steps['glands']} glands)")
+    print(f"GeoJSON: {steps['geojson_features'] / steps['geojson_wall_s']:,.0f} features/s wall, "
+          f"{steps['geojson_features'] / steps['geojson_cpu_s']:,.0f} per CPU s ({steps['geojson_features']} features; "
+          f"{steps['vertices_per_nucleus']:.1f} vertices per nucleus, {steps['vertices_per_gland']:.1f} per gland)")
+    print(f"peak RSS 1x {seg1['peak_rss_mb']:.0f} MB, 4x {seg4['peak_rss_mb']:.0f} MB: ratio {seg4['peak_rss_mb'] / seg1['peak_rss_mb']:.3f}")
+    print(f"objects 1x: {json.dumps(seg1['objects'])}")
+    print("(wall-clock ratios depend on the other processes sharing the machine; CPU-second rates much less)")
+
+
+if __name__ == "__main__":
+    main()

@@ -59,13 +59,15 @@ def test_each_shared_option_is_the_same_in_every_command() -> None:
     assert {"segment", "batch"} == used["--out"] and {"segment", "export", "batch", "evaluate"} == used["--postprocess"]
 
 
-def test_missing_slide_fails_before_torch_is_imported(tmp_path: Path) -> None:
-    code = ("import sys\nfrom wsi_mtl.cli import main\ntry:\n    main(['segment', sys.argv[1], '-o', sys.argv[2]])\n"
-            "except SystemExit as exc:\n    print(exc.code, 'torch' in sys.modules)\n")
-    proc = subprocess.run([sys.executable, "-c", code, str(tmp_path / "missing.svs"), str(tmp_path / "out")],
+@pytest.mark.parametrize(("command", "code", "message"), [("segment", "10", "slide not found: "),
+                                                      ("batch", "2", "slide, folder or manifest not found: ")])
+def test_missing_slide_fails_before_torch_is_imported(tmp_path: Path, command: str, code: str, message: str) -> None:
+    script = ("import sys\nfrom wsi_mtl.cli import main\ntry:\n    main([sys.argv[1], sys.argv[2], '-o', sys.argv[3]])\n"
+              "except SystemExit as exc:\n    print(exc.code, 'torch' in sys.modules)\n")
+    proc = subprocess.run([sys.executable, "-c", script, command, str(tmp_path / "missing.svs"), str(tmp_path / "out")],
                           capture_output=True, text=True, check=True)
-    assert proc.stdout.split() == ["10", "False"], proc.stdout + proc.stderr
-    assert proc.stderr.strip() == f"wsimtl: error: slide not found: {tmp_path / 'missing.svs'}"
+    assert proc.stdout.split() == [code, "False"], proc.stdout + proc.stderr
+    assert proc.stderr.strip() == f"wsimtl: error: {message}{tmp_path / 'missing.svs'}"
     assert not (tmp_path / "out").exists()
 
 

@@ -87,20 +87,21 @@ def batch(inputs: tuple[str, ...], out_dir: Path, model: str | None, allow_untra
     'path' column; optional 'id' and 'mpp'). Several batches may share one OUT (locks keep each
     slide to one worker); rerun the same command to continue after an interruption.
     """
-    from ..cohort import SegmentOptions, SlurmOptions, describe, raise_for_failures, run_batch, shard_from_env
+    from ..cohort import SegmentOptions, SlurmOptions, collect_slides, describe, raise_for_failures, run_batch, shard_from_env
 
     if devices and executor != "local":
         raise InputError("--devices is for the local executor; Dask and SLURM workers use --device")
     if scheduler and executor != "dask":
         raise InputError("--scheduler needs --executor dask")
     settings = tuple(parse_settings(postprocess).items())
+    tasks = collect_slides(inputs)  # missing inputs are reported before torch loads
     check_model(model, allow_untrained=allow_untrained)
     options = SegmentOptions(model=model, device=device, precision=precision, batch_size=batch_size, tile_size=tile_size,
                              tissue_mask=not no_tissue_mask, objects=not no_objects, tta=int(tta),
                              postprocess=settings)
     slurm = SlurmOptions(partition=partition, account=account, walltime=walltime, memory=memory, cores=cores,
                          gpus_per_job=gpus_per_job, jobs=jobs, interface=interface, prologue=tuple(job_prologue))
-    result = run_batch(inputs, out_dir, options=options, executor=executor, devices=devices, scheduler=scheduler,  # type: ignore[arg-type]
+    result = run_batch(tasks, out_dir, options=options, executor=executor, devices=devices, scheduler=scheduler,  # type: ignore[arg-type]
                        workers=dask_workers or old_workers, slurm=slurm if executor == "slurm" else None, shard=shard or shard_from_env(),
                        lock_timeout_s=lock_timeout, progress=not quiet)
     if not quiet:

@@ -39,13 +39,11 @@ def _sample_path() -> Path:
     return sample_slide_path()
 
 
-def _check_settings(pairs: tuple[str, ...]) -> dict[str, str]:
-    """``--postprocess`` pairs, their names and values checked (no torch)."""
+def _check_settings(settings: dict[str, str]) -> None:
+    """``--postprocess`` names and values checked (no torch)."""
     from ..postprocess import check_overrides
 
-    settings = parse_settings(pairs)
     check_overrides(settings)
-    return settings
 
 
 @click.command("segment")
@@ -74,9 +72,10 @@ def segment(slide: Path | None, out_dir: Path, sample: bool, model: str | None, 
     """Segment nuclei, glands and lumen and map tissue types in SLIDE; results go to OUT/<slide name>/."""
     if sample == (slide is not None):
         raise InputError("give either a SLIDE or --sample")
-    settings = _check_settings(postprocess)
+    settings = parse_settings(postprocess)
     path = _sample_path() if slide is None else slide
     check_slide(path, mpp)  # before torch loads: a bad slide is reported at once
+    _check_settings(settings)
     check_model(model, allow_untrained=allow_untrained)
     from ..pipeline import segment_slide
 

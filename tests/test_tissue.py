@@ -187,3 +187,68 @@ def test_kather_tiles_tissue_vs_empty(shared_data: Path) -> None:
     for name in ("tumor", "stroma", "lympho"):
         assert np.mean(fractions[name]) > 0.9, name
     assert np.mean(fractions["empty"]) < 0.4  # noisy grey glass tiles
+
+
+# -- images that are tissue from edge to edge (no background for Otsu to split off) -------------
+
+def _tile_png(path: Path, image: np.ndarray) -> Path:
+    """A 1000 x 1000 px tile (to be opened at 0.25 um/px) made from ``image``."""
+    from PIL import Image
+
+    Image.fromarray(image).resize((1000, 1000), Image.Resampling.BICUBIC).save(path)
+    return path
+
+
+def _kather(shared_data: Path, name: str) -> list[np.ndarray]:
+    import csv
+
+    from PIL import Image
+
+    folder = shared_data / "tissue" / "kather2016_like_100"
+    if not (folder / "labels.csv").is_file():
+        pytest.skip(f"{folder} not present")
+    with open(folder / "labels.csv") as fh:
+        files = [row["file"] for row in csv.DictReader(fh) if row["label_name_assumed_tfds_order"] == name]
+    return [np.asarray(Image.open(folder / f).convert("RGB")) for f in files]
+
+
+def _mucus(seed: int = 0) -> np.ndarray:
+    """Pale blue-purple wisps, like mucus pools: low saturation everywhere, no glass."""
+    from scipy import ndimage
+
+    rng = np.random.default_rng(seed)
+    n = ndimage.gaussian_filter(rng.normal(0, 1, (500, 500)), 6)
+    n /= n.std()
+    return np.stack([228 + 10 * n, 226 + 10 * n, 240 + 6 * n], -1).clip(0, 255).astype(np.uint8)
+
+
+def _mask_of_tile(path: Path) -> TissueMask:
+    with open_slide(path, mpp=0.25) as slide:
+        return compute_tissue_mask(slide, mask_mpp=8.0)
+
+
+@pytest.mark.shared_data
+@pytest.mark.parametrize("name,pale", [("stroma", 0.85), ("adipose", 0.0), ("debris", 0.0)])
+def test_edge_to_edge_tissue_tiles_are_not_rejected(shared_data: Path, tmp_path: Path, name: str, pale: float) -> None:
+    """Pale stroma (Kather stroma blended 85% towards white), fat and debris/mucus tiles all keep tissue
+    (each as the 8 um/px thumbnail of a 1000 px tile at 0.25 um/px; the first also through a file)."""
+    from PIL import Image
+
+    for i, image in enumerate(_kather(shared_data, name)):
+        image = (image.astype(np.float32) * (1 - pale) + 255 * pale).astype(np.uint8)
+        if i == 0:
+            assert not _mask_of_tile(_tile_png(tmp_path / f"{name}.png", image)).empty
+        thumb = np.asarray(Image.fromarray(image).resize((32, 32), Image.Resampling.BOX))
+        assert not tissue_mask_from_image(thumb, mpp=8.0).empty, f"{name} tile {i} rejected"
+
+
+def test_mucus_tile_is_not_rejected(tmp_path: Path) -> None:
+    result = _mask_of_tile(_tile_png(tmp_path / "mucus.png", _mucus()))
+    assert result.fraction > 0.9
+
+
+@pytest.mark.parametrize("colour", [(250, 250, 250), (245, 240, 230), (235, 238, 245)])
+def test_grey_and_tinted_glass_tiles_stay_empty(tmp_path: Path, colour: tuple[int, int, int]) -> None:
+    rng = np.random.default_rng(1)
+    glass = np.clip(np.array(colour) + rng.normal(0, 2, (500, 500, 3)), 0, 255).astype(np.uint8)
+    assert _mask_of_tile(_tile_png(tmp_path / "glass.png", glass)).empty

@@ -1,7 +1,10 @@
 """Tissue mask of an H&E slide from a low-resolution thumbnail.
 
 Tissue is what is stained: saturated and not white. The saturation threshold comes from Otsu's
-method on the thumbnail, with a floor so that an all-background slide stays empty. Pen marks
+method on the thumbnail, with a floor so that an all-background slide stays empty. An image with no
+background (a tile that is tissue from edge to edge) has no mode for Otsu to split off: when that
+pass finds nothing, faintly stained pixels in H&E hues count (pale stroma, fat, mucus), while
+grey or tinted glass stays empty. Pen marks
 (green/blue hues), black borders and dark debris are rejected, then the mask is closed, opened and
 cleaned of specks smaller than ``min_tissue_um2``.
 
@@ -41,6 +44,12 @@ _MAX_SATURATION = 0.25
 _WHITE_LEVEL = 225
 #: pixels darker than this (max channel) are a black border, pen or debris
 _BLACK_LEVEL = 50
+#: saturation of faint tissue, used when Otsu's threshold finds none (an image with no background)
+_FAINT_SATURATION = 0.03
+#: hues (degrees) that count as faint H&E (from mucus blue-purple through pink to red)
+_HE_HUES = (235.0, 15.0)
+#: closing radius (um) of the faint pass: joins the membranes around fat cells into tissue
+_FAT_CELL_UM = 48.0
 #: hues (degrees) of green/blue pen ink (blue: green > red); H&E lies in roughly 240-360 and 0-40 degrees
 _PEN_HUES = (65.0, 235.0)
 
@@ -187,17 +196,37 @@ def tissue_mask_from_image(image: NDArray[np.uint8], *, mpp: float, min_tissue_u
     pen = (hue >= _PEN_HUES[0]) & (hue <= _PEN_HUES[1]) & (sat > 0.2)
     candidates = sat[usable & ~pen]
     threshold = float(np.clip(_otsu(candidates), _MIN_SATURATION, _MAX_SATURATION))
-    tissue = usable & ~pen & (sat > threshold) & (rgb_min < _WHITE_LEVEL)
+    tissue = _clean(usable & ~pen & (sat > threshold) & (rgb_min < _WHITE_LEVEL), mpp, min_tissue_um2, min_hole_um2)
+    if not tissue.any():
+        # no background mode to split from, Otsu cut inside the tissue: an image that is tissue from
+        # edge to edge (pale stroma, fat, mucus). Faint H&E-coloured pixels count; glass stays empty.
+        threshold = _FAINT_SATURATION
+        speck_um2 = min(min_tissue_um2, 0.02 * image.shape[0] * image.shape[1] * mpp * mpp)  # a tile is small
+        tissue = _clean(usable & _faint_he(image), mpp, speck_um2, min_hole_um2, close_um=_FAT_CELL_UM)
+        logger.info("no tissue at Otsu's threshold; faint-tissue pass found %.1f%%", 100 * tissue.mean())
+    logger.debug("tissue mask: saturation threshold %.3f, %.1f%% tissue", threshold, 100 * tissue.mean())
+    return TissueMask(mask=tissue, mpp=float(mpp), threshold=threshold)
+
+
+def _faint_he(image: NDArray[np.uint8]) -> NDArray[np.bool_]:
+    """Pixels faintly stained in H&E hues (pink to purple, ~235-360 and 0-15 degrees) on a blurred image;
+    grey, yellowish or bluish glass is not."""
+    smooth = ndimage.gaussian_filter(image.astype(np.float32), (1.0, 1.0, 0.0))
+    hue, sat, _ = _hsv(np.clip(smooth + 0.5, 0, 255).astype(np.uint8))
+    return (sat > _FAINT_SATURATION) & ((hue >= _HE_HUES[0]) | (hue <= _HE_HUES[1]))
+
+
+def _clean(tissue: NDArray[np.bool_], mpp: float, min_tissue_um2: float, min_hole_um2: float, *,
+           close_um: float = 16.0) -> NDArray[np.bool_]:
+    """Close (``close_um``: 16 um joins fragmented pale stroma), open, drop specks, fill small holes."""
     px_area = mpp * mpp
-    radius = max(1, round(16.0 / mpp))  # ~16 um closing joins fragmented pale stroma
-    structure = _disk(radius)
-    tissue = ndimage.binary_closing(np.pad(tissue, radius), structure)[radius:-radius, radius:-radius]
+    radius = max(1, round(close_um / mpp))
+    tissue = ndimage.binary_closing(np.pad(tissue, radius), _disk(radius))[radius:-radius, radius:-radius]
     tissue = ndimage.binary_opening(tissue, _disk(1))
     tissue = _remove_small(tissue, max(1, int(min_tissue_um2 / px_area)))
     holes = ~tissue
     tissue |= ~_remove_small(holes, max(1, int(min_hole_um2 / px_area)), keep_border=True)
-    logger.debug("tissue mask: saturation threshold %.3f, %.1f%% tissue", threshold, 100 * tissue.mean())
-    return TissueMask(mask=tissue, mpp=float(mpp), threshold=threshold)
+    return tissue
 
 
 def _disk(radius: int) -> NDArray[np.bool_]:

@@ -25,6 +25,8 @@ except ImportError:  # tests collected as a package
 ALL_TASKS = ("nuclei", "gland", "lumen", "tissue")
 SLIDE = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "wsi" / "CMU-1-Small-Region.svs"
 TISSUE_CLASSES = ["tumour", "stroma", "lymphocytes"]
+#: the NGFF label images derive writes into this store (its heads: Nuclei-INST, Patch-Class)
+LABEL_PATHS = ["predictions.zarr/Patch-Class/labels/tissue_classes", "predictions.zarr/Nuclei-INST/labels/nuclei"]
 
 
 def make_result_dir(tmp_path: Path, *, width: int = 4000, height: int = 3000, slide_path: str = "/nonexistent/slide.svs") -> Path:
@@ -111,7 +113,7 @@ def test_derive_writes_everything_and_updates_run_json(result_dir: Path, monkeyp
     assert set(run["timings_s"]) == {"inference", "objects", "export"}
     paths = [f["path"] for f in run["files"]]
     assert paths == ["predictions.zarr", "objects.parquet", "objects.geojson", "nuclei.geojson", "glands.geojson",
-                     "tissue.geojson", "preview.png", "predictions.zarr/tissue_classes"]
+                     "tissue.geojson", "preview.png", *LABEL_PATHS]
     for entry in run["files"]:
         assert entry["bytes"] > 1 and (result_dir / entry["path"]).exists()
     assert summary["files"] == run["files"][1:]
@@ -139,7 +141,7 @@ def test_gz_adds_copies_and_a_plain_export_removes_them(result_dir: Path, monkey
     listed = {f["path"] for f in run["files"]}
     on_disk = {p.name for p in result_dir.iterdir() if p.name not in ("run.json", "mine.geojson")}
     assert (result_dir / "mine.geojson").exists()
-    assert on_disk == listed - {"predictions.zarr/tissue_classes"}
+    assert on_disk == listed - set(LABEL_PATHS)
     assert not any(p.endswith(".gz") for p in listed)
     assert sorted(summary["removed"]) == ["glands.geojson.gz", "nuclei.geojson.gz", "objects.geojson.gz", "tissue.geojson.gz"]
 
@@ -147,27 +149,31 @@ def test_gz_adds_copies_and_a_plain_export_removes_them(result_dir: Path, monkey
 def test_tissue_class_map_stored(result_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     import zarr
 
-    from wsi_mtl.postprocess import tissue_class_map
+    import geopandas
 
     monkeypatch.setattr(postprocess, "extract_objects", fake_extract(50), raising=False)
     derive_objects(result_dir)
     root = zarr.open_group(result_dir / "predictions.zarr", mode="r")
-    stored = np.asarray(root["tissue_classes"]["0"])
+    stored = np.asarray(root["Patch-Class/labels/tissue_classes"]["0"])  # an NGFF label of the Patch-Class image
     source = np.asarray(root["Patch-Class"]["0"])
-    assert stored.dtype == np.int16 and stored.shape == (1, *source.shape[1:])
-    assert np.array_equal(stored[0], tissue_class_map(source))
-    assert (stored[0, :3] == -1).all()
-    group_attrs = root["tissue_classes"].attrs.asdict()
+    assert stored.dtype == np.uint8 and stored.shape == (1, *source.shape[1:])
+    # each tissue region of the table is drawn with its class (position in the head's classes + 1)
+    regions = geopandas.read_parquet(result_dir / "objects.parquet").query("task == 'tissue'")
+    assert len(regions)
+    for geom, name in zip(regions.geometry, regions.class_name):
+        point = geom.representative_point()
+        assert stored[0, int(point.y // 32), int(point.x // 32)] == TISSUE_CLASSES.index(name) + 1
+    group_attrs = root["Patch-Class/labels/tissue_classes"].attrs.asdict()
     assert group_attrs["wsimtl"]["classes"] == TISSUE_CLASSES
     scale = group_attrs["ome"]["multiscales"][0]["datasets"][0]["coordinateTransformations"][0]["scale"]
-    assert scale[-1] == 32.0  # 2 level-0 px per model px x 16 model px per cell
+    assert scale[-1] == 8.0  # 32 level-0 px per cell (2 per model px x 16 model px per cell) x 0.25 um
 
 
 def test_no_tissue_map_when_disabled(result_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(postprocess, "extract_objects", fake_extract(50), raising=False)
     summary = derive_objects(result_dir, tissue_map=False)
-    assert not (result_dir / "predictions.zarr" / "tissue_classes").exists()
-    assert "predictions.zarr/tissue_classes" not in [f["path"] for f in summary["files"]]
+    assert not (result_dir / "predictions.zarr" / "Patch-Class" / "labels").exists()
+    assert not [f for f in summary["files"] if "/labels/" in f["path"]]
 
 
 def test_preview_from_tissue_mask_without_slide(result_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -176,13 +182,13 @@ def test_preview_from_tissue_mask_without_slide(result_dir: Path, monkeypatch: p
     monkeypatch.setattr(postprocess, "extract_objects", fake_extract(0), raising=False)
     derive_objects(result_dir)
     img = np.asarray(Image.open(result_dir / "preview.png").convert("RGB"))
-    # 4000 x 3000 level-0 px -> 512 x 384 picture (downsample 7.8125), legend on the right
-    assert img.shape[0] == 384 and img.shape[1] > 512
-    # the tissue mask (rows 10-80, cols 10-60 of 32 px cells, i.e. level-0 x 320-1920,
-    # y 320-2560) is pale pink; outside it is white
-    pink = (img[:384, :512] == (240, 214, 226)).all(axis=2)
-    assert pink[150, 100] and pink[300, 200] and not pink[150, 300] and not pink[20, 20]
-    assert tuple(img[150, 400]) == (255, 255, 255)
+    # 4000 x 3000 level-0 px -> a 512 x 384 picture (downsample 7.8125), drawn at half size in the
+    # preview's slide panel: the tissue mask (rows 10-80, cols 10-60 of 32 px cells, i.e. level-0
+    # x 320-1920, y 320-2560) is a pale pink box of about 102 x 143 px
+    pink = np.argwhere((img == (240, 214, 226)).all(axis=2))
+    assert len(pink)
+    (y0, x0), (y1, x1) = pink.min(axis=0), pink.max(axis=0)
+    assert abs((x1 - x0 + 1) - 1600 / 7.8125 / 2) <= 2 and abs((y1 - y0 + 1) - 2240 / 7.8125 / 2) <= 2
 
 
 def test_preview_from_given_slide(result_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -396,7 +402,7 @@ def test_end_to_end_with_real_postprocessing(tmp_path: Path) -> None:
     assert all(abs(shapely.area(s) / expected_area - 1) < 0.15 for s in shapes)
     run = json.loads((result_dir / "run.json").read_text())
     assert run["objects"] == summary["objects"]
-    assert "predictions.zarr/tissue_classes" in [f["path"] for f in run["files"]]
+    assert "predictions.zarr/Patch-Class/labels/tissue_classes" in [f["path"] for f in run["files"]]
 
 
 def test_disk_full_while_storing_tissue_map(result_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:

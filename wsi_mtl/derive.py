@@ -308,6 +308,7 @@ def derive_into(
     mpp, width, height = _slide_geometry(attrs, run, predictions)
     from .export import write_geojson_files, write_preview, write_table
     from .postprocess import check_overrides, extract_objects, params_of
+    from .store import read_mask
 
     overrides = check_overrides(postprocess)
     params = params_of(attrs.get("postprocess"), overrides)
@@ -332,7 +333,7 @@ def derive_into(
     geojson = list(write_geojson_files(result_dir / TABLE, result_dir, workers=workers))
     written = [result_dir / TABLE, *geojson, *([_gzip_copy(p) for p in geojson] if geojson_gz else [])]
     thumb, downsample = _thumbnail(predictions, attrs, run, slide, mpp=mpp, width=width, height=height)
-    write_preview(thumb, result_dir / TABLE, result_dir / PREVIEW, downsample=downsample)
+    write_preview(thumb, result_dir / TABLE, result_dir / PREVIEW, downsample=downsample, tissue_mask=read_mask(predictions))
     written.append(result_dir / PREVIEW)
     export_s += time.perf_counter() - t0
 

@@ -22,13 +22,14 @@ from zarr.codecs import BloscCodec
 
 from .atomic import output_error
 from .errors import OutputError
+from .ome import image_attrs, write_image_index, write_pyramid
+from .results import PREDICTIONS
 from .tiling import Tile
 
-__all__ = ["HeadLayout", "PredictionStore", "ome_image_attrs", "PREDICTIONS", "open_predictions"]
+__all__ = ["HeadLayout", "PredictionStore", "ome_image_attrs", "PREDICTIONS", "open_predictions", "read_mask"]
 
 log = logging.getLogger(__name__)
 
-PREDICTIONS = "predictions.zarr"
 _PARTIAL_SUFFIX = ".partial"
 _DONE_LOG = "tiles_done.log"
 _FINGERPRINT = "fingerprint.json"
@@ -47,37 +48,22 @@ class HeadLayout:
     cell_px: int = 1
 
 
-def ome_image_attrs(name: str, *, channels_axis: bool = True, downsample: float) -> dict[str, Any]:
+def ome_image_attrs(
+    name: str,
+    *,
+    channels_axis: bool = True,
+    downsample: float,
+    mpp: float | None = None,
+    channels: list[tuple[str, Any]] | None = None,
+) -> dict[str, Any]:
     """OME-Zarr 0.5 ``multiscales`` attributes for a single-level (c, y, x) image.
 
-    The transform maps array indices to level-0 pixel indices of the slide as QuPath shows it:
-    array pixel ``i`` covers level-0 ``[i * ds, (i + 1) * ds)``, so its centre index is
-    ``i * ds + (ds - 1) / 2``.
+    The transform maps array indices to level-0 pixel indices of the slide as QuPath shows it,
+    times ``mpp`` (micrometres, the axes' unit) where it is given: array pixel ``i`` covers level-0
+    ``[i * ds, (i + 1) * ds)``, so its centre index is ``i * ds + (ds - 1) / 2``. See
+    :func:`wsi_mtl.ome.image_attrs`.
     """
-    axes = [{"name": "c", "type": "channel"}] if channels_axis else []
-    axes += [{"name": "y", "type": "space"}, {"name": "x", "type": "space"}]
-    lead = [1.0] if channels_axis else []
-    shift = (downsample - 1.0) / 2.0
-    return {
-        "ome": {
-            "version": "0.5",
-            "multiscales": [
-                {
-                    "name": name,
-                    "axes": axes,
-                    "datasets": [
-                        {
-                            "path": "0",
-                            "coordinateTransformations": [
-                                {"type": "scale", "scale": lead + [downsample, downsample]},
-                                {"type": "translation", "translation": [0.0] * len(lead) + [shift, shift]},
-                            ],
-                        }
-                    ],
-                }
-            ],
-        }
-    }
+    return image_attrs(name, downsample=downsample, mpp=mpp, channels_axis=channels_axis, channels=channels)
 
 
 def _output_error(exc: OSError, path: Path) -> OutputError:
@@ -124,6 +110,8 @@ class PredictionStore:
         self.heads = heads
         self.core_px = core_px
         self.downsample = downsample
+        self.mpp = _slide_mpp(attrs)
+        self._masks: list[str] = []
         self.done: set[tuple[int, int]] = set()
         self.damaged: list[dict[str, Any]] = []
         try:
@@ -152,7 +140,8 @@ class PredictionStore:
         self.root.attrs.update({"wsimtl": attrs})
         for head in self.heads:
             cell = head.cell_px
-            group = self.root.create_group(head.name, attributes=ome_image_attrs(head.name, downsample=self.downsample * cell))
+            meta = ome_image_attrs(head.name, downsample=self.downsample * cell, mpp=self.mpp, channels=_channels(attrs, head))
+            group = self.root.create_group(head.name, attributes=meta)
             group.create_array(
                 "0",
                 shape=(head.channels, -(-height // cell), -(-width // cell)),
@@ -204,13 +193,23 @@ class PredictionStore:
         """Store a 2-D boolean mask as a (1, y, x) uint8 OME image (255 = true)."""
         if name in self.root:
             del self.root[name]
-        group = self.root.create_group(name, attributes=ome_image_attrs(name, downsample=downsample))
+        if name not in self._masks:
+            self._masks.append(name)
+        group = self.root.create_group(name, attributes=ome_image_attrs(name, downsample=downsample, mpp=self.mpp, channels=[(name, (255, 255, 255))]))
+        group.attrs["wsimtl"] = {"downsample": float(downsample)}
         data = (np.asarray(mask, dtype=bool) * np.uint8(255))[None]
         arr = group.create_array(
             "0", shape=data.shape, chunks=data.shape, dtype="uint8", fill_value=0,
             compressors=[_COMPRESSOR], dimension_names=("c", "y", "x"),
         )
         arr[...] = data
+
+    def _write_pyramids(self) -> None:
+        """Levels 1.. of every image (2x mean reductions) and the root listing of the images."""
+        images = [h.name for h in self.heads] + [m for m in self._masks if m in self.root]
+        for name in images:
+            write_pyramid(self.root[name], how="mean")
+        write_image_index(self.path, images)
 
     def update_attrs(self, **values: Any) -> None:
         """Merge ``values`` into the root ``wsimtl`` attribute."""
@@ -223,8 +222,16 @@ class PredictionStore:
             self._log.close()
 
     def finalize(self) -> Path:
-        """Rename the finished store to ``predictions.zarr`` (replacing an older one)."""
+        """Add the pyramids and the root image index, then rename the store to ``predictions.zarr``.
+
+        The pyramids are rebuilt from level 0 (which is never touched), so a finalize cut short is
+        simply redone on resume. An older ``predictions.zarr`` is replaced.
+        """
         self.close()
+        try:
+            self._write_pyramids()
+        except OSError as exc:
+            raise _output_error(exc, self.path) from exc
         for name in (_DONE_LOG, _FINGERPRINT):
             (self.path / name).unlink(missing_ok=True)
         try:
@@ -240,6 +247,40 @@ class PredictionStore:
         except OSError as exc:
             raise _output_error(exc, self.final_path) from exc
         return self.final_path
+
+
+def _slide_mpp(attrs: dict[str, Any]) -> float | None:
+    """The slide's level-0 mpp recorded in the store attributes, if any."""
+    mpp = (attrs.get("slide") or {}).get("mpp", attrs.get("slide_mpp"))
+    return float(mpp) if isinstance(mpp, (int, float)) and mpp > 0 else None
+
+
+def _channels(attrs: dict[str, Any], head: HeadLayout) -> list[tuple[str, Any]] | None:
+    """(class name, colour) per channel of ``head`` from the store attributes, if they match."""
+    info = (attrs.get("heads") or {}).get(head.name) or {}
+    names, colors = list(info.get("classes") or []), list(info.get("colors") or [])
+    if len(names) != head.channels or len(colors) != head.channels:
+        return None
+    return list(zip(names, colors))
+
+
+def read_mask(predictions: Path, name: str = "tissue_mask") -> tuple[np.ndarray, float] | None:
+    """A stored mask as (boolean (y, x) array, level-0 px per mask px); None where absent."""
+    try:
+        root = zarr.open_group(Path(predictions), mode="r")
+        group = root[name]
+        mask = np.asarray(group["0"][0]) > 0
+    except (KeyError, OSError, ValueError) as exc:
+        log.info("no %s in %s (%s)", name, predictions, exc)
+        return None
+    downsample = (group.attrs.get("wsimtl") or {}).get("downsample")
+    if downsample is None:  # a store from before masks recorded it
+        attrs = dict(root.attrs.get("wsimtl") or {})
+        mask_mpp, mpp = attrs.get("tissue_mask_mpp"), _slide_mpp(attrs)
+        if not (mask_mpp and mpp):
+            return None
+        downsample = float(mask_mpp) / mpp
+    return mask, float(downsample)
 
 
 def open_predictions(result_dir: Path) -> zarr.Group:

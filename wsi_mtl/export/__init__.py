@@ -2,12 +2,14 @@
 
 ``write_table`` streams :class:`~wsi_mtl.objects.ObjectBatch` es into ``objects.parquet``;
 ``write_geojson`` / ``write_geojson_files`` and ``write_preview`` stream from that table, so no
-exporter ever holds all objects in memory.
+exporter ever holds all objects in memory; ``write_label_images`` rasterises it into NGFF label
+images of predictions.zarr chunk by chunk.
 """
 
 from __future__ import annotations
 
 from ._geojson import GEOJSON_FILES, MEASUREMENTS, object_type, write_geojson, write_geojson_files
+from ._labels import write_label_images
 from ._preview import write_preview
 from ._synthetic import synthetic_batches
 from ._table import TABLE_SCHEMA, TableSummary, read_table_info, write_table
@@ -23,5 +25,6 @@ __all__ = [
     "MEASUREMENTS",
     "GEOJSON_FILES",
     "write_preview",
+    "write_label_images",
     "synthetic_batches",
 ]

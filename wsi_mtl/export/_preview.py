@@ -1,9 +1,11 @@
-"""A preview picture: the slide thumbnail with every object drawn in its class colour.
+"""A preview picture: side-by-side panels of the slide and its objects, legible at a glance.
 
-Tissue regions are a translucent fill with a thin outline, glands and lumen are outlines, and
-nuclei are outlines where they are large enough on the thumbnail and filled dots otherwise. A
-legend lists each (task, class) with its colour and count, and a scale bar gives the size.
-The objects are streamed from the table: only their task, class and geometry are read.
+Four panels of the same size: the slide; the tissue map (class fills on a pale grey copy of the
+slide); glands and lumen (fills and outlines on the grey copy); nuclei density by type (each cell
+of a grid coloured by its most frequent nuclear type, more opaque where nuclei are denser). Each
+panel has a title; a legend lists each (task, class) with its colour and count, and a scale bar on
+the slide panel gives the size. The objects are streamed from the table: only their task, class
+and geometry are read.
 """
 
 from __future__ import annotations
@@ -27,7 +29,13 @@ __all__ = ["write_preview"]
 log = logging.getLogger(__name__)
 
 _TASK_TITLES = {"nuclei": "Nuclei", "gland": "Glands", "lumen": "Lumen", "tissue": "Tissue"}
-_TISSUE_ALPHA = 64
+_TISSUE_ALPHA = 170
+_GLAND_ALPHA = 110
+_LUMEN_ALPHA = 200
+#: the grey copy of the slide keeps this fraction of its contrast
+_GREY_CONTRAST = 0.45
+#: about this many nuclei density cells across the shorter side of a panel
+_DENSITY_CELLS = 60
 _FALLBACK = (128, 128, 128)
 
 
@@ -88,8 +96,10 @@ def write_preview(
     colors: dict[tuple[str, str], tuple[int, int, int]] | None = None,
     legend: bool = True,
     batch_rows: int = 65_536,
+    scale: float = 0.5,
+    tissue_mask: tuple[np.ndarray, float] | None = None,
 ) -> dict[str, dict[str, int]]:
-    """Draw the objects of a table over a slide thumbnail and save a PNG, atomically.
+    """Draw the objects of a table as panels beside a slide thumbnail and save a PNG, atomically.
 
     Parameters
     ----------
@@ -104,9 +114,14 @@ def write_preview(
     colors : dict, optional
         ``{(task, class_name): (r, g, b)}`` overriding the colours recorded in the table.
     legend : bool, default True
-        Add a legend panel (class colours and counts) to the right of the picture.
+        Add a legend panel (class colours and counts) to the right of the panels.
     batch_rows : int, default 65536
         Rows read from the table at a time.
+    scale : float, default 0.5
+        Size of each panel relative to the thumbnail (four panels in a grid).
+    tissue_mask : (mask, downsample), optional
+        The slide's tissue mask (boolean (y, x), level-0 px per mask px): tissue classes are
+        drawn only inside it, so glass is never tinted by a class.
 
     Returns
     -------
@@ -116,7 +131,7 @@ def write_preview(
     Raises
     ------
     ValueError
-        A thumbnail that is not (H, W, 3) uint8, or ``downsample`` not positive.
+        A thumbnail that is not (H, W, 3) uint8, or ``downsample`` or ``scale`` out of range.
     InputError
         The table does not exist or cannot be read.
     OutputError
@@ -125,72 +140,33 @@ def write_preview(
     image = _validate_thumbnail(thumbnail_rgb)
     if not (np.isfinite(downsample) and downsample > 0):
         raise ValueError(f"downsample must be a positive number of level-0 px per thumbnail px, got {downsample!r}")
+    if not (np.isfinite(scale) and 0 < scale <= 1):
+        raise ValueError(f"scale must be in (0, 1], got {scale!r}")
     info = read_table_info(table_path)
     palette: dict[tuple[str, str], tuple[int, int, int]] = dict(info["colors"])
     palette.update(colors or {})
-    height, width = image.shape[:2]
-    line = max(1, round(max(height, width) / 900))
-
-    base = Image.fromarray(image, "RGB").convert("RGBA")
-    tissue_fill = Image.new("RGBA", base.size, (0, 0, 0, 0))
-    tissue_line = Image.new("RGBA", base.size, (0, 0, 0, 0))
-    structures = Image.new("RGBA", base.size, (0, 0, 0, 0))
-    nuclei = Image.new("RGBA", base.size, (0, 0, 0, 0))
-    draw_line = ImageDraw.Draw(tissue_line)
-    draw_struct = ImageDraw.Draw(structures)
-    draw_nuc = ImageDraw.Draw(nuclei)
-    tissue_masks: dict[tuple[str, str], Image.Image] = {}
+    slide = _resize(image, scale)
+    panel_ds = downsample * image.shape[1] / slide.shape[1]
+    layers = _Layers(slide.shape[:2], panel_ds, _nuclear_types(info["counts"], palette))
     counts: Counter[tuple[str, str]] = Counter()
-
     for record in iter_table(table_path, columns=["task", "class_name", "geometry"], batch_rows=batch_rows):
         tasks = record.column("task").to_pylist()
         classes = record.column("class_name").to_pylist()
         geoms = shapely.from_wkb(record.column("geometry").to_numpy(zero_copy_only=False))
         counts.update(zip(tasks, classes))
-        task_arr = np.asarray(tasks, dtype=object)
-        for task in TASKS:
-            sel = np.flatnonzero(task_arr == task)
-            if len(sel) == 0:
-                continue
-            if task == "nuclei":
-                _draw_nuclei(draw_nuc, geoms[sel], [classes[i] for i in sel], palette, downsample)
-                continue
-            ext, owner, holes, hole_owner = _rings(geoms[sel], downsample)
-            for ring, k in zip(ext, owner.tolist()):
-                key = (task, classes[sel[k]])
-                rgb = palette.get(key, _FALLBACK)
-                if len(ring) < 2:
-                    continue
-                if task == "tissue":
-                    mask = tissue_masks.get(key)
-                    if mask is None:
-                        mask = tissue_masks[key] = Image.new("L", base.size, 0)
-                    ImageDraw.Draw(mask).polygon(_flat(ring), fill=255)
-                    draw_line.line(_flat(ring), fill=(*rgb, 220), width=line)
-                else:
-                    width_px = 2 * line if task == "gland" else line
-                    draw_struct.line(_flat(ring), fill=(*rgb, 255), width=width_px, joint="curve")
-            if task == "tissue":
-                for ring, k in zip(holes, hole_owner):
-                    key = (task, classes[sel[k]])
-                    if key in tissue_masks and len(ring) >= 2:
-                        ImageDraw.Draw(tissue_masks[key]).polygon(_flat(ring), fill=0)
-                    draw_line.line(_flat(ring), fill=(*palette.get(key, _FALLBACK), 220), width=line)
+        layers.add(np.asarray(tasks, dtype=object), classes, geoms, palette)
 
-    for key, mask in tissue_masks.items():
-        rgb = palette.get(key, _FALLBACK)
-        alpha = mask.point(lambda v: _TISSUE_ALPHA if v else 0)
-        layer = Image.new("RGBA", base.size, (*rgb, 0))
-        layer.putalpha(alpha)
-        tissue_fill = Image.alpha_composite(tissue_fill, layer)
-    picture = base
-    for layer in (tissue_fill, tissue_line, structures, nuclei):
-        picture = Image.alpha_composite(picture, layer)
-    picture = picture.convert("RGB")
-
+    grey = Image.fromarray(_pale_grey(slide), "RGB")
+    panels = [
+        ("Slide", Image.fromarray(slide, "RGB")),
+        ("Tissue map", layers.tissue_panel(grey, palette, _panel_mask(tissue_mask, slide.shape[:2], panel_ds))),
+        ("Glands and lumen", layers.structure_panel(grey)),
+        ("Nuclei density by type", layers.nuclei_panel(grey, palette)),
+    ]
     mpp = info.get("mpp")
     if mpp:
-        _draw_scale_bar(picture, um_per_px=float(mpp) * downsample)
+        _draw_scale_bar(panels[0][1], um_per_px=float(mpp) * panel_ds)
+    picture = _grid(panels)
     counts_out = _ordered(counts, palette, info["counts"])
     if legend:
         picture = _add_legend(picture, counts_out, palette)
@@ -201,28 +177,181 @@ def write_preview(
     return counts_out
 
 
-def _draw_nuclei(
-    draw: ImageDraw.ImageDraw,
-    geoms: np.ndarray,
-    classes: list[str],
-    palette: dict[tuple[str, str], tuple[int, int, int]],
-    downsample: float,
-) -> None:
-    """Nuclei: an outline where the nucleus spans >= 6 thumbnail px, a filled dot otherwise."""
-    radius = np.sqrt(shapely.area(geoms) / np.pi) / downsample
-    centres = shapely.get_coordinates(shapely.centroid(geoms)) / downsample - 0.5
-    big = radius >= 3.0
-    for i in np.flatnonzero(~big).tolist():
-        rgb = palette.get(("nuclei", classes[i]), _FALLBACK)
-        r = max(0.8, float(radius[i]))
-        x, y = centres[i]
-        draw.ellipse((x - r, y - r, x + r, y + r), fill=(*rgb, 255))
-    if big.any():
-        idx = np.flatnonzero(big)
-        ext, owner, _, _ = _rings(geoms[idx], downsample)
+def _resize(image: np.ndarray, scale: float) -> np.ndarray:
+    """``image`` scaled by ``scale`` (box filter), at least 1 px each way."""
+    if scale == 1:
+        return image
+    h, w = image.shape[:2]
+    size = (max(1, round(w * scale)), max(1, round(h * scale)))
+    return np.asarray(Image.fromarray(image, "RGB").resize(size, Image.BOX))
+
+
+def _pale_grey(image: np.ndarray) -> np.ndarray:
+    """The slide as pale grey: structure stays visible, colours on top stay unambiguous."""
+    lum = image[..., :3].astype(np.float32) @ np.array([0.299, 0.587, 0.114], dtype=np.float32)
+    pale = 255.0 - (255.0 - lum) * _GREY_CONTRAST
+    return np.repeat(pale.round().astype(np.uint8)[..., None], 3, axis=2)
+
+
+def _nuclear_types(table_counts: dict[str, dict[str, int]], palette: dict[tuple[str, str], tuple[int, int, int]]) -> list[str]:
+    """Nuclear classes in legend order (table order, then classes known only by colour)."""
+    names = list(table_counts.get("nuclei", {}))
+    return names + [c for (t, c) in palette if t == "nuclei" and c not in names]
+
+
+class _Layers:
+    """What the panels draw, accumulated over the table's batches."""
+
+    def __init__(self, shape: tuple[int, int], downsample: float, nuclear_types: list[str]) -> None:
+        self.size = (shape[1], shape[0])
+        self.downsample = downsample
+        self.line = max(1, round(max(shape) / 900))
+        self.tissue_masks: dict[tuple[str, str], Image.Image] = {}
+        self.gland = Image.new("RGBA", self.size, (0, 0, 0, 0))
+        self.lumen = Image.new("RGBA", self.size, (0, 0, 0, 0))
+        self.outlines = Image.new("RGBA", self.size, (0, 0, 0, 0))
+        self.types = list(nuclear_types)
+        self.cell = max(4, round(min(shape) / _DENSITY_CELLS))
+        self.grid = (-(-shape[0] // self.cell), -(-shape[1] // self.cell))
+        self.density = np.zeros((len(self.types), *self.grid), dtype=np.int64)
+
+    def add(self, tasks: np.ndarray, classes: list[str], geoms: np.ndarray, palette: dict[tuple[str, str], tuple[int, int, int]]) -> None:
+        """Draw (or count) one batch of objects."""
+        for task in TASKS:
+            sel = np.flatnonzero(tasks == task)
+            if len(sel) == 0:
+                continue
+            names = [classes[i] for i in sel]
+            if task == "nuclei":
+                self._count_nuclei(geoms[sel], names)
+            else:
+                self._draw_regions(task, geoms[sel], names, palette)
+
+    def _count_nuclei(self, geoms: np.ndarray, names: list[str]) -> None:
+        for name in dict.fromkeys(names):
+            if name not in self.types:
+                self.types.append(name)
+                self.density = np.concatenate([self.density, np.zeros((1, *self.grid), dtype=np.int64)])
+        xy = shapely.get_coordinates(shapely.centroid(geoms)) / (self.downsample * self.cell)
+        gy = np.clip(xy[:, 1].astype(np.int64), 0, self.grid[0] - 1)
+        gx = np.clip(xy[:, 0].astype(np.int64), 0, self.grid[1] - 1)
+        k = np.array([self.types.index(n) for n in names], dtype=np.int64)
+        np.add.at(self.density, (k, gy, gx), 1)
+
+    def _draw_regions(self, task: str, geoms: np.ndarray, names: list[str], palette: dict[tuple[str, str], tuple[int, int, int]]) -> None:
+        ext, owner, holes, hole_owner = _rings(geoms, self.downsample)
         for ring, k in zip(ext, owner.tolist()):
-            rgb = palette.get(("nuclei", classes[idx[k]]), _FALLBACK)
-            draw.line(_flat(ring), fill=(*rgb, 255), width=1 if radius[idx[k]] < 8 else 2)
+            if len(ring) >= 2:
+                self._ring(task, names[k], ring, palette, hole=False)
+        for ring, k in zip(holes, hole_owner):
+            if len(ring) >= 2:
+                self._ring(task, names[k], ring, palette, hole=True)
+
+    def _ring(self, task: str, name: str, ring: np.ndarray, palette: dict[tuple[str, str], tuple[int, int, int]], *, hole: bool) -> None:
+        rgb = palette.get((task, name), _FALLBACK)
+        flat = _flat(ring)
+        if task == "tissue":
+            mask = self.tissue_masks.get((task, name))
+            if mask is None:
+                mask = self.tissue_masks[(task, name)] = Image.new("L", self.size, 0)
+            ImageDraw.Draw(mask).polygon(flat, fill=0 if hole else 255)
+            return
+        layer = self.gland if task == "gland" else self.lumen
+        fill = (0, 0, 0, 0) if hole else (*rgb, _GLAND_ALPHA if task == "gland" else _LUMEN_ALPHA)
+        ImageDraw.Draw(layer).polygon(flat, fill=fill)
+        width = 2 * self.line if task == "gland" else self.line
+        ImageDraw.Draw(self.outlines).line(flat, fill=(*_darker(rgb), 255), width=width, joint="curve")
+
+    def tissue_panel(
+        self, grey: Image.Image, palette: dict[tuple[str, str], tuple[int, int, int]], on_tissue: np.ndarray | None
+    ) -> Image.Image:
+        """Tissue class fills over the grey slide (only ``on_tissue``), a darker line along each border."""
+        picture = grey.convert("RGBA")
+        for key, mask in self.tissue_masks.items():
+            rgb = palette.get(key, _FALLBACK)
+            inside = np.asarray(mask) > 0
+            if on_tissue is not None:
+                inside &= on_tissue
+            layer = np.zeros((*inside.shape, 4), dtype=np.uint8)
+            layer[inside] = (*rgb, _TISSUE_ALPHA)
+            layer[inside & ~_eroded(inside)] = (*_darker(rgb), 255)
+            picture = Image.alpha_composite(picture, Image.fromarray(layer, "RGBA"))
+        return picture.convert("RGB")
+
+    def structure_panel(self, grey: Image.Image) -> Image.Image:
+        """Glands and lumen filled and outlined over the grey slide."""
+        picture = grey.convert("RGBA")
+        for layer in (self.gland, self.lumen, self.outlines):
+            picture = Image.alpha_composite(picture, layer)
+        return picture.convert("RGB")
+
+    def nuclei_panel(self, grey: Image.Image, palette: dict[tuple[str, str], tuple[int, int, int]]) -> Image.Image:
+        """Each grid cell in the colour of its most frequent nuclear type, more opaque where denser."""
+        total = self.density.sum(axis=0)
+        cells = np.zeros((*self.grid, 4), dtype=np.uint8)
+        if total.any():
+            colours = np.array([palette.get(("nuclei", t), _FALLBACK) for t in self.types], dtype=np.uint8)
+            reference = max(1.0, float(np.percentile(total[total > 0], 90)))
+            alpha = np.clip(0.3 + 0.7 * total / reference, 0.0, 1.0) * 255
+            cells[..., :3] = colours[self.density.argmax(axis=0)]
+            cells[..., 3] = np.where(total > 0, alpha, 0).astype(np.uint8)
+        layer = Image.fromarray(cells, "RGBA").resize((self.grid[1] * self.cell, self.grid[0] * self.cell), Image.NEAREST)
+        return Image.alpha_composite(grey.convert("RGBA"), layer.crop((0, 0, *self.size))).convert("RGB")
+
+
+def _panel_mask(tissue_mask: tuple[np.ndarray, float] | None, shape: tuple[int, int], downsample: float) -> np.ndarray | None:
+    """The tissue mask sampled at the centres of a panel's pixels (``downsample`` level-0 px each)."""
+    if tissue_mask is None:
+        return None
+    mask, mask_ds = np.asarray(tissue_mask[0], dtype=bool), float(tissue_mask[1])
+    if mask.ndim != 2 or not mask.size or not mask_ds > 0:
+        raise ValueError(f"tissue_mask must be a 2-D boolean array and a positive downsample, got {mask.shape}, {mask_ds!r}")
+    rows = np.minimum(((np.arange(shape[0]) + 0.5) * downsample / mask_ds).astype(np.int64), mask.shape[0] - 1)
+    cols = np.minimum(((np.arange(shape[1]) + 0.5) * downsample / mask_ds).astype(np.int64), mask.shape[1] - 1)
+    return mask[np.ix_(rows, cols)]
+
+
+def _eroded(mask: np.ndarray) -> np.ndarray:
+    """``mask`` without its 4-connected border pixels."""
+    out = mask.copy()
+    out[1:] &= mask[:-1]
+    out[:-1] &= mask[1:]
+    out[:, 1:] &= mask[:, :-1]
+    out[:, :-1] &= mask[:, 1:]
+    return out
+
+
+def _darker(rgb: tuple[int, int, int]) -> tuple[int, int, int]:
+    return (int(rgb[0] * 0.6), int(rgb[1] * 0.6), int(rgb[2] * 0.6))
+
+
+def _panel_layout(w: int, h: int, n: int) -> tuple[list[tuple[int, int]], tuple[int, int], int]:
+    """Where ``n`` panels of w x h go under their titles, in 1, 2 or 4 columns (closest to 4:3).
+
+    Returns the top-left corner of each panel's picture, the canvas size and the title font size.
+    """
+    size = max(12, min(24, max(w, h) // 30))
+    title_h, gap = round(size * 1.8), max(4, size // 2)
+
+    def aspect_error(cols: int) -> float:
+        return abs(math.log(cols * w / (-(-n // cols) * (h + title_h)) / (4 / 3)))
+
+    cols = min((c for c in (1, 2, 4) if c <= n), key=aspect_error)
+    rows = -(-n // cols)
+    origins = [((i % cols) * (w + gap), (i // cols) * (h + title_h + gap) + title_h) for i in range(n)]
+    return origins, (cols * w + (cols - 1) * gap, rows * (h + title_h) + (rows - 1) * gap), size
+
+
+def _grid(panels: list[tuple[str, Image.Image]]) -> Image.Image:
+    """The panels, each under its title, on one white canvas."""
+    origins, canvas_size, size = _panel_layout(*panels[0][1].size, len(panels))
+    canvas = Image.new("RGB", canvas_size, (255, 255, 255))
+    draw = ImageDraw.Draw(canvas)
+    font = _font(size)
+    for (x, y), (title, panel) in zip(origins, panels):
+        draw.text((x + size // 2, y - round(size * 0.9)), title, fill=(0, 0, 0), font=font, anchor="lm")
+        canvas.paste(panel, (x, y))
+    return canvas
 
 
 def _ordered(
@@ -307,12 +436,12 @@ def _add_legend(
             continue
         rgb = palette.get((current_task or "", name or ""), _FALLBACK)
         sw = (x + pad // 2, y + 2, x + pad // 2 + size, y + 2 + size)
-        if current_task == "tissue":
-            draw.rectangle(sw, fill=tuple(int(v * 0.4 + 255 * 0.6) for v in rgb), outline=rgb, width=2)
-        elif current_task == "nuclei":
-            draw.ellipse(sw, fill=rgb)
-        else:
-            draw.rectangle(sw, outline=rgb, width=max(2, size // 6))
+        if current_task == "nuclei":
+            draw.rectangle(sw, fill=rgb)
+        else:  # a fill as drawn over the pale grey slide, with its darker outline
+            alpha = {"tissue": _TISSUE_ALPHA, "gland": _GLAND_ALPHA}.get(current_task or "", _LUMEN_ALPHA) / 255
+            fill = tuple(round(v * alpha + 235 * (1 - alpha)) for v in rgb)
+            draw.rectangle(sw, fill=fill, outline=_darker(rgb), width=max(2, size // 8))
         draw.text((sw[2] + pad // 2, y), text, fill=(30, 30, 30), font=font)
         y += row
     return canvas

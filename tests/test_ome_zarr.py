@@ -1,0 +1,224 @@
+"""predictions.zarr as one OME-Zarr 0.5: root index, pyramids, units and NGFF labels."""
+
+from __future__ import annotations
+
+import uuid
+from pathlib import Path
+
+import numpy as np
+import pytest
+import shapely
+import zarr
+
+from wsi_mtl.export import write_label_images, write_table
+from wsi_mtl.export._labels import _draw
+from wsi_mtl.objects import COLUMNS, ObjectBatch
+from wsi_mtl.ome import level_count, write_pyramid
+from wsi_mtl.store import HeadLayout, PredictionStore
+
+pytest.importorskip("ome_zarr_models")
+from ome_zarr_models.v05.bioformats2raw import BioFormats2Raw  # noqa: E402
+from ome_zarr_models.v05.image import Image  # noqa: E402
+
+MPP, DS, CELL = 0.25, 2.0, 16  # level-0 um/px, level-0 px per model px, model px per Patch-Class cell
+H, W = 1100, 700  # model px: two pyramid levels (1100 -> 550)
+TISSUE = ["tumour", "stroma", "fat"]
+COLORS = {
+    ("nuclei", "epithelial"): (200, 0, 0), ("nuclei", "other"): (255, 200, 0), ("gland", "gland"): (0, 160, 0),
+    ("lumen", "lumen"): (0, 0, 255), ("tissue", "tumour"): (200, 0, 200), ("tissue", "stroma"): (255, 140, 0),
+    ("tissue", "fat"): (250, 240, 120),
+}
+HEADS = {
+    "Nuclei-INST": {"kind": "segmentation", "classes": ["background", "interior", "boundary"], "colors": [[0, 0, 0], [255, 0, 0], [0, 255, 0]], "cell_px": 1},
+    "Gland-INST": {"kind": "segmentation", "classes": ["background", "interior", "boundary"], "colors": [[0, 0, 0], [255, 0, 0], [0, 255, 0]], "cell_px": 1},
+    "Lumen-INST": {"kind": "segmentation", "classes": ["background", "interior", "boundary"], "colors": [[0, 0, 0], [255, 0, 0], [0, 255, 0]], "cell_px": 1},
+    "Patch-Class": {"kind": "patch", "classes": TISSUE, "colors": [list(COLORS[("tissue", c)]) for c in TISSUE], "cell_px": CELL},
+}
+NUCLEI = [(100, 120, "epithelial"), (900, 400, "other"), (1300, 2100, "epithelial")]  # level-0 (x, y), class
+GLAND = shapely.box(200, 1000, 800, 1600).difference(shapely.box(400, 1200, 600, 1400))  # with a hole
+LUMEN = shapely.box(420, 1220, 580, 1380)
+# tissue regions: unions of Patch-Class cells (32 level-0 px each)
+TISSUE_REGIONS = [("tumour", shapely.box(0, 0, 640, 960)), ("fat", shapely.box(640, 0, 1280, 960))]
+
+
+def _batch(task: str, classes: list[str], polys: list[shapely.Geometry]) -> ObjectBatch:
+    n = len(polys)
+    cols: dict[str, np.ndarray] = {
+        "id": np.array([str(uuid.uuid4()) for _ in range(n)]),
+        "task": np.array([task] * n),
+        "class_name": np.array(classes),
+        "class_id": np.ones(n, dtype=np.int32),
+        **{name: np.full(n, 0.9) for name, kind in COLUMNS.items() if kind == "f"},
+        **{name: np.zeros(n, dtype=bool) for name, kind in COLUMNS.items() if kind == "b"},
+    }
+    return ObjectBatch(cols, np.array(polys, dtype=object), {k: v for k, v in COLORS.items() if k[0] == task})
+
+
+@pytest.fixture()
+def result(tmp_path: Path) -> Path:
+    """A finished store (random maps) and an object table of a 1400 x 2200 level-0 px slide."""
+    attrs = {"heads": HEADS, "slide": {"width": W * 2, "height": H * 2, "mpp": MPP}, "downsample": DS}
+    layouts = [HeadLayout(name, 3, info["cell_px"]) for name, info in HEADS.items()]
+    store = PredictionStore(tmp_path, heads=layouts, height=H, width=W, core_px=256, downsample=DS,
+                            fingerprint={"test": 1}, attrs=attrs)
+    rng = np.random.default_rng(0)
+    for name in HEADS:
+        arr = store.root[name]["0"]
+        arr[...] = rng.integers(0, 256, size=arr.shape, dtype=np.uint8)
+    store.write_mask("tissue_mask", np.ones((40, 30), dtype=bool), downsample=64.0)
+    store.finalize()
+    batches = [
+        _batch("tissue", [c for c, _ in TISSUE_REGIONS], [g for _, g in TISSUE_REGIONS]),
+        _batch("nuclei", [c for *_, c in NUCLEI], [shapely.Point(x, y).buffer(10) for x, y, _ in NUCLEI]),
+        _batch("gland", ["gland"], [GLAND]),
+        _batch("lumen", ["lumen"], [LUMEN]),
+    ]
+    write_table(batches, tmp_path / "objects.parquet", mpp=MPP)
+    return tmp_path
+
+
+def _labels(result: Path) -> list[Path]:
+    root = zarr.open_group(result / "predictions.zarr", mode="r")
+    return write_label_images(result / "predictions.zarr", result / "objects.parquet", dict(root.attrs["wsimtl"]))
+
+
+def test_level_count() -> None:
+    assert level_count(1024, 10) == 1
+    assert level_count(1025, 3) == 2
+    assert level_count(4096, 4097) == 4
+
+
+def test_root_lists_every_image_and_each_is_valid(result: Path) -> None:
+    root = zarr.open_group(result / "predictions.zarr", mode="r")
+    BioFormats2Raw.from_zarr(root)  # the root validates
+    series = root["OME"].attrs["ome"]["series"]
+    assert series == [*HEADS, "tissue_mask"]
+    xml = (result / "predictions.zarr" / "OME" / "METADATA.ome.xml").read_text()
+    assert all(f'ID="Image:{name}"' in xml for name in series)
+    for name in series:
+        image = Image.from_zarr(root[name])
+        ms = image.attributes.ome.multiscales[0]
+        assert [a.unit for a in ms.axes[1:]] == ["micrometer", "micrometer"]
+        first = ms.datasets[0].coordinateTransformations
+        ds = DS * HEADS[name]["cell_px"] if name in HEADS else 64.0
+        assert first[0].scale[-1] == pytest.approx(ds * MPP)
+        assert first[1].translation[-1] == pytest.approx((ds - 1) / 2 * MPP)
+        levels = [root[name][d.path].shape[-2:] for d in ms.datasets]
+        assert len(levels) == level_count(*root[name]["0"].shape[-2:]) and max(levels[-1]) <= 1024
+    nuclei = root["Nuclei-INST"]
+    assert [nuclei[p].shape for p in ("0", "1")] == [(3, H, W), (3, H // 2, W // 2)]
+    assert root["Nuclei-INST"].attrs["ome"]["omero"]["channels"][1]["label"] == "interior"
+
+
+def test_level_one_is_the_block_mean(result: Path) -> None:
+    root = zarr.open_group(result / "predictions.zarr", mode="r")
+    level0 = np.asarray(root["Gland-INST"]["0"][:, :64, :64]).astype(np.float64)
+    level1 = np.asarray(root["Gland-INST"]["1"][:, :32, :32])
+    expected = np.floor(level0.reshape(3, 32, 2, 32, 2).mean(axis=(2, 4)) + 0.5)
+    assert np.array_equal(level1, expected.astype(np.uint8))
+    scale1 = root["Gland-INST"].attrs["ome"]["multiscales"][0]["datasets"][1]["coordinateTransformations"]
+    # level-1 pixel i is the mean of level-0 pixels 2i, 2i+1: centre half a level-0 pixel further
+    assert scale1[0]["scale"][-1] == pytest.approx(2 * DS * MPP)
+    assert scale1[1]["translation"][-1] == pytest.approx((DS - 1) / 2 * MPP + DS * MPP / 2)
+
+
+def test_pyramid_odd_sizes_and_nearest(tmp_path: Path) -> None:
+    group = zarr.open_group(tmp_path / "img", mode="w", zarr_format=3)
+    group.attrs["ome"] = {"version": "0.5", "multiscales": [{"axes": [{"name": "c", "type": "channel"}, {"name": "y", "type": "space"}, {"name": "x", "type": "space"}],
+                          "datasets": [{"path": "0", "coordinateTransformations": [{"type": "scale", "scale": [1.0, 1.0, 1.0]}]}]}]}
+    data = np.random.default_rng(1).integers(0, 9, size=(1, 2051, 1031), dtype=np.int32)
+    arr = group.create_array("0", shape=data.shape, chunks=(1, 500, 500), dtype="int32", dimension_names=("c", "y", "x"))
+    arr[...] = data
+    assert write_pyramid(group, how="nearest") == 3
+    assert group["1"].shape == (1, 1026, 516) and group["2"].shape == (1, 513, 258)
+    assert np.array_equal(group["1"][...], data[:, ::2, ::2])
+    assert np.array_equal(group["2"][...], data[:, ::4, ::4])
+    assert write_pyramid(group, how="nearest") == 3  # again: levels replaced, not added
+    assert sorted(group.array_keys()) == ["0", "1", "2"]
+
+
+def test_draw_is_point_in_polygon() -> None:
+    rng = np.random.default_rng(2)
+    for k in range(40):
+        centre, radius = rng.uniform(10, 60, 2), rng.uniform(4, 40)
+        angles = np.sort(rng.uniform(0, 2 * np.pi, 14))
+        ring = np.c_[centre[0] + radius * rng.uniform(0.4, 1, 14) * np.cos(angles), centre[1] + radius * rng.uniform(0.4, 1, 14) * np.sin(angles)]
+        poly = shapely.make_valid(shapely.Polygon(ring))
+        if k % 2:
+            poly = poly.difference(shapely.Point(*centre).buffer(radius * 0.3))
+        tile = np.zeros((40, 50), dtype=np.int32)
+        _draw(tile, poly, 5, downsample=1.5, origin=(3, 2))
+        yy, xx = np.mgrid[0:40, 0:50]
+        inside = shapely.contains_xy(poly, (xx + 2 + 0.5) * 1.5, (yy + 3 + 0.5) * 1.5)
+        assert np.array_equal(tile == 5, inside), k
+
+
+def test_label_images(result: Path) -> None:
+    written = _labels(result)
+    predictions = result / "predictions.zarr"
+    assert [p.relative_to(predictions).as_posix() for p in written] == [
+        "Patch-Class/labels/tissue_classes", "Nuclei-INST/labels/nuclei", "Gland-INST/labels/glands", "Lumen-INST/labels/lumen"]
+    root = zarr.open_group(predictions, mode="r")
+    for head in HEADS:
+        image = Image.from_zarr(root[head])  # labels included: dtype, levels equal to the image's
+        assert image.labels is not None
+    nuclei = np.asarray(root["Nuclei-INST/labels/nuclei/0"][0])
+    assert nuclei.dtype == np.int32 and nuclei.shape == (H, W)
+    for value, (x, y, _) in enumerate(NUCLEI, start=1):
+        assert nuclei[int(y / DS), int(x / DS)] == value
+        assert (nuclei == value).sum() == pytest.approx(np.pi * (10 / DS) ** 2, rel=0.2)
+    assert set(np.unique(nuclei)) == {0, 1, 2, 3}
+    label = root["Nuclei-INST/labels/nuclei"].attrs["ome"]["image-label"]
+    assert {c["label-value"]: tuple(c["rgba"]) for c in label["colors"]} == {1: (200, 0, 0, 255), 2: (255, 200, 0, 255), 3: (200, 0, 0, 255)}
+    assert [p["class"] for p in label["properties"]] == ["epithelial", "other", "epithelial"]
+    glands = np.asarray(root["Gland-INST/labels/glands/0"][0])
+    assert glands[1100 // 2, 300 // 2] == 1 and glands[1300 // 2, 500 // 2] == 0  # body, hole
+    lumen = np.asarray(root["Lumen-INST/labels/lumen/0"][0])
+    assert lumen[1300 // 2, 500 // 2] == 1
+    tissue = np.asarray(root["Patch-Class/labels/tissue_classes/0"][0])
+    cell = DS * CELL
+    assert tissue.dtype == np.uint8
+    assert tissue[0, 0] == 1 and tissue[0, int(700 / cell)] == 3 and tissue[int(1000 / cell), 0] == 0
+    assert ((tissue == 1).sum(), (tissue == 3).sum()) == (20 * 30, 20 * 30)
+    colors = root["Patch-Class/labels/tissue_classes"].attrs["ome"]["image-label"]["colors"]
+    assert [c["rgba"][:3] for c in colors] == [list(COLORS[("tissue", c)]) for c in TISSUE]
+    assert len(root["Nuclei-INST/labels/nuclei"].attrs["ome"]["multiscales"][0]["datasets"]) == 2
+
+
+def test_label_images_rewritten(result: Path) -> None:
+    _labels(result)
+    _labels(result)
+    root = zarr.open_group(result / "predictions.zarr", mode="r")
+    assert root["Nuclei-INST/labels"].attrs["ome"]["labels"] == ["nuclei"]
+    assert not [p for p in (result / "predictions.zarr" / "Nuclei-INST" / "labels").iterdir() if "partial" in p.name]
+
+
+@pytest.mark.slow
+def test_napari_reader_opens_every_layer(result: Path) -> None:
+    reader_module = pytest.importorskip("napari_ome_zarr._reader", reason="napari-ome-zarr (with napari) not installed")
+    _labels(result)
+    reader = reader_module.napari_get_reader(str(result / "predictions.zarr"))
+    assert reader is not None
+    layers = reader(str(result / "predictions.zarr"))
+    kinds = [kind for _, _, kind in layers]
+    assert kinds.count("image") == len(HEADS) + 1 and kinds.count("labels") == 4
+    for data, meta, kind in layers:
+        assert meta["units"][-2:] == ("micrometer", "micrometer")
+        if kind == "labels":
+            assert len(data) == (2 if "Patch" not in meta["name"] else 1) and data[0].shape[-2:] in {(H, W), (-(-H // CELL), -(-W // CELL))}
+    nuclei = next(meta for _, meta, kind in layers if kind == "labels" and meta["name"].endswith("nuclei"))
+    assert nuclei["colormap"][2] == pytest.approx([1.0, 200 / 255, 0.0, 1.0])
+
+
+@pytest.mark.slow
+def test_ome_zarr_reader_finds_images_and_labels(result: Path) -> None:
+    io = pytest.importorskip("ome_zarr.io")
+    from ome_zarr.reader import Label, Multiscales, Reader
+
+    _labels(result)
+    for name in HEADS:
+        nodes = list(Reader(io.parse_url(result / "predictions.zarr" / name))())
+        image = [n for n in nodes if n.load(Multiscales) and not n.load(Label)]
+        labels = [n for n in nodes if n.load(Label)]
+        assert len(image) == 1 and len(image[0].data) == level_count(H // HEADS[name]["cell_px"], W // HEADS[name]["cell_px"])
+        assert len(labels) == 1

@@ -1,0 +1,239 @@
+"""NGFF label images in predictions.zarr, rasterised from the object table chunk by chunk.
+
+``write_label_images`` writes, under the image of the head each task comes from:
+
+* ``<Patch-Class>/labels/tissue_classes`` - tissue class per Patch-Class cell (value = position of
+  the class in the head's classes + 1, 0 = no tissue region), coloured per class;
+* ``Nuclei-INST/labels/nuclei``, ``Gland-INST/labels/glands``, ``Lumen-INST/labels/lumen`` - int32
+  instance ids (1, 2, ... in table order, 0 = background) at model resolution, each instance
+  coloured by its class with its class name as a property (up to :data:`MAX_LISTED` instances).
+
+A pixel belongs to an object when its centre lies inside the polygon (holes excluded); where
+objects overlap the later one wins. Memory holds one label chunk, the object bounding boxes and a
+few row groups of the table, whatever the slide size.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+from collections import OrderedDict
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow.parquet as pq
+import shapely
+import zarr
+
+from ..ome import label_group
+from ._table import read_table_info
+
+__all__ = ["write_label_images", "LABEL_IMAGES", "MAX_LISTED"]
+
+log = logging.getLogger(__name__)
+
+#: task -> (head image it is drawn under, label name, one value per instance)
+LABEL_IMAGES: dict[str, tuple[str, str, bool]] = {
+    "tissue": ("Patch-Class", "tissue_classes", False),
+    "nuclei": ("Nuclei-INST", "nuclei", True),
+    "gland": ("Gland-INST", "glands", True),
+    "lumen": ("Lumen-INST", "lumen", True),
+}
+#: instance labels list a colour and class per instance up to this many instances
+MAX_LISTED = 100_000
+_CACHED_GROUPS = 4
+
+
+@dataclass
+class _Index:
+    """Where each object of one task is in the table and which label value it gets."""
+
+    group: np.ndarray  # row group
+    row: np.ndarray  # row within the row group
+    bounds: np.ndarray  # (n, 4) minx, miny, maxx, maxy in level-0 px
+    value: np.ndarray  # label value
+    class_name: list[str]
+
+
+def _index(parquet: pq.ParquetFile, tasks: set[str], class_values: dict[str, dict[str, int]]) -> dict[str, _Index]:
+    """One pass over the table: bounds and label value of every object of ``tasks``."""
+    parts: dict[str, list[tuple[Any, ...]]] = {t: [] for t in tasks}
+    for g in range(parquet.num_row_groups):
+        rg = parquet.read_row_group(g, columns=["task", "class_name", "geometry"], use_threads=False)
+        task = np.asarray(rg.column("task").to_pylist(), dtype=object)
+        names = rg.column("class_name").to_pylist()
+        for t in tasks:
+            rows = np.flatnonzero(task == t)
+            if len(rows) == 0:
+                continue
+            geoms = shapely.from_wkb(rg.column("geometry").take(rows).to_numpy(zero_copy_only=False))
+            parts[t].append((g, rows, shapely.bounds(geoms), [names[i] for i in rows]))
+    out: dict[str, _Index] = {}
+    for t, chunks in parts.items():
+        if not chunks:
+            continue
+        group = np.concatenate([np.full(len(r), g, dtype=np.int32) for g, r, _, _ in chunks])
+        names = [n for *_, ns in chunks for n in ns]
+        if t in class_values:  # semantic: the class decides the value
+            value = np.array([class_values[t].get(n, 0) for n in names], dtype=np.int64)
+        else:
+            value = np.arange(1, len(names) + 1, dtype=np.int64)
+        out[t] = _Index(group, np.concatenate([r for _, r, _, _ in chunks]), np.concatenate([b for _, _, b, _ in chunks]), value, names)
+    return out
+
+
+class _Geometries:
+    """Geometries of the table by (row group, row), a few row groups kept in memory."""
+
+    def __init__(self, parquet: pq.ParquetFile) -> None:
+        self.parquet = parquet
+        self.cache: OrderedDict[int, np.ndarray] = OrderedDict()
+
+    def get(self, group: int, row: int) -> shapely.Geometry:
+        if group not in self.cache:
+            col = self.parquet.read_row_group(group, columns=["geometry"], use_threads=False).column("geometry")
+            self.cache[group] = shapely.from_wkb(col.to_numpy(zero_copy_only=False))
+            if len(self.cache) > _CACHED_GROUPS:
+                self.cache.popitem(last=False)
+        self.cache.move_to_end(group)
+        return self.cache[group][row]
+
+
+def _draw(tile: np.ndarray, geom: shapely.Geometry, value: int, *, downsample: float, origin: tuple[int, int]) -> None:
+    """Set the pixels of ``tile`` whose centres lie in ``geom`` (level-0 px) to ``value``.
+
+    A scanline fill by the even-odd rule over every ring of the geometry, so holes stay out; its
+    cost grows with rows x edges, not with the pixels covered.
+    """
+    coords, ring_index = shapely.get_coordinates(shapely.get_rings(shapely.get_parts(geom)), return_index=True)
+    if len(coords) < 3:
+        return
+    y = coords[:, 1] / downsample - 0.5 - origin[0]
+    x = coords[:, 0] / downsample - 0.5 - origin[1]
+    same = ring_index[1:] == ring_index[:-1]  # an edge joins consecutive vertices of one ring
+    y0, y1, x0, x1 = y[:-1][same], y[1:][same], x[:-1][same], x[1:][same]
+    first, last = max(0, math.ceil(y.min())), min(tile.shape[0] - 1, math.floor(y.max()))
+    if first > last:
+        return
+    rows = np.arange(first, last + 1, dtype=np.float64)
+    lo, hi = np.minimum(y0, y1)[:, None], np.maximum(y0, y1)[:, None]
+    crosses = (lo <= rows) & (rows < hi)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        xs = x0[:, None] + (rows - y0[:, None]) * ((x1 - x0) / (y1 - y0))[:, None]
+    xs = np.sort(np.where(crosses, xs, np.inf), axis=0)
+    starts = np.clip(np.ceil(xs[0::2]), 0, tile.shape[1])
+    ends = np.clip(np.ceil(xs[1::2]), 0, tile.shape[1])
+    for k, r in enumerate(range(first, last + 1)):
+        for c0, c1 in zip(starts[: len(ends), k], ends[:, k]):
+            if not np.isfinite(c1):
+                break
+            if c1 > c0:
+                tile[r, int(c0) : int(c1)] = value
+
+
+def _buckets(bounds: np.ndarray, *, downsample: float, chunk: tuple[int, int], shape: tuple[int, int]) -> dict[tuple[int, int], np.ndarray]:
+    """Object indices per label chunk their bounding box touches, in table order."""
+    lo_y = np.clip(np.floor(bounds[:, 1] / downsample - 0.5), 0, shape[0] - 1).astype(np.int64) // chunk[0]
+    hi_y = np.clip(np.ceil(bounds[:, 3] / downsample - 0.5), 0, shape[0] - 1).astype(np.int64) // chunk[0]
+    lo_x = np.clip(np.floor(bounds[:, 0] / downsample - 0.5), 0, shape[1] - 1).astype(np.int64) // chunk[1]
+    hi_x = np.clip(np.ceil(bounds[:, 2] / downsample - 0.5), 0, shape[1] - 1).astype(np.int64) // chunk[1]
+    out: dict[tuple[int, int], list[int]] = {}
+    for i in range(len(bounds)):
+        for cy in range(lo_y[i], hi_y[i] + 1):
+            for cx in range(lo_x[i], hi_x[i] + 1):
+                out.setdefault((int(cy), int(cx)), []).append(i)
+    return {k: np.asarray(v) for k, v in out.items()}
+
+
+def _rasterise(array: zarr.Array, index: _Index, geoms: _Geometries, *, downsample: float) -> None:
+    """Fill the (1, Y, X) label ``array`` chunk by chunk with the objects of ``index``."""
+    shape, chunk = array.shape[1:], array.chunks[1:]
+    for (cy, cx), members in sorted(_buckets(index.bounds, downsample=downsample, chunk=chunk, shape=shape).items()):
+        y0, x0 = cy * chunk[0], cx * chunk[1]
+        tile = np.zeros((min(chunk[0], shape[0] - y0), min(chunk[1], shape[1] - x0)), dtype=array.dtype)
+        for i in members.tolist():
+            if index.value[i]:
+                geom = geoms.get(int(index.group[i]), int(index.row[i]))
+                _draw(tile, geom, int(index.value[i]), downsample=downsample, origin=(y0, x0))
+        array[0, y0 : y0 + tile.shape[0], x0 : x0 + tile.shape[1]] = tile
+
+
+def _rgba(rgb: Any) -> tuple[int, int, int, int]:
+    return (*(int(v) for v in list(rgb)[:3]), 255)
+
+
+def _legend(task: str, index: _Index | None, classes: list[str], palette: dict[tuple[str, str], Any]) -> tuple[list, list]:
+    """(colors, properties) of a label image: per class value, or per instance up to MAX_LISTED."""
+    fallback = (128, 128, 128)
+    if not LABEL_IMAGES[task][2]:
+        colors = [(k + 1, _rgba(palette.get((task, c), fallback))) for k, c in enumerate(classes)]
+        return colors, [{"label-value": k + 1, "class": c} for k, c in enumerate(classes)]
+    if index is None:
+        return [], []
+    if len(index.value) > MAX_LISTED:
+        log.info("%d %s instances: label colours left to the viewer (more than %d)", len(index.value), task, MAX_LISTED)
+        return [], []
+    colors = [(int(v), _rgba(palette.get((task, c), fallback))) for v, c in zip(index.value.tolist(), index.class_name)]
+    return colors, [{"label-value": int(v), "class": c} for v, c in zip(index.value.tolist(), index.class_name)]
+
+
+def write_label_images(
+    predictions: str | os.PathLike[str], table_path: str | os.PathLike[str], attrs: dict[str, Any]
+) -> list[Path]:
+    """Rasterise the objects of ``table_path`` into NGFF label images of ``predictions``.
+
+    Parameters
+    ----------
+    predictions : path-like
+        A finished ``predictions.zarr``.
+    table_path : path-like
+        Its ``objects.parquet``.
+    attrs : dict
+        The store's ``wsimtl`` attributes (head names, classes, ``downsample``).
+
+    Returns
+    -------
+    list of Path
+        The label groups written (a task whose head image is absent is skipped).
+    """
+    predictions = Path(predictions)
+    heads = attrs.get("heads") or {}
+    info = read_table_info(table_path)
+    targets = _targets(predictions, heads)
+    class_values = {"tissue": {c: k + 1 for k, c in enumerate(targets["tissue"][1])}} if "tissue" in targets else {}
+    written: list[Path] = []
+    with pq.ParquetFile(table_path, pre_buffer=False) as parquet:
+        indices = _index(parquet, set(targets), class_values)
+        geoms = _Geometries(parquet)
+        for task, (head, classes) in targets.items():
+            image = predictions / head
+            base = zarr.open_array(image / "0", mode="r")
+            cell = float(heads.get(head, {}).get("cell_px", 1))
+            downsample = float(attrs.get("downsample", 1.0)) * cell
+            index = indices.get(task)
+            colors, properties = _legend(task, index, classes, info["colors"])
+            semantic = not LABEL_IMAGES[task][2]
+            dtype = ("uint8" if len(classes) < 255 else "uint16") if semantic else "int32"
+            name = LABEL_IMAGES[task][1]
+            extra = {"task": task, "classes": classes} if semantic else {"task": task, "instances": 0 if index is None else len(index.value)}
+            with label_group(image, name, shape=base.shape[1:], chunks=base.chunks[1:], dtype=dtype,
+                             colors=colors, properties=properties, attrs=extra) as array:
+                if index is not None:
+                    _rasterise(array, index, geoms, downsample=downsample)
+            written.append(image / "labels" / name)
+    return written
+
+
+def _targets(predictions: Path, heads: dict[str, Any]) -> dict[str, tuple[str, list[str]]]:
+    """task -> (head image, its class names) for the tasks whose head image is in the store."""
+    out: dict[str, tuple[str, list[str]]] = {}
+    patch = [name for name, h in heads.items() if h.get("kind") == "patch"]
+    for task, (head, _, _) in LABEL_IMAGES.items():
+        if task == "tissue":
+            head = patch[0] if patch else head
+        if (predictions / head / "0").exists():
+            out[task] = (head, list((heads.get(head) or {}).get("classes") or []))
+    return out

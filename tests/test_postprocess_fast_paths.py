@@ -141,3 +141,21 @@ def test_nuclei_skip_doomed_objects_gives_the_same_nuclei(monkeypatch):
         no_cut, _ = inst._nuclei_instances(u8, **{**kw, "split_h": 0})
         cut += int(fast.max() > no_cut.max())
     assert cut > 3
+
+
+def test_watershed_wrapper_equals_skimage_watershed():
+    """The lean call of skimage's flooding routine gives skimage.segmentation.watershed's labels,
+    ties between equal heights (uint8 surfaces) included."""
+    from skimage.segmentation import watershed
+
+    rng = np.random.default_rng(21)
+    split = 0
+    for trial in range(300):
+        shape = (int(rng.integers(1, 40)), int(rng.integers(1, 40)))
+        image = rng.integers(0, 6, shape).astype(np.uint8) if trial % 2 else -rng.random(shape).astype(np.float32)
+        mask = ndi.gaussian_filter(rng.random(shape), 1.5) > 0.45
+        markers = ndi.label((rng.random(shape) < 0.05) & mask)[0].astype(np.int32)
+        want = watershed(image, np.where(mask, markers, 0), mask=mask, connectivity=1)
+        np.testing.assert_array_equal(inst._watershed(image, markers, mask), want)
+        split += int(want.max() >= 2)
+    assert split > 50

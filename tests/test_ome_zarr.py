@@ -173,6 +173,9 @@ def test_label_images(result: Path) -> None:
     assert [p["class"] for p in label["properties"]] == ["epithelial", "other", "epithelial"]
     glands = np.asarray(root["Gland-INST/labels/glands/0"][0])
     assert glands[1100 // 2, 300 // 2] == 1 and glands[1300 // 2, 500 // 2] == 0  # body, hole
+    # the gland spans four 256 px chunks: every pixel whose centre lies in it, and no other
+    yy, xx = np.mgrid[0:H, 0:W]
+    assert np.array_equal(glands == 1, shapely.contains_xy(GLAND, (xx + 0.5) * DS, (yy + 0.5) * DS))
     lumen = np.asarray(root["Lumen-INST/labels/lumen/0"][0])
     assert lumen[1300 // 2, 500 // 2] == 1
     tissue = np.asarray(root["Patch-Class/labels/tissue_classes/0"][0])

@@ -55,12 +55,16 @@ class _Index:
     row: np.ndarray  # row within the row group
     bounds: np.ndarray  # (n, 4) minx, miny, maxx, maxy in level-0 px
     value: np.ndarray  # label value
-    class_name: list[str]
+    class_code: np.ndarray  # position in ``classes``
+    classes: list[str]
+
+    def class_names(self) -> list[str]:
+        return [self.classes[k] for k in self.class_code.tolist()]
 
 
 def _index(parquet: pq.ParquetFile, tasks: set[str], class_values: dict[str, dict[str, int]]) -> dict[str, _Index]:
     """One pass over the table: bounds and label value of every object of ``tasks``."""
-    parts: dict[str, list[tuple[Any, ...]]] = {t: [] for t in tasks}
+    parts: dict[str, list[tuple[Any, ...]]] = {t: [] for t in tasks}  # (group, rows, bounds, class names)
     for g in range(parquet.num_row_groups):
         rg = parquet.read_row_group(g, columns=["task", "class_name", "geometry"], use_threads=False)
         task = np.asarray(rg.column("task").to_pylist(), dtype=object)
@@ -76,12 +80,14 @@ def _index(parquet: pq.ParquetFile, tasks: set[str], class_values: dict[str, dic
         if not chunks:
             continue
         group = np.concatenate([np.full(len(r), g, dtype=np.int32) for g, r, _, _ in chunks])
-        names = [n for *_, ns in chunks for n in ns]
+        classes = list(dict.fromkeys(n for *_, ns in chunks for n in ns))
+        code = np.concatenate([np.array([classes.index(n) for n in ns], dtype=np.int16) for *_, ns in chunks])
         if t in class_values:  # semantic: the class decides the value
-            value = np.array([class_values[t].get(n, 0) for n in names], dtype=np.int64)
+            value = np.array([class_values[t].get(n, 0) for n in classes], dtype=np.int64)[code]
         else:
-            value = np.arange(1, len(names) + 1, dtype=np.int64)
-        out[t] = _Index(group, np.concatenate([r for _, r, _, _ in chunks]), np.concatenate([b for _, _, b, _ in chunks]), value, names)
+            value = np.arange(1, len(code) + 1, dtype=np.int64)
+        rows = np.concatenate([r for _, r, _, _ in chunks]).astype(np.int32)
+        out[t] = _Index(group, rows, np.concatenate([b for _, _, b, _ in chunks]).astype(np.float32), value, code, classes)
     return out
 
 
@@ -136,10 +142,11 @@ def _draw(tile: np.ndarray, geom: shapely.Geometry, value: int, *, downsample: f
 
 def _buckets(bounds: np.ndarray, *, downsample: float, chunk: tuple[int, int], shape: tuple[int, int]) -> dict[tuple[int, int], np.ndarray]:
     """Object indices per label chunk their bounding box touches, in table order."""
-    lo_y = np.clip(np.floor(bounds[:, 1] / downsample - 0.5), 0, shape[0] - 1).astype(np.int64) // chunk[0]
-    hi_y = np.clip(np.ceil(bounds[:, 3] / downsample - 0.5), 0, shape[0] - 1).astype(np.int64) // chunk[0]
-    lo_x = np.clip(np.floor(bounds[:, 0] / downsample - 0.5), 0, shape[1] - 1).astype(np.int64) // chunk[1]
-    hi_x = np.clip(np.ceil(bounds[:, 2] / downsample - 0.5), 0, shape[1] - 1).astype(np.int64) // chunk[1]
+    b = bounds.astype(np.float64) / downsample  # (float32 bounds: one pixel of slack each way)
+    lo_y = np.clip(np.floor(b[:, 1] - 1.5), 0, shape[0] - 1).astype(np.int64) // chunk[0]
+    hi_y = np.clip(np.ceil(b[:, 3] + 0.5), 0, shape[0] - 1).astype(np.int64) // chunk[0]
+    lo_x = np.clip(np.floor(b[:, 0] - 1.5), 0, shape[1] - 1).astype(np.int64) // chunk[1]
+    hi_x = np.clip(np.ceil(b[:, 2] + 0.5), 0, shape[1] - 1).astype(np.int64) // chunk[1]
     out: dict[tuple[int, int], list[int]] = {}
     for i in range(len(bounds)):
         for cy in range(lo_y[i], hi_y[i] + 1):
@@ -176,8 +183,9 @@ def _legend(task: str, index: _Index | None, classes: list[str], palette: dict[t
     if len(index.value) > MAX_LISTED:
         log.info("%d %s instances: label colours left to the viewer (more than %d)", len(index.value), task, MAX_LISTED)
         return [], []
-    colors = [(int(v), _rgba(palette.get((task, c), fallback))) for v, c in zip(index.value.tolist(), index.class_name)]
-    return colors, [{"label-value": int(v), "class": c} for v, c in zip(index.value.tolist(), index.class_name)]
+    names = index.class_names()
+    colors = [(int(v), _rgba(palette.get((task, c), fallback))) for v, c in zip(index.value.tolist(), names)]
+    return colors, [{"label-value": int(v), "class": c} for v, c in zip(index.value.tolist(), names)]
 
 
 def write_label_images(

@@ -9,8 +9,10 @@ from __future__ import annotations
 
 from ._encoders import LEVELS, LinearHead, PatchEncoder, load_encoder, read_probe
 from ._grid import PatchGrid, patch_table
+from ._objects import OBJECT_EMBEDDINGS, embed_objects
 from ._slide import PATCHES, EmbedResult, embed_slide, head_columns
 from ._store import EMBEDDINGS, EmbeddingStore, open_embeddings
 
 __all__ = ["LEVELS", "LinearHead", "PatchEncoder", "load_encoder", "read_probe", "PatchGrid", "patch_table", "PATCHES",
-           "EmbedResult", "embed_slide", "head_columns", "EMBEDDINGS", "EmbeddingStore", "open_embeddings"]
+           "EmbedResult", "embed_slide", "head_columns", "EMBEDDINGS", "EmbeddingStore", "open_embeddings",
+           "OBJECT_EMBEDDINGS", "embed_objects"]

@@ -212,7 +212,7 @@ def polygon_measurements(
     if shape_features and n:
         hull = shapely.area(shapely.convex_hull(polygons))
         with np.errstate(invalid="ignore", divide="ignore"):
-            out["solidity"] = np.where(hull > 0, area / hull, np.nan)
+            out["solidity"] = np.where(hull > 0, np.minimum(area / hull, 1.0), np.nan)  # <= 1 despite rounding
         out["eccentricity"] = _ring_eccentricity(shapely.get_exterior_ring(polygons))
     return out
 

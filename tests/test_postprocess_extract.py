@@ -563,3 +563,23 @@ def test_geometry_is_clipped_to_the_slide(tmp_path):
     assert shapely.is_valid(got.geometry).all()
     tissue_area = got.columns["area_um2"][got.columns["task"] == "tissue"]
     assert tissue_area == pytest.approx([100 * 110 * 0.25**2])
+
+
+def test_truncated_objects_are_counted_in_run_json(tmp_path):
+    """A gland wider than the largest halo does not end derive: it is written, flagged and counted."""
+    import json
+
+    from wsi_mtl.derive import derive_objects
+
+    lab = np.zeros((64, 2304), np.int32)
+    lab[10:54, 1950:2250] = 1  # across the edge of derive's 2048-px chunks
+    write_predictions(tmp_path, {"Gland-INST": label_to_3class(lab, erosion_px=5)}, core_px=256, slide_size=(4608, 128))
+    (tmp_path / "run.json").write_text(json.dumps({"slide": {"width": 4608, "height": 128, "mpp": 0.25}}))
+    overrides = {"gland_halo_px": 8, "gland_max_halo_px": 16}
+    derive_objects(tmp_path, postprocess=overrides, tissue_map=False)
+    run = json.loads((tmp_path / "run.json").read_text())
+    assert len(run["warnings"]) == 1 and "1 glands" in run["warnings"][0] and "truncated" in run["warnings"][0]
+    import geopandas as gpd
+
+    table = gpd.read_parquet(tmp_path / "objects.parquet")
+    assert table.truncated.tolist() == [True]

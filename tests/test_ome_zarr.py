@@ -135,6 +135,8 @@ def test_pyramid_odd_sizes_and_nearest(tmp_path: Path) -> None:
     assert np.array_equal(group["2"][...], data[:, ::4, ::4])
     assert write_pyramid(group, how="nearest") == 3  # again: levels replaced, not added
     assert sorted(group.array_keys()) == ["0", "1", "2"]
+    assert write_pyramid(group, how="nearest", max_levels=1) == 1  # e.g. a label of a single-level image
+    assert sorted(group.array_keys()) == ["0"] and len(group.attrs["ome"]["multiscales"][0]["datasets"]) == 1
 
 
 def test_draw_is_point_in_polygon() -> None:

@@ -133,12 +133,15 @@ def _level_transforms(first: list[dict[str, Any]], factor: int) -> list[dict[str
     return [{"type": "scale", "scale": new_scale}, {"type": "translation", "translation": new_shift}]
 
 
-def write_pyramid(group: zarr.Group, *, how: Literal["mean", "nearest"] = "mean", min_px: int = PYRAMID_MIN_PX) -> int:
+def write_pyramid(
+    group: zarr.Group, *, how: Literal["mean", "nearest"] = "mean", min_px: int = PYRAMID_MIN_PX, max_levels: int | None = None
+) -> int:
     """Write levels ``1..n`` of an image group from its array ``0`` and list them in its metadata.
 
     Each level halves y and x (``mean`` rounds the 2x2 average, for probabilities; ``nearest``
     keeps the top-left pixel, for labels) and is computed chunk by chunk from the level above.
-    Levels from an earlier call are replaced. Returns the number of levels.
+    ``max_levels`` caps the count (a label matches its image's). Levels from an earlier call are
+    replaced. Returns the number of levels.
     """
     base = group["0"]
     ome = dict(group.attrs["ome"])
@@ -147,6 +150,8 @@ def write_pyramid(group: zarr.Group, *, how: Literal["mean", "nearest"] = "mean"
     for key in [k for k in group.array_keys() if k != "0"]:
         del group[key]
     levels = level_count(*base.shape[-2:], min_px=min_px)
+    if max_levels is not None:
+        levels = max(1, min(levels, max_levels))
     datasets = [first]
     previous = base
     for k in range(1, levels):
@@ -216,7 +221,7 @@ def label_group(
             "0", shape=(1, *shape), chunks=(1, *chunks), dtype=dtype, fill_value=0, dimension_names=("c", "y", "x"),
         )
         yield array
-        write_pyramid(group, how="nearest")
+        write_pyramid(group, how="nearest", max_levels=len(first["datasets"]))  # as many levels as its image
         if final.exists():  # os.replace cannot overwrite a folder
             shutil.rmtree(final)
     if name not in names:

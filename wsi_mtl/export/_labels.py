@@ -16,7 +16,6 @@ few row groups of the table, whatever the slide size.
 from __future__ import annotations
 
 import logging
-import math
 import os
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -111,33 +110,30 @@ class _Geometries:
 def _draw(tile: np.ndarray, geom: shapely.Geometry, value: int, *, downsample: float, origin: tuple[int, int]) -> None:
     """Set the pixels of ``tile`` whose centres lie in ``geom`` (level-0 px) to ``value``.
 
-    A scanline fill by the even-odd rule over every ring of the geometry, so holes stay out; its
-    cost grows with rows x edges, not with the pixels covered.
+    A scanline fill by the even-odd rule over every ring of the geometry, so holes stay out: each
+    edge gives one crossing per pixel row it spans (half-open in y), the crossings of a row sorted
+    by x pair up into runs of pixels. The cost grows with the crossings, not with the area.
     """
     coords, ring_index = shapely.get_coordinates(shapely.get_rings(shapely.get_parts(geom)), return_index=True)
     if len(coords) < 3:
         return
     y = coords[:, 1] / downsample - 0.5 - origin[0]
     x = coords[:, 0] / downsample - 0.5 - origin[1]
-    same = ring_index[1:] == ring_index[:-1]  # an edge joins consecutive vertices of one ring
+    same = (ring_index[1:] == ring_index[:-1]) & (y[1:] != y[:-1])  # edges of one ring, not horizontal
     y0, y1, x0, x1 = y[:-1][same], y[1:][same], x[:-1][same], x[1:][same]
-    first, last = max(0, math.ceil(y.min())), min(tile.shape[0] - 1, math.floor(y.max()))
-    if first > last:
+    first = np.maximum(np.ceil(np.minimum(y0, y1)), 0)
+    last = np.minimum(np.ceil(np.maximum(y0, y1)) - 1, tile.shape[0] - 1)
+    count = np.maximum(last - first + 1, 0).astype(np.int64)
+    if not count.any():
         return
-    rows = np.arange(first, last + 1, dtype=np.float64)
-    lo, hi = np.minimum(y0, y1)[:, None], np.maximum(y0, y1)[:, None]
-    crosses = (lo <= rows) & (rows < hi)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        xs = x0[:, None] + (rows - y0[:, None]) * ((x1 - x0) / (y1 - y0))[:, None]
-    xs = np.sort(np.where(crosses, xs, np.inf), axis=0)
-    starts = np.clip(np.ceil(xs[0::2]), 0, tile.shape[1])
-    ends = np.clip(np.ceil(xs[1::2]), 0, tile.shape[1])
-    for k, r in enumerate(range(first, last + 1)):
-        for c0, c1 in zip(starts[: len(ends), k], ends[:, k]):
-            if not np.isfinite(c1):
-                break
-            if c1 > c0:
-                tile[r, int(c0) : int(c1)] = value
+    edge = np.repeat(np.arange(len(count)), count)
+    rows = first[edge] + (np.arange(int(count.sum())) - np.repeat(np.cumsum(count) - count, count))
+    xs = x0[edge] + (rows - y0[edge]) * ((x1 - x0) / (y1 - y0))[edge]
+    order = np.lexsort((xs, rows))
+    rows, xs = rows[order].astype(np.int64), np.clip(np.ceil(xs[order]), 0, tile.shape[1]).astype(np.int64)
+    for r, c0, c1 in zip(rows[0::2].tolist(), xs[0::2].tolist(), xs[1::2].tolist()):
+        if c1 > c0:
+            tile[r, c0:c1] = value
 
 
 def _buckets(bounds: np.ndarray, *, downsample: float, chunk: tuple[int, int], shape: tuple[int, int]) -> dict[tuple[int, int], np.ndarray]:

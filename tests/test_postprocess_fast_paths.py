@@ -159,3 +159,33 @@ def test_watershed_wrapper_equals_skimage_watershed():
         np.testing.assert_array_equal(inst._watershed(image, markers, mask), want)
         split += int(want.max() >= 2)
     assert split > 50
+
+
+def test_one_peak_proof_holds_where_it_fires(monkeypatch):
+    """Every crop _one_peak calls single-peaked has fewer than two h-maxima components by
+    skimage.morphology.h_maxima on the crop alone; it fires on many crops of random blob maps."""
+    from skimage.morphology import h_maxima
+
+    rng = np.random.default_rng(17)
+    seen: list = []
+    real = inst._one_peak
+
+    def spy(crops, h):
+        proven = real(crops, h)
+        seen.append((crops, h, proven))
+        return proven
+
+    monkeypatch.setattr(inst, "_one_peak", spy)
+    for trial in range(40):
+        blobs = ndi.gaussian_filter(rng.random((64, 80)), 1.5 + trial % 4) > 0.5
+        labels = ndi.label(blobs)[0].astype(np.int32)
+        for h in (0.3, 0.75, 1.5):
+            inst.split_at_necks(labels, h)
+    fired = total = 0
+    for crops, h, proven in seen:
+        for (_, _, obj, d), one in zip(crops, proven):
+            total += 1
+            if one:
+                fired += 1
+                assert ndi.label(h_maxima(d, h).astype(bool) & obj)[1] < 2
+    assert total > 100 and fired > total // 5

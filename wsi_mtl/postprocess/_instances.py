@@ -194,10 +194,11 @@ def _split_at_necks(labels: np.ndarray, h: float, skip: np.ndarray | None = None
         wide = (slice(sl[0].start, sl[0].stop + 2), slice(sl[1].start, sl[1].stop + 2))
         obj = labels_p[wide] == i
         crops.append((int(i), sl, obj, np.where(obj, dist_p[wide], 0)))
+    crops = [c for c, one in zip(crops, _one_peak(crops, h)) if not one]
+    if not crops:
+        return labels
     places, shape = _shelf_pack([c[2].shape for c in crops])  # the canvas is ~2x smaller when crops go tallest first
-    d_c = np.zeros(shape, dist.dtype)
-    for (_, _, _, d), (r, c) in zip(crops, places):
-        d_c[r : r + d.shape[0], c : c + d.shape[1]] = d
+    d_c = _on_canvas([c[3] for c in crops], places, shape)
     peaks_c = h_maxima(d_c, h).astype(bool)
     out = labels.copy()
     nxt = n + 1
@@ -210,6 +211,71 @@ def _split_at_necks(labels: np.ndarray, h: float, skip: np.ndarray | None = None
         out[sl][new] = pieces[new] + (nxt - 2)
         nxt += k - 1
     return out
+
+
+#: Margin (px of distance) of the proof in :func:`_one_peak`: well above float32 rounding and
+#: h_maxima's own allowance (2e-6 x the value) for distances below ``_PROOF_MAX``.
+_PROOF_EPS = 1e-3
+_PROOF_MAX = 100.0
+
+
+def _on_canvas(images: list[np.ndarray], places: list[tuple[int, int]], shape: tuple[int, int]) -> np.ndarray:
+    canvas = np.zeros(shape, images[0].dtype)
+    for img, (r, c) in zip(images, places):
+        canvas[r : r + img.shape[0], c : c + img.shape[1]] = img
+    return canvas
+
+
+def _one_peak(crops: list, h: float) -> np.ndarray:
+    """For each crop (label, box, object mask, distances), whether it provably has fewer than two
+    h-maxima, so that neck cutting would leave it whole.
+
+    With ``e`` = :data:`_PROOF_EPS` and ``v`` the crop's maximum: a pixel ``p`` with
+    ``d(p) <= v - e`` is not an h-maximum when a path inside the object joins it to a maximum
+    pixel and never drops below ``d(p) - h + e / 2`` (the reconstruction lifts ``p`` at least that
+    high, so ``d(p) - rec(p) < h``). A pixel with a neighbour ``e`` higher has such a path, so only
+    the near-local-maxima ``P`` below ``v - e`` need one; one level, ``max d(P) - h + e / 2``,
+    serves them all (a lower level only joins more). The pixels above ``v - e`` must be one
+    4-connected plateau of equal values (all h-maxima or none). Everything else goes to
+    ``h_maxima``.
+    """
+    eps, half = _PROOF_EPS, _PROOF_EPS / 2
+    places, shape = _shelf_pack([c[2].shape for c in crops])
+    d = _on_canvas([c[3] for c in crops], places, shape)
+    ids = _on_canvas([np.where(c[2], k + 1, 0).astype(np.int32) for k, c in enumerate(crops)], places, shape)
+    obj = ids > 0
+    n = len(crops)
+    top = np.zeros(n + 1, np.float32)
+    top[1:] = [float(c[3].max()) for c in crops]
+    proven = top[1:] < _PROOF_MAX
+    top_c = top[ids]
+    # the top: one 4-connected plateau of the maximum value
+    near_top = obj & (d > top_c - eps)
+    proven &= np.bincount(ids[near_top & (d != top_c)], minlength=n + 1)[1:] == 0
+    plateaus, n_plateaus = ndi.label(near_top)
+    if n_plateaus:
+        first = ndi.find_objects(plateaus)
+        owner = np.array([ids[sl][plateaus[sl] == k + 1][0] for k, sl in enumerate(first)])
+        proven &= np.bincount(owner, minlength=n + 1)[1:] == 1
+    # near-local-maxima below the top (non-object pixels are 0 and never higher)
+    low = obj & ~near_top & (ndi.maximum_filter(d, size=3, mode="constant") < d + eps)
+    has_low = np.bincount(ids[low], minlength=n + 1)[1:] > 0
+    if not has_low.any():
+        return proven
+    level = np.full(n + 1, -np.inf, np.float32)
+    np.maximum.at(level, ids[low], d[low])
+    level = np.where(np.isfinite(level), level - h + half, np.inf).astype(np.float32)
+    level[0] = np.inf
+    proven &= ~has_low | (level[1:] > 0)  # at or below 0 the ring of zeros would join in
+    joined, _ = ndi.label(obj & (d >= level[ids]), structure=np.ones((3, 3), bool))
+    check = low | near_top
+    comp, who = joined[check], ids[check]
+    lo = np.full(n + 1, np.iinfo(np.int32).max, np.int64)
+    hi = np.zeros(n + 1, np.int64)
+    np.minimum.at(lo, who, comp)
+    np.maximum.at(hi, who, comp)
+    proven &= ~has_low | ((lo[1:] == hi[1:]) & (lo[1:] > 0))
+    return proven
 
 
 def _shelf_pack(shapes: list[tuple[int, int]]) -> tuple[list[tuple[int, int]], tuple[int, int]]:

@@ -91,6 +91,34 @@ def test_strict_decoding_keeps_the_pixels_of_the_sample(cmu_small):
     np.testing.assert_array_equal(strict, plain)
 
 
+@pytest.mark.parametrize("photometric", ["rgb", "ycbcr", "minisblack"])
+def test_strict_decoding_of_jpeg_tiffs(tmp_path, photometric):
+    from wsi_mtl.slide._tiles import SegmentReader
+
+    image = synthetic.make_he_texture(512, 768, seed=1)
+    data = image[..., 1] if photometric == "minisblack" else image
+    path = tmp_path / "j.tif"
+    tifffile.imwrite(path, data, tile=(256, 256), compression="jpeg", photometric=photometric)
+    with tifffile.TiffFile(path) as tif:
+        page = tif.pages[0]
+        reader = SegmentReader(path, [page], cache_bytes=0)
+        assert reader._levels[0].strict is not None
+        strict = reader.read(0, 0, 0, 512, 768)
+        reader._levels[0].strict = None
+        np.testing.assert_array_equal(strict, reader.read(0, 0, 0, 512, 768))
+        offset, count = int(page.dataoffsets[4]), int(page.databytecounts[4])
+    reader.close()
+    raw = bytearray(path.read_bytes())
+    raw[offset + count // 2:offset + count // 2 + 200] = bytes(200)  # inside the entropy-coded data
+    path.write_bytes(bytes(raw))
+    with tifffile.TiffFile(path) as tif:
+        reader = SegmentReader(path, [tif.pages[0]], cache_bytes=0)
+        with pytest.raises(DamagedRegionError) as info:
+            reader.read(0, 0, 0, 512, 768)
+        reader.close()
+    assert info.value.boxes == [(256, 256, 256, 256)] and "Corrupt JPEG data" in info.value.reasons[0]
+
+
 def test_corrupt_jpeg_tiles_are_the_ones_openslide_refuses(cmu_small, tmp_path):
     bad = zero_every(cmu_small, tmp_path / "zeroed.svs")
     refused = openslide_refused_tiles(bad)

@@ -139,6 +139,14 @@ def test_pyramid_odd_sizes_and_nearest(tmp_path: Path) -> None:
     assert sorted(group.array_keys()) == ["0"] and len(group.attrs["ome"]["multiscales"][0]["datasets"]) == 1
 
 
+def test_mean_reduction_of_odd_edges() -> None:
+    from wsi_mtl.ome import _reduce
+
+    block = np.array([[[10, 20, 200], [30, 40, 100], [7, 9, 255]]], dtype=np.uint8)
+    # 2x2 means rounded half up; a last odd row or column averages the pixels it has
+    assert _reduce(block, "mean").tolist() == [[[25, 150], [8, 255]]]
+
+
 def test_draw_is_point_in_polygon() -> None:
     rng = np.random.default_rng(2)
     for k in range(40):

@@ -118,9 +118,16 @@ def _reduce(block: np.ndarray, how: Literal["mean", "nearest"]) -> np.ndarray:
     if how == "nearest":
         return block[..., ::2, ::2]
     h, w = block.shape[-2:]
-    padded = np.pad(block, [(0, 0)] * (block.ndim - 2) + [(0, h % 2), (0, w % 2)], mode="edge")
-    total = padded.reshape(*block.shape[:-2], -(-h // 2), 2, -(-w // 2), 2).sum(axis=(-3, -1), dtype=np.uint32)
-    return ((total + 2) // 4).astype(block.dtype)
+    if h % 2 or w % 2:
+        block = np.pad(block, [(0, 0)] * (block.ndim - 2) + [(0, h % 2), (0, w % 2)], mode="edge")
+    wide = np.uint16 if block.dtype == np.uint8 else np.float64
+    total = block[..., ::2, ::2].astype(wide)
+    total += block[..., 1::2, ::2]
+    total += block[..., ::2, 1::2]
+    total += block[..., 1::2, 1::2]
+    if wide is np.uint16:
+        return ((total + 2) >> 2).astype(block.dtype)
+    return np.floor(total / 4 + 0.5).astype(block.dtype)
 
 
 def _level_transforms(first: list[dict[str, Any]], factor: int) -> list[dict[str, Any]]:

@@ -31,3 +31,11 @@ def test_bad_option_fails_before_slide_and_model(tmp_path: Path, options: dict[s
     with pytest.raises(InputError, match=fragment):
         segment_slide(tmp_path / "no-such-slide.svs", tmp_path / "out", model="no-such-model", **options)
     assert not (tmp_path / "out").exists()
+
+
+def test_what_a_run_says_it_did() -> None:
+    """A fresh run says how many tiles it computed; a resumed one, how many it reused."""
+    from wsi_mtl.pipeline import _tiles_done
+
+    assert _tiles_done({"tiles": {"computed": 4, "resumed": 0}}) == "maps: 4 tiles computed"
+    assert _tiles_done({"tiles": {"computed": 1, "resumed": 3}}) == "resumed an interrupted run: 3 tiles reused, 1 computed"

@@ -206,8 +206,8 @@ def segment_slide(
     with _open_slide(slide_path, mpp) as slide:
         timings["open_slide"] = time.perf_counter() - t0
         model = _load_model(model, opts.device, timings)
-        layout = _plan(slide, slide_path, model, opts, tissue_mask=tissue_mask)
         _prepare_result_dir(result_dir)
+        layout = _plan(slide, slide_path, model, opts, tissue_mask=tissue_mask)
         layout.timings.update(timings)
         previous = None if overwrite else read_run(result_dir)
         if previous is not None and maps_reusable(result_dir, previous, layout.fingerprint):

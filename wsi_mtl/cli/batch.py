@@ -74,13 +74,15 @@ def _shard(ctx: click.Context, param: click.Parameter, value: str | None) -> tup
 @click.option("--job-prologue", multiple=True, help="slurm: shell line run before each worker starts (repeatable), e.g. 'module load cuda'.")
 @click.option("--shard", callback=_shard, default=None, help="i/n: only every n-th slide of the sorted list, from the i-th (default: from SLURM_ARRAY_TASK_ID/COUNT).")
 @click.option("--lock-timeout", type=click.FloatRange(min=1.0), default=600.0, show_default=True, help="Seconds without a heartbeat after which a slide lock is stale (its worker died) and is taken over.")
+@click.option("--command", "command", type=click.Choice(["segment", "embed"]), default="segment", show_default=True,
+              help="What runs on each slide: segment, or embed (patch features, `wsimtl embed`'s defaults; finished = embeddings listed in run.json).")
 @postprocess_option
 @quiet_option
 def batch(inputs: tuple[str, ...], out_dir: Path, model: str | None, allow_untrained: bool, device: str, precision: str, batch_size: int | None,
           tta: str, tile_size: int | None, no_tissue_mask: bool, no_objects: bool, executor: str, devices: list[str] | None,
           scheduler: str | None, dask_workers: int | None, old_workers: int | None,
           partition: str | None, account: str | None, walltime: str, memory: str, cores: int, gpus_per_job: int, jobs: int,
-          interface: str | None, job_prologue: tuple[str, ...], shard: tuple[int, int] | None, lock_timeout: float, postprocess: tuple[str, ...], quiet: bool) -> None:
+          interface: str | None, job_prologue: tuple[str, ...], shard: tuple[int, int] | None, lock_timeout: float, postprocess: tuple[str, ...], quiet: bool, command: str = "segment") -> None:
     """Segment every slide of INPUTS into OUT/<id>/, skipping finished ones; exit 3 if some failed.
 
     INPUTS are slide files, folders, glob patterns ('tcga/**/*.svs') or CSV manifests (a 'slide' or
@@ -103,9 +105,18 @@ def batch(inputs: tuple[str, ...], out_dir: Path, model: str | None, allow_untra
                          gpus_per_job=gpus_per_job, jobs=jobs, interface=interface, prologue=tuple(job_prologue))
     result = run_batch(tasks, out_dir, options=options, executor=executor, devices=devices, scheduler=scheduler,  # type: ignore[arg-type]
                        workers=dask_workers or old_workers, slurm=slurm if executor == "slurm" else None, shard=shard or shard_from_env(),
-                       lock_timeout_s=lock_timeout, progress=not quiet)
+                       lock_timeout_s=lock_timeout, progress=not quiet, **_command_fns(command))
     if not quiet:
         click.echo(describe(result))
     for outcome in result.failed:
         click.echo(f"failed: {outcome.id}: {outcome.error}", err=True)
     raise_for_failures(result)
+
+
+def _command_fns(command: str) -> dict:
+    """The per-slide functions of ``--command`` for run_batch (segment: its defaults)."""
+    if command != "embed":
+        return {}
+    from ..embed._batch import embed_for_batch, embedded, load_for_batch
+
+    return {"segment_fn": embed_for_batch, "is_complete_fn": embedded, "load_model_fn": load_for_batch}

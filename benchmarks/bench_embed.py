@@ -1,0 +1,120 @@
+"""Throughput and memory of `wsimtl embed`, as ratios measured in one run.
+
+Prints
+  (a) patches/s of `embed` (reads, encoder, writing: its patch loop) / patches/s of the bare encoder
+      forward on the same patches, already in memory, same batch size and precision   (goal >= 0.9)
+  (b) peak RSS of `embed` on a slide of 4x the area / on the 1x slide                   (goal <= 1.2)
+
+The slides are the Aperio-style SVS mosaics of real H&E that bench_pipeline.py writes (GlaS images
+from ../shared/data when present, else synthetic texture) at 0.25 um/px, in a temporary folder.
+Each measurement runs in a fresh process.
+
+    python benchmarks/bench_embed.py [--size 8192] [--device cpu] [--batch-size 16] [--stride 224]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_pipeline import _write_slides  # noqa: E402  (same slides as the segment benchmark)
+
+
+def _child_embed(slide: str, out: str, device: str, batch_size: int, precision: str, stride: int) -> dict:
+    """`embed` on one slide; its timings and this process's peak RSS."""
+    from wsi_mtl.embed import embed_slide
+
+    t0 = time.perf_counter()
+    res = embed_slide(slide, out, device=device, batch_size=batch_size, precision=precision, stride=stride, progress=False)
+    info = res.info
+    return {"wall_s": time.perf_counter() - t0, "patches": info["patches"], "loop_s": info["timings_s"]["embed"],
+            "network_s": info["timings_s"]["network"], "precision": info["precision"], "device": info["device"],
+            "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+
+
+def _child_encoder(slide_path: str, device: str, batch_size: int, precision: str, stride: int) -> dict:
+    """The bare encoder over the patches `embed` keeps, read into memory first (not timed)."""
+    import numpy as np
+    import torch
+
+    from wsi_mtl.devices import cpu_count, resolve_device, resolve_precision
+    from wsi_mtl.embed import PatchGrid, load_encoder, patch_table
+    from wsi_mtl.slide import open_slide
+    from wsi_mtl.tissue import compute_tissue_mask
+
+    dev = resolve_device(device)
+    amp = resolve_precision(dev, precision)
+    if dev.type == "cpu":
+        torch.set_num_threads(cpu_count())
+    enc = load_encoder(None, device=dev)
+    with open_slide(slide_path) as slide:
+        h, w = slide.size_at(enc.mpp)
+        tissue = compute_tissue_mask(slide, mask_mpp=8.0)
+        table = patch_table(PatchGrid(h, w, 224, stride), downsample=enc.mpp / slide.mpp, tissue=tissue, mpp=enc.mpp, min_tissue=0.0)
+        images = np.stack([slide.read(int(x), int(y), 224, 224, mpp=enc.mpp) for x, y in zip(table["gx"], table["gy"])])
+    autocast = torch.autocast(dev.type, dtype=amp) if amp is not None else torch.autocast(dev.type, enabled=False)
+    t0 = time.perf_counter()
+    for i in range(0, len(images), batch_size):
+        x = torch.from_numpy(images[i: i + batch_size]).to(dev).permute(0, 3, 1, 2).float()
+        with torch.inference_mode(), autocast:
+            feats, probs = enc.encode(x)
+        feats.float().cpu().numpy()
+        if dev.type == "cuda":
+            torch.cuda.synchronize(dev)
+    return {"network_s": time.perf_counter() - t0, "patches": len(images)}
+
+
+def _run_child(*args: str) -> dict:
+    proc = subprocess.run([sys.executable, __file__, *args], capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise SystemExit(f"child {args} failed:\n{proc.stderr[-3000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--size", type=int, default=8192, help="level-0 side of the 1x slide (px at 0.25 um/px)")
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--batch-size", type=int, default=16)
+    ap.add_argument("--precision", default="auto")
+    ap.add_argument("--stride", type=int, default=224, help="patch step in px at 0.5 um/px")
+    ap.add_argument("--child", choices=["embed", "encoder"])
+    ap.add_argument("--slide")
+    ap.add_argument("--out")
+    args = ap.parse_args()
+    common = (args.device, args.batch_size, args.precision, args.stride)
+    if args.child == "embed":
+        print(json.dumps(_child_embed(args.slide, args.out, *common)))
+        return
+    if args.child == "encoder":
+        print(json.dumps(_child_encoder(args.slide, *common)))
+        return
+
+    with tempfile.TemporaryDirectory(prefix="wsimtl-bench-embed-") as tmp_name:
+        tmp = Path(tmp_name)
+        small, large = _write_slides(tmp, args.size)
+        flags = ["--device", args.device, "--batch-size", str(args.batch_size), "--precision", args.precision, "--stride", str(args.stride)]
+        bare = _run_child("--child", "encoder", "--slide", str(small), *flags)
+        emb1 = _run_child("--child", "embed", "--slide", str(small), "--out", str(tmp / "o1"), *flags)
+        emb4 = _run_child("--child", "embed", "--slide", str(large), "--out", str(tmp / "o4"), *flags)
+    assert bare["patches"] == emb1["patches"], (bare["patches"], emb1["patches"])
+    print(f"device {emb1['device']}, precision {emb1['precision']}, batch {args.batch_size}, 224 px patches at stride {args.stride}, "
+          f"{emb1['patches']} patches (1x) / {emb4['patches']} (4x)")
+    rate_embed = emb1["patches"] / emb1["loop_s"]
+    rate_bare = bare["patches"] / bare["network_s"]
+    print(f"(a) embed {rate_embed:.1f} patches/s / bare encoder {rate_bare:.1f} patches/s = {rate_embed / rate_bare:.3f}  (goal >= 0.9)")
+    print(f"    whole command incl. slide open, model load, tissue mask, parquet/zarr finalize: "
+          f"{emb1['patches'] / emb1['wall_s']:.1f} patches/s = {emb1['patches'] / emb1['wall_s'] / rate_bare:.3f} x bare")
+    b = emb4["peak_rss_mb"] / emb1["peak_rss_mb"]
+    print(f"(b) peak RSS 4x slide / 1x slide: {emb4['peak_rss_mb']:.0f} MB / {emb1['peak_rss_mb']:.0f} MB = {b:.3f}  (goal <= 1.2)")
+
+
+if __name__ == "__main__":
+    main()

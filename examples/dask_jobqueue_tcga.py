@@ -19,6 +19,10 @@ The same batch from the command line::
         --account my_lab --jobs 8 --gpus-per-job 1 --cores 8 --memory 32GB --walltime 12:00:00
 
 Run it again to continue an interrupted cohort: finished slides are skipped.
+
+The workers a batch starts are not daemonic, so each slide's post-processing runs in a process
+pool inside its job, as on a workstation (workers of a cluster started elsewhere, daemonic by
+Dask's default, use threads); each run.json records which as ``parameters.postprocess_pool``.
 """
 
 from __future__ import annotations

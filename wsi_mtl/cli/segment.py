@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import click
@@ -26,11 +27,20 @@ from ._options import (
 
 
 def check_slide(path: Path, mpp: float | None) -> None:
-    """Open and close ``path`` (no torch): missing, unreadable, unsupported or mpp-less slides fail here."""
+    """Open and close ``path`` (no torch): missing, unreadable, unsupported or mpp-less slides fail here.
+
+    Its warnings (e.g. mpp from objective power) are left to the run, which opens the slide again.
+    """
     from ..slide import open_slide
 
-    with open_slide(path, mpp=mpp):
-        pass
+    log = logging.getLogger("wsi_mtl.slide")
+    level = log.level
+    log.setLevel(logging.ERROR)
+    try:
+        with open_slide(path, mpp=mpp):
+            pass
+    finally:
+        log.setLevel(level)
 
 
 def _sample_path() -> Path:

@@ -152,3 +152,7 @@ def test_evaluate_task_values_are_checked(capsys: pytest.CaptureFixture[str]) ->
     with pytest.raises(SystemExit) as info:
         main(["evaluate", "--task", "nuclei,lumen"])
     assert info.value.code == 2 and "nuclei_type" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as info:  # the old spelling warns and reaches the same check
+        main(["evaluate", "--tasks", "lumen"])
+    err = capsys.readouterr().err.splitlines()
+    assert info.value.code == 2 and err[0] == "wsimtl: warning: --tasks is deprecated; use --task" and "'lumen'" in err[1]

@@ -361,6 +361,9 @@ def derive_into(
     from .postprocess._pool import pool_kind  # processes, or threads in a daemonic Dask worker
 
     run.setdefault("parameters", {})["postprocess_pool"] = pool_kind(workers)
+    from .summary import summary_or_warning  # tissue area, composition, nuclei density, glands (wsi_mtl.summary)
+
+    run["summary"] = summary_or_warning(result_dir, run)
     run["files"] = files + entries
     run.setdefault("timings_s", {}).update(timings)
     log.info("derived %d objects in %s (objects %.1f s, export %.1f s)", table.rows, result_dir, objects_s, export_s)

@@ -147,6 +147,7 @@ class SlideOutcome:
     seconds: float = 0.0
     objects: Mapping[str, int] = field(default_factory=dict)
     result_dir: str = ""
+    summary: Mapping[str, Any] = field(default_factory=dict)
 
     def row(self) -> dict[str, Any]:
         """The slide's ``batch_summary.csv`` row."""
@@ -162,6 +163,7 @@ class SlideOutcome:
             "job": owner["job"] or "",
         }
         row.update({f"objects_{task}": n for task, n in self.objects.items()})
+        row.update({f"summary_{name}": v for name, v in self.summary.items()})  # wsi_mtl.summary
         return row
 
 
@@ -258,7 +260,9 @@ def _object_counts(run: Mapping[str, Any] | None) -> dict[str, int]:
 
 def skipped_outcome(task: SlideTask, result_dir: Path) -> SlideOutcome:
     """The outcome of a slide found finished."""
-    return SlideOutcome(str(task.slide), task.id, "skipped", objects=_object_counts(read_run(result_dir)), result_dir=str(result_dir))
+    run = read_run(result_dir)
+    return SlideOutcome(str(task.slide), task.id, "skipped", objects=_object_counts(run), result_dir=str(result_dir),
+                        summary=(run or {}).get("summary") or {})
 
 
 def recorded_since(job: BatchJob, slide_id: str) -> dict[str, str] | None:
@@ -353,4 +357,5 @@ def _segment(
         return SlideOutcome(str(task.slide), task.id, "failed", reason, time.perf_counter() - start, result_dir=str(result_dir))
     run = getattr(result, "run", None)
     where = getattr(result, "result_dir", result_dir)
-    return SlideOutcome(str(task.slide), task.id, "done", "", time.perf_counter() - start, _object_counts(run), str(where))
+    return SlideOutcome(str(task.slide), task.id, "done", "", time.perf_counter() - start, _object_counts(run), str(where),
+                        summary=(run or {}).get("summary") or {} if isinstance(run, Mapping) else {})

@@ -44,8 +44,8 @@ def read_summary(out_dir: str | os.PathLike[str]) -> dict[str, dict[str, str]]:
 
 
 def _columns(rows: Iterable[Mapping[str, Any]]) -> list[str]:
-    """Base columns, then the sorted object-count columns, then the tail columns."""
-    counts = sorted({key for row in rows for key in row if key.startswith("objects_")})
+    """Base columns, then the sorted object-count and slide-summary columns, then the tail columns."""
+    counts = sorted({key for row in rows for key in row if key.startswith(("objects_", "summary_"))})
     return [*BASE_COLUMNS, *counts, *TAIL_COLUMNS]
 
 

@@ -139,6 +139,20 @@ def test_pyramid_odd_sizes_and_nearest(tmp_path: Path) -> None:
     assert sorted(group.array_keys()) == ["0"] and len(group.attrs["ome"]["multiscales"][0]["datasets"]) == 1
 
 
+def test_pyramid_reads_block_by_block(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import wsi_mtl.ome as ome
+
+    group = zarr.open_group(tmp_path / "img", mode="w", zarr_format=3)
+    group.attrs["ome"] = {"version": "0.5", "multiscales": [{"axes": [{"name": "c", "type": "channel"}, {"name": "y", "type": "space"}, {"name": "x", "type": "space"}],
+                          "datasets": [{"path": "0", "coordinateTransformations": [{"type": "scale", "scale": [1.0, 1.0, 1.0]}]}]}]}
+    group.create_array("0", shape=(2, 3000, 2500), chunks=(2, 256, 256), dtype="uint8", dimension_names=("c", "y", "x"))
+    seen: list[tuple[int, ...]] = []
+    reduce = ome._reduce
+    monkeypatch.setattr(ome, "_reduce", lambda block, how: (seen.append(block.shape), reduce(block, how))[1])
+    assert write_pyramid(group) == 3
+    assert len(seen) == 6 * 5 + 3 * 3 and max(int(np.prod(s)) for s in seen) <= 2 * 512 * 512  # 2 x 2 chunks at a time
+
+
 def test_mean_reduction_of_odd_edges() -> None:
     from wsi_mtl.ome import _reduce
 

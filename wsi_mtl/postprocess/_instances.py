@@ -388,10 +388,8 @@ def _nuclei_instances(
             labels[sl][m] = ws[m] + n_comp
     if split_h > 0:
         labels = _split_at_necks(labels, split_h, skip=_doomed(labels, interior, min_interior * s, min_area_px))
-    if min_interior > 0:
-        labels = _drop_unconfident(labels, interior, min_interior * s)
-    labels = _remove_small(labels, min_area_px)
-    return _relabel_sequential(labels), components.astype(np.int32)
+    sure = _reaches(labels, interior, min_interior * s, int(labels.max(initial=0))) if min_interior > 0 else None
+    return _keep_large(labels, min_area_px, sure), components.astype(np.int32, copy=False)
 
 
 def nuclei_instances(
@@ -624,10 +622,13 @@ def _core_instances(
     return _keep_large(labels, min_area_px)
 
 
-def _keep_large(labels: np.ndarray, min_area_px: float) -> np.ndarray:
-    """``_relabel_sequential(_remove_small(labels, min_area_px))`` with one count and one lookup."""
+def _keep_large(labels: np.ndarray, min_area_px: float, also: np.ndarray | None = None) -> np.ndarray:
+    """``_relabel_sequential(_remove_small(labels, min_area_px))`` with one count and one lookup;
+    ``also`` (index = label), when given, must hold too (e.g. :func:`_drop_unconfident`'s test)."""
     sizes = np.bincount(labels.ravel())
     keep = sizes >= min_area_px if min_area_px > 0 else sizes > 0
+    if also is not None:
+        keep &= also[: keep.size]
     keep[0] = False
     lut = np.zeros(sizes.size, np.int32)
     lut[keep] = np.arange(1, int(keep.sum()) + 1, dtype=np.int32)

@@ -152,18 +152,29 @@ def features_from_images(folder: str | Path, labels: dict[str, str], encoder: Pa
     scale = (image_mpp or encoder.mpp) / encoder.mpp
     feats: list[np.ndarray] = []
     probs: dict[str, list[np.ndarray]] = {h: [] for h in encoder.head_classes}
-    for key in keys:  # one image at a time: images may differ in size
-        image = _prepare_image(_read_image(folder / key), scale, encoder.multiple)
-        x = torch.from_numpy(image).permute(2, 0, 1)[None].float().to(device)
-        ctx = torch.autocast(torch.device(device).type, dtype=precision) if precision is not None else torch.autocast("cpu", enabled=False)
+    dev = torch.device(device)
+    ctx = torch.autocast(dev.type, dtype=precision) if precision is not None else torch.autocast(dev.type, enabled=False)
+
+    def flush(batch: list[np.ndarray]) -> None:
+        x = torch.from_numpy(np.stack(batch)).permute(0, 3, 1, 2).float().to(dev)
         with torch.inference_mode(), ctx:
             f, p = encoder.encode(x, levels)
         f_np = f.float().cpu().numpy()
         feats.append(f_np)
-        p = {k: v.float().cpu().numpy() for k, v in p.items()}
-        p.update(encoder.probe_probabilities(f_np, levels))
+        p_np = {k: v.float().cpu().numpy() for k, v in p.items()}
+        p_np.update(encoder.probe_probabilities(f_np, levels))
         for h in probs:
-            probs[h].append(p[h])
+            probs[h].append(p_np[h])
+
+    batch: list[np.ndarray] = []
+    for key in keys:  # images of one size go through the encoder together
+        image = _prepare_image(_read_image(folder / key), scale, encoder.multiple)
+        if batch and (image.shape != batch[0].shape or len(batch) >= batch_size):
+            flush(batch)
+            batch = []
+        batch.append(image)
+    if batch:
+        flush(batch)
     y, classes = _encode_labels([labels[k] for k in keys])
     return ProbeData(np.concatenate(feats), y, classes, keys, {h: np.concatenate(v) for h, v in probs.items()},
                      dict(encoder.head_classes))

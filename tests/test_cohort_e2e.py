@@ -84,8 +84,8 @@ def test_local_executor(cohort: Path, tmp_path: Path, capsys: pytest.CaptureFixt
 
 def test_dask_executor_local_cluster(cohort: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     out = tmp_path / "out"
-    _check_first_run(out, _batch([str(cohort), "-o", str(out), *FAST, "--executor", "dask", "--workers", "2"]), capsys)
-    _check_rerun(out, _batch([str(cohort), "-o", str(out), *FAST, "--executor", "dask", "--workers", "1", "-q"]))
+    _check_first_run(out, _batch([str(cohort), "-o", str(out), *FAST, "--executor", "dask", "--dask-workers", "2"]), capsys)
+    _check_rerun(out, _batch([str(cohort), "-o", str(out), *FAST, "--executor", "dask", "--dask-workers", "1", "-q"]))
 
 
 @pytest.mark.shared_data

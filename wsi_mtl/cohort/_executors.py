@@ -227,7 +227,7 @@ class DaskExecutor(Executor):
             gpus = slurm.gpus_per_job
         else:
             if workers is not None and workers < 1:
-                raise InputError(f"--workers must be at least 1, got {workers}")
+                raise InputError(f"--dask-workers must be at least 1, got {workers}")
             import dask
 
             with dask.config.set({"distributed.worker.daemon": WORKER_DAEMON}):

@@ -85,3 +85,14 @@ def test_object_errors(result: Path, tmp_path: Path) -> None:
         embed_objects(result, progress=False)
     with pytest.raises(InputError, match="not a segment result"):
         embed_objects(tmp_path / "nowhere", progress=False)
+
+
+def test_cli_objects_needs_a_result_folder(tmp_path: Path, svs_jpeg: Path) -> None:
+    from wsi_mtl.cli import main
+
+    with pytest.raises(SystemExit) as exc:
+        main(["embed", str(svs_jpeg), "--objects"])
+    assert exc.value.code == 2
+    with pytest.raises(SystemExit) as exc:
+        main(["embed", str(tmp_path), "--objects"])
+    assert exc.value.code == 2  # no run.json naming a slide

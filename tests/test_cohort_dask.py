@@ -64,7 +64,7 @@ def test_unreachable_scheduler_is_an_input_error() -> None:
 
 
 def test_local_cluster_needs_a_worker() -> None:
-    with pytest.raises(InputError, match="--workers must be at least 1"):
+    with pytest.raises(InputError, match="--dask-workers must be at least 1"):
         DaskExecutor(workers=0)
 
 

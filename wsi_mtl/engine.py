@@ -52,6 +52,7 @@ class EngineStats:
     wait_read_s: float = 0.0
     wait_write_s: float = 0.0
     wall_s: float = 0.0
+    runtime: str = "torch"  # what ran the network (wsi_mtl.network.runtime)
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -195,11 +196,14 @@ def run_inference(
     workers: int = 2,
     progress: bool = True,
     tta: int = 1,
+    runtime: str = "torch",
 ) -> EngineStats:
     """Run ``model`` over ``tiles`` of ``slide`` at ``mpp`` and write every core into ``store``.
 
     ``tta`` > 1 averages the maps over that many dihedral views of each batch
     (:func:`wsi_mtl.network.tta.predict_tta`), at one network pass per view.
+    ``runtime`` (``auto | torch | openvino | onnx``, :mod:`wsi_mtl.network.runtime`) runs the model
+    through an exported graph where asked and possible (else torch); ``stats.runtime`` says which ran.
 
     Tiles already in ``store.done`` are skipped (resume). A tile whose region fails to decode is
     recorded as damaged (its outputs stay zero, "no data") and the run goes on; where only some of
@@ -209,6 +213,10 @@ def run_inference(
     stats = EngineStats(tiles_total=len(tiles))
     todo = [t for t in tiles if t.key not in store.done]
     stats.tiles_resumed = len(tiles) - len(todo)
+    if runtime != "torch" and todo:
+        from .network.runtime import make_runner, resolve_runtime
+
+        model, stats.runtime = make_runner(model, resolve_runtime(runtime, device), precision=precision)
     cell_px = {h.name: h.cell_px for h in store.heads}
     t_start = time.perf_counter()
     writer = _Writer(store)

@@ -70,6 +70,7 @@ class _Options:
     tile_size: int | None
     margin: int | None
     overrides: dict[str, Any]
+    runtime: str = "torch"  # resolved --runtime (wsi_mtl.network.runtime)
 
 
 @dataclass
@@ -140,6 +141,7 @@ def segment_slide(
     name: str | None = None,
     tta: int = 1,
     postprocess: Mapping[str, Any] | None = None,
+    runtime: str = "auto",
 ) -> SlideResult:
     """Run the multi-task network over one slide and write its results to ``out_dir/<stem>/``.
 
@@ -179,6 +181,9 @@ def segment_slide(
         (:class:`~wsi_mtl.postprocess.PostprocessParams` field -> number, e.g.
         ``{"nuclei_split_h": 0}``), checked before anything runs. A complete result whose objects
         were made with other overrides gets its objects re-derived from the stored maps.
+    runtime : str
+        ``auto | torch | openvino | onnx``: what runs the network on the CPU
+        (:mod:`wsi_mtl.network.runtime`); ``auto`` takes an adopted runtime when installed, else torch.
 
     Returns
     -------
@@ -189,6 +194,7 @@ def segment_slide(
     t_start = time.perf_counter()
     opts = _check_options(device=device, precision=precision, batch_size=batch_size, tile_size=tile_size, margin=margin,
                           workers=workers, tta=tta, postprocess=postprocess)
+    opts = _with_runtime(opts, runtime)
     slide_path = Path(slide_path)
     result_dir = result_dir_for(slide_path, out_dir, name=name)
     rerun = plan_rerun(result_dir, objects=objects, overrides=opts.overrides, geojson_gz=geojson_gz, overwrite=overwrite)
@@ -239,6 +245,15 @@ def _check_options(*, device: str, precision: str, batch_size: int | None, tile_
         device=dev, amp=amp, batch_size=batch_size or _DEFAULT_BATCH.get(dev.type, 2),
         workers=workers or min(4, max(2, cpu_count())), tta=int(tta), tile_size=tile_size, margin=margin, overrides=overrides,
     )
+
+
+def _with_runtime(opts: _Options, runtime: str) -> _Options:
+    """``opts`` with ``runtime`` resolved for its device (InputError for an unknown or absent runtime)."""
+    from dataclasses import replace
+
+    from .network.runtime import resolve_runtime
+
+    return replace(opts, runtime=resolve_runtime(runtime, opts.device))
 
 
 def _open_slide(slide_path: Path, mpp: float | None) -> Any:
@@ -399,7 +414,7 @@ def _infer_maps(slide: Any, slide_path: Path, result_dir: Path, model: Any, layo
         store.write_mask("tissue_mask", layout.tissue.mask, downsample=layout.tissue.mpp / slide.mpp)
         stats = run_inference(
             slide, model, grid, layout.tiles, store, mpp=float(model.config.mpp), device=opts.device, batch_size=opts.batch_size,
-            precision=opts.amp, workers=opts.workers, progress=progress, tta=opts.tta,
+            precision=opts.amp, workers=opts.workers, progress=progress, tta=opts.tta, runtime=opts.runtime,
         )
         from .damage import check_damage  # warns once, or fails a mostly unreadable slide (the store stays resumable)
 
@@ -451,6 +466,7 @@ def _run_record(slide: Any, slide_path: Path, result_dir: Path, model: Any, layo
             "tile_input_px": grid.input_px,
             "workers": opts.workers,
             "tta_views": opts.tta,
+            "runtime": getattr(stats, "runtime", "torch"),
             "torch_threads": torch.get_num_threads(),
             "tissue_mask": tissue_mask,
             "objects": objects,

@@ -127,3 +127,12 @@ def check_model(name: str | None, *, allow_untrained: bool) -> None:
     files = "weights.tar [+ settings.yml]" if public.startswith("cerberus") else "config.json + weights.safetensors"
     raise ModelError(f"model {public} has no trained weights: put {files} in {where} (or set WSIMTL_MODELS_DIR, "
                      "or pass --model FOLDER); --allow-untrained runs it with random weights")
+
+
+#: ``--runtime``: what runs the network (wsi_mtl.network.runtime; no torch import here).
+RUNTIMES = ("auto", "torch", "openvino", "onnx")
+runtime_option: Callable[[F], F] = click.option(
+    "--runtime", type=click.Choice(RUNTIMES), default="auto", show_default=True,
+    help="What runs the network on the CPU: torch, or an exported OpenVINO / ONNX Runtime graph "
+         "(pip install 'wsimtl[fast]'; cached per model). auto: an adopted runtime when installed, else torch.",
+)

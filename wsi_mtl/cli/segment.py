@@ -20,6 +20,7 @@ from ._options import (
     postprocess_option,
     precision_option,
     quiet_option,
+    runtime_option,
     tile_size_option,
     tta_option,
     workers_option,
@@ -76,9 +77,11 @@ def _check_settings(settings: dict[str, str]) -> None:
 @click.option("--overwrite", is_flag=True, help="Recompute even if a complete result exists.")
 @postprocess_option
 @quiet_option
+@runtime_option
 def segment(slide: Path | None, out_dir: Path, sample: bool, model: str | None, allow_untrained: bool, mpp: float | None, device: str,
             precision: str, batch_size: int | None, tta: str, tile_size: int | None, margin: int | None, workers: int | None,
-            no_tissue_mask: bool, no_objects: bool, geojson_gz: bool, overwrite: bool, postprocess: tuple[str, ...], quiet: bool) -> None:
+            no_tissue_mask: bool, no_objects: bool, geojson_gz: bool, overwrite: bool, postprocess: tuple[str, ...], quiet: bool,
+            runtime: str = "auto") -> None:
     """Segment nuclei, glands and lumen and map tissue types in SLIDE; results go to OUT/<slide name>/."""
     if sample == (slide is not None):
         raise InputError("give either a SLIDE or --sample")
@@ -93,6 +96,7 @@ def segment(slide: Path | None, out_dir: Path, sample: bool, model: str | None, 
         path, out_dir, model=model, mpp=mpp, device=device, precision=precision, batch_size=batch_size,
         tile_size=tile_size, margin=margin, workers=workers, tissue_mask=not no_tissue_mask, objects=not no_objects,
         geojson_gz=geojson_gz, overwrite=overwrite, progress=not quiet, tta=int(tta), postprocess=settings,
+        runtime=runtime,
     )
     if quiet:
         return

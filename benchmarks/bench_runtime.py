@@ -1,0 +1,222 @@
+"""Network throughput and agreement of the inference runtimes, on the same tiles of real tissue.
+
+ADOPTION RULE (written before measuring): a runtime becomes the ``--runtime auto`` choice
+(``wsi_mtl.network.runtime.AUTO_ORDER``) only if, on the same tiles, its max absolute probability
+difference from torch fp32 is <= 0.02 for every head AND its median throughput is above eager bf16's
+(today's CPU default) in the same run. An int8 graph additionally needs validation metrics within
+0.005 of the float model's (``--validate``); without that validation it is not adopted.
+
+Usage (2 threads everywhere; other work on the machine disturbs absolute figures, so the runtimes
+are interleaved over rounds and the ratios are taken within one run)::
+
+    nice -n 5 python benchmarks/bench_runtime.py                       # all runtimes, 5 rounds
+    nice -n 5 python benchmarks/bench_runtime.py --rounds 3 --skip onnx
+    nice -n 5 python benchmarks/bench_runtime.py --int8 --validate     # + NNCF int8, scored on the val split
+
+Tiles: 1024 x 1024 crops of CMU-1-Small-Region.svs read at the model's 0.5 um/px (throughput is
+timed on the first) and a MoNuSeg validation image at 0.5 um/px (agreement only). int8 is calibrated
+on MoNuSeg and GlaS *training* images (never the validation split). Prints per runtime: median
+MP/s with min-max over rounds, the ratio to eager bf16, and the max abs probability difference per
+head against torch fp32.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from wsi_mtl.network import load_model
+from wsi_mtl.network.runtime import OnnxRunner, OpenVinoRunner, available, export_openvino
+
+DATA = Path(__file__).resolve().parents[1] / ".." / "shared" / "data"
+SLIDE = DATA / "wsi" / "CMU-1-Small-Region.svs"
+TOLERANCE = 0.02
+
+
+def _resize(image: np.ndarray, scale: float) -> np.ndarray:
+    from skimage.transform import rescale
+
+    out = rescale(image, scale, channel_axis=-1, order=1, anti_aliasing=scale < 1, preserve_range=True)
+    return out.astype(np.uint8)
+
+
+def _fit(image: np.ndarray, side: int) -> np.ndarray:
+    """Centre crop, then reflect-pad, ``image`` to side x side."""
+    h, w = image.shape[:2]
+    top, left = max(0, (h - side) // 2), max(0, (w - side) // 2)
+    image = image[top : top + side, left : left + side]
+    ph, pw = side - image.shape[0], side - image.shape[1]
+    return np.pad(image, ((ph // 2, ph - ph // 2), (pw // 2, pw - pw // 2), (0, 0)), mode="reflect")
+
+
+def _png(path: Path) -> np.ndarray:
+    from PIL import Image
+
+    return np.asarray(Image.open(path).convert("RGB"))
+
+
+def slide_tiles(mpp: float, side: int = 1024) -> list[np.ndarray]:
+    """Two side x side crops of the sample slide at ``mpp``: the centre and the upper left quarter."""
+    from wsi_mtl.slide import open_slide
+
+    with open_slide(SLIDE) as slide:
+        w = int(slide.width * slide.mpp / mpp)
+        h = int(slide.height * slide.mpp / mpp)
+        spots = [((w - side) // 2, (h - side) // 2), (max(0, w // 4 - side // 2), max(0, h // 4 - side // 2))]
+        return [slide.read(x, y, side, side, mpp=mpp) for x, y in spots]
+
+
+def monuseg(names: list[str], side: int, mpp: float) -> list[np.ndarray]:
+    """MoNuSeg images (0.25 um/px) at ``mpp``, fitted to side x side."""
+    return [_fit(_resize(_png(DATA / "nuclei/monuseg/images" / f"{n}.png"), 0.25 / mpp), side) for n in names]
+
+
+def training_tiles(mpp: float, side: int = 512, count: int = 12) -> list[np.ndarray]:
+    """Calibration tiles from the training part only: MoNuSeg and GlaS images not in the validation split."""
+    import csv
+
+    import yaml
+
+    val = yaml.safe_load((Path(__file__).resolve().parents[1] / "configs/splits/validation.yaml").read_text())
+    with open(DATA / "nuclei/monuseg/manifest.csv") as f:
+        mono = [r["name"] for r in csv.DictReader(f) if r["split"] == "train" and r["name"] not in set(val["monuseg"])]
+    glas = sorted(p for p in (DATA / "glands/glas/images").glob("train_*.png") if p.stem not in set(val["glas"]))
+    tiles = monuseg(mono[: count // 2], side, mpp)
+    tiles += [_fit(_resize(_png(p), 0.62 / mpp), side) for p in glas[: count - len(tiles)]]
+    return tiles
+
+
+def to_input(image: np.ndarray) -> torch.Tensor:
+    """The engine's input: NHWC uint8 -> NCHW float that is channels_last in memory."""
+    return torch.from_numpy(np.ascontiguousarray(image))[None].permute(0, 3, 1, 2).float()
+
+
+def torch_predict(model: Any, bf16: bool) -> Callable[[torch.Tensor], dict[str, torch.Tensor]]:
+    def run(x: torch.Tensor) -> dict[str, torch.Tensor]:
+        ctx = torch.autocast("cpu", dtype=torch.bfloat16) if bf16 else torch.autocast("cpu", enabled=False)
+        with torch.inference_mode(), ctx:
+            return model.predict(x)
+
+    return run
+
+
+def int8_model(model: Any, calib: list[np.ndarray]) -> Any:
+    """NNCF post-training int8 quantisation of the exported OpenVINO graph, calibrated on ``calib``."""
+    import nncf
+    import openvino as ov
+
+    ov_model = ov.Core().read_model(str(export_openvino(model)))
+    data = nncf.Dataset([np.ascontiguousarray(to_input(t).numpy()) for t in calib])
+    return nncf.quantize(ov_model, data, subset_size=len(calib), preset=nncf.QuantizationPreset.MIXED)
+
+
+def build_runners(model: Any, skip: set[str], int8: bool, threads: int) -> dict[str, Callable]:
+    runners: dict[str, Callable] = {"torch fp32": torch_predict(model, False), "torch bf16": torch_predict(model, True)}
+    if "onnx" not in skip and available("onnx"):
+        runners["onnxruntime fp32"] = OnnxRunner(model, threads=threads).predict
+    if "openvino" not in skip and available("openvino"):
+        runners["openvino f32"] = OpenVinoRunner(model, threads=threads).predict
+        runners["openvino bf16"] = OpenVinoRunner(model, precision=torch.bfloat16, threads=threads).predict
+        if int8:
+            t0 = time.perf_counter()
+            q = int8_model(model, training_tiles(float(model.config.mpp)))
+            print(f"int8 calibration: {time.perf_counter() - t0:.0f} s")
+            runners["openvino int8"] = OpenVinoRunner(model, threads=threads, ov_model=q).predict
+            runners["openvino int8+bf16"] = OpenVinoRunner(model, precision=torch.bfloat16, threads=threads, ov_model=q).predict
+    return runners
+
+
+def agreement(runners: dict[str, Callable], tiles: list[torch.Tensor]) -> dict[str, dict[str, float]]:
+    """Max abs probability difference per head against torch fp32, over all ``tiles``."""
+    refs = [runners["torch fp32"](x) for x in tiles]
+    out = {}
+    for name, run in runners.items():
+        diffs: dict[str, float] = {}
+        for x, ref in zip(tiles, refs):
+            for head, p in run(x).items():
+                diffs[head] = max(diffs.get(head, 0.0), float((p.float() - ref[head]).abs().max()))
+        out[name] = diffs
+    return out
+
+
+def throughput(runners: dict[str, Callable], x: torch.Tensor, rounds: int) -> dict[str, list[float]]:
+    """MP/s of each runner on ``x``, interleaved: every round runs all of them, in a rotated order."""
+    names = list(runners)
+    for name in names:  # warm-up (and compilation for the exported graphs)
+        runners[name](x)
+    mp = x.shape[0] * x.shape[-2] * x.shape[-1] / 1e6
+    speeds: dict[str, list[float]] = {n: [] for n in names}
+    for r in range(rounds):
+        for name in names[r % len(names) :] + names[: r % len(names)]:
+            t0 = time.perf_counter()
+            runners[name](x)
+            speeds[name].append(mp / (time.perf_counter() - t0))
+    return speeds
+
+
+def validate(model: Any, runners: dict[str, Any], tasks: list[str]) -> dict[str, dict[str, float]]:
+    """Validation metrics of the torch model (bf16 and fp32) and each runner on the held-out split."""
+    from wsi_mtl.train import evaluate_split, load_split
+
+    split = load_split(Path(__file__).resolve().parents[1] / "configs/splits/validation.yaml")
+    out = {}
+    for name, runner in runners.items():
+        t0 = time.perf_counter()
+        res = evaluate_split(runner, data_root=DATA, split=split, tasks=tasks, bf16=name == "torch bf16")
+        flat = {f"{task}.{k}": float(v) for task, d in res.items() if isinstance(d, dict)
+                for k, v in d.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+        out[name] = flat
+        print(f"validated {name} in {time.perf_counter() - t0:.0f} s")
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--model", default=None)
+    ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--skip", default="", help="comma-separated: onnx, openvino")
+    ap.add_argument("--int8", action="store_true", help="also NNCF int8 (calibrated on training tiles)")
+    ap.add_argument("--validate", default="", help="comma-separated evaluation tasks to score torch and int8 on, e.g. nuclei,glands")
+    ap.add_argument("--json", type=Path, default=None)
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    model = load_model(args.model)
+    mpp = float(model.config.mpp)
+    images = slide_tiles(mpp) + monuseg(["TCGA-A7-A13E-01Z-00-DX1"], 1024, mpp)
+    tiles = [to_input(im) for im in images]
+    runners = build_runners(model, set(filter(None, args.skip.split(","))), args.int8, args.threads)
+    diffs = agreement(runners, tiles)
+    speeds = throughput(runners, tiles[0], args.rounds)
+    base = statistics.median(speeds["torch bf16"])
+    print(f"{len(tiles)} tiles 1024 px at {mpp} um/px, {args.threads} threads, {args.rounds} interleaved rounds (machine shared: absolute MP/s are low)")
+    print(f"{'runtime':20s} {'MP/s median':>11s} {'min-max':>11s} {'/bf16':>6s}  max|dp| vs fp32 (worst head)  pass")
+    report = {}
+    for name, s in speeds.items():
+        med = statistics.median(s)
+        worst = max(diffs[name].items(), key=lambda kv: kv[1])
+        ok = worst[1] <= TOLERANCE and med > base
+        print(f"{name:20s} {med:11.2f} {min(s):5.2f}-{max(s):<5.2f} {med / base:6.2f}  {worst[1]:.4f} ({worst[0]})  {'yes' if ok else 'no'}")
+        report[name] = {"mp_s": s, "median": med, "ratio_bf16": med / base, "max_abs_diff": diffs[name]}
+    if args.validate:
+        chosen = {k: v.__self__ if hasattr(v, "__self__") else model for k, v in runners.items() if k in ("torch fp32", "torch bf16") or "int8" in k}
+        chosen["torch fp32"] = chosen["torch bf16"] = model
+        metrics = validate(model, chosen, args.validate.split(","))
+        for name, m in metrics.items():
+            delta = {k: round(v - metrics["torch fp32"][k], 4) for k, v in m.items() if k in metrics["torch fp32"]}
+            print(name, json.dumps({k: round(v, 4) for k, v in m.items()}), "delta vs fp32:", json.dumps(delta))
+        report["validation"] = metrics
+    if args.json:
+        args.json.write_text(json.dumps(report, indent=1))
+
+
+if __name__ == "__main__":
+    main()

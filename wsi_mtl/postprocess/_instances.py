@@ -590,16 +590,42 @@ def _expand_labels_square(labels: np.ndarray, distance: int) -> np.ndarray:
     d = int(distance)
     ys, xs = np.flatnonzero(labels.any(axis=1)), np.flatnonzero(labels.any(axis=0))
     box = (slice(max(0, ys[0] - d), ys[-1] + d + 1), slice(max(0, xs[0] - d), xs[-1] + d + 1))
-    r = rank[labels[box]]
-    keep = r > 0
-    for _ in range(d):
-        grown = ndi.maximum_filter(r, size=3, mode="constant", cval=0)
-        np.copyto(grown, r, where=keep)
-        r = grown
-        keep = r > 0
     out = labels.copy()
-    out[box] = back[r]
+    out[box] = back[_grow_ranks(rank[labels[box]], d)]
     return out
+
+
+def _grow_ranks(r: np.ndarray, steps: int) -> np.ndarray:
+    """``steps`` times: each 0 pixel with a nonzero 8-neighbour takes the largest neighbour value
+    (``maximum_filter(r, 3)`` kept only where ``r`` was 0), updating only the ring of pixels
+    reached at each step."""
+    h, w = r.shape
+    w2 = w + 2
+    padded = np.zeros((h + 2, w2), r.dtype)
+    padded[1:-1, 1:-1] = r
+    flat = padded.ravel()
+    inside = np.zeros((h + 2, w2), bool)
+    inside[1:-1, 1:-1] = True
+    inside = inside.ravel()
+    offsets = np.array([-w2 - 1, -w2, -w2 + 1, -1, 1, w2 - 1, w2, w2 + 1], np.intp)
+    zero = r == 0
+    first = ndi.maximum_filter((~zero).view(np.uint8), size=3, mode="constant").view(bool) & zero
+    yy, xx = np.nonzero(first)
+    ring = (yy + 1) * w2 + xx + 1
+    mark = np.zeros(flat.size, bool)
+    for step in range(steps):
+        if len(ring) == 0:
+            break
+        around = ring[:, None] + offsets
+        flat[ring] = flat[around].max(axis=1)  # all read before any is written
+        if step + 1 == steps:
+            break
+        cand = around.ravel()
+        cand = cand[(flat[cand] == 0) & inside[cand]]
+        mark[cand] = True
+        ring = np.flatnonzero(mark)
+        mark[ring] = False
+    return padded[1:-1, 1:-1]
 
 
 def _core_instances(

@@ -189,3 +189,13 @@ def test_one_peak_proof_holds_where_it_fires(monkeypatch):
                 fired += 1
                 assert ndi.label(h_maxima(d, h).astype(bool) & obj)[1] < 2
     assert total > 100 and fired > total // 5
+
+
+def test_edt32_equals_scipy_edt_as_float32():
+    rng = np.random.default_rng(8)
+    for trial in range(60):
+        shape = (int(rng.integers(1, 90)), int(rng.integers(1, 90)))
+        mask = rng.random(shape) < rng.uniform(0.05, 0.99)
+        if trial % 3 == 0:
+            mask = ndi.gaussian_filter(rng.random(shape), 2) > 0.45
+        np.testing.assert_array_equal(inst._edt32(mask), ndi.distance_transform_edt(mask).astype(np.float32))

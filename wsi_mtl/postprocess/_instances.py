@@ -279,16 +279,16 @@ def _one_peak(crops: list, h: float) -> np.ndarray:
 
 
 def _edt32(mask: np.ndarray) -> np.ndarray:
-    """``distance_transform_edt(mask).astype(np.float32)``: scipy's feature transform, with the
-    distances taken from it in int32 by broadcasting instead of a full index grid (the same
-    float64 square roots)."""
+    """``distance_transform_edt(mask).astype(np.float32)`` where ``mask`` has a False pixel:
+    scipy's feature transform, with the distances (the same float64 square roots) taken from it
+    on the mask's pixels only."""
     near = ndi.distance_transform_edt(mask, return_distances=False, return_indices=True)
-    dy = near[0] - np.arange(mask.shape[0], dtype=near.dtype)[:, None]
-    dx = near[1] - np.arange(mask.shape[1], dtype=near.dtype)[None, :]
-    dy *= dy
-    dx *= dx
-    dy += dx
-    return np.sqrt(dy, dtype=np.float64).astype(np.float32)
+    out = np.zeros(mask.shape, np.float32)  # 0 off the mask, as there
+    ys, xs = np.nonzero(mask)
+    dy = near[0][ys, xs] - ys
+    dx = near[1][ys, xs] - xs
+    out[ys, xs] = np.sqrt(dy * dy + dx * dx, dtype=np.float64)
+    return out
 
 
 def _shelf_pack(shapes: list[tuple[int, int]]) -> tuple[list[tuple[int, int]], tuple[int, int]]:

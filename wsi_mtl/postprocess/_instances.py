@@ -331,11 +331,17 @@ def _doomed(labels: np.ndarray, interior: np.ndarray, min_peak: float, min_area_
     ``min_area_px``, or with no ``interior`` value reaching ``min_peak`` (> 0). Every piece of such
     an object is as small or as unsure, so neck cutting may skip them."""
     n = int(labels.max(initial=0))
-    doomed = np.bincount(labels.ravel(), minlength=n + 1) < min_area_px
+    doomed = _sizes(labels, n + 1) < min_area_px
     if min_peak > 0:
         doomed |= ~_reaches(labels, interior, min_peak, n)
     doomed[0] = True
     return doomed
+
+
+def _sizes(labels: np.ndarray, length: int) -> np.ndarray:
+    """Pixels per label (index = label, ``length`` entries; entry 0 is not counted), counted over
+    the object pixels only (most of a map is background)."""
+    return np.bincount(labels[labels > 0], minlength=length)
 
 
 def _reaches(labels: np.ndarray, values: np.ndarray, least: float, n: int) -> np.ndarray:
@@ -664,7 +670,7 @@ def _core_instances(
 def _keep_large(labels: np.ndarray, min_area_px: float, also: np.ndarray | None = None) -> np.ndarray:
     """``_relabel_sequential(_remove_small(labels, min_area_px))`` with one count and one lookup;
     ``also`` (index = label), when given, must hold too (e.g. :func:`_drop_unconfident`'s test)."""
-    sizes = np.bincount(labels.ravel())
+    sizes = _sizes(labels, int(labels.max(initial=0)) + 1)
     keep = sizes >= min_area_px if min_area_px > 0 else sizes > 0
     if also is not None:
         keep &= also[: keep.size]

@@ -21,27 +21,45 @@ has_onnx = all(importlib.util.find_spec(m) is not None for m in ("onnxruntime", 
 
 def test_unknown_runtime_is_an_input_error():
     with pytest.raises(InputError, match="unknown runtime 'tensorrt'"):
-        rt.resolve_runtime("tensorrt", torch.device("cpu"))
+        rt.check_runtime("tensorrt", torch.device("cpu"))
 
 
-def test_auto_takes_the_first_installed_adopted_runtime_on_the_cpu_only(monkeypatch):
+class _Net:
+    def __init__(self, trained: bool) -> None:
+        self.config = type("Config", (), {"trained": trained})()
+
+
+def test_auto_takes_the_first_installed_adopted_runtime_on_the_cpu_for_trained_models(monkeypatch):
     monkeypatch.setattr(rt, "AUTO_ORDER", ("openvino", "onnx"))
     monkeypatch.setattr(rt, "available", lambda name: name in ("torch", "onnx"))
-    assert rt.resolve_runtime("auto", torch.device("cpu")) == "onnx"
-    assert rt.resolve_runtime("auto", torch.device("cuda")) == "torch"
+    cpu = torch.device("cpu")
+    assert rt.check_runtime("AUTO", cpu) == "auto"
+    assert rt.resolve_runtime("auto", cpu, _Net(True)) == "onnx"
+    assert rt.resolve_runtime("auto", torch.device("cuda"), _Net(True)) == "torch"
+    assert rt.resolve_runtime("auto", cpu, _Net(False)) == "torch"  # export costs more than it saves
+    assert rt.resolve_runtime("auto", cpu) == "torch"
     monkeypatch.setattr(rt, "available", lambda name: name == "torch")
-    assert rt.resolve_runtime("auto", torch.device("cpu")) == "torch"
-    assert rt.resolve_runtime("torch", torch.device("cpu")) == "torch"
+    assert rt.resolve_runtime("auto", cpu, _Net(True)) == "torch"
+    assert rt.resolve_runtime("torch", cpu, _Net(True)) == "torch"
 
 
 def test_an_explicit_runtime_must_be_installed_and_on_the_cpu(monkeypatch):
     monkeypatch.setattr(rt, "available", lambda name: name == "torch")
     with pytest.raises(InputError, match=r"needs the openvino package.*wsimtl\[fast\]"):
-        rt.resolve_runtime("openvino", torch.device("cpu"))
+        rt.check_runtime("openvino", torch.device("cpu"))
     monkeypatch.setattr(rt, "available", lambda name: True)
     with pytest.raises(InputError, match="CPU only"):
-        rt.resolve_runtime("onnx", torch.device("cuda"))
-    assert rt.resolve_runtime("OpenVINO", torch.device("cpu")) == "openvino"
+        rt.resolve_runtime("onnx", torch.device("cuda"), _Net(True))
+    assert rt.resolve_runtime("OpenVINO", torch.device("cpu"), _Net(False)) == "openvino"
+
+
+def test_segment_slide_refuses_an_absent_runtime_before_opening_anything(monkeypatch, tmp_path):
+    from wsi_mtl.pipeline import segment_slide
+
+    monkeypatch.setattr(rt, "available", lambda name: name == "torch")
+    with pytest.raises(InputError, match="needs the onnxruntime package"):
+        segment_slide(tmp_path / "missing.svs", tmp_path / "out", runtime="onnx", device="cpu")
+    assert not (tmp_path / "out").exists()
 
 
 def test_runtimes_option_lists_the_same_names():

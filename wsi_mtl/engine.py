@@ -216,7 +216,7 @@ def run_inference(
     if runtime != "torch" and todo:
         from .network.runtime import make_runner, resolve_runtime
 
-        model, stats.runtime = make_runner(model, resolve_runtime(runtime, device), precision=precision)
+        model, stats.runtime = make_runner(model, resolve_runtime(runtime, device, model), precision=precision)
     cell_px = {h.name: h.cell_px for h in store.heads}
     t_start = time.perf_counter()
     writer = _Writer(store)

@@ -194,7 +194,7 @@ def segment_slide(
     t_start = time.perf_counter()
     opts = _check_options(device=device, precision=precision, batch_size=batch_size, tile_size=tile_size, margin=margin,
                           workers=workers, tta=tta, postprocess=postprocess)
-    opts = _with_runtime(opts, runtime)
+    opts = _with_runtime(opts, runtime, precision)  # checked here, ``auto`` resolved once the model is loaded
     slide_path = Path(slide_path)
     result_dir = result_dir_for(slide_path, out_dir, name=name)
     rerun = plan_rerun(result_dir, objects=objects, overrides=opts.overrides, geojson_gz=geojson_gz, overwrite=overwrite)
@@ -212,6 +212,7 @@ def segment_slide(
     with _open_slide(slide_path, mpp) as slide:
         timings["open_slide"] = time.perf_counter() - t0
         model = _load_model(model, opts.device, timings)
+        opts = _with_runtime(opts, opts.runtime, precision, model)
         _prepare_result_dir(result_dir)
         layout = _plan(slide, slide_path, model, opts, tissue_mask=tissue_mask)
         layout.timings.update(timings)
@@ -247,13 +248,23 @@ def _check_options(*, device: str, precision: str, batch_size: int | None, tile_
     )
 
 
-def _with_runtime(opts: _Options, runtime: str) -> _Options:
-    """``opts`` with ``runtime`` resolved for its device (InputError for an unknown or absent runtime)."""
+def _with_runtime(opts: _Options, runtime: str, precision: str, model: Any = None) -> _Options:
+    """``opts`` with ``runtime`` checked (InputError for an unknown or absent one) and, given the
+    model, ``auto`` resolved (:func:`wsi_mtl.network.runtime.resolve_runtime`).
+
+    A runtime that ``auto`` chose runs at fp32 unless a precision was asked for: that is the
+    configuration whose maps matched torch fp32 (and outran eager bf16) in benchmarks/bench_runtime.py.
+    """
     from dataclasses import replace
 
-    from .network.runtime import resolve_runtime
+    from .network.runtime import check_runtime, resolve_runtime
 
-    return replace(opts, runtime=resolve_runtime(runtime, opts.device))
+    if model is None:
+        return replace(opts, runtime=check_runtime(runtime, opts.device))
+    chosen = resolve_runtime(runtime, opts.device, model)
+    if runtime == "auto" and chosen != "torch" and (precision or "auto").lower() == "auto":
+        return replace(opts, runtime=chosen, amp=None)
+    return replace(opts, runtime=chosen)
 
 
 def _open_slide(slide_path: Path, mpp: float | None) -> Any:

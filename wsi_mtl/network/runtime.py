@@ -7,8 +7,8 @@ model's config. The exported graph computes every head at once, with dynamic bat
 width; it is cached on disk by weights sha256, config and runtime version (:func:`cache_dir`), so
 the export (tens of seconds) is paid once per model and machine.
 
-``resolve_runtime("auto", device)`` picks the first runtime of :data:`AUTO_ORDER` that is installed
-(CPU only), else torch. Which runtimes are in :data:`AUTO_ORDER` follows the measurements of
+``resolve_runtime("auto", device, model)`` picks the first runtime of :data:`AUTO_ORDER` that is
+installed (CPU, trained models), else torch. Which runtimes are in :data:`AUTO_ORDER` follows the measurements of
 ``benchmarks/bench_runtime.py`` (adoption rule at its top).
 """
 
@@ -29,7 +29,7 @@ import torch
 
 from ..errors import InputError
 
-__all__ = ["RUNTIMES", "AUTO_ORDER", "available", "resolve_runtime", "make_runner", "cache_dir", "model_key",
+__all__ = ["RUNTIMES", "AUTO_ORDER", "available", "check_runtime", "resolve_runtime", "make_runner", "cache_dir", "model_key",
            "export_openvino", "export_onnx", "OpenVinoRunner", "OnnxRunner"]
 
 log = logging.getLogger(__name__)
@@ -37,9 +37,11 @@ log = logging.getLogger(__name__)
 #: The values ``--runtime`` accepts.
 RUNTIMES = ("auto", "torch", "openvino", "onnx")
 
-#: Runtimes ``auto`` takes, in order, when installed (CPU only). Empty: auto is always torch.
-#: Measured in benchmarks/bench_runtime.py; see the adoption rule there.
-AUTO_ORDER: tuple[str, ...] = ()
+#: Runtimes ``auto`` takes, in order, when installed (CPU only). Measured in
+#: benchmarks/bench_runtime.py (adoption rule there): OpenVINO at f32 gave the torch fp32 maps
+#: (max abs difference < 1e-4) faster than eager bf16; its bf16 and int8 graphs, like eager bf16,
+#: moved probabilities by more than 0.02. The pipeline runs an auto-chosen runtime at fp32.
+AUTO_ORDER: tuple[str, ...] = ("openvino",)
 
 _MODULE = {"openvino": "openvino", "onnx": "onnxruntime"}
 _EXPORT_SIZE = 256  # side of the example input the graphs are traced with (dynamic afterwards)
@@ -52,25 +54,36 @@ def available(runtime: str) -> bool:
     return importlib.util.find_spec(_MODULE[runtime]) is not None
 
 
-def resolve_runtime(requested: str, device: torch.device) -> str:
-    """The runtime to use: ``torch``, ``openvino`` or ``onnx``.
+def check_runtime(requested: str, device: torch.device) -> str:
+    """``requested`` checked and lower-cased (``auto`` stays ``auto``; needs no model).
 
-    ``auto`` takes the first installed runtime of :data:`AUTO_ORDER` on the CPU, else torch. An
-    explicit runtime must be installed and the device must be the CPU (:class:`InputError` otherwise).
+    An explicit runtime other than torch must be installed and the device must be the CPU
+    (:class:`InputError` otherwise).
     """
     requested = (requested or "auto").lower()
     if requested not in RUNTIMES:
         raise InputError(f"unknown runtime {requested!r}; use {', '.join(RUNTIMES)}")
-    if requested == "auto":
-        if device.type != "cpu":
-            return "torch"
-        return next((r for r in AUTO_ORDER if available(r)), "torch")
-    if requested != "torch":
+    if requested not in ("auto", "torch"):
         if device.type != "cpu":
             raise InputError(f"runtime {requested} runs on the CPU only, not on {device}; use --runtime torch")
         if not available(requested):
             raise InputError(f"runtime {requested} needs the {_MODULE[requested]} package: pip install 'wsimtl[fast]'")
     return requested
+
+
+def resolve_runtime(requested: str, device: torch.device, model: Any = None) -> str:
+    """The runtime to use: ``torch``, ``openvino`` or ``onnx`` (checked as :func:`check_runtime`).
+
+    ``auto`` takes the first installed runtime of :data:`AUTO_ORDER` on the CPU for a trained
+    model (an untrained one, or none given, runs in torch: its export would cost more than it
+    saves), else torch.
+    """
+    requested = check_runtime(requested, device)
+    if requested != "auto":
+        return requested
+    if device.type != "cpu" or model is None or not getattr(getattr(model, "config", None), "trained", False):
+        return "torch"
+    return next((r for r in AUTO_ORDER if available(r)), "torch")
 
 
 def cache_dir() -> Path:
@@ -198,7 +211,8 @@ class _Runner:
             raise ValueError(f"expected N x 3 x H x W input with H, W multiples of {s}, got {tuple(x.shape)}")
         arr = np.ascontiguousarray(x.detach().float().cpu().numpy())
         outs = dict(zip(self.names, self._run(arr)))
-        chosen = self.names if heads is None else [n for n in self.names if n in set(heads)]
+        wanted = set(self.config.heads) if heads is None else set(heads)  # config: as narrowed by evaluation code
+        chosen = [n for n in self.names if n in wanted]
         return {n: torch.from_numpy(np.asarray(outs[n], dtype=np.float32)) for n in chosen}
 
     # evaluation code switches models between train and eval mode; a runner is always in eval

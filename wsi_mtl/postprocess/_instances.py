@@ -42,7 +42,10 @@ def _watershed(image: np.ndarray, markers: np.ndarray, mask: np.ndarray) -> np.n
     # the 4 neighbours in the order skimage sorts them (by distance, then footprint order)
     neighbours = np.array([-(w + 2), -1, 1, w + 2], np.intp)
     strides = np.array([w + 2, 1], np.intp)
-    _flood(img.ravel(), np.flatnonzero(out), neighbours, msk.ravel(), strides, 0.0, out.ravel(), False)
+    try:
+        _flood(img.ravel(), np.flatnonzero(out), neighbours, msk.ravel(), strides, 0.0, out.ravel(), False)
+    except (TypeError, ValueError):  # another signature of skimage's private routine
+        return watershed(image, markers, mask=mask)
     return out[1:-1, 1:-1].copy()
 
 

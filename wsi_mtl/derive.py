@@ -294,8 +294,13 @@ def derive_into(
     tasks: Iterable[str] | None = None,
     tissue_map: bool = True,
     postprocess: Mapping[str, Any] | None = None,
+    extracted: Iterable[ObjectBatch] | None = None,
 ) -> dict[str, Any]:
     """:func:`derive_objects` into the run record ``run`` (updated in place, not written).
+
+    ``extracted``: the objects already being extracted with the same settings (an
+    :class:`~wsi_mtl.postprocess.ObjectStream`, e.g. overlapped with inference by the pipeline)
+    instead of extracting them here.
 
     For callers that hold run.json in memory and write it once (the pipeline). Returns the
     summary of :func:`derive_objects` plus ``run`` and ``old_files`` (the paths ``run`` listed
@@ -318,7 +323,8 @@ def derive_into(
         kwargs["tasks"] = tuple(tasks)
     if (run.get("parameters") or {}).get("tissue_mask") is False:
         kwargs["tissue_mask"] = False  # run with --no-tissue-mask: objects are not filtered by the mask
-    extracted = extract_objects(predictions, **kwargs)
+    if extracted is None:
+        extracted = extract_objects(predictions, **kwargs)
     batches = _Timed(extracted)
     stream: Iterable[ObjectBatch] = batches
     if progress:

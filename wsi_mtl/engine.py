@@ -13,6 +13,7 @@ import queue
 import threading
 import time
 from collections import deque
+from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import nullcontext
 from dataclasses import dataclass, field
@@ -125,9 +126,10 @@ def _blank_damaged(cores: dict[str, np.ndarray], tile: Tile, regions: list[dict[
 class _Writer(threading.Thread):
     """Writes finished batches to the store in order; errors surface on the calling thread."""
 
-    def __init__(self, store: PredictionStore, depth: int = 2) -> None:
+    def __init__(self, store: PredictionStore, depth: int = 2, on_tile: Callable[[tuple[int, int]], None] | None = None) -> None:
         super().__init__(name="wsimtl-writer", daemon=True)
         self.store = store
+        self.on_tile = on_tile
         self.jobs: queue.Queue[Any] = queue.Queue(maxsize=depth)
         self.error: BaseException | None = None
         self.bar: Any = None
@@ -144,6 +146,8 @@ class _Writer(threading.Thread):
                     if outputs is not None:
                         self.store.write_tile(tile, outputs)
                     self.store.mark_done(tile, damaged=damaged)
+                    if self.on_tile is not None:
+                        self.on_tile(tile.key)
                     if self.bar is not None:
                         self.bar.update(1)
             except BaseException as exc:  # noqa: BLE001 - re-raised on the main thread
@@ -197,6 +201,7 @@ def run_inference(
     progress: bool = True,
     tta: int = 1,
     runtime: str = "torch",
+    on_tile: Callable[[tuple[int, int]], None] | None = None,
 ) -> EngineStats:
     """Run ``model`` over ``tiles`` of ``slide`` at ``mpp`` and write every core into ``store``.
 
@@ -204,6 +209,10 @@ def run_inference(
     (:func:`wsi_mtl.network.tta.predict_tta`), at one network pass per view.
     ``runtime`` (``auto | torch | openvino | onnx``, :mod:`wsi_mtl.network.runtime`) runs the model
     through an exported graph where asked and possible (else torch); ``stats.runtime`` says which ran.
+
+    ``on_tile`` is called with each tile's key (row, col) once the tile is written and recorded
+    (on the writer thread), e.g. to post-process the map regions that are complete
+    (:class:`wsi_mtl.postprocess._overlap.OverlapExtractor`).
 
     Tiles already in ``store.done`` are skipped (resume). A tile whose region fails to decode is
     recorded as damaged (its outputs stay zero, "no data") and the run goes on; where only some of
@@ -219,7 +228,7 @@ def run_inference(
         model, stats.runtime = make_runner(model, resolve_runtime(runtime, device, model), precision=precision)
     cell_px = {h.name: h.cell_px for h in store.heads}
     t_start = time.perf_counter()
-    writer = _Writer(store)
+    writer = _Writer(store, on_tile=on_tile)
     writer.bar = tqdm(total=len(tiles), initial=stats.tiles_resumed, unit="tile", desc="tiles", disable=not progress, dynamic_ncols=True, smoothing=0.1)
     writer.start()
     autocast = torch.autocast(device.type, dtype=precision) if precision is not None else nullcontext()

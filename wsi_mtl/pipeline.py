@@ -142,6 +142,8 @@ def segment_slide(
     tta: int = 1,
     postprocess: Mapping[str, Any] | None = None,
     runtime: str = "auto",
+    overlap: bool = True,
+    postprocess_workers: int | None = None,
 ) -> SlideResult:
     """Run the multi-task network over one slide and write its results to ``out_dir/<stem>/``.
 
@@ -184,6 +186,13 @@ def segment_slide(
     runtime : str
         ``auto | torch | openvino | onnx``: what runs the network on the CPU
         (:mod:`wsi_mtl.network.runtime`); ``auto`` takes an adopted runtime when installed, else torch.
+    overlap : bool
+        With ``objects``, post-process the map chunks whose tiles are written while the network
+        works on later tiles (about a third of the cores, the network keeps the rest); the objects
+        are the same as without it. Recorded in run.json (``parameters.overlap``).
+    postprocess_workers : int, optional
+        Processes for post-processing (default: this process's CPU cores); a cohort with several
+        workers on one machine passes each worker's share.
 
     Returns
     -------
@@ -195,6 +204,7 @@ def segment_slide(
     opts = _check_options(device=device, precision=precision, batch_size=batch_size, tile_size=tile_size, margin=margin,
                           workers=workers, tta=tta, postprocess=postprocess)
     opts = _with_runtime(opts, runtime, precision)  # checked here, ``auto`` resolved once the model is loaded
+    pp_workers = _check_pp_workers(postprocess_workers)
     slide_path = Path(slide_path)
     result_dir = result_dir_for(slide_path, out_dir, name=name)
     rerun = plan_rerun(result_dir, objects=objects, overrides=opts.overrides, geojson_gz=geojson_gz, overwrite=overwrite)
@@ -205,7 +215,7 @@ def segment_slide(
         run = rerun.run or {}
         done = [f"maps complete: {(run.get('tiles') or {}).get('with_tissue', 0)} tiles reused"]
         return _finish(result_dir, run, opts, objects=True, geojson_gz=geojson_gz, progress=progress, slide=None,
-                       t_start=t_start, done=done, action="derived", why=rerun.reason)
+                       t_start=t_start, done=done, action="derived", why=rerun.reason, pp_workers=pp_workers)
 
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
@@ -221,12 +231,17 @@ def segment_slide(
             log.info("maps of %s are complete; deriving objects only", result_dir)
             run, action = previous, "derived"
             done = [f"maps complete: {len(layout.tiles)} tiles reused"]
-        else:
+            return _finish(result_dir, run, opts, objects=objects, geojson_gz=geojson_gz, progress=progress, slide=slide,
+                           t_start=t_start, done=done, action=action, pp_workers=pp_workers)
+        ov = _Overlap(_overlap_workers(pp_workers)) if objects and overlap else None
+        try:
             run = _infer_maps(slide, slide_path, result_dir, model, layout, opts, progress=progress, tissue_mask=tissue_mask,
-                              objects=objects, mpp=mpp)
-            action, done = "computed", [_tiles_done(run)]
-        return _finish(result_dir, run, opts, objects=objects, geojson_gz=geojson_gz, progress=progress, slide=slide,
-                       t_start=t_start, done=done, action=action)
+                              objects=objects, mpp=mpp, overlap=ov)
+            return _finish(result_dir, run, opts, objects=objects, geojson_gz=geojson_gz, progress=progress, slide=slide,
+                           t_start=t_start, done=[_tiles_done(run)], action="computed", pp_workers=pp_workers, overlap=ov)
+        finally:
+            if ov is not None:
+                ov.close()
 
 
 def _check_options(*, device: str, precision: str, batch_size: int | None, tile_size: int | None, margin: int | None,
@@ -246,6 +261,52 @@ def _check_options(*, device: str, precision: str, batch_size: int | None, tile_
         device=dev, amp=amp, batch_size=batch_size or _DEFAULT_BATCH.get(dev.type, 2),
         workers=workers or min(4, max(2, cpu_count())), tta=int(tta), tile_size=tile_size, margin=margin, overrides=overrides,
     )
+
+
+def _check_pp_workers(value: int | None) -> int:
+    """Post-processing processes: ``value`` checked (InputError), else this process's cores."""
+    if value is None:
+        return cpu_count()
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise InputError(f"postprocess workers must be a whole number of at least 1, not {value!r}")
+    return value
+
+
+def _overlap_workers(pp_workers: int) -> int:
+    """Post-processing processes beside the network: about a third of the cores (at least 1)."""
+    return max(1, min(pp_workers, round(cpu_count() / 3)))
+
+
+@dataclass
+class _Overlap:
+    """Post-processing overlapped with inference: its process count and, once the store exists, its extractor."""
+
+    workers: int
+    extractor: Any = None
+    torch_threads: int = 0
+
+    def start(self, store: PredictionStore, layout: _Layout, opts: _Options, *, tissue_mask: bool) -> Any:
+        """Plan the chunks on the store being written; returns the engine's per-tile callback."""
+        from .postprocess import params_of
+        from .postprocess._overlap import SPOOL_DIR, OverlapExtractor
+
+        params = params_of(layout.attrs.get("postprocess"), opts.overrides)
+        self.extractor = OverlapExtractor(
+            store.path, store.result_dir / SPOOL_DIR, grid_shape=(layout.grid.rows, layout.grid.cols), core_px=layout.grid.core_px,
+            pending=[t.key for t in layout.tiles if t.key not in store.done], workers=self.workers, params=params,
+            tissue_mask=tissue_mask,
+        )
+        return self.extractor.tile_done
+
+    def record(self) -> dict[str, Any]:
+        ex = self.extractor
+        done = ex.chunks_overlapped if ex is not None else 0
+        return {"workers": self.workers, "torch_threads": self.torch_threads, "chunks_during_inference": done,
+                "chunks": len(ex.jobs) if ex is not None else 0}
+
+    def close(self) -> None:
+        if self.extractor is not None:
+            self.extractor.close()
 
 
 def _with_runtime(opts: _Options, runtime: str, precision: str, model: Any = None) -> _Options:
@@ -386,17 +447,22 @@ def _reused(result_dir: Path, run: dict[str, Any], t_start: float) -> SlideResul
 
 
 def _finish(result_dir: Path, run: dict[str, Any], opts: _Options, *, objects: bool, geojson_gz: bool, progress: bool, slide: Any,
-            t_start: float, done: list[str], action: str, why: str = "") -> SlideResult:
+            t_start: float, done: list[str], action: str, why: str = "", pp_workers: int = 1,
+            overlap: _Overlap | None = None) -> SlideResult:
     """Objects and exports from the finished maps (``objects``), then run.json, marked complete, written once."""
     old_files: list[str] = []
     if objects:
         from .derive import derive_into, remove_stale
 
         t0 = time.perf_counter()
-        summary = derive_into(result_dir, run, workers=cpu_count(), progress=progress, geojson_gz=geojson_gz, slide=slide,
-                              postprocess=opts.overrides)
+        extracted = None
+        if overlap is not None and overlap.extractor is not None:
+            extracted = overlap.extractor.objects(result_dir / PREDICTIONS, workers=pp_workers)
+        summary = derive_into(result_dir, run, workers=pp_workers, progress=progress, geojson_gz=geojson_gz, slide=slide,
+                              postprocess=opts.overrides, extracted=extracted)
         run, old_files = summary["run"], summary["old_files"]
         run.setdefault("parameters", {})["objects"] = True
+        run["parameters"]["overlap"] = overlap.record() if overlap is not None and overlap.extractor is not None else False
         done.append(f"objects derived in {time.perf_counter() - t0:.0f} s" + (f" ({why})" if why else ""))
     else:
         done.append("no objects (--no-objects)")
@@ -412,7 +478,7 @@ def _finish(result_dir: Path, run: dict[str, Any], opts: _Options, *, objects: b
 
 
 def _infer_maps(slide: Any, slide_path: Path, result_dir: Path, model: Any, layout: _Layout, opts: _Options, *,
-                progress: bool, tissue_mask: bool, objects: bool, mpp: float | None) -> dict[str, Any]:
+                progress: bool, tissue_mask: bool, objects: bool, mpp: float | None, overlap: _Overlap | None = None) -> dict[str, Any]:
     """Run the network over the layout's tiles into predictions.zarr and write run.json with status ``maps``.
 
     That run.json is the checkpoint of the maps: a rerun that finds it (with the same fingerprint)
@@ -423,10 +489,21 @@ def _infer_maps(slide: Any, slide_path: Path, result_dir: Path, model: Any, layo
                             downsample=layout.attrs["downsample"], fingerprint=layout.fingerprint, attrs=layout.attrs)
     try:
         store.write_mask("tissue_mask", layout.tissue.mask, downsample=layout.tissue.mpp / slide.mpp)
-        stats = run_inference(
-            slide, model, grid, layout.tiles, store, mpp=float(model.config.mpp), device=opts.device, batch_size=opts.batch_size,
-            precision=opts.amp, workers=opts.workers, progress=progress, tta=opts.tta, runtime=opts.runtime,
-        )
+        on_tile = overlap.start(store, layout, opts, tissue_mask=tissue_mask) if overlap is not None else None
+        threads = torch.get_num_threads()
+        if overlap is not None and opts.device.type == "cpu":  # the network leaves the overlap its cores
+            torch.set_num_threads(max(1, threads - overlap.workers))
+        try:
+            if overlap is not None:
+                overlap.torch_threads = torch.get_num_threads()
+            stats = run_inference(
+                slide, model, grid, layout.tiles, store, mpp=float(model.config.mpp), device=opts.device, batch_size=opts.batch_size,
+                precision=opts.amp, workers=opts.workers, progress=progress, tta=opts.tta, runtime=opts.runtime, on_tile=on_tile,
+            )
+        finally:
+            torch.set_num_threads(threads)
+        if overlap is not None:
+            overlap.extractor.drain()  # the chunks in flight read the store before it is renamed
         from .damage import check_damage  # warns once, or fails a mostly unreadable slide (the store stays resumable)
 
         stats.damaged_fraction = check_damage(stats.damaged, layout.tissue, slide_mpp=slide.mpp, name=slide_path.name)

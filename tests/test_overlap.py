@@ -1,0 +1,179 @@
+"""Objects extracted while the maps are still being written equal those extracted afterwards."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import shapely
+from skimage.draw import disk
+
+from wsi_mtl.postprocess import PostprocessParams, extract_objects, label_to_3class
+from wsi_mtl.postprocess._extract import concat_batches
+from wsi_mtl.postprocess._overlap import OverlapExtractor
+from wsi_mtl.store import HeadLayout, PredictionStore
+from wsi_mtl.tiling import plan_tiles
+
+CORE = 64
+SIZE = 384  # 6 x 6 tiles of 64 model px
+PARAMS = PostprocessParams(gland_halo_px=16, gland_max_halo_px=128, gland_min_area_px=50, min_in_tissue=0.5)
+CHUNKS = {"chunk_px": 128, "halo_px": 8, "max_halo_px": 64}
+
+
+def _maps() -> dict[str, np.ndarray]:
+    """Nuclei everywhere (some across tile and chunk edges), glands wider than the first halo, tissue classes."""
+    rng = np.random.default_rng(3)
+    nuc = np.zeros((SIZE, SIZE), np.int32)
+    for k in range(1, 120):
+        y, x = rng.integers(4, SIZE - 4, 2)
+        nuc[disk((y, x), rng.integers(3, 7), shape=nuc.shape)] = k
+    gl = np.zeros((SIZE, SIZE), np.int32)
+    for k, (y, x, r) in enumerate([(100, 120, 45), (250, 260, 70), (330, 60, 30)], start=1):
+        gl[disk((y, x), r, shape=gl.shape)] = k
+    lum = np.zeros_like(gl)
+    lum[disk((250, 260), 20, shape=gl.shape)] = 1
+    patch = np.zeros((4, SIZE // 16, SIZE // 16), np.uint8)
+    cls = (np.arange(SIZE // 16)[:, None] // 8 + np.arange(SIZE // 16)[None, :] // 10) % 3 + 1
+    for c in range(4):
+        patch[c][cls == c] = 230
+    return {"Nuclei-INST": label_to_3class(nuc, erosion_px=1), "Gland-INST": label_to_3class(gl, erosion_px=5),
+            "Lumen-INST": label_to_3class(lum, erosion_px=1), "Patch-Class": patch}
+
+
+def _store(result_dir: Path, maps: dict[str, np.ndarray]) -> PredictionStore:
+    heads = [HeadLayout(n, a.shape[0], 16 if n == "Patch-Class" else 1) for n, a in maps.items()]
+    names = {"Patch-Class": ["background", "tumour", "stroma", "fat"]}
+    attrs = {"heads": {n: {"kind": "x", "classes": names.get(n, ["background", "interior", "boundary"]),
+                           "colors": [[0, 0, 0]] * len(names.get(n, "abc")), "cell_px": 16 if n == "Patch-Class" else 1} for n in maps},
+             "slide": {"mpp": 0.25, "width": 2 * SIZE, "height": 2 * SIZE}, "model_mpp": 0.5, "downsample": 2.0}
+    store = PredictionStore(result_dir, heads=heads, height=SIZE, width=SIZE, core_px=CORE, downsample=2.0,
+                            fingerprint={"test": 1}, attrs=attrs)
+    mask = np.ones((SIZE // 4, SIZE // 4), bool)
+    mask[:, :6] = False  # a strip of glass
+    store.write_mask("tissue_mask", mask, downsample=8.0)
+    return store
+
+
+def _key(batch) -> list[tuple]:
+    cols = [k for k in batch.columns if k != "id"]
+    wkb = shapely.to_wkb(batch.geometry)
+    return [tuple(repr(batch.columns[k][i]) for k in cols) + (wkb[i],) for i in range(len(batch))]  # repr: NaN == NaN
+
+
+def _write_tile(store: PredictionStore, maps: dict[str, np.ndarray], tile) -> None:
+    out = {}
+    for h in store.heads:
+        c = h.cell_px
+        out[h.name] = maps[h.name][:, tile.y0 // c : (tile.y0 + tile.height) // c, tile.x0 // c : (tile.x0 + tile.width) // c]
+    store.write_tile(tile, out)
+    store.mark_done(tile)
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_overlapped_objects_equal_those_extracted_afterwards(tmp_path: Path, workers: int) -> None:
+    maps = _maps()
+    store = _store(tmp_path, maps)
+    grid = plan_tiles(SIZE, SIZE, core_px=CORE, margin_px=0, stride=16)
+    tiles = [t for t in grid.tiles() if not (t.row == 0 and t.col == 5)]  # one tile without tissue: never written
+    with OverlapExtractor(store.path, tmp_path / "spool", grid_shape=(grid.rows, grid.cols), core_px=CORE,
+                          pending=[t.key for t in tiles], workers=workers, params=PARAMS, **CHUNKS) as ex:
+        for tile in tiles:
+            _write_tile(store, maps, tile)
+            ex.tile_done(tile.key)
+        ex.drain()
+        assert ex.chunks_overlapped >= 1  # the first chunk's tiles were written long before the last tile
+        final = store.finalize()
+        stream = ex.objects(final, workers=workers)
+        overlapped = concat_batches(list(stream))
+        warnings = stream.warnings
+    assert not (tmp_path / "spool").exists()
+    reference = extract_objects(final, params=PARAMS, workers=1, **CHUNKS)
+    after = concat_batches(list(reference))
+    assert set(after.columns["task"].tolist()) == {"nuclei", "gland", "lumen", "tissue"}
+    assert _key(overlapped) == _key(after)  # same objects, same order
+    assert warnings == reference.warnings
+
+
+def test_resumed_store_counts_finished_tiles_as_written(tmp_path: Path) -> None:
+    """Tiles written by an interrupted run are ready at once: chunks over them run before any new tile."""
+    maps = _maps()
+    store = _store(tmp_path, maps)
+    grid = plan_tiles(SIZE, SIZE, core_px=CORE, margin_px=0, stride=16)
+    tiles = list(grid.tiles())
+    for tile in tiles[:18]:  # the top half was written before the interruption
+        _write_tile(store, maps, tile)
+    with OverlapExtractor(store.path, tmp_path / "spool", grid_shape=(grid.rows, grid.cols), core_px=CORE,
+                          pending=[t.key for t in tiles[18:]], workers=1, params=PARAMS, **CHUNKS) as ex:
+        ex.drain(stop=False)  # no new tile yet
+        assert ex.chunks_overlapped >= 1
+        for tile in tiles[18:]:
+            _write_tile(store, maps, tile)
+            ex.tile_done(tile.key)
+        ex.drain()  # the chunks in flight read the store before it is renamed
+        final = store.finalize()
+        overlapped = concat_batches(list(ex.objects(final)))
+    after = concat_batches(list(extract_objects(final, params=PARAMS, workers=1, **CHUNKS)))
+    assert len(after) > 100 and _key(overlapped) == _key(after)
+
+
+def _small_chunks(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Chunks of 128 px in both paths, so that a small slide has many and some are done during inference."""
+    import functools
+
+    import wsi_mtl.postprocess as pp
+    import wsi_mtl.postprocess._overlap as ov
+
+    monkeypatch.setattr(pp, "extract_objects", functools.partial(pp.extract_objects, chunk_px=128, halo_px=8, max_halo_px=64))
+    monkeypatch.setattr(ov, "OverlapExtractor", functools.partial(ov.OverlapExtractor, chunk_px=128, halo_px=8, max_halo_px=64))
+
+
+def _table_key(result_dir: Path) -> list[tuple]:
+    import pyarrow.parquet as pq
+
+    table = pq.read_table(result_dir / "objects.parquet").drop_columns(["id"]).to_pydict()
+    return sorted(zip(*(map(repr, v) for v in table.values())))
+
+
+@pytest.mark.slow
+def test_segment_with_and_without_overlap_writes_the_same_objects(he_image, tmp_path, monkeypatch):
+    from wsi_mtl import synthetic
+    from wsi_mtl.pipeline import segment_slide
+
+    _small_chunks(monkeypatch)
+    slide = synthetic.write_svs(tmp_path / "s.svs", he_image, mpp=0.25, compression="jpeg", tile=256, levels=(1, 4))
+    common = {"tile_size": 128, "batch_size": 1, "progress": False, "precision": "fp32"}
+    off = segment_slide(slide, tmp_path / "off", overlap=False, **common)
+    on = segment_slide(slide, tmp_path / "on", **common)
+    assert off.run["parameters"]["overlap"] is False
+    record = on.run["parameters"]["overlap"]
+    assert record["chunks"] > 4 and record["workers"] >= 1 and record["torch_threads"] >= 1
+    assert on.run["objects"] == off.run["objects"] and sum(on.run["objects"]["nuclei"].values()) > 0
+    assert _table_key(on.result_dir) == _table_key(off.result_dir)
+    assert not (on.result_dir / ".objects-spool").exists()
+
+
+@pytest.mark.slow
+def test_run_cut_after_inference_resumes_and_derives_the_same_objects(he_image, tmp_path, monkeypatch):
+    from wsi_mtl import synthetic
+    from wsi_mtl.pipeline import segment_slide
+    from wsi_mtl.store import PredictionStore
+
+    _small_chunks(monkeypatch)
+    slide = synthetic.write_svs(tmp_path / "s.svs", he_image[:512], mpp=0.25, compression="jpeg", tile=256, levels=(1, 4))
+    common = {"tile_size": 128, "batch_size": 1, "progress": False, "precision": "fp32"}
+    real = PredictionStore.finalize
+
+    def killed(self):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(PredictionStore, "finalize", killed)
+    with pytest.raises(KeyboardInterrupt):
+        segment_slide(slide, tmp_path / "out", **common)
+    result_dir = tmp_path / "out" / "s"
+    assert (result_dir / "predictions.zarr.partial").is_dir() and not (result_dir / ".objects-spool").exists()
+    monkeypatch.setattr(PredictionStore, "finalize", real)
+    again = segment_slide(slide, tmp_path / "out", **common)
+    assert again.run["tiles"]["resumed"] == again.run["tiles"]["with_tissue"]  # every tile came from the cut run
+    reference = segment_slide(slide, tmp_path / "ref", overlap=False, **common)
+    assert _table_key(again.result_dir) == _table_key(reference.result_dir)

@@ -1,0 +1,298 @@
+"""Object extraction overlapped with inference: chunks are post-processed as soon as their tiles are written.
+
+:class:`OverlapExtractor` plans the same chunks as :func:`~wsi_mtl.postprocess.extract_objects`
+(same chunk size, halos and settings) over the store being written (``predictions.zarr.partial``).
+The engine reports each finished tile (:meth:`OverlapExtractor.tile_done`); a chunk is sent to a
+small pool once every tile its current read region touches is written (tiles without tissue are
+never written and count as ready). A chunk whose halo must grow past what is written returns
+"wait" and is sent again, at the halo it reached, when that larger region is ready. Each finished
+chunk's result is spooled to a file of its own, so memory does not grow with the slide.
+
+Once the network is done, :meth:`drain` waits for the chunks in flight (the store is then renamed
+by the caller) and :meth:`objects` runs the chunks left over on the final store and streams every
+chunk's objects in plan order through the same assembly as ``extract_objects``: the objects are
+identical to a run that post-processes after inference. Nothing here is resumable: an interrupted
+run re-derives the objects from the maps.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import pickle
+import shutil
+import threading
+from collections.abc import Iterable, Iterator
+from concurrent.futures import Executor, Future, ProcessPoolExecutor, ThreadPoolExecutor
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import multiprocessing as mp
+import numpy as np
+
+from wsi_mtl.postprocess import _extract as ex
+from wsi_mtl.postprocess._pool import children_allowed
+
+__all__ = ["OverlapExtractor", "SPOOL_DIR"]
+
+log = logging.getLogger(__name__)
+
+#: folder (inside the result folder) of the spooled chunk results; removed when the objects are written
+SPOOL_DIR = ".objects-spool"
+
+
+@dataclass(frozen=True)
+class _Readiness:
+    """Which tiles (rows x cols of ``core_px`` model px) are written, and a job grid's model px per px."""
+
+    ready: np.ndarray
+    core_px: int
+
+    def covers(self, region: tuple[int, int, int, int], scale: float) -> bool:
+        """Whether every tile under ``region`` (y0, y1, x0, x1 on a grid of ``scale`` model px per px) is written."""
+        y0, y1, x0, x1 = region
+        r0, r1 = int(y0 * scale) // self.core_px, math.ceil(y1 * scale / self.core_px)
+        c0, c1 = int(x0 * scale) // self.core_px, math.ceil(x1 * scale / self.core_px)
+        return bool(self.ready[r0:r1, c0:c1].all())
+
+
+_READERS: dict[str, Any] = {}
+
+
+def _reader(path: str) -> Any:
+    reader = _READERS.get(path)
+    if reader is None:
+        reader = _READERS[path] = ex._ZarrReader(path)
+    return reader
+
+
+def _attempts(reader: Any, job: Any, meta: Any, params: Any, readiness: _Readiness | None, scale: float) -> tuple[Any, dict | None]:
+    """:func:`_extract._run_job` stopped before a read region that is not written yet: (chunk, result or None)."""
+    if job.group == "tissue":
+        return job.chunk, ex._tissue_chunk(reader, job.chunk, meta, params)
+    chunk = job.chunk
+    while True:
+        if readiness is not None and not readiness.covers(chunk.read, scale):
+            return chunk, None
+        final = chunk.halo_px >= job.max_halo_px or not any(chunk.open_edges)
+        if job.group == "nuclei":
+            res = ex._nuclei_chunk(reader, chunk, meta, params, final)
+        else:
+            res = ex._glands_chunk(reader, chunk, meta, params, final, job.tasks)
+        if res is not None:
+            return chunk, res
+        chunk = chunk.with_halo(min(2 * chunk.halo_px, job.max_halo_px))
+
+
+def _run_spooled(path: str, job: Any, meta: Any, params: Any, readiness: _Readiness | None, scale: float,
+                 spool: str) -> tuple[Any, bool]:
+    """Run one job as far as the written tiles allow; a finished result is pickled to ``spool``.
+
+    Returns the chunk reached (its halo) and whether the job finished.
+    """
+    chunk, res = _attempts(_reader(path), job, meta, params, readiness, scale)
+    if res is None:
+        return chunk, False
+    tmp = f"{spool}.tmp"
+    with open(tmp, "wb") as fh:
+        pickle.dump(res, fh, protocol=pickle.HIGHEST_PROTOCOL)
+    os.replace(tmp, spool)
+    return chunk, True
+
+
+def _lower_priority() -> None:
+    """Pool processes yield to the network's threads when both want a core."""
+    try:
+        os.nice(5)
+    except OSError:  # pragma: no cover - not permitted
+        pass
+
+
+def _executor(workers: int) -> Executor:
+    if not children_allowed():  # a daemonic process (Dask worker): threads
+        return ThreadPoolExecutor(max_workers=workers, thread_name_prefix="wsimtl-overlap")
+    ctx = mp.get_context("forkserver" if "forkserver" in mp.get_all_start_methods() else "spawn")
+    return ProcessPoolExecutor(max_workers=workers, mp_context=ctx, initializer=_lower_priority)
+
+
+class OverlapExtractor:
+    """Post-processes the chunks of a store while the engine is still writing it (see the module notes).
+
+    Parameters
+    ----------
+    predictions_path : path
+        The store being written (its attributes, heads and tissue mask already in place).
+    spool_dir : path
+        Folder for the chunk results (emptied first, removed by :meth:`close`).
+    grid_shape : (rows, cols)
+        The tile grid; ``core_px`` is a tile core's side in model px.
+    pending : iterable of (row, col)
+        Tiles that will be written (all other tiles are written already or never).
+    workers : int
+        Chunks in flight at once (processes; threads in a daemonic process).
+    params, tasks, tissue_mask, chunk_px, halo_px, max_halo_px
+        As in :func:`~wsi_mtl.postprocess.extract_objects`.
+    """
+
+    def __init__(self, predictions_path: str | Path, spool_dir: str | Path, *, grid_shape: tuple[int, int], core_px: int,
+                 pending: Iterable[tuple[int, int]], workers: int = 1, params: Any = None, tasks: Iterable[str] | None = None,
+                 tissue_mask: bool = True, chunk_px: int = 2048, halo_px: int | None = None,
+                 max_halo_px: int | None = None) -> None:
+        meta = ex.read_meta(predictions_path)
+        if not tissue_mask:
+            meta = replace(meta, mask_downsample=None)
+        self.meta = meta
+        self.params = params or ex.PostprocessParams.from_mapping(meta.postprocess)
+        self.tasks = ex._check_tasks(ex._available_tasks(meta) if tasks is None else tasks, meta)
+        self.jobs = ex._plan_jobs(meta, self.tasks, chunk_px=chunk_px, halo_px=halo_px, max_halo_px=max_halo_px,
+                                 params=self.params)
+        self.path = str(predictions_path)
+        self.spool = Path(spool_dir)
+        shutil.rmtree(self.spool, ignore_errors=True)
+        self.spool.mkdir(parents=True)
+        self.workers = max(1, int(workers))
+        ready = np.ones(grid_shape, bool)
+        for r, c in pending:
+            ready[r, c] = False
+        self._ready = ready
+        self._core_px = int(core_px)
+        self._chunks = [j.chunk for j in self.jobs]  # the halo each job has reached
+        self._waiting = list(range(len(self.jobs)))
+        self._done: set[int] = set()
+        self._in_flight: dict[Future, int] = {}
+        self._lock = threading.RLock()  # a future done before add_done_callback calls back at once
+        self._idle = threading.Condition(self._lock)
+        self._stopped = False
+        self._error: BaseException | None = None
+        self._pool: Executor | None = _executor(self.workers)
+        self.chunks_overlapped = 0
+        with self._lock:
+            self._schedule()
+
+    # -- while the network runs ------------------------------------------------------------------
+    def _scale(self, job: Any) -> float:
+        if job.group == "glands":
+            return float(self.params.gland_downsample)
+        if job.group == "tissue":
+            return self.meta.heads[ex.PATCH].downsample / self.meta.downsample
+        return 1.0
+
+    def _readiness(self) -> _Readiness:
+        return _Readiness(self._ready.copy(), self._core_px)
+
+    def _schedule(self) -> None:
+        """Send waiting jobs whose read region is written (lock held), at most ``workers`` in flight."""
+        if self._stopped or self._pool is None or self._error is not None:
+            return
+        readiness = None
+        for i in list(self._waiting):
+            if len(self._in_flight) >= self.workers:
+                return
+            job = replace(self.jobs[i], chunk=self._chunks[i])
+            readiness = readiness or self._readiness()
+            if not readiness.covers(job.chunk.read, self._scale(job)):
+                continue
+            self._waiting.remove(i)
+            fut = self._pool.submit(_run_spooled, self.path, job, self.meta, self.params, readiness, self._scale(job),
+                                    str(self._part(i)))
+            self._in_flight[fut] = i
+            fut.add_done_callback(self._finished)
+
+    def _part(self, i: int) -> Path:
+        return self.spool / f"{i:06d}.pkl"
+
+    def _finished(self, fut: Future) -> None:
+        with self._lock:
+            i = self._in_flight.pop(fut)
+            try:
+                chunk, done = fut.result()
+            except BaseException as exc:  # noqa: BLE001 - re-raised by objects(); the chunk is redone there
+                self._error = self._error or exc
+                self._waiting.append(i)
+            else:
+                self._chunks[i] = chunk
+                if done:
+                    self._done.add(i)
+                    self.chunks_overlapped += 1
+                else:
+                    self._waiting.append(i)
+                    self._waiting.sort()
+            self._schedule()
+            self._idle.notify_all()
+
+    def tile_done(self, key: tuple[int, int]) -> None:
+        """The engine wrote tile ``key`` (row, col) and recorded it: send the chunks it completes.
+
+        Never raises (the network goes on): a failure stops the overlap and is reported by :meth:`drain`.
+        """
+        with self._lock:
+            self._ready[key] = True
+            try:
+                self._schedule()
+            except Exception as exc:  # noqa: BLE001 - e.g. a broken pool; the chunks run after inference
+                self._error = self._error or exc
+
+    def drain(self, *, stop: bool = True) -> None:
+        """Wait for the chunks in flight; with ``stop``, send nothing more (before the store is renamed)."""
+        with self._lock:
+            self._stopped = self._stopped or stop
+            while self._in_flight:
+                self._idle.wait()
+        if self._error is not None:
+            log.warning("overlapped post-processing failed (%s): its chunks are redone after inference", self._error)
+
+    # -- after the network -----------------------------------------------------------------------
+    def objects(self, predictions_path: str | Path, *, workers: int | None = None) -> ex.ObjectStream:
+        """Every chunk's objects in plan order; chunks not finished run now on ``predictions_path``
+        with ``workers`` processes (default: as many as during inference)."""
+        self.drain()
+        if workers and workers != self.workers or self._error is not None:
+            assert self._pool is not None
+            self._pool.shutdown(wait=True)
+            self.workers = max(1, int(workers or self.workers))
+            self._pool = _executor(self.workers)
+        left = [i for i in range(len(self.jobs)) if i not in self._done]
+        log.info("post-processing: %d of %d chunks done during inference, %d left", len(self._done), len(self.jobs), len(left))
+        path = str(predictions_path)
+        return ex.ObjectStream(lambda warnings: ex._assemble(self._results(path, left), self.meta, self.params, warnings))
+
+    def _results(self, path: str, left: list[int]) -> Iterator[dict[str, Any]]:
+        assert self._pool is not None
+        jobs = {i: replace(self.jobs[i], chunk=self._chunks[i]) for i in left}
+        futures: dict[int, Future] = {}
+        queue = iter(left)
+
+        def top_up() -> None:
+            while len(futures) < 2 * self.workers:
+                i = next(queue, None)
+                if i is None:
+                    return
+                futures[i] = self._pool.submit(_run_spooled, path, jobs[i], self.meta, self.params, None, 1.0, str(self._part(i)))
+
+        top_up()
+        for i in range(len(self.jobs)):
+            if i in futures:
+                futures.pop(i).result()
+                top_up()
+            part = self._part(i)
+            with open(part, "rb") as fh:
+                res = pickle.load(fh)
+            part.unlink()
+            yield res
+
+    def close(self) -> None:
+        """Stop the pool and remove the spooled results."""
+        with self._lock:
+            self._stopped = True
+        if self._pool is not None:
+            self._pool.shutdown(wait=True, cancel_futures=True)
+            self._pool = None
+        shutil.rmtree(self.spool, ignore_errors=True)
+
+    def __enter__(self) -> OverlapExtractor:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()

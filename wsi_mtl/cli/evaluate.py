@@ -23,7 +23,7 @@ from ._options import (
 #: The default validation split: the repository's training config (a source checkout), else ./configs.
 _CONFIG_NAME = Path("configs") / "wsimtl-small.yaml"
 _REPO_CONFIG = Path(__file__).resolve().parents[2] / _CONFIG_NAME
-SPLIT_TASKS = ("nuclei", "glands", "nuclei_type", "tissue")
+SPLIT_TASKS = ("nuclei", "glands", "nuclei_type", "tissue", "non_gland")
 TILE_TASKS = ("nuclei", "glands", "tissue")
 
 

@@ -17,7 +17,7 @@ from ..errors import InputError
 __all__ = ["TrainConfig", "load_config", "load_split", "SOURCES", "DEFAULT_SOURCE_MPP"]
 
 #: Data sources the trainer knows, keyed as in the config and the split file.
-SOURCES: tuple[str, ...] = ("monuseg", "cpm15", "crchistophenotypes", "glas", "lc25000", "kather2016")
+SOURCES: tuple[str, ...] = ("monuseg", "cpm15", "crchistophenotypes", "glas", "lc25000", "kather2016", "glioma")
 
 #: Microns per pixel of each source as stored in ../shared/data (see MODEL_CARD.md for reasons).
 DEFAULT_SOURCE_MPP: dict[str, float] = {
@@ -28,6 +28,7 @@ DEFAULT_SOURCE_MPP: dict[str, float] = {
     "glas": 0.62,  # 20x Zeiss MIRAX MIDI, 0.6203 um/px
     "kather2016": 0.495 * 150 / 224,  # 150 px tiles at 0.495 um/px upscaled to 224 px
     "lc25000": 1.0,  # assumption: 768 px originals downscaled to 224 px, judged from red cell size
+    "glioma": 0.25,  # not stated by the source; estimated from nucleus size (SOURCES.md)
 }
 
 
@@ -108,6 +109,18 @@ class TrainConfig:
     #: shape of the weights it starts from (e.g. ``{fine_decoders: [Nuclei]}`` adds a fine branch
     #: to a trained model). Empty: the arch as registered, shaped as its starting weights.
     arch_params: Mapping[str, Any] = field(default_factory=dict)
+    #: Heads no source supervises in this run: never computed, their decoders frozen.
+    untrained_heads: tuple[str, ...] = ("Lumen-INST",)
+    #: GlaS items carry lumen pseudo-labels (``wsi_mtl.train._lumen``) for ``Lumen-INST``.
+    lumen_labels: bool = False
+    #: Odd side of the square that erodes lumen instances into their interior (as nuclei).
+    lumen_erosion_px: int = 3
+    #: At ``init_from``: modules that start as copies of others (destination -> source module,
+    #: e.g. ``{decoder_head.Lumen: decoder_head.Gland}``), tensors of equal shape.
+    copy_modules: Mapping[str, str] = field(default_factory=dict)
+    #: The rule that decides whether this run's model ships, written before the run (recorded
+    #: with the export; applied by whoever ships it, e.g. from `wsimtl evaluate` numbers).
+    ship_rule: Mapping[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready dict (paths as strings)."""
@@ -118,7 +131,7 @@ class TrainConfig:
         return out
 
 
-_SEG_TASKS = ("nuclei", "nuclei_binary", "nuclei_split", "nuclei_type", "gland")
+_SEG_TASKS = ("nuclei", "nuclei_binary", "nuclei_split", "nuclei_type", "gland", "gland_negative")
 _CLS_TASKS = ("lc25000", "kather2016")
 
 
@@ -146,7 +159,7 @@ def _validate(data: Mapping[str, Any], base: Path) -> TrainConfig:
                 continue
             p = Path(os.path.expanduser(str(v)))
             kw[k] = p if p.is_absolute() else (base / p)
-        elif k in ("schedule", "scale_range", "trainable"):
+        elif k in ("schedule", "scale_range", "trainable", "untrained_heads"):
             kw[k] = tuple(v)
         elif k == "source_mpp":
             kw[k] = {**DEFAULT_SOURCE_MPP, **{str(a): float(b) for a, b in v.items()}}
@@ -194,6 +207,10 @@ def _validate(data: Mapping[str, Any], base: Path) -> TrainConfig:
         raise InputError(f"training config: tune_sources maps nuclei / gland to lists of sources, got {dict(cfg.tune_sources)}")
     if cfg.time_budget_minutes is not None and cfg.time_budget_minutes <= 0:
         raise InputError(f"training config: time_budget_minutes must be positive, got {cfg.time_budget_minutes}")
+    if cfg.lumen_erosion_px < 1 or cfg.lumen_erosion_px % 2 == 0:
+        raise InputError(f"training config: lumen_erosion_px must be a positive odd integer, got {cfg.lumen_erosion_px}")
+    if cfg.lumen_labels and "Lumen-INST" in cfg.untrained_heads:
+        raise InputError("training config: lumen_labels trains Lumen-INST; remove it from untrained_heads")
     lo, hi = cfg.scale_range
     if not 0 < lo <= hi:
         raise InputError(f"training config: scale_range must be 0 < low <= high, got {cfg.scale_range}")

@@ -14,6 +14,7 @@ from PIL import Image
 
 from ..errors import InputError
 from ._augment import random_crop, random_flip_rot, resize_image, resize_labels
+from ._lumen import lumen_labels
 from ._targets import IGNORE, background_from_labels, binary_targets, inst_targets, split_touching, type_targets_from_points
 
 __all__ = [
@@ -28,6 +29,10 @@ __all__ = [
     "load_glas",
     "load_lc25000",
     "load_kather2016",
+    "load_glioma",
+    "load_gland_negatives",
+    "KATHER_NON_GLAND",
+    "LC25000_NON_GLAND",
     "load_sources",
     "Sources",
     "sample_seg",
@@ -42,6 +47,10 @@ CRCHP_CLASSES: dict[str, int] = {"epithelial": 1, "fibroblast": 2, "inflammatory
 SEG_HEADS: tuple[str, ...] = ("Nuclei-INST", "Gland-INST", "Lumen-INST", "Nuclei-TYPE")
 #: CPM-15 objective power per image (README_training.txt of the challenge).
 _CPM15_40X = {f"image{i:02d}" for i in range(8, 16)}
+#: Kather classes without glands (stroma, lympho, debris, adipose, empty): "no gland here" tiles.
+KATHER_NON_GLAND: tuple[str, ...] = ("stroma", "lympho", "debris", "adipose", "empty")
+#: LC25000 classes without glands (squamous-cell carcinoma).
+LC25000_NON_GLAND: tuple[str, ...] = ("lung_scc",)
 
 
 @dataclass
@@ -49,7 +58,9 @@ class SegItem:
     """One image for the segmentation heads, already at the model's mpp.
 
     ``kind`` is ``"nuclei"`` (instance labels), ``"nuclei_binary"`` (foreground mask),
-    ``"nuclei_type"`` (TYPE target map from points) or ``"gland"`` (gland instance labels).
+    ``"nuclei_type"`` (TYPE target map from points) or ``"gland"`` (gland instance labels;
+    all zero for a tile without glands, task ``gland_negative``). ``lumen``: lumen instance labels
+    of a gland item (pseudo-labels, :mod:`~wsi_mtl.train._lumen`), None where lumen is unlabelled.
     """
 
     name: str
@@ -60,6 +71,7 @@ class SegItem:
     patch: dict[str, int] = field(default_factory=dict)
     points_yx: np.ndarray | None = None  # (N, 2) float, model pixels (nuclei_type only)
     point_classes: np.ndarray | None = None  # (N,) int, 0 = no class
+    lumen: np.ndarray | None = None  # (H, W) int32 lumen instances (gland items), None = unlabelled
 
 
 @dataclass
@@ -205,8 +217,10 @@ def load_crchistophenotypes(
     return out
 
 
-def load_glas(root: Path, *, mpp: float, source_mpp: float, names: Sequence[str] | None = None, exclude: Sequence[str] = (), grades: Sequence[str] = ("benign", "malignant")) -> list[SegItem]:
-    """GlaS training images with gland instance labels and the benign/malignant grade (Patch-GlaS)."""
+def load_glas(root: Path, *, mpp: float, source_mpp: float, names: Sequence[str] | None = None, exclude: Sequence[str] = (), grades: Sequence[str] = ("benign", "malignant"),
+              lumen: bool = False) -> list[SegItem]:
+    """GlaS training images with gland instance labels and the benign/malignant grade (Patch-GlaS);
+    ``lumen``: with lumen pseudo-labels derived at the model's mpp (:func:`~wsi_mtl.train._lumen.lumen_labels`)."""
     base = root / "glands" / "glas"
     by = {r["name"]: r for r in _csv(base / "manifest.csv")}
     out = []
@@ -215,7 +229,60 @@ def load_glas(root: Path, *, mpp: float, source_mpp: float, names: Sequence[str]
         img, lab = _rescale(_read_rgb(base / r["image"]), _read_labels(base / r["annotation"]), source_mpp / mpp)
         g = r["grade_glas"]
         patch = {"Patch-GlaS": list(grades).index(g)} if g in grades else {}
-        out.append(SegItem(n, "glas", "gland", img, lab, patch=patch))
+        out.append(SegItem(n, "glas", "gland", img, lab, patch=patch, lumen=lumen_labels(img, lab) if lumen else None))
+    return out
+
+
+def _negative(name: str, source: str, image: np.ndarray) -> SegItem:
+    """A tile without glands: gland and lumen labels all background."""
+    zeros = np.zeros(image.shape[:2], np.int32)
+    return SegItem(name, source, "gland", image, zeros, lumen=zeros.copy())
+
+
+def load_glioma(root: Path, *, mpp: float, source_mpp: float, names: Sequence[str] | None = None, exclude: Sequence[str] = ()) -> list[SegItem]:
+    """Glioma patches (brain: no glands) as ``gland_negative`` items."""
+    base = root / "nuclei" / "glioma"
+    by = {r["name"]: r for r in _csv(base / "manifest.csv")}
+    out = []
+    for n in _select(list(by), names, exclude):
+        img, _ = _rescale(_read_rgb(base / by[n]["image"]), None, source_mpp / mpp)
+        out.append(_negative(n, "glioma", img))
+    return out
+
+
+def _mosaics(tiles: Sequence[ClsItem], *, n: int, grid: int = 3, seed: int = 0) -> list[SegItem]:
+    """``n`` mosaics of ``grid`` x ``grid`` tiles drawn from ``tiles`` (seeded): tissue next to
+    tissue and, where an empty tile is drawn, tissue borders against glass."""
+    if not tiles:
+        return []
+    rng = np.random.default_rng(seed)
+    side = min(min(t.image.shape[:2]) for t in tiles)
+    out = []
+    for i in range(n):
+        pick = rng.integers(len(tiles), size=grid * grid)
+        rows = [np.concatenate([tiles[int(j)].image[:side, :side] for j in pick[r * grid : (r + 1) * grid]], axis=1) for r in range(grid)]
+        out.append(_negative(f"mosaic_{i:03d}", "kather2016_mosaic", np.ascontiguousarray(np.concatenate(rows, axis=0))))
+    return out
+
+
+def load_gland_negatives(
+    root: Path, *, mpp: float, source_mpp: Mapping[str, float], split: Mapping[str, Sequence[str]], part: str, lc_classes: Sequence[str], mosaics: int = 40, seed: int = 0,
+) -> list[SegItem]:
+    """Tiles that hold no gland, for "no gland here" (task ``gland_negative``): LC25000 squamous
+    carcinoma, glioma patches, and the Kather non-gland classes (training part: as ``mosaics``
+    3 x 3 mosaics, so tiles meet each other and glass; validation part: the tiles themselves)."""
+    def sel(src: str) -> dict[str, Sequence[str] | None]:
+        return {"names": None, "exclude": split.get(src, [])} if part == "train" else {"names": split.get(src, []), "exclude": ()}
+
+    lc = [it for it in load_lc25000(root, mpp=mpp, source_mpp=source_mpp["lc25000"], classes=lc_classes, **sel("lc25000")) if lc_classes[it.label] in LC25000_NON_GLAND]
+    out = [_negative(it.name, "lc25000", it.image) for it in lc]
+    out += load_glioma(root, mpp=mpp, source_mpp=source_mpp["glioma"], **sel("glioma"))
+    kather_names = {r["file"]: r["label_name_assumed_tfds_order"] for r in _csv(root / "tissue" / "kather2016_like_100" / "labels.csv")}
+    kather = [it for it in load_kather2016(root, mpp=mpp, source_mpp=source_mpp["kather2016"], **sel("kather2016")) if kather_names.get(it.name) in KATHER_NON_GLAND]
+    if part == "train":
+        out += _mosaics(kather, n=mosaics, seed=seed)
+    else:
+        out += [_negative(it.name, "kather2016", it.image) for it in kather]
     return out
 
 
@@ -264,12 +331,15 @@ def load_sources(
     radius_px: float = 4.0,
     background_px: float | None = 10.0,
     tasks: Sequence[str] | None = None,
+    lumen: bool = False,
 ) -> Sources:
     """Load every source for ``part`` = ``"train"`` (everything not in ``split``) or ``"val"`` (only ``split``).
 
     ``tasks`` limits loading to some of nuclei, nuclei_binary, nuclei_split, nuclei_type, gland,
     lc25000, kather2016 (default: all of them). ``nuclei_split`` (the binary-only MoNuSeg masks cut
     into instances, :func:`split_binary_items`) is a training task only, as is ``nuclei_binary``.
+    ``gland_negative`` (tiles without glands, :func:`load_gland_negatives`) is loaded only when
+    named in ``tasks``; ``lumen`` adds lumen pseudo-labels to the GlaS items.
     """
     if part not in ("train", "val"):
         raise ValueError(f"part must be 'train' or 'val', got {part!r}")
@@ -295,7 +365,9 @@ def load_sources(
     if "nuclei_type" in want:
         seg["nuclei_type"] = load_crchistophenotypes(root, mpp=mpp, source_mpp=source_mpp["crchistophenotypes"], radius_px=radius_px, background_px=background_px, **sel("crchistophenotypes"))
     if "gland" in want:
-        seg["gland"] = load_glas(root, mpp=mpp, source_mpp=source_mpp["glas"], **sel("glas"))
+        seg["gland"] = load_glas(root, mpp=mpp, source_mpp=source_mpp["glas"], lumen=lumen, **sel("glas"))
+    if tasks is not None and "gland_negative" in want:
+        seg["gland_negative"] = load_gland_negatives(root, mpp=mpp, source_mpp=source_mpp, split=split, part=part, lc_classes=lc_classes)
     if "lc25000" in want:
         cls["lc25000"] = load_lc25000(root, mpp=mpp, source_mpp=source_mpp["lc25000"], classes=lc_classes, **sel("lc25000"))
     if "kather2016" in want:
@@ -312,6 +384,7 @@ def sample_seg(
     nuclei_erosion_px: int,
     gland_erosion_px: int,
     type_background: bool = False,
+    lumen_erosion_px: int = 3,
 ) -> tuple[np.ndarray, dict[str, np.ndarray], dict[str, int]]:
     """An augmented crop of ``item`` with a target map per segmentation head (IGNORE where unlabelled).
 
@@ -325,8 +398,10 @@ def sample_seg(
     patch : dict patch head -> class index
     """
     fill = IGNORE if item.kind == "nuclei_type" else 0
-    img, (lab,), valid = random_crop(rng, item.image, [item.labels], size_px=crop_px, scale_range=scale_range, fills=[fill])
-    img, lab, valid = random_flip_rot(rng, [img, lab, valid])
+    maps = [item.labels] if item.lumen is None else [item.labels, item.lumen]
+    img, cropped, valid = random_crop(rng, item.image, maps, size_px=crop_px, scale_range=scale_range, fills=[fill] * len(maps))
+    img, *cropped, valid = random_flip_rot(rng, [img, *cropped, valid])
+    lab = cropped[0]
     shape = (crop_px, crop_px)
     t = {h: np.full(shape, IGNORE, np.uint8) for h in SEG_HEADS}
     if item.kind == "nuclei":
@@ -341,6 +416,8 @@ def sample_seg(
         t["Nuclei-TYPE"] = lab.astype(np.uint8)
     elif item.kind == "gland":
         t["Gland-INST"] = inst_targets(lab, erosion_px=gland_erosion_px)
+        if item.lumen is not None:
+            t["Lumen-INST"] = inst_targets(cropped[1], erosion_px=lumen_erosion_px)
     else:
         raise ValueError(f"unknown item kind {item.kind!r}")
     for v in t.values():

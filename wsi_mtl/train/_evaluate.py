@@ -196,9 +196,12 @@ def evaluate_sources(
     if glands and "Gland-INST" in heads:
         tp = fp = fn = 0
         dices, hds, correct, n_grade = [], [], 0, 0
+        lumen = _LumenScore(model, params)
+        grades: dict[str, list[Any]] = {}
         for item in wrap(glands, "glands"):
-            probs = predict_image(model, item.image, heads=["Gland-INST", "Patch-GlaS"], bf16=bf16, tta=tta)
+            probs = predict_image(model, item.image, heads=["Gland-INST", "Patch-GlaS", *lumen.heads(item)], bf16=bf16, tta=tta)
             pred = gland_labels(probs["Gland-INST"], params)
+            lumen_row = lumen.add(item, probs, pred)
             truth = item.labels
             if gland_truth is not None and item.name in gland_truth:
                 truth = gland_truth[item.name]
@@ -207,7 +210,8 @@ def evaluate_sources(
             tp, fp, fn = tp + s.tp, fp + s.fp, fn + s.fn
             dices.append(s.object_dice)
             hds.append(s.object_hausdorff)
-            row: dict[str, Any] = {"f1": s.f1, "object_dice": s.object_dice, "object_hausdorff": s.object_hausdorff}
+            row: dict[str, Any] = {"f1": s.f1, "object_dice": s.object_dice, "object_hausdorff": s.object_hausdorff, **lumen_row}
+            grades.setdefault(_grade_of(item), []).append(s)
             if "Patch-GlaS" in probs and "Patch-GlaS" in item.patch:
                 p = probs["Patch-GlaS"].reshape(probs["Patch-GlaS"].shape[0], -1).mean(axis=1)
                 ok = int(np.argmax(p)) == item.patch["Patch-GlaS"]
@@ -224,6 +228,13 @@ def evaluate_sources(
             "patch_glas_accuracy": correct / n_grade if n_grade else float("nan"),
             "n_images": len(glands),
         }
+        res["glands"]["by_grade"] = {g: _gland_summary(v) for g, v in sorted(grades.items()) if g}
+        if lumen.n_images:
+            res["lumen"] = lumen.summary()
+
+    negatives: Sequence[SegItem] = data.seg.get("gland_negative", [])
+    if negatives and "Gland-INST" in heads:
+        res["non_gland"] = non_gland_area(model, negatives, params=params, bf16=bf16, tta=tta, wrap=wrap, images=images)
 
     typed: Sequence[SegItem] = data.seg.get("nuclei_type", [])
     if typed and "Nuclei-TYPE" in heads and "Nuclei-INST" in heads:
@@ -277,6 +288,88 @@ def evaluate_sources(
     return res
 
 
+def _grade_of(item: SegItem) -> str:
+    """``benign`` / ``malignant`` of a GlaS item (its Patch-GlaS label), "" where unknown."""
+    g = item.patch.get("Patch-GlaS")
+    return ("benign", "malignant")[g] if g in (0, 1) else ""
+
+
+def _gland_summary(scores: Sequence[Any]) -> dict[str, Any]:
+    """Pooled object F1, mean object Dice and Hausdorff of some images' :func:`~wsi_mtl.metrics.gland_scores`."""
+    tp, fp, fn = (sum(getattr(s, k) for s in scores) for k in ("tp", "fp", "fn"))
+    return {"f1": 2 * tp / (2 * tp + fp + fn) if (tp + fp + fn) else 1.0, "object_dice": _mean(s.object_dice for s in scores),
+            "object_hausdorff": _mean(s.object_hausdorff for s in scores), "n_images": len(scores)}
+
+
+class _LumenScore:
+    """Lumen Dice of a model against the lumen pseudo-labels of gland items (``SegItem.lumen``):
+    lumen objects as `wsimtl segment` makes them (kept inside the predicted glands), at the model's mpp."""
+
+    def __init__(self, model: torch.nn.Module, params: PostprocessParams) -> None:
+        self.on = "Lumen-INST" in model.config.heads
+        self.params = params
+        self.inter = self.total = 0
+        self.dices: list[float] = []
+
+    @property
+    def n_images(self) -> int:
+        return len(self.dices)
+
+    def heads(self, item: SegItem) -> list[str]:
+        return ["Lumen-INST"] if self.on and item.lumen is not None else []
+
+    def add(self, item: SegItem, probs: Mapping[str, np.ndarray], glands: np.ndarray) -> dict[str, float]:
+        if "Lumen-INST" not in probs or item.lumen is None:
+            return {}
+        from ..postprocess import lumen_instances
+
+        p = self.params
+        pred = lumen_instances(probs["Lumen-INST"], gland_labels=glands, threshold=p.lumen_threshold, erosion_px=p.lumen_erosion_px,
+                               min_area_px=p.lumen_min_area_px, min_inside=p.lumen_min_inside) > 0
+        true = item.lumen > 0
+        inter, total = int((pred & true).sum()), int(pred.sum() + true.sum())
+        self.inter, self.total = self.inter + inter, self.total + total
+        dice = 2 * inter / total if total else 1.0
+        self.dices.append(dice)
+        return {"lumen_dice": dice}
+
+    def summary(self) -> dict[str, Any]:
+        return {"dice": 2 * self.inter / self.total if self.total else 1.0, "dice_mean": _mean(self.dices), "n_images": self.n_images,
+                "truth": "pseudo-labels (wsi_mtl.train._lumen), not annotations"}
+
+
+def non_gland_area(model: torch.nn.Module, items: Sequence[SegItem], *, params: PostprocessParams | None = None, bf16: bool = True, tta: int = 1,
+                   wrap: Any = None, images: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Gland (and lumen) area fraction of tiles that hold no gland: the gland objects `wsimtl segment`
+    would draw, pooled over pixels per source and overall (0 is right, every pixel is a false positive)."""
+    params = params or params_of(model)
+    lumen = "Lumen-INST" in model.config.heads
+    per: dict[str, list[int]] = {}
+    for item in (wrap(items, "non-gland tiles") if wrap else items):
+        probs = predict_image(model, item.image, heads=["Gland-INST", *(["Lumen-INST"] if lumen else [])], bf16=bf16, tta=tta)
+        glands = gland_labels(probs["Gland-INST"], params)
+        lum = 0
+        if lumen:
+            from ..postprocess import lumen_instances
+
+            lum = int((lumen_instances(probs["Lumen-INST"], gland_labels=glands, threshold=params.lumen_threshold, erosion_px=params.lumen_erosion_px,
+                                       min_area_px=params.lumen_min_area_px, min_inside=params.lumen_min_inside) > 0).sum())
+        g, n = int((glands > 0).sum()), int(glands.size)
+        acc = per.setdefault(item.source, [0, 0, 0, 0])
+        acc[0] += g
+        acc[1] += lum
+        acc[2] += n
+        acc[3] += 1
+        if images is not None:
+            images[f"non_gland/{item.source}/{item.name}"] = {"gland_area_fraction": g / n, "lumen_area_fraction": lum / n}
+
+    def row(g: int, lum: int, n: int, k: int) -> dict[str, Any]:
+        return {"gland_area_fraction": g / n if n else float("nan"), "lumen_area_fraction": lum / n if n else float("nan"), "n_images": k}
+
+    tot = [sum(v[i] for v in per.values()) for i in range(4)]
+    return {**row(*tot), "by_source": {s: row(*v) for s, v in sorted(per.items())}}
+
+
 def _pad_to(item: ClsItem, stride: int) -> np.ndarray:
     """The tile reflected up to a multiple of ``stride`` (small Kather tiles: 149 -> 160 px)."""
     img = item.image
@@ -303,6 +396,16 @@ def format_table(result: Mapping[str, Any]) -> str:
     for k in ("f1", "precision", "recall", "object_dice", "object_hausdorff", "patch_glas_accuracy", "n_images"):
         if "glands" in result:
             add("glands", k, result["glands"][k])
+    for grade, g in (result.get("glands", {}).get("by_grade") or {}).items():
+        for k in ("f1", "object_dice", "object_hausdorff"):
+            add("glands", f"{k} {grade}", g[k])
+    if "lumen" in result:
+        add("lumen", "dice (pseudo-labels)", result["lumen"]["dice"])
+    if "non_gland" in result:
+        add("non_gland", "gland_area_fraction", result["non_gland"]["gland_area_fraction"])
+        for src, v in result["non_gland"]["by_source"].items():
+            add("non_gland", f"gland area {src}"[:21], v["gland_area_fraction"])
+        add("non_gland", "lumen_area_fraction", result["non_gland"]["lumen_area_fraction"])
     if "nuclei_type" in result:
         nt = result["nuclei_type"]
         add("nuclei_type", "detection_f1", nt["detection_f1"])
@@ -329,6 +432,7 @@ EVAL_TASKS: dict[str, tuple[str, ...]] = {
     "glands": ("gland",),
     "nuclei_type": ("nuclei_type",),
     "tissue": ("lc25000", "kather2016"),
+    "non_gland": ("gland_negative",),
 }
 
 
@@ -351,7 +455,8 @@ def evaluate_split(
     Parameters
     ----------
     tasks
-        Subset of ``nuclei``, ``glands``, ``nuclei_type``, ``tissue`` (default all).
+        Subset of ``nuclei``, ``glands`` (with lumen Dice against the pseudo-labels), ``nuclei_type``,
+        ``tissue``, ``non_gland`` (gland area on tiles without glands) (default all).
     only
         Restrict a source to some of its split names (e.g. ``{"monuseg": [name]}``).
     params
@@ -370,7 +475,8 @@ def evaluate_split(
     loader_tasks = [t for task in tasks for t in EVAL_TASKS[task]]
     heads = model.config.heads
     lc = list(heads["Patch-LC25000"].class_names) if "Patch-LC25000" in heads else ["lung_aca", "lung_n", "lung_scc"]
-    data = load_sources(Path(data_root), mpp=float(model.config.mpp), source_mpp={**DEFAULT_SOURCE_MPP, **(source_mpp or {})}, split=split, part="val", lc_classes=lc, tasks=loader_tasks)
+    data = load_sources(Path(data_root), mpp=float(model.config.mpp), source_mpp={**DEFAULT_SOURCE_MPP, **(source_mpp or {})}, split=split, part="val", lc_classes=lc, tasks=loader_tasks,
+                        lumen="glands" in tasks and "Lumen-INST" in heads)
     truth = glas_native_truth(Path(data_root), split.get("glas", [])) if "glands" in tasks else None
     return evaluate_sources(model, data, gland_truth=truth, bf16=bf16, progress=progress, per_image=per_image, tta=tta, params=params)
 

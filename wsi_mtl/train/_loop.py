@@ -73,7 +73,8 @@ def make_seg_batch(rng: np.random.Generator, data: Sources, cfg: TrainConfig, pa
         task = fixed or _pick(rng, cfg.seg_mixture, data.seg)
         items = data.seg[task]
         item = items[int(rng.integers(len(items)))]
-        img, t, p = sample_seg(rng, item, crop_px=crop_px, scale_range=cfg.scale_range, nuclei_erosion_px=cfg.nuclei_erosion_px, gland_erosion_px=cfg.gland_erosion_px)
+        img, t, p = sample_seg(rng, item, crop_px=crop_px, scale_range=cfg.scale_range, nuclei_erosion_px=cfg.nuclei_erosion_px, gland_erosion_px=cfg.gland_erosion_px,
+                               lumen_erosion_px=cfg.lumen_erosion_px)
         imgs.append(img)
         for h in SEG_HEADS:
             tgts[h].append(t[h])
@@ -104,11 +105,12 @@ def _autocast(enabled: bool) -> contextlib.AbstractContextManager[Any]:
     return torch.autocast("cpu", dtype=torch.bfloat16) if enabled else contextlib.nullcontext()
 
 
-def compute_losses(model: MultiTaskNet, batch: Batch, *, dice_weight: float = 1.0, weights: Mapping[str, float] | None = None, bf16: bool = False) -> dict[str, torch.Tensor]:
-    """Forward ``batch`` through the heads it has labels for; a loss per labelled head (weighted)."""
+def compute_losses(model: MultiTaskNet, batch: Batch, *, dice_weight: float = 1.0, weights: Mapping[str, float] | None = None, bf16: bool = False,
+                   untrained: Sequence[str] = UNTRAINED_HEADS) -> dict[str, torch.Tensor]:
+    """Forward ``batch`` through the heads it has labels for (not the ``untrained`` ones); a loss per labelled head (weighted)."""
     weights = weights or {}
     cfg_heads = model.config.heads
-    seg = [h for h, t in batch.seg.items() if h in cfg_heads and h not in UNTRAINED_HEADS and bool((t != 255).any())]
+    seg = [h for h, t in batch.seg.items() if h in cfg_heads and h not in untrained and bool((t != 255).any())]
     patch = [h for h, t in batch.patch.items() if h in cfg_heads and bool((t >= 0).any())]
     if not seg and not patch:
         return {}
@@ -135,7 +137,7 @@ def train_step(model: MultiTaskNet, optimizer: torch.optim.Optimizer, batch: Bat
     if cfg.blur_p > 0:
         batch.images = random_blur(batch.images, p=cfg.blur_p, generator=generator)
     optimizer.zero_grad(set_to_none=True)
-    losses = compute_losses(model, batch, dice_weight=cfg.dice_weight, weights=cfg.loss_weights, bf16=cfg.bf16)
+    losses = compute_losses(model, batch, dice_weight=cfg.dice_weight, weights=cfg.loss_weights, bf16=cfg.bf16, untrained=cfg.untrained_heads)
     if not losses:
         return {}
     total = sum(losses.values())
@@ -252,7 +254,8 @@ def _read_initial(source: str | os.PathLike[str]) -> tuple[Mapping[str, torch.Te
     return state, int(ck.get("step", 0))
 
 
-def load_initial_weights(model: MultiTaskNet, source: str | os.PathLike[str], *, initial: tuple[Mapping[str, torch.Tensor], int] | None = None) -> int:
+def load_initial_weights(model: MultiTaskNet, source: str | os.PathLike[str], *, initial: tuple[Mapping[str, torch.Tensor], int] | None = None,
+                         copy_modules: Mapping[str, str] | None = None) -> int:
     """Copy weights into ``model`` from a model folder or a run's ``.pt`` checkpoint (fine-tuning).
 
     Returns the number of training steps the source had (0 when it does not say). A missing
@@ -260,12 +263,22 @@ def load_initial_weights(model: MultiTaskNet, source: str | os.PathLike[str], *,
     Parts the source lacks that this run adds start so that the network computes what the
     source did: fine branches (``ArchParams.fine_decoders``) keep their zero start, private shallow
     encoders (``private_decoders``) copy the source's shared ``backbone``. ``initial``: the
-    source's ``(state, steps)`` when the caller has read them already.
+    source's ``(state, steps)`` when the caller has read them already. ``copy_modules``
+    (destination -> source module): modules that start as copies of the source's other modules.
     """
     state, steps = _read_initial(source) if initial is None else initial
     path = Path(source)
     own = model.state_dict()
     new = {k: own[k] for k in own if k not in state and ".fine." in k}
+    for dst, src in (copy_modules or {}).items():
+        keys = [k for k in own if k.startswith(dst + ".")]
+        if not keys:
+            raise InputError(f"training config: copy_modules names no module of the network: {dst!r}")
+        for k in keys:
+            other = src + k[len(dst):]
+            if other not in state or tuple(state[other].shape) != tuple(own[k].shape):
+                raise InputError(f"training config: copy_modules {dst!r} <- {src!r}: {other} missing or of another shape")
+            new[k] = state[other]
     for k in own:
         if k not in state and k.startswith("private_encoder."):
             shared = "backbone." + k.split(".", 2)[2]
@@ -321,10 +334,10 @@ def _within(name: str, modules: Sequence[str]) -> bool:
     return any(name == m or name.startswith(m + ".") for m in modules)
 
 
-def _trainable(model: MultiTaskNet, only: Sequence[str] = ()) -> list[torch.nn.Parameter]:
-    """The parameters to optimise: all but the untrained heads' (and, with ``only``, those inside
+def _trainable(model: MultiTaskNet, only: Sequence[str] = (), untrained: Sequence[str] = UNTRAINED_HEADS) -> list[torch.nn.Parameter]:
+    """The parameters to optimise: all but the ``untrained`` heads' (and, with ``only``, those inside
     these modules); the others get ``requires_grad=False``."""
-    skip = {model.config.heads[h].decoder for h in UNTRAINED_HEADS if h in model.config.heads}
+    skip = {model.config.heads[h].decoder for h in untrained if h in model.config.heads}
     names = dict(model.named_modules())
     unknown = [m for m in only if m not in names]
     if unknown:
@@ -380,7 +393,7 @@ def train(cfg: TrainConfig, *, max_minutes: float | None = None, progress: bool 
     model = create_model(_initial_config(cfg, start), seed=cfg.seed)
     if cfg.channels_last:
         model.set_channels_last(True)
-    params = _trainable(model, cfg.trainable)
+    params = _trainable(model, cfg.trainable, cfg.untrained_heads)
     decay = [p for p in params if p.ndim > 1]
     no_decay = [p for p in params if p.ndim <= 1]
     optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr)
@@ -403,7 +416,7 @@ def train(cfg: TrainConfig, *, max_minutes: float | None = None, progress: bool 
         torch.set_rng_state(ck["rng"]["torch_global"])
         logger.info("resumed %s at step %d", ckpt_path, step)
     elif cfg.init_from is not None:
-        init_steps = load_initial_weights(model, cfg.init_from, initial=initial)
+        init_steps = load_initial_weights(model, cfg.init_from, initial=initial, copy_modules=cfg.copy_modules)
         init = {"from": _shown_path(cfg.init_from), "steps": init_steps}
         logger.info("initialised from %s (%d earlier steps)", cfg.init_from, init_steps)
 
@@ -413,8 +426,11 @@ def train(cfg: TrainConfig, *, max_minutes: float | None = None, progress: bool 
     mc = model.config
     lc_classes = list(mc.heads["Patch-LC25000"].class_names) if "Patch-LC25000" in mc.heads else ["lung_aca", "lung_n", "lung_scc"]
     t0 = time.monotonic()
-    train_data = load_sources(Path(cfg.data_root), mpp=mc.mpp, source_mpp=cfg.source_mpp, split=split, part="train", lc_classes=lc_classes, radius_px=cfg.type_radius_px, background_px=cfg.type_background_px)
-    val_data = load_sources(Path(cfg.data_root), mpp=mc.mpp, source_mpp=cfg.source_mpp, split=split, part="val", lc_classes=lc_classes, radius_px=cfg.type_radius_px, background_px=cfg.type_background_px)
+    tasks = _loader_tasks(cfg)
+    train_data = load_sources(Path(cfg.data_root), mpp=mc.mpp, source_mpp=cfg.source_mpp, split=split, part="train", lc_classes=lc_classes, radius_px=cfg.type_radius_px, background_px=cfg.type_background_px,
+                              tasks=tasks, lumen=cfg.lumen_labels)
+    val_data = load_sources(Path(cfg.data_root), mpp=mc.mpp, source_mpp=cfg.source_mpp, split=split, part="val", lc_classes=lc_classes, radius_px=cfg.type_radius_px, background_px=cfg.type_background_px,
+                            tasks=tasks, lumen=cfg.lumen_labels)
     for task, n in cfg.val_limit.items():
         group = val_data.seg if task in val_data.seg else val_data.cls
         if task in group and len(group[task]) > n:
@@ -509,7 +525,13 @@ def export_model(cfg: TrainConfig, model: MultiTaskNet | None = None, *, which: 
     model.load_state_dict(ck["model"])
     model.set_channels_last(False)
     model.eval()
-    training: dict[str, Any] = {"steps": int(ck.get("step", 0)), "config": f"{cfg.name}", "untrained_heads": list(UNTRAINED_HEADS)}
+    training: dict[str, Any] = {"steps": int(ck.get("step", 0)), "config": f"{cfg.name}", "untrained_heads": list(cfg.untrained_heads)}
+    if cfg.lumen_labels:
+        from ._lumen import LUMEN_RULE
+
+        training["lumen_pseudo_labels"] = {"rule": "wsi_mtl.train._lumen.lumen_labels", **LUMEN_RULE}
+    if cfg.ship_rule:
+        training["ship_rule"] = dict(cfg.ship_rule)
     if "train_seconds" in ck:
         training["train_seconds"] = round(float(ck["train_seconds"]), 1)
     if ck.get("init"):
@@ -616,6 +638,20 @@ _ENTRY_HEADS: dict[str, tuple[str, ...]] = {
     "gland": ("Gland-INST", "Patch-GlaS"),
     "cls": ("Patch-Class", "Patch-LC25000"),
 }
+
+
+def _loader_tasks(cfg: TrainConfig) -> list[str] | None:
+    """The loader tasks a run reads: all of the defaults (None), or, where the schedule or the
+    segmentation mixture draws ``gland_negative``, only the tasks the schedule draws (training and
+    validation alike)."""
+    wants = "gland_negative" in cfg.schedule or float(cfg.seg_mixture.get("gland_negative", 0)) > 0
+    if not wants:
+        return None
+    drawn: list[str] = []
+    for entry in cfg.schedule:
+        mix = cfg.seg_mixture if entry == "seg" else cfg.cls_mixture if entry == "cls" else {entry: 1.0}
+        drawn += [t for t, w in mix.items() if float(w) > 0 and t not in drawn]
+    return drawn
 
 
 def _training_sources(cfg: TrainConfig, model: MultiTaskNet, tasks: Sequence[str] | None = None) -> Sources:

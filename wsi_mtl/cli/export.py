@@ -6,6 +6,7 @@ from pathlib import Path
 
 import click
 
+from ._report import echo_objects
 from ._options import geojson_gz_option, parse_settings, postprocess_option, quiet_option, workers_option
 
 
@@ -24,11 +25,10 @@ def export(result_dir: Path, workers: int | None, geojson_gz: bool, postprocess:
     if quiet:
         return
     click.echo(f"results: {result_dir}")
-    for task, classes in summary["objects"].items():
-        click.echo(f"{task}: {sum(classes.values())} (" + ", ".join(f"{k} {v}" for k, v in classes.items()) + ")")
-    if not summary["objects"]:
-        click.echo("no objects found")
+    echo_objects(summary["objects"])
     for entry in summary["files"]:
         click.echo(f"  {entry['path']}  ({entry['bytes'] / 1e6:.1f} MB)")
+    for path in summary.get("removed", []):
+        click.echo(f"  removed {path} (left by an earlier export)")
     t = summary["timings_s"]
     click.echo(f"time: objects {t['objects']:.1f} s, export {t['export']:.1f} s")

@@ -109,9 +109,8 @@ def segment(slide: Path | None, out_dir: Path, sample: bool, model: str | None, 
         click.echo(result.summary)
     if tiles:
         click.echo(f"tiles: {tiles.get('with_tissue', 0)} with tissue of {tiles.get('total', 0)}")
-    for task, classes in (run.get("objects") or {}).items():
-        if isinstance(classes, dict):
-            click.echo(f"{task}: {sum(classes.values())} (" + ", ".join(f"{k} {v}" for k, v in classes.items()) + ")")
+    if run.get("parameters", {}).get("objects", True) and run.get("status") == "complete":
+        echo_objects(run.get("objects") or {})
     if run.get("damaged_regions"):
         click.secho(f"{len(run['damaged_regions'])} damaged region(s) skipped: see run.json", fg="yellow", err=True)
     click.echo(f"time: {result.seconds:.1f} s")

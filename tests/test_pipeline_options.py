@@ -24,6 +24,8 @@ from wsi_mtl.pipeline import segment_slide
         ({"postprocess": {"no_such_setting": 1}}, "unknown post-processing setting"),
         ({"precision": "fp8"}, "unknown precision"),
         ({"device": "tpu"}, "device"),
+        ({"postprocess_workers": 0}, "postprocess workers"),
+        ({"postprocess_workers": True}, "postprocess workers"),
     ],
 )
 def test_bad_option_fails_before_slide_and_model(tmp_path: Path, options: dict[str, Any], fragment: str) -> None:
@@ -39,3 +41,18 @@ def test_what_a_run_says_it_did() -> None:
 
     assert _tiles_done({"tiles": {"computed": 4, "resumed": 0}}) == "maps: 4 tiles computed"
     assert _tiles_done({"tiles": {"computed": 1, "resumed": 3}}) == "resumed an interrupted run: 3 tiles reused, 1 computed"
+
+
+@pytest.mark.slow
+def test_rerun_with_another_tta_recomputes_the_maps(he_image, tmp_path) -> None:
+    """A complete result rerun with another --tta does what it asks (recomputes), not 'nothing to do'."""
+    from wsi_mtl import synthetic
+
+    slide = synthetic.write_svs(tmp_path / "s.svs", he_image[256:768, 512:1024], mpp=0.25, compression="jpeg", tile=256, levels=(1, 4))
+    common = {"tile_size": 256, "batch_size": 1, "objects": False, "progress": False, "precision": "fp32"}
+    first = segment_slide(slide, tmp_path / "out", **common)
+    assert segment_slide(slide, tmp_path / "out", **common).action == "reused"
+    second = segment_slide(slide, tmp_path / "out", tta=2, **common)
+    assert second.action == "computed" and "tta" in second.summary
+    assert second.run["fingerprint"]["tta"] == 2 and second.run["tiles"]["computed"] == first.run["tiles"]["computed"] > 0
+    assert segment_slide(slide, tmp_path / "out", tta=2, **common).action == "reused"

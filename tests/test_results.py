@@ -69,6 +69,19 @@ def test_rerun_of_a_complete_result(tmp_path: Path) -> None:
     assert plan_rerun(folder, objects=True, overrides={"nuclei_split_h": 0.0}, overwrite=True).action == "compute"
 
 
+def test_rerun_asking_for_other_maps_recomputes_them(tmp_path: Path) -> None:
+    """A complete result made with another --tta or model is recomputed, never reported as done."""
+    fingerprint = {"model": "wsimtl-small", "tta": 1, "tissue_mask": True}
+    folder = _result(tmp_path, status="complete", files=WITH_OBJECTS, fingerprint=fingerprint, postprocess={"overrides": {}})
+    same = {"model": "wsimtl_small", "tta": 1, "tissue_mask": True}  # dash and underscore forms are one model
+    assert plan_rerun(folder, objects=True, overrides={}, made_with=same).action == "nothing"
+    for key, value in (("tta", 4), ("model", "cerberus-r34"), ("tissue_mask", False)):
+        rerun = plan_rerun(folder, objects=False, overrides={}, made_with={**same, key: value})
+        assert rerun.action == "compute" and key in rerun.reason and "recomputing" in rerun.reason
+    # a setting the fingerprint does not record (an older result) is no reason to recompute
+    assert plan_rerun(folder, objects=True, overrides={}, made_with={"precision_of_the_future": 1}).action == "nothing"
+
+
 def test_partial_result_computes(tmp_path: Path) -> None:
     assert plan_rerun(tmp_path / "none", objects=True, overrides={}).action == "compute"
     folder = _result(tmp_path, status="maps", files=_files(), fingerprint={"tiles": 4})

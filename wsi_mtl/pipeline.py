@@ -207,7 +207,10 @@ def segment_slide(
     pp_workers = _check_pp_workers(postprocess_workers)
     slide_path = Path(slide_path)
     result_dir = result_dir_for(slide_path, out_dir, name=name)
-    rerun = plan_rerun(result_dir, objects=objects, overrides=opts.overrides, geojson_gz=geojson_gz, overwrite=overwrite)
+    rerun = plan_rerun(result_dir, objects=objects, overrides=opts.overrides, geojson_gz=geojson_gz, overwrite=overwrite,
+                       made_with=_made_with(model, opts, tissue_mask=tissue_mask))
+    if rerun.action == "compute" and rerun.run is not None:
+        log.info("%s: %s", result_dir, rerun.reason)
     if rerun.action == "nothing":
         return _reused(result_dir, rerun.run or {}, t_start)
     if rerun.action == "derive":
@@ -238,7 +241,8 @@ def segment_slide(
             run = _infer_maps(slide, slide_path, result_dir, model, layout, opts, progress=progress, tissue_mask=tissue_mask,
                               objects=objects, mpp=mpp, overlap=ov)
             return _finish(result_dir, run, opts, objects=objects, geojson_gz=geojson_gz, progress=progress, slide=slide,
-                           t_start=t_start, done=[_tiles_done(run)], action="computed", pp_workers=pp_workers, overlap=ov)
+                           t_start=t_start, done=[*_why_recomputed(rerun), _tiles_done(run)], action="computed",
+                           pp_workers=pp_workers, overlap=ov)
         finally:
             if ov is not None:
                 ov.close()
@@ -261,6 +265,33 @@ def _check_options(*, device: str, precision: str, batch_size: int | None, tile_
         device=dev, amp=amp, batch_size=batch_size or _DEFAULT_BATCH.get(dev.type, 2),
         workers=workers or min(4, max(2, cpu_count())), tta=int(tta), tile_size=tile_size, margin=margin, overrides=overrides,
     )
+
+
+def _made_with(model: Any, opts: _Options, *, tissue_mask: bool) -> dict[str, Any]:
+    """What this run asks of the maps, as their fingerprint records them; the model by the name in
+    its folder's config.json (read without loading the weights) where one is found."""
+    wanted: dict[str, Any] = {"tta": opts.tta, "tissue_mask": tissue_mask}
+    if model is not None and not isinstance(model, (str, Path)):
+        wanted["model"] = model.config.name
+        return wanted
+    import json
+
+    from .network.io import CONFIG_FILE, DEFAULT_MODEL, find_model_folder
+
+    text = str(model or DEFAULT_MODEL)
+    folder = Path(text).expanduser() if Path(text).expanduser().is_dir() else find_model_folder(text)
+    try:
+        wanted["model"] = json.loads((folder / CONFIG_FILE).read_text(encoding="utf-8"))["name"] if folder else None
+    except (OSError, ValueError, KeyError, TypeError):
+        pass  # not a wsimtl folder (a Cerberus checkpoint): its name is known once loaded
+    if wanted.get("model") is None:
+        wanted.pop("model", None)
+    return wanted
+
+
+def _why_recomputed(rerun: Any) -> list[str]:
+    """The reason a complete result was recomputed (another --tta or model), for the run's summary."""
+    return [rerun.reason] if rerun.run is not None and rerun.run.get("status") == "complete" else []
 
 
 def _check_pp_workers(value: int | None) -> int:

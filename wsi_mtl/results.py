@@ -113,9 +113,27 @@ def _has_gz_copies(run: Mapping[str, Any]) -> bool:
     return any(p.endswith(".geojson.gz") for p in listed_files(run))
 
 
+def _norm(value: Any) -> Any:
+    """Model names compare without case and with ``_`` as ``-`` (``wsimtl_small`` is ``wsimtl-small``)."""
+    return value.lower().replace("_", "-") if isinstance(value, str) else value
+
+
+def _differs(run: Mapping[str, Any], made_with: Mapping[str, Any] | None) -> str:
+    """The first setting of ``made_with`` that the result's fingerprint records otherwise ('' when none)."""
+    recorded = run.get("fingerprint") or {}
+    for key, value in (made_with or {}).items():
+        if key in recorded and _norm(recorded[key]) != _norm(value):
+            return f"{key} {value!r} asked, the maps were made with {recorded[key]!r}: recomputing them"
+    return ""
+
+
 def plan_rerun(result_dir: str | Path, *, objects: bool, overrides: Mapping[str, Any], geojson_gz: bool = False,
-               overwrite: bool = False) -> Rerun:
+               overwrite: bool = False, made_with: Mapping[str, Any] | None = None) -> Rerun:
     """Decide, from run.json alone, what a run with these options must do in ``result_dir``.
+
+    ``made_with``: settings of the maps this run asks for, as the fingerprint records them
+    (e.g. ``{"tta": 4, "model": "wsimtl-small", "tissue_mask": True}``); a complete result made
+    otherwise is recomputed (its maps and objects are replaced), never reported as done.
 
     A complete result is reused; its objects are derived from the stored maps when the run asks
     for objects and the result has none, was made with other post-processing overrides, or lacks
@@ -130,6 +148,9 @@ def plan_rerun(result_dir: str | Path, *, objects: bool, overrides: Mapping[str,
     if not _complete(result_dir, run):
         return Rerun("compute", "no complete result", run)
     assert run is not None
+    why = _differs(run, made_with)
+    if why:
+        return Rerun("compute", why, run)
     if not objects:
         return Rerun("nothing", "complete", run)
     if TABLE not in listed_files(run):

@@ -1,0 +1,113 @@
+"""Objects overlapped with inference: `segment` with overlap on and off vs the bare network, in one run.
+
+On one real-tissue mosaic (MoNuSeg + GlaS images from ../shared/data when present, else texture)
+at 0.25 um/px, each step in its own process:
+
+  bare network          the network alone on the slide's tiles (bench_pipeline), wall s and CPU s
+  segment, overlap off  maps, then objects and exports (segment_slide(overlap=False))
+  segment, overlap on   objects of finished chunks extracted while the network runs (the default)
+
+and prints end-to-end wall / network time for both, the CPU seconds beyond the bare network's
+(post-processing, exports, reading and writing: the whole process tree), each run's peak RSS
+(ru_maxrss of the segment process) and whether both wrote the same objects.
+
+    python benchmarks/bench_overlap.py [--size 12288] [--batch-size 1]
+
+Wall-clock ratios depend on what else runs on the machine: say so when you quote them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+
+
+def _child_segment(slide: str, out: str, batch_size: int, overlap: bool) -> dict:
+    from wsi_mtl.pipeline import segment_slide
+
+    t0 = time.perf_counter()
+    result = segment_slide(slide, out, device="cpu", batch_size=batch_size, objects=True, progress=False, overlap=overlap)
+    run = result.run
+    return {"wall_s": time.perf_counter() - t0, "network_s": run["inference"]["network_s"], "inference_wall_s": run["inference"]["wall_s"],
+            "timings_s": run["timings_s"], "objects": run["objects"], "overlap": run["parameters"].get("overlap"),
+            "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "result_dir": str(result.result_dir)}
+
+
+def _run_child(*args: str) -> dict:
+    """Run a child; its JSON answer plus the CPU seconds of its whole process tree."""
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    proc = subprocess.run([sys.executable, __file__, *args], capture_output=True, text=True)
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    if proc.returncode != 0:
+        raise SystemExit(f"child {args} failed:\n{proc.stderr[-3000:]}")
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    out["cpu_s"] = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
+    return out
+
+
+def _same_objects(a: str, b: str) -> bool:
+    import pyarrow.parquet as pq
+
+    def key(d: str) -> list:
+        t = pq.read_table(Path(d) / "objects.parquet").drop_columns(["id"]).to_pydict()
+        return sorted(zip(*(map(repr, v) for v in t.values())))
+
+    return key(a) == key(b)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--size", type=int, default=12288, help="level-0 side of the slide (px at 0.25 um/px)")
+    ap.add_argument("--batch-size", type=int, default=1)
+    ap.add_argument("--child", choices=["segment", "network"])
+    ap.add_argument("--overlap", type=int, default=1)
+    ap.add_argument("--slide")
+    ap.add_argument("--out")
+    args = ap.parse_args()
+    if args.child == "segment":
+        print(json.dumps(_child_segment(args.slide, args.out, args.batch_size, bool(args.overlap))))
+        return
+    if args.child == "network":
+        from bench_pipeline import _child_network
+
+        print(json.dumps(_child_network(args.slide, "cpu", args.batch_size, "auto")))
+        return
+
+    from bench_end_to_end import _sources
+
+    from wsi_mtl.synthetic import write_mosaic_slide
+
+    with tempfile.TemporaryDirectory(prefix="wsimtl-bench-overlap-") as tmp_name:
+        tmp = Path(tmp_name)
+        slide = write_mosaic_slide(tmp / "slide.svs", sources=_sources(tmp), height=args.size, width=args.size, mpp=0.25, seed=1)
+        net = _run_child("--child", "network", "--slide", str(slide), "--batch-size", str(args.batch_size))
+        runs = {}
+        for flag in (0, 1):
+            runs[flag] = _run_child("--child", "segment", "--slide", str(slide), "--out", str(tmp / f"out{flag}"),
+                                    "--batch-size", str(args.batch_size), "--overlap", str(flag))
+        same = _same_objects(runs[0]["result_dir"], runs[1]["result_dir"])
+
+    n = net["network_s"]
+    print(f"slide {args.size}^2 px at 0.25 um/px: {net['tiles']} tiles; bare network {n:.1f} s wall, {net['cpu_s']:.1f} CPU s (process)")
+    for flag, label in ((0, "overlap off"), (1, "overlap on ")):
+        r = runs[flag]
+        print(f"{label}: end-to-end {r['wall_s']:.1f} s = {r['wall_s'] / n:.2f} x network; inference wall {r['inference_wall_s']:.1f} s; "
+              f"objects step after inference {r['timings_s'].get('objects', float('nan')):.1f} s, export {r['timings_s'].get('export', float('nan')):.1f} s; "
+              f"CPU beyond the bare network {r['cpu_s'] - net['cpu_s']:.1f} s ({(r['cpu_s'] - net['cpu_s']) / net['cpu_s']:.2f} x its CPU); "
+              f"peak RSS {r['peak_rss_mb']:.0f} MB")
+    print(f"overlap record: {json.dumps(runs[1]['overlap'])}")
+    print(f"same objects with and without overlap: {same}; objects {json.dumps(runs[1]['objects'])}")
+    print("(wall-clock ratios depend on the other processes sharing the machine)")
+
+
+if __name__ == "__main__":
+    main()

@@ -8,6 +8,7 @@ from pathlib import Path
 import click
 
 from ..errors import InputError
+from ._report import echo_objects
 from ._options import (
     allow_untrained_option,
     batch_size_option,

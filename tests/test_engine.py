@@ -253,3 +253,18 @@ def test_full_disk_while_writing_is_a_one_line_output_error(model, tmp_path, mon
     with pytest.raises(OutputError, match="disk full"):
         _run(slide, model, tmp_path, core=64, margin=32)
     assert not (tmp_path / PREDICTIONS).exists()
+
+
+def test_cpu_count_is_capped_by_the_workers_share(monkeypatch) -> None:
+    """$WSIMTL_CPUS (a local Dask worker's share of the cores) caps torch threads and post-processing."""
+    from wsi_mtl.devices import CPUS_ENV, cpu_count
+
+    monkeypatch.delenv(CPUS_ENV, raising=False)
+    cores = cpu_count()
+    monkeypatch.setenv(CPUS_ENV, "1")
+    assert cpu_count() == 1
+    monkeypatch.setenv(CPUS_ENV, str(cores + 10))
+    assert cpu_count() == cores  # never more than the process may use
+    for bad in ("0", "two", ""):
+        monkeypatch.setenv(CPUS_ENV, bad)
+        assert cpu_count() == cores

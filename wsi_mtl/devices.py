@@ -9,7 +9,7 @@ import torch
 
 from .errors import InputError
 
-__all__ = ["resolve_device", "resolve_precision", "cpu_has_bf16", "cpu_count"]
+__all__ = ["resolve_device", "resolve_precision", "cpu_has_bf16", "cpu_count", "CPUS_ENV"]
 
 
 def _mps_available() -> bool:
@@ -46,12 +46,19 @@ def resolve_device(device: str | torch.device = "auto") -> torch.device:
     return dev
 
 
+#: environment variable capping :func:`cpu_count` (set for each worker of a local Dask cluster to its share)
+CPUS_ENV = "WSIMTL_CPUS"
+
+
 def cpu_count() -> int:
-    """CPU cores this process may use (respects affinity masks and cgroup-limited schedulers)."""
+    """CPU cores this process may use (respects affinity masks and cgroup-limited schedulers), at most
+    ``$WSIMTL_CPUS`` where that is a whole number >= 1 (several workers sharing one machine)."""
     try:
-        return max(1, len(os.sched_getaffinity(0)))
+        cores = max(1, len(os.sched_getaffinity(0)))
     except AttributeError:  # pragma: no cover - macOS / Windows
-        return max(1, os.cpu_count() or 1)
+        cores = max(1, os.cpu_count() or 1)
+    cap = os.environ.get(CPUS_ENV, "").strip()
+    return min(cores, int(cap)) if cap.isdigit() and int(cap) >= 1 else cores
 
 
 def cpu_has_bf16() -> bool:

@@ -231,7 +231,11 @@ class DaskExecutor(Executor):
             import dask
 
             with dask.config.set({"distributed.worker.daemon": WORKER_DAEMON}):
-                cluster = LocalCluster(n_workers=workers or 1, threads_per_worker=1, dashboard_address=None)
+                # each worker's share of the cores (wsi_mtl.devices.CPUS_ENV): torch threads and post-processing
+                from ..devices import CPUS_ENV, cpu_count
+
+                share = {CPUS_ENV: str(max(1, cpu_count() // (workers or 1)))}
+                cluster = LocalCluster(n_workers=workers or 1, threads_per_worker=1, dashboard_address=None, env=share)
             self._own.append(cluster)
             self.client = Client(cluster)
             self._own.insert(0, self.client)

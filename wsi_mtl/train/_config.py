@@ -17,7 +17,7 @@ from ..errors import InputError
 __all__ = ["TrainConfig", "load_config", "load_split", "SOURCES", "DEFAULT_SOURCE_MPP"]
 
 #: Data sources the trainer knows, keyed as in the config and the split file.
-SOURCES: tuple[str, ...] = ("monuseg", "cpm15", "crchistophenotypes", "glas", "lc25000", "kather2016", "glioma")
+SOURCES: tuple[str, ...] = ("monuseg", "cpm15", "crchistophenotypes", "glas", "lc25000", "kather2016", "glioma", "consep")
 
 #: Microns per pixel of each source as stored in ../shared/data (see MODEL_CARD.md for reasons).
 DEFAULT_SOURCE_MPP: dict[str, float] = {
@@ -29,6 +29,7 @@ DEFAULT_SOURCE_MPP: dict[str, float] = {
     "kather2016": 0.495 * 150 / 224,  # 150 px tiles at 0.495 um/px upscaled to 224 px
     "lc25000": 1.0,  # assumption: 768 px originals downscaled to 224 px, judged from red cell size
     "glioma": 0.25,  # not stated by the source; estimated from nucleus size (SOURCES.md)
+    "consep": 0.25,  # 40x
 }
 
 
@@ -131,7 +132,7 @@ class TrainConfig:
         return out
 
 
-_SEG_TASKS = ("nuclei", "nuclei_binary", "nuclei_split", "nuclei_type", "gland", "gland_negative")
+_SEG_TASKS = ("nuclei", "nuclei_binary", "nuclei_split", "nuclei_type", "gland", "gland_negative", "nuclei_all")
 _CLS_TASKS = ("lc25000", "kather2016")
 
 

@@ -362,6 +362,10 @@ def load_sources(
             seg["nuclei_binary"] = binary
         if "nuclei_split" in want:
             seg["nuclei_split"] = split_binary_items(binary)
+    if tasks is not None and "nuclei_all" in want:  # MoNuSeg (all 30), CPM-15, CoNSeP (typed), glioma
+        from ._nuclei_sources import load_nuclei_sources
+
+        seg["nuclei_all"] = load_nuclei_sources(root, mpp=mpp, source_mpp=source_mpp, sel=sel)
     if "nuclei_type" in want:
         seg["nuclei_type"] = load_crchistophenotypes(root, mpp=mpp, source_mpp=source_mpp["crchistophenotypes"], radius_px=radius_px, background_px=background_px, **sel("crchistophenotypes"))
     if "gland" in want:
@@ -408,6 +412,8 @@ def sample_seg(
         t["Nuclei-INST"] = inst_targets(lab, erosion_px=nuclei_erosion_px)
         if type_background:
             t["Nuclei-TYPE"] = background_from_labels(lab)
+        if getattr(item, "instance_classes", None) is not None:  # typed instances (CoNSeP): class per nucleus
+            t["Nuclei-TYPE"] = item.instance_classes[np.minimum(lab, len(item.instance_classes) - 1)]
     elif item.kind == "nuclei_binary":
         t["Nuclei-INST"] = binary_targets(lab)
         if type_background:

@@ -645,6 +645,7 @@ def _loader_tasks(cfg: TrainConfig) -> list[str] | None:
     segmentation mixture draws ``gland_negative``, only the tasks the schedule draws (training and
     validation alike)."""
     wants = "gland_negative" in cfg.schedule or float(cfg.seg_mixture.get("gland_negative", 0)) > 0
+    wants = wants or "nuclei_all" in cfg.schedule or float(cfg.seg_mixture.get("nuclei_all", 0)) > 0  # opt-in task, as gland_negative
     if not wants:
         return None
     drawn: list[str] = []

@@ -19,7 +19,6 @@ from .. import metrics
 from ._augment import resize_labels
 from ..errors import InputError
 from ._data import CRCHP_CLASSES, ClsItem, SegItem, Sources, _csv, _read_labels
-from ._nuclei_sources import format_nuclei_sources, score_nuclei_sources
 from ..network.tta import predict_tta
 from ..postprocess import PostprocessParams, instance_type
 from ..postprocess import gland_labels, nuclei_labels, params_of
@@ -233,9 +232,6 @@ def evaluate_sources(
         if lumen.n_images:
             res["lumen"] = lumen.summary()
 
-    if data.seg.get("nuclei_all") and "Nuclei-INST" in heads:  # per nuclei source; CoNSeP type F1 from typed instances
-        res["nuclei_all"] = score_nuclei_sources(model, data.seg["nuclei_all"], params=params, bf16=bf16, tta=tta, type_radius_px=type_radius_px, wrap=wrap, images=images)
-
     negatives: Sequence[SegItem] = data.seg.get("gland_negative", [])
     if negatives and "Gland-INST" in heads:
         res["non_gland"] = non_gland_area(model, negatives, params=params, bf16=bf16, tta=tta, wrap=wrap, images=images)
@@ -403,8 +399,6 @@ def format_table(result: Mapping[str, Any]) -> str:
     for grade, g in (result.get("glands", {}).get("by_grade") or {}).items():
         for k in ("f1", "object_dice", "object_hausdorff"):
             add("glands", f"{k} {grade}", g[k])
-    if "nuclei_all" in result:
-        format_nuclei_sources(result["nuclei_all"], add)
     if "lumen" in result:
         add("lumen", "dice (pseudo-labels)", result["lumen"]["dice"])
     if "non_gland" in result:
@@ -412,6 +406,9 @@ def format_table(result: Mapping[str, Any]) -> str:
         for src, v in result["non_gland"]["by_source"].items():
             add("non_gland", f"gland area {src}"[:21], v["gland_area_fraction"])
         add("non_gland", "lumen_area_fraction", result["non_gland"]["lumen_area_fraction"])
+    for task in ("gland", "lumen", "nuclei"):
+        if task in result.get("glass", {}):
+            add("glass", f"{task} um2 off tissue", result["glass"][task]["outside_tissue_um2"])
     if "nuclei_type" in result:
         nt = result["nuclei_type"]
         add("nuclei_type", "detection_f1", nt["detection_f1"])
@@ -439,8 +436,11 @@ EVAL_TASKS: dict[str, tuple[str, ...]] = {
     "nuclei_type": ("nuclei_type",),
     "tissue": ("lc25000", "kather2016"),
     "non_gland": ("gland_negative",),
-    "nuclei_all": ("nuclei_all",),  # opt-in: per nuclei source (MoNuSeg all 30, CPM-15, CoNSeP, glioma)
+    "glass": (),  # objects on glass: the sample slide segmented as a user would (wsi_mtl.train._glass)
 }
+
+#: The slide of ``data_root`` whose objects on glass the ``glass`` task measures.
+GLASS_SLIDE = Path("wsi") / "CMU-1-Small-Region.svs"
 
 
 def evaluate_split(
@@ -463,7 +463,8 @@ def evaluate_split(
     ----------
     tasks
         Subset of ``nuclei``, ``glands`` (with lumen Dice against the pseudo-labels), ``nuclei_type``,
-        ``tissue``, ``non_gland`` (gland area on tiles without glands) (default all).
+        ``tissue``, ``non_gland`` (gland area on tiles without glands), ``glass`` (objects outside
+        the tissue mask of ``data_root/wsi/CMU-1-Small-Region.svs``) (default all).
     only
         Restrict a source to some of its split names (e.g. ``{"monuseg": [name]}``).
     params
@@ -485,7 +486,21 @@ def evaluate_split(
     data = load_sources(Path(data_root), mpp=float(model.config.mpp), source_mpp={**DEFAULT_SOURCE_MPP, **(source_mpp or {})}, split=split, part="val", lc_classes=lc, tasks=loader_tasks,
                         lumen="glands" in tasks and "Lumen-INST" in heads)
     truth = glas_native_truth(Path(data_root), split.get("glas", [])) if "glands" in tasks else None
-    return evaluate_sources(model, data, gland_truth=truth, bf16=bf16, progress=progress, per_image=per_image, tta=tta, params=params)
+    res = evaluate_sources(model, data, gland_truth=truth, bf16=bf16, progress=progress, per_image=per_image, tta=tta, params=params)
+    if "glass" in tasks:
+        res["glass"] = _glass(model, Path(data_root) / GLASS_SLIDE, bf16=bf16, params=params)
+    return res
+
+
+def _glass(model: torch.nn.Module, slide: Path, *, bf16: bool, params: PostprocessParams | None) -> dict[str, Any]:
+    """Objects on glass of ``slide`` (:func:`~wsi_mtl.train._glass.objects_on_glass`); skipped, with a
+    warning, where the data folder has no such slide."""
+    from ._glass import objects_on_glass
+
+    if not slide.is_file():
+        logger.warning("objects on glass not measured: no slide %s", slide)
+        return {"skipped": f"no slide {slide}"}
+    return objects_on_glass(model, slide, precision="bf16" if bf16 else "fp32", postprocess=params)
 
 
 #: The validation images whose scores are stored with a shipped model (``expected_metrics.json``).

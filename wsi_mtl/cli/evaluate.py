@@ -25,6 +25,8 @@ _CONFIG_NAME = Path("configs") / "wsimtl-small.yaml"
 _REPO_CONFIG = Path(__file__).resolve().parents[2] / _CONFIG_NAME
 SPLIT_TASKS = ("nuclei", "glands", "nuclei_type", "tissue", "non_gland", "glass")
 TILE_TASKS = ("nuclei", "glands", "tissue")
+#: Split tasks scored only when named: nuclei_all = AJI/PQ per nuclei source and CoNSeP type F1 (issue 17).
+OPT_IN_TASKS = ("nuclei_all",)
 
 
 @click.command("evaluate")
@@ -113,7 +115,7 @@ def _tasks(text: str | None, *, tiles: bool) -> list[str]:
     if tiles and text is None:
         raise InputError(f"--tiles needs --task ({', '.join(TILE_TASKS)})")
     tasks = [t.strip() for t in (text or ",".join(SPLIT_TASKS)).split(",") if t.strip()]
-    allowed = TILE_TASKS if tiles else SPLIT_TASKS
+    allowed = TILE_TASKS if tiles else (*SPLIT_TASKS, *OPT_IN_TASKS)
     bad = [t for t in tasks if t not in allowed]
     if bad or not tasks or (tiles and len(tasks) != 1):
         what = "one of" if tiles else "a comma-separated list of"

@@ -19,6 +19,7 @@ from .. import metrics
 from ._augment import resize_labels
 from ..errors import InputError
 from ._data import CRCHP_CLASSES, ClsItem, SegItem, Sources, _csv, _read_labels
+from ._nuclei_sources import format_nuclei_sources, score_nuclei_sources
 from ..network.tta import predict_tta
 from ..postprocess import PostprocessParams, instance_type
 from ..postprocess import gland_labels, nuclei_labels, params_of
@@ -232,6 +233,9 @@ def evaluate_sources(
         if lumen.n_images:
             res["lumen"] = lumen.summary()
 
+    if data.seg.get("nuclei_all") and "Nuclei-INST" in heads:  # per nuclei source; CoNSeP type F1 from typed instances
+        res["nuclei_all"] = score_nuclei_sources(model, data.seg["nuclei_all"], params=params, bf16=bf16, tta=tta, type_radius_px=type_radius_px, wrap=wrap, images=images)
+
     negatives: Sequence[SegItem] = data.seg.get("gland_negative", [])
     if negatives and "Gland-INST" in heads:
         res["non_gland"] = non_gland_area(model, negatives, params=params, bf16=bf16, tta=tta, wrap=wrap, images=images)
@@ -399,6 +403,8 @@ def format_table(result: Mapping[str, Any]) -> str:
     for grade, g in (result.get("glands", {}).get("by_grade") or {}).items():
         for k in ("f1", "object_dice", "object_hausdorff"):
             add("glands", f"{k} {grade}", g[k])
+    if "nuclei_all" in result:
+        format_nuclei_sources(result["nuclei_all"], add)
     if "lumen" in result:
         add("lumen", "dice (pseudo-labels)", result["lumen"]["dice"])
     if "non_gland" in result:
@@ -436,6 +442,7 @@ EVAL_TASKS: dict[str, tuple[str, ...]] = {
     "nuclei_type": ("nuclei_type",),
     "tissue": ("lc25000", "kather2016"),
     "non_gland": ("gland_negative",),
+    "nuclei_all": ("nuclei_all",),  # opt-in: per nuclei source (MoNuSeg all 30, CPM-15, CoNSeP, glioma)
     "glass": (),  # objects on glass: the sample slide segmented as a user would (wsi_mtl.train._glass)
 }
 

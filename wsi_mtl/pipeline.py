@@ -322,11 +322,15 @@ class _Overlap:
         from .postprocess._overlap import SPOOL_DIR, OverlapExtractor
 
         params = params_of(layout.attrs.get("postprocess"), opts.overrides)
-        self.extractor = OverlapExtractor(
-            store.path, store.result_dir / SPOOL_DIR, grid_shape=(layout.grid.rows, layout.grid.cols), core_px=layout.grid.core_px,
-            pending=[t.key for t in layout.tiles if t.key not in store.done], workers=self.workers, params=params,
-            tissue_mask=tissue_mask,
-        )
+        try:
+            self.extractor = OverlapExtractor(
+                store.path, store.result_dir / SPOOL_DIR, grid_shape=(layout.grid.rows, layout.grid.cols), core_px=layout.grid.core_px,
+                pending=[t.key for t in layout.tiles if t.key not in store.done], workers=self.workers, params=params,
+                tissue_mask=tissue_mask,
+            )
+        except Exception as exc:  # noqa: BLE001 - the objects are then derived after inference, as without overlap
+            log.warning("objects cannot be extracted during inference (%s): they are derived afterwards", exc)
+            return None
         return self.extractor.tile_done
 
     def record(self) -> dict[str, Any]:
@@ -522,10 +526,10 @@ def _infer_maps(slide: Any, slide_path: Path, result_dir: Path, model: Any, layo
         store.write_mask("tissue_mask", layout.tissue.mask, downsample=layout.tissue.mpp / slide.mpp)
         on_tile = overlap.start(store, layout, opts, tissue_mask=tissue_mask) if overlap is not None else None
         threads = torch.get_num_threads()
-        if overlap is not None and opts.device.type == "cpu":  # the network leaves the overlap its cores
+        if on_tile is not None and opts.device.type == "cpu":  # the network leaves the overlap its cores
             torch.set_num_threads(max(1, threads - overlap.workers))
         try:
-            if overlap is not None:
+            if on_tile is not None:
                 overlap.torch_threads = torch.get_num_threads()
             stats = run_inference(
                 slide, model, grid, layout.tiles, store, mpp=float(model.config.mpp), device=opts.device, batch_size=opts.batch_size,
@@ -533,7 +537,7 @@ def _infer_maps(slide: Any, slide_path: Path, result_dir: Path, model: Any, layo
             )
         finally:
             torch.set_num_threads(threads)
-        if overlap is not None:
+        if on_tile is not None:
             overlap.extractor.drain()  # the chunks in flight read the store before it is renamed
         from .damage import check_damage  # warns once, or fails a mostly unreadable slide (the store stays resumable)
 

@@ -149,6 +149,7 @@ class OverlapExtractor:
         self.jobs = ex._plan_jobs(meta, self.tasks, chunk_px=chunk_px, halo_px=halo_px, max_halo_px=max_halo_px,
                                  params=self.params)
         self.path = str(predictions_path)
+        self._paths = {self.path}  # readers cached by path in a thread pool: dropped by close()
         self.spool = Path(spool_dir)
         shutil.rmtree(self.spool, ignore_errors=True)
         self.spool.mkdir(parents=True)
@@ -256,6 +257,7 @@ class OverlapExtractor:
         left = [i for i in range(len(self.jobs)) if i not in self._done]
         log.info("post-processing: %d of %d chunks done during inference, %d left", len(self._done), len(self.jobs), len(left))
         path = str(predictions_path)
+        self._paths.add(path)
         return ex.ObjectStream(lambda warnings: ex._assemble(self._results(path, left), self.meta, self.params, warnings))
 
     def _results(self, path: str, left: list[int]) -> Iterator[dict[str, Any]]:
@@ -289,6 +291,8 @@ class OverlapExtractor:
         if self._pool is not None:
             self._pool.shutdown(wait=True, cancel_futures=True)
             self._pool = None
+        for path in self._paths:  # a thread pool's readers live in this process
+            _READERS.pop(path, None)
         shutil.rmtree(self.spool, ignore_errors=True)
 
     def __enter__(self) -> OverlapExtractor:

@@ -237,6 +237,8 @@ def load_config(path: str | os.PathLike[str], **overrides: Any) -> TrainConfig:
         data = {}
     if not isinstance(data, Mapping):
         raise InputError(f"training config {path} must hold a mapping, got {type(data).__name__}")
+    if "stages" in data:  # a recipe (wsi_mtl.train._recipe): its shared settings; the stages run with run_recipe
+        data = {k: v for k, v in data.items() if k != "stages" and not str(k).startswith("_")}
     data = {**data, **{k: v for k, v in overrides.items() if v is not None}}
     return _validate(data, path.resolve().parent.parent)
 

@@ -117,3 +117,17 @@ def cmu_small(shared_data: Path) -> Path:
     if not path.is_file():
         pytest.skip(f"{path} not present")
     return path
+
+
+@pytest.fixture(scope="session")
+def sample_segmented(cmu_small: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
+    """``wsimtl segment SAMPLE -o OUT`` with every option at its default, run once per test session:
+    (result folder, stdout). Tests must not change the folder (copy it first)."""
+    import subprocess
+    import sys
+
+    out = tmp_path_factory.mktemp("sample-segmented")
+    proc = subprocess.run([sys.executable, "-m", "wsi_mtl", "segment", str(cmu_small), "-o", str(out)],
+                          capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    return out / cmu_small.stem, proc.stdout

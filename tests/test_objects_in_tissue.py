@@ -19,13 +19,10 @@ pytestmark = [
 ]
 
 
-@pytest.fixture(scope="module")
-def sample_result(cmu_small: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    import wsi_mtl
-    from wsi_mtl.pipeline import segment_slide
-
-    model = wsi_mtl.load_model(str(MODEL_DIR))
-    return segment_slide(cmu_small, tmp_path_factory.mktemp("cmu"), model=model, progress=False).result_dir
+@pytest.fixture()
+def sample_result(sample_segmented: tuple[Path, str]) -> Path:
+    """The sample slide segmented with the shipped model and default options (once per session)."""
+    return sample_segmented[0]
 
 
 def _mask_geometry(result: Path, dilate_px: int) -> shapely.Geometry:

@@ -31,12 +31,10 @@ def wsimtl(*args: str) -> subprocess.CompletedProcess:
     return proc
 
 
-@pytest.fixture(scope="module")
-def segmented(cmu_small: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
+@pytest.fixture()
+def segmented(sample_segmented: tuple[Path, str]) -> tuple[Path, str]:
     """``wsimtl segment SLIDE -o OUT`` with every option at its default: (result folder, stdout)."""
-    out = tmp_path_factory.mktemp("sample")
-    proc = wsimtl("segment", str(cmu_small), "-o", str(out))
-    return out / cmu_small.stem, proc.stdout
+    return sample_segmented
 
 
 def _copy(result_dir: Path, tmp_path: Path) -> Path:

@@ -138,3 +138,10 @@ def test_nuclei_all_validation_part_is_the_v2_split(shared_data: Path) -> None:
     assert {s: sorted(v) for s, v in got.items()} == {s: sorted(split[s]) for s in ("monuseg", "cpm15", "consep", "glioma")}
     assert all(isinstance(it, TypedSegItem) for it in data.seg["nuclei_all"] if it.source == "consep")
     assert list(data.seg) == ["nuclei_all"]
+
+
+def test_v2_split_with_the_old_nuclei_task_scores_the_xml_images_and_cpm15(shared_data: Path) -> None:
+    split = load_split(SPLIT_V2)
+    data = load_sources(shared_data, mpp=0.5, source_mpp=DEFAULT_SOURCE_MPP, split=split, part="val", lc_classes=["lung_aca", "lung_n", "lung_scc"], tasks=["nuclei"])
+    names = [it.name for it in data.seg["nuclei"]]
+    assert names == load_split(SPLIT_V1)["monuseg"] + split["cpm15"]  # the binary-only MoNuSeg images are nuclei_all's

@@ -139,6 +139,9 @@ def load_monuseg(root: Path, *, mpp: float, source_mpp: float, names: Sequence[s
     else:
         rows = [r for r in rows if r["instance_mask"]]
     by = {r["name"]: r for r in rows}
+    if names is not None and not binary_only:  # a split may name binary-only images (scored by task nuclei_all): skipped here
+        binary = {r["name"] for r in _csv(base / "manifest.csv") if not r["instance_mask"]}
+        names = [n for n in names if n not in binary]
     out = []
     for n in _select(list(by), names, exclude):
         r = by[n]

@@ -2,7 +2,7 @@
 
 Usage (run it niced on a shared machine; needs the data the config names)::
 
-    nice -n 10 python benchmarks/bench_train.py configs/wsimtl-small-stage10.yaml
+    nice -n 10 python benchmarks/bench_train.py configs/wsimtl-small-stage14.yaml
     nice -n 10 python benchmarks/bench_train.py configs/wsimtl-small.yaml --task gland --steps 10
 
 Builds the network a run of the config would build (from its ``init_from`` weights, with its

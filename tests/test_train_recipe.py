@@ -63,7 +63,9 @@ def test_recipe_runs_every_stage_records_them_and_skips_them_on_rerun(tmp_path):
     shipped = tmp_path / "shipped"
     assert file_sha256(shipped / "weights.safetensors") == file_sha256(runs / "s2" / "model" / "weights.safetensors")
     training = json.loads((shipped / "config.json").read_text())["extra"]["training"]
-    assert training["postprocess_tuning"]["sources"] == {"nuclei": ["monuseg"]} and "previous" in training["postprocess_tuning"]
+    assert training["postprocess_tuning"]["sources"] == {"nuclei": ["monuseg"]}
+    assert "nuclei_split_h" in json.loads((shipped / "config.json").read_text())["extra"]["postprocess"]
+    assert "tuning_scores" in state["stages"]["s1"] and "tuning_scores" not in state["stages"]["s2"]  # s2 does not tune
     assert training["config"] == "wsimtl-small:s2" and training["earlier"][-1]["config"] == "wsimtl-small:s1"
     assert state["total_minutes"] == pytest.approx(sum(r["minutes"] for r in state["stages"].values()), abs=0.02)
 

@@ -583,3 +583,13 @@ def test_truncated_objects_are_counted_in_run_json(tmp_path):
 
     table = gpd.read_parquet(tmp_path / "objects.parquet")
     assert table.truncated.tolist() == [True]
+
+
+def test_the_tissue_heads_own_glass_class_gets_no_region(tmp_path):
+    """Cells the tissue head calls 'background' (Kather's 'empty') are glass: no tissue region there."""
+    tissue = np.ones((8, 8), np.int64)
+    tissue[:, :4] = 0  # 'background' in TISSUE
+    maps = {"Patch-Class": _one_hot(tissue, len(TISSUE), np.ones((8, 8), bool))}
+    got = objects_from_maps(maps, slide_mpp=0.25, downsample=2.0, classes={"Patch-Class": (TISSUE, _colors(len(TISSUE)))})
+    assert set(got.columns["class_name"]) == {"tumour"}
+    assert shapely.union_all(got.geometry).area == pytest.approx(8 * 4 * 2 * 2)  # the right half of the cells, 2 level-0 px each

@@ -86,6 +86,9 @@ GLAND_INST, GLAND_TYPE = "Gland-INST", "Gland-TYPE"
 LUMEN_INST, PATCH = "Lumen-INST", "Patch-Class"
 
 #: heads each task needs (the type heads are optional)
+#: tissue-head class names that mean glass or background: such cells get no tissue region
+GLASS_CLASSES = frozenset({"empty", "background", "glass"})
+
 _REQUIRED = {"nuclei": NUCLEI_INST, "gland": GLAND_INST, "lumen": LUMEN_INST, "tissue": PATCH}
 
 
@@ -602,6 +605,9 @@ def _tissue_chunk(reader: Any, chunk: Chunk, meta: MapsMeta, params: Postprocess
         samples = int(min(8, max(1, math.ceil(2 * cell_ds / meta.mask_downsample))))
         share = _mask_fraction(reader, meta, chunk.read, cell_ds, samples=samples)
         class_map[share < params.min_in_tissue] = NO_CLASS  # glass gets no tissue class
+    for index, name in enumerate(meta.heads[PATCH].classes):
+        if name.lower() in GLASS_CLASSES:  # the head's own word for glass is no tissue class either
+            class_map[class_map == index] = NO_CLASS
     parts = _tissue_parts(class_map, prob, offset_yx=(chunk.read[0], chunk.read[2]), open_edges=chunk.open_edges)
     touch = parts["touch"]
     out: dict[str, Any] = {}

@@ -6,6 +6,22 @@ difference from torch fp32 is <= 0.02 for every head AND its median throughput i
 (today's CPU default) in the same run. An int8 graph additionally needs validation metrics within
 0.005 of the float model's (``--validate``); without that validation it is not adopted.
 
+RESULTS (2026-12-04, default model wsimtl-small, 2-core AMD EPYC with avx512_bf16, heavily loaded by
+other work: load average 8-18, so absolute MP/s are 5-13x below an idle machine's). Max abs
+probability difference vs torch fp32 over the 3 tiles (worst head): torch bf16 0.151 (Gland-INST),
+ONNX Runtime fp32 < 1e-4, OpenVINO f32 < 1e-4, OpenVINO bf16 0.141, OpenVINO int8 (NNCF, 12
+training tiles, heads/stem float) 0.999 (Patch-GlaS; Nuclei-INST 0.92). Median MP/s over rounds
+(ratio to eager bf16 wall / per CPU-s):
+
+  2 threads, 7 rounds: torch fp32 0.13 (0.69/0.80), torch bf16 0.19 (1/1), ORT fp32 0.26 (1.35/1.47),
+  OpenVINO f32 0.43 (2.27/2.61), bf16 0.73 (3.83/4.38), int8 0.75 (3.94), int8+bf16 0.94 (4.92)
+  1 thread, 5 rounds: torch fp32 0.20 (0.51/0.54), torch bf16 0.40 (1/1), OpenVINO f32 0.34
+  (0.85/0.83), bf16 0.54 (1.36/1.41)
+
+Under load torch's two threads wait on each other far more than OpenVINO's; per core (1 thread)
+and in issue 19's idle figures (0.80x) OpenVINO f32 is slower than eager bf16, so nothing was
+adopted for ``auto`` (wsi_mtl.network.runtime.AUTO_ORDER); int8 fails the maps outright.
+
 Usage (2 threads everywhere; other work on the machine disturbs absolute figures, so the runtimes
 are interleaved over rounds and the ratios are taken within one run)::
 

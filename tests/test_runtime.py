@@ -229,3 +229,19 @@ def test_engine_runs_the_openvino_runner_and_says_so(trained, tmp_path):
     for name, ref in maps["torch"].items():
         # stored as round(255 p): 0.02 in probability is 5.1 levels, plus one for rounding
         assert np.abs(maps["openvino"][name] - ref).max() <= 6, name
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not has_openvino, reason="openvino is not installed (pip install 'wsimtl[fast]')")
+def test_run_json_records_the_runtime_that_ran(trained, he_image, tmp_path):
+    from wsi_mtl import synthetic
+    from wsi_mtl.pipeline import segment_slide
+    from wsi_mtl.store import open_predictions
+
+    slide = synthetic.write_svs(tmp_path / "s.svs", he_image[256:768, 512:1024], mpp=0.25, compression="jpeg", tile=256, levels=(1, 4))
+    common = {"model": trained, "tile_size": 256, "batch_size": 1, "objects": False, "progress": False, "precision": "fp32"}
+    runs = {r: segment_slide(slide, tmp_path / r, runtime=r, **common) for r in ("torch", "openvino")}
+    for r, res in runs.items():
+        assert res.run["parameters"]["runtime"] == r
+    a, b = (open_predictions(res.result_dir) for res in runs.values())
+    assert np.abs(a["Nuclei-INST"]["0"][:].astype(int) - b["Nuclei-INST"]["0"][:].astype(int)).max() <= 6

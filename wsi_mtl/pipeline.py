@@ -348,8 +348,8 @@ def _with_runtime(opts: _Options, runtime: str, precision: str, model: Any = Non
     """``opts`` with ``runtime`` checked (InputError for an unknown or absent one) and, given the
     model, ``auto`` resolved (:func:`wsi_mtl.network.runtime.resolve_runtime`).
 
-    A runtime that ``auto`` chose runs at fp32 unless a precision was asked for: that is the
-    configuration whose maps matched torch fp32 (and outran eager bf16) in benchmarks/bench_runtime.py.
+    A runtime that ``auto`` chose runs at fp32 unless a precision was asked for: the configuration
+    whose maps match torch fp32 (the adoption rule of benchmarks/bench_runtime.py).
     """
     from dataclasses import replace
 

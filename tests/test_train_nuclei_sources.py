@@ -15,7 +15,7 @@ from PIL import Image
 from wsi_mtl.errors import InputError
 from wsi_mtl.train import load_split
 from wsi_mtl.train._config import DEFAULT_SOURCE_MPP
-from wsi_mtl.train._data import load_sources, sample_seg
+from wsi_mtl.train._data import SegItem, load_sources, sample_seg
 from wsi_mtl.train._nuclei_sources import (
     CONSEP_TYPES,
     TypedSegItem,
@@ -145,3 +145,42 @@ def test_v2_split_with_the_old_nuclei_task_scores_the_xml_images_and_cpm15(share
     data = load_sources(shared_data, mpp=0.5, source_mpp=DEFAULT_SOURCE_MPP, split=split, part="val", lc_classes=["lung_aca", "lung_n", "lung_scc"], tasks=["nuclei"])
     names = [it.name for it in data.seg["nuclei"]]
     assert names == load_split(SPLIT_V1)["monuseg"] + split["cpm15"]  # the binary-only MoNuSeg images are nuclei_all's
+
+
+def test_a_nuclei_all_batch_teaches_types_where_instances_are_typed() -> None:
+    from wsi_mtl.network import get_model_config
+    from wsi_mtl.train import TrainConfig
+    from wsi_mtl.train._data import Sources
+    from wsi_mtl.train._loop import _loader_tasks, make_seg_batch
+
+    typed = _typed_item()
+    plain = SegItem("p", "glioma", "nuclei", typed.image.copy(), typed.labels.copy())
+    cfg = TrainConfig(seg_batch=2, seg_crop_px=64, scale_range=(1.0, 1.0), hed_sigma=0.0, hed_bias=0.0, blur_p=0.0, bf16=False,
+                      schedule=("seg",), seg_mixture={"nuclei_all": 1.0, "gland": 0.5})
+    assert _loader_tasks(cfg) == ["nuclei_all", "gland"]  # the opt-in task is loaded
+    b = make_seg_batch(np.random.default_rng(0), Sources({"nuclei_all": [typed]}, {}), cfg, get_model_config("wsimtl_small").patch_heads, task="nuclei_all")
+    assert {1, 3} <= set(b.seg["Nuclei-TYPE"].unique().tolist()) <= {0, 1, 3, IGNORE}
+    b = make_seg_batch(np.random.default_rng(0), Sources({"nuclei_all": [plain]}, {}), cfg, get_model_config("wsimtl_small").patch_heads, task="nuclei_all")
+    assert not ({1, 2, 3, 4} & set(b.seg["Nuclei-TYPE"].unique().tolist()))  # untyped sources teach no class
+
+
+def test_scores_per_source_and_type_f1_of_typed_instances() -> None:
+    import torch
+
+    from wsi_mtl.network import create_model
+    from wsi_mtl.postprocess import params_of
+    from wsi_mtl.train._evaluate import format_table
+    from wsi_mtl.train._nuclei_sources import score_nuclei_sources
+
+    torch.manual_seed(0)
+    model = create_model("wsimtl_small", seed=0)
+    typed = _typed_item()
+    plain = SegItem("p", "glioma", "nuclei", typed.image.copy(), typed.labels.copy())
+    images: dict = {}
+    res = score_nuclei_sources(model, [typed, plain], params=params_of(model), bf16=False, images=images)
+    assert set(res["by_source"]) == {"consep", "glioma"} and res["by_source"]["glioma"]["n_images"] == 1
+    assert 0.0 <= res["by_source"]["consep"]["aji"] <= 1.0
+    t = res["types"]["consep"]
+    assert set(t["f1"]) == {"epithelial", "fibroblast", "inflammatory", "other"} and t["n_true"] == 3
+    assert set(res["types"]) == {"consep"} and set(images) == {"nuclei_all/consep/t", "nuclei_all/glioma/p"}
+    assert "aji consep" in format_table({"nuclei_all": res})

@@ -164,6 +164,7 @@ def test_a_nuclei_all_batch_teaches_types_where_instances_are_typed() -> None:
     assert not ({1, 2, 3, 4} & set(b.seg["Nuclei-TYPE"].unique().tolist()))  # untyped sources teach no class
 
 
+@pytest.mark.slow
 def test_scores_per_source_and_type_f1_of_typed_instances() -> None:
     import torch
 

@@ -39,7 +39,8 @@ OPT_IN_TASKS = ("nuclei_all",)
               help="Split file listing the labelled tiles per source (default: the config's).")
 @click.option("--data-root", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None, help="Folder with the labelled data (layout of ../shared/data).")
 @click.option("--task", "task", default=None, metavar="TASK[,TASK...]",
-              help=f"What to score: on the split any of {', '.join(SPLIT_TASKS)} (default: all); with --tiles the one task "
+              help=f"What to score: on the split any of {', '.join(SPLIT_TASKS)} (default: all), or {', '.join(OPT_IN_TASKS)} (scored only when named: "
+                   f"AJI/PQ per nuclei source, CoNSeP nuclear-type F1); with --tiles the one task "
                    f"the labels are for ({', '.join(TILE_TASKS)}).")
 @deprecated_option("--tasks", "old_tasks", use="--task", default=None)
 @click.option("--tiles", "tiles_dir", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None,

@@ -43,10 +43,13 @@ def _state(tmp: Path) -> dict:
 def test_recipe_runs_every_stage_records_them_and_skips_them_on_rerun(tmp_path):
     _fake_data(tmp_path / "data")
     path = _write_recipe(tmp_path)
+    (tmp_path / "shipped").mkdir()
+    (tmp_path / "shipped" / "MODEL_CARD.md").write_text("card")  # the shipped folder's other files stay
     runner = CliRunner()
     res = runner.invoke(cli, ["train", str(path), "-q"], catch_exceptions=False)
     assert res.exit_code == 0, res.output
     assert "3 of 3 stages done" in res.output
+    assert (tmp_path / "shipped" / "MODEL_CARD.md").read_text() == "card"
     runs = tmp_path / "runs" / "r"
     state = _state(tmp_path)
     assert state["order"] == ["s1", "s2", "tune"]

@@ -247,17 +247,17 @@ def _model_record(folder: Path) -> dict[str, Any]:
 # --- running -----------------------------------------------------------------------------------
 
 
-def _replace_folder(tmp: Path, final: Path) -> None:
-    """Put the finished folder ``tmp`` at ``final``, replacing what was there."""
-    old = final.with_name(f".{final.name}.old-{os.getpid()}")
-    if final.exists():
-        final.rename(old)
-    tmp.rename(final)
-    shutil.rmtree(old, ignore_errors=True)
+def _move_files_into(tmp: Path, final: Path) -> None:
+    """Move the files of the finished folder ``tmp`` into ``final``, each atomically, ``config.json``
+    last; files of ``final`` that ``tmp`` lacks (a model card, metrics) stay."""
+    final.mkdir(parents=True, exist_ok=True)
+    for f in sorted(tmp.iterdir(), key=lambda p: p.name == "config.json"):
+        if f.is_file():
+            os.replace(f, final / f.name)
 
 
 def _run_tune_only(stage: Stage) -> None:
-    """Copy the stage's starting model to its output and re-tune the copy's post-processing."""
+    """Copy the stage's starting model into its output and re-tune the copy's post-processing."""
     from ._loop import retune_model
 
     cfg = stage.config
@@ -268,10 +268,10 @@ def _run_tune_only(stage: Stage) -> None:
     dst.parent.mkdir(parents=True, exist_ok=True)
     tmp = dst.with_name(f".{dst.name}.partial-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
-    shutil.copytree(src, tmp)
     try:
+        shutil.copytree(src, tmp)
         retune_model(dataclasses.replace(cfg, output_model=tmp))
-        _replace_folder(tmp, dst)
+        _move_files_into(tmp, dst)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 

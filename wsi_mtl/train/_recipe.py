@@ -34,7 +34,7 @@ import yaml
 from ..errors import InputError
 from ._config import TrainConfig, _validate
 
-__all__ = ["RECIPE_STATE", "Recipe", "Stage", "is_recipe", "load_recipe", "run_recipe"]
+__all__ = ["RECIPE_STATE", "Recipe", "Stage", "is_recipe", "load_recipe", "read_state", "run_recipe"]
 
 logger = logging.getLogger(__name__)
 

@@ -133,6 +133,7 @@ def check_model(name: str | None, *, allow_untrained: bool) -> None:
 RUNTIMES = ("auto", "torch", "openvino", "onnx")
 runtime_option: Callable[[F], F] = click.option(
     "--runtime", type=click.Choice(RUNTIMES), default="auto", show_default=True,
-    help="What runs the network on the CPU: torch, or an exported OpenVINO / ONNX Runtime graph "
-         "(pip install 'wsimtl[fast]'; cached per model). auto: an adopted runtime when installed, else torch.",
+    help="What runs the network on the CPU: torch, or a graph exported once per model and cached, run by "
+         "OpenVINO (pip install 'wsimtl[fast]'; follows --precision) or ONNX Runtime ('wsimtl[onnx]', fp32). "
+         "auto: torch (no other runtime has passed the adoption benchmark yet).",
 )

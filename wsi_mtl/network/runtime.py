@@ -8,8 +8,8 @@ width; it is cached on disk by weights sha256, config and runtime version (:func
 the export (tens of seconds) is paid once per model and machine.
 
 ``resolve_runtime("auto", device, model)`` picks the first runtime of :data:`AUTO_ORDER` that is
-installed (CPU, trained models), else torch. Which runtimes are in :data:`AUTO_ORDER` follows the measurements of
-``benchmarks/bench_runtime.py`` (adoption rule at its top).
+installed (CPU, trained models), else torch. Which runtimes are in :data:`AUTO_ORDER` follows the
+measurements of ``benchmarks/bench_runtime.py`` (adoption rule at its top).
 """
 
 from __future__ import annotations
@@ -69,7 +69,8 @@ def check_runtime(requested: str, device: torch.device) -> str:
         if device.type != "cpu":
             raise InputError(f"runtime {requested} runs on the CPU only, not on {device}; use --runtime torch")
         if not available(requested):
-            raise InputError(f"runtime {requested} needs the {_MODULE[requested]} package: pip install 'wsimtl[fast]'")
+            extra = "fast" if requested == "openvino" else "onnx"
+            raise InputError(f"runtime {requested} needs the {_MODULE[requested]} package: pip install 'wsimtl[{extra}]'")
     return requested
 
 
@@ -98,13 +99,11 @@ def cache_dir() -> Path:
 
 
 def _weights_sha256(model: torch.nn.Module) -> str:
-    known = getattr(model.config, "weights_sha256", None)
-    if known:
-        return str(known)
+    """sha256 of the weights in memory (not of a file: a model changed since loading gets its own key)."""
     h = hashlib.sha256()
     for name, tensor in sorted(model.state_dict().items()):
         h.update(name.encode())
-        h.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+        h.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
     return h.hexdigest()
 
 

@@ -1,7 +1,8 @@
 """Multi-task training (Cerberus-style partial labels) and evaluation on labelled tiles.
 
-``train(load_config("configs/wsimtl-small.yaml"))`` trains and exports a model;
-``evaluate_sources(model, data)`` computes the validation metrics.
+``run_recipe(load_recipe("configs/wsimtl-small.yaml"))`` rebuilds the shipped model stage by stage
+(``wsimtl train`` on a recipe); ``train(load_config(path))`` runs one training config and exports a
+model; ``evaluate_sources(model, data)`` computes the validation metrics.
 """
 
 from ._config import DEFAULT_SOURCE_MPP, SOURCES, TrainConfig, load_config, load_split

@@ -6,9 +6,16 @@ with the model's tuned settings and with its neck cutting (``nuclei_split_h``) a
 filter (``nuclei_min_interior``) switched off, and prints the ratios: tuned / without those steps,
 and each against the network's time for the same tiles. Needs ``../shared/data``.
 
+With ``--store PATH`` it instead reads the Nuclei-INST map of a ``predictions.zarr`` (e.g. from
+``wsimtl segment SLIDE -o OUT --no-objects``) and prints nuclei per CPU second of the nuclei step
+with the model's tuned settings, with the compiled h-maxima (numba, the ``fast`` extra) and with
+skimage's, checks that both give the same labels, and prints the numba load/compile time (not
+counted in the rates; ``cache=True`` makes later runs load it from disk).
+
 Usage::
 
     python benchmarks/bench_nuclei_steps.py [--model wsimtl-small] [--repeats 5]
+    python benchmarks/bench_nuclei_steps.py --store OUT/predictions.zarr [--repeats 5]
 """
 
 from __future__ import annotations
@@ -33,12 +40,56 @@ def _best_of(fn, repeats: int) -> float:
     return best
 
 
+def _best_cpu(fn, repeats: int) -> float:
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.process_time()
+        fn()
+        best = min(best, time.process_time() - t0)
+    return best
+
+
+def on_store(path: Path, model: str, repeats: int) -> None:
+    """Nuclei per CPU second on a stored map, compiled h-maxima against skimage's."""
+    import zarr
+
+    from wsi_mtl.network import load_model
+    from wsi_mtl.postprocess import _compiled, nuclei_labels, params_of
+
+    prob = np.asarray(zarr.open_group(str(path), mode="r")["Nuclei-INST"]["0"][:])
+    tuned = params_of(load_model(model))
+    have = _compiled.HAVE_NUMBA
+    t0 = time.perf_counter()
+    if have:
+        _compiled._reconstruct(np.ones((3, 3), np.float32), np.zeros((3, 3), np.float32))
+    t_jit = time.perf_counter() - t0
+    rates = {}
+    labels = {}
+    for name, on in (("skimage", False), ("numba", True)):
+        if on and not have:
+            continue
+        _compiled.HAVE_NUMBA = on
+        labels[name] = nuclei_labels(prob, tuned)
+        cpu = _best_cpu(lambda: nuclei_labels(prob, tuned), repeats)
+        rates[name] = int(labels[name].max()) / cpu
+        print(f"{name:8s}: {int(labels[name].max())} nuclei, {cpu:.3f} CPU s (best of {repeats}), {rates[name]:,.0f} nuclei/CPU s")
+    _compiled.HAVE_NUMBA = have
+    print(f"map {prob.shape[1]}x{prob.shape[2]}, split_h={tuned.nuclei_split_h}; numba load/compile {t_jit:.2f} s (not in the rates)")
+    if len(rates) == 2:
+        same = np.array_equal(labels["skimage"], labels["numba"])
+        print(f"numba / skimage: {rates['numba'] / rates['skimage']:.2f}x; same labels: {same}")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="wsimtl-small")
     ap.add_argument("--data-root", type=Path, default=ROOT.parent / "shared" / "data")
     ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--store", type=Path, help="time the nuclei step on this predictions.zarr instead")
     args = ap.parse_args()
+    if args.store is not None:
+        on_store(args.store, args.model, args.repeats)
+        return
 
     from wsi_mtl.network import load_model
     from wsi_mtl.train._config import DEFAULT_SOURCE_MPP, load_split

@@ -199,3 +199,76 @@ def test_edt32_equals_scipy_edt_as_float32():
         if trial % 3 == 0:
             mask = ndi.gaussian_filter(rng.random(shape), 2) > 0.45
         np.testing.assert_array_equal(inst._edt32(mask), ndi.distance_transform_edt(mask).astype(np.float32))
+
+
+def _hmax_images(rng: np.random.Generator, trials: int):
+    """Random float32 images >= 0: smooth hills, plateaus and ties (values rounded to halves),
+    zero gaps between islands, and images with no zero at all."""
+    for trial in range(trials):
+        shape = (int(rng.integers(1, 36)), int(rng.integers(1, 36)))
+        img = ndi.gaussian_filter(rng.random(shape), rng.uniform(0, 3)) * rng.uniform(0.1, 20)
+        if trial % 3 == 0:
+            img = np.round(img * rng.integers(1, 4)) / 2
+        img = img.astype(np.float32)
+        img[rng.random(shape) < rng.uniform(0, 0.5)] = 0
+        if trial % 7 == 0:
+            img = img + np.float32(0.5)
+        yield img
+
+
+@pytest.mark.parametrize("compiled", [True, False])
+def test_compiled_h_maxima_equals_skimage(monkeypatch, compiled):
+    """h_maxima_bool is skimage's h_maxima, by the island flood (run as plain Python where numba
+    is absent) and by the fallback, for plateaus, ties, zeros and h as float or np.float64."""
+    from skimage.morphology import h_maxima
+
+    from wsi_mtl.postprocess import _compiled
+
+    monkeypatch.setattr(_compiled, "HAVE_NUMBA", compiled)
+    rng = np.random.default_rng(31)
+    found = 0
+    for img in _hmax_images(rng, 150):
+        for h in (0.5, float(rng.uniform(0.01, 3)), np.float64(0.75)):
+            want = h_maxima(img, h).astype(bool)
+            np.testing.assert_array_equal(_compiled.h_maxima_bool(img, h), want)
+            found += int(ndi.label(want & (img > 0))[1] >= 2)
+    assert found > 50  # many images have several h-maxima
+    neg = -np.arange(12, dtype=np.float32).reshape(3, 4)  # negative values: skimage's own path
+    np.testing.assert_array_equal(_compiled.h_maxima_bool(neg, 0.5), h_maxima(neg, 0.5).astype(bool))
+
+
+def test_compiled_edt_equals_scipy_edt_as_float32():
+    """Meijster's transform (plain Python where numba is absent) gives scipy's float32 distances."""
+    from wsi_mtl.postprocess import _compiled
+
+    rng = np.random.default_rng(9)
+    for trial in range(80):
+        shape = (int(rng.integers(1, 40)), int(rng.integers(1, 40)))
+        mask = rng.random(shape) < rng.uniform(0.3, 1.0)
+        if trial % 3 == 0:
+            mask = ndi.gaussian_filter(rng.random(shape), 2) > 0.4
+        if mask.all():
+            mask[int(rng.integers(shape[0])), int(rng.integers(shape[1]))] = False
+        np.testing.assert_array_equal(_compiled.edt32(mask), ndi.distance_transform_edt(mask).astype(np.float32))
+
+
+@pytest.mark.skipif(not __import__("wsi_mtl.postprocess._compiled", fromlist=["x"]).HAVE_NUMBA, reason="numba (the fast extra) not installed")
+def test_nuclei_same_with_and_without_numba(monkeypatch):
+    """Nuclei with neck cutting on random maps: the compiled steps change no label."""
+    from wsi_mtl.postprocess import _compiled
+
+    rng = np.random.default_rng(23)
+    kw = dict(min_area_px=8, marker_threshold=0.5, mask_threshold=0.5, min_marker_px=1, keep_unmarked=True, min_interior=0.6)
+    cut = 0
+    for trial in range(12):
+        blobs = ndi.gaussian_filter(rng.random((96, 96)), 2.0 + trial % 3)
+        interior = np.clip((blobs - 0.45) * 12, 0, 1)
+        u8 = np.round(255 * np.stack([1 - interior, interior, 0.3 * (interior > 0)])).astype(np.uint8)
+        for h in (0.5, 0.75):
+            monkeypatch.setattr(_compiled, "HAVE_NUMBA", True)
+            fast, _ = inst._nuclei_instances(u8, split_h=h, **kw)
+            monkeypatch.setattr(_compiled, "HAVE_NUMBA", False)
+            plain, _ = inst._nuclei_instances(u8, split_h=h, **kw)
+            np.testing.assert_array_equal(fast, plain)
+            cut += int(fast.max() > inst._nuclei_instances(u8, split_h=0, **kw)[0].max())
+    assert cut > 2

@@ -1,0 +1,229 @@
+"""Compiled (numba, the ``fast`` extra) versions of two steps of neck cutting, with the same results.
+
+:func:`edt32`: the Euclidean distance transform (Meijster's two passes, exact integer squared
+distances, so the same float32 values as scipy's whatever feature pixel it picks).
+
+:func:`h_maxima_bool`: ``skimage.morphology.h_maxima`` (3x3 footprint) of a non-negative float32
+image. The h-maxima are ``image - rec >= h`` where ``rec`` is the grey reconstruction by dilation of
+``image - h - resolution`` under ``image``. skimage sorts every pixel of the image for it; here,
+with numba (the ``fast`` extra), each 8-connected island of positive pixels is flooded on its own
+by a priority queue (the highest reconstructed value first, as in Dijkstra's algorithm for the
+widest path), which touches only the island's pixels. Islands meet only through pixels of value 0,
+so all they receive from one another is the constant ``min(max(seed), 0)``. Reconstruction values
+are seeds or image values, never computed, so the result is exactly skimage's
+(``tests/test_postprocess_arrays.py``). Without numba, or for other images, skimage is called.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from skimage.morphology import h_maxima as _sk_h_maxima
+
+try:
+    import numba
+except ImportError:  # the fast extra is not installed: skimage does it all
+    numba = None
+
+__all__ = ["edt32", "h_maxima_bool", "HAVE_NUMBA"]
+
+HAVE_NUMBA = numba is not None
+
+
+def h_maxima_bool(image: np.ndarray, h: float) -> np.ndarray:
+    """``skimage.morphology.h_maxima(image, h).astype(bool)`` (default footprint), compiled for a
+    2-D float32 ``image`` >= 0 when numba is installed."""
+    if not HAVE_NUMBA or image.ndim != 2 or image.dtype != np.float32 or image.size == 0 or h <= 0:
+        return _sk_h_maxima(image, h).astype(bool)
+    low = image.min()
+    if not low >= 0:  # negative or NaN: not the islands this path assumes
+        return _sk_h_maxima(image, h).astype(bool)
+    if h > np.ptp(image):
+        return np.zeros(image.shape, bool)
+    # the seed exactly as skimage makes it (then stored in the image's float type)
+    resolution = 2 * np.finfo(image.dtype).resolution * np.abs(image)
+    seed = np.asarray(image - h - resolution).astype(np.float32)
+    img = np.ascontiguousarray(image)
+    rec = _reconstruct(img, np.ascontiguousarray(seed))
+    if low == 0:  # islands and zeros receive the best seed through the zeros, capped at 0
+        floor = min(seed.max(), np.float32(0))
+        np.maximum(rec, floor, out=rec)
+        rec[img == 0] = floor
+    residue = image - rec
+    return residue >= h
+
+
+def edt32(mask: np.ndarray) -> np.ndarray:
+    """``scipy.ndimage.distance_transform_edt(mask).astype(np.float32)`` for a 2-D ``mask`` with a
+    False pixel (needs numba: check :data:`HAVE_NUMBA`)."""
+    return _edt(np.ascontiguousarray(mask, dtype=np.bool_))
+
+
+def _edt_py(mask: np.ndarray) -> np.ndarray:
+    """Distance of each pixel to the nearest False pixel as float32 (of the float64 square root of
+    the exact integer squared distance; Meijster et al. 2000). Along a row, only the run of True
+    pixels between two False ones is searched: no pixel beyond a False one can be nearer."""
+    hgt, wid = mask.shape
+    far = hgt + wid  # more than any distance when the mask has a False pixel
+    g = np.zeros((hgt, wid), np.int32)  # vertical distances, row by row (contiguous)
+    for x in range(wid):
+        if mask[0, x]:
+            g[0, x] = far
+    for y in range(1, hgt):
+        for x in range(wid):
+            if mask[y, x]:
+                v = g[y - 1, x] + 1
+                g[y, x] = v if v < far else far
+    for y in range(hgt - 2, -1, -1):
+        for x in range(wid):
+            if mask[y, x] and g[y + 1, x] + 1 < g[y, x]:
+                g[y, x] = g[y + 1, x] + 1
+    out = np.zeros((hgt, wid), np.float32)
+    s = np.empty(wid + 2, np.int64)
+    t = np.empty(wid + 2, np.int64)
+    for y in range(hgt):
+        gy = g[y]
+        x = 0
+        while x < wid:
+            if not mask[y, x]:
+                x += 1
+                continue
+            a = x
+            while x < wid and mask[y, x]:
+                x += 1
+            lo = a - 1 if a > 0 else a
+            hi = x if x < wid else x - 1  # inclusive
+            # lower envelope of (u - i)^2 + g(i)^2 over i in lo..hi
+            q = 0
+            s[0] = lo
+            t[0] = lo
+            for u in range(lo + 1, hi + 1):
+                gu = np.int64(gy[u])
+                while q >= 0:
+                    gi = np.int64(gy[s[q]])
+                    if (t[q] - s[q]) ** 2 + gi * gi > (t[q] - u) ** 2 + gu * gu:
+                        q -= 1
+                    else:
+                        break
+                if q < 0:
+                    q = 0
+                    s[0] = u
+                    t[0] = lo
+                else:
+                    i = s[q]
+                    gi = np.int64(gy[i])
+                    w = 1 + (u * u - i * i + gu * gu - gi * gi) // (2 * (u - i))
+                    if w <= hi:
+                        q += 1
+                        s[q] = u
+                        t[q] = w
+            for u in range(hi, lo - 1, -1):
+                if u >= a and u < x:
+                    gi = np.int64(gy[s[q]])
+                    out[y, u] = np.float32(np.sqrt(np.float64((u - s[q]) ** 2 + gi * gi)))
+                if u == t[q]:
+                    q -= 1
+    return out
+
+
+def _reconstruct_py(image: np.ndarray, seed: np.ndarray) -> np.ndarray:
+    """Grey reconstruction by dilation (8-connectivity) of ``seed`` under ``image`` inside each
+    island of positive pixels (paths through zeros are the caller's); zeros keep their seed."""
+    hgt, wid = image.shape
+    n = hgt * wid
+    img = image.ravel()
+    rec = seed.ravel().copy()
+    island = np.full(n, -1, np.int32)  # pixel -> position in the heap of its island, -1 = out
+    done = np.zeros(n, np.bool_)
+    seen = np.zeros(n, np.bool_)
+    members = np.empty(n, np.int32)
+    heap = np.empty(n, np.int32)
+    drs = np.array([-1, -1, -1, 0, 0, 1, 1, 1], np.int64)
+    dcs = np.array([-1, 0, 1, -1, 1, -1, 0, 1], np.int64)
+    for start in range(n):
+        if seen[start] or img[start] <= 0:
+            continue
+        # the island: a depth-first walk over positive 8-neighbours
+        seen[start] = True
+        members[0] = start
+        m = 1
+        k = 0
+        while k < m:
+            p = members[k]
+            k += 1
+            r, c = p // wid, p % wid
+            for j in range(8):
+                rr, cc = r + drs[j], c + dcs[j]
+                if 0 <= rr < hgt and 0 <= cc < wid:
+                    q = rr * wid + cc
+                    if not seen[q] and img[q] > 0:
+                        seen[q] = True
+                        members[m] = q
+                        m += 1
+        for i in range(m):
+            heap[i] = members[i]
+            island[members[i]] = i
+        for i in range(m // 2 - 1, -1, -1):
+            _sift_down(heap, island, rec, i, m)
+        size = m
+        while size > 0:
+            p = heap[0]
+            size -= 1
+            island[p] = -1
+            done[p] = True
+            if size > 0:
+                heap[0] = heap[size]
+                island[heap[0]] = 0
+                _sift_down(heap, island, rec, 0, size)
+            top = rec[p]
+            r, c = p // wid, p % wid
+            for j in range(8):
+                rr, cc = r + drs[j], c + dcs[j]
+                if 0 <= rr < hgt and 0 <= cc < wid:
+                    q = rr * wid + cc
+                    if done[q] or img[q] <= 0:
+                        continue
+                    cand = top if top < img[q] else img[q]
+                    if cand > rec[q]:
+                        rec[q] = cand
+                        _sift_up(heap, island, rec, island[q])
+    return rec.reshape(hgt, wid)
+
+
+def _sift_down_py(heap, where, key, i, size):  # noqa: ANN001, ANN202 (compiled helper)
+    """Max-heap by ``key[heap[.]]``; ``where`` tracks each pixel's position."""
+    while True:
+        left = 2 * i + 1
+        if left >= size:
+            return
+        big = left
+        right = left + 1
+        if right < size and key[heap[right]] > key[heap[left]]:
+            big = right
+        if key[heap[big]] <= key[heap[i]]:
+            return
+        a, b = heap[i], heap[big]
+        heap[i], heap[big] = b, a
+        where[b] = i
+        where[a] = big
+        i = big
+
+
+def _sift_up_py(heap, where, key, i):  # noqa: ANN001, ANN202 (compiled helper)
+    while i > 0:
+        parent = (i - 1) // 2
+        if key[heap[parent]] >= key[heap[i]]:
+            return
+        a, b = heap[i], heap[parent]
+        heap[i], heap[parent] = b, a
+        where[b] = i
+        where[a] = parent
+        i = parent
+
+
+if HAVE_NUMBA:
+    _sift_down = numba.njit(cache=True, nogil=True)(_sift_down_py)
+    _sift_up = numba.njit(cache=True, nogil=True)(_sift_up_py)
+    _reconstruct = numba.njit(cache=True, nogil=True)(_reconstruct_py)
+    _edt = numba.njit(cache=True, nogil=True)(_edt_py)
+else:
+    _sift_down, _sift_up, _reconstruct, _edt = _sift_down_py, _sift_up_py, _reconstruct_py, _edt_py

@@ -305,3 +305,74 @@ def test_parallel_formatting_gives_identical_files(tmp_path: Path) -> None:
         assert a.read_bytes() == b.read_bytes()
     with pytest.raises(ValueError, match="workers"):
         write_geojson(table, tmp_path / "o.geojson", workers=0)
+
+
+def _mixed_objects(n: int, seed: int) -> ObjectBatch:
+    """Real-shaped objects of every kind the writer meets: nuclei and glands (random jagged rings,
+    negative and integer coordinates among them), lumen with a hole, tissue multipolygons, a sliver
+    that rounding would break, and NaN measurements."""
+    rng = np.random.default_rng(seed)
+    geoms, tasks = [], []
+    for i in range(n):
+        kind = i % 10
+        cx, cy = rng.uniform(-500, 90_000, 2)
+        vertices = 325 if kind == 1 else 15
+        angles = np.sort(rng.uniform(0, 2 * np.pi, vertices))
+        radius = rng.uniform(4, 40) * rng.uniform(0.8, 1.2, vertices)
+        ring = shapely.Polygon(np.c_[cx + radius * np.cos(angles), cy + radius * np.sin(angles)])
+        if not ring.is_valid:
+            ring = ring.convex_hull
+        if kind == 2:  # integer coordinates
+            ring = shapely.box(round(cx), round(cy), round(cx) + 7, round(cy) + 5)
+        if kind == 3:
+            geoms.append(ring.difference(shapely.Point(cx, cy).buffer(2)))
+        elif kind == 4:
+            geoms.append(shapely.MultiPolygon([ring, shapely.affinity.translate(ring, 200, 0)]))
+        elif kind == 5:
+            cx, cy = round(cx), round(cy)
+            geoms.append(shapely.Polygon([(cx, cy), (cx + 10, cy), (cx + 10, cy + 0.004), (cx + 5, cy + 0.003), (cx, cy + 0.004)]))
+        else:
+            geoms.append(ring)
+        tasks.append({1: "gland", 3: "lumen", 4: "tissue"}.get(kind, "nuclei"))
+    cols: dict[str, np.ndarray] = {
+        "id": np.array([str(uuid.UUID(int=int(rng.integers(2**62)), version=4)) for _ in range(n)]),
+        "task": np.array(tasks),
+        "class_name": np.array([f"{t}_{i % 3}" for i, t in enumerate(tasks)]),
+        "class_id": (np.arange(n) % 3).astype(np.int32),
+        **{name: rng.uniform(0, 1e4, n) * rng.choice([1.0, np.nan, 1e-5, 0.0], n, p=[0.7, 0.1, 0.1, 0.1])
+           for name, kind in COLUMNS.items() if kind == "f"},
+        **{name: rng.random(n) < 0.2 for name, kind in COLUMNS.items() if kind == "b"},
+    }
+    return ObjectBatch(cols, np.array(geoms, dtype=object), {})
+
+
+def test_fast_coordinates_match_the_reference_writer(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    pytest.importorskip("orjson")
+    table = tmp_path / "objects.parquet"
+    write_table([_mixed_objects(700, seed=3), _mixed_objects(300, seed=4)], table, mpp=0.25)
+    (tmp_path / "fast").mkdir()
+    fast = write_geojson_files(table, tmp_path / "fast", batch_rows=256)
+    monkeypatch.setattr(_geojson, "_FAST_COORDINATES", False)  # shapely.to_geojson for every row, as before
+    (tmp_path / "ref").mkdir()
+    reference = write_geojson_files(table, tmp_path / "ref", batch_rows=256)
+    assert [p.name for p in fast] == [p.name for p in reference] and len(fast) == 4
+    for a, b in zip(fast, reference):
+        assert fast[a] == reference[b] > 0
+        assert json.loads(a.read_text()) == json.loads(b.read_text())
+        assert a.read_bytes() == b.read_bytes()
+    doc = json.loads((tmp_path / "fast" / "objects.geojson").read_text())
+    shapes = assert_qupath_geojson(doc)
+    kinds = {s.geom_type + ("+hole" if s.geom_type == "Polygon" and s.interiors else "") for s in shapes}
+    assert kinds == {"Polygon", "Polygon+hole", "MultiPolygon"}
+    assert any(not f["properties"]["measurements"].get("area_um2", 1) for f in doc["features"])
+
+
+def test_fast_path_formats_single_ring_polygons() -> None:
+    pytest.importorskip("orjson")
+    batch = _mixed_objects(40, seed=8)
+    texts, ring_only = _geojson._geometry_texts(batch.geometry)
+    assert ring_only.sum() >= 20 and not ring_only[3::10].any() and not ring_only[4::10].any()
+    assert not ring_only[5::10].any()  # rounding breaks the sliver: its exact coordinates are kept
+    for text, only, geom in zip(texts, ring_only, batch.geometry):
+        parsed = json.loads('{"type":"Polygon","coordinates":[[%s]]}' % text if only else text)
+        assert parsed == json.loads(shapely.to_geojson(_geojson._round_geometry(np.array([geom]))[0]))

@@ -36,6 +36,11 @@ from typing import IO
 import numpy as np
 import shapely
 
+try:  # a dependency; without it every geometry goes through shapely.to_geojson (slower, same output)
+    import orjson
+except ImportError:  # pragma: no cover - depends on the environment
+    orjson = None
+
 from ..atomic import atomic_path
 from ..objects import TASKS
 from ._table import iter_table, read_table_info
@@ -97,19 +102,62 @@ def _round_geometry(geoms: np.ndarray) -> np.ndarray:
     return rounded
 
 
+
+#: write the coordinates of single-ring polygons with orjson, a batch at a time (the reference path,
+#: ``shapely.to_geojson`` of the rounded geometry, stays for holes, multipolygons, rows whose rounding
+#: breaks validity, and for every row where orjson is not installed)
+_FAST_COORDINATES = True
+
+
+def _point_text(rounded_xy: np.ndarray) -> tuple[str, np.ndarray, np.ndarray]:
+    """JSON text ``[x,y],[x,y],...`` of (n, 2) coordinates, and each point's start and end offset in it."""
+    buf = orjson.dumps(np.ascontiguousarray(rounded_xy, dtype=np.float64), option=orjson.OPT_SERIALIZE_NUMPY)
+    starts = np.flatnonzero(np.frombuffer(buf, dtype=np.uint8) == ord("["))[1:]  # the first '[' opens the list
+    ends = np.empty_like(starts)
+    ends[:-1] = starts[1:] - 1  # the ',' between two points
+    ends[-1:] = len(buf) - 1  # the closing ']' of the list
+    return buf.decode("ascii"), starts, ends
+
+
+def _geometry_texts(geoms: np.ndarray) -> tuple[list[str], np.ndarray]:
+    """The GeoJSON of each geometry, coordinates rounded as :func:`_round_geometry` does.
+
+    Returns the texts and a mask of the single-ring polygons, whose text is only the ring's
+    points (``[x,y],...``; the template adds ``{"type":"Polygon","coordinates":[[`` and ``]]}``);
+    every other text is a whole geometry object.
+    """
+    coords = shapely.get_coordinates(geoms)
+    if orjson is None or not _FAST_COORDINATES or not len(coords):
+        return shapely.to_geojson(_round_geometry(geoms)).tolist(), np.zeros(len(geoms), dtype=bool)
+    rounded_xy = np.round(coords, 2)
+    rounded = shapely.set_coordinates(geoms.copy(), rounded_xy)
+    valid = shapely.is_valid(rounded)
+    simple = valid & (shapely.get_type_id(geoms) == 3) & (shapely.get_num_interior_rings(geoms) == 0)
+    text, starts, ends = _point_text(rounded_xy)
+    last = np.cumsum(shapely.get_num_coordinates(geoms))
+    first = last - shapely.get_num_coordinates(geoms)
+    begin, stop = starts[np.minimum(first, len(starts) - 1)].tolist(), ends[last - 1].tolist()
+    texts = [text[a:b] for a, b in zip(begin, stop)]
+    for i in np.flatnonzero(~simple).tolist():
+        texts[i] = shapely.to_geojson(rounded[i] if valid[i] else geoms[i])
+    return texts, simple
+
+
 _UUID_RE = "^[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}$"
 
 
 class _Templates:
-    """%-format templates of whole features, one per (task, class, which measurements are NaN).
+    """%-format templates of whole features, one per (task, class, which measurements are NaN, ring only).
 
     A template takes ``(id, geometry_json, *measurements)``; a NaN measurement is consumed by a
-    ``%.0s`` that prints nothing, so every row formats with one ``%`` whatever its NaNs.
+    ``%.0s`` that prints nothing, so every row formats with one ``%`` whatever its NaNs. With
+    ``ring only`` the geometry argument is the points of a single-ring polygon and the template
+    writes the Polygon object around them.
     """
 
     def __init__(self, colors: dict[tuple[str, str], tuple[int, int, int]]):
         self._colors = dict(colors)
-        self._cache: dict[tuple[str, str, int], str] = {}
+        self._cache: dict[tuple[str, str, int, bool], str] = {}
 
     def _color(self, task: str, class_name: str) -> tuple[int, int, int]:
         color = self._colors.get((task, class_name))
@@ -119,10 +167,10 @@ class _Templates:
             self._colors[(task, class_name)] = color
         return color
 
-    def __call__(self, key: tuple[str, str, int]) -> str:
+    def __call__(self, key: tuple[str, str, int, bool]) -> str:
         text = self._cache.get(key)
         if text is None:
-            task, class_name, nan_mask = key
+            task, class_name, nan_mask, ring_only = key
             props: dict[str, object] = {
                 "objectType": object_type(task),
                 "classification": {"name": class_name, "color": [int(v) for v in self._color(task, class_name)]},
@@ -137,7 +185,8 @@ class _Templates:
                 else:
                     members += ("" if first else ",") + f'"{name}":%.12g'
                     first = False
-            text = f'{{"type":"Feature","id":"%s","geometry":%s,"properties":{props_open},"measurements":{{{members}}}}}}}'
+            geometry = '{"type":"Polygon","coordinates":[[%s]]}' if ring_only else "%s"
+            text = f'{{"type":"Feature","id":"%s","geometry":{geometry},"properties":{props_open},"measurements":{{{members}}}}}}}'
             self._cache[key] = text
         return text
 
@@ -152,7 +201,7 @@ def _features(
         if record.num_rows == 0:
             continue
         geoms = shapely.from_wkb(record.column("geometry").to_numpy(zero_copy_only=False))
-        geo_json = shapely.to_geojson(_round_geometry(geoms)).tolist()
+        geo_json, ring_only = _geometry_texts(geoms)
         id_col = record.column("id")
         ids = id_col.to_pylist()
         if not pc.all(pc.match_substring_regex(id_col, _UUID_RE)).as_py():
@@ -165,7 +214,7 @@ def _features(
             nan_mask |= (~finite).astype(np.int64) << j
             values.append(np.round(v, 4).tolist())
         tasks = record.column("task").to_pylist()
-        keys = zip(tasks, record.column("class_name").to_pylist(), nan_mask.tolist())
+        keys = zip(tasks, record.column("class_name").to_pylist(), nan_mask.tolist(), ring_only.tolist())
         cache = templates._cache
         texts = [
             (cache.get(key) or templates(key)) % row

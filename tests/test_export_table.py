@@ -193,3 +193,24 @@ def test_synthetic_batches() -> None:
     assert (again[0].columns["id"] == batches[0].columns["id"]).all()
     with pytest.raises(ValueError, match="no synthetic classes"):
         next(synthetic_batches(5, tasks=("mitosis",)))
+
+
+def test_dictionary_encoding_only_for_repeating_columns(tmp_path: Path) -> None:
+    path = tmp_path / "o.parquet"
+    write_table(_batches(600), path, mpp=0.25)
+    group = pq.ParquetFile(path).metadata.row_group(0)
+    encodings = {group.column(i).path_in_schema: group.column(i).encodings for i in range(group.num_columns)}
+    assert any("DICTIONARY" in e for e in encodings["task"])
+    assert not any("DICTIONARY" in e for e in encodings["geometry"] + encodings["id"])
+
+
+def test_counts_and_bbox_over_batches(tmp_path: Path) -> None:
+    boxes = [shapely.box(i, 2 * i, i + 3, 2 * i + 1) for i in range(6)]
+    a = _one(boxes[:3], task=np.array(["gland", "nuclei", "nuclei"]), class_name=np.array(["benign", "b", "a"]),
+             class_id=np.array([1, 2, 1], dtype=np.int32))
+    b = _one(boxes[3:], task=np.array(["nuclei", "nuclei", "gland"]), class_name=np.array(["a", "a", "benign"]),
+             class_id=np.array([1, 1, 1], dtype=np.int32))
+    summary = write_table([a, b], tmp_path / "o.parquet", mpp=0.25)
+    assert summary.counts == {"nuclei": {"a": 3, "b": 1}, "gland": {"benign": 2}}
+    assert list(summary.counts["nuclei"]) == ["a", "b"]  # class id order
+    assert summary.bbox == (0.0, 0.0, 8.0, 11.0)

@@ -252,6 +252,30 @@ def test_compiled_edt_equals_scipy_edt_as_float32():
         np.testing.assert_array_equal(_compiled.edt32(mask), ndi.distance_transform_edt(mask).astype(np.float32))
 
 
+def test_compiled_smoothing_and_peaks_equal_scipy():
+    """The compiled Gaussian (scipy's float64 sums over kernel pairs, float32 per pass, reflected
+    borders) and 3x3 local maxima give gaussian_filter's and maximum_filter's values, also on
+    thin arrays and on plateaus (distances rounded to halves)."""
+    from wsi_mtl.postprocess import _compiled
+
+    rng = np.random.default_rng(12)
+    tops = 0
+    for trial in range(150):
+        shape = (int(rng.integers(1, 40)), int(rng.integers(1, 40)))
+        core = rng.random(shape) < rng.uniform(0.3, 1.0)
+        if trial % 3 == 0:
+            core = ndi.gaussian_filter(rng.random(shape), 2) > 0.45
+        dist = ndi.distance_transform_edt(core).astype(np.float32)
+        if trial % 4 == 0:
+            dist = (np.round(dist * 2) / 2).astype(np.float32)
+        want = ndi.gaussian_filter(dist, inst.NECK_SIGMA_PX, truncate=inst.NECK_REACH_PX / inst.NECK_SIGMA_PX) * core
+        got, peaks = _compiled.smooth_and_peaks(dist, core, inst.NECK_SIGMA_PX, inst.NECK_REACH_PX)
+        np.testing.assert_array_equal(got, want)
+        np.testing.assert_array_equal(peaks, (want == ndi.maximum_filter(want, size=3)) & core)
+        tops += int(peaks.sum())
+    assert tops > 100
+
+
 @pytest.mark.skipif(not __import__("wsi_mtl.postprocess._compiled", fromlist=["x"]).HAVE_NUMBA, reason="numba (the fast extra) not installed")
 def test_nuclei_same_with_and_without_numba(monkeypatch):
     """Nuclei with neck cutting on random maps: the compiled steps change no label."""

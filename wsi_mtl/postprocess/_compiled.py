@@ -24,7 +24,7 @@ try:
 except ImportError:  # the fast extra is not installed: skimage does it all
     numba = None
 
-__all__ = ["edt32", "h_maxima_bool", "HAVE_NUMBA"]
+__all__ = ["edt32", "smooth_and_peaks", "h_maxima_bool", "HAVE_NUMBA"]
 
 HAVE_NUMBA = numba is not None
 
@@ -123,6 +123,60 @@ def _edt_py(mask: np.ndarray) -> np.ndarray:
                 if u == t[q]:
                     q -= 1
     return out
+
+
+def gaussian_weights(sigma: float, radius: int) -> np.ndarray:
+    """The 1-D kernel ``scipy.ndimage.gaussian_filter`` correlates with (order 0)."""
+    x = np.arange(-radius, radius + 1)
+    phi = np.exp(-0.5 / (sigma * sigma) * x**2)
+    return (phi / phi.sum())[::-1].copy()
+
+
+def smooth_and_peaks(dist: np.ndarray, core: np.ndarray, sigma: float, radius: int) -> tuple[np.ndarray, np.ndarray]:
+    """``d = gaussian_filter(dist, sigma, truncate=radius / sigma) * core`` (float32 ``dist``) and
+    ``(d == maximum_filter(d, size=3)) & core``, with scipy's arithmetic (per axis, in float64 over
+    the symmetric pairs of the kernel, each pass stored as float32, borders reflected); needs numba."""
+    w = gaussian_weights(sigma, radius)
+    return _smooth_peaks(np.ascontiguousarray(dist, np.float32), np.ascontiguousarray(core, np.bool_), w)
+
+
+def _reflect(i: int, n: int) -> int:
+    while i < 0 or i >= n:
+        i = -i - 1 if i < 0 else 2 * n - i - 1
+    return i
+
+
+def _smooth_peaks_py(dist: np.ndarray, core: np.ndarray, w: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    hgt, wid = dist.shape
+    r = w.size // 2
+    tmp = np.empty((hgt, wid), np.float32)
+    for y in range(hgt):  # axis 0
+        for x in range(wid):
+            acc = np.float64(dist[y, x]) * w[r]
+            for j in range(r, 0, -1):
+                acc += (np.float64(dist[_reflect(y - j, hgt), x]) + np.float64(dist[_reflect(y + j, hgt), x])) * w[r - j]
+            tmp[y, x] = np.float32(acc)
+    out = np.zeros((hgt, wid), np.float32)
+    for y in range(hgt):  # axis 1, kept on the core only
+        for x in range(wid):
+            if core[y, x]:
+                acc = np.float64(tmp[y, x]) * w[r]
+                for j in range(r, 0, -1):
+                    acc += (np.float64(tmp[y, _reflect(x - j, wid)]) + np.float64(tmp[y, _reflect(x + j, wid)])) * w[r - j]
+                out[y, x] = np.float32(acc)
+    peaks = np.zeros((hgt, wid), np.bool_)
+    for y in range(hgt):
+        for x in range(wid):
+            if not core[y, x]:
+                continue
+            v = out[y, x]
+            top = True
+            for yy in range(max(y - 1, 0), min(y + 2, hgt)):
+                for xx in range(max(x - 1, 0), min(x + 2, wid)):
+                    if out[yy, xx] > v:
+                        top = False
+            peaks[y, x] = top
+    return out, peaks
 
 
 def _reconstruct_py(image: np.ndarray, seed: np.ndarray) -> np.ndarray:
@@ -225,5 +279,8 @@ if HAVE_NUMBA:
     _sift_up = numba.njit(cache=True, nogil=True)(_sift_up_py)
     _reconstruct = numba.njit(cache=True, nogil=True)(_reconstruct_py)
     _edt = numba.njit(cache=True, nogil=True)(_edt_py)
+    _reflect = numba.njit(cache=True, nogil=True)(_reflect)
+    _smooth_peaks = numba.njit(cache=True, nogil=True)(_smooth_peaks_py)
 else:
     _sift_down, _sift_up, _reconstruct, _edt = _sift_down_py, _sift_up_py, _reconstruct_py, _edt_py
+    _smooth_peaks = _smooth_peaks_py

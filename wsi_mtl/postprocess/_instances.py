@@ -171,10 +171,9 @@ def _split_at_necks(labels: np.ndarray, h: float, skip: np.ndarray | None = None
     if n == 0:
         return labels
     core = (labels > 0) & ~_contacts(labels)
-    dist = ndi.gaussian_filter(_edt32(core), NECK_SIGMA_PX, truncate=NECK_REACH_PX / NECK_SIGMA_PX)
-    dist *= core
+    dist, tops = _smooth_and_peaks(_edt32(core), core)
     # local maxima, labelled 4-connected so that no component spans two objects
-    peaks, n_peaks = ndi.label((dist == ndi.maximum_filter(dist, size=3)) & core)
+    peaks, n_peaks = ndi.label(tops)
     if n_peaks < 2:
         return labels
     owner = np.zeros(n_peaks + 1, np.int64)
@@ -281,6 +280,16 @@ def _one_peak(crops: list, h: float) -> np.ndarray:
     np.maximum.at(hi, who, comp)
     proven &= ~has_low | ((lo[1:] == hi[1:]) & (lo[1:] > 0))
     return proven
+
+
+def _smooth_and_peaks(edt: np.ndarray, core: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The distance map neck cutting floods (``edt`` smoothed by :data:`NECK_SIGMA_PX`, 0 off
+    ``core``) and its local maxima on ``core`` (3x3); compiled with the fast extra, same values."""
+    if _compiled.HAVE_NUMBA and core.ndim == 2 and core.size:
+        return _compiled.smooth_and_peaks(edt, core, NECK_SIGMA_PX, NECK_REACH_PX)
+    dist = ndi.gaussian_filter(edt, NECK_SIGMA_PX, truncate=NECK_REACH_PX / NECK_SIGMA_PX)
+    dist *= core
+    return dist, (dist == ndi.maximum_filter(dist, size=3)) & core
 
 
 def _edt32(mask: np.ndarray) -> np.ndarray:

@@ -257,3 +257,89 @@ def test_unreadable_slide_fails_with_its_own_exit_code_and_a_failed_batch_row(tm
     assert rows["partly"]["status"] == "done"
     partly = json.loads((tmp_path / "batch" / "partly" / "run.json").read_text())
     assert len(partly["damaged_regions"]) == 1 and partly["status"] == "complete"
+
+
+# -- tifffile's zarr view (multi-page levels, planar layouts) -----------------------------------
+
+def write_zarr_layout(path: Path, layout: str) -> tuple[Path, np.ndarray]:
+    """A 512 x 768 JPEG slide, 128 px tiles, that wsimtl reads through tifffile's zarr view:
+    "channels" (OME-TIFF, one page per channel, SubIFD pyramid), "planar" (separate RGB planes in
+    one page), "stripped" (planar, in strips). Returns the path and the image it was made from."""
+    image = synthetic.make_he_texture(512, 768, seed=1)
+    planes = np.ascontiguousarray(np.moveaxis(image, 2, 0))
+    if layout == "channels":
+        meta = {"axes": "CYX", "PhysicalSizeX": 0.5, "PhysicalSizeY": 0.5}
+        with tifffile.TiffWriter(path, ome=True) as tw:
+            tw.write(planes, subifds=1, tile=(128, 128), compression="jpeg", photometric="minisblack", metadata=meta)
+            tw.write(planes[:, ::2, ::2], subfiletype=1, tile=(128, 128), compression="jpeg", photometric="minisblack")
+    else:
+        chunks = {"tile": (128, 128)} if layout == "planar" else {"rowsperstrip": 128}
+        tifffile.imwrite(path, planes, photometric="rgb", planarconfig="separate", compression="jpeg",
+                         resolution=(20000, 20000), resolutionunit="CENTIMETER", **chunks)
+    return path, image
+
+
+def damage_segment(path: Path, *, level: int = 0, page: int = 0, segment: int = 0) -> None:
+    """Zero a third of one JPEG segment's entropy-coded bytes in place (libjpeg warns, imagecodecs decodes noise)."""
+    with tifffile.TiffFile(path) as tif:
+        target = tif.series[0].levels[level].pages[page]
+        offset, count = int(target.dataoffsets[segment]), int(target.databytecounts[segment])
+    with open(path, "r+b") as fh:
+        fh.seek(offset + count // 3)
+        fh.write(bytes(count // 3))
+
+
+def tifffile_level(path: Path, level: int) -> np.ndarray:
+    """tifffile's own (lenient, imagecodecs) decode of a level as (h, w, 3)."""
+    data = tifffile.imread(path, level=level)
+    return np.moveaxis(data, 0, 2) if data.shape[0] == 3 else data
+
+
+@pytest.mark.parametrize("layout", ["channels", "planar", "stripped"])
+def test_zarr_view_decodes_jpeg_strictly_with_the_same_pixels(tmp_path, layout):
+    path, _ = write_zarr_layout(tmp_path / f"{layout}.tif", layout)
+    with open_slide(path, backend="tifffile") as slide:
+        assert slide.decoder == "tifffile-zarr"
+        for level, (width, height, ds) in enumerate(slide.levels):
+            image = slide.read(0, 0, width, height, mpp=slide.mpp * ds)
+            np.testing.assert_array_equal(image, tifffile_level(path, level))
+        arrays = slide._reader._arrays()
+        keyframe = slide._reader._handles[0].series[0].levels[0].keyframe
+        assert "strict_page_decode" in keyframe.decode.__qualname__, "JPEG segments must be decoded strictly"
+        assert len(arrays) == len(slide.levels)
+
+
+@pytest.mark.parametrize(("layout", "page", "segment", "box"), [
+    ("channels", 1, 9, (384, 128, 128, 128)),  # green channel, row 1, column 3 of 6 tiles
+    ("planar", 0, 48, (0, 0, 128, 128)),       # blue plane (segments 48-71), first tile
+    ("stripped", 0, 3, (0, 384, 768, 128)),    # red plane, last strip
+])
+def test_zarr_view_reports_exactly_the_corrupt_tile(tmp_path, layout, page, segment, box):
+    path, _ = write_zarr_layout(tmp_path / f"{layout}.tif", layout)
+    clean = tifffile_level(path, 0)
+    damage_segment(path, page=page, segment=segment)
+    assert tifffile.imread(path).shape[0] == 3, "tifffile alone decodes the corrupt segment without a word"
+    with open_slide(path, backend="tifffile") as slide:
+        with pytest.raises(DamagedRegionError) as info:
+            slide.read(0, 0, slide.width, slide.height, mpp=slide.mpp)
+        outside = slide.read(0, 0, 128, 128, mpp=slide.mpp) if box[:2] != (0, 0) else None
+    assert info.value.boxes == [box]
+    assert "Corrupt JPEG data" in info.value.reasons[0]
+    image = info.value.image
+    x, y, w, h = box
+    inside = np.zeros(image.shape[:2], bool)
+    inside[y:y + h, x:x + w] = True
+    assert (image[inside] == 255).all(), "the damaged tile is left white, not noise"
+    np.testing.assert_array_equal(image[~inside], clean[~inside])
+    if outside is not None:  # regions without the damaged tile read as before
+        np.testing.assert_array_equal(outside, clean[:128, :128])
+
+
+def test_zarr_view_damage_in_a_coarser_level_is_reported_in_level0_px(tmp_path):
+    path, _ = write_zarr_layout(tmp_path / "channels.ome.tif", "channels")
+    damage_segment(path, level=1, page=0, segment=4)  # level 1 is 256 x 384: 3 tiles a row
+    with open_slide(path, backend="tifffile") as slide:
+        damaged: list[tuple[int, int, int, int]] = []
+        thumb = slide.thumbnail(mpp=slide.mpp * 2, damaged=damaged)
+    assert damaged == [(256, 256, 256, 256)]
+    assert (thumb[128:256, 128:256] == 255).all()

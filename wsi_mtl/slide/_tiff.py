@@ -15,7 +15,7 @@ from numpy.typing import NDArray
 
 from ..errors import DamagedRegionError, SlideError, UnsupportedSlideError
 from ._base import NotMyFormat, SlideReader, rgba_to_rgb
-from ._tiles import SegmentReader, segment_readable
+from ._tiles import SegmentReader, make_strict, segment_readable
 
 __all__ = ["TiffReader", "is_ome_tiff"]
 
@@ -239,6 +239,7 @@ class TiffReader(SlideReader):
         import zarr
 
         series = tif.series[self._series_index]
+        make_strict(tif, [level.keyframe for level in series.levels])  # corrupt JPEG data is damage
         return [zarr.open(series.aszarr(level=i), mode="r") for i in range(len(series.levels))]
 
     def _arrays(self) -> list[Any]:
@@ -291,15 +292,40 @@ class TiffReader(SlideReader):
         out = np.full((height, width, 3), 255, np.uint8)
         if y1 <= y0 or x1 <= x0:
             return out
+        try:
+            out[y0 - y:y1 - y, x0 - x:x1 - x] = self._decode_box(array, y0, x0, y1, x1)
+        except Exception:  # noqa: BLE001 - codec errors come in many types
+            logger.debug("decode failure in %s; reading chunk by chunk", self.path, exc_info=True)
+            self._read_chunks(array, out, y, x, (y0, x0, y1, x1))
+        return out
+
+    def _read_chunks(self, array: Any, out: NDArray[np.uint8], y: int, x: int, box: tuple[int, int, int, int]) -> None:
+        """Fill ``out`` (the region at level (y, x)) over ``box`` one zarr chunk (TIFF segment) at a
+        time; raise :class:`DamagedRegionError` with the damaged segments left white and their boxes."""
+        y0, x0, y1, x1 = box
+        full_h, full_w = self._yx(array.shape)
+        ch, cw = self._yx(array.chunks)
+        damaged: list[tuple[tuple[int, int, int, int], str]] = []
+        for sy in range(y0 // ch * ch, y1, ch):
+            for sx in range(x0 // cw * cw, x1, cw):
+                ay0, ax0, ay1, ax1 = max(y0, sy), max(x0, sx), min(y1, sy + ch), min(x1, sx + cw)
+                try:
+                    out[ay0 - y:ay1 - y, ax0 - x:ax1 - x] = self._decode_box(array, ay0, ax0, ay1, ax1)
+                except Exception as exc:  # noqa: BLE001
+                    damaged.append(((sx, sy, min(cw, full_w - sx), min(ch, full_h - sy)), f"{type(exc).__name__}: {exc}"))
+        if not damaged:
+            return  # a transient failure of the whole read: every chunk read on its own
+        more = f" (and {len(damaged) - 1} more)" if len(damaged) > 1 else ""
+        raise DamagedRegionError(f"tile at x={damaged[0][0][0]}, y={damaged[0][0][1]}: {damaged[0][1]}{more}", image=out,
+                                 boxes=[b for b, _ in damaged], reasons=[r for _, r in damaged])
+
+    def _decode_box(self, array: Any, y0: int, x0: int, y1: int, x1: int) -> NDArray[np.uint8]:
+        """Level pixels [y0, y1) x [x0, x1) (inside the level) as (h, w, 3) uint8."""
         index: list[Any] = []
         for axis in self._axes:
             index.append(slice(y0, y1) if axis == "Y" else slice(x0, x1) if axis == "X" else
                          slice(None) if axis == self._sample_axis else 0)
-        try:
-            data = np.asarray(array[tuple(index)])
-        except Exception as exc:  # noqa: BLE001 - codec errors come in many types
-            logger.debug("decode failure in %s", self.path, exc_info=True)
-            raise DamagedRegionError(f"{type(exc).__name__}: {exc}") from exc
+        data = np.asarray(array[tuple(index)])
         kept = [a for a in self._axes if a in ("Y", "X") or a == self._sample_axis]
         order = [kept.index("Y"), kept.index("X")] + ([kept.index(self._sample_axis)] if self._sample_axis else [])
         data = data.transpose(order)
@@ -311,8 +337,7 @@ class TiffReader(SlideReader):
             data = np.repeat(data, 3, axis=2)
         elif data.shape[2] == 4:
             data = rgba_to_rgb(data)
-        out[y0 - y:y1 - y, x0 - x:x1 - x] = data
-        return out
+        return data
 
     def close(self) -> None:
         self._closed = True

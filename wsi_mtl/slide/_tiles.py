@@ -27,7 +27,8 @@ from numpy.typing import NDArray
 from ..errors import DamagedRegionError
 from ._base import rgba_to_rgb
 
-__all__ = ["SegmentReader", "segment_readable", "open_matching_levels", "strict_jpeg_decoder"]
+__all__ = ["SegmentReader", "segment_readable", "open_matching_levels", "strict_jpeg_decoder", "strict_page_decode",
+           "make_strict"]
 
 logger = logging.getLogger(__name__)
 
@@ -43,6 +44,36 @@ _ADOBE_RGB = b"\xff\xee\x00\x0eAdobe\x00\x64\x00\x00\x00\x00\x00"
 _JPEG_SPACE = {1: "Gray", 2: "RGB", 6: "YCbCr"}
 
 
+def _strict_jpeg(page: Any) -> Callable[[bytes, bytes | None], NDArray[np.uint8] | None] | None:
+    """``check(data, jpegtables)`` for ``page``'s JPEG segments: raises on data libjpeg reports as
+    corrupt, returns the pixels (h, w, samples per segment), or None when libjpeg's colour space is
+    not the one tifffile would decode (then only checked). None for other pages or without simplejpeg.
+    """
+    try:
+        if int(page.compression) != 7 or int(page.photometric) not in _JPEG_SPACE or page.bitspersample != 8:
+            return None
+        photometric = int(page.photometric)
+        planar = page.samplesperpixel > 1 and int(page.planarconfig) == 2
+        if not planar and page.samplesperpixel != (1 if photometric == 1 else 3):
+            return None  # extra samples (alpha) in the stream: not a plain grey or colour JPEG
+        import simplejpeg
+    except (ImportError, AttributeError, ValueError, TypeError):
+        return None
+    grey = planar or photometric == 1
+    expected = "Gray" if grey else _JPEG_SPACE[photometric]
+    adobe = not grey and photometric == 2
+
+    def check(data: bytes, tables: bytes | None) -> NDArray[np.uint8] | None:
+        stream = tables[:-2] + data[2:] if tables and data[:2] == b"\xff\xd8" else data
+        if adobe:
+            stream = stream[:2] + _ADOBE_RGB + stream[2:]
+        _, _, space, _ = simplejpeg.decode_jpeg_header(stream)
+        array = simplejpeg.decode_jpeg(stream, colorspace="GRAY" if grey else "RGB", strict=True)
+        return array if space == expected else None
+
+    return check
+
+
 def strict_jpeg_decoder(page: Any) -> Callable[[bytes, int], NDArray[np.uint8]] | None:
     """A decoder of ``page``'s JPEG segments that raises on data libjpeg reports as corrupt.
 
@@ -52,28 +83,58 @@ def strict_jpeg_decoder(page: Any) -> Callable[[bytes, int], NDArray[np.uint8]] 
     RGB is announced with an Adobe marker); otherwise the segment is only checked strictly and
     decoded by tifffile. None for other codecs or without simplejpeg.
     """
-    try:
-        if int(page.compression) != 7 or int(page.photometric) not in _JPEG_SPACE:
-            return None
-        import simplejpeg
-    except (ImportError, AttributeError, ValueError, TypeError):
+    check = _strict_jpeg(page)
+    if check is None:
         return None
-    photometric = int(page.photometric)
-    tables = bytes(page.jpegtables or b"")
+    tables = bytes(page.jpegtables) if page.jpegtables else None
     fallback = page.decode
 
     def decode(data: bytes, index: int) -> NDArray[np.uint8]:
-        stream = tables[:-2] + data[2:] if tables and data[:2] == b"\xff\xd8" else data
-        if photometric == 2:
-            stream = stream[:2] + _ADOBE_RGB + stream[2:]
-        _, _, space, _ = simplejpeg.decode_jpeg_header(stream)
-        out = "GRAY" if photometric == 1 else "RGB"
-        array = simplejpeg.decode_jpeg(stream, colorspace=out, strict=True)
-        if space != _JPEG_SPACE[photometric]:
+        array = check(data, tables)
+        if array is None:
             array = fallback(data, index, jpegtables=page.jpegtables)[0]
         return array
 
     return decode
+
+
+def strict_page_decode(page: Any) -> Callable[..., Any] | None:
+    """``page.decode`` (tifffile's segment decoder, as its zarr store calls it) made strict for JPEG:
+    corrupt data raises instead of decoding to noise, and valid segments decode to the same pixels.
+    None where :func:`strict_jpeg_decoder` does not apply or the page has a JPEG header (NDPI)."""
+    check = _strict_jpeg(page)
+    if check is None or getattr(page, "jpegheader", None) is not None:
+        return None
+    original = page.decode
+
+    def decode(data: bytes | None, index: int, /, *, jpegtables: bytes | None = None,
+               jpegheader: bytes | None = None, _fullsize: bool = False) -> tuple[Any, Any, Any]:
+        if data is None or jpegheader is not None:
+            return original(data, index, jpegtables=jpegtables, jpegheader=jpegheader, _fullsize=_fullsize)
+        array = check(data, bytes(jpegtables) if jpegtables else None)
+        _, where, shape = original(None, index, _fullsize=_fullsize)
+        if array is None or array.size != int(np.prod(shape)):
+            return original(data, index, jpegtables=jpegtables, _fullsize=_fullsize)  # e.g. a short last strip
+        return array.reshape(shape), where, shape
+
+    return decode
+
+
+def make_strict(tif: Any, pages: list[Any]) -> int:
+    """Install :func:`strict_page_decode` on ``pages`` (keyframes) of the open TiffFile ``tif`` and in
+    its decoder cache, so that pages sharing their layout and tifffile's zarr store decode strictly.
+    Returns how many pages were made strict."""
+    count = 0
+    for page in pages:
+        decode = strict_page_decode(page)
+        if decode is None:
+            continue
+        page.__dict__["decode"] = decode  # functools.cached_property's slot
+        decoders = getattr(getattr(page.parent, "root", tif), "_decoders", None)
+        if isinstance(decoders, dict):
+            decoders[page.hash] = decode
+        count += 1
+    return count
 
 
 def segment_readable(page: Any) -> bool:

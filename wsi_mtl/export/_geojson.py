@@ -31,7 +31,7 @@ from collections import deque
 from concurrent.futures import Future, ProcessPoolExecutor
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
-from typing import IO
+from typing import IO, TYPE_CHECKING
 
 import numpy as np
 import shapely
@@ -44,6 +44,9 @@ except ImportError:  # pragma: no cover - depends on the environment
 from ..atomic import atomic_path
 from ..objects import TASKS
 from ._table import iter_table, read_table_info
+
+if TYPE_CHECKING:
+    import pyarrow as pa
 
 __all__ = ["write_geojson", "write_geojson_files", "MEASUREMENTS", "GEOJSON_FILES", "object_type"]
 
@@ -143,13 +146,40 @@ def _geometry_texts(geoms: np.ndarray) -> tuple[list[str], np.ndarray]:
     return texts, simple
 
 
+def _number_texts(values: np.ndarray) -> list[str]:
+    """``"%.12g" % v`` of each value (rounded to 4 decimals), formatted a column at a time with orjson.
+
+    orjson writes the shortest text that reads back as the value, which is what ``%.12g`` writes
+    for non-integers under 1e8 with 4 decimals; integers go through orjson as int64, and the rest
+    (-0, large numbers) through ``%``. Non-finite values get ``""`` (the templates omit them).
+    """
+    finite = np.isfinite(values)
+    if orjson is None or not _FAST_COORDINATES:
+        return ["%.12g" % v if ok else "" for v, ok in zip(values.tolist(), finite.tolist())]
+    clean = np.where(finite, values, 0.0)
+    whole = clean == np.round(clean)
+    odd = finite & ((np.abs(clean) >= np.where(whole, 1e12, 1e8)) | ((clean == 0) & np.signbit(clean)))
+    texts = np.array(_orjson_items(clean), dtype=object)
+    if whole.any():
+        texts[whole] = np.array(_orjson_items(np.where(whole & ~odd, clean, 0.0).astype(np.int64)), dtype=object)[whole]
+    out = texts.tolist()
+    for i in np.flatnonzero(odd).tolist():
+        out[i] = "%.12g" % float(values[i])
+    return out
+
+
+def _orjson_items(array: np.ndarray) -> list[str]:
+    """The JSON text of each item of a 1-d numpy array."""
+    return orjson.dumps(array, option=orjson.OPT_SERIALIZE_NUMPY)[1:-1].decode("ascii").split(",")
+
+
 _UUID_RE = "^[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}$"
 
 
 class _Templates:
     """%-format templates of whole features, one per (task, class, which measurements are NaN, ring only).
 
-    A template takes ``(id, geometry_json, *measurements)``; a NaN measurement is consumed by a
+    A template takes ``(id, geometry_json, *measurement_texts)``; a NaN measurement is consumed by a
     ``%.0s`` that prints nothing, so every row formats with one ``%`` whatever its NaNs. With
     ``ring only`` the geometry argument is the points of a single-ring polygon and the template
     writes the Polygon object around them.
@@ -183,12 +213,29 @@ class _Templates:
                 if nan_mask >> j & 1:
                     members += "%.0s"  # consumes the NaN, prints nothing
                 else:
-                    members += ("" if first else ",") + f'"{name}":%.12g'
+                    members += ("" if first else ",") + f'"{name}":%s'
                     first = False
             geometry = '{"type":"Polygon","coordinates":[[%s]]}' if ring_only else "%s"
             text = f'{{"type":"Feature","id":"%s","geometry":{geometry},"properties":{props_open},"measurements":{{{members}}}}}}}'
             self._cache[key] = text
         return text
+
+
+def _row_templates(
+    record: pa.RecordBatch, nan_mask: np.ndarray, ring_only: np.ndarray, templates: _Templates
+) -> tuple[np.ndarray, list[str], list[int]]:
+    """The task of each row, the distinct templates the rows need and the index of each row's template."""
+    tasks, classes = record.column("task").dictionary_encode(), record.column("class_name").dictionary_encode()
+    task_names, class_names = tasks.dictionary.to_pylist(), classes.dictionary.to_pylist()
+    task_idx, class_idx = tasks.indices.to_numpy(), classes.indices.to_numpy()
+    codes = ((task_idx * len(class_names) + class_idx) << (len(MEASUREMENTS) + 1)) | (nan_mask << 1) | ring_only
+    unique, first, which = np.unique(codes, return_index=True, return_inverse=True)
+    chosen = [
+        templates((task_names[task_idx[i]], class_names[class_idx[i]], int(nan_mask[i]), bool(ring_only[i])))
+        for i in first.tolist()
+    ]
+    task_arr = np.asarray(task_names, dtype=object)[task_idx]
+    return task_arr, chosen, which.tolist()
 
 
 def _features(
@@ -206,21 +253,15 @@ def _features(
         ids = id_col.to_pylist()
         if not pc.all(pc.match_substring_regex(id_col, _UUID_RE)).as_py():
             log.warning("object ids that are not UUIDs: QuPath will not keep them")
-            ids = [json.dumps(str(i))[1:-1].replace("%", "%%") for i in ids]
+            ids = [json.dumps(str(i))[1:-1] for i in ids]
         values, nan_mask = [], np.zeros(record.num_rows, dtype=np.int64)
         for j, column in enumerate(MEASUREMENTS):
             v = record.column(column).to_numpy(zero_copy_only=False).astype(np.float64, copy=False)
             finite = np.isfinite(v)
             nan_mask |= (~finite).astype(np.int64) << j
-            values.append(np.round(v, 4).tolist())
-        tasks = record.column("task").to_pylist()
-        keys = zip(tasks, record.column("class_name").to_pylist(), nan_mask.tolist(), ring_only.tolist())
-        cache = templates._cache
-        texts = [
-            (cache.get(key) or templates(key)) % row
-            for key, row in zip(keys, zip(ids, geo_json, *values))
-        ]
-        task_arr = np.asarray(tasks, dtype=object)
+            values.append(_number_texts(np.round(v, 4)))
+        task_arr, chosen, which = _row_templates(record, nan_mask, ring_only, templates)
+        texts = [chosen[i] % row for i, row in zip(which, zip(ids, geo_json, *values))]
         empty = shapely.is_empty(geoms)
         if empty.any():
             log.warning("skipped %d empty geometries", int(empty.sum()))

@@ -343,3 +343,29 @@ def test_zarr_view_damage_in_a_coarser_level_is_reported_in_level0_px(tmp_path):
         thumb = slide.thumbnail(mpp=slide.mpp * 2, damaged=damaged)
     assert damaged == [(256, 256, 256, 256)]
     assert (thumb[128:256, 128:256] == 255).all()
+
+
+def test_zarr_view_keeps_the_pixels_of_the_sample(cmu_small, monkeypatch):
+    from wsi_mtl.slide import _tiff
+    from wsi_mtl.slide._tiff import TiffReader
+
+    reader = TiffReader.open(cmu_small, direct=False)  # interleaved YCbCr JPEG tiles through zarr
+    h, w = reader.shape
+    strict = reader.read_region(0, 0, 0, h, w)
+    reader.close()
+    monkeypatch.setattr(_tiff, "make_strict", lambda tif, pages: 0)
+    reader = TiffReader.open(cmu_small, direct=False)
+    np.testing.assert_array_equal(strict, reader.read_region(0, 0, 0, h, w))
+    reader.close()
+
+
+def test_zeroed_sample_through_zarr_reports_the_tiles_openslide_refuses(cmu_small, tmp_path):
+    from wsi_mtl.slide._tiff import TiffReader
+
+    bad = zero_every(cmu_small, tmp_path / "zeroed.svs")
+    reader = TiffReader.open(bad, direct=False)
+    h, w = reader.shape
+    with pytest.raises(DamagedRegionError) as info:
+        reader.read_region(0, 0, 0, h, w)
+    reader.close()
+    assert set(info.value.boxes) == openslide_refused_tiles(bad)

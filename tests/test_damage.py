@@ -369,3 +369,23 @@ def test_zeroed_sample_through_zarr_reports_the_tiles_openslide_refuses(cmu_smal
         reader.read_region(0, 0, 0, h, w)
     reader.close()
     assert set(info.value.boxes) == openslide_refused_tiles(bad)
+
+
+@pytest.mark.slow
+def test_damaged_ome_tiff_channel_tile_is_reported_and_holds_no_data(tmp_path):
+    import zarr
+
+    path, _ = write_zarr_layout(tmp_path / "chan.ome.tif", "channels")
+    damage_segment(path, page=1, segment=9)  # level-0 tile at x=384, y=128
+    proc = wsimtl("segment", str(path), "-o", str(tmp_path / "out"), "--no-tissue-mask", "--no-objects", *FAST)
+    assert proc.returncode == 0, proc.stderr
+    run = json.loads((tmp_path / "out" / "chan" / "run.json").read_text())
+    boxes = [(r["x"], r["y"], r["width"], r["height"]) for r in run["damaged_regions"]]
+    assert boxes == [(384, 128, 128, 128)]
+    maps = zarr.open_group(tmp_path / "out" / "chan" / "predictions.zarr", mode="r")
+    ds = maps.attrs["wsimtl"]["downsample"]
+    for name, head in maps.attrs["wsimtl"]["heads"].items():
+        f = ds * head["cell_px"]
+        data = np.asarray(maps[name]["0"])
+        assert data.any(), name
+        assert not data[:, int(np.ceil(128 / f)):int(256 // f), int(np.ceil(384 / f)):int(512 // f)].any(), name

@@ -4,6 +4,7 @@ Usage::
 
     nice -n 10 python benchmarks/bench_export.py            # 200,000 and 800,000 objects
     nice -n 10 python benchmarks/bench_export.py --objects 50000
+    nice -n 10 python benchmarks/bench_export.py --compare ce947a4 --objects 50000  # before vs after
 
 Each size runs in its own subprocess, so each peak RSS (``ru_maxrss``) is that size's alone.
 Objects have the shapes of real output (``segment`` on real tissue: ~15 vertices per nucleus,
@@ -12,6 +13,10 @@ generated lazily batch by batch (the generator itself holds one batch). Throughp
 wall-clock second and per CPU second (process time: on shared cores the wall clock measures the
 neighbours too). Printed: features/s for the table and for GeoJSON, peak RSS per size, and the
 RSS ratio of the 4x run to the 1x run.
+
+``--compare REV`` instead times the table and GeoJSON writers of git revision REV against the
+working tree's in one process, alternately, best of ``--rounds`` (so that both see the same load),
+prints rows/s and features/s per CPU second of each and checks that both GeoJSON files are identical.
 """
 
 from __future__ import annotations
@@ -24,6 +29,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import types
 from pathlib import Path
 
 log = logging.getLogger("bench_export")
@@ -117,16 +123,66 @@ def child(n_objects: int, out_dir: Path, *, batch_size: int) -> dict[str, float]
     }
 
 
+def _load_revision(rev: str) -> tuple[types.ModuleType, types.ModuleType]:
+    """The table and GeoJSON writer modules as they were at git revision ``rev``."""
+    repo = Path(__file__).resolve().parents[1]
+    modules = []
+    for name in ("_table", "_geojson"):
+        src = subprocess.run(["git", "show", f"{rev}:wsi_mtl/export/{name}.py"], cwd=repo, check=True,
+                             capture_output=True, text=True).stdout
+        module = types.ModuleType(f"wsi_mtl.export.{name}_at_{rev}")
+        module.__package__ = "wsi_mtl.export"
+        sys.modules[module.__name__] = module  # dataclasses look their module up
+        exec(compile(src, f"{rev}:{name}.py", "exec"), module.__dict__)
+        modules.append(module)
+    return modules[0], modules[1]
+
+
+def compare(n_objects: int, out_dir: Path, *, rev: str, batch_size: int, rounds: int) -> dict[str, float]:
+    """CPU seconds of the writers at ``rev`` and in the working tree on the same objects, best of ``rounds``."""
+    from wsi_mtl.export import _geojson, _table
+
+    old_table, old_geojson = _load_revision(rev)
+    batches = list(_real_shaped(n_objects, batch_size))
+    table = out_dir / "objects.parquet"
+    _table.write_table(iter(batches), table, mpp=0.25)  # both GeoJSON writers read this table
+    best: dict[str, float] = {}
+    for _ in range(rounds):
+        for label, tab, geo in (("before", old_table, old_geojson), ("after", _table, _geojson)):
+            c0 = time.process_time()
+            tab.write_table(iter(batches), out_dir / f"{label}.parquet", mpp=0.25)
+            c1 = time.process_time()
+            geo.write_geojson(table, out_dir / f"{label}.geojson")
+            c2 = time.process_time()
+            best[f"table_{label}"] = min(best.get(f"table_{label}", 1e9), c1 - c0)
+            best[f"geojson_{label}"] = min(best.get(f"geojson_{label}", 1e9), c2 - c1)
+    identical = (out_dir / "before.geojson").read_bytes() == (out_dir / "after.geojson").read_bytes()
+    figures: dict[str, float] = {"objects": n_objects, "geojson_identical": identical}
+    for key, cpu in best.items():
+        figures[key + "_per_cpu_s"] = round(n_objects / cpu)
+    return figures
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--objects", type=int, default=200_000, help="base number of objects (also run at 4x)")
     parser.add_argument("--batch-size", type=int, default=5_000, help="objects per synthetic batch")
+    parser.add_argument("--compare", metavar="REV", default=None, help="time the writers of git revision REV against the working tree's")
+    parser.add_argument("--rounds", type=int, default=2, help="--compare: best of this many rounds")
     parser.add_argument("--child", type=int, default=None, help=argparse.SUPPRESS)
     parser.add_argument("--out", type=Path, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
 
     if args.child is not None:
         print(json.dumps(child(args.child, args.out, batch_size=args.batch_size)))
+        return
+    if args.compare is not None:
+        with tempfile.TemporaryDirectory(prefix="bench_export_") as tmp:
+            r = compare(args.objects, Path(tmp), rev=args.compare, batch_size=args.batch_size, rounds=args.rounds)
+        print(f"{r['objects']:,} objects, per CPU second (best of {args.rounds}; {args.compare} -> working tree):")
+        print(f"  table   {r['table_before_per_cpu_s']:>9,} -> {r['table_after_per_cpu_s']:>9,} rows/s (goal >= 200,000)")
+        print(f"  GeoJSON {r['geojson_before_per_cpu_s']:>9,} -> {r['geojson_after_per_cpu_s']:>9,} features/s (goal >= 100,000); "
+              f"identical output: {r['geojson_identical']}")
         return
 
     results = []

@@ -376,3 +376,17 @@ def test_fast_path_formats_single_ring_polygons() -> None:
     for text, only, geom in zip(texts, ring_only, batch.geometry):
         parsed = json.loads('{"type":"Polygon","coordinates":[[%s]]}' % text if only else text)
         assert parsed == json.loads(shapely.to_geojson(_geojson._round_geometry(np.array([geom]))[0]))
+
+
+def test_measurement_texts_match_percent_g() -> None:
+    pytest.importorskip("orjson")
+    rng = np.random.default_rng(2)
+    values = np.round(np.concatenate([
+        rng.uniform(-1, 1, 500), 10.0 ** rng.uniform(-5, 14, 500) * rng.choice([-1, 1], 500),
+        [0.0, -0.0, -0.00001, 1.0, 3.0, 1e8, 99999999.9999, 123456789.1234, 999999999999.0, 1e12, 1e15, 2.5e17],
+    ]), 4)
+    values[::7] = np.nan
+    texts = _geojson._number_texts(values)
+    expected = ["%.12g" % v if np.isfinite(v) else "" for v in values.tolist()]
+    assert texts == expected
+    assert _geojson._number_texts(np.array([0.0, 1.0, np.nan, -0.0])) == ["0", "1", "", "-0"]

@@ -162,6 +162,7 @@ def _number_texts(values: np.ndarray) -> list[str]:
     texts = np.array(_orjson_items(clean), dtype=object)
     if whole.any():
         texts[whole] = np.array(_orjson_items(np.where(whole & ~odd, clean, 0.0).astype(np.int64)), dtype=object)[whole]
+    texts[~finite] = ""
     out = texts.tolist()
     for i in np.flatnonzero(odd).tolist():
         out[i] = "%.12g" % float(values[i])

@@ -156,7 +156,8 @@ def _quiet_tifffile() -> Iterator[None]:
 class TiffReader(SlideReader):
     """Reader over tifffile: direct segment decoding where every level is one interleaved page
     (:class:`~wsi_mtl.slide._tiles.SegmentReader`), else tifffile's zarr view of each level with one
-    file handle per thread (tifffile handles are not thread-safe)."""
+    file handle per thread (tifffile handles are not thread-safe). Both decode JPEG strictly: a
+    corrupt segment is a damaged tile, left white and reported with its box."""
 
     backend = "tifffile"
 

@@ -8,7 +8,7 @@ JPEG segments are decoded strictly (:func:`strict_jpeg_decoder`): what libjpeg r
 data (a warning that imagecodecs lets pass, e.g. "premature end of data segment") makes the segment
 damaged, as OpenSlide does. A read touching damaged segments raises
 :class:`~wsi_mtl.errors.DamagedRegionError` carrying the region with those segments white and their
-boxes, so the caller can use the rest.
+boxes, so the caller can use the rest. :func:`make_strict` does the same for tifffile's zarr view.
 """
 
 from __future__ import annotations

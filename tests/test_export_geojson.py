@@ -365,6 +365,10 @@ def test_fast_coordinates_match_the_reference_writer(tmp_path: Path, monkeypatch
     kinds = {s.geom_type + ("+hole" if s.geom_type == "Polygon" and s.interiors else "") for s in shapes}
     assert kinds == {"Polygon", "Polygon+hole", "MultiPolygon"}
     assert any(not f["properties"]["measurements"].get("area_um2", 1) for f in doc["features"])
+    monkeypatch.setattr(_geojson, "_FAST_COORDINATES", True)
+    monkeypatch.setattr(_geojson, "orjson", None)  # orjson not installed: the reference path, same bytes
+    assert write_geojson(table, tmp_path / "no_orjson.geojson") == fast[tmp_path / "fast" / "objects.geojson"]
+    assert (tmp_path / "no_orjson.geojson").read_bytes() == (tmp_path / "fast" / "objects.geojson").read_bytes()
 
 
 def test_fast_path_formats_single_ring_polygons() -> None:

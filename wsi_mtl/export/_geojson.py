@@ -16,7 +16,9 @@ read it as the object type) and ``objectType`` only appears inside ``properties`
 
 Coordinates are (x, y) level-0 px rounded to 2 decimals; where rounding would make a polygon
 invalid the unrounded coordinates are kept. The document is written in record batches and never
-held in memory as a whole.
+held in memory as a whole. Per batch, orjson writes all coordinates and measurements at once and
+each feature is a slice of that text put into a cached %-template (``shapely.to_geojson`` for
+holes and multipolygons); without orjson every geometry goes through ``shapely.to_geojson``.
 """
 
 from __future__ import annotations

@@ -150,19 +150,30 @@ def _smooth_peaks_py(dist: np.ndarray, core: np.ndarray, w: np.ndarray) -> tuple
     hgt, wid = dist.shape
     r = w.size // 2
     tmp = np.empty((hgt, wid), np.float32)
-    for y in range(hgt):  # axis 0
+    up = np.empty(r + 1, np.int64)
+    down = np.empty(r + 1, np.int64)
+    for y in range(hgt):  # axis 0, along columns: each row's reflected neighbour rows once
+        for j in range(1, r + 1):
+            up[j] = _reflect(y - j, hgt)
+            down[j] = _reflect(y + j, hgt)
         for x in range(wid):
             acc = np.float64(dist[y, x]) * w[r]
             for j in range(r, 0, -1):
-                acc += (np.float64(dist[_reflect(y - j, hgt), x]) + np.float64(dist[_reflect(y + j, hgt), x])) * w[r - j]
+                acc += (np.float64(dist[up[j], x]) + np.float64(dist[down[j], x])) * w[r - j]
             tmp[y, x] = np.float32(acc)
+    left = np.empty((r + 1, wid), np.int64)
+    right = np.empty((r + 1, wid), np.int64)
+    for j in range(1, r + 1):
+        for x in range(wid):
+            left[j, x] = _reflect(x - j, wid)
+            right[j, x] = _reflect(x + j, wid)
     out = np.zeros((hgt, wid), np.float32)
     for y in range(hgt):  # axis 1, kept on the core only
         for x in range(wid):
             if core[y, x]:
                 acc = np.float64(tmp[y, x]) * w[r]
                 for j in range(r, 0, -1):
-                    acc += (np.float64(tmp[y, _reflect(x - j, wid)]) + np.float64(tmp[y, _reflect(x + j, wid)])) * w[r - j]
+                    acc += (np.float64(tmp[y, left[j, x]]) + np.float64(tmp[y, right[j, x]])) * w[r - j]
                 out[y, x] = np.float32(acc)
     peaks = np.zeros((hgt, wid), np.bool_)
     for y in range(hgt):

@@ -204,9 +204,12 @@ def _split_at_necks(labels: np.ndarray, h: float, skip: np.ndarray | None = None
     places, shape = _shelf_pack([c[2].shape for c in crops])  # the canvas is ~2x smaller when crops go tallest first
     d_c = _on_canvas([c[3] for c in crops], places, shape)
     peaks_c = h_maxima_bool(d_c, h)  # skimage's h_maxima; compiled with the fast extra
+    several = _several_maxima(peaks_c, [c[2] for c in crops], places, shape)
     out = labels.copy()
     nxt = n + 1
-    for (i, sl, obj, d), (r, c) in zip(crops, places):
+    for (i, sl, obj, d), (r, c), go in zip(crops, places, several):
+        if not go:
+            continue
         markers, k = ndi.label(peaks_c[r : r + d.shape[0], c : c + d.shape[1]] & obj)
         if k < 2:
             continue
@@ -215,6 +218,18 @@ def _split_at_necks(labels: np.ndarray, h: float, skip: np.ndarray | None = None
         out[sl][new] = pieces[new] + (nxt - 2)
         nxt += k - 1
     return out
+
+
+def _several_maxima(peaks_c: np.ndarray, objs: list[np.ndarray], places: list[tuple[int, int]],
+                    shape: tuple[int, int]) -> np.ndarray:
+    """Whether each crop's ``peaks & object`` has two or more 4-connected components, from one
+    labelling of the canvas (crops' objects are ringed by zeros there, so none spans two)."""
+    ids = _on_canvas([np.where(o, k + 1, 0).astype(np.int32) for k, o in enumerate(objs)], places, shape)
+    comps, n_comps = ndi.label(peaks_c & (ids > 0))
+    owner = np.zeros(n_comps + 1, np.int64)
+    on = comps > 0
+    owner[comps[on]] = ids[on]
+    return np.bincount(owner[1:], minlength=len(objs) + 1)[1:] >= 2
 
 
 #: Margin (px of distance) of the proof in :func:`_one_peak`: well above float32 rounding and

@@ -352,7 +352,7 @@ def test_fast_coordinates_match_the_reference_writer(tmp_path: Path, monkeypatch
     write_table([_mixed_objects(700, seed=3), _mixed_objects(300, seed=4)], table, mpp=0.25)
     (tmp_path / "fast").mkdir()
     fast = write_geojson_files(table, tmp_path / "fast", batch_rows=256)
-    monkeypatch.setattr(_geojson, "_FAST_COORDINATES", False)  # shapely.to_geojson for every row, as before
+    monkeypatch.setattr(_geojson, "_USE_ORJSON", False)  # shapely.to_geojson for every row, as before
     (tmp_path / "ref").mkdir()
     reference = write_geojson_files(table, tmp_path / "ref", batch_rows=256)
     assert [p.name for p in fast] == [p.name for p in reference] and len(fast) == 4
@@ -365,7 +365,7 @@ def test_fast_coordinates_match_the_reference_writer(tmp_path: Path, monkeypatch
     kinds = {s.geom_type + ("+hole" if s.geom_type == "Polygon" and s.interiors else "") for s in shapes}
     assert kinds == {"Polygon", "Polygon+hole", "MultiPolygon"}
     assert any(not f["properties"]["measurements"].get("area_um2", 1) for f in doc["features"])
-    monkeypatch.setattr(_geojson, "_FAST_COORDINATES", True)
+    monkeypatch.setattr(_geojson, "_USE_ORJSON", True)
     monkeypatch.setattr(_geojson, "orjson", None)  # orjson not installed: the reference path, same bytes
     assert write_geojson(table, tmp_path / "no_orjson.geojson") == fast[tmp_path / "fast" / "objects.geojson"]
     assert (tmp_path / "no_orjson.geojson").read_bytes() == (tmp_path / "fast" / "objects.geojson").read_bytes()

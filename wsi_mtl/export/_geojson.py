@@ -107,11 +107,11 @@ def _round_geometry(geoms: np.ndarray) -> np.ndarray:
     return rounded
 
 
-
-#: write the coordinates of single-ring polygons with orjson, a batch at a time (the reference path,
-#: ``shapely.to_geojson`` of the rounded geometry, stays for holes, multipolygons, rows whose rounding
-#: breaks validity, and for every row where orjson is not installed)
-_FAST_COORDINATES = True
+#: format coordinates (of single-ring polygons) and measurements with orjson, a batch at a time; the
+#: reference path (``shapely.to_geojson`` of the rounded geometry, ``%.12g``) stays for holes,
+#: multipolygons and rows whose rounding breaks validity, and for every row when this is off or
+#: orjson is not installed; both give the same bytes
+_USE_ORJSON = True
 
 
 def _point_text(rounded_xy: np.ndarray) -> tuple[str, np.ndarray, np.ndarray]:
@@ -132,7 +132,7 @@ def _geometry_texts(geoms: np.ndarray) -> tuple[list[str], np.ndarray]:
     every other text is a whole geometry object.
     """
     coords = shapely.get_coordinates(geoms)
-    if orjson is None or not _FAST_COORDINATES or not len(coords):
+    if orjson is None or not _USE_ORJSON or not len(coords):
         return shapely.to_geojson(_round_geometry(geoms)).tolist(), np.zeros(len(geoms), dtype=bool)
     rounded_xy = np.round(coords, 2)
     rounded = shapely.set_coordinates(geoms.copy(), rounded_xy)
@@ -156,7 +156,7 @@ def _number_texts(values: np.ndarray) -> list[str]:
     (-0, large numbers) through ``%``. Non-finite values get ``""`` (the templates omit them).
     """
     finite = np.isfinite(values)
-    if orjson is None or not _FAST_COORDINATES:
+    if orjson is None or not _USE_ORJSON:
         return ["%.12g" % v if ok else "" for v, ok in zip(values.tolist(), finite.tolist())]
     clean = np.where(finite, values, 0.0)
     whole = clean == np.round(clean)

@@ -177,3 +177,16 @@ def test_run_cut_after_inference_resumes_and_derives_the_same_objects(he_image, 
     assert again.run["tiles"]["resumed"] == again.run["tiles"]["with_tissue"]  # every tile came from the cut run
     reference = segment_slide(slide, tmp_path / "ref", overlap=False, **common)
     assert _table_key(again.result_dir) == _table_key(reference.result_dir)
+
+
+@pytest.mark.slow
+def test_sample_slide_objects_are_the_same_with_and_without_overlap(cmu_small, tmp_path):
+    """The real sample slide with the shipped model and default chunks: overlap changes nothing in the objects."""
+    from wsi_mtl.pipeline import segment_slide
+
+    off = segment_slide(cmu_small, tmp_path / "off", overlap=False, progress=False)
+    on = segment_slide(cmu_small, tmp_path / "on", progress=False)
+    assert on.run["parameters"]["overlap"]["chunks"] >= 2 and off.run["parameters"]["overlap"] is False
+    assert sum(on.run["objects"]["nuclei"].values()) > 100
+    assert on.run["objects"] == off.run["objects"]
+    assert _table_key(on.result_dir) == _table_key(off.result_dir)

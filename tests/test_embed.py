@@ -159,3 +159,34 @@ def test_cli_embed_and_errors(tmp_path, svs_jpeg) -> None:
     with pytest.raises(SystemExit) as exc:
         main(["embed", str(svs_jpeg), "--model", str(bad), "-o", str(tmp_path / "o"), "-q"])
     assert exc.value.code == 20
+
+
+@pytest.mark.parametrize("stride", [224, 96])
+def test_block_reads_give_the_pixels_of_each_patch_read_alone(svs_jpeg, stride) -> None:
+    from concurrent.futures import ThreadPoolExecutor
+
+    from wsi_mtl.embed._slide import _BLOCK_PATCHES, _exact_blocks, _prefetched
+    from wsi_mtl.slide import open_slide
+
+    with open_slide(svs_jpeg) as slide:
+        assert _exact_blocks(slide, 0.5) and not _exact_blocks(slide, 0.7)  # 2x reduction vs 2.8x resampling
+        h, w = slide.size_at(0.5)
+        table = patch_table(PatchGrid(h, w, 224, stride), downsample=0.5 / slide.mpp, tissue=None, mpp=0.5, min_tissue=0.0)
+        table = table.drop(index=[1, len(table) // 2]).reset_index(drop=True)  # gaps split blocks
+        with ThreadPoolExecutor(2) as pool:
+            got = list(_prefetched(pool, slide, table, iter(range(len(table))), 224, 0.5, 8, stride=stride, block=_BLOCK_PATCHES))
+        assert [r for r, _, _ in got] == list(range(len(table)))
+        for r, image, error in got:
+            alone = slide.read(int(table["gx"].iat[r]), int(table["gy"].iat[r]), 224, 224, mpp=0.5)
+            assert error is None and np.array_equal(image, alone)
+
+
+def test_tile_cache_is_bounded_during_embed(svs_jpeg) -> None:
+    from wsi_mtl.embed._slide import _TILE_CACHE_BYTES, _bound_tile_cache
+    from wsi_mtl.slide import open_slide
+
+    with open_slide(svs_jpeg) as slide:
+        cache = slide._reader._tiles._cache  # the reader's cache: if this moves, _bound_tile_cache must follow
+        assert cache.capacity > _TILE_CACHE_BYTES
+        _bound_tile_cache(slide)
+        assert cache.capacity == _TILE_CACHE_BYTES

@@ -40,6 +40,10 @@ log = logging.getLogger(__name__)
 
 PATCHES = "patches.parquet"
 _CHUNK_ROWS = 1024
+#: neighbouring patches of a patch row read in one region (when that gives the same pixels)
+_BLOCK_PATCHES = 8
+#: decoded-tile cache of the slide during embed (vertical neighbours of a patch row reuse its tiles)
+_TILE_CACHE_BYTES = 32 * 2**20
 _MASK_MPP = 8.0
 _DEFAULT_BATCH = {"cpu": 16, "cuda": 128, "mps": 32}
 
@@ -78,19 +82,73 @@ def _read_patch(slide: Any, gx: int, gy: int, size: int, mpp: float) -> tuple[np
         return None, str(exc)
 
 
-def _prefetched(pool: ThreadPoolExecutor, slide: Any, table: pd.DataFrame, rows: Iterator[int], size: int, mpp: float,
-                depth: int) -> Iterator[tuple[int, np.ndarray | None, str | None]]:
-    """(row, image or None, error) in order, with at most ``depth`` reads in flight."""
-    pending: deque[tuple[int, Future]] = deque()
-    gx, gy = table["gx"].to_numpy(), table["gy"].to_numpy()
+def _read_block(slide: Any, gxs: Sequence[int], gy: int, size: int, mpp: float) -> list[tuple[np.ndarray | None, str | None]]:
+    """Patches of one patch row (top-lefts ``gxs``, ascending) cut from one region read; a damaged
+    region is read again patch by patch so that only its damaged patches are lost."""
+    if len(gxs) == 1:
+        return [_read_patch(slide, gxs[0], gy, size, mpp)]
+    x0 = int(gxs[0])
+    try:
+        region = slide.read(x0, int(gy), int(gxs[-1]) - x0 + size, size, mpp=mpp)
+    except DamagedRegionError:
+        return [_read_patch(slide, gx, gy, size, mpp) for gx in gxs]
+    return [(region[:, int(gx) - x0: int(gx) - x0 + size], None) for gx in gxs]
+
+
+def _exact_blocks(slide: Any, mpp: float) -> bool:
+    """True when a region read at ``mpp`` gives, cut into patches, the very pixels of each patch read
+    alone: the slide's level is read unscaled or reduced by a whole factor, on a grid aligned with the
+    level's pixels (otherwise the resampling kernel depends on the region, and patches are read alone)."""
+    ds = mpp / slide.mpp
+    lds = slide.levels[slide.best_level(ds)][2]
+    ratio = ds / lds
+    k = round(ratio)
+    if k < 1 or abs(ratio - k) > 1e-9:
+        return False
+    return all(abs(o / lds - round(o / lds)) < 1e-9 for o in slide.offset)
+
+
+def _blocks(gx: np.ndarray, gy: np.ndarray, rows: Iterator[int], stride: int, most: int) -> Iterator[list[int]]:
+    """``rows`` (in order) grouped into runs of neighbouring patches of one patch row, ``most`` at most."""
+    block: list[int] = []
     for row in rows:
-        pending.append((row, pool.submit(_read_patch, slide, gx[row], gy[row], size, mpp)))
-        if len(pending) >= depth:
-            r, fut = pending.popleft()
-            yield (r, *fut.result())
+        if block and (len(block) >= most or row != block[-1] + 1 or gy[row] != gy[block[-1]] or gx[row] - gx[block[-1]] != stride):
+            yield block
+            block = []
+        block.append(row)
+    if block:
+        yield block
+
+
+def _prefetched(pool: ThreadPoolExecutor, slide: Any, table: pd.DataFrame, rows: Iterator[int], size: int, mpp: float,
+                depth: int, *, stride: int = 0, block: int = 1) -> Iterator[tuple[int, np.ndarray | None, str | None]]:
+    """(row, image or None, error) in order, with at most ``depth`` patches in flight; neighbouring
+    patches of a patch row are read ``block`` at a time (see :func:`_read_block`)."""
+    pending: deque[tuple[list[int], Future]] = deque()
+    gx, gy = table["gx"].to_numpy(), table["gy"].to_numpy()
+    in_flight = 0
+    for rs in _blocks(gx, gy, rows, stride, max(1, block)):
+        pending.append((rs, pool.submit(_read_block, slide, [int(gx[r]) for r in rs], int(gy[rs[0]]), size, mpp)))
+        in_flight += len(rs)
+        while in_flight >= depth:
+            done, fut = pending.popleft()
+            in_flight -= len(done)
+            for r, result in zip(done, fut.result()):
+                yield (r, *result)
     while pending:
-        r, fut = pending.popleft()
-        yield (r, *fut.result())
+        done, fut = pending.popleft()
+        for r, result in zip(done, fut.result()):
+            yield (r, *result)
+
+
+def _bound_tile_cache(slide: Any) -> None:
+    """Cap the slide's decoded-tile cache at :data:`_TILE_CACHE_BYTES`: patches are read row by row
+    and neighbours of a patch row in one region, so little is reused, and a cache that fills up to its
+    default size (256 MB) makes memory grow with the slide's area. The cache is the slide reader's
+    (:class:`wsi_mtl.slide._tiles.SegmentReader`); readers without one are left alone."""
+    cache = getattr(getattr(getattr(slide, "_reader", None), "_tiles", None), "_cache", None)
+    if cache is not None and isinstance(getattr(cache, "capacity", None), int):
+        cache.capacity = min(cache.capacity, _TILE_CACHE_BYTES)
 
 
 @dataclass
@@ -115,7 +173,7 @@ class _Run:
 
 
 def _embed_chunks(run: _Run, slide: Any, table: pd.DataFrame, store: EmbeddingStore, *, size: int, mpp: float,
-                  workers: int, progress: bool) -> list[dict[str, Any]]:
+                  workers: int, progress: bool, stride: int = 0, block: int = 1) -> list[dict[str, Any]]:
     """Encode every patch of the chunks not yet done, writing each chunk once its rows are all seen
     (rows arrive in order); returns the damaged patches."""
     todo = [c for c in range(store.chunks) if c not in store.done]
@@ -129,7 +187,8 @@ def _embed_chunks(run: _Run, slide: Any, table: pd.DataFrame, store: EmbeddingSt
     try:
         with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="wsimtl-embed-reader") as pool:
             t0 = time.perf_counter()
-            for row, image, error in _prefetched(pool, slide, table, rows, size, mpp, depth=max(2 * run.batch_size, 4 * workers)):
+            for row, image, error in _prefetched(pool, slide, table, rows, size, mpp, depth=max(2 * run.batch_size, 4 * workers),
+                                                   stride=stride, block=block):
                 run.read_wait_s += time.perf_counter() - t0
                 c = row // store.chunk_rows
                 if current is None or current["chunk"] != c:
@@ -304,8 +363,10 @@ def embed_slide(
                                chunk_rows=_CHUNK_ROWS, dtype="float16" if float16 else "float32", fingerprint=fingerprint, attrs=attrs)
         resumed = len(store.done)
         t0 = time.perf_counter()
+        _bound_tile_cache(slide)
         damaged = _embed_chunks(run, slide, table, store, size=grid.patch_px, mpp=emb_mpp,
-                                workers=workers or min(4, max(2, cpu_count())), progress=progress)
+                                workers=workers or min(4, max(2, cpu_count())), progress=progress,
+                                stride=grid.stride_px, block=_BLOCK_PATCHES if _exact_blocks(slide, emb_mpp) else 1)
         embed_s = time.perf_counter() - t0
         patches = _write_patches(result_dir, table, store, encoder, damaged)
         mean, peak = store.slide_vectors()

@@ -325,6 +325,13 @@ def _parallel_features(
             yield from pending.popleft().result()
 
 
+def _children_allowed() -> bool:
+    """Whether this process may start worker processes (a daemonic one, such as a Dask worker, may not)."""
+    from ..postprocess._pool import children_allowed  # imported only here: the package is heavy (~0.7 CPU s)
+
+    return children_allowed()
+
+
 def _write_many(
     table_path: Path,
     targets: list[tuple[Path, frozenset[str]]],
@@ -339,9 +346,7 @@ def _write_many(
     if workers < 1:
         raise ValueError(f"workers must be at least 1, got {workers}")
     info = read_table_info(table_path)
-    from ..postprocess._pool import children_allowed  # a daemonic process (Dask worker) formats in-process
-
-    if workers > 1 and info["rows"] > batch_rows and children_allowed():
+    if workers > 1 and info["rows"] > batch_rows and _children_allowed():
         features = _parallel_features(table_path, colors=info["colors"], batch_rows=batch_rows, workers=workers)
     else:
         features = _features(table_path, batch_rows=batch_rows, templates=_Templates(info["colors"]))

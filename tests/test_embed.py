@@ -190,3 +190,18 @@ def test_tile_cache_is_bounded_during_embed(svs_jpeg) -> None:
         assert cache.capacity > _TILE_CACHE_BYTES
         _bound_tile_cache(slide)
         assert cache.capacity == _TILE_CACHE_BYTES
+
+
+@pytest.mark.parametrize("mask_mpp", [8.0, 3.3])
+def test_tissue_fractions_equal_the_mask_window_fractions(mask_mpp) -> None:
+    from wsi_mtl.embed._grid import tissue_fractions
+
+    tissue = np.random.default_rng(1).random((37, 53)) > 0.6
+    tissue[:, :40] = False  # the first patches of every row see no tissue
+    mask = TissueMask(tissue, mpp=mask_mpp)
+    grid = PatchGrid(height=int(37 * mask_mpp / 0.5) + 100, width=int(53 * mask_mpp / 0.5), patch_px=224, stride_px=96)
+    xy = grid.origins()
+    expected = np.array([mask.fraction_in(y, x, y + 224, x + 224, mpp=0.5) for x, y in xy], np.float32)
+    got = tissue_fractions(mask, xy, 224, mpp=0.5)
+    assert 0 < (got > 0).sum() < len(got) and (got == 0).any()
+    assert np.array_equal(got, expected)

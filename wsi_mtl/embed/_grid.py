@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 
-__all__ = ["PatchGrid", "patch_table"]
+__all__ = ["PatchGrid", "patch_table", "tissue_fractions"]
 
 
 @dataclass(frozen=True)
@@ -58,6 +58,25 @@ class PatchGrid:
         return np.stack([xs.ravel(), ys.ravel()], axis=1).astype(np.int64)
 
 
+def tissue_fractions(tissue: object, xy: np.ndarray, size: int, *, mpp: float) -> np.ndarray:
+    """``tissue.fraction_in`` of every ``size`` px square with top-left ``xy`` (N x 2, px at ``mpp``),
+    from a summed-area table of the mask (same windows and values, without a Python loop per patch)."""
+    mask = np.asarray(tissue.mask, bool)  # type: ignore[attr-defined]
+    s = mpp / float(tissue.mpp)  # type: ignore[attr-defined]
+    h, w = mask.shape
+    eps = 1e-9
+    x, y = xy[:, 0].astype(np.float64), xy[:, 1].astype(np.float64)
+    i0 = np.clip(np.floor(y * s + eps), 0, h).astype(np.int64)
+    j0 = np.clip(np.floor(x * s + eps), 0, w).astype(np.int64)
+    i1 = np.clip(np.ceil((y + size) * s - eps), 0, h).astype(np.int64)
+    j1 = np.clip(np.ceil((x + size) * s - eps), 0, w).astype(np.int64)
+    sat = np.zeros((h + 1, w + 1), np.int64)
+    sat[1:, 1:] = mask.cumsum(0, dtype=np.int64).cumsum(1)
+    count = sat[i1, j1] - sat[i0, j1] - sat[i1, j0] + sat[i0, j0]
+    area = np.maximum(i1 - i0, 0) * np.maximum(j1 - j0, 0)
+    return np.where(area > 0, count / np.maximum(area, 1), 0.0).astype(np.float32)
+
+
 def patch_table(grid: PatchGrid, *, downsample: float, tissue: object | None, mpp: float, min_tissue: float) -> pd.DataFrame:
     """The kept patches: ``id``, ``x``, ``y``, ``width``, ``height`` (level-0 px), ``tissue_fraction``
     and ``gx``, ``gy`` (top-left at the embedding mpp, for reading).
@@ -69,7 +88,7 @@ def patch_table(grid: PatchGrid, *, downsample: float, tissue: object | None, mp
     if tissue is None:
         frac = np.ones(len(xy), np.float32)
     else:
-        frac = np.array([tissue.fraction_in(y, x, y + p, x + p, mpp=mpp) for x, y in xy], np.float32)  # type: ignore[attr-defined]
+        frac = tissue_fractions(tissue, xy, p, mpp=mpp)
     keep = np.ones(len(xy), bool) if tissue is None else frac > min_tissue
     xy, frac = xy[keep], frac[keep]
     size = int(round(p * downsample))

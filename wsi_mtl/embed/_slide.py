@@ -31,7 +31,7 @@ from ..devices import cpu_count, resolve_device, resolve_precision
 from ..results import RUN_JSON, file_entry, read_run, result_dir_for
 from ..errors import DamagedRegionError, InputError, NoTissueError, OutputError
 from ._encoders import LEVELS, PatchEncoder, load_encoder
-from ._grid import PatchGrid, patch_table
+from ._grid import PatchGrid, patch_table, tissue_fractions
 from ._store import EmbeddingStore, open_embeddings
 
 __all__ = ["embed_slide", "EmbedResult", "PATCHES", "head_columns", "update_run_json"]
@@ -348,8 +348,7 @@ def embed_slide(
             raise NoTissueError(f"no tissue found in {slide_path.name}; use --no-tissue-mask to embed it anyway")
         table = patch_table(grid, downsample=ds, tissue=tissue if tissue_mask else None, mpp=emb_mpp, min_tissue=min_tissue)
         if not tissue_mask:
-            table["tissue_fraction"] = [tissue.fraction_in(y, x, y + grid.patch_px, x + grid.patch_px, mpp=emb_mpp)
-                                        for x, y in zip(table["gx"], table["gy"])]
+            table["tissue_fraction"] = tissue_fractions(tissue, table[["gx", "gy"]].to_numpy(), grid.patch_px, mpp=emb_mpp)
         if table.empty:
             raise NoTissueError(f"no patch of {slide_path.name} has more than {min_tissue:.0%} tissue")
         mask_s = time.perf_counter() - t0

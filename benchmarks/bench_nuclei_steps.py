@@ -77,7 +77,7 @@ def on_store(path: Path, model: str, repeats: int) -> None:
         rates[name] = int(labels[name].max()) / cpu
         print(f"{name:8s}: {int(labels[name].max())} nuclei, {cpu:.3f} CPU s (best of {repeats}), {rates[name]:,.0f} nuclei/CPU s")
     _compiled.HAVE_NUMBA = have
-    print(f"map {prob.shape[1]}x{prob.shape[2]}, split_h={tuned.nuclei_split_h}; numba load (or compile, when not cached) {t_jit:.2f} s (not in the rates)")
+    print(f"map {prob.shape[1]}x{prob.shape[2]}, split_h={tuned.nuclei_split_h}; numba import + load (or compile, when not cached) {t_jit:.2f} s (not in the rates)")
     if len(rates) == 2:
         same = np.array_equal(labels["skimage"], labels["numba"])
         print(f"numba / skimage: {rates['numba'] / rates['skimage']:.2f}x; same labels: {same}")

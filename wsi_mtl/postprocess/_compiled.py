@@ -19,20 +19,46 @@ from __future__ import annotations
 import numpy as np
 from skimage.morphology import h_maxima as _sk_h_maxima
 
+import importlib.util
+
+__all__ = ["available", "edt32", "smooth_and_peaks", "h_maxima_bool", "HAVE_NUMBA"]
+
+#: Whether numba (the ``fast`` extra) is installed; it is imported, and the kernels compiled or
+#: loaded from numba's cache, on first use only.
 try:
-    import numba
-except ImportError:  # the fast extra is not installed: skimage does it all
-    numba = None
+    HAVE_NUMBA = importlib.util.find_spec("numba") is not None
+except (ImportError, ValueError):
+    HAVE_NUMBA = False
+_ready = False
 
-__all__ = ["edt32", "smooth_and_peaks", "h_maxima_bool", "HAVE_NUMBA"]
 
-HAVE_NUMBA = numba is not None
+def available() -> bool:
+    """Whether the compiled kernels can be used (imports numba on the first call)."""
+    if HAVE_NUMBA:
+        _kernels()
+    return HAVE_NUMBA
+
+
+def _kernels() -> None:
+    """Replace the plain-Python kernels by numba's (``cache=True``), once; without numba they stay."""
+    global HAVE_NUMBA, _ready, _sift_down, _sift_up, _reconstruct, _edt, _reflect, _smooth_peaks
+    if _ready:
+        return
+    _ready = True
+    try:
+        import numba
+    except ImportError:  # found but broken: the callers take skimage's and scipy's paths
+        HAVE_NUMBA = False
+        return
+    jit = numba.njit(cache=True, nogil=True)
+    _sift_down, _sift_up, _reflect = jit(_sift_down_py), jit(_sift_up_py), jit(_reflect_py)
+    _reconstruct, _edt, _smooth_peaks = jit(_reconstruct_py), jit(_edt_py), jit(_smooth_peaks_py)
 
 
 def h_maxima_bool(image: np.ndarray, h: float) -> np.ndarray:
     """``skimage.morphology.h_maxima(image, h).astype(bool)`` (default footprint), compiled for a
     2-D float32 ``image`` >= 0 when numba is installed."""
-    if not HAVE_NUMBA or image.ndim != 2 or image.dtype != np.float32 or image.size == 0 or h <= 0:
+    if not available() or image.ndim != 2 or image.dtype != np.float32 or image.size == 0 or h <= 0:
         return _sk_h_maxima(image, h).astype(bool)
     low = image.min()
     if not low >= 0:  # negative or NaN: not the islands this path assumes
@@ -43,6 +69,7 @@ def h_maxima_bool(image: np.ndarray, h: float) -> np.ndarray:
     resolution = 2 * np.finfo(image.dtype).resolution * np.abs(image)
     seed = np.asarray(image - h - resolution).astype(np.float32)
     img = np.ascontiguousarray(image)
+    _kernels()
     rec = _reconstruct(img, np.ascontiguousarray(seed))
     if low == 0:  # islands and zeros receive the best seed through the zeros, capped at 0
         floor = min(seed.max(), np.float32(0))
@@ -55,6 +82,7 @@ def h_maxima_bool(image: np.ndarray, h: float) -> np.ndarray:
 def edt32(mask: np.ndarray) -> np.ndarray:
     """``scipy.ndimage.distance_transform_edt(mask).astype(np.float32)`` for a 2-D ``mask`` with a
     False pixel (needs numba: check :data:`HAVE_NUMBA`)."""
+    _kernels()
     return _edt(np.ascontiguousarray(mask, dtype=np.bool_))
 
 
@@ -137,10 +165,11 @@ def smooth_and_peaks(dist: np.ndarray, core: np.ndarray, sigma: float, radius: i
     ``(d == maximum_filter(d, size=3)) & core``, with scipy's arithmetic (per axis, in float64 over
     the symmetric pairs of the kernel, each pass stored as float32, borders reflected); needs numba."""
     w = gaussian_weights(sigma, radius)
+    _kernels()
     return _smooth_peaks(np.ascontiguousarray(dist, np.float32), np.ascontiguousarray(core, np.bool_), w)
 
 
-def _reflect(i: int, n: int) -> int:
+def _reflect_py(i: int, n: int) -> int:
     while i < 0 or i >= n:
         i = -i - 1 if i < 0 else 2 * n - i - 1
     return i
@@ -285,13 +314,6 @@ def _sift_up_py(heap, where, key, i):  # noqa: ANN001, ANN202 (compiled helper)
         i = parent
 
 
-if HAVE_NUMBA:
-    _sift_down = numba.njit(cache=True, nogil=True)(_sift_down_py)
-    _sift_up = numba.njit(cache=True, nogil=True)(_sift_up_py)
-    _reconstruct = numba.njit(cache=True, nogil=True)(_reconstruct_py)
-    _edt = numba.njit(cache=True, nogil=True)(_edt_py)
-    _reflect = numba.njit(cache=True, nogil=True)(_reflect)
-    _smooth_peaks = numba.njit(cache=True, nogil=True)(_smooth_peaks_py)
-else:
-    _sift_down, _sift_up, _reconstruct, _edt = _sift_down_py, _sift_up_py, _reconstruct_py, _edt_py
-    _smooth_peaks = _smooth_peaks_py
+# plain Python until _kernels() compiles them
+_sift_down, _sift_up, _reflect = _sift_down_py, _sift_up_py, _reflect_py
+_reconstruct, _edt, _smooth_peaks = _reconstruct_py, _edt_py, _smooth_peaks_py

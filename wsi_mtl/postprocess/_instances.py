@@ -300,7 +300,7 @@ def _one_peak(crops: list, h: float) -> np.ndarray:
 def _smooth_and_peaks(edt: np.ndarray, core: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """The distance map neck cutting floods (``edt`` smoothed by :data:`NECK_SIGMA_PX`, 0 off
     ``core``) and its local maxima on ``core`` (3x3); compiled with the fast extra, same values."""
-    if _compiled.HAVE_NUMBA and core.ndim == 2 and core.size:
+    if _compiled.available() and core.ndim == 2 and core.size:
         return _compiled.smooth_and_peaks(edt, core, NECK_SIGMA_PX, NECK_REACH_PX)
     dist = ndi.gaussian_filter(edt, NECK_SIGMA_PX, truncate=NECK_REACH_PX / NECK_SIGMA_PX)
     dist *= core
@@ -311,7 +311,7 @@ def _edt32(mask: np.ndarray) -> np.ndarray:
     """``distance_transform_edt(mask).astype(np.float32)`` where ``mask`` has a False pixel:
     scipy's feature transform, with the distances (the same float64 square roots) taken from it
     on the mask's pixels only; with numba (the fast extra), Meijster's exact transform."""
-    if _compiled.HAVE_NUMBA and not mask.all():
+    if _compiled.available() and not mask.all():
         return _compiled.edt32(mask)
     near = ndi.distance_transform_edt(mask, return_distances=False, return_indices=True)
     out = np.zeros(mask.shape, np.float32)  # 0 off the mask, as there

@@ -1,7 +1,9 @@
-"""Compiled (numba, the ``fast`` extra) versions of two steps of neck cutting, with the same results.
+"""Compiled (numba, the ``fast`` extra) versions of the steps of neck cutting, with the same results.
 
 :func:`edt32`: the Euclidean distance transform (Meijster's two passes, exact integer squared
 distances, so the same float32 values as scipy's whatever feature pixel it picks).
+
+:func:`smooth_and_peaks`: the Gaussian smoothing (scipy's own arithmetic) and 3x3 local maxima.
 
 :func:`h_maxima_bool`: ``skimage.morphology.h_maxima`` (3x3 footprint) of a non-negative float32
 image. The h-maxima are ``image - rec >= h`` where ``rec`` is the grey reconstruction by dilation of
@@ -11,7 +13,7 @@ by a priority queue (the highest reconstructed value first, as in Dijkstra's alg
 widest path), which touches only the island's pixels. Islands meet only through pixels of value 0,
 so all they receive from one another is the constant ``min(max(seed), 0)``. Reconstruction values
 are seeds or image values, never computed, so the result is exactly skimage's
-(``tests/test_postprocess_arrays.py``). Without numba, or for other images, skimage is called.
+(``tests/test_postprocess_fast_paths.py``). Without numba, or for other images, skimage is called.
 """
 
 from __future__ import annotations

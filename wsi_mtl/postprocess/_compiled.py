@@ -22,13 +22,15 @@ import numpy as np
 from skimage.morphology import h_maxima as _sk_h_maxima
 
 import importlib.util
+import os
 
 __all__ = ["available", "edt32", "smooth_and_peaks", "h_maxima_bool", "HAVE_NUMBA"]
 
-#: Whether numba (the ``fast`` extra) is installed; it is imported, and the kernels compiled or
-#: loaded from numba's cache, on first use only.
+#: Whether numba (the ``fast`` extra) is installed and not switched off by the environment variable
+#: ``WSIMTL_NO_NUMBA=1`` (numba's LLVM adds ~140 MB to each process that cuts necks); it is
+#: imported, and the kernels compiled or loaded from numba's cache, on first use only.
 try:
-    HAVE_NUMBA = importlib.util.find_spec("numba") is not None
+    HAVE_NUMBA = importlib.util.find_spec("numba") is not None and os.environ.get("WSIMTL_NO_NUMBA", "") in ("", "0")
 except (ImportError, ValueError):
     HAVE_NUMBA = False
 _ready = False

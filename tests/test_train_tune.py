@@ -101,8 +101,13 @@ def test_model_settings_reach_evaluation_and_extract_objects(tmp_path):
 def test_shipped_config_tunes_at_export():
     from pathlib import Path
 
-    cfg = load_config(Path(__file__).resolve().parents[1] / "configs" / "wsimtl-small.yaml")
-    assert cfg.tune_postprocess and cfg.task_crop_px["gland"] > cfg.seg_crop_px
+    from wsi_mtl.train._recipe import load_recipe
+
+    recipe = load_recipe(Path(__file__).resolve().parents[1] / "configs" / "wsimtl-small.yaml")
+    tuning = [s.config for s in recipe.stages if s.config.tune_postprocess]
+    assert tuning, "no stage of the recipe tunes post-processing at export"
+    glands = [c for c in tuning if c.tune_images.get("gland", 1)]
+    assert glands and all(c.task_crop_px["gland"] > c.seg_crop_px for c in glands)
 
 
 def test_refit_batchnorm_averages_statistics_and_keeps_weights():

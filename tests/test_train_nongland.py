@@ -105,4 +105,5 @@ def test_objects_on_glass_of_the_sample_slide(cmu_small):
     for task in ("gland", "lumen", "nuclei"):
         r = res[task]
         assert 0 <= r["outside_tissue_um2"] <= r["area_um2"] and 0 <= r["outside_fraction"] <= 1
+        assert r["tissue_fraction"] == pytest.approx(r["area_um2"] / (res["tissue_area_mm2"] * 1e6))
     assert res["nuclei"]["n_objects"] > 100

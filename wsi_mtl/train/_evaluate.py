@@ -415,6 +415,7 @@ def format_table(result: Mapping[str, Any]) -> str:
     for task in ("gland", "lumen", "nuclei"):
         if task in result.get("glass", {}):
             add("glass", f"{task} um2 off tissue", result["glass"][task]["outside_tissue_um2"])
+            add("glass", f"{task} share of tissue", result["glass"][task]["tissue_fraction"])
     if "nuclei_type" in result:
         nt = result["nuclei_type"]
         add("nuclei_type", "detection_f1", nt["detection_f1"])

@@ -1,5 +1,7 @@
 """Objects on glass: how much of a slide's gland, lumen and nucleus area `wsimtl segment` draws
-outside the tissue mask (0 is right: there is nothing to find on empty glass).
+outside the tissue mask (0 is right: there is nothing to find on empty glass), and each task's
+area as a share of the tissue area (on the sample slide, skin without glands in view, the gland
+share should be near 0).
 
 The slide is segmented as a user would (:func:`~wsi_mtl.pipeline.segment_slide`, default options,
 the model's own post-processing) into a temporary folder; each task's objects from
@@ -70,6 +72,7 @@ def objects_on_glass(model: Any, slide_path: str | Path, *, precision: str = "au
     for task in GLASS_TASKS:
         geoms = table.geometry[table["task"] == task].tolist()
         total, outside = area_outside(geoms, tissue, ds, subdivide=subdivide)
+        tissue_um2 = out["tissue_area_mm2"] * 1e6
         out[task] = {"n_objects": len(geoms), "area_um2": total * px_um2, "outside_tissue_um2": outside * px_um2,
-                     "outside_fraction": outside / total if total else 0.0}
+                     "outside_fraction": outside / total if total else 0.0, "tissue_fraction": total * px_um2 / tissue_um2 if tissue_um2 else float("nan")}
     return out

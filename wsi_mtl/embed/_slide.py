@@ -378,6 +378,7 @@ def embed_slide(
         "chunks_resumed": resumed, "damaged_patches": damaged, "device": str(dev), "batch_size": run.batch_size,
         "precision": str(amp).replace("torch.", "") if amp is not None else "fp32",
         "timings_s": {"tissue_mask": round(mask_s, 3), "embed": round(embed_s, 3), "network": round(run.network_s, 3),
+                      "read_wait": round(run.read_wait_s, 3),
                       "total": round(time.perf_counter() - t_start, 3)},
         "slide_vector": {"mean": [float(f"{v:.6g}") for v in mean], "max": [float(f"{v:.6g}") for v in peak]},
     }

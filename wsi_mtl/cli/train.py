@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import click
 
@@ -49,15 +50,7 @@ def train(config: Path, steps: int | None, steps_per_epoch: int | None, run_dir:
     from ..train import export_model, load_config, retune_model
     from ..train import train as run_training
 
-    cfg = load_config(
-        config,
-        steps=steps,
-        steps_per_epoch=steps_per_epoch,
-        run_dir=str(run_dir.resolve()) if run_dir else None,
-        output_model=str(output_model.resolve()) if output_model else None,
-        data_root=str(data_root.resolve()) if data_root else None,
-        threads=threads,
-    )
+    cfg = load_config(config, **_overrides(steps, steps_per_epoch, run_dir, output_model, data_root, threads))
     if tune_only:
         click.echo(f"re-tuned {retune_model(cfg)}")
         return
@@ -81,18 +74,23 @@ def _train_recipe(config: Path, *, stage: str | None, steps: int | None, steps_p
     given = [k for k, v in single_run.items() if v]
     if given:
         raise click.UsageError(f"{', '.join(given)}: for a single run, not a recipe (each stage exports and tunes as it says)")
-    recipe = load_recipe(
-        config,
-        steps=steps,
-        steps_per_epoch=steps_per_epoch,
-        run_dir=str(run_dir.resolve()) if run_dir else None,
-        output_model=str(output_model.resolve()) if output_model else None,
-        data_root=str(data_root.resolve()) if data_root else None,
-        threads=threads,
-    )
+    recipe = load_recipe(config, **_overrides(steps, steps_per_epoch, run_dir, output_model, data_root, threads))
     state = run_recipe(recipe, stage=stage, max_minutes=max_minutes, progress=progress, echo=click.echo)
     done = [s.name for s in recipe.stages if state["stages"].get(s.name, {}).get("status") == "done"]
     click.echo(f"{len(done)} of {len(recipe.stages)} stages done, {state.get('total_minutes', 0):.1f} min in all; "
                f"records in {recipe.run_dir / 'recipe_state.json'}")
     if len(done) == len(recipe.stages):
         click.echo(f"model saved to {recipe.output_model}")
+
+
+def _overrides(steps: int | None, steps_per_epoch: int | None, run_dir: Path | None, output_model: Path | None,
+               data_root: Path | None, threads: int | None) -> dict[str, Any]:
+    """The command line's replacements of config settings (None = keep the config's)."""
+    return {
+        "steps": steps,
+        "steps_per_epoch": steps_per_epoch,
+        "run_dir": str(run_dir.resolve()) if run_dir else None,
+        "output_model": str(output_model.resolve()) if output_model else None,
+        "data_root": str(data_root.resolve()) if data_root else None,
+        "threads": threads,
+    }

@@ -21,7 +21,6 @@ import argparse
 import json
 import resource
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -29,6 +28,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_pipeline import _write_slides  # noqa: E402  (same slides as the segment benchmark)
+
+from _child import run_child
 
 
 def _child_embed(slide: str, out: str, device: str, batch_size: int, precision: str, stride: int) -> dict:
@@ -105,10 +106,7 @@ def _child_rates(slide: str, out: str, device: str, batch_size: int, precision: 
 
 
 def _run_child(*args: str) -> dict:
-    proc = subprocess.run([sys.executable, __file__, *args], capture_output=True, text=True)
-    if proc.returncode != 0:
-        raise SystemExit(f"child {args} failed:\n{proc.stderr[-3000:]}")
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    return run_child(__file__, *args)
 
 
 def main() -> None:

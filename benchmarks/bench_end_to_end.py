@@ -26,7 +26,6 @@ from __future__ import annotations
 import argparse
 import json
 import resource
-import subprocess
 import sys
 import tempfile
 import time
@@ -37,6 +36,8 @@ sys.path.insert(0, str(HERE))
 
 from bench_pipeline import _child_network  # noqa: E402  (the bare-network timing)
 from bench_pipeline import _sources as _texture_or_glas  # noqa: E402
+
+from _child import run_child
 
 DATA = HERE.parents[1] / "shared" / "data"
 
@@ -121,10 +122,7 @@ def _child_steps(result_dir: str) -> dict:
 
 
 def _run_child(*args: str) -> dict:
-    proc = subprocess.run([sys.executable, __file__, *args], capture_output=True, text=True)
-    if proc.returncode != 0:
-        raise SystemExit(f"child {args} failed:\n{proc.stderr[-3000:]}")
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    return run_child(__file__, *args)
 
 
 def _write_slides(tmp: Path, size: int) -> tuple[Path, Path]:

@@ -107,7 +107,8 @@ def test_shipped_config_tunes_at_export():
     tuning = [s.config for s in recipe.stages if s.config.tune_postprocess]
     assert tuning, "no stage of the recipe tunes post-processing at export"
     glands = [c for c in tuning if c.tune_images.get("gland", 1)]
-    assert glands and all(c.task_crop_px["gland"] > c.seg_crop_px for c in glands)
+    # glands need more context than nuclei (224 px crops): a gland-only schedule entry's own crop, or mixed seg batches' crop
+    assert glands and all(c.task_crop_px.get("gland", c.seg_crop_px) >= 320 for c in glands)
 
 
 def test_refit_batchnorm_averages_statistics_and_keeps_weights():

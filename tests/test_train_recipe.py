@@ -160,12 +160,13 @@ def test_shipped_recipe_chains_its_stages_into_the_shipped_network():
 
     recipe = load_recipe(REPO / "configs" / "wsimtl-small.yaml")
     names = [s.name for s in recipe.stages]
-    assert names == ["stage1", "stage2", "stage4", "stage5", "stage6", "stage7", "stage8", "stage9", "stage11", "retune12"]
+    assert names == ["stage1", "stage2", "stage4", "stage5", "stage6", "stage7", "stage8", "stage9", "stage11", "retune12",
+                     "stage14", "stage14b"]
     assert recipe.output_model == REPO / "models" / "wsimtl-small" and recipe.stages[-1].config.output_model == recipe.output_model
-    assert recipe.stages[-1].tune_only and recipe.stages[0].config.init_from is None
+    assert recipe.stage("retune12").tune_only and recipe.stages[0].config.init_from is None
     for prev, s in zip(recipe.stages, recipe.stages[1:]):
         assert s.config.init_from == prev.config.output_model == recipe.run_dir / prev.name / "model"
-    assert sum(s.config.time_budget_minutes or 0 for s in recipe.stages) == 455
+    assert sum(s.config.time_budget_minutes or 0 for s in recipe.stages) == 455 + 45 + 18
     state = None
     for s in recipe.stages:
         if s.tune_only:

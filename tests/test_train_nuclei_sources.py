@@ -185,3 +185,55 @@ def test_scores_per_source_and_type_f1_of_typed_instances() -> None:
     assert set(t["f1"]) == {"epithelial", "fibroblast", "inflammatory", "other"} and t["n_true"] == 3
     assert set(res["types"]) == {"consep"} and set(images) == {"nuclei_all/consep/t", "nuclei_all/glioma/p"}
     assert "aji consep" in format_table({"nuclei_all": res})
+
+
+def test_source_mixture_draws_sources_by_weight_not_by_image_count() -> None:
+    """``source_mixture``: a source with one image and weight 0.5 gives about half the samples,
+    whatever the other source's image count; a weight-0 source gives none."""
+    from wsi_mtl.train._loop import _pick_item
+
+    items = [SegItem(f"g{i}", "glioma", "nuclei", np.zeros((4, 4, 3), np.uint8), np.zeros((4, 4), np.int32)) for i in range(30)]
+    items.append(SegItem("c", "consep", "nuclei", np.zeros((4, 4, 3), np.uint8), np.zeros((4, 4), np.int32)))
+    rng = np.random.default_rng(0)
+    drawn = [_pick_item(rng, items, {"consep": 0.5, "glioma": 0.5}).source for _ in range(2000)]
+    assert 0.45 < drawn.count("consep") / 2000 < 0.55
+    uniform = [_pick_item(rng, items, None).source for _ in range(2000)]
+    assert uniform.count("consep") < 150  # 1 image in 31
+    assert {_pick_item(rng, items, {"consep": 0.0, "glioma": 1.0}).source for _ in range(200)} == {"glioma"}
+    assert {_pick_item(rng, items, {"cpm15": 1.0}).source for _ in range(50)} == {"glioma", "consep"}  # no such source here: uniform
+
+
+def test_source_mixture_and_nuclei_all_tuning_are_checked_when_read(tmp_path: Path) -> None:
+    from wsi_mtl.train import load_config
+    from wsi_mtl.train._loop import _tune_tasks
+
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump({"name": "x", "arch": "wsimtl_small"}))
+    cfg = load_config(path, source_mixture={"nuclei_all": {"consep": 1.0}}, tune_images={"nuclei_all": 4, "gland": 0})
+    assert _tune_tasks(cfg) == ["nuclei_all", "gland"]
+    assert _tune_tasks(load_config(path)) == ["nuclei", "gland"]
+    with pytest.raises(InputError, match="source_mixture"):
+        load_config(path, source_mixture={"lc25000": {"a": 1.0}})
+    with pytest.raises(InputError, match="source_mixture"):
+        load_config(path, source_mixture={"nuclei_all": {"consep": 0.0}})
+    with pytest.raises(InputError, match="tune_images"):
+        load_config(path, tune_images={"nuclei": 4, "nuclei_all": 4})
+
+
+def test_stage15_config_reads_and_its_sources_exist() -> None:
+    """The nuclei stage's config is valid, trains only the nuclei parts and names only real sources."""
+    from wsi_mtl.train import load_config
+    from wsi_mtl.train._nuclei_sources import NUCLEI_SOURCES
+
+    cfg = load_config(REPO / "configs" / "wsimtl-small-stage15.yaml")
+    assert set(cfg.source_mixture["nuclei_all"]) == set(NUCLEI_SOURCES)
+    assert all("Nuclei" in m for m in cfg.trainable) and cfg.ship_rule
+    assert Path(cfg.splits).name == "validation-v2.yaml"
+
+
+def test_checkpoint_score_counts_every_nuclei_source() -> None:
+    from wsi_mtl.train._loop import score_of
+
+    m = {"nuclei_all": {"by_source": {"monuseg": {"aji": 0.6}, "consep": {"aji": 0.2}}, "types": {"consep": {"macro_f1": 0.4}}}}
+    assert score_of(m) == pytest.approx(0.4)
+    assert score_of({"nuclei": {"aji": 0.5}, **m}) == pytest.approx(0.425)

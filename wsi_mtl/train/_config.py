@@ -64,6 +64,10 @@ class TrainConfig:
     schedule: tuple[str, ...] = ("seg", "seg", "cls")
     seg_mixture: Mapping[str, float] = field(default_factory=lambda: {"nuclei": 0.35, "nuclei_binary": 0.1, "nuclei_type": 0.25, "gland": 0.3})
     cls_mixture: Mapping[str, float] = field(default_factory=lambda: {"lc25000": 0.5, "kather2016": 0.5})
+    #: Per segmentation task, the share of its samples drawn from each source (``SegItem.source``,
+    #: e.g. ``{nuclei_all: {monuseg: 0.3, consep: 0.4, cpm15: 0.15, glioma: 0.15}}``); images of a
+    #: source are drawn uniformly. A task not named draws its images uniformly.
+    source_mixture: Mapping[str, Mapping[str, float]] = field(default_factory=dict)
     lr: float = 2e-3
     weight_decay: float = 1e-4
     warmup_steps: int = 100
@@ -91,6 +95,8 @@ class TrainConfig:
     #: Tune the post-processing thresholds on training images at export (see ``wsi_mtl.train._tune``).
     tune_postprocess: bool = False
     #: Training images used for tuning, per task (``nuclei``, ``gland``; spread evenly over the set).
+    #: ``nuclei_all`` instead of ``nuclei`` tunes the nuclei settings on that task's images (every
+    #: nuclei source; ``tune_sources: {nuclei: [...]}`` still chooses among them).
     tune_images: Mapping[str, int] = field(default_factory=lambda: {"nuclei": 25, "gland": 24})
     #: Sources the tuning images of a task come from (``SegItem.source``, e.g. ``{nuclei: [monuseg]}``
     #: to tune on the source most like the slides the model will see); a task not named uses all.
@@ -203,6 +209,12 @@ def _validate(data: Mapping[str, Any], base: Path) -> TrainConfig:
     bad_limits = sorted(set(cfg.val_limit) - set(_SEG_TASKS) - set(_CLS_TASKS))
     if bad_limits:
         raise InputError(f"training config: val_limit has unknown tasks {bad_limits}")
+    for task, mix in cfg.source_mixture.items():
+        if task not in _SEG_TASKS or not isinstance(mix, Mapping) or any(float(w) < 0 for w in mix.values()) or sum(float(w) for w in mix.values()) <= 0:
+            raise InputError(f"training config: source_mixture maps segmentation tasks to source weights >= 0 with a positive sum, got {task}: {mix}")
+    bad_images = sorted(set(cfg.tune_images) - {"nuclei", "nuclei_all", "gland"})
+    if bad_images or ("nuclei" in cfg.tune_images and int(cfg.tune_images.get("nuclei_all", 0)) > 0 and int(cfg.tune_images["nuclei"]) > 0):
+        raise InputError(f"training config: tune_images counts images of nuclei or nuclei_all (one of them) and gland, got {dict(cfg.tune_images)}")
     bad_tune = sorted(set(cfg.tune_sources) - {"nuclei", "gland"})
     if bad_tune or any(isinstance(v, str) or not isinstance(v, Sequence) for v in cfg.tune_sources.values()):
         raise InputError(f"training config: tune_sources maps nuclei / gland to lists of sources, got {dict(cfg.tune_sources)}")

@@ -58,6 +58,20 @@ def _pick(rng: np.random.Generator, mixture: Mapping[str, float], available: Map
     return tasks[int(rng.choice(len(tasks), p=w / w.sum()))]
 
 
+def _pick_item(rng: np.random.Generator, items: Sequence[Any], sources: Mapping[str, float] | None) -> Any:
+    """One of ``items``: uniformly, or a source drawn by its weight in ``sources`` first (sources
+    without items are skipped)."""
+    if sources:
+        by: dict[str, list[Any]] = {}
+        for it in items:
+            by.setdefault(it.source, []).append(it)
+        names = [s for s, w in sources.items() if float(w) > 0 and by.get(s)]
+        if names:
+            w = np.array([float(sources[s]) for s in names])
+            items = by[names[int(rng.choice(len(names), p=w / w.sum()))]]
+    return items[int(rng.integers(len(items)))]
+
+
 def make_seg_batch(rng: np.random.Generator, data: Sources, cfg: TrainConfig, patch_heads: Sequence[str], *, task: str | None = None) -> Batch:
     """A segmentation batch of one ``task``, or (None) each sample from a task of ``cfg.seg_mixture``.
 
@@ -71,8 +85,7 @@ def make_seg_batch(rng: np.random.Generator, data: Sources, cfg: TrainConfig, pa
     fixed = task
     for _ in range(n):
         task = fixed or _pick(rng, cfg.seg_mixture, data.seg)
-        items = data.seg[task]
-        item = items[int(rng.integers(len(items)))]
+        item = _pick_item(rng, data.seg[task], cfg.source_mixture.get(task))
         img, t, p = sample_seg(rng, item, crop_px=crop_px, scale_range=cfg.scale_range, nuclei_erosion_px=cfg.nuclei_erosion_px, gland_erosion_px=cfg.gland_erosion_px,
                                lumen_erosion_px=cfg.lumen_erosion_px)
         imgs.append(img)
@@ -294,11 +307,15 @@ def load_initial_weights(model: MultiTaskNet, source: str | os.PathLike[str], *,
 
 
 def score_of(metrics: Mapping[str, Any]) -> float:
-    """One number to pick the best checkpoint: mean of nuclei AJI, gland F1, type macro F1 and the
-    tissue accuracies that were measured."""
+    """One number to pick the best checkpoint: mean of nuclei AJI (per source of ``nuclei_all``),
+    gland F1, type macro F1 (CoNSeP's too) and the tissue accuracies that were measured."""
     vals = []
     if "nuclei" in metrics:
         vals.append(metrics["nuclei"]["aji"])
+    for src in metrics.get("nuclei_all", {}).get("by_source", {}).values():
+        vals.append(src["aji"])
+    for typed in metrics.get("nuclei_all", {}).get("types", {}).values():
+        vals.append(typed["macro_f1"])
     if "glands" in metrics:
         vals.append(metrics["glands"]["f1"])
     if "nuclei_type" in metrics:
@@ -545,7 +562,7 @@ def export_model(cfg: TrainConfig, model: MultiTaskNet | None = None, *, which: 
     if inherited:
         extra["postprocess"] = inherited
     # The training sources are read once, for every export step that needs them.
-    tasks = set(_HEAD_REFIT_TASKS if cfg.refit_patch_heads else ()) | set(_TUNE_TASKS if cfg.tune_postprocess else ())
+    tasks = set(_HEAD_REFIT_TASKS if cfg.refit_patch_heads else ()) | set(_tune_tasks(cfg) if cfg.tune_postprocess else ())
     data = None
     if cfg.refit_bn_batches > 0:
         data = _training_sources(cfg, model)  # every source: the BatchNorm refit draws the whole rotation
@@ -634,6 +651,7 @@ _ENTRY_HEADS: dict[str, tuple[str, ...]] = {
     "nuclei": ("Nuclei-INST",),
     "nuclei_binary": ("Nuclei-INST",),
     "nuclei_split": ("Nuclei-INST",),
+    "nuclei_all": ("Nuclei-INST", "Nuclei-TYPE"),
     "nuclei_type": ("Nuclei-TYPE",),
     "gland": ("Gland-INST", "Patch-GlaS"),
     "cls": ("Patch-Class", "Patch-LC25000"),
@@ -708,7 +726,12 @@ def _untrained_decoders(model: MultiTaskNet) -> set[str]:
 
 #: Training sources the export's patch-head refit and threshold tuning read.
 _HEAD_REFIT_TASKS: tuple[str, ...] = ("gland", "lc25000", "kather2016")
-_TUNE_TASKS: tuple[str, ...] = ("nuclei", "gland")
+
+
+def _tune_tasks(cfg: TrainConfig) -> list[str]:
+    """The loader tasks threshold tuning reads: the nuclei images (task ``nuclei``, or every nuclei
+    source with ``tune_images: {nuclei_all: N}``) and GlaS."""
+    return ["nuclei_all" if int(cfg.tune_images.get("nuclei_all", 0)) > 0 else "nuclei", "gland"]
 
 
 def tune_on_training_images(cfg: TrainConfig, model: MultiTaskNet, data: Sources | None = None) -> dict[str, Any]:
@@ -717,11 +740,12 @@ def tune_on_training_images(cfg: TrainConfig, model: MultiTaskNet, data: Sources
     ``data``: training sources already loaded (read here otherwise)."""
     from ._tune import tune_postprocess
 
-    if data is None:
-        data = _training_sources(cfg, model, tasks=list(_TUNE_TASKS))
+    nuclei = _tune_tasks(cfg)[0]
+    if data is None or nuclei not in data.seg:
+        data = _training_sources(cfg, model, tasks=_tune_tasks(cfg))
 
     def of_sources(task: str) -> list[Any]:
-        items = data.seg.get(task, [])
+        items = data.seg.get(nuclei if task == "nuclei" else task, [])
         wanted = cfg.tune_sources.get(task)
         if not wanted:
             return list(items)
@@ -735,7 +759,7 @@ def tune_on_training_images(cfg: TrainConfig, model: MultiTaskNet, data: Sources
 
     return tune_postprocess(
         model,
-        spread(of_sources("nuclei"), int(cfg.tune_images.get("nuclei", 25))),
+        spread(of_sources("nuclei"), int(cfg.tune_images.get(nuclei, 25))),
         spread(of_sources("gland"), int(cfg.tune_images.get("gland", 24))),
         bf16=cfg.bf16,
     )

@@ -739,3 +739,25 @@ def test_private_shallow_encoders_copy_the_shared_one_and_then_move_only_their_d
         only_nuclei_moves(plain, own.eval(), lambda: torch.nn.init.normal_(private.conv1.weight, std=0.1), 1e-3)
     with pytest.raises(ModelError, match="private_stages must be 1, 2, 3 or 4"):
         dataclasses.replace(plain.config.arch_params, private_stages=5)
+
+
+@pytest.mark.parametrize("bf16", [False, True])
+def test_full_resolution_strips_give_the_whole_tiles_values(monkeypatch: pytest.MonkeyPatch, bf16: bool) -> None:
+    """Inference computes the full-resolution tail in row strips with context: bit for bit the
+    tail of the whole tile (shipped model: refine, fine branch, private encoder), also under
+    bf16 autocast; logits and probabilities alike; a training forward is unchanged."""
+    import wsi_mtl.network.model as net_model
+
+    model = load_model(Path(__file__).resolve().parents[1] / "models" / "wsimtl-small")
+    torch.manual_seed(0)
+    x = torch.rand(1, 3, 352, 224) * 255  # 352 rows: 3 strips of 128 with the halo of 8
+    with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+        monkeypatch.setattr(net_model, "FULL_RES_STRIP_ROWS", 10**6)
+        whole, whole_logits = model.predict(x), model(x)
+        monkeypatch.setattr(net_model, "FULL_RES_STRIP_ROWS", 128)
+        strips, strip_logits = model.predict(x), model(x)
+    for k in whole:
+        assert torch.equal(whole[k], strips[k]), k
+        assert torch.equal(whole_logits[k], strip_logits[k]), k
+        if not k.startswith("Patch-"):
+            assert torch.allclose(torch.softmax(whole_logits[k].float(), 1), whole[k], atol=1e-6)

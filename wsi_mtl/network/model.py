@@ -294,6 +294,13 @@ def window_stats(x4: torch.Tensor, cells: int | None, pools: Sequence[str]) -> d
     return out
 
 
+#: Rows of the full-resolution tail computed at a time in inference (see ``MultiTaskNet._full_resolution``).
+FULL_RES_STRIP_ROWS = 256
+#: Context rows on each side of a strip (even; more than the tail's reach: 2 rows of refine, 3 of a
+#: fine branch, 1 of the 2x bilinear upsampling).
+_STRIP_HALO = 8
+
+
 def _nchw(t: torch.Tensor) -> torch.Tensor:
     """``t.contiguous()``, through per-image 2D transposes when ``t`` is channels_last.
 
@@ -407,21 +414,36 @@ class MultiTaskNet(nn.Module):
             raise ValueError(f"unknown heads {unknown}; this model has {self.config.output_heads}")
         return [h for h in self.config.output_heads if h in set(heads)]
 
-    def _features(self, x: torch.Tensor, names: Sequence[str]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """x4 and the logits of the segmentation heads in ``names`` (only their decoders run)."""
+    def _features(self, x: torch.Tensor, names: Sequence[str], *, probabilities: bool = False) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """x4 and the logits (``probabilities``: float32 softmax) of the segmentation heads in
+        ``names`` (only their decoders run)."""
         self._check_input(x)
         if self._channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         x = x / 255.0
-        x0, x1, x2, x3, x4 = self.backbone(x)
+        feats = self.backbone(x)
+        x4 = feats[-1]
         seg_heads = {n: self.config.heads[n] for n in names if self.config.heads[n].kind != "patch"}
         if not seg_heads:
             return x4, {}
+        out, decoded = self._decode(feats, x, seg_heads)
+        del feats  # the skips are not needed past the decoders
+        if self._refine:
+            return x4, self._full_resolution(out, decoded, x, probabilities=probabilities)
+        return x4, {n: torch.softmax(t.float(), dim=1) for n, t in out.items()} if probabilities else out
+
+    def _decode(self, feats: list[torch.Tensor], x: torch.Tensor, seg_heads: Mapping[str, Any]) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+        """Each head's logits (half resolution for ``"refine"`` models) from the encoder's ``feats``;
+        and the decoder features a fine branch still needs (the others are freed as soon as their
+        last head has its logits)."""
+        x0, x1, x2, x3, x4 = feats
         skips = [x3, x2, x1, x0]
-        full = None if self.full_skip is None else self.full_skip(x)
-        if full is not None and not self._refine:
+        full = None if self.full_skip is None or self._refine else self.full_skip(x)  # refine: in the tail
+        if full is not None:
             skips.append(full)
         start = self.conv_map(x4)
+        last = {h.decoder: n for n, h in seg_heads.items()}
+        fine = {h.decoder for h in seg_heads.values() if self._refine and self.output_head[h.decoder][h.out_key].fine is not None}
         decoded: dict[str, torch.Tensor] = {}
         out: dict[str, torch.Tensor] = {}
         for name, head in seg_heads.items():
@@ -431,17 +453,51 @@ class MultiTaskNet(nn.Module):
                     shallow = self.private_encoder[head.decoder](x)  # x0 .. x(private_stages - 1)
                     own = [*skips[: 4 - len(shallow)], *reversed(shallow), *skips[4:]]
                 decoded[head.decoder] = self.decoder_head[head.decoder](start, own)
+                del own
             if self._refine:
                 out[name] = self.output_head[head.decoder][head.out_key].x(decoded[head.decoder])
             else:
                 out[name] = self.output_head[head.decoder][head.out_key](decoded[head.decoder])
-        if self._refine:
-            out = self._refine_all(out, full)
-            for name, head in seg_heads.items():
-                fine = self.output_head[head.decoder][head.out_key].fine
-                if fine is not None:
-                    out[name] = out[name] + fine(decoded[head.decoder], x).float()
-        return x4, out
+            if last[head.decoder] == name and head.decoder not in fine:
+                del decoded[head.decoder]
+        return out, decoded
+
+    def _full_resolution(self, half: dict[str, torch.Tensor], decoded: dict[str, torch.Tensor], x: torch.Tensor, *,
+                         probabilities: bool = False) -> dict[str, torch.Tensor]:
+        """The full-resolution tail of a ``"refine"`` model (full skip, refine, fine branches) from
+        the half-resolution logits and decoder features: logits, or float32 softmax probabilities.
+
+        Without autograd a tall input goes through in strips of :data:`FULL_RES_STRIP_ROWS` rows,
+        each computed with :data:`_STRIP_HALO` rows of context on both sides and cropped: every
+        layer of the tail is local, so the strips give the whole tile's values while the tail's
+        full-resolution intermediates (16 channels at the input's size) exist for one strip only.
+        """
+        h = x.shape[-2]
+        if torch.is_grad_enabled() or h <= FULL_RES_STRIP_ROWS + 2 * _STRIP_HALO:
+            return self._tail(half, decoded, x, probabilities=probabilities)
+        out: dict[str, torch.Tensor] = {}
+        for r0 in range(0, h, FULL_RES_STRIP_ROWS):
+            r1 = min(h, r0 + FULL_RES_STRIP_ROWS)
+            e0, e1 = max(0, r0 - _STRIP_HALO), min(h, r1 + _STRIP_HALO)  # even: h, the strip and the halo are
+            part = self._tail({n: t[..., e0 // 2 : e1 // 2, :] for n, t in half.items()},
+                              {d: t[..., e0 // 2 : e1 // 2, :] for d, t in decoded.items()}, x[..., e0:e1, :], probabilities=probabilities)
+            for name, t in part.items():
+                if name not in out:
+                    out[name] = t.new_empty((*t.shape[:2], h, t.shape[-1]))
+                out[name][..., r0:r1, :] = t[..., r0 - e0 : r1 - e0, :]
+        return out
+
+    def _tail(self, half: dict[str, torch.Tensor], decoded: dict[str, torch.Tensor], x: torch.Tensor, *,
+              probabilities: bool = False) -> dict[str, torch.Tensor]:
+        """:meth:`_full_resolution` on one piece of the input (``half``/``decoded`` at half its size)."""
+        assert self.full_skip is not None
+        out = self._refine_all(half, self.full_skip(x))
+        for name in half:
+            head = self.config.heads[name]
+            fine = self.output_head[head.decoder][head.out_key].fine
+            if fine is not None:
+                out[name] = out[name] + fine(decoded[head.decoder], x).float()
+        return {n: torch.softmax(t.float(), dim=1) for n, t in out.items()} if probabilities else out
 
     def _refine_all(self, half: dict[str, torch.Tensor], full: torch.Tensor) -> dict[str, torch.Tensor]:
         """``OutputHead`` refine step for all heads at once: one upsample, one 3x3 conv.
@@ -512,15 +568,14 @@ class MultiTaskNet(nn.Module):
         Works under ``torch.autocast``; outputs are always float32. ``heads`` as in ``forward``.
         """
         names = self._select(heads)
-        x4, seg = self._features(x, names)
+        x4, seg = self._features(x, names, probabilities=True)
         pools = [self.config.heads[n].pool for n in names if self.config.heads[n].kind == "patch"]
         dense = window_stats(x4, self.config.arch_params.patch_cells, pools) if pools else {}
         out: dict[str, torch.Tensor] = {}
         for name in names:
             head = self.config.heads[name]
             if head.kind == "patch":
-                logits = self.decoder_head[head.decoder](dense[head.pool])
+                out[name] = torch.softmax(self.decoder_head[head.decoder](dense[head.pool]).float(), dim=1)
             else:
-                logits = seg[name]
-            out[name] = torch.softmax(logits.float(), dim=1)
+                out[name] = seg[name]
         return out

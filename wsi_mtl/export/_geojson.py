@@ -135,12 +135,19 @@ def _geometry_texts(geoms: np.ndarray) -> tuple[list[str], np.ndarray]:
     if orjson is None or not _USE_ORJSON or not len(coords):
         return shapely.to_geojson(_round_geometry(geoms)).tolist(), np.zeros(len(geoms), dtype=bool)
     rounded_xy = np.round(coords, 2)
-    rounded = shapely.set_coordinates(geoms.copy(), rounded_xy)
-    valid = shapely.is_valid(rounded)
+    counts = shapely.get_num_coordinates(geoms)
+    last = np.cumsum(counts)
+    first = last - counts
+    # rounding can only break the validity of a geometry whose coordinates it moved (traced outlines
+    # sit on half pixels: most are untouched), so only those are rounded and checked
+    moved = np.flatnonzero(np.add.reduceat((rounded_xy != coords).any(axis=1), first) > 0) if len(coords) else np.zeros(0, int)
+    rounded, valid = geoms, np.ones(len(geoms), dtype=bool)
+    if len(moved):
+        rounded = geoms.copy()
+        rounded[moved] = shapely.transform(geoms[moved], lambda c: np.round(c, 2))
+        valid[moved] = shapely.is_valid(rounded[moved])
     simple = valid & (shapely.get_type_id(geoms) == 3) & (shapely.get_num_interior_rings(geoms) == 0)
     text, starts, ends = _point_text(rounded_xy)
-    last = np.cumsum(shapely.get_num_coordinates(geoms))
-    first = last - shapely.get_num_coordinates(geoms)
     begin, stop = starts[np.minimum(first, len(starts) - 1)].tolist(), ends[last - 1].tolist()
     texts = [text[a:b] for a, b in zip(begin, stop)]
     for i in np.flatnonzero(~simple).tolist():

@@ -5,7 +5,10 @@ at 0.25 um/px, each step in its own process:
 
   bare network          the network alone on the slide's tiles (bench_pipeline), wall s and CPU s
   segment, overlap off  maps, then objects and exports (segment_slide(overlap=False))
-  segment, overlap on   objects of finished chunks extracted while the network runs (the default)
+  segment, overlap on   objects of finished chunks extracted while the network runs (the default),
+                        once per core policy ($WSIMTL_OVERLAP_CORES): split (post-processing on its
+                        own cores, the network on the rest) and share (the network on every core,
+                        post-processing at the lowest priority)
 
 and prints end-to-end wall / network time for both, each run's peak RSS (ru_maxrss of the segment
 process), how many chunks were done during inference, and whether both wrote the same maps and objects.
@@ -31,7 +34,10 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
 
-def _child_segment(slide: str, out: str, batch_size: int, overlap: bool) -> dict:
+def _child_segment(slide: str, out: str, batch_size: int, overlap: bool, cores: str) -> dict:
+    import os
+
+    os.environ["WSIMTL_OVERLAP_CORES"] = cores
     from wsi_mtl.pipeline import segment_slide
 
     t0 = time.perf_counter()
@@ -69,11 +75,12 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=1)
     ap.add_argument("--child", choices=["segment", "network"])
     ap.add_argument("--overlap", type=int, default=1)
+    ap.add_argument("--cores", default="split", help="child: $WSIMTL_OVERLAP_CORES of the overlap run")
     ap.add_argument("--slide")
     ap.add_argument("--out")
     args = ap.parse_args()
     if args.child == "segment":
-        print(json.dumps(_child_segment(args.slide, args.out, args.batch_size, bool(args.overlap))))
+        print(json.dumps(_child_segment(args.slide, args.out, args.batch_size, bool(args.overlap), args.cores)))
         return
     if args.child == "network":
         from bench_pipeline import _child_network
@@ -90,20 +97,22 @@ def main() -> None:
         slide = write_mosaic_slide(tmp / "slide.svs", sources=_sources(tmp), height=args.size, width=args.size, mpp=0.25, seed=1)
         net = _run_child("--child", "network", "--slide", str(slide), "--batch-size", str(args.batch_size))
         runs = {}
-        for flag in (0, 1):
-            runs[flag] = _run_child("--child", "segment", "--slide", str(slide), "--out", str(tmp / f"out{flag}"),
-                                    "--batch-size", str(args.batch_size), "--overlap", str(flag))
-        same = _compare(runs[0]["result_dir"], runs[1]["result_dir"])
+        for key, flag, cores in (("off", 0, "split"), ("split", 1, "split"), ("share", 1, "share")):
+            runs[key] = _run_child("--child", "segment", "--slide", str(slide), "--out", str(tmp / f"out-{key}"),
+                                   "--batch-size", str(args.batch_size), "--overlap", str(flag), "--cores", cores)
+        same = {k: _compare(runs["off"]["result_dir"], runs[k]["result_dir"]) for k in ("split", "share")}
 
     n = net["network_s"]
     print(f"slide {args.size}^2 px at 0.25 um/px: {net['tiles']} tiles; bare network {n:.1f} s wall")
-    for flag, label in ((0, "overlap off"), (1, "overlap on ")):
-        r = runs[flag]
+    for key, label in (("off", "overlap off        "), ("split", "overlap on, split  "), ("share", "overlap on, share  ")):
+        r = runs[key]
         print(f"{label}: end-to-end {r['wall_s']:.1f} s = {r['wall_s'] / n:.2f} x network; inference wall {r['inference_wall_s']:.1f} s; "
               f"objects step after inference {r['timings_s'].get('objects', float('nan')):.1f} s, export {r['timings_s'].get('export', float('nan')):.1f} s; "
               f"peak RSS {r['peak_rss_mb']:.0f} MB")
-    print(f"overlap record: {json.dumps(runs[1]['overlap'])}")
-    print(f"overlap on vs off: {same}; objects {json.dumps(runs[1]['objects'])}")
+    for key in ("split", "share"):
+        print(f"overlap record ({key}): {json.dumps(runs[key]['overlap'])}")
+        print(f"overlap {key} vs off: {same[key]}")
+    print(f"objects {json.dumps(runs['split']['objects'])}")
     print("(wall-clock ratios depend on the other processes sharing the machine)")
 
 

@@ -9,6 +9,7 @@ import pytest
 import shapely
 from skimage.draw import disk
 
+from wsi_mtl.errors import InputError
 from wsi_mtl.postprocess import PostprocessParams, extract_objects, label_to_3class
 from wsi_mtl.postprocess._extract import concat_batches
 from wsi_mtl.postprocess._overlap import OverlapExtractor
@@ -151,6 +152,15 @@ def test_segment_with_and_without_overlap_writes_the_same_objects(he_image, tmp_
     assert on.run["objects"] == off.run["objects"] and sum(on.run["objects"]["nuclei"].values()) > 0
     assert _table_key(on.result_dir) == _table_key(off.result_dir)
     assert not (on.result_dir / ".objects-spool").exists()
+    # the network on every core, the post-processing at the lowest priority: the same objects
+    monkeypatch.setenv("WSIMTL_OVERLAP_CORES", "share")
+    shared = segment_slide(slide, tmp_path / "share", **common)
+    assert shared.run["parameters"]["overlap"]["cores"] == "share" and record["cores"] == "split"
+    assert shared.run["parameters"]["overlap"]["torch_threads"] >= record["torch_threads"]
+    assert _table_key(shared.result_dir) == _table_key(off.result_dir)
+    monkeypatch.setenv("WSIMTL_OVERLAP_CORES", "both")
+    with pytest.raises(InputError, match="WSIMTL_OVERLAP_CORES"):
+        segment_slide(slide, tmp_path / "bad", **common)
 
 
 @pytest.mark.slow

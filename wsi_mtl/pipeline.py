@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import math
+import os
 import platform
 import time
 from collections.abc import Mapping
@@ -205,6 +206,7 @@ def segment_slide(
                           workers=workers, tta=tta, postprocess=postprocess)
     opts = _with_runtime(opts, runtime, precision)  # checked here, ``auto`` resolved once the model is loaded
     pp_workers = _check_pp_workers(postprocess_workers)
+    cores = _overlap_cores() if objects and overlap else "split"
     slide_path = Path(slide_path)
     result_dir = result_dir_for(slide_path, out_dir, name=name)
     rerun = plan_rerun(result_dir, objects=objects, overrides=opts.overrides, geojson_gz=geojson_gz, overwrite=overwrite,
@@ -236,7 +238,7 @@ def segment_slide(
             done = [f"maps complete: {len(layout.tiles)} tiles reused"]
             return _finish(result_dir, run, opts, objects=objects, geojson_gz=geojson_gz, progress=progress, slide=slide,
                            t_start=t_start, done=done, action=action, pp_workers=pp_workers)
-        ov = _Overlap(_overlap_workers(pp_workers)) if objects and overlap else None
+        ov = _Overlap(_overlap_workers(pp_workers), cores=cores) if objects and overlap else None
         try:
             run = _infer_maps(slide, slide_path, result_dir, model, layout, opts, progress=progress, tissue_mask=tissue_mask,
                               objects=objects, mpp=mpp, overlap=ov)
@@ -308,6 +310,20 @@ def _overlap_workers(pp_workers: int) -> int:
     return max(1, min(pp_workers, round(cpu_count() / 3)))
 
 
+#: How the network and the overlapped post-processing share the CPU (``$WSIMTL_OVERLAP_CORES``):
+#: ``split`` gives the post-processing processes their own cores (the network runs on the rest);
+#: ``share`` leaves the network every core and runs the post-processing at the lowest priority,
+#: on the cycles the network leaves idle.
+OVERLAP_CORES = ("split", "share")
+
+
+def _overlap_cores() -> str:
+    value = os.environ.get("WSIMTL_OVERLAP_CORES", "split").strip().lower()
+    if value not in OVERLAP_CORES:
+        raise InputError(f"WSIMTL_OVERLAP_CORES must be one of {', '.join(OVERLAP_CORES)}, not {value!r}")
+    return value
+
+
 @dataclass
 class _Overlap:
     """Post-processing overlapped with inference: its process count and, once the store exists, its extractor."""
@@ -315,6 +331,7 @@ class _Overlap:
     workers: int
     extractor: Any = None
     torch_threads: int = 0
+    cores: str = "split"
 
     def start(self, store: PredictionStore, layout: _Layout, opts: _Options, *, tissue_mask: bool) -> Any:
         """Plan the chunks on the store being written; returns the engine's per-tile callback."""
@@ -326,7 +343,7 @@ class _Overlap:
             self.extractor = OverlapExtractor(
                 store.path, store.result_dir / SPOOL_DIR, grid_shape=(layout.grid.rows, layout.grid.cols), core_px=layout.grid.core_px,
                 pending=[t.key for t in layout.tiles if t.key not in store.done], workers=self.workers, params=params,
-                tissue_mask=tissue_mask,
+                tissue_mask=tissue_mask, niceness=19 if self.cores == "share" else 5,
             )
         except Exception as exc:  # noqa: BLE001 - the objects are then derived after inference, as without overlap
             log.warning("objects cannot be extracted during inference (%s): they are derived afterwards", exc)
@@ -336,7 +353,7 @@ class _Overlap:
     def record(self) -> dict[str, Any]:
         ex = self.extractor
         done = ex.chunks_overlapped if ex is not None else 0
-        return {"workers": self.workers, "torch_threads": self.torch_threads, "chunks_during_inference": done,
+        return {"workers": self.workers, "cores": self.cores, "torch_threads": self.torch_threads, "chunks_during_inference": done,
                 "chunks": len(ex.jobs) if ex is not None else 0}
 
     def close(self) -> None:
@@ -526,7 +543,7 @@ def _infer_maps(slide: Any, slide_path: Path, result_dir: Path, model: Any, layo
         store.write_mask("tissue_mask", layout.tissue.mask, downsample=layout.tissue.mpp / slide.mpp)
         on_tile = overlap.start(store, layout, opts, tissue_mask=tissue_mask) if overlap is not None else None
         threads = torch.get_num_threads()
-        if on_tile is not None and opts.device.type == "cpu":  # the network leaves the overlap its cores
+        if on_tile is not None and opts.device.type == "cpu" and overlap.cores == "split":  # the network leaves the overlap its cores
             torch.set_num_threads(max(1, threads - overlap.workers))
         try:
             if on_tile is not None:

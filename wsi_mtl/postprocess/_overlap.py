@@ -102,19 +102,19 @@ def _run_spooled(path: str, job: Any, meta: Any, params: Any, readiness: _Readin
     return chunk, True
 
 
-def _lower_priority() -> None:
+def _lower_priority(niceness: int) -> None:
     """Pool processes yield to the network's threads when both want a core."""
     try:
-        os.nice(5)
+        os.nice(niceness)
     except OSError:  # pragma: no cover - not permitted
         pass
 
 
-def _executor(workers: int) -> Executor:
+def _executor(workers: int, niceness: int) -> Executor:
     if not children_allowed():  # a daemonic process (Dask worker): threads
         return ThreadPoolExecutor(max_workers=workers, thread_name_prefix="wsimtl-overlap")
     ctx = mp.get_context("forkserver" if "forkserver" in mp.get_all_start_methods() else "spawn")
-    return ProcessPoolExecutor(max_workers=workers, mp_context=ctx, initializer=_lower_priority)
+    return ProcessPoolExecutor(max_workers=workers, mp_context=ctx, initializer=_lower_priority, initargs=(niceness,))
 
 
 class OverlapExtractor:
@@ -134,12 +134,14 @@ class OverlapExtractor:
         Chunks in flight at once (processes; threads in a daemonic process).
     params, tasks, tissue_mask, chunk_px, halo_px, max_halo_px
         As in :func:`~wsi_mtl.postprocess.extract_objects`.
+    niceness : int
+        Added to the pool processes' nice value (19: they run only on cores the network leaves idle).
     """
 
     def __init__(self, predictions_path: str | Path, spool_dir: str | Path, *, grid_shape: tuple[int, int], core_px: int,
                  pending: Iterable[tuple[int, int]], workers: int = 1, params: Any = None, tasks: Iterable[str] | None = None,
                  tissue_mask: bool = True, chunk_px: int = 2048, halo_px: int | None = None,
-                 max_halo_px: int | None = None) -> None:
+                 max_halo_px: int | None = None, niceness: int = 5) -> None:
         meta = ex.read_meta(predictions_path)
         if not tissue_mask:
             meta = replace(meta, mask_downsample=None)
@@ -167,7 +169,7 @@ class OverlapExtractor:
         self._idle = threading.Condition(self._lock)
         self._stopped = False
         self._error: BaseException | None = None
-        self._pool: Executor | None = _executor(self.workers)
+        self._pool: Executor | None = _executor(self.workers, niceness)
         self.chunks_overlapped = 0
         with self._lock:
             self._schedule()

@@ -186,9 +186,9 @@ def test_tile_cache_is_bounded_during_embed(svs_jpeg) -> None:
     from wsi_mtl.slide import open_slide
 
     with open_slide(svs_jpeg) as slide:
-        cache = slide._reader._tiles._cache  # the reader's cache: if this moves, _bound_tile_cache must follow
+        cache = slide._reader._tiles._cache
         assert cache.capacity > _TILE_CACHE_BYTES
-        _bound_tile_cache(slide)
+        _bound_tile_cache(slide)  # through Slide.limit_tile_cache
         assert cache.capacity == _TILE_CACHE_BYTES
 
 

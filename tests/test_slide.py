@@ -579,6 +579,19 @@ def test_segment_cache_is_a_byte_bounded_lru() -> None:
     assert (cache.hits, cache.misses) == (3, 2)
 
 
+def test_limit_tile_cache_evicts_and_never_grows_the_cache(svs_jpeg: Path) -> None:
+    with open_slide(svs_jpeg) as slide:
+        cache = slide._reader._tiles._cache
+        slide.read(0, 0, 1024, 1024, mpp=0.25)
+        assert cache._bytes > 100_000
+        slide.limit_tile_cache(100_000)
+        assert cache.capacity == 100_000 and cache._bytes <= 100_000  # least recently used dropped at once
+        slide.limit_tile_cache(10**9)  # a limit, not a size: the cache stays as small as it was made
+        assert cache.capacity == 100_000
+        slide.read(0, 0, 1024, 1024, mpp=0.25)
+        assert cache._bytes <= 100_000
+
+
 def test_repeated_reads_hit_the_segment_cache(svs_jpeg: Path) -> None:
     with open_slide(svs_jpeg) as slide:
         cache = slide._reader._tiles._cache

@@ -144,11 +144,8 @@ def _prefetched(pool: ThreadPoolExecutor, slide: Any, table: pd.DataFrame, rows:
 def _bound_tile_cache(slide: Any) -> None:
     """Cap the slide's decoded-tile cache at :data:`_TILE_CACHE_BYTES`: patches are read row by row
     and neighbours of a patch row in one region, so little is reused, and a cache that fills up to its
-    default size (256 MB) makes memory grow with the slide's area. The cache is the slide reader's
-    (:class:`wsi_mtl.slide._tiles.SegmentReader`); readers without one are left alone."""
-    cache = getattr(getattr(getattr(slide, "_reader", None), "_tiles", None), "_cache", None)
-    if cache is not None and isinstance(getattr(cache, "capacity", None), int):
-        cache.capacity = min(cache.capacity, _TILE_CACHE_BYTES)
+    default size (256 MB) makes memory grow with the slide's area."""
+    slide.limit_tile_cache(_TILE_CACHE_BYTES)
 
 
 @dataclass

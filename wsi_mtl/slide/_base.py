@@ -86,5 +86,12 @@ class SlideReader(ABC):
         :class:`wsi_mtl.errors.DamagedRegionError` and leaves the reader usable.
         """
 
+    def limit_cache(self, nbytes: int) -> None:
+        """Keep at most ``nbytes`` of decoded tiles in the cache of the reader's own tile decoder
+        (``_tiles``, a :class:`~wsi_mtl.slide._tiles.SegmentReader`), where it has one."""
+        tiles = getattr(self, "_tiles", None)
+        if tiles is not None:
+            tiles.limit_cache(nbytes)
+
     def close(self) -> None:  # noqa: B027 - optional for readers without resources
         """Release file handles."""

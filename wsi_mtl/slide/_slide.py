@@ -378,6 +378,12 @@ class Slide:
             "size_um": [self.width * self.mpp, self.height * self.mpp],
         }
 
+    def limit_tile_cache(self, nbytes: int) -> None:
+        """Keep at most ``nbytes`` of decoded tiles in memory from now on (readers that cache decoded
+        tiles keep up to 256 MB by default: worth it where neighbouring reads share tiles, memory that
+        grows with the slide where they do not)."""
+        self._reader.limit_cache(nbytes)
+
     def close(self) -> None:
         """Release the file handles; later reads raise ``ValueError``."""
         if not self._closed:

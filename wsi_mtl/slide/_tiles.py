@@ -206,9 +206,18 @@ class _SegmentCache:
                 self._bytes -= old.nbytes
             self._items[key] = value
             self._bytes += value.nbytes
-            while self._bytes > self.capacity:
-                _, dropped = self._items.popitem(last=False)
-                self._bytes -= dropped.nbytes
+            self._evict()
+
+    def limit(self, capacity: int) -> None:
+        """Hold at most ``capacity`` bytes from now on (the least recently used segments go first)."""
+        with self._lock:
+            self.capacity = max(0, int(capacity))
+            self._evict()
+
+    def _evict(self) -> None:
+        while self._bytes > self.capacity and self._items:
+            _, dropped = self._items.popitem(last=False)
+            self._bytes -= dropped.nbytes
 
 
 class SegmentReader:
@@ -235,6 +244,11 @@ class SegmentReader:
         self._fd = os.open(os.fspath(path), os.O_RDONLY)
         self._size = os.fstat(self._fd).st_size
         self._path = os.fspath(path)
+
+    def limit_cache(self, nbytes: int) -> None:
+        """Keep at most ``nbytes`` of decoded segments (never more than the cache was made with)."""
+        if self._cache is not None:
+            self._cache.limit(min(self._cache.capacity, nbytes))
 
     def truncated(self) -> bool:
         """True if some segment's bytes lie beyond the end of the file."""

@@ -118,6 +118,30 @@ def test_resumed_store_counts_finished_tiles_as_written(tmp_path: Path) -> None:
     assert len(after) > 100 and _key(overlapped) == _key(after)
 
 
+def test_finish_runs_every_chunk_left_before_the_store_is_renamed(tmp_path: Path) -> None:
+    """Once the network is done, the chunks left run on the written store with ``max_workers``
+    processes while the pyramids are written; after the rename nothing is left to run and the
+    objects are those extracted afterwards."""
+    maps = _maps()
+    store = _store(tmp_path, maps)
+    grid = plan_tiles(SIZE, SIZE, core_px=CORE, margin_px=0, stride=16)
+    tiles = list(grid.tiles())
+    with OverlapExtractor(store.path, tmp_path / "spool", grid_shape=(grid.rows, grid.cols), core_px=CORE,
+                          pending=[t.key for t in tiles], workers=1, max_workers=2, params=PARAMS, **CHUNKS) as ex:
+        for tile in tiles[:-1]:  # the last tile is never reported: finish() counts every tile as written
+            _write_tile(store, maps, tile)
+            ex.tile_done(tile.key)
+        _write_tile(store, maps, tiles[-1])
+        during = ex.chunks_overlapped
+        ex.finish()
+        final = store.finalize(before_rename=ex.drain)
+        assert ex.workers == 2 and ex.chunks_overlapped == during < len(ex.jobs)
+        assert len(list((tmp_path / "spool").glob("*.pkl"))) == len(ex.jobs)  # every chunk done before the rename
+        overlapped = concat_batches(list(ex.objects(final)))
+    after = concat_batches(list(extract_objects(final, params=PARAMS, workers=1, **CHUNKS)))
+    assert len(after) > 100 and _key(overlapped) == _key(after)
+
+
 def _small_chunks(monkeypatch: pytest.MonkeyPatch) -> None:
     """Chunks of 128 px in both paths, so that a small slide has many and some are done during inference."""
     import functools

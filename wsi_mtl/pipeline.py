@@ -238,7 +238,7 @@ def segment_slide(
             done = [f"maps complete: {len(layout.tiles)} tiles reused"]
             return _finish(result_dir, run, opts, objects=objects, geojson_gz=geojson_gz, progress=progress, slide=slide,
                            t_start=t_start, done=done, action=action, pp_workers=pp_workers)
-        ov = _Overlap(_overlap_workers(pp_workers), cores=cores) if objects and overlap else None
+        ov = _Overlap(_overlap_workers(pp_workers), finish_workers=pp_workers, cores=cores) if objects and overlap else None
         try:
             run = _infer_maps(slide, slide_path, result_dir, model, layout, opts, progress=progress, tissue_mask=tissue_mask,
                               objects=objects, mpp=mpp, overlap=ov)
@@ -329,6 +329,7 @@ class _Overlap:
     """Post-processing overlapped with inference: its process count and, once the store exists, its extractor."""
 
     workers: int
+    finish_workers: int = 1  # processes once the network is done
     extractor: Any = None
     torch_threads: int = 0
     cores: str = "split"
@@ -343,7 +344,7 @@ class _Overlap:
             self.extractor = OverlapExtractor(
                 store.path, store.result_dir / SPOOL_DIR, grid_shape=(layout.grid.rows, layout.grid.cols), core_px=layout.grid.core_px,
                 pending=[t.key for t in layout.tiles if t.key not in store.done], workers=self.workers, params=params,
-                tissue_mask=tissue_mask, niceness=19 if self.cores == "share" else 5,
+                tissue_mask=tissue_mask, niceness=19 if self.cores == "share" else 5, max_workers=self.finish_workers,
             )
         except Exception as exc:  # noqa: BLE001 - the objects are then derived after inference, as without overlap
             log.warning("objects cannot be extracted during inference (%s): they are derived afterwards", exc)
@@ -554,13 +555,16 @@ def _infer_maps(slide: Any, slide_path: Path, result_dir: Path, model: Any, layo
             )
         finally:
             torch.set_num_threads(threads)
-        if on_tile is not None:
-            overlap.extractor.drain()  # the chunks in flight read the store before it is renamed
         from .damage import check_damage  # warns once, or fails a mostly unreadable slide (the store stays resumable)
 
         stats.damaged_fraction = check_damage(stats.damaged, layout.tissue, slide_mpp=slide.mpp, name=slide_path.name)
         store.update_attrs(damaged_regions=stats.damaged)
-        store.finalize()
+        t0 = time.perf_counter()
+        if on_tile is not None:
+            overlap.extractor.finish()  # the chunks left run on every post-processing worker while the pyramids are written
+        # the chunks read the store as written: they are done before it is renamed
+        store.finalize(before_rename=overlap.extractor.drain if on_tile is not None else None)
+        layout.timings["finalize"] = time.perf_counter() - t0
     finally:
         store.close()
     layout.timings["inference"] = stats.wall_s

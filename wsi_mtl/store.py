@@ -12,6 +12,7 @@ import json
 import logging
 import os
 import shutil
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -221,8 +222,9 @@ class PredictionStore:
         if not self._log.closed:
             self._log.close()
 
-    def finalize(self) -> Path:
-        """Add the pyramids and the root image index, then rename the store to ``predictions.zarr``.
+    def finalize(self, *, before_rename: Callable[[], None] | None = None) -> Path:
+        """Add the pyramids and the root image index, then rename the store to ``predictions.zarr``
+        (after ``before_rename``, e.g. waiting for readers of the store as it is).
 
         The pyramids are rebuilt from level 0 (which is never touched), so a finalize cut short is
         simply redone on resume. An older ``predictions.zarr`` is replaced.
@@ -232,6 +234,8 @@ class PredictionStore:
             self._write_pyramids()
         except OSError as exc:
             raise _output_error(exc, self.path) from exc
+        if before_rename is not None:
+            before_rename()
         for name in (_DONE_LOG, _FINGERPRINT):
             (self.path / name).unlink(missing_ok=True)
         try:

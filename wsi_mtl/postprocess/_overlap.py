@@ -131,7 +131,9 @@ class OverlapExtractor:
     pending : iterable of (row, col)
         Tiles that will be written (all other tiles are written already or never).
     workers : int
-        Chunks in flight at once (processes; threads in a daemonic process).
+        Chunks in flight at once while the network runs (processes; threads in a daemonic process).
+    max_workers : int, optional
+        Chunks in flight at once once the network is done (:meth:`finish`; default ``workers``).
     params, tasks, tissue_mask, chunk_px, halo_px, max_halo_px
         As in :func:`~wsi_mtl.postprocess.extract_objects`.
     niceness : int
@@ -141,7 +143,7 @@ class OverlapExtractor:
     def __init__(self, predictions_path: str | Path, spool_dir: str | Path, *, grid_shape: tuple[int, int], core_px: int,
                  pending: Iterable[tuple[int, int]], workers: int = 1, params: Any = None, tasks: Iterable[str] | None = None,
                  tissue_mask: bool = True, chunk_px: int = 2048, halo_px: int | None = None,
-                 max_halo_px: int | None = None, niceness: int = 5) -> None:
+                 max_halo_px: int | None = None, niceness: int = 5, max_workers: int | None = None) -> None:
         meta = ex.read_meta(predictions_path)
         if not tissue_mask:
             meta = replace(meta, mask_downsample=None)
@@ -156,6 +158,7 @@ class OverlapExtractor:
         shutil.rmtree(self.spool, ignore_errors=True)
         self.spool.mkdir(parents=True)
         self.workers = max(1, int(workers))
+        self._max_workers = max(self.workers, int(max_workers or 0))  # processes start on demand
         ready = np.ones(grid_shape, bool)
         for r, c in pending:
             ready[r, c] = False
@@ -169,10 +172,16 @@ class OverlapExtractor:
         self._idle = threading.Condition(self._lock)
         self._stopped = False
         self._error: BaseException | None = None
-        self._pool: Executor | None = _executor(self.workers, niceness)
-        self.chunks_overlapped = 0
+        self._pool: Executor | None = _executor(self._max_workers, niceness)
+        self._overlapped: int | None = None  # chunks done when the network finished
         with self._lock:
             self._schedule()
+
+    @property
+    def chunks_overlapped(self) -> int:
+        """Chunks done while the network ran (before :meth:`finish`)."""
+        with self._lock:
+            return len(self._done) if self._overlapped is None else self._overlapped
 
     # -- while the network runs ------------------------------------------------------------------
     def _scale(self, job: Any) -> float:
@@ -218,11 +227,13 @@ class OverlapExtractor:
                 self._chunks[i] = chunk
                 if done:
                     self._done.add(i)
-                    self.chunks_overlapped += 1
                 else:
                     self._waiting.append(i)
                     self._waiting.sort()
-            self._schedule()
+            try:
+                self._schedule()
+            except Exception as exc:  # noqa: BLE001 - e.g. a broken pool: drain() stops waiting, objects() redoes the chunks
+                self._error = self._error or exc
             self._idle.notify_all()
 
     def tile_done(self, key: tuple[int, int]) -> None:
@@ -237,12 +248,27 @@ class OverlapExtractor:
             except Exception as exc:  # noqa: BLE001 - e.g. a broken pool; the chunks run after inference
                 self._error = self._error or exc
 
-    def drain(self, *, stop: bool = True) -> None:
-        """Wait for the chunks in flight; with ``stop``, send nothing more (before the store is renamed)."""
+    def finish(self) -> None:
+        """The network is done (every tile written or never to be): run the chunks left on the store
+        as it is, up to ``max_workers`` at once, without waiting (:meth:`drain` waits)."""
         with self._lock:
-            self._stopped = self._stopped or stop
-            while self._in_flight:
+            self._overlapped = len(self._done)
+            self._ready[...] = True
+            self.workers = self._max_workers
+            try:
+                self._schedule()
+            except Exception as exc:  # noqa: BLE001 - as in tile_done
+                self._error = self._error or exc
+
+    def drain(self, *, stop: bool = True) -> None:
+        """Wait for the chunks in flight (after :meth:`finish`: for every chunk, unless one failed);
+        with ``stop``, send nothing more (before the store is renamed)."""
+        with self._lock:
+            finishing = self._overlapped is not None
+            self._stopped = self._stopped or (stop and not finishing)
+            while self._in_flight or (finishing and self._waiting and self._error is None and not self._stopped):
                 self._idle.wait()
+            self._stopped = self._stopped or stop
         if self._error is not None:
             log.warning("overlapped post-processing failed (%s): its chunks are redone after inference", self._error)
 
@@ -251,13 +277,14 @@ class OverlapExtractor:
         """Every chunk's objects in plan order; chunks not finished run now on ``predictions_path``
         with ``workers`` processes (default: as many as during inference)."""
         self.drain()
-        if workers and workers != self.workers or self._error is not None:
+        left = [i for i in range(len(self.jobs)) if i not in self._done]
+        if left and (workers and workers != self.workers or self._error is not None):
             assert self._pool is not None
             self._pool.shutdown(wait=True)
             self.workers = max(1, int(workers or self.workers))
-            self._pool = _executor(self.workers)
-        left = [i for i in range(len(self.jobs)) if i not in self._done]
-        log.info("post-processing: %d of %d chunks done during inference, %d left", len(self._done), len(self.jobs), len(left))
+            self._pool = _executor(self.workers, 0)
+        log.info("post-processing: %d of %d chunks done during inference, %d after it on the store as written, %d left",
+                 self.chunks_overlapped, len(self.jobs), len(self._done) - self.chunks_overlapped, len(left))
         path = str(predictions_path)
         self._paths.add(path)
         return ex.ObjectStream(lambda warnings: ex._assemble(self._results(path, left), self.meta, self.params, warnings))

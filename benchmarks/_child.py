@@ -17,3 +17,45 @@ def run_child(script: str, *args: str) -> dict:
     if proc.returncode != 0:
         raise SystemExit(f"child {args} failed:\n{proc.stderr[-3000:]}")
     return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+class ProcessTree:
+    """Samples this process's descendants with psutil (pool workers started by a forkserver are
+    grandchildren, so ``RUSAGE_CHILDREN`` misses them): the largest RSS of any one of them, the
+    peak of this process plus all of them, and the CPU seconds each used (at its last sample)."""
+
+    def __init__(self, every_s: float = 0.05) -> None:
+        import threading
+
+        import psutil
+
+        self._me = psutil.Process()
+        self._cpu: dict[int, float] = {}
+        self.largest_child_mb = self.total_mb = 0.0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, args=(every_s,), daemon=True)
+        self._thread.start()
+
+    def _run(self, every_s: float) -> None:
+        import psutil
+
+        while not self._stop.is_set():
+            total = self._me.memory_info().rss / 2**20
+            for p in self._me.children(recursive=True):
+                try:
+                    t, rss = p.cpu_times(), p.memory_info().rss / 2**20
+                except psutil.Error:  # exited meanwhile
+                    continue
+                self._cpu[p.pid] = t.user + t.system
+                self.largest_child_mb = max(self.largest_child_mb, rss)
+                total += rss
+            self.total_mb = max(self.total_mb, total)
+            self._stop.wait(every_s)
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def cpu_seconds(self) -> float:
+        """CPU seconds of the descendants seen."""
+        return sum(self._cpu.values())

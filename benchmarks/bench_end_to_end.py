@@ -4,8 +4,9 @@ Prints, for a mosaic slide of real H&E (MoNuSeg and GlaS images from ../shared/d
 else synthetic texture) at 0.25 um/px and one of 4x its area, each run in its own process:
 
   end-to-end wall / network time      the whole `segment` (maps, objects, exports) / the bare
-                                      network on the same tiles and batch size
-  objects time / network time         run.json's objects step / that network time
+                                      network on the same tiles and batch size, at 1x and 4x
+  after the network / network time    run.json's finalize (pyramids and the chunks not done during
+                                      inference), objects and export steps / that network time
   nuclei/s per core                   the nuclei instance step (neck cutting and every other tuned
                                       setting of the shipped model) re-run on the slide's own
                                       network maps, per CPU second of one process
@@ -13,7 +14,8 @@ else synthetic texture) at 0.25 um/px and one of 4x its area, each run in its ow
   GeoJSON features/s                  objects.geojson rewritten from the run's objects.parquet,
                                       per wall and per CPU second, with the mean vertices per
                                       nucleus and per gland of that real output
-  peak RSS 1x, 4x                     of each `segment` process (ru_maxrss), and their ratio
+  peak RSS 1x, 4x                     of each `segment` process (ru_maxrss), and their ratio; and
+                                      of its largest post-processing process
 
     python benchmarks/bench_end_to_end.py [--size 4096] [--device cpu] [--batch-size 1] [--workers N]
 
@@ -37,7 +39,7 @@ sys.path.insert(0, str(HERE))
 from bench_pipeline import _child_network  # noqa: E402  (the bare-network timing)
 from bench_pipeline import _sources as _texture_or_glas  # noqa: E402
 
-from _child import run_child
+from _child import ProcessTree, run_child
 
 DATA = HERE.parents[1] / "shared" / "data"
 
@@ -51,12 +53,15 @@ def _sources(tmp: Path) -> list[Path]:
 
 
 def _child_segment(slide: str, out: str, device: str, batch_size: int, workers: int | None) -> dict:
-    """`segment` with objects; its run.json timings, object counts and this process's peak RSS."""
+    """`segment` with objects; its run.json timings, object counts, this process's peak RSS and the
+    peaks of its post-processing processes."""
     from wsi_mtl.pipeline import segment_slide
 
+    memory = ProcessTree()
     t0 = time.perf_counter()
     result = segment_slide(slide, out, device=device, batch_size=batch_size, workers=workers, objects=True, progress=False)
     wall = time.perf_counter() - t0
+    memory.stop()
     run = result.run
     return {
         "wall_s": wall,
@@ -64,6 +69,8 @@ def _child_segment(slide: str, out: str, device: str, batch_size: int, workers: 
         "timings_s": run["timings_s"],
         "objects": run["objects"],
         "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "largest_child_rss_mb": memory.largest_child_mb,
+        "tree_rss_mb": memory.total_mb,
     }
 
 
@@ -170,25 +177,31 @@ def main() -> None:
         common = ["--device", args.device, "--batch-size", str(args.batch_size)]
         if args.workers:
             common += ["--workers", str(args.workers)]
-        net = _run_child("--child", "network", "--slide", str(small), "--precision", args.precision,
-                         "--device", args.device, "--batch-size", str(args.batch_size))
-        seg1 = _run_child("--child", "segment", "--slide", str(small), "--out", str(tmp / "out1"), *common)
-        steps = _run_child("--child", "steps", "--out", _result_dir(tmp / "out1"))
-        seg4 = _run_child("--child", "segment", "--slide", str(large), "--out", str(tmp / "out4"), *common)
+        nets, segs = {}, {}
+        for key, slide in (("1x", small), ("4x", large)):
+            nets[key] = _run_child("--child", "network", "--slide", str(slide), "--precision", args.precision,
+                                   "--device", args.device, "--batch-size", str(args.batch_size))
+            segs[key] = _run_child("--child", "segment", "--slide", str(slide), "--out", str(tmp / f"out{key}"), *common)
+        steps = _run_child("--child", "steps", "--out", _result_dir(tmp / "out1x"))
+    seg1, seg4 = segs["1x"], segs["4x"]
 
-    net_s = net["network_s"]
-    tim = seg1["timings_s"]
-    print(f"bare network on the 1x slide's {net['tiles']} tiles: {net_s:.2f} s")
-    print(f"end-to-end wall / network time: {seg1['wall_s']:.2f} s / {net_s:.2f} s = {seg1['wall_s'] / net_s:.2f}")
-    print(f"objects time / network time:    {tim.get('objects', float('nan')):.2f} s / {net_s:.2f} s = {tim.get('objects', float('nan')) / net_s:.2f}"
-          f"   (export {tim.get('export', float('nan')):.2f} s)")
+    for key, side in (("1x", args.size), ("4x", 2 * args.size)):
+        net_s, seg = nets[key]["network_s"], segs[key]
+        tim = seg["timings_s"]
+        after = sum(float(tim.get(k, 0.0)) for k in ("finalize", "objects", "export"))
+        print(f"{key} ({side}^2 px): bare network on its {nets[key]['tiles']} tiles {net_s:.2f} s; segment {seg['wall_s']:.2f} s")
+        print(f"  end-to-end wall / network time: {seg['wall_s'] / net_s:.2f}   (inference wall {tim.get('inference', float('nan')):.2f} s)")
+        print(f"  after the network / network time: {after / net_s:.2f}   (finalize {tim.get('finalize', 0.0):.2f} s: pyramids and the chunks "
+              f"left, objects {tim.get('objects', float('nan')):.2f} s, export {tim.get('export', float('nan')):.2f} s)")
     print(f"settings: {steps['params']}")
     print(f"nuclei/s per core on these maps: {steps['nuclei'] / steps['nuclei_cpu_s']:,.0f}  ({steps['nuclei']} nuclei in {steps['nuclei_cpu_s']:.2f} CPU s)")
     print(f"gland + lumen steps: {steps['gland_step_cpu_s']:.2f} CPU s ({steps['glands']} glands)")
     print(f"GeoJSON: {steps['geojson_features'] / steps['geojson_wall_s']:,.0f} features/s wall, "
           f"{steps['geojson_features'] / steps['geojson_cpu_s']:,.0f} per CPU s ({steps['geojson_features']} features; "
           f"{steps['vertices_per_nucleus']:.1f} vertices per nucleus, {steps['vertices_per_gland']:.1f} per gland)")
-    print(f"peak RSS 1x {seg1['peak_rss_mb']:.0f} MB, 4x {seg4['peak_rss_mb']:.0f} MB: ratio {seg4['peak_rss_mb'] / seg1['peak_rss_mb']:.3f}")
+    print(f"peak RSS of segment 1x {seg1['peak_rss_mb']:.0f} MB, 4x {seg4['peak_rss_mb']:.0f} MB: ratio {seg4['peak_rss_mb'] / seg1['peak_rss_mb']:.3f}; "
+          f"largest post-processing process 1x {seg1['largest_child_rss_mb']:.0f} MB, 4x {seg4['largest_child_rss_mb']:.0f} MB; "
+          f"all of segment's processes together 1x {seg1['tree_rss_mb']:.0f} MB, 4x {seg4['tree_rss_mb']:.0f} MB (sampled)")
     print(f"objects 1x: {json.dumps(seg1['objects'])}")
     print("(wall-clock ratios depend on the other processes sharing the machine; CPU-second rates much less)")
 

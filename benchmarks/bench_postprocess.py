@@ -32,6 +32,9 @@ from pathlib import Path
 
 import numpy as np
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _child import ProcessTree  # noqa: E402
+
 log = logging.getLogger("bench_postprocess")
 
 SPACING_PX = 16  # grid pitch of the synthetic nuclei, model px (8 um at 0.5 um/px)
@@ -120,7 +123,7 @@ def extract(path: Path, *, workers: int, chunk_px: int) -> dict:
     exporter would."""
     from wsi_mtl.postprocess import extract_objects
 
-    sampler = _Descendants() if workers > 1 else None
+    sampler = ProcessTree(every_s=0.2) if workers > 1 else None
     me = resource.getrusage(resource.RUSAGE_SELF)
     t0, c0 = time.perf_counter(), me.ru_utime + me.ru_stime
     n = 0
@@ -133,46 +136,9 @@ def extract(path: Path, *, workers: int, chunk_px: int) -> dict:
     if sampler is not None:
         sampler.stop()
         dc += sampler.cpu_seconds()
-        child_mb = sampler.peak_rss_mb
+        child_mb = sampler.largest_child_mb
     return {"nuclei": n, "seconds": dt, "cpu_seconds": dc, "rss_self_mb": me.ru_maxrss / 1024,
             "rss_children_mb": child_mb}
-
-
-class _Descendants:
-    """Samples the pool's worker processes (grandchildren via the forkserver, so RUSAGE_CHILDREN
-    misses them): the largest RSS of any one worker and the CPU time each used (last sample)."""
-
-    def __init__(self, every_s: float = 0.2) -> None:
-        import threading
-
-        import psutil
-
-        self._me = psutil.Process()
-        self._cpu: dict[int, float] = {}
-        self.peak_rss_mb = 0.0
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, args=(every_s,), daemon=True)
-        self._thread.start()
-
-    def _run(self, every_s: float) -> None:
-        import psutil
-
-        while not self._stop.is_set():
-            for p in self._me.children(recursive=True):
-                try:
-                    t = p.cpu_times()
-                    self._cpu[p.pid] = t.user + t.system
-                    self.peak_rss_mb = max(self.peak_rss_mb, p.memory_info().rss / 2**20)
-                except psutil.Error:
-                    pass
-            self._stop.wait(every_s)
-
-    def stop(self) -> None:
-        self._stop.set()
-        self._thread.join()
-
-    def cpu_seconds(self) -> float:
-        return sum(self._cpu.values())
 
 
 def _run_child(*args: str) -> dict:

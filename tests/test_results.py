@@ -97,3 +97,22 @@ def test_write_run_is_atomic_json(tmp_path: Path) -> None:
     write_run(tmp_path, {"status": "maps", "x": float("nan")})
     assert json.loads((tmp_path / "run.json").read_text()) == {"status": "maps", "x": None}
     assert [p.name for p in tmp_path.iterdir()] == ["run.json"]
+
+
+def test_write_run_keeps_what_embed_wrote_into_the_folder(tmp_path: Path) -> None:
+    """A segment run into a folder `wsimtl embed` wrote keeps run.json's embed section and its
+    files (those still there); a section the new run has replaces the old one."""
+    from wsi_mtl.embed import EMBEDDINGS, OBJECT_EMBEDDINGS, PATCHES
+    from wsi_mtl.results import KEPT_SECTIONS
+
+    assert set(KEPT_SECTIONS["embed"]) == {EMBEDDINGS, PATCHES, OBJECT_EMBEDDINGS}
+    (tmp_path / EMBEDDINGS).mkdir()
+    (tmp_path / PATCHES).write_text("x")
+    write_run(tmp_path, {"status": "embed", "embed": {"patches": 3},
+                         "files": [{"path": EMBEDDINGS, "bytes": 1}, {"path": PATCHES, "bytes": 1}, {"path": OBJECT_EMBEDDINGS, "bytes": 1}]})
+    write_run(tmp_path, {"status": "complete", "files": _files(TABLE)})
+    run = read_run(tmp_path)
+    assert run["status"] == "complete" and run["embed"] == {"patches": 3}
+    assert [f["path"] for f in run["files"]] == [PREDICTIONS, TABLE, EMBEDDINGS, PATCHES]  # the missing one is not listed
+    write_run(tmp_path, {"status": "complete", "embed": {"patches": 5}, "files": _files(TABLE)})
+    assert read_run(tmp_path)["embed"] == {"patches": 5} and len(read_run(tmp_path)["files"]) == 2

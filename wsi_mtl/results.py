@@ -18,7 +18,7 @@ from typing import Any, Literal
 from .atomic import write_json_atomic
 
 __all__ = [
-    "PREDICTIONS", "RUN_JSON", "TABLE", "PREVIEW", "GEOJSON_SUFFIXES",
+    "PREDICTIONS", "RUN_JSON", "TABLE", "PREVIEW", "GEOJSON_SUFFIXES", "KEPT_SECTIONS",
     "result_dir_for", "read_run", "write_run", "is_complete", "listed_files", "file_entry",
     "Rerun", "plan_rerun", "maps_reusable",
 ]
@@ -68,9 +68,28 @@ def read_run(result_dir: str | Path) -> dict[str, Any] | None:
     return data
 
 
+#: run.json sections another command owns, with the files it writes into the folder: a segment
+#: or export run keeps them (``wsimtl embed`` into a result folder, or segment into an embed folder)
+KEPT_SECTIONS: dict[str, tuple[str, ...]] = {"embed": ("embeddings.zarr", "patches.parquet", "object_embeddings.parquet")}
+
+
 def write_run(result_dir: str | Path, run: Mapping[str, Any]) -> None:
-    """Write run.json atomically (a reader sees the old one or the new one, never half)."""
-    write_json_atomic(Path(result_dir) / RUN_JSON, dict(run))
+    """Write run.json atomically (a reader sees the old one or the new one, never half).
+
+    Sections of :data:`KEPT_SECTIONS` that the folder's run.json has and ``run`` lacks are kept,
+    with their listed files that still exist.
+    """
+    run = dict(run)
+    old = read_run(result_dir) if (Path(result_dir) / RUN_JSON).exists() else None
+    if old:
+        listed = set(listed_files(run))
+        for section, names in KEPT_SECTIONS.items():
+            if section in old and section not in run:
+                run[section] = old[section]
+                kept = [f for f in old.get("files") or [] if isinstance(f, Mapping) and f.get("path") in names
+                        and f["path"] not in listed and (Path(result_dir) / f["path"]).exists()]
+                run["files"] = [*(run.get("files") or []), *kept]
+    write_json_atomic(Path(result_dir) / RUN_JSON, run)
 
 
 def listed_files(run: Mapping[str, Any] | None) -> list[str]:

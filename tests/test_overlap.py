@@ -198,7 +198,7 @@ def test_run_cut_after_inference_resumes_and_derives_the_same_objects(he_image, 
     common = {"tile_size": 128, "batch_size": 1, "progress": False, "precision": "fp32"}
     real = PredictionStore.finalize
 
-    def killed(self):
+    def killed(self, **_):
         raise KeyboardInterrupt
 
     monkeypatch.setattr(PredictionStore, "finalize", killed)

@@ -80,7 +80,7 @@ def write_run(result_dir: str | Path, run: Mapping[str, Any]) -> None:
     with their listed files that still exist.
     """
     run = dict(run)
-    old = read_run(result_dir) if (Path(result_dir) / RUN_JSON).exists() else None
+    old = read_run(result_dir)
     if old:
         listed = set(listed_files(run))
         for section, names in KEPT_SECTIONS.items():

@@ -98,12 +98,17 @@ def _validate_tasks(tasks: Iterable[str] | None) -> frozenset[str]:
     return chosen
 
 
+def _rounded(geoms: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Coordinates rounded to 0.01 px, and whether each rounded geometry is valid."""
+    rounded = shapely.transform(geoms, lambda c: np.round(c, 2))
+    return rounded, shapely.is_valid(rounded)
+
+
 def _round_geometry(geoms: np.ndarray) -> np.ndarray:
     """Round coordinates to 0.01 px, keeping the unrounded geometry wherever rounding breaks validity."""
-    rounded = shapely.transform(geoms, lambda c: np.round(c, 2))
-    broken = ~shapely.is_valid(rounded)
-    if broken.any():
-        rounded[broken] = geoms[broken]
+    rounded, valid = _rounded(geoms)
+    if not valid.all():
+        rounded[~valid] = geoms[~valid]
     return rounded
 
 
@@ -140,12 +145,11 @@ def _geometry_texts(geoms: np.ndarray) -> tuple[list[str], np.ndarray]:
     first = last - counts
     # rounding can only break the validity of a geometry whose coordinates it moved (traced outlines
     # sit on half pixels: most are untouched), so only those are rounded and checked
-    moved = np.flatnonzero(np.add.reduceat((rounded_xy != coords).any(axis=1), first) > 0) if len(coords) else np.zeros(0, int)
+    moved = np.flatnonzero(np.add.reduceat((rounded_xy != coords).any(axis=1), first) > 0)
     rounded, valid = geoms, np.ones(len(geoms), dtype=bool)
     if len(moved):
         rounded = geoms.copy()
-        rounded[moved] = shapely.transform(geoms[moved], lambda c: np.round(c, 2))
-        valid[moved] = shapely.is_valid(rounded[moved])
+        rounded[moved], valid[moved] = _rounded(geoms[moved])
     simple = valid & (shapely.get_type_id(geoms) == 3) & (shapely.get_num_interior_rings(geoms) == 0)
     text, starts, ends = _point_text(rounded_xy)
     begin, stop = starts[np.minimum(first, len(starts) - 1)].tolist(), ends[last - 1].tolist()

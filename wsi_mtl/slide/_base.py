@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 from abc import ABC, abstractmethod
 from pathlib import Path
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import numpy as np
 from numpy.typing import NDArray
@@ -52,6 +52,8 @@ class SlideReader(ABC):
     backend: ClassVar[str]
     #: True when the format has real pyramid levels that make thumbnails cheap
     pyramidal: bool = True
+    #: the reader's own tile decoder with its cache (a :class:`~wsi_mtl.slide._tiles.SegmentReader`), if it has one
+    _tiles: Any = None
 
     def __init__(self, path: Path) -> None:
         self.path = path
@@ -88,10 +90,9 @@ class SlideReader(ABC):
 
     def limit_cache(self, nbytes: int) -> None:
         """Keep at most ``nbytes`` of decoded tiles in the cache of the reader's own tile decoder
-        (``_tiles``, a :class:`~wsi_mtl.slide._tiles.SegmentReader`), where it has one."""
-        tiles = getattr(self, "_tiles", None)
-        if tiles is not None:
-            tiles.limit_cache(nbytes)
+        (``_tiles``), where it has one."""
+        if self._tiles is not None:
+            self._tiles.limit_cache(nbytes)
 
     def close(self) -> None:  # noqa: B027 - optional for readers without resources
         """Release file handles."""

@@ -298,3 +298,74 @@ def test_nuclei_same_with_and_without_numba(monkeypatch):
             np.testing.assert_array_equal(fast, plain)
             cut += int(fast.max() > inst._nuclei_instances(u8, split_h=0, **kw)[0].max())
     assert cut > 2
+
+
+def _kernels_here(monkeypatch):
+    """The compiled paths on: numba's kernels where it is installed, else the same kernels as plain
+    Python (slow but the same code)."""
+    from wsi_mtl.postprocess import _compiled
+
+    monkeypatch.setattr(_compiled, "HAVE_NUMBA", True)
+    if _compiled.importlib.util.find_spec("numba") is None:
+        monkeypatch.setattr(_compiled, "_ready", True)
+    return _compiled
+
+
+def test_compiled_component_floods_equal_skimage_watershed(monkeypatch):
+    """flood_components gives, component by component, skimage's watershed of the box (uint8
+    surfaces with many ties and float32 ones), and touches no pixel outside the components."""
+    from skimage.segmentation import watershed
+
+    _compiled = _kernels_here(monkeypatch)
+    rng = np.random.default_rng(41)
+    split = 0
+    for trial in range(40):
+        shape = (int(rng.integers(5, 60)), int(rng.integers(5, 60)))
+        surface = rng.integers(0, 5, shape).astype(np.uint8) if trial % 2 else -rng.random(shape).astype(np.float32)
+        components, n = ndi.label(ndi.gaussian_filter(rng.random(shape), 1.5) > 0.45)
+        markers = ndi.label((rng.random(shape) < 0.08) & (components > 0))[0]
+        which = np.flatnonzero(np.bincount(components[markers > 0], minlength=n + 1)[1:] >= 2) + 1
+        got = np.full(shape, -7, np.int32)
+        _compiled.flood_components(surface, markers, components, which, got, 100)
+        want = np.full(shape, -7, np.int32)
+        for c, sl in zip(which, [ndi.find_objects(components)[c - 1] for c in which]):
+            m = components[sl] == c
+            want[sl][m] = watershed(surface[sl], np.where(m, markers[sl], 0), mask=m, connectivity=1)[m] + 100
+            split += 1
+        np.testing.assert_array_equal(got, want)
+    assert split > 30
+
+
+def test_compiled_boxes_equal_find_objects(monkeypatch):
+    _compiled = _kernels_here(monkeypatch)
+    rng = np.random.default_rng(42)
+    for trial in range(20):
+        labels = ndi.label(ndi.gaussian_filter(rng.random((50, 70)), 2) > 0.5)[0]
+        which = np.flatnonzero(np.bincount(labels.ravel())[1:]) + 1
+        which = which[rng.random(len(which)) < 0.7]
+        want = [ndi.find_objects(labels)[i - 1] for i in which]
+        got = [(slice(a, b), slice(c, d)) for a, b, c, d in _compiled.boxes(labels, which).tolist()]
+        assert got == want
+
+
+def test_compiled_neck_cuts_equal_the_plain_loop(monkeypatch):
+    """split_at_necks with the compiled marker labelling and flooding (ndi.label's raster-order
+    numbers, skimage's watershed) cuts the same pieces with the same new numbers as the plain loop."""
+    _compiled = _kernels_here(monkeypatch)
+    rng = np.random.default_rng(43)
+    cut = 0
+    for trial in range(25):
+        yy, xx = np.mgrid[:70, :90]
+        blobs = np.zeros((70, 90), bool)
+        for _ in range(int(rng.integers(4, 12))):
+            cy, cx, r = rng.uniform(5, 65), rng.uniform(5, 85), rng.uniform(2.5, 7)
+            blobs |= (yy - cy) ** 2 + (xx - cx) ** 2 < r * r
+        labels = ndi.label(blobs)[0].astype(np.int32)
+        labels[rng.random(labels.shape) < 0.01] = 0
+        fast = inst.split_at_necks(labels, 0.5)
+        monkeypatch.setattr(_compiled, "HAVE_NUMBA", False)
+        plain = inst.split_at_necks(labels, 0.5)
+        monkeypatch.setattr(_compiled, "HAVE_NUMBA", True)
+        np.testing.assert_array_equal(fast, plain)
+        cut += int(plain.max() > labels.max())
+    assert cut > 10

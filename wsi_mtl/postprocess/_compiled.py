@@ -24,7 +24,7 @@ from skimage.morphology import h_maxima as _sk_h_maxima
 import importlib.util
 import os
 
-__all__ = ["available", "edt32", "smooth_and_peaks", "h_maxima_bool", "HAVE_NUMBA"]
+__all__ = ["available", "edt32", "smooth_and_peaks", "h_maxima_bool", "flood_components", "cut_at_peaks", "HAVE_NUMBA"]
 
 #: Whether numba (the ``fast`` extra) is installed and not switched off by the environment variable
 #: ``WSIMTL_NO_NUMBA=1`` (numba's LLVM adds ~140 MB to each process that cuts necks); it is
@@ -46,6 +46,7 @@ def available() -> bool:
 def _kernels() -> None:
     """Replace the plain-Python kernels by numba's (``cache=True``), once; without numba they stay."""
     global HAVE_NUMBA, _ready, _sift_down, _sift_up, _reconstruct, _edt, _reflect, _smooth_peaks
+    global _push, _pop, _flood, _flood_components, _label4, _cut_at_peaks, _box_table
     if _ready:
         return
     _ready = True
@@ -57,6 +58,9 @@ def _kernels() -> None:
     jit = numba.njit(cache=True, nogil=True)
     _sift_down, _sift_up, _reflect = jit(_sift_down_py), jit(_sift_up_py), jit(_reflect_py)
     _reconstruct, _edt, _smooth_peaks = jit(_reconstruct_py), jit(_edt_py), jit(_smooth_peaks_py)
+    _push, _pop, _flood, _label4 = jit(_push_py), jit(_pop_py), jit(_flood_py), jit(_label4_py)
+    _flood_components, _cut_at_peaks = jit(_flood_components_py), jit(_cut_at_peaks_py)
+    _box_table = jit(_box_table_py)
 
 
 def h_maxima_bool(image: np.ndarray, h: float) -> np.ndarray:
@@ -318,6 +322,217 @@ def _sift_up_py(heap, where, key, i):  # noqa: ANN001, ANN202 (compiled helper)
         i = parent
 
 
+def flood_components(surface: np.ndarray, markers: np.ndarray, components: np.ndarray, which: np.ndarray,
+                     labels: np.ndarray, offset: int) -> None:
+    """For each component ``c`` in ``which``: ``labels[box][m] = watershed(surface[box],
+    markers[box], mask=m) + offset`` with ``m = components[box] == c`` (4-connectivity), flooded
+    exactly as skimage floods (see :func:`_flood_py`); in place, needs numba."""
+    _kernels()
+    boxes = _boxes(components, which)
+    src = surface if surface.dtype == np.uint8 else _ranks(surface)  # uint8 values are their own keys
+    _flood_components(np.ascontiguousarray(src), np.ascontiguousarray(markers, np.int32),
+                      np.ascontiguousarray(components, np.int32), np.asarray(which, np.int64), boxes, labels, offset)
+
+
+def cut_at_peaks(dist: np.ndarray, peaks: np.ndarray, ids: np.ndarray, places: np.ndarray, shapes: np.ndarray,
+                 origins: np.ndarray, labels: np.ndarray, first: int) -> int:
+    """Neck cutting's last step for every crop ``k`` laid on one canvas (rows/cols ``places[k]``,
+    size ``shapes[k]``, object ``ids == k + 1`` ringed by zeros, top-left of its box in ``labels``
+    one pixel inside, at ``origins[k]``): the 4-connected components of ``peaks`` on the object,
+    numbered in raster order, flood ``-dist`` on it; a crop with two or more writes its pieces but
+    the first into ``labels`` (in place) as ``first``, ``first + 1``, ... Returns the next free
+    label. The same pieces and numbers as ``ndi.label`` and skimage's watershed; needs numba."""
+    _kernels()
+    return int(_cut_at_peaks(_ranks(-np.asarray(dist, np.float32)), np.ascontiguousarray(peaks, np.bool_),
+                             np.ascontiguousarray(ids, np.int32), np.asarray(places, np.int64),
+                             np.asarray(shapes, np.int64), np.asarray(origins, np.int64), labels, first))
+
+
+def boxes(labels: np.ndarray, which: np.ndarray) -> np.ndarray:
+    """Bounding boxes (row0, row1, col0, col1; ends exclusive) of the labels ``which`` (each
+    present), as ``ndi.find_objects`` gives them, from one pass over the array; needs numba."""
+    _kernels()
+    return _boxes(labels, which)
+
+
+def _boxes(labels: np.ndarray, which: np.ndarray) -> np.ndarray:
+    which = np.asarray(which, np.int64)
+    n = int(which.max(initial=0))
+    return _box_table(np.ascontiguousarray(labels), n)[which] if len(which) else np.zeros((0, 4), np.int64)
+
+
+def _box_table_py(labels: np.ndarray, n: int) -> np.ndarray:
+    """Row/col extents of labels 1..n (index = label); labels above ``n`` are ignored."""
+    hgt, wid = labels.shape
+    box = np.empty((n + 1, 4), np.int64)
+    box[:, 0] = hgt
+    box[:, 1] = 0
+    box[:, 2] = wid
+    box[:, 3] = 0
+    for y in range(hgt):
+        for x in range(wid):
+            v = labels[y, x]
+            if v <= 0 or v > n:
+                continue
+            if y < box[v, 0]:
+                box[v, 0] = y
+            box[v, 1] = y + 1
+            if x < box[v, 2]:
+                box[v, 2] = x
+            if x + 1 > box[v, 3]:
+                box[v, 3] = x + 1
+    return box
+
+
+def _ranks(values: np.ndarray) -> np.ndarray:
+    """int32 keys in the order of ``values`` (uint8, or values exact in float32: -0.0 = 0.0), so
+    that the flood compares one integer where skimage compares float64 values."""
+    if values.dtype == np.uint8:
+        return values.astype(np.int32)
+    bits = (np.asarray(values, np.float32) + np.float32(0)).view(np.int32)  # + 0 turns -0.0 into 0.0
+    return np.where(bits < 0, bits ^ np.int32(0x7FFFFFFF), bits)
+
+
+def _push_py(keys, where, n, key, index):  # noqa: ANN001, ANN202 (compiled helper)
+    """Push onto a binary min-heap of ``n`` items exactly as skimage's watershed heap does (same
+    positions, so equal keys leave it in the same order); returns the new size."""
+    child = n
+    while child > 0:
+        parent = (child + 1) // 2 - 1
+        if not key < keys[parent]:
+            break
+        keys[child], where[child] = keys[parent], where[parent]
+        child = parent
+    keys[child], where[child] = key, index
+    return n + 1
+
+
+def _pop_py(keys, where, n):  # noqa: ANN001, ANN202 (compiled helper)
+    """Drop the root (read it first) as skimage's heap does: the last item sifts down from the root."""
+    n -= 1
+    key, index = keys[n], where[n]
+    i = 0
+    while True:
+        left = 2 * i + 1
+        if left >= n:
+            break
+        small = left if keys[left] < key else -1
+        right = left + 1
+        if right < n and keys[right] < (key if small < 0 else keys[left]):
+            small = right
+        if small < 0:
+            break
+        keys[i], where[i] = keys[small], where[small]
+        i = small
+    keys[i], where[i] = key, index
+    return n
+
+
+def _flood_py(rank, out, msk, stride, keys, where):  # noqa: ANN001, ANN202 (compiled helper)
+    """skimage's marker watershed (no compactness, no lines) on a raveled crop whose border is
+    outside ``msk``: markers (``out != 0``) enter in raster order at age 0, each pixel takes its
+    label when pushed, at ``max(its value, the value it was reached from)``, ties by age; 4
+    neighbours in skimage's order. The heap key is ``rank << 32 | age``; ``keys/where`` hold at
+    least as many items as ``msk`` has pixels."""
+    n = 0
+    for p in range(out.size):
+        if out[p] != 0:
+            n = _push(keys, where, n, np.int64(rank[p]) << 32, p)
+    age = 1
+    while n > 0:
+        v, p = keys[0] >> 32, where[0]
+        n = _pop(keys, where, n)
+        for j in range(4):
+            q = p - stride if j == 0 else (p - 1 if j == 1 else (p + 1 if j == 2 else p + stride))
+            if not msk[q] or out[q] != 0:
+                continue
+            age += 1
+            out[q] = out[p]
+            n = _push(keys, where, n, ((np.int64(rank[q]) if rank[q] > v else v) << 32) + age, q)
+
+
+def _flood_components_py(surface, markers, components, which, boxes, labels, offset):  # noqa: ANN001, ANN202
+    size = 1
+    for j in range(which.size):
+        size = max(size, (boxes[j, 1] - boxes[j, 0] + 2) * (boxes[j, 3] - boxes[j, 2] + 2))
+    rank, out = np.zeros(size, np.int32), np.zeros(size, np.int32)
+    msk = np.zeros(size, np.bool_)
+    keys, where = np.empty(size, np.int64), np.empty(size, np.int64)
+    for j in range(which.size):
+        c, r0, r1, c0, c1 = which[j], boxes[j, 0], boxes[j, 1], boxes[j, 2], boxes[j, 3]
+        stride = c1 - c0 + 2
+        m = (r1 - r0 + 2) * stride
+        msk[:m] = False
+        out[:m] = 0
+        for y in range(r0, r1):
+            for x in range(c0, c1):
+                if components[y, x] == c:
+                    p = (y - r0 + 1) * stride + x - c0 + 1
+                    msk[p] = True
+                    out[p] = markers[y, x]
+                    rank[p] = surface[y, x]
+        _flood(rank[:m], out[:m], msk[:m], stride, keys, where)
+        for y in range(r0, r1):
+            for x in range(c0, c1):
+                if components[y, x] == c:
+                    labels[y, x] = out[(y - r0 + 1) * stride + x - c0 + 1] + offset
+
+
+def _label4_py(seed, out, stride, stack):  # noqa: ANN001, ANN202 (compiled helper)
+    """4-connected components of ``seed`` (a raveled crop with a False border) into ``out``,
+    numbered in the raster order of their first pixel as ``ndi.label`` numbers them; their count."""
+    k = 0
+    for p in range(seed.size):
+        if not seed[p] or out[p] != 0:
+            continue
+        k += 1
+        out[p] = k
+        top = 1
+        stack[0] = p
+        while top > 0:
+            top -= 1
+            q = stack[top]
+            for j in range(4):
+                r = q - stride if j == 0 else (q - 1 if j == 1 else (q + 1 if j == 2 else q + stride))
+                if seed[r] and out[r] == 0:
+                    out[r] = k
+                    stack[top] = r
+                    top += 1
+    return k
+
+
+def _cut_at_peaks_py(low, peaks, ids, places, shapes, origins, labels, first):  # noqa: ANN001, ANN202
+    size = 1
+    for k in range(places.shape[0]):
+        size = max(size, shapes[k, 0] * shapes[k, 1])
+    rank, out = np.empty(size, np.int32), np.empty(size, np.int32)
+    msk, seed = np.empty(size, np.bool_), np.empty(size, np.bool_)
+    keys, where = np.empty(size, np.int64), np.empty(size, np.int64)
+    nxt = first
+    for k in range(places.shape[0]):
+        r, c, h, w = places[k, 0], places[k, 1], shapes[k, 0], shapes[k, 1]
+        for y in range(h):
+            for x in range(w):
+                p = y * w + x
+                msk[p] = ids[r + y, c + x] == k + 1
+                seed[p] = msk[p] and peaks[r + y, c + x]
+                rank[p] = low[r + y, c + x]
+                out[p] = 0
+        n_markers = _label4(seed[: h * w], out[: h * w], w, where)
+        if n_markers < 2:
+            continue
+        _flood(rank[: h * w], out[: h * w], msk[: h * w], w, keys, where)
+        for y in range(1, h - 1):
+            for x in range(1, w - 1):
+                piece = out[y * w + x]
+                if piece > 1:
+                    labels[origins[k, 0] + y - 1, origins[k, 1] + x - 1] = piece + nxt - 2
+        nxt += n_markers - 1
+    return nxt
+
+
 # plain Python until _kernels() compiles them
 _sift_down, _sift_up, _reflect = _sift_down_py, _sift_up_py, _reflect_py
 _reconstruct, _edt, _smooth_peaks = _reconstruct_py, _edt_py, _smooth_peaks_py
+_push, _pop, _flood, _label4 = _push_py, _pop_py, _flood_py, _label4_py
+_flood_components, _cut_at_peaks, _box_table = _flood_components_py, _cut_at_peaks_py, _box_table_py

@@ -185,7 +185,11 @@ def _split_at_necks(labels: np.ndarray, h: float, skip: np.ndarray | None = None
     candidates = np.flatnonzero(examine)
     if len(candidates) == 0:
         return labels
-    slices = ndi.find_objects(labels)
+    if _compiled.available():
+        slices = [(slice(r0, r1), slice(c0, c1)) for r0, r1, c0, c1 in _compiled.boxes(labels, candidates).tolist()]
+    else:
+        every = ndi.find_objects(labels)
+        slices = [every[i - 1] for i in candidates]
     # h-maxima of every candidate at once: each crop (its box and a 1 px border of zeros) goes onto
     # one canvas, side by side. A reconstruction's result does not depend on the order it visits
     # pixels, and crops ringed by zeros cannot raise each other's, so the maxima are those of each
@@ -193,8 +197,7 @@ def _split_at_necks(labels: np.ndarray, h: float, skip: np.ndarray | None = None
     # between equal heights are broken in an order that would depend on the other crops.
     labels_p, dist_p = np.pad(labels, 1), np.pad(dist, 1)
     crops = []
-    for i in candidates:
-        sl = slices[i - 1]
+    for i, sl in zip(candidates, slices):
         wide = (slice(sl[0].start, sl[0].stop + 2), slice(sl[1].start, sl[1].stop + 2))
         obj = labels_p[wide] == i
         crops.append((int(i), sl, obj, np.where(obj, dist_p[wide], 0)))
@@ -204,6 +207,8 @@ def _split_at_necks(labels: np.ndarray, h: float, skip: np.ndarray | None = None
     places, shape = _shelf_pack([c[2].shape for c in crops])  # the canvas is ~2x smaller when crops go tallest first
     d_c = _on_canvas([c[3] for c in crops], places, shape)
     peaks_c = h_maxima_bool(d_c, h)  # skimage's h_maxima; compiled with the fast extra
+    if _compiled.available():
+        return _cut_compiled(labels, crops, d_c, peaks_c, places, shape, n + 1)
     several = _several_maxima(peaks_c, [c[2] for c in crops], places, shape)
     out = labels.copy()
     nxt = n + 1
@@ -217,6 +222,16 @@ def _split_at_necks(labels: np.ndarray, h: float, skip: np.ndarray | None = None
         new = pieces > 1
         out[sl][new] = pieces[new] + (nxt - 2)
         nxt += k - 1
+    return out
+
+
+def _cut_compiled(labels: np.ndarray, crops: list, d_c: np.ndarray, peaks_c: np.ndarray,
+                  places: list[tuple[int, int]], shape: tuple[int, int], first: int) -> np.ndarray:
+    """The loop of :func:`_split_at_necks` over the crops on the canvas, compiled: same pieces."""
+    ids = _on_canvas([np.where(c[2], k + 1, 0).astype(np.int32) for k, c in enumerate(crops)], places, shape)
+    out = labels.copy()
+    _compiled.cut_at_peaks(d_c, peaks_c, ids, np.array(places, np.int64), np.array([c[2].shape for c in crops], np.int64),
+                           np.array([(c[1][0].start, c[1][1].start) for c in crops], np.int64), out, first)
     return out
 
 
@@ -427,11 +442,15 @@ def _nuclei_instances(
     labels = lut[components]
     multi = np.flatnonzero(per_comp > 1)
     if len(multi):
-        comp_slices = ndi.find_objects(components)
         if s == 255.0:
             surface = 255 - interior  # uint8: low where the interior is confident
         else:
             surface = -interior.astype(np.float32)
+        if _compiled.available():  # the same floods, compiled
+            _compiled.flood_components(surface, markers, components, multi, labels, n_comp)
+            multi = multi[:0]
+        else:
+            comp_slices = ndi.find_objects(components)
         for c in multi:
             sl = comp_slices[c - 1]
             m = components[sl] == c

@@ -59,6 +59,8 @@ from wsi_mtl.postprocess._instances import (
     _core_instances,
     _inside_fraction,
     NECK_REACH_PX,
+    nuclei_foreground,
+    object_boxes,
     _nuclei_instances,
     downsample_prob,
     instance_type,
@@ -467,10 +469,38 @@ def _mean_in_labels(labels: np.ndarray, values: np.ndarray, ids: np.ndarray, sca
     return sums[ids] / np.maximum(counts[ids], 1) / scale
 
 
+#: Context kept around the blobs a nuclei chunk may own, model px. A nucleus depends only on its
+#: blob and on pixels a few px around it (neck cutting's smoothing and local maxima,
+#: NECK_REACH_PX + 1, reading distance maps of blobs that close), far less than this.
+NUCLEI_CONTEXT_PX = 16
+
+
+def _tighten(inst: np.ndarray, chunk: Chunk, params: PostprocessParams) -> tuple[np.ndarray, Chunk] | None:
+    """The part of a nuclei chunk's read region its own nuclei need: the bounding boxes of the
+    foreground blobs whose boxes meet the owned region (a nucleus's box start lies in its blob's
+    box), grown by :data:`NUCLEI_CONTEXT_PX`; the rest of the halo only completes those blobs.
+    Returns the map cropped to it and the chunk reading it (None: no such blob)."""
+    blobs, n = ndi.label(nuclei_foreground(inst, params.nuclei_mask_threshold))
+    if n == 0:
+        return None
+    box = object_boxes(blobs, np.arange(1, n + 1))
+    ry0, _, rx0, _ = chunk.read
+    y0, y1, x0, x1 = chunk.own
+    meet = (box[:, 0] < y1 - ry0) & (box[:, 1] > y0 - ry0) & (box[:, 2] < x1 - rx0) & (box[:, 3] > x0 - rx0)
+    if not meet.any():
+        return None
+    c, (h, w) = NUCLEI_CONTEXT_PX, inst.shape[1:]
+    a, b = max(0, int(box[meet, 0].min()) - c), min(h, int(box[meet, 1].max()) + c)
+    l, r = max(0, int(box[meet, 2].min()) - c), min(w, int(box[meet, 3].max()) + c)
+    return inst[:, a:b, l:r], replace(chunk, read=(ry0 + a, ry0 + b, rx0 + l, rx0 + r))
+
+
 def _nuclei_chunk(reader: Any, chunk: Chunk, meta: MapsMeta, params: PostprocessParams, final: bool) -> dict[str, Any] | None:
     inst = reader.read(NUCLEI_INST, chunk.read)
-    if not inst.any():
+    tight = _tighten(inst, chunk, params) if inst.any() else None
+    if tight is None:
         return _empty_result()
+    inst, chunk = tight  # its inner edges lie NUCLEI_CONTEXT_PX from every blob it may own
     labels, comps = _nuclei_instances(
         inst,
         min_area_px=params.nuclei_min_area_px,

@@ -185,11 +185,7 @@ def _split_at_necks(labels: np.ndarray, h: float, skip: np.ndarray | None = None
     candidates = np.flatnonzero(examine)
     if len(candidates) == 0:
         return labels
-    if _compiled.available():
-        slices = [(slice(r0, r1), slice(c0, c1)) for r0, r1, c0, c1 in _compiled.boxes(labels, candidates).tolist()]
-    else:
-        every = ndi.find_objects(labels)
-        slices = [every[i - 1] for i in candidates]
+    slices = [(slice(r0, r1), slice(c0, c1)) for r0, r1, c0, c1 in object_boxes(labels, candidates).tolist()]
     # h-maxima of every candidate at once: each crop (its box and a 1 px border of zeros) goes onto
     # one canvas, side by side. A reconstruction's result does not depend on the order it visits
     # pixels, and crops ringed by zeros cannot raise each other's, so the maxima are those of each
@@ -396,6 +392,24 @@ def _reaches(labels: np.ndarray, values: np.ndarray, least: float, n: int) -> np
     return np.bincount(labels[values >= least], minlength=n + 1) > 0
 
 
+def nuclei_foreground(inst_prob: np.ndarray, mask_threshold: float) -> np.ndarray:
+    """The nuclei mask: ``interior + boundary > mask_threshold`` (a probability, whatever the
+    map's encoding); its 4-connected blobs are flooded one by one."""
+    s = _scale(inst_prob)
+    return inst_prob[1].astype(np.float32 if s == 1.0 else np.uint16) + inst_prob[2] > mask_threshold * s
+
+
+def object_boxes(labels: np.ndarray, which: np.ndarray) -> np.ndarray:
+    """Bounding boxes (row0, row1, col0, col1) of the labels ``which`` (each present), as
+    ``ndi.find_objects`` gives them; one compiled pass with the fast extra."""
+    which = np.asarray(which, np.int64)
+    if _compiled.available():
+        return _compiled.boxes(labels, which)
+    every = ndi.find_objects(labels)
+    return np.array([(every[i - 1][0].start, every[i - 1][0].stop, every[i - 1][1].start, every[i - 1][1].stop)
+                     for i in which], np.int64).reshape(-1, 4)
+
+
 def _nuclei_instances(
     inst_prob: np.ndarray,
     *,
@@ -420,8 +434,7 @@ def _nuclei_instances(
     """
     s = _scale(inst_prob)
     interior = inst_prob[1]
-    fg = interior.astype(np.float32 if s == 1.0 else np.uint16) + inst_prob[2]
-    mask = fg > mask_threshold * s
+    mask = nuclei_foreground(inst_prob, mask_threshold)
     components, n_comp = ndi.label(mask)
     markers, n_markers = ndi.label((interior > marker_threshold * s) & mask)
     if min_marker_px > 1 and n_markers:

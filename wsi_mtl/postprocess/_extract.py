@@ -58,6 +58,8 @@ from wsi_mtl.postprocess._chunks import Chunk, plan_chunks
 from wsi_mtl.postprocess._instances import (
     _core_instances,
     _inside_fraction,
+    core_mask,
+    find_objects,
     NECK_REACH_PX,
     nuclei_foreground,
     object_boxes,
@@ -484,15 +486,35 @@ def _tighten(inst: np.ndarray, chunk: Chunk, params: PostprocessParams) -> tuple
     if n == 0:
         return None
     box = object_boxes(blobs, np.arange(1, n + 1))
-    ry0, _, rx0, _ = chunk.read
-    y0, y1, x0, x1 = chunk.own
-    meet = (box[:, 0] < y1 - ry0) & (box[:, 1] > y0 - ry0) & (box[:, 2] < x1 - rx0) & (box[:, 3] > x0 - rx0)
+    meet = _meeting(box, 0, _local_own(chunk))
     if not meet.any():
         return None
-    c, (h, w) = NUCLEI_CONTEXT_PX, inst.shape[1:]
-    a, b = max(0, int(box[meet, 0].min()) - c), min(h, int(box[meet, 1].max()) + c)
-    l, r = max(0, int(box[meet, 2].min()) - c), min(w, int(box[meet, 3].max()) + c)
-    return inst[:, a:b, l:r], replace(chunk, read=(ry0 + a, ry0 + b, rx0 + l, rx0 + r))
+    a, b, l, r = rect = _union(box[meet], NUCLEI_CONTEXT_PX, inst.shape[1:])
+    return inst[:, a:b, l:r], _crop_chunk(chunk, rect)
+
+
+def _meeting(box: np.ndarray, grow: int, rect: tuple[int, int, int, int]) -> np.ndarray:
+    """Which boxes (rows of row0, row1, col0, col1), grown by ``grow`` px, meet ``rect``."""
+    y0, y1, x0, x1 = rect
+    return (box[:, 0] - grow < y1) & (box[:, 1] + grow > y0) & (box[:, 2] - grow < x1) & (box[:, 3] + grow > x0)
+
+
+def _union(box: np.ndarray, grow: int, shape: tuple[int, int]) -> tuple[int, int, int, int]:
+    """The rectangle holding every box grown by ``grow`` px, clipped to ``shape``."""
+    return (max(0, int(box[:, 0].min()) - grow), min(shape[0], int(box[:, 1].max()) + grow),
+            max(0, int(box[:, 2].min()) - grow), min(shape[1], int(box[:, 3].max()) + grow))
+
+
+def _local_own(chunk: Chunk) -> tuple[int, int, int, int]:
+    y0, y1, x0, x1 = chunk.own
+    return y0 - chunk.read[0], y1 - chunk.read[0], x0 - chunk.read[2], x1 - chunk.read[2]
+
+
+def _crop_chunk(chunk: Chunk, rect: tuple[int, int, int, int]) -> Chunk:
+    """The chunk reading only ``rect`` (local to its read region); the edges it adds are open."""
+    a, b, l, r = rect
+    ry0, rx0 = chunk.read[0], chunk.read[2]
+    return replace(chunk, read=(ry0 + a, ry0 + b, rx0 + l, rx0 + r))
 
 
 def _nuclei_chunk(reader: Any, chunk: Chunk, meta: MapsMeta, params: PostprocessParams, final: bool) -> dict[str, Any] | None:
@@ -513,7 +535,7 @@ def _nuclei_chunk(reader: Any, chunk: Chunk, meta: MapsMeta, params: Postprocess
     )
     # neck cutting reads a few pixels around each blob: blobs that close to an open edge wait
     reach = 1 + (NECK_REACH_PX if params.nuclei_split_h > 0 else 0)
-    slices = ndi.find_objects(labels)
+    slices = find_objects(labels)
     owned = _owned(slices, range(1, len(slices) + 1), chunk)
     if len(owned) == 0:
         return _empty_result()
@@ -522,7 +544,7 @@ def _nuclei_chunk(reader: Any, chunk: Chunk, meta: MapsMeta, params: Postprocess
         comp_of_label = np.zeros(len(slices) + 1, np.int64)
         comp_of_label[labels[on]] = comps[on]
         comp_of = comp_of_label[owned]
-        comp_slices = ndi.find_objects(comps)
+        comp_slices = find_objects(comps)
         cut = np.array([_touches_open_edge(comp_slices[c - 1], labels.shape, chunk, margin=reach) for c in comp_of], bool)
         if cut.any() and not final:
             return None
@@ -556,17 +578,49 @@ def _coarse_read(reader: Any, head: str, chunk: Chunk, f: int, fine_shape: tuple
     return downsample_prob(reader.read(head, region), f)
 
 
+def _gland_context(ginst: np.ndarray, linst: np.ndarray | None, chunk: Chunk, params: PostprocessParams) -> tuple[int, int, int, int] | None:
+    """The part of a gland chunk's read region (local rows/cols) that its own glands and lumen
+    need, from the components of the raw cores (gland and lumen cores together; an object lies in
+    its component's box grown by its erosion): the components whose grown boxes meet the owned
+    region, then every component that could overlap them or compete for their pixels, whole, and
+    around them the completeness margin. None: no core meets the owned region."""
+    f = params.gland_downsample
+    g_er, l_er = math.ceil(params.gland_erosion_px / f), math.ceil(params.lumen_erosion_px / f)
+    cores = core_mask(ginst, params.gland_threshold)
+    if linst is not None:
+        cores |= core_mask(linst, params.lumen_threshold)
+    comps, n = ndi.label(cores)
+    if n == 0:
+        return None
+    box = object_boxes(comps, np.arange(1, n + 1))
+    grow = max(g_er, l_er)
+    first = _meeting(box, grow, _local_own(chunk))
+    if not first.any():
+        return None
+    margin = 2 * max(g_er, l_er) + 1 + 2 * math.ceil(params.gland_open_px / f)
+    near = _meeting(box, 2 * grow + margin, _union(box[first], 0, ginst.shape[1:]))
+    return _union(box[near], grow + margin + 1, ginst.shape[1:])
+
+
 def _glands_chunk(reader: Any, chunk: Chunk, meta: MapsMeta, params: PostprocessParams, final: bool, tasks: tuple[str, ...]) -> dict[str, Any] | None:
     f = params.gland_downsample
     fine = meta.heads[GLAND_INST].shape[1:]
     ginst = _coarse_read(reader, GLAND_INST, chunk, f, fine)
     if not ginst.any():
         return _empty_result()
+    with_lumen = "lumen" in tasks and LUMEN_INST in meta.heads
+    linst = _coarse_read(reader, LUMEN_INST, chunk, f, fine) if with_lumen else None
+    rect = _gland_context(ginst, linst, chunk, params)
+    if rect is None:
+        return _empty_result()
+    a, b, l, r = rect  # the halo beyond it only completes what the chunk owns
+    ginst, linst = ginst[:, a:b, l:r], None if linst is None else linst[:, a:b, l:r]
+    chunk = _crop_chunk(chunk, rect)
     g_er = math.ceil(params.gland_erosion_px / f)
     glands = _core_instances(ginst, threshold=params.gland_threshold, erosion_px=g_er, min_area_px=params.gland_min_area_px / f**2,
                              open_px=params.gland_open_px / f)
     g_margin = 2 * g_er + 1 + 2 * math.ceil(params.gland_open_px / f)  # opening looks 2 radii away
-    g_slices = ndi.find_objects(glands)
+    g_slices = find_objects(glands)
     g_cut = np.array([s is not None and _touches_open_edge(s, glands.shape, chunk, g_margin) for s in g_slices], bool)
     out: dict[str, Any] = {}
     ds = meta.downsample * f
@@ -576,11 +630,10 @@ def _glands_chunk(reader: Any, chunk: Chunk, meta: MapsMeta, params: Postprocess
     if len(g_owned) and g_cut[g_owned - 1].any():
         need_more = True
     lumen = l_owned = l_cut = None
-    if "lumen" in tasks and LUMEN_INST in meta.heads:
-        linst = _coarse_read(reader, LUMEN_INST, chunk, f, fine)
+    if linst is not None:
         l_er = math.ceil(params.lumen_erosion_px / f)
         lumen = _core_instances(linst, threshold=params.lumen_threshold, erosion_px=l_er, min_area_px=params.lumen_min_area_px / f**2)
-        l_slices = ndi.find_objects(lumen)
+        l_slices = find_objects(lumen)
         l_owned = _owned(l_slices, range(1, len(l_slices) + 1), chunk)
         if len(l_owned):
             l_margin = 2 * l_er + 1

@@ -399,6 +399,16 @@ def nuclei_foreground(inst_prob: np.ndarray, mask_threshold: float) -> np.ndarra
     return inst_prob[1].astype(np.float32 if s == 1.0 else np.uint16) + inst_prob[2] > mask_threshold * s
 
 
+def find_objects(labels: np.ndarray) -> list[tuple[slice, slice] | None]:
+    """``ndi.find_objects(labels)`` for 2-D labels (None for a missing label); one compiled pass
+    with the fast extra, several times faster on a chunk-sized map."""
+    n = int(labels.max(initial=0))
+    if not _compiled.available() or labels.ndim != 2 or n == 0:
+        return ndi.find_objects(labels)
+    box = _compiled.boxes(labels, np.arange(1, n + 1)).tolist()
+    return [(slice(a, b), slice(c, d)) if b > a else None for a, b, c, d in box]
+
+
 def object_boxes(labels: np.ndarray, which: np.ndarray) -> np.ndarray:
     """Bounding boxes (row0, row1, col0, col1) of the labels ``which`` (each present), as
     ``ndi.find_objects`` gives them; one compiled pass with the fast extra."""
@@ -463,7 +473,7 @@ def _nuclei_instances(
             _compiled.flood_components(surface, markers, components, multi, labels, n_comp)
             multi = multi[:0]
         else:
-            comp_slices = ndi.find_objects(components)
+            comp_slices = find_objects(components)
         for c in multi:
             sl = comp_slices[c - 1]
             m = components[sl] == c
@@ -552,7 +562,7 @@ def _fill_holes_per_label(labels: np.ndarray) -> np.ndarray:
     the array's edge lies strictly inside its box, so only those objects are examined.
     """
     out = labels
-    slices = ndi.find_objects(labels)
+    slices = find_objects(labels)
     for i in _may_enclose(labels, slices):
         sl = slices[i - 1]
         crop = labels[sl]
@@ -586,7 +596,7 @@ def _may_enclose(labels: np.ndarray, slices: list) -> list[int]:
     enclosed = np.ones(n_back + 1, bool)
     enclosed[back[0]] = enclosed[back[-1]] = enclosed[back[:, 0]] = enclosed[back[:, -1]] = False
     enclosed[0] = False
-    holes = [s for k, s in enumerate(ndi.find_objects(back), start=1) if enclosed[k]]
+    holes = [s for k, s in enumerate(find_objects(back), start=1) if enclosed[k]]
     if not holes:
         return []
     hb = np.array([(s[0].start, s[0].stop, s[1].start, s[1].stop) for s in holes])
@@ -657,7 +667,7 @@ def _expand_labels_square(labels: np.ndarray, distance: int) -> np.ndarray:
         return labels
     first = np.full(n, np.iinfo(np.int64).max, np.int64)
     width = labels.shape[1]
-    for i, sl in enumerate(ndi.find_objects(labels)):
+    for i, sl in enumerate(find_objects(labels)):
         if sl is not None:
             row = sl[0].start
             col = sl[1].start + int(np.argmax(labels[row, sl[1]] == i + 1))
@@ -711,6 +721,14 @@ def _grow_ranks(r: np.ndarray, steps: int) -> np.ndarray:
     return padded[1:-1, 1:-1]
 
 
+def core_mask(inst_prob: np.ndarray, threshold: float) -> np.ndarray:
+    """Gland or lumen cores: ``interior - boundary > threshold`` (a probability, whatever the
+    map's encoding), before any opening."""
+    s = _scale(inst_prob)
+    work = np.int16 if s == 255.0 else np.float32
+    return inst_prob[1].astype(work) - inst_prob[2].astype(work) > threshold * s
+
+
 def _core_instances(
     inst_prob: np.ndarray,
     *,
@@ -719,9 +737,7 @@ def _core_instances(
     min_area_px: float,
     open_px: float = 0,
 ) -> np.ndarray:
-    s = _scale(inst_prob)
-    work = np.int16 if s == 255.0 else np.float32
-    core = inst_prob[1].astype(work) - inst_prob[2].astype(work) > threshold * s
+    core = core_mask(inst_prob, threshold)
     if open_px >= 1:
         core = _open_disk(core, int(open_px))
     labels, _ = ndi.label(core)

@@ -369,3 +369,18 @@ def test_compiled_neck_cuts_equal_the_plain_loop(monkeypatch):
         np.testing.assert_array_equal(fast, plain)
         cut += int(plain.max() > labels.max())
     assert cut > 10
+
+
+def test_compiled_growth_equals_the_array_version(monkeypatch):
+    """The compiled ring growth of _expand_labels_square gives the numpy version's ranks."""
+    _compiled = _kernels_here(monkeypatch)
+    rng = np.random.default_rng(44)
+    for trial in range(30):
+        shape = (int(rng.integers(1, 50)), int(rng.integers(1, 50)))
+        r = (ndi.label(rng.random(shape) < 0.03)[0] % 250).astype(np.uint8)
+        steps = int(rng.integers(1, 9))
+        got = _compiled.grow_ranks(r, steps)
+        monkeypatch.setattr(_compiled, "HAVE_NUMBA", False)
+        want = inst._grow_ranks(r, steps)
+        monkeypatch.setattr(_compiled, "HAVE_NUMBA", True)
+        np.testing.assert_array_equal(got, want)

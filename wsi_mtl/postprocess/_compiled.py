@@ -24,7 +24,7 @@ from skimage.morphology import h_maxima as _sk_h_maxima
 import importlib.util
 import os
 
-__all__ = ["available", "edt32", "smooth_and_peaks", "h_maxima_bool", "flood_components", "cut_at_peaks", "HAVE_NUMBA"]
+__all__ = ["available", "edt32", "smooth_and_peaks", "h_maxima_bool", "flood_components", "cut_at_peaks", "grow_ranks", "HAVE_NUMBA"]
 
 #: Whether numba (the ``fast`` extra) is installed and not switched off by the environment variable
 #: ``WSIMTL_NO_NUMBA=1`` (numba's LLVM adds ~140 MB to each process that cuts necks); it is
@@ -46,7 +46,7 @@ def available() -> bool:
 def _kernels() -> None:
     """Replace the plain-Python kernels by numba's (``cache=True``), once; without numba they stay."""
     global HAVE_NUMBA, _ready, _sift_down, _sift_up, _reconstruct, _edt, _reflect, _smooth_peaks
-    global _push, _pop, _flood, _flood_components, _label4, _cut_at_peaks, _box_table
+    global _push, _pop, _flood, _flood_components, _label4, _cut_at_peaks, _box_table, _grow
     if _ready:
         return
     _ready = True
@@ -60,7 +60,7 @@ def _kernels() -> None:
     _reconstruct, _edt, _smooth_peaks = jit(_reconstruct_py), jit(_edt_py), jit(_smooth_peaks_py)
     _push, _pop, _flood, _label4 = jit(_push_py), jit(_pop_py), jit(_flood_py), jit(_label4_py)
     _flood_components, _cut_at_peaks = jit(_flood_components_py), jit(_cut_at_peaks_py)
-    _box_table = jit(_box_table_py)
+    _box_table, _grow = jit(_box_table_py), jit(_grow_py)
 
 
 def h_maxima_bool(image: np.ndarray, h: float) -> np.ndarray:
@@ -531,8 +531,70 @@ def _cut_at_peaks_py(low, peaks, ids, places, shapes, origins, labels, first):  
     return nxt
 
 
+def grow_ranks(r: np.ndarray, steps: int) -> np.ndarray:
+    """``steps`` times, all at once: each 0 pixel with a nonzero 8-neighbour takes the largest
+    neighbour value (``maximum_filter(r, 3)`` where ``r`` is 0; outside the array counts as 0);
+    only the ring reached at each step is visited. A new array; needs numba."""
+    _kernels()
+    return _grow(np.ascontiguousarray(r), steps)
+
+
+def _grow_py(r, steps):  # noqa: ANN001, ANN202 (compiled helper)
+    h, w = r.shape
+    w2 = w + 2
+    pad = np.zeros((h + 2) * w2, r.dtype)
+    inside = np.zeros((h + 2) * w2, np.bool_)
+    for y in range(h):
+        for x in range(w):
+            pad[(y + 1) * w2 + x + 1] = r[y, x]
+            inside[(y + 1) * w2 + x + 1] = True
+    offs = np.array([-w2 - 1, -w2, -w2 + 1, -1, 1, w2 - 1, w2, w2 + 1], np.int64)
+    ring = np.empty(h * w, np.int64)
+    mark = np.zeros(pad.size, np.bool_)
+    m = 0
+    for p in range(pad.size):
+        if inside[p] and pad[p] == 0:
+            for o in offs:
+                if pad[p + o] != 0:
+                    ring[m] = p
+                    m += 1
+                    break
+    vals = np.empty(h * w, r.dtype)
+    nxt = np.empty(h * w, np.int64)
+    for step in range(steps):
+        if m == 0:
+            break
+        for k in range(m):  # all read before any is written
+            best = pad[ring[k] + offs[0]]
+            for o in offs[1:]:
+                v = pad[ring[k] + o]
+                if v > best:
+                    best = v
+            vals[k] = best
+        for k in range(m):
+            pad[ring[k]] = vals[k]
+        if step + 1 == steps:
+            break
+        n = 0
+        for k in range(m):
+            for o in offs:
+                q = ring[k] + o
+                if inside[q] and pad[q] == 0 and not mark[q]:
+                    mark[q] = True
+                    nxt[n] = q
+                    n += 1
+        for k in range(n):
+            mark[nxt[k]] = False
+        ring, nxt, m = nxt, ring, n
+    out = np.empty((h, w), r.dtype)
+    for y in range(h):
+        for x in range(w):
+            out[y, x] = pad[(y + 1) * w2 + x + 1]
+    return out
+
+
 # plain Python until _kernels() compiles them
 _sift_down, _sift_up, _reflect = _sift_down_py, _sift_up_py, _reflect_py
 _reconstruct, _edt, _smooth_peaks = _reconstruct_py, _edt_py, _smooth_peaks_py
 _push, _pop, _flood, _label4 = _push_py, _pop_py, _flood_py, _label4_py
-_flood_components, _cut_at_peaks, _box_table = _flood_components_py, _cut_at_peaks_py, _box_table_py
+_flood_components, _cut_at_peaks, _box_table, _grow = _flood_components_py, _cut_at_peaks_py, _box_table_py, _grow_py

@@ -428,8 +428,9 @@ def _in_tissue(reader: Any, meta: MapsMeta, params: PostprocessParams, labels: n
         return ids
     inside = _mask_fraction(reader, meta, region, grid_ds)
     n = int(labels.max(initial=0)) + 1
-    total = np.bincount(labels.ravel(), minlength=n)
-    within = np.bincount(labels[inside], minlength=n)
+    on = labels > 0
+    total = np.bincount(labels[on], minlength=n)
+    within = np.bincount(labels[on & inside], minlength=n)
     if clip:
         labels[~inside] = 0
     return ids[within[ids] >= params.min_in_tissue * np.maximum(total[ids], 1)]
@@ -466,8 +467,9 @@ def _mean_in_labels(labels: np.ndarray, values: np.ndarray, ids: np.ndarray, sca
     if len(ids) == 0:
         return np.zeros(0)
     n = int(labels.max(initial=0)) + 1
-    sums = np.bincount(labels.ravel(), weights=values.ravel().astype(np.float64), minlength=n)
-    counts = np.bincount(labels.ravel(), minlength=n)
+    on = labels > 0  # over the objects' pixels only (same sums: background adds to entry 0)
+    sums = np.bincount(labels[on], weights=values[on].astype(np.float64), minlength=n)
+    counts = np.bincount(labels[on], minlength=n)
     return sums[ids] / np.maximum(counts[ids], 1) / scale
 
 

@@ -76,6 +76,23 @@ def test_choose_params_finds_the_threshold_that_recovers_weak_glands():
     assert gland_labels(prob, PostprocessParams(**best)).max() == 2
 
 
+def test_lumen_tuning_grows_cores_back_by_the_training_erosion_and_keeps_them_in_glands():
+    """Lumen maps made of pseudo-labels eroded by 3 px (as the head learnt them): the tuned setting
+    grows cores back by 3 px, beats the 1 px default, and a lumen outside every gland is dropped."""
+    from wsi_mtl.postprocess import label_to_3class
+    from wsi_mtl.train._tune import choose_lumen_params
+
+    glands = _disks(160, [(40, 40), (110, 110)], 30)
+    truth = _disks(160, [(40, 40), (110, 110)], 12)
+    stray = _disks(160, [(20, 140)], 10)  # lumen-like space outside any gland
+    prob = label_to_3class(np.maximum(truth, 3 * (stray > 0)).astype(np.int32), erosion_px=3).astype(np.float32)
+    item = SegItem("g", "syn", "gland", np.zeros((160, 160, 3), np.uint8), glands, lumen=truth)
+    grid = {"lumen_threshold": (0.5,), "lumen_erosion_px": (1.0, 3.0, 4.0), "lumen_min_area_px": (20.0,), "lumen_min_inside": (0.5,)}
+    best, score, before = choose_lumen_params([item], [(prob, glands)], PostprocessParams(), grid)
+    assert best["lumen_erosion_px"] == 3.0
+    assert score > before and score > 0.95  # the stray lumen (about 1/3 of the truth's area) would cost more
+
+
 def test_model_settings_reach_evaluation_and_extract_objects(tmp_path):
     class _M:
         config = get_model_config("wsimtl_small").replace(extra={"postprocess": {"gland_threshold": 0.1, "gland_min_area_px": 100.0}})

@@ -678,7 +678,8 @@ def _training_sources(cfg: TrainConfig, model: MultiTaskNet, tasks: Sequence[str
 
     mc = model.config
     lc = list(mc.heads["Patch-LC25000"].class_names) if "Patch-LC25000" in mc.heads else ["lung_aca", "lung_n", "lung_scc"]
-    return load_sources(Path(cfg.data_root), mpp=mc.mpp, source_mpp=cfg.source_mpp, split=load_split(cfg.splits), part="train", lc_classes=lc, tasks=tasks)
+    return load_sources(Path(cfg.data_root), mpp=mc.mpp, source_mpp=cfg.source_mpp, split=load_split(cfg.splits), part="train", lc_classes=lc, tasks=tasks,
+                        lumen=cfg.lumen_labels)
 
 
 @torch.no_grad()
@@ -757,11 +758,13 @@ def tune_on_training_images(cfg: TrainConfig, model: MultiTaskNet, data: Sources
     def spread(items: list[Any], n: int) -> list[Any]:
         return items if len(items) <= n else [items[int(i)] for i in np.linspace(0, len(items) - 1, n)]
 
+    with_lumen = [it for it in of_sources("gland") if it.lumen is not None]
     return tune_postprocess(
         model,
         spread(of_sources("nuclei"), int(cfg.tune_images.get(nuclei, 25))),
         spread(of_sources("gland"), int(cfg.tune_images.get("gland", 24))),
         bf16=cfg.bf16,
+        lumen=spread(with_lumen, int(cfg.tune_images.get("lumen", 0))),
     )
 
 

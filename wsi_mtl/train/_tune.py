@@ -23,7 +23,7 @@ from ._data import SegItem
 from ._evaluate import predict_image
 from ..postprocess import gland_labels, nuclei_labels
 
-__all__ = ["NUCLEI_GRID", "GLAND_GRID", "choose_params", "tune_postprocess"]
+__all__ = ["NUCLEI_GRID", "GLAND_GRID", "LUMEN_GRID", "choose_params", "tune_postprocess"]
 
 logger = logging.getLogger(__name__)
 
@@ -45,6 +45,17 @@ GLAND_GRID: dict[str, tuple[float, ...]] = {
     "gland_erosion_px": (3.0, 5.0, 8.0, 11.0, 14.0),
     "gland_open_px": (0.0, 4.0, 8.0),
     "gland_min_area_px": (800.0, 2000.0, 4000.0, 6000.0, 9000.0),
+}
+
+#: Candidate lumen settings, scored by the Dice (pooled over the images) of the lumen objects
+#: `wsimtl segment` makes (kept inside the glands of the model's gland settings) against the lumen
+#: pseudo-labels of GlaS training images. The pseudo-labels were eroded by 3 px for training, so
+#: growing cores back by up to 4 px is on the grid.
+LUMEN_GRID: dict[str, tuple[float, ...]] = {
+    "lumen_threshold": (0.3, 0.4, 0.5, 0.6, 0.7),
+    "lumen_erosion_px": (1.0, 2.0, 3.0, 4.0),
+    "lumen_min_area_px": (10.0, 20.0, 40.0, 80.0),
+    "lumen_min_inside": (0.3, 0.5, 0.8),
 }
 
 
@@ -120,6 +131,33 @@ def _gland_score(items: Sequence[SegItem], maps: Sequence[np.ndarray], params: P
     return float(f1 + np.mean(dices)) if dices else float("nan")
 
 
+def _lumen_score(items: Sequence[SegItem], maps: Sequence[tuple[np.ndarray, np.ndarray]], params: PostprocessParams) -> float:
+    """Pooled Dice of the lumen objects (inside the glands of ``params``) against the pseudo-labels;
+    ``maps``: (Lumen-INST, gland labels) per item."""
+    from ..postprocess import lumen_instances
+
+    inter = total = 0
+    for item, (lumen, glands) in zip(items, maps):
+        pred = lumen_instances(lumen, gland_labels=glands, threshold=params.lumen_threshold, erosion_px=params.lumen_erosion_px,
+                               min_area_px=params.lumen_min_area_px, min_inside=params.lumen_min_inside) > 0
+        true = item.lumen > 0
+        inter, total = inter + int((pred & true).sum()), total + int(pred.sum() + true.sum())
+    return 2 * inter / total if total else float("nan")
+
+
+def choose_lumen_params(items: Sequence[SegItem], maps: Sequence[tuple[np.ndarray, np.ndarray]], base: PostprocessParams,
+                        grid: Mapping[str, Sequence[float]] | None = None) -> tuple[dict[str, float], float, float]:
+    """The lumen setting of ``grid`` (default :data:`LUMEN_GRID`) with the best pooled Dice against
+    the items' lumen pseudo-labels; its score and that of ``base``'s lumen settings."""
+    best: dict[str, float] = {}
+    best_score = -np.inf
+    for combo in _combos(grid or LUMEN_GRID):
+        s = _lumen_score(items, maps, replace(base, **combo))
+        if s > best_score:
+            best, best_score = combo, s
+    return best, float(best_score), _lumen_score(items, maps, base)
+
+
 def choose_params(task: str, items: Sequence[SegItem], maps: Sequence[np.ndarray], grid: Mapping[str, Sequence[float]]) -> tuple[dict[str, float], float, float]:
     """The ``grid`` setting that scores best for ``task`` (``"nuclei"`` or ``"glands"``) on stored maps.
 
@@ -145,6 +183,8 @@ def tune_postprocess(
     nuclei_grid: Mapping[str, Sequence[float]] | None = None,
     gland_grid: Mapping[str, Sequence[float]] | None = None,
     bf16: bool = True,
+    lumen: Sequence[SegItem] = (),
+    lumen_grid: Mapping[str, Sequence[float]] | None = None,
 ) -> dict[str, Any]:
     """Pick the post-processing settings that score best on ``nuclei`` and ``glands`` items.
 
@@ -155,9 +195,12 @@ def tune_postprocess(
     nuclei, glands
         Labelled items at the model's mpp (instance labels); pass training images, never the
         validation split.
-    nuclei_grid, gland_grid
+    nuclei_grid, gland_grid, lumen_grid
         Candidate values per :class:`~wsi_mtl.postprocess.PostprocessParams` field
-        (default :data:`NUCLEI_GRID`, :data:`GLAND_GRID`).
+        (default :data:`NUCLEI_GRID`, :data:`GLAND_GRID`, :data:`LUMEN_GRID`).
+    lumen
+        GlaS training items with lumen pseudo-labels (``SegItem.lumen``); tuned after the glands,
+        inside the glands of the model's (or the just chosen) gland settings.
 
     Returns
     -------
@@ -179,4 +222,17 @@ def tune_postprocess(
         logger.info("tuned %s post-processing on %d images: %s (score %.4f; defaults %.4f)", task, len(items), best, best_score, base)
         chosen.update(best)
         scores[task] = {"best": float(best_score), "default": float(base)}
-    return {"postprocess": chosen, "scores": scores, "n_images": {"nuclei": len(nuclei), "glands": len(glands)}}
+    lumen = [it for it in lumen if it.lumen is not None]
+    if lumen and "Lumen-INST" in model.config.heads and "Gland-INST" in model.config.heads:
+        from ..postprocess import params_of
+
+        base_params = replace(params_of(model), **{k: v for k, v in chosen.items() if k.startswith("gland_")})
+        maps = []
+        for it in lumen:
+            probs = predict_image(model, it.image, heads=["Gland-INST", "Lumen-INST"], bf16=bf16)
+            maps.append((probs["Lumen-INST"], gland_labels(probs["Gland-INST"], base_params)))
+        best, best_score, base = choose_lumen_params(lumen, maps, base_params, lumen_grid)
+        logger.info("tuned lumen post-processing on %d images: %s (Dice %.4f; before %.4f)", len(lumen), best, best_score, base)
+        chosen.update(best)
+        scores["lumen"] = {"best": float(best_score), "default": float(base)}
+    return {"postprocess": chosen, "scores": scores, "n_images": {"nuclei": len(nuclei), "glands": len(glands), "lumen": len(lumen)}}

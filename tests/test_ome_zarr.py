@@ -11,7 +11,7 @@ import shapely
 import zarr
 
 from wsi_mtl.export import write_label_images, write_table
-from wsi_mtl.export._labels import _draw
+from wsi_mtl.export._labels import _draw, _draw_all
 from wsi_mtl.objects import COLUMNS, ObjectBatch
 from wsi_mtl.ome import level_count, write_pyramid
 from wsi_mtl.store import HeadLayout, PredictionStore
@@ -175,6 +175,29 @@ def test_draw_is_point_in_polygon() -> None:
         yy, xx = np.mgrid[0:40, 0:50]
         inside = shapely.contains_xy(poly, (xx + 2 + 0.5) * 1.5, (yy + 3 + 0.5) * 1.5)
         assert np.array_equal(tile == 5, inside), k
+
+
+def test_drawing_a_tile_at_once_equals_drawing_object_after_object() -> None:
+    """Overlapping polygons, holes, multipolygons, degenerate and off-tile ones: the later wins."""
+    rng = np.random.default_rng(3)
+    geoms = []
+    for k in range(60):
+        c, r = rng.uniform(-10, 90, 2), rng.uniform(1, 25)
+        g = shapely.Point(*c).buffer(r, quad_segs=int(rng.integers(1, 6)))
+        if k % 5 == 0:
+            g = g.difference(shapely.Point(*c).buffer(r / 2))
+        if k % 7 == 0:
+            g = shapely.MultiPolygon([g, shapely.box(c[0] + 30, c[1], c[0] + 34, c[1] + 3)])
+        geoms.append(g)
+    geoms.append(shapely.LineString([(1, 1), (5, 5)]))
+    values = rng.integers(1, 200, len(geoms))
+    one_by_one = np.zeros((70, 80), np.int32)
+    for g, v in zip(geoms, values):
+        _draw(one_by_one, g, int(v), downsample=1.25, origin=(2, 3))
+    at_once = np.zeros((70, 80), np.int32)
+    _draw_all(at_once, np.array(geoms, dtype=object), values, downsample=1.25, origin=(2, 3))
+    np.testing.assert_array_equal(at_once, one_by_one)
+    assert len(np.unique(at_once)) > 30
 
 
 def test_label_images(result: Path) -> None:

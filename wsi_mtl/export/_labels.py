@@ -108,19 +108,30 @@ class _Geometries:
 
 
 def _draw(tile: np.ndarray, geom: shapely.Geometry, value: int, *, downsample: float, origin: tuple[int, int]) -> None:
-    """Set the pixels of ``tile`` whose centres lie in ``geom`` (level-0 px) to ``value``.
+    """Set the pixels of ``tile`` whose centres lie in ``geom`` (level-0 px) to ``value``."""
+    _draw_all(tile, np.array([geom], dtype=object), np.array([value]), downsample=downsample, origin=origin)
 
-    A scanline fill by the even-odd rule over every ring of the geometry, so holes stay out: each
-    edge gives one crossing per pixel row it spans (half-open in y), the crossings of a row sorted
-    by x pair up into runs of pixels. The cost grows with the crossings, not with the area.
+
+def _draw_all(tile: np.ndarray, geoms: np.ndarray, values: np.ndarray, *, downsample: float, origin: tuple[int, int]) -> None:
+    """Set the pixels of ``tile`` whose centres lie in ``geoms[k]`` (level-0 px) to ``values[k]``,
+    geometry after geometry (a later one wins a pixel two cover).
+
+    A scanline fill by the even-odd rule over every ring of each geometry, so holes stay out: each
+    edge gives one crossing per pixel row it spans (half-open in y), the crossings of one
+    geometry's row sorted by x pair up into runs of pixels. The cost grows with the crossings, not
+    with the area; all geometries of a tile are handled in one set of array operations.
     """
-    coords, ring_index = shapely.get_coordinates(shapely.get_rings(shapely.get_parts(geom)), return_index=True)
-    if len(coords) < 3:
+    parts, owner = shapely.get_parts(geoms, return_index=True)
+    rings, ring_part = shapely.get_rings(parts, return_index=True)
+    coords, ring_index = shapely.get_coordinates(rings, return_index=True)
+    if len(coords) == 0:
         return
+    obj = owner[ring_part[ring_index]]  # geometry of each vertex
+    big = np.bincount(obj, minlength=len(geoms)) >= 3  # fewer vertices: nothing to draw
     y = coords[:, 1] / downsample - 0.5 - origin[0]
     x = coords[:, 0] / downsample - 0.5 - origin[1]
-    same = (ring_index[1:] == ring_index[:-1]) & (y[1:] != y[:-1])  # edges of one ring, not horizontal
-    y0, y1, x0, x1 = y[:-1][same], y[1:][same], x[:-1][same], x[1:][same]
+    same = (ring_index[1:] == ring_index[:-1]) & (y[1:] != y[:-1]) & big[obj[1:]]  # edges of one ring, not horizontal
+    y0, y1, x0, x1, who = y[:-1][same], y[1:][same], x[:-1][same], x[1:][same], obj[1:][same]
     first = np.maximum(np.ceil(np.minimum(y0, y1)), 0)
     last = np.minimum(np.ceil(np.maximum(y0, y1)) - 1, tile.shape[0] - 1)
     count = np.maximum(last - first + 1, 0).astype(np.int64)
@@ -129,11 +140,11 @@ def _draw(tile: np.ndarray, geom: shapely.Geometry, value: int, *, downsample: f
     edge = np.repeat(np.arange(len(count)), count)
     rows = first[edge] + (np.arange(int(count.sum())) - np.repeat(np.cumsum(count) - count, count))
     xs = x0[edge] + (rows - y0[edge]) * ((x1 - x0) / (y1 - y0))[edge]
-    order = np.lexsort((xs, rows))
-    rows, xs = rows[order].astype(np.int64), np.clip(np.ceil(xs[order]), 0, tile.shape[1]).astype(np.int64)
-    for r, c0, c1 in zip(rows[0::2].tolist(), xs[0::2].tolist(), xs[1::2].tolist()):
+    order = np.lexsort((xs, rows, who[edge]))
+    rows, xs, who = rows[order].astype(np.int64), np.clip(np.ceil(xs[order]), 0, tile.shape[1]).astype(np.int64), who[edge][order]
+    for r, c0, c1, k in zip(rows[0::2].tolist(), xs[0::2].tolist(), xs[1::2].tolist(), who[0::2].tolist()):
         if c1 > c0:
-            tile[r, c0:c1] = value
+            tile[r, c0:c1] = values[k]
 
 
 def _buckets(bounds: np.ndarray, *, downsample: float, chunk: tuple[int, int], shape: tuple[int, int]) -> dict[tuple[int, int], np.ndarray]:
@@ -157,10 +168,10 @@ def _rasterise(array: zarr.Array, index: _Index, geoms: _Geometries, *, downsamp
     for (cy, cx), members in sorted(_buckets(index.bounds, downsample=downsample, chunk=chunk, shape=shape).items()):
         y0, x0 = cy * chunk[0], cx * chunk[1]
         tile = np.zeros((min(chunk[0], shape[0] - y0), min(chunk[1], shape[1] - x0)), dtype=array.dtype)
-        for i in members.tolist():
-            if index.value[i]:
-                geom = geoms.get(int(index.group[i]), int(index.row[i]))
-                _draw(tile, geom, int(index.value[i]), downsample=downsample, origin=(y0, x0))
+        drawn = [i for i in members.tolist() if index.value[i]]
+        if drawn:
+            shapes = np.array([geoms.get(int(index.group[i]), int(index.row[i])) for i in drawn], dtype=object)
+            _draw_all(tile, shapes, index.value[drawn], downsample=downsample, origin=(y0, x0))
         array[0, y0 : y0 + tile.shape[0], x0 : x0 + tile.shape[1]] = tile
 
 

@@ -479,11 +479,12 @@ def _mean_in_labels(labels: np.ndarray, values: np.ndarray, ids: np.ndarray, sca
 NUCLEI_CONTEXT_PX = 16
 
 
-def _tighten(inst: np.ndarray, chunk: Chunk, params: PostprocessParams) -> tuple[np.ndarray, Chunk] | None:
+def _tighten(inst: np.ndarray, chunk: Chunk, params: PostprocessParams) -> tuple[np.ndarray, Chunk, bool] | None:
     """The part of a nuclei chunk's read region its own nuclei need: the bounding boxes of the
     foreground blobs whose boxes meet the owned region (a nucleus's box start lies in its blob's
     box), grown by :data:`NUCLEI_CONTEXT_PX`; the rest of the halo only completes those blobs.
-    Returns the map cropped to it and the chunk reading it (None: no such blob)."""
+    Returns the map cropped to it, the chunk reading it and whether one of those blobs comes within
+    neck cutting's reach of an open read edge (None: no such blob)."""
     blobs, n = ndi.label(nuclei_foreground(inst, params.nuclei_mask_threshold))
     if n == 0:
         return None
@@ -492,7 +493,12 @@ def _tighten(inst: np.ndarray, chunk: Chunk, params: PostprocessParams) -> tuple
     if not meet.any():
         return None
     a, b, l, r = rect = _union(box[meet], NUCLEI_CONTEXT_PX, inst.shape[1:])
-    return inst[:, a:b, l:r], _crop_chunk(chunk, rect)
+    reach = 1 + (NECK_REACH_PX if params.nuclei_split_h > 0 else 0)
+    (h, w), (top, bottom, left, right) = inst.shape[1:], chunk.open_edges
+    m = box[meet]
+    near_edge = (top and m[:, 0].min() < reach) or (bottom and m[:, 1].max() > h - reach) or \
+        (left and m[:, 2].min() < reach) or (right and m[:, 3].max() > w - reach)
+    return inst[:, a:b, l:r], _crop_chunk(chunk, rect), bool(near_edge)
 
 
 def _meeting(box: np.ndarray, grow: int, rect: tuple[int, int, int, int]) -> np.ndarray:
@@ -524,7 +530,10 @@ def _nuclei_chunk(reader: Any, chunk: Chunk, meta: MapsMeta, params: Postprocess
     tight = _tighten(inst, chunk, params) if inst.any() else None
     if tight is None:
         return _empty_result()
-    inst, chunk = tight  # its inner edges lie NUCLEI_CONTEXT_PX from every blob it may own
+    inst, chunk, near_edge = tight  # its inner edges lie NUCLEI_CONTEXT_PX from every blob it may own
+    if near_edge and not final:
+        return None  # a blob it may own may go on beyond the read region: redone with a larger halo,
+        # before any instance is computed (the same objects come out at any halo that holds them)
     labels, comps = _nuclei_instances(
         inst,
         min_area_px=params.nuclei_min_area_px,

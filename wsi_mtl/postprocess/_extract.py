@@ -589,12 +589,13 @@ def _coarse_read(reader: Any, head: str, chunk: Chunk, f: int, fine_shape: tuple
     return downsample_prob(reader.read(head, region), f)
 
 
-def _gland_context(ginst: np.ndarray, linst: np.ndarray | None, chunk: Chunk, params: PostprocessParams) -> tuple[int, int, int, int] | None:
+def _gland_context(ginst: np.ndarray, linst: np.ndarray | None, chunk: Chunk, params: PostprocessParams) -> tuple[tuple[int, int, int, int], bool] | None:
     """The part of a gland chunk's read region (local rows/cols) that its own glands and lumen
     need, from the components of the raw cores (gland and lumen cores together; an object lies in
     its component's box grown by its erosion): the components whose grown boxes meet the owned
     region, then every component that could overlap them or compete for their pixels, whole, and
-    around them the completeness margin. None: no core meets the owned region."""
+    around them the completeness margin. Also whether a component meeting the owned region comes
+    within that margin of an open read edge. None: no core meets the owned region."""
     f = params.gland_downsample
     g_er, l_er = math.ceil(params.gland_erosion_px / f), math.ceil(params.lumen_erosion_px / f)
     cores = core_mask(ginst, params.gland_threshold)
@@ -610,7 +611,10 @@ def _gland_context(ginst: np.ndarray, linst: np.ndarray | None, chunk: Chunk, pa
         return None
     margin = 2 * max(g_er, l_er) + 1 + 2 * math.ceil(params.gland_open_px / f)
     near = _meeting(box, 2 * grow + margin, _union(box[first], 0, ginst.shape[1:]))
-    return _union(box[near], grow + margin + 1, ginst.shape[1:])
+    (h, w), (top, bottom, left, right), m, reach = ginst.shape[1:], chunk.open_edges, box[first], grow + margin
+    near_edge = (top and m[:, 0].min() < reach) or (bottom and m[:, 1].max() > h - reach) or \
+        (left and m[:, 2].min() < reach) or (right and m[:, 3].max() > w - reach)
+    return _union(box[near], grow + margin + 1, ginst.shape[1:]), bool(near_edge)
 
 
 def _glands_chunk(reader: Any, chunk: Chunk, meta: MapsMeta, params: PostprocessParams, final: bool, tasks: tuple[str, ...]) -> dict[str, Any] | None:
@@ -621,9 +625,12 @@ def _glands_chunk(reader: Any, chunk: Chunk, meta: MapsMeta, params: Postprocess
         return _empty_result()
     with_lumen = "lumen" in tasks and LUMEN_INST in meta.heads
     linst = _coarse_read(reader, LUMEN_INST, chunk, f, fine) if with_lumen else None
-    rect = _gland_context(ginst, linst, chunk, params)
-    if rect is None:
+    context = _gland_context(ginst, linst, chunk, params)
+    if context is None:
         return _empty_result()
+    rect, near_edge = context
+    if near_edge and not final:
+        return None  # an object it may own may be cut by the read region: redone with a larger halo first
     a, b, l, r = rect  # the halo beyond it only completes what the chunk owns
     ginst, linst = ginst[:, a:b, l:r], None if linst is None else linst[:, a:b, l:r]
     chunk = _crop_chunk(chunk, rect)

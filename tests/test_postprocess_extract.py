@@ -593,3 +593,29 @@ def test_the_tissue_heads_own_glass_class_gets_no_region(tmp_path):
     got = objects_from_maps(maps, slide_mpp=0.25, downsample=2.0, classes={"Patch-Class": (TISSUE, _colors(len(TISSUE)))})
     assert set(got.columns["class_name"]) == {"tumour"}
     assert shapely.union_all(got.geometry).area == pytest.approx(8 * 4 * 2 * 2)  # the right half of the cells, 2 level-0 px each
+
+
+def test_chunks_compute_only_the_part_their_own_objects_need():
+    """A nuclei chunk crops its read region to the boxes of the blobs that can hold its own nuclei
+    (plus the context margin) and asks for a larger halo, before any instance step, when such a
+    blob reaches an open read edge; a gland chunk likewise."""
+    from wsi_mtl.postprocess._chunks import plan_chunks
+    from wsi_mtl.postprocess._extract import NUCLEI_CONTEXT_PX, _gland_context, _tighten
+
+    lab = np.zeros((400, 400), np.int32)
+    lab[disk((120, 130), 6, shape=lab.shape)] = 1  # owned by the chunk below
+    lab[disk((30, 30), 6, shape=lab.shape)] = 2  # in its halo only
+    inst = label_to_3class(lab, erosion_px=1)
+    chunk = next(c for c in plan_chunks((400, 400), chunk_px=100, halo_px=100) if c.own == (100, 200, 100, 200))
+    assert chunk.read == (0, 300, 0, 300)
+    cropped, tight, near_edge = _tighten(inst[:, :300, :300], chunk, PostprocessParams())
+    c, (ys, xs) = NUCLEI_CONTEXT_PX, np.nonzero(lab == 1)
+    box = (ys.min() - c, ys.max() + 1 + c, xs.min() - c, xs.max() + 1 + c)
+    assert tight.read == box and cropped.shape[1:] == (box[1] - box[0], box[3] - box[2])
+    assert not near_edge and tight.own == chunk.own
+    long = lab.copy()
+    long[118:122, 130:400] = 1  # the owned blob runs beyond the read region's right edge
+    assert _tighten(label_to_3class(long, erosion_px=1)[:, :300, :300], chunk, PostprocessParams())[2]
+    params = PostprocessParams(gland_erosion_px=3, gland_open_px=0, lumen_erosion_px=1)
+    rect, near_edge = _gland_context(label_to_3class(lab, erosion_px=3)[:, :300, :300], None, chunk, params)
+    assert rect[0] > 0 and rect[2] > 0 and rect[1] < 300 and not near_edge  # the halo's blob is left out

@@ -465,24 +465,27 @@ def _nuclei_instances(
     labels = lut[components]
     multi = np.flatnonzero(per_comp > 1)
     if len(multi):
-        if s == 255.0:
-            surface = 255 - interior  # uint8: low where the interior is confident
-        else:
-            surface = -interior.astype(np.float32)
-        if _compiled.available():  # the same floods, compiled
-            _compiled.flood_components(surface, markers, components, multi, labels, n_comp)
-            multi = multi[:0]
-        else:
-            comp_slices = find_objects(components)
-        for c in multi:
-            sl = comp_slices[c - 1]
-            m = components[sl] == c
-            ws = _watershed(surface[sl], markers[sl], m)
-            labels[sl][m] = ws[m] + n_comp
+        surface = 255 - interior if s == 255.0 else -interior.astype(np.float32)  # low where the interior is confident
+        _flood_blobs(surface, markers, components, multi, labels, n_comp)
     if split_h > 0:
         labels = _split_at_necks(labels, split_h, skip=_doomed(labels, interior, min_interior * s, min_area_px))
     sure = _reaches(labels, interior, min_interior * s, int(labels.max(initial=0))) if min_interior > 0 else None
     return _keep_large(labels, min_area_px, sure), components.astype(np.int32, copy=False)
+
+
+def _flood_blobs(surface: np.ndarray, markers: np.ndarray, components: np.ndarray, which: np.ndarray,
+                 labels: np.ndarray, offset: int) -> None:
+    """Each blob ``c`` of ``which``: its pixels in ``labels`` become the watershed of ``surface``
+    from its markers on its bounding-box crop alone, plus ``offset`` (in place; compiled with the
+    fast extra, the same floods)."""
+    if _compiled.available():
+        _compiled.flood_components(surface, markers, components, which, labels, offset)
+        return
+    slices = find_objects(components)
+    for c in which:
+        sl = slices[c - 1]
+        m = components[sl] == c
+        labels[sl][m] = _watershed(surface[sl], markers[sl], m)[m] + offset
 
 
 def nuclei_instances(

@@ -62,6 +62,7 @@ from wsi_mtl.postprocess._chunks import Chunk, plan_chunks
 from wsi_mtl.postprocess._instances import (
     _core_instances,
     _inside_fraction,
+    _sizes,
     core_mask,
     find_objects,
     NECK_REACH_PX,
@@ -432,9 +433,8 @@ def _in_tissue(reader: Any, meta: MapsMeta, params: PostprocessParams, labels: n
         return ids
     inside = _mask_fraction(reader, meta, region, grid_ds)
     n = int(labels.max(initial=0)) + 1
-    on = labels > 0
-    total = np.bincount(labels[on], minlength=n)
-    within = np.bincount(labels[on & inside], minlength=n)
+    total = _sizes(labels, n)
+    within = np.bincount(labels[(labels > 0) & inside], minlength=n)
     if clip:
         labels[~inside] = 0
     return ids[within[ids] >= params.min_in_tissue * np.maximum(total[ids], 1)]
@@ -497,12 +497,8 @@ def _tighten(inst: np.ndarray, chunk: Chunk, params: PostprocessParams) -> tuple
     if not meet.any():
         return None
     a, b, l, r = rect = _union(box[meet], NUCLEI_CONTEXT_PX, inst.shape[1:])
-    reach = 1 + (NECK_REACH_PX if params.nuclei_split_h > 0 else 0)
-    (h, w), (top, bottom, left, right) = inst.shape[1:], chunk.open_edges
-    m = box[meet]
-    near_edge = (top and m[:, 0].min() < reach) or (bottom and m[:, 1].max() > h - reach) or \
-        (left and m[:, 2].min() < reach) or (right and m[:, 3].max() > w - reach)
-    return inst[:, a:b, l:r], _crop_chunk(chunk, rect), bool(near_edge)
+    near_edge = _touches_open_edge(_slices(_union(box[meet], 0, inst.shape[1:])), inst.shape[1:], chunk, _neck_reach(params))
+    return inst[:, a:b, l:r], _crop_chunk(chunk, rect), near_edge
 
 
 def _meeting(box: np.ndarray, grow: int, rect: tuple[int, int, int, int]) -> np.ndarray:
@@ -515,6 +511,15 @@ def _union(box: np.ndarray, grow: int, shape: tuple[int, int]) -> tuple[int, int
     """The rectangle holding every box grown by ``grow`` px, clipped to ``shape``."""
     return (max(0, int(box[:, 0].min()) - grow), min(shape[0], int(box[:, 1].max()) + grow),
             max(0, int(box[:, 2].min()) - grow), min(shape[1], int(box[:, 3].max()) + grow))
+
+
+def _slices(rect: tuple[int, int, int, int]) -> tuple[slice, slice]:
+    return slice(rect[0], rect[1]), slice(rect[2], rect[3])
+
+
+def _neck_reach(params: PostprocessParams) -> int:
+    """How close (px) a blob may come to an open read edge: neck cutting reads a few pixels around it."""
+    return 1 + (NECK_REACH_PX if params.nuclei_split_h > 0 else 0)
 
 
 def _local_own(chunk: Chunk) -> tuple[int, int, int, int]:
@@ -548,8 +553,6 @@ def _nuclei_chunk(reader: Any, chunk: Chunk, meta: MapsMeta, params: Postprocess
         split_h=params.nuclei_split_h,
         min_interior=params.nuclei_min_interior,
     )
-    # neck cutting reads a few pixels around each blob: blobs that close to an open edge wait
-    reach = 1 + (NECK_REACH_PX if params.nuclei_split_h > 0 else 0)
     slices = find_objects(labels)
     owned = _owned(slices, range(1, len(slices) + 1), chunk)
     if len(owned) == 0:
@@ -560,9 +563,8 @@ def _nuclei_chunk(reader: Any, chunk: Chunk, meta: MapsMeta, params: Postprocess
         comp_of_label[labels[on]] = comps[on]
         comp_of = comp_of_label[owned]
         comp_slices = find_objects(comps)
-        cut = np.array([_touches_open_edge(comp_slices[c - 1], labels.shape, chunk, margin=reach) for c in comp_of], bool)
-        if cut.any() and not final:
-            return None
+        # only at the largest halo can an owned blob still be cut (before it, _tighten asked for more)
+        cut = np.array([_touches_open_edge(comp_slices[c - 1], labels.shape, chunk, margin=_neck_reach(params)) for c in comp_of], bool)
         broken = np.array([c and _touches_open_edge(slices[i - 1], labels.shape, chunk) for i, c in zip(owned, cut)], bool)
     else:
         cut = broken = np.zeros(len(owned), bool)
@@ -615,10 +617,8 @@ def _gland_context(ginst: np.ndarray, linst: np.ndarray | None, chunk: Chunk, pa
         return None
     margin = 2 * max(g_er, l_er) + 1 + 2 * math.ceil(params.gland_open_px / f)
     near = _meeting(box, 2 * grow + margin, _union(box[first], 0, ginst.shape[1:]))
-    (h, w), (top, bottom, left, right), m, reach = ginst.shape[1:], chunk.open_edges, box[first], grow + margin
-    near_edge = (top and m[:, 0].min() < reach) or (bottom and m[:, 1].max() > h - reach) or \
-        (left and m[:, 2].min() < reach) or (right and m[:, 3].max() > w - reach)
-    return _union(box[near], grow + margin + 1, ginst.shape[1:]), bool(near_edge)
+    near_edge = _touches_open_edge(_slices(_union(box[first], 0, ginst.shape[1:])), ginst.shape[1:], chunk, grow + margin)
+    return _union(box[near], grow + margin + 1, ginst.shape[1:]), near_edge
 
 
 def _glands_chunk(reader: Any, chunk: Chunk, meta: MapsMeta, params: PostprocessParams, final: bool, tasks: tuple[str, ...]) -> dict[str, Any] | None:

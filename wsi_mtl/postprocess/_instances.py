@@ -813,9 +813,8 @@ def gland_instances(
 def _inside_fraction(labels: np.ndarray, container: np.ndarray) -> np.ndarray:
     """Fraction of each label's pixels (index = label) that lie where ``container`` is non-zero."""
     n = int(labels.max(initial=0)) + 1
-    on = labels > 0  # objects are a small part of a map: count over their pixels only
-    total = np.bincount(labels[on], minlength=n)
-    inside = np.bincount(labels[on & (container > 0)], minlength=n)
+    total = _sizes(labels, n)  # objects are a small part of a map: counted over their pixels only
+    inside = np.bincount(labels[(labels > 0) & (container > 0)], minlength=n)
     with np.errstate(invalid="ignore", divide="ignore"):
         return np.where(total > 0, inside / np.maximum(total, 1), 0.0)
 

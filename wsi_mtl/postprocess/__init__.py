@@ -30,7 +30,7 @@ from wsi_mtl.postprocess._instances import (
     remove_unconfident_instances,
     split_at_necks,
 )
-from wsi_mtl.postprocess._model import gland_labels, nuclei_labels, params_of
+from wsi_mtl.postprocess._model import gland_labels, gland_lumen_labels, nuclei_labels, params_of
 from wsi_mtl.postprocess._polygons import labels_to_polygons, polygon_measurements, rasterize_polygons
 from wsi_mtl.postprocess._tissue import tissue_class_map, tissue_polygons
 
@@ -46,6 +46,7 @@ __all__ = [
     "params_of",
     "nuclei_labels",
     "gland_labels",
+    "gland_lumen_labels",
     "check_overrides",
     "HaloTooSmallError",
     "Chunk",

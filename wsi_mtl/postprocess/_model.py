@@ -10,9 +10,9 @@ from typing import Any
 import numpy as np
 
 from ._extract import PostprocessParams
-from ._instances import gland_instances, nuclei_instances
+from ._instances import gland_instances, lumen_instances, nuclei_instances
 
-__all__ = ["nuclei_labels", "gland_labels", "params_of"]
+__all__ = ["nuclei_labels", "gland_labels", "gland_lumen_labels", "params_of"]
 
 
 def params_of(source: Any, overrides: Mapping[str, Any] | None = None) -> PostprocessParams:
@@ -43,3 +43,11 @@ def gland_labels(prob: np.ndarray, params: PostprocessParams | None = None) -> n
     p = params or PostprocessParams()
     return np.asarray(gland_instances(prob, threshold=p.gland_threshold, erosion_px=p.gland_erosion_px, min_area_px=p.gland_min_area_px,
                                       open_px=p.gland_open_px)).astype(np.int32)
+
+
+def gland_lumen_labels(prob: np.ndarray, glands: np.ndarray, params: PostprocessParams | None = None) -> np.ndarray:
+    """(H, W) int32 lumen instances from a (3, H, W) Lumen-INST map, kept inside ``glands`` (the
+    gland labels of the same map grid), as ``wsimtl segment`` keeps them."""
+    p = params or PostprocessParams()
+    return np.asarray(lumen_instances(prob, gland_labels=glands, threshold=p.lumen_threshold, erosion_px=p.lumen_erosion_px,
+                                      min_area_px=p.lumen_min_area_px, min_inside=p.lumen_min_inside)).astype(np.int32)

@@ -325,11 +325,9 @@ class _LumenScore:
     def add(self, item: SegItem, probs: Mapping[str, np.ndarray], glands: np.ndarray) -> dict[str, float]:
         if "Lumen-INST" not in probs or item.lumen is None:
             return {}
-        from ..postprocess import lumen_instances
+        from ..postprocess import gland_lumen_labels
 
-        p = self.params
-        pred = lumen_instances(probs["Lumen-INST"], gland_labels=glands, threshold=p.lumen_threshold, erosion_px=p.lumen_erosion_px,
-                               min_area_px=p.lumen_min_area_px, min_inside=p.lumen_min_inside) > 0
+        pred = gland_lumen_labels(probs["Lumen-INST"], glands, self.params) > 0
         true = item.lumen > 0
         inter, total = int((pred & true).sum()), int(pred.sum() + true.sum())
         self.inter, self.total = self.inter + inter, self.total + total
@@ -354,10 +352,9 @@ def non_gland_area(model: torch.nn.Module, items: Sequence[SegItem], *, params: 
         glands = gland_labels(probs["Gland-INST"], params)
         lum = 0
         if lumen:
-            from ..postprocess import lumen_instances
+            from ..postprocess import gland_lumen_labels
 
-            lum = int((lumen_instances(probs["Lumen-INST"], gland_labels=glands, threshold=params.lumen_threshold, erosion_px=params.lumen_erosion_px,
-                                       min_area_px=params.lumen_min_area_px, min_inside=params.lumen_min_inside) > 0).sum())
+            lum = int((gland_lumen_labels(probs["Lumen-INST"], glands, params) > 0).sum())
         g, n = int((glands > 0).sum()), int(glands.size)
         acc = per.setdefault(item.source, [0, 0, 0, 0])
         acc[0] += g

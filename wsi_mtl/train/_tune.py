@@ -21,7 +21,7 @@ from .. import metrics
 from ..postprocess import PostprocessParams, remove_small_instances, remove_unconfident_instances
 from ._data import SegItem
 from ._evaluate import predict_image
-from ..postprocess import gland_labels, nuclei_labels
+from ..postprocess import gland_labels, gland_lumen_labels, nuclei_labels
 
 __all__ = ["NUCLEI_GRID", "GLAND_GRID", "LUMEN_GRID", "choose_params", "tune_postprocess"]
 
@@ -134,28 +134,31 @@ def _gland_score(items: Sequence[SegItem], maps: Sequence[np.ndarray], params: P
 def _lumen_score(items: Sequence[SegItem], maps: Sequence[tuple[np.ndarray, np.ndarray]], params: PostprocessParams) -> float:
     """Pooled Dice of the lumen objects (inside the glands of ``params``) against the pseudo-labels;
     ``maps``: (Lumen-INST, gland labels) per item."""
-    from ..postprocess import lumen_instances
-
     inter = total = 0
     for item, (lumen, glands) in zip(items, maps):
-        pred = lumen_instances(lumen, gland_labels=glands, threshold=params.lumen_threshold, erosion_px=params.lumen_erosion_px,
-                               min_area_px=params.lumen_min_area_px, min_inside=params.lumen_min_inside) > 0
+        pred = gland_lumen_labels(lumen, glands, params) > 0
         true = item.lumen > 0
         inter, total = inter + int((pred & true).sum()), total + int(pred.sum() + true.sum())
     return 2 * inter / total if total else float("nan")
+
+
+def _best(grid: Mapping[str, Sequence[float]], score: Any, base: PostprocessParams) -> tuple[dict[str, float], float]:
+    """The ``grid`` setting (over ``base``) with the highest ``score(params)``; ties keep the earlier."""
+    best: dict[str, float] = {}
+    best_score = -np.inf
+    for combo in _combos(grid):
+        s = score(replace(base, **combo))
+        if s > best_score:
+            best, best_score = combo, s
+    return best, float(best_score)
 
 
 def choose_lumen_params(items: Sequence[SegItem], maps: Sequence[tuple[np.ndarray, np.ndarray]], base: PostprocessParams,
                         grid: Mapping[str, Sequence[float]] | None = None) -> tuple[dict[str, float], float, float]:
     """The lumen setting of ``grid`` (default :data:`LUMEN_GRID`) with the best pooled Dice against
     the items' lumen pseudo-labels; its score and that of ``base``'s lumen settings."""
-    best: dict[str, float] = {}
-    best_score = -np.inf
-    for combo in _combos(grid or LUMEN_GRID):
-        s = _lumen_score(items, maps, replace(base, **combo))
-        if s > best_score:
-            best, best_score = combo, s
-    return best, float(best_score), _lumen_score(items, maps, base)
+    score = partial(_lumen_score, items, maps)
+    return (*_best(grid or LUMEN_GRID, score, base), score(base))
 
 
 def choose_params(task: str, items: Sequence[SegItem], maps: Sequence[np.ndarray], grid: Mapping[str, Sequence[float]]) -> tuple[dict[str, float], float, float]:
@@ -166,13 +169,7 @@ def choose_params(task: str, items: Sequence[SegItem], maps: Sequence[np.ndarray
     """
     score_fn = {"nuclei": partial(_nuclei_score, grown=_GrownNuclei()), "glands": partial(_gland_score, grown=_GrownGlands())}[task]
     default = PostprocessParams()
-    best: dict[str, float] = {}
-    best_score = -np.inf
-    for combo in _combos(grid):
-        s = score_fn(items, maps, replace(default, **combo))
-        if s > best_score:
-            best, best_score = combo, s
-    return best, float(best_score), score_fn(items, maps, default)
+    return (*_best(grid, partial(score_fn, items, maps), default), score_fn(items, maps, default))
 
 
 def tune_postprocess(

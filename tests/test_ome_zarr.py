@@ -11,7 +11,7 @@ import shapely
 import zarr
 
 from wsi_mtl.export import write_label_images, write_table
-from wsi_mtl.export._labels import _draw, _draw_all
+from wsi_mtl.export._labels import _draw_all
 from wsi_mtl.objects import COLUMNS, ObjectBatch
 from wsi_mtl.ome import level_count, write_pyramid
 from wsi_mtl.store import HeadLayout, PredictionStore
@@ -159,6 +159,10 @@ def test_mean_reduction_of_odd_edges() -> None:
     block = np.array([[[10, 20, 200], [30, 40, 100], [7, 9, 255]]], dtype=np.uint8)
     # 2x2 means rounded half up; a last odd row or column averages the pixels it has
     assert _reduce(block, "mean").tolist() == [[[25, 150], [8, 255]]]
+
+
+def _draw(tile: np.ndarray, geom: shapely.Geometry, value: int, **kw) -> None:
+    _draw_all(tile, np.array([geom], dtype=object), np.array([value]), **kw)
 
 
 def test_draw_is_point_in_polygon() -> None:

@@ -107,11 +107,6 @@ class _Geometries:
         return self.cache[group][row]
 
 
-def _draw(tile: np.ndarray, geom: shapely.Geometry, value: int, *, downsample: float, origin: tuple[int, int]) -> None:
-    """Set the pixels of ``tile`` whose centres lie in ``geom`` (level-0 px) to ``value``."""
-    _draw_all(tile, np.array([geom], dtype=object), np.array([value]), downsample=downsample, origin=origin)
-
-
 def _draw_all(tile: np.ndarray, geoms: np.ndarray, values: np.ndarray, *, downsample: float, origin: tuple[int, int]) -> None:
     """Set the pixels of ``tile`` whose centres lie in ``geoms[k]`` (level-0 px) to ``values[k]``,
     geometry after geometry (a later one wins a pixel two cover).

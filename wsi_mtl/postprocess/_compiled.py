@@ -46,7 +46,7 @@ def available() -> bool:
 def _kernels() -> None:
     """Replace the plain-Python kernels by numba's (``cache=True``), once; without numba they stay."""
     global HAVE_NUMBA, _ready, _sift_down, _sift_up, _reconstruct, _edt, _reflect, _smooth_peaks
-    global _push, _pop, _flood, _flood_components, _label4, _cut_at_peaks, _box_table, _grow
+    global _push, _pop, _side, _flood, _flood_components, _label4, _cut_at_peaks, _box_table, _grow
     if _ready:
         return
     _ready = True
@@ -60,7 +60,7 @@ def _kernels() -> None:
     _reconstruct, _edt, _smooth_peaks = jit(_reconstruct_py), jit(_edt_py), jit(_smooth_peaks_py)
     _push, _pop, _flood, _label4 = jit(_push_py), jit(_pop_py), jit(_flood_py), jit(_label4_py)
     _flood_components, _cut_at_peaks = jit(_flood_components_py), jit(_cut_at_peaks_py)
-    _box_table, _grow = jit(_box_table_py), jit(_grow_py)
+    _box_table, _grow, _side = jit(_box_table_py), jit(_grow_py), jit(_side_py)
 
 
 def h_maxima_bool(image: np.ndarray, h: float) -> np.ndarray:
@@ -428,6 +428,11 @@ def _pop_py(keys, where, n):  # noqa: ANN001, ANN202 (compiled helper)
     return n
 
 
+def _side_py(p, j, stride):  # noqa: ANN001, ANN202 (compiled helper)
+    """The ``j``-th 4-neighbour of raveled pixel ``p`` in skimage's order: up, left, right, down."""
+    return p - stride if j == 0 else (p - 1 if j == 1 else (p + 1 if j == 2 else p + stride))
+
+
 def _flood_py(rank, out, msk, stride, keys, where):  # noqa: ANN001, ANN202 (compiled helper)
     """skimage's marker watershed (no compactness, no lines) on a raveled crop whose border is
     outside ``msk``: markers (``out != 0``) enter in raster order at age 0, each pixel takes its
@@ -443,7 +448,7 @@ def _flood_py(rank, out, msk, stride, keys, where):  # noqa: ANN001, ANN202 (com
         v, p = keys[0] >> 32, where[0]
         n = _pop(keys, where, n)
         for j in range(4):
-            q = p - stride if j == 0 else (p - 1 if j == 1 else (p + 1 if j == 2 else p + stride))
+            q = _side(p, j, stride)
             if not msk[q] or out[q] != 0:
                 continue
             age += 1
@@ -493,7 +498,7 @@ def _label4_py(seed, out, stride, stack):  # noqa: ANN001, ANN202 (compiled help
             top -= 1
             q = stack[top]
             for j in range(4):
-                r = q - stride if j == 0 else (q - 1 if j == 1 else (q + 1 if j == 2 else q + stride))
+                r = _side(q, j, stride)
                 if seed[r] and out[r] == 0:
                     out[r] = k
                     stack[top] = r
@@ -597,4 +602,4 @@ def _grow_py(r, steps):  # noqa: ANN001, ANN202 (compiled helper)
 _sift_down, _sift_up, _reflect = _sift_down_py, _sift_up_py, _reflect_py
 _reconstruct, _edt, _smooth_peaks = _reconstruct_py, _edt_py, _smooth_peaks_py
 _push, _pop, _flood, _label4 = _push_py, _pop_py, _flood_py, _label4_py
-_flood_components, _cut_at_peaks, _box_table, _grow = _flood_components_py, _cut_at_peaks_py, _box_table_py, _grow_py
+_flood_components, _cut_at_peaks, _box_table, _grow, _side = _flood_components_py, _cut_at_peaks_py, _box_table_py, _grow_py, _side_py

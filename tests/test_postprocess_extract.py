@@ -601,6 +601,7 @@ def test_chunks_compute_only_the_part_their_own_objects_need():
     blob reaches an open read edge; a gland chunk likewise."""
     from wsi_mtl.postprocess._chunks import plan_chunks
     from wsi_mtl.postprocess._extract import NUCLEI_CONTEXT_PX, _gland_context, _tighten
+    from wsi_mtl.postprocess._instances import opened_cores
 
     lab = np.zeros((400, 400), np.int32)
     lab[disk((120, 130), 6, shape=lab.shape)] = 1  # owned by the chunk below
@@ -617,5 +618,27 @@ def test_chunks_compute_only_the_part_their_own_objects_need():
     long[118:122, 130:400] = 1  # the owned blob runs beyond the read region's right edge
     assert _tighten(label_to_3class(long, erosion_px=1)[:, :300, :300], chunk, PostprocessParams())[2]
     params = PostprocessParams(gland_erosion_px=3, gland_open_px=0, lumen_erosion_px=1)
-    rect, near_edge = _gland_context(label_to_3class(lab, erosion_px=3)[:, :300, :300], None, chunk, params)
-    assert rect[0] > 0 and rect[2] > 0 and rect[1] < 300 and not near_edge  # the halo's blob is left out
+    cores = opened_cores(label_to_3class(lab, erosion_px=3)[:, :300, :300], 0.5)
+    rect, masks = _gland_context(cores, None, chunk, params, final=False)
+    assert rect[0] > 0 and rect[2] > 0 and rect[1] < 300 and masks is not None  # the halo's blob is left out
+
+
+def test_a_gland_chunk_needs_no_more_halo_for_a_gland_that_only_crosses_it():
+    """A long gland whose box starts in another chunk's owned region neither makes a chunk it crosses
+    ask for a larger halo nor is needed there, while the chunk where it starts asks for more halo."""
+    from wsi_mtl.postprocess._chunks import plan_chunks
+    from wsi_mtl.postprocess._extract import _gland_context
+    from wsi_mtl.postprocess._instances import opened_cores
+
+    lab = np.zeros((400, 400), np.int32)
+    lab[110:130, 20:400] = 1  # starts in the chunk at columns 0-100, runs past the read regions
+    params = PostprocessParams(gland_erosion_px=3, gland_open_px=0, lumen_erosion_px=1)
+    chunks = {c.own: c for c in plan_chunks((400, 400), chunk_px=100, halo_px=100)}
+    crossed, start = chunks[(100, 200, 100, 200)], chunks[(100, 200, 0, 100)]
+
+    def context(chunk):
+        y0, y1, x0, x1 = chunk.read
+        return _gland_context(opened_cores(label_to_3class(lab, erosion_px=3)[:, y0:y1, x0:x1], 0.5), None, chunk, params, final=False)
+
+    assert context(crossed) is None
+    assert context(start)[1] is None  # its own gland reaches the open right edge of the read region

@@ -60,11 +60,12 @@ from wsi_mtl.errors import InputError
 from wsi_mtl.objects import COLUMNS, TASKS, ObjectBatch
 from wsi_mtl.postprocess._chunks import Chunk, plan_chunks
 from wsi_mtl.postprocess._instances import (
-    _core_instances,
     _inside_fraction,
     _sizes,
     core_mask,
     find_objects,
+    grown_instances,
+    opened_cores,
     NECK_REACH_PX,
     nuclei_foreground,
     object_boxes,
@@ -595,30 +596,54 @@ def _coarse_read(reader: Any, head: str, chunk: Chunk, f: int, fine_shape: tuple
     return downsample_prob(reader.read(head, region), f)
 
 
-def _gland_context(ginst: np.ndarray, linst: np.ndarray | None, chunk: Chunk, params: PostprocessParams) -> tuple[tuple[int, int, int, int], bool] | None:
+def _gland_context(gcores: np.ndarray, lcores: np.ndarray | None, chunk: Chunk, params: PostprocessParams,
+                   final: bool) -> tuple[tuple[int, int, int, int], list[np.ndarray] | None] | None:
     """The part of a gland chunk's read region (local rows/cols) that its own glands and lumen
-    need, from the components of the raw cores (gland and lumen cores together; an object lies in
-    its component's box grown by its erosion): the components whose grown boxes meet the owned
-    region, then every component that could overlap them or compete for their pixels, whole, and
-    around them the completeness margin. Also whether a component meeting the owned region comes
-    within that margin of an open read edge. None: no core meets the owned region."""
+    need, from the components of the cores each object grows from (``gcores``: the gland cores
+    after their opening; ``lcores``: the lumen cores; an object lies in its component's box grown by
+    its erosion): the components that can give an object whose box starts in the owned region, then
+    every component that could overlap them or compete for their pixels, whole, and around them the
+    completeness margin. Returns that rectangle and the core masks inside it holding only those
+    components (no pieces of others, which could pass for owned objects); the masks are None where
+    one of the first comes within that margin of an open read edge and the halo is not ``final``
+    (redo with a larger one). None: no such component."""
     f = params.gland_downsample
     g_er, l_er = math.ceil(params.gland_erosion_px / f), math.ceil(params.lumen_erosion_px / f)
-    cores = core_mask(ginst, params.gland_threshold)
-    if linst is not None:
-        cores |= core_mask(linst, params.lumen_threshold)
-    comps, n = ndi.label(cores)
-    if n == 0:
-        return None
-    box = object_boxes(comps, np.arange(1, n + 1))
-    grow = max(g_er, l_er)
-    first = _meeting(box, grow, _local_own(chunk))
+    kinds = [(gcores, g_er)] + ([(lcores, l_er)] if lcores is not None else [])
+    labelled, boxes, firsts = [], [], []
+    own = _local_own(chunk)
+    for cores, er in kinds:
+        comps, n = ndi.label(cores)
+        box = object_boxes(comps, np.arange(1, n + 1)) if n else np.zeros((0, 4), np.int64)
+        labelled.append(comps)
+        boxes.append(box)
+        firsts.append(_may_start_in(box, er, own))
+    box, first = np.concatenate(boxes), np.concatenate(firsts)
     if not first.any():
         return None
-    margin = 2 * max(g_er, l_er) + 1 + 2 * math.ceil(params.gland_open_px / f)
-    near = _meeting(box, 2 * grow + margin, _union(box[first], 0, ginst.shape[1:]))
-    near_edge = _touches_open_edge(_slices(_union(box[first], 0, ginst.shape[1:])), ginst.shape[1:], chunk, grow + margin)
-    return _union(box[near], grow + margin + 1, ginst.shape[1:]), near_edge
+    grow = max(g_er, l_er)
+    margin = 2 * grow + 1 + 2 * math.ceil(params.gland_open_px / f)
+    shape = gcores.shape
+    mine = _union(box[first], 0, shape)
+    near = _meeting(box, 2 * grow + margin, mine)
+    rect = _union(box[near], grow + margin + 1, shape)
+    if not final and _touches_open_edge(_slices(mine), shape, chunk, grow + margin):
+        return rect, None
+    masks, start = [], 0
+    for comps, b in zip(labelled, boxes):
+        keep = np.zeros(len(b) + 1, bool)
+        keep[1:] = near[start : start + len(b)]
+        start += len(b)
+        masks.append(keep[comps[_slices(rect)]])
+    return rect, masks
+
+
+def _may_start_in(box: np.ndarray, grow: int, rect: tuple[int, int, int, int]) -> np.ndarray:
+    """Which components (boxes) can give an object whose bounding-box start lies in ``rect``: an
+    object grown from a component by up to ``grow`` px starts at most ``grow`` px above and left
+    of the component's box."""
+    y0, y1, x0, x1 = rect
+    return (box[:, 0] - grow < y1) & (box[:, 0] >= y0) & (box[:, 2] - grow < x1) & (box[:, 2] >= x0)
 
 
 def _glands_chunk(reader: Any, chunk: Chunk, meta: MapsMeta, params: PostprocessParams, final: bool, tasks: tuple[str, ...]) -> dict[str, Any] | None:
@@ -629,18 +654,19 @@ def _glands_chunk(reader: Any, chunk: Chunk, meta: MapsMeta, params: Postprocess
         return _empty_result()
     with_lumen = "lumen" in tasks and LUMEN_INST in meta.heads
     linst = _coarse_read(reader, LUMEN_INST, chunk, f, fine) if with_lumen else None
-    context = _gland_context(ginst, linst, chunk, params)
+    gcores = opened_cores(ginst, params.gland_threshold, params.gland_open_px / f)
+    lcores = None if linst is None else core_mask(linst, params.lumen_threshold)
+    context = _gland_context(gcores, lcores, chunk, params, final)
     if context is None:
         return _empty_result()
-    rect, near_edge = context
-    if near_edge and not final:
+    rect, masks = context
+    if masks is None:
         return None  # an object it may own may be cut by the read region: redone with a larger halo first
     a, b, l, r = rect  # the halo beyond it only completes what the chunk owns
     ginst, linst = ginst[:, a:b, l:r], None if linst is None else linst[:, a:b, l:r]
     chunk = _crop_chunk(chunk, rect)
     g_er = math.ceil(params.gland_erosion_px / f)
-    glands = _core_instances(ginst, threshold=params.gland_threshold, erosion_px=g_er, min_area_px=params.gland_min_area_px / f**2,
-                             open_px=params.gland_open_px / f)
+    glands = grown_instances(masks[0], erosion_px=g_er, min_area_px=params.gland_min_area_px / f**2)
     g_margin = 2 * g_er + 1 + 2 * math.ceil(params.gland_open_px / f)  # opening looks 2 radii away
     g_slices = find_objects(glands)
     g_cut = np.array([s is not None and _touches_open_edge(s, glands.shape, chunk, g_margin) for s in g_slices], bool)
@@ -654,7 +680,7 @@ def _glands_chunk(reader: Any, chunk: Chunk, meta: MapsMeta, params: Postprocess
     lumen = l_owned = l_cut = None
     if linst is not None:
         l_er = math.ceil(params.lumen_erosion_px / f)
-        lumen = _core_instances(linst, threshold=params.lumen_threshold, erosion_px=l_er, min_area_px=params.lumen_min_area_px / f**2)
+        lumen = grown_instances(masks[1], erosion_px=l_er, min_area_px=params.lumen_min_area_px / f**2)
         l_slices = find_objects(lumen)
         l_owned = _owned(l_slices, range(1, len(l_slices) + 1), chunk)
         if len(l_owned):

@@ -726,6 +726,13 @@ def _grow_ranks(r: np.ndarray, steps: int) -> np.ndarray:
     return padded[1:-1, 1:-1]
 
 
+def opened_cores(inst_prob: np.ndarray, threshold: float, open_px: float = 0) -> np.ndarray:
+    """:func:`core_mask` opened with ``disk(open_px)`` (``open_px`` < 1: not opened): the pixels whose
+    components :func:`gland_instances` labels."""
+    core = core_mask(inst_prob, threshold)
+    return _open_disk(core, int(open_px)) if open_px >= 1 else core
+
+
 def core_mask(inst_prob: np.ndarray, threshold: float) -> np.ndarray:
     """Gland or lumen cores: ``interior - boundary > threshold`` (a probability, whatever the
     map's encoding), before any opening."""
@@ -742,10 +749,13 @@ def _core_instances(
     min_area_px: float,
     open_px: float = 0,
 ) -> np.ndarray:
-    core = core_mask(inst_prob, threshold)
-    if open_px >= 1:
-        core = _open_disk(core, int(open_px))
-    labels, _ = ndi.label(core)
+    return grown_instances(opened_cores(inst_prob, threshold, open_px), erosion_px=erosion_px, min_area_px=min_area_px)
+
+
+def grown_instances(cores: np.ndarray, *, erosion_px: float, min_area_px: float) -> np.ndarray:
+    """The instances of :func:`gland_instances` from its (opened) core mask: components grown back
+    by ``erosion_px``, holes filled, those under ``min_area_px`` dropped."""
+    labels, _ = ndi.label(cores)
     if erosion_px >= 1 and labels.max(initial=0):
         labels = _expand_labels_square(labels, int(erosion_px))
     labels = _fill_holes_per_label(labels.astype(np.int32))

@@ -619,8 +619,8 @@ def test_chunks_compute_only_the_part_their_own_objects_need():
     assert _tighten(label_to_3class(long, erosion_px=1)[:, :300, :300], chunk, PostprocessParams())[2]
     params = PostprocessParams(gland_erosion_px=3, gland_open_px=0, lumen_erosion_px=1)
     cores = opened_cores(label_to_3class(lab, erosion_px=3)[:, :300, :300], 0.5)
-    rect, masks = _gland_context(cores, None, chunk, params, final=False)
-    assert rect[0] > 0 and rect[2] > 0 and rect[1] < 300 and masks is not None  # the halo's blob is left out
+    rect, comps = _gland_context(cores, None, chunk, params, final=False)
+    assert rect[0] > 0 and rect[2] > 0 and rect[1] < 300 and comps is not None  # the halo's blob is left out
 
 
 def test_a_gland_chunk_needs_no_more_halo_for_a_gland_that_only_crosses_it():

@@ -72,7 +72,16 @@ def _random_gland_map(rng: np.random.Generator, shape=(96, 128), scale: float = 
     return prob
 
 
-def test_open_disk_equals_binary_opening():
+@pytest.mark.parametrize("compiled", [False, True])
+def test_open_disk_equals_binary_opening(monkeypatch, compiled):
+    """Opening by a disk, by shifted rows (numpy) and by the compiled run-length kernel (plain
+    Python where numba is absent), is scipy's binary opening, also on masks thinner than the disk."""
+    if compiled:
+        _kernels_here(monkeypatch)
+    else:
+        from wsi_mtl.postprocess import _compiled
+
+        monkeypatch.setattr(_compiled, "HAVE_NUMBA", False)
     rng = np.random.default_rng(3)
     for trial in range(40):
         shape = (int(rng.integers(1, 60)), int(rng.integers(1, 70)))

@@ -24,7 +24,7 @@ from skimage.morphology import h_maxima as _sk_h_maxima
 import importlib.util
 import os
 
-__all__ = ["available", "edt32", "smooth_and_peaks", "h_maxima_bool", "flood_components", "cut_at_peaks", "grow_ranks", "HAVE_NUMBA"]
+__all__ = ["available", "edt32", "smooth_and_peaks", "h_maxima_bool", "flood_components", "cut_at_peaks", "grow_ranks", "open_rows", "HAVE_NUMBA"]
 
 #: Whether numba (the ``fast`` extra) is installed and not switched off by the environment variable
 #: ``WSIMTL_NO_NUMBA=1`` (numba's LLVM adds ~140 MB to each process that cuts necks); it is
@@ -46,7 +46,7 @@ def available() -> bool:
 def _kernels() -> None:
     """Replace the plain-Python kernels by numba's (``cache=True``), once; without numba they stay."""
     global HAVE_NUMBA, _ready, _sift_down, _sift_up, _reconstruct, _edt, _reflect, _smooth_peaks
-    global _push, _pop, _side, _flood, _flood_components, _label4, _cut_at_peaks, _box_table, _grow
+    global _push, _pop, _side, _flood, _flood_components, _label4, _cut_at_peaks, _box_table, _grow, _open
     if _ready:
         return
     _ready = True
@@ -60,7 +60,7 @@ def _kernels() -> None:
     _reconstruct, _edt, _smooth_peaks = jit(_reconstruct_py), jit(_edt_py), jit(_smooth_peaks_py)
     _push, _pop, _flood, _label4 = jit(_push_py), jit(_pop_py), jit(_flood_py), jit(_label4_py)
     _flood_components, _cut_at_peaks = jit(_flood_components_py), jit(_cut_at_peaks_py)
-    _box_table, _grow, _side = jit(_box_table_py), jit(_grow_py), jit(_side_py)
+    _box_table, _grow, _side, _open = jit(_box_table_py), jit(_grow_py), jit(_side_py), jit(_open_py)
 
 
 def h_maxima_bool(image: np.ndarray, h: float) -> np.ndarray:
@@ -598,8 +598,69 @@ def _grow_py(r, steps):  # noqa: ANN001, ANN202 (compiled helper)
     return out
 
 
+def open_rows(mask: np.ndarray, halves: np.ndarray) -> np.ndarray:
+    """Binary opening of a 2-D ``mask`` (outside = False) by a symmetric footprint given as the
+    half-widths of its centred rows (``halves[k]`` for row offset ``k - len(halves) // 2``), e.g. a
+    disk: the same set as ``scipy.ndimage.binary_opening``. Each row's run lengths are found once,
+    then a pixel reads one value per footprint row. A new array; needs numba."""
+    _kernels()
+    return _open(np.ascontiguousarray(mask, dtype=np.bool_), np.ascontiguousarray(halves, dtype=np.int64))
+
+
+def _open_py(m, halves):  # noqa: ANN001, ANN202 (compiled helper)
+    h, w = m.shape
+    r = len(halves) // 2
+    # erosion: a row segment |dx| <= half around x is all True iff the shorter of the True runs
+    # reaching x from the left and from the right (x included) is longer than half
+    run = np.empty((h, w), np.int32)
+    for y in range(h):
+        n = 0
+        for x in range(w):
+            n = n + 1 if m[y, x] else 0
+            run[y, x] = n
+        n = 0
+        for x in range(w - 1, -1, -1):
+            n = n + 1 if m[y, x] else 0
+            if n < run[y, x]:
+                run[y, x] = n
+    eroded = np.zeros((h, w), np.bool_)
+    for y in range(r, h - r):  # rows nearer the edge than r read outside: False
+        row = eroded[y]
+        row[:] = True
+        for k in range(len(halves)):  # whole rows at a time: contiguous reads
+            src, half = run[y + k - r], halves[k]
+            for x in range(w):
+                row[x] = row[x] & (src[x] > half)
+    # dilation: a row segment |dx| <= half around x holds an eroded pixel iff the nearest one in
+    # that row is at most half away
+    far = 1 << 30  # farther than any half-width
+    near = np.empty((h, w), np.int32)
+    for y in range(h):
+        last = -far
+        for x in range(w):
+            if eroded[y, x]:
+                last = x
+            near[y, x] = x - last
+        last = far
+        for x in range(w - 1, -1, -1):
+            if eroded[y, x]:
+                last = x
+            if last - x < near[y, x]:
+                near[y, x] = last - x
+    out = np.zeros((h, w), np.bool_)
+    for y in range(h):
+        row = out[y]
+        for k in range(len(halves)):
+            yy = y + k - r
+            if 0 <= yy < h:
+                src, half = near[yy], halves[k]
+                for x in range(w):
+                    row[x] = row[x] | (src[x] <= half)
+    return out
+
 # plain Python until _kernels() compiles them
 _sift_down, _sift_up, _reflect = _sift_down_py, _sift_up_py, _reflect_py
 _reconstruct, _edt, _smooth_peaks = _reconstruct_py, _edt_py, _smooth_peaks_py
 _push, _pop, _flood, _label4 = _push_py, _pop_py, _flood_py, _label4_py
 _flood_components, _cut_at_peaks, _box_table, _grow, _side = _flood_components_py, _cut_at_peaks_py, _box_table_py, _grow_py, _side_py
+_open = _open_py

@@ -64,7 +64,7 @@ from wsi_mtl.postprocess._instances import (
     _sizes,
     core_mask,
     find_objects,
-    grown_instances,
+    grow_components,
     opened_cores,
     NECK_REACH_PX,
     nuclei_foreground,
@@ -603,8 +603,9 @@ def _gland_context(gcores: np.ndarray, lcores: np.ndarray | None, chunk: Chunk, 
     after their opening; ``lcores``: the lumen cores; an object lies in its component's box grown by
     its erosion): the components that can give an object whose box starts in the owned region, then
     every component that could overlap them or compete for their pixels, whole, and around them the
-    completeness margin. Returns that rectangle and the core masks inside it holding only those
-    components (no pieces of others, which could pass for owned objects); the masks are None where
+    completeness margin. Returns that rectangle and the labelled components inside it, gland and
+    lumen, holding only those components (no pieces of others, which could pass for owned objects)
+    and numbered as ``ndi.label`` numbers the crop; the labels are None where
     one of the first comes within that margin of an open read edge and the halo is not ``final``
     (redo with a larger one). None: no such component."""
     f = params.gland_downsample
@@ -629,13 +630,14 @@ def _gland_context(gcores: np.ndarray, lcores: np.ndarray | None, chunk: Chunk, 
     rect = _union(box[near], grow + margin + 1, shape)
     if not final and _touches_open_edge(_slices(mine), shape, chunk, grow + margin):
         return rect, None
-    masks, start = [], 0
+    kept, start = [], 0
     for comps, b in zip(labelled, boxes):
-        keep = np.zeros(len(b) + 1, bool)
-        keep[1:] = near[start : start + len(b)]
+        keep = near[start : start + len(b)]
         start += len(b)
-        masks.append(keep[comps[_slices(rect)]])
-    return rect, masks
+        lut = np.zeros(len(b) + 1, np.int32)  # renumbered 1..k in ndi.label's raster order, as if the crop were labelled
+        lut[1:][keep] = np.arange(1, int(keep.sum()) + 1, dtype=np.int32)
+        kept.append(lut[comps[_slices(rect)]])
+    return rect, kept
 
 
 def _may_start_in(box: np.ndarray, grow: int, rect: tuple[int, int, int, int]) -> np.ndarray:
@@ -659,14 +661,14 @@ def _glands_chunk(reader: Any, chunk: Chunk, meta: MapsMeta, params: Postprocess
     context = _gland_context(gcores, lcores, chunk, params, final)
     if context is None:
         return _empty_result()
-    rect, masks = context
-    if masks is None:
+    rect, comps = context
+    if comps is None:
         return None  # an object it may own may be cut by the read region: redone with a larger halo first
     a, b, l, r = rect  # the halo beyond it only completes what the chunk owns
     ginst, linst = ginst[:, a:b, l:r], None if linst is None else linst[:, a:b, l:r]
     chunk = _crop_chunk(chunk, rect)
     g_er = math.ceil(params.gland_erosion_px / f)
-    glands = grown_instances(masks[0], erosion_px=g_er, min_area_px=params.gland_min_area_px / f**2)
+    glands = grow_components(comps[0], erosion_px=g_er, min_area_px=params.gland_min_area_px / f**2)
     g_margin = 2 * g_er + 1 + 2 * math.ceil(params.gland_open_px / f)  # opening looks 2 radii away
     g_slices = find_objects(glands)
     g_cut = np.array([s is not None and _touches_open_edge(s, glands.shape, chunk, g_margin) for s in g_slices], bool)
@@ -680,7 +682,7 @@ def _glands_chunk(reader: Any, chunk: Chunk, meta: MapsMeta, params: Postprocess
     lumen = l_owned = l_cut = None
     if linst is not None:
         l_er = math.ceil(params.lumen_erosion_px / f)
-        lumen = grown_instances(masks[1], erosion_px=l_er, min_area_px=params.lumen_min_area_px / f**2)
+        lumen = grow_components(comps[1], erosion_px=l_er, min_area_px=params.lumen_min_area_px / f**2)
         l_slices = find_objects(lumen)
         l_owned = _owned(l_slices, range(1, len(l_slices) + 1), chunk)
         if len(l_owned):

@@ -102,6 +102,8 @@ def test_expand_and_fill_equal_their_plain_definitions():
             want = _expand_plain(labels, d)
             got = inst._expand_labels_square(labels, d)
             np.testing.assert_array_equal(got, want)
+            # ndi.label numbers in raster order, so its numbers can serve as the ranks
+            np.testing.assert_array_equal(inst._expand_labels_square(labels, d, raster_ordered=True), want)
             grown += int((want != labels).sum())
         rings = labels.copy()
         rings[ndi.binary_erosion(labels > 0, iterations=2)] = 0  # objects become rings: holes

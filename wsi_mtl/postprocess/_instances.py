@@ -659,7 +659,7 @@ def _open_disk(mask: np.ndarray, radius: int) -> np.ndarray:
     return _shifted_rows(_shifted_rows(np.ascontiguousarray(mask, bool), radius, True), radius, False)
 
 
-def _expand_labels_square(labels: np.ndarray, distance: int) -> np.ndarray:
+def _expand_labels_square(labels: np.ndarray, distance: int, *, raster_ordered: bool = False) -> np.ndarray:
     """Grow labels into background by a square of radius ``distance`` without merging.
 
     The inverse of the square erosion of the Cerberus targets: ``distance`` steps of a 3x3
@@ -667,24 +667,18 @@ def _expand_labels_square(labels: np.ndarray, distance: int) -> np.ndarray:
     ``distance`` of an object takes the label of a nearest object. Ties go to the object whose
     first pixel comes last in raster order: a rule that does not depend on label numbers or on
     where the array was cropped, so a chunk gives exactly what the whole image gives.
+    ``raster_ordered``: the labels already increase with that order (as ``ndi.label`` numbers
+    them, or a crop of such labels that keeps their numbers), so the numbers are the ranks.
     """
     n = int(labels.max(initial=0))
     if n == 0 or distance < 1:
         return labels
-    first = np.full(n, np.iinfo(np.int64).max, np.int64)
-    width = labels.shape[1]
-    for i, sl in enumerate(find_objects(labels)):
-        if sl is not None:
-            row = sl[0].start
-            col = sl[1].start + int(np.argmax(labels[row, sl[1]] == i + 1))
-            first[i] = row * width + col
     small = np.uint8 if n < 255 else np.int16 if n < np.iinfo(np.int16).max else np.int32  # narrower is faster to filter
-    rank = np.empty(n + 1, small)  # label -> rank of its first pixel (0 = background)
-    rank[0] = 0
-    order = np.argsort(first, kind="stable")
-    rank[order + 1] = np.arange(1, n + 1, dtype=small)
-    back = np.zeros(n + 1, labels.dtype)
-    back[rank[1:]] = np.arange(1, n + 1, dtype=labels.dtype)
+    if raster_ordered:
+        rank = np.arange(n + 1, dtype=small)
+        back = np.arange(n + 1, dtype=labels.dtype)
+    else:
+        rank, back = _first_pixel_ranks(labels, n, small)
     # only the box of the objects grown by ``distance`` can change
     d = int(distance)
     ys, xs = np.flatnonzero(labels.any(axis=1)), np.flatnonzero(labels.any(axis=0))
@@ -692,6 +686,24 @@ def _expand_labels_square(labels: np.ndarray, distance: int) -> np.ndarray:
     out = labels.copy()
     out[box] = back[_grow_ranks(rank[labels[box]], d)]
     return out
+
+
+def _first_pixel_ranks(labels: np.ndarray, n: int, small: type) -> tuple[np.ndarray, np.ndarray]:
+    """label -> rank of its first pixel in raster order (0 = background), and rank -> label."""
+    first = np.full(n, np.iinfo(np.int64).max, np.int64)
+    width = labels.shape[1]
+    for i, sl in enumerate(find_objects(labels)):
+        if sl is not None:
+            row = sl[0].start
+            col = sl[1].start + int(np.argmax(labels[row, sl[1]] == i + 1))
+            first[i] = row * width + col
+    rank = np.empty(n + 1, small)
+    rank[0] = 0
+    order = np.argsort(first, kind="stable")
+    rank[order + 1] = np.arange(1, n + 1, dtype=small)
+    back = np.zeros(n + 1, labels.dtype)
+    back[rank[1:]] = np.arange(1, n + 1, dtype=labels.dtype)
+    return rank, back
 
 
 def _grow_ranks(r: np.ndarray, steps: int) -> np.ndarray:
@@ -765,7 +777,7 @@ def grow_components(labels: np.ndarray, *, erosion_px: float, min_area_px: float
     """:func:`grown_instances` from the cores' components, labelled 1..n in the raster order of
     their first pixels (as ``scipy.ndimage.label`` numbers them)."""
     if erosion_px >= 1 and labels.max(initial=0):
-        labels = _expand_labels_square(labels, int(erosion_px))
+        labels = _expand_labels_square(labels, int(erosion_px), raster_ordered=True)
     labels = _fill_holes_per_label(labels.astype(np.int32))
     return _keep_large(labels, min_area_px)
 

@@ -497,3 +497,42 @@ def test_tune_only_rewrites_the_settings_and_keeps_the_weights(tmp_path):
         load_config(path, tune_sources={"lumen": ["x"]})
     with pytest.raises(InputError, match="no model folder"):
         retune_model(load_config(path, output_model=str(tmp_path / "nowhere")))
+
+
+def test_average_with_re_tunes_the_weighted_mean_of_two_models(tmp_path):
+    """`average_with`: the model re-tuned is init_from's weights averaged with another model's
+    (floating tensors mixed, batch counters kept), recorded in its config; bad settings are refused."""
+    from safetensors.torch import load_file
+
+    from wsi_mtl.errors import InputError
+    from wsi_mtl.network import create_model, save_model
+    from wsi_mtl.train import retune_model
+    from wsi_mtl.train._average import average_models
+
+    a, b = tmp_path / "a", tmp_path / "b"
+    save_model(create_model("wsimtl_small", seed=1), a)
+    save_model(create_model("wsimtl_small", seed=2), b)
+    wa, wb = load_file(a / "weights.safetensors"), load_file(b / "weights.safetensors")
+    mixed = load_file(average_models(a, b, 0.25, tmp_path / "m") / "weights.safetensors")
+    for k, v in wa.items():
+        want = 0.75 * v.double() + 0.25 * wb[k].double() if v.is_floating_point() else v
+        assert torch.allclose(mixed[k].double(), want.to(v.dtype).double()), k
+    assert any(not torch.equal(wa[k], mixed[k]) for k in wa)
+    _fake_data(tmp_path / "data")
+    path = _write_config(tmp_path, "avg", steps=2)
+    out = tmp_path / "avg-model"
+    cfg = load_config(path, init_from=str(a), average_with={"model": str(b), "weight": 0.5}, output_model=str(out),
+                      tune_postprocess=True, tune_images={"nuclei": 2, "gland": 0})
+    retune_model(cfg)
+    extra = json.loads((out / "config.json").read_text())["extra"]
+    assert extra["training"]["averaged_with"]["weight"] == 0.5 and "postprocess_tuning" in extra["training"]
+    half = load_file(out / "weights.safetensors")
+    k = next(k for k, v in wa.items() if v.is_floating_point() and not torch.equal(v, wb[k]))
+    assert torch.allclose(half[k].double(), (wa[k].double() + wb[k].double()) / 2, atol=1e-6)
+    for bad in ({"model": str(b)}, {"model": str(b), "weight": 1.0}, {"model": str(b), "weight": "half"}):
+        with pytest.raises(InputError, match="average_with"):
+            load_config(path, average_with=bad)
+    other_arch = tmp_path / "c"
+    save_model(create_model("cerberus_r34", seed=0), other_arch)
+    with pytest.raises(InputError, match="tensors differ"):
+        average_models(a, other_arch, 0.5, tmp_path / "x")

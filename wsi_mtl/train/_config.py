@@ -13,6 +13,7 @@ from typing import Any
 import yaml
 
 from ..errors import InputError
+from ._average import check_average_with
 
 __all__ = ["TrainConfig", "load_config", "load_split", "SOURCES", "DEFAULT_SOURCE_MPP"]
 
@@ -109,6 +110,10 @@ class TrainConfig:
     #: (``config.json`` + ``weights.safetensors``) or a run's ``checkpoint.pt`` / ``best.pt``
     #: (a fine-tuning stage). Ignored when the run folder already holds a checkpoint (resume).
     init_from: Path | None = None
+    #: ``{model: PATH, weight: W}``, for re-tuning only (``--tune-only``, a ``tune_only`` stage):
+    #: the model re-tuned is ``init_from`` with every weight averaged with PATH's,
+    #: ``(1 - W) * init_from + W * PATH`` (``wsi_mtl.train._average``). Empty: no averaging.
+    average_with: Mapping[str, Any] = field(default_factory=dict)
     #: Train only the parameters inside these modules (dotted module paths of the network, e.g.
     #: ``decoder_head.Nuclei``); everything else is frozen and its BatchNorm statistics are kept.
     #: Empty: train everything.
@@ -173,6 +178,8 @@ def _validate(data: Mapping[str, Any], base: Path) -> TrainConfig:
             kw[k] = {**DEFAULT_SOURCE_MPP, **{str(a): float(b) for a, b in v.items()}}
         elif k == "bf16":
             kw[k] = _bf16_setting(v)
+        elif k == "average_with":
+            kw[k] = check_average_with(v, base) if v else {}
         else:
             kw[k] = v
     for k in ("data_root", "splits", "run_dir", "output_model"):

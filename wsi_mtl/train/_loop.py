@@ -23,6 +23,7 @@ from ..network import ModelConfig, MultiTaskNet, create_model, get_model_config,
 from ..network.config import PATCH_POOLS
 from ..network.model import patch_head_inputs
 from ._augment import hed_jitter, random_blur
+from ._average import average_models
 from ._config import TrainConfig
 from ._data import SEG_HEADS, Sources, load_sources, sample_cls, sample_seg
 from ._evaluate import evaluate_sources, glas_native_truth, heads_only
@@ -599,12 +600,17 @@ def _tuning_record(cfg: TrainConfig, tuned: Mapping[str, Any]) -> dict[str, Any]
 def retune_model(cfg: TrainConfig) -> Path:
     """Re-tune the post-processing of the model saved in ``cfg.output_model`` on training images
     (``cfg.tune_images`` / ``cfg.tune_sources``) and rewrite its ``config.json`` (atomically); the
-    weights file is not touched. Settings of a task without tuning images are kept."""
+    weights file is not touched. Settings of a task without tuning images are kept. With
+    ``cfg.average_with``, ``cfg.output_model`` is first written as ``init_from`` averaged with it."""
     from ..atomic import atomic_path
     from ..network import load_model
     from ..network.io import CONFIG_FILE
 
     folder = Path(cfg.output_model) if cfg.output_model is not None else None
+    if cfg.average_with and folder is not None:
+        if cfg.init_from is None:
+            raise InputError("average_with averages init_from with another model: set init_from")
+        average_models(Path(cfg.init_from), Path(cfg.average_with["model"]), float(cfg.average_with["weight"]), folder)
     if folder is None or not (folder / CONFIG_FILE).is_file():
         raise InputError(f"no model folder at {cfg.output_model} to re-tune")
     model = load_model(folder)  # for inference (BatchNorm folded): only its maps are used

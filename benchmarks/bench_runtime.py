@@ -26,6 +26,11 @@ Validation (held-out split, tasks nuclei + glands; seconds for the split in brac
 int8 misses 0.005 (gland F1 -0.0083 vs fp32) besides its maps; OpenVINO bf16 stays within 0.0011 of
 eager bf16 on every metric, but its maps differ from eager bf16's by up to 0.059 (Patch-LC25000).
 
+torch.compile (inductor, torch 2.13, the engine's channels_last input, one 1024^2 tile of the sample
+slide, 2 threads, idle machine, 2026-12-05): fp32 2.1-2.3 MP/s vs eager fp32 2.0-2.4 (maps within
+1e-6), bf16 1.7-1.9 vs eager bf16 2.9-3.0 (0.62x; maps within 0.021 of eager bf16), after a 75-79 s
+first call: no gain on this CPU, so it is not offered.
+
 Under load torch's two threads wait on each other far more than OpenVINO's; per core (1 thread)
 and in issue 19's idle figures (0.80x) OpenVINO f32 is slower than eager bf16, so nothing was
 adopted for ``auto`` (wsi_mtl.network.runtime.AUTO_ORDER); int8 fails the maps outright.

@@ -35,8 +35,9 @@ def check_average_with(value: Mapping[str, Any], base: Path) -> dict[str, Any]:
     return {"model": path if path.is_absolute() else base / path, "weight": weight}
 
 
-def average_models(start: Path, other: Path, weight: float, out: Path) -> Path:
-    """Write to ``out`` the model folder ``start`` with its weights averaged with ``other``'s."""
+def average_models(start: Path, other: Path, weight: float, out: Path, *, shown: Mapping[str, str] | None = None) -> Path:
+    """Write to ``out`` the model folder ``start`` with its weights averaged with ``other``'s;
+    its config records the average (``shown``: how to write the two paths, e.g. relative)."""
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
@@ -54,7 +55,8 @@ def average_models(start: Path, other: Path, weight: float, out: Path) -> Path:
     mixed = {k: _mix(a[k], b[k], weight) for k in a}
     extra = dict(config.extra)
     training = dict(extra.get("training") or {})
-    training["averaged_with"] = {"model": str(other), "weight": weight, "start": str(start)}
+    names = {"start": str(start), "model": str(other)} | dict(shown or {})
+    training["averaged_with"] = {"model": names["model"], "weight": weight, "start": names["start"]}
     model = MultiTaskNet(config.replace(extra=extra | {"training": training}))
     model.load_state_dict(mixed, strict=True)
     return save_model(model, out, trained=config.trained)

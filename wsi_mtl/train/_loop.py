@@ -610,7 +610,8 @@ def retune_model(cfg: TrainConfig) -> Path:
     if cfg.average_with and folder is not None:
         if cfg.init_from is None:
             raise InputError("average_with averages init_from with another model: set init_from")
-        average_models(Path(cfg.init_from), Path(cfg.average_with["model"]), float(cfg.average_with["weight"]), folder)
+        start, other = Path(cfg.init_from), Path(cfg.average_with["model"])
+        average_models(start, other, float(cfg.average_with["weight"]), folder, shown={"start": _shown_path(start), "model": _shown_path(other)})
     if folder is None or not (folder / CONFIG_FILE).is_file():
         raise InputError(f"no model folder at {cfg.output_model} to re-tune")
     model = load_model(folder)  # for inference (BatchNorm folded): only its maps are used

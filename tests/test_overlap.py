@@ -209,7 +209,10 @@ def test_run_cut_after_inference_resumes_and_derives_the_same_objects(he_image, 
     monkeypatch.setattr(PredictionStore, "finalize", real)
     again = segment_slide(slide, tmp_path / "out", **common)
     assert again.run["tiles"]["resumed"] == again.run["tiles"]["with_tissue"]  # every tile came from the cut run
-    reference = segment_slide(slide, tmp_path / "ref", overlap=False, **common)
+    # an uninterrupted run with the same settings: the same network threads, so the same maps (a
+    # run without overlap gives the network every core, and fp32 sums in another order may move a
+    # stored probability by one unit)
+    reference = segment_slide(slide, tmp_path / "ref", **common)
     assert _table_key(again.result_dir) == _table_key(reference.result_dir)
 
 

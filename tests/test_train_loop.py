@@ -532,6 +532,8 @@ def test_average_with_re_tunes_the_weighted_mean_of_two_models(tmp_path):
     for bad in ({"model": str(b)}, {"model": str(b), "weight": 1.0}, {"model": str(b), "weight": "half"}):
         with pytest.raises(InputError, match="average_with"):
             load_config(path, average_with=bad)
+    with pytest.raises(InputError, match="average_with is for re-tuning"):
+        train(load_config(path, init_from=str(a), average_with={"model": str(b), "weight": 0.5}), progress=False)
     other_arch = tmp_path / "c"
     save_model(create_model("cerberus_r34", seed=0), other_arch)
     with pytest.raises(InputError, match="tensors differ"):

@@ -21,8 +21,8 @@ __all__ = ["average_models", "check_average_with"]
 
 
 def check_average_with(value: Mapping[str, Any], base: Path) -> dict[str, Any]:
-    """``average_with`` of a config: ``{model: PATH, weight: W}`` with 0 < W < 1 (the path taken
-    relative to the config's folder)."""
+    """``average_with`` of a config: ``{model: PATH, weight: W}`` with 0 < W < 1 (a relative PATH is
+    taken from ``base``, the repository root, as the config's other paths)."""
     if not isinstance(value, Mapping) or set(value) != {"model", "weight"}:
         raise InputError(f"training config: average_with needs exactly the keys model and weight, got {value!r}")
     try:

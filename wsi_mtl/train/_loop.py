@@ -392,6 +392,8 @@ def train(cfg: TrainConfig, *, max_minutes: float | None = None, progress: bool 
     pace measured so far affords within that budget (capped at ``cfg.steps``), so a slow or busy
     machine still gets a complete schedule; the horizon is kept in the checkpoint.
     """
+    if cfg.average_with:
+        raise InputError("average_with is for re-tuning (--tune-only, or a tune_only recipe stage), not for training")
     t_start = time.monotonic()
     torch.set_num_threads(max(1, int(cfg.threads)))
     if cfg.bf16 and not cpu_has_bf16():

@@ -474,8 +474,7 @@ def _mean_in_labels(labels: np.ndarray, values: np.ndarray, ids: np.ndarray, sca
     n = int(labels.max(initial=0)) + 1
     on = labels > 0  # over the objects' pixels only (same sums: background adds to entry 0)
     sums = np.bincount(labels[on], weights=values[on].astype(np.float64), minlength=n)
-    counts = np.bincount(labels[on], minlength=n)
-    return sums[ids] / np.maximum(counts[ids], 1) / scale
+    return sums[ids] / np.maximum(_sizes(labels, n)[ids], 1) / scale
 
 
 #: Context kept around the blobs a nuclei chunk may own, model px. A nucleus depends only on its
@@ -619,9 +618,9 @@ def _gland_context(gcores: np.ndarray, lcores: np.ndarray | None, chunk: Chunk, 
     every component that could overlap them or compete for their pixels, whole, and around them the
     completeness margin. Returns that rectangle and the labelled components inside it, gland and
     lumen, holding only those components (no pieces of others, which could pass for owned objects)
-    and numbered as ``ndi.label`` numbers the crop; the labels are None where
-    one of the first comes within that margin of an open read edge and the halo is not ``final``
-    (redo with a larger one). None: no such component."""
+    and numbered as ``ndi.label`` numbers the crop; the labels are None where one of the first
+    comes within that margin of an open read edge and the halo is not ``final`` (redo with a
+    larger one). None: no such component."""
     f = params.gland_downsample
     g_er, l_er = math.ceil(params.gland_erosion_px / f), math.ceil(params.lumen_erosion_px / f)
     kinds = [(gcores, g_er)] + ([(lcores, l_er)] if lcores is not None else [])
@@ -637,7 +636,7 @@ def _gland_context(gcores: np.ndarray, lcores: np.ndarray | None, chunk: Chunk, 
     if not first.any():
         return None
     grow = max(g_er, l_er)
-    margin = 2 * grow + 1 + 2 * math.ceil(params.gland_open_px / f)
+    margin = _gland_margin(grow, params)
     shape = gcores.shape
     mine = _union(box[first], 0, shape)
     near = _meeting(box, 2 * grow + margin, mine)
@@ -652,6 +651,12 @@ def _gland_context(gcores: np.ndarray, lcores: np.ndarray | None, chunk: Chunk, 
         lut[1:][keep] = np.arange(1, int(keep.sum()) + 1, dtype=np.int32)
         kept.append(lut[comps[_slices(rect)]])
     return rect, kept
+
+
+def _gland_margin(erosion: int, params: PostprocessParams) -> int:
+    """How far (px of the gland grid) from an open read edge an object grown by ``erosion`` is
+    complete: growing back sees every competing core, and the opening looks two radii away."""
+    return 2 * erosion + 1 + 2 * math.ceil(params.gland_open_px / params.gland_downsample)
 
 
 def _may_start_in(box: np.ndarray, grow: int, rect: tuple[int, int, int, int]) -> np.ndarray:
@@ -683,7 +688,7 @@ def _glands_chunk(reader: Any, chunk: Chunk, meta: MapsMeta, params: Postprocess
     chunk = _crop_chunk(chunk, rect)
     g_er = math.ceil(params.gland_erosion_px / f)
     glands = grow_components(comps[0], erosion_px=g_er, min_area_px=params.gland_min_area_px / f**2)
-    g_margin = 2 * g_er + 1 + 2 * math.ceil(params.gland_open_px / f)  # opening looks 2 radii away
+    g_margin = _gland_margin(g_er, params)
     g_slices = find_objects(glands)
     g_cut = np.array([s is not None and _touches_open_edge(s, glands.shape, chunk, g_margin) for s in g_slices], bool)
     out: dict[str, Any] = {}

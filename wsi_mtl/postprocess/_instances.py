@@ -764,18 +764,13 @@ def _core_instances(
     min_area_px: float,
     open_px: float = 0,
 ) -> np.ndarray:
-    return grown_instances(opened_cores(inst_prob, threshold, open_px), erosion_px=erosion_px, min_area_px=min_area_px)
-
-
-def grown_instances(cores: np.ndarray, *, erosion_px: float, min_area_px: float) -> np.ndarray:
-    """The instances of :func:`gland_instances` from its (opened) core mask: components grown back
-    by ``erosion_px``, holes filled, those under ``min_area_px`` dropped."""
-    return grow_components(ndi.label(cores)[0], erosion_px=erosion_px, min_area_px=min_area_px)
+    return grow_components(ndi.label(opened_cores(inst_prob, threshold, open_px))[0], erosion_px=erosion_px, min_area_px=min_area_px)
 
 
 def grow_components(labels: np.ndarray, *, erosion_px: float, min_area_px: float) -> np.ndarray:
-    """:func:`grown_instances` from the cores' components, labelled 1..n in the raster order of
-    their first pixels (as ``scipy.ndimage.label`` numbers them)."""
+    """The instances of :func:`gland_instances` from the components of its (opened) cores, labelled
+    1..n in the raster order of their first pixels (as ``scipy.ndimage.label`` numbers them): grown
+    back by ``erosion_px``, holes filled, those under ``min_area_px`` dropped."""
     if erosion_px >= 1 and labels.max(initial=0):
         labels = _expand_labels_square(labels, int(erosion_px), raster_ordered=True)
     labels = _fill_holes_per_label(labels.astype(np.int32))

@@ -305,6 +305,16 @@ def _gland_summary(scores: Sequence[Any]) -> dict[str, Any]:
             "object_hausdorff": _mean(s.object_hausdorff for s in scores), "n_images": len(scores)}
 
 
+def lumen_overlap(lumen_prob: np.ndarray, glands: np.ndarray, truth: np.ndarray, params: PostprocessParams) -> tuple[int, int]:
+    """The lumen objects `wsimtl segment` makes from ``lumen_prob`` (kept inside ``glands``) against
+    the lumen mask ``truth``: (pixels in both, pixels in each summed), the two terms of a Dice."""
+    from ..postprocess import gland_lumen_labels
+
+    pred = gland_lumen_labels(lumen_prob, glands, params) > 0
+    true = truth > 0
+    return int((pred & true).sum()), int(pred.sum() + true.sum())
+
+
 class _LumenScore:
     """Lumen Dice of a model against the lumen pseudo-labels of gland items (``SegItem.lumen``):
     lumen objects as `wsimtl segment` makes them (kept inside the predicted glands), at the model's mpp."""
@@ -325,11 +335,7 @@ class _LumenScore:
     def add(self, item: SegItem, probs: Mapping[str, np.ndarray], glands: np.ndarray) -> dict[str, float]:
         if "Lumen-INST" not in probs or item.lumen is None:
             return {}
-        from ..postprocess import gland_lumen_labels
-
-        pred = gland_lumen_labels(probs["Lumen-INST"], glands, self.params) > 0
-        true = item.lumen > 0
-        inter, total = int((pred & true).sum()), int(pred.sum() + true.sum())
+        inter, total = lumen_overlap(probs["Lumen-INST"], glands, item.lumen, self.params)
         self.inter, self.total = self.inter + inter, self.total + total
         dice = 2 * inter / total if total else 1.0
         self.dices.append(dice)

@@ -20,8 +20,8 @@ import torch
 from .. import metrics
 from ..postprocess import PostprocessParams, remove_small_instances, remove_unconfident_instances
 from ._data import SegItem
-from ._evaluate import predict_image
-from ..postprocess import gland_labels, gland_lumen_labels, nuclei_labels
+from ._evaluate import lumen_overlap, predict_image
+from ..postprocess import gland_labels, nuclei_labels
 
 __all__ = ["NUCLEI_GRID", "GLAND_GRID", "LUMEN_GRID", "choose_params", "tune_postprocess"]
 
@@ -136,9 +136,8 @@ def _lumen_score(items: Sequence[SegItem], maps: Sequence[tuple[np.ndarray, np.n
     ``maps``: (Lumen-INST, gland labels) per item."""
     inter = total = 0
     for item, (lumen, glands) in zip(items, maps):
-        pred = gland_lumen_labels(lumen, glands, params) > 0
-        true = item.lumen > 0
-        inter, total = inter + int((pred & true).sum()), total + int(pred.sum() + true.sum())
+        both, each = lumen_overlap(lumen, glands, item.lumen, params)
+        inter, total = inter + both, total + each
     return 2 * inter / total if total else float("nan")
 
 

@@ -477,6 +477,68 @@ def test_chunked_glands_and_lumen_equal_whole_on_a_coarser_grid(tmp_path, gland_
     _assert_same_objects(whole, chunked)
 
 
+def _glands_in_two_tissues() -> tuple[dict[str, np.ndarray], np.ndarray]:
+    """Twelve glands with a lumen each on a 192 x 256 model grid; tissue cells (16 px) 'tumour' on
+    the left, 'stroma' from column 128 on, so the right-hand glands lie in stroma. Also returns
+    each gland's column centre."""
+    from skimage.draw import ellipse
+
+    glands = np.zeros((192, 256), np.int32)
+    lumen = np.zeros_like(glands)
+    centres = []
+    for k, (cy, cx) in enumerate(((cy, cx) for cy in (32, 96, 160) for cx in (32, 96, 160, 224)), start=1):
+        glands[ellipse(cy, cx, 22, 20, shape=glands.shape)] = k
+        lumen[ellipse(cy, cx, 7, 6, shape=glands.shape)] = k
+        centres.append(cx)
+    cls = np.ones((12, 16), np.int64)
+    cls[:, 8:] = 2
+    maps = {"Gland-INST": label_to_3class(glands, erosion_px=5), "Lumen-INST": label_to_3class(lumen, erosion_px=1),
+            "Patch-Class": _one_hot(cls, len(TISSUE), np.ones(cls.shape, bool))}
+    return maps, np.array(centres)
+
+
+def test_glands_in_tissue_where_glands_do_not_lie_are_dropped_alike_whole_chunked_and_in_evaluation(tmp_path):
+    from wsi_mtl.postprocess import gland_labels
+
+    maps, centres = _glands_in_two_tissues()
+    base = PostprocessParams(gland_halo_px=16, gland_min_area_px=50, lumen_min_area_px=8)
+    kw = {"slide_mpp": 0.25, "downsample": 2.0, "classes": {"Patch-Class": (TISSUE, _colors(len(TISSUE)))}, "tasks": ("gland", "lumen")}
+    every = objects_from_maps(maps, params=base, **kw)
+    assert (every.columns["task"] == "gland").sum() == 12 and (every.columns["task"] == "lumen").sum() == 12
+    params = replace(base, gland_max_nonglandular=0.5)
+    whole = objects_from_maps(maps, params=params, **kw)
+    for task in ("gland", "lumen"):  # the six glands in stroma go, and the lumen inside them
+        x = whole.columns["centroid_x_px"][whole.columns["task"] == task] / 2.0
+        assert sorted(np.round(x).astype(int).tolist()) == sorted(centres[centres < 128].tolist())
+    store = write_predictions(tmp_path, maps, core_px=64, patch_cell_px=16)
+    _assert_same_objects(whole, concat_batches(list(extract_objects(store, chunk_px=64, params=params, tasks=("gland", "lumen")))))
+    # evaluation and tuning (gland_labels on a whole image) drop the same glands
+    labels = gland_labels(maps["Gland-INST"], params, tissue=maps["Patch-Class"], tissue_classes=TISSUE, cell_px=16)
+    cols = [int(np.round(np.nonzero(labels == i)[1].mean())) for i in range(1, labels.max() + 1)]
+    assert sorted(cols) == sorted(centres[centres < 128].tolist())
+    assert gland_labels(maps["Gland-INST"], base, tissue=maps["Patch-Class"], tissue_classes=TISSUE, cell_px=16).max() == 12
+
+
+def test_non_glandular_share_reads_stored_and_float_tissue_maps_alike() -> None:
+    from wsi_mtl.postprocess._gland_setting import non_glandular_cells, non_glandular_share
+
+    prob = np.zeros((4, 2, 2), np.float32)
+    prob[2] = [[1.0, 0.0], [0.5, 0.25]]  # stroma
+    prob[1] = 1 - prob[2]  # tumour
+    stored = np.rint(prob * 255).astype(np.uint8)
+    cells = non_glandular_cells(prob, TISSUE)
+    np.testing.assert_array_equal(cells, non_glandular_cells(stored, TISSUE))
+    assert non_glandular_cells(prob, ["tumour", "mucosa"]) is None
+    labels = np.zeros((4, 4), np.int32)
+    labels[:2, :] = 1  # cells (0, 0) and (0, 1): stroma 1 and 0
+    labels[2:, :1] = 2  # cell (1, 0): stroma 0.5
+    share = non_glandular_share(labels, np.array([1, 2]), [np.s_[0:2, 0:4], np.s_[2:4, 0:1]], cells, 2.0)
+    np.testing.assert_allclose(share, [0.5, 128 / 255])
+    # the same objects read from a region of the map starting at grid pixel (2, 0), cells from row 1
+    part = non_glandular_share(labels[2:], np.array([2]), [None, np.s_[0:2, 0:1]], cells[1:], 2.0, origin_yx=(2, 0), cells_origin=(1, 0))
+    assert part[0] == share[1]
+
+
 def test_overrides_are_checked_and_typed_as_their_fields() -> None:
     from wsi_mtl.postprocess import check_overrides
 

@@ -93,6 +93,28 @@ def test_lumen_tuning_grows_cores_back_by_the_training_erosion_and_keeps_them_in
     assert score > before and score > 0.95  # the stray lumen (about 1/3 of the truth's area) would cost more
 
 
+@pytest.mark.parametrize("true_in_stroma", [False, True])
+def test_gland_setting_tuning_drops_glands_in_stroma_unless_true_glands_lie_there(true_in_stroma):
+    """Predicted glands: two true ones (in tumour cells) and a false one in stroma cells. The strictest
+    setting wins while only the false gland lies in stroma; where a true gland lies in stroma too,
+    dropping costs more than it gains and the filter stays off."""
+    from wsi_mtl.postprocess._gland_setting import non_glandular_cells
+    from wsi_mtl.train._tune import choose_setting_params
+
+    pred = _disks(160, [(40, 40), (40, 120), (120, 120)], 20)  # the third is false
+    truth = pred * (pred < 3)
+    cls = np.zeros((3, 10, 10), np.float32)  # tumour, stroma, fat; cells of 16 px
+    cls[0] = 1.0
+    cls[:, 5:, 5:] = [[[0.0]], [[0.9]], [[0.1]]]  # stroma around the false gland
+    if true_in_stroma:
+        cls[:, :5, 5:] = [[[0.0]], [[1.0]], [[0.0]]]  # and around the second true gland
+    cells = non_glandular_cells(cls, ["tumour", "stroma", "fat"])
+    item = SegItem("g", "syn", "gland", np.zeros((160, 160, 3), np.uint8), truth)
+    best, score, off = choose_setting_params([item], [pred], [(cells, 16.0)], {"gland_max_nonglandular": (0.5, 0.95, 1.0)})
+    assert best == {"gland_max_nonglandular": 1.0 if true_in_stroma else 0.5}
+    assert (score == off) if true_in_stroma else (score > off)
+
+
 def test_model_settings_reach_evaluation_and_extract_objects(tmp_path):
     class _M:
         config = get_model_config("wsimtl_small").replace(extra={"postprocess": {"gland_threshold": 0.1, "gland_min_area_px": 100.0}})

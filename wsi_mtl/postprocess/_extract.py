@@ -73,6 +73,7 @@ from wsi_mtl.postprocess._instances import (
     downsample_prob,
     instance_type,
 )
+from wsi_mtl.postprocess._gland_setting import non_glandular_cells, non_glandular_channels, non_glandular_share
 from wsi_mtl.postprocess._polygons import labels_to_polygons, polygon_measurements
 from wsi_mtl.postprocess._tissue import NO_CLASS, _finish_regions, _tissue_parts, tissue_class_map
 
@@ -120,6 +121,10 @@ class PostprocessParams:
         (0 = off): cut nuclei at the necks of their distance map, drop unconfident ones.
     gland_threshold, gland_erosion_px, gland_min_area_px, gland_open_px
         See :func:`~wsi_mtl.postprocess.gland_instances` (erosion 5 = Cerberus' 11x11).
+    gland_max_nonglandular : float
+        Glands whose mean share of tissue in which glands do not lie (stroma, lymphocytes, fat,
+        glass, by the tissue head ``Patch-Class``; :mod:`~wsi_mtl.postprocess._gland_setting`) is
+        above this are dropped, with the lumen inside them (1 = keep every gland; needs the tissue head).
     lumen_threshold, lumen_erosion_px, lumen_min_area_px, lumen_min_inside
         See :func:`~wsi_mtl.postprocess.lumen_instances`.
     gland_downsample : int
@@ -146,6 +151,7 @@ class PostprocessParams:
     gland_erosion_px: float = 5
     gland_min_area_px: float = 400
     gland_open_px: float = 0
+    gland_max_nonglandular: float = 1.0
     lumen_threshold: float = 0.5
     lumen_erosion_px: float = 1
     lumen_min_area_px: float = 40
@@ -667,6 +673,36 @@ def _may_start_in(box: np.ndarray, grow: int, rect: tuple[int, int, int, int]) -
     return (box[:, 0] - grow < y1) & (box[:, 0] >= y0) & (box[:, 2] - grow < x1) & (box[:, 2] >= x0)
 
 
+def _glands_under(glands: np.ndarray, lumen: np.ndarray, ids: np.ndarray, slices: list) -> np.ndarray:
+    """The glands (labels) that the lumen ``ids`` overlap."""
+    under = [np.unique(glands[slices[i - 1]][lumen[slices[i - 1]] == i]) for i in ids]
+    found = np.unique(np.concatenate(under)) if under else np.zeros(0, np.int64)
+    return found[found > 0].astype(np.int64)
+
+
+def _non_glandular(reader: Any, meta: MapsMeta, params: PostprocessParams, glands: np.ndarray, ids: np.ndarray, slices: list,
+                   chunk: Chunk) -> np.ndarray:
+    """The glands of ``ids`` (complete, in the chunk's read region) lying mostly in tissue where glands
+    do not lie (:mod:`._gland_setting`), now set to 0 in ``glands``; none without a tissue head."""
+    head = meta.heads.get(PATCH)
+    if head is None or len(ids) == 0 or not non_glandular_channels(head.classes):
+        return np.zeros(0, np.int64)
+    per_cell = round(head.downsample / meta.downsample) / params.gland_downsample  # gland-grid px per tissue cell
+    y0, y1, x0, x1 = chunk.read
+    box = np.array([(s[0].start, s[0].stop, s[1].start, s[1].stop) for s in (slices[i - 1] for i in ids)])
+    cy0, cy1 = int((y0 + box[:, 0].min()) // per_cell), int((y0 + box[:, 1].max() - 1) // per_cell) + 1
+    cx0, cx1 = int((x0 + box[:, 2].min()) // per_cell), int((x0 + box[:, 3].max() - 1) // per_cell) + 1
+    h, w = head.shape[1:]
+    cy0, cx0 = min(cy0, h - 1), min(cx0, w - 1)
+    cells = non_glandular_cells(reader.read(PATCH, (cy0, max(cy0 + 1, min(cy1, h)), cx0, max(cx0 + 1, min(cx1, w)))), head.classes)
+    share = non_glandular_share(glands, ids, slices, cells, per_cell, origin_yx=(y0, x0), cells_origin=(cy0, cx0))
+    dropped = np.asarray(ids, np.int64)[share > params.gland_max_nonglandular]
+    for i in dropped:
+        sl = slices[i - 1]
+        glands[sl][glands[sl] == i] = 0
+    return dropped
+
+
 def _glands_chunk(reader: Any, chunk: Chunk, meta: MapsMeta, params: PostprocessParams, final: bool, tasks: tuple[str, ...]) -> dict[str, Any] | None:
     f = params.gland_downsample
     fine = meta.heads[GLAND_INST].shape[1:]
@@ -698,6 +734,7 @@ def _glands_chunk(reader: Any, chunk: Chunk, meta: MapsMeta, params: Postprocess
     if len(g_owned) and g_cut[g_owned - 1].any():
         need_more = True
     lumen = l_owned = l_cut = None
+    l_under = np.zeros(0, np.int64)
     if linst is not None:
         l_er = math.ceil(params.lumen_erosion_px / f)
         lumen = grow_components(comps[1], erosion_px=l_er, min_area_px=params.lumen_min_area_px / f**2)
@@ -707,15 +744,14 @@ def _glands_chunk(reader: Any, chunk: Chunk, meta: MapsMeta, params: Postprocess
             l_margin = 2 * l_er + 1
             l_cut = np.array([_touches_open_edge(l_slices[i - 1], lumen.shape, chunk, l_margin) for i in l_owned], bool)
             # every gland overlapping an owned lumen must be complete for the inside test
-            for i, cut in zip(l_owned, l_cut):
-                sl = l_slices[i - 1]
-                under = np.unique(glands[sl][lumen[sl] == i])
-                under = under[under > 0]
-                if cut or g_cut[under - 1].any():
-                    need_more = True
-                    break
+            l_under = _glands_under(glands, lumen, l_owned, l_slices)
+            need_more = need_more or bool(l_cut.any() or g_cut[l_under - 1].any())
     if need_more and not final:
         return None
+    if params.gland_max_nonglandular < 1:  # glands in tissue where glands do not lie go, with their lumen
+        need = np.union1d(g_owned, l_under) if lumen is not None and len(l_owned) else g_owned
+        dropped = _non_glandular(reader, meta, params, glands, need, g_slices, chunk)
+        g_owned = np.setdiff1d(g_owned, dropped)
     # at the largest halo, what is still cut is written cut at the halo edge, flagged truncated
     warnings: list[tuple[str, int, int]] = []
     if lumen is not None and len(l_owned):  # before glands are clipped to the tissue

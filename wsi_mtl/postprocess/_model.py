@@ -4,12 +4,13 @@ them chunk by chunk. Evaluation, tuning and the CLI use these; nothing else deci
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
 
 from ._extract import PostprocessParams
+from ._gland_setting import drop_non_glandular, non_glandular_cells
 from ._instances import gland_instances, lumen_instances, nuclei_instances
 
 __all__ = ["nuclei_labels", "gland_labels", "gland_lumen_labels", "params_of"]
@@ -38,11 +39,20 @@ def nuclei_labels(prob: np.ndarray, params: PostprocessParams | None = None) -> 
     ).astype(np.int32)
 
 
-def gland_labels(prob: np.ndarray, params: PostprocessParams | None = None) -> np.ndarray:
-    """(H, W) int32 gland instances from a (3, H, W) Gland-INST map at 0.5 um/px."""
+def gland_labels(prob: np.ndarray, params: PostprocessParams | None = None, *, tissue: np.ndarray | None = None,
+                 tissue_classes: Sequence[str] = (), cell_px: float = 32) -> np.ndarray:
+    """(H, W) int32 gland instances from a (3, H, W) Gland-INST map at 0.5 um/px.
+
+    With ``tissue`` (the (C, h, w) Patch-Class map of the same image, cells of ``cell_px`` map
+    pixels from pixel (0, 0), classes ``tissue_classes``), glands in tissue where glands do not lie
+    are dropped as ``gland_max_nonglandular`` says (:mod:`._gland_setting`), as `wsimtl segment` drops them.
+    """
     p = params or PostprocessParams()
-    return np.asarray(gland_instances(prob, threshold=p.gland_threshold, erosion_px=p.gland_erosion_px, min_area_px=p.gland_min_area_px,
-                                      open_px=p.gland_open_px)).astype(np.int32)
+    labels = np.asarray(gland_instances(prob, threshold=p.gland_threshold, erosion_px=p.gland_erosion_px, min_area_px=p.gland_min_area_px,
+                                        open_px=p.gland_open_px)).astype(np.int32)
+    if tissue is None or p.gland_max_nonglandular >= 1:
+        return labels
+    return drop_non_glandular(labels, non_glandular_cells(tissue, tissue_classes), float(cell_px), p.gland_max_nonglandular)
 
 
 def gland_lumen_labels(prob: np.ndarray, glands: np.ndarray, params: PostprocessParams | None = None) -> np.ndarray:

@@ -95,8 +95,9 @@ class TrainConfig:
     refit_bn_batches: int = 0
     #: Tune the post-processing thresholds on training images at export (see ``wsi_mtl.train._tune``).
     tune_postprocess: bool = False
-    #: Training images used for tuning, per task (``nuclei``, ``gland``, ``lumen``: GlaS images with
-    #: lumen pseudo-labels, needs ``lumen_labels``; spread evenly over the set; 0 or absent = keep).
+    #: Training images used for tuning, per task (``nuclei``, ``gland``, ``gland_setting``: GlaS images
+    #: for ``gland_max_nonglandular``, ``lumen``: GlaS images with lumen pseudo-labels, needs
+    #: ``lumen_labels``; spread evenly over the set; 0 or absent = keep).
     #: ``nuclei_all`` instead of ``nuclei`` tunes the nuclei settings on that task's images (every
     #: nuclei source; ``tune_sources: {nuclei: [...]}`` still chooses among them).
     tune_images: Mapping[str, int] = field(default_factory=lambda: {"nuclei": 25, "gland": 24})
@@ -220,9 +221,9 @@ def _validate(data: Mapping[str, Any], base: Path) -> TrainConfig:
     for task, mix in cfg.source_mixture.items():
         if task not in _SEG_TASKS or not isinstance(mix, Mapping) or any(float(w) < 0 for w in mix.values()) or sum(float(w) for w in mix.values()) <= 0:
             raise InputError(f"training config: source_mixture maps segmentation tasks to source weights >= 0 with a positive sum, got {task}: {mix}")
-    bad_images = sorted(set(cfg.tune_images) - {"nuclei", "nuclei_all", "gland", "lumen"})
+    bad_images = sorted(set(cfg.tune_images) - {"nuclei", "nuclei_all", "gland", "gland_setting", "lumen"})
     if bad_images or ("nuclei" in cfg.tune_images and int(cfg.tune_images.get("nuclei_all", 0)) > 0 and int(cfg.tune_images["nuclei"]) > 0):
-        raise InputError(f"training config: tune_images counts images of nuclei or nuclei_all (one of them), gland and lumen, got {dict(cfg.tune_images)}")
+        raise InputError(f"training config: tune_images counts images of nuclei or nuclei_all (one of them), gland, gland_setting and lumen, got {dict(cfg.tune_images)}")
     bad_tune = sorted(set(cfg.tune_sources) - {"nuclei", "gland"})
     if bad_tune or any(isinstance(v, str) or not isinstance(v, Sequence) for v in cfg.tune_sources.values()):
         raise InputError(f"training config: tune_sources maps nuclei / gland to lists of sources, got {dict(cfg.tune_sources)}")

@@ -81,6 +81,20 @@ def _padded_input(image: np.ndarray, stride: int, margin_px: int) -> tuple[torch
     return F.pad(x, (left, pw - w - left, top, ph - h - top), mode=mode), top, left
 
 
+def tissue_heads(model: torch.nn.Module) -> list[str]:
+    """The tissue head, where the model has one: glands are placed in its map (:func:`gland_setting`)."""
+    return ["Patch-Class"] if "Patch-Class" in model.config.heads else []
+
+
+def gland_setting(model: torch.nn.Module, probs: Mapping[str, np.ndarray]) -> dict[str, Any]:
+    """``gland_labels``' tissue arguments from an image's predicted maps (none without ``Patch-Class``):
+    glands in tissue where glands do not lie are dropped as in `wsimtl segment`."""
+    if "Patch-Class" not in probs:
+        return {}
+    return {"tissue": probs["Patch-Class"], "tissue_classes": model.config.heads["Patch-Class"].class_names,
+            "cell_px": model.config.patch_stride_px}
+
+
 def _patch_cells(a: np.ndarray, model: torch.nn.Module, top: int, left: int, h: int, w: int) -> np.ndarray:
     """The cells of a dense (C, h', w') patch map that cover the unpadded image."""
     ps = int(model.config.patch_stride_px)
@@ -200,8 +214,8 @@ def evaluate_sources(
         lumen = _LumenScore(model, params)
         grades: dict[str, list[Any]] = {}
         for item in wrap(glands, "glands"):
-            probs = predict_image(model, item.image, heads=["Gland-INST", "Patch-GlaS", *lumen.heads(item)], bf16=bf16, tta=tta)
-            pred = gland_labels(probs["Gland-INST"], params)
+            probs = predict_image(model, item.image, heads=["Gland-INST", "Patch-GlaS", *lumen.heads(item), *tissue_heads(model)], bf16=bf16, tta=tta)
+            pred = gland_labels(probs["Gland-INST"], params, **gland_setting(model, probs))
             lumen_row = lumen.add(item, probs, pred)
             truth = item.labels
             if gland_truth is not None and item.name in gland_truth:
@@ -354,8 +368,8 @@ def non_gland_area(model: torch.nn.Module, items: Sequence[SegItem], *, params: 
     lumen = "Lumen-INST" in model.config.heads
     per: dict[str, list[int]] = {}
     for item in (wrap(items, "non-gland tiles") if wrap else items):
-        probs = predict_image(model, item.image, heads=["Gland-INST", *(["Lumen-INST"] if lumen else [])], bf16=bf16, tta=tta)
-        glands = gland_labels(probs["Gland-INST"], params)
+        probs = predict_image(model, item.image, heads=["Gland-INST", *(["Lumen-INST"] if lumen else []), *tissue_heads(model)], bf16=bf16, tta=tta)
+        glands = gland_labels(probs["Gland-INST"], params, **gland_setting(model, probs))
         lum = 0
         if lumen:
             from ..postprocess import gland_lumen_labels

@@ -774,6 +774,7 @@ def tune_on_training_images(cfg: TrainConfig, model: MultiTaskNet, data: Sources
         spread(of_sources("gland"), int(cfg.tune_images.get("gland", 24))),
         bf16=cfg.bf16,
         lumen=spread(with_lumen, int(cfg.tune_images.get("lumen", 0))),
+        setting=spread(of_sources("gland"), int(cfg.tune_images.get("gland_setting", 0))),
     )
 
 

@@ -11,7 +11,7 @@ import itertools
 from functools import partial
 import logging
 from dataclasses import replace
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -20,10 +20,10 @@ import torch
 from .. import metrics
 from ..postprocess import PostprocessParams, remove_small_instances, remove_unconfident_instances
 from ._data import SegItem
-from ._evaluate import lumen_overlap, predict_image
+from ._evaluate import gland_setting, lumen_overlap, predict_image, tissue_heads
 from ..postprocess import gland_labels, nuclei_labels
 
-__all__ = ["NUCLEI_GRID", "GLAND_GRID", "LUMEN_GRID", "choose_params", "tune_postprocess"]
+__all__ = ["NUCLEI_GRID", "GLAND_GRID", "SETTING_GRID", "LUMEN_GRID", "choose_params", "tune_postprocess"]
 
 logger = logging.getLogger(__name__)
 
@@ -57,6 +57,13 @@ LUMEN_GRID: dict[str, tuple[float, ...]] = {
     "lumen_min_area_px": (10.0, 20.0, 40.0, 80.0),
     "lumen_min_inside": (0.3, 0.5, 0.8),
 }
+
+
+#: Candidate ``gland_max_nonglandular`` (:mod:`wsi_mtl.postprocess._gland_setting`), scored as the
+#: gland grid on GlaS training images with their tissue maps, after the other gland settings;
+#: strictest first, so that a tie keeps the strictest (GlaS crops hold little tissue where glands do
+#: not lie: the setting is for the rest of a slide).
+SETTING_GRID: dict[str, tuple[float, ...]] = {"gland_max_nonglandular": (0.5, 0.6, 0.7, 0.8, 0.9, 1.0)}
 
 
 def _combos(grid: Mapping[str, Sequence[float]]) -> list[dict[str, float]]:
@@ -120,9 +127,13 @@ class _GrownGlands(_Grown):
 
 
 def _gland_score(items: Sequence[SegItem], maps: Sequence[np.ndarray], params: PostprocessParams, grown: _GrownGlands | None = None) -> float:
+    return _glands_f1_dice(items, (grown or _GrownGlands()).get(maps, params))
+
+
+def _glands_f1_dice(items: Sequence[SegItem], preds: Iterable[np.ndarray]) -> float:
+    """Pooled object F1 + mean object Dice of gland predictions."""
     tp = fp = fn = 0
     dices = []
-    preds = (grown or _GrownGlands()).get(maps, params)
     for item, pred in zip(items, preds):
         _, t, p, n = metrics.object_f1(item.labels, pred)
         tp, fp, fn = tp + t, fp + p, fn + n
@@ -160,6 +171,22 @@ def choose_lumen_params(items: Sequence[SegItem], maps: Sequence[tuple[np.ndarra
     return (*_best(grid or LUMEN_GRID, score, base), score(base))
 
 
+def choose_setting_params(items: Sequence[SegItem], glands: Sequence[np.ndarray], tissue: Sequence[tuple[np.ndarray | None, float]],
+                          grid: Mapping[str, Sequence[float]] | None = None) -> tuple[dict[str, float], float, float]:
+    """The ``gland_max_nonglandular`` of ``grid`` (default :data:`SETTING_GRID`) whose glands score best
+    on ``items``: ``glands`` are their gland labels before that filter, ``tissue`` their
+    (:func:`~wsi_mtl.postprocess._gland_setting.non_glandular_cells`, cell px). Returns the choice,
+    its score and the score without the filter."""
+    from ..postprocess._gland_setting import drop_non_glandular
+
+    def score(params: PostprocessParams) -> float:
+        t = params.gland_max_nonglandular
+        return _glands_f1_dice(items, (drop_non_glandular(g, cells, px, t) for g, (cells, px) in zip(glands, tissue)))
+
+    base = PostprocessParams()
+    return (*_best(grid or SETTING_GRID, score, base), score(base))
+
+
 def choose_params(task: str, items: Sequence[SegItem], maps: Sequence[np.ndarray], grid: Mapping[str, Sequence[float]]) -> tuple[dict[str, float], float, float]:
     """The ``grid`` setting that scores best for ``task`` (``"nuclei"`` or ``"glands"``) on stored maps.
 
@@ -181,6 +208,7 @@ def tune_postprocess(
     bf16: bool = True,
     lumen: Sequence[SegItem] = (),
     lumen_grid: Mapping[str, Sequence[float]] | None = None,
+    setting: Sequence[SegItem] = (),
 ) -> dict[str, Any]:
     """Pick the post-processing settings that score best on ``nuclei`` and ``glands`` items.
 
@@ -197,6 +225,9 @@ def tune_postprocess(
     lumen
         GlaS training items with lumen pseudo-labels (``SegItem.lumen``); tuned after the glands,
         inside the glands of the model's (or the just chosen) gland settings.
+    setting
+        GlaS training items for ``gland_max_nonglandular`` (:data:`SETTING_GRID`), tuned after the
+        other gland settings and before lumen.
 
     Returns
     -------
@@ -218,17 +249,35 @@ def tune_postprocess(
         logger.info("tuned %s post-processing on %d images: %s (score %.4f; defaults %.4f)", task, len(items), best, best_score, base)
         chosen.update(best)
         scores[task] = {"best": float(best_score), "default": float(base)}
+    from ..postprocess import params_of
+
+    if setting and "Gland-INST" in model.config.heads and tissue_heads(model):
+        chosen.update(_tune_setting(model, setting, replace(params_of(model), **chosen), bf16, scores))
     lumen = [it for it in lumen if it.lumen is not None]
     if lumen and "Lumen-INST" in model.config.heads and "Gland-INST" in model.config.heads:
-        from ..postprocess import params_of
-
         base_params = replace(params_of(model), **{k: v for k, v in chosen.items() if k.startswith("gland_")})
         maps = []
         for it in lumen:
-            probs = predict_image(model, it.image, heads=["Gland-INST", "Lumen-INST"], bf16=bf16)
-            maps.append((probs["Lumen-INST"], gland_labels(probs["Gland-INST"], base_params)))
+            probs = predict_image(model, it.image, heads=["Gland-INST", "Lumen-INST", *tissue_heads(model)], bf16=bf16)
+            maps.append((probs["Lumen-INST"], gland_labels(probs["Gland-INST"], base_params, **gland_setting(model, probs))))
         best, best_score, base = choose_lumen_params(lumen, maps, base_params, lumen_grid)
         logger.info("tuned lumen post-processing on %d images: %s (Dice %.4f; before %.4f)", len(lumen), best, best_score, base)
         chosen.update(best)
         scores["lumen"] = {"best": float(best_score), "default": float(base)}
-    return {"postprocess": chosen, "scores": scores, "n_images": {"nuclei": len(nuclei), "glands": len(glands), "lumen": len(lumen)}}
+    return {"postprocess": chosen, "scores": scores, "n_images": {"nuclei": len(nuclei), "glands": len(glands), "gland_setting": len(setting), "lumen": len(lumen)}}
+
+
+def _tune_setting(model: torch.nn.Module, items: Sequence[SegItem], base: PostprocessParams, bf16: bool, scores: dict[str, dict[str, float]]) -> dict[str, float]:
+    """``gland_max_nonglandular`` chosen on ``items`` over the gland settings ``base`` (scores noted in ``scores``)."""
+    from ..postprocess._gland_setting import non_glandular_cells
+
+    glands, tissue = [], []
+    classes, cell_px = model.config.heads["Patch-Class"].class_names, float(model.config.patch_stride_px)
+    for it in items:
+        probs = predict_image(model, it.image, heads=["Gland-INST", "Patch-Class"], bf16=bf16)
+        glands.append(gland_labels(probs["Gland-INST"], replace(base, gland_max_nonglandular=1.0)))
+        tissue.append((non_glandular_cells(probs["Patch-Class"], classes), cell_px))
+    best, best_score, off = choose_setting_params(items, glands, tissue)
+    logger.info("tuned the gland setting on %d images: %s (score %.4f; off %.4f)", len(items), best, best_score, off)
+    scores["gland_setting"] = {"best": float(best_score), "default": float(off)}
+    return best

@@ -120,6 +120,26 @@ def test_derive_writes_everything_and_updates_run_json(result_dir: Path, monkeyp
     assert not [p for p in result_dir.iterdir() if ".partial-" in p.name]
 
 
+def test_label_images_alike_written_beside_the_exports_and_after_them(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """With workers the label images are rasterised in a process of their own while the GeoJSON and
+    the preview are written: the same arrays and metadata as one process writing them in turn."""
+    import zarr
+
+    monkeypatch.setattr(postprocess, "extract_objects", fake_extract(), raising=False)
+    for w in (1, 2):
+        (tmp_path / str(w)).mkdir()
+    dirs = [make_result_dir(tmp_path / str(w)) for w in (1, 2)]
+    for d, w in zip(dirs, (1, 2)):
+        derive_objects(d, workers=w)
+    for path in LABEL_PATHS:
+        a, b = (zarr.open_group(d / path, mode="r") for d in dirs)
+        assert dict(a.attrs) == dict(b.attrs)
+        assert sorted(a.array_keys()) == sorted(b.array_keys())
+        for key in a.array_keys():
+            np.testing.assert_array_equal(np.asarray(a[key]), np.asarray(b[key]))
+    assert np.asarray(zarr.open_group(dirs[1] / LABEL_PATHS[1], mode="r")["0"]).max() > 0
+
+
 def test_gz_adds_copies_and_a_plain_export_removes_them(result_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """--geojson-gz adds gzipped copies; a later export without it leaves exactly what run.json lists."""
     import gzip

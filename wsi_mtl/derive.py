@@ -177,6 +177,29 @@ def _store_tissue_map(predictions: Path, attrs: dict[str, Any], table: Path) -> 
     return write_label_images(predictions, table, attrs)
 
 
+class _LabelImages:
+    """:func:`_store_tissue_map`, in one background process (threads in a daemonic process) with
+    ``background``, else when :meth:`result` is asked; a full disk is reported as for any output."""
+
+    def __init__(self, predictions: Path, attrs: dict[str, Any], table: Path, *, background: bool) -> None:
+        self.args, self.pool, self.future = (predictions, attrs, table), None, None
+        if background:
+            from .postprocess._pool import single_executor
+
+            self.pool = single_executor()
+            self.future = self.pool.submit(_store_tissue_map, *self.args)
+
+    def result(self) -> list[Path]:
+        try:
+            return self.future.result() if self.future is not None else _store_tissue_map(*self.args)
+        except OSError as exc:
+            raise output_error(exc, self.args[0] / TISSUE_CLASSES) or exc
+
+    def close(self) -> None:
+        if self.pool is not None:
+            self.pool.shutdown(wait=True, cancel_futures=True)
+
+
 def _is_ours(entry_path: str) -> bool:
     """Files this module writes (and rewrites): their old run.json entries are replaced."""
     return entry_path in _OUR_FILES or entry_path.endswith(GEOJSON_SUFFIXES) or "/labels/" in entry_path
@@ -335,21 +358,23 @@ def derive_into(
     objects_s = batches.seconds
     export_s = time.perf_counter() - t_start - objects_s
 
-    t0 = time.perf_counter()
-    geojson = list(write_geojson_files(result_dir / TABLE, result_dir, workers=workers))
-    written = [result_dir / TABLE, *geojson, *([_gzip_copy(p) for p in geojson] if geojson_gz else [])]
-    thumb, downsample = _thumbnail(predictions, attrs, run, slide, mpp=mpp, width=width, height=height)
-    write_preview(thumb, result_dir / TABLE, result_dir / PREVIEW, downsample=downsample, tissue_mask=read_mask(predictions))
-    written.append(result_dir / PREVIEW)
-    export_s += time.perf_counter() - t0
-
-    if tissue_map:
+    # the label images are rasterised beside the GeoJSON and the preview where workers allow
+    labels = _LabelImages(predictions, attrs, result_dir / TABLE, background=workers > 1) if tissue_map else None
+    try:
         t0 = time.perf_counter()
-        try:
-            written.extend(_store_tissue_map(predictions, attrs, result_dir / TABLE))
-        except OSError as exc:
-            raise output_error(exc, predictions / TISSUE_CLASSES) or exc
-        objects_s += time.perf_counter() - t0
+        geojson = list(write_geojson_files(result_dir / TABLE, result_dir, workers=workers))
+        written = [result_dir / TABLE, *geojson, *([_gzip_copy(p) for p in geojson] if geojson_gz else [])]
+        thumb, downsample = _thumbnail(predictions, attrs, run, slide, mpp=mpp, width=width, height=height)
+        write_preview(thumb, result_dir / TABLE, result_dir / PREVIEW, downsample=downsample, tissue_mask=read_mask(predictions))
+        written.append(result_dir / PREVIEW)
+        export_s += time.perf_counter() - t0
+        if labels is not None:
+            t0 = time.perf_counter()
+            written.extend(labels.result())
+            objects_s += time.perf_counter() - t0  # the time it added beyond the exports
+    finally:
+        if labels is not None:
+            labels.close()
 
     entries = [file_entry(result_dir, p) for p in written]
     new_paths = {e["path"] for e in entries}

@@ -153,21 +153,27 @@ def write_pyramid(
     base = group["0"]
     ome = dict(group.attrs["ome"])
     multiscale = dict(ome["multiscales"][0])
-    first = multiscale["datasets"][0]
     for key in [k for k in group.array_keys() if k != "0"]:
         del group[key]
-    levels = level_count(*base.shape[-2:], min_px=min_px)
+    datasets = pyramid_datasets(multiscale["datasets"][0], base.shape[-2:], min_px=min_px, max_levels=max_levels)
+    previous = base
+    for k in range(1, len(datasets)):
+        previous = _write_level(group, str(k), previous, how)
+    if multiscale["datasets"] != datasets:  # a group made with its final metadata is not written again
+        multiscale["datasets"] = datasets
+        ome["multiscales"] = [multiscale]
+        group.attrs["ome"] = ome
+    return len(datasets)
+
+
+def pyramid_datasets(first: dict[str, Any], shape: Sequence[int], *, min_px: int = PYRAMID_MIN_PX, max_levels: int | None = None) -> list[dict[str, Any]]:
+    """The ``datasets`` of a 2x pyramid over a level-0 ``shape`` (y, x) whose entry is ``first``, as
+    :func:`write_pyramid` writes them."""
+    levels = level_count(*shape, min_px=min_px)
     if max_levels is not None:
         levels = max(1, min(levels, max_levels))
-    datasets = [first]
-    previous = base
-    for k in range(1, levels):
-        previous = _write_level(group, str(k), previous, how)
-        datasets.append({"path": str(k), "coordinateTransformations": _level_transforms(first["coordinateTransformations"], 2**k)})
-    multiscale["datasets"] = datasets
-    ome["multiscales"] = [multiscale]
-    group.attrs["ome"] = ome
-    return levels
+    return [first] + [{"path": str(k), "coordinateTransformations": _level_transforms(first["coordinateTransformations"], 2**k)}
+                      for k in range(1, levels)]
 
 
 def _write_level(group: zarr.Group, path: str, source: zarr.Array, how: Literal["mean", "nearest"]) -> zarr.Array:
@@ -216,9 +222,11 @@ def label_group(
         image_label["colors"] = [{"label-value": int(v), "rgba": [int(c) for c in rgba]} for v, rgba in colors]
     if properties:
         image_label["properties"] = list(properties)
+    levels = len(first["datasets"])  # as many levels as its image
+    datasets = pyramid_datasets({"path": "0", "coordinateTransformations": transforms}, shape, max_levels=levels)
     meta = {
         "version": _VERSION,
-        "multiscales": [{"name": name, "axes": first["axes"], "datasets": [{"path": "0", "coordinateTransformations": transforms}]}],
+        "multiscales": [{"name": name, "axes": first["axes"], "datasets": datasets}],
         "image-label": image_label,
     }
     final = labels_path / name
@@ -228,7 +236,7 @@ def label_group(
             "0", shape=(1, *shape), chunks=(1, *chunks), dtype=dtype, fill_value=0, dimension_names=("c", "y", "x"),
         )
         yield array
-        write_pyramid(group, how="nearest", max_levels=len(first["datasets"]))  # as many levels as its image
+        write_pyramid(group, how="nearest", max_levels=levels)  # metadata written once, above (the legend can be large)
         if final.exists():  # os.replace cannot overwrite a folder
             shutil.rmtree(final)
     if name not in names:

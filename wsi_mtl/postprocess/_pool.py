@@ -12,7 +12,7 @@ import multiprocessing as mp
 from concurrent.futures import Executor, ProcessPoolExecutor, ThreadPoolExecutor
 from typing import Literal
 
-__all__ = ["PoolKind", "children_allowed", "pool_kind", "chunk_executor"]
+__all__ = ["PoolKind", "children_allowed", "pool_kind", "chunk_executor", "single_executor"]
 
 PoolKind = Literal["in-process", "processes", "threads"]
 
@@ -39,5 +39,17 @@ def chunk_executor(workers: int) -> tuple[Executor, PoolKind]:
         raise ValueError(f"a chunk pool needs at least 2 workers; got {workers}")
     if pool_kind(workers) == "threads":
         return ThreadPoolExecutor(max_workers=workers, thread_name_prefix="wsimtl-chunks"), "threads"
-    ctx = mp.get_context("forkserver" if "forkserver" in mp.get_all_start_methods() else "spawn")
-    return ProcessPoolExecutor(max_workers=workers, mp_context=ctx), "processes"
+    return ProcessPoolExecutor(max_workers=workers, mp_context=_context()), "processes"
+
+
+def single_executor() -> Executor:
+    """One worker beside this process (a step that runs while this process does another): a
+    process where this process may start children, else a thread."""
+    if not children_allowed():
+        return ThreadPoolExecutor(max_workers=1, thread_name_prefix="wsimtl-background")
+    return ProcessPoolExecutor(max_workers=1, mp_context=_context())
+
+
+def _context() -> mp.context.BaseContext:
+    """``forkserver`` where the platform has it, else ``spawn`` (never ``fork``, see :func:`chunk_executor`)."""
+    return mp.get_context("forkserver" if "forkserver" in mp.get_all_start_methods() else "spawn")

@@ -80,7 +80,7 @@ def _heads(model):
     return [HeadLayout(n, len(h.class_names), cfg.patch_stride_px if h.kind == "patch" else 1) for n, h in cfg.heads.items()]
 
 
-def _run(slide, model, out_dir, *, core, margin, keep=None, batch_size=2, model_wrapper=None):
+def _run(slide, model, out_dir, *, core, margin, keep=None, batch_size=2, model_wrapper=None, threads=None):
     cfg = model.config
     grid = plan_tiles(slide.height, slide.width, core_px=core, margin_px=margin, stride=cfg.stride)
     tiles = list(grid.tiles(keep=keep))
@@ -88,7 +88,7 @@ def _run(slide, model, out_dir, *, core, margin, keep=None, batch_size=2, model_
                             downsample=1.0, fingerprint={"core": core, "margin": margin}, attrs={})
     try:
         stats = run_inference(slide, model_wrapper or model, grid, tiles, store, mpp=slide.mpp, device=torch.device("cpu"),
-                              batch_size=batch_size, precision=None, workers=2, progress=False)
+                              batch_size=batch_size, precision=None, workers=2, progress=False, threads=threads)
         store.finalize()
     finally:
         store.close()
@@ -177,6 +177,39 @@ def test_interrupted_run_resumes_to_identical_output(model, tmp_path):
     a, b = open_predictions(tmp_path / "straight"), open_predictions(tmp_path / "resumed")
     for name in model.config.heads:
         np.testing.assert_array_equal(a[name]["0"][:], b[name]["0"][:])
+
+
+class _Threads:
+    """Wraps a model; records the torch threads and batch size of every forward pass."""
+
+    def __init__(self, model):
+        self.model, self.config, self.seen = model, model.config, []
+
+    def predict(self, x):
+        self.seen.append((torch.get_num_threads(), x.shape[0]))
+        return self.model.predict(x)
+
+
+def test_threads_per_tile_never_mix_in_a_batch_and_are_restored_by_the_caller(model, tmp_path):
+    """Tiles of rows 0-1 on 2 threads, the rest on 1 (as the pipeline runs the network on every core
+    until post-processing has work): batches split where the count changes; same maps as 1 thread."""
+    image = he_like(320, 192, seed=4)  # 5 x 3 tiles of 64 px, batches of 2
+    slide = ArraySlide(image)
+    before = torch.get_num_threads()
+    wrapped = _Threads(model)
+    try:
+        _run(slide, model, tmp_path / "mixed", core=64, margin=32, model_wrapper=wrapped, threads=lambda t: 2 if t.row < 2 else 1)
+    finally:
+        torch.set_num_threads(before)
+    assert wrapped.seen == [(2, 2), (2, 2), (2, 2), (1, 2), (1, 2), (1, 2), (1, 2), (1, 1)]
+    torch.set_num_threads(1)
+    try:
+        _run(slide, model, tmp_path / "one", core=64, margin=32)
+    finally:
+        torch.set_num_threads(before)
+    a, b = open_predictions(tmp_path / "mixed"), open_predictions(tmp_path / "one")
+    for name in model.config.heads:  # fp32 sums in another order may differ in the last bits only
+        assert np.abs(a[name]["0"][:].astype(int) - b[name]["0"][:].astype(int)).max() <= 1
 
 
 def test_resume_with_other_settings_starts_over(model, tmp_path):

@@ -96,6 +96,28 @@ def test_overlapped_objects_equal_those_extracted_afterwards(tmp_path: Path, wor
     assert warnings == reference.warnings
 
 
+def test_tiles_before_work_is_where_the_first_chunk_becomes_ready(tmp_path: Path) -> None:
+    """The tile count after which the first chunk can run (the network runs on every core until
+    then): one tile fewer leaves every chunk waiting, that many lets one start."""
+    from wsi_mtl.postprocess._overlap import _Readiness
+
+    store = _store(tmp_path, _maps())
+    grid = plan_tiles(SIZE, SIZE, core_px=CORE, margin_px=0, stride=16)
+    tiles = [t for t in grid.tiles() if not (t.row == 0 and t.col == 5)]  # never written: counts as written
+    with OverlapExtractor(store.path, tmp_path / "spool", grid_shape=(grid.rows, grid.cols), core_px=CORE,
+                          pending=[t.key for t in tiles], workers=1, params=PARAMS, **CHUNKS) as ex:
+        first = ex.tiles_before_work(t.key for t in tiles)
+
+        def ready_after(n: int) -> bool:
+            written = np.ones((grid.rows, grid.cols), bool)
+            for t in tiles[n:]:
+                written[t.key] = False
+            return any(_Readiness(written, CORE).covers(j.chunk.read, ex._scale(j)) for j in ex.jobs)
+
+        assert 1 < first < len(tiles)
+        assert not ready_after(first - 1) and ready_after(first)
+
+
 def test_resumed_store_counts_finished_tiles_as_written(tmp_path: Path) -> None:
     """Tiles written by an interrupted run are ready at once: chunks over them run before any new tile."""
     maps = _maps()

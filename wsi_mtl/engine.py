@@ -202,6 +202,7 @@ def run_inference(
     tta: int = 1,
     runtime: str = "torch",
     on_tile: Callable[[tuple[int, int]], None] | None = None,
+    threads: Callable[[Tile], int] | None = None,
 ) -> EngineStats:
     """Run ``model`` over ``tiles`` of ``slide`` at ``mpp`` and write every core into ``store``.
 
@@ -212,7 +213,10 @@ def run_inference(
 
     ``on_tile`` is called with each tile's key (row, col) once the tile is written and recorded
     (on the writer thread), e.g. to post-process the map regions that are complete
-    (:class:`wsi_mtl.postprocess._overlap.OverlapExtractor`).
+    (:class:`wsi_mtl.postprocess._overlap.OverlapExtractor`). ``threads`` gives the torch CPU
+    threads that run each tile (a batch never mixes two counts), e.g. every core until that
+    post-processing has work; it must depend on the tile only, so that a resumed run computes each
+    tile as an uninterrupted one does.
 
     Tiles already in ``store.done`` are skipped (resume). A tile whose region fails to decode is
     recorded as damaged (its outputs stay zero, "no data") and the run goes on; where only some of
@@ -251,7 +255,8 @@ def run_inference(
                 batch: list[tuple[Tile, np.ndarray, dict[str, Any] | None]] = []
                 job: list[tuple[Tile, dict[str, np.ndarray] | None, dict[str, Any] | None]] = []
                 t0 = time.perf_counter()
-                while pending and len(batch) < batch_size:
+                want = threads(pending[0][0]) if threads is not None else None
+                while pending and len(batch) < batch_size and (want is None or threads(pending[0][0]) == want):
                     tile, fut = pending.popleft()
                     image, damaged = fut.result()
                     fill()
@@ -261,6 +266,8 @@ def run_inference(
                         batch.append((tile, image, damaged))
                 stats.wait_read_s += time.perf_counter() - t0
                 if batch:
+                    if want is not None and want != torch.get_num_threads():
+                        torch.set_num_threads(want)
                     x = torch.from_numpy(np.stack([im for _, im, _ in batch]))
                     if pin:
                         x = x.pin_memory()

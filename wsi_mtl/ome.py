@@ -231,7 +231,8 @@ def label_group(
     }
     final = labels_path / name
     with atomic_path(final, fsync=False) as tmp:
-        group = zarr.open_group(tmp, mode="w", zarr_format=3, attributes={"ome": meta, **({"wsimtl": attrs} if attrs else {})})
+        with zarr.config.set({"json_indent": None}):  # compact: an indented legend of 100k instances takes seconds to encode
+            group = zarr.open_group(tmp, mode="w", zarr_format=3, attributes={"ome": meta, **({"wsimtl": attrs} if attrs else {})})
         array = group.create_array(
             "0", shape=(1, *shape), chunks=(1, *chunks), dtype=dtype, fill_value=0, dimension_names=("c", "y", "x"),
         )

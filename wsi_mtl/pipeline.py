@@ -13,7 +13,7 @@ import math
 import os
 import platform
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -332,6 +332,7 @@ class _Overlap:
     finish_workers: int = 1  # processes once the network is done
     extractor: Any = None
     torch_threads: int = 0
+    tiles_on_every_core: int = 0  # tiles run on every core before post-processing had work (split)
     cores: str = "split"
 
     def start(self, store: PredictionStore, layout: _Layout, opts: _Options, *, tissue_mask: bool) -> Any:
@@ -351,10 +352,21 @@ class _Overlap:
             return None
         return self.extractor.tile_done
 
+    def thread_policy(self, layout: _Layout, threads: int) -> Callable[[Tile], int]:
+        """Torch threads per tile: all ``threads`` for the tiles written before the first chunk can
+        run (counted as in a run from scratch, so a resumed run uses the same count per tile), then
+        the cores the post-processing processes leave."""
+        first = self.extractor.tiles_before_work(t.key for t in layout.tiles)
+        position = {t.key: i for i, t in enumerate(layout.tiles)}
+        rest = max(1, threads - self.workers)
+        self.torch_threads, self.tiles_on_every_core = rest, first
+        return lambda tile: threads if position[tile.key] < first else rest
+
     def record(self) -> dict[str, Any]:
         ex = self.extractor
         done = ex.chunks_overlapped if ex is not None else 0
-        return {"workers": self.workers, "cores": self.cores, "torch_threads": self.torch_threads, "chunks_during_inference": done,
+        return {"workers": self.workers, "cores": self.cores, "torch_threads": self.torch_threads,
+                "tiles_on_every_core": self.tiles_on_every_core, "chunks_during_inference": done,
                 "chunks": len(ex.jobs) if ex is not None else 0}
 
     def close(self) -> None:
@@ -544,14 +556,20 @@ def _infer_maps(slide: Any, slide_path: Path, result_dir: Path, model: Any, layo
         store.write_mask("tissue_mask", layout.tissue.mask, downsample=layout.tissue.mpp / slide.mpp)
         on_tile = overlap.start(store, layout, opts, tissue_mask=tissue_mask) if overlap is not None else None
         threads = torch.get_num_threads()
-        if on_tile is not None and opts.device.type == "cpu" and overlap.cores == "split":  # the network leaves the overlap its cores
-            torch.set_num_threads(max(1, threads - overlap.workers))
+        per_tile = None
+        if on_tile is not None:
+            overlap.torch_threads = threads
+            if opts.device.type == "cpu" and overlap.cores == "split":  # the network leaves the overlap its cores ...
+                if opts.runtime == "torch":
+                    per_tile = overlap.thread_policy(layout, threads)  # ... once it has work
+                else:
+                    overlap.torch_threads = max(1, threads - overlap.workers)
+                    torch.set_num_threads(overlap.torch_threads)
         try:
-            if on_tile is not None:
-                overlap.torch_threads = torch.get_num_threads()
             stats = run_inference(
                 slide, model, grid, layout.tiles, store, mpp=float(model.config.mpp), device=opts.device, batch_size=opts.batch_size,
                 precision=opts.amp, workers=opts.workers, progress=progress, tta=opts.tta, runtime=opts.runtime, on_tile=on_tile,
+                threads=per_tile,
             )
         finally:
             torch.set_num_threads(threads)

@@ -52,10 +52,15 @@ class _Readiness:
 
     def covers(self, region: tuple[int, int, int, int], scale: float) -> bool:
         """Whether every tile under ``region`` (y0, y1, x0, x1 on a grid of ``scale`` model px per px) is written."""
-        y0, y1, x0, x1 = region
-        r0, r1 = int(y0 * scale) // self.core_px, math.ceil(y1 * scale / self.core_px)
-        c0, c1 = int(x0 * scale) // self.core_px, math.ceil(x1 * scale / self.core_px)
-        return bool(self.ready[r0:r1, c0:c1].all())
+        return bool(self.ready[_tiles_under(region, scale, self.core_px)].all())
+
+
+def _tiles_under(region: tuple[int, int, int, int], scale: float, core_px: int) -> tuple[slice, slice]:
+    """The tile rows and columns under ``region`` (y0, y1, x0, x1 on a grid of ``scale`` model px per px)."""
+    y0, y1, x0, x1 = region
+    r0, r1 = int(y0 * scale) // core_px, math.ceil(y1 * scale / core_px)
+    c0, c1 = int(x0 * scale) // core_px, math.ceil(x1 * scale / core_px)
+    return slice(r0, r1), slice(c0, c1)
 
 
 _READERS: dict[str, Any] = {}
@@ -182,6 +187,15 @@ class OverlapExtractor:
         """Chunks done while the network ran (before :meth:`finish`)."""
         with self._lock:
             return len(self._done) if self._overlapped is None else self._overlapped
+
+    def tiles_before_work(self, order: Iterable[tuple[int, int]]) -> int:
+        """How many tiles of ``order`` (keys in the order the engine writes them, as in a run from
+        scratch; tiles not in it count as written) are written before the first chunk can run."""
+        position = np.full(self._ready.shape, -1, np.int64)
+        for i, key in enumerate(order):
+            position[key] = i
+        needs = [int(position[_tiles_under(job.chunk.read, self._scale(job), self._core_px)].max(initial=-1)) for job in self.jobs]
+        return min(needs) + 1 if needs else 0
 
     # -- while the network runs ------------------------------------------------------------------
     def _scale(self, job: Any) -> float:

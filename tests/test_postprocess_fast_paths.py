@@ -359,6 +359,27 @@ def test_compiled_boxes_equal_find_objects(monkeypatch):
         assert got == want
 
 
+def test_compiled_enclosed_background_equals_labelled_background(monkeypatch):
+    """The boxes of background components that do not reach the edge, from row runs (compiled, or
+    the plain-Python kernel where numba is absent), are those of ndi.label + find_objects, on label
+    images with holes, touching objects, single rows and columns, all background and none."""
+    from wsi_mtl.postprocess import _compiled
+
+    _kernels_here(monkeypatch)
+    rng = np.random.default_rng(5)
+    cases = [np.zeros((4, 5), np.int32), np.ones((4, 5), np.int32), np.array([[1, 0, 1]], np.int32), np.array([[1], [0], [1]], np.int32)]
+    for _ in range(120):
+        shape = (int(rng.integers(1, 45)), int(rng.integers(1, 55)))
+        fg = ndi.gaussian_filter(rng.random(shape), rng.uniform(0.5, 2.5)) > rng.uniform(0.35, 0.6)
+        cases.append(np.where(fg, rng.integers(1, 4, shape), 0).astype(np.int32))
+    for k, labels in enumerate(cases):
+        back, n = ndi.label(labels == 0)
+        edge = set(np.concatenate([back[0], back[-1], back[:, 0], back[:, -1]]).tolist())
+        want = sorted((s[0].start, s[0].stop, s[1].start, s[1].stop) for i, s in enumerate(ndi.find_objects(back), 1) if i not in edge)
+        assert sorted(map(tuple, _compiled.enclosed_boxes(labels).tolist())) == want, k
+        assert sorted(map(tuple, _compiled._enclosed_py(labels).tolist())) == want, k
+
+
 def test_compiled_neck_cuts_equal_the_plain_loop(monkeypatch):
     """split_at_necks with the compiled marker labelling and flooding (ndi.label's raster-order
     numbers, skimage's watershed) cuts the same pieces with the same new numbers as the plain loop."""

@@ -24,7 +24,7 @@ from skimage.morphology import h_maxima as _sk_h_maxima
 import importlib.util
 import os
 
-__all__ = ["available", "edt32", "smooth_and_peaks", "h_maxima_bool", "flood_components", "cut_at_peaks", "grow_ranks", "open_rows", "HAVE_NUMBA"]
+__all__ = ["available", "edt32", "smooth_and_peaks", "h_maxima_bool", "flood_components", "cut_at_peaks", "grow_ranks", "open_rows", "enclosed_boxes", "HAVE_NUMBA"]
 
 #: Whether numba (the ``fast`` extra) is installed and not switched off by the environment variable
 #: ``WSIMTL_NO_NUMBA=1`` (numba's LLVM adds ~140 MB to each process that cuts necks); it is
@@ -46,7 +46,7 @@ def available() -> bool:
 def _kernels() -> None:
     """Replace the plain-Python kernels by numba's (``cache=True``), once; without numba they stay."""
     global HAVE_NUMBA, _ready, _sift_down, _sift_up, _reconstruct, _edt, _reflect, _smooth_peaks
-    global _push, _pop, _side, _flood, _flood_components, _label4, _cut_at_peaks, _box_table, _grow, _open
+    global _push, _pop, _side, _flood, _flood_components, _label4, _cut_at_peaks, _box_table, _grow, _open, _root, _enclosed
     if _ready:
         return
     _ready = True
@@ -61,6 +61,8 @@ def _kernels() -> None:
     _push, _pop, _flood, _label4 = jit(_push_py), jit(_pop_py), jit(_flood_py), jit(_label4_py)
     _flood_components, _cut_at_peaks = jit(_flood_components_py), jit(_cut_at_peaks_py)
     _box_table, _grow, _side, _open = jit(_box_table_py), jit(_grow_py), jit(_side_py), jit(_open_py)
+    _root = jit(_root_py)
+    _enclosed = jit(_enclosed_py)
 
 
 def h_maxima_bool(image: np.ndarray, h: float) -> np.ndarray:
@@ -658,9 +660,84 @@ def _open_py(m, halves):  # noqa: ANN001, ANN202 (compiled helper)
                     row[x] = row[x] | (src[x] <= half)
     return out
 
+def enclosed_boxes(labels: np.ndarray) -> np.ndarray:
+    """Bounding boxes (row0, row1, col0, col1) of the 4-connected components of ``labels == 0``
+    that do not reach the array's edge, in no particular order: those of ``scipy.ndimage.label``
+    and ``find_objects``, from the runs of each row joined where they overlap the row above (no
+    label image). Needs numba."""
+    _kernels()
+    return _enclosed(np.ascontiguousarray(labels))
+
+
+def _root_py(parent, i):  # noqa: ANN001, ANN202 (compiled helper)
+    while parent[i] != i:
+        parent[i] = parent[parent[i]]
+        i = parent[i]
+    return i
+
+
+def _enclosed_py(labels):  # noqa: ANN001, ANN202 (compiled helper)
+    h, w = labels.shape
+    n = 0
+    for y in range(h):  # count the runs of background first
+        inside = False
+        for x in range(w):
+            if labels[y, x] == 0 and not inside:
+                n += 1
+            inside = labels[y, x] == 0
+    x0s, x1s, ys = np.empty(n, np.int64), np.empty(n, np.int64), np.empty(n, np.int64)
+    parent = np.arange(n)
+    box = np.empty((n, 4), np.int64)  # per root: row0, row1, col0, col1
+    edge = np.zeros(n, np.bool_)
+    k, prev0, prev1 = 0, 0, 0  # the runs of the row above are prev0..prev1-1
+    for y in range(h):
+        first = k
+        x = 0
+        while x < w:
+            if labels[y, x] != 0:
+                x += 1
+                continue
+            a = x
+            while x < w and labels[y, x] == 0:
+                x += 1
+            x0s[k], x1s[k], ys[k] = a, x, y
+            box[k, 0], box[k, 1], box[k, 2], box[k, 3] = y, y + 1, a, x
+            edge[k] = y == 0 or y == h - 1 or a == 0 or x == w
+            k += 1
+        j = prev0
+        for i in range(first, k):  # join with the overlapping runs above (both lists sorted by x)
+            while j < prev1 and x1s[j] <= x0s[i]:
+                j += 1
+            m = j
+            while m < prev1 and x0s[m] < x1s[i]:
+                ri, rm = _root(parent, i), _root(parent, m)
+                if ri != rm:
+                    parent[rm] = ri
+                    box[ri, 0] = min(box[ri, 0], box[rm, 0])
+                    box[ri, 1] = max(box[ri, 1], box[rm, 1])
+                    box[ri, 2] = min(box[ri, 2], box[rm, 2])
+                    box[ri, 3] = max(box[ri, 3], box[rm, 3])
+                    edge[ri] = edge[ri] or edge[rm]
+                m += 1
+            if m > j:
+                j = m - 1  # the last run above may also meet the next run of this row
+        prev0, prev1 = first, k
+    count = 0
+    for i in range(n):
+        if parent[i] == i and not edge[i]:
+            count += 1
+    out = np.empty((count, 4), np.int64)
+    c = 0
+    for i in range(n):
+        if parent[i] == i and not edge[i]:
+            out[c] = box[i]
+            c += 1
+    return out
+
+
 # plain Python until _kernels() compiles them
 _sift_down, _sift_up, _reflect = _sift_down_py, _sift_up_py, _reflect_py
 _reconstruct, _edt, _smooth_peaks = _reconstruct_py, _edt_py, _smooth_peaks_py
 _push, _pop, _flood, _label4 = _push_py, _pop_py, _flood_py, _label4_py
 _flood_components, _cut_at_peaks, _box_table, _grow, _side = _flood_components_py, _cut_at_peaks_py, _box_table_py, _grow_py, _side_py
-_open = _open_py
+_open, _root, _enclosed = _open_py, _root_py, _enclosed_py

@@ -595,14 +595,9 @@ def _may_enclose(labels: np.ndarray, slices: list) -> list[int]:
     boxes = np.array([(s[0].start, s[0].stop, s[1].start, s[1].stop) if s is not None else (0, 0, 0, 0) for s in slices])
     if len(boxes) == 0:
         return []
-    back, n_back = ndi.label(labels == 0)
-    enclosed = np.ones(n_back + 1, bool)
-    enclosed[back[0]] = enclosed[back[-1]] = enclosed[back[:, 0]] = enclosed[back[:, -1]] = False
-    enclosed[0] = False
-    holes = [s for k, s in enumerate(find_objects(back), start=1) if enclosed[k]]
-    if not holes:
+    hb = _enclosed_background(labels)
+    if len(hb) == 0:
         return []
-    hb = np.array([(s[0].start, s[0].stop, s[1].start, s[1].stop) for s in holes])
     found = np.zeros(len(boxes), bool)
     for k in range(0, len(hb), 256):  # blocks keep the (objects x holes) tables small
         b = hb[k : k + 256]
@@ -612,6 +607,19 @@ def _may_enclose(labels: np.ndarray, slices: list) -> list[int]:
         )
         found |= inside.any(axis=1)
     return [int(i) + 1 for i in np.flatnonzero(found)]
+
+
+def _enclosed_background(labels: np.ndarray) -> np.ndarray:
+    """Boxes (row0, row1, col0, col1) of the 4-connected background components of 2-D ``labels``
+    that do not reach the array's edge (compiled: from row runs, without a label image)."""
+    if _compiled.available() and labels.ndim == 2:
+        return _compiled.enclosed_boxes(labels)
+    back, n_back = ndi.label(labels == 0)
+    enclosed = np.ones(n_back + 1, bool)
+    enclosed[back[0]] = enclosed[back[-1]] = enclosed[back[:, 0]] = enclosed[back[:, -1]] = False
+    enclosed[0] = False
+    holes = [s for k, s in enumerate(ndi.find_objects(back), start=1) if enclosed[k]]
+    return np.array([(s[0].start, s[0].stop, s[1].start, s[1].stop) for s in holes], np.int64).reshape(-1, 4)
 
 
 def _disk_rows(radius: int) -> list[tuple[int, int]]:

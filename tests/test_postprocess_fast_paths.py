@@ -377,7 +377,29 @@ def test_compiled_enclosed_background_equals_labelled_background(monkeypatch):
         edge = set(np.concatenate([back[0], back[-1], back[:, 0], back[:, -1]]).tolist())
         want = sorted((s[0].start, s[0].stop, s[1].start, s[1].stop) for i, s in enumerate(ndi.find_objects(back), 1) if i not in edge)
         assert sorted(map(tuple, _compiled.enclosed_boxes(labels).tolist())) == want, k
-        assert sorted(map(tuple, _compiled._enclosed_py(labels).tolist())) == want, k
+        assert sorted(map(tuple, _compiled._enclosed_py(labels == 0).tolist())) == want, k
+
+
+def test_compiled_components_equal_ndi_label_and_find_objects(monkeypatch):
+    """Labels (4-connected, raster-ordered numbers) and boxes from row runs, compiled and as plain
+    Python, are ndi.label's and find_objects'; without labels only the boxes come back."""
+    from wsi_mtl.postprocess import _compiled
+    from wsi_mtl.postprocess._instances import labelled_boxes
+
+    _kernels_here(monkeypatch)
+    rng = np.random.default_rng(8)
+    cases = [np.zeros((3, 4), bool), np.ones((3, 4), bool), np.eye(5, dtype=bool), np.array([[True, False, True]])]
+    for _ in range(100):
+        shape = (int(rng.integers(1, 40)), int(rng.integers(1, 50)))
+        cases.append(ndi.gaussian_filter(rng.random(shape), rng.uniform(0.3, 2.5)) > rng.uniform(0.3, 0.65))
+    for k, mask in enumerate(cases):
+        want, n = ndi.label(mask)
+        boxes = np.array([(s[0].start, s[0].stop, s[1].start, s[1].stop) for s in ndi.find_objects(want)], np.int64).reshape(-1, 4)
+        for lab, box in (labelled_boxes(mask), _compiled._components_py(mask, True)):
+            np.testing.assert_array_equal(lab, want, err_msg=str(k))
+            np.testing.assert_array_equal(box, boxes, err_msg=str(k))
+        assert labelled_boxes(mask, labels=False)[0] is None
+        np.testing.assert_array_equal(labelled_boxes(mask, labels=False)[1], boxes)
 
 
 def test_compiled_neck_cuts_equal_the_plain_loop(monkeypatch):

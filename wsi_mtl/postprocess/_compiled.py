@@ -24,7 +24,7 @@ from skimage.morphology import h_maxima as _sk_h_maxima
 import importlib.util
 import os
 
-__all__ = ["available", "edt32", "smooth_and_peaks", "h_maxima_bool", "flood_components", "cut_at_peaks", "grow_ranks", "open_rows", "enclosed_boxes", "HAVE_NUMBA"]
+__all__ = ["available", "edt32", "smooth_and_peaks", "h_maxima_bool", "flood_components", "cut_at_peaks", "grow_ranks", "open_rows", "enclosed_boxes", "components", "HAVE_NUMBA"]
 
 #: Whether numba (the ``fast`` extra) is installed and not switched off by the environment variable
 #: ``WSIMTL_NO_NUMBA=1`` (numba's LLVM adds ~140 MB to each process that cuts necks); it is
@@ -46,7 +46,8 @@ def available() -> bool:
 def _kernels() -> None:
     """Replace the plain-Python kernels by numba's (``cache=True``), once; without numba they stay."""
     global HAVE_NUMBA, _ready, _sift_down, _sift_up, _reconstruct, _edt, _reflect, _smooth_peaks
-    global _push, _pop, _side, _flood, _flood_components, _label4, _cut_at_peaks, _box_table, _grow, _open, _root, _enclosed
+    global _push, _pop, _side, _flood, _flood_components, _label4, _cut_at_peaks, _box_table, _grow, _open
+    global _root, _runs, _boxes_of_runs, _enclosed, _components
     if _ready:
         return
     _ready = True
@@ -61,8 +62,8 @@ def _kernels() -> None:
     _push, _pop, _flood, _label4 = jit(_push_py), jit(_pop_py), jit(_flood_py), jit(_label4_py)
     _flood_components, _cut_at_peaks = jit(_flood_components_py), jit(_cut_at_peaks_py)
     _box_table, _grow, _side, _open = jit(_box_table_py), jit(_grow_py), jit(_side_py), jit(_open_py)
-    _root = jit(_root_py)
-    _enclosed = jit(_enclosed_py)
+    _root, _runs, _boxes_of_runs = jit(_root_py), jit(_runs_py), jit(_boxes_of_runs_py)
+    _enclosed, _components = jit(_enclosed_py), jit(_components_py)
 
 
 def h_maxima_bool(image: np.ndarray, h: float) -> np.ndarray:
@@ -666,7 +667,16 @@ def enclosed_boxes(labels: np.ndarray) -> np.ndarray:
     and ``find_objects``, from the runs of each row joined where they overlap the row above (no
     label image). Needs numba."""
     _kernels()
-    return _enclosed(np.ascontiguousarray(labels))
+    return _enclosed(np.ascontiguousarray(labels == 0))
+
+
+def components(mask: np.ndarray, *, labels: bool = True) -> tuple[np.ndarray | None, np.ndarray]:
+    """``scipy.ndimage.label(mask)`` (4-connected, numbered in the raster order of their first
+    pixels) with every component's bounding box (row0, row1, col0, col1; row ``k`` for label
+    ``k + 1``), from row runs; without ``labels`` only the boxes. Needs numba."""
+    _kernels()
+    lab, box = _components(np.ascontiguousarray(mask, dtype=np.bool_), labels)
+    return (lab if labels else None), box
 
 
 def _root_py(parent, i):  # noqa: ANN001, ANN202 (compiled helper)
@@ -676,63 +686,91 @@ def _root_py(parent, i):  # noqa: ANN001, ANN202 (compiled helper)
     return i
 
 
-def _enclosed_py(labels):  # noqa: ANN001, ANN202 (compiled helper)
-    h, w = labels.shape
+def _runs_py(m):  # noqa: ANN001, ANN202 (compiled helper)
+    """The runs of True of each row (row, first col, end col), in raster order, and the union-find
+    parents joining runs of consecutive rows that overlap (4-connectivity)."""
+    h, w = m.shape
     n = 0
-    for y in range(h):  # count the runs of background first
-        inside = False
+    for y in range(h):
         for x in range(w):
-            if labels[y, x] == 0 and not inside:
+            if m[y, x] and (x == 0 or not m[y, x - 1]):
                 n += 1
-            inside = labels[y, x] == 0
-    x0s, x1s, ys = np.empty(n, np.int64), np.empty(n, np.int64), np.empty(n, np.int64)
+    ys, x0s, x1s = np.empty(n, np.int64), np.empty(n, np.int64), np.empty(n, np.int64)
     parent = np.arange(n)
-    box = np.empty((n, 4), np.int64)  # per root: row0, row1, col0, col1
-    edge = np.zeros(n, np.bool_)
     k, prev0, prev1 = 0, 0, 0  # the runs of the row above are prev0..prev1-1
     for y in range(h):
         first = k
         x = 0
         while x < w:
-            if labels[y, x] != 0:
+            if not m[y, x]:
                 x += 1
                 continue
             a = x
-            while x < w and labels[y, x] == 0:
+            while x < w and m[y, x]:
                 x += 1
-            x0s[k], x1s[k], ys[k] = a, x, y
-            box[k, 0], box[k, 1], box[k, 2], box[k, 3] = y, y + 1, a, x
-            edge[k] = y == 0 or y == h - 1 or a == 0 or x == w
+            ys[k], x0s[k], x1s[k] = y, a, x
             k += 1
         j = prev0
-        for i in range(first, k):  # join with the overlapping runs above (both lists sorted by x)
+        for i in range(first, k):  # both rows' runs are sorted by column
             while j < prev1 and x1s[j] <= x0s[i]:
                 j += 1
-            m = j
-            while m < prev1 and x0s[m] < x1s[i]:
-                ri, rm = _root(parent, i), _root(parent, m)
-                if ri != rm:
-                    parent[rm] = ri
-                    box[ri, 0] = min(box[ri, 0], box[rm, 0])
-                    box[ri, 1] = max(box[ri, 1], box[rm, 1])
-                    box[ri, 2] = min(box[ri, 2], box[rm, 2])
-                    box[ri, 3] = max(box[ri, 3], box[rm, 3])
-                    edge[ri] = edge[ri] or edge[rm]
-                m += 1
-            if m > j:
-                j = m - 1  # the last run above may also meet the next run of this row
+            q = j
+            while q < prev1 and x0s[q] < x1s[i]:
+                ri, rq = _root(parent, i), _root(parent, q)
+                if ri != rq:  # the earlier run stays the root
+                    parent[max(ri, rq)] = min(ri, rq)
+                q += 1
+            if q > j:
+                j = q - 1  # the last run above may meet the next run of this row too
         prev0, prev1 = first, k
+    return ys, x0s, x1s, parent
+
+
+def _boxes_of_runs_py(ys, x0s, x1s, parent):  # noqa: ANN001, ANN202 (compiled helper)
+    """Per run, the number of its component (1.. in raster order of the components' first runs),
+    and each component's box."""
+    n = len(ys)
+    ids = np.zeros(n, np.int64)
     count = 0
-    for i in range(n):
-        if parent[i] == i and not edge[i]:
+    for i in range(n):  # roots are their component's first run
+        r = _root(parent, i)
+        if r == i:
             count += 1
-    out = np.empty((count, 4), np.int64)
-    c = 0
+            ids[i] = count
+        else:
+            ids[i] = ids[r]
+    box = np.empty((count, 4), np.int64)
+    for c in range(count):
+        box[c, 0], box[c, 1], box[c, 2], box[c, 3] = 1 << 62, -1, 1 << 62, -1
     for i in range(n):
-        if parent[i] == i and not edge[i]:
-            out[c] = box[i]
-            c += 1
-    return out
+        c = ids[i] - 1
+        box[c, 0] = min(box[c, 0], ys[i])
+        box[c, 1] = max(box[c, 1], ys[i] + 1)
+        box[c, 2] = min(box[c, 2], x0s[i])
+        box[c, 3] = max(box[c, 3], x1s[i])
+    return ids, box
+
+
+def _components_py(m, want_labels):  # noqa: ANN001, ANN202 (compiled helper)
+    ys, x0s, x1s, parent = _runs(m)
+    ids, box = _boxes_of_runs(ys, x0s, x1s, parent)
+    if not want_labels:
+        return np.zeros((1, 1), np.int32), box
+    lab = np.zeros(m.shape, np.int32)
+    for i in range(len(ys)):
+        lab[ys[i], x0s[i] : x1s[i]] = ids[i]
+    return lab, box
+
+
+def _enclosed_py(m):  # noqa: ANN001, ANN202 (compiled helper)
+    h, w = m.shape
+    ys, x0s, x1s, parent = _runs(m)
+    ids, box = _boxes_of_runs(ys, x0s, x1s, parent)
+    keep = np.ones(len(box), np.bool_)
+    for c in range(len(box)):
+        if box[c, 0] == 0 or box[c, 1] == h or box[c, 2] == 0 or box[c, 3] == w:
+            keep[c] = False
+    return box[keep]
 
 
 # plain Python until _kernels() compiles them
@@ -740,4 +778,4 @@ _sift_down, _sift_up, _reflect = _sift_down_py, _sift_up_py, _reflect_py
 _reconstruct, _edt, _smooth_peaks = _reconstruct_py, _edt_py, _smooth_peaks_py
 _push, _pop, _flood, _label4 = _push_py, _pop_py, _flood_py, _label4_py
 _flood_components, _cut_at_peaks, _box_table, _grow, _side = _flood_components_py, _cut_at_peaks_py, _box_table_py, _grow_py, _side_py
-_open, _root, _enclosed = _open_py, _root_py, _enclosed_py
+_open, _root, _runs, _boxes_of_runs, _enclosed, _components = _open_py, _root_py, _runs_py, _boxes_of_runs_py, _enclosed_py, _components_py

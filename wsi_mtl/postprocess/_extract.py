@@ -54,7 +54,6 @@ from typing import Any
 import multiprocessing as mp
 import numpy as np
 import shapely
-from scipy import ndimage as ndi
 
 from wsi_mtl.errors import InputError
 from wsi_mtl.objects import COLUMNS, TASKS, ObjectBatch
@@ -65,10 +64,10 @@ from wsi_mtl.postprocess._instances import (
     core_mask,
     find_objects,
     grow_components,
+    labelled_boxes,
     opened_cores,
     NECK_REACH_PX,
     nuclei_foreground,
-    object_boxes,
     _nuclei_instances,
     downsample_prob,
     instance_type,
@@ -495,10 +494,9 @@ def _tighten(inst: np.ndarray, chunk: Chunk, params: PostprocessParams) -> tuple
     box), grown by :data:`NUCLEI_CONTEXT_PX`; the rest of the halo only completes those blobs.
     Returns the map cropped to it, the chunk reading it and whether one of those blobs comes within
     neck cutting's reach of an open read edge (None: no such blob)."""
-    blobs, n = ndi.label(nuclei_foreground(inst, params.nuclei_mask_threshold))
-    if n == 0:
+    _, box = labelled_boxes(nuclei_foreground(inst, params.nuclei_mask_threshold), labels=False)
+    if len(box) == 0:
         return None
-    box = object_boxes(blobs, np.arange(1, n + 1))
     meet = _meeting(box, 0, _local_own(chunk))
     if not meet.any():
         return None
@@ -633,8 +631,7 @@ def _gland_context(gcores: np.ndarray, lcores: np.ndarray | None, chunk: Chunk, 
     labelled, boxes, firsts = [], [], []
     own = _local_own(chunk)
     for cores, er in kinds:
-        comps, n = ndi.label(cores)
-        box = object_boxes(comps, np.arange(1, n + 1)) if n else np.zeros((0, 4), np.int64)
+        comps, box = labelled_boxes(cores)
         labelled.append(comps)
         boxes.append(box)
         firsts.append(_may_start_in(box, er, own))

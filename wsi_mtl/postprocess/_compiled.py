@@ -560,13 +560,16 @@ def _grow_py(r, steps):  # noqa: ANN001, ANN202 (compiled helper)
     ring = np.empty(h * w, np.int64)
     mark = np.zeros(pad.size, np.bool_)
     m = 0
-    for p in range(pad.size):
-        if inside[p] and pad[p] == 0:
+    for p in range(pad.size):  # the first ring: the 0 pixels next to a labelled one (its order does not matter)
+        if pad[p] != 0:
             for o in offs:
-                if pad[p + o] != 0:
-                    ring[m] = p
+                q = p + o
+                if inside[q] and pad[q] == 0 and not mark[q]:
+                    mark[q] = True
+                    ring[m] = q
                     m += 1
-                    break
+    for k in range(m):
+        mark[ring[k]] = False
     vals = np.empty(h * w, r.dtype)
     nxt = np.empty(h * w, np.int64)
     for step in range(steps):

@@ -692,17 +692,20 @@ def _expand_labels_square(labels: np.ndarray, distance: int, *, raster_ordered: 
     n = int(labels.max(initial=0))
     if n == 0 or distance < 1:
         return labels
+    # only the box of the objects grown by ``distance`` can change
+    d = int(distance)
+    ys, xs = np.flatnonzero(labels.any(axis=1)), np.flatnonzero(labels.any(axis=0))
+    box = (slice(max(0, ys[0] - d), ys[-1] + d + 1), slice(max(0, xs[0] - d), xs[-1] + d + 1))
+    out = labels.copy()
+    if raster_ordered and _compiled.available() and labels.ndim == 2:  # the numbers are the ranks: grown as they are
+        out[box] = _compiled.grow_ranks(labels[box], d)
+        return out
     small = np.uint8 if n < 255 else np.int16 if n < np.iinfo(np.int16).max else np.int32  # narrower is faster to filter
     if raster_ordered:
         rank = np.arange(n + 1, dtype=small)
         back = np.arange(n + 1, dtype=labels.dtype)
     else:
         rank, back = _first_pixel_ranks(labels, n, small)
-    # only the box of the objects grown by ``distance`` can change
-    d = int(distance)
-    ys, xs = np.flatnonzero(labels.any(axis=1)), np.flatnonzero(labels.any(axis=0))
-    box = (slice(max(0, ys[0] - d), ys[-1] + d + 1), slice(max(0, xs[0] - d), xs[-1] + d + 1))
-    out = labels.copy()
     out[box] = back[_grow_ranks(rank[labels[box]], d)]
     return out
 

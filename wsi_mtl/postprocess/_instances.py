@@ -591,12 +591,12 @@ def _fill_holes_per_label(labels: np.ndarray) -> np.ndarray:
 
 def _holes(mask: np.ndarray) -> np.ndarray:
     """Pixels outside ``mask`` whose 4-connected component does not reach the array's edge."""
-    comps, n = ndi.label(~mask)
-    if n == 0:
+    comps, box = labelled_boxes(~mask)
+    if len(box) == 0:
         return np.zeros(mask.shape, bool)
-    enclosed = np.ones(n + 1, bool)
-    enclosed[comps[0]] = enclosed[comps[-1]] = enclosed[comps[:, 0]] = enclosed[comps[:, -1]] = False
-    enclosed[0] = False
+    h, w = mask.shape
+    enclosed = np.zeros(len(box) + 1, bool)
+    enclosed[1:] = (box[:, 0] > 0) & (box[:, 1] < h) & (box[:, 2] > 0) & (box[:, 3] < w)
     return enclosed[comps]
 
 

@@ -631,38 +631,53 @@ def _open_py(m, halves):  # noqa: ANN001, ANN202 (compiled helper)
                 run[y, x] = n
     eroded = np.zeros((h, w), np.bool_)
     for y in range(r, h - r):  # rows nearer the edge than r read outside: False
-        row = eroded[y]
-        row[:] = True
-        for k in range(len(halves)):  # whole rows at a time: contiguous reads
-            src, half = run[y + k - r], halves[k]
-            for x in range(w):
-                row[x] = row[x] & (src[x] > half)
-    # dilation: a row segment |dx| <= half around x holds an eroded pixel iff the nearest one in
-    # that row is at most half away
-    far = 1 << 30  # farther than any half-width
-    near = np.empty((h, w), np.int32)
+        row, own = eroded[y], m[y]
+        x = 0
+        while x < w:  # only the row's own runs can erode to True
+            if not own[x]:
+                x += 1
+                continue
+            a = x
+            while x < w and own[x]:
+                x += 1
+            row[a:x] = True
+            for k in range(len(halves)):  # footprint row by footprint row: contiguous reads
+                src, half = run[y + k - r], halves[k]
+                for xx in range(a, x):
+                    row[xx] = row[xx] & (src[xx] > half)
+    # dilation: the eroded runs of each row (found once), each widened by a footprint row's
+    # half-width, painted into the rows that footprint row reaches
+    start = np.zeros(h + 1, np.int64)
     for y in range(h):
-        last = -far
+        n = 0
         for x in range(w):
-            if eroded[y, x]:
-                last = x
-            near[y, x] = x - last
-        last = far
-        for x in range(w - 1, -1, -1):
-            if eroded[y, x]:
-                last = x
-            if last - x < near[y, x]:
-                near[y, x] = last - x
+            if eroded[y, x] and (x == 0 or not eroded[y, x - 1]):
+                n += 1
+        start[y + 1] = start[y] + n
+    a0, a1 = np.empty(start[h], np.int64), np.empty(start[h], np.int64)
+    for y in range(h):
+        i = start[y]
+        x = 0
+        while x < w:
+            if not eroded[y, x]:
+                x += 1
+                continue
+            a0[i] = x
+            while x < w and eroded[y, x]:
+                x += 1
+            a1[i] = x
+            i += 1
     out = np.zeros((h, w), np.bool_)
     for y in range(h):
         row = out[y]
         for k in range(len(halves)):
             yy = y + k - r
             if 0 <= yy < h:
-                src, half = near[yy], halves[k]
-                for x in range(w):
-                    row[x] = row[x] | (src[x] <= half)
+                half = halves[k]
+                for i in range(start[yy], start[yy + 1]):
+                    row[max(0, a0[i] - half) : min(w, a1[i] + half)] = True
     return out
+
 
 def enclosed_boxes(labels: np.ndarray) -> np.ndarray:
     """Bounding boxes (row0, row1, col0, col1) of the 4-connected components of ``labels == 0``

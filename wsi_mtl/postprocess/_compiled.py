@@ -47,7 +47,7 @@ def _kernels() -> None:
     """Replace the plain-Python kernels by numba's (``cache=True``), once; without numba they stay."""
     global HAVE_NUMBA, _ready, _sift_down, _sift_up, _reconstruct, _edt, _reflect, _smooth_peaks
     global _push, _pop, _side, _flood, _flood_components, _label4, _cut_at_peaks, _box_table, _grow, _open
-    global _root, _runs, _boxes_of_runs, _enclosed, _components
+    global _next_run, _root, _runs, _boxes_of_runs, _enclosed, _components
     if _ready:
         return
     _ready = True
@@ -62,7 +62,7 @@ def _kernels() -> None:
     _push, _pop, _flood, _label4 = jit(_push_py), jit(_pop_py), jit(_flood_py), jit(_label4_py)
     _flood_components, _cut_at_peaks = jit(_flood_components_py), jit(_cut_at_peaks_py)
     _box_table, _grow, _side, _open = jit(_box_table_py), jit(_grow_py), jit(_side_py), jit(_open_py)
-    _root, _runs, _boxes_of_runs = jit(_root_py), jit(_runs_py), jit(_boxes_of_runs_py)
+    _next_run, _root, _runs, _boxes_of_runs = jit(_next_run_py), jit(_root_py), jit(_runs_py), jit(_boxes_of_runs_py)
     _enclosed, _components = jit(_enclosed_py), jit(_components_py)
 
 
@@ -121,14 +121,8 @@ def _edt_py(mask: np.ndarray) -> np.ndarray:
     t = np.empty(wid + 2, np.int64)
     for y in range(hgt):
         gy = g[y]
-        x = 0
-        while x < wid:
-            if not mask[y, x]:
-                x += 1
-                continue
-            a = x
-            while x < wid and mask[y, x]:
-                x += 1
+        a, x = _next_run(mask[y], 0)
+        while a < wid:
             lo = a - 1 if a > 0 else a
             hi = x if x < wid else x - 1  # inclusive
             # lower envelope of (u - i)^2 + g(i)^2 over i in lo..hi
@@ -161,6 +155,7 @@ def _edt_py(mask: np.ndarray) -> np.ndarray:
                     out[y, u] = np.float32(np.sqrt(np.float64((u - s[q]) ** 2 + gi * gi)))
                 if u == t[q]:
                     q -= 1
+            a, x = _next_run(mask[y], x)
     return out
 
 
@@ -631,20 +626,15 @@ def _open_py(m, halves):  # noqa: ANN001, ANN202 (compiled helper)
                 run[y, x] = n
     eroded = np.zeros((h, w), np.bool_)
     for y in range(r, h - r):  # rows nearer the edge than r read outside: False
-        row, own = eroded[y], m[y]
-        x = 0
-        while x < w:  # only the row's own runs can erode to True
-            if not own[x]:
-                x += 1
-                continue
-            a = x
-            while x < w and own[x]:
-                x += 1
+        row = eroded[y]
+        a, x = _next_run(m[y], 0)
+        while a < w:  # only the row's own runs can erode to True
             row[a:x] = True
             for k in range(len(halves)):  # footprint row by footprint row: contiguous reads
                 src, half = run[y + k - r], halves[k]
                 for xx in range(a, x):
                     row[xx] = row[xx] & (src[xx] > half)
+            a, x = _next_run(m[y], x)
     # dilation: the eroded runs of each row (found once), each widened by a footprint row's
     # half-width, painted into the rows that footprint row reaches
     start = np.zeros(h + 1, np.int64)
@@ -657,16 +647,11 @@ def _open_py(m, halves):  # noqa: ANN001, ANN202 (compiled helper)
     a0, a1 = np.empty(start[h], np.int64), np.empty(start[h], np.int64)
     for y in range(h):
         i = start[y]
-        x = 0
-        while x < w:
-            if not eroded[y, x]:
-                x += 1
-                continue
-            a0[i] = x
-            while x < w and eroded[y, x]:
-                x += 1
-            a1[i] = x
+        a, x = _next_run(eroded[y], 0)
+        while a < w:
+            a0[i], a1[i] = a, x
             i += 1
+            a, x = _next_run(eroded[y], x)
     out = np.zeros((h, w), np.bool_)
     for y in range(h):
         row = out[y]
@@ -704,6 +689,17 @@ def _root_py(parent, i):  # noqa: ANN001, ANN202 (compiled helper)
     return i
 
 
+def _next_run_py(row, x):  # noqa: ANN001, ANN202 (compiled helper)
+    """The first run of True in ``row`` at or after column ``x``: (start, end); (len, len) if none."""
+    w = len(row)
+    while x < w and not row[x]:
+        x += 1
+    a = x
+    while x < w and row[x]:
+        x += 1
+    return a, x
+
+
 def _runs_py(m):  # noqa: ANN001, ANN202 (compiled helper)
     """The runs of True of each row (row, first col, end col), in raster order, and the union-find
     parents joining runs of consecutive rows that overlap (4-connectivity)."""
@@ -718,16 +714,11 @@ def _runs_py(m):  # noqa: ANN001, ANN202 (compiled helper)
     k, prev0, prev1 = 0, 0, 0  # the runs of the row above are prev0..prev1-1
     for y in range(h):
         first = k
-        x = 0
-        while x < w:
-            if not m[y, x]:
-                x += 1
-                continue
-            a = x
-            while x < w and m[y, x]:
-                x += 1
+        a, x = _next_run(m[y], 0)
+        while a < w:
             ys[k], x0s[k], x1s[k] = y, a, x
             k += 1
+            a, x = _next_run(m[y], x)
         j = prev0
         for i in range(first, k):  # both rows' runs are sorted by column
             while j < prev1 and x1s[j] <= x0s[i]:
@@ -796,4 +787,5 @@ _sift_down, _sift_up, _reflect = _sift_down_py, _sift_up_py, _reflect_py
 _reconstruct, _edt, _smooth_peaks = _reconstruct_py, _edt_py, _smooth_peaks_py
 _push, _pop, _flood, _label4 = _push_py, _pop_py, _flood_py, _label4_py
 _flood_components, _cut_at_peaks, _box_table, _grow, _side = _flood_components_py, _cut_at_peaks_py, _box_table_py, _grow_py, _side_py
-_open, _root, _runs, _boxes_of_runs, _enclosed, _components = _open_py, _root_py, _runs_py, _boxes_of_runs_py, _enclosed_py, _components_py
+_open, _next_run, _root, _runs, _boxes_of_runs = _open_py, _next_run_py, _root_py, _runs_py, _boxes_of_runs_py
+_enclosed, _components = _enclosed_py, _components_py

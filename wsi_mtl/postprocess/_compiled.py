@@ -1,4 +1,9 @@
-"""Compiled (numba, the ``fast`` extra) versions of the steps of neck cutting, with the same results.
+"""Compiled (numba, the ``fast`` extra) versions of post-processing steps, with the same results.
+
+Row runs (:func:`components`, :func:`enclosed_boxes`, :func:`open_rows`): each row's runs of True are
+found once; components join the runs of consecutive rows that overlap (union-find, the earliest run
+the root, so the numbers follow ``scipy.ndimage.label``'s raster order), and their boxes come with
+them, without a label image where only boxes are needed.
 
 :func:`edt32`: the Euclidean distance transform (Meijster's two passes, exact integer squared
 distances, so the same float32 values as scipy's whatever feature pixel it picks).

@@ -140,6 +140,19 @@ def test_label_images_alike_written_beside_the_exports_and_after_them(tmp_path: 
     assert np.asarray(zarr.open_group(dirs[1] / LABEL_PATHS[1], mode="r")["0"]).max() > 0
 
 
+def test_label_images_written_in_turn_where_no_process_can_start(result_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from wsi_mtl.postprocess import _pool
+
+    def refused() -> None:
+        raise OSError("Resource temporarily unavailable")
+
+    monkeypatch.setattr(postprocess, "extract_objects", fake_extract(), raising=False)
+    monkeypatch.setattr(_pool, "single_executor", refused)
+    derive_objects(result_dir, workers=2)
+    run = json.loads((result_dir / "run.json").read_text())
+    assert all(path in [f["path"] for f in run["files"]] for path in LABEL_PATHS)
+
+
 def test_gz_adds_copies_and_a_plain_export_removes_them(result_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """--geojson-gz adds gzipped copies; a later export without it leaves exactly what run.json lists."""
     import gzip

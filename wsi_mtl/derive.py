@@ -186,8 +186,13 @@ class _LabelImages:
         if background:
             from .postprocess._pool import single_executor
 
-            self.pool = single_executor()
-            self.future = self.pool.submit(_store_tissue_map, *self.args)
+            try:
+                self.pool = single_executor()
+                self.future = self.pool.submit(_store_tissue_map, *self.args)
+            except (OSError, RuntimeError) as exc:  # no process to be had: written here, in turn
+                log.warning("label images written after the exports (%s)", exc)
+                self.close()
+                self.pool, self.future = None, None
 
     def result(self) -> list[Path]:
         try:

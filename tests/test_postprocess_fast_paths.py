@@ -359,13 +359,18 @@ def test_compiled_boxes_equal_find_objects(monkeypatch):
         assert got == want
 
 
-def test_compiled_enclosed_background_equals_labelled_background(monkeypatch):
+@pytest.mark.parametrize("compiled", [False, True])
+def test_enclosed_background_equals_labelled_background(monkeypatch, compiled):
     """The boxes of background components that do not reach the edge, from row runs (compiled, or
-    the plain-Python kernel where numba is absent), are those of ndi.label + find_objects, on label
-    images with holes, touching objects, single rows and columns, all background and none."""
+    the plain-Python kernel where numba is absent) and without the fast extra, are those of
+    ndi.label + find_objects, on label images with holes, touching objects, single rows and
+    columns, all background and none."""
     from wsi_mtl.postprocess import _compiled
 
-    _kernels_here(monkeypatch)
+    if compiled:
+        _kernels_here(monkeypatch)
+    else:
+        monkeypatch.setattr(_compiled, "HAVE_NUMBA", False)
     rng = np.random.default_rng(5)
     cases = [np.zeros((4, 5), np.int32), np.ones((4, 5), np.int32), np.array([[1, 0, 1]], np.int32), np.array([[1], [0], [1]], np.int32)]
     for _ in range(120):
@@ -376,8 +381,7 @@ def test_compiled_enclosed_background_equals_labelled_background(monkeypatch):
         back, n = ndi.label(labels == 0)
         edge = set(np.concatenate([back[0], back[-1], back[:, 0], back[:, -1]]).tolist())
         want = sorted((s[0].start, s[0].stop, s[1].start, s[1].stop) for i, s in enumerate(ndi.find_objects(back), 1) if i not in edge)
-        assert sorted(map(tuple, _compiled.enclosed_boxes(labels).tolist())) == want, k
-        assert sorted(map(tuple, _compiled._enclosed_py(labels == 0).tolist())) == want, k
+        assert sorted(map(tuple, inst._enclosed_background(labels).tolist())) == want, k
 
 
 def test_compiled_components_equal_ndi_label_and_find_objects(monkeypatch):

@@ -1,6 +1,6 @@
 """Compiled (numba, the ``fast`` extra) versions of post-processing steps, with the same results.
 
-Row runs (:func:`components`, :func:`enclosed_boxes`, :func:`open_rows`): each row's runs of True are
+Row runs (:func:`components`, :func:`open_rows`): each row's runs of True are
 found once; components join the runs of consecutive rows that overlap (union-find, the earliest run
 the root, so the numbers follow ``scipy.ndimage.label``'s raster order), and their boxes come with
 them, without a label image where only boxes are needed.
@@ -29,7 +29,7 @@ from skimage.morphology import h_maxima as _sk_h_maxima
 import importlib.util
 import os
 
-__all__ = ["available", "edt32", "smooth_and_peaks", "h_maxima_bool", "flood_components", "cut_at_peaks", "grow_ranks", "open_rows", "enclosed_boxes", "components", "HAVE_NUMBA"]
+__all__ = ["available", "edt32", "smooth_and_peaks", "h_maxima_bool", "flood_components", "cut_at_peaks", "grow_ranks", "open_rows", "components", "HAVE_NUMBA"]
 
 #: Whether numba (the ``fast`` extra) is installed and not switched off by the environment variable
 #: ``WSIMTL_NO_NUMBA=1`` (numba's LLVM adds ~140 MB to each process that cuts necks); it is
@@ -52,7 +52,7 @@ def _kernels() -> None:
     """Replace the plain-Python kernels by numba's (``cache=True``), once; without numba they stay."""
     global HAVE_NUMBA, _ready, _sift_down, _sift_up, _reconstruct, _edt, _reflect, _smooth_peaks
     global _push, _pop, _side, _flood, _flood_components, _label4, _cut_at_peaks, _box_table, _grow, _open
-    global _next_run, _root, _runs, _boxes_of_runs, _enclosed, _components
+    global _next_run, _root, _runs, _boxes_of_runs, _components
     if _ready:
         return
     _ready = True
@@ -68,7 +68,7 @@ def _kernels() -> None:
     _flood_components, _cut_at_peaks = jit(_flood_components_py), jit(_cut_at_peaks_py)
     _box_table, _grow, _side, _open = jit(_box_table_py), jit(_grow_py), jit(_side_py), jit(_open_py)
     _next_run, _root, _runs, _boxes_of_runs = jit(_next_run_py), jit(_root_py), jit(_runs_py), jit(_boxes_of_runs_py)
-    _enclosed, _components = jit(_enclosed_py), jit(_components_py)
+    _components = jit(_components_py)
 
 
 def h_maxima_bool(image: np.ndarray, h: float) -> np.ndarray:
@@ -669,15 +669,6 @@ def _open_py(m, halves):  # noqa: ANN001, ANN202 (compiled helper)
     return out
 
 
-def enclosed_boxes(labels: np.ndarray) -> np.ndarray:
-    """Bounding boxes (row0, row1, col0, col1) of the 4-connected components of ``labels == 0``
-    that do not reach the array's edge, in no particular order: those of ``scipy.ndimage.label``
-    and ``find_objects``, from the runs of each row joined where they overlap the row above (no
-    label image). Needs numba."""
-    _kernels()
-    return _enclosed(np.ascontiguousarray(labels == 0))
-
-
 def components(mask: np.ndarray, *, labels: bool = True) -> tuple[np.ndarray | None, np.ndarray]:
     """``scipy.ndimage.label(mask)`` (4-connected, numbered in the raster order of their first
     pixels) with every component's bounding box (row0, row1, col0, col1; row ``k`` for label
@@ -776,21 +767,10 @@ def _components_py(m, want_labels):  # noqa: ANN001, ANN202 (compiled helper)
     return lab, box
 
 
-def _enclosed_py(m):  # noqa: ANN001, ANN202 (compiled helper)
-    h, w = m.shape
-    ys, x0s, x1s, parent = _runs(m)
-    ids, box = _boxes_of_runs(ys, x0s, x1s, parent)
-    keep = np.ones(len(box), np.bool_)
-    for c in range(len(box)):
-        if box[c, 0] == 0 or box[c, 1] == h or box[c, 2] == 0 or box[c, 3] == w:
-            keep[c] = False
-    return box[keep]
-
-
 # plain Python until _kernels() compiles them
 _sift_down, _sift_up, _reflect = _sift_down_py, _sift_up_py, _reflect_py
 _reconstruct, _edt, _smooth_peaks = _reconstruct_py, _edt_py, _smooth_peaks_py
 _push, _pop, _flood, _label4 = _push_py, _pop_py, _flood_py, _label4_py
 _flood_components, _cut_at_peaks, _box_table, _grow, _side = _flood_components_py, _cut_at_peaks_py, _box_table_py, _grow_py, _side_py
 _open, _next_run, _root, _runs, _boxes_of_runs = _open_py, _next_run_py, _root_py, _runs_py, _boxes_of_runs_py
-_enclosed, _components = _enclosed_py, _components_py
+_components = _components_py

@@ -594,10 +594,14 @@ def _holes(mask: np.ndarray) -> np.ndarray:
     comps, box = labelled_boxes(~mask)
     if len(box) == 0:
         return np.zeros(mask.shape, bool)
-    h, w = mask.shape
     enclosed = np.zeros(len(box) + 1, bool)
-    enclosed[1:] = (box[:, 0] > 0) & (box[:, 1] < h) & (box[:, 2] > 0) & (box[:, 3] < w)
+    enclosed[1:] = _off_edge(box, mask.shape)
     return enclosed[comps]
+
+
+def _off_edge(box: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
+    """Which boxes (row0, row1, col0, col1) do not reach the edge of an array of ``shape``."""
+    return (box[:, 0] > 0) & (box[:, 1] < shape[0]) & (box[:, 2] > 0) & (box[:, 3] < shape[1])
 
 
 def _may_enclose(labels: np.ndarray, slices: list) -> list[int]:
@@ -623,14 +627,8 @@ def _may_enclose(labels: np.ndarray, slices: list) -> list[int]:
 def _enclosed_background(labels: np.ndarray) -> np.ndarray:
     """Boxes (row0, row1, col0, col1) of the 4-connected background components of 2-D ``labels``
     that do not reach the array's edge (compiled: from row runs, without a label image)."""
-    if _compiled.available() and labels.ndim == 2:
-        return _compiled.enclosed_boxes(labels)
-    back, n_back = ndi.label(labels == 0)
-    enclosed = np.ones(n_back + 1, bool)
-    enclosed[back[0]] = enclosed[back[-1]] = enclosed[back[:, 0]] = enclosed[back[:, -1]] = False
-    enclosed[0] = False
-    holes = [s for k, s in enumerate(ndi.find_objects(back), start=1) if enclosed[k]]
-    return np.array([(s[0].start, s[0].stop, s[1].start, s[1].stop) for s in holes], np.int64).reshape(-1, 4)
+    _, box = labelled_boxes(labels == 0, labels=False)
+    return box[_off_edge(box, labels.shape)]
 
 
 def _disk_rows(radius: int) -> list[tuple[int, int]]:

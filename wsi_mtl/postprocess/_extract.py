@@ -531,11 +531,16 @@ def _local_own(chunk: Chunk) -> tuple[int, int, int, int]:
     return y0 - chunk.read[0], y1 - chunk.read[0], x0 - chunk.read[2], x1 - chunk.read[2]
 
 
+def _boxes_of(slices: list, ids: Iterable[int]) -> np.ndarray:
+    """(row0, row1, col0, col1) of the objects ``ids`` from their ``find_objects`` slices."""
+    return np.array([(s[0].start, s[0].stop, s[1].start, s[1].stop) for s in (slices[i - 1] for i in ids)], np.int64).reshape(-1, 4)
+
+
 def _only(labels: np.ndarray, ids: np.ndarray, slices: list) -> tuple[np.ndarray, tuple[int, int, int, int]]:
     """``labels`` holding only ``ids`` (the rest 0), cropped to their boxes grown by one pixel: the
     crop and its rectangle (local). Each object's pixels, outline and sums stay as they were, on
     fewer pixels."""
-    box = np.array([(s[0].start, s[0].stop, s[1].start, s[1].stop) for s in (slices[i - 1] for i in ids)])
+    box = _boxes_of(slices, ids)
     rect = _union(box, 1, labels.shape)
     crop = labels[_slices(rect)]
     keep = np.zeros(int(crop.max(initial=0)) + 1, bool)
@@ -686,7 +691,7 @@ def _non_glandular(reader: Any, meta: MapsMeta, params: PostprocessParams, gland
         return np.zeros(0, np.int64)
     per_cell = round(head.downsample / meta.downsample) / params.gland_downsample  # gland-grid px per tissue cell
     y0, y1, x0, x1 = chunk.read
-    box = np.array([(s[0].start, s[0].stop, s[1].start, s[1].stop) for s in (slices[i - 1] for i in ids)])
+    box = _boxes_of(slices, ids)
     cy0, cy1 = int((y0 + box[:, 0].min()) // per_cell), int((y0 + box[:, 1].max() - 1) // per_cell) + 1
     cx0, cx1 = int((x0 + box[:, 2].min()) // per_cell), int((x0 + box[:, 3].max() - 1) // per_cell) + 1
     h, w = head.shape[1:]

@@ -15,7 +15,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from wsi_mtl.postprocess._instances import find_objects
+from wsi_mtl.postprocess._instances import _keep_large, find_objects
 
 __all__ = ["NON_GLANDULAR_CLASSES", "non_glandular_channels", "non_glandular_cells", "cell_index", "non_glandular_share", "drop_non_glandular"]
 
@@ -77,6 +77,4 @@ def drop_non_glandular(labels: np.ndarray, cells: np.ndarray | None, grid_per_ce
     share = non_glandular_share(labels, ids, find_objects(labels), cells, grid_per_cell)
     keep = np.zeros(n + 1, bool)
     keep[1:] = share <= max_share
-    lut = np.zeros(n + 1, labels.dtype)
-    lut[keep] = np.arange(1, int(keep.sum()) + 1, dtype=labels.dtype)
-    return lut[labels]
+    return _keep_large(labels, 0, also=keep)

@@ -81,9 +81,10 @@ def _padded_input(image: np.ndarray, stride: int, margin_px: int) -> tuple[torch
     return F.pad(x, (left, pw - w - left, top, ph - h - top), mode=mode), top, left
 
 
-def tissue_heads(model: torch.nn.Module) -> list[str]:
-    """The tissue head, where the model has one: glands are placed in its map (:func:`gland_setting`)."""
-    return ["Patch-Class"] if "Patch-Class" in model.config.heads else []
+def tissue_heads(model: torch.nn.Module, params: PostprocessParams) -> list[str]:
+    """The tissue head, where the model has one and ``params`` place glands in its map
+    (``gland_max_nonglandular`` < 1, :func:`gland_setting`); else none (no map to compute)."""
+    return ["Patch-Class"] if "Patch-Class" in model.config.heads and params.gland_max_nonglandular < 1 else []
 
 
 def gland_setting(model: torch.nn.Module, probs: Mapping[str, np.ndarray]) -> dict[str, Any]:
@@ -214,7 +215,7 @@ def evaluate_sources(
         lumen = _LumenScore(model, params)
         grades: dict[str, list[Any]] = {}
         for item in wrap(glands, "glands"):
-            probs = predict_image(model, item.image, heads=["Gland-INST", "Patch-GlaS", *lumen.heads(item), *tissue_heads(model)], bf16=bf16, tta=tta)
+            probs = predict_image(model, item.image, heads=["Gland-INST", "Patch-GlaS", *lumen.heads(item), *tissue_heads(model, params)], bf16=bf16, tta=tta)
             pred = gland_labels(probs["Gland-INST"], params, **gland_setting(model, probs))
             lumen_row = lumen.add(item, probs, pred)
             truth = item.labels
@@ -368,7 +369,7 @@ def non_gland_area(model: torch.nn.Module, items: Sequence[SegItem], *, params: 
     lumen = "Lumen-INST" in model.config.heads
     per: dict[str, list[int]] = {}
     for item in (wrap(items, "non-gland tiles") if wrap else items):
-        probs = predict_image(model, item.image, heads=["Gland-INST", *(["Lumen-INST"] if lumen else []), *tissue_heads(model)], bf16=bf16, tta=tta)
+        probs = predict_image(model, item.image, heads=["Gland-INST", *(["Lumen-INST"] if lumen else []), *tissue_heads(model, params)], bf16=bf16, tta=tta)
         glands = gland_labels(probs["Gland-INST"], params, **gland_setting(model, probs))
         lum = 0
         if lumen:

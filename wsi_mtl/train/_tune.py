@@ -251,14 +251,14 @@ def tune_postprocess(
         scores[task] = {"best": float(best_score), "default": float(base)}
     from ..postprocess import params_of
 
-    if setting and "Gland-INST" in model.config.heads and tissue_heads(model):
+    if setting and "Gland-INST" in model.config.heads and "Patch-Class" in model.config.heads:
         chosen.update(_tune_setting(model, setting, replace(params_of(model), **chosen), bf16, scores))
     lumen = [it for it in lumen if it.lumen is not None]
     if lumen and "Lumen-INST" in model.config.heads and "Gland-INST" in model.config.heads:
         base_params = replace(params_of(model), **{k: v for k, v in chosen.items() if k.startswith("gland_")})
         maps = []
         for it in lumen:
-            probs = predict_image(model, it.image, heads=["Gland-INST", "Lumen-INST", *tissue_heads(model)], bf16=bf16)
+            probs = predict_image(model, it.image, heads=["Gland-INST", "Lumen-INST", *tissue_heads(model, base_params)], bf16=bf16)
             maps.append((probs["Lumen-INST"], gland_labels(probs["Gland-INST"], base_params, **gland_setting(model, probs))))
         best, best_score, base = choose_lumen_params(lumen, maps, base_params, lumen_grid)
         logger.info("tuned lumen post-processing on %d images: %s (Dice %.4f; before %.4f)", len(lumen), best, best_score, base)
@@ -272,11 +272,11 @@ def _tune_setting(model: torch.nn.Module, items: Sequence[SegItem], base: Postpr
     from ..postprocess._gland_setting import non_glandular_cells
 
     glands, tissue = [], []
-    classes, cell_px = model.config.heads["Patch-Class"].class_names, float(model.config.patch_stride_px)
     for it in items:
         probs = predict_image(model, it.image, heads=["Gland-INST", "Patch-Class"], bf16=bf16)
         glands.append(gland_labels(probs["Gland-INST"], replace(base, gland_max_nonglandular=1.0)))
-        tissue.append((non_glandular_cells(probs["Patch-Class"], classes), cell_px))
+        kw = gland_setting(model, probs)
+        tissue.append((non_glandular_cells(kw["tissue"], kw["tissue_classes"]), float(kw["cell_px"])))
     best, best_score, off = choose_setting_params(items, glands, tissue)
     logger.info("tuned the gland setting on %d images: %s (score %.4f; off %.4f)", len(items), best, best_score, off)
     scores["gland_setting"] = {"best": float(best_score), "default": float(off)}

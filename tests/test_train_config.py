@@ -77,6 +77,9 @@ def test_relative_paths_overrides_and_env(tmp_path, monkeypatch):
         ("scale_range: [1.2, 1.0]\n", "scale_range"),
         ("- a list\n", "mapping"),
         ("steps: [\n", "not valid"),
+        ("refit_gland_cells: 1.5\n", "refit_gland_cells"),
+        ("postprocess: {gland_wobble: 1}\n", "postprocess: unknown post-processing setting"),
+        ("postprocess: [gland_max_nonglandular]\n", "postprocess maps"),
     ],
 )
 def test_bad_configs_raise_input_error(tmp_path, content, match):

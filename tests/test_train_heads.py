@@ -114,3 +114,57 @@ def test_refit_to_mean_std_pool_changes_the_head_and_the_config(tmp_path):
     again = load_model(tmp_path / "m")
     np.testing.assert_allclose(classify_image(again, test[0].image, "Patch-LC25000", bf16=False),
                                classify_image(model, test[0].image, "Patch-LC25000", bf16=False), atol=1e-5)
+
+
+def test_gland_cells_are_the_cells_mostly_inside_glands():
+    glands = np.zeros((70, 100), np.int32)
+    glands[0:32, 0:24] = 1  # 3/4 of cell (0, 0)
+    glands[32:64, 32:64] = 2  # all of cell (1, 1)
+    glands[64:70, 96:100] = 3  # all of the partial corner cell (2, 3)
+    glands[64:70, 0:16] = 4  # half of the partial cell (2, 0)
+    cells = _heads.gland_cells(glands, 32, 0.75)
+    assert cells.shape == (3, 4)
+    assert set(zip(*np.nonzero(cells))) == {(0, 0), (1, 1), (2, 3)}
+    assert set(zip(*np.nonzero(_heads.gland_cells(glands, 32, 0.8)))) == {(1, 1), (2, 3)}
+
+
+def _gland_image(rng: np.random.Generator, gland_colour: tuple[int, int, int], size: int = 320) -> tuple[np.ndarray, np.ndarray]:
+    """Stroma-coloured tissue with one square gland of ``gland_colour`` in the middle (and its labels)."""
+    img = np.empty((size, size, 3), float)
+    img[:] = (230, 150, 190)
+    labels = np.zeros((size, size), np.int32)
+    labels[110:210, 100:215] = 1
+    img[labels > 0] = gland_colour
+    return np.clip(img + rng.normal(0, 25, img.shape), 0, 255).astype(np.uint8), labels
+
+
+@pytest.mark.slow
+def test_tissue_head_learns_the_gland_cells_of_glas_images():
+    from wsi_mtl.train import SegItem
+
+    model = create_model("wsimtl_small", seed=0)
+    names = list(model.config.heads["Patch-Class"].class_names)
+    mucosa, tumor = names.index("mucosa"), names.index("tumor")
+    rng = np.random.default_rng(7)
+    benign, malignant = (120, 60, 160), (40, 40, 110)
+    tiles = []
+    for i in range(12):  # stroma and adipose tiles, as the Kather tiles teach them
+        c, colour = [(names.index("stroma"), (230, 150, 190)), (names.index("adipose"), (245, 240, 245))][i % 2]
+        img = np.clip(np.array(colour)[None, None] + rng.normal(0, 25, (160, 160, 3)), 0, 255).astype(np.uint8)
+        tiles.append(ClsItem(f"k{i}", "syn", "Patch-Class", c, img))
+    items = [SegItem(f"g{i}", "glas", "gland", *_gland_image(rng, [benign, malignant][i % 2]), patch={"Patch-GlaS": i % 2}) for i in range(10)]
+    data = Sources({"gland": items}, {"kather2016": tiles})
+
+    plain = _heads.refit_patch_heads(create_model("wsimtl_small", seed=0), data, heads=["Patch-Class"], epochs=1, bf16=False)
+    assert plain["Patch-Class"].n_tiles == 12 and plain["Patch-Class"].n_gland_images == 0  # GlaS images teach only Patch-GlaS
+
+    report = _heads.refit_patch_heads(model, data, heads=["Patch-Class"], gland_share=0.75, epochs=15, bf16=False, seed=1)
+    r = report["Patch-Class"]
+    assert set(report) == {"Patch-Class"} and r.n_tiles == 22 and r.n_gland_images == 10 and r.n_holdout == 4 and r.kept
+    for colour, want in ((benign, mucosa), (malignant, tumor)):
+        img, labels = _gland_image(rng, colour)
+        prob = predict_image(model, img, heads=["Patch-Class"], margin_px=32, bf16=False)["Patch-Class"]
+        inside = _heads.gland_cells(labels, 32, 0.75)
+        assert int(np.argmax(prob[:, inside].mean(axis=1))) == want
+        corners = prob[:, [0, 0, -1, -1], [0, -1, 0, -1]]  # cells whose 5-cell windows hold no gland
+        assert not np.any(np.argmax(corners, axis=0) == want)

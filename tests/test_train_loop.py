@@ -538,3 +538,32 @@ def test_average_with_re_tunes_the_weighted_mean_of_two_models(tmp_path):
     save_model(create_model("cerberus_r34", seed=0), other_arch)
     with pytest.raises(InputError, match="tensors differ"):
         average_models(a, other_arch, 0.5, tmp_path / "x")
+
+
+@pytest.mark.slow
+def test_tune_only_refits_the_tissue_head_and_writes_given_settings(tmp_path):
+    """A no-training stage that refits Patch-Class with GlaS gland cells and writes a setting chosen
+    earlier: only that head's weights may change, nothing is tuned, and both are recorded."""
+    from safetensors.torch import load_file
+
+    from wsi_mtl.train import retune_model
+
+    _fake_data(tmp_path / "data")
+    path = _write_config(tmp_path, "t", steps=2)
+    first = train(load_config(path), progress=False)
+    before = load_file(first.model_dir / "weights.safetensors")
+    old = json.loads((first.model_dir / "config.json").read_text())["extra"]
+    cfg = load_config(path, refit_patch_heads=True, refit_heads=["Patch-Class"], refit_gland_cells=0.5,
+                      tune_images={"nuclei": 0, "gland": 0}, postprocess={"gland_max_nonglandular": 0.8})
+    retune_model(cfg)
+    after = load_file(first.model_dir / "weights.safetensors")
+    extra = json.loads((first.model_dir / "config.json").read_text())["extra"]
+    refit = extra["training"]["patch_head_refit"]
+    assert set(refit) == {"Patch-Class"} and refit["Patch-Class"]["n_gland_images"] == 2  # train_0, train_1 (train_2 is validation)
+    assert refit["Patch-Class"]["n_tiles"] == 3 + 2  # Kather k0..k2 and the two GlaS images
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    assert all(k.startswith("decoder_head.Patch-Class.") for k in changed)
+    assert bool(changed) == refit["Patch-Class"]["kept"]
+    assert extra["postprocess"] == {**old.get("postprocess", {}), "gland_max_nonglandular": 0.8}
+    assert extra["training"]["postprocess_given"] == {"gland_max_nonglandular": 0.8}
+    assert extra["training"].get("postprocess_tuning") == old["training"].get("postprocess_tuning")  # nothing tuned

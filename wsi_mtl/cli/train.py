@@ -21,7 +21,7 @@ from ._options import deprecated_option, quiet_option
 @click.option("--threads", type=click.IntRange(min=1), default=None, help="torch CPU threads.")
 @click.option("--no-export", is_flag=True, help="Do not save the model folder at the end.")
 @click.option("--export-only", is_flag=True, help="Only export the run folder's final checkpoint (with --best: the best-scoring one).")
-@click.option("--tune-only", is_flag=True, help="Only re-tune the post-processing of the model in the config's output_model on training images (weights unchanged).")
+@click.option("--tune-only", is_flag=True, help="No training: re-tune the post-processing of the model in the config's output_model on training images (weights unchanged; with refit_patch_heads the patch heads are refit first).")
 @click.option("--best", is_flag=True, help="With --export-only: export the checkpoint of the best validation score.")
 @click.option("--stage", "stage", default=None, metavar="NAME", help="For a recipe (a config with stages:): run only this stage.")
 @quiet_option

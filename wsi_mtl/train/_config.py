@@ -107,6 +107,14 @@ class TrainConfig:
     #: At export, refit the patch heads on the frozen inference features of their training tiles,
     #: kept per head only where it classifies held-out training tiles better (``wsi_mtl.train._heads``).
     refit_patch_heads: bool = False
+    #: Patch heads that ``refit_patch_heads`` refits (empty: every patch head with training tiles).
+    refit_heads: tuple[str, ...] = ()
+    #: Above 0, the refit tissue head (Patch-Class) also learns from the GlaS training images' cells
+    #: that are at least this share gland: benign as "mucosa", malignant as "tumor" (``wsi_mtl.train._heads``).
+    refit_gland_cells: float = 0.0
+    #: Post-processing settings written into the model as given, after any tuning (a value chosen
+    #: by an earlier stage's tuning, e.g. ``{gland_max_nonglandular: 0.8}``). Empty: none.
+    postprocess: Mapping[str, float] = field(default_factory=dict)
     #: Start a new run from these weights instead of a seeded initialisation: a model folder
     #: (``config.json`` + ``weights.safetensors``) or a run's ``checkpoint.pt`` / ``best.pt``
     #: (a fine-tuning stage). Ignored when the run folder already holds a checkpoint (resume).
@@ -160,6 +168,20 @@ def _bf16_setting(value: Any) -> bool:
     raise InputError(f"training config: bf16 must be true, false or auto, got {value!r}")
 
 
+def _check_postprocess(value: Any) -> dict[str, float | int]:
+    """``postprocess:`` of a config: post-processing setting -> value, checked as a user's overrides."""
+    from ..postprocess import check_overrides
+
+    if value is None:
+        return {}
+    if not isinstance(value, Mapping):
+        raise InputError(f"training config: postprocess maps post-processing settings to values, got {value!r}")
+    try:
+        return check_overrides(value)
+    except InputError as exc:
+        raise InputError(f"training config: postprocess: {exc}") from None
+
+
 def _validate(data: Mapping[str, Any], base: Path) -> TrainConfig:
     fields = {f.name: f for f in dataclasses.fields(TrainConfig)}
     unknown = sorted(set(data) - set(fields))
@@ -173,7 +195,7 @@ def _validate(data: Mapping[str, Any], base: Path) -> TrainConfig:
                 continue
             p = Path(os.path.expanduser(str(v)))
             kw[k] = p if p.is_absolute() else (base / p)
-        elif k in ("schedule", "scale_range", "trainable", "untrained_heads"):
+        elif k in ("schedule", "scale_range", "trainable", "untrained_heads", "refit_heads"):
             kw[k] = tuple(v)
         elif k == "source_mpp":
             kw[k] = {**DEFAULT_SOURCE_MPP, **{str(a): float(b) for a, b in v.items()}}
@@ -181,6 +203,8 @@ def _validate(data: Mapping[str, Any], base: Path) -> TrainConfig:
             kw[k] = _bf16_setting(v)
         elif k == "average_with":
             kw[k] = check_average_with(v, base) if v else {}
+        elif k == "postprocess":
+            kw[k] = _check_postprocess(v)
         else:
             kw[k] = v
     for k in ("data_root", "splits", "run_dir", "output_model"):
@@ -233,6 +257,8 @@ def _validate(data: Mapping[str, Any], base: Path) -> TrainConfig:
         raise InputError(f"training config: lumen_erosion_px must be a positive odd integer, got {cfg.lumen_erosion_px}")
     if cfg.lumen_labels and "Lumen-INST" in cfg.untrained_heads:
         raise InputError("training config: lumen_labels trains Lumen-INST; remove it from untrained_heads")
+    if not 0.0 <= float(cfg.refit_gland_cells) <= 1.0:
+        raise InputError(f"training config: refit_gland_cells is a share of a cell (0 = off ... 1), got {cfg.refit_gland_cells}")
     lo, hi = cfg.scale_range
     if not 0 < lo <= hi:
         raise InputError(f"training config: scale_range must be 0 < low <= high, got {cfg.scale_range}")

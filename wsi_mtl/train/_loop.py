@@ -575,20 +575,34 @@ def export_model(cfg: TrainConfig, model: MultiTaskNet | None = None, *, which: 
         refit_batchnorm(model, cfg, data, batches=cfg.refit_bn_batches)
         training["batchnorm_refit_batches"] = int(cfg.refit_bn_batches)
     if cfg.refit_patch_heads:
-        from ._heads import refit_patch_heads, refit_summary
-
-        report = refit_patch_heads(model, data, seed=cfg.seed, bf16=cfg.bf16)
-        training["patch_head_refit"] = refit_summary(report)
+        training["patch_head_refit"] = _refit_heads(cfg, model, data)
     if cfg.tune_postprocess:
         tuned = tune_on_training_images(cfg, model, data)
         # settings of a task not tuned here (no tuning images) stay as the init_from model had them
         extra["postprocess"] = {**inherited, **tuned["postprocess"]}
         training["postprocess_tuning"] = _tuning_record(cfg, tuned)
+    _give_settings(cfg, extra, training)
     model.config = model.config.replace(extra=extra | {"training": training})
     assert cfg.output_model is not None
     save_model(model, cfg.output_model, trained=True)
     logger.info("exported %s weights of step %s to %s", which, ck.get("step"), cfg.output_model)
     return Path(cfg.output_model)
+
+
+def _refit_heads(cfg: TrainConfig, model: MultiTaskNet, data: Sources) -> dict[str, dict[str, Any]]:
+    """Refit the config's patch heads on frozen features (``refit_heads``, ``refit_gland_cells``); the report."""
+    from ._heads import refit_patch_heads, refit_summary
+
+    report = refit_patch_heads(model, data, seed=cfg.seed, bf16=cfg.bf16, heads=list(cfg.refit_heads) or None,
+                               gland_share=float(cfg.refit_gland_cells))
+    return refit_summary(report)
+
+
+def _give_settings(cfg: TrainConfig, extra: dict[str, Any], training: dict[str, Any]) -> None:
+    """Write the config's given ``postprocess`` settings over the model's (and record them)."""
+    if cfg.postprocess:
+        extra["postprocess"] = {**dict(extra.get("postprocess") or {}), **cfg.postprocess}
+        training["postprocess_given"] = dict(cfg.postprocess)
 
 
 def _tuning_record(cfg: TrainConfig, tuned: Mapping[str, Any]) -> dict[str, Any]:
@@ -601,8 +615,10 @@ def _tuning_record(cfg: TrainConfig, tuned: Mapping[str, Any]) -> dict[str, Any]
 
 def retune_model(cfg: TrainConfig) -> Path:
     """Re-tune the post-processing of the model saved in ``cfg.output_model`` on training images
-    (``cfg.tune_images`` / ``cfg.tune_sources``) and rewrite its ``config.json`` (atomically); the
-    weights file is not touched. Settings of a task without tuning images are kept. With
+    (``cfg.tune_images`` / ``cfg.tune_sources``; none where every count is 0) and rewrite its
+    ``config.json`` (atomically), the config's ``postprocess`` settings written over the result.
+    Settings of a task without tuning images are kept. The weights file is not touched, except
+    with ``cfg.refit_patch_heads``: the patch heads are first refit on frozen features. With
     ``cfg.average_with``, ``cfg.output_model`` is first written as ``init_from`` averaged with it."""
     from ..atomic import atomic_path
     from ..network import load_model
@@ -616,20 +632,35 @@ def retune_model(cfg: TrainConfig) -> Path:
         average_models(start, other, float(cfg.average_with["weight"]), folder, shown={"start": _shown_path(start), "model": _shown_path(other)})
     if folder is None or not (folder / CONFIG_FILE).is_file():
         raise InputError(f"no model folder at {cfg.output_model} to re-tune")
-    model = load_model(folder)  # for inference (BatchNorm folded): only its maps are used
-    tuned = tune_on_training_images(cfg, model)
+    if cfg.refit_patch_heads:
+        _refit_folder(cfg, folder)
     config = ModelConfig.from_json((folder / CONFIG_FILE).read_text())  # as written: not the loaded model's
     extra = dict(config.extra)
-    extra["postprocess"] = {**dict(extra.get("postprocess") or {}), **tuned["postprocess"]}
     training = dict(extra.get("training") or {})
-    record = _tuning_record(cfg, tuned)
-    if "postprocess_tuning" in training:
-        record["previous"] = training["postprocess_tuning"]  # the tuning this one replaces
-    training["postprocess_tuning"] = record
+    if any(int(n) > 0 for n in cfg.tune_images.values()):
+        model = load_model(folder)  # for inference (BatchNorm folded): only its maps are used
+        tuned = tune_on_training_images(cfg, model)
+        extra["postprocess"] = {**dict(extra.get("postprocess") or {}), **tuned["postprocess"]}
+        record = _tuning_record(cfg, tuned)
+        if "postprocess_tuning" in training:
+            record["previous"] = training["postprocess_tuning"]  # the tuning this one replaces
+        training["postprocess_tuning"] = record
+    _give_settings(cfg, extra, training)
     with atomic_path(folder / CONFIG_FILE) as tmp:
         tmp.write_text(config.replace(extra=extra | {"training": training}).to_json() + "\n")
-    logger.info("re-tuned %s: %s", folder, tuned["postprocess"])
+    logger.info("re-tuned %s: %s", folder, extra.get("postprocess"))
     return folder
+
+
+def _refit_folder(cfg: TrainConfig, folder: Path) -> None:
+    """Refit the patch heads of the model saved in ``folder`` (no training) and save its weights."""
+    from ..network import load_model
+
+    model = load_model(folder).fold_bn(False).set_channels_last(False).eval()  # the weights as trained
+    report = _refit_heads(cfg, model, _training_sources(cfg, model, tasks=sorted(_HEAD_REFIT_TASKS)))
+    training = {**dict(model.config.extra.get("training") or {}), "patch_head_refit": report}
+    model.config = model.config.replace(extra={**model.config.extra, "training": training})
+    save_model(model, folder, trained=model.config.trained)
 
 
 def _earlier_training(folder: ModelConfig | None, own: Mapping[str, Any]) -> list[dict[str, Any]]:

@@ -2,8 +2,8 @@
 
 A recipe is a training config (every :class:`~wsi_mtl.train.TrainConfig` key) plus ``stages``,
 a list of mappings, each with a ``name``, the settings it changes, and optionally
-``tune_only: true`` (no training: the previous stage's model is copied and its post-processing
-re-tuned on training images). Stage ``NAME`` trains in ``<run_dir>/NAME`` and starts from the
+``tune_only: true`` (no training: the previous stage's model is copied, its patch heads refit
+where the stage sets ``refit_patch_heads``, and its post-processing re-tuned on training images). Stage ``NAME`` trains in ``<run_dir>/NAME`` and starts from the
 previous stage's model (``init_from``, unless the stage names one; the first stage starts from
 the shared ``init_from`` or a seeded initialisation). Every stage but the last saves its model
 into ``<run_dir>/NAME/model``; the last one writes the recipe's ``output_model`` (the shipped folder).

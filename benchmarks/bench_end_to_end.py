@@ -8,7 +8,8 @@ else synthetic texture) at 0.25 um/px and one of 4x its area, each run in its ow
   after the network / network time    run.json's finalize (pyramids and the chunks not done during
                                       inference), objects and export steps / that network time
   post-processing CPU / network       CPU seconds of segment's post-processing processes (chunk
-                                      extraction) / that network time
+                                      extraction) / that network time, and / the CPU seconds the
+                                      bare network spent (on every core)
   nuclei/s per core                   the nuclei instance step (neck cutting and every other tuned
                                       setting of the shipped model) re-run on the slide's own
                                       network maps, per CPU second of one process (best of 3)
@@ -201,7 +202,9 @@ def main() -> None:
         print(f"  end-to-end wall / network time: {seg['wall_s'] / net_s:.2f}   (inference wall {tim.get('inference', float('nan')):.2f} s)")
         print(f"  after the network / network time: {after / net_s:.2f}   (finalize {tim.get('finalize', 0.0):.2f} s: pyramids and the chunks "
               f"left, objects {tim.get('objects', float('nan')):.2f} s, export {tim.get('export', float('nan')):.2f} s)")
-        print(f"  post-processing processes' CPU / network time: {seg['children_cpu_s'] / net_s:.2f}   ({seg['children_cpu_s']:.1f} CPU s)")
+        net_cpu = nets[key]["network_cpu_s"]
+        print(f"  post-processing processes' CPU / network time: {seg['children_cpu_s'] / net_s:.2f}   ({seg['children_cpu_s']:.1f} CPU s; "
+              f"/ the network's CPU time ({net_cpu:.1f} CPU s on every core): {seg['children_cpu_s'] / net_cpu:.2f})")
     print(f"settings: {steps['params']}")
     print(f"nuclei/s per core on these maps: {steps['nuclei'] / steps['nuclei_cpu_s']:,.0f}  ({steps['nuclei']} nuclei in {steps['nuclei_cpu_s']:.2f} CPU s, best of 3)")
     print(f"gland + lumen steps: {steps['gland_step_cpu_s']:.2f} CPU s ({steps['glands']} glands)")

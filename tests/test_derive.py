@@ -121,8 +121,9 @@ def test_derive_writes_everything_and_updates_run_json(result_dir: Path, monkeyp
 
 
 def test_label_images_alike_written_beside_the_exports_and_after_them(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """With workers the label images are rasterised in a process of their own while the GeoJSON and
-    the preview are written: the same arrays and metadata as one process writing them in turn."""
+    """With workers the nuclei label image is rasterised in a process of their own while the GeoJSON
+    and the preview are written, the others after them: the same arrays and metadata as one
+    process writing them all in turn."""
     import zarr
 
     monkeypatch.setattr(postprocess, "extract_objects", fake_extract(), raising=False)

@@ -181,8 +181,13 @@ def test_draw_is_point_in_polygon() -> None:
         assert np.array_equal(tile == 5, inside), k
 
 
-def test_drawing_a_tile_at_once_equals_drawing_object_after_object() -> None:
-    """Overlapping polygons, holes, multipolygons, degenerate and off-tile ones: the later wins."""
+@pytest.mark.parametrize("painter", ["slices", "arrays"])
+def test_drawing_a_tile_at_once_equals_drawing_object_after_object(painter: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Overlapping polygons, holes, multipolygons, degenerate and off-tile ones: the later wins,
+    whether runs are painted a slice at a time or all at once."""
+    from wsi_mtl.export import _labels
+
+    monkeypatch.setattr(_labels, "_SLICE_COST", 1.0 if painter == "arrays" else 0.0)
     rng = np.random.default_rng(3)
     geoms = []
     for k in range(60):
@@ -237,6 +242,15 @@ def test_label_images(result: Path) -> None:
     colors = root["Patch-Class/labels/tissue_classes"].attrs["ome"]["image-label"]["colors"]
     assert [c["rgba"][:3] for c in colors] == [list(COLORS[("tissue", c)]) for c in TISSUE]
     assert len(root["Nuclei-INST/labels/nuclei"].attrs["ome"]["multiscales"][0]["datasets"]) == 2
+
+
+def test_label_images_of_some_tasks(result: Path) -> None:
+    """`tasks` writes only those label images (separate calls may write the others meanwhile)."""
+    root = zarr.open_group(result / "predictions.zarr", mode="r")
+    written = write_label_images(result / "predictions.zarr", result / "objects.parquet", dict(root.attrs["wsimtl"]), tasks=["gland", "lumen"])
+    assert [p.name for p in written] == ["glands", "lumen"]
+    assert not (result / "predictions.zarr" / "Nuclei-INST" / "labels").exists()
+    assert not (result / "predictions.zarr" / "Patch-Class" / "labels").exists()
 
 
 def test_label_images_rewritten(result: Path) -> None:

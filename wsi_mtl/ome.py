@@ -12,6 +12,7 @@
 
 from __future__ import annotations
 
+import json
 import shutil
 import xml.etree.ElementTree as ET
 from collections.abc import Iterator, Sequence
@@ -191,6 +192,20 @@ def _write_level(group: zarr.Group, path: str, source: zarr.Array, how: Literal[
     return target
 
 
+def _new_group(path: Path, attributes: dict[str, Any]) -> zarr.Group:
+    """A new zarr v3 group at ``path`` holding ``attributes``, the document zarr would write.
+
+    zarr deep-copies attributes as it encodes them (0.8 s for the legend of 62,000 nuclei), so the
+    group is created empty and its ``zarr.json`` given the attributes, compact, with ``json``.
+    """
+    zarr.open_group(path, mode="w", zarr_format=3)
+    doc_path = path / "zarr.json"
+    doc = json.loads(doc_path.read_text())
+    doc["attributes"] = attributes
+    doc_path.write_text(json.dumps(doc, allow_nan=False))
+    return zarr.open_group(path, mode="r+")
+
+
 @contextmanager
 def label_group(
     image_path: Path,
@@ -231,8 +246,7 @@ def label_group(
     }
     final = labels_path / name
     with atomic_path(final, fsync=False) as tmp:
-        with zarr.config.set({"json_indent": None}):  # compact: an indented legend of 100k instances takes seconds to encode
-            group = zarr.open_group(tmp, mode="w", zarr_format=3, attributes={"ome": meta, **({"wsimtl": attrs} if attrs else {})})
+        group = _new_group(tmp, {"ome": meta, **({"wsimtl": attrs} if attrs else {})})
         array = group.create_array(
             "0", shape=(1, *shape), chunks=(1, *chunks), dtype=dtype, fill_value=0, dimension_names=("c", "y", "x"),
         )

@@ -9,7 +9,7 @@ images of predictions.zarr chunk by chunk.
 from __future__ import annotations
 
 from ._geojson import GEOJSON_FILES, MEASUREMENTS, object_type, write_geojson, write_geojson_files
-from ._labels import write_label_images
+from ._labels import LABEL_IMAGES, write_label_images
 from ._preview import write_preview
 from ._synthetic import synthetic_batches
 from ._table import TABLE_SCHEMA, TableSummary, read_table_info, write_table
@@ -26,5 +26,6 @@ __all__ = [
     "GEOJSON_FILES",
     "write_preview",
     "write_label_images",
+    "LABEL_IMAGES",
     "synthetic_batches",
 ]

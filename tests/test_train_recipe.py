@@ -161,7 +161,7 @@ def test_shipped_recipe_chains_its_stages_into_the_shipped_network():
     recipe = load_recipe(REPO / "configs" / "wsimtl-small.yaml")
     names = [s.name for s in recipe.stages]
     assert names == ["stage1", "stage2", "stage4", "stage5", "stage6", "stage7", "stage8", "stage9", "stage11", "retune12",
-                     "stage14", "stage14b", "stage15", "stage15b", "stage15e", "stage16b"]
+                     "stage14", "stage14b", "stage15", "stage15b", "stage15e", "stage16b", "stage16c"]
     assert recipe.output_model == REPO / "models" / "wsimtl-small" and recipe.stages[-1].config.output_model == recipe.output_model
     assert recipe.stage("retune12").tune_only and recipe.stages[0].config.init_from is None
     for prev, s in zip(recipe.stages[:-1], recipe.stages[1:]):
@@ -170,10 +170,13 @@ def test_shipped_recipe_chains_its_stages_into_the_shipped_network():
     averaged = recipe.stage("stage15e")  # stage 14b's network averaged with stage 15b's
     assert averaged.tune_only and averaged.config.init_from == recipe.run_dir / "stage14b" / "model"
     assert averaged.config.average_with == {"model": recipe.run_dir / "stage15b" / "model", "weight": 0.5}
-    last = recipe.stage("stage16b")  # stage 15e's tissue head refit with GlaS gland cells; glands placed in its map
-    assert last.tune_only and last.config.refit_patch_heads and last.config.refit_heads == ("Patch-Class",)
-    assert last.config.refit_gland_cells == 0.75 and last.config.postprocess == {"gland_max_nonglandular": 0.8}
-    assert not any(int(n) for n in last.config.tune_images.values())
+    refit = recipe.stage("stage16b")  # stage 15e's tissue head refit with GlaS gland cells; glands placed in its map
+    assert refit.tune_only and refit.config.refit_patch_heads and refit.config.refit_heads == ("Patch-Class",)
+    assert refit.config.refit_gland_cells == 0.75 and refit.config.postprocess == {"gland_max_nonglandular": 0.8}
+    assert not any(int(n) for n in refit.config.tune_images.values())
+    last = recipe.stages[-1]  # stage 16c: the cross-fitted setting over stage 16b's weights
+    assert last.name == "stage16c" and last.tune_only and not last.config.refit_patch_heads
+    assert last.config.postprocess == {"gland_max_nonglandular": 0.5} and not any(int(n) for n in last.config.tune_images.values())
     assert sum(s.config.time_budget_minutes or 0 for s in recipe.stages) == 455 + 45 + 18 + 55 + 25
     state = None
     for s in recipe.stages:

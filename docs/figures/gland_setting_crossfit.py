@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import json
-from dataclasses import replace
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
@@ -26,14 +25,11 @@ REPO = Path(__file__).resolve().parents[2]
 def main() -> None:
     from wsi_mtl.network import load_model
     from wsi_mtl.postprocess import params_of
-    from wsi_mtl.postprocess._gland_setting import non_glandular_cells
-    from wsi_mtl.postprocess._model import gland_labels
     from wsi_mtl.train import Sources
     from wsi_mtl.train._config import load_config
-    from wsi_mtl.train._evaluate import gland_setting, predict_image
     from wsi_mtl.train._heads import refit_patch_heads
     from wsi_mtl.train._loop import _HEAD_REFIT_TASKS, _training_sources
-    from wsi_mtl.train._tune import SETTING_GRID, choose_setting_params
+    from wsi_mtl.train._tune import SETTING_GRID, choose_setting_params, setting_inputs
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("model", type=Path, help="the model before the tissue-head refit (stage 15e)")
@@ -52,13 +48,7 @@ def main() -> None:
         refit = refit_patch_heads(model, Sources({"gland": taught}, data.cls), seed=cfg.seed, bf16=cfg.bf16,
                                   heads=list(cfg.refit_heads), gland_share=cfg.refit_gland_cells)["Patch-Class"]
         model.fold_bn(True)
-        base = replace(params_of(model), gland_max_nonglandular=1.0)
-        glands, tissue = [], []
-        for it in scored:
-            probs = predict_image(model, it.image, heads=["Gland-INST", "Patch-Class"], bf16=cfg.bf16)
-            glands.append(gland_labels(probs["Gland-INST"], base))
-            kw = gland_setting(model, probs)
-            tissue.append((non_glandular_cells(kw["tissue"], kw["tissue_classes"]), float(kw["cell_px"])))
+        glands, tissue = setting_inputs(model, scored, params_of(model), bf16=cfg.bf16)
         scores = {t: choose_setting_params(scored, glands, tissue, {"gland_max_nonglandular": (t,)})[1] for t in grid}
         for t, s in scores.items():
             totals[t] += s

@@ -42,6 +42,8 @@ __all__ = ["GLAND_CELL_CLASSES", "HeadRefit", "gland_cells", "refit_patch_heads"
 GLAND_CELL_CLASSES = {"benign": "mucosa", "malignant": "tumor"}
 #: The head that learns from gland cells.
 TISSUE_HEAD = "Patch-Class"
+#: Reflected margin around a GlaS image when its patch maps are predicted (as evaluation does).
+_GLAS_MARGIN_PX = 32
 
 logger = logging.getLogger(__name__)
 
@@ -115,7 +117,7 @@ def _gland_cell_samples(model: torch.nn.Module, data: Sources, min_share: float)
             continue
         cells = [gland_cells(v, ps, min_share) for v in _views(it.labels)]
         if cells[0].any():
-            out.append(_Sample(tissue.index(name), it.image, 32, cells))
+            out.append(_Sample(tissue.index(name), it.image, _GLAS_MARGIN_PX, cells))
     return out
 
 
@@ -130,7 +132,7 @@ def _samples(model: torch.nn.Module, data: Sources, gland_share: float = 0.0) ->
     for it in data.seg.get("gland", []):
         for head, label in it.patch.items():
             if label >= 0:
-                out.setdefault(head, []).append(_Sample(int(label), it.image, 32))  # as evaluation predicts GlaS images
+                out.setdefault(head, []).append(_Sample(int(label), it.image, _GLAS_MARGIN_PX))
     if gland_share > 0:
         extra = _gland_cell_samples(model, data, gland_share)
         if extra:

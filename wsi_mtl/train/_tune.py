@@ -267,8 +267,10 @@ def tune_postprocess(
     return {"postprocess": chosen, "scores": scores, "n_images": {"nuclei": len(nuclei), "glands": len(glands), "gland_setting": len(setting), "lumen": len(lumen)}}
 
 
-def _tune_setting(model: torch.nn.Module, items: Sequence[SegItem], base: PostprocessParams, bf16: bool, scores: dict[str, dict[str, float]]) -> dict[str, float]:
-    """``gland_max_nonglandular`` chosen on ``items`` over the gland settings ``base`` (scores noted in ``scores``)."""
+def setting_inputs(model: torch.nn.Module, items: Sequence[SegItem], base: PostprocessParams, *, bf16: bool = True,
+                   ) -> tuple[list[np.ndarray], list[tuple[np.ndarray | None, float]]]:
+    """What :func:`choose_setting_params` scores ``items`` on: their gland labels by ``base`` without
+    ``gland_max_nonglandular``, and their (non-glandular tissue cells, cell px) by the model's tissue head."""
     from ..postprocess._gland_setting import non_glandular_cells
 
     glands, tissue = [], []
@@ -277,7 +279,12 @@ def _tune_setting(model: torch.nn.Module, items: Sequence[SegItem], base: Postpr
         glands.append(gland_labels(probs["Gland-INST"], replace(base, gland_max_nonglandular=1.0)))
         kw = gland_setting(model, probs)
         tissue.append((non_glandular_cells(kw["tissue"], kw["tissue_classes"]), float(kw["cell_px"])))
-    best, best_score, off = choose_setting_params(items, glands, tissue)
+    return glands, tissue
+
+
+def _tune_setting(model: torch.nn.Module, items: Sequence[SegItem], base: PostprocessParams, bf16: bool, scores: dict[str, dict[str, float]]) -> dict[str, float]:
+    """``gland_max_nonglandular`` chosen on ``items`` over the gland settings ``base`` (scores noted in ``scores``)."""
+    best, best_score, off = choose_setting_params(items, *setting_inputs(model, items, base, bf16=bf16))
     logger.info("tuned the gland setting on %d images: %s (score %.4f; off %.4f)", len(items), best, best_score, off)
     scores["gland_setting"] = {"best": float(best_score), "default": float(off)}
     return best

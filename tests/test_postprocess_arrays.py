@@ -207,6 +207,42 @@ def test_downsample_prob_ignores_uncomputed_pixels():
         downsample_prob(p, 0)
 
 
+def _downsample_plain(prob: np.ndarray, f: int) -> np.ndarray:
+    """Block means over the computed pixels in float64, then ``np.rint`` (the definition)."""
+    c, h, w = prob.shape
+    hh, ww = -(-h // f), -(-w // f)
+    pad = ((0, 0), (0, hh * f - h), (0, ww * f - w))
+    sums = np.pad(prob, pad).reshape(c, hh, f, ww, f).sum(axis=(2, 4), dtype=np.float64)
+    counts = np.pad(np.any(prob > 0, axis=0), pad[1:]).reshape(hh, f, ww, f).sum(axis=(1, 3))
+    return np.rint(sums / np.maximum(counts, 1)).astype(np.uint8)
+
+
+@pytest.mark.parametrize("compiled", [True, False])
+def test_downsample_prob_equals_float_block_means(monkeypatch, compiled):
+    """Integer block sums (compiled, or strided numpy) round as float64 means do, halves to even
+    included, on maps of any shape with uncomputed pixels and cut blocks."""
+    from wsi_mtl.postprocess import _compiled
+
+    if compiled and not _compiled.available():
+        pytest.skip("numba (the fast extra) is not installed")
+    if not compiled:
+        monkeypatch.setattr(_compiled, "available", lambda: False)
+    rng = np.random.default_rng(5)
+    for _ in range(200):
+        f = int(rng.integers(2, 6))
+        h, w = (int(v) for v in rng.integers(1, 40, 2))
+        p = rng.integers(0, 256, (3, h, w)).astype(np.uint8)
+        p[:, rng.random((h, w)) < 0.3] = 0  # uncomputed pixels
+        p[0, rng.random((h, w)) < 0.2] = 0
+        want = _downsample_plain(p, f)
+        np.testing.assert_array_equal(downsample_prob(p, f), want)
+    p = np.zeros((1, 2, 2), np.uint8)
+    p[0, 0, :] = (1, 2)  # mean 1.5 -> 2, and (2, 3): 2.5 -> 2 (half to even)
+    assert downsample_prob(p, 2)[0, 0, 0] == 2
+    p[0, 0, :] = (2, 3)
+    assert downsample_prob(p, 2)[0, 0, 0] == 2
+
+
 # ---------------------------------------------------------------- polygons and measurements
 
 

@@ -704,3 +704,37 @@ def test_a_gland_chunk_needs_no_more_halo_for_a_gland_that_only_crosses_it():
 
     assert context(crossed) is None
     assert context(start)[1] is None  # its own gland reaches the open right edge of the read region
+
+
+def _hook_gland() -> np.ndarray:
+    """One gland whose box starts at (50, 90) in the chunk at rows and columns 0-100, but whose part
+    inside that chunk's first read region (rows and columns 0-140) starts at row 110: a bar along
+    rows 110-130 from column 90, joined beyond column 140 to a bar going up to row 50."""
+    lab = np.zeros((300, 300), np.int32)
+    lab[110:130, 90:200] = 1
+    lab[50:130, 160:180] = 1
+    return lab
+
+
+def test_a_gland_chunk_asks_for_more_halo_for_a_gland_starting_higher_beyond_its_read_edge():
+    from wsi_mtl.postprocess._chunks import plan_chunks
+    from wsi_mtl.postprocess._extract import _gland_context
+    from wsi_mtl.postprocess._instances import opened_cores
+
+    params = PostprocessParams(gland_erosion_px=3, gland_open_px=0, lumen_erosion_px=1)
+    chunk = plan_chunks((300, 300), chunk_px=100, halo_px=40)[0]
+    y0, y1, x0, x1 = chunk.read
+    cores = opened_cores(label_to_3class(_hook_gland(), erosion_px=3)[:, y0:y1, x0:x1], 0.5)
+    context = _gland_context(cores, None, chunk, params, final=False)
+    assert context is not None and context[1] is None  # redo with a larger halo
+
+
+def test_chunked_glands_keep_a_gland_starting_higher_beyond_a_read_edge(tmp_path):
+    """Chunked with a small first halo, the hook-shaped gland comes out once, as from the whole map."""
+    maps = {"Gland-INST": label_to_3class(_hook_gland(), erosion_px=3)}
+    params = PostprocessParams(gland_erosion_px=3, gland_min_area_px=50, gland_halo_px=40)
+    whole = objects_from_maps(maps, slide_mpp=0.25, downsample=2.0, params=params, tasks=("gland",))
+    assert len(whole) == 1
+    store = write_predictions(tmp_path, maps, core_px=50)
+    chunked = concat_batches(list(extract_objects(store, chunk_px=100, params=params, tasks=("gland",))))
+    _assert_same_objects(whole, chunked)

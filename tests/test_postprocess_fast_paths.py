@@ -109,9 +109,26 @@ def test_expand_and_fill_equal_their_plain_definitions():
         rings[ndi.binary_erosion(labels > 0, iterations=2)] = 0  # objects become rings: holes
         rings[rng.random(shape) < 0.02] = 0  # pin-holes and cut rings
         want = _fill_plain(rings)
+        before = rings.copy()
         np.testing.assert_array_equal(inst._fill_holes_per_label(rings), want)
+        np.testing.assert_array_equal(rings, before)  # a copy unless asked to fill in place
+        np.testing.assert_array_equal(inst._fill_holes_per_label(before, in_place=True), want)
         filled += int((want != rings).sum())
     assert grown > 1000 and filled > 100  # the cases do grow and fill
+
+
+def test_fill_holes_gives_a_hole_two_objects_enclose_to_the_larger_label():
+    """Ring 1 encloses ring 2, which encloses background: that background is a hole of both; the
+    larger label takes it, in place or not, as the plain per-object fill in label order gives."""
+    labels = np.zeros((12, 12), np.int32)
+    labels[1:11, 1:11] = 1
+    labels[2:10, 2:10] = 0
+    labels[3:9, 3:9] = 2
+    labels[4:8, 4:8] = 0
+    for in_place in (False, True):
+        got = inst._fill_holes_per_label(labels.copy(), in_place=in_place)
+        np.testing.assert_array_equal(got, _fill_plain(labels))
+        assert (got[4:8, 4:8] == 2).all() and (got[2, 2:10] == 1).all()
 
 
 @pytest.mark.parametrize("open_px", [0, 3, 8])

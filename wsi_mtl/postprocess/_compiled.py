@@ -29,7 +29,7 @@ from skimage.morphology import h_maxima as _sk_h_maxima
 import importlib.util
 import os
 
-__all__ = ["available", "edt32", "smooth_and_peaks", "h_maxima_bool", "flood_components", "cut_at_peaks", "grow_ranks", "open_rows", "components", "HAVE_NUMBA"]
+__all__ = ["available", "edt32", "smooth_and_peaks", "h_maxima_bool", "flood_components", "cut_at_peaks", "grow_ranks", "open_rows", "components", "block_means", "HAVE_NUMBA"]
 
 #: Whether numba (the ``fast`` extra) is installed and not switched off by the environment variable
 #: ``WSIMTL_NO_NUMBA=1`` (numba's LLVM adds ~140 MB to each process that cuts necks); it is
@@ -52,7 +52,7 @@ def _kernels() -> None:
     """Replace the plain-Python kernels by numba's (``cache=True``), once; without numba they stay."""
     global HAVE_NUMBA, _ready, _sift_down, _sift_up, _reconstruct, _edt, _reflect, _smooth_peaks
     global _push, _pop, _side, _flood, _flood_components, _label4, _cut_at_peaks, _box_table, _grow, _open
-    global _next_run, _root, _runs, _boxes_of_runs, _components
+    global _next_run, _root, _runs, _boxes_of_runs, _components, _block_means
     if _ready:
         return
     _ready = True
@@ -68,7 +68,7 @@ def _kernels() -> None:
     _flood_components, _cut_at_peaks = jit(_flood_components_py), jit(_cut_at_peaks_py)
     _box_table, _grow, _side, _open = jit(_box_table_py), jit(_grow_py), jit(_side_py), jit(_open_py)
     _next_run, _root, _runs, _boxes_of_runs = jit(_next_run_py), jit(_root_py), jit(_runs_py), jit(_boxes_of_runs_py)
-    _components = jit(_components_py)
+    _components, _block_means = jit(_components_py), jit(_block_means_py)
 
 
 def h_maxima_bool(image: np.ndarray, h: float) -> np.ndarray:
@@ -774,3 +774,46 @@ _push, _pop, _flood, _label4 = _push_py, _pop_py, _flood_py, _label4_py
 _flood_components, _cut_at_peaks, _box_table, _grow, _side = _flood_components_py, _cut_at_peaks_py, _box_table_py, _grow_py, _side_py
 _open, _next_run, _root, _runs, _boxes_of_runs = _open_py, _next_run_py, _root_py, _runs_py, _boxes_of_runs_py
 _components = _components_py
+
+
+def block_means(prob: np.ndarray, factor: int) -> np.ndarray:
+    """:func:`~wsi_mtl.postprocess.downsample_prob` of a (C, H, W) uint8 map in two passes: per
+    ``factor x factor`` block, each channel's sum over the pixels with a channel above 0 (the others
+    add 0) divided by their count, rounded half to even as ``np.rint`` (integer arithmetic: the
+    same values as float64's). Needs numba."""
+    _kernels()
+    return _block_means(np.ascontiguousarray(prob), int(factor))
+
+
+def _block_means_py(prob, f):  # noqa: ANN001, ANN202 (compiled helper)
+    c, h, w = prob.shape
+    hh, ww = (h + f - 1) // f, (w + f - 1) // f
+    out = np.zeros((c, hh, ww), np.uint8)
+    sums = np.zeros((c, ww), np.uint32)  # one row of blocks at a time
+    counts = np.zeros(ww, np.int32)
+    for by in range(hh):
+        sums[:] = 0
+        counts[:] = 0
+        for y in range(by * f, min(h, by * f + f)):
+            for bx in range(ww):
+                n = 0
+                for x in range(bx * f, min(w, bx * f + f)):
+                    any_on = 0
+                    for k in range(c):
+                        v = prob[k, y, x]
+                        sums[k, bx] += v
+                        any_on |= v
+                    n += any_on != 0
+                counts[bx] += n
+        for bx in range(ww):
+            n = counts[bx]
+            if n == 0:
+                continue
+            for k in range(c):
+                s = sums[k, bx]
+                q = s // n
+                r2 = 2 * (s - q * n)
+                if r2 > n or (r2 == n and q % 2 == 1):
+                    q += 1
+                out[k, by, bx] = q
+    return out

@@ -639,7 +639,7 @@ def _gland_context(gcores: np.ndarray, lcores: np.ndarray | None, chunk: Chunk, 
         comps, box = labelled_boxes(cores)
         labelled.append(comps)
         boxes.append(box)
-        firsts.append(_may_start_in(box, er, own))
+        firsts.append(_may_start_in(box, er, own, chunk, cores.shape))
     box, first = np.concatenate(boxes), np.concatenate(firsts)
     if not first.any():
         return None
@@ -667,12 +667,19 @@ def _gland_margin(erosion: int, params: PostprocessParams) -> int:
     return 2 * erosion + 1 + 2 * math.ceil(params.gland_open_px / params.gland_downsample)
 
 
-def _may_start_in(box: np.ndarray, grow: int, rect: tuple[int, int, int, int]) -> np.ndarray:
-    """Which components (boxes) can give an object whose bounding-box start lies in ``rect``: an
-    object grown from a component by up to ``grow`` px starts at most ``grow`` px above and left
-    of the component's box."""
+def _may_start_in(box: np.ndarray, grow: int, rect: tuple[int, int, int, int], chunk: Chunk, shape: tuple[int, int]) -> np.ndarray:
+    """Which components (boxes, local to ``chunk``'s read region of ``shape``) can give an object
+    whose bounding-box start lies in ``rect``: an object grown from a component by up to ``grow``
+    px starts at most ``grow`` px above and left of the component's box. A component cut by an
+    open right edge may start higher outside the region (any row from its box's start up), one cut
+    by an open bottom edge further left; one cut by an open top or left edge starts before the
+    region, so outside ``rect``."""
     y0, y1, x0, x1 = rect
-    return (box[:, 0] - grow < y1) & (box[:, 0] >= y0) & (box[:, 2] - grow < x1) & (box[:, 2] >= x0)
+    _, bottom, _, right = chunk.open_edges
+    any_row = right & (box[:, 3] >= shape[1])
+    any_col = bottom & (box[:, 1] >= shape[0])
+    return (((box[:, 0] - grow < y1) | any_row) & (box[:, 0] >= y0)
+            & ((box[:, 2] - grow < x1) | any_col) & (box[:, 2] >= x0))
 
 
 def _glands_under(glands: np.ndarray, lumen: np.ndarray, ids: np.ndarray, slices: list) -> np.ndarray:

@@ -566,27 +566,28 @@ def nuclei_instances(
     return labels
 
 
-def _fill_holes_per_label(labels: np.ndarray) -> np.ndarray:
+def _fill_holes_per_label(labels: np.ndarray, *, in_place: bool = False) -> np.ndarray:
     """Fill background holes inside each object with that object's label.
 
     A hole of object ``i`` is a 4-connected component of the pixels that are not ``i`` inside its
     bounding box that does not reach the box's edge (``scipy.ndimage.binary_fill_holes``); only its
-    background pixels are filled, in label order (a later label wins a pixel two objects enclose).
-    An object can have a hole only where a 4-connected background component that does not reach
-    the array's edge lies strictly inside its box, so only those objects are examined.
+    background pixels are filled, and the largest label wins a pixel two objects enclose (labels
+    are filled from the largest down, each only where no larger one filled). An object can have a
+    hole only where a 4-connected background component that does not reach the array's edge lies
+    strictly inside its box, so only those objects are examined. ``in_place``: fill ``labels``
+    itself (else a copy, made only if a hole is found).
     """
-    out = labels
+    out = labels if in_place else None
     slices = find_objects(labels)
-    for i in _may_enclose(labels, slices):
+    for i in reversed(_may_enclose(labels, slices)):
         sl = slices[i - 1]
-        crop = labels[sl]
-        obj = crop == i
-        add = _holes(obj) & (crop == 0)
+        crop = (labels if out is None else out)[sl]
+        add = _holes(crop == i) & (crop == 0)  # filling never changes an object's own pixels
         if add.any():
-            if out is labels:
+            if out is None:
                 out = labels.copy()
             out[sl][add] = i
-    return out
+    return labels if out is None else out
 
 
 def _holes(mask: np.ndarray) -> np.ndarray:
@@ -694,10 +695,14 @@ def _expand_labels_square(labels: np.ndarray, distance: int, *, raster_ordered: 
     d = int(distance)
     ys, xs = np.flatnonzero(labels.any(axis=1)), np.flatnonzero(labels.any(axis=0))
     box = (slice(max(0, ys[0] - d), ys[-1] + d + 1), slice(max(0, xs[0] - d), xs[-1] + d + 1))
-    out = labels.copy()
     if raster_ordered and _compiled.available() and labels.ndim == 2:  # the numbers are the ranks: grown as they are
-        out[box] = _compiled.grow_ranks(labels[box], d)
+        grown = _compiled.grow_ranks(labels[box], d)
+        if grown.shape == labels.shape:
+            return grown
+        out = labels.copy()
+        out[box] = grown
         return out
+    out = labels.copy()
     small = np.uint8 if n < 255 else np.int16 if n < np.iinfo(np.int16).max else np.int32  # narrower is faster to filter
     if raster_ordered:
         rank = np.arange(n + 1, dtype=small)
@@ -791,9 +796,11 @@ def grow_components(labels: np.ndarray, *, erosion_px: float, min_area_px: float
     """The instances of :func:`gland_instances` from the components of its (opened) cores, labelled
     1..n in the raster order of their first pixels (as ``scipy.ndimage.label`` numbers them): grown
     back by ``erosion_px``, holes filled, those under ``min_area_px`` dropped."""
-    if erosion_px >= 1 and labels.max(initial=0):
+    fresh = erosion_px >= 1 and bool(labels.max(initial=0))  # a new array from here on: filled in place
+    if fresh:
         labels = _expand_labels_square(labels, int(erosion_px), raster_ordered=True)
-    labels = _fill_holes_per_label(labels.astype(np.int32))
+    fresh = fresh or labels.dtype != np.int32
+    labels = _fill_holes_per_label(labels.astype(np.int32, copy=False), in_place=fresh)
     return _keep_large(labels, min_area_px)
 
 
@@ -1067,11 +1074,16 @@ def downsample_prob(prob: np.ndarray, factor: int) -> np.ndarray:
         return prob
     c, h, w = prob.shape
     hh, ww = -(-h // factor), -(-w // factor)
-    pad = ((0, 0), (0, hh * factor - h), (0, ww * factor - w))
-    p = np.pad(prob, pad)
-    computed = np.pad(np.any(prob > 0, axis=0), pad[1:])
-    sums = p.reshape(c, hh, factor, ww, factor).sum(axis=(2, 4), dtype=np.float64)
-    counts = computed.reshape(hh, factor, ww, factor).sum(axis=(1, 3))
+    if prob.dtype == np.uint8 and _compiled.available():
+        return _compiled.block_means(prob, factor)
+    sums = np.zeros((c, hh, ww), np.float64)
+    counts = np.zeros((hh, ww), np.int32)
+    for dy in range(factor):  # one strided slice per block offset: an offset outside a cut block adds nothing
+        for dx in range(factor):
+            part = prob[:, dy::factor, dx::factor]
+            ph, pw = part.shape[1:]
+            sums[:, :ph, :pw] += part
+            counts[:ph, :pw] += np.any(part > 0, axis=0)
     mean = sums / np.maximum(counts, 1)
     if prob.dtype == np.uint8:
         return np.rint(mean).astype(np.uint8)

@@ -10,6 +10,8 @@ distances, so the same float32 values as scipy's whatever feature pixel it picks
 
 :func:`smooth_and_peaks`: the Gaussian smoothing (scipy's own arithmetic) and 3x3 local maxima.
 
+:func:`block_means`: the area means of :func:`~wsi_mtl.postprocess.downsample_prob` in integer sums.
+
 :func:`h_maxima_bool`: ``skimage.morphology.h_maxima`` (3x3 footprint) of a non-negative float32
 image. The h-maxima are ``image - rec >= h`` where ``rec`` is the grey reconstruction by dilation of
 ``image - h - resolution`` under ``image``. skimage sorts every pixel of the image for it; here,
@@ -777,10 +779,10 @@ _components = _components_py
 
 
 def block_means(prob: np.ndarray, factor: int) -> np.ndarray:
-    """:func:`~wsi_mtl.postprocess.downsample_prob` of a (C, H, W) uint8 map in two passes: per
-    ``factor x factor`` block, each channel's sum over the pixels with a channel above 0 (the others
-    add 0) divided by their count, rounded half to even as ``np.rint`` (integer arithmetic: the
-    same values as float64's). Needs numba."""
+    """:func:`~wsi_mtl.postprocess.downsample_prob` of a (C, H, W) uint8 map, one row of blocks at a
+    time: per ``factor x factor`` block, each channel's sum over the pixels with a channel above 0
+    (the others add 0) divided by their count, rounded half to even as ``np.rint`` (integer
+    arithmetic: the same values as float64's). Needs numba."""
     _kernels()
     return _block_means(np.ascontiguousarray(prob), int(factor))
 
@@ -817,3 +819,6 @@ def _block_means_py(prob, f):  # noqa: ANN001, ANN202 (compiled helper)
                     q += 1
                 out[k, by, bx] = q
     return out
+
+
+_block_means = _block_means_py

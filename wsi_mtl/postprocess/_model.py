@@ -4,6 +4,7 @@ them chunk by chunk. Evaluation, tuning and the CLI use these; nothing else deci
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -11,7 +12,7 @@ import numpy as np
 
 from ._extract import PostprocessParams
 from ._gland_setting import drop_non_glandular, non_glandular_cells
-from ._instances import gland_instances, lumen_instances, nuclei_instances
+from ._instances import downsample_prob, gland_instances, lumen_instances, nuclei_instances
 
 __all__ = ["nuclei_labels", "gland_labels", "gland_lumen_labels", "params_of"]
 
@@ -46,18 +47,33 @@ def gland_labels(prob: np.ndarray, params: PostprocessParams | None = None, *, t
     With ``tissue`` (the (C, h, w) Patch-Class map of the same image, cells of ``cell_px`` map
     pixels from pixel (0, 0), classes ``tissue_classes``), glands in tissue where glands do not lie
     are dropped as ``gland_max_nonglandular`` says (:mod:`._gland_setting`), as `wsimtl segment` drops them.
+    With ``gland_downsample`` f > 1 the instances are made on the f-times coarser grid, with the
+    distances and areas scaled as `wsimtl segment` scales them, and each coarse pixel covers its
+    f x f block of the returned labels.
     """
     p = params or PostprocessParams()
-    labels = np.asarray(gland_instances(prob, threshold=p.gland_threshold, erosion_px=p.gland_erosion_px, min_area_px=p.gland_min_area_px,
-                                        open_px=p.gland_open_px)).astype(np.int32)
-    if tissue is None or p.gland_max_nonglandular >= 1:
-        return labels
-    return drop_non_glandular(labels, non_glandular_cells(tissue, tissue_classes), float(cell_px), p.gland_max_nonglandular)
+    f = int(p.gland_downsample)
+    labels = np.asarray(gland_instances(downsample_prob(prob, f), threshold=p.gland_threshold, erosion_px=math.ceil(p.gland_erosion_px / f),
+                                        min_area_px=p.gland_min_area_px / f**2, open_px=p.gland_open_px / f)).astype(np.int32)
+    if tissue is not None and p.gland_max_nonglandular < 1:
+        labels = drop_non_glandular(labels, non_glandular_cells(tissue, tissue_classes), float(cell_px) / f, p.gland_max_nonglandular)
+    return _to_model_grid(labels, f, prob.shape[1:])
 
 
 def gland_lumen_labels(prob: np.ndarray, glands: np.ndarray, params: PostprocessParams | None = None) -> np.ndarray:
     """(H, W) int32 lumen instances from a (3, H, W) Lumen-INST map, kept inside ``glands`` (the
-    gland labels of the same map grid), as ``wsimtl segment`` keeps them."""
+    :func:`gland_labels` of the same map grid and settings), as ``wsimtl segment`` keeps them (on
+    the ``gland_downsample`` grid, as :func:`gland_labels`)."""
     p = params or PostprocessParams()
-    return np.asarray(lumen_instances(prob, gland_labels=glands, threshold=p.lumen_threshold, erosion_px=p.lumen_erosion_px,
-                                      min_area_px=p.lumen_min_area_px, min_inside=p.lumen_min_inside)).astype(np.int32)
+    f = int(p.gland_downsample)
+    labels = np.asarray(lumen_instances(downsample_prob(prob, f), gland_labels=glands[::f, ::f], threshold=p.lumen_threshold,
+                                        erosion_px=math.ceil(p.lumen_erosion_px / f), min_area_px=p.lumen_min_area_px / f**2,
+                                        min_inside=p.lumen_min_inside)).astype(np.int32)
+    return _to_model_grid(labels, f, prob.shape[1:])
+
+
+def _to_model_grid(labels: np.ndarray, f: int, shape: tuple[int, ...]) -> np.ndarray:
+    """Labels of the ``f``-times coarser grid, each pixel repeated over its block, cut to ``shape``."""
+    if f == 1:
+        return labels
+    return np.repeat(np.repeat(labels, f, axis=0), f, axis=1)[: shape[0], : shape[1]]

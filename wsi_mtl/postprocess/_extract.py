@@ -176,6 +176,25 @@ class PostprocessParams:
         """These settings with a user's ``overrides`` (field name -> number; see :func:`check_overrides`)."""
         return replace(self, **check_overrides(overrides))
 
+    def gland_grid(self) -> GlandGrid:
+        """The gland and lumen settings in pixels of the grid they are made on (``gland_downsample``)."""
+        f = int(self.gland_downsample)
+        return GlandGrid(f, math.ceil(self.gland_erosion_px / f), self.gland_open_px / f, self.gland_min_area_px / f**2,
+                         math.ceil(self.lumen_erosion_px / f), self.lumen_min_area_px / f**2)
+
+
+@dataclass(frozen=True)
+class GlandGrid:
+    """Gland and lumen settings on the grid of ``factor`` model pixels per pixel where glands and
+    lumen are made: distances divided by it (growth rounded up to whole pixels), areas by its square."""
+
+    factor: int
+    gland_erosion_px: int
+    gland_open_px: float
+    gland_min_area_px: float
+    lumen_erosion_px: int
+    lumen_min_area_px: float
+
 
 def _field_kinds() -> dict[str, type]:
     """``PostprocessParams`` field name -> ``int`` or ``float``."""
@@ -630,8 +649,8 @@ def _gland_context(gcores: np.ndarray, lcores: np.ndarray | None, chunk: Chunk, 
     and numbered as ``ndi.label`` numbers the crop; the labels are None where one of the first
     comes within that margin of an open read edge and the halo is not ``final`` (redo with a
     larger one). None: no such component."""
-    f = params.gland_downsample
-    g_er, l_er = math.ceil(params.gland_erosion_px / f), math.ceil(params.lumen_erosion_px / f)
+    grid = params.gland_grid()
+    g_er, l_er = grid.gland_erosion_px, grid.lumen_erosion_px
     kinds = [(gcores, g_er)] + ([(lcores, l_er)] if lcores is not None else [])
     labelled, boxes, firsts = [], [], []
     own = _local_own(chunk)
@@ -664,7 +683,7 @@ def _gland_context(gcores: np.ndarray, lcores: np.ndarray | None, chunk: Chunk, 
 def _gland_margin(erosion: int, params: PostprocessParams) -> int:
     """How far (px of the gland grid) from an open read edge an object grown by ``erosion`` is
     complete: growing back sees every competing core, and the opening looks two radii away."""
-    return 2 * erosion + 1 + 2 * math.ceil(params.gland_open_px / params.gland_downsample)
+    return 2 * erosion + 1 + 2 * math.ceil(params.gland_grid().gland_open_px)
 
 
 def _may_start_in(box: np.ndarray, grow: int, rect: tuple[int, int, int, int], chunk: Chunk, shape: tuple[int, int]) -> np.ndarray:
@@ -713,14 +732,15 @@ def _non_glandular(reader: Any, meta: MapsMeta, params: PostprocessParams, gland
 
 
 def _glands_chunk(reader: Any, chunk: Chunk, meta: MapsMeta, params: PostprocessParams, final: bool, tasks: tuple[str, ...]) -> dict[str, Any] | None:
-    f = params.gland_downsample
+    grid = params.gland_grid()
+    f = grid.factor
     fine = meta.heads[GLAND_INST].shape[1:]
     ginst = _coarse_read(reader, GLAND_INST, chunk, f, fine)
     if not ginst.any():
         return _empty_result()
     with_lumen = "lumen" in tasks and LUMEN_INST in meta.heads
     linst = _coarse_read(reader, LUMEN_INST, chunk, f, fine) if with_lumen else None
-    gcores = opened_cores(ginst, params.gland_threshold, params.gland_open_px / f)
+    gcores = opened_cores(ginst, params.gland_threshold, grid.gland_open_px)
     lcores = None if linst is None else core_mask(linst, params.lumen_threshold)
     context = _gland_context(gcores, lcores, chunk, params, final)
     if context is None:
@@ -731,8 +751,8 @@ def _glands_chunk(reader: Any, chunk: Chunk, meta: MapsMeta, params: Postprocess
     a, b, l, r = rect  # the halo beyond it only completes what the chunk owns
     ginst, linst = ginst[:, a:b, l:r], None if linst is None else linst[:, a:b, l:r]
     chunk = _crop_chunk(chunk, rect)
-    g_er = math.ceil(params.gland_erosion_px / f)
-    glands = grow_components(comps[0], erosion_px=g_er, min_area_px=params.gland_min_area_px / f**2)
+    g_er = grid.gland_erosion_px
+    glands = grow_components(comps[0], erosion_px=g_er, min_area_px=grid.gland_min_area_px)
     g_margin = _gland_margin(g_er, params)
     g_slices = find_objects(glands)
     g_cut = np.array([s is not None and _touches_open_edge(s, glands.shape, chunk, g_margin) for s in g_slices], bool)
@@ -745,8 +765,8 @@ def _glands_chunk(reader: Any, chunk: Chunk, meta: MapsMeta, params: Postprocess
     lumen = l_owned = l_cut = None
     l_under = np.zeros(0, np.int64)
     if linst is not None:
-        l_er = math.ceil(params.lumen_erosion_px / f)
-        lumen = grow_components(comps[1], erosion_px=l_er, min_area_px=params.lumen_min_area_px / f**2)
+        l_er = grid.lumen_erosion_px
+        lumen = grow_components(comps[1], erosion_px=l_er, min_area_px=grid.lumen_min_area_px)
         l_slices = find_objects(lumen)
         l_owned = _owned(l_slices, range(1, len(l_slices) + 1), chunk)
         if len(l_owned):

@@ -4,7 +4,6 @@ them chunk by chunk. Evaluation, tuning and the CLI use these; nothing else deci
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -52,12 +51,12 @@ def gland_labels(prob: np.ndarray, params: PostprocessParams | None = None, *, t
     f x f block of the returned labels.
     """
     p = params or PostprocessParams()
-    f = int(p.gland_downsample)
-    labels = np.asarray(gland_instances(downsample_prob(prob, f), threshold=p.gland_threshold, erosion_px=math.ceil(p.gland_erosion_px / f),
-                                        min_area_px=p.gland_min_area_px / f**2, open_px=p.gland_open_px / f)).astype(np.int32)
+    g = p.gland_grid()
+    labels = np.asarray(gland_instances(downsample_prob(prob, g.factor), threshold=p.gland_threshold, erosion_px=g.gland_erosion_px,
+                                        min_area_px=g.gland_min_area_px, open_px=g.gland_open_px)).astype(np.int32)
     if tissue is not None and p.gland_max_nonglandular < 1:
-        labels = drop_non_glandular(labels, non_glandular_cells(tissue, tissue_classes), float(cell_px) / f, p.gland_max_nonglandular)
-    return _to_model_grid(labels, f, prob.shape[1:])
+        labels = drop_non_glandular(labels, non_glandular_cells(tissue, tissue_classes), float(cell_px) / g.factor, p.gland_max_nonglandular)
+    return _to_model_grid(labels, g.factor, prob.shape[1:])
 
 
 def gland_lumen_labels(prob: np.ndarray, glands: np.ndarray, params: PostprocessParams | None = None) -> np.ndarray:
@@ -65,9 +64,10 @@ def gland_lumen_labels(prob: np.ndarray, glands: np.ndarray, params: Postprocess
     :func:`gland_labels` of the same map grid and settings), as ``wsimtl segment`` keeps them (on
     the ``gland_downsample`` grid, as :func:`gland_labels`)."""
     p = params or PostprocessParams()
-    f = int(p.gland_downsample)
+    g = p.gland_grid()
+    f = g.factor
     labels = np.asarray(lumen_instances(downsample_prob(prob, f), gland_labels=glands[::f, ::f], threshold=p.lumen_threshold,
-                                        erosion_px=math.ceil(p.lumen_erosion_px / f), min_area_px=p.lumen_min_area_px / f**2,
+                                        erosion_px=g.lumen_erosion_px, min_area_px=g.lumen_min_area_px,
                                         min_inside=p.lumen_min_inside)).astype(np.int32)
     return _to_model_grid(labels, f, prob.shape[1:])
 

@@ -768,16 +768,6 @@ def _components_py(m, want_labels):  # noqa: ANN001, ANN202 (compiled helper)
         lab[ys[i], x0s[i] : x1s[i]] = ids[i]
     return lab, box
 
-
-# plain Python until _kernels() compiles them
-_sift_down, _sift_up, _reflect = _sift_down_py, _sift_up_py, _reflect_py
-_reconstruct, _edt, _smooth_peaks = _reconstruct_py, _edt_py, _smooth_peaks_py
-_push, _pop, _flood, _label4 = _push_py, _pop_py, _flood_py, _label4_py
-_flood_components, _cut_at_peaks, _box_table, _grow, _side = _flood_components_py, _cut_at_peaks_py, _box_table_py, _grow_py, _side_py
-_open, _next_run, _root, _runs, _boxes_of_runs = _open_py, _next_run_py, _root_py, _runs_py, _boxes_of_runs_py
-_components = _components_py
-
-
 def block_means(prob: np.ndarray, factor: int) -> np.ndarray:
     """:func:`~wsi_mtl.postprocess.downsample_prob` of a (C, H, W) uint8 map, one row of blocks at a
     time: per ``factor x factor`` block, each channel's sum over the pixels with a channel above 0
@@ -821,4 +811,10 @@ def _block_means_py(prob, f):  # noqa: ANN001, ANN202 (compiled helper)
     return out
 
 
-_block_means = _block_means_py
+# plain Python until _kernels() compiles them
+_sift_down, _sift_up, _reflect = _sift_down_py, _sift_up_py, _reflect_py
+_reconstruct, _edt, _smooth_peaks = _reconstruct_py, _edt_py, _smooth_peaks_py
+_push, _pop, _flood, _label4 = _push_py, _pop_py, _flood_py, _label4_py
+_flood_components, _cut_at_peaks, _box_table, _grow, _side = _flood_components_py, _cut_at_peaks_py, _box_table_py, _grow_py, _side_py
+_open, _next_run, _root, _runs, _boxes_of_runs = _open_py, _next_run_py, _root_py, _runs_py, _boxes_of_runs_py
+_components, _block_means = _components_py, _block_means_py

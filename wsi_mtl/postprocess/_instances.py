@@ -1072,10 +1072,10 @@ def downsample_prob(prob: np.ndarray, factor: int) -> np.ndarray:
     factor = int(factor)
     if factor == 1:
         return prob
-    c, h, w = prob.shape
-    hh, ww = -(-h // factor), -(-w // factor)
     if prob.dtype == np.uint8 and _compiled.available():
         return _compiled.block_means(prob, factor)
+    c, h, w = prob.shape
+    hh, ww = -(-h // factor), -(-w // factor)
     sums = np.zeros((c, hh, ww), np.float64)
     counts = np.zeros((hh, ww), np.int32)
     for dy in range(factor):  # one strided slice per block offset: an offset outside a cut block adds nothing

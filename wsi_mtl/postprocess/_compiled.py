@@ -768,6 +768,7 @@ def _components_py(m, want_labels):  # noqa: ANN001, ANN202 (compiled helper)
         lab[ys[i], x0s[i] : x1s[i]] = ids[i]
     return lab, box
 
+
 def block_means(prob: np.ndarray, factor: int) -> np.ndarray:
     """:func:`~wsi_mtl.postprocess.downsample_prob` of a (C, H, W) uint8 map, one row of blocks at a
     time: per ``factor x factor`` block, each channel's sum over the pixels with a channel above 0

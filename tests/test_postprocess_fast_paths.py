@@ -74,8 +74,9 @@ def _random_gland_map(rng: np.random.Generator, shape=(96, 128), scale: float = 
 
 @pytest.mark.parametrize("compiled", [False, True])
 def test_open_disk_equals_binary_opening(monkeypatch, compiled):
-    """Opening by a disk, by shifted rows (numpy) and by the compiled run-length kernel (plain
-    Python where numba is absent), is scipy's binary opening, also on masks thinner than the disk."""
+    """Opening by a disk, by shifted rows (numpy) and by the compiled packed-row kernel (plain
+    Python where numba is absent), is scipy's binary opening, also on masks thinner than the disk
+    and with a disk wider than a word."""
     if compiled:
         _kernels_here(monkeypatch)
     else:
@@ -84,9 +85,9 @@ def test_open_disk_equals_binary_opening(monkeypatch, compiled):
         monkeypatch.setattr(_compiled, "HAVE_NUMBA", False)
     rng = np.random.default_rng(3)
     for trial in range(40):
-        shape = (int(rng.integers(1, 60)), int(rng.integers(1, 70)))
+        shape = (int(rng.integers(1, 60)), int(rng.integers(1, 70 if trial % 2 else 200)))  # one and several words a row
         mask = ndi.gaussian_filter(rng.random(shape), rng.uniform(0.5, 3)) > rng.uniform(0.3, 0.6)
-        for radius in (1, 2, 5, 8):
+        for radius in (1, 2, 5, 8) + ((70,) if trial < 4 else ()):
             want = ndi.binary_opening(mask, structure=disk(radius))
             np.testing.assert_array_equal(inst._open_disk(mask, radius), want, err_msg=f"{trial} r={radius}")
 
@@ -446,14 +447,21 @@ def test_compiled_neck_cuts_equal_the_plain_loop(monkeypatch):
     assert cut > 10
 
 
-def test_compiled_growth_equals_the_array_version(monkeypatch):
-    """The compiled ring growth of _expand_labels_square gives the numpy version's ranks."""
+@pytest.mark.parametrize("dtype", [np.uint8, np.int32])
+def test_compiled_growth_equals_the_array_version(monkeypatch, dtype):
+    """The compiled sweeps of _expand_labels_square give the numpy version's step-by-step ranks:
+    equal values (uint8 ranks repeat), ranks up to the largest allowed, growth longer than one
+    pair of sweeps (> 125 steps)."""
     _compiled = _kernels_here(monkeypatch)
     rng = np.random.default_rng(44)
-    for trial in range(30):
+    top = 250 if dtype == np.uint8 else _compiled.GROW_MAX_RANK
+    for trial in range(60):
         shape = (int(rng.integers(1, 50)), int(rng.integers(1, 50)))
-        r = (ndi.label(rng.random(shape) < 0.03)[0] % 250).astype(np.uint8)
-        steps = int(rng.integers(1, 9))
+        if trial == 0:
+            shape = (3, 300)
+        r = ndi.label(rng.random(shape) < rng.uniform(0.005, 0.2))[0]
+        r = np.where(r > 0, top - r % 250, 0).astype(dtype)
+        steps = 140 if trial < 3 else 1 if trial < 8 else int(rng.integers(2, 30))
         got = _compiled.grow_ranks(r, steps)
         monkeypatch.setattr(_compiled, "HAVE_NUMBA", False)
         want = inst._grow_ranks(r, steps)

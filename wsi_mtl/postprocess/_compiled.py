@@ -1,9 +1,15 @@
 """Compiled (numba, the ``fast`` extra) versions of post-processing steps, with the same results.
 
-Row runs (:func:`components`, :func:`open_rows`): each row's runs of True are
-found once; components join the runs of consecutive rows that overlap (union-find, the earliest run
-the root, so the numbers follow ``scipy.ndimage.label``'s raster order), and their boxes come with
-them, without a label image where only boxes are needed.
+Row runs (:func:`components`): each row's runs of True are found once; components join the runs
+of consecutive rows that overlap (union-find, the earliest run the root, so the numbers follow
+``scipy.ndimage.label``'s raster order), and their boxes come with them, without a label image
+where only boxes are needed.
+
+Packed rows (:func:`open_rows`): 64 pixels to a word, so erosion and dilation by a footprint's rows
+are a few shifts, ANDs and ORs per word.
+
+:func:`grow_ranks`: the square growth of glands and lumen as one chamfer transform of (distance,
+rank) keys in two raster sweeps.
 
 :func:`edt32`: the Euclidean distance transform (Meijster's two passes, exact integer squared
 distances, so the same float32 values as scipy's whatever feature pixel it picks).
@@ -31,7 +37,7 @@ from skimage.morphology import h_maxima as _sk_h_maxima
 import importlib.util
 import os
 
-__all__ = ["available", "edt32", "smooth_and_peaks", "h_maxima_bool", "flood_components", "cut_at_peaks", "grow_ranks", "open_rows", "components", "block_means", "HAVE_NUMBA"]
+__all__ = ["available", "edt32", "smooth_and_peaks", "h_maxima_bool", "flood_components", "cut_at_peaks", "grow_ranks", "open_rows", "components", "block_means", "label_counts", "relabel_in_place", "HAVE_NUMBA"]
 
 #: Whether numba (the ``fast`` extra) is installed and not switched off by the environment variable
 #: ``WSIMTL_NO_NUMBA=1`` (numba's LLVM adds ~140 MB to each process that cuts necks); it is
@@ -54,7 +60,8 @@ def _kernels() -> None:
     """Replace the plain-Python kernels by numba's (``cache=True``), once; without numba they stay."""
     global HAVE_NUMBA, _ready, _sift_down, _sift_up, _reconstruct, _edt, _reflect, _smooth_peaks
     global _push, _pop, _side, _flood, _flood_components, _label4, _cut_at_peaks, _box_table, _grow, _open
-    global _next_run, _root, _runs, _boxes_of_runs, _components, _block_means
+    global _next_run, _root, _runs, _boxes_of_runs, _components, _block_means, _label_counts, _relabel
+    global _shift_into, _row_spans
     if _ready:
         return
     _ready = True
@@ -71,6 +78,8 @@ def _kernels() -> None:
     _box_table, _grow, _side, _open = jit(_box_table_py), jit(_grow_py), jit(_side_py), jit(_open_py)
     _next_run, _root, _runs, _boxes_of_runs = jit(_next_run_py), jit(_root_py), jit(_runs_py), jit(_boxes_of_runs_py)
     _components, _block_means = jit(_components_py), jit(_block_means_py)
+    _label_counts, _relabel = jit(_label_counts_py), jit(_relabel_py)
+    _shift_into, _row_spans = jit(_shift_into_py), jit(_row_spans_py)
 
 
 def h_maxima_bool(image: np.ndarray, h: float) -> np.ndarray:
@@ -541,133 +550,172 @@ def _cut_at_peaks_py(low, peaks, ids, places, shapes, origins, labels, first):  
     return nxt
 
 
+#: :func:`grow_ranks` keys: (steps taken << 24) | (2**24 - 1 - rank), so the smallest key is the
+#: nearest rank, the largest of equally near ones; ranks below 2**24, at most 125 steps per sweep pair
+_KEY_SHIFT = 24
+GROW_MAX_RANK = (1 << _KEY_SHIFT) - 1
+_GROW_MAX_STEPS = 125
+
+
 def grow_ranks(r: np.ndarray, steps: int) -> np.ndarray:
     """``steps`` times, all at once: each 0 pixel with a nonzero 8-neighbour takes the largest
-    neighbour value (``maximum_filter(r, 3)`` where ``r`` is 0; outside the array counts as 0);
-    only the ring reached at each step is visited. A new array; needs numba."""
+    neighbour value (``maximum_filter(r, 3)`` where ``r`` is 0; outside the array counts as 0).
+
+    That is: each 0 pixel within chessboard distance ``steps`` of a nonzero one takes the largest
+    value among its nearest nonzero pixels (at distance ``k`` a pixel's nonzero neighbours are those
+    at ``k - 1``, whose values are, by induction, the largest among theirs at ``k - 1``, and every
+    value at distance ``k`` is reached that way). Found as one chamfer distance transform of
+    (distance, -value) keys in two raster sweeps, whatever ``steps``. Values in 0..GROW_MAX_RANK; a
+    new array; needs numba."""
     _kernels()
-    return _grow(np.ascontiguousarray(r), steps)
+    out = np.ascontiguousarray(r)
+    for done in range(0, steps, _GROW_MAX_STEPS):  # one step after another: sweeps of <= 125 compose
+        out = _grow(out, min(_GROW_MAX_STEPS, steps - done))
+    return out.copy() if out is r else out
 
 
 def _grow_py(r, steps):  # noqa: ANN001, ANN202 (compiled helper)
     h, w = r.shape
-    w2 = w + 2
-    pad = np.zeros((h + 2) * w2, r.dtype)
-    inside = np.zeros((h + 2) * w2, np.bool_)
+    one = np.int32(1 << _KEY_SHIFT)
+    low = (1 << _KEY_SHIFT) - 1
+    far = np.int32((steps + 1) << _KEY_SHIFT)  # not reached (and the padding): never a value
+    k = np.full((h + 2, w + 2), far, np.int32)
     for y in range(h):
         for x in range(w):
-            pad[(y + 1) * w2 + x + 1] = r[y, x]
-            inside[(y + 1) * w2 + x + 1] = True
-    offs = np.array([-w2 - 1, -w2, -w2 + 1, -1, 1, w2 - 1, w2, w2 + 1], np.int64)
-    ring = np.empty(h * w, np.int64)
-    mark = np.zeros(pad.size, np.bool_)
-    m = 0
-    for p in range(pad.size):  # the first ring: the 0 pixels next to a labelled one (its order does not matter)
-        if pad[p] != 0:
-            for o in offs:
-                q = p + o
-                if inside[q] and pad[q] == 0 and not mark[q]:
-                    mark[q] = True
-                    ring[m] = q
-                    m += 1
-    for k in range(m):
-        mark[ring[k]] = False
-    vals = np.empty(h * w, r.dtype)
-    nxt = np.empty(h * w, np.int64)
-    for step in range(steps):
-        if m == 0:
-            break
-        for k in range(m):  # all read before any is written
-            best = pad[ring[k] + offs[0]]
-            for o in offs[1:]:
-                v = pad[ring[k] + o]
-                if v > best:
-                    best = v
-            vals[k] = best
-        for k in range(m):
-            pad[ring[k]] = vals[k]
-        if step + 1 == steps:
-            break
-        n = 0
-        for k in range(m):
-            for o in offs:
-                q = ring[k] + o
-                if inside[q] and pad[q] == 0 and not mark[q]:
-                    mark[q] = True
-                    nxt[n] = q
-                    n += 1
-        for k in range(n):
-            mark[nxt[k]] = False
-        ring, nxt, m = nxt, ring, n
-    out = np.empty((h, w), r.dtype)
+            if r[y, x] != 0:
+                k[y + 1, x + 1] = low - np.int32(r[y, x])
+    for y in range(1, h + 1):  # from above and the left
+        for x in range(1, w + 1):
+            a = min(min(k[y - 1, x - 1], k[y - 1, x]), min(k[y - 1, x + 1], k[y, x - 1])) + one
+            if a < k[y, x]:
+                k[y, x] = a
+    for y in range(h, 0, -1):  # from below and the right
+        for x in range(w, 0, -1):
+            a = min(min(k[y + 1, x + 1], k[y + 1, x]), min(k[y + 1, x - 1], k[y, x + 1])) + one
+            if a < k[y, x]:
+                k[y, x] = a
+    out = np.zeros((h, w), r.dtype)
     for y in range(h):
         for x in range(w):
-            out[y, x] = pad[(y + 1) * w2 + x + 1]
+            v = k[y + 1, x + 1]
+            if v < far:
+                out[y, x] = low - (v & low)
     return out
+
+
+def label_counts(labels: np.ndarray, length: int) -> np.ndarray:
+    """Pixels per label (int64, ``length`` entries, entry 0 left 0) of non-negative ``labels``
+    below ``length``, in one pass; needs numba."""
+    _kernels()
+    return _label_counts(np.ascontiguousarray(labels).ravel(), length)
+
+
+def _label_counts_py(flat, length):  # noqa: ANN001, ANN202 (compiled helper)
+    counts = np.zeros(length, np.int64)
+    for i in range(flat.size):
+        counts[flat[i]] += 1
+    counts[0] = 0
+    return counts
+
+
+def relabel_in_place(labels: np.ndarray, lut: np.ndarray) -> np.ndarray:
+    """``labels[:] = lut[labels]`` for a C-contiguous ``labels`` of ``lut``'s dtype, without the
+    temporary fancy indexing makes (a third of its time); needs numba."""
+    _kernels()
+    if not labels.flags.c_contiguous or labels.dtype != lut.dtype:
+        raise ValueError("relabel_in_place needs C-contiguous labels of the table's dtype")
+    _relabel(labels.reshape(-1), lut)
+    return labels
+
+
+def _relabel_py(flat, lut):  # noqa: ANN001, ANN202 (compiled helper)
+    for i in range(flat.size):
+        flat[i] = lut[flat[i]]
 
 
 def open_rows(mask: np.ndarray, halves: np.ndarray) -> np.ndarray:
     """Binary opening of a 2-D ``mask`` (outside = False) by a symmetric footprint given as the
     half-widths of its centred rows (``halves[k]`` for row offset ``k - len(halves) // 2``), e.g. a
-    disk: the same set as ``scipy.ndimage.binary_opening``. Each row's run lengths are found once,
-    then a pixel reads one value per footprint row. A new array; needs numba."""
+    disk: the same set as ``scipy.ndimage.binary_opening``. Rows are packed 64 pixels to a word;
+    each row's AND (erosion) or OR (dilation) over every footprint width is made once by shifting
+    the words, then footprint rows combine word by word. A new array; needs numba."""
     _kernels()
-    return _open(np.ascontiguousarray(mask, dtype=np.bool_), np.ascontiguousarray(halves, dtype=np.int64))
-
-
-def _open_py(m, halves):  # noqa: ANN001, ANN202 (compiled helper)
+    m = np.ascontiguousarray(mask, dtype=np.bool_)
     h, w = m.shape
+    words = max(1, -(-w // 64))
+    packed = np.zeros((h, 8 * words), np.uint8)  # bit b of word i: pixel 64 i + b
+    packed[:, : -(-w // 8)] = np.packbits(m, axis=1, bitorder="little")
+    out = _open(packed.view("<u8"), np.ascontiguousarray(halves, dtype=np.int64))
+    return np.unpackbits(out.view(np.uint8), axis=1, count=w, bitorder="little").view(np.bool_)
+
+
+def _shift_into_py(src, s, out):  # noqa: ANN001, ANN202 (compiled helper)
+    """``out``'s pixel x = ``src``'s pixel x + s, over one packed row (0 beyond it)."""
+    n = src.size
+    q = s // 64
+    b = np.uint64(s - 64 * q)
+    c = np.uint64(64) - b
+    for i in range(n):
+        j = i + q
+        v = np.uint64(0)
+        if 0 <= j < n:
+            v = src[j] >> b
+        if b != 0 and 0 <= j + 1 < n:
+            v |= src[j + 1] << c
+        out[i] = v
+
+
+def _row_spans_py(rows, halves, conj):  # noqa: ANN001, ANN202 (compiled helper)
+    """For each half-width ``k`` in ``halves``: every packed row ANDed (``conj``) or ORed with
+    itself shifted by -k..k (``spans[slot[k]]``), widening one pixel on each side at a time."""
+    h, n = rows.shape
+    top = 0
+    for k in halves:
+        top = max(top, k)
+    slot = np.full(top + 1, -1, np.int64)
+    m = 0
+    for k in halves:
+        if slot[k] < 0:
+            slot[k] = m
+            m += 1
+    spans = np.empty((m, h, n), np.uint64)
+    cur, left, right = np.empty(n, np.uint64), np.empty(n, np.uint64), np.empty(n, np.uint64)
+    for y in range(h):
+        cur[:] = rows[y]
+        for k in range(top + 1):
+            if k > 0:
+                _shift_into(rows[y], k, left)
+                _shift_into(rows[y], -k, right)
+                for i in range(n):
+                    if conj:
+                        cur[i] = cur[i] & left[i] & right[i]
+                    else:
+                        cur[i] = cur[i] | left[i] | right[i]
+            if slot[k] >= 0:
+                spans[slot[k], y] = cur
+    return spans, slot
+
+
+def _open_py(bits, halves):  # noqa: ANN001, ANN202 (compiled helper)
+    h, n = bits.shape
     r = len(halves) // 2
-    # erosion: a row segment |dx| <= half around x is all True iff the shorter of the True runs
-    # reaching x from the left and from the right (x included) is longer than half
-    run = np.empty((h, w), np.int32)
-    for y in range(h):
-        n = 0
-        for x in range(w):
-            n = n + 1 if m[y, x] else 0
-            run[y, x] = n
-        n = 0
-        for x in range(w - 1, -1, -1):
-            n = n + 1 if m[y, x] else 0
-            if n < run[y, x]:
-                run[y, x] = n
-    eroded = np.zeros((h, w), np.bool_)
+    spans, slot = _row_spans(bits, halves, True)
+    eroded = np.zeros((h, n), np.uint64)
     for y in range(r, h - r):  # rows nearer the edge than r read outside: False
-        row = eroded[y]
-        a, x = _next_run(m[y], 0)
-        while a < w:  # only the row's own runs can erode to True
-            row[a:x] = True
-            for k in range(len(halves)):  # footprint row by footprint row: contiguous reads
-                src, half = run[y + k - r], halves[k]
-                for xx in range(a, x):
-                    row[xx] = row[xx] & (src[xx] > half)
-            a, x = _next_run(m[y], x)
-    # dilation: the eroded runs of each row (found once), each widened by a footprint row's
-    # half-width, painted into the rows that footprint row reaches
-    start = np.zeros(h + 1, np.int64)
-    for y in range(h):
-        n = 0
-        for x in range(w):
-            if eroded[y, x] and (x == 0 or not eroded[y, x - 1]):
-                n += 1
-        start[y + 1] = start[y] + n
-    a0, a1 = np.empty(start[h], np.int64), np.empty(start[h], np.int64)
-    for y in range(h):
-        i = start[y]
-        a, x = _next_run(eroded[y], 0)
-        while a < w:
-            a0[i], a1[i] = a, x
-            i += 1
-            a, x = _next_run(eroded[y], x)
-    out = np.zeros((h, w), np.bool_)
-    for y in range(h):
-        row = out[y]
+        for i in range(n):
+            v = spans[slot[halves[0]], y - r, i]
+            for k in range(1, len(halves)):
+                v &= spans[slot[halves[k]], y + k - r, i]
+            eroded[y, i] = v
+    spans, slot = _row_spans(eroded, halves, False)
+    out = np.zeros((h, n), np.uint64)
+    for y in range(h):  # the footprint is symmetric: row y takes row y - dy widened by dy's half-width
         for k in range(len(halves)):
-            yy = y + k - r
+            yy = y - (k - r)
             if 0 <= yy < h:
-                half = halves[k]
-                for i in range(start[yy], start[yy + 1]):
-                    row[max(0, a0[i] - half) : min(w, a1[i] + half)] = True
+                src = spans[slot[halves[k]], yy]
+                for i in range(n):
+                    out[y, i] |= src[i]
     return out
 
 
@@ -819,3 +867,5 @@ _push, _pop, _flood, _label4 = _push_py, _pop_py, _flood_py, _label4_py
 _flood_components, _cut_at_peaks, _box_table, _grow, _side = _flood_components_py, _cut_at_peaks_py, _box_table_py, _grow_py, _side_py
 _open, _next_run, _root, _runs, _boxes_of_runs = _open_py, _next_run_py, _root_py, _runs_py, _boxes_of_runs_py
 _components, _block_means = _components_py, _block_means_py
+_label_counts, _relabel = _label_counts_py, _relabel_py
+_shift_into, _row_spans = _shift_into_py, _row_spans_py

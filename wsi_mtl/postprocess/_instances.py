@@ -382,8 +382,10 @@ def _doomed(labels: np.ndarray, interior: np.ndarray, min_peak: float, min_area_
 
 
 def _sizes(labels: np.ndarray, length: int) -> np.ndarray:
-    """Pixels per label (index = label, ``length`` entries; entry 0 is not counted), counted over
-    the object pixels only (most of a map is background)."""
+    """Pixels per label (index = label, ``length`` entries; entry 0 is not counted): one compiled
+    pass with the fast extra, else counted over the object pixels only (most of a map is background)."""
+    if _compiled.available() and length > int(labels.max(initial=0)):
+        return _compiled.label_counts(labels, length)
     return np.bincount(labels[labels > 0], minlength=length)
 
 
@@ -695,7 +697,7 @@ def _expand_labels_square(labels: np.ndarray, distance: int, *, raster_ordered: 
     d = int(distance)
     ys, xs = np.flatnonzero(labels.any(axis=1)), np.flatnonzero(labels.any(axis=0))
     box = (slice(max(0, ys[0] - d), ys[-1] + d + 1), slice(max(0, xs[0] - d), xs[-1] + d + 1))
-    if raster_ordered and _compiled.available() and labels.ndim == 2:  # the numbers are the ranks: grown as they are
+    if raster_ordered and n <= _compiled.GROW_MAX_RANK and _compiled.available() and labels.ndim == 2:  # the numbers are the ranks
         grown = _compiled.grow_ranks(labels[box], d)
         if grown.shape == labels.shape:
             return grown
@@ -734,8 +736,8 @@ def _first_pixel_ranks(labels: np.ndarray, n: int, small: type) -> tuple[np.ndar
 def _grow_ranks(r: np.ndarray, steps: int) -> np.ndarray:
     """``steps`` times: each 0 pixel with a nonzero 8-neighbour takes the largest neighbour value
     (``maximum_filter(r, 3)`` kept only where ``r`` was 0), updating only the ring of pixels
-    reached at each step (compiled with the fast extra)."""
-    if _compiled.available() and r.ndim == 2:
+    reached at each step (compiled with the fast extra: two raster sweeps, the same result)."""
+    if _compiled.available() and r.ndim == 2 and int(r.max(initial=0)) <= _compiled.GROW_MAX_RANK:
         return _compiled.grow_ranks(r, steps)
     h, w = r.shape
     w2 = w + 2
@@ -801,12 +803,13 @@ def grow_components(labels: np.ndarray, *, erosion_px: float, min_area_px: float
         labels = _expand_labels_square(labels, int(erosion_px), raster_ordered=True)
     fresh = fresh or labels.dtype != np.int32
     labels = _fill_holes_per_label(labels.astype(np.int32, copy=False), in_place=fresh)
-    return _keep_large(labels, min_area_px)
+    return _keep_large(labels, min_area_px, in_place=fresh)
 
 
-def _keep_large(labels: np.ndarray, min_area_px: float, also: np.ndarray | None = None) -> np.ndarray:
+def _keep_large(labels: np.ndarray, min_area_px: float, also: np.ndarray | None = None, *, in_place: bool = False) -> np.ndarray:
     """``_relabel_sequential(_remove_small(labels, min_area_px))`` with one count and one lookup;
-    ``also`` (index = label), when given, must hold too (e.g. :func:`_drop_unconfident`'s test)."""
+    ``also`` (index = label), when given, must hold too (e.g. :func:`_drop_unconfident`'s test).
+    ``in_place``: int32 ``labels`` may be renumbered where they are (compiled, with the fast extra)."""
     sizes = _sizes(labels, int(labels.max(initial=0)) + 1)
     keep = sizes >= min_area_px if min_area_px > 0 else sizes > 0
     if also is not None:
@@ -814,6 +817,8 @@ def _keep_large(labels: np.ndarray, min_area_px: float, also: np.ndarray | None 
     keep[0] = False
     lut = np.zeros(sizes.size, np.int32)
     lut[keep] = np.arange(1, int(keep.sum()) + 1, dtype=np.int32)
+    if in_place and labels.dtype == np.int32 and labels.flags.c_contiguous and _compiled.available():
+        return _compiled.relabel_in_place(labels, lut)
     return lut[labels]
 
 

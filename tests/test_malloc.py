@@ -21,3 +21,39 @@ def _run(env_extra: dict[str, str]) -> str:
 def test_arena_limit_is_set_once_and_leaves_the_users_setting_alone() -> None:
     assert _run({}) == "True False"  # glibc accepts it; a second call does nothing
     assert _run({"MALLOC_ARENA_MAX": "4"}) == "False False"
+
+
+KEEP = """
+import numpy as np
+from wsi_mtl.malloc import keep_freed_pages
+
+def resident_mb():
+    with open("/proc/self/statm") as fh:
+        return int(fh.read().split()[1]) * 4096 / 2**20
+
+first, again = keep_freed_pages(), keep_freed_pages()
+a = np.ones(200 * 2**20, np.uint8)  # 200 MB, touched
+before = resident_mb()
+del a
+print(first, again, round(before - resident_mb()))
+"""
+
+
+def _keep(env_extra: dict[str, str]) -> list[str]:
+    import os
+
+    drop = {"MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_"}
+    env = {k: v for k, v in os.environ.items() if k not in drop} | env_extra
+    return subprocess.run([sys.executable, "-c", KEEP], env=env, capture_output=True, text=True, check=True).stdout.split()
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="mallopt is glibc's (Linux)")
+def test_chunk_workers_keep_freed_pages_unless_the_user_set_malloc() -> None:
+    """With the setting a freed 200 MB array stays resident for the next chunk (by default glibc
+    unmaps it at once); set once per process; the user's $MALLOC_MMAP_THRESHOLD_ wins."""
+    first, again, released = _keep({})
+    assert (first, again) == ("True", "False")
+    assert int(released) < 20
+    first, again, released = _keep({"MALLOC_MMAP_THRESHOLD_": "131072"})
+    assert (first, again) == ("False", "False")
+    assert int(released) > 180  # glibc's own behaviour: mapped alone, returned when freed

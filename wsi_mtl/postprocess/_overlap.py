@@ -32,6 +32,7 @@ from typing import Any
 import multiprocessing as mp
 import numpy as np
 
+from wsi_mtl.malloc import keep_freed_pages
 from wsi_mtl.postprocess import _extract as ex
 from wsi_mtl.postprocess._pool import children_allowed
 
@@ -107,8 +108,10 @@ def _run_spooled(path: str, job: Any, meta: Any, params: Any, readiness: _Readin
     return chunk, True
 
 
-def _lower_priority(niceness: int) -> None:
-    """Pool processes yield to the network's threads when both want a core."""
+def _start_worker(niceness: int) -> None:
+    """Pool processes yield to the network's threads when both want a core, and keep the pages
+    they free for the next chunk (:func:`~wsi_mtl.malloc.keep_freed_pages`)."""
+    keep_freed_pages()
     try:
         os.nice(niceness)
     except OSError:  # pragma: no cover - not permitted
@@ -119,7 +122,7 @@ def _executor(workers: int, niceness: int) -> Executor:
     if not children_allowed():  # a daemonic process (Dask worker): threads
         return ThreadPoolExecutor(max_workers=workers, thread_name_prefix="wsimtl-overlap")
     ctx = mp.get_context("forkserver" if "forkserver" in mp.get_all_start_methods() else "spawn")
-    return ProcessPoolExecutor(max_workers=workers, mp_context=ctx, initializer=_lower_priority, initargs=(niceness,))
+    return ProcessPoolExecutor(max_workers=workers, mp_context=ctx, initializer=_start_worker, initargs=(niceness,))
 
 
 class OverlapExtractor:

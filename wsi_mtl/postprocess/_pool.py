@@ -12,6 +12,8 @@ import multiprocessing as mp
 from concurrent.futures import Executor, ProcessPoolExecutor, ThreadPoolExecutor
 from typing import Literal
 
+from wsi_mtl.malloc import keep_freed_pages
+
 __all__ = ["PoolKind", "children_allowed", "pool_kind", "chunk_executor", "single_executor"]
 
 PoolKind = Literal["in-process", "processes", "threads"]
@@ -33,13 +35,14 @@ def chunk_executor(workers: int) -> tuple[Executor, PoolKind]:
     """A pool of ``workers`` (>= 2) processes, or of threads where this process is daemonic.
 
     Processes start by ``forkserver`` where the platform has it (else ``spawn``): never ``fork``,
-    which copies the threads' locks of a busy parent (reader threads, a Dask worker's loop).
+    which copies the threads' locks of a busy parent (reader threads, a Dask worker's loop); they
+    keep the pages they free for the next chunk (:func:`~wsi_mtl.malloc.keep_freed_pages`).
     """
     if workers < 2:
         raise ValueError(f"a chunk pool needs at least 2 workers; got {workers}")
     if pool_kind(workers) == "threads":
         return ThreadPoolExecutor(max_workers=workers, thread_name_prefix="wsimtl-chunks"), "threads"
-    return ProcessPoolExecutor(max_workers=workers, mp_context=_context()), "processes"
+    return ProcessPoolExecutor(max_workers=workers, mp_context=_context(), initializer=keep_freed_pages), "processes"
 
 
 def single_executor() -> Executor:

@@ -9,8 +9,9 @@ plateau was 1.75-1.94 GB with the default arenas and 1.6-1.7 GB with two, at the
 (``benchmarks/bench_end_to_end.py``). Large arrays are unaffected (they are mapped on their own).
 
 Freed pages kept by a process that only post-processes chunks (:func:`keep_freed_pages`): by default
-every array above 32 MB is mapped afresh and unmapped when freed, so each chunk's arrays fault in
-new zeroed pages; a chunk worker that keeps them reuses its own pages from chunk to chunk.
+every array above 32 MB is mapped afresh and unmapped when freed, so each of a chunk's many
+temporary arrays faults in new zeroed pages; a chunk worker that keeps them reuses its own pages
+within a chunk, and gives them back after it (:func:`release_freed_pages`).
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ import ctypes.util
 import os
 import sys
 
-__all__ = ["limit_arenas", "ARENAS", "keep_freed_pages", "HEAP_ARRAY_MAX"]
+__all__ = ["limit_arenas", "ARENAS", "keep_freed_pages", "release_freed_pages", "HEAP_ARRAY_MAX"]
 
 #: arenas allowed (``mallopt(M_ARENA_MAX)``) unless ``$MALLOC_ARENA_MAX`` says otherwise
 ARENAS = 2
@@ -49,21 +50,31 @@ def limit_arenas(arenas: int = ARENAS) -> bool:
 
 
 def keep_freed_pages() -> bool:
-    """Serve arrays up to :data:`HEAP_ARRAY_MAX` from the heap and never give freed heap back.
+    """Serve arrays up to :data:`HEAP_ARRAY_MAX` from the heap and give freed heap back only when
+    :func:`release_freed_pages` says so.
 
-    For a process that only post-processes chunks (the chunk and overlap pools' workers): the next
-    chunk's arrays reuse pages the last one freed instead of faulting in fresh zeroed ones. On the
-    16,384^2 px mosaic's maps the gland and lumen step took ~25% less CPU time and the nuclei step
-    ~13% less, at the same peak RSS (the process keeps its peak instead of shrinking between chunks).
-    Once per process; nothing where ``$MALLOC_MMAP_THRESHOLD_`` or ``$MALLOC_TRIM_THRESHOLD_`` is set
-    (the user's choice) or where the C library is not glibc. Returns whether it was set by this call.
+    For a process that only post-processes chunks (the chunk and overlap pools' workers, which
+    release after each chunk): a chunk's later arrays reuse the pages its earlier ones freed instead
+    of faulting in fresh zeroed ones. On the 16,384^2 px mosaic's maps the gland and lumen step took
+    ~15% less CPU time (releasing after each chunk; ~25% never releasing, but an idle worker then
+    holds its peak). Once per process; nothing where ``$MALLOC_MMAP_THRESHOLD_`` or
+    ``$MALLOC_TRIM_THRESHOLD_`` is set (the user's choice) or where the C library is not glibc.
+    Returns whether it was set by this call.
     """
     if _kept or {"MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_"} & set(os.environ) or not sys.platform.startswith("linux"):
         return False
-    _kept.append(True)
     try:
         libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        # the trim threshold is an int: its largest value means "never trim"
-        return bool(libc.mallopt(_M_MMAP_THRESHOLD, HEAP_ARRAY_MAX)) and bool(libc.mallopt(_M_TRIM_THRESHOLD, 2**31 - 1))
+        # the trim threshold is an int: its largest value means "never trim by itself"
+        ok = bool(libc.mallopt(_M_MMAP_THRESHOLD, HEAP_ARRAY_MAX)) and bool(libc.mallopt(_M_TRIM_THRESHOLD, 2**31 - 1))
     except (OSError, AttributeError):  # not glibc
-        return False
+        ok = False
+    _kept.append(ok)
+    return ok
+
+
+def release_freed_pages() -> None:
+    """Give the memory freed since the last call back to the system (``malloc_trim``), where
+    :func:`keep_freed_pages` was set in this process (elsewhere nothing)."""
+    if _kept and _kept[0]:
+        ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim(0)

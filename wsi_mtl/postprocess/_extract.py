@@ -56,6 +56,7 @@ import numpy as np
 import shapely
 
 from wsi_mtl.errors import InputError
+from wsi_mtl.malloc import release_freed_pages
 from wsi_mtl.objects import COLUMNS, TASKS, ObjectBatch
 from wsi_mtl.postprocess._chunks import Chunk, plan_chunks
 from wsi_mtl.postprocess._instances import (
@@ -869,7 +870,10 @@ def _worker(path: str, job: _Job, meta: MapsMeta, params: PostprocessParams) -> 
     reader = _READERS.get(path)
     if reader is None:
         reader = _READERS[path] = _ZarrReader(path)
-    return _run_job(reader, job, meta, params)
+    try:
+        return _run_job(reader, job, meta, params)
+    finally:
+        release_freed_pages()  # what the chunk freed (kept for its own reuse, wsi_mtl.malloc) goes back
 
 
 # ----------------------------------------------------------------------------------- assembly

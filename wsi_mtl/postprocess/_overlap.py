@@ -32,7 +32,7 @@ from typing import Any
 import multiprocessing as mp
 import numpy as np
 
-from wsi_mtl.malloc import keep_freed_pages
+from wsi_mtl.malloc import keep_freed_pages, release_freed_pages
 from wsi_mtl.postprocess import _extract as ex
 from wsi_mtl.postprocess._pool import children_allowed
 
@@ -98,7 +98,10 @@ def _run_spooled(path: str, job: Any, meta: Any, params: Any, readiness: _Readin
 
     Returns the chunk reached (its halo) and whether the job finished.
     """
-    chunk, res = _attempts(_reader(path), job, meta, params, readiness, scale)
+    try:
+        chunk, res = _attempts(_reader(path), job, meta, params, readiness, scale)
+    finally:
+        release_freed_pages()
     if res is None:
         return chunk, False
     tmp = f"{spool}.tmp"
@@ -109,8 +112,8 @@ def _run_spooled(path: str, job: Any, meta: Any, params: Any, readiness: _Readin
 
 
 def _start_worker(niceness: int) -> None:
-    """Pool processes yield to the network's threads when both want a core, and keep the pages
-    they free for the next chunk (:func:`~wsi_mtl.malloc.keep_freed_pages`)."""
+    """Pool processes yield to the network's threads when both want a core, and reuse the pages a
+    chunk frees within that chunk (:func:`~wsi_mtl.malloc.keep_freed_pages`)."""
     keep_freed_pages()
     try:
         os.nice(niceness)

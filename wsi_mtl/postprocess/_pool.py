@@ -36,7 +36,7 @@ def chunk_executor(workers: int) -> tuple[Executor, PoolKind]:
 
     Processes start by ``forkserver`` where the platform has it (else ``spawn``): never ``fork``,
     which copies the threads' locks of a busy parent (reader threads, a Dask worker's loop); they
-    keep the pages they free for the next chunk (:func:`~wsi_mtl.malloc.keep_freed_pages`).
+    reuse the pages a chunk frees within that chunk (:func:`~wsi_mtl.malloc.keep_freed_pages`).
     """
     if workers < 2:
         raise ValueError(f"a chunk pool needs at least 2 workers; got {workers}")

@@ -71,7 +71,8 @@ def _child_pipeline(slide: str, out: str, device: str, batch_size: int) -> dict:
 
 
 def _child_network(slide_path: str, device: str, batch_size: int, precision: str) -> dict:
-    """Time the bare network on exactly the tiles the pipeline computes, read into memory first."""
+    """Time the bare network on exactly the tiles the pipeline computes, read into memory first,
+    with the malloc setting ``segment`` gives its process (:mod:`wsi_mtl.malloc`)."""
     import math
 
     import numpy as np
@@ -84,6 +85,9 @@ def _child_network(slide_path: str, device: str, batch_size: int, precision: str
     from wsi_mtl.tiling import plan_tiles
     from wsi_mtl.tissue import compute_tissue_mask
 
+    from wsi_mtl.malloc import NETWORK_TOP_KEEP, keep_freed_pages
+
+    keep_freed_pages(NETWORK_TOP_KEEP)
     dev = resolve_device(device)
     amp = resolve_precision(dev, precision)
     if dev.type == "cpu":

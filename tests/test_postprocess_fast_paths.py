@@ -467,3 +467,21 @@ def test_compiled_growth_equals_the_array_version(monkeypatch, dtype):
         want = inst._grow_ranks(r, steps)
         monkeypatch.setattr(_compiled, "HAVE_NUMBA", True)
         np.testing.assert_array_equal(got, want)
+
+
+def test_relabeled_equals_the_gather(monkeypatch):
+    """relabeled(labels, lut) is lut[labels] (values and dtype) for label crops that are not
+    contiguous, of other integer types, with and without the compiled kernel; the input is untouched."""
+    _compiled = _kernels_here(monkeypatch)
+    rng = np.random.default_rng(45)
+    for trial in range(20):
+        labels = ndi.label(rng.random((60, 70)) < 0.3)[0].astype([np.int32, np.int64, np.uint16][trial % 3])
+        lut = rng.integers(0, 1000, int(labels.max()) + 1).astype(np.int32)
+        crop = labels[5:50:2, 3:61]
+        before = crop.copy()
+        for numba_on in (True, False):
+            monkeypatch.setattr(_compiled, "HAVE_NUMBA", numba_on)
+            got = inst.relabeled(crop, lut)
+            assert got.dtype == np.int32 and got.flags.c_contiguous
+            np.testing.assert_array_equal(got, lut[crop])
+            np.testing.assert_array_equal(crop, before)

@@ -67,6 +67,7 @@ from wsi_mtl.postprocess._instances import (
     grow_components,
     labelled_boxes,
     opened_cores,
+    relabeled,
     NECK_REACH_PX,
     nuclei_foreground,
     _nuclei_instances,
@@ -677,7 +678,7 @@ def _gland_context(gcores: np.ndarray, lcores: np.ndarray | None, chunk: Chunk, 
         start += len(b)
         lut = np.zeros(len(b) + 1, np.int32)  # renumbered 1..k in ndi.label's raster order, as if the crop were labelled
         lut[1:][keep] = np.arange(1, int(keep.sum()) + 1, dtype=np.int32)
-        kept.append(lut[comps[_slices(rect)]])
+        kept.append(relabeled(comps[_slices(rect)], lut))
     return rect, kept
 
 

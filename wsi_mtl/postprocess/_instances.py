@@ -91,6 +91,15 @@ def _relabel_sequential(labels: np.ndarray) -> np.ndarray:
     present[0] = False
     lut = np.zeros(present.size, dtype=np.int32)
     lut[present] = np.arange(1, int(present.sum()) + 1, dtype=np.int32)
+    return relabeled(labels, lut)
+
+
+def relabeled(labels: np.ndarray, lut: np.ndarray) -> np.ndarray:
+    """``lut[labels]`` (a new C-ordered array of ``lut``'s dtype) for non-negative integer labels
+    below ``len(lut)``: a copy renumbered in place with the fast extra (half the time of the
+    gather, which makes a temporary index array)."""
+    if _compiled.available() and labels.ndim == 2 and labels.dtype.kind in "iu" and lut.dtype.kind in "iu":
+        return _compiled.relabel_in_place(np.array(labels, dtype=lut.dtype, order="C"), lut)
     return lut[labels]
 
 
@@ -475,7 +484,7 @@ def _nuclei_instances(
     if not keep_unmarked:
         lut[per_comp == 0] = 0
     lut[0] = 0
-    labels = lut[components]
+    labels = relabeled(components, lut)
     multi = np.flatnonzero(per_comp > 1)
     if len(multi):
         surface = 255 - interior if s == 255.0 else -interior.astype(np.float32)  # low where the interior is confident
@@ -819,7 +828,7 @@ def _keep_large(labels: np.ndarray, min_area_px: float, also: np.ndarray | None 
     lut[keep] = np.arange(1, int(keep.sum()) + 1, dtype=np.int32)
     if in_place and labels.dtype == np.int32 and labels.flags.c_contiguous and _compiled.available():
         return _compiled.relabel_in_place(labels, lut)
-    return lut[labels]
+    return relabeled(labels, lut)
 
 
 def gland_instances(

@@ -60,3 +60,31 @@ def test_chunk_workers_keep_freed_pages_unless_the_user_set_malloc() -> None:
     first, again, freed, released = _keep({"MALLOC_MMAP_THRESHOLD_": "131072"})
     assert (first, again) == ("False", "False")
     assert int(freed) > 180  # glibc's own behaviour: mapped alone, returned when freed
+
+
+BLOCK = """
+import numpy as np
+from wsi_mtl.malloc import pages_kept
+
+def resident_mb():
+    with open("/proc/self/statm") as fh:
+        return int(fh.read().split()[1]) * 4096 / 2**20
+
+with pages_kept(128 << 20):
+    a = np.ones(100 * 2**20, np.uint8)
+    before = resident_mb()
+    del a
+    kept = resident_mb()
+print(round(before - kept), round(before - resident_mb()))
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="mallopt is glibc's (Linux)")
+def test_pages_kept_holds_freed_memory_for_the_block_only() -> None:
+    """segment's setting: a freed 100 MB array stays in the heap during the slide (less than the
+    128 MB that may lie free at its top; by default glibc unmaps it at once) and goes back after."""
+    import os
+
+    env = {k: v for k, v in os.environ.items() if k not in {"MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_"}}
+    freed, released = subprocess.run([sys.executable, "-c", BLOCK], env=env, capture_output=True, text=True, check=True).stdout.split()
+    assert int(freed) < 20 and int(released) > 90

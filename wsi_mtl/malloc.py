@@ -20,15 +20,17 @@ import ctypes
 import ctypes.util
 import os
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 
-__all__ = ["limit_arenas", "ARENAS", "keep_freed_pages", "release_freed_pages", "HEAP_ARRAY_MAX", "NETWORK_TOP_KEEP"]
+__all__ = ["limit_arenas", "ARENAS", "keep_freed_pages", "release_freed_pages", "pages_kept", "HEAP_ARRAY_MAX", "NETWORK_TOP_KEEP"]
 
 #: arenas allowed (``mallopt(M_ARENA_MAX)``) unless ``$MALLOC_ARENA_MAX`` says otherwise
 ARENAS = 2
 #: the largest block a chunk worker takes from its heap (``mallopt(M_MMAP_THRESHOLD)``) after
 #: :func:`keep_freed_pages`; larger ones are still mapped on their own
 HEAP_ARRAY_MAX = 1 << 30
-#: free memory the network's process keeps at the top of its heap (``mallopt(M_TRIM_THRESHOLD)``)
+#: free memory at the top of the network's process's heap above which it is given back (``mallopt(M_TRIM_THRESHOLD)``)
 NETWORK_TOP_KEEP = 128 << 20
 _M_ARENA_MAX, _M_MMAP_THRESHOLD, _M_TRIM_THRESHOLD = -8, -3, -1  # glibc's mallopt parameter numbers
 _done: list[bool] = []
@@ -80,3 +82,14 @@ def release_freed_pages() -> None:
     :func:`keep_freed_pages` was set in this process (elsewhere nothing)."""
     if _kept and _kept[0]:
         ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim(0)
+
+
+@contextmanager
+def pages_kept(top_keep: int = 2**31 - 1) -> Iterator[None]:
+    """:func:`keep_freed_pages` for the block, and what it kept given back after it (a batch runs
+    slide after slide in one process)."""
+    keep_freed_pages(top_keep)
+    try:
+        yield
+    finally:
+        release_freed_pages()

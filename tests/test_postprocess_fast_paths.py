@@ -485,3 +485,26 @@ def test_relabeled_equals_the_gather(monkeypatch):
             assert got.dtype == np.int32 and got.flags.c_contiguous
             np.testing.assert_array_equal(got, lut[crop])
             np.testing.assert_array_equal(crop, before)
+
+
+def test_compiled_rings_equal_the_numpy_tracing(monkeypatch):
+    """trace_rings compiled gives the numpy version's rings exactly: labels, vertices in the same
+    order from the same start, ring order and areas (holes, touching objects, labels left out)."""
+    from wsi_mtl.postprocess._contours import trace_rings
+
+    _compiled = _kernels_here(monkeypatch)
+    rng = np.random.default_rng(46)
+    traced = 0
+    for trial in range(80):
+        shape = (int(rng.integers(1, 40)), int(rng.integers(1, 40)))
+        labels = ndi.label(ndi.gaussian_filter(rng.random(shape), rng.uniform(0.5, 2)) > rng.uniform(0.4, 0.6))[0]
+        labels[rng.random(shape) < 0.05] = int(rng.integers(0, 5))  # salt: touching objects and holes
+        want = rng.random(int(labels.max()) + 1) < 0.8
+        got = trace_rings(labels.astype([np.int32, np.int64][trial % 2]), want)
+        monkeypatch.setattr(_compiled, "HAVE_NUMBA", False)
+        expect = trace_rings(labels, want)
+        monkeypatch.setattr(_compiled, "HAVE_NUMBA", True)
+        for g, e in zip(got, expect):
+            np.testing.assert_array_equal(g, e)
+        traced += len(expect[0])
+    assert traced > 200

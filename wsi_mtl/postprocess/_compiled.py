@@ -37,7 +37,7 @@ from skimage.morphology import h_maxima as _sk_h_maxima
 import importlib.util
 import os
 
-__all__ = ["available", "edt32", "smooth_and_peaks", "h_maxima_bool", "flood_components", "cut_at_peaks", "grow_ranks", "open_rows", "components", "block_means", "label_counts", "relabel_in_place", "HAVE_NUMBA"]
+__all__ = ["available", "edt32", "smooth_and_peaks", "h_maxima_bool", "flood_components", "cut_at_peaks", "grow_ranks", "open_rows", "components", "block_means", "label_counts", "relabel_in_place", "trace_rings", "HAVE_NUMBA"]
 
 #: Whether numba (the ``fast`` extra) is installed and not switched off by the environment variable
 #: ``WSIMTL_NO_NUMBA=1`` (numba's LLVM adds ~140 MB to each process that cuts necks); it is
@@ -61,7 +61,7 @@ def _kernels() -> None:
     global HAVE_NUMBA, _ready, _sift_down, _sift_up, _reconstruct, _edt, _reflect, _smooth_peaks
     global _push, _pop, _side, _flood, _flood_components, _label4, _cut_at_peaks, _box_table, _grow, _open
     global _next_run, _root, _runs, _boxes_of_runs, _components, _block_means, _label_counts, _relabel
-    global _shift_into, _row_spans
+    global _shift_into, _row_spans, _ring_segments, _chain_rings
     if _ready:
         return
     _ready = True
@@ -80,6 +80,7 @@ def _kernels() -> None:
     _components, _block_means = jit(_components_py), jit(_block_means_py)
     _label_counts, _relabel = jit(_label_counts_py), jit(_relabel_py)
     _shift_into, _row_spans = jit(_shift_into_py), jit(_row_spans_py)
+    _ring_segments, _chain_rings = jit(_ring_segments_py), jit(_chain_rings_py)
 
 
 def h_maxima_bool(image: np.ndarray, h: float) -> np.ndarray:
@@ -603,6 +604,116 @@ def _grow_py(r, steps):  # noqa: ANN001, ANN202 (compiled helper)
     return out
 
 
+def trace_rings(labels: np.ndarray, want: np.ndarray, seg_start: np.ndarray, seg_end: np.ndarray,
+                edge_yx: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """:func:`wsi_mtl.postprocess._contours.trace_rings` (its case tables passed in) in two compiled
+    passes: the oriented segments of every boundary cell, then the rings they chain into, in the
+    same order, from the same start, with the same areas. Needs numba."""
+    _kernels()
+    lab, ends = _ring_segments(np.ascontiguousarray(labels), want, seg_start, seg_end, edge_yx)
+    if lab.size == 0:
+        return np.zeros(0, np.int64), np.zeros((0, 2)), np.zeros(1, np.int64), np.zeros(0)
+    return _chain_rings(lab, ends, labels.shape[0], labels.shape[1])
+
+
+def _ring_segments_py(labels, want, seg_start, seg_end, edge_yx):  # noqa: ANN001, ANN202 (compiled helper)
+    """Each boundary cell's oriented segments (label, then start and end y, x in doubled
+    coordinates of the image padded by one) for each wanted label among its corners."""
+    h, w = labels.shape
+    top = want.size - 1
+    cap = 16
+    lab = np.empty(cap, np.int64)
+    ends = np.empty((cap, 4), np.int64)
+    n = 0
+    corners = np.empty(4, np.int64)
+    for i in range(h + 1):
+        for j in range(w + 1):
+            tl = labels[i - 1, j - 1] if i > 0 and j > 0 else 0
+            tr = labels[i - 1, j] if i > 0 and j < w else 0
+            br = labels[i, j] if i < h and j < w else 0
+            bl = labels[i, j - 1] if i < h and j > 0 else 0
+            if tl == tr and tl == br and tl == bl:
+                continue
+            corners[0], corners[1], corners[2], corners[3] = tl, tr, br, bl
+            for k in range(4):
+                ref = corners[k]
+                if ref <= 0 or ref > top or not want[ref]:
+                    continue
+                dup = False
+                for jj in range(k):
+                    if corners[jj] == ref:
+                        dup = True
+                if dup:
+                    continue
+                case = 0
+                for c in range(4):  # bits TL 1, TR 2, BR 4, BL 8
+                    if corners[c] == ref:
+                        case += 1 << c
+                for s in range(2):
+                    e0 = seg_start[case, s]
+                    if e0 < 0:
+                        continue
+                    e1 = seg_end[case, s]
+                    if n == cap:  # grow the tables
+                        cap *= 2
+                        lab2, ends2 = np.empty(cap, np.int64), np.empty((cap, 4), np.int64)
+                        lab2[:n], ends2[:n] = lab, ends
+                        lab, ends = lab2, ends2
+                    lab[n] = ref
+                    ends[n, 0], ends[n, 1] = 2 * i + edge_yx[e0, 0], 2 * j + edge_yx[e0, 1]
+                    ends[n, 2], ends[n, 3] = 2 * i + edge_yx[e1, 0], 2 * j + edge_yx[e1, 1]
+                    n += 1
+    return lab[:n], ends[:n]
+
+
+def _chain_rings_py(lab, ends, h, w):  # noqa: ANN001, ANN202 (compiled helper)
+    """Segments chained into rings: each ring starts at its segment of smallest (label, y, x)
+    key, rings longest first (ties in that order), vertices and shoelace areas as the numpy version."""
+    n = lab.size
+    h2, w2 = 2 * (h + 2), 2 * (w + 2)
+    ks = (lab * h2 + ends[:, 0]) * w2 + ends[:, 1]
+    ke = (lab * h2 + ends[:, 2]) * w2 + ends[:, 3]
+    order = np.argsort(ks)
+    kss = ks[order]
+    nxt = np.searchsorted(kss, ke[order])
+    seen = np.zeros(n, np.bool_)
+    starts, lengths = np.empty(n, np.int64), np.empty(n, np.int64)
+    r = 0
+    for p in range(n):  # the first unseen position of a ring is its smallest
+        if seen[p]:
+            continue
+        q, m = p, 0
+        while not seen[q]:
+            seen[q] = True
+            m += 1
+            q = nxt[q]
+        starts[r], lengths[r] = p, m
+        r += 1
+    by_len = np.argsort(-lengths[:r], kind="mergesort")  # stable: longest first, then by start
+    starts, lengths = starts[:r][by_len], lengths[:r][by_len]
+    ring_start = np.zeros(r + 1, np.int64)
+    for k in range(r):
+        ring_start[k + 1] = ring_start[k] + lengths[k]
+    coords = np.empty((n, 2), np.float64)
+    area = np.zeros(r, np.float64)
+    ring_label = np.empty(r, np.int64)
+    for k in range(r):
+        q = starts[k]
+        ring_label[k] = lab[order[q]]
+        for t in range(lengths[k]):
+            sg = order[q]
+            coords[ring_start[k] + t, 0] = ends[sg, 0] / 2.0 - 1.0
+            coords[ring_start[k] + t, 1] = ends[sg, 1] / 2.0 - 1.0
+            q = nxt[q]
+        a = 0.0
+        b0, b1 = ring_start[k], ring_start[k + 1]
+        for t in range(b0, b1):
+            u = t + 1 if t + 1 < b1 else b0
+            a += coords[t, 1] * coords[u, 0] - coords[u, 1] * coords[t, 0]
+        area[k] = 0.5 * a
+    return ring_label, coords, ring_start, area
+
+
 def label_counts(labels: np.ndarray, length: int) -> np.ndarray:
     """Pixels per label (int64, ``length`` entries, entry 0 left 0) of non-negative ``labels``
     below ``length``, in one pass; needs numba."""
@@ -869,3 +980,4 @@ _open, _next_run, _root, _runs, _boxes_of_runs = _open_py, _next_run_py, _root_p
 _components, _block_means = _components_py, _block_means_py
 _label_counts, _relabel = _label_counts_py, _relabel_py
 _shift_into, _row_spans = _shift_into_py, _row_spans_py
+_ring_segments, _chain_rings = _ring_segments_py, _chain_rings_py

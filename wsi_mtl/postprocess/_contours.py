@@ -2,13 +2,16 @@
 
 Equivalent to :func:`skimage.measure.find_contours` at level 0.5 on each object's binary mask
 (``fully_connected="high"``: diagonal neighbours join), but computed for all objects at once with
-numpy, which is what makes tracing hundreds of thousands of nuclei affordable. Rings are oriented
+numpy, which is what makes tracing hundreds of thousands of nuclei affordable (with the fast extra
+the same two steps, segments then rings, run compiled: ~2x faster, identical rings). Rings are oriented
 counter-clockwise around objects (positive shoelace area in (x, y)) and clockwise around holes.
 """
 
 from __future__ import annotations
 
 import numpy as np
+
+from wsi_mtl.postprocess import _compiled
 
 __all__ = ["trace_rings"]
 
@@ -74,6 +77,8 @@ def trace_rings(labels: np.ndarray, want: np.ndarray) -> tuple[np.ndarray, np.nd
     want = np.asarray(want, bool).copy()
     if want.size:
         want[0] = False
+    if _compiled.available() and labels.ndim == 2 and labels.dtype.kind in "iu":
+        return _compiled.trace_rings(labels, want, _SEG_START, _SEG_END, _EDGE_YX)
     h, w = labels.shape
     p = np.zeros((h + 2, w + 2), np.int64)
     p[1:-1, 1:-1] = labels

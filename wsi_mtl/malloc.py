@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import functools
 import os
 import sys
 from collections.abc import Iterator
@@ -37,6 +38,12 @@ _done: list[bool] = []
 _kept: list[bool] = []
 
 
+@functools.cache
+def _libc() -> ctypes.CDLL:
+    """The C library, loaded once per process (``OSError`` where it cannot be)."""
+    return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+
+
 def limit_arenas(arenas: int = ARENAS) -> bool:
     """Allow at most ``arenas`` malloc arenas in this process (arenas made before stay).
 
@@ -47,8 +54,7 @@ def limit_arenas(arenas: int = ARENAS) -> bool:
         return False
     _done.append(True)
     try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        return bool(libc.mallopt(_M_ARENA_MAX, int(arenas)))
+        return bool(_libc().mallopt(_M_ARENA_MAX, int(arenas)))
     except (OSError, AttributeError):  # not glibc (musl has no mallopt)
         return False
 
@@ -69,7 +75,7 @@ def keep_freed_pages(top_keep: int = 2**31 - 1) -> bool:
     if _kept or {"MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_"} & set(os.environ) or not sys.platform.startswith("linux"):
         return False
     try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        libc = _libc()
         ok = bool(libc.mallopt(_M_MMAP_THRESHOLD, HEAP_ARRAY_MAX)) and bool(libc.mallopt(_M_TRIM_THRESHOLD, int(top_keep)))
     except (OSError, AttributeError):  # not glibc
         ok = False
@@ -81,7 +87,7 @@ def release_freed_pages() -> None:
     """Give the memory freed since the last call back to the system (``malloc_trim``), where
     :func:`keep_freed_pages` was set in this process (elsewhere nothing)."""
     if _kept and _kept[0]:
-        ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim(0)
+        _libc().malloc_trim(0)
 
 
 @contextmanager

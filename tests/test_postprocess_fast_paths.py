@@ -508,3 +508,17 @@ def test_compiled_rings_equal_the_numpy_tracing(monkeypatch):
             np.testing.assert_array_equal(g, e)
         traced += len(expect[0])
     assert traced > 200
+
+
+def test_compiled_label_sizes_equal_bincount(monkeypatch):
+    """_sizes compiled counts every label as bincount over the object pixels does, and a length
+    shorter than the labels need falls back to bincount (which grows to hold them)."""
+    _compiled = _kernels_here(monkeypatch)
+    rng = np.random.default_rng(47)
+    for trial in range(20):
+        labels = ndi.label(rng.random((50, 60)) < 0.3)[0].astype([np.int32, np.int64][trial % 2])
+        top = int(labels.max())
+        length = top + 1 + int(rng.integers(0, 3)) if trial % 4 else max(1, top // 2)
+        want = np.bincount(labels[labels > 0], minlength=length)
+        np.testing.assert_array_equal(inst._sizes(labels, length), want)
+    assert _compiled.label_counts(np.array([[0, 3]]), 3) is None

@@ -605,15 +605,13 @@ def _grow_py(r, steps):  # noqa: ANN001, ANN202 (compiled helper)
 
 
 def trace_rings(labels: np.ndarray, want: np.ndarray, seg_start: np.ndarray, seg_end: np.ndarray,
-                edge_yx: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+                edge_yx: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray] | None:
     """:func:`wsi_mtl.postprocess._contours.trace_rings` (its case tables passed in) in two compiled
     passes: the oriented segments of every boundary cell, then the rings they chain into, in the
-    same order, from the same start, with the same areas. Needs numba."""
+    same order, from the same start, with the same areas; None where there is no ring. Needs numba."""
     _kernels()
     lab, ends = _ring_segments(np.ascontiguousarray(labels), want, seg_start, seg_end, edge_yx)
-    if lab.size == 0:
-        return np.zeros(0, np.int64), np.zeros((0, 2)), np.zeros(1, np.int64), np.zeros(0)
-    return _chain_rings(lab, ends, labels.shape[0], labels.shape[1])
+    return _chain_rings(lab, ends, labels.shape[0], labels.shape[1]) if lab.size else None
 
 
 def _ring_segments_py(labels, want, seg_start, seg_end, edge_yx):  # noqa: ANN001, ANN202 (compiled helper)
@@ -714,19 +712,23 @@ def _chain_rings_py(lab, ends, h, w):  # noqa: ANN001, ANN202 (compiled helper)
     return ring_label, coords, ring_start, area
 
 
-def label_counts(labels: np.ndarray, length: int) -> np.ndarray:
-    """Pixels per label (int64, ``length`` entries, entry 0 left 0) of non-negative ``labels``
-    below ``length``, in one pass; needs numba."""
+def label_counts(labels: np.ndarray, length: int) -> np.ndarray | None:
+    """Pixels per label (int64, ``length`` entries, entry 0 left 0) in one pass; None where a
+    label is negative or not below ``length``. Needs numba."""
     _kernels()
-    return _label_counts(np.ascontiguousarray(labels).ravel(), length)
+    counts, fit = _label_counts(np.ascontiguousarray(labels).ravel(), length)
+    return counts if fit else None
 
 
 def _label_counts_py(flat, length):  # noqa: ANN001, ANN202 (compiled helper)
     counts = np.zeros(length, np.int64)
     for i in range(flat.size):
-        counts[flat[i]] += 1
+        v = flat[i]
+        if v < 0 or v >= length:
+            return counts, False
+        counts[v] += 1
     counts[0] = 0
-    return counts
+    return counts, True
 
 
 def relabel_in_place(labels: np.ndarray, lut: np.ndarray) -> np.ndarray:

@@ -78,7 +78,8 @@ def trace_rings(labels: np.ndarray, want: np.ndarray) -> tuple[np.ndarray, np.nd
     if want.size:
         want[0] = False
     if _compiled.available() and labels.ndim == 2 and labels.dtype.kind in "iu":
-        return _compiled.trace_rings(labels, want, _SEG_START, _SEG_END, _EDGE_YX)
+        rings = _compiled.trace_rings(labels, want, _SEG_START, _SEG_END, _EDGE_YX)
+        return _empty() if rings is None else rings
     h, w = labels.shape
     p = np.zeros((h + 2, w + 2), np.int64)
     p[1:-1, 1:-1] = labels

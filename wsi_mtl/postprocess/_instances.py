@@ -393,8 +393,10 @@ def _doomed(labels: np.ndarray, interior: np.ndarray, min_peak: float, min_area_
 def _sizes(labels: np.ndarray, length: int) -> np.ndarray:
     """Pixels per label (index = label, ``length`` entries; entry 0 is not counted): one compiled
     pass with the fast extra, else counted over the object pixels only (most of a map is background)."""
-    if _compiled.available() and length > int(labels.max(initial=0)):
-        return _compiled.label_counts(labels, length)
+    if _compiled.available():
+        counts = _compiled.label_counts(labels, length)
+        if counts is not None:
+            return counts
     return np.bincount(labels[labels > 0], minlength=length)
 
 

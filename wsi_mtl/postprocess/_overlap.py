@@ -29,12 +29,11 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-import multiprocessing as mp
 import numpy as np
 
 from wsi_mtl.malloc import keep_freed_pages, release_freed_pages
 from wsi_mtl.postprocess import _extract as ex
-from wsi_mtl.postprocess._pool import children_allowed
+from wsi_mtl.postprocess._pool import _context, children_allowed
 
 __all__ = ["OverlapExtractor", "SPOOL_DIR"]
 
@@ -124,8 +123,7 @@ def _start_worker(niceness: int) -> None:
 def _executor(workers: int, niceness: int) -> Executor:
     if not children_allowed():  # a daemonic process (Dask worker): threads
         return ThreadPoolExecutor(max_workers=workers, thread_name_prefix="wsimtl-overlap")
-    ctx = mp.get_context("forkserver" if "forkserver" in mp.get_all_start_methods() else "spawn")
-    return ProcessPoolExecutor(max_workers=workers, mp_context=ctx, initializer=_start_worker, initargs=(niceness,))
+    return ProcessPoolExecutor(max_workers=workers, mp_context=_context(), initializer=_start_worker, initargs=(niceness,))
 
 
 class OverlapExtractor:

@@ -23,13 +23,16 @@ def test_arena_limit_is_set_once_and_leaves_the_users_setting_alone() -> None:
     assert _run({"MALLOC_ARENA_MAX": "4"}) == "False False"
 
 
-KEEP = """
+RESIDENT = """
 import numpy as np
-from wsi_mtl.malloc import keep_freed_pages, release_freed_pages
 
 def resident_mb():
     with open("/proc/self/statm") as fh:
         return int(fh.read().split()[1]) * 4096 / 2**20
+"""
+
+KEEP = RESIDENT + """
+from wsi_mtl.malloc import keep_freed_pages, release_freed_pages
 
 first, again = keep_freed_pages(), keep_freed_pages()
 a = np.ones(200 * 2**20, np.uint8)  # 200 MB, touched
@@ -41,12 +44,13 @@ print(first, again, round(before - kept), round(before - resident_mb()))
 """
 
 
-def _keep(env_extra: dict[str, str]) -> list[str]:
+def _printed(code: str, env_extra: dict[str, str]) -> list[str]:
+    """What ``code`` prints in a fresh interpreter, without the user's malloc tuning unless given."""
     import os
 
     drop = {"MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_"}
     env = {k: v for k, v in os.environ.items() if k not in drop} | env_extra
-    return subprocess.run([sys.executable, "-c", KEEP], env=env, capture_output=True, text=True, check=True).stdout.split()
+    return subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True).stdout.split()
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="mallopt is glibc's (Linux)")
@@ -54,21 +58,16 @@ def test_chunk_workers_keep_freed_pages_unless_the_user_set_malloc() -> None:
     """With the setting a freed 200 MB array stays resident for reuse (by default glibc unmaps it
     at once) until the chunk's end releases it; set once per process; the user's
     $MALLOC_MMAP_THRESHOLD_ wins."""
-    first, again, freed, released = _keep({})
+    first, again, freed, released = _printed(KEEP, {})
     assert (first, again) == ("True", "False")
     assert int(freed) < 20 and int(released) > 180
-    first, again, freed, released = _keep({"MALLOC_MMAP_THRESHOLD_": "131072"})
+    first, again, freed, released = _printed(KEEP, {"MALLOC_MMAP_THRESHOLD_": "131072"})
     assert (first, again) == ("False", "False")
     assert int(freed) > 180  # glibc's own behaviour: mapped alone, returned when freed
 
 
-BLOCK = """
-import numpy as np
+BLOCK = RESIDENT + """
 from wsi_mtl.malloc import pages_kept
-
-def resident_mb():
-    with open("/proc/self/statm") as fh:
-        return int(fh.read().split()[1]) * 4096 / 2**20
 
 with pages_kept(128 << 20):
     a = np.ones(100 * 2**20, np.uint8)
@@ -83,8 +82,5 @@ print(round(before - kept), round(before - resident_mb()))
 def test_pages_kept_holds_freed_memory_for_the_block_only() -> None:
     """segment's setting: a freed 100 MB array stays in the heap during the slide (less than the
     128 MB that may lie free at its top; by default glibc unmaps it at once) and goes back after."""
-    import os
-
-    env = {k: v for k, v in os.environ.items() if k not in {"MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_"}}
-    freed, released = subprocess.run([sys.executable, "-c", BLOCK], env=env, capture_output=True, text=True, check=True).stdout.split()
+    freed, released = _printed(BLOCK, {})
     assert int(freed) < 20 and int(released) > 90

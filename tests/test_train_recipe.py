@@ -161,11 +161,11 @@ def test_shipped_recipe_chains_its_stages_into_the_shipped_network():
     recipe = load_recipe(REPO / "configs" / "wsimtl-small.yaml")
     names = [s.name for s in recipe.stages]
     assert names == ["stage1", "stage2", "stage4", "stage5", "stage6", "stage7", "stage8", "stage9", "stage11", "retune12",
-                     "stage14", "stage14b", "stage15", "stage15b", "stage15e", "stage16b", "stage16c"]
+                     "stage14", "stage14b", "stage15", "stage15b", "stage15e", "stage16b", "stage16c", "stage18", "stage19"]
     assert recipe.output_model == REPO / "models" / "wsimtl-small" and recipe.stages[-1].config.output_model == recipe.output_model
     assert recipe.stage("retune12").tune_only and recipe.stages[0].config.init_from is None
     for prev, s in zip(recipe.stages[:-1], recipe.stages[1:]):
-        if s.name != "stage15e":
+        if s.name not in ("stage15e", "stage19"):
             assert s.config.init_from == prev.config.output_model == recipe.run_dir / prev.name / "model"
     averaged = recipe.stage("stage15e")  # stage 14b's network averaged with stage 15b's
     assert averaged.tune_only and averaged.config.init_from == recipe.run_dir / "stage14b" / "model"
@@ -174,10 +174,14 @@ def test_shipped_recipe_chains_its_stages_into_the_shipped_network():
     assert refit.tune_only and refit.config.refit_patch_heads and refit.config.refit_heads == ("Patch-Class",)
     assert refit.config.refit_gland_cells == 0.75 and refit.config.postprocess == {"gland_max_nonglandular": 0.8}
     assert not any(int(n) for n in refit.config.tune_images.values())
-    last = recipe.stages[-1]  # stage 16c: the cross-fitted setting over stage 16b's weights
-    assert last.name == "stage16c" and last.tune_only and not last.config.refit_patch_heads
-    assert last.config.postprocess == {"gland_max_nonglandular": 0.5} and not any(int(n) for n in last.config.tune_images.values())
-    assert sum(s.config.time_budget_minutes or 0 for s in recipe.stages) == 455 + 45 + 18 + 55 + 25
+    setting = recipe.stage("stage16c")  # the cross-fitted setting over stage 16b's weights
+    assert setting.tune_only and not setting.config.refit_patch_heads
+    assert setting.config.postprocess == {"gland_max_nonglandular": 0.5} and not any(int(n) for n in setting.config.tune_images.values())
+    last = recipe.stages[-1]  # stage 19: stage 16c's network averaged with stage 18's (its gland decoders trained on)
+    assert last.name == "stage19" and last.tune_only and last.config.init_from == recipe.run_dir / "stage16c" / "model"
+    assert last.config.average_with == {"model": recipe.run_dir / "stage18" / "model", "weight": 0.5}
+    assert last.config.tune_images["gland"] == 24 and not int(last.config.tune_images["nuclei"])
+    assert sum(s.config.time_budget_minutes or 0 for s in recipe.stages) == 455 + 45 + 18 + 55 + 25 + 45
     state = None
     for s in recipe.stages:
         if s.tune_only:

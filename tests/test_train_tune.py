@@ -145,8 +145,9 @@ def test_shipped_config_tunes_at_export():
     recipe = load_recipe(Path(__file__).resolve().parents[1] / "configs" / "wsimtl-small.yaml")
     tuning = [s.config for s in recipe.stages if s.config.tune_postprocess]
     assert tuning, "no stage of the recipe tunes post-processing at export"
-    glands = [c for c in tuning if c.tune_images.get("gland", 1)]
-    # glands need more context than nuclei (224 px crops): a gland-only schedule entry's own crop, or mixed seg batches' crop
+    glands = [s.config for s in recipe.stages if s.config.tune_postprocess and s.config.tune_images.get("gland", 1) and not s.tune_only]
+    # glands need more context than nuclei (224 px crops): a gland-only schedule entry's own crop, or
+    # mixed seg batches' crop, in a stage that trains and tunes glands (a tune_only stage draws no crops)
     assert glands and all(c.task_crop_px.get("gland", c.seg_crop_px) >= 320 for c in glands)
 
 

@@ -96,6 +96,28 @@ def test_overlapped_objects_equal_those_extracted_afterwards(tmp_path: Path, wor
     assert warnings == reference.warnings
 
 
+def test_only_overlap_pool_processes_give_back_freed_pages_after_a_chunk(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A pool process gives back what each chunk freed; on a thread (a Dask worker's) the memory is
+    that of the process the network runs in, which keeps it for the slide: nothing given back."""
+    from wsi_mtl.postprocess import _extract, _overlap
+
+    maps = _maps()
+    store = _store(tmp_path, maps)
+    grid = plan_tiles(SIZE, SIZE, core_px=CORE, margin_px=0, stride=16)
+    for tile in grid.tiles():
+        _write_tile(store, maps, tile)
+    final = store.finalize()
+    meta = _extract.read_meta(final)
+    job = _extract._plan_jobs(meta, ("nuclei",), params=PARAMS, **CHUNKS)[0]
+    calls: list[int] = []
+    monkeypatch.setattr(_overlap, "release_freed_pages", lambda: calls.append(1))
+    for in_pool, expected in ((False, 0), (True, 1)):
+        monkeypatch.setattr(_overlap, "_IN_POOL_PROCESS", in_pool)
+        calls.clear()
+        _, done = _overlap._run_spooled(str(final), job, meta, PARAMS, None, 1.0, str(tmp_path / f"part{in_pool}.pkl"))
+        assert done and len(calls) == expected
+
+
 def test_tiles_before_work_is_where_the_first_chunk_becomes_ready(tmp_path: Path) -> None:
     """The tile count after which the first chunk can run (the network runs on every core until
     then): one tile fewer leaves every chunk waiting, that many lets one start."""

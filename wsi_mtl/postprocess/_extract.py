@@ -848,20 +848,27 @@ def _finish_tissue(cls: np.ndarray, prob: np.ndarray, geometry: np.ndarray, meta
     return _rows("tissue", cls, prob, polys, meta)
 
 
+def _attempt(reader: Any, job: _Job, chunk: Chunk, meta: MapsMeta, params: PostprocessParams) -> dict[str, Any] | Chunk:
+    """One try of a nuclei or gland job at ``chunk``'s read region: the result, or the chunk to
+    try next (twice the halo, up to the job's largest) where an object it may own is cut."""
+    final = chunk.halo_px >= job.max_halo_px or not any(chunk.open_edges)
+    if job.group == "nuclei":
+        res = _nuclei_chunk(reader, chunk, meta, params, final)
+    else:
+        res = _glands_chunk(reader, chunk, meta, params, final, job.tasks)
+    if res is not None:
+        return res
+    log.debug("chunk %s (%s): halo %d too small, doubling", (chunk.row, chunk.col), job.group, chunk.halo_px)
+    return chunk.with_halo(min(2 * chunk.halo_px, job.max_halo_px))
+
+
 def _run_job(reader: Any, job: _Job, meta: MapsMeta, params: PostprocessParams) -> dict[str, Any]:
     if job.group == "tissue":
         return _tissue_chunk(reader, job.chunk, meta, params)
-    chunk = job.chunk
-    while True:
-        final = chunk.halo_px >= job.max_halo_px or not any(chunk.open_edges)
-        if job.group == "nuclei":
-            res = _nuclei_chunk(reader, chunk, meta, params, final)
-        else:
-            res = _glands_chunk(reader, chunk, meta, params, final, job.tasks)
-        if res is not None:
-            return res
-        log.debug("chunk %s (%s): halo %d too small, doubling", (chunk.row, chunk.col), job.group, chunk.halo_px)
-        chunk = chunk.with_halo(min(2 * chunk.halo_px, job.max_halo_px))
+    res = _attempt(reader, job, job.chunk, meta, params)
+    while isinstance(res, Chunk):
+        res = _attempt(reader, job, res, meta, params)
+    return res
 
 
 _READERS: dict[str, _ZarrReader] = {}

@@ -33,6 +33,7 @@ import numpy as np
 
 from wsi_mtl.malloc import keep_freed_pages, release_freed_pages
 from wsi_mtl.postprocess import _extract as ex
+from wsi_mtl.postprocess._chunks import Chunk
 from wsi_mtl.postprocess._pool import _context, children_allowed
 
 __all__ = ["OverlapExtractor", "SPOOL_DIR"]
@@ -78,17 +79,12 @@ def _attempts(reader: Any, job: Any, meta: Any, params: Any, readiness: _Readine
     if job.group == "tissue":
         return job.chunk, ex._tissue_chunk(reader, job.chunk, meta, params)
     chunk = job.chunk
-    while True:
-        if readiness is not None and not readiness.covers(chunk.read, scale):
-            return chunk, None
-        final = chunk.halo_px >= job.max_halo_px or not any(chunk.open_edges)
-        if job.group == "nuclei":
-            res = ex._nuclei_chunk(reader, chunk, meta, params, final)
-        else:
-            res = ex._glands_chunk(reader, chunk, meta, params, final, job.tasks)
-        if res is not None:
+    while readiness is None or readiness.covers(chunk.read, scale):
+        res = ex._attempt(reader, job, chunk, meta, params)
+        if not isinstance(res, Chunk):
             return chunk, res
-        chunk = chunk.with_halo(min(2 * chunk.halo_px, job.max_halo_px))
+        chunk = res
+    return chunk, None
 
 
 def _run_spooled(path: str, job: Any, meta: Any, params: Any, readiness: _Readiness | None, scale: float,
@@ -100,7 +96,8 @@ def _run_spooled(path: str, job: Any, meta: Any, params: Any, readiness: _Readin
     try:
         chunk, res = _attempts(_reader(path), job, meta, params, readiness, scale)
     finally:
-        release_freed_pages()
+        if _IN_POOL_PROCESS:  # on a thread (a Dask worker's) the memory is the network's: kept for the slide
+            release_freed_pages()
     if res is None:
         return chunk, False
     tmp = f"{spool}.tmp"
@@ -110,9 +107,18 @@ def _run_spooled(path: str, job: Any, meta: Any, params: Any, readiness: _Readin
     return chunk, True
 
 
+#: Whether this is a process of the overlap pool (set by :func:`_start_worker`): only such a process
+#: gives back after each chunk what the chunk freed. Where chunks run on threads (a daemonic process)
+#: they share the process the network runs in, whose freed pages ``segment`` keeps for the slide
+#: (:func:`~wsi_mtl.malloc.pages_kept`).
+_IN_POOL_PROCESS = False
+
+
 def _start_worker(niceness: int) -> None:
     """Pool processes yield to the network's threads when both want a core, and reuse the pages a
     chunk frees within that chunk (:func:`~wsi_mtl.malloc.keep_freed_pages`)."""
+    global _IN_POOL_PROCESS
+    _IN_POOL_PROCESS = True
     keep_freed_pages()
     try:
         os.nice(niceness)

@@ -92,8 +92,8 @@ def release_freed_pages() -> None:
 
 @contextmanager
 def pages_kept(top_keep: int = 2**31 - 1) -> Iterator[None]:
-    """:func:`keep_freed_pages` for the block, and what it kept given back after it (a batch runs
-    slide after slide in one process)."""
+    """:func:`keep_freed_pages` for the block (or each call of a function it decorates), and what it
+    kept given back after it (a batch runs slide after slide in one process)."""
     keep_freed_pages(top_keep)
     try:
         yield

@@ -123,6 +123,7 @@ def _tissue_keep(mask: np.ndarray, mask_ds: float) -> Any:
     return keep
 
 
+@pages_kept(NETWORK_TOP_KEEP)  # a tile's activations reuse the last tile's pages; given back after the slide (wsi_mtl.malloc)
 def segment_slide(
     slide_path: str | Path,
     out_dir: str | Path,
@@ -204,53 +205,52 @@ def segment_slide(
     """
     t_start = time.perf_counter()
     limit_arenas()  # the network's, readers' and writer's threads would each keep freed memory (wsi_mtl.malloc)
-    with pages_kept(NETWORK_TOP_KEEP):  # a tile's activations reuse the last tile's pages; given back after the slide (wsi_mtl.malloc)
-        opts = _check_options(device=device, precision=precision, batch_size=batch_size, tile_size=tile_size, margin=margin,
-                              workers=workers, tta=tta, postprocess=postprocess)
-        opts = _with_runtime(opts, runtime, precision)  # checked here, ``auto`` resolved once the model is loaded
-        pp_workers = _check_pp_workers(postprocess_workers)
-        cores = _overlap_cores() if objects and overlap else "split"
-        slide_path = Path(slide_path)
-        result_dir = result_dir_for(slide_path, out_dir, name=name)
-        rerun = plan_rerun(result_dir, objects=objects, overrides=opts.overrides, geojson_gz=geojson_gz, overwrite=overwrite,
-                           made_with=_made_with(model, opts, tissue_mask=tissue_mask))
-        if rerun.action == "compute" and rerun.run is not None:
-            log.info("%s: %s", result_dir, rerun.reason)
-        if rerun.action == "nothing":
-            return _reused(result_dir, rerun.run or {}, t_start)
-        if rerun.action == "derive":
-            log.info("%s is complete; deriving its objects from the stored maps: %s", result_dir, rerun.reason)
-            run = rerun.run or {}
-            done = [f"maps complete: {(run.get('tiles') or {}).get('with_tissue', 0)} tiles reused"]
-            return _finish(result_dir, run, opts, objects=True, geojson_gz=geojson_gz, progress=progress, slide=None,
-                           t_start=t_start, done=done, action="derived", why=rerun.reason, pp_workers=pp_workers)
+    opts = _check_options(device=device, precision=precision, batch_size=batch_size, tile_size=tile_size, margin=margin,
+                          workers=workers, tta=tta, postprocess=postprocess)
+    opts = _with_runtime(opts, runtime, precision)  # checked here, ``auto`` resolved once the model is loaded
+    pp_workers = _check_pp_workers(postprocess_workers)
+    cores = _overlap_cores() if objects and overlap else "split"
+    slide_path = Path(slide_path)
+    result_dir = result_dir_for(slide_path, out_dir, name=name)
+    rerun = plan_rerun(result_dir, objects=objects, overrides=opts.overrides, geojson_gz=geojson_gz, overwrite=overwrite,
+                       made_with=_made_with(model, opts, tissue_mask=tissue_mask))
+    if rerun.action == "compute" and rerun.run is not None:
+        log.info("%s: %s", result_dir, rerun.reason)
+    if rerun.action == "nothing":
+        return _reused(result_dir, rerun.run or {}, t_start)
+    if rerun.action == "derive":
+        log.info("%s is complete; deriving its objects from the stored maps: %s", result_dir, rerun.reason)
+        run = rerun.run or {}
+        done = [f"maps complete: {(run.get('tiles') or {}).get('with_tissue', 0)} tiles reused"]
+        return _finish(result_dir, run, opts, objects=True, geojson_gz=geojson_gz, progress=progress, slide=None,
+                       t_start=t_start, done=done, action="derived", why=rerun.reason, pp_workers=pp_workers)
 
-        timings: dict[str, float] = {}
-        t0 = time.perf_counter()
-        with _open_slide(slide_path, mpp) as slide:
-            timings["open_slide"] = time.perf_counter() - t0
-            model = _load_model(model, opts.device, timings)
-            opts = _with_runtime(opts, opts.runtime, precision, model)
-            _prepare_result_dir(result_dir)
-            layout = _plan(slide, slide_path, model, opts, tissue_mask=tissue_mask)
-            layout.timings.update(timings)
-            previous = None if overwrite else read_run(result_dir)
-            if previous is not None and maps_reusable(result_dir, previous, layout.fingerprint):
-                log.info("maps of %s are complete; deriving objects only", result_dir)
-                run, action = previous, "derived"
-                done = [f"maps complete: {len(layout.tiles)} tiles reused"]
-                return _finish(result_dir, run, opts, objects=objects, geojson_gz=geojson_gz, progress=progress, slide=slide,
-                               t_start=t_start, done=done, action=action, pp_workers=pp_workers)
-            ov = _Overlap(_overlap_workers(pp_workers), finish_workers=pp_workers, cores=cores) if objects and overlap else None
-            try:
-                run = _infer_maps(slide, slide_path, result_dir, model, layout, opts, progress=progress, tissue_mask=tissue_mask,
-                                  objects=objects, mpp=mpp, overlap=ov)
-                return _finish(result_dir, run, opts, objects=objects, geojson_gz=geojson_gz, progress=progress, slide=slide,
-                               t_start=t_start, done=[*_why_recomputed(rerun), _tiles_done(run)], action="computed",
-                               pp_workers=pp_workers, overlap=ov)
-            finally:
-                if ov is not None:
-                    ov.close()
+    timings: dict[str, float] = {}
+    t0 = time.perf_counter()
+    with _open_slide(slide_path, mpp) as slide:
+        timings["open_slide"] = time.perf_counter() - t0
+        model = _load_model(model, opts.device, timings)
+        opts = _with_runtime(opts, opts.runtime, precision, model)
+        _prepare_result_dir(result_dir)
+        layout = _plan(slide, slide_path, model, opts, tissue_mask=tissue_mask)
+        layout.timings.update(timings)
+        previous = None if overwrite else read_run(result_dir)
+        if previous is not None and maps_reusable(result_dir, previous, layout.fingerprint):
+            log.info("maps of %s are complete; deriving objects only", result_dir)
+            run, action = previous, "derived"
+            done = [f"maps complete: {len(layout.tiles)} tiles reused"]
+            return _finish(result_dir, run, opts, objects=objects, geojson_gz=geojson_gz, progress=progress, slide=slide,
+                           t_start=t_start, done=done, action=action, pp_workers=pp_workers)
+        ov = _Overlap(_overlap_workers(pp_workers), finish_workers=pp_workers, cores=cores) if objects and overlap else None
+        try:
+            run = _infer_maps(slide, slide_path, result_dir, model, layout, opts, progress=progress, tissue_mask=tissue_mask,
+                              objects=objects, mpp=mpp, overlap=ov)
+            return _finish(result_dir, run, opts, objects=objects, geojson_gz=geojson_gz, progress=progress, slide=slide,
+                           t_start=t_start, done=[*_why_recomputed(rerun), _tiles_done(run)], action="computed",
+                           pp_workers=pp_workers, overlap=ov)
+        finally:
+            if ov is not None:
+                ov.close()
 
 
 def _check_options(*, device: str, precision: str, batch_size: int | None, tile_size: int | None, margin: int | None,

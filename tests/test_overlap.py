@@ -18,7 +18,7 @@ from wsi_mtl.tiling import plan_tiles
 
 CORE = 64
 SIZE = 384  # 6 x 6 tiles of 64 model px
-PARAMS = PostprocessParams(gland_halo_px=16, gland_max_halo_px=128, gland_min_area_px=50, min_in_tissue=0.5)
+PARAMS = PostprocessParams(gland_chunk_px=128, gland_halo_px=16, gland_max_halo_px=128, gland_min_area_px=50, min_in_tissue=0.5)
 CHUNKS = {"chunk_px": 128, "halo_px": 8, "max_halo_px": 64}
 
 
@@ -187,7 +187,8 @@ def test_finish_runs_every_chunk_left_before_the_store_is_renamed(tmp_path: Path
 
 
 def _small_chunks(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Chunks of 128 px in both paths, so that a small slide has many and some are done during inference."""
+    """Nuclei and tissue chunks of 128 px in both paths, so that a small slide has many and some are done
+    during inference (gland chunks: ``postprocess={"gland_chunk_px": 128}``)."""
     import functools
 
     import wsi_mtl.postprocess as pp
@@ -211,7 +212,7 @@ def test_segment_with_and_without_overlap_writes_the_same_objects(he_image, tmp_
 
     _small_chunks(monkeypatch)
     slide = synthetic.write_svs(tmp_path / "s.svs", he_image, mpp=0.25, compression="jpeg", tile=256, levels=(1, 4))
-    common = {"tile_size": 128, "batch_size": 1, "progress": False, "precision": "fp32"}
+    common = {"tile_size": 128, "batch_size": 1, "progress": False, "precision": "fp32", "postprocess": {"gland_chunk_px": 128}}
     off = segment_slide(slide, tmp_path / "off", overlap=False, **common)
     on = segment_slide(slide, tmp_path / "on", **common)
     assert off.run["parameters"]["overlap"] is False
@@ -239,7 +240,7 @@ def test_run_cut_after_inference_resumes_and_derives_the_same_objects(he_image, 
 
     _small_chunks(monkeypatch)
     slide = synthetic.write_svs(tmp_path / "s.svs", he_image[:512], mpp=0.25, compression="jpeg", tile=256, levels=(1, 4))
-    common = {"tile_size": 128, "batch_size": 1, "progress": False, "precision": "fp32"}
+    common = {"tile_size": 128, "batch_size": 1, "progress": False, "precision": "fp32", "postprocess": {"gland_chunk_px": 128}}
     real = PredictionStore.finalize
 
     def killed(self, **_):

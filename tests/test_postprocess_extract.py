@@ -241,7 +241,7 @@ def test_chunked_equals_whole_on_real_masks(real_maps, real_store, whole):
     tasks = set(whole.columns["task"].tolist())
     assert tasks == {"nuclei", "gland", "lumen", "tissue"}
     assert all(shapely.is_valid(whole.geometry))
-    chunked = concat_batches(list(extract_objects(real_store, chunk_px=256, halo_px=16, workers=1)))
+    chunked = concat_batches(list(extract_objects(real_store, chunk_px=256, halo_px=16, workers=1, params=PostprocessParams(gland_chunk_px=256))))
     _assert_same_objects(whole, chunked)
     assert len(set(chunked.columns["id"].tolist())) == len(chunked)
 
@@ -255,7 +255,7 @@ def test_chunked_equals_whole_with_opened_gland_cores(real_maps, real_store):
     params = PostprocessParams(gland_threshold=0.3, gland_open_px=6, gland_erosion_px=3, gland_min_area_px=200)
     whole = objects_from_maps(real_maps, slide_mpp=0.25, downsample=2.0, tasks=("gland",), params=params,
                               classes={"Gland-TYPE": (GLAND_TYPES, _colors(3))})
-    chunked = concat_batches(list(extract_objects(real_store, tasks=["gland"], chunk_px=128, workers=1, params=params)))
+    chunked = concat_batches(list(extract_objects(real_store, tasks=["gland"], chunk_px=128, workers=1, params=replace(params, gland_chunk_px=128))))
     assert len(whole) > 10
     _assert_same_objects(whole, chunked)
 
@@ -283,7 +283,7 @@ def test_chunked_equals_whole_when_nuclei_are_cut_at_necks(real_maps, tmp_path):
 @pytest.mark.shared_data
 @pytest.mark.slow
 def test_chunked_equals_whole_with_two_workers(real_store, whole):
-    chunked = concat_batches(list(extract_objects(real_store, chunk_px=256, workers=2)))
+    chunked = concat_batches(list(extract_objects(real_store, chunk_px=256, workers=2, params=PostprocessParams(gland_chunk_px=256))))
     _assert_same_objects(whole, chunked)
 
 
@@ -383,7 +383,7 @@ def test_gland_wider_than_max_halo_is_written_truncated(tmp_path):
     lab[30:220, 30:220] = 1
     lab[70:110, 226:254] = 2  # a small gland beside it, whole in every chunk that owns it
     store = write_predictions(tmp_path, {"Gland-INST": label_to_3class(lab, erosion_px=5)}, core_px=64)
-    small = PostprocessParams(gland_halo_px=8, gland_max_halo_px=16, gland_min_area_px=100)
+    small = PostprocessParams(gland_chunk_px=64, gland_halo_px=8, gland_max_halo_px=16, gland_min_area_px=100)
     stream = extract_objects(store, tasks=("gland",), chunk_px=64, params=small)
     got = concat_batches(list(stream))
     big = got.columns["truncated"]
@@ -392,7 +392,7 @@ def test_gland_wider_than_max_halo_is_written_truncated(tmp_path):
     assert got.geometry[big][0].bounds[2] == pytest.approx(80 * 2.0, abs=2) and got.geometry[~big][0].area > 0
     assert [w.split(" ")[:2] for w in stream.warnings] == [["1", "glands"]]
     assert "gland_max_halo_px" in stream.warnings[0]
-    grown = PostprocessParams(gland_halo_px=8)
+    grown = PostprocessParams(gland_chunk_px=64, gland_halo_px=8)
     got = concat_batches(list(extract_objects(store, tasks=("gland",), chunk_px=64, params=grown)))
     assert len(got) == 2 and set(got.columns["class_name"]) == {"gland"} and not got.columns["truncated"].any()
     assert max(g.area for g in got.geometry) == pytest.approx(190 * 190 * 4, rel=0.05)
@@ -410,7 +410,7 @@ def test_extract_input_errors(tmp_path):
         list(extract_objects(store, workers=0))
     glands = write_predictions(tmp_path / "g", {"Gland-INST": np.zeros((3, 64, 64), np.uint8), "Lumen-INST": np.zeros((3, 64, 64), np.uint8)}, core_px=32)
     with pytest.raises(ValueError, match="multiple"):
-        list(extract_objects(glands, tasks=("gland",), chunk_px=30, params=PostprocessParams(gland_downsample=4)))
+        list(extract_objects(glands, tasks=("gland",), params=PostprocessParams(gland_downsample=4, gland_chunk_px=30)))
     only_lumen = write_predictions(tmp_path / "l", {"Lumen-INST": np.zeros((3, 64, 64), np.uint8)}, core_px=32)
     with pytest.raises(InputError, match="inside glands"):
         list(extract_objects(only_lumen, tasks=("lumen",)))
@@ -468,7 +468,7 @@ def test_chunked_glands_and_lumen_equal_whole_on_a_coarser_grid(tmp_path, gland_
             glands[ellipse(cy, cx, a, b, shape=glands.shape, rotation=rng.uniform(0, 3))] = k
             lumen[ellipse(cy, cx, a / 3, b / 3, shape=glands.shape)] = k
     maps = {"Gland-INST": label_to_3class(glands, erosion_px=5), "Lumen-INST": label_to_3class(lumen, erosion_px=1)}
-    params = PostprocessParams(gland_downsample=gland_downsample, gland_halo_px=8, gland_min_area_px=50, lumen_min_area_px=8)
+    params = PostprocessParams(gland_downsample=gland_downsample, gland_chunk_px=64, gland_halo_px=8, gland_min_area_px=50, lumen_min_area_px=8)
     whole = objects_from_maps(maps, slide_mpp=0.25, downsample=2.0, params=params)
     assert (whole.columns["task"] == "gland").sum() == k
     assert (whole.columns["task"] == "lumen").sum() == k
@@ -501,7 +501,7 @@ def test_glands_in_tissue_where_glands_do_not_lie_are_dropped_alike_whole_chunke
     from wsi_mtl.postprocess import gland_labels
 
     maps, centres = _glands_in_two_tissues()
-    base = PostprocessParams(gland_halo_px=16, gland_min_area_px=50, lumen_min_area_px=8)
+    base = PostprocessParams(gland_chunk_px=64, gland_halo_px=16, gland_min_area_px=50, lumen_min_area_px=8)
     kw = {"slide_mpp": 0.25, "downsample": 2.0, "classes": {"Patch-Class": (TISSUE, _colors(len(TISSUE)))}, "tasks": ("gland", "lumen")}
     every = objects_from_maps(maps, params=base, **kw)
     assert (every.columns["task"] == "gland").sum() == 12 and (every.columns["task"] == "lumen").sum() == 12
@@ -608,7 +608,7 @@ def _masked_maps() -> tuple[dict[str, np.ndarray], np.ndarray]:
 @pytest.mark.parametrize("chunked", [False, True])
 def test_objects_and_tissue_classes_only_inside_the_tissue_mask(tmp_path, chunked):
     maps, mask = _masked_maps()
-    params = PostprocessParams(gland_min_area_px=50, gland_halo_px=16)
+    params = PostprocessParams(gland_min_area_px=50, gland_chunk_px=32, gland_halo_px=16)
     if chunked:
         store = write_predictions(tmp_path, maps, core_px=32, mask=mask, mask_downsample=8.0)
         got = concat_batches(list(extract_objects(store, chunk_px=32, params=params)))
@@ -662,10 +662,10 @@ def test_truncated_objects_are_counted_in_run_json(tmp_path):
 
     from wsi_mtl.derive import derive_objects
 
-    lab = np.zeros((64, 2304), np.int32)
-    lab[10:54, 1950:2250] = 1  # across the edge of derive's 2048-px chunks
-    write_predictions(tmp_path, {"Gland-INST": label_to_3class(lab, erosion_px=5)}, core_px=256, slide_size=(4608, 128))
-    (tmp_path / "run.json").write_text(json.dumps({"slide": {"width": 4608, "height": 128, "mpp": 0.25}}))
+    lab = np.zeros((64, 4352), np.int32)
+    lab[10:54, 3998:4298] = 1  # across the edge of derive's 4096-px gland chunks
+    write_predictions(tmp_path, {"Gland-INST": label_to_3class(lab, erosion_px=5)}, core_px=256, slide_size=(8704, 128))
+    (tmp_path / "run.json").write_text(json.dumps({"slide": {"width": 8704, "height": 128, "mpp": 0.25}}))
     overrides = {"gland_halo_px": 8, "gland_max_halo_px": 16}
     derive_objects(tmp_path, postprocess=overrides, tissue_map=False)
     run = json.loads((tmp_path / "run.json").read_text())
@@ -761,7 +761,7 @@ def test_a_gland_chunk_asks_for_more_halo_for_a_gland_starting_higher_beyond_its
 def test_chunked_glands_keep_a_gland_starting_higher_beyond_a_read_edge(tmp_path):
     """Chunked with a small first halo, the hook-shaped gland comes out once, as from the whole map."""
     maps = {"Gland-INST": label_to_3class(_hook_gland(), erosion_px=3)}
-    params = PostprocessParams(gland_erosion_px=3, gland_min_area_px=50, gland_halo_px=40)
+    params = PostprocessParams(gland_erosion_px=3, gland_min_area_px=50, gland_chunk_px=100, gland_halo_px=40)
     whole = objects_from_maps(maps, slide_mpp=0.25, downsample=2.0, params=params, tasks=("gland",))
     assert len(whole) == 1
     store = write_predictions(tmp_path, maps, core_px=50)

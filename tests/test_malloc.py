@@ -84,3 +84,31 @@ def test_pages_kept_holds_freed_memory_for_the_block_only() -> None:
     128 MB that may lie free at its top; by default glibc unmaps it at once) and goes back after."""
     freed, released = _printed(BLOCK, {})
     assert int(freed) < 20 and int(released) > 90
+
+
+GROWN = RESIDENT + """
+from wsi_mtl import malloc
+
+unset = malloc.release_if_grown(50 << 20)  # pages not kept in this process: nothing to give back
+malloc.keep_freed_pages()
+first = malloc.release_if_grown(50 << 20)  # after the first tile: the working set
+small = np.ones(20 * 2**20, np.uint8)
+del small
+under = malloc.release_if_grown(50 << 20)  # grown 20 MB: kept for the next tile
+big = np.ones(100 * 2**20, np.uint8)
+del big
+before = resident_mb()
+over = malloc.release_if_grown(50 << 20)  # grown past 50 MB: given back
+after = resident_mb()
+again = malloc.release_if_grown(50 << 20)  # the next tile sets the working set anew
+print(unset, first, under, over, again, round(before - after))
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="mallopt is glibc's (Linux)")
+def test_the_network_process_gives_kept_pages_back_only_past_a_growth() -> None:
+    """A process keeping freed pages gives them back after a tile only once it has grown more than
+    the limit past its working set; then the next tile's size is the working set."""
+    *flags, released = _printed(GROWN, {})
+    assert flags == ["False", "False", "False", "True", "False"]
+    assert int(released) > 90

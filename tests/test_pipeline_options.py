@@ -56,3 +56,20 @@ def test_rerun_with_another_tta_recomputes_the_maps(he_image, tmp_path) -> None:
     assert second.action == "computed" and "tta" in second.summary
     assert second.run["fingerprint"]["tta"] == 2 and second.run["tiles"]["computed"] == first.run["tiles"]["computed"] > 0
     assert segment_slide(slide, tmp_path / "out", tta=2, **common).action == "reused"
+
+
+def test_the_network_gives_its_kept_pages_back_before_the_objects(he_image, tmp_path, monkeypatch) -> None:
+    """The pages the network's heap keeps from tile to tile go back once inference is done, before
+    the maps are finalised and the objects derived (not only after the slide)."""
+    from wsi_mtl import engine, pipeline, synthetic
+    from wsi_mtl.store import PredictionStore
+
+    events: list[str] = []
+    monkeypatch.setattr(pipeline, "release_freed_pages", lambda: events.append("release"))
+    run = engine.run_inference
+    monkeypatch.setattr(pipeline, "run_inference", lambda *a, **k: (events.append("inference"), run(*a, **k))[1])
+    finalize = PredictionStore.finalize
+    monkeypatch.setattr(PredictionStore, "finalize", lambda self, *a, **k: (events.append("finalize"), finalize(self, *a, **k))[1])
+    slide = synthetic.write_svs(tmp_path / "s.svs", he_image[256:512, 512:768], mpp=0.5, compression="jpeg", tile=256, levels=(1,))
+    segment_slide(slide, tmp_path / "out", tile_size=128, batch_size=1, objects=False, progress=False, precision="fp32")
+    assert events[:3] == ["inference", "release", "finalize"]

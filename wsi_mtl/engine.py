@@ -25,6 +25,7 @@ from tqdm.auto import tqdm
 
 from .devices import cpu_count, resolve_device, resolve_precision  # re-exported: engine's public names
 from .errors import DamagedRegionError
+from .malloc import release_if_grown
 from .network.tta import predict_tta
 from .store import PredictionStore
 from .tiling import Tile, TileGrid
@@ -288,6 +289,7 @@ def run_inference(
                         job.append((tile, out, damaged))
                 stats.wait_write_s += writer.put(job)
                 stats.tiles_computed += len(job)
+                release_if_grown()  # the heap's unreused pieces (wsi_mtl.malloc)
     finally:
         try:
             writer.finish()

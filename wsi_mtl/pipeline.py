@@ -27,7 +27,7 @@ from .atomic import output_error
 from .devices import cpu_count, resolve_device, resolve_precision
 from .engine import run_inference
 from .errors import InputError, NoTissueError, OutputError
-from .malloc import NETWORK_TOP_KEEP, limit_arenas, pages_kept
+from .malloc import NETWORK_TOP_KEEP, limit_arenas, pages_kept, release_freed_pages
 from .network.tta import TTA_VIEWS
 from .results import PREDICTIONS, RUN_JSON, file_entry, is_complete, maps_reusable, plan_rerun, read_run, result_dir_for, write_run
 from .store import HeadLayout, PredictionStore
@@ -576,6 +576,7 @@ def _infer_maps(slide: Any, slide_path: Path, result_dir: Path, model: Any, layo
             )
         finally:
             torch.set_num_threads(threads)
+            release_freed_pages()  # the network is done with this slide: the pages its heap kept go back before the finalize
         from .damage import check_damage  # warns once, or fails a mostly unreadable slide (the store stays resumable)
 
         stats.damaged_fraction = check_damage(stats.damaged, layout.tissue, slide_mpp=slide.mpp, name=slide_path.name)

@@ -409,8 +409,13 @@ def test_extract_input_errors(tmp_path):
     with pytest.raises(ValueError, match="workers"):
         list(extract_objects(store, workers=0))
     glands = write_predictions(tmp_path / "g", {"Gland-INST": np.zeros((3, 64, 64), np.uint8), "Lumen-INST": np.zeros((3, 64, 64), np.uint8)}, core_px=32)
-    with pytest.raises(ValueError, match="multiple"):
-        list(extract_objects(glands, tasks=("gland",), params=PostprocessParams(gland_downsample=4, gland_chunk_px=30)))
+    from wsi_mtl.postprocess._extract import _plan_jobs, read_meta
+
+    # a gland chunk side that is no multiple of gland_downsample is rounded up to one (30 -> 32: 2 x 2 chunks)
+    coarse = PostprocessParams(gland_downsample=4, gland_chunk_px=30)
+    jobs = _plan_jobs(read_meta(glands), ("gland",), chunk_px=64, halo_px=None, max_halo_px=None, params=coarse)
+    assert [j.chunk.own for j in jobs] == [(0, 8, 0, 8), (0, 8, 8, 16), (8, 16, 0, 8), (8, 16, 8, 16)]
+    assert list(extract_objects(glands, tasks=("gland",), params=coarse)) == []
     only_lumen = write_predictions(tmp_path / "l", {"Lumen-INST": np.zeros((3, 64, 64), np.uint8)}, core_px=32)
     with pytest.raises(InputError, match="inside glands"):
         list(extract_objects(only_lumen, tasks=("lumen",)))

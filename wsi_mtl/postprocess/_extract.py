@@ -135,9 +135,9 @@ class PostprocessParams:
         Glands and lumen are processed on a grid this many model pixels per pixel (1: the model
         grid; larger is faster but less accurate, see the module notes).
     gland_chunk_px, gland_halo_px, gland_max_halo_px
-        Owned side of a gland and lumen chunk, its first and its largest halo, in model pixels (a
-        multiple of ``gland_downsample``). Glands need twice the nuclei's halo, so their chunks are
-        twice as wide: less of each chunk's work is halo, at more memory per chunk.
+        Owned side of a gland and lumen chunk (rounded up to a multiple of ``gland_downsample``),
+        its first and its largest halo, in model pixels. Glands need twice the nuclei's halo, so
+        their chunks are twice as wide: less of each chunk's work is halo, at more memory per chunk.
     simplify_px : float
         Polygon simplification tolerance in pixels of the grid each task runs on.
     tissue_min_area_px : int
@@ -989,9 +989,10 @@ def _plan_jobs(meta: MapsMeta, tasks: tuple[str, ...], *, chunk_px: int, halo_px
             jobs.append(_Job("nuclei", c, ("nuclei",), big))
     gl = tuple(t for t in tasks if t in ("gland", "lumen"))
     if gl:
-        f, side = int(params.gland_downsample), int(params.gland_chunk_px)
-        if f < 1 or side < 1 or side % f:
-            raise ValueError(f"PostprocessParams.gland_chunk_px ({side}) must be a multiple of PostprocessParams.gland_downsample ({f})")
+        f = int(params.gland_downsample)
+        if f < 1 or params.gland_chunk_px < 1:
+            raise ValueError(f"PostprocessParams.gland_downsample ({f}) and gland_chunk_px ({params.gland_chunk_px}) must be >= 1")
+        side = -(-int(params.gland_chunk_px) // f) * f  # whole cells of the gland grid
         h, w = meta.heads[GLAND_INST].shape[1:]
         halo = max(1, math.ceil(params.gland_halo_px / f))
         big = max(halo, math.ceil(params.gland_max_halo_px / f))

@@ -92,7 +92,9 @@ def keep_freed_pages(top_keep: int = 2**31 - 1) -> bool:
 
 def release_freed_pages() -> None:
     """Give the memory freed since the last call back to the system (``malloc_trim``), where
-    :func:`keep_freed_pages` was set in this process (elsewhere nothing)."""
+    :func:`keep_freed_pages` was set in this process (elsewhere nothing); the next tile measures the
+    working set of :func:`release_if_grown` anew (it faults its pages back in)."""
+    _working_set.clear()
     if _kept and _kept[0]:
         _libc().malloc_trim(0)
 
@@ -120,7 +122,6 @@ def release_if_grown(limit: int = NETWORK_GROWTH_MAX) -> bool:
     if rss - _working_set[0] <= limit:
         return False
     release_freed_pages()
-    _working_set.clear()  # the next tile faults its pages back in: its size is the new working set
     return True
 
 
@@ -129,7 +130,6 @@ def pages_kept(top_keep: int = 2**31 - 1) -> Iterator[None]:
     """:func:`keep_freed_pages` for the block (or each call of a function it decorates), and what it
     kept given back after it (a batch runs slide after slide in one process)."""
     keep_freed_pages(top_keep)
-    _working_set.clear()
     try:
         yield
     finally:

@@ -1224,10 +1224,8 @@ def objects_from_maps(
     meta = MapsMeta(float(slide_mpp), float(downsample), heads, slide_size=slide_size,
                     mask_downsample=float(mask_downsample) if tissue_mask is not None else None)
     tasks = _check_tasks(_available_tasks(meta) if tasks is None else tasks, meta)
-    size = max(max(np.shape(a)[1:]) for a in maps.values())
-    f = int(params.gland_downsample)
-    chunk_px = -(-size // f) * f
-    jobs = _plan_jobs(meta, tasks, chunk_px=chunk_px, halo_px=1, max_halo_px=1, params=replace(params, gland_chunk_px=chunk_px))
+    size = max(max(np.shape(a)[1:]) for a in maps.values())  # one chunk per task (gland: rounded up to whole gland-grid cells)
+    jobs = _plan_jobs(meta, tasks, chunk_px=size, halo_px=1, max_halo_px=1, params=replace(params, gland_chunk_px=size))
     reader = _ArrayReader(maps, None if tissue_mask is None else np.asarray(tissue_mask, bool))
     batches = list(_assemble((_run_job(reader, j, meta, params) for j in jobs), meta, params))
     return concat_batches(batches)

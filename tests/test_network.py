@@ -626,13 +626,56 @@ def test_batched_refine_equals_per_head_output_heads() -> None:
             assert torch.allclose(out[name], ref, atol=1e-5), name
 
 
-def test_nchw_transpose_helper() -> None:
-    from wsi_mtl.network.model import _nchw
+def _fused_vs_apart(model: Any, x: torch.Tensor, monkeypatch: pytest.MonkeyPatch, **autocast: Any) -> tuple[dict, dict]:
+    import wsi_mtl.network.model as net_model
 
-    t = torch.randn(2, 16, 8, 12).contiguous(memory_format=torch.channels_last)
+    with torch.inference_mode(), torch.autocast("cpu", **autocast):
+        fused = model.predict(x)
+        monkeypatch.setattr(net_model, "FUSE_CONV_RELU", False)
+        apart = model.predict(x)
+        monkeypatch.setattr(net_model, "FUSE_CONV_RELU", True)
+    return fused, apart
+
+
+def test_fused_conv_relu_gives_the_values_of_conv_then_relu(monkeypatch: pytest.MonkeyPatch) -> None:
+    import wsi_mtl.network.model as net_model
+
+    if net_model._CONV_POINTWISE is None:
+        pytest.skip("this torch build has no oneDNN fused convolution (the unfused path is all it runs)")
+    model = create_model("wsimtl_small", seed=0).eval().fold_bn().set_channels_last()
+    x = (torch.rand(1, 3, 320, 288, generator=torch.Generator().manual_seed(1)) * 255).contiguous(memory_format=torch.channels_last)
+    calls = []
+    real = net_model._CONV_POINTWISE
+    monkeypatch.setattr(net_model, "_CONV_POINTWISE", lambda *a: calls.append(1) or real(*a))
+    fused, apart = _fused_vs_apart(model, x, monkeypatch, dtype=torch.bfloat16)
+    assert len(calls) > 10  # the stem, every BasicBlock's first conv, every decoder block
+    for name in apart:
+        assert torch.equal(fused[name], apart[name]), name
+
+
+def test_fused_conv_relu_stays_out_of_fp32_training_nchw_input_and_traces(monkeypatch: pytest.MonkeyPatch) -> None:
+    import wsi_mtl.network.model as net_model
+
+    calls = []
+    real = net_model._CONV_POINTWISE
+    monkeypatch.setattr(net_model, "_CONV_POINTWISE", lambda *a: calls.append(1) or real(*a))
+    model = create_model("wsimtl_small", seed=0).eval().fold_bn().requires_grad_(False)
+    x = torch.rand(1, 3, 64, 64) * 255
+    cl = x.contiguous(memory_format=torch.channels_last)
+    bf16 = torch.autocast("cpu", dtype=torch.bfloat16)
+    with torch.no_grad(), bf16:
+        model.predict(x)  # NCHW (the exporters' layout)
+    model.set_channels_last()
     with torch.no_grad():
-        out = _nchw(t)
-    assert out.is_contiguous() and torch.equal(out, t)
+        model.predict(cl)  # float32
+        with bf16:
+            torch.jit.trace(lambda t: model.predict(t)["Nuclei-INST"], (cl,), check_trace=False)
+    with bf16:
+        model.requires_grad_(True)(cl)["Nuclei-INST"].float().sum().backward()  # autograd
+    assert calls == []
+    with torch.no_grad(), bf16:
+        model.predict(cl)
+    assert calls  # the same model and input in bfloat16 without a tracer or autograd: fused
 
 
 def test_window_stats_are_the_mean_and_std_of_each_clipped_window() -> None:

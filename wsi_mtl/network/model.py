@@ -59,6 +59,60 @@ class _Foldable(nn.Module):
             return self.get_submodule(bn_name)(conv(x))
         return F.conv2d(x, w, getattr(self, f"fold{i}_b"), conv.stride, conv.padding)
 
+    def _conv_bn_relu(self, x: torch.Tensor, i: int) -> torch.Tensor:
+        """``relu(_conv_bn(x, i))``; folded, in channels_last bfloat16 inference on the CPU, one
+        oneDNN call with the ReLU fused (:func:`_fused_conv_relu`: the same values, one pass less
+        over memory)."""
+        w = getattr(self, f"fold{i}_w")
+        if w is not None and not self.training:
+            out = _fused_conv_relu(x, w, getattr(self, f"fold{i}_b"), self.get_submodule(self._pairs[i][0]))
+            if out is not None:
+                return out
+        return F.relu(self._conv_bn(x, i), inplace=True)
+
+
+def _mkldnn_conv_pointwise() -> Any:
+    """oneDNN's convolution with a fused element-wise step (the op inductor uses), or None."""
+    try:
+        return torch.ops.mkldnn._convolution_pointwise if torch.backends.mkldnn.is_available() else None
+    except (AttributeError, RuntimeError):
+        return None
+
+
+_CONV_POINTWISE = _mkldnn_conv_pointwise()
+
+#: Whether inference on the CPU fuses each folded conv with its ReLU (:func:`_fused_conv_relu`);
+#: False runs the two steps apart (the same values: a switch for comparisons).
+FUSE_CONV_RELU = True
+
+
+def _traced() -> bool:
+    """Whether a tracer or exporter is recording the model (it must see plain aten ops)."""
+    compiler = torch.compiler
+    return bool(torch.jit.is_tracing() or torch.onnx.is_in_onnx_export() or compiler.is_compiling()
+                or getattr(compiler, "is_exporting", lambda: False)())
+
+
+def _fused_conv_relu(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, conv: nn.Conv2d) -> torch.Tensor | None:
+    """``relu(conv2d(x, w, b))`` as one oneDNN call, or None where it does not apply.
+
+    It applies without autograd to channels_last CPU input under bfloat16 autocast (the CPU
+    default; arguments cast as autocast casts a conv's), where it is ~3-10% faster. ReLU commutes
+    with the rounding to bfloat16, and the maps are those of the two separate steps bit for bit
+    (``tests/test_network.py``; in float32 oneDNN may pick another kernel whose sums differ in the
+    last bits, and the gain is nil, so float32 runs the steps apart).
+    """
+    if (not FUSE_CONV_RELU or _CONV_POINTWISE is None or torch.is_grad_enabled() or x.device.type != "cpu"
+            or not x.is_contiguous(memory_format=torch.channels_last) or _traced()):
+        return None
+    if not torch.is_autocast_enabled("cpu") or torch.get_autocast_dtype("cpu") != torch.bfloat16:
+        return None
+    if x.dtype not in (torch.float32, torch.bfloat16):
+        return None
+    bf16 = torch.bfloat16
+    return _CONV_POINTWISE(x.to(bf16), w.to(bf16), None if b is None else b.to(bf16), list(conv.padding), list(conv.stride),
+                           list(conv.dilation), conv.groups, "relu", [], "")
+
 
 class ConvBNReLU(_Foldable):
     """``conv`` (bias) -> ``bn`` -> ReLU, same padding."""
@@ -72,7 +126,7 @@ class ConvBNReLU(_Foldable):
         self._init_fold()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.relu(self._conv_bn(x, 0), inplace=True)
+        return self._conv_bn_relu(x, 0)
 
 
 class ConvBlock(nn.Module):
@@ -115,8 +169,7 @@ class BasicBlock(_Foldable):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         identity = x if self.downsample is None else self._conv_bn(x, 2)
-        out = F.relu(self._conv_bn(x, 0), inplace=True)
-        out = self._conv_bn(out, 1)
+        out = self._conv_bn(self._conv_bn_relu(x, 0), 1)
         return F.relu(out.add_(identity), inplace=True)
 
 
@@ -147,7 +200,7 @@ class ResNetEncoder(_Foldable):
 
     def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
         """x0..x4 (with ``outputs`` < 5 at construction: the first ``outputs`` of them)."""
-        feats = [F.relu(self._conv_bn(x, 0), inplace=True)]
+        feats = [self._conv_bn_relu(x, 0)]
         for i in range(1, self._stages + 1):
             feats.append(getattr(self, f"layer{i}")(self.maxpool(feats[-1]) if i == 1 else feats[-1]))
         return feats
@@ -299,21 +352,6 @@ FULL_RES_STRIP_ROWS = 256
 #: Context rows on each side of a strip (even; more than the tail's reach: 2 rows of refine, 3 of a
 #: fine branch, 1 of the 2x bilinear upsampling).
 _STRIP_HALO = 8
-
-
-def _nchw(t: torch.Tensor) -> torch.Tensor:
-    """``t.contiguous()``, through per-image 2D transposes when ``t`` is channels_last.
-
-    torch copies a transposed 2D matrix with a blocked kernel, about 3x faster than the generic
-    channels_last -> NCHW copy; used only without autograd.
-    """
-    if t.is_contiguous() or torch.is_grad_enabled() or not t.is_contiguous(memory_format=torch.channels_last):
-        return t.contiguous()
-    n, c, h, w = t.shape
-    out = torch.empty((n, c, h, w), dtype=t.dtype, device=t.device)
-    for i in range(n):
-        out[i].view(c, h * w).copy_(t[i].permute(1, 2, 0).reshape(h * w, c).t())
-    return out
 
 
 class MultiTaskNet(nn.Module):
@@ -504,9 +542,9 @@ class MultiTaskNet(nn.Module):
 
         The half-resolution logits are concatenated and zero-padded to a multiple of 16 channels
         (the fast channels_last kernels), upsampled 2x, the stacked ``refine`` convs applied to the
-        full-resolution skip and added; the result is made NCHW-contiguous so that each head's
-        channel slice is contiguous. Identical to calling each head with ``full`` (logits are
-        float32 even under autocast).
+        full-resolution skip and added; each head gets its channels as a view (channels_last in
+        memory: the strips of :meth:`_full_resolution` are copied into the NCHW output anyway).
+        Identical to calling each head with ``full`` (logits are float32 even under autocast).
         """
         names = list(half)
         refines = [self.output_head[self.config.heads[n].decoder][self.config.heads[n].out_key].refine for n in names]
@@ -520,7 +558,7 @@ class MultiTaskNet(nn.Module):
             weight = F.pad(weight, (0, 0, 0, 0, 0, 0, 0, pad))
         # float32 from here on (cheap at half resolution; the fp32 channels_last kernel is fastest)
         up = F.interpolate(stacked.float(), size=full.shape[-2:], mode="bilinear", align_corners=False)
-        logits = _nchw(up.add_(F.conv2d(full, weight, padding=1)))[:, :total]
+        logits = up.add_(F.conv2d(full, weight, padding=1))[:, :total]
         return dict(zip(names, torch.split(logits, sizes, dim=1)))
 
     def forward(self, x: torch.Tensor, *, heads: Sequence[str] | None = None) -> dict[str, torch.Tensor]:

@@ -26,6 +26,7 @@ from tqdm.auto import tqdm
 from .devices import cpu_count, resolve_device, resolve_precision  # re-exported: engine's public names
 from .errors import DamagedRegionError
 from .malloc import release_if_grown
+from .network.model import MultiTaskNet
 from .network.tta import predict_tta
 from .store import PredictionStore
 from .tiling import Tile, TileGrid
@@ -172,12 +173,13 @@ class _Writer(threading.Thread):
 def _cores_to_uint8(probs: dict[str, torch.Tensor], grid: TileGrid, tiles: list[Tile], cell_px: dict[str, int]) -> list[dict[str, np.ndarray]]:
     """Crop each tile's core out of the batch outputs and quantise it to uint8 (round(255 * p)).
 
-    Cropping first means the margin, ~40% of a tile, is never converted or copied.
+    Cropping first means the margin, ~40% of a tile, is never converted or copied. A map that
+    covers the input less its margin (``predict(x, margin=...)``) is the core region already.
     """
     per_tile: list[dict[str, np.ndarray]] = [{} for _ in tiles]
     for name, p in probs.items():
         cell = cell_px[name]
-        m = grid.margin_px // cell
+        m = grid.margin_px // cell if p.shape[-2] * cell >= grid.input_px else 0
         for i, tile in enumerate(tiles):
             h, w = -(-tile.height // cell), -(-tile.width // cell)
             core = p[i, :, m : m + h, m : m + w]
@@ -232,6 +234,8 @@ def run_inference(
 
         model, stats.runtime = make_runner(model, resolve_runtime(runtime, device, model), precision=precision)
     cell_px = {h.name: h.cell_px for h in store.heads}
+    # torch's model computes the segmentation maps of the cores only (an exported graph, whole tiles)
+    margin = grid.margin_px if isinstance(model, MultiTaskNet) else 0
     t_start = time.perf_counter()
     writer = _Writer(store, on_tile=on_tile)
     writer.bar = tqdm(total=len(tiles), initial=stats.tiles_resumed, unit="tile", desc="tiles", disable=not progress, dynamic_ncols=True, smoothing=0.1)
@@ -276,7 +280,7 @@ def run_inference(
                     x = x.to(device, non_blocking=pin).permute(0, 3, 1, 2).float()
                     t0 = time.perf_counter()
                     with torch.inference_mode(), autocast:
-                        probs = predict_tta(model, x, views=tta)
+                        probs = predict_tta(model, x, views=tta, margin=margin)
                         if device.type == "cuda":
                             torch.cuda.synchronize(device)
                         stats.network_s += time.perf_counter() - t0

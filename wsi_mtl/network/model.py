@@ -452,9 +452,10 @@ class MultiTaskNet(nn.Module):
             raise ValueError(f"unknown heads {unknown}; this model has {self.config.output_heads}")
         return [h for h in self.config.output_heads if h in set(heads)]
 
-    def _features(self, x: torch.Tensor, names: Sequence[str], *, probabilities: bool = False) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    def _features(self, x: torch.Tensor, names: Sequence[str], *, probabilities: bool = False,
+                  margin: int = 0) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """x4 and the logits (``probabilities``: float32 softmax) of the segmentation heads in
-        ``names`` (only their decoders run)."""
+        ``names`` (only their decoders run), those less ``margin`` px on every side."""
         self._check_input(x)
         if self._channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
@@ -467,7 +468,10 @@ class MultiTaskNet(nn.Module):
         out, decoded = self._decode(feats, x, seg_heads)
         del feats  # the skips are not needed past the decoders
         if self._refine:
-            return x4, self._full_resolution(out, decoded, x, probabilities=probabilities)
+            return x4, self._full_resolution(out, decoded, x, probabilities=probabilities, margin=margin)
+        if margin:
+            h, w = x.shape[-2:]
+            out = {n: t[..., margin : h - margin, margin : w - margin] for n, t in out.items()}
         return x4, {n: torch.softmax(t.float(), dim=1) for n, t in out.items()} if probabilities else out
 
     def _decode(self, feats: list[torch.Tensor], x: torch.Tensor, seg_heads: Mapping[str, Any]) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
@@ -501,29 +505,36 @@ class MultiTaskNet(nn.Module):
         return out, decoded
 
     def _full_resolution(self, half: dict[str, torch.Tensor], decoded: dict[str, torch.Tensor], x: torch.Tensor, *,
-                         probabilities: bool = False) -> dict[str, torch.Tensor]:
+                         probabilities: bool = False, margin: int = 0) -> dict[str, torch.Tensor]:
         """The full-resolution tail of a ``"refine"`` model (full skip, refine, fine branches) from
-        the half-resolution logits and decoder features: logits, or float32 softmax probabilities.
+        the half-resolution logits and decoder features: logits, or float32 softmax probabilities,
+        for the input less ``margin`` px on every side.
 
         Without autograd a tall input goes through in strips of :data:`FULL_RES_STRIP_ROWS` rows,
         each computed with :data:`_STRIP_HALO` rows of context on both sides and cropped: every
         layer of the tail is local, so the strips give the whole tile's values while the tail's
         full-resolution intermediates (16 channels at the input's size) exist for one strip only.
+        For the same reason the margin is never computed beyond that halo (the engine keeps only
+        the core of each tile: about a third less of the tail, the most costly part of the network).
         """
-        h = x.shape[-2]
-        if torch.is_grad_enabled() or h <= FULL_RES_STRIP_ROWS + 2 * _STRIP_HALO:
-            return self._tail(half, decoded, x, probabilities=probabilities)
-        out: dict[str, torch.Tensor] = {}
-        for r0 in range(0, h, FULL_RES_STRIP_ROWS):
-            r1 = min(h, r0 + FULL_RES_STRIP_ROWS)
-            e0, e1 = max(0, r0 - _STRIP_HALO), min(h, r1 + _STRIP_HALO)  # even: h, the strip and the halo are
-            part = self._tail({n: t[..., e0 // 2 : e1 // 2, :] for n, t in half.items()},
-                              {d: t[..., e0 // 2 : e1 // 2, :] for d, t in decoded.items()}, x[..., e0:e1, :], probabilities=probabilities)
+        h, w = x.shape[-2:]
+        m = margin
+        if torch.is_grad_enabled() or (not m and h <= FULL_RES_STRIP_ROWS + 2 * _STRIP_HALO):
+            out = self._tail(half, decoded, x, probabilities=probabilities)
+            return {n: t[..., m : h - m, m : w - m] for n, t in out.items()} if m else out
+        c0, c1 = max(0, m - _STRIP_HALO), min(w, w - m + _STRIP_HALO)  # even: w, the margin and the halo are
+        res: dict[str, torch.Tensor] = {}
+        for r0 in range(m, h - m, FULL_RES_STRIP_ROWS):
+            r1 = min(h - m, r0 + FULL_RES_STRIP_ROWS)
+            e0, e1 = max(0, r0 - _STRIP_HALO), min(h, r1 + _STRIP_HALO)
+            part = self._tail({n: t[..., e0 // 2 : e1 // 2, c0 // 2 : c1 // 2] for n, t in half.items()},
+                              {d: t[..., e0 // 2 : e1 // 2, c0 // 2 : c1 // 2] for d, t in decoded.items()},
+                              x[..., e0:e1, c0:c1], probabilities=probabilities)
             for name, t in part.items():
-                if name not in out:
-                    out[name] = t.new_empty((*t.shape[:2], h, t.shape[-1]))
-                out[name][..., r0:r1, :] = t[..., r0 - e0 : r1 - e0, :]
-        return out
+                if name not in res:
+                    res[name] = t.new_empty((*t.shape[:2], h - 2 * m, w - 2 * m))
+                res[name][..., r0 - m : r1 - m, :] = t[..., r0 - e0 : r1 - e0, m - c0 : w - m - c0]
+        return res
 
     def _tail(self, half: dict[str, torch.Tensor], decoded: dict[str, torch.Tensor], x: torch.Tensor, *,
               probabilities: bool = False) -> dict[str, torch.Tensor]:
@@ -596,17 +607,22 @@ class MultiTaskNet(nn.Module):
         return window_stats(x4, self.config.arch_params.patch_cells, [pool])[pool]
 
     @torch.no_grad()
-    def predict(self, x: torch.Tensor, *, heads: Sequence[str] | None = None) -> dict[str, torch.Tensor]:
+    def predict(self, x: torch.Tensor, *, heads: Sequence[str] | None = None, margin: int = 0) -> dict[str, torch.Tensor]:
         """Softmax probabilities (float32) for the engine.
 
-        Segmentation heads: N x C x H x W. Patch heads: dense N x C x H/ps x W/ps maps
-        (ps = ``config.patch_stride_px``), each cell classified from the average of x4 over the
-        ``patch_cells`` x ``patch_cells`` window centred on it (windows clipped at the border),
+        Segmentation heads: N x C x H x W, or with ``margin`` N x C x (H - 2 margin) x (W - 2 margin):
+        the maps of ``x[..., margin:H - margin, margin:W - margin]`` computed with all of ``x`` as
+        context, the same values as cropping the whole maps (the full-resolution tail is never
+        computed far into the margin; ``margin`` even). Patch heads: dense N x C x H/ps x W/ps maps
+        (ps = ``config.patch_stride_px``, never cropped), each cell classified from the average of x4
+        over the ``patch_cells`` x ``patch_cells`` window centred on it (windows clipped at the border),
         so the centre cell of a 1-patch tile equals the Cerberus centre-crop result.
         Works under ``torch.autocast``; outputs are always float32. ``heads`` as in ``forward``.
         """
+        if margin < 0 or margin % 2 or 2 * margin >= min(x.shape[-2:]):
+            raise ValueError(f"margin must be even, >= 0 and less than half the input's side, not {margin}")
         names = self._select(heads)
-        x4, seg = self._features(x, names, probabilities=True)
+        x4, seg = self._features(x, names, probabilities=True, margin=margin)
         pools = [self.config.heads[n].pool for n in names if self.config.heads[n].kind == "patch"]
         dense = window_stats(x4, self.config.arch_params.patch_cells, pools) if pools else {}
         out: dict[str, torch.Tensor] = {}

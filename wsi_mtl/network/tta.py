@@ -48,8 +48,11 @@ def undo_view(x: torch.Tensor, view: tuple[int, bool]) -> torch.Tensor:
     return x.flip(-1) if mirror else x
 
 
-def predict_tta(model: Any, x: torch.Tensor, *, views: int = 1, heads: Sequence[str] | None = None) -> dict[str, torch.Tensor]:
-    """``model.predict(x)`` averaged over ``views`` dihedral views of ``x`` (N x 3 x H x W).
+def predict_tta(model: Any, x: torch.Tensor, *, views: int = 1, heads: Sequence[str] | None = None,
+                margin: int = 0) -> dict[str, torch.Tensor]:
+    """``model.predict(x)`` averaged over ``views`` dihedral views of ``x`` (N x 3 x H x W); with
+    ``margin``, ``model.predict(x, margin=margin)`` (segmentation maps without that border: a
+    border of the same width on every side, so each view's crop is the crop of the view).
 
     ``views=1`` is exactly ``model.predict``. The other views cost one forward pass each.
     The mirrored and rotated maps are averaged in float32. A dense patch map is mapped back on
@@ -57,7 +60,9 @@ def predict_tta(model: Any, x: torch.Tensor, *, views: int = 1, heads: Sequence[
     tiles and the padded evaluation images are).
     """
     chosen = dihedral_views(views)
-    kw = {} if heads is None else {"heads": heads}
+    kw: dict[str, Any] = {} if heads is None else {"heads": heads}
+    if margin:
+        kw["margin"] = margin
     if views == 1:
         return model.predict(x, **kw)
     total: dict[str, torch.Tensor] = {}

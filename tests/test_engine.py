@@ -156,11 +156,11 @@ class _DiesAfter:
     def __init__(self, model, n):
         self.model, self.n, self.config = model, n, model.config
 
-    def predict(self, x):
+    def predict(self, x, margin=0):
         if self.n == 0:
             raise _Interrupt()
         self.n -= 1
-        return self.model.predict(x)
+        return self.model.predict(x, margin=margin)
 
 
 def test_interrupted_run_resumes_to_identical_output(model, tmp_path):
@@ -185,9 +185,9 @@ class _Threads:
     def __init__(self, model):
         self.model, self.config, self.seen = model, model.config, []
 
-    def predict(self, x):
+    def predict(self, x, margin=0):
         self.seen.append((torch.get_num_threads(), x.shape[0]))
-        return self.model.predict(x)
+        return self.model.predict(x, margin=margin)
 
 
 def test_threads_per_tile_never_mix_in_a_batch_and_are_restored_by_the_caller(model, tmp_path):
@@ -301,3 +301,41 @@ def test_cpu_count_is_capped_by_the_workers_share(monkeypatch) -> None:
     for bad in ("0", "two", ""):
         monkeypatch.setenv(CPUS_ENV, bad)
         assert cpu_count() == cores
+
+
+def test_the_model_computes_the_cores_only_and_a_runner_whole_tiles(model, tmp_path):
+    """A model whose predict takes a margin (torch's) is asked for each tile's core maps; a runner
+    of an exported graph (predict(x) only) gives whole tiles, cropped by the engine: the same maps
+    either way (float32 sums of other widths: within 1/255)."""
+    calls = []
+
+    class Runner:  # the call contract of wsi_mtl.network.runtime's runners
+        config = model.config
+
+        def predict(self, x, **kw):
+            calls.append(kw)
+            return model.predict(x, **kw)
+
+    image = he_like(200, 260)
+    margin = 64
+    cores = _run(ArraySlide(image), model, tmp_path / "cores", core=96, margin=margin, batch_size=1)
+    whole = _run(ArraySlide(image), model, tmp_path / "whole", core=96, margin=margin, batch_size=1, model_wrapper=Runner())
+    assert cores.tiles_computed == whole.tiles_computed == len(calls) == 3 * 3
+    assert all("margin" not in kw for kw in calls)
+    a, b = open_predictions(tmp_path / "cores"), open_predictions(tmp_path / "whole")
+    for name in model.config.heads:
+        diff = np.abs(a[name]["0"][:].astype(int) - b[name]["0"][:].astype(int))
+        assert diff.max() <= 1, (name, diff.max())
+    spy = []
+    real = model.predict
+
+    def predict(x, margin=0):
+        spy.append(margin)
+        return real(x, margin=margin)
+
+    try:
+        model.predict = predict
+        _run(ArraySlide(image), model, tmp_path / "spy", core=96, margin=margin, batch_size=1)
+    finally:
+        del model.predict
+    assert spy == [margin] * 9

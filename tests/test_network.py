@@ -804,3 +804,32 @@ def test_full_resolution_strips_give_the_whole_tiles_values(monkeypatch: pytest.
         assert torch.equal(whole_logits[k], strip_logits[k]), k
         if not k.startswith("Patch-"):
             assert torch.allclose(torch.softmax(whole_logits[k].float(), 1), whole[k], atol=1e-6)
+
+
+@pytest.mark.parametrize("bf16", [False, True])
+def test_predict_with_a_margin_gives_the_cropped_maps_of_the_whole_input(monkeypatch: pytest.MonkeyPatch, bf16: bool) -> None:
+    """The engine's call: the segmentation maps of the input less ``margin`` on every side, the
+    tail computed in strips over the core only: under bf16 autocast bit for bit the crop of the
+    whole maps, in float32 up to float rounding; patch maps untouched."""
+    import wsi_mtl.network.model as net_model
+
+    model = load_model(Path(__file__).resolve().parents[1] / "models" / "wsimtl-small")
+    torch.manual_seed(0)
+    x = (torch.rand(1, 3, 352, 288) * 255).contiguous(memory_format=torch.channels_last)
+    m = 32
+    monkeypatch.setattr(net_model, "FULL_RES_STRIP_ROWS", 128)  # 288 core rows: strips of 128, 128, 32
+    with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+        whole, core = model.predict(x), model.predict(x, margin=m)
+    for name, p in whole.items():
+        if name in model.config.patch_heads:
+            assert torch.equal(core[name], p), name
+            continue
+        crop = p[..., m:-m, m:-m]
+        assert core[name].shape == crop.shape, name
+        if bf16:
+            assert torch.equal(core[name], crop), name
+        else:
+            torch.testing.assert_close(core[name], crop, atol=1e-5, rtol=0)
+    for bad in (-2, 3, 144):
+        with pytest.raises(ValueError, match="margin"):
+            model.predict(x, margin=bad)

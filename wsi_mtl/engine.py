@@ -7,6 +7,7 @@ thread turns each batch's cores into zarr chunks and records them in the resume 
 
 from __future__ import annotations
 
+import inspect
 import logging
 import math
 import queue
@@ -26,7 +27,6 @@ from tqdm.auto import tqdm
 from .devices import cpu_count, resolve_device, resolve_precision  # re-exported: engine's public names
 from .errors import DamagedRegionError
 from .malloc import release_if_grown
-from .network.model import MultiTaskNet
 from .network.tta import predict_tta
 from .store import PredictionStore
 from .tiling import Tile, TileGrid
@@ -170,6 +170,15 @@ class _Writer(threading.Thread):
             raise self.error
 
 
+def _takes_margin(model: Any) -> bool:
+    """Whether ``model.predict`` computes the maps of a tile's core itself (a ``margin`` parameter:
+    torch's :class:`~wsi_mtl.network.MultiTaskNet`; an exported graph computes whole tiles)."""
+    try:
+        return "margin" in inspect.signature(model.predict).parameters
+    except (AttributeError, TypeError, ValueError):
+        return False
+
+
 def _cores_to_uint8(probs: dict[str, torch.Tensor], grid: TileGrid, tiles: list[Tile], cell_px: dict[str, int]) -> list[dict[str, np.ndarray]]:
     """Crop each tile's core out of the batch outputs and quantise it to uint8 (round(255 * p)).
 
@@ -234,8 +243,7 @@ def run_inference(
 
         model, stats.runtime = make_runner(model, resolve_runtime(runtime, device, model), precision=precision)
     cell_px = {h.name: h.cell_px for h in store.heads}
-    # torch's model computes the segmentation maps of the cores only (an exported graph, whole tiles)
-    margin = grid.margin_px if isinstance(model, MultiTaskNet) else 0
+    margin = grid.margin_px if _takes_margin(model) else 0
     t_start = time.perf_counter()
     writer = _Writer(store, on_tile=on_tile)
     writer.bar = tqdm(total=len(tiles), initial=stats.tiles_resumed, unit="tile", desc="tiles", disable=not progress, dynamic_ncols=True, smoothing=0.1)

@@ -108,7 +108,7 @@ def _child_network(slide_path: str, device: str, batch_size: int, precision: str
     t0, c0 = time.perf_counter(), time.process_time()
     with torch.inference_mode(), autocast:
         for x in batches:
-            model.predict(x)
+            model.predict(x, margin=m)  # as the engine calls it: the maps of the cores only
         if dev.type == "cuda":
             torch.cuda.synchronize()
     return {"network_s": time.perf_counter() - t0, "network_cpu_s": time.process_time() - c0, "tiles": len(tiles), "input_px": grid.input_px}

@@ -55,7 +55,7 @@ def test_recipe_runs_every_stage_records_them_and_skips_them_on_rerun(tmp_path):
     assert state["order"] == ["s1", "s2", "tune"]
     for name in ("s1", "s2"):
         rec = state["stages"][name]
-        assert rec["status"] == "done" and rec["steps"] == 2 and rec["minutes"] > 0 and rec["attempts"] == 1
+        assert rec["status"] == "done" and rec["steps"] == 2 and rec["minutes"] >= 0 and rec["attempts"] == 1  # minutes to 0.01: a tiny stage may round to 0
         assert rec["validation"]["step"] == 2 and "score" in rec["validation"] and "aji" in rec["validation"]["nuclei"]
         assert rec["started"] <= rec["ended"]
     assert state["stages"]["s2"]["init_from"] == str(runs / "s1" / "model")

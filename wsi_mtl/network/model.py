@@ -222,11 +222,36 @@ class UNetDecoder(nn.ModuleList):
             blocks.append(ConvBlock([c] * (params.full_res_convs + 1), 3))
         super().__init__(blocks)
 
-    def forward(self, x: torch.Tensor, skips: Sequence[torch.Tensor]) -> torch.Tensor:  # type: ignore[override]
-        for block, skip in zip(self, skips):
+    def forward(self, x: torch.Tensor, skips: Sequence[torch.Tensor],  # type: ignore[override]
+                window: tuple[int, int, int, int] | None = None) -> torch.Tensor:
+        """The decoded features; with ``window`` (y0, y1, x0, x1 on the last block's output grid)
+        only that window of them: the last block, the largest, runs there alone. Within the
+        block's reach (2 px) of a window edge that is not the map's edge the values are those of
+        a zero-padded crop: a caller widens its window by that much."""
+        last = len(skips) - 1
+        for i, (block, skip) in enumerate(zip(self, skips)):
+            if window is not None and i == last:
+                y0, y1, x0, x1 = window
+                return block(_upsampled_window(x, skip.shape[-2:], window) + skip[..., y0:y1, x0:x1])
             x = F.interpolate(x, size=skip.shape[-2:], mode="bilinear", align_corners=False)
             x = block(x.add_(skip))
         return x
+
+
+def _upsampled_window(x: torch.Tensor, size: Sequence[int], window: tuple[int, int, int, int]) -> torch.Tensor:
+    """``F.interpolate(x, size, bilinear)[..., y0:y1, x0:x1]`` from the input rows and columns
+    that window needs (one more on each side: the 2x weights read the neighbour), the same values.
+
+    A view of a new tensor. Sizes other than exactly 2x upsample the whole map.
+    """
+    y0, y1, x0, x1 = window
+    h, w = x.shape[-2:]
+    if tuple(size) != (2 * h, 2 * w):
+        return F.interpolate(x, size=tuple(size), mode="bilinear", align_corners=False)[..., y0:y1, x0:x1]
+    r0, r1 = max(0, y0 // 2 - 1), min(h, (y1 + 1) // 2 + 1)
+    c0, c1 = max(0, x0 // 2 - 1), min(w, (x1 + 1) // 2 + 1)
+    up = F.interpolate(x[..., r0:r1, c0:c1], size=(2 * (r1 - r0), 2 * (c1 - c0)), mode="bilinear", align_corners=False)
+    return up[..., y0 - 2 * r0 : y1 - 2 * r0, x0 - 2 * c0 : x1 - 2 * c0]
 
 
 class FineBranch(nn.Module):
@@ -352,6 +377,9 @@ FULL_RES_STRIP_ROWS = 256
 #: Context rows on each side of a strip (even; more than the tail's reach: 2 rows of refine, 3 of a
 #: fine branch, 1 of the 2x bilinear upsampling).
 _STRIP_HALO = 8
+#: Half-resolution px within which a window of the last decoder block differs from the whole
+#: map's (two 3x3 convs reach 2), with room to spare (even).
+_LAST_BLOCK_REACH = 4
 
 
 class MultiTaskNet(nn.Module):
@@ -465,19 +493,33 @@ class MultiTaskNet(nn.Module):
         seg_heads = {n: self.config.heads[n] for n in names if self.config.heads[n].kind != "patch"}
         if not seg_heads:
             return x4, {}
-        out, decoded = self._decode(feats, x, seg_heads)
+        window = self._tail_window(x, margin)
+        out, decoded = self._decode(feats, x, seg_heads, window=window)
         del feats  # the skips are not needed past the decoders
         if self._refine:
-            return x4, self._full_resolution(out, decoded, x, probabilities=probabilities, margin=margin)
+            origin = (0, 0) if window is None else (window[0], window[2])
+            return x4, self._full_resolution(out, decoded, x, probabilities=probabilities, margin=margin, origin=origin)
         if margin:
             h, w = x.shape[-2:]
             out = {n: t[..., margin : h - margin, margin : w - margin] for n, t in out.items()}
         return x4, {n: torch.softmax(t.float(), dim=1) for n, t in out.items()} if probabilities else out
 
-    def _decode(self, feats: list[torch.Tensor], x: torch.Tensor, seg_heads: Mapping[str, Any]) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    def _tail_window(self, x: torch.Tensor, margin: int) -> tuple[int, int, int, int] | None:
+        """The half-resolution window (y0, y1, x0, x1) whose decoder features the full-resolution
+        tail of the input less ``margin`` reads, widened by the last decoder block's reach (so its
+        values there are exact); None where the whole map is decoded (no margin, training, no tail)."""
+        if not margin or not self._refine or torch.is_grad_enabled():
+            return None
+        h, w = x.shape[-2] // 2, x.shape[-1] // 2
+        reach = _STRIP_HALO // 2 + _LAST_BLOCK_REACH
+        m = margin // 2
+        return max(0, m - reach), min(h, h - m + reach), max(0, m - reach), min(w, w - m + reach)
+
+    def _decode(self, feats: list[torch.Tensor], x: torch.Tensor, seg_heads: Mapping[str, Any],
+                window: tuple[int, int, int, int] | None = None) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
         """Each head's logits (half resolution for ``"refine"`` models) from the encoder's ``feats``;
         and the decoder features a fine branch still needs (the others are freed as soon as their
-        last head has its logits)."""
+        last head has its logits). With ``window`` (:meth:`_tail_window`) both cover that window only."""
         x0, x1, x2, x3, x4 = feats
         skips = [x3, x2, x1, x0]
         full = None if self.full_skip is None or self._refine else self.full_skip(x)  # refine: in the tail
@@ -494,7 +536,7 @@ class MultiTaskNet(nn.Module):
                 if head.decoder in self.private_encoder:
                     shallow = self.private_encoder[head.decoder](x)  # x0 .. x(private_stages - 1)
                     own = [*skips[: 4 - len(shallow)], *reversed(shallow), *skips[4:]]
-                decoded[head.decoder] = self.decoder_head[head.decoder](start, own)
+                decoded[head.decoder] = self.decoder_head[head.decoder](start, own, window=window)
                 del own
             if self._refine:
                 out[name] = self.output_head[head.decoder][head.out_key].x(decoded[head.decoder])
@@ -505,10 +547,11 @@ class MultiTaskNet(nn.Module):
         return out, decoded
 
     def _full_resolution(self, half: dict[str, torch.Tensor], decoded: dict[str, torch.Tensor], x: torch.Tensor, *,
-                         probabilities: bool = False, margin: int = 0) -> dict[str, torch.Tensor]:
+                         probabilities: bool = False, margin: int = 0, origin: tuple[int, int] = (0, 0)) -> dict[str, torch.Tensor]:
         """The full-resolution tail of a ``"refine"`` model (full skip, refine, fine branches) from
-        the half-resolution logits and decoder features: logits, or float32 softmax probabilities,
-        for the input less ``margin`` px on every side.
+        the half-resolution logits and decoder features (whose first row and column are ``origin``
+        of the half-resolution grid: a window of it, :meth:`_tail_window`): logits, or float32
+        softmax probabilities, for the input less ``margin`` px on every side.
 
         Without autograd a tall input goes through in strips of :data:`FULL_RES_STRIP_ROWS` rows,
         each computed with :data:`_STRIP_HALO` rows of context on both sides and cropped: every
@@ -523,12 +566,13 @@ class MultiTaskNet(nn.Module):
             out = self._tail(half, decoded, x, probabilities=probabilities)
             return {n: t[..., m : h - m, m : w - m] for n, t in out.items()} if m else out
         c0, c1 = max(0, m - _STRIP_HALO), min(w, w - m + _STRIP_HALO)  # even: w, the margin and the halo are
+        oy, ox = origin
         res: dict[str, torch.Tensor] = {}
         for r0 in range(m, h - m, FULL_RES_STRIP_ROWS):
             r1 = min(h - m, r0 + FULL_RES_STRIP_ROWS)
             e0, e1 = max(0, r0 - _STRIP_HALO), min(h, r1 + _STRIP_HALO)
-            part = self._tail({n: t[..., e0 // 2 : e1 // 2, c0 // 2 : c1 // 2] for n, t in half.items()},
-                              {d: t[..., e0 // 2 : e1 // 2, c0 // 2 : c1 // 2] for d, t in decoded.items()},
+            rows, cols = slice(e0 // 2 - oy, e1 // 2 - oy), slice(c0 // 2 - ox, c1 // 2 - ox)
+            part = self._tail({n: t[..., rows, cols] for n, t in half.items()}, {d: t[..., rows, cols] for d, t in decoded.items()},
                               x[..., e0:e1, c0:c1], probabilities=probabilities)
             for name, t in part.items():
                 if name not in res:

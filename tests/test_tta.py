@@ -132,3 +132,21 @@ def test_segment_applies_and_records_tta_and_refuses_bad_values(he_image, tmp_pa
     assert np.abs(maps[1] - maps[2]).max() > 2  # the flipped view changed the stored probabilities (beyond uint8 rounding)
     with pytest.raises(InputError, match="tta"):
         segment_slide(slide, tmp_path / "bad", tile_size=256, objects=False, progress=False, tta=3)
+
+
+def test_views_with_a_margin_average_the_cropped_maps() -> None:
+    """The engine's call with --tta: each view computes its cores only; under bf16 autocast the
+    average is bit for bit the crop of the whole maps' average (the crop is the same on every side,
+    so it commutes with every view)."""
+    from pathlib import Path
+
+    from wsi_mtl.network import load_model
+
+    model = load_model(Path(__file__).resolve().parents[1] / "models" / "wsimtl-small")
+    x = (torch.rand(1, 3, 320, 320, generator=torch.Generator().manual_seed(2)) * 255).contiguous(memory_format=torch.channels_last)
+    m = 64
+    with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16):
+        whole, core = predict_tta(model, x, views=8), predict_tta(model, x, views=8, margin=m)
+    for name, p in whole.items():
+        want = p if name in model.config.patch_heads else p[..., m:-m, m:-m]
+        assert torch.equal(core[name], want), name

@@ -663,7 +663,7 @@ class MultiTaskNet(nn.Module):
         so the centre cell of a 1-patch tile equals the Cerberus centre-crop result.
         Works under ``torch.autocast``; outputs are always float32. ``heads`` as in ``forward``.
         """
-        if margin < 0 or margin % 2 or 2 * margin >= min(x.shape[-2:]):
+        if margin and (margin < 0 or margin % 2 or 2 * margin >= min(x.shape[-2:])):  # no shape guard for exporters at 0
             raise ValueError(f"margin must be even, >= 0 and less than half the input's side, not {margin}")
         names = self._select(heads)
         x4, seg = self._features(x, names, probabilities=True, margin=margin)

@@ -243,7 +243,7 @@ def run_inference(
 
         model, stats.runtime = make_runner(model, resolve_runtime(runtime, device, model), precision=precision)
     cell_px = {h.name: h.cell_px for h in store.heads}
-    margin = grid.margin_px if _takes_margin(model) else 0
+    margin = grid.margin_px if _takes_margin(model) and grid.margin_px % 2 == 0 else 0  # odd: whole tiles, cropped here
     t_start = time.perf_counter()
     writer = _Writer(store, on_tile=on_tile)
     writer.bar = tqdm(total=len(tiles), initial=stats.tiles_resumed, unit="tile", desc="tiles", disable=not progress, dynamic_ncols=True, smoothing=0.1)

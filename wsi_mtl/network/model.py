@@ -96,8 +96,8 @@ def _traced() -> bool:
 def _fused_conv_relu(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, conv: nn.Conv2d) -> torch.Tensor | None:
     """``relu(conv2d(x, w, b))`` as one oneDNN call, or None where it does not apply.
 
-    It applies without autograd to channels_last CPU input under bfloat16 autocast (the CPU
-    default; arguments cast as autocast casts a conv's), where it is ~3-10% faster. ReLU commutes
+    It applies without autograd to channels_last CPU input under bfloat16 autocast (the default on
+    CPUs with native bf16; arguments cast as autocast casts a conv's), where it is ~3-10% faster. ReLU commutes
     with the rounding to bfloat16, and the maps are those of the two separate steps bit for bit
     (``tests/test_network.py``; in float32 oneDNN may pick another kernel whose sums differ in the
     last bits, and the gain is nil, so float32 runs the steps apart).
@@ -382,6 +382,13 @@ _STRIP_HALO = 8
 _LAST_BLOCK_REACH = 4
 
 
+def _tail_reads(side: int, margin: int) -> tuple[int, int]:
+    """The full-resolution rows (or columns) ``[lo, hi)`` of a ``side`` px input that the tail of its
+    core (the input less ``margin`` px each side) reads: the core and the strip halo, within the
+    input (even where ``side`` and ``margin`` are, as the half-resolution slices need)."""
+    return max(0, margin - _STRIP_HALO), min(side, side - margin + _STRIP_HALO)
+
+
 class MultiTaskNet(nn.Module):
     """Cerberus-style multi-task network built from a :class:`ModelConfig`.
 
@@ -510,10 +517,11 @@ class MultiTaskNet(nn.Module):
         values there are exact); None where the whole map is decoded (no margin, training, no tail)."""
         if not margin or not self._refine or torch.is_grad_enabled():
             return None
-        h, w = x.shape[-2] // 2, x.shape[-1] // 2
-        reach = _STRIP_HALO // 2 + _LAST_BLOCK_REACH
-        m = margin // 2
-        return max(0, m - reach), min(h, h - m + reach), max(0, m - reach), min(w, w - m + reach)
+        window: list[int] = []
+        for side in x.shape[-2:]:
+            lo, hi = _tail_reads(side, margin)
+            window += [max(0, lo // 2 - _LAST_BLOCK_REACH), min(side // 2, hi // 2 + _LAST_BLOCK_REACH)]
+        return window[0], window[1], window[2], window[3]
 
     def _decode(self, feats: list[torch.Tensor], x: torch.Tensor, seg_heads: Mapping[str, Any],
                 window: tuple[int, int, int, int] | None = None) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
@@ -565,7 +573,7 @@ class MultiTaskNet(nn.Module):
         if torch.is_grad_enabled() or (not m and h <= FULL_RES_STRIP_ROWS + 2 * _STRIP_HALO):
             out = self._tail(half, decoded, x, probabilities=probabilities)
             return {n: t[..., m : h - m, m : w - m] for n, t in out.items()} if m else out
-        c0, c1 = max(0, m - _STRIP_HALO), min(w, w - m + _STRIP_HALO)  # even: w, the margin and the halo are
+        c0, c1 = _tail_reads(w, m)
         oy, ox = origin
         res: dict[str, torch.Tensor] = {}
         for r0 in range(m, h - m, FULL_RES_STRIP_ROWS):

@@ -13,7 +13,7 @@ import zarr
 from wsi_mtl.export import write_label_images, write_table
 from wsi_mtl.export._labels import _draw_all
 from wsi_mtl.objects import COLUMNS, ObjectBatch
-from wsi_mtl.ome import level_count, write_pyramid
+from wsi_mtl.ome import level_count, write_chunk, write_pyramid
 from wsi_mtl.store import HeadLayout, PredictionStore
 
 pytest.importorskip("ome_zarr_models")
@@ -151,6 +151,39 @@ def test_pyramid_reads_block_by_block(tmp_path: Path, monkeypatch: pytest.Monkey
     monkeypatch.setattr(ome, "_reduce", lambda block, how: (seen.append(block.shape), reduce(block, how))[1])
     assert write_pyramid(group) == 3
     assert len(seen) == 6 * 5 + 3 * 3 and max(int(np.prod(s)) for s in seen) <= 2 * 512 * 512  # 2 x 2 chunks at a time
+
+
+@pytest.mark.parametrize("dtype", ["uint8", "uint16", "int32"])
+def test_write_chunk_stores_what_zarr_stores(tmp_path: Path, dtype: str) -> None:
+    """write_chunk and plain assignment leave the same chunk files and values: empty chunks (all
+    fill) are not stored, partial edge chunks merge with what is there, rewrites replace."""
+    rng = np.random.default_rng(3)
+    stores = {}
+    for how in ("plain", "write_chunk"):
+        arr = zarr.create_array(tmp_path / how, shape=(2, 70, 50), chunks=(2, 32, 32), dtype=dtype, fill_value=7)
+        blocks = [((slice(None), slice(0, 32), slice(0, 32)), rng.integers(0, 9, (2, 32, 32))),
+                  ((slice(None), slice(0, 32), slice(32, 50)), np.full((2, 32, 18), 7)),  # all fill: not stored
+                  ((slice(None), slice(64, 70), slice(32, 50)), rng.integers(0, 9, (2, 6, 18))),  # edge chunk
+                  ((slice(None), slice(32, 64), slice(0, 32)), np.full((2, 32, 32), 3)),
+                  ((slice(None), slice(32, 64), slice(0, 32)), np.full((2, 32, 32), 7)),  # rewritten as fill: removed
+                  ((slice(None), slice(0, 16), slice(32, 48)), np.full((2, 16, 16), 5))]  # part of a stored-empty chunk
+        rng = np.random.default_rng(3)
+        for sel, block in blocks:
+            block = block.astype(dtype)
+            if how == "plain":
+                arr[sel] = block
+            else:
+                write_chunk(arr, sel, block)
+        files = sorted(str(f.relative_to(tmp_path / how)) for f in (tmp_path / how).rglob("*") if f.is_file() and "c" in f.parts)
+        stores[how] = (files, arr[...])
+    assert stores["plain"][0] == stores["write_chunk"][0] and len(stores["plain"][0]) == 3
+    assert np.array_equal(stores["plain"][1], stores["write_chunk"][1])
+    # a fresh chunk: a block of fill values is not written (nor read back differently)
+    arr = zarr.create_array(tmp_path / "fresh", shape=(2, 64, 64), chunks=(2, 32, 32), dtype=dtype, fill_value=7)
+    write_chunk(arr, (slice(None), slice(0, 32), slice(0, 32)), np.full((2, 32, 32), 7, dtype), fresh=True)
+    write_chunk(arr, (slice(None), slice(32, 64), slice(0, 32)), np.full((2, 32, 32), 1, dtype), fresh=True)
+    assert [f.name for f in (tmp_path / "fresh").rglob("*") if f.is_file() and "c" in f.parts] == ["0"]
+    assert np.array_equal(arr[:, 32:, :32], np.ones((2, 32, 32))) and np.all(arr[:, :32] == 7)
 
 
 def test_mean_reduction_of_odd_edges() -> None:

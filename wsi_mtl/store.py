@@ -23,7 +23,7 @@ from zarr.codecs import BloscCodec
 
 from .atomic import output_error
 from .errors import OutputError
-from .ome import image_attrs, write_image_index, write_pyramid
+from .ome import image_attrs, write_chunk, write_image_index, write_pyramid
 from .results import PREDICTIONS
 from .tiling import Tile
 
@@ -174,7 +174,7 @@ class PredictionStore:
                 data = outputs[head.name]
                 cell = head.cell_px
                 y0, x0 = tile.y0 // cell, tile.x0 // cell
-                self.root[head.name]["0"][:, y0 : y0 + data.shape[1], x0 : x0 + data.shape[2]] = data
+                write_chunk(self.root[head.name]["0"], (slice(None), slice(y0, y0 + data.shape[1]), slice(x0, x0 + data.shape[2])), data)
         except OSError as exc:
             raise _output_error(exc, self.path) from exc
 

@@ -123,12 +123,16 @@ def _reduce(block: np.ndarray, how: Literal["mean", "nearest"]) -> np.ndarray:
     if h % 2 or w % 2:
         block = np.pad(block, [(0, 0)] * (block.ndim - 2) + [(0, h % 2), (0, w % 2)], mode="edge")
     wide = np.uint16 if block.dtype == np.uint8 else np.float64
-    total = block[..., ::2, ::2].astype(wide)
-    total += block[..., 1::2, ::2]
-    total += block[..., ::2, 1::2]
-    total += block[..., 1::2, 1::2]
+    h, w = block.shape[-2:]
+    pairs = block.reshape(*block.shape[:-2], h // 2, 2 * w)  # rows 2i and 2i + 1 side by side
+    rows = pairs[..., :w].astype(wide)
+    rows += pairs[..., w:]
+    cols = rows.reshape(*rows.shape[:-1], w // 2, 2)
+    total = cols[..., 0] + cols[..., 1]
     if wide is np.uint16:
-        return ((total + 2) >> 2).astype(block.dtype)
+        total += 2
+        total >>= 2
+        return total.astype(block.dtype)
     return np.floor(total / 4 + 0.5).astype(block.dtype)
 
 

@@ -522,3 +522,29 @@ def test_compiled_label_sizes_equal_bincount(monkeypatch):
         want = np.bincount(labels[labels > 0], minlength=length)
         np.testing.assert_array_equal(inst._sizes(labels, length), want)
     assert _compiled.label_counts(np.array([[0, 3]]), 3) is None
+
+
+def test_compiled_instance_type_equals_the_numpy_votes(monkeypatch):
+    """instance_type compiled (uint8 maps) gives the numpy version's classes and float32
+    probabilities bit for bit: ties (first class wins), never_class, ignore_class, pixels whose
+    other classes are all 0, labels absent from the map (NaN)."""
+    _compiled = _kernels_here(monkeypatch)
+    rng = np.random.default_rng(53)
+    checked = 0
+    for trial in range(30):
+        shape = (int(rng.integers(5, 60)), int(rng.integers(5, 60)))
+        labels = ndi.label(rng.random(shape) < 0.5)[0].astype([np.int32, np.int64][trial % 2])
+        if trial % 3 == 0:
+            labels[labels == 2] = 0  # an absent label
+        c = int(rng.integers(2, 6))
+        prob = rng.integers(0, 4, (c, *shape)).astype(np.uint8) * np.uint8(60)  # many ties and zeros
+        for ignore, never in ((0, None), (None, 0), (0, 0), (None, None), (1, c - 1)):
+            got = inst.instance_type(labels, prob, ignore_class=ignore, never_class=never)
+            monkeypatch.setattr(_compiled, "HAVE_NUMBA", False)
+            expect = inst.instance_type(labels, prob, ignore_class=ignore, never_class=never)
+            monkeypatch.setattr(_compiled, "HAVE_NUMBA", True)
+            np.testing.assert_array_equal(got[0], expect[0])
+            np.testing.assert_array_equal(got[1], expect[1])  # NaN where absent, on both
+            assert got[0].dtype == expect[0].dtype and got[1].dtype == expect[1].dtype
+            checked += len(expect[0])
+    assert checked > 1000

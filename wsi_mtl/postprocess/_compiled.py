@@ -37,7 +37,7 @@ from skimage.morphology import h_maxima as _sk_h_maxima
 import importlib.util
 import os
 
-__all__ = ["available", "edt32", "smooth_and_peaks", "h_maxima_bool", "flood_components", "cut_at_peaks", "grow_ranks", "open_rows", "components", "block_means", "label_counts", "relabel_in_place", "trace_rings", "HAVE_NUMBA"]
+__all__ = ["available", "edt32", "smooth_and_peaks", "h_maxima_bool", "flood_components", "cut_at_peaks", "grow_ranks", "open_rows", "components", "block_means", "label_counts", "relabel_in_place", "trace_rings", "type_votes", "type_sums", "HAVE_NUMBA"]
 
 #: Whether numba (the ``fast`` extra) is installed and not switched off by the environment variable
 #: ``WSIMTL_NO_NUMBA=1`` (numba's LLVM adds ~140 MB to each process that cuts necks); it is
@@ -61,7 +61,7 @@ def _kernels() -> None:
     global HAVE_NUMBA, _ready, _sift_down, _sift_up, _reconstruct, _edt, _reflect, _smooth_peaks
     global _push, _pop, _side, _flood, _flood_components, _label4, _cut_at_peaks, _box_table, _grow, _open
     global _next_run, _root, _runs, _boxes_of_runs, _components, _block_means, _label_counts, _relabel
-    global _shift_into, _row_spans, _ring_segments, _chain_rings
+    global _shift_into, _row_spans, _ring_segments, _chain_rings, _type_votes, _type_sums
     if _ready:
         return
     _ready = True
@@ -81,6 +81,7 @@ def _kernels() -> None:
     _label_counts, _relabel = jit(_label_counts_py), jit(_relabel_py)
     _shift_into, _row_spans = jit(_shift_into_py), jit(_row_spans_py)
     _ring_segments, _chain_rings = jit(_ring_segments_py), jit(_chain_rings_py)
+    _type_votes, _type_sums = jit(_type_votes_py), jit(_type_sums_py)
 
 
 def h_maxima_bool(image: np.ndarray, h: float) -> np.ndarray:
@@ -731,6 +732,61 @@ def _label_counts_py(flat, length):  # noqa: ANN001, ANN202 (compiled helper)
     return counts, True
 
 
+def type_votes(labels: np.ndarray, prob: np.ndarray, n: int, never: int) -> np.ndarray:
+    """Votes (n + 1, C) of the pixels of labels 1..n for the class of their largest ``prob``
+    (uint8, (C, H, W)), the first of equal ones, class ``never`` (-1: none) excluded, as
+    ``np.argmax`` counts them; one pass, needs numba."""
+    _kernels()
+    return _type_votes(np.ascontiguousarray(labels), np.ascontiguousarray(prob), n, never)
+
+
+def _type_votes_py(labels, prob, n, never):  # noqa: ANN001, ANN202 (compiled helper)
+    c = prob.shape[0]
+    counts = np.zeros((n + 1, c), np.int64)
+    hgt, wid = labels.shape
+    for y in range(hgt):
+        for x in range(wid):
+            v = labels[y, x]
+            if v <= 0:
+                continue
+            best = -1
+            top = 0
+            for k in range(c):
+                if k != never and (best < 0 or prob[k, y, x] > top):
+                    best = k
+                    top = prob[k, y, x]
+            counts[v, best] += 1
+    return counts
+
+
+def type_sums(labels: np.ndarray, prob: np.ndarray, winner: np.ndarray, never: int) -> np.ndarray:
+    """Per label 0..len(winner) (entry 0 left 0), the float64 sum over its pixels, in raster order,
+    of ``prob[winner[label - 1]]`` (uint8, (C, H, W)); with ``never`` >= 0 each divided by the
+    pixel's sum over the other classes (1 / (C - 1) where that is 0). Needs numba."""
+    _kernels()
+    return _type_sums(np.ascontiguousarray(labels), np.ascontiguousarray(prob), np.asarray(winner, np.int64), never)
+
+
+def _type_sums_py(labels, prob, winner, never):  # noqa: ANN001, ANN202 (compiled helper)
+    c = prob.shape[0]
+    sums = np.zeros(winner.size + 1, np.float64)
+    hgt, wid = labels.shape
+    for y in range(hgt):
+        for x in range(wid):
+            v = labels[y, x]
+            if v <= 0:
+                continue
+            p = np.float64(prob[winner[v - 1], y, x])
+            if never >= 0:
+                among = np.float64(0.0)
+                for k in range(c):
+                    among += np.float64(prob[k, y, x])
+                among -= np.float64(prob[never, y, x])
+                p = p / among if among > 0 else 1.0 / (c - 1)
+            sums[v] += p
+    return sums
+
+
 def relabel_in_place(labels: np.ndarray, lut: np.ndarray) -> np.ndarray:
     """``labels[:] = lut[labels]`` for a C-contiguous ``labels`` of ``lut``'s dtype, without the
     temporary fancy indexing makes (a third of its time); needs numba."""
@@ -983,3 +1039,4 @@ _components, _block_means = _components_py, _block_means_py
 _label_counts, _relabel = _label_counts_py, _relabel_py
 _shift_into, _row_spans = _shift_into_py, _row_spans_py
 _ring_segments, _chain_rings = _ring_segments_py, _chain_rings_py
+_type_votes, _type_sums = _type_votes_py, _type_sums_py

@@ -987,6 +987,8 @@ def instance_type(
     c = type_prob.shape[0]
     if n == 0:
         return np.zeros(0, np.int32), np.zeros(0, np.float32)
+    if _compiled.available() and type_prob.dtype == np.uint8 and labels.ndim == 2:
+        return _instance_type_compiled(labels, type_prob, n, ignore_class, never_class)
     fg = labels > 0
     lab = labels[fg].astype(np.int64)
     probs = type_prob[:, fg]  # (C, m)
@@ -1012,6 +1014,24 @@ def instance_type(
     sizes = np.bincount(lab, minlength=n + 1)[1:]
     with np.errstate(invalid="ignore", divide="ignore"):
         mean = (sums / sizes / scale).astype(np.float32)
+    return winner, mean
+
+
+def _instance_type_compiled(labels: np.ndarray, type_prob: np.ndarray, n: int, ignore_class: int | None,
+                            never_class: int | None) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`instance_type` of uint8 probabilities in two compiled passes (votes, then the
+    winners' probabilities summed in the same order as ``np.bincount``): the same results."""
+    c = type_prob.shape[0]
+    never = never_class if never_class is not None and 0 <= never_class < c and c > 1 else -1
+    counts = _compiled.type_votes(labels, type_prob, n, never)[1:]
+    if ignore_class is not None and 0 <= ignore_class < c:
+        others = counts.sum(axis=1) - counts[:, ignore_class]
+        counts[others > 0, ignore_class] = -1
+    winner = np.argmax(counts, axis=1).astype(np.int32)
+    sums = _compiled.type_sums(labels, type_prob, winner, never)[1:]
+    sizes = _sizes(labels, n + 1)[1:]
+    with np.errstate(invalid="ignore", divide="ignore"):
+        mean = (sums / sizes / (1.0 if never >= 0 else _scale(type_prob))).astype(np.float32)
     return winner, mean
 
 

@@ -141,10 +141,8 @@ def labels_to_polygons(
         if not poly.is_valid:
             poly = _largest_polygon(shapely.make_valid(poly))
         polys[p] = poly
-    if simplify_px > 0:
-        polys = _simplify(polys, simplify_px * downsample)
-    polys = _fix_invalid(np.asarray(polys, dtype=object))
-    return ids, polys
+    polys = np.asarray(polys, dtype=object)
+    return ids, (_simplify(polys, simplify_px * downsample) if simplify_px > 0 else _fix_invalid(polys))
 
 
 def _ranges(starts: np.ndarray, sel: np.ndarray) -> np.ndarray:
@@ -155,11 +153,12 @@ def _ranges(starts: np.ndarray, sel: np.ndarray) -> np.ndarray:
 
 
 def _simplify(polys: np.ndarray, tolerance: float) -> np.ndarray:
-    """Douglas-Peucker (fast); topology-preserving simplification where that breaks a polygon."""
+    """Douglas-Peucker (fast); topology-preserving simplification where that breaks a polygon,
+    and those repaired where still invalid (the others were just found valid)."""
     out = shapely.simplify(polys, tolerance, preserve_topology=False)
     bad = ~shapely.is_valid(out) | shapely.is_empty(out) | (shapely.get_type_id(out) != 3)
     if bad.any():
-        out[bad] = shapely.simplify(polys[bad], tolerance, preserve_topology=True)
+        out[bad] = _fix_invalid(shapely.simplify(polys[bad], tolerance, preserve_topology=True))
     return out
 
 

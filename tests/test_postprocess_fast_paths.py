@@ -190,36 +190,6 @@ def test_watershed_wrapper_equals_skimage_watershed():
     assert split > 50
 
 
-def test_one_peak_proof_holds_where_it_fires(monkeypatch):
-    """Every crop _one_peak calls single-peaked has fewer than two h-maxima components by
-    skimage.morphology.h_maxima on the crop alone; it fires on many crops of random blob maps."""
-    from skimage.morphology import h_maxima
-
-    rng = np.random.default_rng(17)
-    seen: list = []
-    real = inst._one_peak
-
-    def spy(crops, h):
-        proven = real(crops, h)
-        seen.append((crops, h, proven))
-        return proven
-
-    monkeypatch.setattr(inst, "_one_peak", spy)
-    for trial in range(40):
-        blobs = ndi.gaussian_filter(rng.random((64, 80)), 1.5 + trial % 4) > 0.5
-        labels = ndi.label(blobs)[0].astype(np.int32)
-        for h in (0.3, 0.75, 1.5):
-            inst.split_at_necks(labels, h)
-    fired = total = 0
-    for crops, h, proven in seen:
-        for (_, _, obj, d), one in zip(crops, proven):
-            total += 1
-            if one:
-                fired += 1
-                assert ndi.label(h_maxima(d, h).astype(bool) & obj)[1] < 2
-    assert total > 100 and fired > total // 5
-
-
 def test_edt32_equals_scipy_edt_as_float32():
     rng = np.random.default_rng(8)
     for trial in range(60):
@@ -307,7 +277,7 @@ def test_compiled_smoothing_and_peaks_equal_scipy():
     assert tops > 100
 
 
-@pytest.mark.skipif(not __import__("wsi_mtl.postprocess._compiled", fromlist=["x"]).HAVE_NUMBA, reason="numba (the fast extra) not installed")
+@pytest.mark.skipif(not __import__("wsi_mtl.postprocess._compiled", fromlist=["x"]).HAVE_NUMBA, reason="numba not installed or switched off (WSIMTL_NO_NUMBA=1)")
 def test_nuclei_same_with_and_without_numba(monkeypatch):
     """Nuclei with neck cutting on random maps: the compiled steps change no label."""
     from wsi_mtl.postprocess import _compiled
@@ -380,7 +350,7 @@ def test_compiled_boxes_equal_find_objects(monkeypatch):
 @pytest.mark.parametrize("compiled", [False, True])
 def test_enclosed_background_equals_labelled_background(monkeypatch, compiled):
     """The boxes of background components that do not reach the edge, from row runs (compiled, or
-    the plain-Python kernel where numba is absent) and without the fast extra, are those of
+    the plain-Python kernel where numba is absent) and without numba, are those of
     ndi.label + find_objects, on label images with holes, touching objects, single rows and
     columns, all background and none."""
     from wsi_mtl.postprocess import _compiled
@@ -548,3 +518,39 @@ def test_compiled_instance_type_equals_the_numpy_votes(monkeypatch):
             assert got[0].dtype == expect[0].dtype and got[1].dtype == expect[1].dtype
             checked += len(expect[0])
     assert checked > 1000
+
+
+def test_reconstruction_queue_grows_without_changing_the_result(monkeypatch):
+    """The scan-and-queue reconstruction gives the same values when its queue starts at one item
+    (so it doubles many times) as with the default, on images whose values must travel against
+    both scan directions (winding corridors) and on random islands."""
+    _compiled = _kernels_here(monkeypatch)
+    _compiled._kernels()
+    rng = np.random.default_rng(59)
+    corridor = np.zeros((41, 41), np.float32)  # a serpentine path of positive pixels
+    corridor[1:-1:4, 1:-1] = 1
+    for k, r in enumerate(range(1, 37, 4)):
+        corridor[r : r + 4, 39 if k % 2 == 0 else 1] = 1
+    images = [corridor * np.float32(5) + rng.random(corridor.shape, np.float32) * corridor]
+    for _ in range(20):
+        img = ndi.gaussian_filter(rng.random((60, 70)), 2).astype(np.float32) * 10
+        img[rng.random(img.shape) < 0.2] = 0
+        images.append(img)
+    grew = 0
+    for img in images:
+        seed = np.where(img > 0, img - np.float32(rng.uniform(0.5, 3)), 0).astype(np.float32)
+        seed.flat[int(np.flatnonzero(img)[-1])] = img.flat[int(np.flatnonzero(img)[-1])]  # the last pixel high: it must travel back
+        full = _compiled._reconstruct(img, seed)
+        np.testing.assert_array_equal(_compiled._reconstruct(img, seed, 1), full)
+        grew += int((full > seed).sum() > 1)
+    assert grew > 10
+    # the corridor: the value of its last pixel reaches its first, along every bend
+    seed = np.zeros(corridor.shape, np.float32)
+    last = np.argwhere(corridor > 0)[-1]
+    seed[tuple(last)] = 4
+    rec = _compiled._reconstruct(corridor * np.float32(5), seed, 1)
+    assert rec[1, 1] == 4 and (rec[corridor > 0] == 4).all()
+    # the doubling keeps a wrapped-around queue's items in order
+    wrapped = np.array([5, 6, 7, 1, 2, 3, 4], np.int64)
+    grown = _compiled._grown_queue(wrapped, 3, 7)
+    assert grown.size == 14 and grown[:7].tolist() == [1, 2, 3, 4, 5, 6, 7]

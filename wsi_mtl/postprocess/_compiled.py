@@ -1,4 +1,4 @@
-"""Compiled (numba, the ``fast`` extra) versions of post-processing steps, with the same results.
+"""Compiled (numba) versions of post-processing steps, with the same results.
 
 Row runs (:func:`components`): each row's runs of True are found once; components join the runs
 of consecutive rows that overlap (union-find, the earliest run the root, so the numbers follow
@@ -21,12 +21,12 @@ distances, so the same float32 values as scipy's whatever feature pixel it picks
 :func:`h_maxima_bool`: ``skimage.morphology.h_maxima`` (3x3 footprint) of a non-negative float32
 image. The h-maxima are ``image - rec >= h`` where ``rec`` is the grey reconstruction by dilation of
 ``image - h - resolution`` under ``image``. skimage sorts every pixel of the image for it; here,
-with numba (the ``fast`` extra), each 8-connected island of positive pixels is flooded on its own
-by a priority queue (the highest reconstructed value first, as in Dijkstra's algorithm for the
-widest path), which touches only the island's pixels. Islands meet only through pixels of value 0,
-so all they receive from one another is the constant ``min(max(seed), 0)``. Reconstruction values
-are seeds or image values, never computed, so the result is exactly skimage's
-(``tests/test_postprocess_fast_paths.py``). Without numba, or for other images, skimage is called.
+with numba, the positive pixels are reconstructed by two raster scans and a
+first-in first-out queue (Vincent's hybrid algorithm), never through a zero. Islands of positive
+pixels meet only through pixels of value 0, so all they receive from one another is the constant
+``min(max(seed), 0)``. Reconstruction values are seeds or image values, never computed, so the
+result is exactly skimage's (``tests/test_postprocess_fast_paths.py``). Without numba, or for
+other images, skimage is called.
 """
 
 from __future__ import annotations
@@ -39,7 +39,7 @@ import os
 
 __all__ = ["available", "edt32", "smooth_and_peaks", "h_maxima_bool", "flood_components", "cut_at_peaks", "grow_ranks", "open_rows", "components", "block_means", "label_counts", "relabel_in_place", "trace_rings", "type_votes", "type_sums", "HAVE_NUMBA"]
 
-#: Whether numba (the ``fast`` extra) is installed and not switched off by the environment variable
+#: Whether numba is installed and not switched off by the environment variable
 #: ``WSIMTL_NO_NUMBA=1`` (numba's LLVM adds ~140 MB to each process that cuts necks); it is
 #: imported, and the kernels compiled or loaded from numba's cache, on first use only.
 try:
@@ -58,10 +58,10 @@ def available() -> bool:
 
 def _kernels() -> None:
     """Replace the plain-Python kernels by numba's (``cache=True``), once; without numba they stay."""
-    global HAVE_NUMBA, _ready, _sift_down, _sift_up, _reconstruct, _edt, _reflect, _smooth_peaks
+    global HAVE_NUMBA, _ready, _reconstruct, _edt, _reflect, _smooth_peaks
     global _push, _pop, _side, _flood, _flood_components, _label4, _cut_at_peaks, _box_table, _grow, _open
     global _next_run, _root, _runs, _boxes_of_runs, _components, _block_means, _label_counts, _relabel
-    global _shift_into, _row_spans, _ring_segments, _chain_rings, _type_votes, _type_sums
+    global _shift_into, _row_spans, _ring_segments, _chain_rings, _type_votes, _type_sums, _grown_queue
     if _ready:
         return
     _ready = True
@@ -71,7 +71,7 @@ def _kernels() -> None:
         HAVE_NUMBA = False
         return
     jit = numba.njit(cache=True, nogil=True)
-    _sift_down, _sift_up, _reflect = jit(_sift_down_py), jit(_sift_up_py), jit(_reflect_py)
+    _reflect = jit(_reflect_py)
     _reconstruct, _edt, _smooth_peaks = jit(_reconstruct_py), jit(_edt_py), jit(_smooth_peaks_py)
     _push, _pop, _flood, _label4 = jit(_push_py), jit(_pop_py), jit(_flood_py), jit(_label4_py)
     _flood_components, _cut_at_peaks = jit(_flood_components_py), jit(_cut_at_peaks_py)
@@ -82,6 +82,7 @@ def _kernels() -> None:
     _shift_into, _row_spans = jit(_shift_into_py), jit(_row_spans_py)
     _ring_segments, _chain_rings = jit(_ring_segments_py), jit(_chain_rings_py)
     _type_votes, _type_sums = jit(_type_votes_py), jit(_type_sums_py)
+    _grown_queue = jit(_grown_queue_py)
 
 
 def h_maxima_bool(image: np.ndarray, h: float) -> np.ndarray:
@@ -243,99 +244,74 @@ def _smooth_peaks_py(dist: np.ndarray, core: np.ndarray, w: np.ndarray) -> tuple
     return out, peaks
 
 
-def _reconstruct_py(image: np.ndarray, seed: np.ndarray) -> np.ndarray:
-    """Grey reconstruction by dilation (8-connectivity) of ``seed`` under ``image`` inside each
-    island of positive pixels (paths through zeros are the caller's); zeros keep their seed."""
+def _reconstruct_py(image: np.ndarray, seed: np.ndarray, cap: int = 1024) -> np.ndarray:
+    """Grey reconstruction by dilation (8-connectivity) of ``seed`` under ``image`` by Vincent's
+    hybrid algorithm (1993): a raster scan and an anti-raster scan, each taking the largest of the
+    pixel's own and its already scanned 8-neighbours' values (capped by ``image``), then a
+    first-in first-out propagation (a circular queue of ``cap`` items, doubled when full) from the
+    pixels the second scan leaves above a neighbour it could raise. Only pixels with ``image > 0``
+    take part (islands; paths through zeros are the caller's); zeros keep their seed."""
     hgt, wid = image.shape
-    n = hgt * wid
-    img = image.ravel()
-    rec = seed.ravel().copy()
-    island = np.full(n, -1, np.int32)  # pixel -> position in the heap of its island, -1 = out
-    done = np.zeros(n, np.bool_)
-    seen = np.zeros(n, np.bool_)
-    members = np.empty(n, np.int32)
-    heap = np.empty(n, np.int32)
-    drs = np.array([-1, -1, -1, 0, 0, 1, 1, 1], np.int64)
-    dcs = np.array([-1, 0, 1, -1, 1, -1, 0, 1], np.int64)
-    for start in range(n):
-        if seen[start] or img[start] <= 0:
-            continue
-        # the island: a depth-first walk over positive 8-neighbours
-        seen[start] = True
-        members[0] = start
-        m = 1
-        k = 0
-        while k < m:
-            p = members[k]
-            k += 1
-            r, c = p // wid, p % wid
-            for j in range(8):
-                rr, cc = r + drs[j], c + dcs[j]
-                if 0 <= rr < hgt and 0 <= cc < wid:
-                    q = rr * wid + cc
-                    if not seen[q] and img[q] > 0:
-                        seen[q] = True
-                        members[m] = q
-                        m += 1
-        for i in range(m):
-            heap[i] = members[i]
-            island[members[i]] = i
-        for i in range(m // 2 - 1, -1, -1):
-            _sift_down(heap, island, rec, i, m)
-        size = m
-        while size > 0:
-            p = heap[0]
-            size -= 1
-            island[p] = -1
-            done[p] = True
-            if size > 0:
-                heap[0] = heap[size]
-                island[heap[0]] = 0
-                _sift_down(heap, island, rec, 0, size)
-            top = rec[p]
-            r, c = p // wid, p % wid
-            for j in range(8):
-                rr, cc = r + drs[j], c + dcs[j]
-                if 0 <= rr < hgt and 0 <= cc < wid:
-                    q = rr * wid + cc
-                    if done[q] or img[q] <= 0:
-                        continue
-                    cand = top if top < img[q] else img[q]
-                    if cand > rec[q]:
-                        rec[q] = cand
-                        _sift_up(heap, island, rec, island[q])
-    return rec.reshape(hgt, wid)
+    rec = seed.copy()
+    for y in range(hgt):  # raster: neighbours above and to the left
+        for x in range(wid):
+            if image[y, x] <= 0:
+                continue
+            m = rec[y, x]
+            for dy, dx in ((-1, -1), (-1, 0), (-1, 1), (0, -1)):
+                yy, xx = y + dy, x + dx
+                if 0 <= yy and 0 <= xx < wid and image[yy, xx] > 0 and rec[yy, xx] > m:
+                    m = rec[yy, xx]
+            rec[y, x] = m if m < image[y, x] else image[y, x]
+    queue = np.empty(cap, np.int64)
+    head = 0
+    size = 0
+    for y in range(hgt - 1, -1, -1):  # anti-raster: neighbours below and to the right
+        for x in range(wid - 1, -1, -1):
+            if image[y, x] <= 0:
+                continue
+            m = rec[y, x]
+            for dy, dx in ((1, 1), (1, 0), (1, -1), (0, 1)):
+                yy, xx = y + dy, x + dx
+                if yy < hgt and 0 <= xx < wid and image[yy, xx] > 0 and rec[yy, xx] > m:
+                    m = rec[yy, xx]
+            v = m if m < image[y, x] else image[y, x]
+            rec[y, x] = v
+            for dy, dx in ((1, 1), (1, 0), (1, -1), (0, 1)):
+                yy, xx = y + dy, x + dx
+                if yy < hgt and 0 <= xx < wid and image[yy, xx] > 0 and rec[yy, xx] < v and rec[yy, xx] < image[yy, xx]:
+                    if size == cap:
+                        queue, head, cap = _grown_queue(queue, head, size), 0, 2 * cap
+                    queue[(head + size) % cap] = y * wid + x
+                    size += 1
+                    break
+    while size > 0:
+        p = queue[head]
+        head = (head + 1) % cap
+        size -= 1
+        y, x = p // wid, p % wid
+        v = rec[y, x]
+        for dy in range(-1, 2):
+            for dx in range(-1, 2):
+                yy, xx = y + dy, x + dx
+                if (dy == 0 and dx == 0) or not (0 <= yy < hgt and 0 <= xx < wid):
+                    continue
+                lim = image[yy, xx]
+                if lim > 0 and rec[yy, xx] < v and rec[yy, xx] != lim:
+                    rec[yy, xx] = v if v < lim else lim
+                    if size == cap:
+                        queue, head, cap = _grown_queue(queue, head, size), 0, 2 * cap
+                    queue[(head + size) % cap] = yy * wid + xx
+                    size += 1
+    return rec
 
 
-def _sift_down_py(heap, where, key, i, size):  # noqa: ANN001, ANN202 (compiled helper)
-    """Max-heap by ``key[heap[.]]``; ``where`` tracks each pixel's position."""
-    while True:
-        left = 2 * i + 1
-        if left >= size:
-            return
-        big = left
-        right = left + 1
-        if right < size and key[heap[right]] > key[heap[left]]:
-            big = right
-        if key[heap[big]] <= key[heap[i]]:
-            return
-        a, b = heap[i], heap[big]
-        heap[i], heap[big] = b, a
-        where[b] = i
-        where[a] = big
-        i = big
-
-
-def _sift_up_py(heap, where, key, i):  # noqa: ANN001, ANN202 (compiled helper)
-    while i > 0:
-        parent = (i - 1) // 2
-        if key[heap[parent]] >= key[heap[i]]:
-            return
-        a, b = heap[i], heap[parent]
-        heap[i], heap[parent] = b, a
-        where[b] = i
-        where[a] = parent
-        i = parent
+def _grown_queue_py(queue, head, size):  # noqa: ANN001, ANN202 (compiled helper)
+    """A circular queue's ``size`` items from ``head``, in order, at the start of one twice as long."""
+    out = np.empty(2 * queue.size, np.int64)
+    for i in range(size):
+        out[i] = queue[(head + i) % queue.size]
+    return out
 
 
 def flood_components(surface: np.ndarray, markers: np.ndarray, components: np.ndarray, which: np.ndarray,
@@ -1030,7 +1006,7 @@ def _block_means_py(prob, f):  # noqa: ANN001, ANN202 (compiled helper)
 
 
 # plain Python until _kernels() compiles them
-_sift_down, _sift_up, _reflect = _sift_down_py, _sift_up_py, _reflect_py
+_reflect = _reflect_py
 _reconstruct, _edt, _smooth_peaks = _reconstruct_py, _edt_py, _smooth_peaks_py
 _push, _pop, _flood, _label4 = _push_py, _pop_py, _flood_py, _label4_py
 _flood_components, _cut_at_peaks, _box_table, _grow, _side = _flood_components_py, _cut_at_peaks_py, _box_table_py, _grow_py, _side_py
@@ -1040,3 +1016,4 @@ _label_counts, _relabel = _label_counts_py, _relabel_py
 _shift_into, _row_spans = _shift_into_py, _row_spans_py
 _ring_segments, _chain_rings = _ring_segments_py, _chain_rings_py
 _type_votes, _type_sums = _type_votes_py, _type_sums_py
+_grown_queue = _grown_queue_py

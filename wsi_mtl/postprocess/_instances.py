@@ -96,7 +96,7 @@ def _relabel_sequential(labels: np.ndarray) -> np.ndarray:
 
 def relabeled(labels: np.ndarray, lut: np.ndarray) -> np.ndarray:
     """``lut[labels]`` (a new C-ordered array of ``lut``'s dtype) for non-negative integer labels
-    below ``len(lut)``: a copy renumbered in place with the fast extra (half the time of the
+    below ``len(lut)``: a copy renumbered in place with numba (half the time of the
     gather, which makes a temporary index array)."""
     if _compiled.available() and labels.ndim == 2 and labels.dtype.kind in "iu" and lut.dtype.kind in "iu":
         return _compiled.relabel_in_place(np.array(labels, dtype=lut.dtype, order="C"), lut)
@@ -206,12 +206,9 @@ def _split_at_necks(labels: np.ndarray, h: float, skip: np.ndarray | None = None
         wide = (slice(sl[0].start, sl[0].stop + 2), slice(sl[1].start, sl[1].stop + 2))
         obj = labels_p[wide] == i
         crops.append((int(i), sl, obj, np.where(obj, dist_p[wide], 0)))
-    crops = [c for c, one in zip(crops, _one_peak(crops, h)) if not one]
-    if not crops:
-        return labels
     places, shape = _shelf_pack([c[2].shape for c in crops])  # the canvas is ~2x smaller when crops go tallest first
     d_c = _on_canvas([c[3] for c in crops], places, shape)
-    peaks_c = h_maxima_bool(d_c, h)  # skimage's h_maxima; compiled with the fast extra
+    peaks_c = h_maxima_bool(d_c, h)  # skimage's h_maxima; compiled with numba
     if _compiled.available():
         return _cut_compiled(labels, crops, d_c, peaks_c, places, shape, n + 1)
     several = _several_maxima(peaks_c, [c[2] for c in crops], places, shape)
@@ -252,12 +249,6 @@ def _several_maxima(peaks_c: np.ndarray, objs: list[np.ndarray], places: list[tu
     return np.bincount(owner[1:], minlength=len(objs) + 1)[1:] >= 2
 
 
-#: Margin (px of distance) of the proof in :func:`_one_peak`: well above float32 rounding and
-#: h_maxima's own allowance (2e-6 x the value) for distances below ``_PROOF_MAX``.
-_PROOF_EPS = 1e-3
-_PROOF_MAX = 100.0
-
-
 def _on_canvas(images: list[np.ndarray], places: list[tuple[int, int]], shape: tuple[int, int]) -> np.ndarray:
     canvas = np.zeros(shape, images[0].dtype)
     for img, (r, c) in zip(images, places):
@@ -265,61 +256,9 @@ def _on_canvas(images: list[np.ndarray], places: list[tuple[int, int]], shape: t
     return canvas
 
 
-def _one_peak(crops: list, h: float) -> np.ndarray:
-    """For each crop (label, box, object mask, distances), whether it provably has fewer than two
-    h-maxima, so that neck cutting would leave it whole.
-
-    With ``e`` = :data:`_PROOF_EPS` and ``v`` the crop's maximum: a pixel ``p`` with
-    ``d(p) <= v - e`` is not an h-maximum when a path inside the object joins it to a maximum
-    pixel and never drops below ``d(p) - h + e / 2`` (the reconstruction lifts ``p`` at least that
-    high, so ``d(p) - rec(p) < h``). A pixel with a neighbour ``e`` higher has such a path, so only
-    the near-local-maxima ``P`` below ``v - e`` need one; one level, ``max d(P) - h + e / 2``,
-    serves them all (a lower level only joins more). The pixels above ``v - e`` must be one
-    4-connected plateau of equal values (all h-maxima or none). Everything else goes to
-    ``h_maxima``.
-    """
-    eps, half = _PROOF_EPS, _PROOF_EPS / 2
-    places, shape = _shelf_pack([c[2].shape for c in crops])
-    d = _on_canvas([c[3] for c in crops], places, shape)
-    ids = _on_canvas([np.where(c[2], k + 1, 0).astype(np.int32) for k, c in enumerate(crops)], places, shape)
-    obj = ids > 0
-    n = len(crops)
-    top = np.zeros(n + 1, np.float32)
-    top[1:] = [float(c[3].max()) for c in crops]
-    proven = top[1:] < _PROOF_MAX
-    top_c = top[ids]
-    # the top: one 4-connected plateau of the maximum value
-    near_top = obj & (d > top_c - eps)
-    proven &= np.bincount(ids[near_top & (d != top_c)], minlength=n + 1)[1:] == 0
-    plateaus, n_plateaus = ndi.label(near_top)
-    if n_plateaus:
-        first = ndi.find_objects(plateaus)
-        owner = np.array([ids[sl][plateaus[sl] == k + 1][0] for k, sl in enumerate(first)])
-        proven &= np.bincount(owner, minlength=n + 1)[1:] == 1
-    # near-local-maxima below the top (non-object pixels are 0 and never higher)
-    low = obj & ~near_top & (ndi.maximum_filter(d, size=3, mode="constant") < d + eps)
-    has_low = np.bincount(ids[low], minlength=n + 1)[1:] > 0
-    if not has_low.any():
-        return proven
-    level = np.full(n + 1, -np.inf, np.float32)
-    np.maximum.at(level, ids[low], d[low])
-    level = np.where(np.isfinite(level), level - h + half, np.inf).astype(np.float32)
-    level[0] = np.inf
-    proven &= ~has_low | (level[1:] > 0)  # at or below 0 the ring of zeros would join in
-    joined, _ = ndi.label(obj & (d >= level[ids]), structure=np.ones((3, 3), bool))
-    check = low | near_top
-    comp, who = joined[check], ids[check]
-    lo = np.full(n + 1, np.iinfo(np.int32).max, np.int64)
-    hi = np.zeros(n + 1, np.int64)
-    np.minimum.at(lo, who, comp)
-    np.maximum.at(hi, who, comp)
-    proven &= ~has_low | ((lo[1:] == hi[1:]) & (lo[1:] > 0))
-    return proven
-
-
 def _smooth_and_peaks(edt: np.ndarray, core: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """The distance map neck cutting floods (``edt`` smoothed by :data:`NECK_SIGMA_PX`, 0 off
-    ``core``) and its local maxima on ``core`` (3x3); compiled with the fast extra, same values."""
+    ``core``) and its local maxima on ``core`` (3x3); compiled with numba, same values."""
     if _compiled.available() and core.ndim == 2 and core.size:
         return _compiled.smooth_and_peaks(edt, core, NECK_SIGMA_PX, NECK_REACH_PX)
     dist = ndi.gaussian_filter(edt, NECK_SIGMA_PX, truncate=NECK_REACH_PX / NECK_SIGMA_PX)
@@ -330,7 +269,7 @@ def _smooth_and_peaks(edt: np.ndarray, core: np.ndarray) -> tuple[np.ndarray, np
 def _edt32(mask: np.ndarray) -> np.ndarray:
     """``distance_transform_edt(mask).astype(np.float32)`` where ``mask`` has a False pixel:
     scipy's feature transform, with the distances (the same float64 square roots) taken from it
-    on the mask's pixels only; with numba (the fast extra), Meijster's exact transform."""
+    on the mask's pixels only; with numba, Meijster's exact transform."""
     if _compiled.available() and not mask.all():
         return _compiled.edt32(mask)
     near = ndi.distance_transform_edt(mask, return_distances=False, return_indices=True)
@@ -392,7 +331,7 @@ def _doomed(labels: np.ndarray, interior: np.ndarray, min_peak: float, min_area_
 
 def _sizes(labels: np.ndarray, length: int) -> np.ndarray:
     """Pixels per label (index = label, ``length`` entries; entry 0 is not counted): one compiled
-    pass with the fast extra, else counted over the object pixels only (most of a map is background)."""
+    pass with numba, else counted over the object pixels only (most of a map is background)."""
     if _compiled.available():
         counts = _compiled.label_counts(labels, length)
         if counts is not None:
@@ -414,7 +353,7 @@ def nuclei_foreground(inst_prob: np.ndarray, mask_threshold: float) -> np.ndarra
 
 def find_objects(labels: np.ndarray) -> list[tuple[slice, slice] | None]:
     """``ndi.find_objects(labels)`` for 2-D labels (None for a missing label); one compiled pass
-    with the fast extra, several times faster on a chunk-sized map."""
+    with numba, several times faster on a chunk-sized map."""
     n = int(labels.max(initial=0))
     if not _compiled.available() or labels.ndim != 2 or n == 0:
         return ndi.find_objects(labels)
@@ -425,7 +364,7 @@ def find_objects(labels: np.ndarray) -> list[tuple[slice, slice] | None]:
 def labelled_boxes(mask: np.ndarray, *, labels: bool = True) -> tuple[np.ndarray | None, np.ndarray]:
     """``ndi.label(mask)`` (4-connected, raster-ordered numbers) and the bounding box (row0, row1,
     col0, col1) of each component (row ``k`` for label ``k + 1``); without ``labels`` only the
-    boxes. One compiled pass over the row runs with the fast extra."""
+    boxes. One compiled pass over the row runs with numba."""
     if _compiled.available() and mask.ndim == 2:
         return _compiled.components(mask, labels=labels)
     comps, n = ndi.label(mask)
@@ -435,7 +374,7 @@ def labelled_boxes(mask: np.ndarray, *, labels: bool = True) -> tuple[np.ndarray
 
 def object_boxes(labels: np.ndarray, which: np.ndarray) -> np.ndarray:
     """Bounding boxes (row0, row1, col0, col1) of the labels ``which`` (each present), as
-    ``ndi.find_objects`` gives them; one compiled pass with the fast extra."""
+    ``ndi.find_objects`` gives them; one compiled pass with numba."""
     which = np.asarray(which, np.int64)
     if _compiled.available():
         return _compiled.boxes(labels, which)
@@ -500,8 +439,8 @@ def _nuclei_instances(
 def _flood_blobs(surface: np.ndarray, markers: np.ndarray, components: np.ndarray, which: np.ndarray,
                  labels: np.ndarray, offset: int) -> None:
     """Each blob ``c`` of ``which``: its pixels in ``labels`` become the watershed of ``surface``
-    from its markers on its bounding-box crop alone, plus ``offset`` (in place; compiled with the
-    fast extra, the same floods)."""
+    from its markers on its bounding-box crop alone, plus ``offset`` (in place; compiled with
+    numba, the same floods)."""
     if _compiled.available():
         _compiled.flood_components(surface, markers, components, which, labels, offset)
         return
@@ -684,7 +623,7 @@ def _shifted_rows(mask: np.ndarray, radius: int, erode: bool) -> np.ndarray:
 
 def _open_disk(mask: np.ndarray, radius: int) -> np.ndarray:
     """``scipy.ndimage.binary_opening(mask, structure=disk(radius))``, by rows of the disk
-    (compiled with the fast extra)."""
+    (compiled with numba)."""
     if _compiled.available() and mask.ndim == 2:
         return _compiled.open_rows(mask, np.array([half for _, half in _disk_rows(radius)]))
     return _shifted_rows(_shifted_rows(np.ascontiguousarray(mask, bool), radius, True), radius, False)
@@ -747,7 +686,7 @@ def _first_pixel_ranks(labels: np.ndarray, n: int, small: type) -> tuple[np.ndar
 def _grow_ranks(r: np.ndarray, steps: int) -> np.ndarray:
     """``steps`` times: each 0 pixel with a nonzero 8-neighbour takes the largest neighbour value
     (``maximum_filter(r, 3)`` kept only where ``r`` was 0), updating only the ring of pixels
-    reached at each step (compiled with the fast extra: two raster sweeps, the same result)."""
+    reached at each step (compiled with numba: two raster sweeps, the same result)."""
     if _compiled.available() and r.ndim == 2 and int(r.max(initial=0)) <= _compiled.GROW_MAX_RANK:
         return _compiled.grow_ranks(r, steps)
     h, w = r.shape
@@ -820,7 +759,7 @@ def grow_components(labels: np.ndarray, *, erosion_px: float, min_area_px: float
 def _keep_large(labels: np.ndarray, min_area_px: float, also: np.ndarray | None = None, *, in_place: bool = False) -> np.ndarray:
     """``_relabel_sequential(_remove_small(labels, min_area_px))`` with one count and one lookup;
     ``also`` (index = label), when given, must hold too (e.g. :func:`_drop_unconfident`'s test).
-    ``in_place``: int32 ``labels`` may be renumbered where they are (compiled, with the fast extra)."""
+    ``in_place``: int32 ``labels`` may be renumbered where they are (compiled with numba)."""
     sizes = _sizes(labels, int(labels.max(initial=0)) + 1)
     keep = sizes >= min_area_px if min_area_px > 0 else sizes > 0
     if also is not None:

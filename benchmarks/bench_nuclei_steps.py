@@ -8,7 +8,7 @@ and each against the network's time for the same tiles. Needs ``../shared/data``
 
 With ``--store PATH`` it instead reads the Nuclei-INST map of a ``predictions.zarr`` (e.g. from
 ``wsimtl segment SLIDE -o OUT --no-objects``) and prints nuclei per CPU second of the nuclei step
-with the model's tuned settings, with the compiled h-maxima (numba, the ``fast`` extra) and with
+with the model's tuned settings, with the compiled h-maxima (numba) and with
 skimage's, checks that both give the same labels, and prints the numba load/compile time (not
 counted in the rates; ``cache=True`` makes later runs load it from disk).
 

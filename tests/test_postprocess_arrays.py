@@ -224,7 +224,7 @@ def test_downsample_prob_equals_float_block_means(monkeypatch, compiled):
     from wsi_mtl.postprocess import _compiled
 
     if compiled and not _compiled.available():
-        pytest.skip("numba (the fast extra) is not installed")
+        pytest.skip("numba is not installed or is switched off (WSIMTL_NO_NUMBA=1)")
     if not compiled:
         monkeypatch.setattr(_compiled, "available", lambda: False)
     rng = np.random.default_rng(5)

@@ -2,7 +2,7 @@
 
 Equivalent to :func:`skimage.measure.find_contours` at level 0.5 on each object's binary mask
 (``fully_connected="high"``: diagonal neighbours join), but computed for all objects at once with
-numpy, which is what makes tracing hundreds of thousands of nuclei affordable (with the fast extra
+numpy, which is what makes tracing hundreds of thousands of nuclei affordable (with numba
 the same two steps, segments then rings, run compiled: ~2x faster, identical rings). Rings are oriented
 counter-clockwise around objects (positive shoelace area in (x, y)) and clockwise around holes.
 """

@@ -203,14 +203,27 @@ def _reflect_py(i: int, n: int) -> int:
 def _smooth_peaks_py(dist: np.ndarray, core: np.ndarray, w: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     hgt, wid = dist.shape
     r = w.size // 2
-    tmp = np.empty((hgt, wid), np.float32)
+    tmp = np.empty((hgt, wid), np.float32)  # read only within r columns of a core pixel of its row
     up = np.empty(r + 1, np.int64)
     down = np.empty(r + 1, np.int64)
+    near = np.empty(wid, np.bool_)
     for y in range(hgt):  # axis 0, along columns: each row's reflected neighbour rows once
         for j in range(1, r + 1):
             up[j] = _reflect(y - j, hgt)
             down[j] = _reflect(y + j, hgt)
+        last = -r - 1
         for x in range(wid):
+            if core[y, x]:
+                last = x
+            near[x] = x - last <= r
+        last = wid + r
+        for x in range(wid - 1, -1, -1):
+            if core[y, x]:
+                last = x
+            near[x] = near[x] or last - x <= r
+        for x in range(wid):
+            if not near[x]:
+                continue
             acc = np.float64(dist[y, x]) * w[r]
             for j in range(r, 0, -1):
                 acc += (np.float64(dist[up[j], x]) + np.float64(dist[down[j], x])) * w[r - j]

@@ -7,6 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import shapely
+from scipy import ndimage as ndi
 from skimage.draw import disk, ellipse
 
 from wsi_mtl.postprocess import (
@@ -499,3 +500,50 @@ def test_min_interior_drops_nuclei_the_network_is_unsure_of():
     kept = remove_unconfident_instances(lab, prob, 0.9)
     np.testing.assert_array_equal(kept, np.where(weak, 0, lab))
     np.testing.assert_array_equal(remove_unconfident_instances(lab, prob, 0.0), lab)
+
+
+def _several_rings_plain(labels: np.ndarray, holes: bool, downsample: float = 2.0) -> dict[int, bytes]:
+    """The polygons of objects traced as several rings, object by object (the definition that
+    labels_to_polygons builds for all at once): the largest ring (the first of equal ones) the
+    shell, the hole rings whose first point it contains the holes, made valid where needed."""
+    from wsi_mtl.postprocess._contours import trace_rings
+    from wsi_mtl.postprocess._polygons import _largest_polygon
+
+    top = int(labels.max())
+    want = np.bincount(labels.ravel(), minlength=top + 1) > 0
+    want[0] = False
+    ids = np.flatnonzero(want)
+    ring_label, coords, ring_start, area = trace_rings(labels, want)
+    xy = np.stack([(coords[:, 1] + 0.5) * downsample, (coords[:, 0] + 0.5) * downsample], axis=1)
+    pos = np.searchsorted(ids, ring_label)
+    out = {}
+    for p in np.flatnonzero(np.bincount(pos, minlength=len(ids)) > 1):
+        mine = np.flatnonzero(pos == p)
+        outer = mine[np.argmax(area[mine])]
+        shell = shapely.Polygon(xy[ring_start[outer] : ring_start[outer + 1]])
+        inner = [xy[ring_start[k] : ring_start[k + 1]] for k in mine[area[mine] < 0]
+                 if holes and shapely.contains_xy(shell, *xy[ring_start[k]])]
+        poly = shapely.Polygon(shell.exterior.coords, inner) if inner else shell
+        if not poly.is_valid:
+            poly = _largest_polygon(shapely.make_valid(poly))
+        out[int(ids[p])] = shapely.to_wkb(poly)
+    return out
+
+
+@pytest.mark.parametrize("holes", [True, False])
+def test_objects_of_several_rings_equal_the_per_object_definition(holes):
+    """Objects with holes, with several parts, and with both, on random maps: labels_to_polygons
+    (no simplification) gives each the per-object polygon, byte for byte."""
+    rng = np.random.default_rng(61)
+    checked = 0
+    for trial in range(25):
+        lab = ndi.label(ndi.gaussian_filter(rng.random((70, 80)), 1.5) > 0.5)[0].astype(np.int32)
+        lab[rng.random(lab.shape) < 0.08] = 0  # holes
+        lab[rng.random(lab.shape) < 0.02] = int(rng.integers(1, 5))  # stray pixels: several parts
+        expect = _several_rings_plain(lab, holes)
+        ids, polys = labels_to_polygons(lab, downsample=2.0, simplify_px=0, holes=holes)
+        got = dict(zip(ids.tolist(), shapely.to_wkb(polys).tolist()))
+        for i, wkb in expect.items():
+            assert got[i] == wkb, (trial, i)
+        checked += len(expect)
+    assert checked > 200

@@ -127,22 +127,53 @@ def labels_to_polygons(
         take = _ranges(ring_start, sel)
         rings = shapely.linearrings(xy[take], indices=np.repeat(np.arange(len(sel)), lengths[sel]))
         polys[pos[sel]] = shapely.polygons(rings)
-    for p in np.flatnonzero(n_rings > 1):
-        mine = np.flatnonzero(pos == p)
-        outer_k = mine[np.argmax(area[mine])]
-        shell = shapely.Polygon(xy[ring_start[outer_k] : ring_start[outer_k + 1]])
-        inner = []
-        if holes:
-            for k in mine[area[mine] < 0]:
-                ring = xy[ring_start[k] : ring_start[k + 1]]
-                if shapely.contains_xy(shell, ring[0, 0], ring[0, 1]):
-                    inner.append(ring)
-        poly = shapely.Polygon(shell.exterior.coords, inner) if inner else shell
-        if not poly.is_valid:
-            poly = _largest_polygon(shapely.make_valid(poly))
-        polys[p] = poly
+    if not simple_ring.all():
+        where, made = _several_rings(xy, ring_start, area, pos, np.flatnonzero(~simple_ring), holes)
+        polys[where] = made
     polys = np.asarray(polys, dtype=object)
     return ids, (_simplify(polys, simplify_px * downsample) if simplify_px > 0 else _fix_invalid(polys))
+
+
+def _rings_of(xy: np.ndarray, ring_start: np.ndarray, rings: np.ndarray) -> np.ndarray:
+    """LinearRings of the traced rings ``rings`` (indices), in that order."""
+    lengths = ring_start[rings + 1] - ring_start[rings]
+    return shapely.linearrings(xy[_ranges(ring_start, rings)], indices=np.repeat(np.arange(len(rings)), lengths))
+
+
+def _several_rings(xy: np.ndarray, ring_start: np.ndarray, area: np.ndarray, pos: np.ndarray, rings: np.ndarray,
+                   holes: bool) -> tuple[np.ndarray, np.ndarray]:
+    """The polygons of objects traced as several rings (``rings``: all their ring indices; ``pos``:
+    each ring's polygon index), all at once: the shell is the ring of largest area (the first of
+    equal ones), its holes (with ``holes``) the rings of negative area whose first point lies in
+    it, in ring order; an invalid result is replaced by the largest polygon of its valid form.
+    Returns the polygon indices and their polygons."""
+    by_object = rings[np.lexsort((rings, -area[rings], pos[rings]))]  # per object: the shell first
+    owner = pos[by_object]
+    first = np.r_[True, owner[1:] != owner[:-1]]
+    objects, shell_k = owner[first], by_object[first]
+    group = np.cumsum(first) - 1  # each ring's object, as an index into ``objects``
+    shells = shapely.polygons(_rings_of(xy, ring_start, shell_k))
+    hole_k, hole_group = np.zeros(0, np.int64), np.zeros(0, np.int64)
+    if holes:
+        cand = ~first & (area[by_object] < 0)
+        hole_k, hole_group = by_object[cand], group[cand]
+        order = np.lexsort((hole_k, hole_group))  # ring order within each object
+        hole_k, hole_group = hole_k[order], hole_group[order]
+        shapely.prepare(shells)
+        inside = shapely.contains_xy(shells[hole_group], xy[ring_start[hole_k], 0], xy[ring_start[hole_k], 1])
+        hole_k, hole_group = hole_k[inside], hole_group[inside]
+    made = shells.copy()
+    with_holes = np.unique(hole_group)
+    if len(with_holes):
+        ring_k = np.concatenate([shell_k[with_holes], hole_k])
+        ring_group = np.concatenate([with_holes, hole_group])
+        ring_k, ring_group = ring_k[np.argsort(ring_group, kind="stable")], np.sort(ring_group, kind="stable")
+        made[with_holes] = shapely.polygons(_rings_of(xy, ring_start, ring_k), indices=np.searchsorted(with_holes, ring_group))
+    shapely.destroy_prepared(made)
+    bad = np.flatnonzero(~shapely.is_valid(made))
+    for i in bad.tolist():
+        made[i] = _largest_polygon(shapely.make_valid(made[i]))
+    return objects, made
 
 
 def _ranges(starts: np.ndarray, sel: np.ndarray) -> np.ndarray:

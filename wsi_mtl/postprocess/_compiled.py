@@ -18,6 +18,9 @@ distances, so the same float32 values as scipy's whatever feature pixel it picks
 
 :func:`block_means`: the area means of :func:`~wsi_mtl.postprocess.downsample_prob` in integer sums.
 
+:func:`type_votes`, :func:`type_sums`: the nuclear-type vote of
+:func:`~wsi_mtl.postprocess.instance_type` and its winners' probabilities, one pass each.
+
 :func:`h_maxima_bool`: ``skimage.morphology.h_maxima`` (3x3 footprint) of a non-negative float32
 image. The h-maxima are ``image - rec >= h`` where ``rec`` is the grey reconstruction by dilation of
 ``image - h - resolution`` under ``image``. skimage sorts every pixel of the image for it; here,

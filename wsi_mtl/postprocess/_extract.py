@@ -572,7 +572,7 @@ def _only(labels: np.ndarray, ids: np.ndarray, slices: list) -> tuple[np.ndarray
     crop = labels[_slices(rect)]
     keep = np.zeros(int(crop.max(initial=0)) + 1, bool)
     keep[ids[ids < keep.size]] = True
-    return np.where(keep[crop], crop, 0).astype(labels.dtype, copy=False), rect
+    return relabeled(crop, np.where(keep, np.arange(keep.size), 0).astype(labels.dtype)), rect
 
 
 def _crop_chunk(chunk: Chunk, rect: tuple[int, int, int, int]) -> Chunk:

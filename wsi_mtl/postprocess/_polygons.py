@@ -120,13 +120,10 @@ def labels_to_polygons(
     xy[:, 1] = (coords[:, 0] + (oy + 0.5)) * downsample
     pos = np.searchsorted(ids, ring_label)  # polygon index of each ring
     n_rings = np.bincount(pos, minlength=len(ids))
-    lengths = np.diff(ring_start)
     simple_ring = n_rings[pos] == 1
     if simple_ring.any():
         sel = np.flatnonzero(simple_ring)
-        take = _ranges(ring_start, sel)
-        rings = shapely.linearrings(xy[take], indices=np.repeat(np.arange(len(sel)), lengths[sel]))
-        polys[pos[sel]] = shapely.polygons(rings)
+        polys[pos[sel]] = shapely.polygons(_rings_of(xy, ring_start, sel))
     if not simple_ring.all():
         where, made = _several_rings(xy, ring_start, area, pos, np.flatnonzero(~simple_ring), holes)
         polys[where] = made
@@ -161,6 +158,7 @@ def _several_rings(xy: np.ndarray, ring_start: np.ndarray, area: np.ndarray, pos
         hole_k, hole_group = hole_k[order], hole_group[order]
         shapely.prepare(shells)
         inside = shapely.contains_xy(shells[hole_group], xy[ring_start[hole_k], 0], xy[ring_start[hole_k], 1])
+        shapely.destroy_prepared(shells)
         hole_k, hole_group = hole_k[inside], hole_group[inside]
     made = shells.copy()
     with_holes = np.unique(hole_group)
@@ -169,11 +167,7 @@ def _several_rings(xy: np.ndarray, ring_start: np.ndarray, area: np.ndarray, pos
         ring_group = np.concatenate([with_holes, hole_group])
         ring_k, ring_group = ring_k[np.argsort(ring_group, kind="stable")], np.sort(ring_group, kind="stable")
         made[with_holes] = shapely.polygons(_rings_of(xy, ring_start, ring_k), indices=np.searchsorted(with_holes, ring_group))
-    shapely.destroy_prepared(made)
-    bad = np.flatnonzero(~shapely.is_valid(made))
-    for i in bad.tolist():
-        made[i] = _largest_polygon(shapely.make_valid(made[i]))
-    return objects, made
+    return objects, _fix_invalid(made)
 
 
 def _ranges(starts: np.ndarray, sel: np.ndarray) -> np.ndarray:

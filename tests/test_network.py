@@ -651,9 +651,14 @@ def test_fused_conv_relu_gives_the_values_of_conv_then_relu(monkeypatch: pytest.
     assert len(calls) > 10  # the stem, every BasicBlock's first conv, every decoder block
     for name in apart:
         assert torch.equal(fused[name], apart[name]), name
+    calls.clear()
+    fused, apart = _fused_vs_apart(model, x, monkeypatch, enabled=False)  # float32
+    assert len(calls) > 10
+    for name in apart:
+        assert torch.allclose(fused[name], apart[name], rtol=0, atol=1e-5), name
 
 
-def test_fused_conv_relu_stays_out_of_fp32_training_nchw_input_and_traces(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_fused_conv_relu_stays_out_of_fp16_training_nchw_input_and_traces(monkeypatch: pytest.MonkeyPatch) -> None:
     import wsi_mtl.network.model as net_model
 
     calls = []
@@ -666,8 +671,9 @@ def test_fused_conv_relu_stays_out_of_fp32_training_nchw_input_and_traces(monkey
     with torch.no_grad(), bf16:
         model.predict(x)  # NCHW (the exporters' layout)
     model.set_channels_last()
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.float16):
+        model.predict(cl)  # float16 autocast: not fused
     with torch.no_grad():
-        model.predict(cl)  # float32
         with bf16:
             torch.jit.trace(lambda t: model.predict(t)["Nuclei-INST"], (cl,), check_trace=False)
     with bf16:

@@ -634,3 +634,35 @@ def test_openslide_damage_in_one_thread_does_not_fail_others(svs_jpeg: Path, tmp
             t.join()
     assert damaged[0] == 15
     assert not errors, errors[0]
+
+
+@pytest.mark.parametrize("k", [2, 3])
+def test_reduce_rgb_gives_pillows_reduce(k: int) -> None:
+    """The compiled 2x2 reduction (and Pillow for other factors) returns Image.reduce's bytes, for
+    boxes anywhere in the source, including its last rows and columns."""
+    from wsi_mtl.slide import _reduce
+
+    rng = np.random.default_rng(k)
+    src = rng.integers(0, 256, (101, 87, 3), dtype=np.uint8)
+    src[:5] = 255  # the sum's upper end: 4 x 255 + 2 fits the kernel's uint16
+    for x0, y0 in [(0, 0), (1, 3), (87 - 4 * k, 101 - 6 * k)]:
+        box = (x0, y0, x0 + (87 - x0) // k * k, y0 + (101 - y0) // k * k)
+        ref = np.asarray(Image.fromarray(src).reduce(k, box=box))
+        got = _reduce.reduce_rgb(src, k, box)
+        assert got.dtype == np.uint8 and np.array_equal(got, ref), (x0, y0)
+    if k == 2 and _reduce._compiled() is not None:
+        box = (1, 1, 81, 99)
+        got = _reduce._compiled()(src.reshape(101, -1), 1, 1, 49, 40).reshape(49, 40, 3)
+        assert np.array_equal(got, np.asarray(Image.fromarray(src).reduce(2, box=box)))
+
+
+def test_resample_by_two_uses_the_compiled_reduction(monkeypatch: pytest.MonkeyPatch) -> None:
+    from wsi_mtl.slide import _slide
+
+    calls = []
+    real = _slide.reduce_rgb
+    monkeypatch.setattr(_slide, "reduce_rgb", lambda *a: calls.append(a[1]) or real(*a))
+    src = np.random.default_rng(0).integers(0, 256, (64, 64, 3), dtype=np.uint8)
+    out = _resample(src, 30, 31, (2.0, 1.0, 62.0, 63.0), 2.0)
+    assert calls == [2]
+    assert np.array_equal(out, np.asarray(Image.fromarray(src).reduce(2, box=(2, 1, 62, 63))))

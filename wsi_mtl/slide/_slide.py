@@ -21,6 +21,7 @@ from ..errors import (
     UnsupportedSlideError,
 )
 from ._base import NotMyFormat, SlideReader, plausible_mpp
+from ._reduce import reduce_rgb
 
 __all__ = ["Slide", "open_slide", "SUPPORTED_FORMATS"]
 
@@ -408,12 +409,11 @@ def _resample(src: NDArray[np.uint8], width: int, height: int, box: tuple[float,
     Downsampling averages areas (box filter: every source pixel counts by its overlap); upsampling
     interpolates bilinearly.
     """
-    image = Image.fromarray(src)
     if ratio > 1:
         k = int(round(ratio))
         if abs(ratio - k) < 1e-9 and all(abs(v - round(v)) < 1e-6 for v in box[:2]) \
                 and src.shape[1] >= round(box[0]) + width * k and src.shape[0] >= round(box[1]) + height * k:
             x0, y0 = round(box[0]), round(box[1])
-            return np.asarray(image.reduce(k, box=(x0, y0, x0 + width * k, y0 + height * k)))  # no crop copy
-        return np.asarray(image.resize((width, height), Image.Resampling.BOX, box=box))
-    return np.asarray(image.resize((width, height), Image.Resampling.BILINEAR, box=box))
+            return reduce_rgb(src, k, (x0, y0, x0 + width * k, y0 + height * k))  # no crop copy
+        return np.asarray(Image.fromarray(src).resize((width, height), Image.Resampling.BOX, box=box))
+    return np.asarray(Image.fromarray(src).resize((width, height), Image.Resampling.BILINEAR, box=box))

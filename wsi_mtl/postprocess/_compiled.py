@@ -40,7 +40,7 @@ from skimage.morphology import h_maxima as _sk_h_maxima
 import importlib.util
 import os
 
-__all__ = ["available", "edt32", "smooth_and_peaks", "h_maxima_bool", "flood_components", "cut_at_peaks", "grow_ranks", "open_rows", "components", "block_means", "label_counts", "relabel_in_place", "trace_rings", "type_votes", "type_sums", "HAVE_NUMBA"]
+__all__ = ["available", "edt32", "smooth_and_peaks", "h_maxima_bool", "flood_components", "cut_at_peaks", "crops_on_canvas", "grow_ranks", "open_rows", "components", "block_means", "label_counts", "relabel_in_place", "trace_rings", "type_votes", "type_sums", "HAVE_NUMBA"]
 
 #: Whether numba is installed and not switched off by the environment variable
 #: ``WSIMTL_NO_NUMBA=1`` (numba's LLVM adds ~140 MB to each process that cuts necks); it is
@@ -62,7 +62,7 @@ def available() -> bool:
 def _kernels() -> None:
     """Replace the plain-Python kernels by numba's (``cache=True``), once; without numba they stay."""
     global HAVE_NUMBA, _ready, _reconstruct, _edt, _reflect, _smooth_peaks
-    global _push, _pop, _side, _flood, _flood_components, _label4, _cut_at_peaks, _box_table, _grow, _open
+    global _push, _pop, _side, _flood, _flood_components, _label4, _cut_at_peaks, _box_table, _grow, _open, _crops_on_canvas
     global _next_run, _root, _runs, _boxes_of_runs, _components, _block_means, _label_counts, _relabel
     global _shift_into, _row_spans, _ring_segments, _chain_rings, _type_votes, _type_sums, _grown_queue
     if _ready:
@@ -78,6 +78,7 @@ def _kernels() -> None:
     _reconstruct, _edt, _smooth_peaks = jit(_reconstruct_py), jit(_edt_py), jit(_smooth_peaks_py)
     _push, _pop, _flood, _label4 = jit(_push_py), jit(_pop_py), jit(_flood_py), jit(_label4_py)
     _flood_components, _cut_at_peaks = jit(_flood_components_py), jit(_cut_at_peaks_py)
+    _crops_on_canvas = jit(_crops_on_canvas_py)
     _box_table, _grow, _side, _open = jit(_box_table_py), jit(_grow_py), jit(_side_py), jit(_open_py)
     _next_run, _root, _runs, _boxes_of_runs = jit(_next_run_py), jit(_root_py), jit(_runs_py), jit(_boxes_of_runs_py)
     _components, _block_means = jit(_components_py), jit(_block_means_py)
@@ -354,6 +355,30 @@ def cut_at_peaks(dist: np.ndarray, peaks: np.ndarray, ids: np.ndarray, places: n
     return int(_cut_at_peaks(_ranks(-np.asarray(dist, np.float32)), np.ascontiguousarray(peaks, np.bool_),
                              np.ascontiguousarray(ids, np.int32), np.asarray(places, np.int64),
                              np.asarray(shapes, np.int64), np.asarray(origins, np.int64), labels, first))
+
+
+def crops_on_canvas(labels: np.ndarray, dist: np.ndarray, ids: np.ndarray, box: np.ndarray, places: np.ndarray,
+                    shape: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
+    """Neck cutting's canvas: object ``ids[k]`` (box ``box[k]``: row0, row1, col0, col1) drawn with
+    a border of one pixel at ``places[k]`` of a ``shape`` canvas: ``dist`` on its pixels (0 around)
+    and ``k + 1`` on its pixels in the second canvas (int32); needs numba."""
+    _kernels()
+    d_c = np.zeros(shape, dist.dtype)
+    id_c = np.zeros(shape, np.int32)
+    _crops_on_canvas(np.ascontiguousarray(labels), np.ascontiguousarray(dist), np.asarray(ids, np.int64),
+                     np.asarray(box, np.int64), np.asarray(places, np.int64), d_c, id_c)
+    return d_c, id_c
+
+
+def _crops_on_canvas_py(labels, dist, ids, box, places, d_c, id_c):  # noqa: ANN001, ANN202 (compiled helper)
+    for k in range(len(ids)):
+        i, r, c = ids[k], places[k, 0] + 1, places[k, 1] + 1
+        y0, x0 = box[k, 0], box[k, 2]
+        for y in range(y0, box[k, 1]):
+            for x in range(x0, box[k, 3]):
+                if labels[y, x] == i:
+                    d_c[r + y - y0, c + x - x0] = dist[y, x]
+                    id_c[r + y - y0, c + x - x0] = k + 1
 
 
 def boxes(labels: np.ndarray, which: np.ndarray) -> np.ndarray:
@@ -1026,6 +1051,7 @@ _reflect = _reflect_py
 _reconstruct, _edt, _smooth_peaks = _reconstruct_py, _edt_py, _smooth_peaks_py
 _push, _pop, _flood, _label4 = _push_py, _pop_py, _flood_py, _label4_py
 _flood_components, _cut_at_peaks, _box_table, _grow, _side = _flood_components_py, _cut_at_peaks_py, _box_table_py, _grow_py, _side_py
+_crops_on_canvas = _crops_on_canvas_py
 _open, _next_run, _root, _runs, _boxes_of_runs = _open_py, _next_run_py, _root_py, _runs_py, _boxes_of_runs_py
 _components, _block_means = _components_py, _block_means_py
 _label_counts, _relabel = _label_counts_py, _relabel_py

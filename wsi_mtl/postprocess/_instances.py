@@ -194,23 +194,29 @@ def _split_at_necks(labels: np.ndarray, h: float, skip: np.ndarray | None = None
     candidates = np.flatnonzero(examine)
     if len(candidates) == 0:
         return labels
-    slices = [(slice(r0, r1), slice(c0, c1)) for r0, r1, c0, c1 in object_boxes(labels, candidates).tolist()]
+    box = object_boxes(labels, candidates)
     # h-maxima of every candidate at once: each crop (its box and a 1 px border of zeros) goes onto
     # one canvas, side by side. A reconstruction's result does not depend on the order it visits
     # pixels, and crops ringed by zeros cannot raise each other's, so the maxima are those of each
     # crop alone (tests/test_postprocess_arrays.py); the watershed stays per crop, as its ties
     # between equal heights are broken in an order that would depend on the other crops.
+    sides = np.stack([box[:, 1] - box[:, 0] + 2, box[:, 3] - box[:, 2] + 2], axis=1)
+    places, shape = _shelf_pack([(hh, ww) for hh, ww in sides.tolist()])  # the canvas is ~2x smaller when crops go tallest first
+    if _compiled.available():  # the crops drawn straight onto the canvas, cut in one compiled loop
+        at = np.array(places, np.int64)
+        d_c, ids = _compiled.crops_on_canvas(labels, dist, candidates, box, at, shape)
+        out = labels.copy()
+        _compiled.cut_at_peaks(d_c, h_maxima_bool(d_c, h), ids, at, sides, box[:, [0, 2]], out, n + 1)
+        return out
+    slices = [(slice(r0, r1), slice(c0, c1)) for r0, r1, c0, c1 in box.tolist()]
     labels_p, dist_p = np.pad(labels, 1), np.pad(dist, 1)
     crops = []
     for i, sl in zip(candidates, slices):
         wide = (slice(sl[0].start, sl[0].stop + 2), slice(sl[1].start, sl[1].stop + 2))
         obj = labels_p[wide] == i
         crops.append((int(i), sl, obj, np.where(obj, dist_p[wide], 0)))
-    places, shape = _shelf_pack([c[2].shape for c in crops])  # the canvas is ~2x smaller when crops go tallest first
     d_c = _on_canvas([c[3] for c in crops], places, shape)
-    peaks_c = h_maxima_bool(d_c, h)  # skimage's h_maxima; compiled with numba
-    if _compiled.available():
-        return _cut_compiled(labels, crops, d_c, peaks_c, places, shape, n + 1)
+    peaks_c = h_maxima_bool(d_c, h)  # skimage's h_maxima
     several = _several_maxima(peaks_c, [c[2] for c in crops], places, shape)
     out = labels.copy()
     nxt = n + 1
@@ -224,16 +230,6 @@ def _split_at_necks(labels: np.ndarray, h: float, skip: np.ndarray | None = None
         new = pieces > 1
         out[sl][new] = pieces[new] + (nxt - 2)
         nxt += k - 1
-    return out
-
-
-def _cut_compiled(labels: np.ndarray, crops: list, d_c: np.ndarray, peaks_c: np.ndarray,
-                  places: list[tuple[int, int]], shape: tuple[int, int], first: int) -> np.ndarray:
-    """The loop of :func:`_split_at_necks` over the crops on the canvas, compiled: same pieces."""
-    ids = _on_canvas([np.where(c[2], k + 1, 0).astype(np.int32) for k, c in enumerate(crops)], places, shape)
-    out = labels.copy()
-    _compiled.cut_at_peaks(d_c, peaks_c, ids, np.array(places, np.int64), np.array([c[2].shape for c in crops], np.int64),
-                           np.array([(c[1][0].start, c[1][1].start) for c in crops], np.int64), out, first)
     return out
 
 

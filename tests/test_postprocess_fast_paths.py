@@ -554,3 +554,43 @@ def test_reconstruction_queue_grows_without_changing_the_result(monkeypatch):
     wrapped = np.array([5, 6, 7, 1, 2, 3, 4], np.int64)
     grown = _compiled._grown_queue(wrapped, 3, 7)
     assert grown.size == 14 and grown[:7].tolist() == [1, 2, 3, 4, 5, 6, 7]
+
+
+def test_box_table_gives_find_objects_boxes_with_and_without_numba(monkeypatch):
+    """box_table: find_objects' extents as an array (row k = label k + 1), missing labels empty."""
+    _compiled = _kernels_here(monkeypatch)
+    rng = np.random.default_rng(7)
+    labels = (rng.random((40, 57)) < 0.08) * rng.integers(1, 30, (40, 57))
+    labels[labels == 13] = 0  # a missing label
+    want = ndi.find_objects(labels)
+    for numba_on in (True, False):
+        monkeypatch.setattr(_compiled, "HAVE_NUMBA", numba_on)
+        box = inst.box_table(labels.astype(np.int32))
+        assert box.shape == (len(want), 4)
+        for k, sl in enumerate(want):
+            if sl is None:
+                assert box[k, 1] <= box[k, 0], k
+            else:
+                assert tuple(box[k]) == (sl[0].start, sl[0].stop, sl[1].start, sl[1].stop), k
+    assert inst.box_table(np.zeros((3, 3), np.int32)).shape == (0, 4)
+
+
+def test_owned_and_open_edges_from_box_tables_match_the_slice_versions():
+    from wsi_mtl.postprocess import _extract as ex
+    from wsi_mtl.postprocess._chunks import plan_chunks
+
+    rng = np.random.default_rng(3)
+    labels = ndi.label(rng.random((300, 300)) < 0.3)[0].astype(np.int32)
+    labels[labels == 5] = 0
+    slices = ndi.find_objects(labels)
+    box = inst.box_table(labels)
+    for chunk in plan_chunks((900, 900), chunk_px=200, halo_px=50)[:6]:
+        np.testing.assert_array_equal(ex._owned_boxes(box, chunk), ex._owned(slices, range(1, len(slices) + 1), chunk))
+        for margin in (1, 3):
+            near = ex._near_open_edge(box, labels.shape, chunk, margin)
+            top, bottom, left, right = chunk.open_edges
+            for k, sl in enumerate(slices):
+                if sl is not None:  # within margin px of a read edge that lies inside the map
+                    want = ((top and sl[0].start < margin) or (bottom and sl[0].stop > 300 - margin)
+                            or (left and sl[1].start < margin) or (right and sl[1].stop > 300 - margin))
+                    assert near[k] == want and ex._touches_open_edge(sl, labels.shape, chunk, margin) == want

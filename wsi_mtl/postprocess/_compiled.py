@@ -40,7 +40,7 @@ from skimage.morphology import h_maxima as _sk_h_maxima
 import importlib.util
 import os
 
-__all__ = ["available", "edt32", "smooth_and_peaks", "h_maxima_bool", "flood_components", "cut_at_peaks", "crops_on_canvas", "grow_ranks", "open_rows", "components", "block_means", "label_counts", "relabel_in_place", "trace_rings", "type_votes", "type_sums", "HAVE_NUMBA"]
+__all__ = ["available", "edt32", "smooth_and_peaks", "h_maxima_bool", "flood_components", "cut_at_peaks", "crops_on_canvas", "box_table", "grow_ranks", "open_rows", "components", "block_means", "label_counts", "relabel_in_place", "trace_rings", "type_votes", "type_sums", "HAVE_NUMBA"]
 
 #: Whether numba is installed and not switched off by the environment variable
 #: ``WSIMTL_NO_NUMBA=1`` (numba's LLVM adds ~140 MB to each process that cuts necks); it is
@@ -386,6 +386,13 @@ def boxes(labels: np.ndarray, which: np.ndarray) -> np.ndarray:
     present), as ``ndi.find_objects`` gives them, from one pass over the array; needs numba."""
     _kernels()
     return _boxes(labels, which)
+
+
+def box_table(labels: np.ndarray, n: int) -> np.ndarray:
+    """Boxes (row0, row1, col0, col1) of labels 1..n, row ``k`` for label ``k + 1``; a missing
+    label's row is (height, 0, width, 0). One pass; needs numba."""
+    _kernels()
+    return _box_table(np.ascontiguousarray(labels), n)[1:]
 
 
 def _boxes(labels: np.ndarray, which: np.ndarray) -> np.ndarray:

@@ -65,6 +65,7 @@ from wsi_mtl.postprocess._chunks import Chunk, plan_chunks
 from wsi_mtl.postprocess._instances import (
     _inside_fraction,
     _sizes,
+    box_table,
     core_mask,
     find_objects,
     grow_components,
@@ -488,16 +489,25 @@ def _owned(slices: list, ids: Iterable[int], chunk: Chunk) -> np.ndarray:
     return np.asarray(out, dtype=np.int64)
 
 
+def _owned_boxes(box: np.ndarray, chunk: Chunk) -> np.ndarray:
+    """:func:`_owned` of every label from a :func:`box_table` (missing labels are not owned)."""
+    y0, y1, x0, x1 = _local_own(chunk)
+    mine = (box[:, 1] > box[:, 0]) & (box[:, 0] >= y0) & (box[:, 0] < y1) & (box[:, 2] >= x0) & (box[:, 2] < x1)
+    return np.flatnonzero(mine).astype(np.int64) + 1
+
+
 def _touches_open_edge(sl: tuple[slice, slice], shape: tuple[int, int], chunk: Chunk, margin: int = 1) -> bool:
     """Whether a crop-local bounding box comes within ``margin`` px of an inner read edge."""
+    return bool(_near_open_edge(np.array([[sl[0].start, sl[0].stop, sl[1].start, sl[1].stop]]), shape, chunk, margin)[0])
+
+
+def _near_open_edge(box: np.ndarray, shape: tuple[int, int], chunk: Chunk, margin: int = 1) -> np.ndarray:
+    """Whether each crop-local box (rows of row0, row1, col0, col1) comes within ``margin`` px of
+    an inner read edge."""
     top, bottom, left, right = chunk.open_edges
     h, w = shape
-    return (
-        (top and sl[0].start < margin)
-        or (bottom and sl[0].stop > h - margin)
-        or (left and sl[1].start < margin)
-        or (right and sl[1].stop > w - margin)
-    )
+    return ((top & (box[:, 0] < margin)) | (bottom & (box[:, 1] > h - margin))
+            | (left & (box[:, 2] < margin)) | (right & (box[:, 3] > w - margin)))
 
 
 def _mean_in_labels(labels: np.ndarray, values: np.ndarray, ids: np.ndarray, scale: float) -> np.ndarray:
@@ -563,11 +573,10 @@ def _boxes_of(slices: list, ids: Iterable[int]) -> np.ndarray:
     return np.array([(s[0].start, s[0].stop, s[1].start, s[1].stop) for s in (slices[i - 1] for i in ids)], np.int64).reshape(-1, 4)
 
 
-def _only(labels: np.ndarray, ids: np.ndarray, slices: list) -> tuple[np.ndarray, tuple[int, int, int, int]]:
-    """``labels`` holding only ``ids`` (the rest 0), cropped to their boxes grown by one pixel: the
-    crop and its rectangle (local). Each object's pixels, outline and sums stay as they were, on
-    fewer pixels."""
-    box = _boxes_of(slices, ids)
+def _only(labels: np.ndarray, ids: np.ndarray, box: np.ndarray) -> tuple[np.ndarray, tuple[int, int, int, int]]:
+    """``labels`` holding only ``ids`` (boxes ``box``, one row each; the rest 0), cropped to their
+    boxes grown by one pixel: the crop and its rectangle (local). Each object's pixels, outline
+    and sums stay as they were, on fewer pixels."""
     rect = _union(box, 1, labels.shape)
     crop = labels[_slices(rect)]
     keep = np.zeros(int(crop.max(initial=0)) + 1, bool)
@@ -601,22 +610,21 @@ def _nuclei_chunk(reader: Any, chunk: Chunk, meta: MapsMeta, params: Postprocess
         split_h=params.nuclei_split_h,
         min_interior=params.nuclei_min_interior,
     )
-    slices = find_objects(labels)
-    owned = _owned(slices, range(1, len(slices) + 1), chunk)
+    box = box_table(labels)
+    owned = _owned_boxes(box, chunk)
     if len(owned) == 0:
         return _empty_result()
     if any(chunk.open_edges):
         on = labels > 0
-        comp_of_label = np.zeros(len(slices) + 1, np.int64)
+        comp_of_label = np.zeros(len(box) + 1, np.int64)
         comp_of_label[labels[on]] = comps[on]
         comp_of = comp_of_label[owned]
-        comp_slices = find_objects(comps)
         # only at the largest halo can an owned blob still be cut (before it, _tighten asked for more)
-        cut = np.array([_touches_open_edge(comp_slices[c - 1], labels.shape, chunk, margin=_neck_reach(params)) for c in comp_of], bool)
-        broken = np.array([c and _touches_open_edge(slices[i - 1], labels.shape, chunk) for i, c in zip(owned, cut)], bool)
+        cut = _near_open_edge(box_table(comps)[comp_of - 1], labels.shape, chunk, _neck_reach(params))
+        broken = cut & _near_open_edge(box[owned - 1], labels.shape, chunk)
     else:
         cut = broken = np.zeros(len(owned), bool)
-    labels, rect = _only(labels, owned, slices)  # what is measured from here on
+    labels, rect = _only(labels, owned, box[owned - 1])  # what is measured from here on
     inst, chunk = inst[(slice(None), *_slices(rect))], _crop_chunk(chunk, rect)
     kept = _in_tissue(reader, meta, params, labels, owned, chunk.read, meta.downsample)
     ids, polys = labels_to_polygons(
@@ -795,7 +803,7 @@ def _glands_chunk(reader: Any, chunk: Chunk, meta: MapsMeta, params: Postprocess
         in_gland = _inside_fraction(lumen, glands)[l_owned] >= params.lumen_min_inside
         l_owned, l_cut = l_owned[in_gland], l_cut[in_gland]
     if len(g_owned):
-        glands, rect = _only(glands, g_owned, g_slices)  # what is measured from here on
+        glands, rect = _only(glands, g_owned, _boxes_of(g_slices, g_owned))  # what is measured from here on
         sub, ginst = _crop_chunk(chunk, rect), ginst[(slice(None), *_slices(rect))]
         g_keep = _in_tissue(reader, meta, params, glands, g_owned, sub.read, ds, clip=True)
         ids, polys = labels_to_polygons(glands, offset_yx=(sub.read[0], sub.read[2]), downsample=ds,
@@ -811,7 +819,7 @@ def _glands_chunk(reader: Any, chunk: Chunk, meta: MapsMeta, params: Postprocess
         out["gland"] = _rows("gland", cls, prob, polys, meta, truncated=truncated)
         warnings.append(("gland_truncated", int(truncated.sum()), chunk.halo_px * f))
     if lumen is not None and len(l_owned):
-        lumen, rect = _only(lumen, l_owned, l_slices)
+        lumen, rect = _only(lumen, l_owned, _boxes_of(l_slices, l_owned))
         sub, linst = _crop_chunk(chunk, rect), linst[(slice(None), *_slices(rect))]
         l_keep = _in_tissue(reader, meta, params, lumen, l_owned, sub.read, ds, clip=True)
         if len(l_keep):

@@ -357,6 +357,21 @@ def find_objects(labels: np.ndarray) -> list[tuple[slice, slice] | None]:
     return [(slice(a, b), slice(c, d)) if b > a else None for a, b, c, d in box]
 
 
+def box_table(labels: np.ndarray) -> np.ndarray:
+    """Bounding boxes (row0, row1, col0, col1) of labels 1..max as an array (row ``k`` for label
+    ``k + 1``), the values of ``find_objects``; a missing label's row has ``row1 <= row0``."""
+    n = int(labels.max(initial=0))
+    if n == 0:
+        return np.zeros((0, 4), np.int64)
+    if _compiled.available() and labels.ndim == 2:
+        return _compiled.box_table(labels, n)
+    box = np.tile(np.array([[labels.shape[0], 0, labels.shape[1], 0]], np.int64), (n, 1))
+    for k, sl in enumerate(ndi.find_objects(labels)):
+        if sl is not None:
+            box[k] = (sl[0].start, sl[0].stop, sl[1].start, sl[1].stop)
+    return box
+
+
 def labelled_boxes(mask: np.ndarray, *, labels: bool = True) -> tuple[np.ndarray | None, np.ndarray]:
     """``ndi.label(mask)`` (4-connected, raster-ordered numbers) and the bounding box (row0, row1,
     col0, col1) of each component (row ``k`` for label ``k + 1``); without ``labels`` only the

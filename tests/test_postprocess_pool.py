@@ -61,3 +61,33 @@ def test_a_daemonic_process_extracts_on_threads_with_the_same_objects(tmp_path: 
     assert got["kind"] == got["pool_kind"] == "threads" and got["threads"]
     assert got["objects"] == expected
     assert _objects(store, 2) == expected  # and a process pool here
+
+
+def _loaded_kernels() -> list[str]:
+    """Compiled kernels of post-processing this process has loaded (its numba signatures)."""
+    from wsi_mtl.postprocess import _compiled
+
+    return sorted(k for k, v in vars(_compiled).items() if getattr(v, "signatures", None))
+
+
+def test_workers_start_with_the_kernels_loaded_by_the_forkserver() -> None:
+    """The pool's forkserver imports the warm-up: a worker's first task finds the neck-cutting,
+    flooding, growth and polygon kernels already loaded, and the warm-up's maps give every kind
+    of object."""
+    from wsi_mtl.postprocess import _compiled, _pool, _warm
+
+    if not _compiled.HAVE_NUMBA:
+        pytest.skip("numba not installed or switched off (WSIMTL_NO_NUMBA=1): nothing to load")
+    assert "wsi_mtl.postprocess._warm" in _pool.PRELOAD and "__main__" in _pool.PRELOAD
+    if "forkserver" not in mp.get_all_start_methods():
+        pytest.skip("no forkserver on this platform (spawn: every worker loads its own)")
+    pool, _ = chunk_executor(2)
+    with pool:
+        loaded = pool.submit(_loaded_kernels).result()
+    for kernel in ("_cut_at_peaks", "_flood_components", "_grow", "_open", "_ring_segments", "_type_votes", "_components"):
+        assert kernel in loaded, kernel
+    from wsi_mtl.postprocess import PostprocessParams, objects_from_maps
+
+    batch = objects_from_maps(_warm.warm_maps(), slide_mpp=0.25, downsample=2.0, params=PostprocessParams(nuclei_split_h=0.75))
+    tasks = set(np.asarray(batch.columns["task"]).tolist())
+    assert {"nuclei", "gland", "lumen", "tissue"} <= tasks

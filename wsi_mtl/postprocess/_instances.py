@@ -206,7 +206,7 @@ def _split_at_necks(labels: np.ndarray, h: float, skip: np.ndarray | None = None
         at = np.array(places, np.int64)
         d_c, ids = _compiled.crops_on_canvas(labels, dist, candidates, box, at, shape)
         out = labels.copy()
-        _compiled.cut_at_peaks(d_c, h_maxima_bool(d_c, h), ids, at, sides, box[:, [0, 2]], out, n + 1)
+        _compiled.cut_at_peaks(d_c, h_maxima_bool(d_c, h), ids, at, sides, np.ascontiguousarray(box[:, [0, 2]]), out, n + 1)
         return out
     slices = [(slice(r0, r1), slice(c0, c1)) for r0, r1, c0, c1 in box.tolist()]
     labels_p, dist_p = np.pad(labels, 1), np.pad(dist, 1)

@@ -323,3 +323,30 @@ def test_ome_zarr_reader_finds_images_and_labels(result: Path) -> None:
         labels = [n for n in nodes if n.load(Label)]
         assert len(image) == 1 and len(image[0].data) == level_count(H // HEADS[name]["cell_px"], W // HEADS[name]["cell_px"])
         assert len(labels) == 1
+
+
+def test_label_chunk_buckets_list_every_chunk_a_box_touches_in_table_order() -> None:
+    """_buckets (vectorised) against its definition: each object's box, with one pixel of slack
+    each way, lists it in every label chunk it touches, objects in table order."""
+    from wsi_mtl.export._labels import _buckets
+
+    rng = np.random.default_rng(0)
+    n = 3000
+    x0, y0 = rng.uniform(-50, 9000, n), rng.uniform(-50, 7000, n)
+    side = rng.choice([10.0, 30.0, 2000.0], n, p=[0.8, 0.15, 0.05])
+    bounds = np.stack([x0, y0, x0 + side, y0 + side * rng.uniform(0.5, 1.5, n)], 1).astype(np.float32)
+    for downsample, chunk, shape in [(2.0, (512, 512), (3600, 4600)), (16.0, (64, 48), (440, 570))]:
+        b = bounds.astype(np.float64) / downsample
+        lo_y = np.clip(np.floor(b[:, 1] - 1.5), 0, shape[0] - 1).astype(int) // chunk[0]
+        hi_y = np.clip(np.ceil(b[:, 3] + 0.5), 0, shape[0] - 1).astype(int) // chunk[0]
+        lo_x = np.clip(np.floor(b[:, 0] - 1.5), 0, shape[1] - 1).astype(int) // chunk[1]
+        hi_x = np.clip(np.ceil(b[:, 2] + 0.5), 0, shape[1] - 1).astype(int) // chunk[1]
+        want: dict[tuple[int, int], list[int]] = {}
+        for i in range(n):
+            for cy in range(lo_y[i], hi_y[i] + 1):
+                for cx in range(lo_x[i], hi_x[i] + 1):
+                    want.setdefault((cy, cx), []).append(i)
+        got = _buckets(bounds, downsample=downsample, chunk=chunk, shape=shape)
+        assert got.keys() == want.keys()
+        for key, members in want.items():
+            assert got[key].tolist() == members, key

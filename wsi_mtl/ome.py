@@ -256,7 +256,9 @@ def label_group(
     labels.attrs["ome"] = {"version": _VERSION, "labels": names}
     image_label: dict[str, Any] = {"source": {"image": "../../"}}
     if colors:
-        image_label["colors"] = [{"label-value": int(v), "rgba": [int(c) for c in rgba]} for v, rgba in colors]
+        lists: dict[tuple, list[int]] = {}  # one list per distinct colour (instances share their class's)
+        image_label["colors"] = [{"label-value": int(v), "rgba": lists.get(key) or lists.setdefault(key, [int(c) for c in key])}
+                                 for v, key in ((v, tuple(rgba)) for v, rgba in colors)]
     if properties:
         image_label["properties"] = list(properties)
     levels = len(first["datasets"])  # as many levels as its image

@@ -94,20 +94,32 @@ def _index(parquet: pq.ParquetFile, tasks: set[str], class_values: dict[str, dic
 
 
 class _Geometries:
-    """Geometries of the table by (row group, row), a few row groups kept in memory."""
+    """Geometries of one task's objects, a few row groups kept in memory; of each row group only
+    that task's rows are decoded."""
 
-    def __init__(self, parquet: pq.ParquetFile) -> None:
+    def __init__(self, parquet: pq.ParquetFile, index: _Index) -> None:
         self.parquet = parquet
+        self.index = index
+        self.rows = {int(g): index.row[index.group == g] for g in np.unique(index.group)}  # ascending
         self.cache: OrderedDict[int, np.ndarray] = OrderedDict()
 
-    def get(self, group: int, row: int) -> shapely.Geometry:
+    def _group(self, group: int) -> np.ndarray:
         if group not in self.cache:
             col = self.parquet.read_row_group(group, columns=["geometry"], use_threads=False).column("geometry")
-            self.cache[group] = shapely.from_wkb(col.to_numpy(zero_copy_only=False))
+            self.cache[group] = shapely.from_wkb(col.take(self.rows[group]).to_numpy(zero_copy_only=False))
             if len(self.cache) > _CACHED_GROUPS:
                 self.cache.popitem(last=False)
         self.cache.move_to_end(group)
-        return self.cache[group][row]
+        return self.cache[group]
+
+    def of(self, objects: np.ndarray) -> np.ndarray:
+        """The geometries of the index's objects ``objects`` (positions in the index), in that order."""
+        out = np.empty(len(objects), dtype=object)
+        groups = self.index.group[objects]
+        for g in np.unique(groups).tolist():
+            sel = groups == g
+            out[sel] = self._group(g)[np.searchsorted(self.rows[g], self.index.row[objects[sel]])]
+        return out
 
 
 def _draw_all(tile: np.ndarray, geoms: np.ndarray, values: np.ndarray, *, downsample: float, origin: tuple[int, int]) -> None:
@@ -170,12 +182,17 @@ def _buckets(bounds: np.ndarray, *, downsample: float, chunk: tuple[int, int], s
     hi_y = np.clip(np.ceil(b[:, 3] + 0.5), 0, shape[0] - 1).astype(np.int64) // chunk[0]
     lo_x = np.clip(np.floor(b[:, 0] - 1.5), 0, shape[1] - 1).astype(np.int64) // chunk[1]
     hi_x = np.clip(np.ceil(b[:, 2] + 0.5), 0, shape[1] - 1).astype(np.int64) // chunk[1]
-    out: dict[tuple[int, int], list[int]] = {}
-    for i in range(len(bounds)):
-        for cy in range(lo_y[i], hi_y[i] + 1):
-            for cx in range(lo_x[i], hi_x[i] + 1):
-                out.setdefault((int(cy), int(cx)), []).append(i)
-    return {k: np.asarray(v) for k, v in out.items()}
+    # one (object, chunk) pair per chunk an object's box touches; most objects touch one
+    ny, nx = hi_y - lo_y + 1, hi_x - lo_x + 1
+    obj = np.repeat(np.arange(len(bounds)), ny * nx)
+    k = np.arange(len(obj)) - np.repeat(np.cumsum(ny * nx) - ny * nx, ny * nx)  # pair's position in its object's block
+    cy, cx = lo_y[obj] + k // nx[obj], lo_x[obj] + k % nx[obj]
+    key = cy * (int(cx.max(initial=0)) + 1) + cx
+    order = np.argsort(key, kind="stable")  # table order within each chunk
+    key, obj, cy, cx = key[order], obj[order], cy[order], cx[order]
+    starts = np.flatnonzero(np.r_[True, key[1:] != key[:-1]])
+    ends = np.r_[starts[1:], len(key)]
+    return {(int(cy[a]), int(cx[a])): obj[a:b] for a, b in zip(starts.tolist(), ends.tolist())}
 
 
 def _rasterise(array: zarr.Array, index: _Index, geoms: _Geometries, *, downsample: float) -> None:
@@ -184,10 +201,9 @@ def _rasterise(array: zarr.Array, index: _Index, geoms: _Geometries, *, downsamp
     for (cy, cx), members in sorted(_buckets(index.bounds, downsample=downsample, chunk=chunk, shape=shape).items()):
         y0, x0 = cy * chunk[0], cx * chunk[1]
         tile = np.zeros((min(chunk[0], shape[0] - y0), min(chunk[1], shape[1] - x0)), dtype=array.dtype)
-        drawn = [i for i in members.tolist() if index.value[i]]
-        if drawn:
-            shapes = np.array([geoms.get(int(index.group[i]), int(index.row[i])) for i in drawn], dtype=object)
-            _draw_all(tile, shapes, index.value[drawn], downsample=downsample, origin=(y0, x0))
+        drawn = members[index.value[members] != 0]
+        if len(drawn):
+            _draw_all(tile, geoms.of(drawn), index.value[drawn], downsample=downsample, origin=(y0, x0))
         array[0, y0 : y0 + tile.shape[0], x0 : x0 + tile.shape[1]] = tile
 
 
@@ -206,9 +222,10 @@ def _legend(task: str, index: _Index | None, classes: list[str], palette: dict[t
     if len(index.value) > MAX_LISTED:
         log.info("%d %s instances: label colours left to the viewer (more than %d)", len(index.value), task, MAX_LISTED)
         return [], []
-    names = index.class_names()
-    colors = [(int(v), _rgba(palette.get((task, c), fallback))) for v, c in zip(index.value.tolist(), names)]
-    return colors, [{"label-value": int(v), "class": c} for v, c in zip(index.value.tolist(), names)]
+    rgba = [_rgba(palette.get((task, c), fallback)) for c in index.classes]  # one colour per class
+    values, codes = index.value.tolist(), index.class_code.tolist()
+    colors = [(v, rgba[k]) for v, k in zip(values, codes)]
+    return colors, [{"label-value": v, "class": index.classes[k]} for v, k in zip(values, codes)]
 
 
 def write_label_images(
@@ -242,7 +259,6 @@ def write_label_images(
     written: list[Path] = []
     with pq.ParquetFile(table_path, pre_buffer=False) as parquet:
         indices = _index(parquet, set(targets), class_values)
-        geoms = _Geometries(parquet)
         for task, (head, classes) in targets.items():
             image = predictions / head
             base = zarr.open_array(image / "0", mode="r")
@@ -257,7 +273,7 @@ def write_label_images(
             with label_group(image, name, shape=base.shape[1:], chunks=base.chunks[1:], dtype=dtype,
                              colors=colors, properties=properties, attrs=extra) as array:
                 if index is not None:
-                    _rasterise(array, index, geoms, downsample=downsample)
+                    _rasterise(array, index, _Geometries(parquet, index), downsample=downsample)
             written.append(image / "labels" / name)
     return written
 

@@ -594,3 +594,31 @@ def test_owned_and_open_edges_from_box_tables_match_the_slice_versions():
                     want = ((top and sl[0].start < margin) or (bottom and sl[0].stop > 300 - margin)
                             or (left and sl[1].start < margin) or (right and sl[1].stop > 300 - margin))
                     assert near[k] == want and ex._touches_open_edge(sl, labels.shape, chunk, margin) == want
+
+
+@pytest.mark.parametrize("clip", [False, True])
+def test_compiled_tissue_counts_equal_the_array_version(monkeypatch, clip):
+    """_in_tissue with the one-pass compiled counts keeps the same objects and clips the same
+    pixels as the upsampled mask with bincounts, for regions reaching past the mask's end."""
+    from types import SimpleNamespace
+
+    from wsi_mtl.postprocess import _extract as ex
+
+    _compiled = _kernels_here(monkeypatch)
+    rng = np.random.default_rng(11)
+    mask = rng.random((9, 12)) < 0.6
+    reader = SimpleNamespace(mask=lambda: mask)
+    meta = SimpleNamespace(mask_downsample=16.0)
+    params = ex.PostprocessParams(min_in_tissue=0.5)
+    for region in [(0, 50, 0, 60), (30, 90, 40, 110)]:  # the second runs past the mask
+        labels = ndi.label(rng.random((region[1] - region[0], region[3] - region[2])) < 0.5)[0].astype(np.int32)
+        ids = np.arange(1, labels.max() + 1)
+        got = {}
+        for numba_on in (True, False):
+            monkeypatch.setattr(_compiled, "HAVE_NUMBA", numba_on)
+            lab = labels.copy()
+            got[numba_on] = (ex._in_tissue(reader, meta, params, lab, ids, region, 4.0, clip=clip), lab)
+        np.testing.assert_array_equal(got[True][0], got[False][0])
+        np.testing.assert_array_equal(got[True][1], got[False][1])
+        assert 0 < len(got[True][0]) < len(ids)
+        assert clip == (not np.array_equal(got[True][1], labels))

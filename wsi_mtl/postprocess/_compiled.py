@@ -40,7 +40,7 @@ from skimage.morphology import h_maxima as _sk_h_maxima
 import importlib.util
 import os
 
-__all__ = ["available", "edt32", "smooth_and_peaks", "h_maxima_bool", "flood_components", "cut_at_peaks", "crops_on_canvas", "box_table", "grow_ranks", "open_rows", "components", "block_means", "label_counts", "relabel_in_place", "trace_rings", "type_votes", "type_sums", "HAVE_NUMBA"]
+__all__ = ["available", "edt32", "smooth_and_peaks", "h_maxima_bool", "flood_components", "cut_at_peaks", "crops_on_canvas", "box_table", "tissue_counts", "grow_ranks", "open_rows", "components", "block_means", "label_counts", "relabel_in_place", "trace_rings", "type_votes", "type_sums", "HAVE_NUMBA"]
 
 #: Whether numba is installed and not switched off by the environment variable
 #: ``WSIMTL_NO_NUMBA=1`` (numba's LLVM adds ~140 MB to each process that cuts necks); it is
@@ -62,7 +62,7 @@ def available() -> bool:
 def _kernels() -> None:
     """Replace the plain-Python kernels by numba's (``cache=True``), once; without numba they stay."""
     global HAVE_NUMBA, _ready, _reconstruct, _edt, _reflect, _smooth_peaks
-    global _push, _pop, _side, _flood, _flood_components, _label4, _cut_at_peaks, _box_table, _grow, _open, _crops_on_canvas
+    global _push, _pop, _side, _flood, _flood_components, _label4, _cut_at_peaks, _box_table, _grow, _open, _crops_on_canvas, _tissue_counts
     global _next_run, _root, _runs, _boxes_of_runs, _components, _block_means, _label_counts, _relabel
     global _shift_into, _row_spans, _ring_segments, _chain_rings, _type_votes, _type_sums, _grown_queue
     if _ready:
@@ -78,7 +78,7 @@ def _kernels() -> None:
     _reconstruct, _edt, _smooth_peaks = jit(_reconstruct_py), jit(_edt_py), jit(_smooth_peaks_py)
     _push, _pop, _flood, _label4 = jit(_push_py), jit(_pop_py), jit(_flood_py), jit(_label4_py)
     _flood_components, _cut_at_peaks = jit(_flood_components_py), jit(_cut_at_peaks_py)
-    _crops_on_canvas = jit(_crops_on_canvas_py)
+    _crops_on_canvas, _tissue_counts = jit(_crops_on_canvas_py), jit(_tissue_counts_py)
     _box_table, _grow, _side, _open = jit(_box_table_py), jit(_grow_py), jit(_side_py), jit(_open_py)
     _next_run, _root, _runs, _boxes_of_runs = jit(_next_run_py), jit(_root_py), jit(_runs_py), jit(_boxes_of_runs_py)
     _components, _block_means = jit(_components_py), jit(_block_means_py)
@@ -386,6 +386,33 @@ def boxes(labels: np.ndarray, which: np.ndarray) -> np.ndarray:
     present), as ``ndi.find_objects`` gives them, from one pass over the array; needs numba."""
     _kernels()
     return _boxes(labels, which)
+
+
+def tissue_counts(labels: np.ndarray, mask: np.ndarray, rows: np.ndarray, cols: np.ndarray, n: int,
+                  clip: bool) -> tuple[np.ndarray, np.ndarray]:
+    """Pixels of each label 0..n-1 (entry 0 not counted) and how many of them the coarse ``mask``
+    calls tissue, pixel ``(y, x)`` reading ``mask[rows[y], cols[x]]``; with ``clip`` the label
+    pixels outside the mask are set to 0 in place. One pass; needs numba."""
+    _kernels()
+    return _tissue_counts(labels, np.ascontiguousarray(mask), np.asarray(rows, np.int64), np.asarray(cols, np.int64), n, clip)
+
+
+def _tissue_counts_py(labels, mask, rows, cols, n, clip):  # noqa: ANN001, ANN202 (compiled helper)
+    total = np.zeros(n, np.int64)
+    within = np.zeros(n, np.int64)
+    h, w = labels.shape
+    for y in range(h):
+        m = mask[rows[y]]
+        for x in range(w):
+            v = labels[y, x]
+            if v <= 0:
+                continue
+            total[v] += 1
+            if m[cols[x]]:
+                within[v] += 1
+            elif clip:
+                labels[y, x] = 0
+    return total, within
 
 
 def box_table(labels: np.ndarray, n: int) -> np.ndarray:
@@ -1058,7 +1085,7 @@ _reflect = _reflect_py
 _reconstruct, _edt, _smooth_peaks = _reconstruct_py, _edt_py, _smooth_peaks_py
 _push, _pop, _flood, _label4 = _push_py, _pop_py, _flood_py, _label4_py
 _flood_components, _cut_at_peaks, _box_table, _grow, _side = _flood_components_py, _cut_at_peaks_py, _box_table_py, _grow_py, _side_py
-_crops_on_canvas = _crops_on_canvas_py
+_crops_on_canvas, _tissue_counts = _crops_on_canvas_py, _tissue_counts_py
 _open, _next_run, _root, _runs, _boxes_of_runs = _open_py, _next_run_py, _root_py, _runs_py, _boxes_of_runs_py
 _components, _block_means = _components_py, _block_means_py
 _label_counts, _relabel = _label_counts_py, _relabel_py

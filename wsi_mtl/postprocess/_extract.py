@@ -61,6 +61,7 @@ import shapely
 from wsi_mtl.errors import InputError
 from wsi_mtl.malloc import release_freed_pages
 from wsi_mtl.objects import COLUMNS, TASKS, ObjectBatch
+from wsi_mtl.postprocess import _compiled
 from wsi_mtl.postprocess._chunks import Chunk, plan_chunks
 from wsi_mtl.postprocess._instances import (
     _inside_fraction,
@@ -432,13 +433,11 @@ def _clip_to_slide(polys: np.ndarray, size: tuple[int, int] | None, *, multi: bo
     return polys, ~shapely.is_empty(polys) & (shapely.area(polys) > 0)
 
 
-def _mask_fraction(reader: Any, meta: MapsMeta, region: tuple[int, int, int, int], grid_ds: float, *, samples: int = 1) -> np.ndarray:
-    """Share of each pixel of a grid region that the tissue mask calls tissue.
-
-    ``region`` is ``(y0, y1, x0, x1)`` on a grid of ``grid_ds`` level-0 px per pixel; each pixel is
-    sampled at ``samples x samples`` points (nearest mask pixel); outside the mask counts as glass.
-    Returns float32 (H, W) for ``samples > 1``, else bool.
-    """
+def _mask_index(reader: Any, meta: MapsMeta, region: tuple[int, int, int, int], grid_ds: float,
+                samples: int = 1) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The tissue mask with a row and a column of glass added, and for each row and column of a
+    grid region (``samples`` points each) the mask row or column it samples (nearest; outside the
+    mask: the added glass)."""
     mask = reader.mask()
     mh, mw = mask.shape
     padded = np.zeros((mh + 1, mw + 1), bool)
@@ -450,9 +449,21 @@ def _mask_fraction(reader: Any, meta: MapsMeta, region: tuple[int, int, int, int
         pos = ((np.arange(a, b)[:, None] + offs[None, :]) * (grid_ds / meta.mask_downsample)).ravel()
         return np.where(pos < limit, pos.astype(np.int64), limit)
 
-    sampled = padded[np.ix_(index(y0, y1, mh), index(x0, x1, mw))]
+    return padded, index(y0, y1, mh), index(x0, x1, mw)
+
+
+def _mask_fraction(reader: Any, meta: MapsMeta, region: tuple[int, int, int, int], grid_ds: float, *, samples: int = 1) -> np.ndarray:
+    """Share of each pixel of a grid region that the tissue mask calls tissue.
+
+    ``region`` is ``(y0, y1, x0, x1)`` on a grid of ``grid_ds`` level-0 px per pixel; each pixel is
+    sampled at ``samples x samples`` points (nearest mask pixel); outside the mask counts as glass.
+    Returns float32 (H, W) for ``samples > 1``, else bool.
+    """
+    padded, iy, ix = _mask_index(reader, meta, region, grid_ds, samples)
+    sampled = padded[np.ix_(iy, ix)]
     if samples == 1:
         return sampled
+    y0, y1, x0, x1 = region
     return sampled.reshape(y1 - y0, samples, x1 - x0, samples).mean(axis=(1, 3), dtype=np.float32)
 
 
@@ -465,12 +476,16 @@ def _in_tissue(reader: Any, meta: MapsMeta, params: PostprocessParams, labels: n
     """
     if meta.mask_downsample is None or params.min_in_tissue <= 0 or len(ids) == 0:
         return ids
-    inside = _mask_fraction(reader, meta, region, grid_ds)
     n = int(labels.max(initial=0)) + 1
-    total = _sizes(labels, n)
-    within = np.bincount(labels[(labels > 0) & inside], minlength=n)
-    if clip:
-        labels[~inside] = 0
+    if _compiled.available() and labels.ndim == 2 and labels.flags.c_contiguous:  # one pass, no full-size mask
+        padded, iy, ix = _mask_index(reader, meta, region, grid_ds)
+        total, within = _compiled.tissue_counts(labels, padded, iy, ix, n, clip)
+    else:
+        inside = _mask_fraction(reader, meta, region, grid_ds)
+        total = _sizes(labels, n)
+        within = np.bincount(labels[(labels > 0) & inside], minlength=n)
+        if clip:
+            labels[~inside] = 0
     return ids[within[ids] >= params.min_in_tissue * np.maximum(total[ids], 1)]
 
 

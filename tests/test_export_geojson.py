@@ -307,6 +307,20 @@ def test_parallel_formatting_gives_identical_files(tmp_path: Path) -> None:
         write_geojson(table, tmp_path / "o.geojson", workers=0)
 
 
+def test_a_table_of_one_row_group_is_formatted_here(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Workers format whole row groups: with one there is nothing to share, and no pool starts."""
+    from wsi_mtl.export import _geojson
+
+    table = tmp_path / "objects.parquet"
+    write_table(synthetic_batches(300, batch_size=150, tasks=ALL_TASKS, extent_px=20_000, seed=9), table, mpp=0.25)
+    assert pq.ParquetFile(table).metadata.num_row_groups == 1
+    calls = []
+    real = _geojson._parallel_features
+    monkeypatch.setattr(_geojson, "_parallel_features", lambda *a, **k: calls.append(1) or real(*a, **k))
+    serial = write_geojson_files(table, tmp_path, batch_rows=100, workers=2)
+    assert calls == [] and serial[tmp_path / "objects.geojson"] == 300
+
+
 def _mixed_objects(n: int, seed: int) -> ObjectBatch:
     """Real-shaped objects of every kind the writer meets: nuclei and glands (random jagged rings,
     negative and integer coordinates among them), lumen with a hole, tissue multipolygons, a sliver

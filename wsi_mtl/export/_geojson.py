@@ -336,6 +336,13 @@ def _parallel_features(
             yield from pending.popleft().result()
 
 
+def _row_groups(table_path: Path) -> int:
+    import pyarrow.parquet as pq
+
+    with pq.ParquetFile(table_path) as parquet:
+        return parquet.metadata.num_row_groups
+
+
 def _children_allowed() -> bool:
     """Whether this process may start worker processes (a daemonic one, such as a Dask worker, may not)."""
     from ..postprocess._pool import children_allowed  # imported only here: the package is heavy (~0.7 CPU s)
@@ -357,7 +364,7 @@ def _write_many(
     if workers < 1:
         raise ValueError(f"workers must be at least 1, got {workers}")
     info = read_table_info(table_path)
-    if workers > 1 and info["rows"] > batch_rows and _children_allowed():
+    if workers > 1 and _row_groups(table_path) > 1 and _children_allowed():  # one row group: nothing to share
         features = _parallel_features(table_path, colors=info["colors"], batch_rows=batch_rows, workers=workers)
     else:
         features = _features(table_path, batch_rows=batch_rows, templates=_Templates(info["colors"]))
@@ -406,7 +413,8 @@ def write_geojson(
     batch_rows : int, default 32768
         Rows read from the table at a time; bounds memory.
     workers : int, default 1
-        Processes formatting features (one table row group each); the output is identical.
+        Processes formatting features (one table row group each, so only for a table of several
+        row groups); the output is identical.
 
     Returns
     -------
@@ -458,7 +466,8 @@ def write_geojson_files(
     batch_rows : int, default 32768
         Rows read from the table at a time.
     workers : int, default 1
-        Processes formatting features (one table row group each); the output is identical.
+        Processes formatting features (one table row group each, so only for a table of several
+        row groups); the output is identical.
 
     Returns
     -------

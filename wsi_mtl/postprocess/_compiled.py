@@ -37,18 +37,14 @@ from __future__ import annotations
 import numpy as np
 from skimage.morphology import h_maxima as _sk_h_maxima
 
-import importlib.util
-import os
+from wsi_mtl._numba import numba_allowed
 
 __all__ = ["available", "edt32", "smooth_and_peaks", "h_maxima_bool", "flood_components", "cut_at_peaks", "crops_on_canvas", "box_table", "tissue_counts", "grow_ranks", "open_rows", "components", "block_means", "label_counts", "relabel_in_place", "trace_rings", "type_votes", "type_sums", "HAVE_NUMBA"]
 
 #: Whether numba is installed and not switched off by the environment variable
 #: ``WSIMTL_NO_NUMBA=1`` (numba's LLVM adds ~140 MB to each process that cuts necks); it is
 #: imported, and the kernels compiled or loaded from numba's cache, on first use only.
-try:
-    HAVE_NUMBA = importlib.util.find_spec("numba") is not None and os.environ.get("WSIMTL_NO_NUMBA", "") in ("", "0")
-except (ImportError, ValueError):
-    HAVE_NUMBA = False
+HAVE_NUMBA = numba_allowed()
 _ready = False
 
 

@@ -68,11 +68,11 @@ from wsi_mtl.postprocess._instances import (
     _sizes,
     box_table,
     core_mask,
-    find_objects,
     grow_components,
     labelled_boxes,
     opened_cores,
     relabeled,
+    slices_of,
     NECK_REACH_PX,
     nuclei_foreground,
     _nuclei_instances,
@@ -489,23 +489,9 @@ def _in_tissue(reader: Any, meta: MapsMeta, params: PostprocessParams, labels: n
     return ids[within[ids] >= params.min_in_tissue * np.maximum(total[ids], 1)]
 
 
-def _owned(slices: list, ids: Iterable[int], chunk: Chunk) -> np.ndarray:
-    """Labels whose bounding-box start (in map coordinates) lies in the chunk's own region."""
-    oy, ox = chunk.read[0], chunk.read[2]
-    y0, y1, x0, x1 = chunk.own
-    out = []
-    for i in ids:
-        sl = slices[i - 1]
-        if sl is None:
-            continue
-        sy, sx = sl[0].start + oy, sl[1].start + ox
-        if y0 <= sy < y1 and x0 <= sx < x1:
-            out.append(i)
-    return np.asarray(out, dtype=np.int64)
-
-
 def _owned_boxes(box: np.ndarray, chunk: Chunk) -> np.ndarray:
-    """:func:`_owned` of every label from a :func:`box_table` (missing labels are not owned)."""
+    """The labels (of a :func:`box_table`, local to the chunk's read region) whose bounding-box
+    start lies in the chunk's own region; missing labels are not owned."""
     y0, y1, x0, x1 = _local_own(chunk)
     mine = (box[:, 1] > box[:, 0]) & (box[:, 0] >= y0) & (box[:, 0] < y1) & (box[:, 2] >= x0) & (box[:, 2] < x1)
     return np.flatnonzero(mine).astype(np.int64) + 1
@@ -785,12 +771,13 @@ def _glands_chunk(reader: Any, chunk: Chunk, meta: MapsMeta, params: Postprocess
     g_er = grid.gland_erosion_px
     glands = grow_components(comps[0], erosion_px=g_er, min_area_px=grid.gland_min_area_px)
     g_margin = _gland_margin(g_er, params)
-    g_slices = find_objects(glands)
-    g_cut = np.array([s is not None and _touches_open_edge(s, glands.shape, chunk, g_margin) for s in g_slices], bool)
+    g_box = box_table(glands)
+    g_slices = slices_of(g_box)
+    g_cut = (g_box[:, 1] > g_box[:, 0]) & _near_open_edge(g_box, glands.shape, chunk, g_margin)
     out: dict[str, Any] = {}
     ds = meta.downsample * f
     need_more = False
-    g_owned = _owned(g_slices, range(1, len(g_slices) + 1), chunk) if "gland" in tasks else np.zeros(0, np.int64)
+    g_owned = _owned_boxes(g_box, chunk) if "gland" in tasks else np.zeros(0, np.int64)
     if len(g_owned) and g_cut[g_owned - 1].any():
         need_more = True
     lumen = l_owned = l_cut = None
@@ -798,11 +785,11 @@ def _glands_chunk(reader: Any, chunk: Chunk, meta: MapsMeta, params: Postprocess
     if linst is not None:
         l_er = grid.lumen_erosion_px
         lumen = grow_components(comps[1], erosion_px=l_er, min_area_px=grid.lumen_min_area_px)
-        l_slices = find_objects(lumen)
-        l_owned = _owned(l_slices, range(1, len(l_slices) + 1), chunk)
+        l_box = box_table(lumen)
+        l_slices = slices_of(l_box)
+        l_owned = _owned_boxes(l_box, chunk)
         if len(l_owned):
-            l_margin = 2 * l_er + 1
-            l_cut = np.array([_touches_open_edge(l_slices[i - 1], lumen.shape, chunk, l_margin) for i in l_owned], bool)
+            l_cut = _near_open_edge(l_box[l_owned - 1], lumen.shape, chunk, 2 * l_er + 1)
             # every gland overlapping an owned lumen must be complete for the inside test
             l_under = _glands_under(glands, lumen, l_owned, l_slices)
             need_more = need_more or bool(l_cut.any() or g_cut[l_under - 1].any())
@@ -818,7 +805,7 @@ def _glands_chunk(reader: Any, chunk: Chunk, meta: MapsMeta, params: Postprocess
         in_gland = _inside_fraction(lumen, glands)[l_owned] >= params.lumen_min_inside
         l_owned, l_cut = l_owned[in_gland], l_cut[in_gland]
     if len(g_owned):
-        glands, rect = _only(glands, g_owned, _boxes_of(g_slices, g_owned))  # what is measured from here on
+        glands, rect = _only(glands, g_owned, g_box[g_owned - 1])  # what is measured from here on
         sub, ginst = _crop_chunk(chunk, rect), ginst[(slice(None), *_slices(rect))]
         g_keep = _in_tissue(reader, meta, params, glands, g_owned, sub.read, ds, clip=True)
         ids, polys = labels_to_polygons(glands, offset_yx=(sub.read[0], sub.read[2]), downsample=ds,
@@ -834,7 +821,7 @@ def _glands_chunk(reader: Any, chunk: Chunk, meta: MapsMeta, params: Postprocess
         out["gland"] = _rows("gland", cls, prob, polys, meta, truncated=truncated)
         warnings.append(("gland_truncated", int(truncated.sum()), chunk.halo_px * f))
     if lumen is not None and len(l_owned):
-        lumen, rect = _only(lumen, l_owned, _boxes_of(l_slices, l_owned))
+        lumen, rect = _only(lumen, l_owned, l_box[l_owned - 1])
         sub, linst = _crop_chunk(chunk, rect), linst[(slice(None), *_slices(rect))]
         l_keep = _in_tissue(reader, meta, params, lumen, l_owned, sub.read, ds, clip=True)
         if len(l_keep):

@@ -353,8 +353,12 @@ def find_objects(labels: np.ndarray) -> list[tuple[slice, slice] | None]:
     n = int(labels.max(initial=0))
     if not _compiled.available() or labels.ndim != 2 or n == 0:
         return ndi.find_objects(labels)
-    box = _compiled.boxes(labels, np.arange(1, n + 1)).tolist()
-    return [(slice(a, b), slice(c, d)) if b > a else None for a, b, c, d in box]
+    return slices_of(_compiled.box_table(labels, n))
+
+
+def slices_of(box: np.ndarray) -> list[tuple[slice, slice] | None]:
+    """The ``find_objects`` slices of a :func:`box_table` (None for a missing label)."""
+    return [(slice(a, b), slice(c, d)) if b > a else None for a, b, c, d in box.tolist()]
 
 
 def box_table(labels: np.ndarray) -> np.ndarray:

@@ -9,18 +9,18 @@ Pillow is called.
 
 from __future__ import annotations
 
-import importlib.util
-import os
 from typing import Any
 
 import numpy as np
 from numpy.typing import NDArray
 from PIL import Image
 
+from .._numba import numba_allowed
+
 __all__ = ["reduce_rgb"]
 
 _kernel: Any = None
-_USE_NUMBA = importlib.util.find_spec("numba") is not None and os.environ.get("WSIMTL_NO_NUMBA", "") in ("", "0")
+_USE_NUMBA = numba_allowed()
 
 
 def _reduce2_py(flat, y0, x0, hh, ww):  # noqa: ANN001, ANN202 (compiled helper)

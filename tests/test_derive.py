@@ -451,3 +451,26 @@ def test_disk_full_while_storing_tissue_map(result_dir: Path, monkeypatch: pytes
     monkeypatch.setattr(derive, "_store_tissue_map", full)
     with pytest.raises(OutputError, match="disk full while writing .*tissue_classes"):
         derive_objects(result_dir)
+
+
+def test_label_images_of_a_background_process_that_died_are_written_here(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                                         caplog: pytest.LogCaptureFixture) -> None:
+    """The nuclei label image's process killed (out of memory): written in this process, with a warning."""
+    from concurrent.futures import Future
+    from concurrent.futures.process import BrokenProcessPool
+
+    calls: list[tuple[str, ...]] = []
+
+    def store(predictions: Path, attrs: dict, table: Path, tasks: Any = None) -> list[Path]:
+        calls.append(tuple(tasks))
+        return [predictions / t / "labels" / t for t in tasks]
+
+    monkeypatch.setattr(derive, "_store_tissue_map", store)
+    labels = derive._LabelImages(tmp_path / "p.zarr", {}, tmp_path / "t.parquet", background=False)
+    labels.future = Future()
+    labels.future.set_exception(BrokenProcessPool("a process in the pool was terminated abruptly"))
+    with caplog.at_level("WARNING", logger="wsi_mtl.derive"):
+        written = labels.result()
+    assert ("nuclei",) in calls and len(calls) == 2  # the others here as always, and nuclei here too
+    assert {p.name for p in written} == {"nuclei", *[t for c in calls for t in c]}
+    assert "died" in caplog.text

@@ -279,3 +279,31 @@ def test_sample_slide_objects_are_the_same_with_and_without_overlap(sample_segme
     derive_objects(off_dir, workers=2)
     assert read_run(off_dir)["objects"] == on["objects"]
     assert _table_key(on_dir) == _table_key(off_dir)
+
+
+def test_chunks_left_after_inference_survive_their_workers_being_killed(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """A worker killed (by the system's out-of-memory killer) while the chunks left after inference
+    run: the chunks in flight run again and the objects are those extracted afterwards."""
+    import os
+    import signal
+
+    from test_postprocess_pool import _grandchildren
+
+    maps = _maps()
+    store = _store(tmp_path, maps)
+    grid = plan_tiles(SIZE, SIZE, core_px=CORE, margin_px=0, stride=16)
+    tiles = list(grid.tiles())
+    with OverlapExtractor(store.path, tmp_path / "spool", grid_shape=(grid.rows, grid.cols), core_px=CORE,
+                          pending=[t.key for t in tiles], workers=1, params=PARAMS, **CHUNKS) as ex:
+        for tile in tiles:  # written but never reported: every chunk is left for after inference
+            _write_tile(store, maps, tile)
+        final = store.finalize(before_rename=ex.drain)
+        stream = iter(ex.objects(final, workers=2))
+        batches = [next(stream)]
+        for pid in _grandchildren():
+            os.kill(pid, signal.SIGKILL)
+        with caplog.at_level("WARNING", logger="wsi_mtl.postprocess._pool"):
+            batches += list(stream)
+    assert "a worker process died" in caplog.text
+    after = concat_batches(list(extract_objects(final, params=PARAMS, workers=1, **CHUNKS)))
+    assert _key(concat_batches(batches)) == _key(after)

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import multiprocessing as mp
+import os
+import signal
 from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 from pathlib import Path
 
@@ -14,7 +16,8 @@ from skimage.draw import disk
 
 from test_postprocess_extract import write_predictions
 from wsi_mtl.postprocess import concat_batches, extract_objects, label_to_3class
-from wsi_mtl.postprocess._pool import chunk_executor, pool_kind
+from wsi_mtl.errors import WorkerError
+from wsi_mtl.postprocess._pool import _context, chunk_executor, ordered_results, pool_kind
 
 
 def _nuclei_store(folder: Path) -> Path:
@@ -44,8 +47,8 @@ def test_processes_here_and_in_process_for_one_worker() -> None:
     pool, kind = chunk_executor(2)
     with pool:
         assert kind == "processes" and isinstance(pool, ProcessPoolExecutor)
-    with pytest.raises(ValueError, match="at least 2 workers"):
-        chunk_executor(1)
+    with pytest.raises(ValueError, match="at least 1 worker"):
+        chunk_executor(0)
 
 
 def test_a_daemonic_process_extracts_on_threads_with_the_same_objects(tmp_path: Path) -> None:
@@ -91,3 +94,71 @@ def test_workers_start_with_the_kernels_loaded_by_the_forkserver() -> None:
     batch = objects_from_maps(_warm.warm_maps(), slide_mpp=0.25, downsample=2.0, params=PostprocessParams(nuclei_split_h=0.75))
     tasks = set(np.asarray(batch.columns["task"]).tolist())
     assert {"nuclei", "gland", "lumen", "tissue"} <= tasks
+
+
+# -- a worker process that dies (the system's out-of-memory killer) --------------------------------
+def _square_or_die_once(marker: str, value: int) -> int:
+    """value², except that job 3 kills its own process the first time it runs (``marker`` absent)."""
+    if value == 3 and not os.path.exists(marker):
+        Path(marker).touch()
+        os.kill(os.getpid(), signal.SIGKILL)
+    return value * value
+
+
+def _square_or_die(value: int) -> int:
+    if value == 3:
+        os.kill(os.getpid(), signal.SIGKILL)
+    return value * value
+
+
+def _process_pool(workers: int) -> ProcessPoolExecutor:
+    return ProcessPoolExecutor(max_workers=workers, mp_context=_context())
+
+
+def test_a_worker_killed_once_costs_only_a_rerun_of_the_jobs_in_flight(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    marker = tmp_path / "died"
+    jobs = [(str(marker), v) for v in range(9)]
+    with caplog.at_level("WARNING", logger="wsi_mtl.postprocess._pool"):
+        got = list(ordered_results(_process_pool, _square_or_die_once, jobs, workers=2, describe=lambda i: f"job {i}"))
+    assert marker.exists()  # job 3 did kill its worker
+    assert got == [v * v for v in range(9)]
+    assert "a worker process died" in caplog.text and "one at a time" in caplog.text
+
+
+def test_a_job_that_kills_the_worker_it_runs_alone_on_is_named() -> None:
+    got: list[int] = []
+    with pytest.raises(WorkerError, match="job 3 killed the process that ran it alone"):
+        for value in ordered_results(_process_pool, _square_or_die, [(v,) for v in range(7)], workers=2,
+                                     describe=lambda i: f"job {i}"):
+            got.append(value)
+    assert got == [0, 1, 4]  # everything before it, in order
+
+
+def _grandchildren() -> list[int]:
+    """Processes whose parent is a child of this one (a forkserver's workers)."""
+    parents: dict[int, int] = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                stat = Path(f"/proc/{entry}/stat").read_text()
+            except OSError:
+                continue
+            parents[int(entry)] = int(stat[stat.rindex(")") + 2 :].split()[1])
+    children = {pid for pid, parent in parents.items() if parent == os.getpid()}
+    return [pid for pid, parent in parents.items() if parent in children]
+
+
+@pytest.mark.skipif(not Path("/proc").is_dir() or "forkserver" not in mp.get_all_start_methods(), reason="needs /proc and a forkserver (Linux)")
+def test_chunks_survive_their_workers_being_killed_with_the_same_objects(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    store = _nuclei_store(tmp_path / "pred")
+    expected = _objects(store, 1)
+    stream = iter(extract_objects(store, tasks=("nuclei",), chunk_px=64, halo_px=8, workers=2))
+    batches = [next(stream)]
+    killed = _grandchildren()
+    assert killed  # the pool's workers
+    for pid in killed:
+        os.kill(pid, signal.SIGKILL)
+    with caplog.at_level("WARNING", logger="wsi_mtl.postprocess._pool"):
+        batches += list(stream)
+    assert "the nuclei chunk at x" in caplog.text  # the pool broke and its chunks ran again
+    assert sorted(shapely.to_wkt(concat_batches(batches).geometry, rounding_precision=3).tolist()) == expected

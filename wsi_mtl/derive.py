@@ -209,9 +209,20 @@ class _LabelImages:
             from .export import LABEL_IMAGES
 
             here = [t for t in LABEL_IMAGES if t not in _BACKGROUND_LABELS]
-            return sorted([*_store_tissue_map(*self.args, here), *self.future.result()], key=_label_order)
+            return sorted([*_store_tissue_map(*self.args, here), *self._background()], key=_label_order)
         except OSError as exc:
             raise output_error(exc, self.args[0] / TISSUE_CLASSES) or exc
+
+    def _background(self) -> list[Path]:
+        """The background process's label images; written here where that process died."""
+        from concurrent.futures.process import BrokenProcessPool
+
+        try:
+            return self.future.result()
+        except BrokenProcessPool:
+            log.warning("the process writing the %s label image died (killed by the system, out of memory?): "
+                        "it is written here", ", ".join(_BACKGROUND_LABELS))
+            return _store_tissue_map(*self.args, _BACKGROUND_LABELS)
 
     def close(self) -> None:
         if self.pool is not None:

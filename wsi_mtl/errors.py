@@ -16,6 +16,7 @@ __all__ = [
     "ModelError",
     "OutputError",
     "InputError",
+    "WorkerError",
 ]
 
 
@@ -90,3 +91,10 @@ class OutputError(WsimtlError):
     """The output folder cannot be written (permissions, full disk)."""
 
     exit_code = 30
+
+
+class WorkerError(WsimtlError):
+    """A worker process died on a job it ran alone (killed by the system, most often for lack of
+    memory): the job cannot be done here as asked."""
+
+    exit_code = 40

@@ -19,7 +19,6 @@ The classifiers are written here in torch (already a dependency): multinomial lo
 from __future__ import annotations
 
 import csv
-import json
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass

@@ -29,8 +29,7 @@ import json
 import logging
 import os
 import zlib
-from collections import deque
-from concurrent.futures import Future, ProcessPoolExecutor
+from concurrent.futures import ProcessPoolExecutor
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import IO, TYPE_CHECKING
@@ -321,19 +320,18 @@ def _parallel_features(
 ) -> Iterator[tuple[np.ndarray, list[str]]]:
     """Feature texts formatted by ``workers`` processes, one row group each, yielded in table order.
 
-    At most ``2 * workers`` row groups are in flight, so memory stays bounded.
+    At most ``2 * workers`` row groups are in flight, so memory stays bounded; a worker that dies
+    is survived as :func:`~wsi_mtl.postprocess._pool.ordered_results` says.
     """
     import pyarrow.parquet as pq
 
+    from ..postprocess._pool import _context, ordered_results
+
     n_groups = pq.ParquetFile(table_path).metadata.num_row_groups
-    with ProcessPoolExecutor(max_workers=workers) as pool:
-        pending: deque[Future[list[tuple[np.ndarray, list[str]]]]] = deque()
-        next_group = 0
-        while next_group < n_groups or pending:
-            while next_group < n_groups and len(pending) < 2 * workers:
-                pending.append(pool.submit(_format_row_group, table_path, next_group, colors, batch_rows))
-                next_group += 1
-            yield from pending.popleft().result()
+    jobs = [(table_path, group, colors, batch_rows) for group in range(n_groups)]
+    for texts in ordered_results(lambda n: ProcessPoolExecutor(max_workers=n, mp_context=_context()), _format_row_group, jobs,
+                                 workers=workers, describe=lambda i: f"row group {i} of {table_path.name}"):
+        yield from texts
 
 
 def _row_groups(table_path: Path) -> int:

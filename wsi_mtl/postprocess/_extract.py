@@ -49,12 +49,10 @@ import logging
 import math
 import uuid
 from collections.abc import Iterable, Iterator, Mapping
-from concurrent.futures import Future, ProcessPoolExecutor
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
-import multiprocessing as mp
 import numpy as np
 import shapely
 
@@ -1075,31 +1073,22 @@ class ObjectStream(Iterator[ObjectBatch]):
 
 def _pool_results(path: str, jobs: list[_Job], meta: MapsMeta, params: PostprocessParams, workers: int) -> Iterator[dict[str, Any]]:
     """Run jobs in a process pool (threads in a daemonic process, see ``_pool``), at most
-    ``2 * workers`` in flight, yielding in job order."""
-    from wsi_mtl.postprocess._pool import chunk_executor
+    ``2 * workers`` in flight, yielding in job order; a worker that dies is survived as
+    :func:`~wsi_mtl.postprocess._pool.ordered_results` says."""
+    from wsi_mtl.postprocess._pool import chunk_executor, ordered_results, pool_kind
 
-    pool, kind = chunk_executor(workers)
-    # threads share one reader (no per-process cache that would outlive this slide)
-    shared = _ZarrReader(path) if kind == "threads" else None
+    if pool_kind(workers) == "threads":  # threads share one reader (no per-process cache that would outlive this slide)
+        shared = _ZarrReader(path)
+        return ordered_results(lambda n: chunk_executor(n)[0], _run_job, [(shared, job, meta, params) for job in jobs],
+                               workers=workers, describe=lambda i: describe_job(jobs[i]))
+    return ordered_results(lambda n: chunk_executor(n)[0], _worker, [(path, job, meta, params) for job in jobs],
+                           workers=workers, describe=lambda i: describe_job(jobs[i]))
 
-    def submit(job: _Job) -> Future:
-        if shared is not None:
-            return pool.submit(_run_job, shared, job, meta, params)
-        return pool.submit(_worker, path, job, meta, params)
 
-    with pool:
-        pending: list[Future] = []
-        it = iter(jobs)
-        for job in it:
-            pending.append(submit(job))
-            if len(pending) >= 2 * workers:
-                break
-        while pending:
-            res = pending.pop(0).result()
-            nxt = next(it, None)
-            if nxt is not None:
-                pending.append(submit(nxt))
-            yield res
+def describe_job(job: _Job) -> str:
+    """Where a job's chunk lies, for a message: its group and owned region in map px."""
+    y0, y1, x0, x1 = job.chunk.own
+    return f"the {job.group} chunk at x {x0}-{x1}, y {y0}-{y1} px of its map"
 
 
 def extract_objects(

@@ -34,7 +34,7 @@ import numpy as np
 from wsi_mtl.malloc import keep_freed_pages, release_freed_pages
 from wsi_mtl.postprocess import _extract as ex
 from wsi_mtl.postprocess._chunks import Chunk
-from wsi_mtl.postprocess._pool import _context, children_allowed
+from wsi_mtl.postprocess._pool import _context, children_allowed, ordered_results
 
 __all__ = ["OverlapExtractor", "SPOOL_DIR"]
 
@@ -314,28 +314,31 @@ class OverlapExtractor:
         return ex.ObjectStream(lambda warnings: ex._assemble(self._results(path, left), self.meta, self.params, warnings))
 
     def _results(self, path: str, left: list[int]) -> Iterator[dict[str, Any]]:
+        """Every job's result in plan order: the spooled ones, and ``left`` run now on ``path``
+        (a worker that dies is survived as :func:`~wsi_mtl.postprocess._pool.ordered_results` says)."""
         assert self._pool is not None
-        jobs = {i: replace(self.jobs[i], chunk=self._chunks[i]) for i in left}
-        futures: dict[int, Future] = {}
-        queue = iter(left)
+        jobs = [replace(self.jobs[i], chunk=self._chunks[i]) for i in left]
+        pools = iter([self._pool])  # the running pool first; after a worker died, a new one
 
-        def top_up() -> None:
-            while len(futures) < 2 * self.workers:
-                i = next(queue, None)
-                if i is None:
-                    return
-                futures[i] = self._pool.submit(_run_spooled, path, jobs[i], self.meta, self.params, None, 1.0, str(self._part(i)))
+        def make_pool(workers: int) -> Executor:
+            return next(pools, None) or _executor(workers, 0)
 
-        top_up()
-        for i in range(len(self.jobs)):
-            if i in futures:
-                futures.pop(i).result()
-                top_up()
-            part = self._part(i)
-            with open(part, "rb") as fh:
-                res = pickle.load(fh)
-            part.unlink()
-            yield res
+        runs = ordered_results(make_pool, _run_spooled, [(path, job, self.meta, self.params, None, 1.0, str(self._part(i)))
+                                                        for i, job in zip(left, jobs)],
+                               workers=self.workers, describe=lambda k: ex.describe_job(jobs[k]))
+        self._pool = None  # ordered_results owns it now and shuts it down
+        todo = set(left)
+        try:
+            for i in range(len(self.jobs)):
+                if i in todo:
+                    next(runs)
+                part = self._part(i)
+                with open(part, "rb") as fh:
+                    res = pickle.load(fh)
+                part.unlink()
+                yield res
+        finally:
+            runs.close()
 
     def close(self) -> None:
         """Stop the pool and remove the spooled results."""

@@ -8,13 +8,20 @@ release the GIL for most of their work). The kind chosen is recorded in run.json
 
 from __future__ import annotations
 
+import logging
 import multiprocessing as mp
-from concurrent.futures import Executor, ProcessPoolExecutor, ThreadPoolExecutor
-from typing import Literal
+from collections import deque
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import Executor, Future, ProcessPoolExecutor, ThreadPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
+from typing import Any, Literal
 
+from wsi_mtl.errors import WorkerError
 from wsi_mtl.malloc import keep_freed_pages
 
-__all__ = ["PoolKind", "children_allowed", "pool_kind", "chunk_executor", "single_executor"]
+__all__ = ["PoolKind", "children_allowed", "pool_kind", "chunk_executor", "single_executor", "ordered_results"]
+
+log = logging.getLogger(__name__)
 
 PoolKind = Literal["in-process", "processes", "threads"]
 
@@ -32,15 +39,16 @@ def pool_kind(workers: int) -> PoolKind:
 
 
 def chunk_executor(workers: int) -> tuple[Executor, PoolKind]:
-    """A pool of ``workers`` (>= 2) processes, or of threads where this process is daemonic.
+    """A pool of ``workers`` processes (one runs jobs again after a pool broke, see
+    :func:`ordered_results`), or of threads where this process is daemonic.
 
     Processes start by ``forkserver`` where the platform has it (else ``spawn``): never ``fork``,
     which copies the threads' locks of a busy parent (reader threads, a Dask worker's loop); they
     reuse the pages a chunk frees within that chunk (:func:`~wsi_mtl.malloc.keep_freed_pages`).
     """
-    if workers < 2:
-        raise ValueError(f"a chunk pool needs at least 2 workers; got {workers}")
-    if pool_kind(workers) == "threads":
+    if workers < 1:
+        raise ValueError(f"a chunk pool needs at least 1 worker; got {workers}")
+    if not children_allowed():
         return ThreadPoolExecutor(max_workers=workers, thread_name_prefix="wsimtl-chunks"), "threads"
     return ProcessPoolExecutor(max_workers=workers, mp_context=_context(), initializer=keep_freed_pages), "processes"
 
@@ -51,6 +59,51 @@ def single_executor() -> Executor:
     if not children_allowed():
         return ThreadPoolExecutor(max_workers=1, thread_name_prefix="wsimtl-background")
     return ProcessPoolExecutor(max_workers=1, mp_context=_context())
+
+
+def ordered_results(make_pool: Callable[[int], Executor], fn: Callable[..., Any], jobs: Sequence[tuple], *, workers: int,
+                    describe: Callable[[int], str]) -> Iterator[Any]:
+    """``fn(*jobs[i])`` for every job, yielded in job order, at most ``2 * workers`` in flight on
+    ``make_pool(workers)``.
+
+    A worker process that dies (killed by the system, most often for lack of memory) breaks its
+    pool. The jobs not yet yielded then run again, in order, on a pool of one process with one job
+    at a time: less memory at once, and a job that kills that lone worker is known. That job raises
+    :class:`~wsi_mtl.errors.WorkerError` naming it (``describe(i)``), as does a pool that keeps
+    breaking before it runs anything.
+    """
+    pool, limit = make_pool(workers), 2 * max(1, workers)
+    pending: deque[tuple[int, Future]] = deque()
+    nxt, restarts = 0, 0
+    try:
+        while nxt < len(jobs) or pending:
+            try:
+                while nxt < len(jobs) and len(pending) < limit:
+                    pending.append((nxt, pool.submit(fn, *jobs[nxt])))
+                    nxt += 1
+                result = pending[0][1].result()
+            except BrokenProcessPool as exc:
+                i = pending[0][0] if pending else nxt
+                ran_alone = limit == 1 and bool(pending) and pending[0][1].done()
+                restarts += 1
+                if ran_alone:
+                    raise WorkerError(f"{describe(i)} killed the process that ran it alone (out of memory?)") from exc
+                if restarts > _MAX_RESTARTS:
+                    raise WorkerError(f"worker processes keep dying (killed by the system, out of memory?) before {describe(i)}") from exc
+                log.warning("a worker process died (killed by the system, out of memory?): %s and the jobs after it "
+                            "run again, one at a time", describe(i))
+                pool.shutdown(wait=True, cancel_futures=True)
+                pool, limit, nxt = make_pool(1), 1, i
+                pending.clear()
+                continue
+            pending.popleft()
+            yield result
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
+
+
+#: pools :func:`ordered_results` starts again before it gives up, where none ran a job alone and died
+_MAX_RESTARTS = 3
 
 
 #: modules the forkserver imports before it forks a worker: multiprocessing's default (the main

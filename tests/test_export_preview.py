@@ -28,6 +28,8 @@ def _batch(task: str, classes: list[str], polys: list[shapely.Geometry], colors:
         **{name: np.full(n, 0.9) for name, kind in COLUMNS.items() if kind == "f"},
         **{name: np.zeros(n, dtype=bool) for name, kind in COLUMNS.items() if kind == "b"},
     }
+    centroids = shapely.get_coordinates(shapely.centroid(np.array(polys, dtype=object)))  # as polygon_measurements gives them
+    cols["centroid_x_px"], cols["centroid_y_px"] = centroids[:, 0], centroids[:, 1]
     return ObjectBatch(cols, np.array(polys, dtype=object), colors)
 
 

@@ -15,6 +15,7 @@ import math
 import os
 from collections import Counter
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import shapely
@@ -149,12 +150,12 @@ def write_preview(
     panel_ds = downsample * image.shape[1] / slide.shape[1]
     layers = _Layers(slide.shape[:2], panel_ds, _nuclear_types(info["counts"], palette))
     counts: Counter[tuple[str, str]] = Counter()
-    for record in iter_table(table_path, columns=["task", "class_name", "geometry"], batch_rows=batch_rows):
+    for record in iter_table(table_path, columns=["task", "class_name", "centroid_x_px", "centroid_y_px", "geometry"],
+                             batch_rows=batch_rows):
         tasks = record.column("task").to_pylist()
         classes = record.column("class_name").to_pylist()
-        geoms = shapely.from_wkb(record.column("geometry").to_numpy(zero_copy_only=False))
         counts.update(zip(tasks, classes))
-        layers.add(np.asarray(tasks, dtype=object), classes, geoms, palette)
+        layers.add(np.asarray(tasks, dtype=object), classes, record, palette)
 
     grey = Image.fromarray(_pale_grey(slide), "RGB")
     panels = [
@@ -215,24 +216,28 @@ class _Layers:
         self.grid = (-(-shape[0] // self.cell), -(-shape[1] // self.cell))
         self.density = np.zeros((len(self.types), *self.grid), dtype=np.int64)
 
-    def add(self, tasks: np.ndarray, classes: list[str], geoms: np.ndarray, palette: dict[tuple[str, str], tuple[int, int, int]]) -> None:
-        """Draw (or count) one batch of objects."""
+    def add(self, tasks: np.ndarray, classes: list[str], record: Any, palette: dict[tuple[str, str], tuple[int, int, int]]) -> None:
+        """Draw (or count) one batch of objects (``record``: their table rows; nuclei are counted
+        at their centroid columns, the other tasks' outlines decoded and drawn)."""
         for task in TASKS:
             sel = np.flatnonzero(tasks == task)
             if len(sel) == 0:
                 continue
             names = [classes[i] for i in sel]
             if task == "nuclei":
-                self._count_nuclei(geoms[sel], names)
+                xy = np.stack([record.column(f"centroid_{a}_px").to_numpy()[sel] for a in "xy"], axis=1)
+                self._count_nuclei(xy, names)
             else:
-                self._draw_regions(task, geoms[sel], names, palette)
+                wkb = record.column("geometry").take(sel).to_numpy(zero_copy_only=False)
+                self._draw_regions(task, shapely.from_wkb(wkb), names, palette)
 
-    def _count_nuclei(self, geoms: np.ndarray, names: list[str]) -> None:
+    def _count_nuclei(self, centroids: np.ndarray, names: list[str]) -> None:
+        """Count nuclei per density cell by type (``centroids``: level-0 px, x then y)."""
         for name in dict.fromkeys(names):
             if name not in self.types:
                 self.types.append(name)
                 self.density = np.concatenate([self.density, np.zeros((1, *self.grid), dtype=np.int64)])
-        xy = shapely.get_coordinates(shapely.centroid(geoms)) / (self.downsample * self.cell)
+        xy = np.asarray(centroids, dtype=np.float64) / (self.downsample * self.cell)
         gy = np.clip(xy[:, 1].astype(np.int64), 0, self.grid[0] - 1)
         gx = np.clip(xy[:, 0].astype(np.int64), 0, self.grid[1] - 1)
         k = np.array([self.types.index(n) for n in names], dtype=np.int64)

@@ -12,6 +12,7 @@ import json
 import multiprocessing
 import os
 import re
+import signal
 import threading
 import time
 from collections import Counter
@@ -41,6 +42,7 @@ from wsi_mtl.cohort import (
     update_summary,
 )
 from wsi_mtl.cohort._batch import describe
+from wsi_mtl.cohort._locks import read_owner
 from wsi_mtl.errors import InputError, OutputError, SlideError
 
 LOG_ENV = "WSIMTL_TEST_COHORT_LOG"
@@ -73,6 +75,11 @@ def fake_segment(slide_path: Path, out_dir: Path, *, model: dict[str, Any], mpp:
         raise AssertionError
     if data.startswith(b"SLOW"):
         time.sleep(0.3)
+    if data.startswith(b"HOLD"):  # in flight (its lock held) while a KILL slide's worker dies
+        time.sleep(1.5)
+    if data.startswith(b"KILL"):  # the system's out-of-memory killer, every time
+        time.sleep(0.3)
+        os.kill(os.getpid(), signal.SIGKILL)
     if data.startswith(b"WAIT"):  # until the test creates <slide>.go
         go = Path(f"{slide_path}.go")
         for _ in range(6000):
@@ -554,3 +561,44 @@ def test_a_worker_that_fails_outside_the_slide_is_a_sentence() -> None:
     outcome = _outcome_of(future, SlideTask(Path("a.svs"), "a"))
     assert outcome.status == "failed"
     assert re.fullmatch(r"the worker processing it failed: MemoryError raised at tests/test_cohort\.py:\d+ \(test_\w+\)( from [^ ]+ \(\w+\))? with no message", outcome.error)
+
+
+def test_a_device_worker_killed_fails_only_its_own_slide(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """One process per device; a slide kills its worker (out of memory) every time: the slide in
+    flight beside it runs again (its lock, held by a dead process, taken back at once), the slide
+    that killed its lone worker fails with that reason and a summary row, the rest are done."""
+    cohort = tmp_path / "cohort"
+    cohort.mkdir()
+    for name, data in [("held", b"HOLD"), ("kill", b"KILL"), ("a", b"ok"), ("b", b"ok")]:
+        (cohort / f"{name}.svs").write_bytes(data)
+    slides = [cohort / f"{n}.svs" for n in ("held", "kill", "a", "b")]
+    with caplog.at_level("WARNING"):
+        result = run_batch(slides, tmp_path / "out", devices=["cpu", "cpu"], options=SegmentOptions(device="cpu"), progress=False, **FAKES)
+    status = {o.id: o.status for o in result.outcomes}
+    assert status == {"held": "done", "kill": "failed", "a": "done", "b": "done"}
+    failed = next(o for o in result.outcomes if o.id == "kill")
+    assert "died" in failed.error and "alone" in failed.error
+    assert read_summary(tmp_path / "out")["kill"]["status"] == "failed"  # the parent wrote the row the dead worker could not
+    assert "took over the stale lock" in caplog.text and "held.lock" in caplog.text  # not left to go stale
+
+
+def _hold_lock_and_die(path: str) -> None:
+    LockFile(path, heartbeat_s=None).acquire()
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+def test_a_lock_is_taken_back_only_from_a_dead_process_of_this_host(tmp_path: Path) -> None:
+    dead = tmp_path / "dead.lock"
+    child = multiprocessing.get_context("spawn").Process(target=_hold_lock_and_die, args=(str(dead),))
+    child.start()
+    child.join()
+    assert dead.exists() and read_owner(dead)["pid"] == child.pid
+    assert not LockFile(dead).acquire()  # its heartbeat is fresh: not stale
+    assert LockFile(dead).reclaim_from_dead_owner() and not dead.exists()
+    live = tmp_path / "live.lock"
+    holder = LockFile(live, heartbeat_s=None)
+    assert holder.acquire()
+    assert not LockFile(live).reclaim_from_dead_owner() and live.exists()  # this process is alive
+    owner = json.loads(live.read_text())
+    live.write_text(json.dumps({**owner, "host": owner["host"] + "-elsewhere", "pid": child.pid}))
+    assert not LockFile(live).reclaim_from_dead_owner() and live.exists()  # another host's pid says nothing here

@@ -16,7 +16,7 @@ from ._executors import DaskExecutor, DevicePoolExecutor, Executor, LocalExecuto
 from ._locks import LockFile, _validate_times
 from ._manifest import SlideTask, collect_slides, take_shard
 from ._slide import BatchJob, IsCompleteFn, LoadModelFn, SegmentFn, SegmentOptions, SlideOutcome, recorded_since, skipped_outcome
-from ._summary import SUMMARY_NAME
+from ._summary import SUMMARY_NAME, update_summary
 
 if TYPE_CHECKING:
     from distributed import Client
@@ -242,6 +242,8 @@ def run_batch(
                 if outcome.status == "busy":
                     busy.append(by_id[outcome.id])
                     continue
+                if outcome.status == "failed":  # a worker that died (or failed outside the slide) wrote no row
+                    update_summary(out, [outcome.row()], keep_recorded_since=job.started_at)
                 outcomes[outcome.id] = outcome
                 bar.update(1)
                 bar.set_postfix_str(f"{outcome.id}: {outcome.status}", refresh=False)

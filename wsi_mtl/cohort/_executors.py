@@ -13,13 +13,16 @@ import subprocess
 import sys
 import threading
 import uuid
-from collections.abc import Iterator, Sequence
-from concurrent.futures import ProcessPoolExecutor, as_completed
+from collections import deque
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ..errors import InputError
+from ._locks import LockFile
 from ._manifest import SlideTask
 from ._slide import PROCESS_MODELS, BatchJob, SlideOutcome, failure_sentence, one_line, process_slide
 
@@ -138,22 +141,62 @@ class DevicePoolExecutor(Executor):
     """One process per device (e.g. ``cuda:0``, ``cuda:1``); each takes the next slide when free.
 
     Processes are spawned (never forked: CUDA does not survive a fork) and each loads the model
-    once, on its device.
+    once, on its device. A worker process that dies (killed by the system, most often for lack of
+    memory) takes only its own slide down: the pool starts again, the slides that were in flight
+    run again one at a time (their locks, held by the dead processes, are taken back), and a slide
+    whose lone worker dies is failed with that reason. ``target`` runs one slide in a worker.
     """
 
-    def __init__(self, devices: Sequence[str]) -> None:
+    def __init__(self, devices: Sequence[str], *, target: Callable[[SlideTask, BatchJob], SlideOutcome] = _pool_process) -> None:
         if not devices:
             raise InputError("give at least one device")
+        self._devices, self._target = list(devices), target
+        self._pool = self._start()
+
+    def _start(self) -> ProcessPoolExecutor:
         context = multiprocessing.get_context("spawn")
         queue = context.Queue()
-        for device in devices:
+        for device in self._devices:
             queue.put(device)
-        self._pool = ProcessPoolExecutor(max_workers=len(devices), mp_context=context, initializer=_init_pool_worker, initargs=(queue,))
+        return ProcessPoolExecutor(max_workers=len(self._devices), mp_context=context, initializer=_init_pool_worker, initargs=(queue,))
 
     def run(self, tasks: Sequence[SlideTask], job: BatchJob) -> Iterator[SlideOutcome]:
-        futures = {self._pool.submit(_pool_process, task, job): task for task in tasks}
-        for future in as_completed(futures):
-            yield _outcome_of(future, futures[future])
+        todo: deque[SlideTask] = deque(tasks)
+        again: deque[SlideTask] = deque()  # in flight when a worker died: one at a time
+        alone: set[str] = set()  # ids of slides run one at a time
+        running: dict[Future, SlideTask] = {}
+        while todo or again or running:
+            solo = any(t.id in alone for t in running.values())
+            while (again or todo) and len(running) < (1 if again or solo else len(self._devices)):
+                task = (again or todo).popleft()
+                running[self._pool.submit(self._target, task, job)] = task
+                solo = solo or task.id in alone
+            done, _ = wait(running, return_when=FIRST_COMPLETED)
+            died = any(isinstance(f.exception(), BrokenProcessPool) for f in done)
+            for future in done:
+                if not isinstance(future.exception(), BrokenProcessPool):
+                    yield _outcome_of(future, running.pop(future))
+            if died:
+                lost = list(running.values())
+                running.clear()
+                self._restart(lost, job)
+                for task in lost:
+                    if task.id in alone:
+                        reason = "the worker process running it alone died (killed by the system, out of memory?)"
+                        log.error("%s: %s", task.id, reason)
+                        yield SlideOutcome(str(task.slide), task.id, "failed", reason)
+                    else:
+                        alone.add(task.id)
+                        again.append(task)
+
+    def _restart(self, lost: Sequence[SlideTask], job: BatchJob) -> None:
+        """A new pool after a worker died; the locks the dead processes held are taken back."""
+        log.warning("a worker process died (killed by the system, out of memory?): %s run again, one at a time",
+                    ", ".join(t.id for t in lost) or "no slide")
+        self._pool.shutdown(wait=True, cancel_futures=True)  # reaps the dead processes
+        for task in lost:
+            LockFile(job.lock_path(task), stale_after_s=job.stale_after_s, heartbeat_s=None).reclaim_from_dead_owner()
+        self._pool = self._start()
 
     def close(self) -> None:
         self._pool.shutdown(wait=True, cancel_futures=True)

@@ -206,7 +206,15 @@ class LockFile:
             self._thread.start()
         return True
 
-    def _take_over_stale(self) -> bool:
+    def reclaim_from_dead_owner(self) -> bool:
+        """Remove the lock if its owner is a process of this host that no longer exists (a pool
+        worker killed by the system), under the same guard as a stale one; True when removed.
+
+        Only for a caller that has seen its own worker die: a process of another PID namespace on
+        a host of the same name would look dead too."""
+        return self._take_over_stale(dead_owner=True)
+
+    def _take_over_stale(self, *, dead_owner: bool = False) -> bool:
         """Remove the lock file if it is stale; True when the caller should try to create it.
 
         Reclaimers serialise on a guard file (``<lock>.takeover``, exclusive create) and re-check
@@ -215,7 +223,7 @@ class LockFile:
         processes that try, exactly one wins. A guard left by a reclaimer that died is removed
         once it is older than a minute.
         """
-        if not self._is_stale_now():
+        if not self._is_stale_now(dead_owner):
             return not self.path.exists()
         guard = self.path.with_name(self.path.name + ".takeover")
         try:
@@ -226,7 +234,7 @@ class LockFile:
                     guard.unlink()
             return False
         try:
-            if not self._is_stale_now():
+            if not self._is_stale_now(dead_owner):
                 return not self.path.exists()
             judged = read_owner(self.path)
             with contextlib.suppress(FileNotFoundError):
@@ -237,12 +245,15 @@ class LockFile:
             with contextlib.suppress(FileNotFoundError):
                 guard.unlink()
 
-    def _is_stale_now(self) -> bool:
-        """Whether the lock file exists and its heartbeat is older than ``stale_after_s``."""
+    def _is_stale_now(self, dead_owner: bool = False) -> bool:
+        """Whether the lock file exists and its heartbeat is older than ``stale_after_s`` (with
+        ``dead_owner``: or its owner is a process of this host that no longer exists)."""
         try:
-            return time.time() - self.path.stat().st_mtime > self.stale_after_s
+            if time.time() - self.path.stat().st_mtime > self.stale_after_s:
+                return True
         except FileNotFoundError:
             return False
+        return dead_owner and _owner_died_here(read_owner(self.path))
 
     def _still_ours(self) -> bool:
         """Whether the lock file exists and carries this object's token."""
@@ -266,3 +277,16 @@ class LockFile:
             except OSError as exc:  # a transient network file system error: try again next beat
                 if exc.errno not in (errno.ESTALE, errno.EIO, errno.EAGAIN):
                     log.warning("cannot refresh lock %s: %s", self.path, exc)
+
+
+def _owner_died_here(owner: dict[str, Any] | None) -> bool:
+    """Whether ``owner`` (see :func:`read_owner`) is a process of this host that no longer exists."""
+    if not owner or owner.get("host") != socket.gethostname():
+        return False
+    try:
+        os.kill(int(owner["pid"]), 0)
+    except ProcessLookupError:
+        return True
+    except (KeyError, TypeError, ValueError, OSError):  # no pid, or one we may not signal: alive
+        return False
+    return False

@@ -633,16 +633,19 @@ def _grow_py(r, steps):  # noqa: ANN001, ANN202 (compiled helper)
         for x in range(w):
             if r[y, x] != 0:
                 k[y + 1, x + 1] = low - np.int32(r[y, x])
-    for y in range(1, h + 1):  # from above and the left
+    # Each sweep takes a row's three neighbours in the row before (independent along the row, so
+    # the loop vectorises) and then its neighbour in the row (a scan): per pixel the same minimum
+    # as over all four at once, since that neighbour's value is final when it is read.
+    for y in range(1, h + 1):  # from above, then from the left
         for x in range(1, w + 1):
-            a = min(min(k[y - 1, x - 1], k[y - 1, x]), min(k[y - 1, x + 1], k[y, x - 1])) + one
-            if a < k[y, x]:
-                k[y, x] = a
-    for y in range(h, 0, -1):  # from below and the right
+            k[y, x] = min(k[y, x], min(min(k[y - 1, x - 1], k[y - 1, x]), k[y - 1, x + 1]) + one)
+        for x in range(1, w + 1):
+            k[y, x] = min(k[y, x], k[y, x - 1] + one)
+    for y in range(h, 0, -1):  # from below, then from the right
+        for x in range(1, w + 1):
+            k[y, x] = min(k[y, x], min(min(k[y + 1, x + 1], k[y + 1, x]), k[y + 1, x - 1]) + one)
         for x in range(w, 0, -1):
-            a = min(min(k[y + 1, x + 1], k[y + 1, x]), min(k[y + 1, x - 1], k[y, x + 1])) + one
-            if a < k[y, x]:
-                k[y, x] = a
+            k[y, x] = min(k[y, x], k[y, x + 1] + one)
     out = np.zeros((h, w), r.dtype)
     for y in range(h):
         for x in range(w):

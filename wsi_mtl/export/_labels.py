@@ -67,16 +67,16 @@ class _Index:
 def _index(parquet: pq.ParquetFile, tasks: set[str], class_values: dict[str, dict[str, int]]) -> dict[str, _Index]:
     """One pass over the table: bounds and label value of every object of ``tasks``."""
     parts: dict[str, list[tuple[Any, ...]]] = {t: [] for t in tasks}  # (group, rows, bounds, class names)
+    boxed = "bbox" in parquet.schema_arrow.names  # the geometries' bounds, stored (else decoded here)
     for g in range(parquet.num_row_groups):
-        rg = parquet.read_row_group(g, columns=["task", "class_name", "geometry"], use_threads=False)
+        rg = parquet.read_row_group(g, columns=["task", "class_name", "bbox" if boxed else "geometry"], use_threads=False)
         task = np.asarray(rg.column("task").to_pylist(), dtype=object)
         names = rg.column("class_name").to_pylist()
         for t in tasks:
             rows = np.flatnonzero(task == t)
             if len(rows) == 0:
                 continue
-            geoms = shapely.from_wkb(rg.column("geometry").take(rows).to_numpy(zero_copy_only=False))
-            parts[t].append((g, rows, shapely.bounds(geoms), [names[i] for i in rows]))
+            parts[t].append((g, rows, _bounds(rg, rows, boxed), [names[i] for i in rows]))
     out: dict[str, _Index] = {}
     for t, chunks in parts.items():
         if not chunks:
@@ -91,6 +91,14 @@ def _index(parquet: pq.ParquetFile, tasks: set[str], class_values: dict[str, dic
         rows = np.concatenate([r for _, r, _, _ in chunks]).astype(np.int32)
         out[t] = _Index(group, rows, np.concatenate([b for _, _, b, _ in chunks]).astype(np.float32), value, code, classes)
     return out
+
+
+def _bounds(rg: Any, rows: np.ndarray, boxed: bool) -> np.ndarray:
+    """(n, 4) xmin, ymin, xmax, ymax of a row group's ``rows``: its ``bbox`` column, or the decoded geometries'."""
+    if boxed:
+        box = rg.column("bbox").combine_chunks().take(rows)
+        return np.stack([box.field(k).to_numpy() for k in ("xmin", "ymin", "xmax", "ymax")], axis=1)
+    return shapely.bounds(shapely.from_wkb(rg.column("geometry").take(rows).to_numpy(zero_copy_only=False)))
 
 
 class _Geometries:

@@ -350,3 +350,19 @@ def test_label_chunk_buckets_list_every_chunk_a_box_touches_in_table_order() -> 
         assert got.keys() == want.keys()
         for key, members in want.items():
             assert got[key].tolist() == members, key
+
+
+def test_label_index_bounds_from_the_bbox_column_equal_those_of_the_geometries(result: Path) -> None:
+    """The label images take each object's box from the table's ``bbox`` column; a table without
+    one has its geometries decoded: the same boxes."""
+    import pyarrow.parquet as pq
+
+    from wsi_mtl.export._labels import _bounds
+
+    with pq.ParquetFile(result / "objects.parquet") as parquet:
+        rg = parquet.read_row_group(0, columns=["bbox", "geometry"])
+    rows = np.arange(rg.num_rows)[::-1][: rg.num_rows - 1]  # a selection, out of order
+    decoded = _bounds(rg, rows, False)
+    assert np.array_equal(_bounds(rg, rows, True), decoded)
+    geoms = shapely.from_wkb(rg.column("geometry").to_numpy(zero_copy_only=False))[rows]
+    assert np.array_equal(decoded, shapely.bounds(geoms)) and len(rows) > 5

@@ -366,3 +366,33 @@ def test_label_index_bounds_from_the_bbox_column_equal_those_of_the_geometries(r
     assert np.array_equal(_bounds(rg, rows, True), decoded)
     geoms = shapely.from_wkb(rg.column("geometry").to_numpy(zero_copy_only=False))[rows]
     assert np.array_equal(decoded, shapely.bounds(geoms)) and len(rows) > 5
+
+
+def test_compiled_scanline_fill_paints_the_pixels_of_the_array_version(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Polygons with holes, multipolygons, overlaps (the later wins), shapes cut by the tile's
+    edges, slivers and degenerate rings: the compiled fill sets exactly the array version's pixels."""
+    from wsi_mtl.export import _labels, _scanline
+
+    if _scanline._compiled() is None:
+        pytest.skip("numba not installed or switched off (WSIMTL_NO_NUMBA=1): only the array version runs")
+    rng = np.random.default_rng(7)
+    geoms = []
+    for _ in range(300):
+        cx, cy, r = rng.uniform(-20, 150), rng.uniform(-20, 150), rng.uniform(0.3, 25)
+        ring = shapely.Point(cx, cy).buffer(r, quad_segs=int(rng.integers(1, 6)))
+        if rng.random() < 0.2:
+            ring = ring.difference(shapely.Point(cx, cy).buffer(r / 2))
+        if rng.random() < 0.1:
+            ring = shapely.MultiPolygon([ring, shapely.box(cx + r + 2, cy, cx + r + 9, cy + 0.4)])
+        geoms.append(ring)
+    geoms.append(shapely.Polygon([(5, 5), (5, 5), (5, 5)]))  # fewer than 3 distinct vertices
+    geoms = np.array(geoms, dtype=object)
+    values = np.arange(1, len(geoms) + 1, dtype=np.int64)
+    for downsample, origin in [(1.0, (0, 0)), (2.0, (7, -3)), (0.7, (31, 40))]:
+        compiled = np.zeros((96, 128), np.int32)
+        _labels._draw_all(compiled, geoms, values, downsample=downsample, origin=origin)
+        monkeypatch.setattr(_labels, "fill_rings", lambda *args: False)
+        plain = np.zeros((96, 128), np.int32)
+        _labels._draw_all(plain, geoms, values, downsample=downsample, origin=origin)
+        monkeypatch.undo()
+        assert np.array_equal(compiled, plain) and len(np.unique(plain)) > 50

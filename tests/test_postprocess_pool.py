@@ -70,7 +70,10 @@ def _loaded_kernels() -> list[str]:
     """Compiled kernels of post-processing this process has loaded (its numba signatures)."""
     from wsi_mtl.postprocess import _compiled
 
-    return sorted(k for k, v in vars(_compiled).items() if getattr(v, "signatures", None))
+    from wsi_mtl.export import _scanline
+
+    loaded = [k for k, v in vars(_compiled).items() if getattr(v, "signatures", None)]
+    return sorted(loaded + (["scanline fill"] if getattr(_scanline._kernel, "signatures", None) else []))
 
 
 def test_workers_start_with_the_kernels_loaded_by_the_forkserver() -> None:
@@ -87,7 +90,8 @@ def test_workers_start_with_the_kernels_loaded_by_the_forkserver() -> None:
     pool, _ = chunk_executor(2)
     with pool:
         loaded = pool.submit(_loaded_kernels).result()
-    for kernel in ("_cut_at_peaks", "_flood_components", "_grow", "_open", "_ring_segments", "_type_votes", "_components"):
+    for kernel in ("_cut_at_peaks", "_flood_components", "_grow", "_open", "_ring_segments", "_type_votes", "_components",
+                   "scanline fill"):
         assert kernel in loaded, kernel
     from wsi_mtl.postprocess import PostprocessParams, objects_from_maps
 

@@ -29,6 +29,7 @@ import shapely
 import zarr
 
 from ..ome import label_group
+from ._scanline import fill_rings
 from ._table import read_table_info
 
 __all__ = ["write_label_images", "LABEL_IMAGES", "MAX_LISTED"]
@@ -148,6 +149,8 @@ def _draw_all(tile: np.ndarray, geoms: np.ndarray, values: np.ndarray, *, downsa
     big = np.bincount(obj, minlength=len(geoms)) >= 3  # fewer vertices: nothing to draw
     y = coords[:, 1] / downsample - 0.5 - origin[0]
     x = coords[:, 0] / downsample - 0.5 - origin[1]
+    if fill_rings(tile, y, x, ring_index, obj, big, values):  # compiled: the same pixels
+        return
     same = (ring_index[1:] == ring_index[:-1]) & (y[1:] != y[:-1]) & big[obj[1:]]  # edges of one ring, not horizontal
     y0, y1, x0, x1, who = y[:-1][same], y[1:][same], x[:-1][same], x[1:][same], obj[1:][same]
     first = np.maximum(np.ceil(np.minimum(y0, y1)), 0)

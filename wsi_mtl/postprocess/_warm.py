@@ -4,8 +4,9 @@ A chunk worker's first chunks pay for imports (~0.8 CPU s) and for loading every
 from numba's cache (~1.2 CPU s before its first nuclei chunk, ~1.5 more before its first gland
 chunk, on the 2-core benchmark machine). Worker pools start their processes from a
 ``forkserver`` that imports this module first (:func:`wsi_mtl.postprocess._pool`): importing it
-runs :func:`warm`, which puts small synthetic maps through every task, so the kernels are loaded
-once in the server and each forked worker starts with them. Nothing here changes a result; a
+runs :func:`warm`, which puts small synthetic maps through every task (and fills one label-image
+triangle), so the kernels are loaded once in the server and each forked worker (and the label
+images' process) starts with them. Nothing here changes a result; a
 failure only leaves the workers to load what they need themselves.
 """
 
@@ -75,6 +76,10 @@ def warm() -> None:
         classes = {"Patch-Class": (("tumor", "stroma", "empty"), ((1, 1, 1),) * 3)}
         objects_from_maps(maps, slide_mpp=0.25, downsample=2.0, classes=classes, params=params,
                           tissue_mask=np.ones((20, 20), bool), mask_downsample=16.0, slide_size=(320, 320))
+        from wsi_mtl.export._scanline import fill_rings  # the label images' fill (their process is forked here too)
+
+        fill_rings(np.zeros((4, 4), np.int32), np.array([0.0, 3.0, 3.0, 0.0]), np.array([0.0, 0.0, 3.0, 0.0]),
+                   np.zeros(4, np.int64), np.zeros(4, np.int64), np.ones(1, bool), np.ones(1, np.int64))
     except Exception as exc:  # a warm-up must never stop the process that forks the workers
         log.debug("post-processing warm-up failed: %s", exc)
 

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import importlib.util
 import os
+from typing import Any
 
-__all__ = ["numba_allowed"]
+__all__ = ["numba_allowed", "jit_kernel"]
 
 
 def numba_allowed() -> bool:
@@ -15,3 +16,19 @@ def numba_allowed() -> bool:
         return importlib.util.find_spec("numba") is not None and os.environ.get("WSIMTL_NO_NUMBA", "") in ("", "0")
     except (ImportError, ValueError):
         return False
+
+
+def jit_kernel(namespace: dict[str, Any], name: str, *helpers: str) -> Any:
+    """``numba.njit(cache=True, nogil=True)`` of ``namespace[name]`` (a module's globals), the
+    ``helpers`` it calls compiled first and put in their place; False where numba is not allowed
+    or cannot be imported (so a caller keeps the answer and asks once)."""
+    if not numba_allowed():
+        return False
+    try:
+        import numba
+    except ImportError:  # found but broken
+        return False
+    jit = numba.njit(cache=True, nogil=True)
+    for helper in helpers:
+        namespace[helper] = jit(namespace[helper])
+    return jit(namespace[name])

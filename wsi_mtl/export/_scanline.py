@@ -15,12 +15,11 @@ from typing import Any
 
 import numpy as np
 
-from .._numba import numba_allowed
+from .._numba import jit_kernel
 
 __all__ = ["fill_rings"]
 
-_kernel: Any = None
-_USE_NUMBA = numba_allowed()
+_kernel: Any = None  # the compiled fill; False: none to be had
 
 
 def _fill_py(tile, y, x, ring, obj, big, values):  # noqa: ANN001, ANN202 (compiled helper)
@@ -73,18 +72,11 @@ def _fill_one(tile, y, x, ring, s, e, value, h, w):  # noqa: ANN001, ANN202 (com
 
 
 def _compiled() -> Any:
-    global _kernel, _USE_NUMBA
-    if _kernel is None and _USE_NUMBA:
-        try:
-            import numba
-        except ImportError:
-            _USE_NUMBA = False
-            return None
-        global _fill_one
-        jit = numba.njit(cache=True, nogil=True)
-        _fill_one = jit(_fill_one)
-        _kernel = jit(_fill_py)
-    return _kernel
+    """The compiled fill, compiled (or loaded from numba's cache) on first use; None without numba."""
+    global _kernel
+    if _kernel is None:
+        _kernel = jit_kernel(globals(), "_fill_py", "_fill_one")
+    return _kernel or None
 
 
 def fill_rings(tile: np.ndarray, y: np.ndarray, x: np.ndarray, ring: np.ndarray, obj: np.ndarray, big: np.ndarray,

@@ -15,12 +15,11 @@ import numpy as np
 from numpy.typing import NDArray
 from PIL import Image
 
-from .._numba import numba_allowed
+from .._numba import jit_kernel
 
 __all__ = ["reduce_rgb"]
 
-_kernel: Any = None
-_USE_NUMBA = numba_allowed()
+_kernel: Any = None  # the compiled reduction; False: none to be had
 
 
 def _reduce2_py(flat, y0, x0, hh, ww):  # noqa: ANN001, ANN202 (compiled helper)
@@ -38,15 +37,11 @@ def _reduce2_py(flat, y0, x0, hh, ww):  # noqa: ANN001, ANN202 (compiled helper)
 
 
 def _compiled() -> Any:
-    global _kernel, _USE_NUMBA
-    if _kernel is None and _USE_NUMBA:
-        try:
-            import numba
-        except ImportError:
-            _USE_NUMBA = False
-            return None
-        _kernel = numba.njit(cache=True, nogil=True)(_reduce2_py)
-    return _kernel
+    """The compiled reduction, compiled (or loaded from numba's cache) on first use; None without numba."""
+    global _kernel
+    if _kernel is None:
+        _kernel = jit_kernel(globals(), "_reduce2_py")
+    return _kernel or None
 
 
 def reduce_rgb(src: NDArray[np.uint8], k: int, box: tuple[int, int, int, int]) -> NDArray[np.uint8]:

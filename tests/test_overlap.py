@@ -181,7 +181,9 @@ def test_finish_runs_every_chunk_left_before_the_store_is_renamed(tmp_path: Path
         final = store.finalize(before_rename=ex.drain)
         assert ex.workers == 2 and ex.chunks_overlapped == during < len(ex.jobs)
         assert len(list((tmp_path / "spool").glob("*.pkl"))) == len(ex.jobs)  # every chunk done before the rename
+        pool = ex._pool
         overlapped = concat_batches(list(ex.objects(final)))
+    assert not any(p.is_alive() for p in (pool._processes or {}).values())  # nothing left to run: closing stopped the pool
     after = concat_batches(list(extract_objects(final, params=PARAMS, workers=1, **CHUNKS)))
     assert len(after) > 100 and _key(overlapped) == _key(after)
 

@@ -318,15 +318,14 @@ class OverlapExtractor:
         (a worker that dies is survived as :func:`~wsi_mtl.postprocess._pool.ordered_results` says)."""
         assert self._pool is not None
         jobs = [replace(self.jobs[i], chunk=self._chunks[i]) for i in left]
-        pools = iter([self._pool])  # the running pool first; after a worker died, a new one
-
         def make_pool(workers: int) -> Executor:
-            return next(pools, None) or _executor(workers, 0)
+            """The running pool first (from then on ordered_results shuts it down); after a worker died, a new one."""
+            pool, self._pool = self._pool, None
+            return pool or _executor(workers, 0)
 
         runs = ordered_results(make_pool, _run_spooled, [(path, job, self.meta, self.params, None, 1.0, str(self._part(i)))
                                                         for i, job in zip(left, jobs)],
                                workers=self.workers, describe=lambda k: ex.describe_job(jobs[k]))
-        self._pool = None  # ordered_results owns it now and shuts it down
         todo = set(left)
         try:
             for i in range(len(self.jobs)):

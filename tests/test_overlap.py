@@ -309,3 +309,23 @@ def test_chunks_left_after_inference_survive_their_workers_being_killed(tmp_path
     assert "a worker process died" in caplog.text
     after = concat_batches(list(extract_objects(final, params=PARAMS, workers=1, **CHUNKS)))
     assert _key(concat_batches(batches)) == _key(after)
+
+
+def test_a_chunk_that_raises_during_inference_gives_a_failed_result(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The overlapped run of a chunk that raises finishes it as failed (no objects, one line), as
+    extraction after inference does, instead of leaving it to fail again after inference."""
+    from wsi_mtl.postprocess import _extract as ex
+    from wsi_mtl.postprocess._overlap import _attempts
+
+    maps = _maps()
+    store = _store(tmp_path, maps)
+    final = store.finalize()
+    meta = ex.read_meta(final)
+    job = next(j for j in ex._plan_jobs(meta, ("nuclei",), chunk_px=128, halo_px=8, max_halo_px=64, params=PARAMS))
+
+    def odd(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
+        raise ValueError("unexpected")
+
+    monkeypatch.setattr(ex, "_attempt", odd)
+    chunk, res = _attempts(ex._ZarrReader(str(final)), job, meta, PARAMS, None, 1.0)
+    assert chunk == job.chunk and res == {"failed": ["the nuclei chunk at level-0 x 0-256, y 0-256 px: ValueError: unexpected"]}

@@ -164,5 +164,43 @@ def test_chunks_survive_their_workers_being_killed_with_the_same_objects(tmp_pat
         os.kill(pid, signal.SIGKILL)
     with caplog.at_level("WARNING", logger="wsi_mtl.postprocess._pool"):
         batches += list(stream)
-    assert "the nuclei chunk at x" in caplog.text  # the pool broke and its chunks ran again
+    assert "the nuclei chunk at level-0 x" in caplog.text  # the pool broke and its chunks ran again
     assert sorted(shapely.to_wkt(concat_batches(batches).geometry, rounding_precision=3).tolist()) == expected
+
+
+# -- a chunk that raises (a bug, or data no step expected) -----------------------------------------
+def test_a_chunk_that_raises_loses_only_its_own_objects_with_a_warning(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from wsi_mtl.postprocess import _extract as ex
+
+    store = _nuclei_store(tmp_path / "pred")
+    full = concat_batches(list(extract_objects(store, tasks=("nuclei",), chunk_px=64, halo_px=8, workers=1)))
+    original = ex._nuclei_chunk
+
+    def odd(reader, chunk, *args, **kwargs):  # noqa: ANN001, ANN002, ANN003, ANN202
+        if chunk.own[:3:2] == (64, 128):
+            raise ValueError("a polygon no step expected\nsecond line")
+        return original(reader, chunk, *args, **kwargs)
+
+    monkeypatch.setattr(ex, "_nuclei_chunk", odd)
+    stream = extract_objects(store, tasks=("nuclei",), chunk_px=64, halo_px=8, workers=1)
+    got = concat_batches(list(stream))
+    owned = [(x0, y0) for x0, y0, _, _ in shapely.bounds(full.geometry)]
+    lost = [64 <= y < 128 and 128 <= x < 192 for x, y in ((x / 2, y / 2) for x, y in owned)]  # level-0 -> map px (downsample 2)
+    assert 0 < sum(lost) < len(full) and len(got) == len(full) - sum(lost)
+    keep = set(shapely.to_wkt(full.geometry[~np.array(lost)], rounding_precision=3).tolist())
+    assert set(shapely.to_wkt(got.geometry, rounding_precision=3).tolist()) == keep
+    assert stream.warnings == ["no objects where post-processing failed: the nuclei chunk at level-0 x 256-384, y 128-256 px: "
+                               "ValueError: a polygon no step expected"]
+
+
+def test_most_chunks_failing_stops_the_slide(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from wsi_mtl.postprocess import _extract as ex
+
+    store = _nuclei_store(tmp_path / "pred")
+
+    def broken(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
+        raise ZeroDivisionError("every chunk")
+
+    monkeypatch.setattr(ex, "_nuclei_chunk", broken)
+    with pytest.raises(RuntimeError, match=r"post-processing failed in 16 of 16 chunks, e\.g\. the nuclei chunk at level-0 x 0-128"):
+        list(extract_objects(store, tasks=("nuclei",), chunk_px=64, halo_px=8, workers=1))

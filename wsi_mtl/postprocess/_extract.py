@@ -877,12 +877,26 @@ def _attempt(reader: Any, job: _Job, chunk: Chunk, meta: MapsMeta, params: Postp
 
 
 def _run_job(reader: Any, job: _Job, meta: MapsMeta, params: PostprocessParams) -> dict[str, Any]:
-    if job.group == "tissue":
-        return _tissue_chunk(reader, job.chunk, meta, params)
-    res = _attempt(reader, job, job.chunk, meta, params)
-    while isinstance(res, Chunk):
-        res = _attempt(reader, job, res, meta, params)
-    return res
+    """A job's result, its halo grown as far as it needs; a job that raises gives :func:`failed_result`."""
+    try:
+        if job.group == "tissue":
+            return _tissue_chunk(reader, job.chunk, meta, params)
+        res = _attempt(reader, job, job.chunk, meta, params)
+        while isinstance(res, Chunk):
+            res = _attempt(reader, job, res, meta, params)
+        return res
+    except Exception as exc:  # noqa: BLE001 - one chunk must not end the slide (see failed_result)
+        return failed_result(job, exc, meta, params)
+
+
+def failed_result(job: _Job, exc: BaseException, meta: MapsMeta, params: PostprocessParams) -> dict[str, Any]:
+    """The result of a job that raised: no objects, and a line naming the chunk and the error.
+
+    The slide goes on without that chunk's objects; :func:`_assemble` reports each such line as a
+    warning (run.json ``warnings``) and stops the slide only where most chunks failed.
+    """
+    message = (str(exc).strip().splitlines() or [""])[0]
+    return {"failed": [f"{describe_job(job, meta, params)}: {type(exc).__name__}{': ' + message if message else ''}"]}
 
 
 _READERS: dict[str, _ZarrReader] = {}
@@ -1036,9 +1050,14 @@ def _assemble(results: Iterator[dict[str, Any]], meta: MapsMeta, params: Postpro
     appended to ``warnings`` once the results are exhausted."""
     open_parts: list[dict[str, np.ndarray]] = []
     counts: dict[str, list[int]] = {}
+    failed: list[str] = []
+    done = 0
     for res in results:
+        done += 1
         for key, rows in res.items():
-            if key == "warnings":
+            if key == "failed":
+                failed.extend(rows)
+            elif key == "warnings":
                 for code, n, halo in rows:
                     total = counts.setdefault(code, [0, 0])
                     total[0] += n
@@ -1047,10 +1066,13 @@ def _assemble(results: Iterator[dict[str, Any]], meta: MapsMeta, params: Postpro
                 open_parts.append(rows)
             elif len(rows["class_id"]):
                 yield _to_batch(rows, meta)
+    if 2 * len(failed) > done:  # not one odd chunk: something is wrong with every one
+        raise RuntimeError(f"post-processing failed in {len(failed)} of {done} chunks, e.g. {failed[0]}")
     merged = _merge_tissue(open_parts, meta, params)
     if merged is not None and len(merged["class_id"]):
         yield _to_batch(merged, meta)
-    for line in _warning_lines(counts):
+    lines = _warning_lines(counts) + [f"no objects where post-processing failed: {line}" for line in failed]
+    for line in lines:
         log.warning(line)
         if warnings is not None:
             warnings.append(line)
@@ -1080,15 +1102,25 @@ def _pool_results(path: str, jobs: list[_Job], meta: MapsMeta, params: Postproce
     if pool_kind(workers) == "threads":  # threads share one reader (no per-process cache that would outlive this slide)
         shared = _ZarrReader(path)
         return ordered_results(lambda n: chunk_executor(n)[0], _run_job, [(shared, job, meta, params) for job in jobs],
-                               workers=workers, describe=lambda i: describe_job(jobs[i]))
+                               workers=workers, describe=lambda i: describe_job(jobs[i], meta, params))
     return ordered_results(lambda n: chunk_executor(n)[0], _worker, [(path, job, meta, params) for job in jobs],
-                           workers=workers, describe=lambda i: describe_job(jobs[i]))
+                           workers=workers, describe=lambda i: describe_job(jobs[i], meta, params))
 
 
-def describe_job(job: _Job) -> str:
-    """Where a job's chunk lies, for a message: its group and owned region in map px."""
-    y0, y1, x0, x1 = job.chunk.own
-    return f"the {job.group} chunk at x {x0}-{x1}, y {y0}-{y1} px of its map"
+def job_scale(job: _Job, meta: MapsMeta, params: PostprocessParams) -> float:
+    """Model px per px of the grid a job's chunk was planned on (the gland grid, Patch-Class cells)."""
+    if job.group == "glands":
+        return float(params.gland_downsample)
+    if job.group == "tissue":
+        return meta.heads[PATCH].downsample / meta.downsample
+    return 1.0
+
+
+def describe_job(job: _Job, meta: MapsMeta, params: PostprocessParams) -> str:
+    """Where a job's chunk lies, for a message: its group and owned region in level-0 px (as QuPath shows them)."""
+    f = job_scale(job, meta, params) * meta.downsample
+    y0, y1, x0, x1 = (round(v * f) for v in job.chunk.own)
+    return f"the {job.group} chunk at level-0 x {x0}-{x1}, y {y0}-{y1} px"
 
 
 def extract_objects(

@@ -76,14 +76,17 @@ def _reader(path: str) -> Any:
 
 def _attempts(reader: Any, job: Any, meta: Any, params: Any, readiness: _Readiness | None, scale: float) -> tuple[Any, dict | None]:
     """:func:`_extract._run_job` stopped before a read region that is not written yet: (chunk, result or None)."""
-    if job.group == "tissue":
-        return job.chunk, ex._tissue_chunk(reader, job.chunk, meta, params)
     chunk = job.chunk
-    while readiness is None or readiness.covers(chunk.read, scale):
-        res = ex._attempt(reader, job, chunk, meta, params)
-        if not isinstance(res, Chunk):
-            return chunk, res
-        chunk = res
+    try:
+        if job.group == "tissue":
+            return job.chunk, ex._tissue_chunk(reader, job.chunk, meta, params)
+        while readiness is None or readiness.covers(chunk.read, scale):
+            res = ex._attempt(reader, job, chunk, meta, params)
+            if not isinstance(res, Chunk):
+                return chunk, res
+            chunk = res
+    except Exception as exc:  # noqa: BLE001 - one chunk must not end the slide (see _extract.failed_result)
+        return chunk, ex.failed_result(job, exc, meta, params)
     return chunk, None
 
 
@@ -209,11 +212,7 @@ class OverlapExtractor:
 
     # -- while the network runs ------------------------------------------------------------------
     def _scale(self, job: Any) -> float:
-        if job.group == "glands":
-            return float(self.params.gland_downsample)
-        if job.group == "tissue":
-            return self.meta.heads[ex.PATCH].downsample / self.meta.downsample
-        return 1.0
+        return ex.job_scale(job, self.meta, self.params)
 
     def _readiness(self) -> _Readiness:
         return _Readiness(self._ready.copy(), self._core_px)
@@ -325,7 +324,7 @@ class OverlapExtractor:
 
         runs = ordered_results(make_pool, _run_spooled, [(path, job, self.meta, self.params, None, 1.0, str(self._part(i)))
                                                         for i, job in zip(left, jobs)],
-                               workers=self.workers, describe=lambda k: ex.describe_job(jobs[k]))
+                               workers=self.workers, describe=lambda k: ex.describe_job(jobs[k], self.meta, self.params))
         todo = set(left)
         try:
             for i in range(len(self.jobs)):

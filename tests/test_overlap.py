@@ -307,6 +307,7 @@ def test_chunks_left_after_inference_survive_their_workers_being_killed(tmp_path
         with caplog.at_level("WARNING", logger="wsi_mtl.postprocess._pool"):
             batches += list(stream)
     assert "a worker process died" in caplog.text
+    assert [w for w in stream.warnings if w.startswith("a worker process died")]  # for run.json
     after = concat_batches(list(extract_objects(final, params=PARAMS, workers=1, **CHUNKS)))
     assert _key(concat_batches(batches)) == _key(after)
 

@@ -165,6 +165,7 @@ def test_chunks_survive_their_workers_being_killed_with_the_same_objects(tmp_pat
     with caplog.at_level("WARNING", logger="wsi_mtl.postprocess._pool"):
         batches += list(stream)
     assert "the nuclei chunk at level-0 x" in caplog.text  # the pool broke and its chunks ran again
+    assert len(stream.warnings) == 1 and stream.warnings[0].startswith("a worker process died")  # for run.json
     assert sorted(shapely.to_wkt(concat_batches(batches).geometry, rounding_precision=3).tolist()) == expected
 
 

@@ -1093,7 +1093,8 @@ class ObjectStream(Iterator[ObjectBatch]):
         return next(self._it)
 
 
-def _pool_results(path: str, jobs: list[_Job], meta: MapsMeta, params: PostprocessParams, workers: int) -> Iterator[dict[str, Any]]:
+def _pool_results(path: str, jobs: list[_Job], meta: MapsMeta, params: PostprocessParams, workers: int,
+                  notes: list[str] | None = None) -> Iterator[dict[str, Any]]:
     """Run jobs in a process pool (threads in a daemonic process, see ``_pool``), at most
     ``2 * workers`` in flight, yielding in job order; a worker that dies is survived as
     :func:`~wsi_mtl.postprocess._pool.ordered_results` says."""
@@ -1102,9 +1103,9 @@ def _pool_results(path: str, jobs: list[_Job], meta: MapsMeta, params: Postproce
     if pool_kind(workers) == "threads":  # threads share one reader (no per-process cache that would outlive this slide)
         shared = _ZarrReader(path)
         return ordered_results(lambda n: chunk_executor(n)[0], _run_job, [(shared, job, meta, params) for job in jobs],
-                               workers=workers, describe=lambda i: describe_job(jobs[i], meta, params))
+                               workers=workers, describe=lambda i: describe_job(jobs[i], meta, params), notes=notes)
     return ordered_results(lambda n: chunk_executor(n)[0], _worker, [(path, job, meta, params) for job in jobs],
-                           workers=workers, describe=lambda i: describe_job(jobs[i], meta, params))
+                           workers=workers, describe=lambda i: describe_job(jobs[i], meta, params), notes=notes)
 
 
 def job_scale(job: _Job, meta: MapsMeta, params: PostprocessParams) -> float:
@@ -1194,7 +1195,7 @@ def _extract_iter(predictions_path: str | Path, jobs: list[_Job], meta: MapsMeta
         reader = _ZarrReader(predictions_path)
         results: Iterator[dict[str, Any]] = (_run_job(reader, j, meta, params) for j in jobs)
     else:
-        results = _pool_results(str(predictions_path), jobs, meta, params, workers)
+        results = _pool_results(str(predictions_path), jobs, meta, params, workers, notes=warnings)
     yield from _assemble(results, meta, params, warnings)
 
 

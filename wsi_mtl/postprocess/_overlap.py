@@ -192,6 +192,7 @@ class OverlapExtractor:
         self._error: BaseException | None = None
         self._pool: Executor | None = _executor(self._max_workers, niceness)
         self._overlapped: int | None = None  # chunks done when the network finished
+        self._notes: list[str] = []  # what went wrong and was survived, for run.json's warnings
         with self._lock:
             self._schedule()
 
@@ -292,8 +293,9 @@ class OverlapExtractor:
             while self._in_flight or (finishing and self._waiting and self._error is None and not self._stopped):
                 self._idle.wait()
             self._stopped = self._stopped or stop
-        if self._error is not None:
-            log.warning("overlapped post-processing failed (%s): its chunks are redone after inference", self._error)
+        if self._error is not None and not self._notes:  # said once (drain runs before the rename and again after)
+            self._notes.append(f"overlapped post-processing failed ({str(self._error).strip()}): its chunks were redone after inference")
+            log.warning(self._notes[-1])
 
     # -- after the network -----------------------------------------------------------------------
     def objects(self, predictions_path: str | Path, *, workers: int | None = None) -> ex.ObjectStream:
@@ -310,9 +312,13 @@ class OverlapExtractor:
                  self.chunks_overlapped, len(self.jobs), len(self._done) - self.chunks_overlapped, len(left))
         path = str(predictions_path)
         self._paths.add(path)
-        return ex.ObjectStream(lambda warnings: ex._assemble(self._results(path, left), self.meta, self.params, warnings))
+        def assemble(warnings: list[str]) -> Iterator[ex.ObjectBatch]:
+            warnings.extend(self._notes)
+            return ex._assemble(self._results(path, left, warnings), self.meta, self.params, warnings)
 
-    def _results(self, path: str, left: list[int]) -> Iterator[dict[str, Any]]:
+        return ex.ObjectStream(assemble)
+
+    def _results(self, path: str, left: list[int], notes: list[str] | None = None) -> Iterator[dict[str, Any]]:
         """Every job's result in plan order: the spooled ones, and ``left`` run now on ``path``
         (a worker that dies is survived as :func:`~wsi_mtl.postprocess._pool.ordered_results` says)."""
         assert self._pool is not None
@@ -324,7 +330,7 @@ class OverlapExtractor:
 
         runs = ordered_results(make_pool, _run_spooled, [(path, job, self.meta, self.params, None, 1.0, str(self._part(i)))
                                                         for i, job in zip(left, jobs)],
-                               workers=self.workers, describe=lambda k: ex.describe_job(jobs[k], self.meta, self.params))
+                               workers=self.workers, describe=lambda k: ex.describe_job(jobs[k], self.meta, self.params), notes=notes)
         todo = set(left)
         try:
             for i in range(len(self.jobs)):

@@ -62,7 +62,7 @@ def single_executor() -> Executor:
 
 
 def ordered_results(make_pool: Callable[[int], Executor], fn: Callable[..., Any], jobs: Sequence[tuple], *, workers: int,
-                    describe: Callable[[int], str]) -> Iterator[Any]:
+                    describe: Callable[[int], str], notes: list[str] | None = None) -> Iterator[Any]:
     """``fn(*jobs[i])`` for every job, yielded in job order, at most ``2 * workers`` in flight on
     ``make_pool(workers)``.
 
@@ -70,7 +70,8 @@ def ordered_results(make_pool: Callable[[int], Executor], fn: Callable[..., Any]
     pool. The jobs not yet yielded then run again, in order, on a pool of one process with one job
     at a time: less memory at once, and a job that kills that lone worker is known. That job raises
     :class:`~wsi_mtl.errors.WorkerError` naming it (``describe(i)``), as does a pool that keeps
-    breaking before it runs anything.
+    breaking before it runs anything. Each restart is logged and, with ``notes``, appended to it
+    (run.json ``warnings``).
     """
     pool, limit = make_pool(workers), 2 * max(1, workers)
     pending: deque[tuple[int, Future]] = deque()
@@ -90,8 +91,11 @@ def ordered_results(make_pool: Callable[[int], Executor], fn: Callable[..., Any]
                     raise WorkerError(f"{describe(i)} killed the process that ran it alone (out of memory?)") from exc
                 if restarts > _MAX_RESTARTS:
                     raise WorkerError(f"worker processes keep dying (killed by the system, out of memory?) before {describe(i)}") from exc
-                log.warning("a worker process died (killed by the system, out of memory?): %s and the jobs after it "
-                            "run again, one at a time", describe(i))
+                note = (f"a worker process died (killed by the system, out of memory?): {describe(i)} and the jobs "
+                        "after it ran again, one at a time")
+                log.warning(note)
+                if notes is not None:
+                    notes.append(note)
                 pool.shutdown(wait=True, cancel_futures=True)
                 pool, limit, nxt = make_pool(1), 1, i
                 pending.clear()

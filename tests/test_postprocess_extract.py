@@ -584,7 +584,8 @@ def test_overrides_are_checked_and_typed_as_their_fields() -> None:
     assert check_overrides(None) == {}
     for bad, match in ((("nuclei_spilt_h", 1), "unknown post-processing setting 'nuclei_spilt_h'; known: nuclei_min_area_px"),
                        (("nuclei_split_h", "a"), "must be a number"), (("nuclei_split_h", "nan"), "finite"),
-                       (("gland_downsample", 0), ">= 1"), (("tissue_min_area_px", 2.5), "whole number")):
+                       (("gland_downsample", 0), ">= 1"), (("tissue_min_area_px", 2.5), "whole number"),
+                       (("gland_min_probability", 1.5), "gland_min_probability must be a fraction in \\[0, 1\\]")):
         with pytest.raises(InputError, match=match):
             check_overrides(dict([bad]))
 
@@ -772,3 +773,34 @@ def test_chunked_glands_keep_a_gland_starting_higher_beyond_a_read_edge(tmp_path
     store = write_predictions(tmp_path, maps, core_px=50)
     chunked = concat_batches(list(extract_objects(store, chunk_px=100, params=params, tasks=("gland",))))
     _assert_same_objects(whole, chunked)
+
+
+def test_unconfident_glands_are_dropped_alike_whole_chunked_and_in_evaluation(tmp_path):
+    """gland_min_probability: the six glands on the right, drawn at 60% confidence, go with their
+    lumen, in `segment`'s chunks, in the whole-image run and in gland_labels; the table's
+    probability of those kept is at least the setting."""
+    from wsi_mtl.postprocess import gland_labels
+
+    maps, centres = _glands_in_two_tissues()
+    faint = maps["Gland-INST"].copy()
+    right = np.zeros(faint.shape[1:], bool)
+    right[:, 128:] = True
+    moved = (faint[1:] * 0.4).astype(np.uint8) * right  # 40% of interior and boundary to the background
+    faint[1:] -= moved
+    faint[0] += moved.sum(axis=0, dtype=np.uint8)
+    maps["Gland-INST"] = faint
+    base = PostprocessParams(gland_chunk_px=64, gland_halo_px=16, gland_min_area_px=50, lumen_min_area_px=8)
+    kw = {"slide_mpp": 0.25, "downsample": 2.0, "tasks": ("gland", "lumen")}
+    assert (objects_from_maps(maps, params=base, **kw).columns["task"] == "gland").sum() == 12
+    params = replace(base, gland_min_probability=0.8)
+    whole = objects_from_maps(maps, params=params, **kw)
+    for task in ("gland", "lumen"):
+        x = whole.columns["centroid_x_px"][whole.columns["task"] == task] / 2.0
+        assert sorted(np.round(x).astype(int).tolist()) == sorted(centres[centres < 128].tolist())
+    assert (whole.columns["probability"][whole.columns["task"] == "gland"] >= 0.8).all()
+    store = write_predictions(tmp_path, {k: v for k, v in maps.items() if k != "Patch-Class"}, core_px=64)
+    _assert_same_objects(whole, concat_batches(list(extract_objects(store, chunk_px=64, params=params, tasks=("gland", "lumen")))))
+    labels = gland_labels(maps["Gland-INST"], params)
+    cols = [int(np.round(np.nonzero(labels == i)[1].mean())) for i in range(1, labels.max() + 1)]
+    assert sorted(cols) == sorted(centres[centres < 128].tolist())
+    assert gland_labels(maps["Gland-INST"].astype(np.float32) / 255, params).max() == 6  # float maps alike

@@ -129,6 +129,10 @@ class PostprocessParams:
         Glands whose mean share of tissue in which glands do not lie (stroma, lymphocytes, fat,
         glass, by the tissue head ``Patch-Class``; :mod:`~wsi_mtl.postprocess._gland_setting`) is
         above this are dropped, with the lumen inside them (1 = keep every gland; needs the tissue head).
+    gland_min_probability : float
+        Glands whose mean gland probability over their pixels (interior + boundary of
+        ``Gland-INST``, the measure of the table's ``probability``) is below this are dropped, with
+        the lumen inside them (0 = keep every gland).
     lumen_threshold, lumen_erosion_px, lumen_min_area_px, lumen_min_inside
         See :func:`~wsi_mtl.postprocess.lumen_instances`.
     gland_downsample : int
@@ -158,6 +162,7 @@ class PostprocessParams:
     gland_min_area_px: float = 400
     gland_open_px: float = 0
     gland_max_nonglandular: float = 1.0
+    gland_min_probability: float = 0.0
     lumen_threshold: float = 0.5
     lumen_erosion_px: float = 1
     lumen_min_area_px: float = 40
@@ -232,8 +237,8 @@ def check_overrides(overrides: Mapping[str, Any] | None) -> dict[str, float | in
             raise InputError(f"post-processing setting {key} must be a finite number >= 0, got {value!r}")
         if kinds[key] is int and not number.is_integer():
             raise InputError(f"post-processing setting {key} must be a whole number, got {value!r}")
-        if key == "min_in_tissue" and number > 1:
-            raise InputError(f"post-processing setting min_in_tissue must be a fraction in [0, 1], got {value!r}")
+        if key in ("min_in_tissue", "gland_min_probability") and number > 1:
+            raise InputError(f"post-processing setting {key} must be a fraction in [0, 1], got {value!r}")
         if key in ("gland_downsample", "gland_chunk_px") and number < 1:
             raise InputError(f"post-processing setting {key} must be >= 1, got {value!r}")
         checked[key] = kinds[key](number)
@@ -746,6 +751,19 @@ def _non_glandular(reader: Any, meta: MapsMeta, params: PostprocessParams, gland
     return dropped
 
 
+def _unconfident(glands: np.ndarray, ginst: np.ndarray, ids: np.ndarray, slices: list, min_probability: float) -> np.ndarray:
+    """The glands of ``ids`` whose mean gland probability (interior + boundary of ``ginst``, over
+    their pixels) is below ``min_probability``, now set to 0 in ``glands``."""
+    if len(ids) == 0:
+        return np.zeros(0, np.int64)
+    mean = _mean_in_labels(glands, ginst[1].astype(np.uint16) + ginst[2], np.asarray(ids, np.int64), 255.0)
+    dropped = np.asarray(ids, np.int64)[mean < min_probability]
+    for i in dropped:
+        sl = slices[i - 1]
+        glands[sl][glands[sl] == i] = 0
+    return dropped
+
+
 def _glands_chunk(reader: Any, chunk: Chunk, meta: MapsMeta, params: PostprocessParams, final: bool, tasks: tuple[str, ...]) -> dict[str, Any] | None:
     grid = params.gland_grid()
     f = grid.factor
@@ -793,9 +811,12 @@ def _glands_chunk(reader: Any, chunk: Chunk, meta: MapsMeta, params: Postprocess
             need_more = need_more or bool(l_cut.any() or g_cut[l_under - 1].any())
     if need_more and not final:
         return None
+    need = np.union1d(g_owned, l_under) if lumen is not None and len(l_owned) else g_owned  # glands judged here
     if params.gland_max_nonglandular < 1:  # glands in tissue where glands do not lie go, with their lumen
-        need = np.union1d(g_owned, l_under) if lumen is not None and len(l_owned) else g_owned
         dropped = _non_glandular(reader, meta, params, glands, need, g_slices, chunk)
+        g_owned = np.setdiff1d(g_owned, dropped)
+    if params.gland_min_probability > 0:  # unconfident glands go, with their lumen
+        dropped = _unconfident(glands, ginst, need, g_slices, params.gland_min_probability)
         g_owned = np.setdiff1d(g_owned, dropped)
     # at the largest halo, what is still cut is written cut at the halo edge, flagged truncated
     warnings: list[tuple[str, int, int]] = []

@@ -19,6 +19,7 @@ __all__ = [
     "nuclei_instances",
     "split_at_necks",
     "gland_instances",
+    "drop_unconfident_glands",
     "lumen_instances",
     "instance_type",
     "label_to_3class",
@@ -785,6 +786,21 @@ def _keep_large(labels: np.ndarray, min_area_px: float, also: np.ndarray | None 
     if in_place and labels.dtype == np.int32 and labels.flags.c_contiguous and _compiled.available():
         return _compiled.relabel_in_place(labels, lut)
     return relabeled(labels, lut)
+
+
+def drop_unconfident_glands(labels: np.ndarray, prob: np.ndarray, min_probability: float) -> np.ndarray:
+    """Gland ``labels`` without those whose mean gland probability (``prob``'s interior +
+    boundary channels, over their pixels) is below ``min_probability``, renumbered 1..n in order."""
+    n = int(labels.max(initial=0))
+    if n == 0 or min_probability <= 0:
+        return labels
+    prob = _validate_prob(prob, channels=3)
+    on = labels > 0
+    values = prob[1][on].astype(np.float64) + prob[2][on]
+    mean = np.bincount(labels[on], weights=values, minlength=n + 1) / np.maximum(_sizes(labels, n + 1), 1) / _scale(prob)
+    keep = mean >= min_probability
+    keep[0] = False
+    return _keep_large(labels, 0, also=keep)
 
 
 def gland_instances(

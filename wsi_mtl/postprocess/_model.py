@@ -11,7 +11,7 @@ import numpy as np
 
 from ._extract import PostprocessParams
 from ._gland_setting import drop_non_glandular, non_glandular_cells
-from ._instances import downsample_prob, gland_instances, lumen_instances, nuclei_instances
+from ._instances import downsample_prob, drop_unconfident_glands, gland_instances, lumen_instances, nuclei_instances
 
 __all__ = ["nuclei_labels", "gland_labels", "gland_lumen_labels", "params_of"]
 
@@ -45,15 +45,18 @@ def gland_labels(prob: np.ndarray, params: PostprocessParams | None = None, *, t
 
     With ``tissue`` (the (C, h, w) Patch-Class map of the same image, cells of ``cell_px`` map
     pixels from pixel (0, 0), classes ``tissue_classes``), glands in tissue where glands do not lie
-    are dropped as ``gland_max_nonglandular`` says (:mod:`._gland_setting`), as `wsimtl segment` drops them.
+    are dropped as ``gland_max_nonglandular`` says (:mod:`._gland_setting`), as `wsimtl segment` drops them;
+    glands below ``gland_min_probability`` are dropped too.
     With ``gland_downsample`` f > 1 the instances are made on the f-times coarser grid, with the
     distances and areas scaled as `wsimtl segment` scales them, and each coarse pixel covers its
     f x f block of the returned labels.
     """
     p = params or PostprocessParams()
     g = p.gland_grid()
-    labels = np.asarray(gland_instances(downsample_prob(prob, g.factor), threshold=p.gland_threshold, erosion_px=g.gland_erosion_px,
+    coarse = downsample_prob(prob, g.factor)
+    labels = np.asarray(gland_instances(coarse, threshold=p.gland_threshold, erosion_px=g.gland_erosion_px,
                                         min_area_px=g.gland_min_area_px, open_px=g.gland_open_px)).astype(np.int32)
+    labels = drop_unconfident_glands(labels, coarse, p.gland_min_probability)
     if tissue is not None and p.gland_max_nonglandular < 1:
         labels = drop_non_glandular(labels, non_glandular_cells(tissue, tissue_classes), float(cell_px) / g.factor, p.gland_max_nonglandular)
     return _to_model_grid(labels, g.factor, prob.shape[1:])

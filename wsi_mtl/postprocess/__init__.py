@@ -21,6 +21,7 @@ from wsi_mtl.postprocess._extract import (
 )
 from wsi_mtl.postprocess._instances import (
     downsample_prob,
+    drop_unconfident_glands,
     gland_instances,
     instance_type,
     label_to_3class,
@@ -55,6 +56,7 @@ __all__ = [
     "nuclei_instances",
     "split_at_necks",
     "remove_unconfident_instances",
+    "drop_unconfident_glands",
     "gland_instances",
     "lumen_instances",
     "instance_type",

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from .. import metrics
-from ..postprocess import PostprocessParams, remove_small_instances, remove_unconfident_instances
+from ..postprocess import PostprocessParams, drop_unconfident_glands, remove_small_instances, remove_unconfident_instances
 from ._data import SegItem
 from ._evaluate import gland_setting, lumen_overlap, predict_image, tissue_heads
 from ..postprocess import gland_labels, nuclei_labels
@@ -46,6 +46,10 @@ GLAND_GRID: dict[str, tuple[float, ...]] = {
     "gland_open_px": (0.0, 4.0, 8.0),
     "gland_min_area_px": (800.0, 2000.0, 4000.0, 6000.0, 9000.0),
 }
+
+#: Candidate ``gland_min_probability``, tuned after :data:`GLAND_GRID` with its choice, on the same
+#: images and by the same score; off first, so that a tie keeps every gland.
+CONFIDENCE_GRID: dict[str, tuple[float, ...]] = {"gland_min_probability": (0.0, 0.6, 0.65, 0.7, 0.75, 0.8, 0.85, 0.9)}
 
 #: Candidate lumen settings, scored by the Dice (pooled over the images) of the lumen objects
 #: `wsimtl segment` makes (kept inside the glands of the model's gland settings) against the lumen
@@ -120,10 +124,10 @@ class _GrownGlands(_Grown):
     KEY = ("gland_threshold", "gland_erosion_px", "gland_open_px")
 
     def _grow(self, prob: np.ndarray, params: PostprocessParams) -> np.ndarray:
-        return gland_labels(prob, replace(params, gland_min_area_px=0.0))
+        return gland_labels(prob, replace(params, gland_min_area_px=0.0, gland_min_probability=0.0))
 
     def _filter(self, labels: np.ndarray, prob: np.ndarray, params: PostprocessParams) -> np.ndarray:
-        return remove_small_instances(labels, params.gland_min_area_px)
+        return drop_unconfident_glands(remove_small_instances(labels, params.gland_min_area_px), prob, params.gland_min_probability)
 
 
 def _gland_score(items: Sequence[SegItem], maps: Sequence[np.ndarray], params: PostprocessParams, grown: _GrownGlands | None = None) -> float:
@@ -246,6 +250,9 @@ def tune_postprocess(
             continue
         maps = [predict_image(model, it.image, heads=[head], bf16=bf16)[head] for it in items]
         best, best_score, base = choose_params(task, items, maps, grid)
+        if task == "glands" and "gland_min_probability" not in grid:  # then the confidence filter, over that choice
+            more, best_score = _best(CONFIDENCE_GRID, partial(_gland_score, items, maps, grown=_GrownGlands()), replace(PostprocessParams(), **best))
+            best = {**best, **more}
         logger.info("tuned %s post-processing on %d images: %s (score %.4f; defaults %.4f)", task, len(items), best, best_score, base)
         chosen.update(best)
         scores[task] = {"best": float(best_score), "default": float(base)}

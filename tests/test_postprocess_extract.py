@@ -804,3 +804,26 @@ def test_unconfident_glands_are_dropped_alike_whole_chunked_and_in_evaluation(tm
     cols = [int(np.round(np.nonzero(labels == i)[1].mean())) for i in range(1, labels.max() + 1)]
     assert sorted(cols) == sorted(centres[centres < 128].tolist())
     assert gland_labels(maps["Gland-INST"].astype(np.float32) / 255, params).max() == 6  # float maps alike
+
+
+def test_unconfident_and_non_glandular_glands_are_dropped_together(tmp_path):
+    """Both gland filters at once (the bottom-right gland, the last label, goes first to the
+    tissue test): the four faint glands of the top row and the six in stroma go, whole = chunked."""
+    maps, centres = _glands_in_two_tissues()
+    faint = maps["Gland-INST"].copy()
+    top = np.zeros(faint.shape[1:], bool)
+    top[:64] = True
+    moved = (faint[1:] * 0.4).astype(np.uint8) * top
+    faint[1:] -= moved
+    faint[0] += moved.sum(axis=0, dtype=np.uint8)
+    maps["Gland-INST"] = faint
+    params = PostprocessParams(gland_chunk_px=64, gland_halo_px=16, gland_min_area_px=50, lumen_min_area_px=8,
+                               gland_max_nonglandular=0.5, gland_min_probability=0.8)
+    kw = {"slide_mpp": 0.25, "downsample": 2.0, "classes": {"Patch-Class": (TISSUE, _colors(len(TISSUE)))}, "tasks": ("gland", "lumen")}
+    whole = objects_from_maps(maps, params=params, **kw)
+    rows = whole.columns["task"] == "gland"
+    at = sorted(zip(np.round(whole.columns["centroid_y_px"][rows] / 2).astype(int).tolist(),
+                    np.round(whole.columns["centroid_x_px"][rows] / 2).astype(int).tolist()))
+    assert at == [(96, 32), (96, 96), (160, 32), (160, 96)]
+    store = write_predictions(tmp_path, maps, core_px=64, patch_cell_px=16)
+    _assert_same_objects(whole, concat_batches(list(extract_objects(store, chunk_px=64, params=params, tasks=("gland", "lumen")))))

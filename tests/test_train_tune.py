@@ -243,3 +243,24 @@ def test_nuclei_sweep_reuses_instances_with_identical_scores():
                   for it, m in zip(items, maps)]
         assert _nuclei_score(items, maps, params, cache) == pytest.approx(float(np.mean(direct)), abs=1e-12), combo
     assert cache.key == tuple(NUCLEI_GRID[k][-1] for k in ("nuclei_marker_threshold", "nuclei_mask_threshold", "nuclei_split_h"))
+
+
+def test_confidence_tuning_drops_faint_false_glands_and_keeps_every_gland_when_none_are_faint():
+    """A true gland and a false one of lower mean probability: the confidence candidates (over
+    the chosen gland settings) drop the false one; where every gland is true, the filter stays off."""
+    from functools import partial
+
+    from wsi_mtl.train._tune import CONFIDENCE_GRID, _best, _gland_score, _GrownGlands
+
+    both = _disks(160, [(40, 40), (110, 110)], 28)
+    truth = np.where(both == 1, 1, 0).astype(np.int32)
+    prob = _weak_inst(both, 0.9)
+    prob[1][both == 2], prob[2][both == 2], prob[0][both == 2] = 0.45, 0.2, 0.35  # 0.65 where drawn, less once grown
+    base = PostprocessParams(gland_threshold=0.1, gland_erosion_px=5.0, gland_min_area_px=100.0)
+    item = SegItem("g", "syn", "gland", np.zeros((160, 160, 3), np.uint8), truth)
+    best, score = _best(CONFIDENCE_GRID, partial(_gland_score, [item], [prob], grown=_GrownGlands()), base)
+    assert best["gland_min_probability"] > 0 and score > _gland_score([item], [prob], base)
+    assert gland_labels(prob, PostprocessParams(**{**base.__dict__, **best})).max() == 1
+    clean = SegItem("g", "syn", "gland", np.zeros((160, 160, 3), np.uint8), both)
+    best, _ = _best(CONFIDENCE_GRID, partial(_gland_score, [clean], [prob], grown=_GrownGlands()), base)
+    assert best == {"gland_min_probability": 0.0}

@@ -754,10 +754,14 @@ def _non_glandular(reader: Any, meta: MapsMeta, params: PostprocessParams, gland
 def _unconfident(glands: np.ndarray, ginst: np.ndarray, ids: np.ndarray, slices: list, min_probability: float) -> np.ndarray:
     """The glands of ``ids`` whose mean gland probability (interior + boundary of ``ginst``, over
     their pixels) is below ``min_probability``, now set to 0 in ``glands``."""
+    ids = np.asarray(ids, np.int64)
     if len(ids) == 0:
         return np.zeros(0, np.int64)
-    mean = _mean_in_labels(glands, ginst[1].astype(np.uint16) + ginst[2], np.asarray(ids, np.int64), 255.0)
-    dropped = np.asarray(ids, np.int64)[mean < min_probability]
+    n = len(slices) + 1  # every label the chunk made (some may be 0 by now: the largest too)
+    on = glands > 0
+    sums = np.bincount(glands[on], weights=(ginst[1][on].astype(np.float64) + ginst[2][on]), minlength=n)
+    sizes = np.bincount(glands[on], minlength=n)
+    dropped = ids[sums[ids] / np.maximum(sizes[ids], 1) / 255.0 < min_probability]
     for i in dropped:
         sl = slices[i - 1]
         glands[sl][glands[sl] == i] = 0

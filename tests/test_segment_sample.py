@@ -61,7 +61,7 @@ def _drop_objects(result_dir: Path, **changes: Any) -> dict[str, Any]:
     run = read_run(result_dir)
     assert run is not None
     for name in _OBJECT_FILES:
-        (result_dir / name).unlink()
+        (result_dir / name).unlink(missing_ok=True)  # glands.geojson only where there are glands
     run["files"] = [f for f in run["files"] if f["path"] == PREDICTIONS]
     run["objects"] = {}
     run.update(changes)

@@ -63,6 +63,7 @@ from wsi_mtl.postprocess import _compiled
 from wsi_mtl.postprocess._chunks import Chunk, plan_chunks
 from wsi_mtl.postprocess._instances import (
     _inside_fraction,
+    _mean_in_labels,
     _sizes,
     box_table,
     core_mask,
@@ -514,15 +515,6 @@ def _near_open_edge(box: np.ndarray, shape: tuple[int, int], chunk: Chunk, margi
             | (left & (box[:, 2] < margin)) | (right & (box[:, 3] > w - margin)))
 
 
-def _mean_in_labels(labels: np.ndarray, values: np.ndarray, ids: np.ndarray, scale: float) -> np.ndarray:
-    if len(ids) == 0:
-        return np.zeros(0)
-    n = int(labels.max(initial=0)) + 1
-    on = labels > 0  # over the objects' pixels only (same sums: background adds to entry 0)
-    sums = np.bincount(labels[on], weights=values[on].astype(np.float64), minlength=n)
-    return sums[ids] / np.maximum(_sizes(labels, n)[ids], 1) / scale
-
-
 #: Context kept around the blobs a nuclei chunk may own, model px. A nucleus depends only on its
 #: blob and on pixels a few px around it (neck cutting's smoothing and local maxima,
 #: NECK_REACH_PX + 1, reading distance maps of blobs that close), far less than this.
@@ -744,28 +736,24 @@ def _non_glandular(reader: Any, meta: MapsMeta, params: PostprocessParams, gland
     cy0, cx0 = min(cy0, h - 1), min(cx0, w - 1)
     cells = non_glandular_cells(reader.read(PATCH, (cy0, max(cy0 + 1, min(cy1, h)), cx0, max(cx0 + 1, min(cx1, w)))), head.classes)
     share = non_glandular_share(glands, ids, slices, cells, per_cell, origin_yx=(y0, x0), cells_origin=(cy0, cx0))
-    dropped = np.asarray(ids, np.int64)[share > params.gland_max_nonglandular]
-    for i in dropped:
-        sl = slices[i - 1]
-        glands[sl][glands[sl] == i] = 0
-    return dropped
+    return _set_to_zero(glands, np.asarray(ids, np.int64)[share > params.gland_max_nonglandular], slices)
 
 
 def _unconfident(glands: np.ndarray, ginst: np.ndarray, ids: np.ndarray, slices: list, min_probability: float) -> np.ndarray:
     """The glands of ``ids`` whose mean gland probability (interior + boundary of ``ginst``, over
     their pixels) is below ``min_probability``, now set to 0 in ``glands``."""
     ids = np.asarray(ids, np.int64)
-    if len(ids) == 0:
-        return np.zeros(0, np.int64)
-    n = len(slices) + 1  # every label the chunk made (some may be 0 by now: the largest too)
-    on = glands > 0
-    sums = np.bincount(glands[on], weights=(ginst[1][on].astype(np.float64) + ginst[2][on]), minlength=n)
-    sizes = np.bincount(glands[on], minlength=n)
-    dropped = ids[sums[ids] / np.maximum(sizes[ids], 1) / 255.0 < min_probability]
-    for i in dropped:
+    # every label the chunk made is counted: the tissue test may have set some to 0 by now, the largest too
+    mean = _mean_in_labels(glands, ginst[1].astype(np.uint16) + ginst[2], ids, 255.0, length=len(slices) + 1)
+    return _set_to_zero(glands, ids[mean < min_probability], slices)
+
+
+def _set_to_zero(labels: np.ndarray, ids: np.ndarray, slices: list) -> np.ndarray:
+    """Set the labels ``ids`` (boxes ``slices``, index = label - 1) to 0 in ``labels``; returns ``ids``."""
+    for i in ids:
         sl = slices[i - 1]
-        glands[sl][glands[sl] == i] = 0
-    return dropped
+        labels[sl][labels[sl] == i] = 0
+    return ids
 
 
 def _glands_chunk(reader: Any, chunk: Chunk, meta: MapsMeta, params: PostprocessParams, final: bool, tasks: tuple[str, ...]) -> dict[str, Any] | None:
@@ -1125,11 +1113,9 @@ def _pool_results(path: str, jobs: list[_Job], meta: MapsMeta, params: Postproce
     :func:`~wsi_mtl.postprocess._pool.ordered_results` says."""
     from wsi_mtl.postprocess._pool import chunk_executor, ordered_results, pool_kind
 
-    if pool_kind(workers) == "threads":  # threads share one reader (no per-process cache that would outlive this slide)
-        shared = _ZarrReader(path)
-        return ordered_results(lambda n: chunk_executor(n)[0], _run_job, [(shared, job, meta, params) for job in jobs],
-                               workers=workers, describe=lambda i: describe_job(jobs[i], meta, params), notes=notes)
-    return ordered_results(lambda n: chunk_executor(n)[0], _worker, [(path, job, meta, params) for job in jobs],
+    # threads share one reader (no per-process cache that would outlive this slide); processes open theirs by path
+    fn, source = (_run_job, _ZarrReader(path)) if pool_kind(workers) == "threads" else (_worker, path)
+    return ordered_results(lambda n: chunk_executor(n)[0], fn, [(source, job, meta, params) for job in jobs],
                            workers=workers, describe=lambda i: describe_job(jobs[i], meta, params), notes=notes)
 
 

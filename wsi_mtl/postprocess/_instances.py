@@ -336,6 +336,17 @@ def _sizes(labels: np.ndarray, length: int) -> np.ndarray:
     return np.bincount(labels[labels > 0], minlength=length)
 
 
+def _mean_in_labels(labels: np.ndarray, values: np.ndarray, ids: np.ndarray, scale: float, *, length: int | None = None) -> np.ndarray:
+    """The mean of ``values`` over the pixels of each label of ``ids``, divided by ``scale``
+    (``length``: labels counted, default ``labels.max() + 1``; more where some of ``ids`` may be gone)."""
+    if len(ids) == 0:
+        return np.zeros(0)
+    n = int(labels.max(initial=0)) + 1 if length is None else length
+    on = labels > 0  # over the objects' pixels only (same sums: background adds to entry 0)
+    sums = np.bincount(labels[on], weights=values[on].astype(np.float64), minlength=n)
+    return sums[ids] / np.maximum(_sizes(labels, n)[ids], 1) / scale
+
+
 def _reaches(labels: np.ndarray, values: np.ndarray, least: float, n: int) -> np.ndarray:
     """Whether some pixel of each object (index = label, 0..n) has ``values >= least``."""
     return np.bincount(labels[values >= least], minlength=n + 1) > 0
@@ -795,10 +806,7 @@ def drop_unconfident_glands(labels: np.ndarray, prob: np.ndarray, min_probabilit
     if n == 0 or min_probability <= 0:
         return labels
     prob = _validate_prob(prob, channels=3)
-    on = labels > 0
-    values = prob[1][on].astype(np.float64) + prob[2][on]
-    mean = np.bincount(labels[on], weights=values, minlength=n + 1) / np.maximum(_sizes(labels, n + 1), 1) / _scale(prob)
-    keep = mean >= min_probability
+    keep = _mean_in_labels(labels, prob[1].astype(np.float64) + prob[2], np.arange(n + 1), _scale(prob)) >= min_probability
     keep[0] = False
     return _keep_large(labels, 0, also=keep)
 

@@ -338,14 +338,16 @@ def test_compiled_component_floods_equal_skimage_watershed(monkeypatch):
 
 
 def test_compiled_boxes_equal_find_objects(monkeypatch):
-    _compiled = _kernels_here(monkeypatch)
+    from wsi_mtl.postprocess._instances import object_boxes
+
+    _kernels_here(monkeypatch)
     rng = np.random.default_rng(42)
     for trial in range(20):
         labels = ndi.label(ndi.gaussian_filter(rng.random((50, 70)), 2) > 0.5)[0]
         which = np.flatnonzero(np.bincount(labels.ravel())[1:]) + 1
         which = which[rng.random(len(which)) < 0.7]
         want = [ndi.find_objects(labels)[i - 1] for i in which]
-        got = [(slice(a, b), slice(c, d)) for a, b, c, d in _compiled.boxes(labels, which).tolist()]
+        got = [(slice(a, b), slice(c, d)) for a, b, c, d in object_boxes(labels, which).tolist()]
         assert got == want
 
 

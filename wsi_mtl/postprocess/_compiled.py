@@ -377,13 +377,6 @@ def _crops_on_canvas_py(labels, dist, ids, box, places, d_c, id_c):  # noqa: ANN
                     id_c[r + y - y0, c + x - x0] = k + 1
 
 
-def boxes(labels: np.ndarray, which: np.ndarray) -> np.ndarray:
-    """Bounding boxes (row0, row1, col0, col1; ends exclusive) of the labels ``which`` (each
-    present), as ``ndi.find_objects`` gives them, from one pass over the array; needs numba."""
-    _kernels()
-    return _boxes(labels, which)
-
-
 def tissue_counts(labels: np.ndarray, mask: np.ndarray, rows: np.ndarray, cols: np.ndarray, n: int,
                   clip: bool) -> tuple[np.ndarray, np.ndarray]:
     """Pixels of each label 0..n-1 (entry 0 not counted) and how many of them the coarse ``mask``
@@ -419,6 +412,7 @@ def box_table(labels: np.ndarray, n: int) -> np.ndarray:
 
 
 def _boxes(labels: np.ndarray, which: np.ndarray) -> np.ndarray:
+    """Rows of :func:`box_table` for the labels ``which``."""
     which = np.asarray(which, np.int64)
     n = int(which.max(initial=0))
     return _box_table(np.ascontiguousarray(labels), n)[which] if len(which) else np.zeros((0, 4), np.int64)

@@ -401,13 +401,9 @@ def labelled_boxes(mask: np.ndarray, *, labels: bool = True) -> tuple[np.ndarray
 
 def object_boxes(labels: np.ndarray, which: np.ndarray) -> np.ndarray:
     """Bounding boxes (row0, row1, col0, col1) of the labels ``which`` (each present), as
-    ``ndi.find_objects`` gives them; one compiled pass with numba."""
+    ``ndi.find_objects`` gives them: rows of :func:`box_table`."""
     which = np.asarray(which, np.int64)
-    if _compiled.available():
-        return _compiled.boxes(labels, which)
-    every = ndi.find_objects(labels)
-    return np.array([(every[i - 1][0].start, every[i - 1][0].stop, every[i - 1][1].start, every[i - 1][1].stop)
-                     for i in which], np.int64).reshape(-1, 4)
+    return box_table(labels)[which - 1] if len(which) else np.zeros((0, 4), np.int64)
 
 
 def _nuclei_instances(

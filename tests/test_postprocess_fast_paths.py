@@ -498,6 +498,29 @@ def test_compiled_label_sizes_equal_bincount(monkeypatch):
     assert _compiled.label_counts(np.array([[0, 3]]), 3) is None
 
 
+def test_compiled_label_means_equal_the_numpy_sums(monkeypatch):
+    """_mean_in_labels compiled (integer values: one pass, int64 sums) gives the float64 bincount's
+    means bit for bit, for labels given in ``ids`` or absent (mean 0), a length longer than the
+    labels need, and falls back to bincount where a label is not below it; float values keep the
+    numpy path."""
+    _compiled = _kernels_here(monkeypatch)
+    rng = np.random.default_rng(48)
+    for trial in range(24):
+        labels = ndi.label(rng.random((40, 70)) < 0.4)[0].astype([np.int32, np.int64][trial % 2])
+        values = rng.integers(0, 511, labels.shape).astype([np.uint16, np.int32, np.uint8][trial % 3])
+        top = int(labels.max())
+        length = top + 1 + int(rng.integers(0, 3)) if trial % 4 else max(1, top // 2)
+        ids = np.unique(rng.integers(0, top + 3, 12))
+        got = inst._mean_in_labels(labels, values, ids[ids < max(length, top + 1)], 255.0, length=length)
+        monkeypatch.setattr(_compiled, "HAVE_NUMBA", False)
+        want = inst._mean_in_labels(labels, values, ids[ids < max(length, top + 1)], 255.0, length=length)
+        monkeypatch.setattr(_compiled, "HAVE_NUMBA", True)
+        np.testing.assert_array_equal(got, want)
+    counts, sums = _compiled.label_sums(np.array([[0, 2, 2, 1]]), np.array([[9, 3, 4, 250]], np.uint8), 4)
+    assert counts.tolist() == [0, 1, 2, 0] and sums.tolist() == [0, 250, 7, 0]  # no uint8 wrap-around
+    assert _compiled.label_sums(np.array([[0, 3]]), np.array([[1, 1]]), 3) is None
+
+
 def test_compiled_instance_type_equals_the_numpy_votes(monkeypatch):
     """instance_type compiled (uint8 maps) gives the numpy version's classes and float32
     probabilities bit for bit: ties (first class wins), never_class, ignore_class, pixels whose

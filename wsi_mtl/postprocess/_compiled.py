@@ -59,7 +59,7 @@ def _kernels() -> None:
     """Replace the plain-Python kernels by numba's (``cache=True``), once; without numba they stay."""
     global HAVE_NUMBA, _ready, _reconstruct, _edt, _reflect, _smooth_peaks
     global _push, _pop, _side, _flood, _flood_components, _label4, _cut_at_peaks, _box_table, _grow, _open, _crops_on_canvas, _tissue_counts
-    global _next_run, _root, _runs, _boxes_of_runs, _components, _block_means, _label_counts, _relabel
+    global _next_run, _root, _runs, _boxes_of_runs, _components, _block_means, _label_counts, _relabel, _label_sums
     global _shift_into, _row_spans, _ring_segments, _chain_rings, _type_votes, _type_sums, _grown_queue
     if _ready:
         return
@@ -78,7 +78,7 @@ def _kernels() -> None:
     _box_table, _grow, _side, _open = jit(_box_table_py), jit(_grow_py), jit(_side_py), jit(_open_py)
     _next_run, _root, _runs, _boxes_of_runs = jit(_next_run_py), jit(_root_py), jit(_runs_py), jit(_boxes_of_runs_py)
     _components, _block_means = jit(_components_py), jit(_block_means_py)
-    _label_counts, _relabel = jit(_label_counts_py), jit(_relabel_py)
+    _label_counts, _relabel, _label_sums = jit(_label_counts_py), jit(_relabel_py), jit(_label_sums_py)
     _shift_into, _row_spans = jit(_shift_into_py), jit(_row_spans_py)
     _ring_segments, _chain_rings = jit(_ring_segments_py), jit(_chain_rings_py)
     _type_votes, _type_sums = jit(_type_votes_py), jit(_type_sums_py)
@@ -774,6 +774,30 @@ def _label_counts_py(flat, length):  # noqa: ANN001, ANN202 (compiled helper)
         counts[v] += 1
     counts[0] = 0
     return counts, True
+
+
+def label_sums(labels: np.ndarray, values: np.ndarray, length: int) -> tuple[np.ndarray, np.ndarray] | None:
+    """Pixels per label and the sum of integer ``values`` (same shape) over them (both int64,
+    ``length`` entries, entry 0 left 0), in one pass; None where a label is negative or not below
+    ``length``. Needs numba."""
+    _kernels()
+    flat = np.ascontiguousarray(labels).ravel()
+    counts, sums, fit = _label_sums(flat, np.ascontiguousarray(values).ravel(), length)
+    return (counts, sums) if fit else None
+
+
+def _label_sums_py(flat, values, length):  # noqa: ANN001, ANN202 (compiled helper)
+    counts = np.zeros(length, np.int64)
+    sums = np.zeros(length, np.int64)
+    for i in range(flat.size):
+        v = flat[i]
+        if v < 0 or v >= length:
+            return counts, sums, False
+        counts[v] += 1
+        sums[v] += values[i]
+    counts[0] = 0
+    sums[0] = 0
+    return counts, sums, True
 
 
 def type_votes(labels: np.ndarray, prob: np.ndarray, n: int, never: int) -> np.ndarray:

@@ -342,9 +342,14 @@ def _mean_in_labels(labels: np.ndarray, values: np.ndarray, ids: np.ndarray, sca
     if len(ids) == 0:
         return np.zeros(0)
     n = int(labels.max(initial=0)) + 1 if length is None else length
-    on = labels > 0  # over the objects' pixels only (same sums: background adds to entry 0)
-    sums = np.bincount(labels[on], weights=values[on].astype(np.float64), minlength=n)
-    return sums[ids] / np.maximum(_sizes(labels, n)[ids], 1) / scale
+    found = None
+    if values.dtype.kind in "iu" and values.shape == labels.shape and _compiled.available():
+        found = _compiled.label_sums(labels, values, n)  # one pass; integer sums, exact as bincount's float64 ones
+    if found is None:
+        on = labels > 0  # over the objects' pixels only (same sums: background adds to entry 0)
+        found = _sizes(labels, n), np.bincount(labels[on], weights=values[on].astype(np.float64), minlength=n)
+    counts, sums = found
+    return sums[ids] / np.maximum(counts[ids], 1) / scale
 
 
 def _reaches(labels: np.ndarray, values: np.ndarray, least: float, n: int) -> np.ndarray:

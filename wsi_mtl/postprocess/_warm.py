@@ -72,7 +72,7 @@ def warm() -> None:
             return
         maps = warm_maps()
         params = PostprocessParams(nuclei_split_h=0.75, nuclei_min_interior=0.8, gland_erosion_px=8, gland_open_px=8,
-                                   gland_min_area_px=400, gland_max_nonglandular=0.5)
+                                   gland_min_area_px=400, gland_max_nonglandular=0.5, gland_min_probability=0.5)
         classes = {"Patch-Class": (("tumor", "stroma", "empty"), ((1, 1, 1),) * 3)}
         objects_from_maps(maps, slide_mpp=0.25, downsample=2.0, classes=classes, params=params,
                           tissue_mask=np.ones((20, 20), bool), mask_downsample=16.0, slide_size=(320, 320))

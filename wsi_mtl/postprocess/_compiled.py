@@ -60,7 +60,7 @@ def _kernels() -> None:
     global HAVE_NUMBA, _ready, _reconstruct, _edt, _reflect, _smooth_peaks
     global _push, _pop, _side, _flood, _flood_components, _label4, _cut_at_peaks, _box_table, _grow, _open, _crops_on_canvas, _tissue_counts
     global _next_run, _root, _runs, _boxes_of_runs, _components, _block_means, _label_counts, _relabel, _label_sums
-    global _shift_into, _row_spans, _ring_segments, _chain_rings, _type_votes, _type_sums, _grown_queue
+    global _shift_into, _row_spans, _ring_segments, _chain_rings, _type_votes, _type_sums, _grown_queue, _grow_near
     if _ready:
         return
     _ready = True
@@ -82,7 +82,7 @@ def _kernels() -> None:
     _shift_into, _row_spans = jit(_shift_into_py), jit(_row_spans_py)
     _ring_segments, _chain_rings = jit(_ring_segments_py), jit(_chain_rings_py)
     _type_votes, _type_sums = jit(_type_votes_py), jit(_type_sums_py)
-    _grown_queue = jit(_grown_queue_py)
+    _grown_queue, _grow_near = jit(_grown_queue_py), jit(_grow_near_py)
 
 
 def h_maxima_bool(image: np.ndarray, h: float) -> np.ndarray:
@@ -608,13 +608,40 @@ def grow_ranks(r: np.ndarray, steps: int) -> np.ndarray:
     value among its nearest nonzero pixels (at distance ``k`` a pixel's nonzero neighbours are those
     at ``k - 1``, whose values are, by induction, the largest among theirs at ``k - 1``, and every
     value at distance ``k`` is reached that way). Found as one chamfer distance transform of
-    (distance, -value) keys in two raster sweeps, whatever ``steps``. Values in 0..GROW_MAX_RANK; a
+    (distance, -value) keys in two raster sweeps, whatever ``steps`` (one step: pushed from each nonzero
+    pixel to its neighbours). Values in 0..GROW_MAX_RANK; a
     new array; needs numba."""
     _kernels()
     out = np.ascontiguousarray(r)
+    if steps <= _GROW_NEAR_STEPS:  # from each nonzero pixel to its neighbours, no distance map
+        for _ in range(steps):
+            out = _grow_near(out)
+        return out.copy() if out is r else out
     for done in range(0, steps, _GROW_MAX_STEPS):  # one step after another: sweeps of <= 125 compose
         out = _grow(out, min(_GROW_MAX_STEPS, steps - done))
     return out.copy() if out is r else out
+
+
+#: Steps :func:`grow_ranks` takes one by one (a pass over the pixels, pushing each nonzero one to its
+#: neighbours) rather than by sweeps: faster for one step of sparse cores (lumen: 0.16-0.29 -> 0.09 s
+#: per 25 MP), slower from two steps of dense ones (glands).
+_GROW_NEAR_STEPS = 1
+
+
+def _grow_near_py(r):  # noqa: ANN001, ANN202 (compiled helper)
+    """One step of :func:`grow_ranks`: each 0 pixel takes the largest of its nonzero 8-neighbours."""
+    h, w = r.shape
+    out = r.copy()
+    for y in range(h):
+        for x in range(w):
+            v = r[y, x]
+            if v == 0:
+                continue
+            for yy in range(max(0, y - 1), min(h, y + 2)):
+                for xx in range(max(0, x - 1), min(w, x + 2)):
+                    if r[yy, xx] == 0 and out[yy, xx] < v:
+                        out[yy, xx] = v
+    return out
 
 
 def _grow_py(r, steps):  # noqa: ANN001, ANN202 (compiled helper)

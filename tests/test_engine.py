@@ -80,7 +80,7 @@ def _heads(model):
     return [HeadLayout(n, len(h.class_names), cfg.patch_stride_px if h.kind == "patch" else 1) for n, h in cfg.heads.items()]
 
 
-def _run(slide, model, out_dir, *, core, margin, keep=None, batch_size=2, model_wrapper=None, threads=None):
+def _run(slide, model, out_dir, *, core, margin, keep=None, batch_size=2, model_wrapper=None, threads=None, branches=False):
     cfg = model.config
     grid = plan_tiles(slide.height, slide.width, core_px=core, margin_px=margin, stride=cfg.stride)
     tiles = list(grid.tiles(keep=keep))
@@ -88,7 +88,8 @@ def _run(slide, model, out_dir, *, core, margin, keep=None, batch_size=2, model_
                             downsample=1.0, fingerprint={"core": core, "margin": margin}, attrs={})
     try:
         stats = run_inference(slide, model_wrapper or model, grid, tiles, store, mpp=slide.mpp, device=torch.device("cpu"),
-                              batch_size=batch_size, precision=None, workers=2, progress=False, threads=threads)
+                              batch_size=batch_size, precision=None, workers=2, progress=False, threads=threads,
+                              branches=branches)
         store.finalize()
     finally:
         store.close()
@@ -210,6 +211,37 @@ def test_threads_per_tile_never_mix_in_a_batch_and_are_restored_by_the_caller(mo
     a, b = open_predictions(tmp_path / "mixed"), open_predictions(tmp_path / "one")
     for name in model.config.heads:  # fp32 sums in another order may differ in the last bits only
         assert np.abs(a[name]["0"][:].astype(int) - b[name]["0"][:].astype(int)).max() <= 1
+
+
+class _Branches(_Threads):
+    """Wraps a model; records the torch threads and whether a helper thread came with each forward pass."""
+
+    def predict(self, x, margin=0, helper=None):
+        self.seen.append((torch.get_num_threads(), helper is not None))
+        return self.model.predict(x, margin=margin, helper=helper)
+
+
+def test_branches_run_beside_one_thread_only_and_leave_the_maps_unchanged(model, tmp_path):
+    """With ``branches``, the tiles run on one torch thread get model.predict's helper (its thread
+    gone when inference ends), those on two do not; the stored maps are byte for byte those of
+    the same run without it."""
+    import threading
+
+    image = he_like(320, 192, seed=5)
+    slide = ArraySlide(image)
+    before = torch.get_num_threads()
+    policy = lambda t: 2 if t.row < 2 else 1  # noqa: E731
+    wrapped = _Branches(model)
+    try:
+        _run(slide, model, tmp_path / "branches", core=64, margin=32, model_wrapper=wrapped, threads=policy, branches=True)
+        _run(slide, model, tmp_path / "plain", core=64, margin=32, threads=policy)
+    finally:
+        torch.set_num_threads(before)
+    assert wrapped.seen == [(2, False)] * 3 + [(1, True)] * 5
+    assert not [t for t in threading.enumerate() if t.name.startswith("wsimtl-branch")]
+    a, b = open_predictions(tmp_path / "branches"), open_predictions(tmp_path / "plain")
+    for name in model.config.heads:
+        np.testing.assert_array_equal(a[name]["0"][:], b[name]["0"][:], err_msg=name)
 
 
 def test_resume_with_other_settings_starts_over(model, tmp_path):

@@ -813,6 +813,40 @@ def test_full_resolution_strips_give_the_whole_tiles_values(monkeypatch: pytest.
 
 
 @pytest.mark.parametrize("bf16", [False, True])
+def test_predict_with_a_helper_thread_gives_the_same_maps(monkeypatch: pytest.MonkeyPatch, bf16: bool) -> None:
+    """``predict(..., helper=pool)``: the decoders but the first and every other full-resolution
+    strip run on the pool's thread (under the caller's autocast, inference mode and thread count,
+    which a thread does not inherit), giving every map bit for bit as without it."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    import wsi_mtl.network.model as net_model
+
+    model = load_model(Path(__file__).resolve().parents[1] / "models" / "wsimtl-small")
+    torch.manual_seed(1)
+    x = (torch.rand(1, 3, 352, 288) * 255).contiguous(memory_format=torch.channels_last)
+    monkeypatch.setattr(net_model, "FULL_RES_STRIP_ROWS", 96)  # 288 core rows: 3 strips
+
+    class Counting(ThreadPoolExecutor):
+        jobs = 0
+
+        def submit(self, *args, **kwargs):
+            Counting.jobs += 1
+            return super().submit(*args, **kwargs)
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        with Counting(max_workers=1) as pool, torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            alone, beside = model.predict(x, margin=32), model.predict(x, margin=32, helper=pool)
+    finally:
+        torch.set_num_threads(before)
+    assert Counting.jobs == 2  # the other decoders, then the strips
+    assert alone.keys() == beside.keys()
+    for name in alone:
+        assert torch.equal(alone[name], beside[name]), name
+
+
+@pytest.mark.parametrize("bf16", [False, True])
 def test_predict_with_a_margin_gives_the_cropped_maps_of_the_whole_input(monkeypatch: pytest.MonkeyPatch, bf16: bool) -> None:
     """The engine's call: the segmentation maps of the input less ``margin`` on every side, the
     tail computed in strips over the core only: under bf16 autocast bit for bit the crop of the

@@ -220,6 +220,10 @@ def test_segment_with_and_without_overlap_writes_the_same_objects(he_image, tmp_
     assert off.run["parameters"]["overlap"] is False
     record = on.run["parameters"]["overlap"]
     assert record["chunks"] > 4 and record["workers"] >= 1 and record["torch_threads"] >= 1
+    # the network left one thread computes its branches on two (the same maps, so the same objects)
+    from wsi_mtl.devices import cpu_count
+
+    assert record["network_branches"] == (record["torch_threads"] == 1 and cpu_count() > 1)
     assert on.run["objects"] == off.run["objects"] and sum(on.run["objects"]["nuclei"].values()) > 0
     assert _table_key(on.result_dir) == _table_key(off.result_dir)
     assert not (on.result_dir / ".objects-spool").exists()
@@ -228,6 +232,7 @@ def test_segment_with_and_without_overlap_writes_the_same_objects(he_image, tmp_
     shared = segment_slide(slide, tmp_path / "share", **common)
     assert shared.run["parameters"]["overlap"]["cores"] == "share" and record["cores"] == "split"
     assert shared.run["parameters"]["overlap"]["torch_threads"] >= record["torch_threads"]
+    assert shared.run["parameters"]["overlap"]["network_branches"] is False
     assert _table_key(shared.result_dir) == _table_key(off.result_dir)
     monkeypatch.setenv("WSIMTL_OVERLAP_CORES", "both")
     with pytest.raises(InputError, match="WSIMTL_OVERLAP_CORES"):

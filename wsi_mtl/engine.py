@@ -173,8 +173,13 @@ class _Writer(threading.Thread):
 def _takes_margin(model: Any) -> bool:
     """Whether ``model.predict`` computes the maps of a tile's core itself (a ``margin`` parameter:
     torch's :class:`~wsi_mtl.network.MultiTaskNet`; an exported graph computes whole tiles)."""
+    return _takes(model, "margin")
+
+
+def _takes(model: Any, parameter: str) -> bool:
+    """Whether ``model.predict`` has ``parameter``."""
     try:
-        return "margin" in inspect.signature(model.predict).parameters
+        return parameter in inspect.signature(model.predict).parameters
     except (AttributeError, TypeError, ValueError):
         return False
 
@@ -215,6 +220,7 @@ def run_inference(
     runtime: str = "torch",
     on_tile: Callable[[tuple[int, int]], None] | None = None,
     threads: Callable[[Tile], int] | None = None,
+    branches: bool = False,
 ) -> EngineStats:
     """Run ``model`` over ``tiles`` of ``slide`` at ``mpp`` and write every core into ``store``.
 
@@ -228,7 +234,9 @@ def run_inference(
     (:class:`wsi_mtl.postprocess._overlap.OverlapExtractor`). ``threads`` gives the torch CPU
     threads that run each tile (a batch never mixes two counts), e.g. every core until that
     post-processing has work; it must depend on the tile only, so that a resumed run computes each
-    tile as an uninterrupted one does.
+    tile as an uninterrupted one does. ``branches`` (torch on the CPU): a tile run on one torch thread
+    computes its decoders and full-resolution strips on two threads (``model.predict``'s helper:
+    the same maps), so the network also takes a core that the post-processing leaves idle.
 
     Tiles already in ``store.done`` are skipped (resume). A tile whose region fails to decode is
     recorded as damaged (its outputs stay zero, "no data") and the run goes on; where only some of
@@ -244,6 +252,8 @@ def run_inference(
         model, stats.runtime = make_runner(model, resolve_runtime(runtime, device, model), precision=precision)
     cell_px = {h.name: h.cell_px for h in store.heads}
     margin = grid.margin_px if _takes_margin(model) and grid.margin_px % 2 == 0 else 0  # odd: whole tiles, cropped here
+    helper = ThreadPoolExecutor(max_workers=1, thread_name_prefix="wsimtl-branch") if (
+        branches and device.type == "cpu" and _takes(model, "helper")) else None
     t_start = time.perf_counter()
     writer = _Writer(store, on_tile=on_tile)
     writer.bar = tqdm(total=len(tiles), initial=stats.tiles_resumed, unit="tile", desc="tiles", disable=not progress, dynamic_ncols=True, smoothing=0.1)
@@ -288,7 +298,8 @@ def run_inference(
                     x = x.to(device, non_blocking=pin).permute(0, 3, 1, 2).float()
                     t0 = time.perf_counter()
                     with torch.inference_mode(), autocast:
-                        probs = predict_tta(model, x, views=tta, margin=margin)
+                        beside = helper if helper is not None and torch.get_num_threads() == 1 else None
+                        probs = predict_tta(model, x, views=tta, margin=margin, helper=beside)
                         if device.type == "cuda":
                             torch.cuda.synchronize(device)
                         stats.network_s += time.perf_counter() - t0
@@ -303,6 +314,8 @@ def run_inference(
                 stats.tiles_computed += len(job)
                 release_if_grown()  # the heap's unreused pieces (wsi_mtl.malloc)
     finally:
+        if helper is not None:
+            helper.shutdown()
         try:
             writer.finish()
         finally:

@@ -337,6 +337,7 @@ class _Overlap:
     torch_threads: int = 0
     tiles_on_every_core: int = 0  # tiles run on every core before post-processing had work (split)
     cores: str = "split"
+    branches: bool = False  # the network left one thread computes its branches on two (split)
 
     def start(self, store: PredictionStore, layout: _Layout, opts: _Options, *, tissue_mask: bool) -> Any:
         """Plan the chunks on the store being written; returns the engine's per-tile callback."""
@@ -358,17 +359,21 @@ class _Overlap:
     def thread_policy(self, layout: _Layout, threads: int) -> Callable[[Tile], int]:
         """Torch threads per tile: all ``threads`` for the tiles written before the first chunk can
         run (counted as in a run from scratch, so a resumed run uses the same count per tile), then
-        the cores the post-processing processes leave."""
+        the cores the post-processing processes leave. Where that is one thread, the network
+        computes its branches on two (``branches``): its second runs on the post-processing's core
+        whenever that has no chunk to do, at no cost to the maps (each op runs on one thread)."""
         first = self.extractor.tiles_before_work(t.key for t in layout.tiles)
         position = {t.key: i for i, t in enumerate(layout.tiles)}
         rest = max(1, threads - self.workers)
         self.torch_threads, self.tiles_on_every_core = rest, first
+        self.branches = rest == 1 and threads > 1
         return lambda tile: threads if position[tile.key] < first else rest
 
     def record(self) -> dict[str, Any]:
         ex = self.extractor
         done = ex.chunks_overlapped if ex is not None else 0
         return {"workers": self.workers, "cores": self.cores, "torch_threads": self.torch_threads,
+                "network_branches": self.branches,
                 "tiles_on_every_core": self.tiles_on_every_core, "chunks_during_inference": done,
                 "chunks": len(ex.jobs) if ex is not None else 0}
 
@@ -572,7 +577,7 @@ def _infer_maps(slide: Any, slide_path: Path, result_dir: Path, model: Any, layo
             stats = run_inference(
                 slide, model, grid, layout.tiles, store, mpp=float(model.config.mpp), device=opts.device, batch_size=opts.batch_size,
                 precision=opts.amp, workers=opts.workers, progress=progress, tta=opts.tta, runtime=opts.runtime, on_tile=on_tile,
-                threads=per_tile,
+                threads=per_tile, branches=overlap is not None and overlap.branches,
             )
         finally:
             torch.set_num_threads(threads)

@@ -8,7 +8,9 @@ Module and parameter names follow the published Cerberus checkpoint (``backbone`
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping, Sequence
+import threading
+from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import Executor, Future
 from typing import Any
 
 import torch
@@ -377,6 +379,21 @@ def window_stats(x4: torch.Tensor, cells: int | None, pools: Sequence[str]) -> d
     return out
 
 
+def _beside(helper: Executor, fn: Callable[[], Any]) -> Future:
+    """``fn()`` submitted to ``helper``'s thread under the caller's autocast, inference mode and torch
+    thread count (thread-local settings a new thread does not inherit)."""
+    dtype = torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else None
+    inference, threads = torch.is_inference_mode_enabled(), torch.get_num_threads()
+
+    def run() -> Any:
+        if torch.get_num_threads() != threads:
+            torch.set_num_threads(threads)
+        with torch.inference_mode(inference), torch.no_grad(), torch.autocast("cpu", dtype=dtype, enabled=dtype is not None):
+            return fn()
+
+    return helper.submit(run)
+
+
 #: Rows of the full-resolution tail computed at a time in inference (see ``MultiTaskNet._full_resolution``).
 FULL_RES_STRIP_ROWS = 256
 #: Context rows on each side of a strip (even; more than the tail's reach: 2 rows of refine, 3 of a
@@ -493,9 +510,10 @@ class MultiTaskNet(nn.Module):
         return [h for h in self.config.output_heads if h in set(heads)]
 
     def _features(self, x: torch.Tensor, names: Sequence[str], *, probabilities: bool = False,
-                  margin: int = 0) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+                  margin: int = 0, helper: Executor | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """x4 and the logits (``probabilities``: float32 softmax) of the segmentation heads in
-        ``names`` (only their decoders run), those less ``margin`` px on every side."""
+        ``names`` (only their decoders run), those less ``margin`` px on every side; ``helper`` as
+        in :meth:`predict`."""
         self._check_input(x)
         if self._channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
@@ -506,11 +524,16 @@ class MultiTaskNet(nn.Module):
         if not seg_heads:
             return x4, {}
         window = self._tail_window(x, margin)
-        out, decoded = self._decode(feats, x, seg_heads, window=window)
+        if helper is not None and x.device.type == "cpu" and not torch.is_grad_enabled():
+            out, decoded = self._decode_beside(helper, feats, x, seg_heads, window)
+        else:
+            helper = None
+            out, decoded = self._decode(feats, x, seg_heads, window=window)
         del feats  # the skips are not needed past the decoders
         if self._refine:
             origin = (0, 0) if window is None else (window[0], window[2])
-            return x4, self._full_resolution(out, decoded, x, probabilities=probabilities, margin=margin, origin=origin)
+            return x4, self._full_resolution(out, decoded, x, probabilities=probabilities, margin=margin, origin=origin,
+                                             helper=helper)
         if margin:
             h, w = x.shape[-2:]
             out = {n: t[..., margin : h - margin, margin : w - margin] for n, t in out.items()}
@@ -559,8 +582,25 @@ class MultiTaskNet(nn.Module):
                 del decoded[head.decoder]
         return out, decoded
 
+    def _decode_beside(self, helper: Executor, feats: list[torch.Tensor], x: torch.Tensor, seg_heads: Mapping[str, Any],
+                       window: tuple[int, int, int, int] | None) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+        """:meth:`_decode` with the heads of every decoder but the first computed on ``helper``'s
+        thread meanwhile (the same values: each decoder is computed as it is alone)."""
+        first = next(iter(seg_heads.values())).decoder
+        mine = {n: h for n, h in seg_heads.items() if h.decoder == first}
+        theirs = {n: h for n, h in seg_heads.items() if h.decoder != first}
+        if not theirs:
+            return self._decode(feats, x, seg_heads, window=window)
+        pending = _beside(helper, lambda: self._decode(feats, x, theirs, window=window))
+        out, decoded = self._decode(feats, x, mine, window=window)
+        more, more_decoded = pending.result()
+        out.update(more)
+        decoded.update(more_decoded)
+        return {n: out[n] for n in seg_heads}, decoded
+
     def _full_resolution(self, half: dict[str, torch.Tensor], decoded: dict[str, torch.Tensor], x: torch.Tensor, *,
-                         probabilities: bool = False, margin: int = 0, origin: tuple[int, int] = (0, 0)) -> dict[str, torch.Tensor]:
+                         probabilities: bool = False, margin: int = 0, origin: tuple[int, int] = (0, 0),
+                         helper: Executor | None = None) -> dict[str, torch.Tensor]:
         """The full-resolution tail of a ``"refine"`` model (full skip, refine, fine branches) from
         the half-resolution logits and decoder features (whose first row and column are ``origin``
         of the half-resolution grid: a window of it, :meth:`_tail_window`): logits, or float32
@@ -581,16 +621,26 @@ class MultiTaskNet(nn.Module):
         c0, c1 = _tail_reads(w, m)
         oy, ox = origin
         res: dict[str, torch.Tensor] = {}
-        for r0 in range(m, h - m, FULL_RES_STRIP_ROWS):
+        allocating = threading.Lock()
+
+        def strip(r0: int) -> None:  # rows r0 .. r0 + FULL_RES_STRIP_ROWS of the output, written into res
             r1 = min(h - m, r0 + FULL_RES_STRIP_ROWS)
             e0, e1 = max(0, r0 - _STRIP_HALO), min(h, r1 + _STRIP_HALO)
             rows, cols = slice(e0 // 2 - oy, e1 // 2 - oy), slice(c0 // 2 - ox, c1 // 2 - ox)
             part = self._tail({n: t[..., rows, cols] for n, t in half.items()}, {d: t[..., rows, cols] for d, t in decoded.items()},
                               x[..., e0:e1, c0:c1], probabilities=probabilities)
             for name, t in part.items():
-                if name not in res:
-                    res[name] = t.new_empty((*t.shape[:2], h - 2 * m, w - 2 * m))
+                with allocating:  # the first strip done allocates; each strip writes its own rows
+                    if name not in res:
+                        res[name] = t.new_empty((*t.shape[:2], h - 2 * m, w - 2 * m))
                 res[name][..., r0 - m : r1 - m, :] = t[..., r0 - e0 : r1 - e0, m - c0 : w - m - c0]
+
+        starts = list(range(m, h - m, FULL_RES_STRIP_ROWS))
+        pending = _beside(helper, lambda: [strip(r0) for r0 in starts[1::2]]) if helper is not None else None
+        for r0 in starts[::2] if pending is not None else starts:
+            strip(r0)
+        if pending is not None:
+            pending.result()
         return res
 
     def _tail(self, half: dict[str, torch.Tensor], decoded: dict[str, torch.Tensor], x: torch.Tensor, *,
@@ -664,7 +714,8 @@ class MultiTaskNet(nn.Module):
         return window_stats(x4, self.config.arch_params.patch_cells, [pool])[pool]
 
     @torch.no_grad()
-    def predict(self, x: torch.Tensor, *, heads: Sequence[str] | None = None, margin: int = 0) -> dict[str, torch.Tensor]:
+    def predict(self, x: torch.Tensor, *, heads: Sequence[str] | None = None, margin: int = 0,
+                helper: Executor | None = None) -> dict[str, torch.Tensor]:
         """Softmax probabilities (float32) for the engine.
 
         Segmentation heads: N x C x H x W, or with ``margin`` N x C x (H - 2 margin) x (W - 2 margin):
@@ -675,11 +726,15 @@ class MultiTaskNet(nn.Module):
         over the ``patch_cells`` x ``patch_cells`` window centred on it (windows clipped at the border),
         so the centre cell of a 1-patch tile equals the Cerberus centre-crop result.
         Works under ``torch.autocast``; outputs are always float32. ``heads`` as in ``forward``.
+        ``helper`` (CPU): an executor with one thread that computes every decoder but the first and
+        half of the full-resolution strips while the calling thread computes the rest. Each op runs
+        as it would without it, so the maps are the same; a core the caller leaves to other work
+        (post-processing) is used by the network when that work has none.
         """
         if margin and (margin < 0 or margin % 2 or 2 * margin >= min(x.shape[-2:])):  # no shape guard for exporters at 0
             raise ValueError(f"margin must be even, >= 0 and less than half the input's side, not {margin}")
         names = self._select(heads)
-        x4, seg = self._features(x, names, probabilities=True, margin=margin)
+        x4, seg = self._features(x, names, probabilities=True, margin=margin, helper=helper)
         pools = [self.config.heads[n].pool for n in names if self.config.heads[n].kind == "patch"]
         dense = window_stats(x4, self.config.arch_params.patch_cells, pools) if pools else {}
         out: dict[str, torch.Tensor] = {}

@@ -277,6 +277,9 @@ def test_polygon_of_disconnected_label_keeps_largest_part_and_label_subset():
     assert ids.tolist() == [1]
     assert polys[0].is_valid and polys[0].geom_type == "Polygon"
     assert polys[0].area == pytest.approx(16 - 0.5)
+    lab[0, 0] = -1  # a negative label is no object: refused, not traced
+    with pytest.raises(ValueError, match=">= 0"):
+        labels_to_polygons(lab)
 
 
 def test_measurements_match_regionprops_for_an_ellipse():

@@ -14,7 +14,7 @@ import numpy as np
 import shapely
 
 from wsi_mtl.postprocess._contours import trace_rings
-from wsi_mtl.postprocess._instances import _validate_labels
+from wsi_mtl.postprocess._instances import _sizes, _validate_labels
 
 __all__ = ["labels_to_polygons", "polygon_measurements", "rasterize_polygons"]
 
@@ -98,8 +98,9 @@ def labels_to_polygons(
     if downsample <= 0:
         raise ValueError(f"downsample must be > 0 (level-0 px per model px); got {downsample}")
     top = int(labels.max(initial=0))
-    present = np.bincount(labels.ravel(), minlength=top + 1) > 0 if top > 0 else np.zeros(1, bool)
-    present[0] = False
+    if top > 0 and labels.min() < 0:
+        raise ValueError("labels must be >= 0 (0 = background)")
+    present = _sizes(labels, top + 1) > 0  # entry 0 is never counted
     if label_ids is None:
         want = present
     else:

@@ -812,6 +812,27 @@ def test_full_resolution_strips_give_the_whole_tiles_values(monkeypatch: pytest.
             assert torch.allclose(torch.softmax(whole_logits[k].float(), 1), whole[k], atol=1e-6)
 
 
+def test_bf16_maps_do_not_depend_on_the_thread_count() -> None:
+    """Under bf16 autocast every map of ``predict`` is bit for bit the same on 1 and 2 torch threads
+    (the segmentation convs already were; the patch heads' float32 1x1 convs run on one thread),
+    so the engine may change the count per tile; the caller's count is restored."""
+    model = load_model(Path(__file__).resolve().parents[1] / "models" / "wsimtl-small")
+    torch.manual_seed(2)
+    x = (torch.rand(1, 3, 352, 288) * 255).contiguous(memory_format=torch.channels_last)
+    before = torch.get_num_threads()
+    maps = {}
+    try:
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16):
+                maps[threads] = model.predict(x, margin=32)
+            assert torch.get_num_threads() == threads
+    finally:
+        torch.set_num_threads(before)
+    for name in maps[1]:
+        assert torch.equal(maps[1][name], maps[2][name]), name
+
+
 @pytest.mark.parametrize("bf16", [False, True])
 def test_predict_with_a_helper_thread_gives_the_same_maps(monkeypatch: pytest.MonkeyPatch, bf16: bool) -> None:
     """``predict(..., helper=pool)``: the decoders but the first and every other full-resolution

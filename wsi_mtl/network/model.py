@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import Executor, Future
+from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -379,6 +380,21 @@ def window_stats(x4: torch.Tensor, cells: int | None, pools: Sequence[str]) -> d
     return out
 
 
+@contextmanager
+def _one_thread(enabled: bool = True) -> Iterator[None]:
+    """Torch ops on one thread inside (the thread count restored after): the patch heads' 1x1 convs
+    in float32 sum in an order that depends on the thread count (up to ~3e-5 apart on 1 and 2)."""
+    threads = torch.get_num_threads()
+    if not enabled or threads == 1:
+        yield
+        return
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
 def _beside(helper: Executor, fn: Callable[[], Any]) -> Future:
     """``fn()`` submitted to ``helper``'s thread under the caller's autocast, inference mode and torch
     thread count (thread-local settings a new thread does not inherit)."""
@@ -738,10 +754,11 @@ class MultiTaskNet(nn.Module):
         pools = [self.config.heads[n].pool for n in names if self.config.heads[n].kind == "patch"]
         dense = window_stats(x4, self.config.arch_params.patch_cells, pools) if pools else {}
         out: dict[str, torch.Tensor] = {}
-        for name in names:
-            head = self.config.heads[name]
-            if head.kind == "patch":
-                out[name] = torch.softmax(self.decoder_head[head.decoder](dense[head.pool]).float(), dim=1)
-            else:
-                out[name] = seg[name]
+        with _one_thread(x.device.type == "cpu"):  # tiny; on one thread the same values at any thread count
+            for name in names:
+                head = self.config.heads[name]
+                if head.kind == "patch":
+                    out[name] = torch.softmax(self.decoder_head[head.decoder](dense[head.pool]).float(), dim=1)
+                else:
+                    out[name] = seg[name]
         return out

@@ -194,6 +194,25 @@ def test_mean_reduction_of_odd_edges() -> None:
     assert _reduce(block, "mean").tolist() == [[[25, 150], [8, 255]]]
 
 
+def test_compiled_mean_reduction_equals_the_numpy_one(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The pyramids' compiled uint8 2x mean gives numpy's values for odd and even sides, several
+    channels and non-contiguous blocks (numba absent: numpy's path alone)."""
+    from wsi_mtl import ome
+
+    rng = np.random.default_rng(7)
+    blocks = [rng.integers(0, 256, (c, h, w), dtype=np.uint8) for c, h, w in [(3, 64, 64), (5, 31, 17), (1, 1, 9), (2, 7, 1)]]
+    blocks.append(rng.integers(0, 256, (4, 40, 50), dtype=np.uint8)[::2, 3:, 1:])
+    from wsi_mtl._numba import numba_allowed
+
+    got = [ome._reduce(b, "mean") for b in blocks]
+    assert ome._mean2 or not numba_allowed()  # the compiled path ran
+    monkeypatch.setattr(ome, "_mean2", False)
+    for b, g in zip(blocks, got):
+        want = ome._reduce(b, "mean")
+        assert g.dtype == np.uint8 and g.shape == want.shape
+        np.testing.assert_array_equal(g, want)
+
+
 def _draw(tile: np.ndarray, geom: shapely.Geometry, value: int, **kw) -> None:
     _draw_all(tile, np.array([geom], dtype=object), np.array([value]), **kw)
 

@@ -835,9 +835,10 @@ def test_bf16_maps_do_not_depend_on_the_thread_count() -> None:
 
 @pytest.mark.parametrize("bf16", [False, True])
 def test_predict_with_a_helper_thread_gives_the_same_maps(monkeypatch: pytest.MonkeyPatch, bf16: bool) -> None:
-    """``predict(..., helper=pool)``: the decoders but the first and every other full-resolution
-    strip run on the pool's thread (under the caller's autocast, inference mode and thread count,
-    which a thread does not inherit), giving every map bit for bit as without it."""
+    """``predict(..., helper=pool)``: the private encoder (beside the shared one), every other
+    decoder and every other full-resolution strip run on the pool's thread (under the caller's
+    autocast, inference mode and thread count, which a thread does not inherit), giving every map
+    bit for bit as without it."""
     from concurrent.futures import ThreadPoolExecutor
 
     import wsi_mtl.network.model as net_model
@@ -861,7 +862,7 @@ def test_predict_with_a_helper_thread_gives_the_same_maps(monkeypatch: pytest.Mo
             alone, beside = model.predict(x, margin=32), model.predict(x, margin=32, helper=pool)
     finally:
         torch.set_num_threads(before)
-    assert Counting.jobs == 2  # the other decoders, then the strips
+    assert Counting.jobs == 3  # the private encoder, the other decoders, the strips
     assert alone.keys() == beside.keys()
     for name in alone:
         assert torch.equal(alone[name], beside[name]), name

@@ -6,7 +6,8 @@ freed into an arena stays with it. In ``segment`` the network's threads (more of
 post-processing has no work yet, see :mod:`wsi_mtl.pipeline`), the slide readers and the store
 writer each fill arenas, and the process keeps the sum: on a 16,384^2 px mosaic the inference
 plateau was 1.75-1.94 GB with the default arenas and 1.6-1.7 GB with two, at the same speed
-(``benchmarks/bench_end_to_end.py``). Large arrays are unaffected (they are mapped on their own).
+(``benchmarks/bench_end_to_end.py``); with the network's second branch thread (``model.predict``'s
+helper) the peak was 1.77-1.85 GB with two and 1.67-1.68 GB with one, again at the same speed.
 
 Freed pages kept by a process that only post-processes chunks (:func:`keep_freed_pages`): by default
 every array above 32 MB is mapped afresh and unmapped when freed, so each of a chunk's many
@@ -30,7 +31,7 @@ __all__ = ["limit_arenas", "ARENAS", "keep_freed_pages", "release_freed_pages", 
            "NETWORK_TOP_KEEP", "NETWORK_GROWTH_MAX"]
 
 #: arenas allowed (``mallopt(M_ARENA_MAX)``) unless ``$MALLOC_ARENA_MAX`` says otherwise
-ARENAS = 2
+ARENAS = 1
 #: the largest block a chunk worker takes from its heap (``mallopt(M_MMAP_THRESHOLD)``) after
 #: :func:`keep_freed_pages`; larger ones are still mapped on their own
 HEAP_ARRAY_MAX = 1 << 30

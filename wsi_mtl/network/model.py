@@ -534,16 +534,19 @@ class MultiTaskNet(nn.Module):
         if self._channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         x = x / 255.0
-        feats = self.backbone(x)
-        x4 = feats[-1]
         seg_heads = {n: self.config.heads[n] for n in names if self.config.heads[n].kind != "patch"}
+        if helper is None or x.device.type != "cpu" or torch.is_grad_enabled() or not seg_heads:
+            helper = None
+        private = [d for d in dict.fromkeys(h.decoder for h in seg_heads.values()) if d in self.private_encoder]
+        early = _beside(helper, lambda: {d: self.private_encoder[d](x) for d in private}) if helper and private else None
+        feats = self.backbone(x)  # meanwhile the helper computes the private encoders
+        x4 = feats[-1]
         if not seg_heads:
             return x4, {}
         window = self._tail_window(x, margin)
-        if helper is not None and x.device.type == "cpu" and not torch.is_grad_enabled():
-            out, decoded = self._decode_beside(helper, feats, x, seg_heads, window)
+        if helper is not None:
+            out, decoded = self._decode_beside(helper, feats, x, seg_heads, window, shallow=early.result() if early else {})
         else:
-            helper = None
             out, decoded = self._decode(feats, x, seg_heads, window=window)
         del feats  # the skips are not needed past the decoders
         if self._refine:
@@ -568,10 +571,12 @@ class MultiTaskNet(nn.Module):
         return window[0], window[1], window[2], window[3]
 
     def _decode(self, feats: list[torch.Tensor], x: torch.Tensor, seg_heads: Mapping[str, Any],
-                window: tuple[int, int, int, int] | None = None) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+                window: tuple[int, int, int, int] | None = None,
+                shallow: Mapping[str, list[torch.Tensor]] | None = None) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
         """Each head's logits (half resolution for ``"refine"`` models) from the encoder's ``feats``;
         and the decoder features a fine branch still needs (the others are freed as soon as their
-        last head has its logits). With ``window`` (:meth:`_tail_window`) both cover that window only."""
+        last head has its logits). With ``window`` (:meth:`_tail_window`) both cover that window only.
+        ``shallow``: private encoders' outputs already computed, by decoder."""
         x0, x1, x2, x3, x4 = feats
         skips = [x3, x2, x1, x0]
         full = None if self.full_skip is None or self._refine else self.full_skip(x)  # refine: in the tail
@@ -586,8 +591,8 @@ class MultiTaskNet(nn.Module):
             if head.decoder not in decoded:
                 own = skips
                 if head.decoder in self.private_encoder:
-                    shallow = self.private_encoder[head.decoder](x)  # x0 .. x(private_stages - 1)
-                    own = [*skips[: 4 - len(shallow)], *reversed(shallow), *skips[4:]]
+                    mine = (shallow or {}).get(head.decoder) or self.private_encoder[head.decoder](x)  # x0 .. x(private_stages - 1)
+                    own = [*skips[: 4 - len(mine)], *reversed(mine), *skips[4:]]
                 decoded[head.decoder] = self.decoder_head[head.decoder](start, own, window=window)
                 del own
             if self._refine:
@@ -599,16 +604,17 @@ class MultiTaskNet(nn.Module):
         return out, decoded
 
     def _decode_beside(self, helper: Executor, feats: list[torch.Tensor], x: torch.Tensor, seg_heads: Mapping[str, Any],
-                       window: tuple[int, int, int, int] | None) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
-        """:meth:`_decode` with the heads of every decoder but the first computed on ``helper``'s
-        thread meanwhile (the same values: each decoder is computed as it is alone)."""
-        first = next(iter(seg_heads.values())).decoder
-        mine = {n: h for n, h in seg_heads.items() if h.decoder == first}
-        theirs = {n: h for n, h in seg_heads.items() if h.decoder != first}
+                       window: tuple[int, int, int, int] | None,
+                       shallow: Mapping[str, list[torch.Tensor]]) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+        """:meth:`_decode` with the heads of every other decoder (the second, fourth, ...) computed on
+        ``helper``'s thread meanwhile (the same values: each decoder is computed as it is alone)."""
+        decoders = list(dict.fromkeys(h.decoder for h in seg_heads.values()))
+        mine = {n: h for n, h in seg_heads.items() if h.decoder in decoders[0::2]}
+        theirs = {n: h for n, h in seg_heads.items() if h.decoder in decoders[1::2]}
         if not theirs:
-            return self._decode(feats, x, seg_heads, window=window)
-        pending = _beside(helper, lambda: self._decode(feats, x, theirs, window=window))
-        out, decoded = self._decode(feats, x, mine, window=window)
+            return self._decode(feats, x, seg_heads, window=window, shallow=shallow)
+        pending = _beside(helper, lambda: self._decode(feats, x, theirs, window=window, shallow=shallow))
+        out, decoded = self._decode(feats, x, mine, window=window, shallow=shallow)
         more, more_decoded = pending.result()
         out.update(more)
         decoded.update(more_decoded)
@@ -742,8 +748,9 @@ class MultiTaskNet(nn.Module):
         over the ``patch_cells`` x ``patch_cells`` window centred on it (windows clipped at the border),
         so the centre cell of a 1-patch tile equals the Cerberus centre-crop result.
         Works under ``torch.autocast``; outputs are always float32. ``heads`` as in ``forward``.
-        ``helper`` (CPU): an executor with one thread that computes every decoder but the first and
-        half of the full-resolution strips while the calling thread computes the rest. Each op runs
+        ``helper`` (CPU): an executor with one thread that computes the private encoders while the
+        calling thread runs the shared one, then every other decoder and half of the
+        full-resolution strips while the calling thread computes the rest. Each op runs
         as it would without it, so the maps are the same; a core the caller leaves to other work
         (post-processing) is used by the network when that work has none.
         """

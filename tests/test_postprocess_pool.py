@@ -73,7 +73,7 @@ def _loaded_kernels() -> list[str]:
     from wsi_mtl.export import _scanline
 
     loaded = [k for k, v in vars(_compiled).items() if getattr(v, "signatures", None)]
-    return sorted(loaded + (["scanline fill"] if getattr(_scanline._kernel, "signatures", None) else []))
+    return sorted(loaded + (["scanline fill"] if getattr(_scanline._KERNEL.compiled, "signatures", None) else []))
 
 
 def test_workers_start_with_the_kernels_loaded_by_the_forkserver() -> None:

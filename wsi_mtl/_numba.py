@@ -6,7 +6,7 @@ import importlib.util
 import os
 from typing import Any
 
-__all__ = ["numba_allowed", "jit_kernel"]
+__all__ = ["numba_allowed", "jit_kernel", "LazyKernel"]
 
 
 def numba_allowed() -> bool:
@@ -32,3 +32,19 @@ def jit_kernel(namespace: dict[str, Any], name: str, *helpers: str) -> Any:
     for helper in helpers:
         namespace[helper] = jit(namespace[helper])
     return jit(namespace[name])
+
+
+class LazyKernel:
+    """A module's plain-Python kernel compiled by :func:`jit_kernel` on the first :meth:`get` and
+    kept: ``compiled`` is None until then, False where numba is not to be had."""
+
+    def __init__(self, namespace: dict[str, Any], name: str, *helpers: str) -> None:
+        self._args = (namespace, name, helpers)
+        self.compiled: Any = None
+
+    def get(self) -> Any:
+        """The compiled kernel (compiled, or loaded from numba's cache, now if not yet); None without numba."""
+        if self.compiled is None:
+            namespace, name, helpers = self._args
+            self.compiled = jit_kernel(namespace, name, *helpers)
+        return self.compiled or None

@@ -23,7 +23,7 @@ from typing import Any, Literal
 import numpy as np
 import zarr
 
-from ._numba import jit_kernel
+from ._numba import LazyKernel
 from .atomic import atomic_path
 
 __all__ = [
@@ -135,19 +135,16 @@ def _mean2_py(block):  # noqa: ANN001, ANN202 (compiled helper)
     return out
 
 
-_mean2: Any = None  # the compiled _mean2_py; False: none to be had
+_MEAN2 = LazyKernel(globals(), "_mean2_py")
 
 
 def _reduce(block: np.ndarray, how: Literal["mean", "nearest"]) -> np.ndarray:
     """2x reduction of the last two axes of ``block``; odd edges average the pixels present."""
-    global _mean2
     if how == "nearest":
         return block[..., ::2, ::2]
-    if block.dtype == np.uint8 and block.ndim == 3 and min(block.shape) > 0:
-        if _mean2 is None:
-            _mean2 = jit_kernel(globals(), "_mean2_py")
-        if _mean2:  # one pass over the uint8 rows instead of numpy's widened temporaries
-            return _mean2(np.ascontiguousarray(block))
+    mean2 = _MEAN2.get() if block.dtype == np.uint8 and block.ndim == 3 and min(block.shape) > 0 else None
+    if mean2 is not None:  # one pass over the uint8 rows instead of numpy's widened temporaries
+        return mean2(np.ascontiguousarray(block))
     h, w = block.shape[-2:]
     if h % 2 or w % 2:
         block = np.pad(block, [(0, 0)] * (block.ndim - 2) + [(0, h % 2), (0, w % 2)], mode="edge")

@@ -11,16 +11,12 @@ cached; without numba, :func:`fill_rings` returns False and the numpy version ru
 from __future__ import annotations
 
 import math
-from typing import Any
 
 import numpy as np
 
-from .._numba import jit_kernel
+from .._numba import LazyKernel
 
 __all__ = ["fill_rings"]
-
-_kernel: Any = None  # the compiled fill; False: none to be had
-
 
 def _fill_py(tile, y, x, ring, obj, big, values):  # noqa: ANN001, ANN202 (compiled helper)
     """Paint geometry after geometry (vertices ``y``, ``x`` with their ``ring`` and geometry
@@ -71,12 +67,8 @@ def _fill_one(tile, y, x, ring, s, e, value, h, w):  # noqa: ANN001, ANN202 (com
             tile[row, col] = value
 
 
-def _compiled() -> Any:
-    """The compiled fill, compiled (or loaded from numba's cache) on first use; None without numba."""
-    global _kernel
-    if _kernel is None:
-        _kernel = jit_kernel(globals(), "_fill_py", "_fill_one")
-    return _kernel or None
+_KERNEL = LazyKernel(globals(), "_fill_py", "_fill_one")
+_compiled = _KERNEL.get  # the compiled fill, compiled on first use; None without numba
 
 
 def fill_rings(tile: np.ndarray, y: np.ndarray, x: np.ndarray, ring: np.ndarray, obj: np.ndarray, big: np.ndarray,

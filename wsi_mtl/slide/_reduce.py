@@ -9,18 +9,13 @@ Pillow is called.
 
 from __future__ import annotations
 
-from typing import Any
-
 import numpy as np
 from numpy.typing import NDArray
 from PIL import Image
 
-from .._numba import jit_kernel
+from .._numba import LazyKernel
 
 __all__ = ["reduce_rgb"]
-
-_kernel: Any = None  # the compiled reduction; False: none to be had
-
 
 def _reduce2_py(flat, y0, x0, hh, ww):  # noqa: ANN001, ANN202 (compiled helper)
     """Rows of ``flat`` (H, W * 3) from ``y0``, columns from pixel ``x0``: (hh, ww * 3) reduced."""
@@ -36,12 +31,8 @@ def _reduce2_py(flat, y0, x0, hh, ww):  # noqa: ANN001, ANN202 (compiled helper)
     return out
 
 
-def _compiled() -> Any:
-    """The compiled reduction, compiled (or loaded from numba's cache) on first use; None without numba."""
-    global _kernel
-    if _kernel is None:
-        _kernel = jit_kernel(globals(), "_reduce2_py")
-    return _kernel or None
+_KERNEL = LazyKernel(globals(), "_reduce2_py")
+_compiled = _KERNEL.get  # the compiled reduction, compiled on first use; None without numba
 
 
 def reduce_rgb(src: NDArray[np.uint8], k: int, box: tuple[int, int, int, int]) -> NDArray[np.uint8]:

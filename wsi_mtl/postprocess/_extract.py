@@ -63,7 +63,7 @@ from wsi_mtl.postprocess import _compiled
 from wsi_mtl.postprocess._chunks import Chunk, plan_chunks
 from wsi_mtl.postprocess._instances import (
     _inside_fraction,
-    _mean_in_labels,
+    _mean_foreground,
     _sizes,
     box_table,
     core_mask,
@@ -628,7 +628,7 @@ def _nuclei_chunk(reader: Any, chunk: Chunk, meta: MapsMeta, params: Postprocess
         simplify_px=params.simplify_px, label_ids=kept,
     )
     truncated = np.isin(ids, owned[broken])
-    fg = _mean_in_labels(labels, inst[1].astype(np.uint16) + inst[2], ids, 255.0 if inst.dtype == np.uint8 else 1.0)
+    fg = _mean_foreground(labels, inst, ids)
     if NUCLEI_TYPE in meta.heads:
         tprob = reader.read(NUCLEI_TYPE, chunk.read)
         cls, prob = instance_type(labels, tprob, never_class=0)  # every detected nucleus gets a nuclear type
@@ -744,7 +744,7 @@ def _unconfident(glands: np.ndarray, ginst: np.ndarray, ids: np.ndarray, slices:
     their pixels) is below ``min_probability``, now set to 0 in ``glands``."""
     ids = np.asarray(ids, np.int64)
     # every label the chunk made is counted: the tissue test may have set some to 0 by now, the largest too
-    mean = _mean_in_labels(glands, ginst[1].astype(np.uint16) + ginst[2], ids, 255.0, length=len(slices) + 1)
+    mean = _mean_foreground(glands, ginst, ids, length=len(slices) + 1)
     return _set_to_zero(glands, ids[mean < min_probability], slices)
 
 
@@ -827,7 +827,7 @@ def _glands_chunk(reader: Any, chunk: Chunk, meta: MapsMeta, params: Postprocess
             cls, prob = cls[ids - 1], prob[ids - 1]
         else:
             cls = np.ones(len(ids), np.int32)
-            prob = _mean_in_labels(glands, ginst[1].astype(np.uint16) + ginst[2], ids, 255.0)
+            prob = _mean_foreground(glands, ginst, ids)
         truncated = g_cut[ids - 1]
         out["gland"] = _rows("gland", cls, prob, polys, meta, truncated=truncated)
         warnings.append(("gland_truncated", int(truncated.sum()), chunk.halo_px * f))
@@ -838,7 +838,7 @@ def _glands_chunk(reader: Any, chunk: Chunk, meta: MapsMeta, params: Postprocess
         if len(l_keep):
             ids, polys = labels_to_polygons(lumen, offset_yx=(sub.read[0], sub.read[2]), downsample=ds,
                                             simplify_px=params.simplify_px, label_ids=l_keep)
-            prob = _mean_in_labels(lumen, linst[1].astype(np.uint16) + linst[2], ids, 255.0)
+            prob = _mean_foreground(lumen, linst, ids)
             truncated = np.isin(ids, l_owned[l_cut])
             out["lumen"] = _rows("lumen", np.ones(len(ids), np.int32), prob, polys, meta, truncated=truncated)
             warnings.append(("lumen_truncated", int(truncated.sum()), chunk.halo_px * f))

@@ -352,6 +352,15 @@ def _mean_in_labels(labels: np.ndarray, values: np.ndarray, ids: np.ndarray, sca
     return sums[ids] / np.maximum(counts[ids], 1) / scale
 
 
+def _mean_foreground(labels: np.ndarray, inst_prob: np.ndarray, ids: np.ndarray, *, length: int | None = None) -> np.ndarray:
+    """Each label of ``ids``: the mean over its pixels of ``inst_prob``'s interior + boundary
+    probability (a probability, whatever the map's encoding; uint8 maps summed as integers, in one
+    compiled pass). ``length`` as in :func:`_mean_in_labels`."""
+    s = _scale(inst_prob)
+    fg = inst_prob[1].astype(np.uint16 if s == 255.0 else np.float64) + inst_prob[2]
+    return _mean_in_labels(labels, fg, ids, s, length=length)
+
+
 def _reaches(labels: np.ndarray, values: np.ndarray, least: float, n: int) -> np.ndarray:
     """Whether some pixel of each object (index = label, 0..n) has ``values >= least``."""
     return np.bincount(labels[values >= least], minlength=n + 1) > 0
@@ -807,7 +816,7 @@ def drop_unconfident_glands(labels: np.ndarray, prob: np.ndarray, min_probabilit
     if n == 0 or min_probability <= 0:
         return labels
     prob = _validate_prob(prob, channels=3)
-    keep = _mean_in_labels(labels, prob[1].astype(np.float64) + prob[2], np.arange(n + 1), _scale(prob)) >= min_probability
+    keep = _mean_foreground(labels, prob, np.arange(n + 1)) >= min_probability
     keep[0] = False
     return _keep_large(labels, 0, also=keep)
 

@@ -112,3 +112,45 @@ def test_the_network_process_gives_kept_pages_back_only_past_a_growth() -> None:
     *flags, released = _printed(GROWN, {})
     assert flags == ["False", "False", "False", "True", "False"]
     assert int(released) > 90
+
+
+SMALL = """
+from wsi_mtl.malloc import small_numpy_pages
+print(small_numpy_pages(), small_numpy_pages())
+"""
+
+
+def test_small_numpy_pages_turns_numpys_2mb_pages_off_unless_the_user_chose() -> None:
+    """The first call turns numpy's huge-page advice off (it was on), the second finds it off; the
+    user's $NUMPY_MADVISE_HUGEPAGE wins."""
+    assert _printed(SMALL, {}) == ["True", "False"]
+    assert _printed(SMALL, {"NUMPY_MADVISE_HUGEPAGE": "1"}) == ["False", "False"]
+
+
+def _huge_pages_asked() -> bool:
+    """Whether numpy asks for 2 MB pages in this process (left as it was)."""
+    try:
+        from numpy._core import multiarray
+    except ImportError:  # numpy 1.x
+        from numpy.core import multiarray
+    was = multiarray._set_madvise_hugepage(False)
+    multiarray._set_madvise_hugepage(was)
+    return bool(was)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="mallopt is glibc's (Linux)")
+def test_chunk_and_overlap_workers_take_small_pages() -> None:
+    """Both pools that post-process chunks start their processes with numpy's huge pages off."""
+    import os
+
+    from wsi_mtl.postprocess._overlap import _executor
+    from wsi_mtl.postprocess._pool import chunk_executor
+
+    if "NUMPY_MADVISE_HUGEPAGE" in os.environ:
+        pytest.skip("$NUMPY_MADVISE_HUGEPAGE is set: the user's choice is kept")
+    pool, kind = chunk_executor(1)
+    with pool:
+        assert kind == "processes"
+        assert pool.submit(_huge_pages_asked).result() is False
+    with _executor(1, 0) as pool:
+        assert pool.submit(_huge_pages_asked).result() is False

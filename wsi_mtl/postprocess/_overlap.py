@@ -31,7 +31,7 @@ from typing import Any
 
 import numpy as np
 
-from wsi_mtl.malloc import keep_freed_pages, release_freed_pages
+from wsi_mtl.malloc import chunk_worker_pages, release_freed_pages
 from wsi_mtl.postprocess import _extract as ex
 from wsi_mtl.postprocess._chunks import Chunk
 from wsi_mtl.postprocess._pool import _context, children_allowed, ordered_results
@@ -119,10 +119,10 @@ _IN_POOL_PROCESS = False
 
 def _start_worker(niceness: int) -> None:
     """Pool processes yield to the network's threads when both want a core, and reuse the pages a
-    chunk frees within that chunk (:func:`~wsi_mtl.malloc.keep_freed_pages`)."""
+    chunk frees within that chunk, in small pages (:func:`~wsi_mtl.malloc.chunk_worker_pages`)."""
     global _IN_POOL_PROCESS
     _IN_POOL_PROCESS = True
-    keep_freed_pages()
+    chunk_worker_pages()
     try:
         os.nice(niceness)
     except OSError:  # pragma: no cover - not permitted

@@ -17,7 +17,7 @@ from concurrent.futures.process import BrokenProcessPool
 from typing import Any, Literal
 
 from wsi_mtl.errors import WorkerError
-from wsi_mtl.malloc import keep_freed_pages
+from wsi_mtl.malloc import chunk_worker_pages
 
 __all__ = ["PoolKind", "children_allowed", "pool_kind", "chunk_executor", "single_executor", "ordered_results"]
 
@@ -44,13 +44,14 @@ def chunk_executor(workers: int) -> tuple[Executor, PoolKind]:
 
     Processes start by ``forkserver`` where the platform has it (else ``spawn``): never ``fork``,
     which copies the threads' locks of a busy parent (reader threads, a Dask worker's loop); they
-    reuse the pages a chunk frees within that chunk (:func:`~wsi_mtl.malloc.keep_freed_pages`).
+    reuse the pages a chunk frees within that chunk and take numpy's arrays in small pages
+    (:func:`~wsi_mtl.malloc.chunk_worker_pages`).
     """
     if workers < 1:
         raise ValueError(f"a chunk pool needs at least 1 worker; got {workers}")
     if not children_allowed():
         return ThreadPoolExecutor(max_workers=workers, thread_name_prefix="wsimtl-chunks"), "threads"
-    return ProcessPoolExecutor(max_workers=workers, mp_context=_context(), initializer=keep_freed_pages), "processes"
+    return ProcessPoolExecutor(max_workers=workers, mp_context=_context(), initializer=chunk_worker_pages), "processes"
 
 
 def single_executor() -> Executor:

@@ -139,12 +139,13 @@ def _huge_pages_asked() -> bool:
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="mallopt is glibc's (Linux)")
-def test_chunk_and_overlap_workers_take_small_pages() -> None:
-    """Both pools that post-process chunks start their processes with numpy's huge pages off."""
+def test_chunk_overlap_and_background_workers_take_small_pages() -> None:
+    """The pools that post-process chunks and the background process (label image) start their
+    processes with numpy's huge pages off."""
     import os
 
     from wsi_mtl.postprocess._overlap import _executor
-    from wsi_mtl.postprocess._pool import chunk_executor
+    from wsi_mtl.postprocess._pool import chunk_executor, single_executor
 
     if "NUMPY_MADVISE_HUGEPAGE" in os.environ:
         pytest.skip("$NUMPY_MADVISE_HUGEPAGE is set: the user's choice is kept")
@@ -153,4 +154,6 @@ def test_chunk_and_overlap_workers_take_small_pages() -> None:
         assert kind == "processes"
         assert pool.submit(_huge_pages_asked).result() is False
     with _executor(1, 0) as pool:
+        assert pool.submit(_huge_pages_asked).result() is False
+    with single_executor() as pool:
         assert pool.submit(_huge_pages_asked).result() is False

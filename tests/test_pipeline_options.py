@@ -73,3 +73,19 @@ def test_the_network_gives_its_kept_pages_back_before_the_objects(he_image, tmp_
     slide = synthetic.write_svs(tmp_path / "s.svs", he_image[256:512, 512:768], mpp=0.5, compression="jpeg", tile=256, levels=(1,))
     segment_slide(slide, tmp_path / "out", tile_size=128, batch_size=1, objects=False, progress=False, precision="fp32")
     assert events[:3] == ["inference", "release", "finalize"]
+
+
+def test_segment_takes_numpys_arrays_in_small_pages(he_image, tmp_path, monkeypatch) -> None:
+    """segment turns numpy's 2 MB pages off in its process (wsi_mtl.malloc.small_numpy_pages)."""
+    from wsi_mtl import malloc, pipeline, synthetic
+
+    turned: list[bool] = []
+    monkeypatch.delenv("NUMPY_MADVISE_HUGEPAGE", raising=False)
+    monkeypatch.setattr(pipeline, "small_numpy_pages", lambda: turned.append(True) or malloc.small_numpy_pages())
+    slide = synthetic.write_svs(tmp_path / "s.svs", he_image[256:512, 512:768], mpp=0.5, compression="jpeg", tile=256, levels=(1,))
+    segment_slide(slide, tmp_path / "out", tile_size=128, batch_size=1, objects=False, progress=False, precision="fp32")
+    try:
+        from numpy._core import multiarray
+    except ImportError:  # numpy 1.x
+        from numpy.core import multiarray
+    assert turned == [True] and multiarray._set_madvise_hugepage(False) is False

@@ -15,6 +15,10 @@ temporary arrays faults in new zeroed pages; a chunk worker that keeps them reus
 within a chunk, and gives them back after it (:func:`release_freed_pages`). The network's process
 keeps them from tile to tile, and gives them back only once it has grown past its working set
 (:func:`release_if_grown`).
+
+Small pages for numpy's arrays (:func:`small_numpy_pages`) in ``segment``'s process and the processes
+it starts: numpy asks for 2 MB pages for every array of 4 MB or more, and these processes allocate
+and free many such arrays; on this project's machine that cost more kernel time than it saved.
 """
 
 from __future__ import annotations
@@ -72,12 +76,13 @@ def small_numpy_pages() -> bool:
     of 4 MB or more) in this process; nothing where ``$NUMPY_MADVISE_HUGEPAGE`` is set (the user's
     choice). Returns whether they were asked for until this call.
 
-    Chunk workers (:func:`chunk_worker_pages`): their many large temporary arrays made the kernel
-    find, zero and later split 2 MB pages. On the 16,384^2 px mosaic beside the network (``segment``,
-    3 alternating pairs) the two workers took 22.1-24.1 CPU s with them, of which 7.8-10.3 in the
-    kernel, and 16.6-17.7 (3.8-3.9 in the kernel) without; the process writing the nuclei label
-    image, left as it is, took 1.5-1.7 -> 2.7 s. The network's process is left as it is: no
-    difference was seen there.
+    ``segment``'s process, its chunk workers (:func:`chunk_worker_pages`) and the process writing the
+    nuclei label image: their many large temporary arrays (a chunk's, a tile's) had the kernel
+    find, zero and later split 2 MB pages. ``segment`` of the 16,384^2 px mosaic, 3 alternating
+    pairs each: the chunk workers alone in small pages took 16.6-17.7 CPU s against 22.1-24.1 (in
+    the kernel 3.8-3.9 against 7.8-10.3); then every process in small pages against the workers
+    alone: ``segment``'s process 47.8-48.3 against 49.7-52.7 CPU s (kernel 4.0-4.6 against
+    6.7-7.0), the label image's 2.1-2.3 against 2.3-2.8, wall 37.7-38.7 against 39.0-42.3 s.
     """
     if "NUMPY_MADVISE_HUGEPAGE" in os.environ:
         return False

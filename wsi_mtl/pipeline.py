@@ -27,7 +27,7 @@ from .atomic import output_error
 from .devices import cpu_count, resolve_device, resolve_precision
 from .engine import run_inference
 from .errors import InputError, NoTissueError, OutputError
-from .malloc import NETWORK_TOP_KEEP, limit_arenas, pages_kept, release_freed_pages
+from .malloc import NETWORK_TOP_KEEP, limit_arenas, pages_kept, release_freed_pages, small_numpy_pages
 from .network.tta import TTA_VIEWS
 from .results import PREDICTIONS, RUN_JSON, file_entry, is_complete, maps_reusable, plan_rerun, read_run, result_dir_for, write_run
 from .store import HeadLayout, PredictionStore
@@ -205,6 +205,7 @@ def segment_slide(
     """
     t_start = time.perf_counter()
     limit_arenas()  # the network's, readers' and writer's threads would each keep freed memory (wsi_mtl.malloc)
+    small_numpy_pages()  # and numpy's large arrays would take 2 MB pages (wsi_mtl.malloc)
     opts = _check_options(device=device, precision=precision, batch_size=batch_size, tile_size=tile_size, margin=margin,
                           workers=workers, tta=tta, postprocess=postprocess)
     opts = _with_runtime(opts, runtime, precision)  # checked here, ``auto`` resolved once the model is loaded

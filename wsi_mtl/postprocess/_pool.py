@@ -17,7 +17,7 @@ from concurrent.futures.process import BrokenProcessPool
 from typing import Any, Literal
 
 from wsi_mtl.errors import WorkerError
-from wsi_mtl.malloc import chunk_worker_pages
+from wsi_mtl.malloc import chunk_worker_pages, small_numpy_pages
 
 __all__ = ["PoolKind", "children_allowed", "pool_kind", "chunk_executor", "single_executor", "ordered_results"]
 
@@ -56,10 +56,11 @@ def chunk_executor(workers: int) -> tuple[Executor, PoolKind]:
 
 def single_executor() -> Executor:
     """One worker beside this process (a step that runs while this process does another): a
-    process where this process may start children, else a thread."""
+    process where this process may start children (numpy's arrays in small pages there, see
+    :func:`~wsi_mtl.malloc.small_numpy_pages`), else a thread."""
     if not children_allowed():
         return ThreadPoolExecutor(max_workers=1, thread_name_prefix="wsimtl-background")
-    return ProcessPoolExecutor(max_workers=1, mp_context=_context())
+    return ProcessPoolExecutor(max_workers=1, mp_context=_context(), initializer=small_numpy_pages)
 
 
 def ordered_results(make_pool: Callable[[int], Executor], fn: Callable[..., Any], jobs: Sequence[tuple], *, workers: int,

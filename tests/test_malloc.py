@@ -157,3 +157,27 @@ def test_chunk_overlap_and_background_workers_take_small_pages() -> None:
         assert pool.submit(_huge_pages_asked).result() is False
     with single_executor() as pool:
         assert pool.submit(_huge_pages_asked).result() is False
+
+
+LARGER = RESIDENT + """
+from wsi_mtl import malloc
+
+unset = malloc.release_if_larger(0)  # pages not kept in this process: nothing to give back
+malloc.keep_freed_pages()
+a = np.ones(100 * 2**20, np.uint8)
+del a
+before = resident_mb()
+under = malloc.release_if_larger(int(before + 50) << 20)  # resident below the bound: kept
+kept = resident_mb()
+over = malloc.release_if_larger(int(before - 50) << 20)  # above it: given back
+print(unset, under, over, round(before - kept), round(before - resident_mb()))
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="mallopt is glibc's (Linux)")
+def test_a_chunk_worker_keeps_freed_pages_only_up_to_a_resident_size() -> None:
+    """After a chunk, a worker resident below the bound keeps the 100 MB a chunk freed for the next
+    chunk; above it, gives it back."""
+    unset, under, over, kept, released = _printed(LARGER, {})
+    assert (unset, under, over) == ("False", "False", "True")
+    assert int(kept) < 10 and int(released) > 90

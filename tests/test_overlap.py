@@ -97,8 +97,9 @@ def test_overlapped_objects_equal_those_extracted_afterwards(tmp_path: Path, wor
 
 
 def test_only_overlap_pool_processes_give_back_freed_pages_after_a_chunk(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """A pool process gives back what each chunk freed; on a thread (a Dask worker's) the memory is
-    that of the process the network runs in, which keeps it for the slide: nothing given back."""
+    """A pool process gives back what each chunk freed (past a resident size); on a thread (a Dask
+    worker's) the memory is that of the process the network runs in, which keeps it for the slide:
+    nothing given back."""
     from wsi_mtl.postprocess import _extract, _overlap
 
     maps = _maps()
@@ -110,7 +111,7 @@ def test_only_overlap_pool_processes_give_back_freed_pages_after_a_chunk(tmp_pat
     meta = _extract.read_meta(final)
     job = _extract._plan_jobs(meta, ("nuclei",), params=PARAMS, **CHUNKS)[0]
     calls: list[int] = []
-    monkeypatch.setattr(_overlap, "release_freed_pages", lambda: calls.append(1))
+    monkeypatch.setattr(_overlap, "release_if_larger", lambda: calls.append(1))
     for in_pool, expected in ((False, 0), (True, 1)):
         monkeypatch.setattr(_overlap, "_IN_POOL_PROCESS", in_pool)
         calls.clear()

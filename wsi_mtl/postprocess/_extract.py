@@ -57,7 +57,7 @@ import numpy as np
 import shapely
 
 from wsi_mtl.errors import InputError
-from wsi_mtl.malloc import release_freed_pages
+from wsi_mtl.malloc import release_if_larger
 from wsi_mtl.objects import COLUMNS, TASKS, ObjectBatch
 from wsi_mtl.postprocess import _compiled
 from wsi_mtl.postprocess._chunks import Chunk, plan_chunks
@@ -922,7 +922,7 @@ def _worker(path: str, job: _Job, meta: MapsMeta, params: PostprocessParams) -> 
     try:
         return _run_job(reader, job, meta, params)
     finally:
-        release_freed_pages()  # what the chunk freed (kept for its own reuse, wsi_mtl.malloc) goes back
+        release_if_larger()  # what the chunk freed (kept for its own reuse, wsi_mtl.malloc) goes back past a bound
 
 
 # ----------------------------------------------------------------------------------- assembly

@@ -31,7 +31,7 @@ from typing import Any
 
 import numpy as np
 
-from wsi_mtl.malloc import chunk_worker_pages, release_freed_pages
+from wsi_mtl.malloc import chunk_worker_pages, release_if_larger
 from wsi_mtl.postprocess import _extract as ex
 from wsi_mtl.postprocess._chunks import Chunk
 from wsi_mtl.postprocess._pool import _context, children_allowed, ordered_results
@@ -100,7 +100,7 @@ def _run_spooled(path: str, job: Any, meta: Any, params: Any, readiness: _Readin
         chunk, res = _attempts(_reader(path), job, meta, params, readiness, scale)
     finally:
         if _IN_POOL_PROCESS:  # on a thread (a Dask worker's) the memory is the network's: kept for the slide
-            release_freed_pages()
+            release_if_larger()
     if res is None:
         return chunk, False
     tmp = f"{spool}.tmp"
@@ -111,7 +111,7 @@ def _run_spooled(path: str, job: Any, meta: Any, params: Any, readiness: _Readin
 
 
 #: Whether this is a process of the overlap pool (set by :func:`_start_worker`): only such a process
-#: gives back after each chunk what the chunk freed. Where chunks run on threads (a daemonic process)
+#: gives back after each chunk what the chunk freed, past a bound (:func:`~wsi_mtl.malloc.release_if_larger`). Where chunks run on threads (a daemonic process)
 #: they share the process the network runs in, whose freed pages ``segment`` keeps for the slide
 #: (:func:`~wsi_mtl.malloc.pages_kept`).
 _IN_POOL_PROCESS = False

@@ -138,23 +138,30 @@ def _huge_pages_asked() -> bool:
     return bool(was)
 
 
+def _worker_memory() -> tuple[bool, bool]:
+    """In a pool process: whether numpy asks for 2 MB pages there, and whether its arenas were limited."""
+    from wsi_mtl import malloc
+
+    return _huge_pages_asked(), bool(malloc._done)
+
+
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="mallopt is glibc's (Linux)")
 def test_chunk_overlap_and_background_workers_take_small_pages() -> None:
-    """The pools that post-process chunks and the background process (label image) start their
-    processes with numpy's huge pages off."""
+    """The pools that post-process chunks start their processes with numpy's huge pages off and one
+    malloc arena; the background process (label image) with the huge pages off."""
     import os
 
     from wsi_mtl.postprocess._overlap import _executor
     from wsi_mtl.postprocess._pool import chunk_executor, single_executor
 
-    if "NUMPY_MADVISE_HUGEPAGE" in os.environ:
-        pytest.skip("$NUMPY_MADVISE_HUGEPAGE is set: the user's choice is kept")
+    if {"NUMPY_MADVISE_HUGEPAGE", "MALLOC_ARENA_MAX"} & set(os.environ):
+        pytest.skip("$NUMPY_MADVISE_HUGEPAGE or $MALLOC_ARENA_MAX is set: the user's choice is kept")
     pool, kind = chunk_executor(1)
     with pool:
         assert kind == "processes"
-        assert pool.submit(_huge_pages_asked).result() is False
+        assert pool.submit(_worker_memory).result() == (False, True)
     with _executor(1, 0) as pool:
-        assert pool.submit(_huge_pages_asked).result() is False
+        assert pool.submit(_worker_memory).result() == (False, True)
     with single_executor() as pool:
         assert pool.submit(_huge_pages_asked).result() is False
 

@@ -99,8 +99,16 @@ def small_numpy_pages() -> bool:
 
 
 def chunk_worker_pages() -> None:
-    """The memory settings of a process that post-processes chunks: :func:`keep_freed_pages` and
-    :func:`small_numpy_pages` (a pool initializer)."""
+    """The memory settings of a process that post-processes chunks (a pool initializer):
+    :func:`limit_arenas`, :func:`keep_freed_pages` and :func:`small_numpy_pages`.
+
+    One arena: a chunk's maps are read by zarr's threads, whose own arena would map each array
+    larger than its 64 MB heaps afresh and keep the rest apart from the main heap. ``segment`` of the
+    16,384^2 px mosaic, 3 alternating pairs: all processes' sampled peak 3.46-3.55 GB against
+    3.74-3.81 GB with the default arenas, the workers' CPU time the same (15.7-17.4 against
+    16.3-17.1 s); alone, the mosaic's gland and lumen step faulted in 255-278k pages against 470-478k.
+    """
+    limit_arenas()
     keep_freed_pages()
     small_numpy_pages()
 

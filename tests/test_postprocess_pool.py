@@ -17,6 +17,7 @@ from skimage.draw import disk
 from test_postprocess_extract import write_predictions
 from wsi_mtl.postprocess import concat_batches, extract_objects, label_to_3class
 from wsi_mtl.errors import WorkerError
+from wsi_mtl.postprocess import _pool
 from wsi_mtl.postprocess._pool import _context, chunk_executor, ordered_results, pool_kind
 
 
@@ -205,3 +206,49 @@ def test_most_chunks_failing_stops_the_slide(tmp_path: Path, monkeypatch: pytest
     monkeypatch.setattr(ex, "_nuclei_chunk", broken)
     with pytest.raises(RuntimeError, match=r"post-processing failed in 16 of 16 chunks, e\.g\. the nuclei chunk at level-0 x 0-128"):
         list(extract_objects(store, tasks=("nuclei",), chunk_px=64, halo_px=8, workers=1))
+
+
+FORKSERVER = """
+import multiprocessing.forkserver as fs
+from wsi_mtl.postprocess._pool import chunk_executor, start_forkserver
+started = start_forkserver()
+pid = fs._forkserver._forkserver_pid
+pool, _ = chunk_executor(1)
+with pool:
+    pool.submit(abs, -1).result()
+print(started, pid is not None, fs._forkserver._forkserver_pid == pid)
+"""
+
+
+def test_the_forkserver_started_early_is_the_one_the_chunk_pools_use() -> None:
+    """start_forkserver starts the server at once; a chunk pool made later forks from that one."""
+    import subprocess
+    import sys
+
+    if "forkserver" not in mp.get_all_start_methods():
+        pytest.skip("no forkserver on this platform (spawn)")
+    out = subprocess.run([sys.executable, "-c", FORKSERVER], capture_output=True, text=True, check=True).stdout.split()
+    assert out == ["True", "True", "True"]
+
+
+@pytest.mark.parametrize("args, started", [((), 1), (("--no-objects",), 0)])
+def test_segment_starts_the_chunk_server_before_the_network_loads(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, he_image,
+                                                                  args: tuple[str, ...], started: int) -> None:
+    """`segment` starts the chunk workers' forkserver before it imports the pipeline (and torch),
+    where it will extract objects."""
+    from click.testing import CliRunner
+
+    from wsi_mtl import pipeline, synthetic
+    from wsi_mtl.cli import cli
+
+    calls: list[str] = []
+    monkeypatch.setattr(_pool, "start_forkserver", lambda: calls.append("server") or True)
+
+    def segment_slide(*a, **k):  # noqa: ANN002, ANN003, ANN202
+        calls.append("pipeline")
+        raise SystemExit(0)
+
+    monkeypatch.setattr(pipeline, "segment_slide", segment_slide)
+    slide = synthetic.write_svs(tmp_path / "s.svs", he_image[:256, :256], mpp=0.5, compression="jpeg", tile=256, levels=(1,))
+    CliRunner().invoke(cli, ["segment", str(slide), "-o", str(tmp_path / "out"), *args])
+    assert calls == ["server"] * started + ["pipeline"]

@@ -91,6 +91,10 @@ def segment(slide: Path | None, out_dir: Path, sample: bool, model: str | None, 
     check_slide(path, mpp)  # before torch loads: a bad slide is reported at once
     _check_settings(settings)
     check_model(model, allow_untrained=allow_untrained)
+    if not no_objects:  # the chunk workers' server loads beside the network's imports
+        from ..postprocess._pool import start_forkserver
+
+        start_forkserver()
     from ..pipeline import segment_slide
 
     result = segment_slide(

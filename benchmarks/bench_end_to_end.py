@@ -12,7 +12,8 @@ else synthetic texture) at 0.25 um/px and one of 4x its area, each run in its ow
                                       bare network spent (on every core)
   nuclei/s per core                   the nuclei instance step (neck cutting and every other tuned
                                       setting of the shipped model) re-run on the slide's own
-                                      network maps, per CPU second of one process (best of 3)
+                                      network maps, per CPU second of one process with the
+                                      post-processing processes' memory settings (best of 3)
   gland step s                        the gland and lumen instance steps on the same maps, CPU s
   GeoJSON features/s                  objects.geojson rewritten from the run's objects.parquet (best of 3),
                                       per wall and per CPU second, with the mean vertices per
@@ -86,8 +87,11 @@ def _child_steps(result_dir: str) -> dict:
     import zarr
 
     from wsi_mtl.export import write_geojson
+    from wsi_mtl.malloc import chunk_worker_pages
     from wsi_mtl.postprocess import PostprocessParams, read_meta
     from wsi_mtl.postprocess._instances import _core_instances, _nuclei_instances
+
+    chunk_worker_pages()  # the memory settings segment's post-processing processes run the steps with
 
     res = Path(result_dir)
     meta = read_meta(res / "predictions.zarr")

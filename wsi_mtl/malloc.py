@@ -32,8 +32,9 @@ import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 
-__all__ = ["limit_arenas", "ARENAS", "keep_freed_pages", "small_numpy_pages", "chunk_worker_pages", "release_freed_pages", "release_if_grown", "release_if_larger", "pages_kept", "CHUNK_WORKER_KEEP", "HEAP_ARRAY_MAX",
-           "NETWORK_TOP_KEEP", "NETWORK_GROWTH_MAX"]
+__all__ = ["limit_arenas", "ARENAS", "keep_freed_pages", "small_numpy_pages", "chunk_worker_pages", "release_freed_pages",
+           "release_if_grown", "release_if_larger", "pages_kept", "CHUNK_WORKER_KEEP", "HEAP_ARRAY_MAX", "NETWORK_TOP_KEEP",
+           "NETWORK_GROWTH_MAX"]
 
 #: arenas allowed (``mallopt(M_ARENA_MAX)``) unless ``$MALLOC_ARENA_MAX`` says otherwise
 ARENAS = 1

@@ -111,9 +111,9 @@ def _run_spooled(path: str, job: Any, meta: Any, params: Any, readiness: _Readin
 
 
 #: Whether this is a process of the overlap pool (set by :func:`_start_worker`): only such a process
-#: gives back after each chunk what the chunk freed, past a bound (:func:`~wsi_mtl.malloc.release_if_larger`). Where chunks run on threads (a daemonic process)
-#: they share the process the network runs in, whose freed pages ``segment`` keeps for the slide
-#: (:func:`~wsi_mtl.malloc.pages_kept`).
+#: gives back after each chunk what the chunk freed, past a bound (:func:`~wsi_mtl.malloc.release_if_larger`).
+#: Where chunks run on threads (a daemonic process) they share the process the network runs in,
+#: whose freed pages ``segment`` keeps for the slide (:func:`~wsi_mtl.malloc.pages_kept`).
 _IN_POOL_PROCESS = False
 
 

@@ -19,7 +19,7 @@ from typing import Any, Literal
 from wsi_mtl.errors import WorkerError
 from wsi_mtl.malloc import chunk_worker_pages, small_numpy_pages
 
-__all__ = ["PoolKind", "children_allowed", "pool_kind", "chunk_executor", "single_executor", "ordered_results"]
+__all__ = ["PoolKind", "children_allowed", "pool_kind", "chunk_executor", "single_executor", "start_forkserver", "ordered_results"]
 
 log = logging.getLogger(__name__)
 

@@ -252,3 +252,18 @@ def test_segment_starts_the_chunk_server_before_the_network_loads(tmp_path: Path
     slide = synthetic.write_svs(tmp_path / "s.svs", he_image[:256, :256], mpp=0.5, compression="jpeg", tile=256, levels=(1,))
     CliRunner().invoke(cli, ["segment", str(slide), "-o", str(tmp_path / "out"), *args])
     assert calls == ["server"] * started + ["pipeline"]
+
+
+def test_a_forkserver_that_cannot_start_early_is_left_to_the_first_pool(monkeypatch: pytest.MonkeyPatch) -> None:
+    """start_forkserver never raises: where the server cannot start (no process to be had) it says
+    so and the first pool tries again (and reports what it finds)."""
+    from multiprocessing import forkserver
+
+    if "forkserver" not in mp.get_all_start_methods():
+        pytest.skip("no forkserver on this platform (spawn)")
+
+    def fail() -> None:
+        raise OSError(11, "Resource temporarily unavailable")
+
+    monkeypatch.setattr(forkserver, "ensure_running", fail)
+    assert _pool.start_forkserver() is False

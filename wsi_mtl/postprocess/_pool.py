@@ -121,13 +121,17 @@ def start_forkserver() -> bool:
     """Start the forkserver of :func:`_context` now, where chunk pools will fork their processes
     from one: its imports and warm-up (~1.2-1.6 CPU s) then run while this process still loads
     (``segment`` starts it before importing torch, on a core otherwise idle). Returns whether one
-    is running."""
+    is running; one that cannot start now is left to the first pool (which reports it)."""
     if not children_allowed() or "forkserver" not in mp.get_all_start_methods():
         return False
     _context()
     from multiprocessing import forkserver
 
-    forkserver.ensure_running()
+    try:
+        forkserver.ensure_running()
+    except (OSError, ValueError) as exc:  # no process to be had now (limits, descriptors)
+        log.debug("forkserver not started early: %s", exc)
+        return False
     return True
 
 

@@ -474,3 +474,25 @@ def test_label_images_of_a_background_process_that_died_are_written_here(tmp_pat
     assert ("nuclei",) in calls and len(calls) == 2  # the others here as always, and nuclei here too
     assert {p.name for p in written} == {"nuclei", *[t for c in calls for t in c]}
     assert "died" in caplog.text
+
+
+def test_derive_runs_with_segments_memory_settings_and_gives_kept_pages_back(result_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """An export sets the memory settings of segment's processes (one arena, numpy's small pages)
+    and keeps freed pages only while it derives: they go back before it returns."""
+    from contextlib import contextmanager
+
+    events: list[str] = []
+
+    @contextmanager
+    def kept():  # noqa: ANN202
+        events.append("keep")
+        yield
+        events.append("give back")
+
+    monkeypatch.setattr(derive, "limit_arenas", lambda: events.append("arenas"))
+    monkeypatch.setattr(derive, "small_numpy_pages", lambda: events.append("small pages"))
+    monkeypatch.setattr(derive, "pages_kept", kept)
+    real = derive.derive_into
+    monkeypatch.setattr(derive, "derive_into", lambda *a, **k: (events.append("derive"), real(*a, **k))[1])
+    derive_objects(result_dir)
+    assert events == ["arenas", "small pages", "keep", "derive", "give back"]

@@ -7,6 +7,7 @@ from typing import Any
 
 import pytest
 
+from test_malloc import _huge_pages_asked
 from wsi_mtl.errors import InputError
 from wsi_mtl.pipeline import segment_slide
 
@@ -84,8 +85,4 @@ def test_segment_takes_numpys_arrays_in_small_pages(he_image, tmp_path, monkeypa
     monkeypatch.setattr(pipeline, "small_numpy_pages", lambda: turned.append(True) or malloc.small_numpy_pages())
     slide = synthetic.write_svs(tmp_path / "s.svs", he_image[256:512, 512:768], mpp=0.5, compression="jpeg", tile=256, levels=(1,))
     segment_slide(slide, tmp_path / "out", tile_size=128, batch_size=1, objects=False, progress=False, precision="fp32")
-    try:
-        from numpy._core import multiarray
-    except ImportError:  # numpy 1.x
-        from numpy.core import multiarray
-    assert turned == [True] and multiarray._set_madvise_hugepage(False) is False
+    assert turned == [True] and _huge_pages_asked() is False

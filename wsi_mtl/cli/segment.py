@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import logging
 from pathlib import Path
 
@@ -97,6 +98,7 @@ def segment(slide: Path | None, out_dir: Path, sample: bool, model: str | None, 
         start_forkserver()
     from ..pipeline import segment_slide
 
+    gc.freeze()  # the imports' objects (torch's are most) stay out of the collector's passes over the slide
     result = segment_slide(
         path, out_dir, model=model, mpp=mpp, device=device, precision=precision, batch_size=batch_size,
         tile_size=tile_size, margin=margin, workers=workers, tissue_mask=not no_tissue_mask, objects=not no_objects,

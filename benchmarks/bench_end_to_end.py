@@ -59,8 +59,9 @@ def _sources(tmp: Path) -> list[Path]:
 def _child_segment(slide: str, out: str, device: str, batch_size: int, workers: int | None) -> dict:
     """`segment` with objects; its run.json timings, object counts, this process's peak RSS and the
     peaks of its post-processing processes."""
-    from wsi_mtl.pipeline import segment_slide
+    from wsi_mtl.cli.segment import load_pipeline
 
+    segment_slide = load_pipeline(objects=True)  # as `wsimtl segment` loads it (chunk server first, imports frozen)
     memory = ProcessTree()
     t0 = time.perf_counter()
     result = segment_slide(slide, out, device=device, batch_size=batch_size, workers=workers, objects=True, progress=False)

@@ -38,8 +38,9 @@ def _child_segment(slide: str, out: str, batch_size: int, overlap: bool, cores: 
     import os
 
     os.environ["WSIMTL_OVERLAP_CORES"] = cores
-    from wsi_mtl.pipeline import segment_slide
+    from wsi_mtl.cli.segment import load_pipeline
 
+    segment_slide = load_pipeline(objects=True)  # as `wsimtl segment` loads it
     t0 = time.perf_counter()
     result = segment_slide(slide, out, device="cpu", batch_size=batch_size, objects=True, progress=False, overlap=overlap)
     run = result.run

@@ -54,8 +54,9 @@ def _write_slides(tmp: Path, size: int) -> tuple[Path, Path]:
 
 def _child_pipeline(slide: str, out: str, device: str, batch_size: int) -> dict:
     """Run the pipeline only (maps, no objects); report its timings and this process's peak RSS."""
-    from wsi_mtl.pipeline import segment_slide
+    from wsi_mtl.cli.segment import load_pipeline
 
+    segment_slide = load_pipeline(objects=False)  # as `wsimtl segment --no-objects` loads it
     t0 = time.perf_counter()
     result = segment_slide(slide, out, device=device, batch_size=batch_size, objects=False, progress=False)
     wall = time.perf_counter() - t0

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import gc
 import logging
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import click
 
@@ -59,6 +61,20 @@ def _check_settings(settings: dict[str, str]) -> None:
     check_overrides(settings)
 
 
+def load_pipeline(*, objects: bool) -> Callable[..., Any]:
+    """``segment_slide``, imported as `segment` runs it: where objects are extracted, the chunk
+    workers' server is started first (its imports run beside torch's on the other core); then the
+    imports' objects (torch's are most) are frozen out of the garbage collector's passes."""
+    if objects:
+        from ..postprocess._pool import start_forkserver
+
+        start_forkserver()
+    from ..pipeline import segment_slide
+
+    gc.freeze()
+    return segment_slide
+
+
 @click.command("segment")
 @click.argument("slide", required=False, type=click.Path(path_type=Path, dir_okay=True))
 @out_option
@@ -92,13 +108,7 @@ def segment(slide: Path | None, out_dir: Path, sample: bool, model: str | None, 
     check_slide(path, mpp)  # before torch loads: a bad slide is reported at once
     _check_settings(settings)
     check_model(model, allow_untrained=allow_untrained)
-    if not no_objects:  # the chunk workers' server loads beside the network's imports
-        from ..postprocess._pool import start_forkserver
-
-        start_forkserver()
-    from ..pipeline import segment_slide
-
-    gc.freeze()  # the imports' objects (torch's are most) stay out of the collector's passes over the slide
+    segment_slide = load_pipeline(objects=not no_objects)
     result = segment_slide(
         path, out_dir, model=model, mpp=mpp, device=device, precision=precision, batch_size=batch_size,
         tile_size=tile_size, margin=margin, workers=workers, tissue_mask=not no_tissue_mask, objects=not no_objects,

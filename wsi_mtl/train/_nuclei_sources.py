@@ -205,8 +205,10 @@ def score_nuclei_sources(model: Any, items: Sequence[SegItem], *, params: Any, b
                          wrap: Callable[[Any, str], Any] = lambda it, d: it, images: dict[str, Any] | None = None) -> dict[str, Any]:
     """Nuclei scores of ``model`` per source of ``items`` (task ``nuclei_all``).
 
-    Returns ``{"by_source": {source: {dice, aji, pq, dq, sq, n_images}}, "types": {source:
-    {detection_f1, f1 per class, macro_f1, n_images}}}``; types only for sources with typed
+    Returns ``{"by_source": {source: {dice, aji, pq, dq, sq, n_images, errors}}, "types": {source:
+    {detection_f1, f1 per class, macro_f1, n_images}}}``; ``errors`` are the source's
+    :func:`~wsi_mtl.metrics.instance_errors` summed over its images (why its AJI is what it is:
+    nuclei missed, merged into one, split); types only for sources with typed
     instances (CoNSeP): predicted nuclei typed as `wsimtl segment` types them, matched to the true
     instance centroids within ``type_radius_px`` (HoVer-Net's 12 px at 40x = 6 px at 0.5 um/px).
     """
@@ -224,7 +226,8 @@ def score_nuclei_sources(model: Any, items: Sequence[SegItem], *, params: Any, b
         probs = predict_image(model, item.image, heads=["Nuclei-INST", *(["Nuclei-TYPE"] if typed else [])], bf16=bf16, tta=tta)
         pred = nuclei_labels(probs["Nuclei-INST"], params)
         pq = metrics.panoptic_quality(item.labels, pred)
-        row = {"dice": metrics.dice_score(item.labels, pred), "aji": metrics.aji(item.labels, pred), "pq": pq.pq, "dq": pq.dq, "sq": pq.sq}
+        row = {"dice": metrics.dice_score(item.labels, pred), "aji": metrics.aji(item.labels, pred), "pq": pq.pq, "dq": pq.dq, "sq": pq.sq,
+               "errors": metrics.instance_errors(item.labels, pred).as_dict()}
         if typed:
             true_yx, true_cls = typed_points(item.labels, lut)
             _, cents, cls = instance_types(pred, probs["Nuclei-TYPE"])
@@ -234,7 +237,8 @@ def score_nuclei_sources(model: Any, items: Sequence[SegItem], *, params: Any, b
         rows.setdefault(item.source, []).append(row)
         if images is not None:
             images[f"nuclei_all/{item.source}/{item.name}"] = row
-    by_source = {s: {k: _nanmean(r[k] for r in rs) for k in ("dice", "aji", "pq", "dq", "sq")} | {"n_images": len(rs)} for s, rs in rows.items()}
+    by_source = {s: {k: _nanmean(r[k] for r in rs) for k in ("dice", "aji", "pq", "dq", "sq")}
+                 | {"n_images": len(rs), "errors": {k: sum(r["errors"][k] for r in rs) for k in rs[0]["errors"]}} for s, rs in rows.items()}
     return {"by_source": by_source, "types": {s: t.summary() for s, t in types.items()}}
 
 
@@ -243,6 +247,9 @@ def format_nuclei_sources(result: Mapping[str, Any], add: Callable[[str, str, An
     for src, v in result.get("by_source", {}).items():
         for k in ("aji", "pq", "dice", "n_images"):
             add("nuclei_all", f"{k} {src}"[:21], v[k])
+        for k in ("n_true", "missed", "merged_true", "splits", "spurious"):
+            if k in v.get("errors", {}):
+                add("nuclei_all", f"{k} {src}"[:21], v["errors"][k])
     for src, t in result.get("types", {}).items():
         add("nuclei_all", f"type det_f1 {src}"[:21], t["detection_f1"])
         for n, v in t["f1"].items():

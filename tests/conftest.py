@@ -131,3 +131,13 @@ def sample_segmented(cmu_small: Path, tmp_path_factory: pytest.TempPathFactory) 
                           capture_output=True, text=True)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     return out / cmu_small.stem, proc.stdout
+
+
+@pytest.fixture(autouse=True)
+def _collector_unfrozen():  # noqa: ANN202
+    """`segment` run in this process (CliRunner) freezes its objects out of the garbage collector;
+    each test starts with none frozen, as a fresh process would."""
+    import gc
+
+    gc.unfreeze()
+    yield

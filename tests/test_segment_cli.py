@@ -260,24 +260,3 @@ def test_killed_run_resumes_to_the_same_outputs(he_image, tmp_path):
     for name in maps:
         np.testing.assert_array_equal(a[name]["0"][:], b[name]["0"][:], err_msg=name)
 
-
-def test_segment_freezes_the_imported_objects_before_the_slide(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, he_image) -> None:
-    """`segment` moves what its imports created out of the garbage collector's passes
-    (``gc.freeze``) once the pipeline is imported, before any work on the slide."""
-    from click.testing import CliRunner
-
-    from wsi_mtl import pipeline
-    from wsi_mtl.cli import cli
-    from wsi_mtl.cli import segment as segment_cli
-
-    calls: list[str] = []
-    monkeypatch.setattr(segment_cli.gc, "freeze", lambda: calls.append("freeze"))
-
-    def segment_slide(*a, **k):  # noqa: ANN002, ANN003, ANN202
-        calls.append("pipeline")
-        raise SystemExit(0)
-
-    monkeypatch.setattr(pipeline, "segment_slide", segment_slide)
-    slide = synthetic.write_svs(tmp_path / "s.svs", he_image[:256, :256], mpp=0.5, compression="jpeg", tile=256, levels=(1,))
-    CliRunner().invoke(cli, ["segment", str(slide), "-o", str(tmp_path / "out"), "--no-objects"])
-    assert calls == ["freeze", "pipeline"]

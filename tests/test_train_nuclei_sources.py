@@ -250,12 +250,13 @@ def test_post_processing_recovers_real_nuclei_from_their_training_targets(shared
     at these settings: MoNuSeg 0.937, CoNSeP 0.837 (every image of the v2 split), against the
     network's 0.521 and 0.332: the nuclei gap is the network's maps, not the post-processing."""
     from wsi_mtl import metrics
-    from wsi_mtl.postprocess import PostprocessParams, nuclei_labels
+    from wsi_mtl.network.config import ModelConfig
+    from wsi_mtl.postprocess import nuclei_labels, params_of
     from wsi_mtl.train._nuclei_sources import load_nuclei_sources
     from wsi_mtl.train._targets import inst_targets
 
-    config = json.loads((REPO / "models" / "wsimtl-small" / "config.json").read_text())
-    params = PostprocessParams.from_mapping(config["extra"]["postprocess"])
+    config = ModelConfig.from_json((REPO / "models" / "wsimtl-small" / "config.json").read_text())
+    params = params_of(config.extra.get("postprocess"))
     split = yaml.safe_load(SPLIT_V2.read_text())
     items = load_nuclei_sources(shared_data, mpp=0.5, source_mpp=DEFAULT_SOURCE_MPP, sel=lambda s: {"names": split.get(s, [])},
                                 sources=("monuseg", "consep"))

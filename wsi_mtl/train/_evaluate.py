@@ -24,7 +24,8 @@ from ..network.tta import predict_tta
 from ..postprocess import PostprocessParams, instance_type
 from ..postprocess import gland_labels, nuclei_labels, params_of
 
-__all__ = ["REFERENCE_IMAGES", "reference_metrics", "evaluate_split", "glas_native_truth", "heads_only", "predict_image", "classify_image", "evaluate_sources", "format_table", "instance_types"]
+__all__ = ["REFERENCE_IMAGES", "reference_metrics", "evaluate_split", "glas_native_truth", "heads_only", "predict_image", "classify_image", "evaluate_sources", "format_table", "instance_types",
+           "nuclei_scores", "summed_errors"]
 
 logger = logging.getLogger(__name__)
 
@@ -141,6 +142,19 @@ def instance_types(labels: np.ndarray, type_prob: np.ndarray) -> tuple[np.ndarra
     return ids, cents, cls[ids - 1].astype(int)
 
 
+def nuclei_scores(true: np.ndarray, pred: np.ndarray) -> dict[str, Any]:
+    """One image's nuclei scores: Dice, AJI, PQ (DQ, SQ) and the error counts
+    (:func:`~wsi_mtl.metrics.instance_errors`) of ``pred`` against ``true``."""
+    pq = metrics.panoptic_quality(true, pred)
+    return {"dice": metrics.dice_score(true, pred), "aji": metrics.aji(true, pred), "pq": pq.pq, "dq": pq.dq, "sq": pq.sq,
+            "errors": metrics.instance_errors(true, pred).as_dict()}
+
+
+def summed_errors(rows: Sequence[Mapping[str, Any]]) -> dict[str, int]:
+    """The error counts of :func:`nuclei_scores` rows, summed over the images."""
+    return {k: sum(r["errors"][k] for r in rows) for k in rows[0]["errors"]}
+
+
 def _mean(vals: Iterable[float]) -> float:
     v = [x for x in vals if np.isfinite(x)]
     return float(np.mean(v)) if v else float("nan")
@@ -200,13 +214,10 @@ def evaluate_sources(
         for item in wrap(nuclei, "nuclei"):
             probs = predict_image(model, item.image, heads=["Nuclei-INST"], bf16=bf16, tta=tta)
             pred = nuclei_labels(probs["Nuclei-INST"], params)
-            pq = metrics.panoptic_quality(item.labels, pred)
-            row = {"dice": metrics.dice_score(item.labels, pred), "aji": metrics.aji(item.labels, pred), "pq": pq.pq, "dq": pq.dq, "sq": pq.sq,
-                   "errors": metrics.instance_errors(item.labels, pred).as_dict()}
+            row = nuclei_scores(item.labels, pred)
             rows.append(row)
             images[f"nuclei/{item.name}"] = row
-        errors = {k: sum(r["errors"][k] for r in rows) for k in rows[0]["errors"]}
-        res["nuclei"] = {k: _mean(r[k] for r in rows) for k in ("dice", "aji", "pq", "dq", "sq")} | {"n_images": len(rows), "errors": errors}
+        res["nuclei"] = {k: _mean(r[k] for r in rows) for k in ("dice", "aji", "pq", "dq", "sq")} | {"n_images": len(rows), "errors": summed_errors(rows)}
 
     glands: Sequence[SegItem] = data.seg.get("gland", [])
     if glands and "Gland-INST" in heads:

@@ -214,7 +214,7 @@ def score_nuclei_sources(model: Any, items: Sequence[SegItem], *, params: Any, b
     """
     from .. import metrics
     from ..postprocess import nuclei_labels
-    from ._evaluate import instance_types, predict_image
+    from ._evaluate import instance_types, nuclei_scores, predict_image, summed_errors
 
     heads = set(model.config.heads)
     names = {i: n for i, n in enumerate(model.config.heads["Nuclei-TYPE"].class_names) if i > 0} if "Nuclei-TYPE" in heads else {}
@@ -225,9 +225,7 @@ def score_nuclei_sources(model: Any, items: Sequence[SegItem], *, params: Any, b
         typed = lut is not None and bool(names)
         probs = predict_image(model, item.image, heads=["Nuclei-INST", *(["Nuclei-TYPE"] if typed else [])], bf16=bf16, tta=tta)
         pred = nuclei_labels(probs["Nuclei-INST"], params)
-        pq = metrics.panoptic_quality(item.labels, pred)
-        row = {"dice": metrics.dice_score(item.labels, pred), "aji": metrics.aji(item.labels, pred), "pq": pq.pq, "dq": pq.dq, "sq": pq.sq,
-               "errors": metrics.instance_errors(item.labels, pred).as_dict()}
+        row = nuclei_scores(item.labels, pred)
         if typed:
             true_yx, true_cls = typed_points(item.labels, lut)
             _, cents, cls = instance_types(pred, probs["Nuclei-TYPE"])
@@ -238,7 +236,7 @@ def score_nuclei_sources(model: Any, items: Sequence[SegItem], *, params: Any, b
         if images is not None:
             images[f"nuclei_all/{item.source}/{item.name}"] = row
     by_source = {s: {k: _nanmean(r[k] for r in rs) for k in ("dice", "aji", "pq", "dq", "sq")}
-                 | {"n_images": len(rs), "errors": {k: sum(r["errors"][k] for r in rs) for k in rs[0]["errors"]}} for s, rs in rows.items()}
+                 | {"n_images": len(rs), "errors": summed_errors(rs)} for s, rs in rows.items()}
     return {"by_source": by_source, "types": {s: t.summary() for s, t in types.items()}}
 
 

@@ -180,6 +180,38 @@ def test_interrupted_run_resumes_to_identical_output(model, tmp_path):
         np.testing.assert_array_equal(a[name]["0"][:], b[name]["0"][:])
 
 
+class _PlanningSlide(ArraySlide):
+    """An :class:`ArraySlide` that records the reads announced to it and those made."""
+
+    def __init__(self, image: np.ndarray) -> None:
+        super().__init__(image)
+        self.planned: list[tuple[int, int, int, int]] = []
+        self.made: list[tuple[int, int, int, int]] = []
+
+    def plan_reads(self, regions, *, mpp):
+        assert mpp == self.mpp
+        self.planned.extend(regions)
+
+    def read(self, x, y, width, height, *, mpp):
+        self.made.append((x, y, width, height))
+        return super().read(x, y, width, height, mpp=mpp)
+
+
+def test_the_engine_announces_the_reads_it_will_make(model, tmp_path):
+    """Before reading, ``run_inference`` announces to a slide that takes them (``plan_reads``: its
+    tile cache then keeps only what neighbouring tiles share) exactly the reads it then makes;
+    a resumed run announces only the tiles it still computes."""
+    slide = _PlanningSlide(he_like(320, 320, seed=5))
+    with pytest.raises(_Interrupt):
+        _run(slide, model, tmp_path / "run", core=64, margin=32, model_wrapper=_DiesAfter(model, 3))
+    assert len(slide.planned) == 25
+    slide.planned.clear()
+    slide.made.clear()
+    stats = _run(slide, model, tmp_path / "run", core=64, margin=32)
+    assert stats.tiles_computed == len(slide.planned) == 25 - stats.tiles_resumed < 25
+    assert sorted(slide.planned) == sorted(slide.made)
+
+
 class _Threads:
     """Wraps a model; records the torch threads and batch size of every forward pass."""
 

@@ -868,6 +868,32 @@ def test_predict_with_a_helper_thread_gives_the_same_maps(monkeypatch: pytest.Mo
         assert torch.equal(alone[name], beside[name]), name
 
 
+@pytest.mark.parametrize("strip_rows", [96, 10**6])
+def test_quantized_predict_gives_the_engines_uint8_maps(monkeypatch: pytest.MonkeyPatch, strip_rows: int) -> None:
+    """``predict(..., quantized=True)`` (the engine's call): every segmentation map is uint8 and
+    bit for bit ``quantize_probabilities`` of the float32 map, whether the tail ran in strips (each
+    quantised as it comes, with the helper thread) or whole; patch maps stay float32."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    import wsi_mtl.network.model as net_model
+
+    model = load_model(Path(__file__).resolve().parents[1] / "models" / "wsimtl-small")
+    torch.manual_seed(3)
+    x = (torch.rand(1, 3, 352, 288) * 255).contiguous(memory_format=torch.channels_last)
+    monkeypatch.setattr(net_model, "FULL_RES_STRIP_ROWS", strip_rows)
+    with ThreadPoolExecutor(max_workers=1) as pool, torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16):
+        floats = model.predict(x, margin=32)
+        quantized = model.predict(x, margin=32, helper=pool, quantized=True)
+    assert floats.keys() == quantized.keys()
+    for name, p in floats.items():
+        if name in model.config.patch_heads:
+            assert quantized[name].dtype == torch.float32 and torch.equal(quantized[name], p), name
+        else:
+            assert quantized[name].dtype == torch.uint8, name
+            assert torch.equal(quantized[name], net_model.quantize_probabilities(p)), name
+            assert int(quantized[name].max()) == 255 and int(quantized[name].min()) == 0, name
+
+
 @pytest.mark.parametrize("bf16", [False, True])
 def test_predict_with_a_margin_gives_the_cropped_maps_of_the_whole_input(monkeypatch: pytest.MonkeyPatch, bf16: bool) -> None:
     """The engine's call: the segmentation maps of the input less ``margin`` on every side, the

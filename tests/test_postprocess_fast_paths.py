@@ -443,6 +443,34 @@ def test_compiled_growth_equals_the_array_version(monkeypatch, dtype):
         np.testing.assert_array_equal(got, want)
 
 
+def test_growth_in_place_gives_the_same_objects_without_a_second_array(monkeypatch):
+    """grow_ranks(in_place=True) grows an int32 C-contiguous array where it is (the same object,
+    the values of the copying call); other arrays are left untouched and a new one comes back.
+    grow_components(in_place=True) gives the instances of the copying call, also from a crop that
+    leaves the bounding box of its objects smaller than the array."""
+    _compiled = _kernels_here(monkeypatch)
+    rng = np.random.default_rng(46)
+    for trial in range(20):
+        shape = (int(rng.integers(2, 60)), int(rng.integers(2, 60)))
+        r = ndi.label(rng.random(shape) < rng.uniform(0.01, 0.2))[0].astype(np.int32)
+        steps = int(rng.integers(2, 140))
+        want = _compiled.grow_ranks(r, steps)
+        for other in (r.astype(np.uint16), np.asfortranarray(r)):
+            before = other.copy()
+            got = _compiled.grow_ranks(other, steps, in_place=True)
+            assert got is not other and np.array_equal(other, before)
+            np.testing.assert_array_equal(got, want)
+        same = r.copy()
+        assert _compiled.grow_ranks(same, steps, in_place=True) is same
+        np.testing.assert_array_equal(same, want)
+        labels = np.zeros((shape[0] + 30, shape[1] + 30), np.int32)
+        labels[15:-15, 15:-15] = ndi.label(r > 0)[0]
+        for erosion in (0, 1, 3, 9):
+            copied = inst.grow_components(labels, erosion_px=erosion, min_area_px=4)
+            grown = inst.grow_components(labels.copy(), erosion_px=erosion, min_area_px=4, in_place=True)
+            np.testing.assert_array_equal(grown, copied)
+
+
 def test_relabeled_equals_the_gather(monkeypatch):
     """relabeled(labels, lut) is lut[labels] (values and dtype) for label crops that are not
     contiguous, of other integer types, with and without the compiled kernel; the input is untouched."""

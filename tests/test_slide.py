@@ -570,11 +570,11 @@ def test_segment_cache_is_a_byte_bounded_lru() -> None:
     cache.put((0, 1), a)
     cache.put((0, 2), b)
     cache.put((0, 3), c)
-    assert cache.get((0, 1)) is a  # refreshes (0, 1)
+    assert cache.get((0, 1)) == (a, True)  # refreshes (0, 1)
     cache.put((0, 4), np.zeros(100, np.uint8))  # evicts the least recently used: (0, 2)
-    assert cache.get((0, 2)) is None and cache.get((0, 3)) is c and cache.get((0, 1)) is a
+    assert cache.get((0, 2))[0] is None and cache.get((0, 3))[0] is c and cache.get((0, 1))[0] is a
     cache.put((0, 5), np.zeros(1000, np.uint8))  # larger than the whole cache: not kept
-    assert cache.get((0, 5)) is None
+    assert cache.get((0, 5))[0] is None
     assert not a.flags.writeable  # cached segments are shared read-only
     assert (cache.hits, cache.misses) == (3, 2)
 
@@ -590,6 +590,33 @@ def test_limit_tile_cache_evicts_and_never_grows_the_cache(svs_jpeg: Path) -> No
         assert cache.capacity == 100_000
         slide.read(0, 0, 1024, 1024, mpp=0.25)
         assert cache._bytes <= 100_000
+
+
+def test_planned_reads_keep_only_the_tiles_they_share(svs_jpeg: Path) -> None:
+    """After plan_reads, a decoded tile is kept until the last announced read that needs it: the
+    second read of shared tiles hits the cache, tiles one read needs are never kept, the cache is
+    empty once the plan is read, and the pixels are those of reads without a plan."""
+    regions = [(x, y, 700, 700) for y in (0, 600) for x in (0, 600)]  # neighbours overlapping by 100 px
+    with open_slide(svs_jpeg) as slide:
+        slide.limit_tile_cache(0)
+        want = [slide.read(*r, mpp=0.25) for r in regions]
+    with open_slide(svs_jpeg) as slide:
+        cache = slide._reader._tiles._cache
+        slide.plan_reads(regions, mpp=0.25)
+        got = []
+        for r in regions:
+            got.append(slide.read(*r, mpp=0.25))
+            assert all(cache._uses[0][key[1]] > 0 for key in cache._items)  # only tiles still wanted
+        for a, b in zip(got, want):
+            np.testing.assert_array_equal(a, b)
+        level = slide._reader._tiles._levels[0]  # 256 px tiles
+        tiles = [{row * level.cols + col for row in range(y // 256, (min(y + 700, level.height) - 1) // 256 + 1)
+                  for col in range(x // 256, (min(x + 700, level.width) - 1) // 256 + 1)} for x, y, _, _ in regions]
+        reads = sum(len(t) for t in tiles)
+        assert cache.misses == len(set().union(*tiles)) and cache.hits == reads - cache.misses > 0
+        assert cache._bytes == 0 and not cache._items
+        slide.read(0, 0, 300, 300, mpp=0.25)  # reads no plan names: kept as before any plan
+        assert cache._items
 
 
 def test_repeated_reads_hit_the_segment_cache(svs_jpeg: Path) -> None:

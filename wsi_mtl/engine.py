@@ -27,6 +27,7 @@ from tqdm.auto import tqdm
 from .devices import cpu_count, resolve_device, resolve_precision  # re-exported: engine's public names
 from .errors import DamagedRegionError
 from .malloc import release_if_grown
+from .network.model import quantize_probabilities
 from .network.tta import predict_tta
 from .store import PredictionStore
 from .tiling import Tile, TileGrid
@@ -185,7 +186,8 @@ def _takes(model: Any, parameter: str) -> bool:
 
 
 def _cores_to_uint8(probs: dict[str, torch.Tensor], grid: TileGrid, tiles: list[Tile], cell_px: dict[str, int]) -> list[dict[str, np.ndarray]]:
-    """Crop each tile's core out of the batch outputs and quantise it to uint8 (round(255 * p)).
+    """Crop each tile's core out of the batch outputs and quantise it to uint8 (round(255 * p);
+    maps the model made uint8 itself are only cropped).
 
     Cropping first means the margin, ~40% of a tile, is never converted or copied. A map that
     covers the input less its margin (``predict(x, margin=...)``) is the core region already.
@@ -197,8 +199,7 @@ def _cores_to_uint8(probs: dict[str, torch.Tensor], grid: TileGrid, tiles: list[
         for i, tile in enumerate(tiles):
             h, w = -(-tile.height // cell), -(-tile.width // cell)
             core = p[i, :, m : m + h, m : m + w]
-            # probabilities lie in [0, 1], so 255 p + 0.5 lies in [0.5, 255.5): truncation rounds
-            q = core.mul(255.0).add_(0.5).clamp_(max=255.0).to(torch.uint8)
+            q = quantize_probabilities(core) if core.is_floating_point() else core  # uint8: the model's own
             per_tile[i][name] = (q.cpu() if q.device.type != "cpu" else q).numpy()
     return per_tile
 
@@ -261,6 +262,11 @@ def run_inference(
     autocast = torch.autocast(device.type, dtype=precision) if precision is not None else nullcontext()
     pin = device.type == "cuda"
     prefetch = max(2 * batch_size, workers * 2)
+    quantized = _takes(model, "quantized")  # uint8 maps strip by strip: a quarter of the float32 maps' memory
+    plan = getattr(slide, "plan_reads", None)
+    if plan is not None:  # the tile cache keeps what neighbouring tiles share, and only that
+        m = grid.margin_px
+        plan([(t.x0 - m, t.y0 - m, grid.input_px, grid.input_px) for t in todo], mpp=mpp)
     try:
         with ThreadPoolExecutor(max_workers=max(1, workers), thread_name_prefix="wsimtl-reader") as pool:
             pending: deque[tuple[Tile, Future]] = deque()
@@ -299,7 +305,7 @@ def run_inference(
                     t0 = time.perf_counter()
                     with torch.inference_mode(), autocast:
                         beside = helper if helper is not None and torch.get_num_threads() == 1 else None
-                        probs = predict_tta(model, x, views=tta, margin=margin, helper=beside)
+                        probs = predict_tta(model, x, views=tta, margin=margin, helper=beside, quantized=quantized)
                         if device.type == "cuda":
                             torch.cuda.synchronize(device)
                         stats.network_s += time.perf_counter() - t0

@@ -20,7 +20,8 @@ from torch import nn
 
 from .config import ArchParams, HeadConfig, ModelConfig
 
-__all__ = ["MultiTaskNet", "ResNetEncoder", "UNetDecoder", "OutputHead", "PatchHead", "build_patch_head", "patch_head_inputs", "window_stats"]
+__all__ = ["MultiTaskNet", "ResNetEncoder", "UNetDecoder", "OutputHead", "PatchHead", "build_patch_head", "patch_head_inputs", "window_stats",
+           "quantize_probabilities"]
 
 logger = logging.getLogger(__name__)
 
@@ -427,6 +428,12 @@ def _tail_reads(side: int, margin: int) -> tuple[int, int]:
     return max(0, margin - _STRIP_HALO), min(side, side - margin + _STRIP_HALO)
 
 
+
+def quantize_probabilities(p: torch.Tensor) -> torch.Tensor:
+    """Probabilities in [0, 1] as uint8 ``round(255 p)`` (a new tensor): 255 p + 0.5 lies in
+    [0.5, 255.5), so truncation rounds."""
+    return p.mul(255.0).add_(0.5).clamp_(max=255.0).to(torch.uint8)
+
 class MultiTaskNet(nn.Module):
     """Cerberus-style multi-task network built from a :class:`ModelConfig`.
 
@@ -526,10 +533,10 @@ class MultiTaskNet(nn.Module):
         return [h for h in self.config.output_heads if h in set(heads)]
 
     def _features(self, x: torch.Tensor, names: Sequence[str], *, probabilities: bool = False,
-                  margin: int = 0, helper: Executor | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+                  margin: int = 0, helper: Executor | None = None, quantized: bool = False) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """x4 and the logits (``probabilities``: float32 softmax) of the segmentation heads in
-        ``names`` (only their decoders run), those less ``margin`` px on every side; ``helper`` as
-        in :meth:`predict`."""
+        ``names`` (only their decoders run), those less ``margin`` px on every side; ``helper`` and
+        ``quantized`` as in :meth:`predict`."""
         self._check_input(x)
         if self._channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
@@ -552,7 +559,7 @@ class MultiTaskNet(nn.Module):
         if self._refine:
             origin = (0, 0) if window is None else (window[0], window[2])
             return x4, self._full_resolution(out, decoded, x, probabilities=probabilities, margin=margin, origin=origin,
-                                             helper=helper)
+                                             helper=helper, quantized=quantized)
         if margin:
             h, w = x.shape[-2:]
             out = {n: t[..., margin : h - margin, margin : w - margin] for n, t in out.items()}
@@ -622,7 +629,7 @@ class MultiTaskNet(nn.Module):
 
     def _full_resolution(self, half: dict[str, torch.Tensor], decoded: dict[str, torch.Tensor], x: torch.Tensor, *,
                          probabilities: bool = False, margin: int = 0, origin: tuple[int, int] = (0, 0),
-                         helper: Executor | None = None) -> dict[str, torch.Tensor]:
+                         helper: Executor | None = None, quantized: bool = False) -> dict[str, torch.Tensor]:
         """The full-resolution tail of a ``"refine"`` model (full skip, refine, fine branches) from
         the half-resolution logits and decoder features (whose first row and column are ``origin``
         of the half-resolution grid: a window of it, :meth:`_tail_window`): logits, or float32
@@ -652,10 +659,13 @@ class MultiTaskNet(nn.Module):
             part = self._tail({n: t[..., rows, cols] for n, t in half.items()}, {d: t[..., rows, cols] for d, t in decoded.items()},
                               x[..., e0:e1, c0:c1], probabilities=probabilities)
             for name, t in part.items():
+                t = t[..., r0 - e0 : r1 - e0, m - c0 : w - m - c0]
+                if quantized:  # each strip as it comes: the tile's maps are never held as float32
+                    t = quantize_probabilities(t)
                 with allocating:  # the first strip done allocates; each strip writes its own rows
                     if name not in res:
                         res[name] = t.new_empty((*t.shape[:2], h - 2 * m, w - 2 * m))
-                res[name][..., r0 - m : r1 - m, :] = t[..., r0 - e0 : r1 - e0, m - c0 : w - m - c0]
+                res[name][..., r0 - m : r1 - m, :] = t
 
         starts = list(range(m, h - m, FULL_RES_STRIP_ROWS))
         pending = _beside(helper, lambda: [strip(r0) for r0 in starts[1::2]]) if helper is not None else None
@@ -737,7 +747,7 @@ class MultiTaskNet(nn.Module):
 
     @torch.no_grad()
     def predict(self, x: torch.Tensor, *, heads: Sequence[str] | None = None, margin: int = 0,
-                helper: Executor | None = None) -> dict[str, torch.Tensor]:
+                helper: Executor | None = None, quantized: bool = False) -> dict[str, torch.Tensor]:
         """Softmax probabilities (float32) for the engine.
 
         Segmentation heads: N x C x H x W, or with ``margin`` N x C x (H - 2 margin) x (W - 2 margin):
@@ -753,11 +763,13 @@ class MultiTaskNet(nn.Module):
         full-resolution strips while the calling thread computes the rest. Each op runs
         as it would without it, so the maps are the same; a core the caller leaves to other work
         (post-processing) is used by the network when that work has none.
+        ``quantized``: the segmentation maps as uint8 :func:`quantize_probabilities`, made strip by
+        strip where the tail runs in strips (a quarter of the float32 maps' memory).
         """
         if margin and (margin < 0 or margin % 2 or 2 * margin >= min(x.shape[-2:])):  # no shape guard for exporters at 0
             raise ValueError(f"margin must be even, >= 0 and less than half the input's side, not {margin}")
         names = self._select(heads)
-        x4, seg = self._features(x, names, probabilities=True, margin=margin, helper=helper)
+        x4, seg = self._features(x, names, probabilities=True, margin=margin, helper=helper, quantized=quantized)
         pools = [self.config.heads[n].pool for n in names if self.config.heads[n].kind == "patch"]
         dense = window_stats(x4, self.config.arch_params.patch_cells, pools) if pools else {}
         out: dict[str, torch.Tensor] = {}
@@ -767,5 +779,5 @@ class MultiTaskNet(nn.Module):
                 if head.kind == "patch":
                     out[name] = torch.softmax(self.decoder_head[head.decoder](dense[head.pool]).float(), dim=1)
                 else:
-                    out[name] = seg[name]
+                    out[name] = quantize_probabilities(seg[name]) if quantized and seg[name].is_floating_point() else seg[name]
         return out

@@ -50,13 +50,14 @@ def undo_view(x: torch.Tensor, view: tuple[int, bool]) -> torch.Tensor:
 
 
 def predict_tta(model: Any, x: torch.Tensor, *, views: int = 1, heads: Sequence[str] | None = None,
-                margin: int = 0, helper: Executor | None = None) -> dict[str, torch.Tensor]:
+                margin: int = 0, helper: Executor | None = None, quantized: bool = False) -> dict[str, torch.Tensor]:
     """``model.predict(x)`` averaged over ``views`` dihedral views of ``x`` (N x 3 x H x W); with
     ``margin``, ``model.predict(x, margin=margin)`` (segmentation maps without that border: a
     border of the same width on every side, so each view's crop is the crop of the view).
 
     ``views=1`` is exactly ``model.predict``. The other views cost one forward pass each.
-    ``helper`` is passed on to ``model.predict`` (its second thread, the same maps).
+    ``helper`` is passed on to ``model.predict`` (its second thread, the same maps), and so is
+    ``quantized`` (uint8 segmentation maps) with one view; more views are averaged as float32.
     The mirrored and rotated maps are averaged in float32. A dense patch map is mapped back on
     its own grid, which works when H and W are whole multiples of the patch stride (the engine's
     tiles and the padded evaluation images are).
@@ -67,6 +68,8 @@ def predict_tta(model: Any, x: torch.Tensor, *, views: int = 1, heads: Sequence[
         kw["margin"] = margin
     if helper is not None:
         kw["helper"] = helper
+    if views == 1 and quantized:
+        kw["quantized"] = True
     if views == 1:
         return model.predict(x, **kw)
     total: dict[str, torch.Tensor] = {}

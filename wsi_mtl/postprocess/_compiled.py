@@ -60,7 +60,7 @@ def _kernels() -> None:
     global HAVE_NUMBA, _ready, _reconstruct, _edt, _reflect, _smooth_peaks
     global _push, _pop, _side, _flood, _flood_components, _label4, _cut_at_peaks, _box_table, _grow, _open, _crops_on_canvas, _tissue_counts
     global _next_run, _root, _runs, _boxes_of_runs, _components, _block_means, _label_counts, _relabel, _label_sums
-    global _shift_into, _row_spans, _ring_segments, _chain_rings, _type_votes, _type_sums, _grown_queue, _grow_near
+    global _shift_into, _row_spans, _ring_segments, _chain_rings, _type_votes, _type_sums, _grown_queue, _grow_near, _grow_row
     if _ready:
         return
     _ready = True
@@ -82,7 +82,7 @@ def _kernels() -> None:
     _shift_into, _row_spans = jit(_shift_into_py), jit(_row_spans_py)
     _ring_segments, _chain_rings = jit(_ring_segments_py), jit(_chain_rings_py)
     _type_votes, _type_sums = jit(_type_votes_py), jit(_type_sums_py)
-    _grown_queue, _grow_near = jit(_grown_queue_py), jit(_grow_near_py)
+    _grown_queue, _grow_near, _grow_row = jit(_grown_queue_py), jit(_grow_near_py), jit(_grow_row_py)
 
 
 def h_maxima_bool(image: np.ndarray, h: float) -> np.ndarray:
@@ -600,7 +600,7 @@ GROW_MAX_RANK = (1 << _KEY_SHIFT) - 1
 _GROW_MAX_STEPS = 125
 
 
-def grow_ranks(r: np.ndarray, steps: int) -> np.ndarray:
+def grow_ranks(r: np.ndarray, steps: int, *, in_place: bool = False) -> np.ndarray:
     """``steps`` times, all at once: each 0 pixel with a nonzero 8-neighbour takes the largest
     neighbour value (``maximum_filter(r, 3)`` where ``r`` is 0; outside the array counts as 0).
 
@@ -609,17 +609,20 @@ def grow_ranks(r: np.ndarray, steps: int) -> np.ndarray:
     at ``k - 1``, whose values are, by induction, the largest among theirs at ``k - 1``, and every
     value at distance ``k`` is reached that way). Found as one chamfer distance transform of
     (distance, -value) keys in two raster sweeps, whatever ``steps`` (one step: pushed from each nonzero
-    pixel to its neighbours). Values in 0..GROW_MAX_RANK; a
-    new array; needs numba."""
+    pixel to its neighbours). Values in 0..GROW_MAX_RANK. A new array of ``r``'s dtype; with
+    ``in_place``, a C-contiguous int32 ``r`` is grown where it is (and returned) from two steps on,
+    so that no second array of its size is made. Needs numba."""
     _kernels()
-    out = np.ascontiguousarray(r)
     if steps <= _GROW_NEAR_STEPS:  # from each nonzero pixel to its neighbours, no distance map
+        out = np.ascontiguousarray(r)
         for _ in range(steps):
             out = _grow_near(out)
         return out.copy() if out is r else out
+    own = in_place and r.dtype == np.int32 and r.flags.c_contiguous and r.flags.writeable
+    out = r if own else np.array(r, np.int32, order="C")  # the keys are int32, made in the output itself
     for done in range(0, steps, _GROW_MAX_STEPS):  # one step after another: sweeps of <= 125 compose
-        out = _grow(out, min(_GROW_MAX_STEPS, steps - done))
-    return out.copy() if out is r else out
+        _grow(out, min(_GROW_MAX_STEPS, steps - done))
+    return out if out.dtype == r.dtype else out.astype(r.dtype)
 
 
 #: Steps :func:`grow_ranks` takes one by one (a pass over the pixels, pushing each nonzero one to its
@@ -644,36 +647,46 @@ def _grow_near_py(r):  # noqa: ANN001, ANN202 (compiled helper)
     return out
 
 
-def _grow_py(r, steps):  # noqa: ANN001, ANN202 (compiled helper)
-    h, w = r.shape
+def _grow_py(k, steps):  # noqa: ANN001, ANN202 (compiled helper)
+    """:func:`grow_ranks` in place on the int32 array ``k``: its ranks become keys, swept, and back."""
+    h, w = k.shape
     one = np.int32(1 << _KEY_SHIFT)
-    low = (1 << _KEY_SHIFT) - 1
-    far = np.int32((steps + 1) << _KEY_SHIFT)  # not reached (and the padding): never a value
-    k = np.full((h + 2, w + 2), far, np.int32)
+    low = np.int32((1 << _KEY_SHIFT) - 1)
+    far = np.int32((steps + 1) << _KEY_SHIFT)  # not reached (and outside the array): never a value
     for y in range(h):
         for x in range(w):
-            if r[y, x] != 0:
-                k[y + 1, x + 1] = low - np.int32(r[y, x])
+            v = k[y, x]
+            k[y, x] = far if v == 0 else low - v
     # Each sweep takes a row's three neighbours in the row before (independent along the row, so
     # the loop vectorises) and then its neighbour in the row (a scan): per pixel the same minimum
-    # as over all four at once, since that neighbour's value is final when it is read.
-    for y in range(1, h + 1):  # from above, then from the left
-        for x in range(1, w + 1):
-            k[y, x] = min(k[y, x], min(min(k[y - 1, x - 1], k[y - 1, x]), k[y - 1, x + 1]) + one)
-        for x in range(1, w + 1):
+    # as over all four at once, since that neighbour's value is final when it is read. The first
+    # and last columns have two neighbours in the row before (outside the array is never nearer).
+    for y in range(h):  # from above, then from the left
+        if y > 0:
+            _grow_row(k, y, y - 1, one)
+        for x in range(1, w):
             k[y, x] = min(k[y, x], k[y, x - 1] + one)
-    for y in range(h, 0, -1):  # from below, then from the right
-        for x in range(1, w + 1):
-            k[y, x] = min(k[y, x], min(min(k[y + 1, x + 1], k[y + 1, x]), k[y + 1, x - 1]) + one)
-        for x in range(w, 0, -1):
+    for y in range(h - 1, -1, -1):  # from below, then from the right
+        if y < h - 1:
+            _grow_row(k, y, y + 1, one)
+        for x in range(w - 2, -1, -1):
             k[y, x] = min(k[y, x], k[y, x + 1] + one)
-    out = np.zeros((h, w), r.dtype)
     for y in range(h):
         for x in range(w):
-            v = k[y + 1, x + 1]
-            if v < far:
-                out[y, x] = low - (v & low)
-    return out
+            v = k[y, x]
+            k[y, x] = low - (v & low) if v < far else 0
+
+
+def _grow_row_py(k, y, src, one):  # noqa: ANN001, ANN202 (compiled helper)
+    """Row ``y`` of :func:`_grow_py`'s keys takes its three neighbours in row ``src``, one step on."""
+    w = k.shape[1]
+    if w == 1:
+        k[y, 0] = min(k[y, 0], k[src, 0] + one)
+        return
+    k[y, 0] = min(k[y, 0], min(k[src, 0], k[src, 1]) + one)
+    for x in range(1, w - 1):
+        k[y, x] = min(k[y, x], min(min(k[src, x - 1], k[src, x]), k[src, x + 1]) + one)
+    k[y, w - 1] = min(k[y, w - 1], min(k[src, w - 2], k[src, w - 1]) + one)
 
 
 def trace_rings(labels: np.ndarray, want: np.ndarray, seg_start: np.ndarray, seg_end: np.ndarray,
@@ -1136,4 +1149,4 @@ _label_counts, _relabel, _label_sums = _label_counts_py, _relabel_py, _label_sum
 _shift_into, _row_spans = _shift_into_py, _row_spans_py
 _ring_segments, _chain_rings = _ring_segments_py, _chain_rings_py
 _type_votes, _type_sums = _type_votes_py, _type_sums_py
-_grown_queue, _grow_near = _grown_queue_py, _grow_near_py
+_grown_queue, _grow_near, _grow_row = _grown_queue_py, _grow_near_py, _grow_row_py

@@ -664,11 +664,10 @@ def _gland_context(gcores: np.ndarray, lcores: np.ndarray | None, chunk: Chunk, 
     grid = params.gland_grid()
     g_er, l_er = grid.gland_erosion_px, grid.lumen_erosion_px
     kinds = [(gcores, g_er)] + ([(lcores, l_er)] if lcores is not None else [])
-    labelled, boxes, firsts = [], [], []
+    boxes, firsts = [], []
     own = _local_own(chunk)
-    for cores, er in kinds:
-        comps, box = labelled_boxes(cores)
-        labelled.append(comps)
+    for cores, er in kinds:  # the boxes first: a label image is made only for a crop that is kept
+        _, box = labelled_boxes(cores, labels=False)
         boxes.append(box)
         firsts.append(_may_start_in(box, er, own, chunk, cores.shape))
     box, first = np.concatenate(boxes), np.concatenate(firsts)
@@ -683,13 +682,24 @@ def _gland_context(gcores: np.ndarray, lcores: np.ndarray | None, chunk: Chunk, 
     if not final and _touches_open_edge(_slices(mine), shape, chunk, grow + margin):
         return rect, None
     kept, start = [], 0
-    for comps, b in zip(labelled, boxes):
+    for (cores, _), b in zip(kinds, boxes):
         keep = near[start : start + len(b)]
         start += len(b)
-        lut = np.zeros(len(b) + 1, np.int32)  # renumbered 1..k in ndi.label's raster order, as if the crop were labelled
-        lut[1:][keep] = np.arange(1, int(keep.sum()) + 1, dtype=np.int32)
-        kept.append(relabeled(comps[_slices(rect)], lut))
+        kept.append(_kept_components(cores, keep, rect))
     return rect, kept
+
+
+def _kept_components(cores: np.ndarray, keep: np.ndarray, rect: tuple[int, int, int, int]) -> np.ndarray:
+    """The components ``keep`` (by raster-ordered number) of ``cores`` cropped to ``rect``, renumbered
+    1..k in that order (as if the crop were labelled), the others 0; one label image of the full
+    region at a time, renumbered where it is."""
+    if not keep.any():
+        return np.zeros((rect[1] - rect[0], rect[3] - rect[2]), np.int32)
+    comps, _ = labelled_boxes(cores)
+    lut = np.zeros(len(keep) + 1, np.int32)
+    lut[1:][keep] = np.arange(1, int(keep.sum()) + 1, dtype=np.int32)
+    crop = comps[_slices(rect)]
+    return relabeled(crop, lut, in_place=crop.shape == comps.shape)
 
 
 def _gland_margin(erosion: int, params: PostprocessParams) -> int:
@@ -770,6 +780,7 @@ def _glands_chunk(reader: Any, chunk: Chunk, meta: MapsMeta, params: Postprocess
     context = _gland_context(gcores, lcores, chunk, params, final)
     if context is None:
         return _empty_result()
+    del gcores, lcores  # the components are what the objects grow from
     rect, comps = context
     if comps is None:
         return None  # an object it may own may be cut by the read region: redone with a larger halo first
@@ -777,7 +788,7 @@ def _glands_chunk(reader: Any, chunk: Chunk, meta: MapsMeta, params: Postprocess
     ginst, linst = ginst[:, a:b, l:r], None if linst is None else linst[:, a:b, l:r]
     chunk = _crop_chunk(chunk, rect)
     g_er = grid.gland_erosion_px
-    glands = grow_components(comps[0], erosion_px=g_er, min_area_px=grid.gland_min_area_px)
+    glands = grow_components(comps[0], erosion_px=g_er, min_area_px=grid.gland_min_area_px, in_place=True)
     g_margin = _gland_margin(g_er, params)
     g_box = box_table(glands)
     g_slices = slices_of(g_box)
@@ -792,7 +803,7 @@ def _glands_chunk(reader: Any, chunk: Chunk, meta: MapsMeta, params: Postprocess
     l_under = np.zeros(0, np.int64)
     if linst is not None:
         l_er = grid.lumen_erosion_px
-        lumen = grow_components(comps[1], erosion_px=l_er, min_area_px=grid.lumen_min_area_px)
+        lumen = grow_components(comps[1], erosion_px=l_er, min_area_px=grid.lumen_min_area_px, in_place=True)
         l_box = box_table(lumen)
         l_slices = slices_of(l_box)
         l_owned = _owned_boxes(l_box, chunk)

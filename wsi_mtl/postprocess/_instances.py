@@ -95,12 +95,14 @@ def _relabel_sequential(labels: np.ndarray) -> np.ndarray:
     return relabeled(labels, lut)
 
 
-def relabeled(labels: np.ndarray, lut: np.ndarray) -> np.ndarray:
+def relabeled(labels: np.ndarray, lut: np.ndarray, *, in_place: bool = False) -> np.ndarray:
     """``lut[labels]`` (a new C-ordered array of ``lut``'s dtype) for non-negative integer labels
     below ``len(lut)``: a copy renumbered in place with numba (half the time of the
-    gather, which makes a temporary index array)."""
+    gather, which makes a temporary index array). ``in_place``: C-contiguous ``labels`` of ``lut``'s
+    dtype are renumbered where they are (and returned), with numba."""
     if _compiled.available() and labels.ndim == 2 and labels.dtype.kind in "iu" and lut.dtype.kind in "iu":
-        return _compiled.relabel_in_place(np.array(labels, dtype=lut.dtype, order="C"), lut)
+        own = in_place and labels.dtype == lut.dtype and labels.flags.c_contiguous and labels.flags.writeable
+        return _compiled.relabel_in_place(labels if own else np.array(labels, dtype=lut.dtype, order="C"), lut)
     return lut[labels]
 
 
@@ -666,7 +668,8 @@ def _open_disk(mask: np.ndarray, radius: int) -> np.ndarray:
     return _shifted_rows(_shifted_rows(np.ascontiguousarray(mask, bool), radius, True), radius, False)
 
 
-def _expand_labels_square(labels: np.ndarray, distance: int, *, raster_ordered: bool = False) -> np.ndarray:
+def _expand_labels_square(labels: np.ndarray, distance: int, *, raster_ordered: bool = False,
+                          in_place: bool = False) -> np.ndarray:
     """Grow labels into background by a square of radius ``distance`` without merging.
 
     The inverse of the square erosion of the Cerberus targets: ``distance`` steps of a 3x3
@@ -676,6 +679,7 @@ def _expand_labels_square(labels: np.ndarray, distance: int, *, raster_ordered: 
     where the array was cropped, so a chunk gives exactly what the whole image gives.
     ``raster_ordered``: the labels already increase with that order (as ``ndi.label`` numbers
     them, or a crop of such labels that keeps their numbers), so the numbers are the ranks.
+    ``in_place``: ``labels`` may be grown where it is (the compiled path), else a new array.
     """
     n = int(labels.max(initial=0))
     if n == 0 or distance < 1:
@@ -685,10 +689,11 @@ def _expand_labels_square(labels: np.ndarray, distance: int, *, raster_ordered: 
     ys, xs = np.flatnonzero(labels.any(axis=1)), np.flatnonzero(labels.any(axis=0))
     box = (slice(max(0, ys[0] - d), ys[-1] + d + 1), slice(max(0, xs[0] - d), xs[-1] + d + 1))
     if raster_ordered and n <= _compiled.GROW_MAX_RANK and _compiled.available() and labels.ndim == 2:  # the numbers are the ranks
-        grown = _compiled.grow_ranks(labels[box], d)
-        if grown.shape == labels.shape:
+        whole = labels[box].shape == labels.shape
+        grown = _compiled.grow_ranks(labels[box], d, in_place=in_place and whole)
+        if whole:
             return grown
-        out = labels.copy()
+        out = labels if in_place else labels.copy()
         out[box] = grown
         return out
     out = labels.copy()
@@ -778,17 +783,19 @@ def _core_instances(
     min_area_px: float,
     open_px: float = 0,
 ) -> np.ndarray:
-    return grow_components(ndi.label(opened_cores(inst_prob, threshold, open_px))[0], erosion_px=erosion_px, min_area_px=min_area_px)
+    labels = ndi.label(opened_cores(inst_prob, threshold, open_px))[0]
+    return grow_components(labels, erosion_px=erosion_px, min_area_px=min_area_px, in_place=True)
 
 
-def grow_components(labels: np.ndarray, *, erosion_px: float, min_area_px: float) -> np.ndarray:
+def grow_components(labels: np.ndarray, *, erosion_px: float, min_area_px: float, in_place: bool = False) -> np.ndarray:
     """The instances of :func:`gland_instances` from the components of its (opened) cores, labelled
     1..n in the raster order of their first pixels (as ``scipy.ndimage.label`` numbers them): grown
-    back by ``erosion_px``, holes filled, those under ``min_area_px`` dropped."""
+    back by ``erosion_px``, holes filled, those under ``min_area_px`` dropped. ``in_place``: made in
+    ``labels`` itself where it can be (no second array of its size), else in a new array."""
     fresh = erosion_px >= 1 and bool(labels.max(initial=0))  # a new array from here on: filled in place
     if fresh:
-        labels = _expand_labels_square(labels, int(erosion_px), raster_ordered=True)
-    fresh = fresh or labels.dtype != np.int32
+        labels = _expand_labels_square(labels, int(erosion_px), raster_ordered=True, in_place=in_place)
+    fresh = fresh or in_place or labels.dtype != np.int32
     labels = _fill_holes_per_label(labels.astype(np.int32, copy=False), in_place=fresh)
     return _keep_large(labels, min_area_px, in_place=fresh)
 

@@ -94,5 +94,11 @@ class SlideReader(ABC):
         if self._tiles is not None:
             self._tiles.limit_cache(nbytes)
 
+    def plan_reads(self, level: int, boxes: list[tuple[int, int, int, int]]) -> None:
+        """Announce reads to come (``level`` px: y, x, height, width) to the reader's own tile
+        decoder, where it has one, so that its cache keeps what they share."""
+        if self._tiles is not None:
+            self._tiles.plan_reads(level, boxes)
+
     def close(self) -> None:  # noqa: B027 - optional for readers without resources
         """Release file handles."""

@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import math
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -258,13 +258,10 @@ class Slide:
             raise ValueError(f"region size must be positive, got {width} x {height}")
         ds = mpp / self.mpp
         out = np.full((height, width, 3), 255, np.uint8)
-        # output pixels whose centre lies inside the slide (bounds)
-        j0 = max(0, math.ceil(-x - 0.5))
-        j1 = min(width, math.ceil(self.width / ds - x - 0.5))
-        i0 = max(0, math.ceil(-y - 0.5))
-        i1 = min(height, math.ceil(self.height / ds - y - 0.5))
-        if j1 <= j0 or i1 <= i0:
+        inside = self._inside(x, y, width, height, ds)
+        if inside is None:
             return out
+        i0, i1, j0, j1 = inside
         try:
             out[i0:i1, j0:j1] = self._read_inside(x + j0, y + i0, j1 - j0, i1 - i0, ds)
         except DamagedRegionError as exc:
@@ -279,8 +276,35 @@ class Slide:
                 f"(level-0 px) cannot be decoded: {exc}") from exc
         return out
 
-    def _read_inside(self, x: int, y: int, width: int, height: int, ds: float) -> NDArray[np.uint8]:
-        """Read a region that lies inside the slide (centres of all its pixels are in bounds)."""
+    def plan_reads(self, regions: Iterable[tuple[int, int, int, int]], *, mpp: float) -> None:
+        """Announce the reads to come (``x, y, width, height`` at ``mpp``, as :meth:`read` takes them):
+        readers that cache decoded tiles then keep a tile until the last of these reads that needs it,
+        and do not keep tiles only one of them needs (memory for what neighbouring reads share, not
+        for all the cache could hold)."""
+        ds = self._check_mpp(mpp) / self.mpp
+        by_level: dict[int, list[tuple[int, int, int, int]]] = {}
+        for x, y, width, height in regions:
+            inside = self._inside(x, y, width, height, ds)
+            if inside is not None:
+                i0, i1, j0, j1 = inside
+                level, ly, lx, lh, lw, _ = self._level_box(x + j0, y + i0, j1 - j0, i1 - i0, ds)
+                by_level.setdefault(level, []).append((ly, lx, lh, lw))
+        for level, boxes in by_level.items():
+            self._reader.plan_reads(level, boxes)
+
+    def _inside(self, x: int, y: int, width: int, height: int, ds: float) -> tuple[int, int, int, int] | None:
+        """The rows and columns (i0, i1, j0, j1) of a region at downsample ``ds`` whose pixel centres
+        lie inside the slide (bounds); None where none does."""
+        j0 = max(0, math.ceil(-x - 0.5))
+        j1 = min(width, math.ceil(self.width / ds - x - 0.5))
+        i0 = max(0, math.ceil(-y - 0.5))
+        i1 = min(height, math.ceil(self.height / ds - y - 0.5))
+        return None if j1 <= j0 or i1 <= i0 else (i0, i1, j0, j1)
+
+    def _level_box(self, x: int, y: int, width: int, height: int,
+                   ds: float) -> tuple[int, int, int, int, int, tuple[float, float, float, float] | None]:
+        """Where a region inside the slide is read: level, y, x, height, width in its pixels, and the
+        continuous box to resample within them (None: the same resolution, a plain crop)."""
         level = self.best_level(ds)
         lds = self.levels[level][2]
         ratio = ds / lds
@@ -289,12 +313,19 @@ class Slide:
         lx1, ly1 = lx0 + width * ratio, ly0 + height * ratio
         if abs(ratio - 1) * max(width, height) < 0.5:
             # same resolution as the level (within half a pixel over the region): plain crop
-            return self._level_read(level, round(ly0), round(lx0), height, width, lambda src: src)
+            return level, round(ly0), round(lx0), height, width, None
         # integer source box covering the continuous one; the reader pads white outside the level
         ix0, iy0 = math.floor(lx0 + 1e-6), math.floor(ly0 + 1e-6)
         ix1, iy1 = max(math.ceil(lx1 - 1e-6), ix0 + 1), max(math.ceil(ly1 - 1e-6), iy0 + 1)
-        box = (lx0 - ix0, ly0 - iy0, lx1 - ix0, ly1 - iy0)
-        return self._level_read(level, iy0, ix0, iy1 - iy0, ix1 - ix0, lambda src: _resample(src, width, height, box, ratio))
+        return level, iy0, ix0, iy1 - iy0, ix1 - ix0, (lx0 - ix0, ly0 - iy0, lx1 - ix0, ly1 - iy0)
+
+    def _read_inside(self, x: int, y: int, width: int, height: int, ds: float) -> NDArray[np.uint8]:
+        """Read a region that lies inside the slide (centres of all its pixels are in bounds)."""
+        level, ly, lx, lh, lw, box = self._level_box(x, y, width, height, ds)
+        if box is None:
+            return self._level_read(level, ly, lx, lh, lw, lambda src: src)
+        ratio = ds / self.levels[level][2]
+        return self._level_read(level, ly, lx, lh, lw, lambda src: _resample(src, width, height, box, ratio))
 
     def _level_read(self, level: int, y: int, x: int, height: int, width: int,
                     finish: Callable[[NDArray[np.uint8]], NDArray[np.uint8]]) -> NDArray[np.uint8]:

@@ -17,7 +17,7 @@ import logging
 import os
 import threading
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -177,24 +177,49 @@ CACHE_BYTES = int(float(os.environ.get("WSIMTL_TILE_CACHE_MB", "256")) * 2**20)
 
 
 class _SegmentCache:
-    """A byte-bounded LRU of decoded segments shared by all reader threads."""
+    """A byte-bounded LRU of decoded segments shared by all reader threads.
+
+    Reads announced with :meth:`plan` steer it: a segment that one of them needs is kept until the
+    last of them that needs it and then let go, and one that only a single read needs is not kept.
+    Segments no plan names are kept least-recently-used first, as before any plan.
+    """
 
     def __init__(self, capacity: int) -> None:
         self.capacity = capacity
         self._items: OrderedDict[tuple[int, int], NDArray[np.uint8]] = OrderedDict()
         self._bytes = 0
         self._lock = threading.Lock()
+        self._uses: dict[int, NDArray[np.uint16]] = {}  # per level: planned reads still to come, per segment
         self.hits = self.misses = 0
+        self.peak_bytes = 0
 
-    def get(self, key: tuple[int, int]) -> NDArray[np.uint8] | None:
+    def plan(self, level: int, uses: NDArray[np.integer]) -> None:
+        """Add ``uses`` (reads to come, per segment index of ``level``) to the plan."""
         with self._lock:
-            item = self._items.get(key)
+            left = self._uses.setdefault(level, np.zeros(len(uses), np.uint16))
+            np.minimum(left.astype(np.int64) + uses, np.iinfo(np.uint16).max, out=left, casting="unsafe")
+
+    def get(self, key: tuple[int, int]) -> tuple[NDArray[np.uint8] | None, bool]:
+        """The segment (None: not held) and whether to keep it once decoded. A planned read's use
+        is counted here: after the last one the segment is let go."""
+        with self._lock:
+            left = self._uses.get(key[0])
+            planned = int(left[key[1]]) if left is not None else 0
+            if planned:
+                left[key[1]] = planned - 1
+            if planned == 1:  # its last planned read: let go
+                item = self._items.pop(key, None)
+                if item is not None:
+                    self._bytes -= item.nbytes
+            else:
+                item = self._items.get(key)
+                if item is not None:
+                    self._items.move_to_end(key)
             if item is None:
                 self.misses += 1
-                return None
-            self._items.move_to_end(key)
-            self.hits += 1
-            return item
+            else:
+                self.hits += 1
+            return item, planned != 1
 
     def put(self, key: tuple[int, int], value: NDArray[np.uint8]) -> None:
         if value.nbytes > self.capacity:
@@ -207,6 +232,7 @@ class _SegmentCache:
             self._items[key] = value
             self._bytes += value.nbytes
             self._evict()
+            self.peak_bytes = max(self.peak_bytes, self._bytes)
 
     def limit(self, capacity: int) -> None:
         """Hold at most ``capacity`` bytes from now on (the least recently used segments go first)."""
@@ -250,6 +276,28 @@ class SegmentReader:
         if self._cache is not None:
             self._cache.limit(min(self._cache.capacity, nbytes))
 
+    def plan_reads(self, level: int, boxes: Iterable[tuple[int, int, int, int]]) -> None:
+        """Announce reads to come (``level`` px: y, x, height, width, as :meth:`read` takes them): a
+        decoded segment is then kept until the last of them that needs it, and not at all where
+        only one needs it, so the cache holds what neighbouring reads share, not all it could."""
+        if self._cache is None:
+            return
+        lv = self._levels[level]
+        uses = np.zeros((lv.rows, lv.cols), np.int64)
+        for y, x, height, width in boxes:
+            rows, cols = self._segments_under(lv, y, x, height, width)
+            uses[rows, cols] += 1
+        self._cache.plan(level, uses.ravel())
+
+    @staticmethod
+    def _segments_under(lv: _Level, y: int, x: int, height: int, width: int) -> tuple[slice, slice]:
+        """The rows and columns of ``lv``'s segments that the read [y, y + height) x [x, x + width) touches."""
+        y0, x0 = max(y, 0), max(x, 0)
+        y1, x1 = min(y + height, lv.height), min(x + width, lv.width)
+        if y1 <= y0 or x1 <= x0:
+            return slice(0, 0), slice(0, 0)
+        return slice(y0 // lv.seg_h, (y1 - 1) // lv.seg_h + 1), slice(x0 // lv.seg_w, (x1 - 1) // lv.seg_w + 1)
+
     def truncated(self) -> bool:
         """True if some segment's bytes lie beyond the end of the file."""
         return any(lv.offsets.size and int((lv.offsets + lv.counts).max()) > self._size for lv in self._levels)
@@ -281,10 +329,10 @@ class SegmentReader:
         if self._cache is None:
             return self._segment(lv, index)
         key = (level, index)
-        seg = self._cache.get(key)
+        seg, keep = self._cache.get(key)
         if seg is None:
             seg = self._segment(lv, index)
-            if seg is not None:
+            if seg is not None and keep:
                 self._cache.put(key, seg)
         return seg
 
@@ -297,10 +345,11 @@ class SegmentReader:
         y1, x1 = min(y + height, lv.height), min(x + width, lv.width)
         out = np.full((height, width, lv.samples), 255, np.uint8)
         damaged: list[tuple[tuple[int, int, int, int], DamagedRegionError]] = []
+        rows, cols = self._segments_under(lv, y, x, height, width)
         if y1 > y0 and x1 > x0:
-            for row in range(y0 // lv.seg_h, (y1 - 1) // lv.seg_h + 1):
+            for row in range(rows.start, rows.stop):
                 sy = row * lv.seg_h
-                for col in range(x0 // lv.seg_w, (x1 - 1) // lv.seg_w + 1):
+                for col in range(cols.start, cols.stop):
                     sx = col * lv.seg_w
                     try:
                         seg = self._cached_segment(level, lv, row * lv.cols + col)

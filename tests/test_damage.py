@@ -14,7 +14,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import tifffile
-import torch
 
 from wsi_mtl import synthetic
 from wsi_mtl.damage import MAX_DAMAGED_FRACTION, check_damage, damaged_fraction

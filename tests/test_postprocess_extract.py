@@ -14,7 +14,6 @@ from skimage.draw import disk
 from wsi_mtl.errors import InputError
 from wsi_mtl.objects import COLUMNS
 from wsi_mtl.postprocess import (
-    HaloTooSmallError,
     PostprocessParams,
     concat_batches,
     extract_objects,

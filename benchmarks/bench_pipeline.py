@@ -38,7 +38,7 @@ def _sources(tmp: Path) -> list[Path]:
     out = []
     for i in range(4):
         p = tmp / f"texture{i}.png"
-        Image.fromarray(make_he_texture(1024, 1024, seed=i, tissue_fraction=1.0)).save(p)
+        Image.fromarray(make_he_texture(1024, 1024, seed=i, tissue_fraction=0.95)).save(p)
         out.append(p)
     return out
 

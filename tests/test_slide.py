@@ -617,6 +617,13 @@ def test_planned_reads_keep_only_the_tiles_they_share(svs_jpeg: Path) -> None:
         assert cache._bytes == 0 and not cache._items
         slide.read(0, 0, 300, 300, mpp=0.25)  # reads no plan names: kept as before any plan
         assert cache._items
+    coarse = [(x, y, 350, 350) for y in (0, 300) for x in (0, 300)]  # at 0.5 um/px: resampled reads
+    with open_slide(svs_jpeg) as slide:
+        cache = slide._reader._tiles._cache
+        slide.plan_reads(coarse, mpp=0.5)
+        for r in coarse:
+            slide.read(*r, mpp=0.5)
+        assert cache.hits > 0 and cache._bytes == 0 and not cache._items  # the plan named exactly the tiles read
 
 
 def test_repeated_reads_hit_the_segment_cache(svs_jpeg: Path) -> None:

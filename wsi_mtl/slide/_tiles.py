@@ -191,7 +191,6 @@ class _SegmentCache:
         self._lock = threading.Lock()
         self._uses: dict[int, NDArray[np.uint16]] = {}  # per level: planned reads still to come, per segment
         self.hits = self.misses = 0
-        self.peak_bytes = 0
 
     def plan(self, level: int, uses: NDArray[np.integer]) -> None:
         """Add ``uses`` (reads to come, per segment index of ``level``) to the plan."""
@@ -232,7 +231,6 @@ class _SegmentCache:
             self._items[key] = value
             self._bytes += value.nbytes
             self._evict()
-            self.peak_bytes = max(self.peak_bytes, self._bytes)
 
     def limit(self, capacity: int) -> None:
         """Hold at most ``capacity`` bytes from now on (the least recently used segments go first)."""

@@ -259,4 +259,3 @@ def test_killed_run_resumes_to_the_same_outputs(he_image, tmp_path):
     assert "Nuclei-INST" in maps and "tissue_mask" in maps
     for name in maps:
         np.testing.assert_array_equal(a[name]["0"][:], b[name]["0"][:], err_msg=name)
-

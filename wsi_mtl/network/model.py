@@ -428,11 +428,11 @@ def _tail_reads(side: int, margin: int) -> tuple[int, int]:
     return max(0, margin - _STRIP_HALO), min(side, side - margin + _STRIP_HALO)
 
 
-
 def quantize_probabilities(p: torch.Tensor) -> torch.Tensor:
     """Probabilities in [0, 1] as uint8 ``round(255 p)`` (a new tensor): 255 p + 0.5 lies in
     [0.5, 255.5), so truncation rounds."""
     return p.mul(255.0).add_(0.5).clamp_(max=255.0).to(torch.uint8)
+
 
 class MultiTaskNet(nn.Module):
     """Cerberus-style multi-task network built from a :class:`ModelConfig`.

@@ -344,23 +344,22 @@ class SegmentReader:
         out = np.full((height, width, lv.samples), 255, np.uint8)
         damaged: list[tuple[tuple[int, int, int, int], DamagedRegionError]] = []
         rows, cols = self._segments_under(lv, y, x, height, width)
-        if y1 > y0 and x1 > x0:
-            for row in range(rows.start, rows.stop):
-                sy = row * lv.seg_h
-                for col in range(cols.start, cols.stop):
-                    sx = col * lv.seg_w
-                    try:
-                        seg = self._cached_segment(level, lv, row * lv.cols + col)
-                    except DamagedRegionError as exc:  # left white; reported below with its box
-                        box = (sx, sy, min(lv.seg_w, lv.width - sx), min(lv.seg_h, lv.height - sy))
-                        damaged.append((box, exc))
-                        continue
-                    if seg is None:
-                        continue
-                    ay0, ax0 = max(y0, sy), max(x0, sx)
-                    ay1, ax1 = min(y1, sy + seg.shape[0]), min(x1, sx + seg.shape[1])
-                    if ay1 > ay0 and ax1 > ax0:
-                        out[ay0 - y:ay1 - y, ax0 - x:ax1 - x] = seg[ay0 - sy:ay1 - sy, ax0 - sx:ax1 - sx]
+        for row in range(rows.start, rows.stop):
+            sy = row * lv.seg_h
+            for col in range(cols.start, cols.stop):
+                sx = col * lv.seg_w
+                try:
+                    seg = self._cached_segment(level, lv, row * lv.cols + col)
+                except DamagedRegionError as exc:  # left white; reported below with its box
+                    box = (sx, sy, min(lv.seg_w, lv.width - sx), min(lv.seg_h, lv.height - sy))
+                    damaged.append((box, exc))
+                    continue
+                if seg is None:
+                    continue
+                ay0, ax0 = max(y0, sy), max(x0, sx)
+                ay1, ax1 = min(y1, sy + seg.shape[0]), min(x1, sx + seg.shape[1])
+                if ay1 > ay0 and ax1 > ax0:
+                    out[ay0 - y:ay1 - y, ax0 - x:ax1 - x] = seg[ay0 - sy:ay1 - sy, ax0 - sx:ax1 - sx]
         if lv.samples == 1:
             out = np.repeat(out, 3, axis=2)
         elif lv.samples == 4:

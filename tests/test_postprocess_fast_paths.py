@@ -471,6 +471,58 @@ def test_growth_in_place_gives_the_same_objects_without_a_second_array(monkeypat
             np.testing.assert_array_equal(grown, copied)
 
 
+def test_growth_in_place_in_a_crop_leaves_the_rest_untouched(monkeypatch):
+    """grow_ranks(in_place=True) grows a crop of a C-ordered int32 array (rows contiguous) where
+    it is, one step (pixel by pixel) or many (sweeps), to the copying call's values, and writes
+    nothing outside the crop; _expand_labels_square(in_place=True) grows the objects' box inside the
+    labels themselves and returns them."""
+    _compiled = _kernels_here(monkeypatch)
+    rng = np.random.default_rng(47)
+    for trial in range(30):
+        shape = (int(rng.integers(3, 60)), int(rng.integers(3, 60)))
+        big = ndi.label(rng.random(shape) < rng.uniform(0.01, 0.2))[0].astype(np.int32)
+        y0, x0 = int(rng.integers(0, shape[0] - 1)), int(rng.integers(0, shape[1] - 1))
+        y1, x1 = int(rng.integers(y0 + 1, shape[0] + 1)), int(rng.integers(x0 + 1, shape[1] + 1))
+        steps = 1 if trial < 10 else int(rng.integers(2, 140))
+        want = _compiled.grow_ranks(big[y0:y1, x0:x1].copy(), steps)
+        outside = big.copy()
+        view = big[y0:y1, x0:x1]
+        assert _compiled.grow_ranks(view, steps, in_place=True) is view
+        np.testing.assert_array_equal(view, want)
+        outside[y0:y1, x0:x1] = want
+        np.testing.assert_array_equal(big, outside)
+        labels = np.zeros((shape[0] + 20, shape[1] + 20), np.int32)
+        labels[10:-10, 10:-10] = ndi.label(big > 0)[0]
+        for d in (1, 2, 7):
+            copied = inst._expand_labels_square(labels, d, raster_ordered=True)
+            mine = labels.copy()
+            assert inst._expand_labels_square(mine, d, raster_ordered=True, in_place=True) is mine
+            np.testing.assert_array_equal(mine, copied)
+
+
+def test_kept_components_equal_the_cropped_relabelled_label_image(monkeypatch):
+    """kept_components (painted from row runs, no label image of the whole mask) equals labelling
+    the whole mask, keeping the chosen components renumbered in order and cropping, for crops that
+    cut components and crops that hold them whole, with and without the compiled kernels."""
+    _compiled = _kernels_here(monkeypatch)
+    rng = np.random.default_rng(48)
+    for trial in range(40):
+        shape = (int(rng.integers(1, 70)), int(rng.integers(1, 70)))
+        mask = rng.random(shape) < rng.uniform(0.05, 0.6)
+        comps, n = ndi.label(mask)
+        keep = rng.random(n) < 0.5
+        y0, x0 = int(rng.integers(0, shape[0])), int(rng.integers(0, shape[1]))
+        rect = (y0, int(rng.integers(y0, shape[0] + 1)), x0, int(rng.integers(x0, shape[1] + 1)))
+        lut = np.zeros(n + 1, np.int32)
+        lut[1:][keep] = np.arange(1, int(keep.sum()) + 1)
+        want = lut[comps[rect[0] : rect[1], rect[2] : rect[3]]]
+        for numba_on in (True, False):
+            monkeypatch.setattr(_compiled, "HAVE_NUMBA", numba_on)
+            got = inst.kept_components(mask, keep, rect)
+            assert got.dtype == np.int32 and got.shape == want.shape
+            np.testing.assert_array_equal(got, want)
+
+
 def test_relabeled_equals_the_gather(monkeypatch):
     """relabeled(labels, lut) is lut[labels] (values and dtype) for label crops that are not
     contiguous, of other integer types, with and without the compiled kernel; the input is untouched."""

@@ -39,7 +39,7 @@ from skimage.morphology import h_maxima as _sk_h_maxima
 
 from wsi_mtl._numba import numba_allowed
 
-__all__ = ["available", "edt32", "smooth_and_peaks", "h_maxima_bool", "flood_components", "cut_at_peaks", "crops_on_canvas", "box_table", "tissue_counts", "grow_ranks", "open_rows", "components", "block_means", "label_counts", "relabel_in_place", "trace_rings", "type_votes", "type_sums", "HAVE_NUMBA"]
+__all__ = ["available", "edt32", "smooth_and_peaks", "h_maxima_bool", "flood_components", "cut_at_peaks", "crops_on_canvas", "box_table", "tissue_counts", "grow_ranks", "open_rows", "components", "kept_components", "block_means", "label_counts", "relabel_in_place", "trace_rings", "type_votes", "type_sums", "HAVE_NUMBA"]
 
 #: Whether numba is installed and not switched off by the environment variable
 #: ``WSIMTL_NO_NUMBA=1`` (numba's LLVM adds ~140 MB to each process that cuts necks); it is
@@ -59,8 +59,9 @@ def _kernels() -> None:
     """Replace the plain-Python kernels by numba's (``cache=True``), once; without numba they stay."""
     global HAVE_NUMBA, _ready, _reconstruct, _edt, _reflect, _smooth_peaks
     global _push, _pop, _side, _flood, _flood_components, _label4, _cut_at_peaks, _box_table, _grow, _open, _crops_on_canvas, _tissue_counts
-    global _next_run, _root, _runs, _boxes_of_runs, _components, _block_means, _label_counts, _relabel, _label_sums
+    global _next_run, _root, _runs, _boxes_of_runs, _components, _kept_runs, _block_means, _label_counts, _relabel, _label_sums
     global _shift_into, _row_spans, _ring_segments, _chain_rings, _type_votes, _type_sums, _grown_queue, _grow_near, _grow_row
+    global _grow_near_in_place
     if _ready:
         return
     _ready = True
@@ -77,12 +78,13 @@ def _kernels() -> None:
     _crops_on_canvas, _tissue_counts = jit(_crops_on_canvas_py), jit(_tissue_counts_py)
     _box_table, _grow, _side, _open = jit(_box_table_py), jit(_grow_py), jit(_side_py), jit(_open_py)
     _next_run, _root, _runs, _boxes_of_runs = jit(_next_run_py), jit(_root_py), jit(_runs_py), jit(_boxes_of_runs_py)
-    _components, _block_means = jit(_components_py), jit(_block_means_py)
+    _components, _kept_runs, _block_means = jit(_components_py), jit(_kept_runs_py), jit(_block_means_py)
     _label_counts, _relabel, _label_sums = jit(_label_counts_py), jit(_relabel_py), jit(_label_sums_py)
     _shift_into, _row_spans = jit(_shift_into_py), jit(_row_spans_py)
     _ring_segments, _chain_rings = jit(_ring_segments_py), jit(_chain_rings_py)
     _type_votes, _type_sums = jit(_type_votes_py), jit(_type_sums_py)
     _grown_queue, _grow_near, _grow_row = jit(_grown_queue_py), jit(_grow_near_py), jit(_grow_row_py)
+    _grow_near_in_place = jit(_grow_near_in_place_py)
 
 
 def h_maxima_bool(image: np.ndarray, h: float) -> np.ndarray:
@@ -610,15 +612,19 @@ def grow_ranks(r: np.ndarray, steps: int, *, in_place: bool = False) -> np.ndarr
     value at distance ``k`` is reached that way). Found as one chamfer distance transform of
     (distance, -value) keys in two raster sweeps, whatever ``steps`` (one step: pushed from each nonzero
     pixel to its neighbours). Values in 0..GROW_MAX_RANK. A new array of ``r``'s dtype; with
-    ``in_place``, a C-contiguous int32 ``r`` is grown where it is (and returned) from two steps on,
-    so that no second array of its size is made. Needs numba."""
+    ``in_place``, an int32 ``r`` whose rows are contiguous (a crop of a C-ordered array too) is grown
+    where it is (and returned), so that no second array of its size is made. Needs numba."""
     _kernels()
+    own = in_place and r.ndim == 2 and r.dtype == np.int32 and r.flags.writeable and r.strides[1] == r.itemsize
     if steps <= _GROW_NEAR_STEPS:  # from each nonzero pixel to its neighbours, no distance map
+        if own:
+            for _ in range(steps):
+                _grow_near_in_place(r)
+            return r
         out = np.ascontiguousarray(r)
         for _ in range(steps):
             out = _grow_near(out)
         return out.copy() if out is r else out
-    own = in_place and r.dtype == np.int32 and r.flags.c_contiguous and r.flags.writeable
     out = r if own else np.array(r, np.int32, order="C")  # the keys are int32, made in the output itself
     for done in range(0, steps, _GROW_MAX_STEPS):  # one step after another: sweeps of <= 125 compose
         _grow(out, min(_GROW_MAX_STEPS, steps - done))
@@ -645,6 +651,27 @@ def _grow_near_py(r):  # noqa: ANN001, ANN202 (compiled helper)
                     if r[yy, xx] == 0 and out[yy, xx] < v:
                         out[yy, xx] = v
     return out
+
+
+def _grow_near_in_place_py(r):  # noqa: ANN001, ANN202 (compiled helper)
+    """:func:`_grow_near_py` where ``r`` is: rows above and at ``y`` are read from copies made before
+    they change (the row below is not changed yet)."""
+    h, w = r.shape
+    above, here = np.zeros(w, r.dtype), np.empty(w, r.dtype)
+    for y in range(h):
+        here[:] = r[y]
+        for x in range(w):
+            if here[x] != 0:
+                continue
+            best = 0
+            for xx in range(max(0, x - 1), min(w, x + 2)):
+                best = max(best, above[xx], here[xx])
+                if y + 1 < h:
+                    best = max(best, r[y + 1, xx])
+            if best:
+                r[y, x] = best
+        above, here = here, above
+    return r
 
 
 def _grow_py(k, steps):  # noqa: ANN001, ANN202 (compiled helper)
@@ -1005,6 +1032,35 @@ def components(mask: np.ndarray, *, labels: bool = True) -> tuple[np.ndarray | N
     return (lab if labels else None), box
 
 
+def kept_components(mask: np.ndarray, keep: np.ndarray, rect: tuple[int, int, int, int]) -> np.ndarray:
+    """The components of ``mask`` (numbered as :func:`components` numbers them) that ``keep`` names
+    (index = number - 1), numbered 1..k in that order and the others 0, in the rows ``rect[0]:rect[1]``
+    and columns ``rect[2]:rect[3]`` only: painted from the row runs, with no label image of the whole
+    mask. Needs numba."""
+    _kernels()
+    y0, y1, x0, x1 = (int(v) for v in rect)
+    ys, x0s, x1s, parent = _runs(np.ascontiguousarray(mask, dtype=np.bool_))
+    ids, _ = _boxes_of_runs(ys, x0s, x1s, parent)
+    keep = np.asarray(keep, bool)
+    new = np.zeros(len(keep) + 1, np.int32)
+    new[1:][keep] = np.arange(1, int(keep.sum()) + 1, dtype=np.int32)
+    return _kept_runs(ys, x0s, x1s, ids, new, y0, y1, x0, x1)
+
+
+def _kept_runs_py(ys, x0s, x1s, ids, new, y0, y1, x0, x1):  # noqa: ANN001, ANN202 (compiled helper)
+    """A (y1 - y0, x1 - x0) int32 image of the runs whose component has a number in ``new``, clipped."""
+    out = np.zeros((y1 - y0, x1 - x0), np.int32)
+    for i in range(len(ys)):
+        v = new[ids[i]]
+        y = ys[i]
+        if v == 0 or y < y0 or y >= y1:
+            continue
+        a, b = max(x0s[i], x0), min(x1s[i], x1)
+        if a < b:
+            out[y - y0, a - x0 : b - x0] = v
+    return out
+
+
 def _root_py(parent, i):  # noqa: ANN001, ANN202 (compiled helper)
     while parent[i] != i:
         parent[i] = parent[parent[i]]
@@ -1144,9 +1200,10 @@ _push, _pop, _flood, _label4 = _push_py, _pop_py, _flood_py, _label4_py
 _flood_components, _cut_at_peaks, _box_table, _grow, _side = _flood_components_py, _cut_at_peaks_py, _box_table_py, _grow_py, _side_py
 _crops_on_canvas, _tissue_counts = _crops_on_canvas_py, _tissue_counts_py
 _open, _next_run, _root, _runs, _boxes_of_runs = _open_py, _next_run_py, _root_py, _runs_py, _boxes_of_runs_py
-_components, _block_means = _components_py, _block_means_py
+_components, _kept_runs, _block_means = _components_py, _kept_runs_py, _block_means_py
 _label_counts, _relabel, _label_sums = _label_counts_py, _relabel_py, _label_sums_py
 _shift_into, _row_spans = _shift_into_py, _row_spans_py
 _ring_segments, _chain_rings = _ring_segments_py, _chain_rings_py
 _type_votes, _type_sums = _type_votes_py, _type_sums_py
 _grown_queue, _grow_near, _grow_row = _grown_queue_py, _grow_near_py, _grow_row_py
+_grow_near_in_place = _grow_near_in_place_py

@@ -68,6 +68,7 @@ from wsi_mtl.postprocess._instances import (
     box_table,
     core_mask,
     grow_components,
+    kept_components,
     labelled_boxes,
     opened_cores,
     relabeled,
@@ -691,15 +692,10 @@ def _gland_context(gcores: np.ndarray, lcores: np.ndarray | None, chunk: Chunk, 
 
 def _kept_components(cores: np.ndarray, keep: np.ndarray, rect: tuple[int, int, int, int]) -> np.ndarray:
     """The components ``keep`` (by raster-ordered number) of ``cores`` cropped to ``rect``, renumbered
-    1..k in that order (as if the crop were labelled), the others 0; one label image of the full
-    region at a time, renumbered where it is."""
+    1..k in that order (as if the crop were labelled), the others 0."""
     if not keep.any():
         return np.zeros((rect[1] - rect[0], rect[3] - rect[2]), np.int32)
-    comps, _ = labelled_boxes(cores)
-    lut = np.zeros(len(keep) + 1, np.int32)
-    lut[1:][keep] = np.arange(1, int(keep.sum()) + 1, dtype=np.int32)
-    crop = comps[_slices(rect)]
-    return relabeled(crop, lut, in_place=crop.shape == comps.shape)
+    return kept_components(cores, keep, rect)
 
 
 def _gland_margin(erosion: int, params: PostprocessParams) -> int:

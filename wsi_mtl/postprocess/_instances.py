@@ -415,6 +415,19 @@ def labelled_boxes(mask: np.ndarray, *, labels: bool = True) -> tuple[np.ndarray
     return (comps if labels else None), box
 
 
+def kept_components(mask: np.ndarray, keep: np.ndarray, rect: tuple[int, int, int, int]) -> np.ndarray:
+    """The components of ``mask`` numbered as :func:`labelled_boxes` numbers them, those that ``keep``
+    names (index = number - 1) renumbered 1..k in that order and the others 0, cropped to ``rect``
+    (row0, row1, col0, col1). With numba no label image of the whole mask is made."""
+    if _compiled.available() and mask.ndim == 2:
+        return _compiled.kept_components(mask, keep, rect)
+    comps, _ = labelled_boxes(mask)
+    lut = np.zeros(len(keep) + 1, np.int32)
+    lut[1:][keep] = np.arange(1, int(np.count_nonzero(keep)) + 1, dtype=np.int32)
+    crop = comps[rect[0] : rect[1], rect[2] : rect[3]]
+    return relabeled(crop, lut, in_place=crop.shape == comps.shape)
+
+
 def object_boxes(labels: np.ndarray, which: np.ndarray) -> np.ndarray:
     """Bounding boxes (row0, row1, col0, col1) of the labels ``which`` (each present), as
     ``ndi.find_objects`` gives them: rows of :func:`box_table`."""
@@ -689,11 +702,14 @@ def _expand_labels_square(labels: np.ndarray, distance: int, *, raster_ordered: 
     ys, xs = np.flatnonzero(labels.any(axis=1)), np.flatnonzero(labels.any(axis=0))
     box = (slice(max(0, ys[0] - d), ys[-1] + d + 1), slice(max(0, xs[0] - d), xs[-1] + d + 1))
     if raster_ordered and n <= _compiled.GROW_MAX_RANK and _compiled.available() and labels.ndim == 2:  # the numbers are the ranks
+        if in_place and labels.dtype == np.int32 and labels.flags.c_contiguous:
+            _compiled.grow_ranks(labels[box], d, in_place=True)  # grown where it is, a crop of the rows
+            return labels
         whole = labels[box].shape == labels.shape
-        grown = _compiled.grow_ranks(labels[box], d, in_place=in_place and whole)
+        grown = _compiled.grow_ranks(labels[box], d)
         if whole:
             return grown
-        out = labels if in_place else labels.copy()
+        out = labels.copy()
         out[box] = grown
         return out
     out = labels.copy()

@@ -13,6 +13,12 @@ by the caller) and :meth:`objects` runs the chunks left over on the final store 
 chunk's objects in plan order through the same assembly as ``extract_objects``: the objects are
 identical to a run that post-processes after inference. Nothing here is resumable: an interrupted
 run re-derives the objects from the maps.
+
+Memory: the pool has as many processes as chunks may be in flight (a spare process would keep the
+pages of its last chunk), at most one of the chunks in flight is a gland chunk (one reads up to
+(gland_chunk_px + 2 * gland_max_halo_px)^2 model px, ~1 GB resident at the defaults' 6,144^2; two at
+once beside the network's process set the job's peak), and the pool ends once the last chunk is
+done, before the exports.
 """
 
 from __future__ import annotations
@@ -190,7 +196,10 @@ class OverlapExtractor:
         self._idle = threading.Condition(self._lock)
         self._stopped = False
         self._error: BaseException | None = None
-        self._pool: Executor | None = _executor(self._max_workers, niceness)
+        # as many processes as chunks in flight: a pool of more would start a spare process while a
+        # chunk's callback sends the next, and an idle process keeps the pages its last chunk freed
+        self._pool: Executor | None = _executor(self.workers, niceness)
+        self._retired: list[Executor] = []  # the pool of inference time once finish() replaced it
         self._overlapped: int | None = None  # chunks done when the network finished
         self._notes: list[str] = []  # what went wrong and was survived, for run.json's warnings
         with self._lock:
@@ -219,17 +228,22 @@ class OverlapExtractor:
         return _Readiness(self._ready.copy(), self._core_px)
 
     def _schedule(self) -> None:
-        """Send waiting jobs whose read region is written (lock held), at most ``workers`` in flight."""
+        """Send waiting jobs whose read region is written (lock held), at most ``workers`` in flight
+        and one of them a gland job."""
         if self._stopped or self._pool is None or self._error is not None:
             return
         readiness = None
+        glands = any(self.jobs[i].group == "glands" for i in self._in_flight.values())
         for i in list(self._waiting):
             if len(self._in_flight) >= self.workers:
                 return
             job = replace(self.jobs[i], chunk=self._chunks[i])
+            if glands and job.group == "glands":
+                continue  # one gland chunk at a time (see the module notes)
             readiness = readiness or self._readiness()
             if not readiness.covers(job.chunk.read, self._scale(job)):
                 continue
+            glands = glands or job.group == "glands"
             self._waiting.remove(i)
             fut = self._pool.submit(_run_spooled, self.path, job, self.meta, self.params, readiness, self._scale(job),
                                     str(self._part(i)))
@@ -278,11 +292,21 @@ class OverlapExtractor:
         with self._lock:
             self._overlapped = len(self._done)
             self._ready[...] = True
-            self.workers = self._max_workers
             try:
+                self._widen()
                 self._schedule()
             except Exception as exc:  # noqa: BLE001 - as in tile_done
                 self._error = self._error or exc
+
+    def _widen(self) -> None:
+        """Run on ``max_workers`` processes from now on, at normal priority (lock held): a new pool; the
+        old one ends once its chunks in flight are done (:meth:`drain` waits for them)."""
+        if self._pool is None or self._max_workers == self.workers:
+            return
+        old, self._pool = self._pool, _executor(self._max_workers, 0)
+        self.workers = self._max_workers
+        old.shutdown(wait=False)
+        self._retired.append(old)
 
     def drain(self, *, stop: bool = True) -> None:
         """Wait for the chunks in flight (after :meth:`finish`: for every chunk, unless one failed);
@@ -303,11 +327,10 @@ class OverlapExtractor:
         with ``workers`` processes (default: as many as during inference)."""
         self.drain()
         left = [i for i in range(len(self.jobs)) if i not in self._done]
-        if left and (workers and workers != self.workers or self._error is not None):
-            assert self._pool is not None
-            self._pool.shutdown(wait=True)
+        if not left or workers and workers != self.workers or self._error is not None:
+            self._shutdown()  # idle processes keep the pages of their last chunk: gone before the exports
             self.workers = max(1, int(workers or self.workers))
-            self._pool = _executor(self.workers, 0)
+            self._pool = _executor(self.workers, 0) if left else None
         log.info("post-processing: %d of %d chunks done during inference, %d after it on the store as written, %d left",
                  self.chunks_overlapped, len(self.jobs), len(self._done) - self.chunks_overlapped, len(left))
         path = str(predictions_path)
@@ -321,7 +344,6 @@ class OverlapExtractor:
     def _results(self, path: str, left: list[int], notes: list[str] | None = None) -> Iterator[dict[str, Any]]:
         """Every job's result in plan order: the spooled ones, and ``left`` run now on ``path``
         (a worker that dies is survived as :func:`~wsi_mtl.postprocess._pool.ordered_results` says)."""
-        assert self._pool is not None
         jobs = [replace(self.jobs[i], chunk=self._chunks[i]) for i in left]
         def make_pool(workers: int) -> Executor:
             """The running pool first (from then on ordered_results shuts it down); after a worker died, a new one."""
@@ -348,12 +370,17 @@ class OverlapExtractor:
         """Stop the pool and remove the spooled results."""
         with self._lock:
             self._stopped = True
-        if self._pool is not None:
-            self._pool.shutdown(wait=True, cancel_futures=True)
-            self._pool = None
+        self._shutdown(cancel=True)
         for path in self._paths:  # a thread pool's readers live in this process
             _READERS.pop(path, None)
         shutil.rmtree(self.spool, ignore_errors=True)
+
+    def _shutdown(self, *, cancel: bool = False) -> None:
+        """End the pool (and the one :meth:`_widen` replaced), waiting for their processes."""
+        pools, self._retired = [*self._retired, *([self._pool] if self._pool is not None else [])], []
+        self._pool = None
+        for pool in pools:
+            pool.shutdown(wait=True, cancel_futures=cancel)
 
     def __enter__(self) -> OverlapExtractor:
         return self

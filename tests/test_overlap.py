@@ -182,11 +182,69 @@ def test_finish_runs_every_chunk_left_before_the_store_is_renamed(tmp_path: Path
         final = store.finalize(before_rename=ex.drain)
         assert ex.workers == 2 and ex.chunks_overlapped == during < len(ex.jobs)
         assert len(list((tmp_path / "spool").glob("*.pkl"))) == len(ex.jobs)  # every chunk done before the rename
-        pool = ex._pool
-        overlapped = concat_batches(list(ex.objects(final)))
-    assert not any(p.is_alive() for p in (pool._processes or {}).values())  # nothing left to run: closing stopped the pool
+        pools = [ex._pool, *ex._retired]
+        stream = ex.objects(final)
+        # nothing left to run: both pools (of inference and after it) have ended before the objects are read
+        assert ex._pool is None and not any(p.is_alive() for pool in pools for p in (pool._processes or {}).values())
+        overlapped = concat_batches(list(stream))
     after = concat_batches(list(extract_objects(final, params=PARAMS, workers=1, **CHUNKS)))
     assert len(after) > 100 and _key(overlapped) == _key(after)
+
+
+class _HeldPool:
+    """An executor that records what it is sent and finishes nothing until told to."""
+
+    def __init__(self, workers: int) -> None:
+        self.workers, self.sent, self.ended = workers, [], False
+
+    def submit(self, fn, path, job, *args):
+        from concurrent.futures import Future
+
+        fut: Future = Future()
+        self.sent.append((job, fut))
+        return fut
+
+    def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
+        self.ended = True
+
+
+def test_pool_runs_as_many_processes_as_chunks_in_flight_and_one_gland_chunk(tmp_path: Path, monkeypatch) -> None:
+    """During inference the pool is made for ``workers`` processes (no spare one keeping a chunk's
+    pages); finish() sends the rest to a pool of ``max_workers`` and ends the first; never is more
+    than one gland chunk in flight, while nuclei and tissue chunks fill the other places."""
+    import wsi_mtl.postprocess._overlap as ov
+
+    pools: list[_HeldPool] = []
+    monkeypatch.setattr(ov, "_executor", lambda workers, niceness: pools.append(_HeldPool(workers)) or pools[-1])
+    maps = _maps()
+    store = _store(tmp_path, maps)
+    grid = plan_tiles(SIZE, SIZE, core_px=CORE, margin_px=0, stride=16)
+    for tile in grid.tiles():
+        _write_tile(store, maps, tile)
+    ex = OverlapExtractor(store.path, tmp_path / "spool", grid_shape=(grid.rows, grid.cols), core_px=CORE, pending=[],
+                          workers=2, max_workers=3, params=PARAMS, **CHUNKS)
+    groups = [j.group for j in ex.jobs]
+    assert groups.count("glands") >= 2 and groups.count("nuclei") >= 3
+    assert [p.workers for p in pools] == [2] and len(pools[0].sent) == 2
+
+    def in_flight() -> list[str]:
+        return [ex.jobs[i].group for i in ex._in_flight.values()]
+
+    seen = []
+    for _ in range(len(ex.jobs)):
+        seen.append(in_flight())
+        if len(seen) == 3:
+            ex.finish()
+            assert [p.workers for p in pools] == [2, 3] and pools[0].ended and not pools[1].ended
+        pool = next(p for p in pools if any(not f.done() for _, f in p.sent))
+        job, fut = next((j, f) for j, f in pool.sent if not f.done())
+        fut.set_result((job.chunk, True))
+    assert all(len(f) <= (2 if k < 3 else 3) and f.count("glands") <= 1 for k, f in enumerate(seen))
+    assert any(f.count("glands") == 1 and len(f) > 1 for f in seen)  # a gland chunk beside others
+    assert len(ex._done) == len(ex.jobs)
+    ex._stopped = True
+    ex._shutdown()
+    assert all(p.ended for p in pools)
 
 
 def _small_chunks(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -210,8 +210,8 @@ class _HeldPool:
 
 def test_pool_runs_as_many_processes_as_chunks_in_flight_and_one_gland_chunk(tmp_path: Path, monkeypatch) -> None:
     """During inference the pool is made for ``workers`` processes (no spare one keeping a chunk's
-    pages); finish() sends the rest to a pool of ``max_workers`` and ends the first; never is more
-    than one gland chunk in flight, while nuclei and tissue chunks fill the other places."""
+    pages); finish() sends the rest to a pool of ``max_workers`` and ends the first; a gland chunk
+    goes first, never more than one at once, while nuclei and tissue chunks fill the other places."""
     import wsi_mtl.postprocess._overlap as ov
 
     pools: list[_HeldPool] = []
@@ -226,6 +226,7 @@ def test_pool_runs_as_many_processes_as_chunks_in_flight_and_one_gland_chunk(tmp
     groups = [j.group for j in ex.jobs]
     assert groups.count("glands") >= 2 and groups.count("nuclei") >= 3
     assert [p.workers for p in pools] == [2] and len(pools[0].sent) == 2
+    assert [j.group for j, _ in pools[0].sent] == ["glands", "nuclei"]  # the longest first, then the plan's order
 
     def in_flight() -> list[str]:
         return [ex.jobs[i].group for i in ex._in_flight.values()]

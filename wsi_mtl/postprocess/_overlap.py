@@ -229,12 +229,12 @@ class OverlapExtractor:
 
     def _schedule(self) -> None:
         """Send waiting jobs whose read region is written (lock held), at most ``workers`` in flight
-        and one of them a gland job."""
+        and one of them a gland job; gland jobs first (the longest: the others run beside them)."""
         if self._stopped or self._pool is None or self._error is not None:
             return
         readiness = None
         glands = any(self.jobs[i].group == "glands" for i in self._in_flight.values())
-        for i in list(self._waiting):
+        for i in sorted(self._waiting, key=lambda i: self.jobs[i].group != "glands"):  # the longest first
             if len(self._in_flight) >= self.workers:
                 return
             job = replace(self.jobs[i], chunk=self._chunks[i])

@@ -745,7 +745,7 @@ def test_chunks_compute_only_the_part_their_own_objects_need():
     assert _tighten(label_to_3class(long, erosion_px=1)[:, :300, :300], chunk, PostprocessParams())[2]
     params = PostprocessParams(gland_erosion_px=3, gland_open_px=0, lumen_erosion_px=1)
     cores = opened_cores(label_to_3class(lab, erosion_px=3)[:, :300, :300], 0.5)
-    rect, comps = _gland_context(cores, None, chunk, params, final=False)
+    rect, comps = _gland_context([cores], chunk, params, final=False)
     assert rect[0] > 0 and rect[2] > 0 and rect[1] < 300 and comps is not None  # the halo's blob is left out
 
 
@@ -764,7 +764,7 @@ def test_a_gland_chunk_needs_no_more_halo_for_a_gland_that_only_crosses_it():
 
     def context(chunk):
         y0, y1, x0, x1 = chunk.read
-        return _gland_context(opened_cores(label_to_3class(lab, erosion_px=3)[:, y0:y1, x0:x1], 0.5), None, chunk, params, final=False)
+        return _gland_context([opened_cores(label_to_3class(lab, erosion_px=3)[:, y0:y1, x0:x1], 0.5)], chunk, params, final=False)
 
     assert context(crossed) is None
     assert context(start)[1] is None  # its own gland reaches the open right edge of the read region
@@ -789,7 +789,7 @@ def test_a_gland_chunk_asks_for_more_halo_for_a_gland_starting_higher_beyond_its
     chunk = plan_chunks((300, 300), chunk_px=100, halo_px=40)[0]
     y0, y1, x0, x1 = chunk.read
     cores = opened_cores(label_to_3class(_hook_gland(), erosion_px=3)[:, y0:y1, x0:x1], 0.5)
-    context = _gland_context(cores, None, chunk, params, final=False)
+    context = _gland_context([cores], chunk, params, final=False)
     assert context is not None and context[1] is None  # redo with a larger halo
 
 

@@ -650,12 +650,12 @@ def _coarse_read(reader: Any, head: str, chunk: Chunk, f: int, fine_shape: tuple
     return downsample_prob(reader.read(head, region), f)
 
 
-def _gland_context(gcores: np.ndarray, lcores: np.ndarray | None, chunk: Chunk, params: PostprocessParams,
+def _gland_context(cores: list[np.ndarray], chunk: Chunk, params: PostprocessParams,
                    final: bool) -> tuple[tuple[int, int, int, int], list[np.ndarray] | None] | None:
     """The part of a gland chunk's read region (local rows/cols) that its own glands and lumen
-    need, from the components of the cores each object grows from (``gcores``: the gland cores
-    after their opening; ``lcores``: the lumen cores; an object lies in its component's box grown by
-    its erosion): the components that can give an object whose box starts in the owned region, then
+    need, from the components of the cores each object grows from (``cores``: the gland cores after
+    their opening, then the lumen cores if any, each dropped from the list once labelled; an object
+    lies in its component's box grown by its erosion): the components that can give an object whose box starts in the owned region, then
     every component that could overlap them or compete for their pixels, whole, and around them the
     completeness margin. Returns that rectangle and the labelled components inside it, gland and
     lumen, holding only those components (no pieces of others, which could pass for owned objects)
@@ -664,29 +664,30 @@ def _gland_context(gcores: np.ndarray, lcores: np.ndarray | None, chunk: Chunk, 
     larger one). None: no such component."""
     grid = params.gland_grid()
     g_er, l_er = grid.gland_erosion_px, grid.lumen_erosion_px
-    kinds = [(gcores, g_er)] + ([(lcores, l_er)] if lcores is not None else [])
     boxes, firsts = [], []
     own = _local_own(chunk)
-    for cores, er in kinds:  # the boxes first: a label image is made only for a crop that is kept
-        _, box = labelled_boxes(cores, labels=False)
+    shape = cores[0].shape
+    for mask, er in zip(cores, (g_er, l_er)):  # the boxes first: a label image is made only for a crop that is kept
+        _, box = labelled_boxes(mask, labels=False)
         boxes.append(box)
-        firsts.append(_may_start_in(box, er, own, chunk, cores.shape))
+        firsts.append(_may_start_in(box, er, own, chunk, shape))
     box, first = np.concatenate(boxes), np.concatenate(firsts)
     if not first.any():
         return None
     grow = max(g_er, l_er)
     margin = _gland_margin(grow, params)
-    shape = gcores.shape
     mine = _union(box[first], 0, shape)
     near = _meeting(box, 2 * grow + margin, mine)
     rect = _union(box[near], grow + margin + 1, shape)
     if not final and _touches_open_edge(_slices(mine), shape, chunk, grow + margin):
         return rect, None
     kept, start = [], 0
-    for (cores, _), b in zip(kinds, boxes):
+    for k, b in enumerate(boxes):
         keep = near[start : start + len(b)]
         start += len(b)
-        kept.append(_kept_components(cores, keep, rect))
+        mask, cores[k] = cores[k], None  # gone once labelled (the caller holds none)
+        kept.append(_kept_components(mask, keep, rect))
+        del mask
     return rect, kept
 
 
@@ -769,14 +770,17 @@ def _glands_chunk(reader: Any, chunk: Chunk, meta: MapsMeta, params: Postprocess
     ginst = _coarse_read(reader, GLAND_INST, chunk, f, fine)
     if not ginst.any():
         return _empty_result()
-    with_lumen = "lumen" in tasks and LUMEN_INST in meta.heads
-    linst = _coarse_read(reader, LUMEN_INST, chunk, f, fine) if with_lumen else None
-    gcores = opened_cores(ginst, params.gland_threshold, grid.gland_open_px)
-    lcores = None if linst is None else core_mask(linst, params.lumen_threshold)
-    context = _gland_context(gcores, lcores, chunk, params, final)
+    # from the cores on only the interior and boundary channels are read (the objects' mean
+    # probability): one map of three channels at a time
+    cores = [opened_cores(ginst, params.gland_threshold, grid.gland_open_px)]
+    ginst, linst = ginst[1:].copy(), None
+    if "lumen" in tasks and LUMEN_INST in meta.heads:
+        linst = _coarse_read(reader, LUMEN_INST, chunk, f, fine)
+        cores.append(core_mask(linst, params.lumen_threshold))
+        linst = linst[1:].copy()
+    context = _gland_context(cores, chunk, params, final)
     if context is None:
         return _empty_result()
-    del gcores, lcores  # the components are what the objects grow from
     rect, comps = context
     if comps is None:
         return None  # an object it may own may be cut by the read region: redone with a larger halo first
@@ -785,6 +789,7 @@ def _glands_chunk(reader: Any, chunk: Chunk, meta: MapsMeta, params: Postprocess
     chunk = _crop_chunk(chunk, rect)
     g_er = grid.gland_erosion_px
     glands = grow_components(comps[0], erosion_px=g_er, min_area_px=grid.gland_min_area_px, in_place=True)
+    comps[0] = None  # glands is the one reference: the full region goes once cropped to the owned glands
     g_margin = _gland_margin(g_er, params)
     g_box = box_table(glands)
     g_slices = slices_of(g_box)
@@ -800,6 +805,7 @@ def _glands_chunk(reader: Any, chunk: Chunk, meta: MapsMeta, params: Postprocess
     if linst is not None:
         l_er = grid.lumen_erosion_px
         lumen = grow_components(comps[1], erosion_px=l_er, min_area_px=grid.lumen_min_area_px, in_place=True)
+        comps[1] = None
         l_box = box_table(lumen)
         l_slices = slices_of(l_box)
         l_owned = _owned_boxes(l_box, chunk)
@@ -838,6 +844,7 @@ def _glands_chunk(reader: Any, chunk: Chunk, meta: MapsMeta, params: Postprocess
         truncated = g_cut[ids - 1]
         out["gland"] = _rows("gland", cls, prob, polys, meta, truncated=truncated)
         warnings.append(("gland_truncated", int(truncated.sum()), chunk.halo_px * f))
+    ginst = glands = None  # the lumen below need neither
     if lumen is not None and len(l_owned):
         lumen, rect = _only(lumen, l_owned, l_box[l_owned - 1])
         sub, linst = _crop_chunk(chunk, rect), linst[(slice(None), *_slices(rect))]

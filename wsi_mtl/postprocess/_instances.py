@@ -357,9 +357,10 @@ def _mean_in_labels(labels: np.ndarray, values: np.ndarray, ids: np.ndarray, sca
 def _mean_foreground(labels: np.ndarray, inst_prob: np.ndarray, ids: np.ndarray, *, length: int | None = None) -> np.ndarray:
     """Each label of ``ids``: the mean over its pixels of ``inst_prob``'s interior + boundary
     probability (a probability, whatever the map's encoding; uint8 maps summed as integers, in one
-    compiled pass). ``length`` as in :func:`_mean_in_labels`."""
+    compiled pass). ``inst_prob``: the background, interior and boundary channels, or only the last
+    two. ``length`` as in :func:`_mean_in_labels`."""
     s = _scale(inst_prob)
-    fg = inst_prob[1].astype(np.uint16 if s == 255.0 else np.float64) + inst_prob[2]
+    fg = inst_prob[-2].astype(np.uint16 if s == 255.0 else np.float64) + inst_prob[-1]
     return _mean_in_labels(labels, fg, ids, s, length=length)
 
 

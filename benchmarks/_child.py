@@ -22,7 +22,10 @@ def run_child(script: str, *args: str) -> dict:
 class ProcessTree:
     """Samples this process's descendants with psutil (pool workers started by a forkserver are
     grandchildren, so ``RUSAGE_CHILDREN`` misses them): the largest RSS of any one of them, the
-    peak of this process plus all of them, and the CPU seconds each used (at its last sample)."""
+    peak of this process plus all of them, as RSS (``total_mb``: the pages of shared libraries
+    counted once per process) and as anonymous memory (``anon_total_mb``: RSS less file-backed and
+    shared pages, close to what a memory cgroup's limit counts for the job), and the CPU seconds
+    each used (at its last sample)."""
 
     def __init__(self, every_s: float = 0.05) -> None:
         import threading
@@ -31,7 +34,7 @@ class ProcessTree:
 
         self._me = psutil.Process()
         self._cpu: dict[int, float] = {}
-        self.largest_child_mb = self.total_mb = 0.0
+        self.largest_child_mb = self.total_mb = self.anon_total_mb = 0.0
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, args=(every_s,), daemon=True)
         self._thread.start()
@@ -40,16 +43,19 @@ class ProcessTree:
         import psutil
 
         while not self._stop.is_set():
-            total = self._me.memory_info().rss / 2**20
+            mine = self._me.memory_info()
+            total, anon = mine.rss / 2**20, (mine.rss - mine.shared) / 2**20
             for p in self._me.children(recursive=True):
                 try:
-                    t, rss = p.cpu_times(), p.memory_info().rss / 2**20
+                    t, info = p.cpu_times(), p.memory_info()
                 except psutil.Error:  # exited meanwhile
                     continue
                 self._cpu[p.pid] = t.user + t.system
-                self.largest_child_mb = max(self.largest_child_mb, rss)
-                total += rss
+                self.largest_child_mb = max(self.largest_child_mb, info.rss / 2**20)
+                total += info.rss / 2**20
+                anon += (info.rss - info.shared) / 2**20
             self.total_mb = max(self.total_mb, total)
+            self.anon_total_mb = max(self.anon_total_mb, anon)
             self._stop.wait(every_s)
 
     def stop(self) -> None:

@@ -20,6 +20,8 @@ else synthetic texture) at 0.25 um/px and one of 4x its area, each run in its ow
                                       nucleus and per gland of that real output
   peak RSS 1x, 4x                     of each `segment` process (ru_maxrss), and their ratio; and
                                       of its largest post-processing process
+  anonymous memory 1x, 4x             of all of `segment`'s processes together (sampled every 50 ms:
+                                      RSS less file-backed and shared pages), and their ratio
 
     python benchmarks/bench_end_to_end.py [--size 4096] [--device cpu] [--batch-size 1] [--workers N]
 
@@ -82,6 +84,7 @@ def _child_segment(slide: str, out: str, device: str, batch_size: int, workers: 
         "largest_child_rss_mb": memory.largest_child_mb,
         "children_cpu_s": memory.cpu_seconds(),
         "tree_rss_mb": memory.total_mb,
+        "tree_anon_mb": memory.anon_total_mb,
     }
 
 
@@ -224,6 +227,8 @@ def main() -> None:
     print(f"peak RSS of segment 1x {seg1['peak_rss_mb']:.0f} MB, 4x {seg4['peak_rss_mb']:.0f} MB: ratio {seg4['peak_rss_mb'] / seg1['peak_rss_mb']:.3f}; "
           f"largest post-processing process 1x {seg1['largest_child_rss_mb']:.0f} MB, 4x {seg4['largest_child_rss_mb']:.0f} MB; "
           f"all of segment's processes together 1x {seg1['tree_rss_mb']:.0f} MB, 4x {seg4['tree_rss_mb']:.0f} MB (sampled)")
+    print(f"anonymous memory of all of segment's processes together (sampled; what a job's memory limit counts): "
+          f"1x {seg1['tree_anon_mb']:.0f} MB, 4x {seg4['tree_anon_mb']:.0f} MB: ratio {seg4['tree_anon_mb'] / seg1['tree_anon_mb']:.3f}")
     print(f"objects 1x: {json.dumps(seg1['objects'])}")
     print("(wall-clock ratios depend on the other processes sharing the machine; CPU-second rates much less)")
 

@@ -655,7 +655,8 @@ def _gland_context(cores: list[np.ndarray], chunk: Chunk, params: PostprocessPar
     """The part of a gland chunk's read region (local rows/cols) that its own glands and lumen
     need, from the components of the cores each object grows from (``cores``: the gland cores after
     their opening, then the lumen cores if any, each dropped from the list once labelled; an object
-    lies in its component's box grown by its erosion): the components that can give an object whose box starts in the owned region, then
+    lies in its component's box grown by its erosion): the components that can give an object
+    whose box starts in the owned region, then
     every component that could overlap them or compete for their pixels, whole, and around them the
     completeness margin. Returns that rectangle and the labelled components inside it, gland and
     lumen, holding only those components (no pieces of others, which could pass for owned objects)
@@ -687,7 +688,6 @@ def _gland_context(cores: list[np.ndarray], chunk: Chunk, params: PostprocessPar
         start += len(b)
         mask, cores[k] = cores[k], None  # gone once labelled (the caller holds none)
         kept.append(_kept_components(mask, keep, rect))
-        del mask
     return rect, kept
 
 

@@ -1019,23 +1019,19 @@ def components(mask: np.ndarray, *, labels: bool = True) -> tuple[np.ndarray | N
     return (lab if labels else None), box
 
 
-def kept_components(mask: np.ndarray, keep: np.ndarray, rect: tuple[int, int, int, int]) -> np.ndarray:
-    """The components of ``mask`` (numbered as :func:`components` numbers them) that ``keep`` names
-    (index = number - 1), numbered 1..k in that order and the others 0, in the rows ``rect[0]:rect[1]``
-    and columns ``rect[2]:rect[3]`` only: painted from the row runs, with no label image of the whole
-    mask. Needs numba."""
+def kept_components(mask: np.ndarray, lut: np.ndarray, rect: tuple[int, int, int, int]) -> np.ndarray:
+    """``lut[labels]`` (int32) for the components of ``mask`` numbered as :func:`components` numbers
+    them, in the rows ``rect[0]:rect[1]`` and columns ``rect[2]:rect[3]`` only: painted from the row
+    runs, with no label image of the whole mask. Needs numba."""
     _kernels()
     y0, y1, x0, x1 = (int(v) for v in rect)
     ys, x0s, x1s, parent = _runs(np.ascontiguousarray(mask, dtype=np.bool_))
     ids, _ = _boxes_of_runs(ys, x0s, x1s, parent)
-    keep = np.asarray(keep, bool)
-    new = np.zeros(len(keep) + 1, np.int32)
-    new[1:][keep] = np.arange(1, int(keep.sum()) + 1, dtype=np.int32)
-    return _kept_runs(ys, x0s, x1s, ids, new, y0, y1, x0, x1)
+    return _kept_runs(ys, x0s, x1s, ids, np.asarray(lut, np.int32), y0, y1, x0, x1)
 
 
 def _kept_runs_py(ys, x0s, x1s, ids, new, y0, y1, x0, x1):  # noqa: ANN001, ANN202 (compiled helper)
-    """A (y1 - y0, x1 - x0) int32 image of the runs whose component has a number in ``new``, clipped."""
+    """A (y1 - y0, x1 - x0) int32 image of the runs whose component ``new`` numbers (not 0), clipped."""
     out = np.zeros((y1 - y0, x1 - x0), np.int32)
     for i in range(len(ys)):
         v = new[ids[i]]

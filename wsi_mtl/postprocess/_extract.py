@@ -687,16 +687,8 @@ def _gland_context(cores: list[np.ndarray], chunk: Chunk, params: PostprocessPar
         keep = near[start : start + len(b)]
         start += len(b)
         mask, cores[k] = cores[k], None  # gone once labelled (the caller holds none)
-        kept.append(_kept_components(mask, keep, rect))
+        kept.append(kept_components(mask, keep, rect))  # as if the crop were labelled
     return rect, kept
-
-
-def _kept_components(cores: np.ndarray, keep: np.ndarray, rect: tuple[int, int, int, int]) -> np.ndarray:
-    """The components ``keep`` (by raster-ordered number) of ``cores`` cropped to ``rect``, renumbered
-    1..k in that order (as if the crop were labelled), the others 0."""
-    if not keep.any():
-        return np.zeros((rect[1] - rect[0], rect[3] - rect[2]), np.int32)
-    return kept_components(cores, keep, rect)
 
 
 def _gland_margin(erosion: int, params: PostprocessParams) -> int:

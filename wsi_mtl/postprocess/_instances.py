@@ -419,12 +419,15 @@ def labelled_boxes(mask: np.ndarray, *, labels: bool = True) -> tuple[np.ndarray
 def kept_components(mask: np.ndarray, keep: np.ndarray, rect: tuple[int, int, int, int]) -> np.ndarray:
     """The components of ``mask`` numbered as :func:`labelled_boxes` numbers them, those that ``keep``
     names (index = number - 1) renumbered 1..k in that order and the others 0, cropped to ``rect``
-    (row0, row1, col0, col1). With numba no label image of the whole mask is made."""
-    if _compiled.available() and mask.ndim == 2:
-        return _compiled.kept_components(mask, keep, rect)
-    comps, _ = labelled_boxes(mask)
+    (row0, row1, col0, col1). With numba no label image of the whole mask is made; none at all where
+    nothing is kept."""
+    if not np.any(keep):
+        return np.zeros((rect[1] - rect[0], rect[3] - rect[2]), np.int32)
     lut = np.zeros(len(keep) + 1, np.int32)
     lut[1:][keep] = np.arange(1, int(np.count_nonzero(keep)) + 1, dtype=np.int32)
+    if _compiled.available() and mask.ndim == 2:
+        return _compiled.kept_components(mask, lut, rect)
+    comps, _ = labelled_boxes(mask)
     crop = comps[rect[0] : rect[1], rect[2] : rect[3]]
     return relabeled(crop, lut, in_place=crop.shape == comps.shape)
 
@@ -706,9 +709,8 @@ def _expand_labels_square(labels: np.ndarray, distance: int, *, raster_ordered: 
         if in_place and labels.dtype == np.int32 and labels.flags.c_contiguous:
             _compiled.grow_ranks(labels[box], d, in_place=True)  # grown where it is, a crop of the rows
             return labels
-        whole = labels[box].shape == labels.shape
         grown = _compiled.grow_ranks(labels[box], d)
-        if whole:
+        if grown.shape == labels.shape:
             return grown
         out = labels.copy()
         out[box] = grown

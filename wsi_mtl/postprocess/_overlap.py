@@ -237,9 +237,9 @@ class OverlapExtractor:
         for i in sorted(self._waiting, key=lambda i: self.jobs[i].group != "glands"):  # the longest first
             if len(self._in_flight) >= self.workers:
                 return
-            job = replace(self.jobs[i], chunk=self._chunks[i])
-            if glands and job.group == "glands":
+            if glands and self.jobs[i].group == "glands":
                 continue  # one gland chunk at a time (see the module notes)
+            job = replace(self.jobs[i], chunk=self._chunks[i])
             readiness = readiness or self._readiness()
             if not readiness.covers(job.chunk.read, self._scale(job)):
                 continue
@@ -299,8 +299,8 @@ class OverlapExtractor:
                 self._error = self._error or exc
 
     def _widen(self) -> None:
-        """Run on ``max_workers`` processes from now on, at normal priority (lock held): a new pool; the
-        old one ends once its chunks in flight are done (:meth:`drain` waits for them)."""
+        """Run on ``max_workers`` processes from now on where that is more (lock held): a new pool, at
+        normal priority; the old one ends once its chunks in flight are done (:meth:`drain` waits)."""
         if self._pool is None or self._max_workers == self.workers:
             return
         old, self._pool = self._pool, _executor(self._max_workers, 0)

@@ -399,10 +399,12 @@ def test_gland_wider_than_max_halo_is_written_truncated(tmp_path):
 
 def test_a_gland_chunk_needs_few_bytes_per_map_pixel(tmp_path):
     """Memory bound of the gland and lumen step: one chunk holding a gland almost as large as it
-    (with a lumen) peaks below 16 bytes per map pixel of what Python's allocator tracer sees (numpy's
+    (with a lumen) peaks below 11 bytes per map pixel of what Python's allocator tracer sees (numpy's
     arrays): 26.3 before the components were labelled only for their kept crop and grown in place,
     19.4 after, 15.0 once only two channels of each map were kept and each array went when done
-    with. The worst real case is a slide-sized "gland" read at the largest halo (8192² px)."""
+    with, 10.0 once the owned lumen were cropped before the glands were made and the maps were read
+    again only where the objects judged lie. The worst real case is a slide-sized "gland" read at
+    the largest halo (8192² px)."""
     import tracemalloc
 
     from wsi_mtl.postprocess import _compiled
@@ -425,7 +427,7 @@ def test_a_gland_chunk_needs_few_bytes_per_map_pixel(tmp_path):
     finally:
         tracemalloc.stop()
     assert sorted(got.columns["task"].tolist()) == ["gland", "lumen"]
-    assert peak / (n * n) < 16, peak / (n * n)
+    assert peak / (n * n) < 11, peak / (n * n)
 
 
 def test_extract_input_errors(tmp_path):
@@ -746,15 +748,16 @@ def test_chunks_compute_only_the_part_their_own_objects_need():
     assert _tighten(label_to_3class(long, erosion_px=1)[:, :300, :300], chunk, PostprocessParams())[2]
     params = PostprocessParams(gland_erosion_px=3, gland_open_px=0, lumen_erosion_px=1)
     cores = opened_cores(label_to_3class(lab, erosion_px=3)[:, :300, :300], 0.5)
-    rect, comps = _gland_context([cores], chunk, params, final=False)
-    assert rect[0] > 0 and rect[2] > 0 and rect[1] < 300 and comps is not None  # the halo's blob is left out
+    rect, keeps = _gland_context([cores], chunk, params, chunk.open_edges)
+    assert rect[0] > 0 and rect[2] > 0 and rect[1] < 300  # the halo's blob is left out
+    assert [k.tolist() for k in keeps] == [[False, True]]  # of the two components (raster order) the owned one
 
 
 def test_a_gland_chunk_needs_no_more_halo_for_a_gland_that_only_crosses_it():
     """A long gland whose box starts in another chunk's owned region neither makes a chunk it crosses
     ask for a larger halo nor is needed there, while the chunk where it starts asks for more halo."""
     from wsi_mtl.postprocess._chunks import plan_chunks
-    from wsi_mtl.postprocess._extract import _gland_context
+    from wsi_mtl.postprocess._extract import _gland_context, _Grow
     from wsi_mtl.postprocess._instances import opened_cores
 
     lab = np.zeros((400, 400), np.int32)
@@ -765,10 +768,11 @@ def test_a_gland_chunk_needs_no_more_halo_for_a_gland_that_only_crosses_it():
 
     def context(chunk):
         y0, y1, x0, x1 = chunk.read
-        return _gland_context([opened_cores(label_to_3class(lab, erosion_px=3)[:, y0:y1, x0:x1], 0.5)], chunk, params, final=False)
+        return _gland_context([opened_cores(label_to_3class(lab, erosion_px=3)[:, y0:y1, x0:x1], 0.5)], chunk, params, chunk.open_edges)
 
     assert context(crossed) is None
-    assert context(start)[1] is None  # its own gland reaches the open right edge of the read region
+    # its own gland reaches the open right edge of the read region: that side grows, no other
+    assert context(start) == _Grow((False, False, False, True))
 
 
 def _hook_gland() -> np.ndarray:
@@ -783,15 +787,16 @@ def _hook_gland() -> np.ndarray:
 
 def test_a_gland_chunk_asks_for_more_halo_for_a_gland_starting_higher_beyond_its_read_edge():
     from wsi_mtl.postprocess._chunks import plan_chunks
-    from wsi_mtl.postprocess._extract import _gland_context
+    from wsi_mtl.postprocess._extract import _gland_context, _Grow
     from wsi_mtl.postprocess._instances import opened_cores
 
     params = PostprocessParams(gland_erosion_px=3, gland_open_px=0, lumen_erosion_px=1)
     chunk = plan_chunks((300, 300), chunk_px=100, halo_px=40)[0]
     y0, y1, x0, x1 = chunk.read
     cores = opened_cores(label_to_3class(_hook_gland(), erosion_px=3)[:, y0:y1, x0:x1], 0.5)
-    context = _gland_context([cores], chunk, params, final=False)
-    assert context is not None and context[1] is None  # redo with a larger halo
+    context = _gland_context([cores], chunk, params, chunk.open_edges)
+    assert context == _Grow((False, False, False, True))  # redo with a larger halo on the right
+    assert _gland_context([cores], chunk, params, (True, True, True, False))[1] is not None  # that side at its largest
 
 
 def test_chunked_glands_keep_a_gland_starting_higher_beyond_a_read_edge(tmp_path):
@@ -803,6 +808,29 @@ def test_chunked_glands_keep_a_gland_starting_higher_beyond_a_read_edge(tmp_path
     store = write_predictions(tmp_path, maps, core_px=50)
     chunked = concat_batches(list(extract_objects(store, chunk_px=100, params=params, tasks=("gland",))))
     _assert_same_objects(whole, chunked)
+
+
+def test_a_gland_chunk_grows_its_halo_only_where_an_object_it_may_own_is_cut(tmp_path):
+    """The hook-shaped gland runs out of its chunk's first read regions on the right only: the chunk
+    is tried again with twice the halo on that side and the halos it had elsewhere (top and left
+    lie on the map's edge, the bottom cuts nothing it owns) until it gives the gland whole."""
+    from wsi_mtl.postprocess._chunks import Chunk
+    from wsi_mtl.postprocess._extract import _attempt, _plan_jobs, _ZarrReader, read_meta
+
+    maps = {"Gland-INST": label_to_3class(_hook_gland(), erosion_px=3)}
+    params = PostprocessParams(gland_erosion_px=3, gland_min_area_px=50, gland_chunk_px=100, gland_halo_px=40,
+                               gland_max_halo_px=160)
+    store = write_predictions(tmp_path, maps, core_px=50)
+    meta = read_meta(store)
+    job = _plan_jobs(meta, ("gland",), chunk_px=100, halo_px=None, max_halo_px=None, params=params)[0]
+    reader = _ZarrReader(store)
+    assert job.chunk.own == (0, 100, 0, 100) and job.chunk.read == (0, 140, 0, 140)
+    tried, got = [], _attempt(reader, job, job.chunk, meta, params)
+    while isinstance(got, Chunk):
+        tried.append(got.halos)
+        got = _attempt(reader, job, got, meta, params)
+    assert tried == [(40, 40, 40, 80), (40, 40, 40, 160)]  # the gland reaches column 200: 100 + 80 is not enough
+    assert len(got["gland"]["geometry"]) == 1 and not got["gland"]["truncated"].any()
 
 
 def test_unconfident_glands_are_dropped_alike_whole_chunked_and_in_evaluation(tmp_path):

@@ -733,3 +733,22 @@ def test_compiled_tissue_counts_equal_the_array_version(monkeypatch, clip):
         np.testing.assert_array_equal(got[True][1], got[False][1])
         assert 0 < len(got[True][0]) < len(ids)
         assert clip == (not np.array_equal(got[True][1], labels))
+
+
+def test_cores_and_mean_probabilities_taken_a_few_rows_at_a_time_equal_the_whole_map() -> None:
+    """core_mask and _mean_foreground work in steps of _MASK_ROWS rows (no full-size temporaries):
+    on a map of many steps, the same mask and the same means as the whole-map expressions."""
+    rng = np.random.default_rng(3)
+    h, w = 3 * inst._MASK_ROWS + 17, 90
+    prob = rng.integers(0, 256, (3, h, w)).astype(np.uint8)
+    labels = rng.integers(0, 40, (h, w)).astype(np.int32)
+    whole = prob[1].astype(np.int16) - prob[2].astype(np.int16) > 0.3 * 255
+    assert np.array_equal(inst.core_mask(prob, 0.3), whole)
+    ids = np.arange(1, 40)
+    fg = prob[1].astype(np.float64) + prob[2]
+    want = np.array([fg[labels == i].mean() for i in ids]) / 255
+    assert np.array_equal(inst._mean_foreground(labels, prob, ids), want)
+    assert np.array_equal(inst._mean_foreground(labels, prob[1:], ids, length=60), want)
+    as_float = prob.astype(np.float32) / 255
+    assert np.allclose(inst._mean_foreground(labels, as_float, ids), want)
+

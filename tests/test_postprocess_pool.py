@@ -101,6 +101,43 @@ def test_workers_start_with_the_kernels_loaded_by_the_forkserver() -> None:
     assert {"nuclei", "gland", "lumen", "tissue"} <= tasks
 
 
+def _reads_at_once() -> int:
+    import zarr
+
+    return int(zarr.config.get("async.concurrency"))
+
+
+def test_chunk_workers_read_few_zarr_chunks_at_once() -> None:
+    """Both pools' processes (export's chunk pool, segment's overlap pool) have zarr decode only
+    READS_AT_ONCE chunks of a map at a time (each holds a compressed and a decoded chunk); this
+    process keeps zarr's own setting."""
+    from wsi_mtl.postprocess._overlap import _executor
+
+    before = _reads_at_once()
+    assert before != _pool.READS_AT_ONCE  # zarr's default
+    for pool in (chunk_executor(2)[0], _executor(1, 0)):
+        with pool:
+            assert pool.submit(_reads_at_once).result() == _pool.READS_AT_ONCE
+    assert _reads_at_once() == before
+
+
+def test_a_gland_job_starts_on_a_heap_given_back_and_a_nuclei_job_reuses_it(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A chunk worker keeps a chunk's freed pages for the next chunk (up to a bound); a gland job,
+    the largest, starts after they were given back, so it does not stack on a nuclei chunk's pages."""
+    from wsi_mtl.postprocess import _extract as ex
+
+    calls: list[str] = []
+    monkeypatch.setattr(ex, "release_freed_pages", lambda: calls.append("given back"))
+    monkeypatch.setattr(ex, "_run_job", lambda reader, job, meta, params: calls.append(job.group) or {})
+    store = write_predictions(tmp_path, {"Nuclei-INST": np.zeros((3, 64, 64), np.uint8), "Gland-INST": np.zeros((3, 64, 64), np.uint8)},
+                              core_px=32)
+    meta = ex.read_meta(store)
+    params = ex.PostprocessParams()
+    for job in ex._plan_jobs(meta, ("nuclei", "gland"), chunk_px=64, halo_px=None, max_halo_px=None, params=params):
+        ex._worker(str(store), job, meta, params)
+    assert calls == ["nuclei", "given back", "glands"]
+
+
 # -- a worker process that dies (the system's out-of-memory killer) --------------------------------
 def _square_or_die_once(marker: str, value: int) -> int:
     """value², except that job 3 kills its own process the first time it runs (``marker`` absent)."""

@@ -1,7 +1,7 @@
 """Chunk geometry for post-processing: pure functions, no I/O.
 
 A chunk *owns* a half-open region ``[y0, y1) x [x0, x1)`` of the map and *reads* that region
-grown by a halo on every side (clipped to the map). An object belongs to the one chunk whose own
+grown by a halo on each side (clipped to the map). An object belongs to the one chunk whose own
 region contains its bounding-box start (top-left corner, a point that does not depend on which
 chunk traced the object), so no object is lost or duplicated at a border.
 """
@@ -24,11 +24,11 @@ class Chunk:
     own : (y0, y1, x0, x1)
         Owned region (half-open).
     read : (y0, y1, x0, x1)
-        Region read: ``own`` grown by ``halo_px`` and clipped to ``shape``.
+        Region read: ``own`` grown by ``halos`` and clipped to ``shape``.
     shape : (H, W)
         Size of the whole map.
-    halo_px : int
-        Halo used to derive ``read``.
+    halos : (top, bottom, left, right)
+        Halo on each side used to derive ``read``.
     """
 
     row: int
@@ -36,11 +36,32 @@ class Chunk:
     own: tuple[int, int, int, int]
     read: tuple[int, int, int, int]
     shape: tuple[int, int]
-    halo_px: int
+    halos: tuple[int, int, int, int]
+
+    @property
+    def halo_px(self) -> int:
+        """The largest of the four sides' halos."""
+        return max(self.halos)
 
     def with_halo(self, halo_px: int) -> Chunk:
-        """The same owned region read with another halo."""
-        return _make(self.row, self.col, self.own, self.shape, halo_px)
+        """The same owned region read with ``halo_px`` on every side."""
+        return _make(self.row, self.col, self.own, self.shape, (int(halo_px),) * 4)
+
+    def grown(self, edges: tuple[bool, bool, bool, bool], most: int) -> Chunk:
+        """The same owned region read with twice the halo (at most ``most``) on the sides ``edges``
+        names (top, bottom, left, right), the others as they are.
+
+        Examples
+        --------
+        >>> plan_chunks((64, 64), chunk_px=16, halo_px=4)[5].grown((False, True, False, False), 6).read
+        (12, 38, 12, 36)
+        """
+        halos = tuple(min(2 * h, int(most)) if e else h for h, e in zip(self.halos, edges))
+        return _make(self.row, self.col, self.own, self.shape, halos)  # type: ignore[arg-type]
+
+    def growable(self, most: int) -> tuple[bool, bool, bool, bool]:
+        """Which sides (top, bottom, left, right) lie inside the map with a halo below ``most``."""
+        return tuple(o and h < most for o, h in zip(self.open_edges, self.halos))  # type: ignore[return-value]
 
     @property
     def open_edges(self) -> tuple[bool, bool, bool, bool]:
@@ -53,11 +74,13 @@ class Chunk:
         return (ry0 > 0, ry1 < h, rx0 > 0, rx1 < w)
 
 
-def _make(row: int, col: int, own: tuple[int, int, int, int], shape: tuple[int, int], halo_px: int) -> Chunk:
+def _make(row: int, col: int, own: tuple[int, int, int, int], shape: tuple[int, int],
+          halos: tuple[int, int, int, int]) -> Chunk:
     y0, y1, x0, x1 = own
     h, w = shape
-    read = (max(0, y0 - halo_px), min(h, y1 + halo_px), max(0, x0 - halo_px), min(w, x1 + halo_px))
-    return Chunk(row, col, own, read, (h, w), halo_px)
+    top, bottom, left, right = halos
+    read = (max(0, y0 - top), min(h, y1 + bottom), max(0, x0 - left), min(w, x1 + right))
+    return Chunk(row, col, own, read, (h, w), halos)
 
 
 def plan_chunks(shape: tuple[int, int], *, chunk_px: int, halo_px: int, align_px: int = 1) -> list[Chunk]:
@@ -99,7 +122,7 @@ def plan_chunks(shape: tuple[int, int], *, chunk_px: int, halo_px: int, align_px
     for r, y0 in enumerate(range(0, h, chunk_px)):
         for c, x0 in enumerate(range(0, w, chunk_px)):
             own = (y0, min(h, y0 + chunk_px), x0, min(w, x0 + chunk_px))
-            chunks.append(_make(r, c, own, (h, w), int(halo_px)))
+            chunks.append(_make(r, c, own, (h, w), (int(halo_px),) * 4))
     return chunks
 
 

@@ -20,7 +20,9 @@ How borders are handled, per task:
   edge (growing the cores back by the erosion size then sees every core that could compete for a
   pixel, and hole filling sees the whole object); a lumen also needs every gland it overlaps to be
   complete (the lumen-inside-gland test). Glands can be millimetres wide, so a chunk doubles its
-  halo until that holds, up to ``gland_max_halo_px`` (default 2048 px = 1 mm at 0.5 um/px).
+  halo on the sides where that fails until it holds, up to ``gland_max_halo_px`` (default 2048 px
+  = 1 mm at 0.5 um/px); the other sides keep theirs (an object near one edge costs no read beyond
+  the other three).
   An object still cut at that halo is written cut at the halo edge (the part inside the region
   read by the chunk that owns its bounding-box start, so one chunk writes it) and flagged
   ``truncated``. As for nuclei, the steps run only on the part of the read region the owned
@@ -57,7 +59,7 @@ import numpy as np
 import shapely
 
 from wsi_mtl.errors import InputError
-from wsi_mtl.malloc import release_if_larger
+from wsi_mtl.malloc import release_freed_pages, release_if_larger
 from wsi_mtl.objects import COLUMNS, TASKS, ObjectBatch
 from wsi_mtl.postprocess import _compiled
 from wsi_mtl.postprocess._chunks import Chunk, plan_chunks
@@ -392,6 +394,14 @@ class _Job:
     max_halo_px: int
 
 
+@dataclass(frozen=True)
+class _Grow:
+    """A chunk's answer where an object it may own comes near read edges whose halo can still grow:
+    those sides (top, bottom, left, right)."""
+
+    edges: tuple[bool, bool, bool, bool]
+
+
 def _empty_result() -> dict[str, Any]:
     return {}
 
@@ -510,10 +520,23 @@ def _touches_open_edge(sl: tuple[slice, slice], shape: tuple[int, int], chunk: C
 def _near_open_edge(box: np.ndarray, shape: tuple[int, int], chunk: Chunk, margin: int = 1) -> np.ndarray:
     """Whether each crop-local box (rows of row0, row1, col0, col1) comes within ``margin`` px of
     an inner read edge."""
+    return _near_open_edges(box, shape, chunk, margin).any(axis=1)
+
+
+def _near_open_edges(box: np.ndarray, shape: tuple[int, int], chunk: Chunk, margin: int = 1) -> np.ndarray:
+    """(n, 4) bool: whether each crop-local box comes within ``margin`` px of the read region's
+    top, bottom, left and right edge where that edge lies inside the map."""
     top, bottom, left, right = chunk.open_edges
     h, w = shape
-    return ((top & (box[:, 0] < margin)) | (bottom & (box[:, 1] > h - margin))
-            | (left & (box[:, 2] < margin)) | (right & (box[:, 3] > w - margin)))
+    return np.stack([top & (box[:, 0] < margin), bottom & (box[:, 1] > h - margin),
+                     left & (box[:, 2] < margin), right & (box[:, 3] > w - margin)], axis=1).reshape(-1, 4)
+
+
+def _sides_to_grow(box: np.ndarray, shape: tuple[int, int], chunk: Chunk, margin: int,
+                   growable: tuple[bool, bool, bool, bool]) -> tuple[bool, bool, bool, bool]:
+    """The ``growable`` sides that some box comes within ``margin`` px of."""
+    near = _near_open_edges(box, shape, chunk, margin).any(axis=0)
+    return tuple(bool(n and g) for n, g in zip(near, growable))  # type: ignore[return-value]
 
 
 #: Context kept around the blobs a nuclei chunk may own, model px. A nucleus depends only on its
@@ -543,6 +566,16 @@ def _meeting(box: np.ndarray, grow: int, rect: tuple[int, int, int, int]) -> np.
     """Which boxes (rows of row0, row1, col0, col1), grown by ``grow`` px, meet ``rect``."""
     y0, y1, x0, x1 = rect
     return (box[:, 0] - grow < y1) & (box[:, 1] + grow > y0) & (box[:, 2] - grow < x1) & (box[:, 3] + grow > x0)
+
+
+def _meeting_any(box: np.ndarray, others: np.ndarray, grow: int, block: int = 1024) -> np.ndarray:
+    """Which boxes, grown by ``grow`` px, meet at least one of ``others``."""
+    hit = np.zeros(len(box), bool)
+    for i in range(0, len(others), block):
+        o = others[i : i + block]
+        hit |= ((box[:, None, 0] - grow < o[None, :, 1]) & (box[:, None, 1] + grow > o[None, :, 0])
+                & (box[:, None, 2] - grow < o[None, :, 3]) & (box[:, None, 3] + grow > o[None, :, 2])).any(axis=1)
+    return hit
 
 
 def _union(box: np.ndarray, grow: int, shape: tuple[int, int]) -> tuple[int, int, int, int]:
@@ -651,18 +684,17 @@ def _coarse_read(reader: Any, head: str, chunk: Chunk, f: int, fine_shape: tuple
 
 
 def _gland_context(cores: list[np.ndarray], chunk: Chunk, params: PostprocessParams,
-                   final: bool) -> tuple[tuple[int, int, int, int], list[np.ndarray] | None] | None:
+                   growable: tuple[bool, bool, bool, bool]) -> tuple[tuple[int, int, int, int], list[np.ndarray]] | _Grow | None:
     """The part of a gland chunk's read region (local rows/cols) that its own glands and lumen
     need, from the components of the cores each object grows from (``cores``: the gland cores after
-    their opening, then the lumen cores if any, each dropped from the list once labelled; an object
-    lies in its component's box grown by its erosion): the components that can give an object
-    whose box starts in the owned region, then
+    their opening, then the lumen cores if any; an object lies in its component's box grown by its
+    erosion): the components that can give an object whose box starts in the owned region, then
     every component that could overlap them or compete for their pixels, whole, and around them the
-    completeness margin. Returns that rectangle and the labelled components inside it, gland and
-    lumen, holding only those components (no pieces of others, which could pass for owned objects)
-    and numbered as ``ndi.label`` numbers the crop; the labels are None where one of the first
-    comes within that margin of an open read edge and the halo is not ``final`` (redo with a
-    larger one). None: no such component."""
+    completeness margin. Returns that rectangle and, per mask of ``cores``, which of its components
+    (in ``scipy.ndimage.label`` order) to keep (:func:`_kept_labels` labels them). Where one of the first, or a gland component
+    that may overlap a lumen among them (the lumen's inside test needs it whole), comes within that
+    margin of read edges of the ``growable`` sides: those sides (:class:`_Grow`, redo with a larger
+    halo there). None: no such component."""
     grid = params.gland_grid()
     g_er, l_er = grid.gland_erosion_px, grid.lumen_erosion_px
     boxes, firsts = [], []
@@ -680,15 +712,20 @@ def _gland_context(cores: list[np.ndarray], chunk: Chunk, params: PostprocessPar
     mine = _union(box[first], 0, shape)
     near = _meeting(box, 2 * grow + margin, mine)
     rect = _union(box[near], grow + margin + 1, shape)
-    if not final and _touches_open_edge(_slices(mine), shape, chunk, grow + margin):
-        return rect, None
-    kept, start = [], 0
-    for k, b in enumerate(boxes):
-        keep = near[start : start + len(b)]
-        start += len(b)
-        mask, cores[k] = cores[k], None  # gone once labelled (the caller holds none)
-        kept.append(kept_components(mask, keep, rect))  # as if the crop were labelled
-    return rect, kept
+    whole = [np.array([mine])]
+    if len(boxes) > 1:
+        whole.append(boxes[0][_meeting_any(boxes[0], boxes[1][firsts[1]], g_er + l_er)])
+    more = _sides_to_grow(np.concatenate(whole), shape, chunk, grow + margin, growable)
+    if any(more):
+        return _Grow(more)
+    return rect, np.split(near, np.cumsum([len(b) for b in boxes])[:-1])
+
+
+def _kept_labels(cores: list[np.ndarray | None], k: int, keep: np.ndarray, rect: tuple[int, int, int, int]) -> np.ndarray:
+    """The components ``keep`` of the mask ``cores[k]`` in ``rect``, numbered as if the crop were
+    labelled (:func:`kept_components`); the mask leaves the list (the caller holds no other reference)."""
+    mask, cores[k] = cores[k], None
+    return kept_components(mask, keep, rect)
 
 
 def _gland_margin(erosion: int, params: PostprocessParams) -> int:
@@ -712,9 +749,11 @@ def _may_start_in(box: np.ndarray, grow: int, rect: tuple[int, int, int, int], c
             & ((box[:, 2] - grow < x1) | any_col) & (box[:, 2] >= x0))
 
 
-def _glands_under(glands: np.ndarray, lumen: np.ndarray, ids: np.ndarray, slices: list) -> np.ndarray:
-    """The glands (labels) that the lumen ``ids`` overlap."""
-    under = [np.unique(glands[slices[i - 1]][lumen[slices[i - 1]] == i]) for i in ids]
+def _glands_under(glands: np.ndarray, lumen: np.ndarray, ids: np.ndarray, box: np.ndarray) -> np.ndarray:
+    """The glands (labels) that the lumen ``ids`` (boxes ``box``, one row each) overlap."""
+    under = []
+    for i, sl in zip(ids, (_slices(b) for b in box)):
+        under.append(np.unique(glands[sl][lumen[sl] == i]))
     found = np.unique(np.concatenate(under)) if under else np.zeros(0, np.int64)
     return found[found > 0].astype(np.int64)
 
@@ -738,13 +777,19 @@ def _non_glandular(reader: Any, meta: MapsMeta, params: PostprocessParams, gland
     return _set_to_zero(glands, np.asarray(ids, np.int64)[share > params.gland_max_nonglandular], slices)
 
 
-def _unconfident(glands: np.ndarray, ginst: np.ndarray, ids: np.ndarray, slices: list, min_probability: float) -> np.ndarray:
-    """The glands of ``ids`` whose mean gland probability (interior + boundary of ``ginst``, over
-    their pixels) is below ``min_probability``, now set to 0 in ``glands``."""
+def _unconfident(reader: Any, meta: MapsMeta, params: PostprocessParams, glands: np.ndarray, ids: np.ndarray,
+                 slices: list, chunk: Chunk) -> np.ndarray:
+    """The glands of ``ids`` (complete, in the chunk's read region) whose mean gland probability
+    (interior + boundary, over their pixels) is below ``params.gland_min_probability``, now set to
+    0 in ``glands``; the gland map is read over their boxes only."""
     ids = np.asarray(ids, np.int64)
+    if len(ids) == 0:
+        return ids
+    rect = _union(_boxes_of(slices, ids), 0, glands.shape)
+    ginst = _coarse_read(reader, GLAND_INST, _crop_chunk(chunk, rect), params.gland_grid().factor, meta.heads[GLAND_INST].shape[1:])
     # every label the chunk made is counted: the tissue test may have set some to 0 by now, the largest too
-    mean = _mean_foreground(glands, ginst, ids, length=len(slices) + 1)
-    return _set_to_zero(glands, ids[mean < min_probability], slices)
+    mean = _mean_foreground(glands[_slices(rect)], ginst, ids, length=len(slices) + 1)
+    return _set_to_zero(glands, ids[mean < params.gland_min_probability], slices)
 
 
 def _set_to_zero(labels: np.ndarray, ids: np.ndarray, slices: list) -> np.ndarray:
@@ -755,74 +800,97 @@ def _set_to_zero(labels: np.ndarray, ids: np.ndarray, slices: list) -> np.ndarra
     return ids
 
 
-def _glands_chunk(reader: Any, chunk: Chunk, meta: MapsMeta, params: PostprocessParams, final: bool, tasks: tuple[str, ...]) -> dict[str, Any] | None:
+@dataclass
+class _OwnedLumen:
+    """The lumen a gland chunk owns, cropped to their boxes (+1 px) before its glands are made."""
+
+    labels: np.ndarray  # the owned lumen only (the rest 0), numbered as in the whole context
+    rect: tuple[int, int, int, int]  # the crop, local to the chunk's read region
+    ids: np.ndarray  # the owned labels
+    box: np.ndarray  # their boxes, one row each, local to the crop
+    cut: np.ndarray  # whether each comes near an open read edge
+
+
+def _owned_lumen(comps: np.ndarray, chunk: Chunk, grid: Any, growable: tuple[bool, bool, bool, bool]) -> _OwnedLumen | _Grow | None:
+    """The lumen grown from their kept core components (``comps``, grown in place) that ``chunk``
+    owns: cropped to them (:func:`_only`); the sides to grow where one comes near an open read edge
+    that can still grow; None where it owns none."""
+    er = grid.lumen_erosion_px
+    lumen = grow_components(comps, erosion_px=er, min_area_px=grid.lumen_min_area_px, in_place=True)
+    box = box_table(lumen)
+    ids = _owned_boxes(box, chunk)
+    if not len(ids):
+        return None
+    box = box[ids - 1]
+    more = _sides_to_grow(box, lumen.shape, chunk, 2 * er + 1, growable)
+    if any(more):
+        return _Grow(more)
+    cut = _near_open_edge(box, lumen.shape, chunk, 2 * er + 1)
+    crop, rect = _only(lumen, ids, box)
+    return _OwnedLumen(crop, rect, ids, box - np.array([rect[0], rect[0], rect[2], rect[2]]), cut)
+
+
+def _inner(rect: tuple[int, int, int, int], sub: tuple[int, int, int, int]) -> tuple[int, int, int, int]:
+    """``sub`` (local to ``rect``) local to what ``rect`` is local to."""
+    return rect[0] + sub[0], rect[0] + sub[1], rect[2] + sub[2], rect[2] + sub[3]
+
+
+def _glands_chunk(reader: Any, chunk: Chunk, meta: MapsMeta, params: PostprocessParams,
+                  growable: tuple[bool, bool, bool, bool], tasks: tuple[str, ...]) -> dict[str, Any] | _Grow:
     grid = params.gland_grid()
     f = grid.factor
     fine = meta.heads[GLAND_INST].shape[1:]
     ginst = _coarse_read(reader, GLAND_INST, chunk, f, fine)
     if not ginst.any():
         return _empty_result()
-    # from the cores on only the interior and boundary channels are read (the objects' mean
-    # probability): one map of three channels at a time
-    cores = [opened_cores(ginst, params.gland_threshold, grid.gland_open_px)]
-    ginst, linst = ginst[1:].copy(), None
+    # only the cores are kept: the maps are read again where the objects judged lie (their mean probability)
+    cores: list[np.ndarray | None] = [opened_cores(ginst, params.gland_threshold, grid.gland_open_px)]
+    ginst = None
     if "lumen" in tasks and LUMEN_INST in meta.heads:
-        linst = _coarse_read(reader, LUMEN_INST, chunk, f, fine)
-        cores.append(core_mask(linst, params.lumen_threshold))
-        linst = linst[1:].copy()
-    context = _gland_context(cores, chunk, params, final)
+        cores.append(core_mask(_coarse_read(reader, LUMEN_INST, chunk, f, fine), params.lumen_threshold))
+    context = _gland_context(cores, chunk, params, growable)  # type: ignore[arg-type]
     if context is None:
         return _empty_result()
-    rect, comps = context
-    if comps is None:
-        return None  # an object it may own may be cut by the read region: redone with a larger halo first
+    if isinstance(context, _Grow):
+        return context  # an object it may own may be cut by the read region: redone with a larger halo first
+    rect, keeps = context
     a, b, l, r = rect  # the halo beyond it only completes what the chunk owns
-    ginst, linst = ginst[:, a:b, l:r], None if linst is None else linst[:, a:b, l:r]
     chunk = _crop_chunk(chunk, rect)
+    # the lumen first, cropped to those owned: the whole region's lumen and gland labels never meet
+    lum = _owned_lumen(_kept_labels(cores, 1, keeps[1], rect), chunk, grid, growable) if len(cores) > 1 else None
+    if isinstance(lum, _Grow):
+        return lum
     g_er = grid.gland_erosion_px
-    glands = grow_components(comps[0], erosion_px=g_er, min_area_px=grid.gland_min_area_px, in_place=True)
-    comps[0] = None  # glands is the one reference: the full region goes once cropped to the owned glands
+    glands = grow_components(_kept_labels(cores, 0, keeps[0], rect), erosion_px=g_er, min_area_px=grid.gland_min_area_px,
+                             in_place=True)
     g_margin = _gland_margin(g_er, params)
     g_box = box_table(glands)
     g_slices = slices_of(g_box)
     g_cut = (g_box[:, 1] > g_box[:, 0]) & _near_open_edge(g_box, glands.shape, chunk, g_margin)
-    out: dict[str, Any] = {}
-    ds = meta.downsample * f
-    need_more = False
     g_owned = _owned_boxes(g_box, chunk) if "gland" in tasks else np.zeros(0, np.int64)
-    if len(g_owned) and g_cut[g_owned - 1].any():
-        need_more = True
-    lumen = l_owned = l_cut = None
-    l_under = np.zeros(0, np.int64)
-    if linst is not None:
-        l_er = grid.lumen_erosion_px
-        lumen = grow_components(comps[1], erosion_px=l_er, min_area_px=grid.lumen_min_area_px, in_place=True)
-        comps[1] = None
-        l_box = box_table(lumen)
-        l_slices = slices_of(l_box)
-        l_owned = _owned_boxes(l_box, chunk)
-        if len(l_owned):
-            l_cut = _near_open_edge(l_box[l_owned - 1], lumen.shape, chunk, 2 * l_er + 1)
-            # every gland overlapping an owned lumen must be complete for the inside test
-            l_under = _glands_under(glands, lumen, l_owned, l_slices)
-            need_more = need_more or bool(l_cut.any() or g_cut[l_under - 1].any())
-    if need_more and not final:
-        return None
-    need = np.union1d(g_owned, l_under) if lumen is not None and len(l_owned) else g_owned  # glands judged here
+    need = g_owned  # the glands judged here: with those under an owned lumen, which must be whole for the inside test
+    if lum is not None:
+        need = np.union1d(g_owned, _glands_under(glands[_slices(lum.rect)], lum.labels, lum.ids, lum.box))
+    more = _sides_to_grow(g_box[need - 1], glands.shape, chunk, g_margin, growable)
+    if any(more):
+        return _Grow(more)
     if params.gland_max_nonglandular < 1:  # glands in tissue where glands do not lie go, with their lumen
         dropped = _non_glandular(reader, meta, params, glands, need, g_slices, chunk)
         g_owned = np.setdiff1d(g_owned, dropped)
     if params.gland_min_probability > 0:  # unconfident glands go, with their lumen
-        dropped = _unconfident(glands, ginst, need, g_slices, params.gland_min_probability)
+        dropped = _unconfident(reader, meta, params, glands, need, g_slices, chunk)
         g_owned = np.setdiff1d(g_owned, dropped)
     # at the largest halo, what is still cut is written cut at the halo edge, flagged truncated
+    # (cut only at sides that cannot grow: the others asked for more above)
     warnings: list[tuple[str, int, int]] = []
-    if lumen is not None and len(l_owned):  # before glands are clipped to the tissue
-        in_gland = _inside_fraction(lumen, glands)[l_owned] >= params.lumen_min_inside
-        l_owned, l_cut = l_owned[in_gland], l_cut[in_gland]
+    ds = meta.downsample * f
+    if lum is not None:  # before glands are clipped to the tissue
+        inside = _inside_fraction(lum.labels, glands[_slices(lum.rect)])[lum.ids] >= params.lumen_min_inside
+        lum.ids, lum.box, lum.cut = lum.ids[inside], lum.box[inside], lum.cut[inside]
+    out: dict[str, Any] = {}
     if len(g_owned):
-        glands, rect = _only(glands, g_owned, g_box[g_owned - 1])  # what is measured from here on
-        sub, ginst = _crop_chunk(chunk, rect), ginst[(slice(None), *_slices(rect))]
+        glands, g_rect = _only(glands, g_owned, g_box[g_owned - 1])  # what is measured from here on
+        sub = _crop_chunk(chunk, g_rect)
         g_keep = _in_tissue(reader, meta, params, glands, g_owned, sub.read, ds, clip=True)
         ids, polys = labels_to_polygons(glands, offset_yx=(sub.read[0], sub.read[2]), downsample=ds,
                                         simplify_px=params.simplify_px, label_ids=g_keep)
@@ -832,20 +900,20 @@ def _glands_chunk(reader: Any, chunk: Chunk, meta: MapsMeta, params: Postprocess
             cls, prob = cls[ids - 1], prob[ids - 1]
         else:
             cls = np.ones(len(ids), np.int32)
-            prob = _mean_foreground(glands, ginst, ids)
+            prob = _mean_foreground(glands, _coarse_read(reader, GLAND_INST, sub, f, fine), ids)
         truncated = g_cut[ids - 1]
         out["gland"] = _rows("gland", cls, prob, polys, meta, truncated=truncated)
         warnings.append(("gland_truncated", int(truncated.sum()), chunk.halo_px * f))
-    ginst = glands = None  # the lumen below need neither
-    if lumen is not None and len(l_owned):
-        lumen, rect = _only(lumen, l_owned, l_box[l_owned - 1])
-        sub, linst = _crop_chunk(chunk, rect), linst[(slice(None), *_slices(rect))]
-        l_keep = _in_tissue(reader, meta, params, lumen, l_owned, sub.read, ds, clip=True)
+    glands = None  # the lumen below need them no more
+    if lum is not None and len(lum.ids):
+        lumen, l_rect = _only(lum.labels, lum.ids, lum.box)
+        sub = _crop_chunk(chunk, _inner(lum.rect, l_rect))
+        l_keep = _in_tissue(reader, meta, params, lumen, lum.ids, sub.read, ds, clip=True)
         if len(l_keep):
             ids, polys = labels_to_polygons(lumen, offset_yx=(sub.read[0], sub.read[2]), downsample=ds,
                                             simplify_px=params.simplify_px, label_ids=l_keep)
-            prob = _mean_foreground(lumen, linst, ids)
-            truncated = np.isin(ids, l_owned[l_cut])
+            prob = _mean_foreground(lumen, _coarse_read(reader, LUMEN_INST, sub, f, fine), ids)
+            truncated = np.isin(ids, lum.ids[lum.cut])
             out["lumen"] = _rows("lumen", np.ones(len(ids), np.int32), prob, polys, meta, truncated=truncated)
             warnings.append(("lumen_truncated", int(truncated.sum()), chunk.halo_px * f))
     out["warnings"] = [w for w in warnings if w[1]]
@@ -883,16 +951,18 @@ def _finish_tissue(cls: np.ndarray, prob: np.ndarray, geometry: np.ndarray, meta
 
 def _attempt(reader: Any, job: _Job, chunk: Chunk, meta: MapsMeta, params: PostprocessParams) -> dict[str, Any] | Chunk:
     """One try of a nuclei or gland job at ``chunk``'s read region: the result, or the chunk to
-    try next (twice the halo, up to the job's largest) where an object it may own is cut."""
-    final = chunk.halo_px >= job.max_halo_px or not any(chunk.open_edges)
+    try next where an object it may own is cut (twice the halo, up to the job's largest: a nuclei
+    chunk on every side, a gland chunk on the sides where its objects are cut)."""
+    growable = chunk.growable(job.max_halo_px)
     if job.group == "nuclei":
-        res = _nuclei_chunk(reader, chunk, meta, params, final)
+        res = _nuclei_chunk(reader, chunk, meta, params, not any(growable))
+        res = _Grow(growable) if res is None else res
     else:
-        res = _glands_chunk(reader, chunk, meta, params, final, job.tasks)
-    if res is not None:
+        res = _glands_chunk(reader, chunk, meta, params, growable, job.tasks)
+    if not isinstance(res, _Grow):
         return res
-    log.debug("chunk %s (%s): halo %d too small, doubling", (chunk.row, chunk.col), job.group, chunk.halo_px)
-    return chunk.with_halo(min(2 * chunk.halo_px, job.max_halo_px))
+    log.debug("chunk %s (%s): halos %s too small, doubling on %s", (chunk.row, chunk.col), job.group, chunk.halos, res.edges)
+    return chunk.grown(res.edges, job.max_halo_px)
 
 
 def _run_job(reader: Any, job: _Job, meta: MapsMeta, params: PostprocessParams) -> dict[str, Any]:
@@ -925,6 +995,8 @@ def _worker(path: str, job: _Job, meta: MapsMeta, params: PostprocessParams) -> 
     reader = _READERS.get(path)
     if reader is None:
         reader = _READERS[path] = _ZarrReader(path)
+    if job.group == "glands":
+        release_freed_pages()  # the largest jobs start on a heap that keeps no earlier chunk's pages (wsi_mtl.malloc)
     try:
         return _run_job(reader, job, meta, params)
     finally:
@@ -1041,7 +1113,7 @@ def _plan_jobs(meta: MapsMeta, tasks: tuple[str, ...], *, chunk_px: int, halo_px
             jobs.append(_Job("glands", c, gl, big))
     if "tissue" in tasks:
         for c in plan_chunks(meta.heads[PATCH].shape[1:], chunk_px=chunk_px, halo_px=1):
-            jobs.append(_Job("tissue", replace(c, read=c.own, halo_px=0), ("tissue",), 0))
+            jobs.append(_Job("tissue", replace(c, read=c.own, halos=(0, 0, 0, 0)), ("tissue",), 0))
     return jobs
 
 

@@ -343,25 +343,38 @@ def _mean_in_labels(labels: np.ndarray, values: np.ndarray, ids: np.ndarray, sca
     (``length``: labels counted, default ``labels.max() + 1``; more where some of ``ids`` may be gone)."""
     if len(ids) == 0:
         return np.zeros(0)
-    n = int(labels.max(initial=0)) + 1 if length is None else length
-    found = None
+    counts, sums = _counts_and_sums(labels, values, int(labels.max(initial=0)) + 1 if length is None else length)
+    return sums[ids] / np.maximum(counts[ids], 1) / scale
+
+
+def _counts_and_sums(labels: np.ndarray, values: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray]:
+    """Pixels of each label (index = label, ``n`` entries) and the sum of ``values`` over them."""
     if values.dtype.kind in "iu" and values.shape == labels.shape and _compiled.available():
         found = _compiled.label_sums(labels, values, n)  # one pass; integer sums, exact as bincount's float64 ones
-    if found is None:
-        on = labels > 0  # over the objects' pixels only (same sums: background adds to entry 0)
-        found = _sizes(labels, n), np.bincount(labels[on], weights=values[on].astype(np.float64), minlength=n)
-    counts, sums = found
-    return sums[ids] / np.maximum(counts[ids], 1) / scale
+        if found is not None:
+            return found
+    on = labels > 0  # over the objects' pixels only (same sums: background adds to entry 0)
+    return _sizes(labels, n), np.bincount(labels[on], weights=values[on].astype(np.float64), minlength=n)
 
 
 def _mean_foreground(labels: np.ndarray, inst_prob: np.ndarray, ids: np.ndarray, *, length: int | None = None) -> np.ndarray:
     """Each label of ``ids``: the mean over its pixels of ``inst_prob``'s interior + boundary
     probability (a probability, whatever the map's encoding; uint8 maps summed as integers, in one
     compiled pass). ``inst_prob``: the background, interior and boundary channels, or only the last
-    two. ``length`` as in :func:`_mean_in_labels`."""
+    two. ``length`` as in :func:`_mean_in_labels`. uint8 maps are summed a few rows at a time (no
+    full-size sum; integer sums, the same in any order)."""
     s = _scale(inst_prob)
-    fg = inst_prob[-2].astype(np.uint16 if s == 255.0 else np.float64) + inst_prob[-1]
-    return _mean_in_labels(labels, fg, ids, s, length=length)
+    if s != 255.0 or labels.ndim != 2 or len(ids) == 0:
+        fg = inst_prob[-2].astype(np.uint16 if s == 255.0 else np.float64) + inst_prob[-1]
+        return _mean_in_labels(labels, fg, ids, s, length=length)
+    n = int(labels.max(initial=0)) + 1 if length is None else length
+    counts, sums = np.zeros(n, np.int64), np.zeros(n, np.float64)
+    for y in range(0, labels.shape[0], _MASK_ROWS):
+        rows = slice(y, y + _MASK_ROWS)
+        c, t = _counts_and_sums(labels[rows], inst_prob[-2, rows].astype(np.uint16) + inst_prob[-1, rows], n)
+        counts += c
+        sums += t
+    return sums[ids] / np.maximum(counts[ids], 1) / s
 
 
 def _reaches(labels: np.ndarray, values: np.ndarray, least: float, n: int) -> np.ndarray:
@@ -791,7 +804,15 @@ def core_mask(inst_prob: np.ndarray, threshold: float) -> np.ndarray:
     map's encoding), before any opening."""
     s = _scale(inst_prob)
     work = np.int16 if s == 255.0 else np.float32
-    return inst_prob[1].astype(work) - inst_prob[2].astype(work) > threshold * s
+    out = np.empty(inst_prob.shape[1:], bool)
+    for y in range(0, out.shape[0], _MASK_ROWS):  # a few rows at a time: no full-size temporaries
+        rows = slice(y, y + _MASK_ROWS)
+        out[rows] = inst_prob[1, rows].astype(work) - inst_prob[2, rows].astype(work) > threshold * s
+    return out
+
+
+#: rows of a map per step of :func:`core_mask` and :func:`_mean_foreground`
+_MASK_ROWS = 256
 
 
 def _core_instances(

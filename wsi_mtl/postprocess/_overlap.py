@@ -37,10 +37,10 @@ from typing import Any
 
 import numpy as np
 
-from wsi_mtl.malloc import chunk_worker_pages, release_if_larger
+from wsi_mtl.malloc import release_freed_pages, release_if_larger
 from wsi_mtl.postprocess import _extract as ex
 from wsi_mtl.postprocess._chunks import Chunk
-from wsi_mtl.postprocess._pool import _context, children_allowed, ordered_results
+from wsi_mtl.postprocess._pool import _context, children_allowed, ordered_results, start_chunk_worker
 
 __all__ = ["OverlapExtractor", "SPOOL_DIR"]
 
@@ -102,6 +102,8 @@ def _run_spooled(path: str, job: Any, meta: Any, params: Any, readiness: _Readin
 
     Returns the chunk reached (its halo) and whether the job finished.
     """
+    if _IN_POOL_PROCESS and job.group == "glands":
+        release_freed_pages()  # the largest jobs start on a heap that keeps no earlier chunk's pages (wsi_mtl.malloc)
     try:
         chunk, res = _attempts(_reader(path), job, meta, params, readiness, scale)
     finally:
@@ -125,10 +127,11 @@ _IN_POOL_PROCESS = False
 
 def _start_worker(niceness: int) -> None:
     """Pool processes yield to the network's threads when both want a core, and reuse the pages a
-    chunk frees within that chunk, in small pages (:func:`~wsi_mtl.malloc.chunk_worker_pages`)."""
+    chunk frees within that chunk, in small pages, reading few zarr chunks at once
+    (:func:`~wsi_mtl.postprocess._pool.start_chunk_worker`)."""
     global _IN_POOL_PROCESS
     _IN_POOL_PROCESS = True
-    chunk_worker_pages()
+    start_chunk_worker()
     try:
         os.nice(niceness)
     except OSError:  # pragma: no cover - not permitted

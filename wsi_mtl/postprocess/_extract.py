@@ -691,10 +691,10 @@ def _gland_context(cores: list[np.ndarray], chunk: Chunk, params: PostprocessPar
     erosion): the components that can give an object whose box starts in the owned region, then
     every component that could overlap them or compete for their pixels, whole, and around them the
     completeness margin. Returns that rectangle and, per mask of ``cores``, which of its components
-    (in ``scipy.ndimage.label`` order) to keep (:func:`_kept_labels` labels them). Where one of the first, or a gland component
-    that may overlap a lumen among them (the lumen's inside test needs it whole), comes within that
-    margin of read edges of the ``growable`` sides: those sides (:class:`_Grow`, redo with a larger
-    halo there). None: no such component."""
+    (in ``scipy.ndimage.label`` order) to keep (:func:`_kept_labels` labels them). Where one of the
+    first, or a gland component that may overlap a lumen among them (the lumen's inside test needs
+    it whole), comes within that margin of read edges of the ``growable`` sides: those sides
+    (:class:`_Grow`, redo with a larger halo there). None: no such component."""
     grid = params.gland_grid()
     g_er, l_er = grid.gland_erosion_px, grid.lumen_erosion_px
     boxes, firsts = [], []
@@ -713,7 +713,7 @@ def _gland_context(cores: list[np.ndarray], chunk: Chunk, params: PostprocessPar
     near = _meeting(box, 2 * grow + margin, mine)
     rect = _union(box[near], grow + margin + 1, shape)
     whole = [np.array([mine])]
-    if len(boxes) > 1:
+    if len(boxes) > 1:  # checked here, before any label image: a chunk that must grow learns it cheaply
         whole.append(boxes[0][_meeting_any(boxes[0], boxes[1][firsts[1]], g_er + l_er)])
     more = _sides_to_grow(np.concatenate(whole), shape, chunk, grow + margin, growable)
     if any(more):
@@ -751,9 +751,7 @@ def _may_start_in(box: np.ndarray, grow: int, rect: tuple[int, int, int, int], c
 
 def _glands_under(glands: np.ndarray, lumen: np.ndarray, ids: np.ndarray, box: np.ndarray) -> np.ndarray:
     """The glands (labels) that the lumen ``ids`` (boxes ``box``, one row each) overlap."""
-    under = []
-    for i, sl in zip(ids, (_slices(b) for b in box)):
-        under.append(np.unique(glands[sl][lumen[sl] == i]))
+    under = [np.unique(glands[sl][lumen[sl] == i]) for i, sl in zip(ids, map(_slices, box))]
     found = np.unique(np.concatenate(under)) if under else np.zeros(0, np.int64)
     return found[found > 0].astype(np.int64)
 
@@ -880,44 +878,45 @@ def _glands_chunk(reader: Any, chunk: Chunk, meta: MapsMeta, params: Postprocess
     if params.gland_min_probability > 0:  # unconfident glands go, with their lumen
         dropped = _unconfident(reader, meta, params, glands, need, g_slices, chunk)
         g_owned = np.setdiff1d(g_owned, dropped)
-    # at the largest halo, what is still cut is written cut at the halo edge, flagged truncated
-    # (cut only at sides that cannot grow: the others asked for more above)
-    warnings: list[tuple[str, int, int]] = []
-    ds = meta.downsample * f
     if lum is not None:  # before glands are clipped to the tissue
         inside = _inside_fraction(lum.labels, glands[_slices(lum.rect)])[lum.ids] >= params.lumen_min_inside
         lum.ids, lum.box, lum.cut = lum.ids[inside], lum.box[inside], lum.cut[inside]
-    out: dict[str, Any] = {}
+    # at the largest halo, what is still cut is written cut at the halo edge, flagged truncated
+    # (cut only at sides that cannot grow: the others asked for more above)
+    out: dict[str, Any] = {"warnings": []}
     if len(g_owned):
         glands, g_rect = _only(glands, g_owned, g_box[g_owned - 1])  # what is measured from here on
-        sub = _crop_chunk(chunk, g_rect)
-        g_keep = _in_tissue(reader, meta, params, glands, g_owned, sub.read, ds, clip=True)
-        ids, polys = labels_to_polygons(glands, offset_yx=(sub.read[0], sub.read[2]), downsample=ds,
-                                        simplify_px=params.simplify_px, label_ids=g_keep)
-        if GLAND_TYPE in meta.heads:
-            gtype = _coarse_read(reader, GLAND_TYPE, sub, f, fine)
-            cls, prob = instance_type(glands, gtype)
-            cls, prob = cls[ids - 1], prob[ids - 1]
-        else:
-            cls = np.ones(len(ids), np.int32)
-            prob = _mean_foreground(glands, _coarse_read(reader, GLAND_INST, sub, f, fine), ids)
-        truncated = g_cut[ids - 1]
-        out["gland"] = _rows("gland", cls, prob, polys, meta, truncated=truncated)
-        warnings.append(("gland_truncated", int(truncated.sum()), chunk.halo_px * f))
+        out["gland"] = _owned_rows("gland", reader, meta, params, glands, g_owned, _crop_chunk(chunk, g_rect), g_cut[g_owned - 1])
     glands = None  # the lumen below need them no more
     if lum is not None and len(lum.ids):
         lumen, l_rect = _only(lum.labels, lum.ids, lum.box)
-        sub = _crop_chunk(chunk, _inner(lum.rect, l_rect))
-        l_keep = _in_tissue(reader, meta, params, lumen, lum.ids, sub.read, ds, clip=True)
-        if len(l_keep):
-            ids, polys = labels_to_polygons(lumen, offset_yx=(sub.read[0], sub.read[2]), downsample=ds,
-                                            simplify_px=params.simplify_px, label_ids=l_keep)
-            prob = _mean_foreground(lumen, _coarse_read(reader, LUMEN_INST, sub, f, fine), ids)
-            truncated = np.isin(ids, lum.ids[lum.cut])
-            out["lumen"] = _rows("lumen", np.ones(len(ids), np.int32), prob, polys, meta, truncated=truncated)
-            warnings.append(("lumen_truncated", int(truncated.sum()), chunk.halo_px * f))
-    out["warnings"] = [w for w in warnings if w[1]]
+        out["lumen"] = _owned_rows("lumen", reader, meta, params, lumen, lum.ids, _crop_chunk(chunk, _inner(lum.rect, l_rect)), lum.cut)
+    for task in ("gland", "lumen"):
+        n = int(out[task]["truncated"].sum()) if task in out else 0
+        if n:
+            out["warnings"].append((f"{task}_truncated", n, chunk.halo_px * f))
     return out
+
+
+def _owned_rows(task: str, reader: Any, meta: MapsMeta, params: PostprocessParams, labels: np.ndarray, ids: np.ndarray,
+                sub: Chunk, cut: np.ndarray) -> dict[str, Any]:
+    """The table rows of a gland chunk's owned glands or lumen ``ids`` (``cut``: whether each is cut
+    by the read region), from ``labels`` holding only them, read by ``sub``: clipped to the tissue,
+    traced, typed and scored by their mean probability (the map read again over ``sub``)."""
+    f = params.gland_grid().factor
+    ds = meta.downsample * f
+    keep = _in_tissue(reader, meta, params, labels, ids, sub.read, ds, clip=True)
+    traced, polys = labels_to_polygons(labels, offset_yx=(sub.read[0], sub.read[2]), downsample=ds,
+                                       simplify_px=params.simplify_px, label_ids=keep)
+    fine = meta.heads[GLAND_INST].shape[1:]
+    if task == "gland" and GLAND_TYPE in meta.heads:
+        cls, prob = instance_type(labels, _coarse_read(reader, GLAND_TYPE, sub, f, fine))
+        cls, prob = cls[traced - 1], prob[traced - 1]
+    else:
+        cls = np.ones(len(traced), np.int32)
+        prob = _mean_foreground(labels, _coarse_read(reader, GLAND_INST if task == "gland" else LUMEN_INST, sub, f, fine), traced)
+    truncated = np.isin(traced, ids[cut])
+    return _rows(task, cls, prob, polys, meta, truncated=truncated)
 
 
 def _tissue_chunk(reader: Any, chunk: Chunk, meta: MapsMeta, params: PostprocessParams) -> dict[str, Any]:

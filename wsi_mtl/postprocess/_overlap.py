@@ -17,7 +17,7 @@ run re-derives the objects from the maps.
 Memory: the pool has as many processes as chunks may be in flight (a spare process would keep the
 pages of its last chunk), at most one of the chunks in flight is a gland chunk (sent first: the
 longest job; one reads up to (gland_chunk_px + 2 * gland_max_halo_px)^2 model px, 8,192^2 and
-~1.1 GB resident at the defaults; two at once beside the network's process would set the job's
+~0.7 GB resident at the defaults; two at once beside the network's process would set the job's
 peak), and the pool ends once the last chunk is done, before the exports.
 """
 

@@ -752,3 +752,23 @@ def test_cores_and_mean_probabilities_taken_a_few_rows_at_a_time_equal_the_whole
     as_float = prob.astype(np.float32) / 255
     assert np.allclose(inst._mean_foreground(labels, as_float, ids), want)
 
+
+
+def test_boxes_meeting_any_of_others_in_bounded_blocks_equal_the_pairwise_test() -> None:
+    """_meeting_any (a gland chunk's early check of the glands that may hold an owned lumen) compares
+    a bounded number of box pairs at a time: the same answer for every block size."""
+    from wsi_mtl.postprocess._extract import _meeting_any
+
+    rng = np.random.default_rng(0)
+
+    def boxes(n: int) -> np.ndarray:
+        y, x = rng.integers(0, 1000, n), rng.integers(0, 1000, n)
+        return np.stack([y, y + rng.integers(1, 30, n), x, x + rng.integers(1, 30, n)], axis=1)
+
+    box, others = boxes(300), boxes(500)
+    want = np.array([((b[0] - 3 < others[:, 1]) & (b[1] + 3 > others[:, 0])
+                      & (b[2] - 3 < others[:, 3]) & (b[3] + 3 > others[:, 2])).any() for b in box])
+    assert 0 < want.sum() < len(box)
+    for pairs in (1, 299, 1000, 1 << 22):
+        assert np.array_equal(_meeting_any(box, others, 3, pairs=pairs), want)
+    assert not _meeting_any(box, others[:0], 3).any()

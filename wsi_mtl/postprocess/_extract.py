@@ -568,9 +568,11 @@ def _meeting(box: np.ndarray, grow: int, rect: tuple[int, int, int, int]) -> np.
     return (box[:, 0] - grow < y1) & (box[:, 1] + grow > y0) & (box[:, 2] - grow < x1) & (box[:, 3] + grow > x0)
 
 
-def _meeting_any(box: np.ndarray, others: np.ndarray, grow: int, block: int = 1024) -> np.ndarray:
-    """Which boxes, grown by ``grow`` px, meet at least one of ``others``."""
+def _meeting_any(box: np.ndarray, others: np.ndarray, grow: int, pairs: int = 1 << 22) -> np.ndarray:
+    """Which boxes, grown by ``grow`` px, meet at least one of ``others`` (about ``pairs`` box pairs
+    compared at a time)."""
     hit = np.zeros(len(box), bool)
+    block = max(1, pairs // max(1, len(box)))
     for i in range(0, len(others), block):
         o = others[i : i + block]
         hit |= ((box[:, None, 0] - grow < o[None, :, 1]) & (box[:, None, 1] + grow > o[None, :, 0])

@@ -730,7 +730,7 @@ def test_chunks_compute_only_the_part_their_own_objects_need():
     blob reaches an open read edge; a gland chunk likewise."""
     from wsi_mtl.postprocess._chunks import plan_chunks
     from wsi_mtl.postprocess._extract import NUCLEI_CONTEXT_PX, _gland_context, _tighten
-    from wsi_mtl.postprocess._instances import opened_cores
+    from wsi_mtl.postprocess._instances import mask_components, opened_cores
 
     lab = np.zeros((400, 400), np.int32)
     lab[disk((120, 130), 6, shape=lab.shape)] = 1  # owned by the chunk below
@@ -748,7 +748,7 @@ def test_chunks_compute_only_the_part_their_own_objects_need():
     assert _tighten(label_to_3class(long, erosion_px=1)[:, :300, :300], chunk, PostprocessParams())[2]
     params = PostprocessParams(gland_erosion_px=3, gland_open_px=0, lumen_erosion_px=1)
     cores = opened_cores(label_to_3class(lab, erosion_px=3)[:, :300, :300], 0.5)
-    rect, keeps = _gland_context([cores], chunk, params, chunk.open_edges)
+    rect, keeps = _gland_context([mask_components(cores)], cores.shape, chunk, params, chunk.open_edges)
     assert rect[0] > 0 and rect[2] > 0 and rect[1] < 300  # the halo's blob is left out
     assert [k.tolist() for k in keeps] == [[False, True]]  # of the two components (raster order) the owned one
 
@@ -758,7 +758,7 @@ def test_a_gland_chunk_needs_no_more_halo_for_a_gland_that_only_crosses_it():
     ask for a larger halo nor is needed there, while the chunk where it starts asks for more halo."""
     from wsi_mtl.postprocess._chunks import plan_chunks
     from wsi_mtl.postprocess._extract import _gland_context, _Grow
-    from wsi_mtl.postprocess._instances import opened_cores
+    from wsi_mtl.postprocess._instances import mask_components, opened_cores
 
     lab = np.zeros((400, 400), np.int32)
     lab[110:130, 20:400] = 1  # starts in the chunk at columns 0-100, runs past the read regions
@@ -768,7 +768,8 @@ def test_a_gland_chunk_needs_no_more_halo_for_a_gland_that_only_crosses_it():
 
     def context(chunk):
         y0, y1, x0, x1 = chunk.read
-        return _gland_context([opened_cores(label_to_3class(lab, erosion_px=3)[:, y0:y1, x0:x1], 0.5)], chunk, params, chunk.open_edges)
+        cores = opened_cores(label_to_3class(lab, erosion_px=3)[:, y0:y1, x0:x1], 0.5)
+        return _gland_context([mask_components(cores)], cores.shape, chunk, params, chunk.open_edges)
 
     assert context(crossed) is None
     # its own gland reaches the open right edge of the read region: that side grows, no other
@@ -788,15 +789,15 @@ def _hook_gland() -> np.ndarray:
 def test_a_gland_chunk_asks_for_more_halo_for_a_gland_starting_higher_beyond_its_read_edge():
     from wsi_mtl.postprocess._chunks import plan_chunks
     from wsi_mtl.postprocess._extract import _gland_context, _Grow
-    from wsi_mtl.postprocess._instances import opened_cores
+    from wsi_mtl.postprocess._instances import mask_components, opened_cores
 
     params = PostprocessParams(gland_erosion_px=3, gland_open_px=0, lumen_erosion_px=1)
     chunk = plan_chunks((300, 300), chunk_px=100, halo_px=40)[0]
     y0, y1, x0, x1 = chunk.read
     cores = opened_cores(label_to_3class(_hook_gland(), erosion_px=3)[:, y0:y1, x0:x1], 0.5)
-    context = _gland_context([cores], chunk, params, chunk.open_edges)
+    context = _gland_context([mask_components(cores)], cores.shape, chunk, params, chunk.open_edges)
     assert context == _Grow((False, False, False, True))  # redo with a larger halo on the right
-    assert _gland_context([cores], chunk, params, (True, True, True, False))[1] is not None  # that side at its largest
+    assert _gland_context([mask_components(cores)], cores.shape, chunk, params, (True, True, True, False))[1] is not None  # that side at its largest
 
 
 def test_chunked_glands_keep_a_gland_starting_higher_beyond_a_read_edge(tmp_path):

@@ -501,9 +501,10 @@ def test_growth_in_place_in_a_crop_leaves_the_rest_untouched(monkeypatch):
 
 
 def test_kept_components_equal_the_cropped_relabelled_label_image(monkeypatch):
-    """kept_components (painted from row runs, no label image of the whole mask) equals labelling
-    the whole mask, keeping the chosen components renumbered in order and cropping, for crops that
-    cut components and crops that hold them whole, with and without the compiled kernels."""
+    """kept_components (painted from the row runs mask_components found, no label image of the whole
+    mask) equals labelling the whole mask, keeping the chosen components renumbered in order and
+    cropping, for crops that cut components and crops that hold them whole, with and without the
+    compiled kernels; mask_components gives labelled_boxes's boxes."""
     _compiled = _kernels_here(monkeypatch)
     rng = np.random.default_rng(48)
     for trial in range(40):
@@ -518,7 +519,10 @@ def test_kept_components_equal_the_cropped_relabelled_label_image(monkeypatch):
         want = lut[comps[rect[0] : rect[1], rect[2] : rect[3]]]
         for numba_on in (True, False):
             monkeypatch.setattr(_compiled, "HAVE_NUMBA", numba_on)
-            got = inst.kept_components(mask, keep, rect)
+            comps = inst.mask_components(mask)
+            assert (comps.runs is None) != numba_on and (comps.mask is None) == numba_on
+            np.testing.assert_array_equal(comps.box, inst.labelled_boxes(mask, labels=False)[1])
+            got = inst.kept_components(comps, keep, rect)
             assert got.dtype == np.int32 and got.shape == want.shape
             np.testing.assert_array_equal(got, want)
 

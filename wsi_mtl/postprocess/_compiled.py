@@ -39,7 +39,7 @@ from skimage.morphology import h_maxima as _sk_h_maxima
 
 from wsi_mtl._numba import numba_allowed
 
-__all__ = ["available", "edt32", "smooth_and_peaks", "h_maxima_bool", "flood_components", "cut_at_peaks", "crops_on_canvas", "box_table", "tissue_counts", "grow_ranks", "open_rows", "components", "kept_components", "block_means", "label_counts", "relabel_in_place", "trace_rings", "type_votes", "type_sums", "HAVE_NUMBA"]
+__all__ = ["available", "edt32", "smooth_and_peaks", "h_maxima_bool", "flood_components", "cut_at_peaks", "crops_on_canvas", "box_table", "tissue_counts", "grow_ranks", "open_rows", "components", "component_runs", "kept_components", "block_means", "label_counts", "relabel_in_place", "trace_rings", "type_votes", "type_sums", "HAVE_NUMBA"]
 
 #: Whether numba is installed and not switched off by the environment variable
 #: ``WSIMTL_NO_NUMBA=1`` (numba's LLVM adds ~140 MB to each process that cuts necks); it is
@@ -1019,15 +1019,24 @@ def components(mask: np.ndarray, *, labels: bool = True) -> tuple[np.ndarray | N
     return (lab if labels else None), box
 
 
-def kept_components(mask: np.ndarray, lut: np.ndarray, rect: tuple[int, int, int, int]) -> np.ndarray:
-    """``lut[labels]`` (int32) for the components of ``mask`` numbered as :func:`components` numbers
-    them, in the rows ``rect[0]:rect[1]`` and columns ``rect[2]:rect[3]`` only: painted from the row
-    runs, with no label image of the whole mask. Needs numba."""
+def component_runs(mask: np.ndarray) -> tuple[tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray], np.ndarray]:
+    """The row runs of ``mask`` (row, first col, end col, number of their component, as
+    :func:`components` numbers them) and every component's box: what :func:`kept_components` paints
+    from, in far less memory than the mask for blobs. Needs numba."""
+    _kernels()
+    ys, x0s, x1s, parent = _runs(np.ascontiguousarray(mask, dtype=np.bool_))
+    ids, box = _boxes_of_runs(ys, x0s, x1s, parent)
+    return (ys, x0s, x1s, ids), box
+
+
+def kept_components(runs: tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray], lut: np.ndarray,
+                    rect: tuple[int, int, int, int]) -> np.ndarray:
+    """``lut[labels]`` (int32) for the components of :func:`component_runs`'s ``runs``, in the rows
+    ``rect[0]:rect[1]`` and columns ``rect[2]:rect[3]`` only: painted from the runs, with no label
+    image of the whole mask. Needs numba."""
     _kernels()
     y0, y1, x0, x1 = (int(v) for v in rect)
-    ys, x0s, x1s, parent = _runs(np.ascontiguousarray(mask, dtype=np.bool_))
-    ids, _ = _boxes_of_runs(ys, x0s, x1s, parent)
-    return _kept_runs(ys, x0s, x1s, ids, np.asarray(lut, np.int32), y0, y1, x0, x1)
+    return _kept_runs(*runs, np.asarray(lut, np.int32), y0, y1, x0, x1)
 
 
 def _kept_runs_py(ys, x0s, x1s, ids, new, y0, y1, x0, x1):  # noqa: ANN001, ANN202 (compiled helper)

@@ -67,11 +67,13 @@ from wsi_mtl.postprocess._instances import (
     _inside_fraction,
     _mean_foreground,
     _sizes,
+    Components,
     box_table,
     core_mask,
     grow_components,
     kept_components,
     labelled_boxes,
+    mask_components,
     opened_cores,
     relabeled,
     slices_of,
@@ -685,15 +687,16 @@ def _coarse_read(reader: Any, head: str, chunk: Chunk, f: int, fine_shape: tuple
     return downsample_prob(reader.read(head, region), f)
 
 
-def _gland_context(cores: list[np.ndarray], chunk: Chunk, params: PostprocessParams,
+def _gland_context(cores: list[Components], shape: tuple[int, int], chunk: Chunk, params: PostprocessParams,
                    growable: tuple[bool, bool, bool, bool]) -> tuple[tuple[int, int, int, int], list[np.ndarray]] | _Grow | None:
     """The part of a gland chunk's read region (local rows/cols) that its own glands and lumen
-    need, from the components of the cores each object grows from (``cores``: the gland cores after
-    their opening, then the lumen cores if any; an object lies in its component's box grown by its
-    erosion): the components that can give an object whose box starts in the owned region, then
-    every component that could overlap them or compete for their pixels, whole, and around them the
-    completeness margin. Returns that rectangle and, per mask of ``cores``, which of its components
-    (in ``scipy.ndimage.label`` order) to keep (:func:`_kept_labels` labels them). Where one of the
+    need, from the components of the cores each object grows from (``cores``: those of the gland
+    cores after their opening, then of the lumen cores if any, in a region of ``shape``; an object
+    lies in its component's box grown by its erosion): the components that can give an object whose
+    box starts in the owned region, then every component that could overlap them or compete for
+    their pixels, whole, and around them the completeness margin. Returns that rectangle and, per
+    entry of ``cores``, which of its components (in ``scipy.ndimage.label`` order) to keep
+    (:func:`_kept_labels` labels them). Where one of the
     first, or a gland component that may overlap a lumen among them (the lumen's inside test needs
     it whole), comes within that margin of read edges of the ``growable`` sides: those sides
     (:class:`_Grow`, redo with a larger halo there). None: no such component."""
@@ -701,11 +704,9 @@ def _gland_context(cores: list[np.ndarray], chunk: Chunk, params: PostprocessPar
     g_er, l_er = grid.gland_erosion_px, grid.lumen_erosion_px
     boxes, firsts = [], []
     own = _local_own(chunk)
-    shape = cores[0].shape
-    for mask, er in zip(cores, (g_er, l_er)):  # the boxes first: a label image is made only for a crop that is kept
-        _, box = labelled_boxes(mask, labels=False)
-        boxes.append(box)
-        firsts.append(_may_start_in(box, er, own, chunk, shape))
+    for comps, er in zip(cores, (g_er, l_er)):  # the boxes first: a label image is made only for a crop that is kept
+        boxes.append(comps.box)
+        firsts.append(_may_start_in(comps.box, er, own, chunk, shape))
     box, first = np.concatenate(boxes), np.concatenate(firsts)
     if not first.any():
         return None
@@ -723,11 +724,12 @@ def _gland_context(cores: list[np.ndarray], chunk: Chunk, params: PostprocessPar
     return rect, np.split(near, np.cumsum([len(b) for b in boxes])[:-1])
 
 
-def _kept_labels(cores: list[np.ndarray | None], k: int, keep: np.ndarray, rect: tuple[int, int, int, int]) -> np.ndarray:
-    """The components ``keep`` of the mask ``cores[k]`` in ``rect``, numbered as if the crop were
-    labelled (:func:`kept_components`); the mask leaves the list (the caller holds no other reference)."""
-    mask, cores[k] = cores[k], None
-    return kept_components(mask, keep, rect)
+def _kept_labels(cores: list[Components | None], k: int, keep: np.ndarray, rect: tuple[int, int, int, int]) -> np.ndarray:
+    """The components ``keep`` of ``cores[k]`` in ``rect``, numbered as if the crop were labelled
+    (:func:`kept_components`); they leave the list (the caller holds no other reference)."""
+    comps, cores[k] = cores[k], None
+    assert comps is not None
+    return kept_components(comps, keep, rect)
 
 
 def _gland_margin(erosion: int, params: PostprocessParams) -> int:
@@ -843,12 +845,14 @@ def _glands_chunk(reader: Any, chunk: Chunk, meta: MapsMeta, params: Postprocess
     ginst = _coarse_read(reader, GLAND_INST, chunk, f, fine)
     if not ginst.any():
         return _empty_result()
-    # only the cores are kept: the maps are read again where the objects judged lie (their mean probability)
-    cores: list[np.ndarray | None] = [opened_cores(ginst, params.gland_threshold, grid.gland_open_px)]
+    # only the cores' components are kept (not even the masks, with numba): the maps are read again
+    # where the objects judged lie (their mean probability)
+    shape = ginst.shape[1:]
+    cores: list[Components | None] = [mask_components(opened_cores(ginst, params.gland_threshold, grid.gland_open_px))]
     ginst = None
     if "lumen" in tasks and LUMEN_INST in meta.heads:
-        cores.append(core_mask(_coarse_read(reader, LUMEN_INST, chunk, f, fine), params.lumen_threshold))
-    context = _gland_context(cores, chunk, params, growable)  # type: ignore[arg-type]
+        cores.append(mask_components(core_mask(_coarse_read(reader, LUMEN_INST, chunk, f, fine), params.lumen_threshold)))
+    context = _gland_context(cores, shape, chunk, params, growable)  # type: ignore[arg-type]
     if context is None:
         return _empty_result()
     if isinstance(context, _Grow):

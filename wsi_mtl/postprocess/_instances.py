@@ -8,6 +8,8 @@ background for every function here.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 from scipy import ndimage as ndi
 from skimage.segmentation import watershed
@@ -429,8 +431,27 @@ def labelled_boxes(mask: np.ndarray, *, labels: bool = True) -> tuple[np.ndarray
     return (comps if labels else None), box
 
 
-def kept_components(mask: np.ndarray, keep: np.ndarray, rect: tuple[int, int, int, int]) -> np.ndarray:
-    """The components of ``mask`` numbered as :func:`labelled_boxes` numbers them, those that ``keep``
+@dataclass(frozen=True)
+class Components:
+    """A mask's components (:func:`mask_components`): their boxes (as :func:`labelled_boxes` gives
+    them) and what :func:`kept_components` paints them from: their row runs (compiled kernels),
+    else the mask itself."""
+
+    box: np.ndarray
+    runs: tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray] | None = None
+    mask: np.ndarray | None = None
+
+
+def mask_components(mask: np.ndarray) -> Components:
+    """The components of a 2-D ``mask``, found once: with numba the mask is not needed afterwards."""
+    if _compiled.available():
+        runs, box = _compiled.component_runs(mask)
+        return Components(box, runs=runs)
+    return Components(labelled_boxes(mask, labels=False)[1], mask=mask)
+
+
+def kept_components(comps: Components, keep: np.ndarray, rect: tuple[int, int, int, int]) -> np.ndarray:
+    """The components of ``comps`` numbered as :func:`labelled_boxes` numbers them, those that ``keep``
     names (index = number - 1) renumbered 1..k in that order and the others 0, cropped to ``rect``
     (row0, row1, col0, col1). With numba no label image of the whole mask is made; none at all where
     nothing is kept."""
@@ -438,11 +459,12 @@ def kept_components(mask: np.ndarray, keep: np.ndarray, rect: tuple[int, int, in
         return np.zeros((rect[1] - rect[0], rect[3] - rect[2]), np.int32)
     lut = np.zeros(len(keep) + 1, np.int32)
     lut[1:][keep] = np.arange(1, int(np.count_nonzero(keep)) + 1, dtype=np.int32)
-    if _compiled.available() and mask.ndim == 2:
-        return _compiled.kept_components(mask, lut, rect)
-    comps, _ = labelled_boxes(mask)
-    crop = comps[rect[0] : rect[1], rect[2] : rect[3]]
-    return relabeled(crop, lut, in_place=crop.shape == comps.shape)
+    if comps.runs is not None:
+        return _compiled.kept_components(comps.runs, lut, rect)
+    assert comps.mask is not None
+    labels, _ = labelled_boxes(comps.mask)
+    crop = labels[rect[0] : rect[1], rect[2] : rect[3]]
+    return relabeled(crop, lut, in_place=crop.shape == labels.shape)
 
 
 def object_boxes(labels: np.ndarray, which: np.ndarray) -> np.ndarray:

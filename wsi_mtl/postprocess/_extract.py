@@ -364,11 +364,12 @@ class _ZarrReader:
             self._mask = np.asarray(self.root["tissue_mask"]["0"][0]) > 0
         return self._mask
 
-    def read(self, head: str, region: tuple[int, int, int, int]) -> np.ndarray:
+    def read(self, head: str, region: tuple[int, int, int, int], channels: slice = slice(None)) -> np.ndarray:
+        """``head``'s level-0 map over ``region`` (rows y0:y1, cols x0:x1), ``channels`` only."""
         if head not in self._arrays:
             self._arrays[head] = self.root[head]["0"]
         y0, y1, x0, x1 = region
-        return np.asarray(self._arrays[head][:, y0:y1, x0:x1])
+        return np.asarray(self._arrays[head][channels, y0:y1, x0:x1])
 
 
 class _ArrayReader:
@@ -380,9 +381,9 @@ class _ArrayReader:
         assert self._mask is not None, "no tissue mask given"
         return self._mask
 
-    def read(self, head: str, region: tuple[int, int, int, int]) -> np.ndarray:
+    def read(self, head: str, region: tuple[int, int, int, int], channels: slice = slice(None)) -> np.ndarray:
         y0, y1, x0, x1 = region
-        return np.asarray(self.maps[head][:, y0:y1, x0:x1])
+        return np.asarray(self.maps[head][channels, y0:y1, x0:x1])
 
 
 # ------------------------------------------------------------------------------- chunk workers
@@ -687,6 +688,15 @@ def _coarse_read(reader: Any, head: str, chunk: Chunk, f: int, fine_shape: tuple
     return downsample_prob(reader.read(head, region), f)
 
 
+def _foreground_read(reader: Any, head: str, chunk: Chunk, f: int, fine_shape: tuple[int, int]) -> np.ndarray:
+    """A gland or lumen map's interior and boundary channels (the last two) on the gland grid,
+    which is all the gland steps read of them; at ``gland_downsample`` 1 the background channel is
+    not read at all (a third less to copy and hold), coarser grids need it to average."""
+    if f > 1:
+        return _coarse_read(reader, head, chunk, f, fine_shape)[1:]
+    return reader.read(head, chunk.read, channels=slice(1, None))
+
+
 def _gland_context(cores: list[Components], shape: tuple[int, int], chunk: Chunk, params: PostprocessParams,
                    growable: tuple[bool, bool, bool, bool]) -> tuple[tuple[int, int, int, int], list[np.ndarray]] | _Grow | None:
     """The part of a gland chunk's read region (local rows/cols) that its own glands and lumen
@@ -788,7 +798,7 @@ def _unconfident(reader: Any, meta: MapsMeta, params: PostprocessParams, glands:
     if len(ids) == 0:
         return ids
     rect = _union(_boxes_of(slices, ids), 0, glands.shape)
-    ginst = _coarse_read(reader, GLAND_INST, _crop_chunk(chunk, rect), params.gland_grid().factor, meta.heads[GLAND_INST].shape[1:])
+    ginst = _foreground_read(reader, GLAND_INST, _crop_chunk(chunk, rect), params.gland_grid().factor, meta.heads[GLAND_INST].shape[1:])
     # every label the chunk made is counted: the tissue test may have set some to 0 by now, the largest too
     mean = _mean_foreground(glands[_slices(rect)], ginst, ids, length=len(slices) + 1)
     return _set_to_zero(glands, ids[mean < params.gland_min_probability], slices)
@@ -842,16 +852,16 @@ def _glands_chunk(reader: Any, chunk: Chunk, meta: MapsMeta, params: Postprocess
     grid = params.gland_grid()
     f = grid.factor
     fine = meta.heads[GLAND_INST].shape[1:]
-    ginst = _coarse_read(reader, GLAND_INST, chunk, f, fine)
-    if not ginst.any():
-        return _empty_result()
+    ginst = _foreground_read(reader, GLAND_INST, chunk, f, fine)
+    if not ginst.any() and not ("lumen" in tasks and params.lumen_min_inside <= 0):
+        return _empty_result()  # no gland here, nor a lumen (which needs a gland unless lumen_min_inside is 0)
     # only the cores' components are kept (not even the masks, with numba): the maps are read again
     # where the objects judged lie (their mean probability)
     shape = ginst.shape[1:]
     cores: list[Components | None] = [mask_components(opened_cores(ginst, params.gland_threshold, grid.gland_open_px))]
     ginst = None
     if "lumen" in tasks and LUMEN_INST in meta.heads:
-        cores.append(mask_components(core_mask(_coarse_read(reader, LUMEN_INST, chunk, f, fine), params.lumen_threshold)))
+        cores.append(mask_components(core_mask(_foreground_read(reader, LUMEN_INST, chunk, f, fine), params.lumen_threshold)))
     context = _gland_context(cores, shape, chunk, params, growable)  # type: ignore[arg-type]
     if context is None:
         return _empty_result()
@@ -920,7 +930,7 @@ def _owned_rows(task: str, reader: Any, meta: MapsMeta, params: PostprocessParam
         cls, prob = cls[traced - 1], prob[traced - 1]
     else:
         cls = np.ones(len(traced), np.int32)
-        prob = _mean_foreground(labels, _coarse_read(reader, GLAND_INST if task == "gland" else LUMEN_INST, sub, f, fine), traced)
+        prob = _mean_foreground(labels, _foreground_read(reader, GLAND_INST if task == "gland" else LUMEN_INST, sub, f, fine), traced)
     truncated = np.isin(traced, ids[cut])
     return _rows(task, cls, prob, polys, meta, truncated=truncated)
 

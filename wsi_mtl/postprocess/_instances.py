@@ -823,13 +823,14 @@ def opened_cores(inst_prob: np.ndarray, threshold: float, open_px: float = 0) ->
 
 def core_mask(inst_prob: np.ndarray, threshold: float) -> np.ndarray:
     """Gland or lumen cores: ``interior - boundary > threshold`` (a probability, whatever the
-    map's encoding), before any opening."""
+    map's encoding), before any opening. ``inst_prob``: the background, interior and boundary
+    channels, or only the last two."""
     s = _scale(inst_prob)
     work = np.int16 if s == 255.0 else np.float32
     out = np.empty(inst_prob.shape[1:], bool)
     for y in range(0, out.shape[0], _MASK_ROWS):  # a few rows at a time: no full-size temporaries
         rows = slice(y, y + _MASK_ROWS)
-        out[rows] = inst_prob[1, rows].astype(work) - inst_prob[2, rows].astype(work) > threshold * s
+        out[rows] = inst_prob[-2, rows].astype(work) - inst_prob[-1, rows].astype(work) > threshold * s
     return out
 
 

@@ -627,7 +627,7 @@ def _crop_chunk(chunk: Chunk, rect: tuple[int, int, int, int]) -> Chunk:
 
 
 def _nuclei_chunk(reader: Any, chunk: Chunk, meta: MapsMeta, params: PostprocessParams, final: bool) -> dict[str, Any] | None:
-    inst = reader.read(NUCLEI_INST, chunk.read)
+    inst = reader.read(NUCLEI_INST, chunk.read, channels=slice(1, None))  # interior and boundary: all the steps read
     tight = _tighten(inst, chunk, params) if inst.any() else None
     if tight is None:
         return _empty_result()

@@ -386,9 +386,10 @@ def _reaches(labels: np.ndarray, values: np.ndarray, least: float, n: int) -> np
 
 def nuclei_foreground(inst_prob: np.ndarray, mask_threshold: float) -> np.ndarray:
     """The nuclei mask: ``interior + boundary > mask_threshold`` (a probability, whatever the
-    map's encoding); its 4-connected blobs are flooded one by one."""
+    map's encoding; ``inst_prob``: the background, interior and boundary channels, or only the last
+    two); its 4-connected blobs are flooded one by one."""
     s = _scale(inst_prob)
-    return inst_prob[1].astype(np.float32 if s == 1.0 else np.uint16) + inst_prob[2] > mask_threshold * s
+    return inst_prob[-2].astype(np.float32 if s == 1.0 else np.uint16) + inst_prob[-1] > mask_threshold * s
 
 
 def find_objects(labels: np.ndarray) -> list[tuple[slice, slice] | None]:
@@ -494,10 +495,11 @@ def _nuclei_instances(
     watershed over the whole array breaks ties between equal grey levels by the state of one
     shared priority queue, so a crop and the whole image could split a clump differently).
     With ``split_h`` the nuclei are then cut at their necks (:func:`split_at_necks`), which also
-    reads pixels up to :data:`NECK_REACH_PX` away from a blob.
+    reads pixels up to :data:`NECK_REACH_PX` away from a blob. ``inst_prob``: the background,
+    interior and boundary channels, or only the last two.
     """
     s = _scale(inst_prob)
-    interior = inst_prob[1]
+    interior = inst_prob[-2]
     mask = nuclei_foreground(inst_prob, mask_threshold)
     components, n_comp = ndi.label(mask)
     markers, n_markers = ndi.label((interior > marker_threshold * s) & mask)

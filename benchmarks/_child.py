@@ -25,7 +25,7 @@ class ProcessTree:
     peak of this process plus all of them, as RSS (``total_mb``: the pages of shared libraries
     counted once per process) and as anonymous memory (``anon_total_mb``: RSS less file-backed and
     shared pages, close to what a memory cgroup's limit counts for the job), and the CPU seconds
-    each used (at its last sample)."""
+    each used (at its last sample), also by what each does (:meth:`cpu_by_role`)."""
 
     def __init__(self, every_s: float = 0.05) -> None:
         import threading
@@ -34,6 +34,7 @@ class ProcessTree:
 
         self._me = psutil.Process()
         self._cpu: dict[int, float] = {}
+        self._role: dict[int, str] = {}
         self.largest_child_mb = self.total_mb = self.anon_total_mb = 0.0
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, args=(every_s,), daemon=True)
@@ -48,6 +49,7 @@ class ProcessTree:
             for p in self._me.children(recursive=True):
                 try:
                     t, info = p.cpu_times(), p.memory_info()
+                    self._role[p.pid] = _role(p)
                 except psutil.Error:  # exited meanwhile
                     continue
                 self._cpu[p.pid] = t.user + t.system
@@ -65,3 +67,21 @@ class ProcessTree:
     def cpu_seconds(self) -> float:
         """CPU seconds of the descendants seen."""
         return sum(self._cpu.values())
+
+    def cpu_by_role(self) -> dict[str, float]:
+        """CPU seconds of the descendants seen, by what they do: the name wsimtl gives its worker
+        processes (``chunks``, ``labels``, ``geojson``), ``start-up`` for the forkserver they are
+        forked from (imports and the compiled kernels' warm-up), ``other`` for the rest."""
+        out: dict[str, float] = {}
+        for pid, cpu in self._cpu.items():
+            role = self._role.get(pid, "other")
+            out[role] = out.get(role, 0.0) + cpu
+        return out
+
+
+def _role(p) -> str:  # noqa: ANN001 - a psutil.Process
+    """What a descendant does, from its process name or, for an unnamed one, its command line."""
+    name = p.name()
+    if name.startswith("wsimtl-"):
+        return name[len("wsimtl-"):]
+    return "start-up" if "forkserver" in " ".join(p.cmdline()) else "other"

@@ -7,9 +7,11 @@ else synthetic texture) at 0.25 um/px and one of 4x its area, each run in its ow
                                       network on the same tiles and batch size, at 1x and 4x
   after the network / network time    run.json's finalize (pyramids and the chunks not done during
                                       inference), objects and export steps / that network time
-  post-processing CPU / network       CPU seconds of segment's post-processing processes (chunk
-                                      extraction) / that network time, and / the CPU seconds the
-                                      bare network spent (on every core)
+  post-processing CPU / network       CPU seconds of segment's post-processing processes / that
+                                      network time, and / the CPU seconds the bare network spent
+                                      (on every core); then by what the processes do: objects
+                                      (chunk workers), label images, GeoJSON text, start-up (the
+                                      forkserver's imports and kernel warm-up)
   nuclei/s per core                   the nuclei instance step (neck cutting and every other tuned
                                       setting of the shipped model) re-run on the slide's own
                                       network maps, per CPU second of one process with the
@@ -83,6 +85,7 @@ def _child_segment(slide: str, out: str, device: str, batch_size: int, workers: 
         "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
         "largest_child_rss_mb": memory.largest_child_mb,
         "children_cpu_s": memory.cpu_seconds(),
+        "children_cpu_by_role_s": memory.cpu_by_role(),
         "tree_rss_mb": memory.total_mb,
         "tree_anon_mb": memory.anon_total_mb,
     }
@@ -218,6 +221,9 @@ def main() -> None:
         net_cpu = nets[key]["network_cpu_s"]
         print(f"  post-processing processes' CPU / network time: {seg['children_cpu_s'] / net_s:.2f}   ({seg['children_cpu_s']:.1f} CPU s; "
               f"/ the network's CPU time ({net_cpu:.1f} CPU s on every core): {seg['children_cpu_s'] / net_cpu:.2f})")
+        roles = seg["children_cpu_by_role_s"]
+        print(f"    of which objects (chunk workers) {roles.get('chunks', 0.0):.1f} CPU s = {roles.get('chunks', 0.0) / net_cpu:.2f} of the "
+              f"network's CPU time; " + ", ".join(f"{k} {v:.1f}" for k, v in sorted(roles.items()) if k != "chunks"))
     print(f"settings: {steps['params']}")
     print(f"nuclei/s per core on these maps: {steps['nuclei'] / steps['nuclei_cpu_s']:,.0f}  ({steps['nuclei']} nuclei in {steps['nuclei_cpu_s']:.2f} CPU s, best of 3)")
     print(f"gland + lumen steps: {steps['gland_step_cpu_s']:.2f} CPU s ({steps['glands']} glands)")

@@ -162,7 +162,7 @@ def test_chunk_overlap_and_background_workers_take_small_pages() -> None:
         assert pool.submit(_worker_memory).result() == (False, True)
     with _executor(1, 0) as pool:
         assert pool.submit(_worker_memory).result() == (False, True)
-    with single_executor() as pool:
+    with single_executor("labels") as pool:
         assert pool.submit(_huge_pages_asked).result() is False
 
 

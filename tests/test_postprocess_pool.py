@@ -6,6 +6,7 @@ import json
 import multiprocessing as mp
 import os
 import signal
+import sys
 from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 from pathlib import Path
 
@@ -119,6 +120,27 @@ def test_chunk_workers_read_few_zarr_chunks_at_once() -> None:
         with pool:
             assert pool.submit(_reads_at_once).result() == _pool.READS_AT_ONCE
     assert _reads_at_once() == before
+
+
+def _process_name() -> str:
+    with open("/proc/self/comm") as f:
+        return f.read().strip()
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="process names are set with Linux's prctl")
+def test_worker_processes_are_named_by_what_they_do() -> None:
+    """Every pool a slide starts names its processes (what ``top`` shows on a busy node): both chunk
+    pools ``wsimtl-chunks``, the label image's ``wsimtl-labels``, the GeoJSON text's
+    ``wsimtl-geojson``; this process keeps its name."""
+    from wsi_mtl.export._geojson import _formatting_pool
+    from wsi_mtl.postprocess._overlap import _executor
+
+    mine = _process_name()
+    for pool, name in ((chunk_executor(2)[0], "wsimtl-chunks"), (_executor(1, 0), "wsimtl-chunks"),
+                       (_pool.single_executor("labels"), "wsimtl-labels"), (_formatting_pool(1), "wsimtl-geojson")):
+        with pool:
+            assert pool.submit(_process_name).result() == name
+    assert _process_name() == mine
 
 
 def test_a_gland_job_starts_on_a_heap_given_back_and_a_nuclei_job_reuses_it(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -196,7 +196,7 @@ class _LabelImages:
             from .postprocess._pool import single_executor
 
             try:
-                self.pool = single_executor()
+                self.pool = single_executor("labels")
                 self.future = self.pool.submit(_store_tissue_map, *self.args, _BACKGROUND_LABELS)
             except (OSError, RuntimeError) as exc:  # no process to be had: written here, in turn
                 log.warning("label images written after the exports (%s)", exc)

@@ -325,13 +325,20 @@ def _parallel_features(
     """
     import pyarrow.parquet as pq
 
-    from ..postprocess._pool import _context, ordered_results
+    from ..postprocess._pool import ordered_results
 
     n_groups = pq.ParquetFile(table_path).metadata.num_row_groups
     jobs = [(table_path, group, colors, batch_rows) for group in range(n_groups)]
-    for texts in ordered_results(lambda n: ProcessPoolExecutor(max_workers=n, mp_context=_context()), _format_row_group, jobs,
+    for texts in ordered_results(_formatting_pool, _format_row_group, jobs,
                                  workers=workers, describe=lambda i: f"row group {i} of {table_path.name}"):
         yield from texts
+
+
+def _formatting_pool(workers: int) -> ProcessPoolExecutor:
+    """The processes that format row groups, named ``wsimtl-geojson``."""
+    from ..postprocess._pool import _context, name_process
+
+    return ProcessPoolExecutor(max_workers=workers, mp_context=_context(), initializer=name_process, initargs=("geojson",))
 
 
 def _row_groups(table_path: Path) -> int:

@@ -8,8 +8,10 @@ release the GIL for most of their work). The kind chosen is recorded in run.json
 
 from __future__ import annotations
 
+import ctypes
 import logging
 import multiprocessing as mp
+import sys
 from collections import deque
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Executor, Future, ProcessPoolExecutor, ThreadPoolExecutor
@@ -20,7 +22,7 @@ from wsi_mtl.errors import WorkerError
 from wsi_mtl.malloc import chunk_worker_pages, small_numpy_pages
 
 __all__ = ["PoolKind", "children_allowed", "pool_kind", "chunk_executor", "single_executor", "start_forkserver", "ordered_results",
-           "start_chunk_worker", "few_reads_at_once", "READS_AT_ONCE"]
+           "start_chunk_worker", "few_reads_at_once", "READS_AT_ONCE", "name_process"]
 
 log = logging.getLogger(__name__)
 
@@ -55,11 +57,28 @@ def chunk_executor(workers: int) -> tuple[Executor, PoolKind]:
     return ProcessPoolExecutor(max_workers=workers, mp_context=_context(), initializer=start_chunk_worker), "processes"
 
 
+def name_process(role: str) -> None:
+    """Name this process ``wsimtl-<role>`` (Linux: the name ``top``, ``ps -o comm`` and ``pgrep``
+    show, at most 15 characters), so that a slide's worker processes can be told apart on a busy
+    node: ``wsimtl-chunks`` (objects from chunks of the maps), ``wsimtl-labels`` (label images),
+    ``wsimtl-geojson`` (GeoJSON text). Call it in the process's main thread; elsewhere nothing."""
+    if not sys.platform.startswith("linux"):
+        return
+    try:
+        ctypes.CDLL(None).prctl(_PR_SET_NAME, f"wsimtl-{role}"[:15].encode(), 0, 0, 0)
+    except (OSError, AttributeError):  # pragma: no cover - no prctl
+        pass
+
+
+_PR_SET_NAME = 15  # prctl option
+
+
 def start_chunk_worker() -> None:
     """A chunk pool's process: the pages and the map reads of a process that post-processes chunks
-    (:func:`~wsi_mtl.malloc.chunk_worker_pages`, :func:`few_reads_at_once`)."""
+    (:func:`~wsi_mtl.malloc.chunk_worker_pages`, :func:`few_reads_at_once`), named ``wsimtl-chunks``."""
     chunk_worker_pages()
     few_reads_at_once()
+    name_process("chunks")
 
 
 #: zarr chunks a chunk worker reads at once (zarr's ``async.concurrency``, 10 by default), see
@@ -77,13 +96,18 @@ def few_reads_at_once() -> None:
     zarr.config.set({"async.concurrency": READS_AT_ONCE})
 
 
-def single_executor() -> Executor:
+def single_executor(role: str) -> Executor:
     """One worker beside this process (a step that runs while this process does another): a
-    process where this process may start children (numpy's arrays in small pages there, see
-    :func:`~wsi_mtl.malloc.small_numpy_pages`), else a thread."""
+    process named ``wsimtl-<role>`` where this process may start children (numpy's arrays in small
+    pages there, see :func:`~wsi_mtl.malloc.small_numpy_pages`), else a thread."""
     if not children_allowed():
-        return ThreadPoolExecutor(max_workers=1, thread_name_prefix="wsimtl-background")
-    return ProcessPoolExecutor(max_workers=1, mp_context=_context(), initializer=small_numpy_pages)
+        return ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"wsimtl-{role}")
+    return ProcessPoolExecutor(max_workers=1, mp_context=_context(), initializer=_start_helper, initargs=(role,))
+
+
+def _start_helper(role: str) -> None:
+    small_numpy_pages()
+    name_process(role)
 
 
 def ordered_results(make_pool: Callable[[int], Executor], fn: Callable[..., Any], jobs: Sequence[tuple], *, workers: int,

@@ -144,7 +144,7 @@ def test_label_images_alike_written_beside_the_exports_and_after_them(tmp_path: 
 def test_label_images_written_in_turn_where_no_process_can_start(result_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     from wsi_mtl.postprocess import _pool
 
-    def refused() -> None:
+    def refused(role: str) -> None:
         raise OSError("Resource temporarily unavailable")
 
     monkeypatch.setattr(postprocess, "extract_objects", fake_extract(), raising=False)
@@ -152,6 +152,50 @@ def test_label_images_written_in_turn_where_no_process_can_start(result_dir: Pat
     derive_objects(result_dir, workers=2)
     run = json.loads((result_dir / "run.json").read_text())
     assert all(path in [f["path"] for f in run["files"]] for path in LABEL_PATHS)
+
+
+def test_freed_pages_go_back_after_the_table_and_before_the_exports(result_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """segment's process keeps freed pages for the network's next tile: what the objects' assembly
+    and the map pyramids freed goes back once the table is written, before the label image and
+    GeoJSON processes start beside it (16,384^2 px at 0.5 um/px: ~0.39 GB here)."""
+    import wsi_mtl.export as export
+
+    calls: list[str] = []
+    monkeypatch.setattr(postprocess, "extract_objects", fake_extract(), raising=False)
+    write_table, write_geojson_files = export.write_table, export.write_geojson_files
+    monkeypatch.setattr(export, "write_table", lambda *a, **k: (calls.append("table"), write_table(*a, **k))[1])
+    monkeypatch.setattr(export, "write_geojson_files", lambda *a, **k: (calls.append("geojson"), write_geojson_files(*a, **k))[1])
+    monkeypatch.setattr(derive, "release_freed_pages", lambda: calls.append("given back"))
+    monkeypatch.setattr(derive._LabelImages, "__init__", _recording_init(derive._LabelImages.__init__, calls))
+    derive_objects(result_dir, workers=2)
+    assert calls == ["table", "given back", "label images", "geojson"]
+
+
+@pytest.mark.parametrize(("workers", "refused", "formatting"), [(1, False, 1), (2, False, 1), (3, False, 2), (2, True, 2)])
+def test_the_label_image_process_takes_one_worker_from_the_geojson(result_dir: Path, monkeypatch: pytest.MonkeyPatch,
+                                                                  workers: int, refused: bool, formatting: int) -> None:
+    """While the label image is rasterised in a process of its own, the GeoJSON is formatted by one
+    worker fewer (on 2 workers: in this process, no pool beside it); where that process could not
+    start, by every worker."""
+    import wsi_mtl.export as export
+    from wsi_mtl.postprocess import _pool
+
+    asked: list[int] = []
+    monkeypatch.setattr(postprocess, "extract_objects", fake_extract(), raising=False)
+    real = export.write_geojson_files
+    monkeypatch.setattr(export, "write_geojson_files", lambda *a, **k: (asked.append(k["workers"]), real(*a, **k))[1])
+    if refused:
+        monkeypatch.setattr(_pool, "single_executor", lambda role: (_ for _ in ()).throw(OSError("no process")))
+    derive_objects(result_dir, workers=workers)
+    assert asked == [formatting]
+
+
+def _recording_init(init: Any, calls: list[str]) -> Any:
+    def recorded(self: Any, *args: Any, **kwargs: Any) -> None:
+        calls.append("label images")
+        init(self, *args, **kwargs)
+
+    return recorded
 
 
 def test_gz_adds_copies_and_a_plain_export_removes_them(result_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:

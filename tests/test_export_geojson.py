@@ -307,6 +307,35 @@ def test_parallel_formatting_gives_identical_files(tmp_path: Path) -> None:
         write_geojson(table, tmp_path / "o.geojson", workers=0)
 
 
+def test_a_sink_writes_a_batch_in_parts_as_one_text(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Features go out a few at a time (no copy of a whole batch's text), the same bytes as the
+    batch joined at once, across batches and part boundaries."""
+    import io
+
+    from wsi_mtl.export import _geojson
+
+    monkeypatch.setattr(_geojson, "_WRITE_FEATURES", 7)
+    batches = [[f'{{"id": "{b}-{i}"}}' for i in range(n)] for b, n in enumerate((20, 0, 7, 1, 15))]
+    sink = _geojson._Sink(io.BytesIO(), frozenset())
+    for texts in batches:
+        sink.write(texts)
+    assert sink.fh.getvalue() == ",\n".join(t for texts in batches for t in texts).encode()
+    assert sink.count == 43
+
+
+def test_parallel_formatting_keeps_one_row_group_per_worker_in_flight(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A row group's texts wait in the writing process until their turn: one per worker at most."""
+    from wsi_mtl.postprocess import _pool
+
+    table = tmp_path / "objects.parquet"
+    write_table(synthetic_batches(900, batch_size=150, tasks=ALL_TASKS, extent_px=20_000, seed=9), table,
+                mpp=0.25, row_group_rows=200)
+    asked, real = [], _pool.ordered_results
+    monkeypatch.setattr(_pool, "ordered_results", lambda *a, **k: asked.append(k.get("ahead")) or real(*a, **k))
+    assert write_geojson_files(table, tmp_path, batch_rows=100, workers=2)[tmp_path / "objects.geojson"] == 900
+    assert asked == [1]
+
+
 def test_a_table_of_one_row_group_is_formatted_here(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Workers format whole row groups: with one there is nothing to share, and no pool starts."""
     from wsi_mtl.export import _geojson

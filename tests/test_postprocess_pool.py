@@ -179,6 +179,38 @@ def _process_pool(workers: int) -> ProcessPoolExecutor:
     return ProcessPoolExecutor(max_workers=workers, mp_context=_context())
 
 
+class _CountingPool(ThreadPoolExecutor):
+    """Threads that record the most jobs submitted and not yet taken back at once."""
+
+    def __init__(self, workers: int, seen: list[int]) -> None:
+        super().__init__(max_workers=workers)
+        self.seen, self.open = seen, 0
+
+    def submit(self, fn, *args):  # noqa: ANN001, ANN201
+        self.open += 1
+        self.seen.append(self.open)
+        return super().submit(fn, *args)
+
+
+@pytest.mark.parametrize(("ahead", "most"), [(2, 4), (1, 2)])
+def test_ordered_results_keep_ahead_jobs_per_worker_in_flight(ahead: int, most: int) -> None:
+    """At most ``ahead * workers`` jobs are in flight (GeoJSON's row groups: one per worker, their
+    texts waiting in the caller's process)."""
+    seen: list[int] = []
+    pools: list[_CountingPool] = []
+
+    def make(n: int) -> _CountingPool:
+        pools.append(_CountingPool(n, seen))
+        return pools[-1]
+
+    got = []
+    for value in ordered_results(make, pow, [(v, 2) for v in range(9)], workers=2, describe=str, ahead=ahead):
+        pools[0].open -= 1  # yielded: no longer in flight
+        got.append(value)
+    assert got == [v * v for v in range(9)]
+    assert max(seen) == most
+
+
 def test_a_worker_killed_once_costs_only_a_rerun_of_the_jobs_in_flight(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     marker = tmp_path / "died"
     jobs = [(str(marker), v) for v in range(9)]

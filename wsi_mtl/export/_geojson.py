@@ -293,11 +293,15 @@ class _Sink:
         self.count = 0
 
     def write(self, texts: Sequence[str]) -> None:
-        if not texts:
-            return
-        sep = ",\n" if self.count else ""
-        self.fh.write((sep + ",\n".join(texts)).encode("utf-8"))
-        self.count += len(texts)
+        """Append features, :data:`_WRITE_FEATURES` at a time (no copy of a whole batch's text)."""
+        for i in range(0, len(texts), _WRITE_FEATURES):
+            part = texts[i : i + _WRITE_FEATURES]
+            self.fh.write(((",\n" if self.count else "") + ",\n".join(part)).encode("utf-8"))
+            self.count += len(part)
+
+
+#: features joined and encoded at a time by :meth:`_Sink.write`
+_WRITE_FEATURES = 2048
 
 
 def _open_stream(stack: contextlib.ExitStack, tmp: Path, *, gz: bool) -> IO[bytes]:
@@ -320,8 +324,9 @@ def _parallel_features(
 ) -> Iterator[tuple[np.ndarray, list[str]]]:
     """Feature texts formatted by ``workers`` processes, one row group each, yielded in table order.
 
-    At most ``2 * workers`` row groups are in flight, so memory stays bounded; a worker that dies
-    is survived as :func:`~wsi_mtl.postprocess._pool.ordered_results` says.
+    At most ``workers`` row groups are in flight (the texts of one row group, ~90 MB for 67,000
+    nuclei, wait here until their turn), so memory stays bounded; a worker that dies is survived as
+    :func:`~wsi_mtl.postprocess._pool.ordered_results` says.
     """
     import pyarrow.parquet as pq
 
@@ -330,7 +335,7 @@ def _parallel_features(
     n_groups = pq.ParquetFile(table_path).metadata.num_row_groups
     jobs = [(table_path, group, colors, batch_rows) for group in range(n_groups)]
     for texts in ordered_results(_formatting_pool, _format_row_group, jobs,
-                                 workers=workers, describe=lambda i: f"row group {i} of {table_path.name}"):
+                                 workers=workers, describe=lambda i: f"row group {i} of {table_path.name}", ahead=1):
         yield from texts
 
 

@@ -111,9 +111,9 @@ def _start_helper(role: str) -> None:
 
 
 def ordered_results(make_pool: Callable[[int], Executor], fn: Callable[..., Any], jobs: Sequence[tuple], *, workers: int,
-                    describe: Callable[[int], str], notes: list[str] | None = None) -> Iterator[Any]:
-    """``fn(*jobs[i])`` for every job, yielded in job order, at most ``2 * workers`` in flight on
-    ``make_pool(workers)``.
+                    describe: Callable[[int], str], notes: list[str] | None = None, ahead: int = 2) -> Iterator[Any]:
+    """``fn(*jobs[i])`` for every job, yielded in job order, at most ``ahead * workers`` in flight on
+    ``make_pool(workers)`` (the results done before their turn wait in this process).
 
     A worker process that dies (killed by the system, most often for lack of memory) breaks its
     pool. The jobs not yet yielded then run again, in order, on a pool of one process with one job
@@ -122,7 +122,7 @@ def ordered_results(make_pool: Callable[[int], Executor], fn: Callable[..., Any]
     breaking before it runs anything. Each restart is logged and, with ``notes``, appended to it
     (run.json ``warnings``).
     """
-    pool, limit = make_pool(workers), 2 * max(1, workers)
+    pool, limit = make_pool(workers), max(1, ahead) * max(1, workers)
     pending: deque[tuple[int, Future]] = deque()
     nxt, restarts = 0, 0
     try:

@@ -35,7 +35,6 @@ other images, skimage is called.
 from __future__ import annotations
 
 import numpy as np
-from skimage.morphology import h_maxima as _sk_h_maxima
 
 from wsi_mtl._numba import numba_allowed
 
@@ -83,6 +82,14 @@ def _kernels() -> None:
     _ring_segments, _chain_rings = jit(_ring_segments_py), jit(_chain_rings_py)
     _type_votes, _type_sums = jit(_type_votes_py), jit(_type_sums_py)
     _grown_queue, _grow_near, _grow_row = jit(_grown_queue_py), jit(_grow_near_py), jit(_grow_row_py)
+
+
+def _sk_h_maxima(image: np.ndarray, h: float) -> np.ndarray:
+    """skimage's h-maxima, imported only where the compiled path does not apply (skimage's
+    morphology takes ~0.17 s to import in each process that starts)."""
+    from skimage.morphology import h_maxima
+
+    return h_maxima(image, h)
 
 
 def h_maxima_bool(image: np.ndarray, h: float) -> np.ndarray:

@@ -38,7 +38,7 @@ import numpy as np
 
 from wsi_mtl._numba import numba_allowed
 
-__all__ = ["available", "edt32", "smooth_and_peaks", "h_maxima_bool", "flood_components", "cut_at_peaks", "crops_on_canvas", "box_table", "tissue_counts", "grow_ranks", "open_rows", "components", "component_runs", "kept_components", "block_means", "label_counts", "relabel_in_place", "trace_rings", "type_votes", "type_sums", "HAVE_NUMBA"]
+__all__ = ["available", "edt32", "smooth_and_peaks", "h_maxima_bool", "flood_components", "cut_at_peaks", "crops_on_canvas", "box_table", "tissue_counts", "grow_ranks", "open_rows", "components", "component_runs", "kept_components", "block_means", "core_mask_u8", "label_counts", "relabel_in_place", "trace_rings", "type_votes", "type_sums", "HAVE_NUMBA"]
 
 #: Whether numba is installed and not switched off by the environment variable
 #: ``WSIMTL_NO_NUMBA=1`` (numba's LLVM adds ~140 MB to each process that cuts necks); it is
@@ -60,6 +60,7 @@ def _kernels() -> None:
     global _push, _pop, _side, _flood, _flood_components, _label4, _cut_at_peaks, _box_table, _grow, _open, _crops_on_canvas, _tissue_counts
     global _next_run, _root, _runs, _boxes_of_runs, _components, _kept_runs, _block_means, _label_counts, _relabel, _label_sums
     global _shift_into, _row_spans, _ring_segments, _chain_rings, _type_votes, _type_sums, _grown_queue, _grow_near, _grow_row
+    global _core
     if _ready:
         return
     _ready = True
@@ -82,6 +83,7 @@ def _kernels() -> None:
     _ring_segments, _chain_rings = jit(_ring_segments_py), jit(_chain_rings_py)
     _type_votes, _type_sums = jit(_type_votes_py), jit(_type_sums_py)
     _grown_queue, _grow_near, _grow_row = jit(_grown_queue_py), jit(_grow_near_py), jit(_grow_row_py)
+    _core = jit(_core_py)
 
 
 def _sk_h_maxima(image: np.ndarray, h: float) -> np.ndarray:
@@ -818,6 +820,22 @@ def _chain_rings_py(lab, ends, h, w):  # noqa: ANN001, ANN202 (compiled helper)
     return ring_label, coords, ring_start, area
 
 
+def core_mask_u8(interior: np.ndarray, boundary: np.ndarray, limit: float) -> np.ndarray:
+    """``interior - boundary > limit`` of two 2-D uint8 maps taken as integers (a new bool array), in
+    one pass without the int16 temporaries numpy makes. Needs numba."""
+    _kernels()
+    out = np.empty(interior.shape, np.bool_)
+    _core(interior, boundary, float(limit), out)
+    return out
+
+
+def _core_py(a, b, limit, out):  # noqa: ANN001, ANN202 (compiled helper)
+    h, w = a.shape
+    for y in range(h):
+        for x in range(w):
+            out[y, x] = np.int32(a[y, x]) - np.int32(b[y, x]) > limit
+
+
 def label_counts(labels: np.ndarray, length: int) -> np.ndarray | None:
     """Pixels per label (int64, ``length`` entries, entry 0 left 0) in one pass; None where a
     label is negative or not below ``length``. Needs numba."""
@@ -1205,3 +1223,4 @@ _shift_into, _row_spans = _shift_into_py, _row_spans_py
 _ring_segments, _chain_rings = _ring_segments_py, _chain_rings_py
 _type_votes, _type_sums = _type_votes_py, _type_sums_py
 _grown_queue, _grow_near, _grow_row = _grown_queue_py, _grow_near_py, _grow_row_py
+_core = _core_py

@@ -837,6 +837,8 @@ def core_mask(inst_prob: np.ndarray, threshold: float) -> np.ndarray:
     map's encoding), before any opening. ``inst_prob``: the background, interior and boundary
     channels, or only the last two."""
     s = _scale(inst_prob)
+    if s == 255.0 and inst_prob.ndim == 3 and _compiled.available():
+        return _compiled.core_mask_u8(inst_prob[-2], inst_prob[-1], threshold * s)
     work = np.int16 if s == 255.0 else np.float32
     out = np.empty(inst_prob.shape[1:], bool)
     for y in range(0, out.shape[0], _MASK_ROWS):  # a few rows at a time: no full-size temporaries

@@ -97,9 +97,10 @@ def test_overlapped_objects_equal_those_extracted_afterwards(tmp_path: Path, wor
 
 
 def test_only_overlap_pool_processes_give_back_freed_pages_after_a_chunk(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """A pool process gives back what each chunk freed (past a resident size); on a thread (a Dask
-    worker's) the memory is that of the process the network runs in, which keeps it for the slide:
-    nothing given back."""
+    """A pool process gives back what each chunk freed (past a resident size), and prepares its heap
+    for each job as export's chunk workers do (``heap_for``: a gland job starts on given-back
+    pages); on a thread (a Dask worker's) the memory is that of the process the network runs in,
+    which keeps it for the slide: nothing given back, the heap left as it is."""
     from wsi_mtl.postprocess import _extract, _overlap
 
     maps = _maps()
@@ -111,12 +112,16 @@ def test_only_overlap_pool_processes_give_back_freed_pages_after_a_chunk(tmp_pat
     meta = _extract.read_meta(final)
     job = _extract._plan_jobs(meta, ("nuclei",), params=PARAMS, **CHUNKS)[0]
     calls: list[int] = []
+    prepared: list[str] = []
     monkeypatch.setattr(_overlap, "release_if_larger", lambda: calls.append(1))
+    monkeypatch.setattr(_extract, "heap_for", lambda j: prepared.append(j.group))
     for in_pool, expected in ((False, 0), (True, 1)):
         monkeypatch.setattr(_overlap, "_IN_POOL_PROCESS", in_pool)
         calls.clear()
+        prepared.clear()
         _, done = _overlap._run_spooled(str(final), job, meta, PARAMS, None, 1.0, str(tmp_path / f"part{in_pool}.pkl"))
         assert done and len(calls) == expected
+        assert prepared == ["nuclei"] * expected
 
 
 def test_tiles_before_work_is_where_the_first_chunk_becomes_ready(tmp_path: Path) -> None:

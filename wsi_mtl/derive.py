@@ -409,10 +409,10 @@ def derive_into(
     labels = _LabelImages(predictions, attrs, result_dir / TABLE, background=workers > 1) if tissue_map else None
     # that process takes one of the workers: the GeoJSON's formatting processes get the others (on 2
     # cores none: formatted here, ~0.4 GB less at once for a 16,384^2 px map at 0.5 um/px)
-    geojson_workers = workers - 1 if labels is not None and labels.pool is not None else workers
+    geojson_workers = workers - 1 if labels is not None and labels.pool is not None else workers  # that pool: workers > 1
     try:
         t0 = time.perf_counter()
-        geojson = list(write_geojson_files(result_dir / TABLE, result_dir, workers=max(1, geojson_workers)))
+        geojson = list(write_geojson_files(result_dir / TABLE, result_dir, workers=geojson_workers))
         written = [result_dir / TABLE, *geojson, *([_gzip_copy(p) for p in geojson] if geojson_gz else [])]
         thumb, downsample = _thumbnail(predictions, attrs, run, slide, mpp=mpp, width=width, height=height)
         write_preview(thumb, result_dir / TABLE, result_dir / PREVIEW, downsample=downsample, tissue_mask=read_mask(predictions))

@@ -1006,12 +1006,18 @@ def failed_result(job: _Job, exc: BaseException, meta: MapsMeta, params: Postpro
 _READERS: dict[str, _ZarrReader] = {}
 
 
+def heap_for(job: _Job) -> None:
+    """In a pool process, before ``job``: a gland job, the largest, starts on a heap that keeps no
+    earlier chunk's pages (given back, :mod:`wsi_mtl.malloc`); a nuclei job reuses them."""
+    if job.group == "glands":
+        release_freed_pages()
+
+
 def _worker(path: str, job: _Job, meta: MapsMeta, params: PostprocessParams) -> dict[str, Any]:
     reader = _READERS.get(path)
     if reader is None:
         reader = _READERS[path] = _ZarrReader(path)
-    if job.group == "glands":
-        release_freed_pages()  # the largest jobs start on a heap that keeps no earlier chunk's pages (wsi_mtl.malloc)
+    heap_for(job)
     try:
         return _run_job(reader, job, meta, params)
     finally:

@@ -37,7 +37,7 @@ from typing import Any
 
 import numpy as np
 
-from wsi_mtl.malloc import release_freed_pages, release_if_larger
+from wsi_mtl.malloc import release_if_larger
 from wsi_mtl.postprocess import _extract as ex
 from wsi_mtl.postprocess._chunks import Chunk
 from wsi_mtl.postprocess._pool import _context, children_allowed, ordered_results, start_chunk_worker
@@ -102,8 +102,8 @@ def _run_spooled(path: str, job: Any, meta: Any, params: Any, readiness: _Readin
 
     Returns the chunk reached (its halo) and whether the job finished.
     """
-    if _IN_POOL_PROCESS and job.group == "glands":
-        release_freed_pages()  # the largest jobs start on a heap that keeps no earlier chunk's pages (wsi_mtl.malloc)
+    if _IN_POOL_PROCESS:  # threads share this process's heap: left as it is
+        ex.heap_for(job)
     try:
         chunk, res = _attempts(_reader(path), job, meta, params, readiness, scale)
     finally:

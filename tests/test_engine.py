@@ -334,6 +334,20 @@ def test_device_and_precision_resolution():
             resolve_device("cuda")
 
 
+@pytest.mark.parametrize("native", [True, False])
+def test_bf16_on_a_cpu_without_it_is_emulated_and_says_so(native, monkeypatch, caplog):
+    """Asked for on a CPU without native bf16, bf16 is what runs (emulated) and a warning says what it costs;
+    ``auto`` takes fp32 there."""
+    import wsi_mtl.devices
+
+    monkeypatch.setattr(wsi_mtl.devices, "cpu_has_bf16", lambda: native)
+    with caplog.at_level("WARNING", logger="wsi_mtl.devices"):
+        assert resolve_precision(torch.device("cpu"), "bf16") is torch.bfloat16
+        assert resolve_precision(torch.device("cpu"), "auto") is (torch.bfloat16 if native else None)
+    warned = [r.getMessage() for r in caplog.records if "no native bf16" in r.getMessage()]
+    assert len(warned) == (0 if native else 1)
+
+
 def test_full_disk_while_writing_is_a_one_line_output_error(model, tmp_path, monkeypatch):
     import errno
 

@@ -648,7 +648,10 @@ def test_fused_conv_relu_gives_the_values_of_conv_then_relu(monkeypatch: pytest.
     real = net_model._CONV_POINTWISE
     monkeypatch.setattr(net_model, "_CONV_POINTWISE", lambda *a: calls.append(1) or real(*a))
     fused, apart = _fused_vs_apart(model, x, monkeypatch, dtype=torch.bfloat16)
-    assert len(calls) > 10  # the stem, every BasicBlock's first conv, every decoder block
+    if net_model._FUSE_BF16:
+        assert len(calls) > 10  # the stem, every BasicBlock's first conv, every decoder block
+    else:  # this CPU's oneDNN has no bfloat16: the fused op would refuse it, so the steps run apart
+        assert calls == []
     for name in apart:
         assert torch.equal(fused[name], apart[name]), name
     calls.clear()
@@ -681,7 +684,27 @@ def test_fused_conv_relu_stays_out_of_fp16_training_nchw_input_and_traces(monkey
     assert calls == []
     with torch.no_grad(), bf16:
         model.predict(cl)
-    assert calls  # the same model and input in bfloat16 without a tracer or autograd: fused
+    # the same model and input in bfloat16 without a tracer or autograd: fused where oneDNN has bfloat16
+    assert bool(calls) is net_model._FUSE_BF16
+
+
+def test_bfloat16_without_onednn_bfloat16_runs_conv_and_relu_apart(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A CPU whose oneDNN has no bfloat16 (no AVX512-BW/VL/DQ, AVX-NE-CONVERT or AMX) never reaches the
+    fused op under bfloat16 autocast, which would raise there; float32 is still fused."""
+    import wsi_mtl.network.model as net_model
+
+    calls: list[torch.dtype] = []
+    monkeypatch.setattr(net_model, "_FUSE_BF16", False)
+    monkeypatch.setattr(net_model, "_CONV_POINTWISE", lambda x, *a: calls.append(x.dtype) or torch.relu(
+        torch.nn.functional.conv2d(x, a[0], a[1], stride=a[3], padding=a[2], dilation=a[4], groups=a[5])))
+    model = create_model("wsimtl_small", seed=0).eval().fold_bn().set_channels_last().requires_grad_(False)
+    x = (torch.rand(1, 3, 64, 64, generator=torch.Generator().manual_seed(2)) * 255).contiguous(memory_format=torch.channels_last)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        out = model.predict(x)
+    assert calls == [] and all(t.dtype == torch.float32 and torch.isfinite(t).all() for t in out.values())
+    with torch.no_grad():
+        model.predict(x)
+    assert calls and set(calls) == {torch.float32}
 
 
 def test_window_stats_are_the_mean_and_std_of_each_clipped_window() -> None:

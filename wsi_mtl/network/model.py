@@ -83,7 +83,18 @@ def _mkldnn_conv_pointwise() -> Any:
         return None
 
 
+def _mkldnn_has_bf16() -> bool:
+    """Whether oneDNN computes bfloat16 on this CPU (AVX512-BW/VL/DQ, AVX-NE-CONVERT or AMX); where it
+    does not, its fused op refuses bfloat16 input and torch's own conv emulates it."""
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
+
+
 _CONV_POINTWISE = _mkldnn_conv_pointwise()
+#: Whether :func:`_fused_conv_relu` also fuses under bfloat16 autocast (see :func:`_mkldnn_has_bf16`)
+_FUSE_BF16 = _mkldnn_has_bf16()
 
 #: Whether inference on the CPU fuses each folded conv with its ReLU (:func:`_fused_conv_relu`);
 #: False runs the two steps apart (the same values: a switch for comparisons).
@@ -104,7 +115,8 @@ def _fused_conv_relu(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, c
     (arguments cast as autocast casts a conv's). The ReLU costs no pass of its own over memory:
     in float32 a tile's network call is ~1.1x faster (``bench_engine_tile.py``), in bfloat16 ~3-10%.
     The maps are those of the two separate steps bit for bit on the machines we measured
-    (``tests/test_network.py``; ReLU commutes with the rounding to bfloat16).
+    (``tests/test_network.py``; ReLU commutes with the rounding to bfloat16). On a CPU whose oneDNN
+    has no bfloat16 (:data:`_FUSE_BF16`), bfloat16 runs the two steps apart: the fused op would refuse it.
     """
     if (not FUSE_CONV_RELU or _CONV_POINTWISE is None or torch.is_grad_enabled() or x.device.type != "cpu"
             or not x.is_contiguous(memory_format=torch.channels_last) or _traced()):
@@ -112,7 +124,7 @@ def _fused_conv_relu(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, c
     if x.dtype not in (torch.float32, torch.bfloat16):
         return None
     if torch.is_autocast_enabled("cpu"):
-        if torch.get_autocast_dtype("cpu") != torch.bfloat16:
+        if torch.get_autocast_dtype("cpu") != torch.bfloat16 or not _FUSE_BF16:
             return None
         dt = torch.bfloat16  # as autocast casts a conv's arguments
     elif x.dtype == torch.float32 and w.dtype == torch.float32:

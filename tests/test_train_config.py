@@ -125,3 +125,17 @@ def test_bf16_rejects_other_values(tmp_path):
     path.write_text("bf16: fast\n")
     with pytest.raises(InputError, match="bf16 must be true, false or auto, got 'fast'"):
         load_config(path)
+
+
+@pytest.mark.parametrize("native", [True, False])
+def test_evaluation_precision_follows_the_cpu_unless_asked(monkeypatch, native):
+    """Evaluation's default (``bf16=None``) autocasts to bf16 only where the CPU computes it natively, as
+    ``--precision auto`` does for the CLI, so library and CLI scores agree; an explicit choice is kept."""
+    import torch
+
+    import wsi_mtl.train._evaluate as ev
+
+    monkeypatch.setattr(ev, "cpu_has_bf16", lambda: native)
+    for asked, on in ((None, native), (True, True), (False, False)):
+        with ev._autocast(asked):
+            assert torch.is_autocast_enabled("cpu") is on, asked

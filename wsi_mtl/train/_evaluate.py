@@ -18,6 +18,7 @@ from tqdm import tqdm
 from .. import metrics
 from ._augment import resize_labels
 from ..errors import InputError
+from ..devices import cpu_has_bf16
 from ._data import CRCHP_CLASSES, ClsItem, SegItem, Sources, _csv, _read_labels
 from ._nuclei_sources import format_nuclei_sources, score_nuclei_sources
 from ..network.tta import predict_tta
@@ -30,7 +31,10 @@ __all__ = ["REFERENCE_IMAGES", "reference_metrics", "evaluate_split", "glas_nati
 logger = logging.getLogger(__name__)
 
 
-def _autocast(enabled: bool) -> contextlib.AbstractContextManager[Any]:
+def _autocast(enabled: bool | None) -> contextlib.AbstractContextManager[Any]:
+    """bfloat16 autocast where ``enabled``; None: where the CPU computes bf16 natively (as ``--precision auto``)."""
+    if enabled is None:
+        enabled = cpu_has_bf16()
     return torch.autocast("cpu", dtype=torch.bfloat16) if enabled else contextlib.nullcontext()
 
 
@@ -47,7 +51,7 @@ def heads_only(model: torch.nn.Module, names: Iterable[str]) -> Iterator[None]:
 
 
 @torch.no_grad()
-def predict_image(model: torch.nn.Module, image: np.ndarray, *, heads: Iterable[str] | None = None, margin_px: int = 32, bf16: bool = True, tta: int = 1) -> dict[str, np.ndarray]:
+def predict_image(model: torch.nn.Module, image: np.ndarray, *, heads: Iterable[str] | None = None, margin_px: int = 32, bf16: bool | None = None, tta: int = 1) -> dict[str, np.ndarray]:
     """Softmax maps of the ``heads`` (default all) for one whole image at the model's mpp.
 
     The image is reflected by ``margin_px`` (rounded up so each side is a multiple of the model
@@ -105,7 +109,7 @@ def _patch_cells(a: np.ndarray, model: torch.nn.Module, top: int, left: int, h: 
 
 
 @torch.no_grad()
-def patch_feature_map(model: torch.nn.Module, image: np.ndarray, *, margin_px: int = 0, bf16: bool = True, pool: str = "mean") -> np.ndarray:
+def patch_feature_map(model: torch.nn.Module, image: np.ndarray, *, margin_px: int = 0, bf16: bool | None = None, pool: str = "mean") -> np.ndarray:
     """The (C, h, w) window features a patch head with ``pool`` classifies for ``image``, padded
     and cropped exactly as :func:`predict_image` crops its patch maps (eval mode)."""
     x, top, left = _padded_input(image, int(model.config.stride), margin_px)
@@ -120,7 +124,7 @@ def patch_feature_map(model: torch.nn.Module, image: np.ndarray, *, margin_px: i
 
 
 @torch.no_grad()
-def classify_image(model: torch.nn.Module, image: np.ndarray, head: str, *, bf16: bool = True, tta: int = 1) -> np.ndarray:
+def classify_image(model: torch.nn.Module, image: np.ndarray, head: str, *, bf16: bool | None = None, tta: int = 1) -> np.ndarray:
     """Class probabilities (C,) of a tile for one patch head: the mean of the dense patch map."""
     probs = predict_image(model, image, heads=[head], margin_px=0, bf16=bf16, tta=tta)[head]
     return probs.reshape(probs.shape[0], -1).mean(axis=1)
@@ -166,7 +170,7 @@ def evaluate_sources(
     *,
     gland_truth: Mapping[str, np.ndarray] | None = None,
     type_radius_px: float = 6.0,
-    bf16: bool = True,
+    bf16: bool | None = None,
     progress: bool = False,
     per_image: bool = False,
     params: PostprocessParams | None = None,
@@ -186,6 +190,8 @@ def evaluate_sources(
         them and scored there (GlaS protocol, Hausdorff in native pixels); else at model mpp.
     type_radius_px
         Matching radius of nucleus centres in model pixels (6 px at 20x / 0.5 um/px).
+    bf16
+        bfloat16 autocast; None (default): where the CPU computes bf16 natively, as ``--precision auto``.
     per_image
         Also return the per-image scores under ``"images"``.
     params
@@ -372,7 +378,7 @@ class _LumenScore:
                 "truth": "pseudo-labels (wsi_mtl.train._lumen), not annotations"}
 
 
-def non_gland_area(model: torch.nn.Module, items: Sequence[SegItem], *, params: PostprocessParams | None = None, bf16: bool = True, tta: int = 1,
+def non_gland_area(model: torch.nn.Module, items: Sequence[SegItem], *, params: PostprocessParams | None = None, bf16: bool | None = None, tta: int = 1,
                    wrap: Any = None, images: dict[str, Any] | None = None) -> dict[str, Any]:
     """Gland (and lumen) area fraction of tiles that hold no gland: the gland objects `wsimtl segment`
     would draw, pooled over pixels per source and overall (0 is right, every pixel is a false positive)."""
@@ -488,7 +494,7 @@ def evaluate_split(
     source_mpp: Mapping[str, float] | None = None,
     tasks: Iterable[str] | None = None,
     only: Mapping[str, Sequence[str]] | None = None,
-    bf16: bool = True,
+    bf16: bool | None = None,
     progress: bool = False,
     per_image: bool = False,
     tta: int = 1,
@@ -529,7 +535,7 @@ def evaluate_split(
     return res
 
 
-def _glass(model: torch.nn.Module, slide: Path, *, bf16: bool, params: PostprocessParams | None) -> dict[str, Any]:
+def _glass(model: torch.nn.Module, slide: Path, *, bf16: bool | None, params: PostprocessParams | None) -> dict[str, Any]:
     """Objects on glass of ``slide`` (:func:`~wsi_mtl.train._glass.objects_on_glass`); skipped, with a
     warning, where the data folder has no such slide."""
     from ._glass import objects_on_glass
@@ -537,7 +543,7 @@ def _glass(model: torch.nn.Module, slide: Path, *, bf16: bool, params: Postproce
     if not slide.is_file():
         logger.warning("objects on glass not measured: no slide %s", slide)
         return {"skipped": f"no slide {slide}"}
-    return objects_on_glass(model, slide, precision="bf16" if bf16 else "fp32", postprocess=params)
+    return objects_on_glass(model, slide, precision="auto" if bf16 is None else "bf16" if bf16 else "fp32", postprocess=params)
 
 
 #: The validation images whose scores are stored with a shipped model (``expected_metrics.json``).

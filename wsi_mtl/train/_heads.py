@@ -222,7 +222,7 @@ def refit_patch_heads(
     batch: int = 512,
     holdout: float = 0.2,
     seed: int = 0,
-    bf16: bool = True,
+    bf16: bool | None = None,
     heads: Sequence[str] | None = None,
     pools: Sequence[str] = PATCH_POOLS,
     gland_share: float = 0.0,

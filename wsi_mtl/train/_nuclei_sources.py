@@ -201,7 +201,7 @@ class _TypeCounts:
         return {"detection_f1": det, "f1": f1, "macro_f1": _nanmean(f1.values()), "n_images": self.n_images, "n_true": self.n_true}
 
 
-def score_nuclei_sources(model: Any, items: Sequence[SegItem], *, params: Any, bf16: bool = True, tta: int = 1, type_radius_px: float = 6.0,
+def score_nuclei_sources(model: Any, items: Sequence[SegItem], *, params: Any, bf16: bool | None = None, tta: int = 1, type_radius_px: float = 6.0,
                          wrap: Callable[[Any, str], Any] = lambda it, d: it, images: dict[str, Any] | None = None) -> dict[str, Any]:
     """Nuclei scores of ``model`` per source of ``items`` (task ``nuclei_all``).
 

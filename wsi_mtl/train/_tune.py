@@ -209,7 +209,7 @@ def tune_postprocess(
     *,
     nuclei_grid: Mapping[str, Sequence[float]] | None = None,
     gland_grid: Mapping[str, Sequence[float]] | None = None,
-    bf16: bool = True,
+    bf16: bool | None = None,
     lumen: Sequence[SegItem] = (),
     lumen_grid: Mapping[str, Sequence[float]] | None = None,
     setting: Sequence[SegItem] = (),
@@ -274,7 +274,7 @@ def tune_postprocess(
     return {"postprocess": chosen, "scores": scores, "n_images": {"nuclei": len(nuclei), "glands": len(glands), "gland_setting": len(setting), "lumen": len(lumen)}}
 
 
-def setting_inputs(model: torch.nn.Module, items: Sequence[SegItem], base: PostprocessParams, *, bf16: bool = True,
+def setting_inputs(model: torch.nn.Module, items: Sequence[SegItem], base: PostprocessParams, *, bf16: bool | None = None,
                    ) -> tuple[list[np.ndarray], list[tuple[np.ndarray | None, float]]]:
     """What :func:`choose_setting_params` scores ``items`` on: their gland labels by ``base`` without
     ``gland_max_nonglandular``, and their (non-glandular tissue cells, cell px) by the model's tissue head."""
@@ -289,7 +289,7 @@ def setting_inputs(model: torch.nn.Module, items: Sequence[SegItem], base: Postp
     return glands, tissue
 
 
-def _tune_setting(model: torch.nn.Module, items: Sequence[SegItem], base: PostprocessParams, bf16: bool, scores: dict[str, dict[str, float]]) -> dict[str, float]:
+def _tune_setting(model: torch.nn.Module, items: Sequence[SegItem], base: PostprocessParams, bf16: bool | None, scores: dict[str, dict[str, float]]) -> dict[str, float]:
     """``gland_max_nonglandular`` chosen on ``items`` over the gland settings ``base`` (scores noted in ``scores``)."""
     best, best_score, off = choose_setting_params(items, *setting_inputs(model, items, base, bf16=bf16))
     logger.info("tuned the gland setting on %d images: %s (score %.4f; off %.4f)", len(items), best, best_score, off)

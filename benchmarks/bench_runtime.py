@@ -11,6 +11,11 @@ eager fp32 (``default_runner``), and a runtime that passes against it is adopted
 if, besides, ``segment``'s network time on the 16,384^2 px mosaic of ``bench_end_to_end.py`` is lower
 with it in 2 alternating pairs (the engine's torch call computes tile cores only; these runners
 compute whole tiles).
+RESULT on that CPU (2026-12-07, 2 threads, idle, 4 rounds): whole 1024^2 tiles torch fp32 1.85 MP/s,
+OpenVINO f32 1.92 (1.04x wall, 1.07x per CPU s; maps equal within 1e-4), OpenVINO "bf16" 2.19 (the hint
+falls back to f32 there: the same maps); but ``segment --no-objects --runtime openvino`` of the
+16,384^2 mosaic, alternating with torch: network 48.8 / 47.3 s against 41.6 / 41.8 s (0.86x). Not
+adopted: ``auto`` stays torch on such CPUs too.
 
 RESULTS (2026-12-04, default model wsimtl-small, 2-core AMD EPYC with avx512_bf16, heavily loaded by
 other work: load average 8-18, so absolute MP/s are 5-13x below an idle machine's). Max abs

@@ -75,7 +75,7 @@ def _run(tree: Path, precision: str, repeats: int, out: Path) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--compare", metavar="REV", required=False, help="git revision to time against the working tree")
-    ap.add_argument("--precision", default="bf16,fp32")
+    ap.add_argument("--precision", default=None, help="comma-separated; default bf16,fp32 where the CPU has native bf16, else fp32")
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--repeats", type=int, default=3, help="timed tiles per child (after one warm-up)")
     ap.add_argument("--child")
@@ -86,6 +86,10 @@ def main() -> None:
         return
     if not SLIDE.is_file():
         raise SystemExit(f"needs the sample slide {SLIDE}")
+    if args.precision is None:
+        from wsi_mtl.devices import cpu_has_bf16
+
+        args.precision = "bf16,fp32" if cpu_has_bf16() else "fp32"
     import numpy as np
 
     with tempfile.TemporaryDirectory(prefix="bench-engine-tile-") as tmp_name:

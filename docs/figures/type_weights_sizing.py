@@ -25,7 +25,6 @@ from pathlib import Path
 import numpy as np
 import torch
 import yaml
-from scipy import ndimage
 
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))
@@ -35,7 +34,7 @@ from wsi_mtl.network.io import load_model  # noqa: E402
 from wsi_mtl.postprocess import nuclei_labels, params_of  # noqa: E402
 from wsi_mtl.train._config import DEFAULT_SOURCE_MPP  # noqa: E402
 from wsi_mtl.train._data import load_sources  # noqa: E402
-from wsi_mtl.train._evaluate import predict_image  # noqa: E402
+from wsi_mtl.train._evaluate import instance_types, predict_image  # noqa: E402
 from wsi_mtl.train._nuclei_sources import typed_points  # noqa: E402
 
 NAMES = {1: "epithelial", 2: "fibroblast", 3: "inflammatory", 4: "other"}
@@ -58,9 +57,7 @@ def cached_part(model: torch.nn.Module, part: str, split: dict) -> dict[str, lis
                 yx, cls = typed_points(item.labels, item.instance_classes)
             else:
                 yx, cls = item.points_yx, np.where(item.point_classes > 0, item.point_classes, -1)
-            ids = np.unique(lab)
-            ids = ids[ids != 0]
-            cents = np.array(ndimage.center_of_mass(np.ones(lab.shape), lab, ids.tolist())).reshape(-1, 2) if ids.size else np.zeros((0, 2))
+            ids, cents, _ = instance_types(lab, tp)  # the instances and centroids the evaluation scores
             fg = lab > 0
             out.setdefault(task, []).append((lab[fg].astype(np.int64), tp[1:, fg].astype(np.float32), ids, cents, yx, cls, int(lab.max())))
     return out

@@ -362,3 +362,36 @@ def test_a_forkserver_that_cannot_start_early_is_left_to_the_first_pool(monkeypa
 
     monkeypatch.setattr(forkserver, "ensure_running", fail)
     assert _pool.start_forkserver() is False
+
+
+def test_results_cross_processes_as_wkb_and_come_back_with_the_same_geometry(tmp_path: Path) -> None:
+    import pickle
+
+    from wsi_mtl.postprocess import _extract as ex
+
+    store = _nuclei_store(tmp_path)
+    meta = ex.read_meta(store)
+    params = ex.PostprocessParams.from_mapping(meta.postprocess)
+    job = ex._plan_jobs(meta, ("nuclei",), chunk_px=64, halo_px=8, max_halo_px=None, params=params)[5]
+    here = ex._run_job(ex._ZarrReader(store), job, meta, params)
+    sent = ex._worker(str(store), job, meta, params)  # what a pool process returns
+    assert here["nuclei"]["geometry"].size > 0
+    assert isinstance(sent["nuclei"]["geometry"], ex._Wkb)  # not one pickled shapely object per nucleus
+    back = ex.unpacked(pickle.loads(pickle.dumps(sent)))
+    assert shapely.to_wkb(back["nuclei"]["geometry"]).tolist() == shapely.to_wkb(here["nuclei"]["geometry"]).tolist()
+    for name, column in here["nuclei"].items():
+        if name != "geometry":
+            np.testing.assert_array_equal(back["nuclei"][name], column)
+    assert ex.unpacked(here)["nuclei"]["geometry"] is here["nuclei"]["geometry"]  # a result made here passes as it is
+
+
+def test_object_ids_are_distinct_version_4_uuids() -> None:
+    import uuid
+
+    from wsi_mtl.postprocess._extract import uuid4_strings
+
+    ids = uuid4_strings(20_000)
+    assert ids.shape == (20_000,) and len(set(ids.tolist())) == 20_000
+    parsed = [uuid.UUID(text) for text in ids[:2000]]
+    assert all(u.version == 4 and u.variant == uuid.RFC_4122 and str(u) == text for u, text in zip(parsed, ids))
+    assert uuid4_strings(0).shape == (0,)

@@ -49,7 +49,7 @@ from __future__ import annotations
 
 import logging
 import math
-import uuid
+import os
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
@@ -1019,9 +1019,30 @@ def _worker(path: str, job: _Job, meta: MapsMeta, params: PostprocessParams) -> 
         reader = _READERS[path] = _ZarrReader(path)
     heap_for(job)
     try:
-        return _run_job(reader, job, meta, params)
+        return packed(_run_job(reader, job, meta, params))
     finally:
         release_if_larger()  # what the chunk freed (kept for its own reuse, wsi_mtl.malloc) goes back past a bound
+
+
+@dataclass(frozen=True)
+class _Wkb:
+    """A chunk result's geometry as WKB, for a result that goes to another process: pickled as
+    bytes, and read back by one vectorised call (shapely pickles and unpickles each geometry on
+    its own: ~15 us a polygon, ~1 s for the 65,000 objects of a 16,384^2 px mosaic)."""
+
+    data: np.ndarray
+
+
+def packed(res: dict[str, Any]) -> dict[str, Any]:
+    """``res`` with the geometry of each of its row sets as :class:`_Wkb` (see :func:`unpacked`)."""
+    return {k: {**v, "geometry": _Wkb(shapely.to_wkb(np.asarray(v["geometry"], dtype=object)))}
+            if isinstance(v, dict) and "geometry" in v else v for k, v in res.items()}
+
+
+def unpacked(res: dict[str, Any]) -> dict[str, Any]:
+    """``res`` with :func:`packed` geometry as shapely again (the same coordinates); other results as they are."""
+    return {k: {**v, "geometry": shapely.from_wkb(v["geometry"].data)}
+            if isinstance(v, dict) and isinstance(v.get("geometry"), _Wkb) else v for k, v in res.items()}
 
 
 # ----------------------------------------------------------------------------------- assembly
@@ -1040,6 +1061,20 @@ def _task_classes(meta: MapsMeta, task: str) -> tuple[tuple[str, ...], tuple[tup
     return ("background", name), ((0, 0, 0), color)
 
 
+#: where the 32 hex digits of a UUID go in its 36-character text (the rest are dashes)
+_UUID_DIGITS = np.array([i for i in range(36) if i not in (8, 13, 18, 23)])
+
+
+def uuid4_strings(n: int) -> np.ndarray:
+    """``n`` random (version 4) UUIDs as text, as ``str(uuid.uuid4())`` gives them, made at once."""
+    raw = np.frombuffer(os.urandom(16 * n), np.uint8).reshape(n, 16).copy()
+    raw[:, 6] = (raw[:, 6] & 0x0F) | 0x40  # version 4
+    raw[:, 8] = (raw[:, 8] & 0x3F) | 0x80  # RFC 4122 variant
+    text = np.full((n, 36), ord("-"), np.uint8)
+    text[:, _UUID_DIGITS] = np.frombuffer(raw.tobytes().hex().encode("ascii"), np.uint8).reshape(n, 32)
+    return text.view("S36").ravel().astype("U36")
+
+
 def _to_batch(rows: dict[str, Any], meta: MapsMeta) -> ObjectBatch:
     task = rows["task"]
     names, colors = _task_classes(meta, task)
@@ -1049,7 +1084,7 @@ def _to_batch(rows: dict[str, Any], meta: MapsMeta) -> ObjectBatch:
     columns: dict[str, np.ndarray] = {}
     for name, kind in COLUMNS.items():
         if name == "id":
-            columns[name] = np.array([str(uuid.uuid4()) for _ in range(n)], dtype=str)
+            columns[name] = uuid4_strings(n)
         elif name == "task":
             columns[name] = np.full(n, task, dtype=f"U{len(task)}")
         elif name == "class_name":
@@ -1166,7 +1201,7 @@ def _assemble(results: Iterator[dict[str, Any]], meta: MapsMeta, params: Postpro
     done = 0
     for res in results:
         done += 1
-        for key, rows in res.items():
+        for key, rows in unpacked(res).items():
             if key == "failed":
                 failed.extend(rows)
             elif key == "warnings":

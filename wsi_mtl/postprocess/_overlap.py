@@ -113,7 +113,7 @@ def _run_spooled(path: str, job: Any, meta: Any, params: Any, readiness: _Readin
         return chunk, False
     tmp = f"{spool}.tmp"
     with open(tmp, "wb") as fh:
-        pickle.dump(res, fh, protocol=pickle.HIGHEST_PROTOCOL)
+        pickle.dump(ex.packed(res), fh, protocol=pickle.HIGHEST_PROTOCOL)
     os.replace(tmp, spool)
     return chunk, True
 

@@ -835,6 +835,31 @@ def test_full_resolution_strips_give_the_whole_tiles_values(monkeypatch: pytest.
             assert torch.allclose(torch.softmax(whole_logits[k].float(), 1), whole[k], atol=1e-6)
 
 
+@pytest.mark.parametrize("bf16", [False, True])
+def test_decoder_strips_give_the_whole_windows_values(monkeypatch: pytest.MonkeyPatch, bf16: bool) -> None:
+    """The engine's call decodes each decoder's last block and its heads' layers in row strips with
+    context: every map bit for bit as the window decoded at once (fp32 and bf16, with and without
+    the helper thread, strips that do not divide the window); the first and last strips sit on the
+    window's zero-padded edges as the whole window does."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    import wsi_mtl.network.model as net_model
+
+    model = load_model(Path(__file__).resolve().parents[1] / "models" / "wsimtl-small")
+    torch.manual_seed(4)
+    x = (torch.rand(1, 3, 352, 288) * 255).contiguous(memory_format=torch.channels_last)
+    maps = {}
+    with ThreadPoolExecutor(max_workers=1) as pool, torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+        for rows in (10**6, 24, 7):
+            monkeypatch.setattr(net_model, "DECODER_STRIP_ROWS", rows)
+            maps[rows] = model.predict(x, margin=32)
+            maps[rows, "helper"] = model.predict(x, margin=32, helper=pool)
+    whole = maps[10**6]
+    for key, got in maps.items():
+        for name in whole:
+            assert torch.equal(whole[name], got[name]), (key, name)
+
+
 def test_bf16_maps_do_not_depend_on_the_thread_count() -> None:
     """Under bf16 autocast every map of ``predict`` is bit for bit the same on 1 and 2 torch threads
     (the segmentation convs already were; the patch heads' float32 1x1 convs run on one thread),

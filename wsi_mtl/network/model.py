@@ -249,14 +249,26 @@ class UNetDecoder(nn.ModuleList):
         only that window of them: the last block, the largest, runs there alone. Within the
         block's reach (2 px) of a window edge that is not the map's edge the values are those of
         a zero-padded crop: a caller widens its window by that much."""
-        last = len(skips) - 1
-        for i, (block, skip) in enumerate(zip(self, skips)):
-            if window is not None and i == last:
-                y0, y1, x0, x1 = window
-                return block(_upsampled_window(x, skip.shape[-2:], window) + skip[..., y0:y1, x0:x1])
+        if window is not None:
+            assert len(skips) == len(self), "a window is for the last block at the last skip's grid"
+            return self.last(self.upper(x, skips), skips[-1], window)
+        for block, skip in zip(self, skips):
             x = F.interpolate(x, size=skip.shape[-2:], mode="bilinear", align_corners=False)
             x = block(x.add_(skip))
         return x
+
+    def upper(self, x: torch.Tensor, skips: Sequence[torch.Tensor]) -> torch.Tensor:
+        """The blocks before the last: what the last block upsamples (``skips[:-1]`` used)."""
+        for block, skip in zip(self, skips[:-1]):
+            x = F.interpolate(x, size=skip.shape[-2:], mode="bilinear", align_corners=False)
+            x = block(x.add_(skip))
+        return x
+
+    def last(self, x: torch.Tensor, skip: torch.Tensor, window: tuple[int, int, int, int]) -> torch.Tensor:
+        """The last block on ``window`` (y0, y1, x0, x1 of ``skip``'s grid) from :meth:`upper`'s ``x``,
+        zero-padded at the window's edges (see :meth:`forward`)."""
+        y0, y1, x0, x1 = window
+        return self[len(self) - 1](_upsampled_window(x, skip.shape[-2:], window) + skip[..., y0:y1, x0:x1])
 
 
 def _upsampled_window(x: torch.Tensor, size: Sequence[int], window: tuple[int, int, int, int]) -> torch.Tensor:
@@ -425,6 +437,9 @@ def _beside(helper: Executor, fn: Callable[[], Any]) -> Future:
 
 #: Rows of the full-resolution tail computed at a time in inference (see ``MultiTaskNet._full_resolution``).
 FULL_RES_STRIP_ROWS = 256
+#: Half-resolution rows of the last decoder block and the heads' layers computed at a time in
+#: inference (see ``MultiTaskNet._decode_strips``).
+DECODER_STRIP_ROWS = 128
 #: Context rows on each side of a strip (even; more than the tail's reach: 2 rows of refine, 3 of a
 #: fine branch, 1 of the 2x bilinear upsampling).
 _STRIP_HALO = 8
@@ -607,13 +622,17 @@ class MultiTaskNet(nn.Module):
         decoded: dict[str, torch.Tensor] = {}
         out: dict[str, torch.Tensor] = {}
         for name, head in seg_heads.items():
+            if name in out:  # its decoder ran in strips with the head before it
+                continue
+            if window is not None:  # inference: the last block and the heads' layers strip by strip
+                theirs = {n: h for n, h in seg_heads.items() if h.decoder == head.decoder}
+                logits, kept = self._decode_strips(head.decoder, start, self._own_skips(head.decoder, skips, x, shallow), window,
+                                                   theirs, keep=head.decoder in fine)
+                out.update(logits)
+                decoded.update(kept)
+                continue
             if head.decoder not in decoded:
-                own = skips
-                if head.decoder in self.private_encoder:
-                    mine = (shallow or {}).get(head.decoder) or self.private_encoder[head.decoder](x)  # x0 .. x(private_stages - 1)
-                    own = [*skips[: 4 - len(mine)], *reversed(mine), *skips[4:]]
-                decoded[head.decoder] = self.decoder_head[head.decoder](start, own, window=window)
-                del own
+                decoded[head.decoder] = self.decoder_head[head.decoder](start, self._own_skips(head.decoder, skips, x, shallow))
             if self._refine:
                 out[name] = self.output_head[head.decoder][head.out_key].x(decoded[head.decoder])
             else:
@@ -621,6 +640,42 @@ class MultiTaskNet(nn.Module):
             if last[head.decoder] == name and head.decoder not in fine:
                 del decoded[head.decoder]
         return out, decoded
+
+    def _own_skips(self, decoder: str, skips: list[torch.Tensor], x: torch.Tensor,
+                   shallow: Mapping[str, list[torch.Tensor]] | None) -> list[torch.Tensor]:
+        """A decoder's skips: the shared encoder's, its private encoder's outputs in place of the first ones."""
+        if decoder not in self.private_encoder:
+            return skips
+        mine = (shallow or {}).get(decoder) or self.private_encoder[decoder](x)  # x0 .. x(private_stages - 1)
+        return [*skips[: 4 - len(mine)], *reversed(mine), *skips[4:]]
+
+    def _decode_strips(self, decoder: str, start: torch.Tensor, skips: Sequence[torch.Tensor], window: tuple[int, int, int, int],
+                       heads: Mapping[str, Any], *, keep: bool) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+        """One decoder's part of :meth:`_decode` on ``window`` (inference of a ``"refine"`` model): its
+        last block and its ``heads``' half-resolution layers (pointwise) run on strips of
+        :data:`DECODER_STRIP_ROWS` rows, each with :data:`_LAST_BLOCK_REACH` rows of context inside the
+        window, so those layers' wide intermediates exist for one strip at a time. The same values as
+        the whole window at once (the block's reach is 2 rows; the window's own edges are zero-padded
+        in both). Returns the heads' logits and, with ``keep``, the decoded features (a fine branch's)."""
+        dec = self.decoder_head[decoder]
+        up = dec.upper(start, skips)
+        y0, y1, x0, x1 = window
+        logits: dict[str, torch.Tensor] = {}
+        feats: torch.Tensor | None = None
+        for a in range(y0, y1, DECODER_STRIP_ROWS):
+            b = min(y1, a + DECODER_STRIP_ROWS)
+            e0, e1 = max(y0, a - _LAST_BLOCK_REACH), min(y1, b + _LAST_BLOCK_REACH)
+            part = dec.last(up, skips[-1], (e0, e1, x0, x1))[..., a - e0 : b - e0, :]
+            if keep:
+                if feats is None:
+                    feats = part.new_empty((*part.shape[:2], y1 - y0, x1 - x0)).contiguous(memory_format=torch.channels_last)
+                feats[..., a - y0 : b - y0, :] = part
+            for name, head in heads.items():
+                t = self.output_head[decoder][head.out_key].x(part)
+                if name not in logits:
+                    logits[name] = t.new_empty((*t.shape[:2], y1 - y0, x1 - x0)).contiguous(memory_format=torch.channels_last)
+                logits[name][..., a - y0 : b - y0, :] = t
+        return logits, ({decoder: feats} if keep and feats is not None else {})
 
     def _decode_beside(self, helper: Executor, feats: list[torch.Tensor], x: torch.Tensor, seg_heads: Mapping[str, Any],
                        window: tuple[int, int, int, int] | None,

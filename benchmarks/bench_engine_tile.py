@@ -3,7 +3,8 @@
 Each child process loads the shipped model from one tree (the working tree, or a ``git worktree``
 of ``--compare REV``) and times the call the engine of that tree makes per tile: one input of
 ``core + 2 x margin`` px (1536 + 2 x 192 at 0.5 um/px, the CPU default) from the sample slide,
-``predict(x, margin=192)`` where the tree has it (the core's maps only), else ``predict(x)``.
+``predict(x, margin=192)`` where the tree has it (the core's maps only), else ``predict(x)``, in the
+malloc setting ``segment`` gives its process (freed pages kept, :mod:`wsi_mtl.malloc`).
 Children of the two trees alternate, ``--rounds`` times per precision, so that a machine's drift
 shows in both; the figure is the median over rounds of each child's median tile time. Prints input
 MP/s per tree and precision, the ratio, and whether the two trees' cores, quantised to uint8 as the
@@ -42,6 +43,12 @@ def _child(tree: str, precision: str, repeats: int, out: str) -> dict:
     from wsi_mtl.network import load_model
     from wsi_mtl.slide import open_slide
 
+    try:  # the malloc setting segment gives its process (trees from before wsi_mtl.malloc: none)
+        from wsi_mtl.malloc import NETWORK_TOP_KEEP, keep_freed_pages
+    except ImportError:
+        pass
+    else:  # without it every array above 32 MB is mapped afresh: a cost segment does not pay
+        keep_freed_pages(NETWORK_TOP_KEEP)
     torch.set_num_threads(2)
     model = load_model(None, device="cpu")
     side = CORE + 2 * MARGIN

@@ -436,7 +436,7 @@ def _beside(helper: Executor, fn: Callable[[], Any]) -> Future:
 
 
 #: Rows of the full-resolution tail computed at a time in inference (see ``MultiTaskNet._full_resolution``).
-FULL_RES_STRIP_ROWS = 256
+FULL_RES_STRIP_ROWS = 128
 #: Half-resolution rows of the last decoder block and the heads' layers computed at a time in
 #: inference (see ``MultiTaskNet._decode_strips``).
 DECODER_STRIP_ROWS = 128

@@ -271,6 +271,12 @@ class UNetDecoder(nn.ModuleList):
         return self[len(self) - 1](_upsampled_window(x, skip.shape[-2:], window) + skip[..., y0:y1, x0:x1])
 
 
+def _window_like(part: torch.Tensor, rows: int) -> torch.Tensor:
+    """An empty channels_last tensor like ``part`` (a strip) with ``rows`` rows, to write strips into."""
+    n, c, _, w = part.shape
+    return torch.empty((n, c, rows, w), dtype=part.dtype, device=part.device, memory_format=torch.channels_last)
+
+
 def _upsampled_window(x: torch.Tensor, size: Sequence[int], window: tuple[int, int, int, int]) -> torch.Tensor:
     """``F.interpolate(x, size, bilinear)[..., y0:y1, x0:x1]`` from the input rows and columns
     that window needs (one more on each side: the 2x weights read the neighbour), the same values.
@@ -668,12 +674,12 @@ class MultiTaskNet(nn.Module):
             part = dec.last(up, skips[-1], (e0, e1, x0, x1))[..., a - e0 : b - e0, :]
             if keep:
                 if feats is None:
-                    feats = part.new_empty((*part.shape[:2], y1 - y0, x1 - x0)).contiguous(memory_format=torch.channels_last)
+                    feats = _window_like(part, y1 - y0)
                 feats[..., a - y0 : b - y0, :] = part
             for name, head in heads.items():
                 t = self.output_head[decoder][head.out_key].x(part)
                 if name not in logits:
-                    logits[name] = t.new_empty((*t.shape[:2], y1 - y0, x1 - x0)).contiguous(memory_format=torch.channels_last)
+                    logits[name] = _window_like(t, y1 - y0)
                 logits[name][..., a - y0 : b - y0, :] = t
         return logits, ({decoder: feats} if keep and feats is not None else {})
 

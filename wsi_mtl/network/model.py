@@ -243,15 +243,8 @@ class UNetDecoder(nn.ModuleList):
             blocks.append(ConvBlock([c] * (params.full_res_convs + 1), 3))
         super().__init__(blocks)
 
-    def forward(self, x: torch.Tensor, skips: Sequence[torch.Tensor],  # type: ignore[override]
-                window: tuple[int, int, int, int] | None = None) -> torch.Tensor:
-        """The decoded features; with ``window`` (y0, y1, x0, x1 on the last block's output grid)
-        only that window of them: the last block, the largest, runs there alone. Within the
-        block's reach (2 px) of a window edge that is not the map's edge the values are those of
-        a zero-padded crop: a caller widens its window by that much."""
-        if window is not None:
-            assert len(skips) == len(self), "a window is for the last block at the last skip's grid"
-            return self.last(self.upper(x, skips), skips[-1], window)
+    def forward(self, x: torch.Tensor, skips: Sequence[torch.Tensor]) -> torch.Tensor:  # type: ignore[override]
+        """The decoded features (a window of them: :meth:`upper`, then :meth:`last`)."""
         for block, skip in zip(self, skips):
             x = F.interpolate(x, size=skip.shape[-2:], mode="bilinear", align_corners=False)
             x = block(x.add_(skip))
@@ -265,10 +258,18 @@ class UNetDecoder(nn.ModuleList):
         return x
 
     def last(self, x: torch.Tensor, skip: torch.Tensor, window: tuple[int, int, int, int]) -> torch.Tensor:
-        """The last block on ``window`` (y0, y1, x0, x1 of ``skip``'s grid) from :meth:`upper`'s ``x``,
-        zero-padded at the window's edges (see :meth:`forward`)."""
+        """The last block (the largest) on ``window`` (y0, y1, x0, x1 of ``skip``'s grid) only, from
+        :meth:`upper`'s ``x``. Within the block's reach (2 px) of a window edge that is not the map's
+        edge the values are those of a zero-padded crop: a caller widens its window by that much."""
         y0, y1, x0, x1 = window
         return self[len(self) - 1](_upsampled_window(x, skip.shape[-2:], window) + skip[..., y0:y1, x0:x1])
+
+
+def _strips(start: int, stop: int, rows: int, context: int, lo: int, hi: int) -> list[tuple[int, int, int, int]]:
+    """Rows ``start .. stop`` in strips of ``rows``: (a, b, e0, e1) per strip, its rows [a, b) and the
+    rows [e0, e1) it is computed from, ``context`` more on each side within [lo, hi)."""
+    bounds = [(a, min(stop, a + rows)) for a in range(start, stop, rows)]
+    return [(a, b, max(lo, a - context), min(hi, b + context)) for a, b in bounds]
 
 
 def _window_like(part: torch.Tensor, rows: int) -> torch.Tensor:
@@ -668,9 +669,7 @@ class MultiTaskNet(nn.Module):
         y0, y1, x0, x1 = window
         logits: dict[str, torch.Tensor] = {}
         feats: torch.Tensor | None = None
-        for a in range(y0, y1, DECODER_STRIP_ROWS):
-            b = min(y1, a + DECODER_STRIP_ROWS)
-            e0, e1 = max(y0, a - _LAST_BLOCK_REACH), min(y1, b + _LAST_BLOCK_REACH)
+        for a, b, e0, e1 in _strips(y0, y1, DECODER_STRIP_ROWS, _LAST_BLOCK_REACH, y0, y1):
             part = dec.last(up, skips[-1], (e0, e1, x0, x1))[..., a - e0 : b - e0, :]
             if keep:
                 if feats is None:
@@ -681,7 +680,7 @@ class MultiTaskNet(nn.Module):
                 if name not in logits:
                     logits[name] = _window_like(t, y1 - y0)
                 logits[name][..., a - y0 : b - y0, :] = t
-        return logits, ({decoder: feats} if keep and feats is not None else {})
+        return logits, ({decoder: feats} if feats is not None else {})
 
     def _decode_beside(self, helper: Executor, feats: list[torch.Tensor], x: torch.Tensor, seg_heads: Mapping[str, Any],
                        window: tuple[int, int, int, int] | None,
@@ -725,9 +724,7 @@ class MultiTaskNet(nn.Module):
         res: dict[str, torch.Tensor] = {}
         allocating = threading.Lock()
 
-        def strip(r0: int) -> None:  # rows r0 .. r0 + FULL_RES_STRIP_ROWS of the output, written into res
-            r1 = min(h - m, r0 + FULL_RES_STRIP_ROWS)
-            e0, e1 = max(0, r0 - _STRIP_HALO), min(h, r1 + _STRIP_HALO)
+        def strip(r0: int, r1: int, e0: int, e1: int) -> None:  # rows r0 .. r1 of the output, from e0 .. e1, written into res
             rows, cols = slice(e0 // 2 - oy, e1 // 2 - oy), slice(c0 // 2 - ox, c1 // 2 - ox)
             part = self._tail({n: t[..., rows, cols] for n, t in half.items()}, {d: t[..., rows, cols] for d, t in decoded.items()},
                               x[..., e0:e1, c0:c1], probabilities=probabilities)
@@ -740,10 +737,10 @@ class MultiTaskNet(nn.Module):
                         res[name] = t.new_empty((*t.shape[:2], h - 2 * m, w - 2 * m))
                 res[name][..., r0 - m : r1 - m, :] = t
 
-        starts = list(range(m, h - m, FULL_RES_STRIP_ROWS))
-        pending = _beside(helper, lambda: [strip(r0) for r0 in starts[1::2]]) if helper is not None else None
-        for r0 in starts[::2] if pending is not None else starts:
-            strip(r0)
+        strips = _strips(m, h - m, FULL_RES_STRIP_ROWS, _STRIP_HALO, 0, h)
+        pending = _beside(helper, lambda: [strip(*s) for s in strips[1::2]]) if helper is not None else None
+        for bounds in strips[::2] if pending is not None else strips:
+            strip(*bounds)
         if pending is not None:
             pending.result()
         return res

@@ -860,6 +860,32 @@ def test_decoder_strips_give_the_whole_windows_values(monkeypatch: pytest.Monkey
             assert torch.equal(whole[name], got[name]), (key, name)
 
 
+def test_an_exported_graph_computes_the_tail_whole_and_fits_other_sizes() -> None:
+    """The exporters (ONNX's dynamo exporter, OpenVINO) trace ``predict`` on one example size
+    (``runtime._EXPORT_SIZE``) with dynamic height and width: traced, the tail must not be cut into
+    strips fixed to the example's rows (a 256 px example is taller than one 128-row strip). The
+    exported program keeps its sizes dynamic and gives eager's maps on a taller input."""
+    import warnings
+
+    import wsi_mtl.network.model as model_mod
+    from wsi_mtl.network.runtime import _AllHeads, _example
+
+    module = _AllHeads(load_model(Path(__file__).resolve().parents[1] / "models" / "wsimtl-small"))
+    example = _example(module.model)
+    assert example.shape[-2] > model_mod.FULL_RES_STRIP_ROWS + 2 * model_mod._STRIP_HALO
+    side = {2: 32 * torch.export.Dim("h", min=2, max=128), 3: 32 * torch.export.Dim("w", min=2, max=128)}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the exporter's notes
+        program = torch.export.export(module, (example,), dynamic_shapes={"x": side})
+    torch.manual_seed(5)
+    x = torch.rand(1, 3, 352, 288) * 255
+    with torch.no_grad():
+        exported, eager = program.module()(x), module(x)
+    for name, a, b in zip(module.names, exported, eager):
+        assert a.shape == b.shape, name
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=0, msg=name)
+
+
 def test_bf16_maps_do_not_depend_on_the_thread_count() -> None:
     """Under bf16 autocast every map of ``predict`` is bit for bit the same on 1 and 2 torch threads
     (the segmentation convs already were; the patch heads' float32 1x1 convs run on one thread),

@@ -602,8 +602,9 @@ class MultiTaskNet(nn.Module):
     def _tail_window(self, x: torch.Tensor, margin: int) -> tuple[int, int, int, int] | None:
         """The half-resolution window (y0, y1, x0, x1) whose decoder features the full-resolution
         tail of the input less ``margin`` reads, widened by the last decoder block's reach (so its
-        values there are exact); None where the whole map is decoded (no margin, training, no tail)."""
-        if not margin or not self._refine or torch.is_grad_enabled():
+        values there are exact); None where the whole map is decoded (no margin, training, a tracer
+        or exporter, no tail)."""
+        if not margin or not self._refine or torch.is_grad_enabled() or _traced():
             return None
         window: list[int] = []
         for side in x.shape[-2:]:
@@ -707,7 +708,8 @@ class MultiTaskNet(nn.Module):
         of the half-resolution grid: a window of it, :meth:`_tail_window`): logits, or float32
         softmax probabilities, for the input less ``margin`` px on every side.
 
-        Without autograd a tall input goes through in strips of :data:`FULL_RES_STRIP_ROWS` rows,
+        Without autograd and outside a tracer or exporter (a graph must not fix the strips to its example's
+        size) a tall input goes through in strips of :data:`FULL_RES_STRIP_ROWS` rows,
         each computed with :data:`_STRIP_HALO` rows of context on both sides and cropped: every
         layer of the tail is local, so the strips give the whole tile's values while the tail's
         full-resolution intermediates (16 channels at the input's size) exist for one strip only.
@@ -716,7 +718,7 @@ class MultiTaskNet(nn.Module):
         """
         h, w = x.shape[-2:]
         m = margin
-        if torch.is_grad_enabled() or (not m and h <= FULL_RES_STRIP_ROWS + 2 * _STRIP_HALO):
+        if torch.is_grad_enabled() or _traced() or (not m and h <= FULL_RES_STRIP_ROWS + 2 * _STRIP_HALO):
             out = self._tail(half, decoded, x, probabilities=probabilities)
             return {n: t[..., m : h - m, m : w - m] for n, t in out.items()} if m else out
         c0, c1 = _tail_reads(w, m)

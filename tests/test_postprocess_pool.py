@@ -388,10 +388,12 @@ def test_results_cross_processes_as_wkb_and_come_back_with_the_same_geometry(tmp
 def test_object_ids_are_distinct_version_4_uuids() -> None:
     import uuid
 
-    from wsi_mtl.postprocess._extract import uuid4_strings
+    from wsi_mtl.objects import new_ids, uuid4_text
 
-    ids = uuid4_strings(20_000)
+    ids = new_ids(20_000)
     assert ids.shape == (20_000,) and len(set(ids.tolist())) == 20_000
     parsed = [uuid.UUID(text) for text in ids[:2000]]
     assert all(u.version == 4 and u.variant == uuid.RFC_4122 and str(u) == text for u, text in zip(parsed, ids))
-    assert uuid4_strings(0).shape == (0,)
+    assert new_ids(0).shape == (0,)
+    raw = np.random.default_rng(3).integers(0, 256, size=(500, 16), dtype=np.uint8)
+    assert uuid4_text(raw).tolist() == [str(uuid.UUID(bytes=r.tobytes(), version=4)) for r in raw]

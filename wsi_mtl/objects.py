@@ -7,11 +7,12 @@ Post-processing produces batches as :class:`ObjectBatch`; exporters consume them
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 
 import numpy as np
 
-__all__ = ["TASKS", "COLUMNS", "ObjectBatch"]
+__all__ = ["TASKS", "COLUMNS", "ObjectBatch", "uuid4_text", "new_ids"]
 
 #: the values of the ``task`` column, in export order
 TASKS: tuple[str, ...] = ("nuclei", "gland", "lumen", "tissue")
@@ -35,6 +36,26 @@ COLUMNS: dict[str, str] = {
     "eccentricity": "f",  # NaN for tissue regions
     "truncated": "b",  # wider than the largest halo: written cut at the halo edge
 }
+
+
+#: where the 32 hex digits of a UUID go in its 36-character text (the rest are dashes)
+_UUID_DIGITS = np.array([i for i in range(36) if i not in (8, 13, 18, 23)])
+
+
+def uuid4_text(raw: np.ndarray) -> np.ndarray:
+    """The ``id`` column's text of (n, 16) random bytes: version-4 UUIDs, as ``str(uuid.UUID(bytes=b,
+    version=4))`` gives them, made at once."""
+    raw = np.array(raw, np.uint8).reshape(-1, 16)
+    raw[:, 6] = (raw[:, 6] & 0x0F) | 0x40  # version 4
+    raw[:, 8] = (raw[:, 8] & 0x3F) | 0x80  # RFC 4122 variant
+    text = np.full((len(raw), 36), ord("-"), np.uint8)
+    text[:, _UUID_DIGITS] = np.frombuffer(raw.tobytes().hex().encode("ascii"), np.uint8).reshape(-1, 32)
+    return text.view("S36").ravel().astype("U36")
+
+
+def new_ids(n: int) -> np.ndarray:
+    """``n`` new random object ids (:func:`uuid4_text` of the system's random bytes, as ``uuid.uuid4``)."""
+    return uuid4_text(np.frombuffer(os.urandom(16 * n), np.uint8))
 
 
 @dataclass

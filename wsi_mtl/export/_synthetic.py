@@ -6,13 +6,12 @@ memory than one batch.
 
 from __future__ import annotations
 
-import uuid
 from collections.abc import Iterator
 
 import numpy as np
 import shapely
 
-from ..objects import COLUMNS, ObjectBatch
+from ..objects import COLUMNS, ObjectBatch, uuid4_text
 
 __all__ = ["synthetic_batches", "SYNTHETIC_CLASSES"]
 
@@ -29,8 +28,7 @@ SYNTHETIC_CLASSES: dict[tuple[str, str], tuple[int, tuple[int, int, int], tuple[
 
 def _uuids(rng: np.random.Generator, n: int) -> np.ndarray:
     """``n`` random (version 4) UUID strings drawn from ``rng`` (reproducible for a seed)."""
-    raw = rng.integers(0, 256, size=(n, 16), dtype=np.uint8)
-    return np.array([str(uuid.UUID(bytes=r.tobytes(), version=4)) for r in raw])
+    return uuid4_text(rng.integers(0, 256, size=(n, 16), dtype=np.uint8))
 
 
 def _ellipses(cx: np.ndarray, cy: np.ndarray, a: np.ndarray, b: np.ndarray, theta: np.ndarray, vertices: int) -> np.ndarray:

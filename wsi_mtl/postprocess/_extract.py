@@ -49,7 +49,6 @@ from __future__ import annotations
 
 import logging
 import math
-import os
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
@@ -60,7 +59,7 @@ import shapely
 
 from wsi_mtl.errors import InputError
 from wsi_mtl.malloc import release_freed_pages, release_if_larger
-from wsi_mtl.objects import COLUMNS, TASKS, ObjectBatch
+from wsi_mtl.objects import COLUMNS, TASKS, ObjectBatch, new_ids
 from wsi_mtl.postprocess import _compiled
 from wsi_mtl.postprocess._chunks import Chunk, plan_chunks
 from wsi_mtl.postprocess._instances import (
@@ -1061,20 +1060,6 @@ def _task_classes(meta: MapsMeta, task: str) -> tuple[tuple[str, ...], tuple[tup
     return ("background", name), ((0, 0, 0), color)
 
 
-#: where the 32 hex digits of a UUID go in its 36-character text (the rest are dashes)
-_UUID_DIGITS = np.array([i for i in range(36) if i not in (8, 13, 18, 23)])
-
-
-def uuid4_strings(n: int) -> np.ndarray:
-    """``n`` random (version 4) UUIDs as text, as ``str(uuid.uuid4())`` gives them, made at once."""
-    raw = np.frombuffer(os.urandom(16 * n), np.uint8).reshape(n, 16).copy()
-    raw[:, 6] = (raw[:, 6] & 0x0F) | 0x40  # version 4
-    raw[:, 8] = (raw[:, 8] & 0x3F) | 0x80  # RFC 4122 variant
-    text = np.full((n, 36), ord("-"), np.uint8)
-    text[:, _UUID_DIGITS] = np.frombuffer(raw.tobytes().hex().encode("ascii"), np.uint8).reshape(n, 32)
-    return text.view("S36").ravel().astype("U36")
-
-
 def _to_batch(rows: dict[str, Any], meta: MapsMeta) -> ObjectBatch:
     task = rows["task"]
     names, colors = _task_classes(meta, task)
@@ -1084,7 +1069,7 @@ def _to_batch(rows: dict[str, Any], meta: MapsMeta) -> ObjectBatch:
     columns: dict[str, np.ndarray] = {}
     for name, kind in COLUMNS.items():
         if name == "id":
-            columns[name] = uuid4_strings(n)
+            columns[name] = new_ids(n)
         elif name == "task":
             columns[name] = np.full(n, task, dtype=f"U{len(task)}")
         elif name == "class_name":

@@ -122,6 +122,32 @@ def test_invalid_polygon_is_repaired_and_empty_dropped(tmp_path: Path) -> None:
     assert shapely.area(geoms[0]) == pytest.approx(50.0)
 
 
+def test_wkb_from_a_validating_producer_is_stored_as_it_is(tmp_path: Path) -> None:
+    """A batch's ``wkb`` (post-processing made the polygons valid) goes into the table byte for
+    byte without a second validity test; empty geometries are still dropped, with their WKB."""
+    square, empty, far = shapely.box(20, 20, 30, 30), shapely.Polygon(), shapely.box(0, 0, 5, 7)
+    geometry = np.array([square, empty, far], dtype=object)
+    batch = _one(list(geometry))
+    batch.wkb = shapely.to_wkb(geometry)
+    summary = write_table([batch], tmp_path / "objects.parquet", mpp=0.25)
+    assert summary.rows == 2 and summary.bbox == (0.0, 0.0, 30.0, 30.0)
+    stored = pq.read_table(tmp_path / "objects.parquet").column("geometry").to_pylist()
+    assert stored == [batch.wkb[0], batch.wkb[2]]
+    # the bytes are trusted: a bow-tie handed over as WKB is not repaired (made here, it would be)
+    bowtie = shapely.Polygon([(0, 0), (10, 10), (10, 0), (0, 10)])
+    trusted = _one([bowtie])
+    trusted.wkb = shapely.to_wkb(np.array([bowtie], dtype=object))
+    write_table([trusted], tmp_path / "trusted.parquet", mpp=0.25)
+    assert pq.read_table(tmp_path / "trusted.parquet").column("geometry").to_pylist() == [trusted.wkb[0]]
+
+
+def test_wkb_of_another_length_is_refused(tmp_path: Path) -> None:
+    batch = _one([shapely.box(0, 0, 1, 1), shapely.box(2, 2, 3, 3)])
+    batch.wkb = shapely.to_wkb(np.array([shapely.box(0, 0, 1, 1)], dtype=object))
+    with pytest.raises(ValueError, match="1 WKB geometries for its 2"):
+        write_table([batch], tmp_path / "objects.parquet", mpp=0.25)
+
+
 def test_interrupted_write_leaves_no_file(tmp_path: Path) -> None:
     def broken():
         yield from _batches(500)

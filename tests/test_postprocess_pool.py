@@ -11,6 +11,7 @@ from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
+import pyarrow.parquet as pq
 import pytest
 import shapely
 from skimage.draw import disk
@@ -383,6 +384,15 @@ def test_results_cross_processes_as_wkb_and_come_back_with_the_same_geometry(tmp
         if name != "geometry":
             np.testing.assert_array_equal(back["nuclei"][name], column)
     assert ex.unpacked(here)["nuclei"]["geometry"] is here["nuclei"]["geometry"]  # a result made here passes as it is
+    # the batch keeps the bytes that crossed, and the table stores them: the same bytes as before
+    batch = ex._to_batch(back["nuclei"], meta)
+    assert batch.wkb is not None and batch.wkb.tolist() == shapely.to_wkb(batch.geometry).tolist()
+    assert ex._to_batch(here["nuclei"], meta).wkb is None
+    from wsi_mtl.export import write_table
+
+    tables = [write_table([b], tmp_path / f"{k}.parquet", mpp=0.25) for k, b in enumerate((batch, ex._to_batch(here["nuclei"], meta)))]
+    columns = [pq.read_table(t.path, columns=["geometry", "bbox"]) for t in tables]
+    assert columns[0].equals(columns[1])
 
 
 def test_object_ids_are_distinct_version_4_uuids() -> None:

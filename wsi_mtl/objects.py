@@ -64,11 +64,15 @@ class ObjectBatch:
 
     ``columns`` holds one numpy array per name in :data:`COLUMNS`; ``geometry`` is a numpy
     object array of shapely Polygons (or MultiPolygons for tissue regions) in level-0 px.
+    ``wkb``, optional: the same geometry as WKB (an object array of bytes), from a producer that
+    made every polygon valid (post-processing's chunk processes). The table stores these bytes
+    as they are and does not test the geometry's validity again.
     """
 
     columns: dict[str, np.ndarray]
     geometry: np.ndarray
     colors: dict[tuple[str, str], tuple[int, int, int]] = field(default_factory=dict)
+    wkb: np.ndarray | None = None
 
     def __len__(self) -> int:
         return len(self.geometry)

@@ -91,6 +91,9 @@ def _validate_batch(batch: ObjectBatch) -> ObjectBatch:
     wrong = {name: size for name, size in lengths.items() if size != n}
     if wrong:
         raise ValueError(f"object batch columns {wrong} differ in length from its {n} geometries")
+    wkb = None if batch.wkb is None else np.asarray(batch.wkb, dtype=object)
+    if wkb is not None and len(wkb) != n:
+        raise ValueError(f"object batch has {len(wkb)} WKB geometries for its {n} geometries")
     if n == 0:
         return ObjectBatch({name: np.asarray(batch.columns[name]) for name in COLUMNS}, geometry, batch.colors)
     tasks = np.asarray(batch.columns["task"]).astype(str)
@@ -105,7 +108,7 @@ def _validate_batch(batch: ObjectBatch) -> ObjectBatch:
         example = geometry[np.flatnonzero(bad_type)[0]].geom_type
         raise ValueError(f"object geometry must be Polygon or MultiPolygon, got {example}")
 
-    invalid = ~shapely.is_valid(geometry)
+    invalid = ~shapely.is_valid(geometry) if wkb is None else np.zeros(n, bool)  # WKB: its producer made it valid
     if invalid.any():
         geometry = geometry.copy()
         repaired = shapely.make_valid(geometry[invalid], method="structure", keep_collapsed=False)
@@ -117,7 +120,8 @@ def _validate_batch(batch: ObjectBatch) -> ObjectBatch:
         log.warning("dropped %d object(s) with empty geometry", int((~keep).sum()))
         columns = {name: col[keep] for name, col in columns.items()}
         geometry = geometry[keep]
-    return ObjectBatch(columns, geometry, batch.colors)
+        wkb = None if wkb is None else wkb[keep]
+    return ObjectBatch(columns, geometry, batch.colors, wkb=wkb)
 
 
 def _count_classes(record: pa.RecordBatch, counter: Counter[tuple[str, str]], class_ids: dict[tuple[str, str], int]) -> None:
@@ -146,7 +150,7 @@ def _to_record_batch(batch: ObjectBatch) -> tuple[pa.RecordBatch, np.ndarray]:
             arrays.append(pa.array(np.asarray(col, dtype=bool)))
         else:
             arrays.append(pa.array(np.asarray(col, dtype=np.float64)))
-    arrays.append(pa.array(shapely.to_wkb(batch.geometry), type=pa.binary()))
+    arrays.append(pa.array(shapely.to_wkb(batch.geometry) if batch.wkb is None else batch.wkb, type=pa.binary()))
     bounds = shapely.bounds(batch.geometry).reshape(-1, 4)
     arrays.append(
         pa.StructArray.from_arrays([pa.array(bounds[:, k]) for k in range(4)], fields=list(_BBOX_TYPE))

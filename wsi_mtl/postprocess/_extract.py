@@ -1039,8 +1039,9 @@ def packed(res: dict[str, Any]) -> dict[str, Any]:
 
 
 def unpacked(res: dict[str, Any]) -> dict[str, Any]:
-    """``res`` with :func:`packed` geometry as shapely again (the same coordinates); other results as they are."""
-    return {k: {**v, "geometry": shapely.from_wkb(v["geometry"].data)}
+    """``res`` with :func:`packed` geometry as shapely again (the same coordinates), its WKB kept
+    beside it as ``wkb`` (the table stores those bytes); other results as they are."""
+    return {k: {**v, "geometry": shapely.from_wkb(v["geometry"].data), "wkb": v["geometry"].data}
             if isinstance(v, dict) and isinstance(v.get("geometry"), _Wkb) else v for k, v in res.items()}
 
 
@@ -1077,7 +1078,7 @@ def _to_batch(rows: dict[str, Any], meta: MapsMeta) -> ObjectBatch:
         else:
             columns[name] = np.asarray(rows[name], dtype={"i": np.int32, "b": bool}.get(kind, np.float64))
     used = {(task, names[c]): tuple(colors[c]) for c in np.unique(cls) if 0 <= c < len(names)}
-    return ObjectBatch(columns=columns, geometry=np.asarray(rows["geometry"], dtype=object), colors=used)
+    return ObjectBatch(columns=columns, geometry=np.asarray(rows["geometry"], dtype=object), colors=used, wkb=rows.get("wkb"))
 
 
 def _merge_tissue(open_parts: list[dict[str, np.ndarray]], meta: MapsMeta, params: PostprocessParams) -> dict[str, Any] | None:

@@ -364,11 +364,29 @@ class _ZarrReader:
         return self._mask
 
     def read(self, head: str, region: tuple[int, int, int, int], channels: slice = slice(None)) -> np.ndarray:
-        """``head``'s level-0 map over ``region`` (rows y0:y1, cols x0:x1), ``channels`` only."""
+        """``head``'s level-0 map over ``region`` (rows y0:y1, cols x0:x1), ``channels`` only, one
+        stored chunk at a time: zarr reading a region at once holds every chunk's compressed bytes
+        and decoded pixels beside the result (~3x the result: 164 MB at the peak of a 16,384^2
+        mosaic's gland chunk, for 51 MB read); here one chunk's are held at a time."""
         if head not in self._arrays:
             self._arrays[head] = self.root[head]["0"]
+        array = self._arrays[head]
         y0, y1, x0, x1 = region
-        return np.asarray(self._arrays[head][channels, y0:y1, x0:x1])
+        ch, cw = array.chunks[-2:]
+        if (y1 - 1) // ch == y0 // ch and (x1 - 1) // cw == x0 // cw:
+            return np.asarray(array[channels, y0:y1, x0:x1])  # within one chunk
+        out = np.empty((len(range(*channels.indices(array.shape[0]))), y1 - y0, x1 - x0), array.dtype)
+        for a in _chunk_starts(y0, y1, ch):
+            b = min(y1, (a // ch + 1) * ch)
+            for left in _chunk_starts(x0, x1, cw):
+                right = min(x1, (left // cw + 1) * cw)
+                out[:, a - y0 : b - y0, left - x0 : right - x0] = array[channels, a:b, left:right]
+        return out
+
+
+def _chunk_starts(start: int, stop: int, size: int) -> range | list[int]:
+    """Where the pieces of [start, stop) cut at multiples of ``size`` begin."""
+    return [start, *range((start // size + 1) * size, stop, size)] if stop > start else []
 
 
 class _ArrayReader:

@@ -404,7 +404,7 @@ def test_a_gland_chunk_needs_few_bytes_per_map_pixel(tmp_path):
     19.4 after, 15.0 once only two channels of each map were kept and each array went when done
     with, 10.0 once the owned lumen were cropped before the glands were made and the maps were read
     again only where the objects judged lie (9.98), 9.43 once their background channel was no longer read
-    (9.09 here since), 8.27 once maps were read one stored chunk at a time.
+    (9.09 here since), 8.27 once maps were read one row of stored chunks at a time.
     The worst real case is a slide-sized "gland" read at the largest halo (8192² px)."""
     import tracemalloc
 
@@ -431,7 +431,7 @@ def test_a_gland_chunk_needs_few_bytes_per_map_pixel(tmp_path):
     assert peak / (n * n) < 8.6, peak / (n * n)
 
 
-def test_the_store_reader_reads_chunk_by_chunk_the_same_pixels(tmp_path):
+def test_the_store_reader_reads_by_rows_of_chunks_the_same_pixels(tmp_path):
     """Regions within one stored chunk, across several, at the map's edges, with channel slices:
     the same array as zarr's read of the whole region."""
     from wsi_mtl.postprocess._extract import _ZarrReader

@@ -61,12 +61,24 @@ def tissue_area_mm2(result_dir: Path, slide_mpp: float) -> float | None:
 def _areas_and_counts(table: Path) -> tuple[dict[tuple[str, str], float], dict[tuple[str, str], int]]:
     import pyarrow.parquet as pq
 
-    t = pq.read_table(table, columns=["task", "class_name", "area_um2"])
-    grouped = t.group_by(["task", "class_name"]).aggregate([("area_um2", "sum"), ("area_um2", "count")])
+    from .export._arrow import numpy_of
+
+    # summed here, not by pyarrow's group_by or pq.read_table: their modules import pandas where installed
+    with pq.ParquetFile(table) as parquet:
+        t = parquet.read(columns=["task", "class_name", "area_um2"])
+    tasks, classes = t.column("task").combine_chunks().dictionary_encode(), t.column("class_name").combine_chunks().dictionary_encode()
+    codes = numpy_of(tasks.indices).astype(np.int64) * max(1, len(classes.dictionary)) + numpy_of(classes.indices)
+    column = t.column("area_um2").combine_chunks()
+    valid = numpy_of(column.is_valid())  # sums and counts skip missing areas, as group_by's did
+    area = np.where(valid, np.nan_to_num(numpy_of(column).astype(np.float64)), 0.0)
+    unique, first, inverse = np.unique(codes, return_index=True, return_inverse=True)
+    sums = np.bincount(inverse, weights=area, minlength=len(unique))
+    counts_of = np.bincount(inverse, weights=valid, minlength=len(unique)).astype(np.int64)
+    task_names, class_names = tasks.dictionary.to_pylist(), classes.dictionary.to_pylist()
     areas, counts = {}, {}
-    for task, cls, area, n in zip(*(grouped.column(c).to_pylist() for c in ("task", "class_name", "area_um2_sum", "area_um2_count"))):
-        areas[(task, cls)] = float(area or 0.0)
-        counts[(task, cls)] = int(n)
+    for k in np.argsort(first, kind="stable").tolist():  # in the order the classes first appear
+        key = (task_names[int(unique[k]) // max(1, len(class_names))], class_names[int(unique[k]) % max(1, len(class_names))])
+        areas[key], counts[key] = float(sums[k]), int(counts_of[k])
     return areas, counts
 
 

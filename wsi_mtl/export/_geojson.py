@@ -44,6 +44,7 @@ except ImportError:  # pragma: no cover - depends on the environment
 
 from ..atomic import atomic_path
 from ..objects import TASKS
+from ._arrow import numpy_of
 from ._table import iter_table, read_table_info
 
 if TYPE_CHECKING:
@@ -240,7 +241,7 @@ def _row_templates(
     """The task of each row, the distinct templates the rows need and the index of each row's template."""
     tasks, classes = record.column("task").dictionary_encode(), record.column("class_name").dictionary_encode()
     task_names, class_names = tasks.dictionary.to_pylist(), classes.dictionary.to_pylist()
-    task_idx, class_idx = tasks.indices.to_numpy(), classes.indices.to_numpy()
+    task_idx, class_idx = numpy_of(tasks.indices), numpy_of(classes.indices)
     codes = ((task_idx * len(class_names) + class_idx) << (len(MEASUREMENTS) + 1)) | (nan_mask << 1) | ring_only
     unique, first, which = np.unique(codes, return_index=True, return_inverse=True)
     chosen = [
@@ -260,7 +261,7 @@ def _features(
     for record in iter_table(table_path, columns=_COLUMNS, batch_rows=batch_rows, row_groups=row_groups):
         if record.num_rows == 0:
             continue
-        geoms = shapely.from_wkb(record.column("geometry").to_numpy(zero_copy_only=False))
+        geoms = shapely.from_wkb(numpy_of(record.column("geometry")))
         geo_json, ring_only = _geometry_texts(geoms)
         id_col = record.column("id")
         ids = id_col.to_pylist()
@@ -269,7 +270,7 @@ def _features(
             ids = [json.dumps(str(i))[1:-1] for i in ids]
         values, nan_mask = [], np.zeros(record.num_rows, dtype=np.int64)
         for j, column in enumerate(MEASUREMENTS):
-            v = record.column(column).to_numpy(zero_copy_only=False).astype(np.float64, copy=False)
+            v = numpy_of(record.column(column)).astype(np.float64, copy=False)
             finite = np.isfinite(v)
             nan_mask |= (~finite).astype(np.int64) << j
             values.append(_number_texts(np.round(v, 4)))

@@ -29,6 +29,7 @@ import shapely
 import zarr
 
 from ..ome import label_group
+from ._arrow import numpy_of, taken
 from ._scanline import fill_rings
 from ._table import read_table_info
 
@@ -97,9 +98,9 @@ def _index(parquet: pq.ParquetFile, tasks: set[str], class_values: dict[str, dic
 def _bounds(rg: Any, rows: np.ndarray, boxed: bool) -> np.ndarray:
     """(n, 4) xmin, ymin, xmax, ymax of a row group's ``rows``: its ``bbox`` column, or the decoded geometries'."""
     if boxed:
-        box = rg.column("bbox").combine_chunks().take(rows)
-        return np.stack([box.field(k).to_numpy() for k in ("xmin", "ymin", "xmax", "ymax")], axis=1)
-    return shapely.bounds(shapely.from_wkb(rg.column("geometry").take(rows).to_numpy(zero_copy_only=False)))
+        box = taken(rg.column("bbox"), rows)
+        return np.stack([numpy_of(box.field(k)) for k in ("xmin", "ymin", "xmax", "ymax")], axis=1)
+    return shapely.bounds(shapely.from_wkb(numpy_of(taken(rg.column("geometry"), rows))))
 
 
 class _Geometries:
@@ -115,7 +116,7 @@ class _Geometries:
     def _group(self, group: int) -> np.ndarray:
         if group not in self.cache:
             col = self.parquet.read_row_group(group, columns=["geometry"], use_threads=False).column("geometry")
-            self.cache[group] = shapely.from_wkb(col.take(self.rows[group]).to_numpy(zero_copy_only=False))
+            self.cache[group] = shapely.from_wkb(numpy_of(taken(col, self.rows[group])))
             if len(self.cache) > _CACHED_GROUPS:
                 self.cache.popitem(last=False)
         self.cache.move_to_end(group)

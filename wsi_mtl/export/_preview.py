@@ -23,6 +23,7 @@ from PIL import Image, ImageDraw, ImageFont
 
 from ..atomic import atomic_path
 from ..objects import TASKS
+from ._arrow import numpy_of, taken
 from ._table import iter_table, read_table_info
 
 __all__ = ["write_preview"]
@@ -225,10 +226,10 @@ class _Layers:
                 continue
             names = [classes[i] for i in sel]
             if task == "nuclei":
-                xy = np.stack([record.column(f"centroid_{a}_px").to_numpy()[sel] for a in "xy"], axis=1)
+                xy = np.stack([numpy_of(record.column(f"centroid_{a}_px"))[sel] for a in "xy"], axis=1)
                 self._count_nuclei(xy, names)
             else:
-                wkb = record.column("geometry").take(sel).to_numpy(zero_copy_only=False)
+                wkb = numpy_of(taken(record.column("geometry"), sel))
                 self._draw_regions(task, shapely.from_wkb(wkb), names, palette)
 
     def _count_nuclei(self, centroids: np.ndarray, names: list[str]) -> None:

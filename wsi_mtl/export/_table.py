@@ -25,6 +25,7 @@ import shapely
 from ..atomic import atomic_path
 from ..errors import InputError
 from ..objects import COLUMNS, TASKS, ObjectBatch
+from ._arrow import arrow_array, numpy_of
 
 __all__ = ["write_table", "read_table_info", "iter_table", "TableSummary", "TABLE_SCHEMA"]
 
@@ -127,10 +128,10 @@ def _validate_batch(batch: ObjectBatch) -> ObjectBatch:
 def _count_classes(record: pa.RecordBatch, counter: Counter[tuple[str, str]], class_ids: dict[tuple[str, str], int]) -> None:
     """Add a record batch's objects per (task, class) to ``counter``; record each new class's id."""
     tasks, classes = record.column("task").dictionary_encode(), record.column("class_name").dictionary_encode()
-    codes = tasks.indices.to_numpy() * len(classes.dictionary) + classes.indices.to_numpy()
+    codes = numpy_of(tasks.indices) * len(classes.dictionary) + numpy_of(classes.indices)
     unique, first, counts = np.unique(codes, return_index=True, return_counts=True)
     task_names, class_names = tasks.dictionary.to_pylist(), classes.dictionary.to_pylist()
-    cids = record.column("class_id").to_numpy()
+    cids = numpy_of(record.column("class_id"))
     for code, i, n in zip(unique.tolist(), first.tolist(), counts.tolist()):
         key = (task_names[code // len(class_names)], class_names[code % len(class_names)])
         counter[key] += n
@@ -143,17 +144,13 @@ def _to_record_batch(batch: ObjectBatch) -> tuple[pa.RecordBatch, np.ndarray]:
     for name, kind in COLUMNS.items():
         col = batch.columns[name]
         if kind == "U":
-            arrays.append(pa.array(np.asarray(col).astype(str), type=pa.string()))
-        elif kind == "i":
-            arrays.append(pa.array(np.asarray(col, dtype=np.int32)))
-        elif kind == "b":
-            arrays.append(pa.array(np.asarray(col, dtype=bool)))
+            arrays.append(arrow_array(np.asarray(col).astype(str), pa.string()))
         else:
-            arrays.append(pa.array(np.asarray(col, dtype=np.float64)))
-    arrays.append(pa.array(shapely.to_wkb(batch.geometry) if batch.wkb is None else batch.wkb, type=pa.binary()))
+            arrays.append(arrow_array(col, {"i": pa.int32(), "b": pa.bool_()}.get(kind, pa.float64())))
+    arrays.append(arrow_array(shapely.to_wkb(batch.geometry) if batch.wkb is None else batch.wkb, pa.binary()))
     bounds = shapely.bounds(batch.geometry).reshape(-1, 4)
     arrays.append(
-        pa.StructArray.from_arrays([pa.array(bounds[:, k]) for k in range(4)], fields=list(_BBOX_TYPE))
+        pa.StructArray.from_arrays([arrow_array(bounds[:, k], pa.float64()) for k in range(4)], fields=list(_BBOX_TYPE))
     )
     return pa.RecordBatch.from_arrays(arrays, schema=TABLE_SCHEMA), bounds
 

@@ -62,23 +62,20 @@ def _areas_and_counts(table: Path) -> tuple[dict[tuple[str, str], float], dict[t
     import pyarrow.parquet as pq
 
     from .export._arrow import numpy_of
+    from .export._table import class_groups
 
     # summed here, not by pyarrow's group_by or pq.read_table: their modules import pandas where installed
     with pq.ParquetFile(table) as parquet:
         t = parquet.read(columns=["task", "class_name", "area_um2"])
-    tasks, classes = t.column("task").combine_chunks().dictionary_encode(), t.column("class_name").combine_chunks().dictionary_encode()
-    codes = numpy_of(tasks.indices).astype(np.int64) * max(1, len(classes.dictionary)) + numpy_of(classes.indices)
+    keys, first, group = class_groups(t)
     column = t.column("area_um2").combine_chunks()
     valid = numpy_of(column.is_valid())  # sums and counts skip missing areas, as group_by's did
     area = np.where(valid, np.nan_to_num(numpy_of(column).astype(np.float64)), 0.0)
-    unique, first, inverse = np.unique(codes, return_index=True, return_inverse=True)
-    sums = np.bincount(inverse, weights=area, minlength=len(unique))
-    counts_of = np.bincount(inverse, weights=valid, minlength=len(unique)).astype(np.int64)
-    task_names, class_names = tasks.dictionary.to_pylist(), classes.dictionary.to_pylist()
+    sums = np.bincount(group, weights=area, minlength=len(keys))
+    counts_of = np.bincount(group, weights=valid, minlength=len(keys)).astype(np.int64)
     areas, counts = {}, {}
     for k in np.argsort(first, kind="stable").tolist():  # in the order the classes first appear
-        key = (task_names[int(unique[k]) // max(1, len(class_names))], class_names[int(unique[k]) % max(1, len(class_names))])
-        areas[key], counts[key] = float(sums[k]), int(counts_of[k])
+        areas[keys[k]], counts[keys[k]] = float(sums[k]), int(counts_of[k])
     return areas, counts
 
 

@@ -125,15 +125,25 @@ def _validate_batch(batch: ObjectBatch) -> ObjectBatch:
     return ObjectBatch(columns, geometry, batch.colors, wkb=wkb)
 
 
+def class_groups(table: pa.Table | pa.RecordBatch) -> tuple[list[tuple[str, str]], np.ndarray, np.ndarray]:
+    """The (task, class_name) pairs of ``table``'s rows, each once (in the order of their
+    dictionary codes), the first row of each, and each row's pair (an index into that list)."""
+    tasks, classes = (table.column(name) for name in ("task", "class_name"))
+    if isinstance(tasks, pa.ChunkedArray):
+        tasks, classes = tasks.combine_chunks(), classes.combine_chunks()
+    tasks, classes = tasks.dictionary_encode(), classes.dictionary_encode()
+    width = max(1, len(classes.dictionary))
+    codes = numpy_of(tasks.indices).astype(np.int64) * width + numpy_of(classes.indices)
+    unique, first, inverse = np.unique(codes, return_index=True, return_inverse=True)
+    task_names, class_names = tasks.dictionary.to_pylist(), classes.dictionary.to_pylist()
+    return [(task_names[c // width], class_names[c % width]) for c in unique.tolist()], first, inverse.reshape(-1)
+
+
 def _count_classes(record: pa.RecordBatch, counter: Counter[tuple[str, str]], class_ids: dict[tuple[str, str], int]) -> None:
     """Add a record batch's objects per (task, class) to ``counter``; record each new class's id."""
-    tasks, classes = record.column("task").dictionary_encode(), record.column("class_name").dictionary_encode()
-    codes = numpy_of(tasks.indices) * len(classes.dictionary) + numpy_of(classes.indices)
-    unique, first, counts = np.unique(codes, return_index=True, return_counts=True)
-    task_names, class_names = tasks.dictionary.to_pylist(), classes.dictionary.to_pylist()
+    keys, first, group = class_groups(record)
     cids = numpy_of(record.column("class_id"))
-    for code, i, n in zip(unique.tolist(), first.tolist(), counts.tolist()):
-        key = (task_names[code // len(class_names)], class_names[code % len(class_names)])
+    for key, i, n in zip(keys, first.tolist(), np.bincount(group, minlength=len(keys)).tolist()):
         counter[key] += n
         class_ids.setdefault(key, int(cids[i]))
 

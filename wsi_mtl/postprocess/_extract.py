@@ -381,7 +381,7 @@ class _ZarrReader:
         return out
 
 
-def _chunk_starts(start: int, stop: int, size: int) -> range | list[int]:
+def _chunk_starts(start: int, stop: int, size: int) -> list[int]:
     """Where the pieces of [start, stop) cut at multiples of ``size`` begin."""
     return [start, *range((start // size + 1) * size, stop, size)] if stop > start else []
 

@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-__all__ = ["arrow_array", "numpy_of", "taken"]
+__all__ = ["arrow_array", "numpy_of", "one_array", "taken"]
 
 _NUMERIC = {
     pa.int8(): np.int8, pa.int16(): np.int16, pa.int32(): np.int32, pa.int64(): np.int64,
@@ -43,12 +43,18 @@ def arrow_array(values: Any, type: pa.DataType) -> pa.Array:  # noqa: A002 - pya
     return pa.Array.from_buffers(type, n, [None, pa.py_buffer(np.ascontiguousarray(values, _NUMERIC[type]))])
 
 
+def one_array(array: pa.Array | pa.ChunkedArray) -> pa.Array:
+    """``array`` as one Arrow array: a chunked array's only chunk, or its chunks combined."""
+    if isinstance(array, pa.ChunkedArray):
+        return array.chunk(0) if array.num_chunks == 1 else array.combine_chunks()
+    return array
+
+
 def numpy_of(array: pa.Array | pa.ChunkedArray) -> np.ndarray:
     """``array.to_numpy(zero_copy_only=False)``: numbers as a read-only view of the buffer, bool
     unpacked, binary and string as an object array; arrays with nulls or of other types through
     pyarrow's own conversion."""
-    if isinstance(array, pa.ChunkedArray):
-        array = array.chunk(0) if array.num_chunks == 1 else array.combine_chunks()
+    array = one_array(array)
     kind, n = array.type, len(array)
     if array.null_count == 0:
         if kind in _NUMERIC:
@@ -70,6 +76,4 @@ def numpy_of(array: pa.Array | pa.ChunkedArray) -> np.ndarray:
 
 def taken(array: pa.Array | pa.ChunkedArray, rows: np.ndarray) -> pa.Array:
     """``array.take(rows)`` for numpy positions ``rows``, one array (chunks combined)."""
-    if isinstance(array, pa.ChunkedArray):
-        array = array.chunk(0) if array.num_chunks == 1 else array.combine_chunks()
-    return array.take(arrow_array(np.asarray(rows, np.int64), pa.int64()))
+    return one_array(array).take(arrow_array(np.asarray(rows, np.int64), pa.int64()))

@@ -45,7 +45,7 @@ except ImportError:  # pragma: no cover - depends on the environment
 from ..atomic import atomic_path
 from ..objects import TASKS
 from ._arrow import numpy_of
-from ._table import iter_table, read_table_info
+from ._table import class_groups, iter_table, read_table_info
 
 if TYPE_CHECKING:
     import pyarrow as pa
@@ -239,16 +239,11 @@ def _row_templates(
     record: pa.RecordBatch, nan_mask: np.ndarray, ring_only: np.ndarray, templates: _Templates
 ) -> tuple[np.ndarray, list[str], list[int]]:
     """The task of each row, the distinct templates the rows need and the index of each row's template."""
-    tasks, classes = record.column("task").dictionary_encode(), record.column("class_name").dictionary_encode()
-    task_names, class_names = tasks.dictionary.to_pylist(), classes.dictionary.to_pylist()
-    task_idx, class_idx = numpy_of(tasks.indices), numpy_of(classes.indices)
-    codes = ((task_idx * len(class_names) + class_idx) << (len(MEASUREMENTS) + 1)) | (nan_mask << 1) | ring_only
+    keys, _, pair = class_groups(record)  # each row's (task, class)
+    codes = (pair.astype(np.int64) << (len(MEASUREMENTS) + 1)) | (nan_mask << 1) | ring_only
     unique, first, which = np.unique(codes, return_index=True, return_inverse=True)
-    chosen = [
-        templates((task_names[task_idx[i]], class_names[class_idx[i]], int(nan_mask[i]), bool(ring_only[i])))
-        for i in first.tolist()
-    ]
-    task_arr = np.asarray(task_names, dtype=object)[task_idx]
+    chosen = [templates((*keys[pair[i]], int(nan_mask[i]), bool(ring_only[i]))) for i in first.tolist()]
+    task_arr = np.asarray([task for task, _ in keys], dtype=object)[pair]
     return task_arr, chosen, which.tolist()
 
 

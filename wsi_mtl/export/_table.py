@@ -25,7 +25,7 @@ import shapely
 from ..atomic import atomic_path
 from ..errors import InputError
 from ..objects import COLUMNS, TASKS, ObjectBatch
-from ._arrow import arrow_array, numpy_of
+from ._arrow import arrow_array, numpy_of, one_array
 
 __all__ = ["write_table", "read_table_info", "iter_table", "TableSummary", "TABLE_SCHEMA"]
 
@@ -128,10 +128,7 @@ def _validate_batch(batch: ObjectBatch) -> ObjectBatch:
 def class_groups(table: pa.Table | pa.RecordBatch) -> tuple[list[tuple[str, str]], np.ndarray, np.ndarray]:
     """The (task, class_name) pairs of ``table``'s rows, each once (in the order of their
     dictionary codes), the first row of each, and each row's pair (an index into that list)."""
-    tasks, classes = (table.column(name) for name in ("task", "class_name"))
-    if isinstance(tasks, pa.ChunkedArray):
-        tasks, classes = tasks.combine_chunks(), classes.combine_chunks()
-    tasks, classes = tasks.dictionary_encode(), classes.dictionary_encode()
+    tasks, classes = (one_array(table.column(name)).dictionary_encode() for name in ("task", "class_name"))
     width = max(1, len(classes.dictionary))
     codes = numpy_of(tasks.indices).astype(np.int64) * width + numpy_of(classes.indices)
     unique, first, inverse = np.unique(codes, return_index=True, return_inverse=True)

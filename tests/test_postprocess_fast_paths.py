@@ -617,6 +617,32 @@ def test_compiled_label_sizes_equal_bincount(monkeypatch):
     assert _compiled.label_counts(np.array([[0, 3]]), 3) is None
 
 
+def test_label4_and_owners_equal_ndi_label_and_the_index_assignment(monkeypatch):
+    """label4 numbers components as ndi.label does (compiled and not), and owners gives each label
+    the value numpy's assignment through the label image gives it, e.g. the component holding each
+    marker; a label outside the length is refused by the kernel (the caller then takes numpy)."""
+    _compiled = _kernels_here(monkeypatch)
+    rng = np.random.default_rng(53)
+    for trial in range(30):
+        shape = (int(rng.integers(1, 60)), int(rng.integers(1, 70)))
+        mask = ndi.gaussian_filter(rng.random(shape), rng.uniform(0.5, 2.5)) > rng.uniform(0.3, 0.6)
+        want, n = ndi.label(mask)
+        got, k = inst.label4(mask)
+        assert k == n and got.dtype == np.int32
+        np.testing.assert_array_equal(got, want)
+        markers, m = ndi.label(mask & (rng.random(shape) < 0.4))
+        expect = np.zeros(m + 1 + trial % 3, np.int64)
+        expect[markers[markers > 0]] = want[markers > 0]
+        np.testing.assert_array_equal(inst.owners(markers, want, m + 1 + trial % 3), expect)
+        monkeypatch.setattr(_compiled, "available", lambda: False)
+        np.testing.assert_array_equal(inst.label4(mask)[0], want)
+        np.testing.assert_array_equal(inst.owners(markers, want, m + 1 + trial % 3), expect)
+        monkeypatch.undo()
+        _kernels_here(monkeypatch)
+    assert _compiled.label_owners(np.array([[0, 3]]), np.array([[1, 2]]), 3) is None
+    np.testing.assert_array_equal(_compiled.label_owners(np.array([[2, 0, 2]]), np.array([[5, 6, 7]]), 3), [0, 0, 7])
+
+
 def test_compiled_label_means_equal_the_numpy_sums(monkeypatch):
     """_mean_in_labels compiled (integer values: one pass, int64 sums) gives the float64 bincount's
     means bit for bit, for labels given in ``ids`` or absent (mean 0), a length longer than the

@@ -38,7 +38,7 @@ import numpy as np
 
 from wsi_mtl._numba import numba_allowed
 
-__all__ = ["available", "edt32", "smooth_and_peaks", "h_maxima_bool", "flood_components", "cut_at_peaks", "crops_on_canvas", "box_table", "tissue_counts", "grow_ranks", "open_rows", "components", "component_runs", "kept_components", "block_means", "core_mask_u8", "label_counts", "relabel_in_place", "trace_rings", "type_votes", "type_sums", "HAVE_NUMBA"]
+__all__ = ["available", "edt32", "smooth_and_peaks", "h_maxima_bool", "flood_components", "cut_at_peaks", "crops_on_canvas", "box_table", "tissue_counts", "grow_ranks", "open_rows", "components", "component_runs", "kept_components", "block_means", "core_mask_u8", "label_counts", "label_owners", "relabel_in_place", "trace_rings", "type_votes", "type_sums", "HAVE_NUMBA"]
 
 #: Whether numba is installed and not switched off by the environment variable
 #: ``WSIMTL_NO_NUMBA=1`` (numba's LLVM adds ~140 MB to each process that cuts necks); it is
@@ -58,7 +58,7 @@ def _kernels() -> None:
     """Replace the plain-Python kernels by numba's (``cache=True``), once; without numba they stay."""
     global HAVE_NUMBA, _ready, _reconstruct, _edt, _reflect, _smooth_peaks
     global _push, _pop, _side, _flood, _flood_components, _label4, _cut_at_peaks, _box_table, _grow, _open, _crops_on_canvas, _tissue_counts
-    global _next_run, _root, _runs, _boxes_of_runs, _components, _kept_runs, _block_means, _label_counts, _relabel, _label_sums
+    global _next_run, _root, _runs, _boxes_of_runs, _components, _kept_runs, _block_means, _label_counts, _relabel, _label_sums, _label_owners
     global _shift_into, _row_spans, _ring_segments, _chain_rings, _type_votes, _type_sums, _grown_queue, _grow_near, _grow_row
     global _core
     if _ready:
@@ -79,6 +79,7 @@ def _kernels() -> None:
     _next_run, _root, _runs, _boxes_of_runs = jit(_next_run_py), jit(_root_py), jit(_runs_py), jit(_boxes_of_runs_py)
     _components, _kept_runs, _block_means = jit(_components_py), jit(_kept_runs_py), jit(_block_means_py)
     _label_counts, _relabel, _label_sums = jit(_label_counts_py), jit(_relabel_py), jit(_label_sums_py)
+    _label_owners = jit(_label_owners_py)
     _shift_into, _row_spans = jit(_shift_into_py), jit(_row_spans_py)
     _ring_segments, _chain_rings = jit(_ring_segments_py), jit(_chain_rings_py)
     _type_votes, _type_sums = jit(_type_votes_py), jit(_type_sums_py)
@@ -855,6 +856,28 @@ def _label_counts_py(flat, length):  # noqa: ANN001, ANN202 (compiled helper)
     return counts, True
 
 
+def label_owners(labels: np.ndarray, values: np.ndarray, length: int) -> np.ndarray | None:
+    """``out[labels[p]] = values[p]`` over the pixels with a label > 0, the last in raster order
+    winning (as numpy's assignment through an index array), int64 with ``length`` entries (0 for a
+    label without pixels), in one pass; None where a label is negative or not below ``length``.
+    Needs numba."""
+    _kernels()
+    out, fit = _label_owners(np.ascontiguousarray(labels).ravel(), np.ascontiguousarray(values).ravel(), length)
+    return out if fit else None
+
+
+def _label_owners_py(flat, values, length):  # noqa: ANN001, ANN202 (compiled helper)
+    out = np.zeros(length, np.int64)
+    for i in range(flat.size):
+        v = flat[i]
+        if v == 0:
+            continue
+        if v < 0 or v >= length:
+            return out, False
+        out[v] = values[i]
+    return out, True
+
+
 def label_sums(labels: np.ndarray, values: np.ndarray, length: int) -> tuple[np.ndarray, np.ndarray] | None:
     """Pixels per label and the sum of integer ``values`` (same shape) over them (both int64,
     ``length`` entries, entry 0 left 0), in one pass; None where a label is negative or not below
@@ -1218,7 +1241,7 @@ _flood_components, _cut_at_peaks, _box_table, _grow, _side = _flood_components_p
 _crops_on_canvas, _tissue_counts = _crops_on_canvas_py, _tissue_counts_py
 _open, _next_run, _root, _runs, _boxes_of_runs = _open_py, _next_run_py, _root_py, _runs_py, _boxes_of_runs_py
 _components, _kept_runs, _block_means = _components_py, _kept_runs_py, _block_means_py
-_label_counts, _relabel, _label_sums = _label_counts_py, _relabel_py, _label_sums_py
+_label_counts, _relabel, _label_sums, _label_owners = _label_counts_py, _relabel_py, _label_sums_py, _label_owners_py
 _shift_into, _row_spans = _shift_into_py, _row_spans_py
 _ring_segments, _chain_rings = _ring_segments_py, _chain_rings_py
 _type_votes, _type_sums = _type_votes_py, _type_sums_py

@@ -74,6 +74,7 @@ from wsi_mtl.postprocess._instances import (
     labelled_boxes,
     mask_components,
     opened_cores,
+    owners,
     relabeled,
     slices_of,
     NECK_REACH_PX,
@@ -664,10 +665,7 @@ def _nuclei_chunk(reader: Any, chunk: Chunk, meta: MapsMeta, params: Postprocess
     if len(owned) == 0:
         return _empty_result()
     if any(chunk.open_edges):
-        on = labels > 0
-        comp_of_label = np.zeros(len(box) + 1, np.int64)
-        comp_of_label[labels[on]] = comps[on]
-        comp_of = comp_of_label[owned]
+        comp_of = owners(labels, comps, len(box) + 1)[owned]
         # only at the largest halo can an owned blob still be cut (before it, _tighten asked for more)
         cut = _near_open_edge(box_table(comps)[comp_of - 1], labels.shape, chunk, _neck_reach(params))
         broken = cut & _near_open_edge(box[owned - 1], labels.shape, chunk)

@@ -196,12 +196,10 @@ def _split_at_necks(labels: np.ndarray, h: float, skip: np.ndarray | None = None
     core = (labels > 0) & ~_contacts(labels)
     dist, tops = _smooth_and_peaks(_edt32(core), core)
     # local maxima, labelled 4-connected so that no component spans two objects
-    peaks, n_peaks = ndi.label(tops)
+    peaks, n_peaks = label4(tops)
     if n_peaks < 2:
         return labels
-    owner = np.zeros(n_peaks + 1, np.int64)
-    on = peaks > 0
-    owner[peaks[on]] = labels[on]
+    owner = owners(peaks, labels, n_peaks + 1)
     examine = np.bincount(owner[1:], minlength=n + 1) >= 2
     if skip is not None:
         examine &= ~skip
@@ -430,6 +428,29 @@ def box_table(labels: np.ndarray) -> np.ndarray:
     return box
 
 
+def label4(mask: np.ndarray) -> tuple[np.ndarray, int]:
+    """``ndi.label(mask)`` (4-connected, raster-ordered numbers): the labels (int32) and their count,
+    from the compiled row runs of :func:`labelled_boxes` where numba is there (~1.7x faster)."""
+    if _compiled.available() and mask.ndim == 2:
+        comps, box = _compiled.components(mask)
+        return comps, len(box)
+    return ndi.label(mask)
+
+
+def owners(labels: np.ndarray, values: np.ndarray, length: int) -> np.ndarray:
+    """``out[labels[p]] = values[p]`` for every pixel with a label (int64, ``length`` entries, 0 for
+    labels without pixels): e.g. the component holding each marker, where every marker lies in one
+    (where a label meets several values, the last in raster order). One compiled pass with numba."""
+    if _compiled.available() and labels.shape == values.shape:
+        out = _compiled.label_owners(labels, values, length)
+        if out is not None:
+            return out
+    on = labels > 0
+    out = np.zeros(length, np.int64)
+    out[labels[on]] = values[on]
+    return out
+
+
 def labelled_boxes(mask: np.ndarray, *, labels: bool = True) -> tuple[np.ndarray | None, np.ndarray]:
     """``ndi.label(mask)`` (4-connected, raster-ordered numbers) and the bounding box (row0, row1,
     col0, col1) of each component (row ``k`` for label ``k + 1``); without ``labels`` only the
@@ -510,17 +531,15 @@ def _nuclei_instances(
     s = _scale(inst_prob)
     interior = inst_prob[-2]
     mask = nuclei_foreground(inst_prob, mask_threshold)
-    components, n_comp = ndi.label(mask)
-    markers, n_markers = ndi.label((interior > marker_threshold * s) & mask)
+    components, n_comp = label4(mask)
+    markers, n_markers = label4((interior > marker_threshold * s) & mask)
     if min_marker_px > 1 and n_markers:
         markers = _remove_small(markers, min_marker_px)
     labels = np.zeros(mask.shape, np.int32)
     if n_comp == 0:
         return labels, components.astype(np.int32)
     # markers per component (a marker lies inside exactly one component)
-    on = markers > 0
-    m_comp = np.zeros(int(markers.max(initial=0)) + 1, np.int64)
-    m_comp[markers[on]] = components[on]
+    m_comp = owners(markers, components, (n_markers if min_marker_px <= 1 else int(markers.max(initial=0))) + 1)
     per_comp = np.bincount(m_comp[1:][m_comp[1:] > 0], minlength=n_comp + 1)
     lut = np.arange(n_comp + 1, dtype=np.int32)
     lut[per_comp > 1] = 0

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -14,7 +16,7 @@ import wsi_mtl.postprocess as postprocess
 from wsi_mtl import derive
 from wsi_mtl.derive import derive_objects
 from wsi_mtl.errors import InputError
-from wsi_mtl.export import read_table_info, synthetic_batches
+from wsi_mtl.export import LABEL_IMAGES, read_table_info, synthetic_batches
 from wsi_mtl.objects import ObjectBatch
 
 try:
@@ -511,13 +513,65 @@ def test_label_images_of_a_background_process_that_died_are_written_here(tmp_pat
 
     monkeypatch.setattr(derive, "_store_tissue_map", store)
     labels = derive._LabelImages(tmp_path / "p.zarr", {}, tmp_path / "t.parquet", background=False)
-    labels.future = Future()
-    labels.future.set_exception(BrokenProcessPool("a process in the pool was terminated abruptly"))
+    died: Future = Future()
+    died.set_exception(BrokenProcessPool("a process in the pool was terminated abruptly"))
+    labels._sent = [("nuclei", died)]
     with caplog.at_level("WARNING", logger="wsi_mtl.derive"):
         written = labels.result()
     assert ("nuclei",) in calls and len(calls) == 2  # the others here as always, and nuclei here too
     assert {p.name for p in written} == {"nuclei", *[t for c in calls for t in c]}
     assert "died" in caplog.text
+
+
+def _threaded_label_images(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, hold: threading.Event | None):
+    """_LabelImages on a one-thread pool whose label images are recorded by thread (the nuclei image
+    held until ``hold`` is set, if given)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from wsi_mtl.postprocess import _pool
+
+    calls: list[tuple[str, tuple[str, ...]]] = []
+
+    def store(predictions: Path, attrs: dict, table: Path, tasks: Any = None) -> list[Path]:
+        where = "background" if threading.current_thread().name.startswith("labels") else "here"
+        if hold is not None and "nuclei" in tasks and where == "background":
+            assert hold.wait(10)
+        calls.append((where, tuple(tasks)))
+        return [predictions / t / "labels" / LABEL_IMAGES[t][1] for t in tasks]
+
+    monkeypatch.setattr(derive, "_store_tissue_map", store)
+    monkeypatch.setattr(_pool, "single_executor", lambda role: ThreadPoolExecutor(1, thread_name_prefix=role))
+    return derive._LabelImages(tmp_path / "p.zarr", {}, tmp_path / "t.parquet", background=True), calls
+
+
+def test_label_images_not_begun_by_the_background_process_are_written_here(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """While the background process is still on the nuclei image, this process writes all the
+    others once it asks for the result (after its GeoJSON and preview); nothing is written twice."""
+    hold = threading.Event()
+    labels, calls = _threaded_label_images(tmp_path, monkeypatch, hold)
+    threading.Timer(0.2, hold.set).start()  # the nuclei image goes on while this process writes the rest
+    try:
+        written = labels.result()
+    finally:
+        labels.close()
+    assert calls == [("here", ("tissue", "gland", "lumen")), ("background", ("nuclei",))]
+    assert [p.name for p in written] == [name for _, name, _ in LABEL_IMAGES.values()]  # in their order
+
+
+def test_the_background_process_takes_the_next_label_image_once_one_is_done(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A background process that is done with the nuclei image goes on with the glands, lumen and
+    tissue in turn; what it wrote is not written again here."""
+    labels, calls = _threaded_label_images(tmp_path, monkeypatch, None)
+    for _ in range(1000):  # until the thread has written all four (at most 10 s)
+        if len(calls) == 4:
+            break
+        time.sleep(0.01)
+    try:
+        written = labels.result()
+    finally:
+        labels.close()
+    assert calls == [("background", (t,)) for t in ("nuclei", "gland", "lumen", "tissue")]
+    assert [p.name for p in written] == [name for _, name, _ in LABEL_IMAGES.values()]
 
 
 def test_derive_runs_with_segments_memory_settings_and_gives_kept_pages_back(result_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:

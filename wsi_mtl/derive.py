@@ -11,8 +11,10 @@ import logging
 import math
 import os
 import shutil
+import threading
 import time
 from collections.abc import Collection, Iterable, Iterator, Mapping
+from concurrent.futures import Future
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -179,51 +181,85 @@ def _store_tissue_map(predictions: Path, attrs: dict[str, Any], table: Path, tas
     return write_label_images(predictions, table, attrs, tasks=tasks)
 
 
-#: label images rasterised in the background process (the others are written here, after the
-#: GeoJSON and the preview): the nuclei image costs about as much as those exports and the other
-#: label images together (16,384² mosaic: nuclei 4.5 CPU s, glands, lumen and tissue 1.4)
-_BACKGROUND_LABELS = ("nuclei",)
+#: the order in which the background process takes the label images: the nuclei image first (on the
+#: 16,384^2 mosaic it costs about as much as the GeoJSON and the preview together: nuclei 1.3 CPU s,
+#: glands 0.44, lumen 0.36, tissue 0.08), then the others, largest first, as long as this process
+#: has not taken them (:class:`_LabelImages`)
+_BACKGROUND_ORDER = ("nuclei", "gland", "lumen", "tissue")
 
 
 class _LabelImages:
-    """:func:`_store_tissue_map`: with ``background``, the nuclei label image in one background
-    process (threads in a daemonic process) and the others here when :meth:`result` is asked;
-    else all of them then. A full disk is reported as for any output."""
+    """:func:`_store_tissue_map`, one label image at a time: with ``background``, a background
+    process (threads in a daemonic process) writes them in :data:`_BACKGROUND_ORDER`, taking the
+    next once one is done, and :meth:`result` writes here those it has not begun (this process
+    comes to them after the GeoJSON and the preview), so that both end at about the same time
+    whatever the slide holds; without, all of them here then. A full disk is reported as for any
+    output."""
 
     def __init__(self, predictions: Path, attrs: dict[str, Any], table: Path, *, background: bool) -> None:
-        self.args, self.pool, self.future = (predictions, attrs, table), None, None
+        self.args, self.pool = (predictions, attrs, table), None
+        self._lock = threading.RLock()  # a future done before add_done_callback calls back at once
+        self._queue: list[str] = []  # not yet sent to the background process
+        self._sent: list[tuple[str, Future]] = []
         if background:
             from .postprocess._pool import single_executor
 
             try:
                 self.pool = single_executor("labels")
-                self.future = self.pool.submit(_store_tissue_map, *self.args, _BACKGROUND_LABELS)
+                with self._lock:
+                    self._queue = list(_BACKGROUND_ORDER)
+                    self._send()
             except (OSError, RuntimeError) as exc:  # no process to be had: written here, in turn
                 log.warning("label images written after the exports (%s)", exc)
                 self.close()
-                self.pool, self.future = None, None
+                self.pool, self._queue, self._sent = None, [], []
+
+    def _send(self) -> None:
+        """The next label image of the queue to the background process (lock held)."""
+        if self.pool is None or not self._queue:
+            return
+        task = self._queue[0]
+        future = self.pool.submit(_store_tissue_map, *self.args, (task,))
+        self._queue.pop(0)
+        self._sent.append((task, future))
+        future.add_done_callback(self._next)
+
+    def _next(self, future: Future) -> None:
+        with self._lock:
+            if future.cancelled() or future.exception() is not None:
+                return  # a broken pool takes nothing more: result() writes the rest here
+            try:
+                self._send()
+            except Exception:  # noqa: BLE001 - e.g. a pool broken meanwhile: the queue is written here
+                pass
 
     def result(self) -> list[Path]:
-        try:
-            if self.future is None:
-                return _store_tissue_map(*self.args)
-            from .export import LABEL_IMAGES
+        """Every label image: those not yet begun written here, then the background process's."""
+        from .export import LABEL_IMAGES
 
-            here = [t for t in LABEL_IMAGES if t not in _BACKGROUND_LABELS]
-            return sorted([*_store_tissue_map(*self.args, here), *self._background()], key=_label_order)
+        try:
+            with self._lock:
+                sent = [task for task, _ in self._sent]
+                here = [t for t in LABEL_IMAGES if t not in sent]
+                self._queue = []
+            log.debug("label images here: %s; in the background: %s", ", ".join(here) or "none", ", ".join(sent) or "none")
+            written = _store_tissue_map(*self.args, here) if here else []
+            for task, future in list(self._sent):
+                written.extend(self._background(task, future))
+            return sorted(written, key=_label_order)
         except OSError as exc:
             raise output_error(exc, self.args[0] / TISSUE_CLASSES) or exc
 
-    def _background(self) -> list[Path]:
-        """The background process's label images; written here where that process died."""
+    def _background(self, task: str, future: Future) -> list[Path]:
+        """A label image of the background process; written here where that process died."""
         from concurrent.futures.process import BrokenProcessPool
 
         try:
-            return self.future.result()
+            return future.result()
         except BrokenProcessPool:
             log.warning("the process writing the %s label image died (killed by the system, out of memory?): "
-                        "it is written here", ", ".join(_BACKGROUND_LABELS))
-            return _store_tissue_map(*self.args, _BACKGROUND_LABELS)
+                        "it is written here", task)
+            return _store_tissue_map(*self.args, (task,))
 
     def close(self) -> None:
         if self.pool is not None:

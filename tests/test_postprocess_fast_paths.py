@@ -643,6 +643,23 @@ def test_label4_and_owners_equal_ndi_label_and_the_index_assignment(monkeypatch)
     np.testing.assert_array_equal(_compiled.label_owners(np.array([[2, 0, 2]]), np.array([[5, 6, 7]]), 3), [0, 0, 7])
 
 
+def test_ring_successors_found_by_hashing_equal_those_found_by_sorting(monkeypatch):
+    """Each segment's successor (the segment starting where it ends) from the hash table is the one
+    a sorted search finds, also for keys crowded into the same slots (multiples of the table size)."""
+    _compiled = _kernels_here(monkeypatch)
+    rng = np.random.default_rng(61)
+    for trial in range(12):
+        n = int(rng.integers(1, 3000))
+        if trial % 3 == 0:  # keys that share their low bits, and their folded bits in a small table
+            ks = np.arange(1, n + 1, dtype=np.int64) << int(rng.integers(8, 24))
+        else:
+            ks = rng.choice(1 << 40, size=n, replace=False).astype(np.int64)
+        ke = ks[rng.permutation(n)]
+        order = np.argsort(ks)
+        want = order[np.searchsorted(ks[order], ke)]
+        np.testing.assert_array_equal(_compiled._successors(ks, ke), want)
+
+
 def test_compiled_label_means_equal_the_numpy_sums(monkeypatch):
     """_mean_in_labels compiled (integer values: one pass, int64 sums) gives the float64 bincount's
     means bit for bit, for labels given in ``ids`` or absent (mean 0), a length longer than the

@@ -59,7 +59,7 @@ def _kernels() -> None:
     global HAVE_NUMBA, _ready, _reconstruct, _edt, _reflect, _smooth_peaks, _border_sum, _top
     global _push, _pop, _side, _flood, _flood_components, _label4, _cut_at_peaks, _box_table, _grow, _open, _crops_on_canvas, _tissue_counts
     global _next_run, _root, _runs, _boxes_of_runs, _components, _kept_runs, _block_means, _label_counts, _relabel, _label_sums, _label_owners
-    global _shift_into, _row_spans, _ring_segments, _chain_rings, _type_votes, _type_sums, _grown_queue, _grow_near, _grow_row
+    global _shift_into, _row_spans, _ring_segments, _chain_rings, _successors, _slot, _type_votes, _type_sums, _grown_queue, _grow_near, _grow_row
     global _core
     if _ready:
         return
@@ -82,6 +82,8 @@ def _kernels() -> None:
     _label_counts, _relabel, _label_sums = jit(_label_counts_py), jit(_relabel_py), jit(_label_sums_py)
     _label_owners = jit(_label_owners_py)
     _shift_into, _row_spans = jit(_shift_into_py), jit(_row_spans_py)
+    _slot = jit(_slot_py)
+    _successors = jit(_successors_py)
     _ring_segments, _chain_rings = jit(_ring_segments_py), jit(_chain_rings_py)
     _type_votes, _type_sums = jit(_type_votes_py), jit(_type_sums_py)
     _grown_queue, _grow_near, _grow_row = jit(_grown_queue_py), jit(_grow_near_py), jit(_grow_row_py)
@@ -814,23 +816,24 @@ def _chain_rings_py(lab, ends, h, w):  # noqa: ANN001, ANN202 (compiled helper)
     h2, w2 = 2 * (h + 2), 2 * (w + 2)
     ks = (lab * h2 + ends[:, 0]) * w2 + ends[:, 1]
     ke = (lab * h2 + ends[:, 2]) * w2 + ends[:, 3]
-    order = np.argsort(ks)
-    kss = ks[order]
-    nxt = np.searchsorted(kss, ke[order])
+    nxt = _successors(ks, ke)
     seen = np.zeros(n, np.bool_)
-    starts, lengths = np.empty(n, np.int64), np.empty(n, np.int64)
+    starts, lengths, low = np.empty(n, np.int64), np.empty(n, np.int64), np.empty(n, np.int64)
     r = 0
-    for p in range(n):  # the first unseen position of a ring is its smallest
+    for p in range(n):  # each ring once, from its segment of smallest key
         if seen[p]:
             continue
-        q, m = p, 0
+        q, m, best = p, 0, p
         while not seen[q]:
             seen[q] = True
             m += 1
+            if ks[q] < ks[best]:
+                best = q
             q = nxt[q]
-        starts[r], lengths[r] = p, m
+        starts[r], lengths[r], low[r] = best, m, ks[best]
         r += 1
-    by_len = np.argsort(-lengths[:r], kind="mergesort")  # stable: longest first, then by start
+    by_key = np.argsort(low[:r])  # keys are unique
+    by_len = by_key[np.argsort(-lengths[:r][by_key], kind="mergesort")]  # stable: longest first, then by key
     starts, lengths = starts[:r][by_len], lengths[:r][by_len]
     ring_start = np.zeros(r + 1, np.int64)
     for k in range(r):
@@ -840,11 +843,10 @@ def _chain_rings_py(lab, ends, h, w):  # noqa: ANN001, ANN202 (compiled helper)
     ring_label = np.empty(r, np.int64)
     for k in range(r):
         q = starts[k]
-        ring_label[k] = lab[order[q]]
+        ring_label[k] = lab[q]
         for t in range(lengths[k]):
-            sg = order[q]
-            coords[ring_start[k] + t, 0] = ends[sg, 0] / 2.0 - 1.0
-            coords[ring_start[k] + t, 1] = ends[sg, 1] / 2.0 - 1.0
+            coords[ring_start[k] + t, 0] = ends[q, 0] / 2.0 - 1.0
+            coords[ring_start[k] + t, 1] = ends[q, 1] / 2.0 - 1.0
             q = nxt[q]
         a = 0.0
         b0, b1 = ring_start[k], ring_start[k + 1]
@@ -853,6 +855,36 @@ def _chain_rings_py(lab, ends, h, w):  # noqa: ANN001, ANN202 (compiled helper)
             a += coords[t, 1] * coords[u, 0] - coords[u, 1] * coords[t, 0]
         area[k] = 0.5 * a
     return ring_label, coords, ring_start, area
+
+
+def _slot_py(key, bits, mask):  # noqa: ANN001, ANN202 (compiled helper)
+    """A key's first slot in a table of ``2 ** bits``: its bits folded (nearby points of a ring,
+    whose keys differ in their low bits, land in different slots)."""
+    return (key ^ (key >> bits) ^ (key >> (2 * bits))) & mask
+
+
+def _successors_py(ks, ke):  # noqa: ANN001, ANN202 (compiled helper)
+    """For each segment, the segment whose start key ``ks`` (unique) is its end key ``ke``: a hash
+    table of the start keys (open addressing, at most half full), ~2x faster than sorting them."""
+    n = ks.size
+    bits = 1
+    while (1 << bits) < 2 * n:
+        bits += 1
+    mask = (1 << bits) - 1
+    slots = np.full(mask + 1, -1, np.int64)
+    for s in range(n):
+        p = _slot(ks[s], bits, mask)
+        while slots[p] >= 0:
+            p = (p + 1) & mask
+        slots[p] = s
+    nxt = np.empty(n, np.int64)
+    for s in range(n):
+        key = ke[s]
+        p = _slot(key, bits, mask)
+        while ks[slots[p]] != key:  # every end is some segment's start: the rings are closed
+            p = (p + 1) & mask
+        nxt[s] = slots[p]
+    return nxt
 
 
 def core_mask_u8(interior: np.ndarray, boundary: np.ndarray, limit: float) -> np.ndarray:
@@ -1277,7 +1309,7 @@ _open, _next_run, _root, _runs, _boxes_of_runs = _open_py, _next_run_py, _root_p
 _components, _kept_runs, _block_means = _components_py, _kept_runs_py, _block_means_py
 _label_counts, _relabel, _label_sums, _label_owners = _label_counts_py, _relabel_py, _label_sums_py, _label_owners_py
 _shift_into, _row_spans = _shift_into_py, _row_spans_py
-_ring_segments, _chain_rings = _ring_segments_py, _chain_rings_py
+_ring_segments, _chain_rings, _successors, _slot = _ring_segments_py, _chain_rings_py, _successors_py, _slot_py
 _type_votes, _type_sums = _type_votes_py, _type_sums_py
 _grown_queue, _grow_near, _grow_row = _grown_queue_py, _grow_near_py, _grow_row_py
 _core = _core_py

@@ -509,13 +509,14 @@ def test_growth_in_place_gives_the_same_objects_without_a_second_array(monkeypat
 def test_growth_in_place_in_a_crop_leaves_the_rest_untouched(monkeypatch):
     """grow_ranks(in_place=True) grows a crop of a C-ordered int32 array (rows contiguous) where
     it is, one step (pixel by pixel) or many (sweeps), to the copying call's values, and writes
-    nothing outside the crop; _expand_labels_square(in_place=True) grows the objects' box inside the
-    labels themselves and returns them."""
+    nothing outside the crop, also given as the box of the whole array; _expand_labels_square(in_place=True)
+    grows the objects' box inside the labels themselves and returns them."""
     _compiled = _kernels_here(monkeypatch)
     rng = np.random.default_rng(47)
     for trial in range(30):
         shape = (int(rng.integers(3, 60)), int(rng.integers(3, 60)))
         big = ndi.label(rng.random(shape) < rng.uniform(0.01, 0.2))[0].astype(np.int32)
+        before = big.copy()
         y0, x0 = int(rng.integers(0, shape[0] - 1)), int(rng.integers(0, shape[1] - 1))
         y1, x1 = int(rng.integers(y0 + 1, shape[0] + 1)), int(rng.integers(x0 + 1, shape[1] + 1))
         steps = 1 if trial < 10 else int(rng.integers(2, 140))
@@ -526,6 +527,13 @@ def test_growth_in_place_in_a_crop_leaves_the_rest_untouched(monkeypatch):
         np.testing.assert_array_equal(view, want)
         outside[y0:y1, x0:x1] = want
         np.testing.assert_array_equal(big, outside)
+        again = outside.copy()
+        again[y0:y1, x0:x1] = before[y0:y1, x0:x1]
+        past = int(rng.integers(0, 3))  # a stop past the array's end is clipped, as a slice's
+        box = (y0, y1 + past * (y1 == shape[0]), x0, x1 + past * (x1 == shape[1]))
+        assert _compiled.grow_ranks(again, steps, in_place=True, box=box) is again  # the box of a C-ordered array
+        np.testing.assert_array_equal(again, outside)
+        np.testing.assert_array_equal(_compiled.grow_ranks(before, steps, box=box), want)  # not in place: the crop grown
         labels = np.zeros((shape[0] + 20, shape[1] + 20), np.int32)
         labels[10:-10, 10:-10] = ndi.label(big > 0)[0]
         for d in (1, 2, 7):

@@ -646,7 +646,7 @@ GROW_MAX_RANK = (1 << _KEY_SHIFT) - 1
 _GROW_MAX_STEPS = 125
 
 
-def grow_ranks(r: np.ndarray, steps: int, *, in_place: bool = False) -> np.ndarray:
+def grow_ranks(r: np.ndarray, steps: int, *, in_place: bool = False, box: tuple[int, int, int, int] | None = None) -> np.ndarray:
     """``steps`` times, all at once: each 0 pixel with a nonzero 8-neighbour takes the largest
     neighbour value (``maximum_filter(r, 3)`` where ``r`` is 0; outside the array counts as 0).
 
@@ -657,17 +657,29 @@ def grow_ranks(r: np.ndarray, steps: int, *, in_place: bool = False) -> np.ndarr
     (distance, -value) keys in two raster sweeps, whatever ``steps`` (one step: pushed from each nonzero
     pixel to its neighbours). Values in 0..GROW_MAX_RANK. A new array of ``r``'s dtype; with
     ``in_place``, an int32 ``r`` whose rows are contiguous (a crop of a C-ordered array too) is grown
-    where it is (and returned), so that no second array of its size is made. Needs numba."""
+    where it is (and returned), so that no second array of its size is made. ``box`` (row0, row1,
+    col0, col1): only that part of ``r`` is grown (as ``r[row0:row1, col0:col1]`` alone), in place
+    in a C-ordered ``r``, whose rows the kernels then read as contiguous (~2x faster than through a
+    crop's strides). Needs numba."""
     _kernels()
+    if box is not None:  # as numpy slices it: clipped to the array
+        box = (*slice(box[0], box[1]).indices(r.shape[0])[:2], *slice(box[2], box[3]).indices(r.shape[1])[:2])
+    if box is not None and not (in_place and r.flags.c_contiguous and r.dtype == np.int32 and r.flags.writeable):
+        grown = grow_ranks(r[box[0] : box[1], box[2] : box[3]], steps, in_place=in_place)
+        if in_place:
+            r[box[0] : box[1], box[2] : box[3]] = grown
+            return r
+        return grown
     own = in_place and r.ndim == 2 and r.dtype == np.int32 and r.flags.writeable and r.strides[1] == r.itemsize
+    y0, y1, x0, x1 = box if box is not None else (0, r.shape[0], 0, r.shape[1])
     if steps <= _GROW_NEAR_STEPS:  # from each pixel's neighbours, no distance map
         out = r if own else np.array(r, order="C")
         for _ in range(steps):
-            _grow_near(out)
+            _grow_near(out, y0, y1, x0, x1)
         return out
     out = r if own else np.array(r, np.int32, order="C")  # the keys are int32, made in the output itself
     for done in range(0, steps, _GROW_MAX_STEPS):  # one step after another: sweeps of <= 125 compose
-        _grow(out, min(_GROW_MAX_STEPS, steps - done))
+        _grow(out, y0, y1, x0, x1, min(_GROW_MAX_STEPS, steps - done))
     return out if out.dtype == r.dtype else out.astype(r.dtype)
 
 
@@ -679,18 +691,20 @@ def grow_ranks(r: np.ndarray, steps: int, *, in_place: bool = False) -> np.ndarr
 _GROW_NEAR_STEPS = 1
 
 
-def _grow_near_py(r):  # noqa: ANN001, ANN202 (compiled helper)
-    """One step of :func:`grow_ranks` where ``r`` is: each 0 pixel takes the largest of its nonzero
-    8-neighbours. Rows above and at ``y`` are read from copies made before they change (the row below
-    is not changed yet); per column the largest of the three rows first (a pass that vectorises),
-    then per 0 pixel the largest of its three columns."""
-    h, w = r.shape
+def _grow_near_py(r, y0, y1, x0, x1):  # noqa: ANN001, ANN202 (compiled helper)
+    """One step of :func:`grow_ranks` where ``r[y0:y1, x0:x1]`` is: each 0 pixel takes the largest of
+    its nonzero 8-neighbours. Rows above and at ``y`` are read from copies made before they change
+    (the row below is not changed yet); per column the largest of the three rows first (a pass that
+    vectorises), then per 0 pixel the largest of its three columns."""
+    h, w = y1 - y0, x1 - x0
     above, here, column = np.zeros(w, r.dtype), np.empty(w, r.dtype), np.empty(w, r.dtype)
     for y in range(h):
-        here[:] = r[y]
+        row = r[y0 + y, x0:x1]
+        here[:] = row
         if y + 1 < h:
+            below = r[y0 + y + 1, x0:x1]
             for x in range(w):
-                column[x] = max(max(above[x], here[x]), r[y + 1, x])
+                column[x] = max(max(above[x], here[x]), below[x])
         else:
             for x in range(w):
                 column[x] = max(above[x], here[x])
@@ -702,51 +716,57 @@ def _grow_near_py(r):  # noqa: ANN001, ANN202 (compiled helper)
                 if x + 1 < w:
                     best = max(best, column[x + 1])
                 if best:
-                    r[y, x] = best
+                    row[x] = best
         above, here = here, above
     return r
 
 
-def _grow_py(k, steps):  # noqa: ANN001, ANN202 (compiled helper)
-    """:func:`grow_ranks` in place on the int32 array ``k``: its ranks become keys, swept, and back."""
-    h, w = k.shape
+def _grow_py(k, y0, y1, x0, x1, steps):  # noqa: ANN001, ANN202 (compiled helper)
+    """:func:`grow_ranks` in place on ``k[y0:y1, x0:x1]`` (int32): its ranks become keys, swept, and
+    back. Rows are taken as ``k[y, x0:x1]``: contiguous where ``k`` is C-ordered."""
+    h, w = y1 - y0, x1 - x0
     one = np.int32(1 << _KEY_SHIFT)
     low = np.int32((1 << _KEY_SHIFT) - 1)
     far = np.int32((steps + 1) << _KEY_SHIFT)  # not reached (and outside the array): never a value
     for y in range(h):
+        row = k[y0 + y, x0:x1]
         for x in range(w):
-            v = k[y, x]
-            k[y, x] = far if v == 0 else low - v
+            v = row[x]
+            row[x] = far if v == 0 else low - v
     # Each sweep takes a row's three neighbours in the row before (independent along the row, so
     # the loop vectorises) and then its neighbour in the row (a scan): per pixel the same minimum
     # as over all four at once, since that neighbour's value is final when it is read. The first
     # and last columns have two neighbours in the row before (outside the array is never nearer).
     for y in range(h):  # from above, then from the left
+        row = k[y0 + y, x0:x1]
         if y > 0:
-            _grow_row(k, y, y - 1, one)
+            _grow_row(row, k[y0 + y - 1, x0:x1], one)
         for x in range(1, w):
-            k[y, x] = min(k[y, x], k[y, x - 1] + one)
+            row[x] = min(row[x], row[x - 1] + one)
     for y in range(h - 1, -1, -1):  # from below, then from the right
+        row = k[y0 + y, x0:x1]
         if y < h - 1:
-            _grow_row(k, y, y + 1, one)
+            _grow_row(row, k[y0 + y + 1, x0:x1], one)
         for x in range(w - 2, -1, -1):
-            k[y, x] = min(k[y, x], k[y, x + 1] + one)
+            row[x] = min(row[x], row[x + 1] + one)
     for y in range(h):
+        row = k[y0 + y, x0:x1]
         for x in range(w):
-            v = k[y, x]
-            k[y, x] = low - (v & low) if v < far else 0
+            v = row[x]
+            row[x] = low - (v & low) if v < far else 0
 
 
-def _grow_row_py(k, y, src, one):  # noqa: ANN001, ANN202 (compiled helper)
-    """Row ``y`` of :func:`_grow_py`'s keys takes its three neighbours in row ``src``, one step on."""
-    w = k.shape[1]
+def _grow_row_py(row, src, one):  # noqa: ANN001, ANN202 (compiled helper)
+    """``row`` of :func:`_grow_py`'s keys takes its three neighbours in the row ``src``, one step on."""
+    w = row.size
     if w == 1:
-        k[y, 0] = min(k[y, 0], k[src, 0] + one)
+        row[0] = min(row[0], src[0] + one)
         return
-    k[y, 0] = min(k[y, 0], min(k[src, 0], k[src, 1]) + one)
-    for x in range(1, w - 1):
-        k[y, x] = min(k[y, x], min(min(k[src, x - 1], k[src, x]), k[src, x + 1]) + one)
-    k[y, w - 1] = min(k[y, w - 1], min(k[src, w - 2], k[src, w - 1]) + one)
+    row[0] = min(row[0], min(src[0], src[1]) + one)
+    s0, s1, s2, inner = src[: w - 2], src[1 : w - 1], src[2:], row[1 : w - 1]
+    for x in range(w - 2):
+        inner[x] = min(inner[x], min(min(s0[x], s1[x]), s2[x]) + one)
+    row[w - 1] = min(row[w - 1], min(src[w - 2], src[w - 1]) + one)
 
 
 def trace_rings(labels: np.ndarray, want: np.ndarray, seg_start: np.ndarray, seg_end: np.ndarray,

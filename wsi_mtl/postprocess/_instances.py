@@ -772,7 +772,7 @@ def _expand_labels_square(labels: np.ndarray, distance: int, *, raster_ordered: 
     box = (slice(max(0, ys[0] - d), ys[-1] + d + 1), slice(max(0, xs[0] - d), xs[-1] + d + 1))
     if raster_ordered and n <= _compiled.GROW_MAX_RANK and _compiled.available() and labels.ndim == 2:  # the numbers are the ranks
         if in_place and labels.dtype == np.int32 and labels.flags.c_contiguous:
-            _compiled.grow_ranks(labels[box], d, in_place=True)  # grown where it is, a crop of the rows
+            _compiled.grow_ranks(labels, d, in_place=True, box=(box[0].start, box[0].stop, box[1].start, box[1].stop))  # where it is
             return labels
         grown = _compiled.grow_ranks(labels[box], d)
         if grown.shape == labels.shape:

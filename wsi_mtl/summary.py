@@ -61,14 +61,14 @@ def tissue_area_mm2(result_dir: Path, slide_mpp: float) -> float | None:
 def _areas_and_counts(table: Path) -> tuple[dict[tuple[str, str], float], dict[tuple[str, str], int]]:
     import pyarrow.parquet as pq
 
-    from .export._arrow import numpy_of
+    from .export._arrow import numpy_of, one_array
     from .export._table import class_groups
 
     # summed here, not by pyarrow's group_by or pq.read_table: their modules import pandas where installed
     with pq.ParquetFile(table) as parquet:
         t = parquet.read(columns=["task", "class_name", "area_um2"])
     keys, first, group = class_groups(t)
-    column = t.column("area_um2").combine_chunks()
+    column = one_array(t.column("area_um2"))
     valid = numpy_of(column.is_valid())  # sums and counts skip missing areas, as group_by's did
     area = np.where(valid, np.nan_to_num(numpy_of(column).astype(np.float64)), 0.0)
     sums = np.bincount(group, weights=area, minlength=len(keys))

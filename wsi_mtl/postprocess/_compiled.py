@@ -838,7 +838,7 @@ def _chain_rings_py(lab, ends, h, w):  # noqa: ANN001, ANN202 (compiled helper)
     ke = (lab * h2 + ends[:, 2]) * w2 + ends[:, 3]
     nxt = _successors(ks, ke)
     seen = np.zeros(n, np.bool_)
-    starts, lengths, low = np.empty(n, np.int64), np.empty(n, np.int64), np.empty(n, np.int64)
+    starts, lengths = np.empty(n, np.int64), np.empty(n, np.int64)
     r = 0
     for p in range(n):  # each ring once, from its segment of smallest key
         if seen[p]:
@@ -850,9 +850,9 @@ def _chain_rings_py(lab, ends, h, w):  # noqa: ANN001, ANN202 (compiled helper)
             if ks[q] < ks[best]:
                 best = q
             q = nxt[q]
-        starts[r], lengths[r], low[r] = best, m, ks[best]
+        starts[r], lengths[r] = best, m
         r += 1
-    by_key = np.argsort(low[:r])  # keys are unique
+    by_key = np.argsort(ks[starts[:r]])  # keys are unique
     by_len = by_key[np.argsort(-lengths[:r][by_key], kind="mergesort")]  # stable: longest first, then by key
     starts, lengths = starts[:r][by_len], lengths[:r][by_len]
     ring_start = np.zeros(r + 1, np.int64)

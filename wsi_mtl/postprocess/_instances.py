@@ -539,7 +539,7 @@ def _nuclei_instances(
     if n_comp == 0:
         return labels, components.astype(np.int32)
     # markers per component (a marker lies inside exactly one component)
-    m_comp = owners(markers, components, (n_markers if min_marker_px <= 1 else int(markers.max(initial=0))) + 1)
+    m_comp = owners(markers, components, n_markers + 1)  # _remove_small drops markers, never renumbers them
     per_comp = np.bincount(m_comp[1:][m_comp[1:] > 0], minlength=n_comp + 1)
     lut = np.arange(n_comp + 1, dtype=np.int32)
     lut[per_comp > 1] = 0

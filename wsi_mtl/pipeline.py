@@ -475,7 +475,7 @@ def _plan(slide: Any, slide_path: Path, model: Any, opts: _Options, *, tissue_ma
         "downsample": ds,
         "tile": {"core_px": core, "margin_px": margin_px},
         "tissue_mask_mpp": tissue.mpp,
-        "postprocess": dict(cfg.extra.get("postprocess") or {}),
+        "postprocess": cfg.postprocess_settings,
     }
     return _Layout(grid, tiles, tissue, heads, fingerprint, attrs, timings)
 

@@ -293,6 +293,18 @@ class ModelConfig:
         """Public names of the patch classification heads."""
         return [n for n, h in self.heads.items() if h.kind == "patch"]
 
+    @property
+    def postprocess_settings(self) -> dict[str, Any]:
+        """The post-processing settings this model's runs use and record: its tuned
+        ``extra["postprocess"]``, with the window its tissue head classifies each cell from
+        (``tissue_window_cells``: ``arch_params.patch_cells`` for a ``Patch-Class`` head) unless
+        those set it."""
+        settings = dict(self.extra.get("postprocess") or {})
+        head = self.heads.get("Patch-Class")
+        if head is not None and head.kind == "patch":
+            settings.setdefault("tissue_window_cells", int(self.arch_params.patch_cells))
+        return settings
+
     def replace(self, **changes: Any) -> ModelConfig:
         """Return a copy with some fields changed (``dataclasses.replace``)."""
         return dataclasses.replace(self, **changes)

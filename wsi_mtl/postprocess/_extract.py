@@ -85,7 +85,7 @@ from wsi_mtl.postprocess._instances import (
 )
 from wsi_mtl.postprocess._gland_setting import non_glandular_cells, non_glandular_channels, non_glandular_share
 from wsi_mtl.postprocess._polygons import labels_to_polygons, polygon_measurements
-from wsi_mtl.postprocess._tissue import NO_CLASS, _finish_regions, _tissue_parts, tissue_class_map
+from wsi_mtl.postprocess._tissue import NO_CLASS, _finish_regions, _tissue_parts, nearest_sources, tissue_class_map, window_sums
 
 __all__ = [
     "PostprocessParams",
@@ -156,6 +156,16 @@ class PostprocessParams:
         Nuclei, glands and lumen with less than this fraction of their pixels inside the tissue
         mask are dropped, and Patch-Class cells less than this fraction tissue get no tissue
         class (0 = keep everything; ignored for slides run with ``--no-tissue-mask``).
+    tissue_window_cells, tissue_min_window_share
+        The tissue head classifies each Patch-Class cell from the ``tissue_window_cells`` wide
+        window of cells around it, so at the tissue's edge glass makes up part of what it sees (a
+        rim of fat or mucosa along every border against glass). A cell whose window is less than
+        ``tissue_min_window_share`` tissue by the mask takes the probabilities, and so the class,
+        of the nearest cell whose window is that much tissue, within ``tissue_window_cells // 2 + 1``
+        cells (ties: the cell above, then the one to the left); cells with none that near keep
+        their own. The tissue map and ``gland_max_nonglandular`` both read these classes. 0 = off,
+        the default; a model's runs set it to its tissue head's window
+        (``ModelConfig.postprocess_settings``). Needs the tissue mask.
     """
 
     nuclei_min_area_px: float = 10
@@ -180,6 +190,8 @@ class PostprocessParams:
     simplify_px: float = 0.5
     tissue_min_area_px: int = 1
     min_in_tissue: float = 0.5
+    tissue_window_cells: int = 0
+    tissue_min_window_share: float = 0.95
 
     @classmethod
     def from_mapping(cls, values: Mapping[str, Any] | None) -> PostprocessParams:
@@ -243,8 +255,10 @@ def check_overrides(overrides: Mapping[str, Any] | None) -> dict[str, float | in
             raise InputError(f"post-processing setting {key} must be a finite number >= 0, got {value!r}")
         if kinds[key] is int and not number.is_integer():
             raise InputError(f"post-processing setting {key} must be a whole number, got {value!r}")
-        if key in ("min_in_tissue", "gland_min_probability") and number > 1:
+        if key in ("min_in_tissue", "gland_min_probability", "tissue_min_window_share") and number > 1:
             raise InputError(f"post-processing setting {key} must be a fraction in [0, 1], got {value!r}")
+        if key == "tissue_window_cells" and number % 2 == 0 and number > 0:
+            raise InputError(f"post-processing setting {key} must be 0 or odd (a window centred on its cell), got {value!r}")
         if key in ("gland_downsample", "gland_chunk_px") and number < 1:
             raise InputError(f"post-processing setting {key} must be >= 1, got {value!r}")
         checked[key] = kinds[key](number)
@@ -495,12 +509,16 @@ def _mask_fraction(reader: Any, meta: MapsMeta, region: tuple[int, int, int, int
     sampled at ``samples x samples`` points (nearest mask pixel); outside the mask counts as glass.
     Returns float32 (H, W) for ``samples > 1``, else bool.
     """
+    counts = _mask_counts(reader, meta, region, grid_ds, samples=samples)
+    return counts > 0 if samples == 1 else counts.astype(np.float32) / (samples * samples)
+
+
+def _mask_counts(reader: Any, meta: MapsMeta, region: tuple[int, int, int, int], grid_ds: float, *, samples: int = 1) -> np.ndarray:
+    """How many of the ``samples x samples`` points of each pixel of a grid region the tissue mask
+    calls tissue (int64; see :func:`_mask_fraction`)."""
     padded, iy, ix = _mask_index(reader, meta, region, grid_ds, samples)
-    sampled = padded[np.ix_(iy, ix)]
-    if samples == 1:
-        return sampled
     y0, y1, x0, x1 = region
-    return sampled.reshape(y1 - y0, samples, x1 - x0, samples).mean(axis=(1, 3), dtype=np.float32)
+    return padded[np.ix_(iy, ix)].reshape(y1 - y0, samples, x1 - x0, samples).sum(axis=(1, 3), dtype=np.int64)
 
 
 def _in_tissue(reader: Any, meta: MapsMeta, params: PostprocessParams, labels: np.ndarray, ids: np.ndarray,
@@ -799,7 +817,7 @@ def _non_glandular(reader: Any, meta: MapsMeta, params: PostprocessParams, gland
     cx0, cx1 = int((x0 + box[:, 2].min()) // per_cell), int((x0 + box[:, 3].max() - 1) // per_cell) + 1
     h, w = head.shape[1:]
     cy0, cx0 = min(cy0, h - 1), min(cx0, w - 1)
-    cells = non_glandular_cells(reader.read(PATCH, (cy0, max(cy0 + 1, min(cy1, h)), cx0, max(cx0 + 1, min(cx1, w)))), head.classes)
+    cells = non_glandular_cells(_tissue_prob(reader, meta, params, (cy0, max(cy0 + 1, min(cy1, h)), cx0, max(cx0 + 1, min(cx1, w)))), head.classes)
     share = non_glandular_share(glands, ids, slices, cells, per_cell, origin_yx=(y0, x0), cells_origin=(cy0, cx0))
     return _set_to_zero(glands, np.asarray(ids, np.int64)[share > params.gland_max_nonglandular], slices)
 
@@ -950,19 +968,62 @@ def _owned_rows(task: str, reader: Any, meta: MapsMeta, params: PostprocessParam
     return _rows(task, cls, prob, polys, meta, truncated=truncated)
 
 
+def _cell_samples(meta: MapsMeta) -> int:
+    """Mask points per side sampled in each Patch-Class cell (a cell's tissue share)."""
+    return int(min(8, max(1, math.ceil(2 * meta.heads[PATCH].downsample / meta.mask_downsample))))
+
+
+def _tissue_classes(cls: np.ndarray, meta: MapsMeta) -> np.ndarray:
+    """``cls`` (a :func:`tissue_class_map`) with the head's own word for glass as no tissue class."""
+    for index, name in enumerate(meta.heads[PATCH].classes):
+        if name.lower() in GLASS_CLASSES:
+            cls[cls == index] = NO_CLASS
+    return cls
+
+
+def _edge_filled(reader: Any, meta: MapsMeta, params: PostprocessParams, region: tuple[int, int, int, int]) -> np.ndarray:
+    """The Patch-Class probabilities of ``region``, those of the cells at the tissue's edge taken
+    from the nearest cell whose window is tissue (``tissue_window_cells``, see PostprocessParams).
+
+    The region is read with a margin of half a window plus the reach, so that every window and
+    source it looks at is whole: a chunk gives what the whole slide gives."""
+    cells = int(params.tissue_window_cells)
+    half, reach = cells // 2, cells // 2 + 1
+    grow = half + reach
+    h, w = meta.heads[PATCH].shape[1:]
+    y0, y1, x0, x1 = region
+    big = (max(0, y0 - grow), min(h, y1 + grow), max(0, x0 - grow), min(w, x1 + grow))
+    prob = reader.read(PATCH, big)
+    samples = _cell_samples(meta)
+    tissue = window_sums(_mask_counts(reader, meta, big, meta.heads[PATCH].downsample, samples=samples), cells)
+    whole = tissue >= params.tissue_min_window_share * cells * cells * samples * samples
+    computed = prob.any(axis=0)
+    source = whole & (_tissue_classes(tissue_class_map(prob), meta) != NO_CLASS)
+    cell, src = nearest_sources(computed & ~whole, source, reach)
+    filled = prob.reshape(prob.shape[0], -1).copy()  # never the reader's own maps
+    filled[:, cell] = filled[:, src]  # sources have whole windows, so none of them is filled
+    a, l = y0 - big[0], x0 - big[2]
+    return filled.reshape(prob.shape)[:, a : a + y1 - y0, l : l + x1 - x0]
+
+
+def _tissue_prob(reader: Any, meta: MapsMeta, params: PostprocessParams, region: tuple[int, int, int, int]) -> np.ndarray:
+    """The Patch-Class probabilities of ``region`` as the tissue map and the gland test see them:
+    at the tissue's edge those of the tissue beside it (:func:`_edge_filled`), where that is on."""
+    if meta.mask_downsample is not None and params.tissue_window_cells > 0:
+        return _edge_filled(reader, meta, params, region)
+    return reader.read(PATCH, region)
+
+
 def _tissue_chunk(reader: Any, chunk: Chunk, meta: MapsMeta, params: PostprocessParams) -> dict[str, Any]:
     prob = reader.read(PATCH, chunk.read)
     if not prob.any():
         return _empty_result()
+    prob = _tissue_prob(reader, meta, params, chunk.read)
     class_map = tissue_class_map(prob)
     if meta.mask_downsample is not None and params.min_in_tissue > 0:
-        cell_ds = meta.heads[PATCH].downsample
-        samples = int(min(8, max(1, math.ceil(2 * cell_ds / meta.mask_downsample))))
-        share = _mask_fraction(reader, meta, chunk.read, cell_ds, samples=samples)
+        share = _mask_fraction(reader, meta, chunk.read, meta.heads[PATCH].downsample, samples=_cell_samples(meta))
         class_map[share < params.min_in_tissue] = NO_CLASS  # glass gets no tissue class
-    for index, name in enumerate(meta.heads[PATCH].classes):
-        if name.lower() in GLASS_CLASSES:  # the head's own word for glass is no tissue class either
-            class_map[class_map == index] = NO_CLASS
+    class_map = _tissue_classes(class_map, meta)
     parts = _tissue_parts(class_map, prob, offset_yx=(chunk.read[0], chunk.read[2]), open_edges=chunk.open_edges)
     touch = parts["touch"]
     out: dict[str, Any] = {}

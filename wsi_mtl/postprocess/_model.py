@@ -20,13 +20,13 @@ def params_of(source: Any, overrides: Mapping[str, Any] | None = None) -> Postpr
     """The post-processing settings of a model, or of a store's recorded settings (a mapping), with
     a user's ``overrides`` (checked; see :func:`~wsi_mtl.postprocess.check_overrides`).
 
-    A model's are its tuned ``config.extra.postprocess``; unknown or absent fields take the defaults.
+    A model's are its ``config.postprocess_settings`` (its tuned ``extra["postprocess"]`` and its
+    tissue head's window); unknown or absent fields take the defaults.
     """
     if isinstance(source, Mapping) or source is None:
         settings = source
     else:
-        extra = getattr(getattr(source, "config", None), "extra", None) or {}
-        settings = extra.get("postprocess")
+        settings = getattr(getattr(source, "config", None), "postprocess_settings", None)
     return PostprocessParams.from_mapping(settings).with_overrides(overrides)
 
 

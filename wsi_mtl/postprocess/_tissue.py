@@ -15,7 +15,7 @@ from scipy import ndimage as ndi
 from wsi_mtl.postprocess._instances import _scale, _validate_prob
 from wsi_mtl.postprocess._polygons import _fix_invalid
 
-__all__ = ["tissue_class_map", "tissue_polygons"]
+__all__ = ["tissue_class_map", "tissue_polygons", "window_sums", "nearest_sources"]
 
 #: class-map value of pixels where nothing was computed
 NO_CLASS = -1
@@ -44,6 +44,53 @@ def tissue_class_map(patch_prob: np.ndarray) -> np.ndarray:
     cmap = np.argmax(patch_prob, axis=0).astype(np.int16)
     cmap[~np.any(patch_prob > 0, axis=0)] = NO_CLASS
     return cmap
+
+
+def window_sums(counts: np.ndarray, cells: int) -> np.ndarray:
+    """Sum of ``counts`` (2-D integers) over the ``cells`` x ``cells`` window centred on each
+    element (``cells`` odd), zero outside the array: exact, from integer cumulative sums.
+
+    >>> window_sums(np.ones((3, 3), np.int64), 3)
+    array([[4, 6, 4],
+           [6, 9, 6],
+           [4, 6, 4]])
+    """
+    h = cells // 2
+    padded = np.zeros((counts.shape[0] + 2 * h + 1, counts.shape[1] + 2 * h + 1), np.int64)
+    padded[h + 1 : h + 1 + counts.shape[0], h + 1 : h + 1 + counts.shape[1]] = counts
+    c = padded.cumsum(axis=0).cumsum(axis=1)
+    rows, cols = counts.shape
+    return c[cells : cells + rows, cells : cells + cols] - c[:rows, cells : cells + cols] - c[cells : cells + rows, :cols] + c[:rows, :cols]
+
+
+def _offsets(reach: int) -> list[tuple[int, int]]:
+    """Offsets (dy, dx) within ``reach`` cells (Euclidean, the cell itself excluded), nearest
+    first, then by row, then by column."""
+    near = [(dy * dy + dx * dx, dy, dx) for dy in range(-reach, reach + 1) for dx in range(-reach, reach + 1)]
+    return [(dy, dx) for d, dy, dx in sorted(near) if 0 < d <= reach * reach]
+
+
+def nearest_sources(todo: np.ndarray, source: np.ndarray, reach: int) -> tuple[np.ndarray, np.ndarray]:
+    """For each ``todo`` cell (2-D bool), the nearest ``source`` cell within ``reach`` cells
+    (ties: the smaller row offset, then the smaller column offset).
+
+    Returns the flat indices of the ``todo`` cells that have one and the flat indices of their
+    sources, both in raster order of the ``todo`` cells.
+    """
+    h, w = todo.shape
+    ys, xs = np.nonzero(todo)
+    found = np.full(len(ys), -1, np.int64)
+    padded = np.zeros((h + 2 * reach, w + 2 * reach), bool)
+    padded[reach : reach + h, reach : reach + w] = source
+    for dy, dx in _offsets(reach):
+        open_ = np.flatnonzero(found < 0)
+        if len(open_) == 0:
+            break
+        y, x = ys[open_] + dy, xs[open_] + dx
+        hit = padded[y + reach, x + reach]
+        found[open_[hit]] = y[hit] * w + x[hit]
+    have = found >= 0
+    return ys[have] * w + xs[have], found[have]
 
 
 def _runs_to_polygons(labels: np.ndarray, n: int, offset_yx: tuple[int, int]) -> np.ndarray:

@@ -1015,10 +1015,9 @@ def _tissue_prob(reader: Any, meta: MapsMeta, params: PostprocessParams, region:
 
 
 def _tissue_chunk(reader: Any, chunk: Chunk, meta: MapsMeta, params: PostprocessParams) -> dict[str, Any]:
-    prob = reader.read(PATCH, chunk.read)
+    prob = _tissue_prob(reader, meta, params, chunk.read)  # all 0 where nothing was computed, filled or not
     if not prob.any():
         return _empty_result()
-    prob = _tissue_prob(reader, meta, params, chunk.read)
     class_map = tissue_class_map(prob)
     if meta.mask_downsample is not None and params.min_in_tissue > 0:
         share = _mask_fraction(reader, meta, chunk.read, meta.heads[PATCH].downsample, samples=_cell_samples(meta))

@@ -168,6 +168,28 @@ def test_resumed_store_counts_finished_tiles_as_written(tmp_path: Path) -> None:
     assert len(after) > 100 and _key(overlapped) == _key(after)
 
 
+def test_overlap_extracts_with_the_settings_its_store_records(tmp_path: Path) -> None:
+    """A resumed store keeps the post-processing settings it was begun with (the model's, as
+    recorded then); the chunks extracted during inference use those, as the exports do, not the
+    settings a newer run would record, with the user's overrides on top."""
+    from types import SimpleNamespace
+
+    from wsi_mtl.pipeline import _Overlap
+
+    store = _store(tmp_path, _maps())
+    store.update_attrs(postprocess={"tissue_window_cells": 0, "nuclei_min_area_px": 33.0})
+    grid = plan_tiles(SIZE, SIZE, core_px=CORE, margin_px=0, stride=16)
+    layout = SimpleNamespace(grid=grid, tiles=list(grid.tiles()), attrs={"postprocess": {"tissue_window_cells": 5}})
+    overlap = _Overlap(1)
+    try:
+        assert overlap.start(store, layout, SimpleNamespace(overrides={"nuclei_split_h": 0.5}), tissue_mask=True) is not None
+        params = overlap.extractor.params
+        assert (params.tissue_window_cells, params.nuclei_min_area_px, params.nuclei_split_h) == (0, 33.0, 0.5)
+    finally:
+        overlap.close()
+        store.close()
+
+
 def test_finish_runs_every_chunk_left_before_the_store_is_renamed(tmp_path: Path) -> None:
     """Once the network is done, the chunks left run on the written store with ``max_workers``
     processes while the pyramids are written; after the rename nothing is left to run and the

@@ -345,7 +345,8 @@ class _Overlap:
         from .postprocess import params_of
         from .postprocess._overlap import SPOOL_DIR, OverlapExtractor
 
-        params = params_of(layout.attrs.get("postprocess"), opts.overrides)
+        # the settings the store records, as the exports read them: a resumed store keeps those it was begun with
+        params = params_of((store.root.attrs.get("wsimtl") or {}).get("postprocess"), opts.overrides)
         try:
             self.extractor = OverlapExtractor(
                 store.path, store.result_dir / SPOOL_DIR, grid_shape=(layout.grid.rows, layout.grid.cols), core_px=layout.grid.core_px,

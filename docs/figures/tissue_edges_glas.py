@@ -9,9 +9,10 @@ import json
 from dataclasses import replace
 from pathlib import Path
 import numpy as np, yaml
-from skimage.draw import polygon as draw_polygon
+from wsi_mtl.export._labels import _draw_all
 from wsi_mtl.network import load_model
 from wsi_mtl.postprocess import params_of, objects_from_maps
+from wsi_mtl.train._config import DEFAULT_SOURCE_MPP
 from wsi_mtl.train._data import load_glas
 from wsi_mtl.train._evaluate import predict_image
 from wsi_mtl.tissue import tissue_mask_from_image
@@ -21,7 +22,7 @@ HERE = Path(__file__).resolve().parent
 root = HERE.parents[2] / 'shared' / 'data'
 names = yaml.safe_load(open(HERE.parents[1] / 'configs' / 'splits' / 'validation-v2.yaml'))['glas']
 model = load_model('wsimtl-small')
-items = load_glas(root, mpp=0.5, source_mpp=0.62, names=names)
+items = load_glas(root, mpp=0.5, source_mpp=DEFAULT_SOURCE_MPP['glas'], names=names)
 PAD = 320
 rng = np.random.default_rng(0)
 tot = {0: [0, 0, 0], 5: [0, 0, 0]}
@@ -43,12 +44,8 @@ for it in items:
         p = replace(params_of(model), tissue_window_cells=cells)
         got = objects_from_maps(maps, slide_mpp=0.5, downsample=1.0, tasks=("gland",), params=p, tissue_mask=mask, mask_downsample=ds,
                                 classes={"Patch-Class": (names_c, [(0, 0, 0)] * len(names_c))})
-        pred = np.zeros((H, W), np.int32)
-        for k, g in enumerate(got.geometry, start=1):
-            for poly in getattr(g, "geoms", [g]):
-                xy = np.asarray(poly.exterior.coords)
-                rr, cc = draw_polygon(xy[:, 1] - 0.5, xy[:, 0] - 0.5, (H, W))
-                pred[rr, cc] = k
+        pred = np.zeros((H, W), np.int32)  # as the glands' NGFF label image draws them (pixel centres, holes out)
+        _draw_all(pred, got.geometry, np.arange(1, len(got) + 1, dtype=np.int32), downsample=1.0, origin=(0, 0))
         f1, tp, fp, fn = object_f1(truth, pred)
         tot[cells][0] += tp; tot[cells][1] += fp; tot[cells][2] += fn
         row.append(f"w{cells}: n={len(got)} tp={tp} fp={fp} fn={fn}")

@@ -326,19 +326,23 @@ def test_the_forkserver_started_early_is_the_one_the_chunk_pools_use() -> None:
 @pytest.mark.parametrize("args, started", [((), 1), (("--no-objects",), 0)])
 def test_segment_starts_the_chunk_server_before_the_network_loads(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, he_image,
                                                                   args: tuple[str, ...], started: int) -> None:
-    """`segment` starts the chunk workers' forkserver before it imports the pipeline (and torch),
-    where it will extract objects; then it moves what its imports created out of the garbage
-    collector's passes (``gc.freeze``), before any work on the slide."""
+    """`segment` starts the chunk workers' forkserver before anything imports post-processing or
+    torch (the checks of the settings and the model, the pipeline), where it will extract objects;
+    then it moves what its imports created out of the garbage collector's passes (``gc.freeze``),
+    before any work on the slide."""
     import gc
 
     from click.testing import CliRunner
 
     from wsi_mtl import pipeline, synthetic
-    from wsi_mtl.cli import cli
+    from wsi_mtl.cli import cli, segment as segment_command
 
     calls: list[str] = []
     monkeypatch.setattr(_pool, "start_forkserver", lambda: calls.append("server") or True)
     monkeypatch.setattr(gc, "freeze", lambda: calls.append("freeze"))
+    check_model, check_settings = segment_command.check_model, segment_command._check_settings
+    monkeypatch.setattr(segment_command, "check_model", lambda *a, **k: calls.append("model") or check_model(*a, **k))
+    monkeypatch.setattr(segment_command, "_check_settings", lambda *a: calls.append("settings") or check_settings(*a))
 
     def segment_slide(*a, **k):  # noqa: ANN002, ANN003, ANN202
         calls.append("pipeline")
@@ -347,7 +351,8 @@ def test_segment_starts_the_chunk_server_before_the_network_loads(tmp_path: Path
     monkeypatch.setattr(pipeline, "segment_slide", segment_slide)
     slide = synthetic.write_svs(tmp_path / "s.svs", he_image[:256, :256], mpp=0.5, compression="jpeg", tile=256, levels=(1,))
     CliRunner().invoke(cli, ["segment", str(slide), "-o", str(tmp_path / "out"), *args])
-    assert calls == ["server"] * started + ["freeze", "pipeline"]
+    # the second start (as the pipeline is loaded, for callers of load_pipeline) finds the server running
+    assert calls == ["server"] * started + ["settings", "model"] + ["server"] * started + ["freeze", "pipeline"]
 
 
 def test_a_forkserver_that_cannot_start_early_is_left_to_the_first_pool(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -61,14 +61,20 @@ def _check_settings(settings: dict[str, str]) -> None:
     check_overrides(settings)
 
 
-def load_pipeline(*, objects: bool) -> Callable[..., Any]:
-    """``segment_slide``, imported as `segment` runs it: where objects are extracted, the chunk
-    workers' server is started first (its imports run beside torch's on the other core); then the
-    imports' objects (torch's are most) are frozen out of the garbage collector's passes."""
+def start_chunk_server(*, objects: bool) -> None:
+    """Where objects are extracted, start the chunk workers' server now: its imports and warm-up
+    run on the core this process leaves idle while it imports post-processing and torch."""
     if objects:
         from ..postprocess._pool import start_forkserver
 
         start_forkserver()
+
+
+def load_pipeline(*, objects: bool) -> Callable[..., Any]:
+    """``segment_slide``, imported as `segment` runs it: the chunk workers' server started first
+    (:func:`start_chunk_server`, nothing if it runs already); then the imports' objects (torch's
+    are most) are frozen out of the garbage collector's passes."""
+    start_chunk_server(objects=objects)
     from ..pipeline import segment_slide
 
     gc.freeze()
@@ -106,6 +112,7 @@ def segment(slide: Path | None, out_dir: Path, sample: bool, model: str | None, 
     settings = parse_settings(postprocess)
     path = _sample_path() if slide is None else slide
     check_slide(path, mpp)  # before torch loads: a bad slide is reported at once
+    start_chunk_server(objects=not no_objects)  # before the checks below import post-processing and torch
     _check_settings(settings)
     check_model(model, allow_untrained=allow_untrained)
     segment_slide = load_pipeline(objects=not no_objects)

@@ -515,17 +515,18 @@ def test_label_images_of_a_background_process_that_died_are_written_here(tmp_pat
     labels = derive._LabelImages(tmp_path / "p.zarr", {}, tmp_path / "t.parquet", background=False)
     died: Future = Future()
     died.set_exception(BrokenProcessPool("a process in the pool was terminated abruptly"))
-    labels._sent = [("nuclei", died)]
+    labels._sent = [("nuclei", died)]  # as a pool that took the nuclei image leaves it
+    labels._queue.remove("nuclei")
     with caplog.at_level("WARNING", logger="wsi_mtl.derive"):
         written = labels.result()
-    assert ("nuclei",) in calls and len(calls) == 2  # the others here as always, and nuclei here too
-    assert {p.name for p in written} == {"nuclei", *[t for c in calls for t in c]}
+    assert calls == [("tissue",), ("lumen",), ("gland",), ("nuclei",)]  # the others here as always, then nuclei here too
+    assert {p.name for p in written} == {"nuclei", "tissue", "lumen", "gland"}
     assert "died" in caplog.text
 
 
-def _threaded_label_images(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, hold: threading.Event | None):
-    """_LabelImages on a one-thread pool whose label images are recorded by thread (the nuclei image
-    held until ``hold`` is set, if given)."""
+def _threaded_label_images(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, hold: threading.Event | None, held: str = "nuclei"):
+    """_LabelImages on a one-thread pool whose label images are recorded by thread (the ``held``
+    image held in the background until ``hold`` is set, if given)."""
     from concurrent.futures import ThreadPoolExecutor
 
     from wsi_mtl.postprocess import _pool
@@ -534,7 +535,7 @@ def _threaded_label_images(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, hold
 
     def store(predictions: Path, attrs: dict, table: Path, tasks: Any = None) -> list[Path]:
         where = "background" if threading.current_thread().name.startswith("labels") else "here"
-        if hold is not None and "nuclei" in tasks and where == "background":
+        if hold is not None and held in tasks and where == "background":
             assert hold.wait(10)
         calls.append((where, tuple(tasks)))
         return [predictions / t / "labels" / LABEL_IMAGES[t][1] for t in tasks]
@@ -554,8 +555,29 @@ def test_label_images_not_begun_by_the_background_process_are_written_here(tmp_p
         written = labels.result()
     finally:
         labels.close()
-    assert calls == [("here", ("tissue", "gland", "lumen")), ("background", ("nuclei",))]
+    assert calls == [("here", ("tissue",)), ("here", ("lumen",)), ("here", ("gland",)), ("background", ("nuclei",))]
     assert [p.name for p in written] == [name for _, name, _ in LABEL_IMAGES.values()]  # in their order
+
+
+def test_an_idle_background_process_is_handed_the_next_label_image_before_this_process_writes(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The background process done with the nuclei image before its call-back sent it the next:
+    this process hands it the glands (the next largest) and writes the lumen and tissue images
+    itself, one at a time, instead of all three while the background process idles."""
+    hold = threading.Event()
+    monkeypatch.setattr(derive._LabelImages, "_next", lambda self, future: None)  # the call-back not yet run
+    labels, calls = _threaded_label_images(tmp_path, monkeypatch, hold, held="gland")
+    for _ in range(1000):  # until the nuclei image is written (at most 10 s)
+        if calls and labels._sent[0][1].done():
+            break
+        time.sleep(0.01)
+    threading.Timer(0.2, hold.set).start()  # the glands go on in the background while this process writes
+    try:
+        written = labels.result()
+    finally:
+        labels.close()
+    assert calls == [("background", ("nuclei",)), ("here", ("tissue",)), ("here", ("lumen",)), ("background", ("gland",))]
+    assert [p.name for p in written] == [name for _, name, _ in LABEL_IMAGES.values()]
 
 
 def test_the_background_process_takes_the_next_label_image_once_one_is_done(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

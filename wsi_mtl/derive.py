@@ -189,17 +189,18 @@ _BACKGROUND_ORDER = ("nuclei", "gland", "lumen", "tissue")
 
 
 class _LabelImages:
-    """:func:`_store_tissue_map`, one label image at a time: with ``background``, a background
-    process (threads in a daemonic process) writes them in :data:`_BACKGROUND_ORDER`, taking the
-    next once one is done, and :meth:`result` writes here those it has not begun (this process
-    comes to them after the GeoJSON and the preview), so that both end at about the same time
-    whatever the slide holds; without, all of them here then. A full disk is reported as for any
-    output."""
+    """:func:`_store_tissue_map`, one label image at a time, from one queue in
+    :data:`_BACKGROUND_ORDER` (largest first): with ``background``, a background process (threads
+    in a daemonic process) takes the front of the queue, the next once one is done; :meth:`result`
+    (this process, after the GeoJSON and the preview) takes the back, one image at a time, and
+    first hands the front to the background process if that one is idle (its call-back may not have
+    run yet), so that both end at about the same time whatever the slide holds. Without
+    ``background`` all of them are written here. A full disk is reported as for any output."""
 
     def __init__(self, predictions: Path, attrs: dict[str, Any], table: Path, *, background: bool) -> None:
         self.args, self.pool = (predictions, attrs, table), None
         self._lock = threading.RLock()  # a future done before add_done_callback calls back at once
-        self._queue: list[str] = []  # not yet sent to the background process
+        self._queue: list[str] = list(_BACKGROUND_ORDER)  # not yet begun by either process
         self._sent: list[tuple[str, Future]] = []
         if background:
             from .postprocess._pool import single_executor
@@ -207,19 +208,24 @@ class _LabelImages:
             try:
                 self.pool = single_executor("labels")
                 with self._lock:
-                    self._queue = list(_BACKGROUND_ORDER)
                     self._send()
             except (OSError, RuntimeError) as exc:  # no process to be had: written here, in turn
                 log.warning("label images written after the exports (%s)", exc)
                 self.close()
-                self.pool, self._queue, self._sent = None, [], []
+                self.pool, self._sent = None, []
+                self._queue = list(_BACKGROUND_ORDER)
 
     def _send(self) -> None:
-        """The next label image of the queue to the background process (lock held)."""
+        """The front of the queue to the background process (lock held); a pool that cannot take
+        it any more (broken) is given nothing more."""
         if self.pool is None or not self._queue:
             return
         task = self._queue[0]
-        future = self.pool.submit(_store_tissue_map, *self.args, (task,))
+        try:
+            future = self.pool.submit(_store_tissue_map, *self.args, (task,))
+        except RuntimeError:  # BrokenProcessPool, or shut down: the queue is written here
+            self.pool = None
+            return
         self._queue.pop(0)
         self._sent.append((task, future))
         future.add_done_callback(self._next)
@@ -228,22 +234,27 @@ class _LabelImages:
         with self._lock:
             if future.cancelled() or future.exception() is not None:
                 return  # a broken pool takes nothing more: result() writes the rest here
-            try:
+            self._send()
+
+    def _take_here(self) -> str | None:
+        """The back of the queue for this process, after handing the front to an idle background
+        process; None once the queue is empty."""
+        with self._lock:
+            if all(future.done() for _, future in self._sent) and all(future.exception() is None for _, future in self._sent):
                 self._send()
-            except Exception:  # noqa: BLE001 - e.g. a pool broken meanwhile: the queue is written here
-                pass
+            return self._queue.pop() if self._queue else None
 
     def result(self) -> list[Path]:
-        """Every label image: those not yet begun written here, then the background process's."""
-        from .export import LABEL_IMAGES
-
+        """Every label image: those not yet begun written here (the smallest first), then the
+        background process's."""
         try:
-            with self._lock:
-                sent = [task for task, _ in self._sent]
-                here = [t for t in LABEL_IMAGES if t not in sent]
-                self._queue = []
-            log.debug("label images here: %s; in the background: %s", ", ".join(here) or "none", ", ".join(sent) or "none")
-            written = _store_tissue_map(*self.args, here) if here else []
+            written: list[Path] = []
+            here: list[str] = []
+            while (task := self._take_here()) is not None:
+                here.append(task)
+                written.extend(_store_tissue_map(*self.args, (task,)))
+            log.debug("label images here: %s; in the background: %s", ", ".join(here) or "none",
+                      ", ".join(task for task, _ in self._sent) or "none")
             for task, future in list(self._sent):
                 written.extend(self._background(task, future))
             return sorted(written, key=_label_order)

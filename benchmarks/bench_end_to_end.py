@@ -4,7 +4,9 @@ Prints, for a mosaic slide of real H&E (MoNuSeg and GlaS images from ../shared/d
 else synthetic texture) at 0.25 um/px and one of 4x its area, each run in its own process:
 
   end-to-end wall / network time      the whole `segment` (maps, objects, exports) / the bare
-                                      network on the same tiles and batch size, at 1x and 4x
+                                      network on the same tiles and batch size, at 1x and 4x (the
+                                      mean of the network timed just before and just after that
+                                      `segment`: the machine's speed drifts, and both are printed)
   after the network / network time    run.json's finalize (pyramids and the chunks not done during
                                       inference), objects and export steps / that network time
   post-processing CPU / network       CPU seconds of segment's post-processing processes / that
@@ -157,6 +159,12 @@ def _run_child(*args: str) -> dict:
     return run_child(__file__, *args)
 
 
+def _bracketing(before: dict, after: dict) -> dict:
+    """The bare network's figures as the mean of its runs before and after a `segment`, with both times."""
+    mean = {k: (before[k] + after[k]) / 2 for k in ("network_s", "network_cpu_s")}
+    return {**before, **mean, "before_s": before["network_s"], "after_s": after["network_s"]}
+
+
 def _write_slides(tmp: Path, size: int) -> tuple[Path, Path]:
     from wsi_mtl.synthetic import write_mosaic_slide
 
@@ -204,9 +212,11 @@ def main() -> None:
             common += ["--workers", str(args.workers)]
         nets, segs = {}, {}
         for key, slide in (("1x", small), ("4x", large)):
-            nets[key] = _run_child("--child", "network", "--slide", str(slide), "--precision", args.precision,
-                                   "--device", args.device, "--batch-size", str(args.batch_size))
+            network = ("--child", "network", "--slide", str(slide), "--precision", args.precision,
+                       "--device", args.device, "--batch-size", str(args.batch_size))
+            before = _run_child(*network)
             segs[key] = _run_child("--child", "segment", "--slide", str(slide), "--out", str(tmp / f"out{key}"), *common)
+            nets[key] = _bracketing(before, _run_child(*network))
         steps = _run_child("--child", "steps", "--out", _result_dir(tmp / "out1x"))
     seg1, seg4 = segs["1x"], segs["4x"]
 
@@ -214,7 +224,8 @@ def main() -> None:
         net_s, seg = nets[key]["network_s"], segs[key]
         tim = seg["timings_s"]
         after = sum(float(tim.get(k, 0.0)) for k in ("finalize", "objects", "export"))
-        print(f"{key} ({side}^2 px): bare network on its {nets[key]['tiles']} tiles {net_s:.2f} s; segment {seg['wall_s']:.2f} s")
+        print(f"{key} ({side}^2 px): bare network on its {nets[key]['tiles']} tiles {net_s:.2f} s (before / after segment "
+              f"{nets[key]['before_s']:.2f} / {nets[key]['after_s']:.2f} s); segment {seg['wall_s']:.2f} s")
         print(f"  end-to-end wall / network time: {seg['wall_s'] / net_s:.2f}   (inference wall {tim.get('inference', float('nan')):.2f} s)")
         print(f"  after the network / network time: {after / net_s:.2f}   (finalize {tim.get('finalize', 0.0):.2f} s: pyramids and the chunks "
               f"left, objects {tim.get('objects', float('nan')):.2f} s, export {tim.get('export', float('nan')):.2f} s)")

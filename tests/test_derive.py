@@ -596,6 +596,45 @@ def test_the_background_process_takes_the_next_label_image_once_one_is_done(tmp_
     assert [p.name for p in written] == [name for _, name, _ in LABEL_IMAGES.values()]
 
 
+def test_a_pool_that_refuses_the_next_label_image_leaves_the_rest_here_and_is_still_shut_down(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A background pool that took the nuclei image and then refuses more (broken): this process
+    writes the others, nothing is lost, and the pool is still shut down at the end."""
+    from concurrent.futures import Future, ThreadPoolExecutor
+    from concurrent.futures.process import BrokenProcessPool
+
+    from wsi_mtl.postprocess import _pool
+
+    calls: list[tuple[str, ...]] = []
+    shut: list[bool] = []
+
+    class OneTask(ThreadPoolExecutor):
+        def submit(self, fn, *args, **kwargs) -> Future:  # noqa: ANN001, ANN002, ANN003
+            if getattr(self, "took", False):
+                raise BrokenProcessPool("a process in the pool was terminated abruptly")
+            self.took = True
+            return super().submit(fn, *args, **kwargs)
+
+        def shutdown(self, *args, **kwargs) -> None:  # noqa: ANN002, ANN003
+            shut.append(True)
+            super().shutdown(*args, **kwargs)
+
+    def store(predictions: Path, attrs: dict, table: Path, tasks: Any = None) -> list[Path]:
+        calls.append(tuple(tasks))
+        return [predictions / t / "labels" / LABEL_IMAGES[t][1] for t in tasks]
+
+    monkeypatch.setattr(derive, "_store_tissue_map", store)
+    monkeypatch.setattr(_pool, "single_executor", lambda role: OneTask(1))
+    labels = derive._LabelImages(tmp_path / "p.zarr", {}, tmp_path / "t.parquet", background=True)
+    try:
+        written = labels.result()
+    finally:
+        labels.close()
+    assert sorted(calls) == sorted([("nuclei",), ("tissue",), ("lumen",), ("gland",)])  # each once
+    assert [p.name for p in written] == [name for _, name, _ in LABEL_IMAGES.values()]
+    assert shut == [True]
+
+
 def test_derive_runs_with_segments_memory_settings_and_gives_kept_pages_back(result_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """An export sets the memory settings of segment's processes (one arena, numpy's small pages)
     and keeps freed pages only while it derives: they go back before it returns."""

@@ -202,6 +202,7 @@ class _LabelImages:
         self._lock = threading.RLock()  # a future done before add_done_callback calls back at once
         self._queue: list[str] = list(_BACKGROUND_ORDER)  # not yet begun by either process
         self._sent: list[tuple[str, Future]] = []
+        self._refused = False  # the pool refused a task: it is given no more
         if background:
             from .postprocess._pool import single_executor
 
@@ -218,13 +219,13 @@ class _LabelImages:
     def _send(self) -> None:
         """The front of the queue to the background process (lock held); a pool that cannot take
         it any more (broken) is given nothing more."""
-        if self.pool is None or not self._queue:
+        if self.pool is None or self._refused or not self._queue:
             return
         task = self._queue[0]
         try:
             future = self.pool.submit(_store_tissue_map, *self.args, (task,))
         except RuntimeError:  # BrokenProcessPool, or shut down: the queue is written here
-            self.pool = None
+            self._refused = True
             return
         self._queue.pop(0)
         self._sent.append((task, future))
@@ -240,7 +241,8 @@ class _LabelImages:
         """The back of the queue for this process, after handing the front to an idle background
         process; None once the queue is empty."""
         with self._lock:
-            if all(future.done() for _, future in self._sent) and all(future.exception() is None for _, future in self._sent):
+            futures = [future for _, future in self._sent]
+            if all(f.done() and not f.cancelled() and f.exception() is None for f in futures):  # idle, not broken
                 self._send()
             return self._queue.pop() if self._queue else None
 

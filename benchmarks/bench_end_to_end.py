@@ -5,8 +5,9 @@ else synthetic texture) at 0.25 um/px and one of 4x its area, each run in its ow
 
   end-to-end wall / network time      the whole `segment` (maps, objects, exports) / the bare
                                       network on the same tiles and batch size, at 1x and 4x (the
-                                      mean of the network timed just before and just after that
-                                      `segment`: the machine's speed drifts, and both are printed)
+                                      faster of the network timed just before and just after that
+                                      `segment`, both printed: the machine's speed drifts, and
+                                      whatever else runs can only slow a run down)
   after the network / network time    run.json's finalize (pyramids and the chunks not done during
                                       inference), objects and export steps / that network time
   post-processing CPU / network       CPU seconds of segment's post-processing processes / that
@@ -160,9 +161,9 @@ def _run_child(*args: str) -> dict:
 
 
 def _bracketing(before: dict, after: dict) -> dict:
-    """The bare network's figures as the mean of its runs before and after a `segment`, with both times."""
-    mean = {k: (before[k] + after[k]) / 2 for k in ("network_s", "network_cpu_s")}
-    return {**before, **mean, "before_s": before["network_s"], "after_s": after["network_s"]}
+    """The bare network's figures of the faster of its runs before and after a `segment`, with both times."""
+    faster = min(before, after, key=lambda r: r["network_s"])
+    return {**faster, "before_s": before["network_s"], "after_s": after["network_s"]}
 
 
 def _write_slides(tmp: Path, size: int) -> tuple[Path, Path]:

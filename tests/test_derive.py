@@ -596,6 +596,11 @@ def test_the_background_process_takes_the_next_label_image_once_one_is_done(tmp_
     assert [p.name for p in written] == [name for _, name, _ in LABEL_IMAGES.values()]
 
 
+def test_the_label_image_queue_holds_every_label_image() -> None:
+    """The queue both processes take from names every label image there is, each once."""
+    assert sorted(derive._BACKGROUND_ORDER) == sorted(LABEL_IMAGES)
+
+
 def test_a_pool_that_refuses_the_next_label_image_leaves_the_rest_here_and_is_still_shut_down(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """A background pool that took the nuclei image and then refuses more (broken): this process

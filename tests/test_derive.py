@@ -596,6 +596,32 @@ def test_the_background_process_takes_the_next_label_image_once_one_is_done(tmp_
     assert [p.name for p in written] == [name for _, name, _ in LABEL_IMAGES.values()]
 
 
+def test_a_late_call_back_does_not_hand_a_busy_background_process_a_second_label_image(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The nuclei image's call-back running after this process handed the glands over: the
+    background process, busy with the glands, is not sent the lumen too (one image at a time)."""
+    hold = threading.Event()
+    call_back = derive._LabelImages._next
+    monkeypatch.setattr(derive._LabelImages, "_next", lambda self, future: None)  # held back, run by hand below
+    labels, calls = _threaded_label_images(tmp_path, monkeypatch, hold, held="gland")
+    nuclei = labels._sent[0][1]
+    for _ in range(1000):  # until the nuclei image is written (at most 10 s)
+        if nuclei.done():
+            break
+        time.sleep(0.01)
+    try:
+        assert labels._take_here() == "tissue"  # the glands handed over first
+        derive._store_tissue_map(*labels.args, ("tissue",))  # written here, as result() would
+        call_back(labels, nuclei)
+        assert [task for task, _ in labels._sent] == ["nuclei", "gland"]
+        hold.set()
+        labels.result()
+    finally:
+        hold.set()
+        labels.close()
+    assert sorted(calls) == [("background", ("gland",)), ("background", ("nuclei",)), ("here", ("lumen",)), ("here", ("tissue",))]
+
+
 def test_the_label_image_queue_holds_every_label_image() -> None:
     """The queue both processes take from names every label image there is, each once."""
     assert sorted(derive._BACKGROUND_ORDER) == sorted(LABEL_IMAGES)

@@ -213,13 +213,16 @@ class _LabelImages:
             except (OSError, RuntimeError) as exc:  # no process to be had: written here, in turn
                 log.warning("label images written after the exports (%s)", exc)
                 self.close()
-                self.pool, self._sent = None, []
-                self._queue = list(_BACKGROUND_ORDER)
+                self.pool = None
+
+    def _idle(self) -> bool:
+        """The background process has finished all it was sent and none of it failed (lock held)."""
+        return all(f.done() and not f.cancelled() and f.exception() is None for _, f in self._sent)
 
     def _send(self) -> None:
-        """The front of the queue to the background process (lock held); a pool that cannot take
-        it any more (broken) is given nothing more."""
-        if self.pool is None or self._refused or not self._queue:
+        """The front of the queue to the background process, where it is idle (lock held): it
+        holds one image at a time, and one that failed or refused a task is given nothing more."""
+        if self.pool is None or self._refused or not self._queue or not self._idle():
             return
         task = self._queue[0]
         try:
@@ -233,17 +236,13 @@ class _LabelImages:
 
     def _next(self, future: Future) -> None:
         with self._lock:
-            if future.cancelled() or future.exception() is not None:
-                return  # a broken pool takes nothing more: result() writes the rest here
-            self._send()
+            self._send()  # nothing after a failed image: result() writes the rest here
 
     def _take_here(self) -> str | None:
         """The back of the queue for this process, after handing the front to an idle background
         process; None once the queue is empty."""
         with self._lock:
-            futures = [future for _, future in self._sent]
-            if all(f.done() and not f.cancelled() and f.exception() is None for f in futures):  # idle, not broken
-                self._send()
+            self._send()
             return self._queue.pop() if self._queue else None
 
     def result(self) -> list[Path]:

@@ -827,7 +827,8 @@ def test_compiled_tissue_counts_equal_the_array_version(monkeypatch, clip):
 
 def test_cores_and_mean_probabilities_taken_a_few_rows_at_a_time_equal_the_whole_map() -> None:
     """core_mask and _mean_foreground work in steps of _MASK_ROWS rows (no full-size temporaries):
-    on a map of many steps, the same mask and the same means as the whole-map expressions."""
+    on a map of many steps, the same mask and the same means as the whole-map expressions; and the
+    same means from the map given in pieces cut anywhere (mean_foreground_of_pieces)."""
     rng = np.random.default_rng(3)
     h, w = 3 * inst._MASK_ROWS + 17, 90
     prob = rng.integers(0, 256, (3, h, w)).astype(np.uint8)
@@ -839,6 +840,10 @@ def test_cores_and_mean_probabilities_taken_a_few_rows_at_a_time_equal_the_whole
     want = np.array([fg[labels == i].mean() for i in ids]) / 255
     assert np.array_equal(inst._mean_foreground(labels, prob, ids), want)
     assert np.array_equal(inst._mean_foreground(labels, prob[1:], ids, length=60), want)
+    for rows, cols in (([0, h], [0, w]), ([0, 1, h], [0, 89, w]), ([0, 100, 101, 2 * inst._MASK_ROWS + 5, h], [0, 30, 60, w]),
+                       (sorted({0, h, *rng.integers(1, h, 6).tolist()}), sorted({0, w, *rng.integers(1, w, 3).tolist()}))):
+        pieces = [((a, c), prob[1:, a:b, c:d]) for a, b in zip(rows[:-1], rows[1:]) for c, d in zip(cols[:-1], cols[1:])]
+        assert np.array_equal(inst.mean_foreground_of_pieces(labels, pieces, ids, 40), want)
     as_float = prob.astype(np.float32) / 255
     assert np.allclose(inst._mean_foreground(labels, as_float, ids), want)
 

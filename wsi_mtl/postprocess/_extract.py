@@ -66,6 +66,7 @@ from wsi_mtl.postprocess._instances import (
     _inside_fraction,
     _mean_foreground,
     _sizes,
+    mean_foreground_of_pieces,
     Components,
     box_table,
     core_mask,
@@ -384,9 +385,7 @@ class _ZarrReader:
         compressed bytes and decoded pixels beside the result (~3x the result: 164 MB at the peak
         of a 16,384^2 mosaic's gland chunk, for 51 MB read); here one row's are held at a time,
         decoded into the result itself (~14% less CPU than through an array per row)."""
-        if head not in self._arrays:
-            self._arrays[head] = self.root[head]["0"]
-        array = self._arrays[head]
+        array = self._array(head)
         y0, y1, x0, x1 = region
         starts = _chunk_starts(y0, y1, array.chunks[-2])
         if len(starts) <= 1:
@@ -397,6 +396,24 @@ class _ZarrReader:
         for a, b in zip(starts, [*starts[1:], y1]):  # decoded straight into the result: no row array between
             array.get_basic_selection((channels, slice(a, b), slice(x0, x1)), out=NDBuffer.from_numpy_array(out[:, a - y0 : b - y0]))
         return out
+
+    def pieces(self, head: str, region: tuple[int, int, int, int], channels: slice = slice(None)) -> Iterator[tuple[tuple[int, int], np.ndarray]]:
+        """:meth:`read` one stored chunk at a time, row by row: ((its first row and column in
+        ``region``), its pixels), with one chunk's bytes held at a time."""
+        array = self._array(head)
+        y0, y1, x0, x1 = region
+        rows, cols = _chunk_starts(y0, y1, array.chunks[-2]), _chunk_starts(x0, x1, array.chunks[-1])
+        for a, b in zip(rows, [*rows[1:], y1]):
+            for c, d in zip(cols, [*cols[1:], x1]):
+                yield (a - y0, c - x0), np.asarray(array[channels, a:b, c:d])
+
+    def dtype(self, head: str) -> np.dtype:
+        return self._array(head).dtype
+
+    def _array(self, head: str) -> Any:
+        if head not in self._arrays:
+            self._arrays[head] = self.root[head]["0"]
+        return self._arrays[head]
 
 
 def _chunk_starts(start: int, stop: int, size: int) -> list[int]:
@@ -416,6 +433,12 @@ class _ArrayReader:
     def read(self, head: str, region: tuple[int, int, int, int], channels: slice = slice(None)) -> np.ndarray:
         y0, y1, x0, x1 = region
         return np.asarray(self.maps[head][channels, y0:y1, x0:x1])
+
+    def pieces(self, head: str, region: tuple[int, int, int, int], channels: slice = slice(None)) -> Iterator[tuple[tuple[int, int], np.ndarray]]:
+        yield (0, 0), self.read(head, region, channels)
+
+    def dtype(self, head: str) -> np.dtype:
+        return np.asarray(self.maps[head]).dtype
 
 
 # ------------------------------------------------------------------------------- chunk workers
@@ -644,15 +667,32 @@ def _boxes_of(slices: list, ids: Iterable[int]) -> np.ndarray:
     return np.array([(s[0].start, s[0].stop, s[1].start, s[1].stop) for s in (slices[i - 1] for i in ids)], np.int64).reshape(-1, 4)
 
 
-def _only(labels: np.ndarray, ids: np.ndarray, box: np.ndarray) -> tuple[np.ndarray, tuple[int, int, int, int]]:
+def _only(labels: np.ndarray, ids: np.ndarray, box: np.ndarray, *, reuse: bool = True) -> tuple[np.ndarray, tuple[int, int, int, int]]:
     """``labels`` holding only ``ids`` (boxes ``box``, one row each; the rest 0), cropped to their
     boxes grown by one pixel: the crop and its rectangle (local). Each object's pixels, outline
-    and sums stay as they were, on fewer pixels."""
+    and sums stay as they were, on fewer pixels. With ``reuse`` the caller hands ``labels`` over and
+    the crop is made in its buffer (:func:`_crop_in_place`): the two are never held at once, but
+    the crop holds the whole buffer (a crop that outlives larger steps is better a copy)."""
     rect = _union(box, 1, labels.shape)
-    crop = labels[_slices(rect)]
+    crop = _crop_in_place(labels, rect) if reuse else labels[_slices(rect)]
     keep = np.zeros(int(crop.max(initial=0)) + 1, bool)
     keep[ids[ids < keep.size]] = True
-    return relabeled(crop, np.where(keep, np.arange(keep.size), 0).astype(labels.dtype)), rect
+    lut = np.where(keep, np.arange(keep.size), 0).astype(labels.dtype)
+    return relabeled(crop, lut, in_place=reuse), rect  # (a view that is not C-contiguous is copied)
+
+
+def _crop_in_place(a: np.ndarray, rect: tuple[int, int, int, int]) -> np.ndarray:
+    """``a[rect]``, C-contiguous in ``a``'s own buffer where ``a`` is a writeable C-contiguous array
+    (its rows moved to the start; ``a`` is spent), else a view."""
+    view = a[_slices(rect)]
+    if view.flags.c_contiguous or not (a.flags.c_contiguous and a.flags.writeable):
+        return view
+    h, w = view.shape
+    flat, width = a.reshape(-1), a.shape[1]
+    for i in range(h):  # row i moves back, never onto a row not yet moved
+        start = (rect[0] + i) * width + rect[2]
+        flat[i * w : i * w + w] = flat[start : start + w]
+    return flat[: h * w].reshape(h, w)
 
 
 def _crop_chunk(chunk: Chunk, rect: tuple[int, int, int, int]) -> Chunk:
@@ -692,7 +732,8 @@ def _nuclei_chunk(reader: Any, chunk: Chunk, meta: MapsMeta, params: Postprocess
         broken = cut & _near_open_edge(box[owned - 1], labels.shape, chunk)
     else:
         cut = broken = np.zeros(len(owned), bool)
-    labels, rect = _only(labels, owned, box[owned - 1])  # what is measured from here on
+    # what is measured from here on: a copy, as its measuring holds more than the label image's halo
+    labels, rect = _only(labels, owned, box[owned - 1], reuse=False)
     inst, chunk = inst[(slice(None), *_slices(rect))], _crop_chunk(chunk, rect)
     kept = _in_tissue(reader, meta, params, labels, owned, chunk.read, meta.downsample)
     ids, polys = labels_to_polygons(
@@ -728,6 +769,17 @@ def _foreground_read(reader: Any, head: str, chunk: Chunk, f: int, fine_shape: t
     if f > 1:
         return _coarse_read(reader, head, chunk, f, fine_shape)[1:]
     return reader.read(head, chunk.read, channels=slice(1, None))
+
+
+def _mean_foreground_read(reader: Any, head: str, chunk: Chunk, f: int, fine_shape: tuple[int, int], labels: np.ndarray,
+                          ids: np.ndarray, *, length: int | None = None) -> np.ndarray:
+    """:func:`_mean_foreground` of ``labels`` (over ``chunk``'s read region) on the gland or lumen
+    map ``head`` there (:func:`_foreground_read`). A uint8 map on its own grid is read and summed
+    one stored chunk at a time (the same means: integer sums), never held whole beside the labels."""
+    if f > 1 or len(ids) == 0 or reader.dtype(head) != np.uint8:
+        return _mean_foreground(labels, _foreground_read(reader, head, chunk, f, fine_shape), ids, length=length)
+    n = int(labels.max(initial=0)) + 1 if length is None else length
+    return mean_foreground_of_pieces(labels, reader.pieces(head, chunk.read, channels=slice(1, None)), ids, n)
 
 
 def _gland_context(cores: list[Components], shape: tuple[int, int], chunk: Chunk, params: PostprocessParams,
@@ -831,9 +883,9 @@ def _unconfident(reader: Any, meta: MapsMeta, params: PostprocessParams, glands:
     if len(ids) == 0:
         return ids
     rect = _union(_boxes_of(slices, ids), 0, glands.shape)
-    ginst = _foreground_read(reader, GLAND_INST, _crop_chunk(chunk, rect), params.gland_grid().factor, meta.heads[GLAND_INST].shape[1:])
     # every label the chunk made is counted: the tissue test may have set some to 0 by now, the largest too
-    mean = _mean_foreground(glands[_slices(rect)], ginst, ids, length=len(slices) + 1)
+    mean = _mean_foreground_read(reader, GLAND_INST, _crop_chunk(chunk, rect), params.gland_grid().factor, meta.heads[GLAND_INST].shape[1:],
+                                 glands[_slices(rect)], ids, length=len(slices) + 1)
     return _set_to_zero(glands, ids[mean < params.gland_min_probability], slices)
 
 
@@ -871,7 +923,7 @@ def _owned_lumen(comps: np.ndarray, chunk: Chunk, grid: Any, growable: tuple[boo
     if any(more):
         return _Grow(more)
     cut = _near_open_edge(box, lumen.shape, chunk, 2 * er + 1)
-    crop, rect = _only(lumen, ids, box)
+    crop, rect = _only(lumen, ids, box, reuse=False)  # a copy: it is held while the glands are made
     return _OwnedLumen(crop, rect, ids, box - np.array([rect[0], rect[0], rect[2], rect[2]]), cut)
 
 
@@ -963,7 +1015,7 @@ def _owned_rows(task: str, reader: Any, meta: MapsMeta, params: PostprocessParam
         cls, prob = cls[traced - 1], prob[traced - 1]
     else:
         cls = np.ones(len(traced), np.int32)
-        prob = _mean_foreground(labels, _foreground_read(reader, GLAND_INST if task == "gland" else LUMEN_INST, sub, f, fine), traced)
+        prob = _mean_foreground_read(reader, GLAND_INST if task == "gland" else LUMEN_INST, sub, f, fine, labels, traced)
     truncated = np.isin(traced, ids[cut])
     return _rows(task, cls, prob, polys, meta, truncated=truncated)
 

@@ -10,6 +10,7 @@ those two channels alone (the last two of a three-channel map), as the chunks re
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 import numpy as np
@@ -376,14 +377,25 @@ def _mean_foreground(labels: np.ndarray, inst_prob: np.ndarray, ids: np.ndarray,
     if s != 255.0 or labels.ndim != 2 or len(ids) == 0:
         fg = inst_prob[-2].astype(np.uint16 if s == 255.0 else np.float64) + inst_prob[-1]
         return _mean_in_labels(labels, fg, ids, s, length=length)
-    n = int(labels.max(initial=0)) + 1 if length is None else length
+    return mean_foreground_of_pieces(labels, [((0, 0), inst_prob)], ids, int(labels.max(initial=0)) + 1 if length is None else length)
+
+
+def mean_foreground_of_pieces(labels: np.ndarray, pieces: Iterable[tuple[tuple[int, int], np.ndarray]], ids: np.ndarray,
+                              n: int) -> np.ndarray:
+    """:func:`_mean_foreground` of a uint8 map given in pieces ((first row, first column), pixels),
+    e.g. as read one stored chunk at a time (one piece is held at a time), for labels below ``n``:
+    summed as they come, a few rows at a time. Integer sums: the same means however the map is cut."""
     counts, sums = np.zeros(n, np.int64), np.zeros(n, np.float64)
-    for y in range(0, labels.shape[0], _MASK_ROWS):
-        rows = slice(y, y + _MASK_ROWS)
-        c, t = _counts_and_sums(labels[rows], inst_prob[-2, rows].astype(np.uint16) + inst_prob[-1, rows], n)
-        counts += c
-        sums += t
-    return sums[ids] / np.maximum(counts[ids], 1) / s
+    for (y0, x0), inst_prob in pieces:
+        h, w = inst_prob.shape[1:]
+        for y in range(0, h, _MASK_ROWS):
+            rows = slice(y, min(y + _MASK_ROWS, h))
+            c, t = _counts_and_sums(labels[y0 + rows.start : y0 + rows.stop, x0 : x0 + w],
+                                    inst_prob[-2, rows].astype(np.uint16) + inst_prob[-1, rows], n)
+            counts += c
+            sums += t
+        del inst_prob  # before the next piece is read
+    return sums[ids] / np.maximum(counts[ids], 1) / 255.0
 
 
 def _reaches(labels: np.ndarray, values: np.ndarray, least: float, n: int) -> np.ndarray:

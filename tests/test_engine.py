@@ -223,6 +223,30 @@ class _Threads:
         return self.model.predict(x, margin=margin)
 
 
+def test_the_network_gets_the_tiles_as_read_and_gives_the_maps_of_float_input(model, tmp_path):
+    """The engine hands predict each batch as read (uint8, an NCHW view of the NHWC pixels): no float
+    copy of a tile beside the network's own; the stored maps are byte for byte those of float input."""
+    seen = []
+
+    class Dtypes:
+        config = model.config
+
+        def __init__(self, to_float):
+            self.to_float = to_float
+
+        def predict(self, x, **kw):
+            seen.append((x.dtype, x.is_contiguous(memory_format=torch.channels_last)))
+            return model.predict(x.float() if self.to_float else x, **kw)
+
+    slide = ArraySlide(he_like(200, 260, seed=6))
+    _run(slide, model, tmp_path / "as_read", core=96, margin=32, model_wrapper=Dtypes(False))
+    assert seen and all(s == (torch.uint8, True) for s in seen), seen
+    _run(slide, model, tmp_path / "float", core=96, margin=32, model_wrapper=Dtypes(True))
+    a, b = open_predictions(tmp_path / "as_read"), open_predictions(tmp_path / "float")
+    for name in model.config.heads:
+        assert np.array_equal(a[name]["0"][:], b[name]["0"][:]), name
+
+
 def test_threads_per_tile_never_mix_in_a_batch_and_are_restored_by_the_caller(model, tmp_path):
     """Tiles of rows 0-1 on 2 threads, the rest on 1 (as the pipeline runs the network on every core
     until post-processing has work): batches split where the count changes; same maps as 1 thread."""

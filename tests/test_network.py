@@ -942,6 +942,29 @@ def test_predict_with_a_helper_thread_gives_the_same_maps(monkeypatch: pytest.Mo
         assert torch.equal(alone[name], beside[name]), name
 
 
+@pytest.mark.parametrize("bf16", [False, True])
+def test_predict_on_uint8_input_gives_the_maps_of_its_float_copy(bf16: bool) -> None:
+    """The engine hands ``predict`` its tiles as uint8 (channels_last NCHW views of the NHWC read):
+    every map bit for bit that of the same pixels as float32, with and without the helper thread,
+    and the caller's tensor left as it was."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    model = load_model(Path(__file__).resolve().parents[1] / "models" / "wsimtl-small")
+    rng = np.random.default_rng(4)
+    nhwc = torch.from_numpy(rng.integers(0, 256, (1, 352, 288, 3), dtype=np.uint8))
+    x8 = nhwc.permute(0, 3, 1, 2)
+    assert x8.is_contiguous(memory_format=torch.channels_last)
+    kept = x8.clone()
+    with ThreadPoolExecutor(max_workers=1) as pool, torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+        for helper in (None, pool):
+            want = model.predict(x8.float(), margin=32, helper=helper, quantized=True)
+            got = model.predict(x8, margin=32, helper=helper, quantized=True)
+            assert want.keys() == got.keys()
+            for name in want:
+                assert torch.equal(want[name], got[name]), name
+    assert torch.equal(x8, kept)
+
+
 @pytest.mark.parametrize("strip_rows", [96, 10**6])
 def test_quantized_predict_gives_the_engines_uint8_maps(monkeypatch: pytest.MonkeyPatch, strip_rows: int) -> None:
     """``predict(..., quantized=True)`` (the engine's call): every segmentation map is uint8 and

@@ -300,8 +300,9 @@ def run_inference(
                     x = torch.from_numpy(np.stack([im for _, im, _ in batch]))
                     if pin:
                         x = x.pin_memory()
-                    # NHWC uint8 -> NCHW float that is channels_last in memory: no copy of layout
-                    x = x.to(device, non_blocking=pin).permute(0, 3, 1, 2).float()
+                    # NHWC uint8 -> NCHW uint8 that is channels_last in memory (no copy of layout); the
+                    # model scales it to float in one copy, where a float input would be a second
+                    x = x.to(device, non_blocking=pin).permute(0, 3, 1, 2)
                     t0 = time.perf_counter()
                     with torch.inference_mode(), autocast:
                         beside = helper if helper is not None and torch.get_num_threads() == 1 else None

@@ -3,7 +3,7 @@
 Inference::
 
     model = load_model()                      # default wsimtl-small (eval, BN folded, channels_last)
-    probs = model.predict(x)                  # x: N x 3 x H x W float RGB 0-255, H, W % config.stride == 0
+    probs = model.predict(x)                  # x: N x 3 x H x W RGB 0-255 (float or uint8), H, W % config.stride == 0
 
 Training::
 

@@ -471,7 +471,7 @@ def quantize_probabilities(p: torch.Tensor) -> torch.Tensor:
 class MultiTaskNet(nn.Module):
     """Cerberus-style multi-task network built from a :class:`ModelConfig`.
 
-    ``model(x)`` takes N x 3 x H x W float RGB in 0-255 (H, W multiples of ``config.stride``) and
+    ``model(x)`` takes N x 3 x H x W RGB in 0-255, float or uint8 (H, W multiples of ``config.stride``) and
     returns raw logits per output name; patch heads give N x C x 1 x 1 for the centre
     ``patch_cells`` window (as Cerberus). ``model.predict(x)`` returns float32 softmax probabilities
     with dense patch maps, for the engine.
@@ -574,7 +574,7 @@ class MultiTaskNet(nn.Module):
         self._check_input(x)
         if self._channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
-        x = x / 255.0
+        x = x / 255.0  # float32 from uint8 (the engine's input) too: the one float copy
         seg_heads = {n: self.config.heads[n] for n in names if self.config.heads[n].kind != "patch"}
         if helper is None or x.device.type != "cpu" or torch.is_grad_enabled() or not seg_heads:
             helper = None
@@ -820,7 +820,8 @@ class MultiTaskNet(nn.Module):
     @torch.no_grad()
     def predict(self, x: torch.Tensor, *, heads: Sequence[str] | None = None, margin: int = 0,
                 helper: Executor | None = None, quantized: bool = False) -> dict[str, torch.Tensor]:
-        """Softmax probabilities (float32) for the engine.
+        """Softmax probabilities (float32) for the engine, of ``x``: N x 3 x H x W RGB in 0-255, float
+        or uint8 (the engine's: scaled to float32 in one copy, where a float input is a second).
 
         Segmentation heads: N x C x H x W, or with ``margin`` N x C x (H - 2 margin) x (W - 2 margin):
         the maps of ``x[..., margin:H - margin, margin:W - margin]`` computed with all of ``x`` as

@@ -943,12 +943,17 @@ def test_predict_with_a_helper_thread_gives_the_same_maps(monkeypatch: pytest.Mo
 
 
 @pytest.mark.parametrize("bf16", [False, True])
-def test_predict_on_uint8_input_gives_the_maps_of_its_float_copy(bf16: bool) -> None:
+@pytest.mark.parametrize("strip_rows", [96, 10**6])
+def test_predict_on_uint8_input_gives_the_maps_of_its_float_copy(monkeypatch: pytest.MonkeyPatch, bf16: bool, strip_rows: int) -> None:
     """The engine hands ``predict`` its tiles as uint8 (channels_last NCHW views of the NHWC read):
-    every map bit for bit that of the same pixels as float32, with and without the helper thread,
-    and the caller's tensor left as it was."""
+    every map bit for bit that of the same pixels as float32, with and without the helper thread
+    (with it, the tail scales its strips of the uint8 input itself), and the caller's tensor left
+    as it was."""
     from concurrent.futures import ThreadPoolExecutor
 
+    import wsi_mtl.network.model as net_model
+
+    monkeypatch.setattr(net_model, "FULL_RES_STRIP_ROWS", strip_rows)
     model = load_model(Path(__file__).resolve().parents[1] / "models" / "wsimtl-small")
     rng = np.random.default_rng(4)
     nhwc = torch.from_numpy(rng.integers(0, 256, (1, 352, 288, 3), dtype=np.uint8))

@@ -427,6 +427,17 @@ def _one_thread(enabled: bool = True) -> Iterator[None]:
         torch.set_num_threads(threads)
 
 
+class _Scaled:
+    """A uint8 input (0-255) read as float32 0-1 where it is sliced: strips of it, without a float32
+    copy of the whole (the same values as slicing ``raw / 255``)."""
+
+    def __init__(self, raw: torch.Tensor) -> None:
+        self.raw, self.shape = raw, raw.shape
+
+    def __getitem__(self, key: Any) -> torch.Tensor:
+        return self.raw[key] / 255.0
+
+
 def _beside(helper: Executor, fn: Callable[[], Any]) -> Future:
     """``fn()`` submitted to ``helper``'s thread under the caller's autocast, inference mode and torch
     thread count (thread-local settings a new thread does not inherit)."""
@@ -574,7 +585,7 @@ class MultiTaskNet(nn.Module):
         self._check_input(x)
         if self._channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
-        x = x / 255.0  # float32 from uint8 (the engine's input) too: the one float copy
+        raw, x = x, x / 255.0  # float32 from uint8 (the engine's input) too: the one float copy
         seg_heads = {n: self.config.heads[n] for n in names if self.config.heads[n].kind != "patch"}
         if helper is None or x.device.type != "cpu" or torch.is_grad_enabled() or not seg_heads:
             helper = None
@@ -586,7 +597,10 @@ class MultiTaskNet(nn.Module):
             return x4, {}
         window = self._tail_window(x, margin)
         if helper is not None:
-            out, decoded = self._decode_beside(helper, feats, x, seg_heads, window, shallow=early.result() if early else {})
+            shallow = early.result() if early else {}
+            if raw.dtype == torch.uint8 and window is not None:  # decoders given their private encoders' outputs read
+                x = _Scaled(raw)  # no input, the tail reads strips: the whole float32 input goes now
+            out, decoded = self._decode_beside(helper, feats, x, seg_heads, window, shallow=shallow)
         else:
             out, decoded = self._decode(feats, x, seg_heads, window=window)
         del feats  # the skips are not needed past the decoders
@@ -612,7 +626,7 @@ class MultiTaskNet(nn.Module):
             window += [max(0, lo // 2 - _LAST_BLOCK_REACH), min(side // 2, hi // 2 + _LAST_BLOCK_REACH)]
         return window[0], window[1], window[2], window[3]
 
-    def _decode(self, feats: list[torch.Tensor], x: torch.Tensor, seg_heads: Mapping[str, Any],
+    def _decode(self, feats: list[torch.Tensor], x: torch.Tensor | _Scaled, seg_heads: Mapping[str, Any],
                 window: tuple[int, int, int, int] | None = None,
                 shallow: Mapping[str, list[torch.Tensor]] | None = None) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
         """Each head's logits (half resolution for ``"refine"`` models) from the encoder's ``feats``;
@@ -683,7 +697,7 @@ class MultiTaskNet(nn.Module):
                 logits[name][..., a - y0 : b - y0, :] = t
         return logits, ({decoder: feats} if feats is not None else {})
 
-    def _decode_beside(self, helper: Executor, feats: list[torch.Tensor], x: torch.Tensor, seg_heads: Mapping[str, Any],
+    def _decode_beside(self, helper: Executor, feats: list[torch.Tensor], x: torch.Tensor | _Scaled, seg_heads: Mapping[str, Any],
                        window: tuple[int, int, int, int] | None,
                        shallow: Mapping[str, list[torch.Tensor]]) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
         """:meth:`_decode` with the heads of every other decoder (the second, fourth, ...) computed on
@@ -700,7 +714,7 @@ class MultiTaskNet(nn.Module):
         decoded.update(more_decoded)
         return {n: out[n] for n in seg_heads}, decoded
 
-    def _full_resolution(self, half: dict[str, torch.Tensor], decoded: dict[str, torch.Tensor], x: torch.Tensor, *,
+    def _full_resolution(self, half: dict[str, torch.Tensor], decoded: dict[str, torch.Tensor], x: torch.Tensor | _Scaled, *,
                          probabilities: bool = False, margin: int = 0, origin: tuple[int, int] = (0, 0),
                          helper: Executor | None = None, quantized: bool = False) -> dict[str, torch.Tensor]:
         """The full-resolution tail of a ``"refine"`` model (full skip, refine, fine branches) from
@@ -719,7 +733,7 @@ class MultiTaskNet(nn.Module):
         h, w = x.shape[-2:]
         m = margin
         if torch.is_grad_enabled() or _traced() or (not m and h <= FULL_RES_STRIP_ROWS + 2 * _STRIP_HALO):
-            out = self._tail(half, decoded, x, probabilities=probabilities)
+            out = self._tail(half, decoded, x[...], probabilities=probabilities)
             return {n: t[..., m : h - m, m : w - m] for n, t in out.items()} if m else out
         c0, c1 = _tail_reads(w, m)
         oy, ox = origin

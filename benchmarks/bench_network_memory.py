@@ -5,7 +5,7 @@ fine branches, softmax) in row strips of ``FULL_RES_STRIP_ROWS``, and each decod
 its heads' half-resolution layers in strips of ``DECODER_STRIP_ROWS``. This prints, for the model
 the engine runs (default: the shipped one) on one CPU tile of real tissue (1536 px core + 192 px
 margin each side = 1920 x 1920 px, the sample slide when present, else texture), called as the
-engine calls it (``predict(x, margin=192)``, in the malloc setting ``segment`` gives its process;
+engine calls it (``predict(x, margin=192)`` on the tile's uint8 pixels, in the malloc setting ``segment`` gives its process;
 ``--helper``: on one torch thread with the second branch thread, as beside the chunk workers),
 three ways, each in its own process: ``whole`` (neither in strips), ``tail`` (the tail only) and
 ``strips`` (both: the default):
@@ -78,7 +78,7 @@ def _child(model_name: str, side: int, threads: int, repeats: int, way: str, hel
     if "decoders" not in WAYS[way]:
         net_model.DECODER_STRIP_ROWS = 10**9
     model = load_model(model_name).set_channels_last(True)
-    x = torch.from_numpy(_tile(side)).permute(2, 0, 1)[None].float().contiguous()
+    x = torch.from_numpy(_tile(side))[None].permute(0, 3, 1, 2)  # as the engine gives it: uint8, channels_last
     pool = ThreadPoolExecutor(1) if helper else None
     with torch.inference_mode():
         model.predict(x[..., :512, :512], margin=MARGIN, helper=pool)

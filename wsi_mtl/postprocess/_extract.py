@@ -438,7 +438,7 @@ class _ArrayReader:
         yield (0, 0), self.read(head, region, channels)
 
     def dtype(self, head: str) -> np.dtype:
-        return np.asarray(self.maps[head]).dtype
+        return np.dtype(self.maps[head].dtype)
 
 
 # ------------------------------------------------------------------------------- chunk workers
@@ -732,7 +732,8 @@ def _nuclei_chunk(reader: Any, chunk: Chunk, meta: MapsMeta, params: Postprocess
         broken = cut & _near_open_edge(box[owned - 1], labels.shape, chunk)
     else:
         cut = broken = np.zeros(len(owned), bool)
-    # what is measured from here on: a copy, as its measuring holds more than the label image's halo
+    # what is measured from here on (a copy: kept in the label image's buffer, its halo rows would
+    # outlive the crop through the measuring, which holds more than cropping there saves)
     labels, rect = _only(labels, owned, box[owned - 1], reuse=False)
     inst, chunk = inst[(slice(None), *_slices(rect))], _crop_chunk(chunk, rect)
     kept = _in_tissue(reader, meta, params, labels, owned, chunk.read, meta.downsample)

@@ -436,7 +436,7 @@ def test_a_gland_chunk_needs_few_bytes_per_map_pixel(tmp_path):
 def test_the_store_reader_reads_by_rows_of_chunks_the_same_pixels(tmp_path):
     """Regions within one stored chunk, across several, at the map's edges, with channel slices:
     the same array as zarr's read of the whole region."""
-    from wsi_mtl.postprocess._extract import _chunk_starts, _ZarrReader
+    from wsi_mtl.postprocess._extract import _chunk_spans, _ZarrReader
 
     rng = np.random.default_rng(7)
     maps = {"Gland-INST": rng.integers(0, 256, (3, 300, 260), dtype=np.uint8)}
@@ -452,8 +452,8 @@ def test_the_store_reader_reads_by_rows_of_chunks_the_same_pixels(tmp_path):
             got = reader.read("Gland-INST", (y0, y1, x0, x1), channels)
             np.testing.assert_array_equal(got, np.asarray(array[channels, y0:y1, x0:x1]))
             pieces = list(reader.pieces("Gland-INST", (y0, y1, x0, x1), channels))
-            rows, cols = _chunk_starts(y0, y1, array.chunks[-2]), _chunk_starts(x0, x1, array.chunks[-1])
-            assert [at for at, _ in pieces] == [(a - y0, c - x0) for a in rows for c in cols]  # one per stored chunk
+            rows, cols = _chunk_spans(y0, y1, array.chunks[-2]), _chunk_spans(x0, x1, array.chunks[-1])
+            assert [at for at, _ in pieces] == [(a - y0, c - x0) for a, _ in rows for c, _ in cols]  # one per stored chunk
             whole = np.zeros_like(got)
             for (a, c), piece in pieces:
                 whole[:, a : a + piece.shape[1], c : c + piece.shape[2]] = piece

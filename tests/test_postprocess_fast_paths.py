@@ -843,7 +843,7 @@ def test_cores_and_mean_probabilities_taken_a_few_rows_at_a_time_equal_the_whole
     for rows, cols in (([0, h], [0, w]), ([0, 1, h], [0, 89, w]), ([0, 100, 101, 2 * inst._MASK_ROWS + 5, h], [0, 30, 60, w]),
                        (sorted({0, h, *rng.integers(1, h, 6).tolist()}), sorted({0, w, *rng.integers(1, w, 3).tolist()}))):
         pieces = [((a, c), prob[1:, a:b, c:d]) for a, b in zip(rows[:-1], rows[1:]) for c, d in zip(cols[:-1], cols[1:])]
-        assert np.array_equal(inst.mean_foreground_of_pieces(labels, pieces, ids, 40), want)
+        assert np.array_equal(inst.mean_foreground_of_pieces(labels, pieces, ids, length=40), want)
     as_float = prob.astype(np.float32) / 255
     assert np.allclose(inst._mean_foreground(labels, as_float, ids), want)
 

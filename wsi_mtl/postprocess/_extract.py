@@ -387,13 +387,13 @@ class _ZarrReader:
         decoded into the result itself (~14% less CPU than through an array per row)."""
         array = self._array(head)
         y0, y1, x0, x1 = region
-        starts = _chunk_starts(y0, y1, array.chunks[-2])
-        if len(starts) <= 1:
+        spans = _chunk_spans(y0, y1, array.chunks[-2])
+        if len(spans) <= 1:
             return np.asarray(array[channels, y0:y1, x0:x1])
         from zarr.core.buffer.cpu import NDBuffer
 
         out = np.empty((len(range(*channels.indices(array.shape[0]))), y1 - y0, x1 - x0), array.dtype)
-        for a, b in zip(starts, [*starts[1:], y1]):  # decoded straight into the result: no row array between
+        for a, b in spans:  # decoded straight into the result: no row array between
             array.get_basic_selection((channels, slice(a, b), slice(x0, x1)), out=NDBuffer.from_numpy_array(out[:, a - y0 : b - y0]))
         return out
 
@@ -402,9 +402,9 @@ class _ZarrReader:
         ``region``), its pixels), with one chunk's bytes held at a time."""
         array = self._array(head)
         y0, y1, x0, x1 = region
-        rows, cols = _chunk_starts(y0, y1, array.chunks[-2]), _chunk_starts(x0, x1, array.chunks[-1])
-        for a, b in zip(rows, [*rows[1:], y1]):
-            for c, d in zip(cols, [*cols[1:], x1]):
+        cols = _chunk_spans(x0, x1, array.chunks[-1])
+        for a, b in _chunk_spans(y0, y1, array.chunks[-2]):
+            for c, d in cols:
                 yield (a - y0, c - x0), np.asarray(array[channels, a:b, c:d])
 
     def dtype(self, head: str) -> np.dtype:
@@ -416,9 +416,10 @@ class _ZarrReader:
         return self._arrays[head]
 
 
-def _chunk_starts(start: int, stop: int, size: int) -> list[int]:
-    """Where the pieces of [start, stop) cut at multiples of ``size`` begin."""
-    return [start, *range((start // size + 1) * size, stop, size)] if stop > start else []
+def _chunk_spans(start: int, stop: int, size: int) -> list[tuple[int, int]]:
+    """The pieces (first, end) of [start, stop) cut at multiples of ``size``."""
+    cuts = [start, *range((start // size + 1) * size, stop, size)] if stop > start else []
+    return list(zip(cuts, [*cuts[1:], stop]))
 
 
 class _ArrayReader:
@@ -776,11 +777,13 @@ def _mean_foreground_read(reader: Any, head: str, chunk: Chunk, f: int, fine_sha
                           ids: np.ndarray, *, length: int | None = None) -> np.ndarray:
     """:func:`_mean_foreground` of ``labels`` (over ``chunk``'s read region) on the gland or lumen
     map ``head`` there (:func:`_foreground_read`). A uint8 map on its own grid is read and summed
-    one stored chunk at a time (the same means: integer sums), never held whole beside the labels."""
-    if f > 1 or len(ids) == 0 or reader.dtype(head) != np.uint8:
+    one stored chunk at a time (the same means: integer sums), never held whole beside the labels;
+    no object, no read."""
+    if len(ids) == 0:
+        return np.zeros(0)
+    if f > 1 or reader.dtype(head) != np.uint8:
         return _mean_foreground(labels, _foreground_read(reader, head, chunk, f, fine_shape), ids, length=length)
-    n = int(labels.max(initial=0)) + 1 if length is None else length
-    return mean_foreground_of_pieces(labels, reader.pieces(head, chunk.read, channels=slice(1, None)), ids, n)
+    return mean_foreground_of_pieces(labels, reader.pieces(head, chunk.read, channels=slice(1, None)), ids, length=length)
 
 
 def _gland_context(cores: list[Components], shape: tuple[int, int], chunk: Chunk, params: PostprocessParams,

@@ -377,14 +377,15 @@ def _mean_foreground(labels: np.ndarray, inst_prob: np.ndarray, ids: np.ndarray,
     if s != 255.0 or labels.ndim != 2 or len(ids) == 0:
         fg = inst_prob[-2].astype(np.uint16 if s == 255.0 else np.float64) + inst_prob[-1]
         return _mean_in_labels(labels, fg, ids, s, length=length)
-    return mean_foreground_of_pieces(labels, [((0, 0), inst_prob)], ids, int(labels.max(initial=0)) + 1 if length is None else length)
+    return mean_foreground_of_pieces(labels, [((0, 0), inst_prob)], ids, length=length)
 
 
-def mean_foreground_of_pieces(labels: np.ndarray, pieces: Iterable[tuple[tuple[int, int], np.ndarray]], ids: np.ndarray,
-                              n: int) -> np.ndarray:
+def mean_foreground_of_pieces(labels: np.ndarray, pieces: Iterable[tuple[tuple[int, int], np.ndarray]], ids: np.ndarray, *,
+                              length: int | None = None) -> np.ndarray:
     """:func:`_mean_foreground` of a uint8 map given in pieces ((first row, first column), pixels),
-    e.g. as read one stored chunk at a time (one piece is held at a time), for labels below ``n``:
+    e.g. as read one stored chunk at a time (one piece is held at a time); ``length`` as there:
     summed as they come, a few rows at a time. Integer sums: the same means however the map is cut."""
+    n = int(labels.max(initial=0)) + 1 if length is None else length
     counts, sums = np.zeros(n, np.int64), np.zeros(n, np.float64)
     for (y0, x0), inst_prob in pieces:
         h, w = inst_prob.shape[1:]

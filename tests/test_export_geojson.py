@@ -307,20 +307,23 @@ def test_parallel_formatting_gives_identical_files(tmp_path: Path) -> None:
         write_geojson(table, tmp_path / "o.geojson", workers=0)
 
 
-def test_a_sink_writes_a_batch_in_parts_as_one_text(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Features go out a few at a time (no copy of a whole batch's text), the same bytes as the
-    batch joined at once, across batches and part boundaries."""
+def test_a_sink_writes_its_tasks_features_as_one_text() -> None:
+    """A sink writes the runs of its tasks' features straight from each batch's text: the same
+    bytes as those features joined at once, across batches, runs and empty batches."""
     import io
 
-    from wsi_mtl.export import _geojson
-
-    monkeypatch.setattr(_geojson, "_WRITE_FEATURES", 7)
-    batches = [[f'{{"id": "{b}-{i}"}}' for i in range(n)] for b, n in enumerate((20, 0, 7, 1, 15))]
-    sink = _geojson._Sink(io.BytesIO(), frozenset())
-    for texts in batches:
-        sink.write(texts)
-    assert sink.fh.getvalue() == ",\n".join(t for texts in batches for t in texts).encode()
-    assert sink.count == 43
+    rng = np.random.default_rng(4)
+    batches, expected = [], []
+    for b, n in enumerate((20, 0, 7, 1, 15)):
+        tasks = rng.choice(["nuclei", "gland", "tissue"], n).astype(object)
+        texts = [f'{{"id": "{b}-{i}-ü"}}' for i in range(n)]
+        batches.append(_geojson._joined(tasks, texts))
+        expected += [t for t, task in zip(texts, tasks) if task != "tissue"]
+    sink = _geojson._Sink(io.BytesIO(), frozenset({"nuclei", "gland"}))
+    for batch in batches:
+        sink.write(batch)
+    assert sink.fh.getvalue() == ",\n".join(expected).encode()
+    assert sink.count == len(expected) > 20
 
 
 def test_parallel_formatting_keeps_one_row_group_per_worker_in_flight(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -389,29 +392,79 @@ def _mixed_objects(n: int, seed: int) -> ObjectBatch:
     return ObjectBatch(cols, np.array(geoms, dtype=object), {})
 
 
+def _write_three_ways(table: Path, out: Path, monkeypatch: pytest.MonkeyPatch) -> list[dict[Path, int]]:
+    """All GeoJSON files of ``table`` from the compiled kernels, orjson, and shapely alone
+    (``out``/kernels, ``out``/orjson, ``out``/reference)."""
+    counts = []
+    for name, kernels, orjson in (("kernels", True, True), ("orjson", False, True), ("reference", False, False)):
+        monkeypatch.setattr(_geojson, "_USE_KERNELS", kernels)
+        monkeypatch.setattr(_geojson, "_USE_ORJSON", orjson)
+        (out / name).mkdir()
+        counts.append(write_geojson_files(table, out / name, batch_rows=256))
+    return counts
+
+
+def _assert_same_files(counts: list[dict[Path, int]]) -> None:
+    first = counts[0]
+    for other in counts[1:]:
+        assert [p.name for p in first] == [p.name for p in other] and len(first) == 4
+        for a, b in zip(first, other):
+            assert first[a] == other[b] > 0
+            assert a.read_bytes() == b.read_bytes()
+
+
 def test_fast_coordinates_match_the_reference_writer(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     pytest.importorskip("orjson")
     table = tmp_path / "objects.parquet"
     write_table([_mixed_objects(700, seed=3), _mixed_objects(300, seed=4)], table, mpp=0.25)
-    (tmp_path / "fast").mkdir()
-    fast = write_geojson_files(table, tmp_path / "fast", batch_rows=256)
-    monkeypatch.setattr(_geojson, "_USE_ORJSON", False)  # shapely.to_geojson for every row, as before
-    (tmp_path / "ref").mkdir()
-    reference = write_geojson_files(table, tmp_path / "ref", batch_rows=256)
-    assert [p.name for p in fast] == [p.name for p in reference] and len(fast) == 4
-    for a, b in zip(fast, reference):
-        assert fast[a] == reference[b] > 0
-        assert json.loads(a.read_text()) == json.loads(b.read_text())
-        assert a.read_bytes() == b.read_bytes()
-    doc = json.loads((tmp_path / "fast" / "objects.geojson").read_text())
+    counts = _write_three_ways(table, tmp_path, monkeypatch)
+    _assert_same_files(counts)
+    for path in counts[0]:
+        assert json.loads(path.read_text()) == json.loads((tmp_path / "reference" / path.name).read_text())
+    doc = json.loads((tmp_path / "kernels" / "objects.geojson").read_text())
     shapes = assert_qupath_geojson(doc)
     kinds = {s.geom_type + ("+hole" if s.geom_type == "Polygon" and s.interiors else "") for s in shapes}
     assert kinds == {"Polygon", "Polygon+hole", "MultiPolygon"}
     assert any(not f["properties"]["measurements"].get("area_um2", 1) for f in doc["features"])
     monkeypatch.setattr(_geojson, "_USE_ORJSON", True)
     monkeypatch.setattr(_geojson, "orjson", None)  # orjson not installed: the reference path, same bytes
-    assert write_geojson(table, tmp_path / "no_orjson.geojson") == fast[tmp_path / "fast" / "objects.geojson"]
-    assert (tmp_path / "no_orjson.geojson").read_bytes() == (tmp_path / "fast" / "objects.geojson").read_bytes()
+    assert write_geojson(table, tmp_path / "no_orjson.geojson") == counts[0][tmp_path / "kernels" / "objects.geojson"]
+    assert (tmp_path / "no_orjson.geojson").read_bytes() == (tmp_path / "kernels" / "objects.geojson").read_bytes()
+
+
+def test_kernels_write_outlines_on_the_pixel_grid_as_the_reference(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Traced outlines (coordinates on 0.01 px or coarser, -0 and negative among them, holes, big-
+    endian WKB) go through the compiled writer, not around it, and give the reference's bytes;
+    so do measurements from 1e-5 to 1e14, negative, whole, -0 and NaN."""
+    pytest.importorskip("orjson")
+    from wsi_mtl.export import _geojson_bytes
+
+    if not _geojson_bytes.kernels_available():
+        pytest.skip("numba is not installed or WSIMTL_NO_NUMBA is set: there is no compiled writer to compare")
+    batch = _mixed_objects(600, seed=5)
+    grids = (2.0, 100.0, 1.0)  # half pixels (traced outlines), 0.01 px, whole pixels
+    snapped = np.array([shapely.transform(g, lambda c, s=grids[i % 3]: np.round(c * s) / s)
+                        for i, g in enumerate(batch.geometry)], dtype=object)
+    snapped[7] = shapely.Polygon([(-0.0, 0.0), (-0.0, 5.5), (-3.25, 5.5), (-0.0, 0.0)])
+    batch.geometry = snapped
+    rng = np.random.default_rng(6)
+    batch.columns["area_um2"] = np.round(10.0 ** rng.uniform(-5, 14, 600) * rng.choice([-1, 1], 600), 4)
+    batch.columns["solidity"][:4] = [-0.0, 1e8, 99999999.9999, 1e12]
+    wkb = shapely.to_wkb(snapped)
+    wkb[::3] = shapely.to_wkb(snapped[::3], byte_order=0)
+    batch.wkb = wkb
+    table = tmp_path / "objects.parquet"
+    write_table([batch], table, mpp=0.25)
+    spy = []
+    real = _geojson._geometry_texts
+    monkeypatch.setattr(_geojson, "_geometry_texts", lambda geoms: spy.append(len(geoms)) or real(geoms))
+    counts = _write_three_ways(table, tmp_path, monkeypatch)
+    _assert_same_files(counts)
+    stored = pq.read_table(table, columns=["geometry"]).column("geometry").to_pylist()
+    little_endian_polygons = sum(w[:5] == b"\x01\x03\x00\x00\x00" for w in stored)
+    assert 300 < little_endian_polygons < 500
+    assert sum(spy[:3]) == 600 - little_endian_polygons  # big-endian WKB and multipolygons go to shapely
+    assert sum(spy[3:]) == 2 * 600  # the orjson and reference writers: every row
 
 
 def test_fast_path_formats_single_ring_polygons() -> None:

@@ -20,7 +20,7 @@ def numba_allowed() -> bool:
 
 def jit_kernel(namespace: dict[str, Any], name: str, *helpers: str) -> Any:
     """``numba.njit(cache=True, nogil=True)`` of ``namespace[name]`` (a module's globals), the
-    ``helpers`` it calls compiled first and put in their place; False where numba is not allowed
+    ``helpers`` it calls compiled first (where no other kernel did) and put in their place; False where numba is not allowed
     or cannot be imported (so a caller keeps the answer and asks once)."""
     if not numba_allowed():
         return False
@@ -30,7 +30,8 @@ def jit_kernel(namespace: dict[str, Any], name: str, *helpers: str) -> Any:
         return False
     jit = numba.njit(cache=True, nogil=True)
     for helper in helpers:
-        namespace[helper] = jit(namespace[helper])
+        if not hasattr(namespace[helper], "py_func"):  # not compiled yet by another kernel of the module
+            namespace[helper] = jit(namespace[helper])
     return jit(namespace[name])
 
 

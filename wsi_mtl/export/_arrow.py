@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-__all__ = ["arrow_array", "numpy_of", "one_array", "taken"]
+__all__ = ["arrow_array", "binary_buffers", "numpy_of", "one_array", "taken"]
 
 _NUMERIC = {
     pa.int8(): np.int8, pa.int16(): np.int16, pa.int32(): np.int32, pa.int64(): np.int64,
@@ -72,6 +72,18 @@ def numpy_of(array: pa.Array | pa.ChunkedArray) -> np.ndarray:
             out[:] = array.to_pylist()
             return out
     return array.to_numpy(zero_copy_only=False)
+
+
+def binary_buffers(array: pa.Array | pa.ChunkedArray) -> tuple[np.ndarray, np.ndarray]:
+    """A binary or string array without nulls as int64 offsets (n + 1) into uint8 data: item
+    ``i`` is ``data[offsets[i]:offsets[i + 1]]``, read in place from the array's buffers."""
+    array = one_array(array)
+    if array.null_count or not (pa.types.is_binary(array.type) or pa.types.is_string(array.type)):
+        raise TypeError(f"binary_buffers needs binary or string values without nulls, got {array.type}")
+    n, buffers = len(array), array.buffers()
+    offsets = np.frombuffer(buffers[1], np.int32, count=n + 1, offset=array.offset * 4).astype(np.int64)
+    data = np.frombuffer(buffers[2], np.uint8) if buffers[2] is not None else np.empty(0, np.uint8)
+    return offsets, data
 
 
 def taken(array: pa.Array | pa.ChunkedArray, rows: np.ndarray) -> pa.Array:

@@ -16,9 +16,16 @@ read it as the object type) and ``objectType`` only appears inside ``properties`
 
 Coordinates are (x, y) level-0 px rounded to 2 decimals; where rounding would make a polygon
 invalid the unrounded coordinates are kept. The document is written in record batches and never
-held in memory as a whole. Per batch, orjson writes all coordinates and measurements at once and
-each feature is a slice of that text put into a cached %-template (``shapely.to_geojson`` for
-holes and multipolygons); without orjson every geometry goes through ``shapely.to_geojson``.
+held in memory as a whole. Three writers give the same bytes (tests):
+
+- with numba (a dependency), compiled kernels (:mod:`._geojson_bytes`) read each polygon's rings
+  from its WKB and write whole features, a batch into one buffer, from cached templates; a
+  geometry that rounding would move (outlines traced by wsimtl sit on half pixels, so none of
+  theirs), a multipolygon or WKB the kernel does not read is formatted as below and spliced in;
+- without numba, orjson writes all coordinates and measurements of a batch at once and each
+  feature is a slice of that text put into a cached %-template (``shapely.to_geojson`` for
+  multipolygons, holes and geometries that rounding moves);
+- without orjson either, every geometry goes through ``shapely.to_geojson``.
 """
 
 from __future__ import annotations
@@ -30,7 +37,7 @@ import logging
 import os
 import zlib
 from concurrent.futures import ProcessPoolExecutor
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import IO, TYPE_CHECKING
 
@@ -44,7 +51,8 @@ except ImportError:  # pragma: no cover - depends on the environment
 
 from ..atomic import atomic_path
 from ..objects import TASKS
-from ._arrow import numpy_of
+from ._arrow import binary_buffers, numpy_of
+from ._geojson_bytes import FIELDS, feature_bytes, kernels_available, polygon_rings, text_bytes
 from ._table import class_groups, iter_table, read_table_info
 
 if TYPE_CHECKING:
@@ -191,17 +199,20 @@ _UUID_RE = "^[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-f
 
 
 class _Templates:
-    """%-format templates of whole features, one per (task, class, which measurements are NaN, ring only).
+    """Templates of whole features, one per (task, class, which measurements are NaN, ring only).
 
-    A template takes ``(id, geometry_json, *measurement_texts)``; a NaN measurement is consumed by a
-    ``%.0s`` that prints nothing, so every row formats with one ``%`` whatever its NaNs. With
-    ``ring only`` the geometry argument is the points of a single-ring polygon and the template
-    writes the Polygon object around them.
+    :meth:`parts` gives a template's literal text around its fields (id, geometry, then each
+    measurement; a NaN measurement is left out, with the comma before it); calling the object
+    gives the same template as a %-format taking ``(id, geometry_json, *measurement_texts)``,
+    where a NaN measurement is consumed by a ``%.0s`` that prints nothing, so every row formats
+    with one ``%`` whatever its NaNs. With ``ring only`` the geometry is the points of a polygon's
+    rings and the template writes the Polygon object around them.
     """
 
     def __init__(self, colors: dict[tuple[str, str], tuple[int, int, int]]):
         self._colors = dict(colors)
         self._cache: dict[tuple[str, str, int, bool], str] = {}
+        self._parts: dict[tuple[str, str, int, bool], list[str]] = {}
 
     def _color(self, task: str, class_name: str) -> tuple[int, int, int]:
         color = self._colors.get((task, class_name))
@@ -211,9 +222,10 @@ class _Templates:
             self._colors[(task, class_name)] = color
         return color
 
-    def __call__(self, key: tuple[str, str, int, bool]) -> str:
-        text = self._cache.get(key)
-        if text is None:
+    def parts(self, key: tuple[str, str, int, bool]) -> list[str]:
+        """The literal text before each field of the template ``key`` and after the last (10 parts)."""
+        parts = self._parts.get(key)
+        if parts is None:
             task, class_name, nan_mask, ring_only = key
             props: dict[str, object] = {
                 "objectType": object_type(task),
@@ -221,63 +233,166 @@ class _Templates:
             }
             if props["objectType"] == "annotation":
                 props["isLocked"] = False
-            props_open = json.dumps(props, separators=(",", ":"))[:-1].replace("%", "%%")
-            members, first = "", True
+            props_open = json.dumps(props, separators=(",", ":"))[:-1]
+            opening, closing = ('{"type":"Polygon","coordinates":[[', "]]}") if ring_only else ("", "")
+            parts = ['{"type":"Feature","id":"', '","geometry":' + opening, closing + ',"properties":' + props_open + ',"measurements":{']
+            first = True
             for j, name in enumerate(MEASUREMENTS.values()):
-                if nan_mask >> j & 1:
-                    members += "%.0s"  # consumes the NaN, prints nothing
-                else:
-                    members += ("" if first else ",") + f'"{name}":%s'
+                if j:
+                    parts.append("")
+                if not nan_mask >> j & 1:
+                    parts[-1] += ("" if first else ",") + f'"{name}":'
                     first = False
-            geometry = '{"type":"Polygon","coordinates":[[%s]]}' if ring_only else "%s"
-            text = f'{{"type":"Feature","id":"%s","geometry":{geometry},"properties":{props_open},"measurements":{{{members}}}}}}}'
+            parts.append("}}}")
+            self._parts[key] = parts
+        return parts
+
+    def __call__(self, key: tuple[str, str, int, bool]) -> str:
+        text = self._cache.get(key)
+        if text is None:
+            parts, nan_mask = self.parts(key), key[2]
+            fields = ["%s", "%s"] + ["%.0s" if nan_mask >> j & 1 else "%s" for j in range(len(MEASUREMENTS))]
+            text = "".join(p.replace("%", "%%") + f for p, f in zip(parts, fields)) + parts[-1].replace("%", "%%")
             self._cache[key] = text
         return text
 
+    def part_bytes(self, keys: list[tuple[str, str, int, bool]]) -> tuple[np.ndarray, np.ndarray]:
+        """The UTF-8 parts of templates ``keys``, one after another, and their (len(keys), 10, 2) spans."""
+        data, bounds = text_bytes([p for key in keys for p in self.parts(key)])
+        return data, bounds.reshape(len(keys), FIELDS + 1, 2)
+
 
 def _row_templates(
-    record: pa.RecordBatch, nan_mask: np.ndarray, ring_only: np.ndarray, templates: _Templates
-) -> tuple[np.ndarray, list[str], list[int]]:
-    """The task of each row, the distinct templates the rows need and the index of each row's template."""
+    record: pa.RecordBatch, nan_mask: np.ndarray, ring_only: np.ndarray
+) -> tuple[np.ndarray, list[tuple[str, str, int, bool]], np.ndarray]:
+    """The task of each row, the distinct template keys the rows need and the index of each row's key."""
     keys, _, pair = class_groups(record)  # each row's (task, class)
     codes = (pair.astype(np.int64) << (len(MEASUREMENTS) + 1)) | (nan_mask << 1) | ring_only
     unique, first, which = np.unique(codes, return_index=True, return_inverse=True)
-    chosen = [templates((*keys[pair[i]], int(nan_mask[i]), bool(ring_only[i]))) for i in first.tolist()]
+    chosen = [(*keys[pair[i]], int(nan_mask[i]), bool(ring_only[i])) for i in first.tolist()]
     task_arr = np.asarray([task for task, _ in keys], dtype=object)[pair]
-    return task_arr, chosen, which.tolist()
+    return task_arr, chosen, which.reshape(-1)
+
+
+#: one record batch's features: each one's task, their UTF-8 text joined by ``,\n``, and each
+#: feature's start and end in that text
+Features = tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]
+
+
+def _ids(record: pa.RecordBatch) -> list[str]:
+    """Each row's object id as JSON string content (escaped where an id is not a UUID)."""
+    import pyarrow.compute as pc
+
+    id_col = record.column("id")
+    ids = id_col.to_pylist()
+    if not pc.all(pc.match_substring_regex(id_col, _UUID_RE)).as_py():
+        log.warning("object ids that are not UUIDs: QuPath will not keep them")
+        ids = [json.dumps(str(i))[1:-1] for i in ids]
+    return ids
+
+
+def _measurements(record: pa.RecordBatch) -> tuple[np.ndarray, np.ndarray]:
+    """The (n, 7) measurements rounded to 4 decimals, and each row's mask of NaN measurements."""
+    values = np.empty((record.num_rows, len(MEASUREMENTS)))
+    nan_mask = np.zeros(record.num_rows, dtype=np.int64)
+    for j, column in enumerate(MEASUREMENTS):
+        values[:, j] = np.round(numpy_of(record.column(column)).astype(np.float64, copy=False), 4)
+        nan_mask |= (~np.isfinite(values[:, j])).astype(np.int64) << j
+    return values, nan_mask
+
+
+def _joined(task_arr: np.ndarray, texts: list[str]) -> Features:
+    """A batch's feature texts in the form :func:`_features` yields."""
+    data, bounds = text_bytes(texts, ",\n")
+    return task_arr, data, bounds[:, 0], bounds[:, 1]
+
+
+def _text_features(record: pa.RecordBatch, templates: _Templates) -> Features:
+    """A record batch's features, formatted in Python (orjson, or shapely alone)."""
+    geoms = shapely.from_wkb(numpy_of(record.column("geometry")))
+    geo_json, ring_only = _geometry_texts(geoms)
+    ids = _ids(record)
+    values, nan_mask = _measurements(record)
+    texts_of = [_number_texts(values[:, j]) for j in range(len(MEASUREMENTS))]
+    task_arr, keys, which = _row_templates(record, nan_mask, ring_only)
+    chosen = [templates(key) for key in keys]
+    texts = [chosen[i] % row for i, row in zip(which.tolist(), zip(ids, geo_json, *texts_of))]
+    empty = shapely.is_empty(geoms)
+    if empty.any():
+        log.warning("skipped %d empty geometries", int(empty.sum()))
+        keep = ~empty
+        texts = [t for t, k in zip(texts, keep.tolist()) if k]
+        task_arr = task_arr[keep]
+    return _joined(task_arr, texts)
+
+
+def _odd_numbers(values: np.ndarray) -> np.ndarray:
+    """Finite values the compiled writer leaves to ``%.12g``: -0, and numbers of 1e8 and more
+    (1e12 and more when whole)."""
+    finite = np.isfinite(values)
+    clean = np.where(finite, values, 0.0)
+    whole = clean == np.round(clean)
+    return finite & ((np.abs(clean) >= np.where(whole, 1e12, 1e8)) | ((clean == 0) & np.signbit(clean)))
+
+
+def _compiled_features(record: pa.RecordBatch, templates: _Templates) -> Features:
+    """A record batch's features, written by the compiled kernels (:mod:`._geojson_bytes`).
+
+    Polygons whose coordinates rounding to 0.01 leaves in place (traced outlines sit on half
+    pixels) are written by the kernel; any other geometry as :func:`_geometry_texts` writes it.
+    """
+    n = record.num_rows
+    offsets, data = binary_buffers(record.column("geometry"))
+    n_rings, xy, ring_ptr, row_rings = polygon_rings(offsets, data)
+    point_bounds = ring_ptr[row_rings]
+    bad = ~((np.round(xy, 2) == xy) & (np.abs(xy) < 1e9)).all(axis=1)  # NaN is bad too
+    bad_before = np.zeros(len(bad) + 1, np.int64)
+    np.cumsum(bad, out=bad_before[1:])
+    exact = (n_rings > 0) & (bad_before[point_bounds[1:]] == bad_before[point_bounds[:-1]])
+    other = np.flatnonzero((n_rings != 0) & ~exact)
+    empty = n_rings == 0
+    ring_only = exact.copy()
+    aux_texts, aux_at = [], []  # text written instead of a field, at (row, field)
+    if len(other):
+        geoms = shapely.from_wkb([data[offsets[i] : offsets[i + 1]].tobytes() for i in other.tolist()])
+        empty[other] = shapely.is_empty(geoms)
+        texts, simple = _geometry_texts(geoms)
+        ring_only[other] = simple
+        aux_texts += texts
+        aux_at += [(i, 1) for i in other.tolist()]
+    values, nan_mask = _measurements(record)
+    for j in range(len(MEASUREMENTS)):
+        for i in np.flatnonzero(_odd_numbers(values[:, j])).tolist():
+            aux_texts.append("%.12g" % values[i, j])
+            aux_at.append((i, 2 + j))
+    aux_bounds = np.full((n, FIELDS, 2), -1, np.int64)
+    aux_data, spans = text_bytes(aux_texts)
+    if aux_at:
+        rows, fields = np.array(aux_at).T
+        aux_bounds[rows, fields] = spans
+    ids = text_bytes(_ids(record))
+    task_arr, keys, which = _row_templates(record, nan_mask, ring_only)
+    parts, part_bounds = templates.part_bytes(keys)
+    if empty.any():
+        log.warning("skipped %d empty geometries", int(empty.sum()))
+    keep = np.flatnonzero(~empty)
+    text, starts, ends = feature_bytes(keep, which, parts, part_bounds, ids, (xy, ring_ptr, row_rings), values,
+                                       (aux_data, aux_bounds))
+    return task_arr[keep], text, starts, ends
+
+
+#: write features with the compiled kernels where numba allows (else the Python formatting below)
+_USE_KERNELS = True
 
 
 def _features(
     table_path: Path, *, batch_rows: int, templates: _Templates, row_groups: list[int] | None = None
-) -> Iterable[tuple[np.ndarray, list[str]]]:
-    """Yield (task per feature, feature JSON text) for each record batch of the table (or of its ``row_groups``)."""
-    import pyarrow.compute as pc
-
+) -> Iterable[Features]:
+    """Yield the features of each record batch of the table (or of its ``row_groups``)."""
+    compiled = _USE_KERNELS and kernels_available()
     for record in iter_table(table_path, columns=_COLUMNS, batch_rows=batch_rows, row_groups=row_groups):
-        if record.num_rows == 0:
-            continue
-        geoms = shapely.from_wkb(numpy_of(record.column("geometry")))
-        geo_json, ring_only = _geometry_texts(geoms)
-        id_col = record.column("id")
-        ids = id_col.to_pylist()
-        if not pc.all(pc.match_substring_regex(id_col, _UUID_RE)).as_py():
-            log.warning("object ids that are not UUIDs: QuPath will not keep them")
-            ids = [json.dumps(str(i))[1:-1] for i in ids]
-        values, nan_mask = [], np.zeros(record.num_rows, dtype=np.int64)
-        for j, column in enumerate(MEASUREMENTS):
-            v = numpy_of(record.column(column)).astype(np.float64, copy=False)
-            finite = np.isfinite(v)
-            nan_mask |= (~finite).astype(np.int64) << j
-            values.append(_number_texts(np.round(v, 4)))
-        task_arr, chosen, which = _row_templates(record, nan_mask, ring_only, templates)
-        texts = [chosen[i] % row for i, row in zip(which, zip(ids, geo_json, *values))]
-        empty = shapely.is_empty(geoms)
-        if empty.any():
-            log.warning("skipped %d empty geometries", int(empty.sum()))
-            keep = ~empty
-            texts = [t for t, k in zip(texts, keep.tolist()) if k]
-            task_arr = task_arr[keep]
-        yield task_arr, texts
+        if record.num_rows:
+            yield _compiled_features(record, templates) if compiled else _text_features(record, templates)
 
 
 class _Sink:
@@ -288,16 +403,20 @@ class _Sink:
         self.tasks = tasks
         self.count = 0
 
-    def write(self, texts: Sequence[str]) -> None:
-        """Append features, :data:`_WRITE_FEATURES` at a time (no copy of a whole batch's text)."""
-        for i in range(0, len(texts), _WRITE_FEATURES):
-            part = texts[i : i + _WRITE_FEATURES]
-            self.fh.write(((",\n" if self.count else "") + ",\n".join(part)).encode("utf-8"))
-            self.count += len(part)
-
-
-#: features joined and encoded at a time by :meth:`_Sink.write`
-_WRITE_FEATURES = 2048
+    def write(self, features: Features) -> None:
+        """Append a batch's features of this sink's tasks: runs of consecutive ones straight from
+        the batch's text (no copy)."""
+        task_arr, text, starts, ends = features
+        chosen = np.flatnonzero(np.isin(task_arr, list(self.tasks)))
+        if not len(chosen):
+            return
+        breaks = np.flatnonzero(np.diff(chosen) != 1) + 1
+        view = memoryview(text)
+        for run in np.split(chosen, breaks):
+            if self.count:
+                self.fh.write(b",\n")
+            self.fh.write(view[starts[run[0]] : ends[run[-1]]])
+            self.count += len(run)
 
 
 def _open_stream(stack: contextlib.ExitStack, tmp: Path, *, gz: bool) -> IO[bytes]:
@@ -310,18 +429,18 @@ def _open_stream(stack: contextlib.ExitStack, tmp: Path, *, gz: bool) -> IO[byte
 
 def _format_row_group(
     table_path: Path, row_group: int, colors: dict[tuple[str, str], tuple[int, int, int]], batch_rows: int
-) -> list[tuple[np.ndarray, list[str]]]:
-    """Worker-process job: the feature texts of one row group."""
+) -> list[Features]:
+    """Worker-process job: the features of one row group."""
     return list(_features(table_path, batch_rows=batch_rows, templates=_Templates(colors), row_groups=[row_group]))
 
 
 def _parallel_features(
     table_path: Path, *, colors: dict[tuple[str, str], tuple[int, int, int]], batch_rows: int, workers: int
-) -> Iterator[tuple[np.ndarray, list[str]]]:
-    """Feature texts formatted by ``workers`` processes, one row group each, yielded in table order.
+) -> Iterator[Features]:
+    """Features formatted by ``workers`` processes, one row group each, yielded in table order.
 
-    At most ``workers`` row groups are in flight (the texts of one row group, ~90 MB for 67,000
-    nuclei, wait here until their turn), so memory stays bounded; a worker that dies is survived as
+    At most ``workers`` row groups are in flight (the text of one row group, ~45 MB for 64,000
+    objects, waits here until its turn), so memory stays bounded; a worker that dies is survived as
     :func:`~wsi_mtl.postprocess._pool.ordered_results` says.
     """
     import pyarrow.parquet as pq
@@ -330,9 +449,9 @@ def _parallel_features(
 
     n_groups = pq.ParquetFile(table_path).metadata.num_row_groups
     jobs = [(table_path, group, colors, batch_rows) for group in range(n_groups)]
-    for texts in ordered_results(_formatting_pool, _format_row_group, jobs,
-                                 workers=workers, describe=lambda i: f"row group {i} of {table_path.name}", ahead=1):
-        yield from texts
+    for batches in ordered_results(_formatting_pool, _format_row_group, jobs,
+                                   workers=workers, describe=lambda i: f"row group {i} of {table_path.name}", ahead=1):
+        yield from batches
 
 
 def _formatting_pool(workers: int) -> ProcessPoolExecutor:
@@ -381,12 +500,9 @@ def _write_many(
             sink = _Sink(_open_stream(stack, tmp, gz=gz), tasks)
             sink.fh.write(_HEADER)
             sinks.append((final, sink))
-        for task_arr, texts in features:
+        for batch in features:
             for _, sink in sinks:
-                if sink.tasks >= set(task_arr):
-                    sink.write(texts)
-                else:
-                    sink.write([t for t, task in zip(texts, task_arr.tolist()) if task in sink.tasks])
+                sink.write(batch)
         for _, sink in sinks:
             sink.fh.write(_FOOTER)
     counts = {final: sink.count for final, sink in sinks}

@@ -1,0 +1,255 @@
+"""GeoJSON features written as bytes by compiled kernels (numba), a record batch at a time.
+
+:func:`polygon_rings` reads the rings of 2-d little-endian WKB polygons in place (no shapely
+geometry is made); :func:`feature_bytes` writes each feature from its template's literal parts,
+its id, its rings' coordinates (rounded to 0.01, as orjson writes them: shortest text, ``.0`` on
+whole numbers) and its measurements (rounded to 0.0001, as ``%.12g`` writes them), every field
+taken from ``aux`` text instead where the caller gives one. Features are joined by ``,\\n``.
+Without numba both return None and the caller formats text in Python (the same bytes).
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+
+import numpy as np
+
+from .._numba import LazyKernel
+
+__all__ = ["polygon_rings", "feature_bytes", "text_bytes", "FIELDS"]
+
+#: fields of a feature, in template order: id, geometry and the measurements
+FIELDS = 9
+_MEASURE0 = 2  # the first measurement field
+_SEP0, _SEP1 = 44, 10  # ",\n" between features
+
+
+def _u32(data, p):  # noqa: ANN001, ANN202 (compiled helper)
+    """The little-endian uint32 at ``data[p:p + 4]``."""
+    return np.int64(data[p]) | (np.int64(data[p + 1]) << 8) | (np.int64(data[p + 2]) << 16) | (np.int64(data[p + 3]) << 24)
+
+
+def _scan_py(offsets, data, rings, points):  # noqa: ANN001, ANN202 (compiled helper)
+    """Each WKB's number of rings and points where it is a 2-d little-endian polygon whose
+    bytes end with its last ring; -1 rings for anything else."""
+    for i in range(len(offsets) - 1):
+        s, e = offsets[i], offsets[i + 1]
+        rings[i], points[i] = -1, 0
+        if e - s < 9 or data[s] != 1 or _u32(data, s + 1) != 3:
+            continue
+        n_rings, p, n_points = _u32(data, s + 5), s + 9, 0
+        for _ in range(n_rings):
+            if p + 4 > e:
+                break
+            n = _u32(data, p)
+            p += 4 + 16 * n
+            n_points += n
+        if p == e:
+            rings[i], points[i] = n_rings, n_points
+
+
+def _copy_rings_py(offsets, data, rows, ring_sizes, xy):  # noqa: ANN001, ANN202 (compiled helper)
+    """The point count of each ring and the coordinate bytes of the polygons ``rows``, in order."""
+    r, q = 0, 0
+    for i in rows:
+        n_rings, p = _u32(data, offsets[i] + 5), offsets[i] + 9
+        for _ in range(n_rings):
+            n = _u32(data, p)
+            ring_sizes[r] = n
+            xy[q : q + 16 * n] = data[p + 4 : p + 4 + 16 * n]
+            r += 1
+            q += 16 * n
+            p += 4 + 16 * n
+
+
+def _digits(v):  # noqa: ANN001, ANN202 (compiled helper)
+    """The number of decimal digits of ``v`` >= 0."""
+    n = 1
+    while v >= 10:
+        v //= 10
+        n += 1
+    return n
+
+
+def _put_int(out, pos, v, width):  # noqa: ANN001, ANN202 (compiled helper)
+    """Write ``v`` >= 0 in ``width`` digits (leading zeros) at ``pos``; the position after it."""
+    for j in range(width - 1, -1, -1):
+        out[pos + j] = 48 + v % 10
+        v //= 10
+    return pos + width
+
+
+def _put_fixed(out, pos, value, scale, places, whole_suffix):  # noqa: ANN001, ANN202 (compiled helper)
+    """``value`` rounded to ``places`` decimals (``scale`` = 10**places) as the shortest decimal:
+    trailing zeros dropped, and a whole number written bare or with ``.0`` (``whole_suffix``)."""
+    k = np.rint(value * scale)
+    if math.copysign(1.0, k) < 0:
+        out[pos] = 45  # -
+        pos += 1
+        k = -k
+    k = np.int64(k)
+    whole, frac = k // scale, k % scale
+    pos = _put_int(out, pos, whole, _digits(whole))
+    if frac == 0:
+        if whole_suffix:
+            out[pos], out[pos + 1] = 46, 48  # .0
+            pos += 2
+        return pos
+    width = places
+    while frac % 10 == 0:
+        frac //= 10
+        width -= 1
+    out[pos] = 46  # .
+    return _put_int(out, pos + 1, frac, width)
+
+
+def _put_bytes(out, pos, src, a, b):  # noqa: ANN001, ANN202 (compiled helper)
+    out[pos : pos + b - a] = src[a:b]
+    return pos + b - a
+
+
+def _put_rings(out, pos, xy, ring_ptr, r0, r1):  # noqa: ANN001, ANN202 (compiled helper)
+    """The points of rings ``r0:r1`` as ``[x,y],...`` with ``],[`` between rings."""
+    for r in range(r0, r1):
+        if r > r0:
+            out[pos], out[pos + 1], out[pos + 2] = 93, 44, 91  # ],[
+            pos += 3
+        for p in range(ring_ptr[r], ring_ptr[r + 1]):
+            if p > ring_ptr[r]:
+                out[pos] = 44  # ,
+                pos += 1
+            out[pos] = 91  # [
+            pos = _put_fixed(out, pos + 1, xy[p, 0], 100, 2, True)
+            out[pos] = 44  # ,
+            pos = _put_fixed(out, pos + 1, xy[p, 1], 100, 2, True)
+            out[pos] = 93  # ]
+            pos += 1
+    return pos
+
+
+def _put_row(out, pos, i, t, parts, part_bounds, ids, id_bounds, xy, ring_ptr, row_rings, values, aux, aux_bounds):  # noqa: ANN001, ANN202, E501 (compiled helper)
+    """One feature: its template's parts with the fields between them."""
+    for f in range(FIELDS):
+        pos = _put_bytes(out, pos, parts, part_bounds[t, f, 0], part_bounds[t, f, 1])
+        if aux_bounds[i, f, 0] >= 0:
+            pos = _put_bytes(out, pos, aux, aux_bounds[i, f, 0], aux_bounds[i, f, 1])
+        elif f == 0:
+            pos = _put_bytes(out, pos, ids, id_bounds[i, 0], id_bounds[i, 1])
+        elif f == 1:
+            pos = _put_rings(out, pos, xy, ring_ptr, row_rings[i], row_rings[i + 1])
+        elif np.isfinite(values[i, f - _MEASURE0]):
+            pos = _put_fixed(out, pos, values[i, f - _MEASURE0], 10000, 4, False)
+    return _put_bytes(out, pos, parts, part_bounds[t, FIELDS, 0], part_bounds[t, FIELDS, 1])
+
+
+def _features_py(rows, templates, parts, part_bounds, ids, id_bounds, xy, ring_ptr, row_rings, values, aux, aux_bounds, out, starts, ends):  # noqa: ANN001, ANN202, E501 (compiled helper)
+    """Write the features of ``rows`` joined by ``,\\n`` into ``out`` (large enough); each one's
+    span in ``starts``/``ends``; returns the length written."""
+    pos = 0
+    for j in range(len(rows)):
+        if j:
+            out[pos], out[pos + 1] = _SEP0, _SEP1
+            pos += 2
+        starts[j] = pos
+        pos = _put_row(out, pos, rows[j], templates[rows[j]], parts, part_bounds, ids, id_bounds, xy, ring_ptr,
+                       row_rings, values, aux, aux_bounds)
+        ends[j] = pos
+    return pos
+
+
+_SCAN = LazyKernel(globals(), "_scan_py", "_u32")
+_COPY = LazyKernel(globals(), "_copy_rings_py", "_u32")
+_FEATURES = LazyKernel(globals(), "_features_py", "_digits", "_put_int", "_put_fixed", "_put_bytes", "_put_rings",
+                       "_put_row")
+
+
+def kernels_available() -> bool:
+    """Whether the compiled writer can run here (numba allowed, a little-endian machine)."""
+    return sys.byteorder == "little" and _FEATURES.get() is not None
+
+
+def polygon_rings(offsets: np.ndarray, data: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Read the WKB of each row (``data[offsets[i]:offsets[i + 1]]``).
+
+    Returns each row's ring count (-1: not a 2-d little-endian polygon, left to shapely; 0: an
+    empty polygon), the (m, 2) float64 coordinates of all polygons' points in row order, the
+    point index where each ring starts (one more entry: the end) and the ring index where each
+    row's rings start (one more entry).
+    """
+    n = len(offsets) - 1
+    rings, points = np.empty(n, np.int64), np.empty(n, np.int64)
+    _SCAN.get()(offsets, data, rings, points)
+    polygons = np.flatnonzero(rings > 0)
+    row_rings = np.zeros(n + 1, np.int64)
+    np.cumsum(np.maximum(rings, 0), out=row_rings[1:])
+    ring_sizes = np.empty(row_rings[-1], np.int64)
+    xy_bytes = np.empty(16 * int(points[polygons].sum()), np.uint8)
+    _COPY.get()(offsets, data, polygons, ring_sizes, xy_bytes)
+    ring_ptr = np.zeros(len(ring_sizes) + 1, np.int64)
+    np.cumsum(ring_sizes, out=ring_ptr[1:])
+    return rings, xy_bytes.view(np.float64).reshape(-1, 2), ring_ptr, row_rings
+
+
+def feature_bytes(
+    rows: np.ndarray,
+    templates: np.ndarray,
+    parts: np.ndarray,
+    part_bounds: np.ndarray,
+    ids: tuple[np.ndarray, np.ndarray],
+    rings: tuple[np.ndarray, np.ndarray, np.ndarray],
+    values: np.ndarray,
+    aux: tuple[np.ndarray, np.ndarray],
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The features of ``rows`` (in that order) joined by ``,\\n``, and each one's start and end.
+
+    ``templates``: each row's template, whose :data:`FIELDS` + 1 literal parts are
+    ``parts[part_bounds[t, j, 0]:part_bounds[t, j, 1]]``; ``ids``: UTF-8 bytes and (n, 2) spans;
+    ``rings``: (m, 2) coordinates, ring starts and each row's first ring (from
+    :func:`polygon_rings`); ``values``: (n, 7) measurements rounded to 4 decimals (NaN: nothing
+    written; every other value finite and under 1e8, or whole and under 1e12, and not -0);
+    ``aux``: UTF-8 bytes and (n, :data:`FIELDS`, 2) spans of text written instead of a field
+    (start -1: none).
+    """
+    rows = np.ascontiguousarray(rows, np.int64)
+    starts, ends = np.empty(len(rows), np.int64), np.empty(len(rows), np.int64)
+    out = np.empty(_size_bound(rows, templates, part_bounds, ids[1], rings, aux[1]), np.uint8)
+    size = _FEATURES.get()(
+        rows, np.ascontiguousarray(templates, np.int64), parts, part_bounds, ids[0], ids[1], *rings,
+        np.ascontiguousarray(values, np.float64), aux[0], aux[1], out, starts, ends,
+    )
+    return out[:size], starts, ends
+
+
+#: the most bytes a measurement takes: sign, 8 digits, point and 4 decimals (whole numbers: 12 digits)
+_NUMBER_BYTES = 14
+
+
+def _size_bound(rows: np.ndarray, templates: np.ndarray, part_bounds: np.ndarray, id_bounds: np.ndarray,
+                rings: tuple[np.ndarray, np.ndarray, np.ndarray], aux_bounds: np.ndarray) -> int:
+    """An upper bound of the bytes :func:`feature_bytes` writes for ``rows`` (a coordinate takes
+    at most a sign, the digits of the batch's largest, a point and 2 decimals)."""
+    xy, ring_ptr, row_rings = rings
+    part_sizes = (part_bounds[:, :, 1] - part_bounds[:, :, 0]).sum(axis=1)
+    finite = np.abs(xy[np.isfinite(xy)])
+    digits = len(str(int(finite.max()) + 1)) if len(finite) else 1  # + 1: rounding up can add a digit
+    points = ring_ptr[row_rings[rows + 1]] - ring_ptr[row_rings[rows]]
+    rings_of = row_rings[rows + 1] - row_rings[rows]
+    aux_sizes = np.where(aux_bounds[rows, :, 0] >= 0, aux_bounds[rows, :, 1] - aux_bounds[rows, :, 0], 0).sum(axis=1)
+    per_row = (part_sizes[templates[rows]] + (id_bounds[rows, 1] - id_bounds[rows, 0]) + aux_sizes
+               + points * (2 * (digits + 4) + 4) + 3 * rings_of + _NUMBER_BYTES * (FIELDS - _MEASURE0) + 2)
+    return int(per_row.sum())
+
+
+def text_bytes(texts: list[str], sep: str = "") -> tuple[np.ndarray, np.ndarray]:
+    """The UTF-8 bytes of ``texts`` joined by ``sep``, and each text's (start, end) in them."""
+    joined = sep.join(texts)
+    data = joined.encode("utf-8")
+    lengths = np.fromiter(map(len, texts), np.int64, count=len(texts))
+    if len(data) != len(joined):  # not all ASCII: lengths in bytes
+        lengths = np.fromiter((len(t.encode("utf-8")) for t in texts), np.int64, count=len(texts))
+    bounds = np.zeros((len(texts), 2), np.int64)
+    np.cumsum(lengths + len(sep.encode("utf-8")), out=bounds[:, 1])
+    bounds[:, 1] -= len(sep.encode("utf-8"))
+    bounds[:, 0] = bounds[:, 1] - lengths
+    return np.frombuffer(data, np.uint8), bounds

@@ -490,3 +490,54 @@ def test_measurement_texts_match_percent_g() -> None:
     expected = ["%.12g" % v if np.isfinite(v) else "" for v in values.tolist()]
     assert texts == expected
     assert _geojson._number_texts(np.array([0.0, 1.0, np.nan, -0.0])) == ["0", "1", "", "-0"]
+
+
+def _rings_of(geoms: list[shapely.Geometry]) -> tuple[np.ndarray, tuple[np.ndarray, np.ndarray, np.ndarray]]:
+    """The compiled reader's view of polygons (rows, then its rings) via their WKB."""
+    from wsi_mtl.export import _geojson_bytes
+
+    wkb = shapely.to_wkb(np.array(geoms, dtype=object))
+    offsets = np.zeros(len(wkb) + 1, np.int64)
+    np.cumsum([len(w) for w in wkb], out=offsets[1:])
+    n_rings, *rings = _geojson_bytes.polygon_rings(offsets, np.frombuffer(b"".join(wkb), np.uint8))
+    return n_rings, tuple(rings)
+
+
+def test_rounding_safety_is_never_wrong_and_flags_near_misses() -> None:
+    """A polygon called safe stays valid when rounded to 0.01 (thousands of jagged rings and rings
+    with holes, at scales where rounding moves points by up to half their spacing); slivers,
+    spikes, touching and crossing rings, and tiny rings are not called safe."""
+    from wsi_mtl.export import _geojson_bytes
+
+    if not _geojson_bytes.kernels_available():
+        pytest.skip("numba is not installed or WSIMTL_NO_NUMBA is set: no compiled writer to check")
+    rng = np.random.default_rng(11)
+    geoms = []
+    for i in range(3000):
+        vertices = int(rng.integers(4, 40))
+        angles = np.sort(rng.uniform(0, 2 * np.pi, vertices))
+        radius = rng.choice([0.02, 0.05, 0.3, 5.0]) * rng.uniform(0.3, 1.0, vertices)
+        cx, cy = rng.uniform(-100, 5000, 2)
+        ring = shapely.Polygon(np.c_[cx + radius * np.cos(angles), cy + radius * np.sin(angles)])
+        if i % 4 == 0 and ring.is_valid:
+            ring = ring.difference(shapely.Point(cx, cy).buffer(radius.min() * 0.5, 4))
+        if ring.is_valid and not ring.is_empty and ring.geom_type == "Polygon":
+            geoms.append(ring)
+    n_rings, rings = _rings_of(geoms)
+    safe = _geojson_bytes.rounding_safe(np.arange(len(geoms)), rings)
+    rounded_valid = shapely.is_valid(shapely.transform(np.array(geoms, dtype=object), lambda c: np.round(c, 2)))
+    assert len(geoms) > 2000 and (n_rings >= 1).all()
+    assert rounded_valid[safe].all()
+    assert (~rounded_valid).sum() > 50 and 0.2 < safe.mean() < 0.95  # the check has work on both sides
+
+    near = [
+        shapely.Polygon([(0, 0), (10, 0), (10, 0.004), (5, 0.003), (0, 0.004)]),  # sliver
+        shapely.Polygon([(0, 0), (10, 0), (10, 10), (5, 10), (5.004, 0.01), (4.996, 10), (0, 10)]),  # spike
+        shapely.Polygon([(0, 0), (10, 0), (10, 10), (0, 10)], [[(0, 5), (3, 4), (3, 6), (0, 5)]]),  # hole touching
+        shapely.Polygon([(0, 0), (10, 10), (10, 0), (0, 10)]),  # bowtie: crossing edges
+        shapely.Polygon([(0, 0), (0.004, 0), (0, 0.004)]),  # tiny
+        shapely.Polygon([(0, 0), (10, 0), (10, 10), (0, 10)], [[(1, 1), (9.99, 1), (9.99, 9), (1, 9)]]),  # hole near shell
+    ]
+    assert not _geojson_bytes.rounding_safe(np.arange(len(near)), _rings_of(near)[1]).any()
+    apart = [shapely.box(0, 0, 10, 10), shapely.Polygon([(0, 0), (10, 0), (10, 10), (0, 10)], [[(1, 1), (9, 1), (9, 9), (1, 9)]])]
+    assert _geojson_bytes.rounding_safe(np.arange(2), _rings_of(apart)[1]).all()

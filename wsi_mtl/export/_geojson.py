@@ -52,7 +52,7 @@ except ImportError:  # pragma: no cover - depends on the environment
 from ..atomic import atomic_path
 from ..objects import TASKS
 from ._arrow import binary_buffers, numpy_of
-from ._geojson_bytes import FIELDS, feature_bytes, kernels_available, polygon_rings, text_bytes
+from ._geojson_bytes import FIELDS, feature_bytes, kernels_available, polygon_rings, rounding_safe, text_bytes
 from ._table import class_groups, iter_table, read_table_info
 
 if TYPE_CHECKING:
@@ -335,23 +335,33 @@ def _odd_numbers(values: np.ndarray) -> np.ndarray:
     return finite & ((np.abs(clean) >= np.where(whole, 1e12, 1e8)) | ((clean == 0) & np.signbit(clean)))
 
 
+def _any_per_row(flags: np.ndarray, point_bounds: np.ndarray) -> np.ndarray:
+    """Whether any point of each row (points ``point_bounds[i]:point_bounds[i + 1]``) is flagged."""
+    before = np.zeros(len(flags) + 1, np.int64)
+    np.cumsum(flags, out=before[1:])
+    return before[point_bounds[1:]] > before[point_bounds[:-1]]
+
+
 def _compiled_features(record: pa.RecordBatch, templates: _Templates) -> Features:
     """A record batch's features, written by the compiled kernels (:mod:`._geojson_bytes`).
 
-    Polygons whose coordinates rounding to 0.01 leaves in place (traced outlines sit on half
-    pixels) are written by the kernel; any other geometry as :func:`_geometry_texts` writes it.
+    Polygons are written by the kernel where rounding their coordinates to 0.01 cannot change
+    their validity (:func:`~._geojson_bytes.rounding_safe`, asked only of those it moves); any
+    other geometry as :func:`_geometry_texts` writes it (which checks the rounded polygon).
     """
     n = record.num_rows
     offsets, data = binary_buffers(record.column("geometry"))
     n_rings, xy, ring_ptr, row_rings = polygon_rings(offsets, data)
+    rings = (xy, ring_ptr, row_rings)
     point_bounds = ring_ptr[row_rings]
-    bad = ~((np.round(xy, 2) == xy) & (np.abs(xy) < 1e9)).all(axis=1)  # NaN is bad too
-    bad_before = np.zeros(len(bad) + 1, np.int64)
-    np.cumsum(bad, out=bad_before[1:])
-    exact = (n_rings > 0) & (bad_before[point_bounds[1:]] == bad_before[point_bounds[:-1]])
-    other = np.flatnonzero((n_rings != 0) & ~exact)
+    unreadable = _any_per_row(~(np.abs(xy) < 1e9).all(axis=1), point_bounds)  # NaN too
+    moved = _any_per_row((np.round(xy, 2) != xy).any(axis=1), point_bounds)
+    by_kernel = (n_rings > 0) & ~unreadable
+    check = np.flatnonzero(by_kernel & moved)
+    by_kernel[check[~rounding_safe(check, rings)]] = False
+    other = np.flatnonzero((n_rings != 0) & ~by_kernel)
     empty = n_rings == 0
-    ring_only = exact.copy()
+    ring_only = by_kernel.copy()
     aux_texts, aux_at = [], []  # text written instead of a field, at (row, field)
     if len(other):
         geoms = shapely.from_wkb([data[offsets[i] : offsets[i + 1]].tobytes() for i in other.tolist()])
@@ -376,8 +386,7 @@ def _compiled_features(record: pa.RecordBatch, templates: _Templates) -> Feature
     if empty.any():
         log.warning("skipped %d empty geometries", int(empty.sum()))
     keep = np.flatnonzero(~empty)
-    text, starts, ends = feature_bytes(keep, which, parts, part_bounds, ids, (xy, ring_ptr, row_rings), values,
-                                       (aux_data, aux_bounds))
+    text, starts, ends = feature_bytes(keep, which, parts, part_bounds, ids, rings, values, (aux_data, aux_bounds))
     return task_arr[keep], text, starts, ends
 
 

@@ -17,7 +17,7 @@ import numpy as np
 
 from .._numba import LazyKernel
 
-__all__ = ["polygon_rings", "feature_bytes", "text_bytes", "FIELDS"]
+__all__ = ["polygon_rings", "rounding_safe", "feature_bytes", "text_bytes", "kernels_available", "FIELDS"]
 
 #: fields of a feature, in template order: id, geometry and the measurements
 FIELDS = 9
@@ -158,8 +158,86 @@ def _features_py(rows, templates, parts, part_bounds, ids, id_bounds, xy, ring_p
     return pos
 
 
+def _point_segment_d2(px, py, ax, ay, bx, by):  # noqa: ANN001, ANN202 (compiled helper)
+    """The squared distance from point p to segment ab."""
+    dx, dy = bx - ax, by - ay
+    length2 = dx * dx + dy * dy
+    t = 0.0 if length2 == 0 else min(1.0, max(0.0, ((px - ax) * dx + (py - ay) * dy) / length2))
+    ex, ey = ax + t * dx - px, ay + t * dy - py
+    return ex * ex + ey * ey
+
+
+def _cross(ax, ay, bx, by, cx, cy):  # noqa: ANN001, ANN202 (compiled helper)
+    """The sign of the turn a -> b -> c (1 left, -1 right, 0 straight)."""
+    v = (bx - ax) * (cy - ay) - (by - ay) * (cx - ax)
+    return 1 if v > 0 else (-1 if v < 0 else 0)
+
+
+def _edges_apart(xy, i, j, tol2):  # noqa: ANN001, ANN202 (compiled helper)
+    """Whether the segments from points i and j (to i + 1, j + 1) are more than tol apart."""
+    ax, ay, bx, by = xy[i, 0], xy[i, 1], xy[i + 1, 0], xy[i + 1, 1]
+    cx, cy, dx, dy = xy[j, 0], xy[j, 1], xy[j + 1, 0], xy[j + 1, 1]
+    if (_cross(ax, ay, bx, by, cx, cy) * _cross(ax, ay, bx, by, dx, dy) < 0
+            and _cross(cx, cy, dx, dy, ax, ay) * _cross(cx, cy, dx, dy, bx, by) < 0):
+        return False  # they cross
+    return min(_point_segment_d2(ax, ay, cx, cy, dx, dy), _point_segment_d2(bx, by, cx, cy, dx, dy),
+               _point_segment_d2(cx, cy, ax, ay, bx, by), _point_segment_d2(dx, dy, ax, ay, bx, by)) > tol2
+
+
+def _rounding_safe_py(xy, ring_ptr, row_rings, rows, tol, safe):  # noqa: ANN001, ANN202 (compiled helper)
+    """Whether moving every point of each polygon ``rows`` by less than tol / 2 keeps it as valid
+    as it is: every two edges more than ``tol`` apart, and of two edges that meet, each one's far
+    end more than ``tol`` from the other edge. Edges are swept by x, so only pairs whose x and y
+    spans come within tol are measured."""
+    tol2 = tol * tol
+    most = 1
+    for n in range(len(rows)):
+        most = max(most, ring_ptr[row_rings[rows[n] + 1]] - ring_ptr[row_rings[rows[n]]])
+    starts, ring_of = np.empty(most, np.int64), np.empty(most, np.int64)
+    lo, hi, order = np.empty(most), np.empty(most), np.empty(most, np.int64)
+    bottom, top = np.empty(most), np.empty(most)
+    for n in range(len(rows)):
+        ok, m = True, 0
+        for r in range(row_rings[rows[n]], row_rings[rows[n] + 1]):
+            ok = ok and ring_ptr[r + 1] - ring_ptr[r] >= 4
+            for e in range(ring_ptr[r], ring_ptr[r + 1] - 1):  # the edge from point e to e + 1
+                starts[m], ring_of[m] = e, r
+                lo[m], hi[m] = min(xy[e, 0], xy[e + 1, 0]), max(xy[e, 0], xy[e + 1, 0])
+                bottom[m], top[m] = min(xy[e, 1], xy[e + 1, 1]), max(xy[e, 1], xy[e + 1, 1])
+                m += 1
+        for a in range(m):  # insertion sort by lo: outlines are short and their edges come nearly sorted in runs
+            order[a] = a
+            b = a
+            while b > 0 and lo[order[b - 1]] > lo[a]:
+                order[b] = order[b - 1]
+                b -= 1
+            order[b] = a
+        for a in range(m):
+            if not ok:
+                break
+            e, r = starts[order[a]], ring_of[order[a]]
+            for b in range(a + 1, m):
+                if lo[order[b]] > hi[order[a]] + tol:
+                    break
+                if bottom[order[b]] > top[order[a]] + tol or bottom[order[a]] > top[order[b]] + tol:
+                    continue  # apart in y
+                f = starts[order[b]]
+                first, last = ring_ptr[r], ring_ptr[r + 1] - 2  # the ring's first and last edge
+                if r == ring_of[order[b]] and (abs(e - f) == 1 or (min(e, f) == first and max(e, f) == last)):
+                    p, q = (e, f) if (f == e + 1 or (e == last and f == first)) else (f, e)  # p's end is q's start
+                    if (_point_segment_d2(xy[q + 1, 0], xy[q + 1, 1], xy[p, 0], xy[p, 1], xy[p + 1, 0], xy[p + 1, 1]) <= tol2
+                            or _point_segment_d2(xy[p, 0], xy[p, 1], xy[q, 0], xy[q, 1], xy[q + 1, 0], xy[q + 1, 1]) <= tol2):
+                        ok = False
+                        break
+                elif not _edges_apart(xy, e, f, tol2):
+                    ok = False
+                    break
+        safe[n] = ok
+
+
 _SCAN = LazyKernel(globals(), "_scan_py", "_u32")
 _COPY = LazyKernel(globals(), "_copy_rings_py", "_u32")
+_SAFE = LazyKernel(globals(), "_rounding_safe_py", "_point_segment_d2", "_cross", "_edges_apart")
 _FEATURES = LazyKernel(globals(), "_features_py", "_digits", "_put_int", "_put_fixed", "_put_bytes", "_put_rings",
                        "_put_row")
 
@@ -191,6 +269,18 @@ def polygon_rings(offsets: np.ndarray, data: np.ndarray) -> tuple[np.ndarray, np
     return rings, xy_bytes.view(np.float64).reshape(-1, 2), ring_ptr, row_rings
 
 
+#: how far rounding to 0.01 can move a point (half the grid's diagonal), with room for float error
+_ROUNDING_MOVE = 0.00708
+
+
+def rounding_safe(rows: np.ndarray, rings: tuple[np.ndarray, np.ndarray, np.ndarray]) -> np.ndarray:
+    """Whether rounding the coordinates of each polygon ``rows`` to 0.01 cannot change its validity
+    (see :func:`_rounding_safe_py`); False means: check the rounded polygon itself."""
+    safe = np.empty(len(rows), np.bool_)
+    _SAFE.get()(*rings, np.ascontiguousarray(rows, np.int64), 2 * _ROUNDING_MOVE, safe)
+    return safe
+
+
 def feature_bytes(
     rows: np.ndarray,
     templates: np.ndarray,
@@ -213,7 +303,7 @@ def feature_bytes(
     """
     rows = np.ascontiguousarray(rows, np.int64)
     starts, ends = np.empty(len(rows), np.int64), np.empty(len(rows), np.int64)
-    out = np.empty(_size_bound(rows, templates, part_bounds, ids[1], rings, aux[1]), np.uint8)
+    out = np.empty(_size_bound(rows, templates, part_bounds, ids[0], rings, aux[0]), np.uint8)
     size = _FEATURES.get()(
         rows, np.ascontiguousarray(templates, np.int64), parts, part_bounds, ids[0], ids[1], *rings,
         np.ascontiguousarray(values, np.float64), aux[0], aux[1], out, starts, ends,
@@ -225,20 +315,18 @@ def feature_bytes(
 _NUMBER_BYTES = 14
 
 
-def _size_bound(rows: np.ndarray, templates: np.ndarray, part_bounds: np.ndarray, id_bounds: np.ndarray,
-                rings: tuple[np.ndarray, np.ndarray, np.ndarray], aux_bounds: np.ndarray) -> int:
-    """An upper bound of the bytes :func:`feature_bytes` writes for ``rows`` (a coordinate takes
-    at most a sign, the digits of the batch's largest, a point and 2 decimals)."""
-    xy, ring_ptr, row_rings = rings
+def _size_bound(rows: np.ndarray, templates: np.ndarray, part_bounds: np.ndarray, ids: np.ndarray,
+                rings: tuple[np.ndarray, np.ndarray, np.ndarray], aux: np.ndarray) -> int:
+    """An upper bound of the bytes :func:`feature_bytes` writes for ``rows``: their templates'
+    parts, and every id, aux text and point of the batch (a coordinate takes at most a sign, the
+    digits of the batch's largest, a point and 2 decimals)."""
+    xy, ring_ptr, _ = rings
     part_sizes = (part_bounds[:, :, 1] - part_bounds[:, :, 0]).sum(axis=1)
     finite = np.abs(xy[np.isfinite(xy)])
     digits = len(str(int(finite.max()) + 1)) if len(finite) else 1  # + 1: rounding up can add a digit
-    points = ring_ptr[row_rings[rows + 1]] - ring_ptr[row_rings[rows]]
-    rings_of = row_rings[rows + 1] - row_rings[rows]
-    aux_sizes = np.where(aux_bounds[rows, :, 0] >= 0, aux_bounds[rows, :, 1] - aux_bounds[rows, :, 0], 0).sum(axis=1)
-    per_row = (part_sizes[templates[rows]] + (id_bounds[rows, 1] - id_bounds[rows, 0]) + aux_sizes
-               + points * (2 * (digits + 4) + 4) + 3 * rings_of + _NUMBER_BYTES * (FIELDS - _MEASURE0) + 2)
-    return int(per_row.sum())
+    per_row = _NUMBER_BYTES * (FIELDS - _MEASURE0) + 2
+    return int(part_sizes[templates[rows]].sum() + len(ids) + len(aux) + len(xy) * (2 * (digits + 4) + 4)
+               + 3 * len(ring_ptr) + per_row * len(rows))
 
 
 def text_bytes(texts: list[str], sep: str = "") -> tuple[np.ndarray, np.ndarray]:

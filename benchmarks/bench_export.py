@@ -14,6 +14,9 @@ wall-clock second and per CPU second (process time: on shared cores the wall clo
 neighbours too). Printed: features/s for the table and for GeoJSON, peak RSS per size, and the
 RSS ratio of the 4x run to the 1x run.
 
+Batches carry their WKB, as `segment`'s chunk processes hand them to the table (which then
+neither re-validates nor re-encodes them); ``--shapely`` hands it shapely polygons only.
+
 ``--compare REV`` instead times the table and GeoJSON writers of git revision REV against the
 working tree's in one process, alternately, best of ``--rounds`` (so that both see the same load),
 prints rows/s and features/s per CPU second of each and checks that both GeoJSON files are identical.
@@ -44,7 +47,23 @@ VERTICES = {"nuclei": 15, "gland": 325}
 
 
 def _real_shaped(n_objects: int, batch_size: int):
-    """``n_objects`` synthetic objects: 15-vertex nuclei and, among them, 325-vertex glands."""
+    """``n_objects`` synthetic objects: 15-vertex nuclei and, among them, 325-vertex glands, each
+    batch carrying its WKB as `segment`'s chunk processes hand it to the table (made there, so
+    not timed here); ``--shapely`` leaves it out (the table then validates and encodes them)."""
+    import shapely
+
+    for batch in _synthetic(n_objects, batch_size):
+        if not SHAPELY_ONLY:
+            batch.wkb = shapely.to_wkb(batch.geometry)
+        yield batch
+
+
+#: batches without WKB (set by ``--shapely``)
+SHAPELY_ONLY = False
+
+
+def _synthetic(n_objects: int, batch_size: int):
+    """The synthetic nuclei, then glands."""
     import itertools
 
     from wsi_mtl.export import synthetic_batches
@@ -169,9 +188,13 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=5_000, help="objects per synthetic batch")
     parser.add_argument("--compare", metavar="REV", default=None, help="time the writers of git revision REV against the working tree's")
     parser.add_argument("--rounds", type=int, default=2, help="--compare: best of this many rounds")
+    parser.add_argument("--shapely", action="store_true",
+                        help="hand the table shapely polygons only (as the Python API may), not the WKB segment hands it")
     parser.add_argument("--child", type=int, default=None, help=argparse.SUPPRESS)
     parser.add_argument("--out", type=Path, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    global SHAPELY_ONLY
+    SHAPELY_ONLY = args.shapely
 
     if args.child is not None:
         print(json.dumps(child(args.child, args.out, batch_size=args.batch_size)))
@@ -188,7 +211,8 @@ def main() -> None:
     results = []
     for n in (args.objects, 4 * args.objects):
         with tempfile.TemporaryDirectory(prefix="bench_export_") as tmp:
-            cmd = [sys.executable, __file__, "--child", str(n), "--out", tmp, "--batch-size", str(args.batch_size)]
+            cmd = [sys.executable, __file__, "--child", str(n), "--out", tmp, "--batch-size", str(args.batch_size),
+                   *(["--shapely"] if args.shapely else [])]
             proc = subprocess.run(cmd, check=True, capture_output=True, text=True)
             results.append(json.loads(proc.stdout.strip().splitlines()[-1]))
     for r in results:

@@ -63,45 +63,58 @@ def _copy_rings_py(offsets, data, rows, ring_sizes, xy):  # noqa: ANN001, ANN202
             p += 4 + 16 * n
 
 
-def _digits(v):  # noqa: ANN001, ANN202 (compiled helper)
-    """The number of decimal digits of ``v`` >= 0."""
-    n = 1
-    while v >= 10:
-        v //= 10
+def _put_whole(out, pos, v):  # noqa: ANN001, ANN202 (compiled helper)
+    """Write the digits of ``v`` >= 0 at ``pos``; the position after them."""
+    n, w = 1, v
+    while w >= 10:
+        w //= 10
         n += 1
-    return n
-
-
-def _put_int(out, pos, v, width):  # noqa: ANN001, ANN202 (compiled helper)
-    """Write ``v`` >= 0 in ``width`` digits (leading zeros) at ``pos``; the position after it."""
-    for j in range(width - 1, -1, -1):
-        out[pos + j] = 48 + v % 10
+    for j in range(pos + n - 1, pos - 1, -1):
+        out[j] = 48 + v % 10
         v //= 10
-    return pos + width
+    return pos + n
 
 
-def _put_fixed(out, pos, value, scale, places, whole_suffix):  # noqa: ANN001, ANN202 (compiled helper)
-    """``value`` rounded to ``places`` decimals (``scale`` = 10**places) as the shortest decimal:
-    trailing zeros dropped, and a whole number written bare or with ``.0`` (``whole_suffix``)."""
-    k = np.rint(value * scale)
-    if math.copysign(1.0, k) < 0:
+def _put_sign(out, pos, k):  # noqa: ANN001, ANN202 (compiled helper)
+    """Write ``-`` where the float ``k`` is negative (-0 too); the position after it and |k| as int."""
+    if k < 0 or (k == 0 and math.copysign(1.0, k) < 0):
         out[pos] = 45  # -
-        pos += 1
-        k = -k
-    k = np.int64(k)
-    whole, frac = k // scale, k % scale
-    pos = _put_int(out, pos, whole, _digits(whole))
+        return pos + 1, np.int64(-k)
+    return pos, np.int64(k)
+
+
+def _put_coordinate(out, pos, value):  # noqa: ANN001, ANN202 (compiled helper)
+    """``value`` rounded to 2 decimals, as orjson writes a float: shortest digits, ``.0`` when whole."""
+    pos, k = _put_sign(out, pos, np.rint(value * 100.0))
+    whole = k // 100
+    frac = k - whole * 100
+    pos = _put_whole(out, pos, whole)
+    out[pos] = 46  # .
+    tens = frac // 10
+    out[pos + 1] = 48 + tens
+    if frac - tens * 10 == 0:
+        return pos + 2
+    out[pos + 2] = 48 + frac - tens * 10
+    return pos + 3
+
+
+def _put_measurement(out, pos, value):  # noqa: ANN001, ANN202 (compiled helper)
+    """``value`` rounded to 4 decimals, as ``%.12g`` writes it (below 1e8; whole below 1e12, no .0)."""
+    pos, k = _put_sign(out, pos, np.rint(value * 10000.0))
+    whole = k // 10000
+    frac = k - whole * 10000
+    pos = _put_whole(out, pos, whole)
     if frac == 0:
-        if whole_suffix:
-            out[pos], out[pos + 1] = 46, 48  # .0
-            pos += 2
         return pos
-    width = places
+    out[pos] = 46  # .
+    width = 4
     while frac % 10 == 0:
         frac //= 10
         width -= 1
-    out[pos] = 46  # .
-    return _put_int(out, pos + 1, frac, width)
+    for j in range(pos + width, pos, -1):
+        out[j] = 48 + frac % 10
+        frac //= 10
+    return pos + 1 + width
 
 
 def _put_bytes(out, pos, src, a, b):  # noqa: ANN001, ANN202 (compiled helper)
@@ -120,9 +133,9 @@ def _put_rings(out, pos, xy, ring_ptr, r0, r1):  # noqa: ANN001, ANN202 (compile
                 out[pos] = 44  # ,
                 pos += 1
             out[pos] = 91  # [
-            pos = _put_fixed(out, pos + 1, xy[p, 0], 100, 2, True)
+            pos = _put_coordinate(out, pos + 1, xy[p, 0])
             out[pos] = 44  # ,
-            pos = _put_fixed(out, pos + 1, xy[p, 1], 100, 2, True)
+            pos = _put_coordinate(out, pos + 1, xy[p, 1])
             out[pos] = 93  # ]
             pos += 1
     return pos
@@ -139,7 +152,7 @@ def _put_row(out, pos, i, t, parts, part_bounds, ids, id_bounds, xy, ring_ptr, r
         elif f == 1:
             pos = _put_rings(out, pos, xy, ring_ptr, row_rings[i], row_rings[i + 1])
         elif np.isfinite(values[i, f - _MEASURE0]):
-            pos = _put_fixed(out, pos, values[i, f - _MEASURE0], 10000, 4, False)
+            pos = _put_measurement(out, pos, values[i, f - _MEASURE0])
     return _put_bytes(out, pos, parts, part_bounds[t, FIELDS, 0], part_bounds[t, FIELDS, 1])
 
 
@@ -238,8 +251,8 @@ def _rounding_safe_py(xy, ring_ptr, row_rings, rows, tol, safe):  # noqa: ANN001
 _SCAN = LazyKernel(globals(), "_scan_py", "_u32")
 _COPY = LazyKernel(globals(), "_copy_rings_py", "_u32")
 _SAFE = LazyKernel(globals(), "_rounding_safe_py", "_point_segment_d2", "_cross", "_edges_apart")
-_FEATURES = LazyKernel(globals(), "_features_py", "_digits", "_put_int", "_put_fixed", "_put_bytes", "_put_rings",
-                       "_put_row")
+_FEATURES = LazyKernel(globals(), "_features_py", "_put_whole", "_put_sign", "_put_coordinate", "_put_measurement",
+                       "_put_bytes", "_put_rings", "_put_row")
 
 
 def kernels_available() -> bool:

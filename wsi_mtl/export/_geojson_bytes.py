@@ -1,11 +1,13 @@
 """GeoJSON features written as bytes by compiled kernels (numba), a record batch at a time.
 
 :func:`polygon_rings` reads the rings of 2-d little-endian WKB polygons in place (no shapely
-geometry is made); :func:`feature_bytes` writes each feature from its template's literal parts,
-its id, its rings' coordinates (rounded to 0.01, as orjson writes them: shortest text, ``.0`` on
-whole numbers) and its measurements (rounded to 0.0001, as ``%.12g`` writes them), every field
-taken from ``aux`` text instead where the caller gives one. Features are joined by ``,\\n``.
-Without numba both return None and the caller formats text in Python (the same bytes).
+geometry is made); :func:`rounding_safe` tells which polygons rounding to 0.01 cannot make
+invalid; :func:`feature_bytes` writes each feature from its template's literal parts, its id,
+its rings' coordinates (rounded to 0.01, as orjson writes them: shortest text, ``.0`` on whole
+numbers) and its measurements (rounded to 0.0001, as ``%.12g`` writes them), every field taken
+from ``aux`` text instead where the caller gives one. Features are joined by ``,\\n``. Where
+:func:`kernels_available` is False (no numba, or ``WSIMTL_NO_NUMBA=1``) the caller formats the
+text in Python instead (the same bytes).
 """
 
 from __future__ import annotations

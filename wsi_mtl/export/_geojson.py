@@ -20,8 +20,9 @@ held in memory as a whole. Three writers give the same bytes (tests):
 
 - with numba (a dependency), compiled kernels (:mod:`._geojson_bytes`) read each polygon's rings
   from its WKB and write whole features, a batch into one buffer, from cached templates; a
-  geometry that rounding would move (outlines traced by wsimtl sit on half pixels, so none of
-  theirs), a multipolygon or WKB the kernel does not read is formatted as below and spliced in;
+  polygon whose validity rounding might change (a compiled check of its edges' distances, asked
+  only where rounding moves a point), a multipolygon, or WKB the kernel does not read is
+  formatted as below and spliced in;
 - without numba, orjson writes all coordinates and measurements of a batch at once and each
   feature is a slice of that text put into a cached %-template (``shapely.to_geojson`` for
   multipolygons, holes and geometries that rounding moves);
@@ -167,6 +168,15 @@ def _geometry_texts(geoms: np.ndarray) -> tuple[list[str], np.ndarray]:
     return texts, simple
 
 
+def _odd_numbers(values: np.ndarray) -> np.ndarray:
+    """Finite values whose ``%.12g`` text is not their shortest decimal (so neither orjson nor the
+    compiled writer formats them): -0, and numbers of 1e8 and more (1e12 and more when whole)."""
+    finite = np.isfinite(values)
+    clean = np.where(finite, values, 0.0)
+    whole = clean == np.round(clean)
+    return finite & ((np.abs(clean) >= np.where(whole, 1e12, 1e8)) | ((clean == 0) & np.signbit(clean)))
+
+
 def _number_texts(values: np.ndarray) -> list[str]:
     """``"%.12g" % v`` of each value (rounded to 4 decimals), formatted a column at a time with orjson.
 
@@ -179,7 +189,7 @@ def _number_texts(values: np.ndarray) -> list[str]:
         return ["%.12g" % v if ok else "" for v, ok in zip(values.tolist(), finite.tolist())]
     clean = np.where(finite, values, 0.0)
     whole = clean == np.round(clean)
-    odd = finite & ((np.abs(clean) >= np.where(whole, 1e12, 1e8)) | ((clean == 0) & np.signbit(clean)))
+    odd = _odd_numbers(values)
     texts = np.array(_orjson_items(clean), dtype=object)
     if whole.any():
         texts[whole] = np.array(_orjson_items(np.where(whole & ~odd, clean, 0.0).astype(np.int64)), dtype=object)[whole]
@@ -324,15 +334,6 @@ def _text_features(record: pa.RecordBatch, templates: _Templates) -> Features:
         texts = [t for t, k in zip(texts, keep.tolist()) if k]
         task_arr = task_arr[keep]
     return _joined(task_arr, texts)
-
-
-def _odd_numbers(values: np.ndarray) -> np.ndarray:
-    """Finite values the compiled writer leaves to ``%.12g``: -0, and numbers of 1e8 and more
-    (1e12 and more when whole)."""
-    finite = np.isfinite(values)
-    clean = np.where(finite, values, 0.0)
-    whole = clean == np.round(clean)
-    return finite & ((np.abs(clean) >= np.where(whole, 1e12, 1e8)) | ((clean == 0) & np.signbit(clean)))
 
 
 def _any_per_row(flags: np.ndarray, point_bounds: np.ndarray) -> np.ndarray:

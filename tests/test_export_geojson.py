@@ -541,3 +541,18 @@ def test_rounding_safety_is_never_wrong_and_flags_near_misses() -> None:
     assert not _geojson_bytes.rounding_safe(np.arange(len(near)), _rings_of(near)[1]).any()
     apart = [shapely.box(0, 0, 10, 10), shapely.Polygon([(0, 0), (10, 0), (10, 10), (0, 10)], [[(1, 1), (9, 1), (9, 9), (1, 9)]])]
     assert _geojson_bytes.rounding_safe(np.arange(2), _rings_of(apart)[1]).all()
+
+
+def test_warm_kernels_compile_what_a_real_export_runs(table: Path, tmp_path: Path) -> None:
+    """The server's warm-up formats features with the argument types of a table's export, so a
+    forked GeoJSON process (or a later run, from numba's cache) finds every kernel ready."""
+    from wsi_mtl.export import _geojson_bytes
+
+    if not _geojson_bytes.kernels_available():
+        pytest.skip("numba is not installed or WSIMTL_NO_NUMBA is set: there are no kernels to warm")
+    assert _geojson.warm_kernels()
+    kernels = (_geojson_bytes._SCAN, _geojson_bytes._COPY, _geojson_bytes._SAFE, _geojson_bytes._FEATURES)
+    before = [list(k.compiled.signatures) for k in kernels]
+    assert all(len(s) >= 1 for s in before)
+    write_geojson(table, tmp_path / "o.geojson")
+    assert [list(k.compiled.signatures) for k in kernels] == before

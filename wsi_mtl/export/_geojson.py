@@ -395,6 +395,20 @@ def _compiled_features(record: pa.RecordBatch, templates: _Templates) -> Feature
 _USE_KERNELS = True
 
 
+def warm_kernels() -> bool:
+    """Load the compiled writer's kernels now (compiling them, once per install, where numba's
+    cache lacks them) by formatting a few synthetic objects; whether the kernels run here."""
+    from ._synthetic import synthetic_batches
+    from ._table import _to_record_batch
+
+    if not (_USE_KERNELS and kernels_available()):
+        return False
+    batch = next(synthetic_batches(4, batch_size=4, tasks=("nuclei", "gland"), seed=0))
+    _compiled_features(_to_record_batch(batch)[0], _Templates({}))
+    return True
+
+
+
 def _features(
     table_path: Path, *, batch_rows: int, templates: _Templates, row_groups: list[int] | None = None
 ) -> Iterable[Features]:

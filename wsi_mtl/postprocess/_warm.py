@@ -5,8 +5,9 @@ from numba's cache (~1.2 CPU s before its first nuclei chunk, ~1.5 more before i
 chunk, on the 2-core benchmark machine). Worker pools start their processes from a
 ``forkserver`` that imports this module first (:func:`wsi_mtl.postprocess._pool`): importing it
 runs :func:`warm`, which puts small synthetic maps through every task (and fills one label-image
-triangle), so the kernels are loaded once in the server and each forked worker (and the label
-images' process) starts with them. Nothing here changes a result; a
+triangle, and formats a few GeoJSON features), so the kernels are loaded once in the server and
+each forked worker (and the label images' and GeoJSON processes) starts with them; on a first run
+after install, their compiling happens there too, beside the network, and fills numba's cache. Nothing here changes a result; a
 failure only leaves the workers to load what they need themselves.
 """
 
@@ -80,6 +81,9 @@ def warm() -> None:
 
         fill_rings(np.zeros((4, 4), np.int32), np.array([0.0, 3.0, 3.0, 0.0]), np.array([0.0, 0.0, 3.0, 0.0]),
                    np.zeros(4, np.int64), np.zeros(4, np.int64), np.ones(1, bool), np.ones(1, np.int64))
+        from wsi_mtl.export._geojson import warm_kernels  # the GeoJSON processes' writer (forked here too)
+
+        warm_kernels()
     except Exception as exc:  # a warm-up must never stop the process that forks the workers
         log.debug("post-processing warm-up failed: %s", exc)
 

@@ -245,7 +245,8 @@ class _Templates:
                 props["isLocked"] = False
             props_open = json.dumps(props, separators=(",", ":"))[:-1]
             opening, closing = ('{"type":"Polygon","coordinates":[[', "]]}") if ring_only else ("", "")
-            parts = ['{"type":"Feature","id":"', '","geometry":' + opening, closing + ',"properties":' + props_open + ',"measurements":{']
+            parts = ['{"type":"Feature","id":"', '","geometry":' + opening,
+                     closing + ',"properties":' + props_open + ',"measurements":{']
             first = True
             for j, name in enumerate(MEASUREMENTS.values()):
                 if j:
@@ -343,51 +344,59 @@ def _any_per_row(flags: np.ndarray, point_bounds: np.ndarray) -> np.ndarray:
     return before[point_bounds[1:]] > before[point_bounds[:-1]]
 
 
-def _compiled_features(record: pa.RecordBatch, templates: _Templates) -> Features:
-    """A record batch's features, written by the compiled kernels (:mod:`._geojson_bytes`).
+def _kernel_geometry(
+    offsets: np.ndarray, data: np.ndarray
+) -> tuple[tuple[np.ndarray, ...], np.ndarray, np.ndarray, list[tuple[int, str]]]:
+    """Which rows' geometry the kernel writes, from their WKB (``data[offsets[i]:offsets[i + 1]]``).
 
-    Polygons are written by the kernel where rounding their coordinates to 0.01 cannot change
-    their validity (:func:`~._geojson_bytes.rounding_safe`, asked only of those it moves); any
-    other geometry as :func:`_geometry_texts` writes it (which checks the rounded polygon).
+    Returns the rings (:func:`~._geojson_bytes.polygon_rings`), each row's "ring only" flag (the
+    kernel's rows and the single-ring polygons of the others), its emptiness, and the GeoJSON of
+    the other rows as :func:`_geometry_texts` writes it, as (row, text). The kernel writes a
+    polygon where rounding its coordinates to 0.01 cannot change its validity
+    (:func:`~._geojson_bytes.rounding_safe`, asked only of those it moves).
     """
-    n = record.num_rows
-    offsets, data = binary_buffers(record.column("geometry"))
     n_rings, xy, ring_ptr, row_rings = polygon_rings(offsets, data)
     rings = (xy, ring_ptr, row_rings)
     point_bounds = ring_ptr[row_rings]
     unreadable = _any_per_row(~(np.abs(xy) < 1e9).all(axis=1), point_bounds)  # NaN too
     moved = _any_per_row((np.round(xy, 2) != xy).any(axis=1), point_bounds)
-    by_kernel = (n_rings > 0) & ~unreadable
-    check = np.flatnonzero(by_kernel & moved)
-    by_kernel[check[~rounding_safe(check, rings)]] = False
-    other = np.flatnonzero((n_rings != 0) & ~by_kernel)
+    ring_only = (n_rings > 0) & ~unreadable
+    check = np.flatnonzero(ring_only & moved)
+    ring_only[check[~rounding_safe(check, rings)]] = False
+    other = np.flatnonzero((n_rings != 0) & ~ring_only)
     empty = n_rings == 0
-    ring_only = by_kernel.copy()
-    aux_texts, aux_at = [], []  # text written instead of a field, at (row, field)
-    if len(other):
-        geoms = shapely.from_wkb([data[offsets[i] : offsets[i + 1]].tobytes() for i in other.tolist()])
-        empty[other] = shapely.is_empty(geoms)
-        texts, simple = _geometry_texts(geoms)
-        ring_only[other] = simple
-        aux_texts += texts
-        aux_at += [(i, 1) for i in other.tolist()]
+    if not len(other):
+        return rings, ring_only, empty, []
+    geoms = shapely.from_wkb([data[offsets[i] : offsets[i + 1]].tobytes() for i in other.tolist()])
+    empty[other] = shapely.is_empty(geoms)
+    texts, ring_only[other] = _geometry_texts(geoms)
+    return rings, ring_only, empty, list(zip(other.tolist(), texts))
+
+
+def _compiled_features(record: pa.RecordBatch, templates: _Templates) -> Features:
+    """A record batch's features, written by the compiled kernels (:mod:`._geojson_bytes`); the
+    geometries (:func:`_kernel_geometry`) and numbers (:func:`_odd_numbers`) they leave are
+    formatted in Python and written in their place."""
+    rings, ring_only, empty, geometry_texts = _kernel_geometry(*binary_buffers(record.column("geometry")))
     values, nan_mask = _measurements(record)
+    aux_at = [(i, 1) for i, _ in geometry_texts]  # text written instead of a field, at (row, field)
+    aux_texts = [text for _, text in geometry_texts]
     for j in range(len(MEASUREMENTS)):
         for i in np.flatnonzero(_odd_numbers(values[:, j])).tolist():
-            aux_texts.append("%.12g" % values[i, j])
             aux_at.append((i, 2 + j))
-    aux_bounds = np.full((n, FIELDS, 2), -1, np.int64)
+            aux_texts.append("%.12g" % values[i, j])
+    aux_bounds = np.full((record.num_rows, FIELDS, 2), -1, np.int64)
     aux_data, spans = text_bytes(aux_texts)
     if aux_at:
         rows, fields = np.array(aux_at).T
         aux_bounds[rows, fields] = spans
-    ids = text_bytes(_ids(record))
     task_arr, keys, which = _row_templates(record, nan_mask, ring_only)
     parts, part_bounds = templates.part_bytes(keys)
     if empty.any():
         log.warning("skipped %d empty geometries", int(empty.sum()))
     keep = np.flatnonzero(~empty)
-    text, starts, ends = feature_bytes(keep, which, parts, part_bounds, ids, rings, values, (aux_data, aux_bounds))
+    text, starts, ends = feature_bytes(keep, which, parts, part_bounds, text_bytes(_ids(record)), rings, values,
+                                       (aux_data, aux_bounds))
     return task_arr[keep], text, starts, ends
 
 
@@ -406,7 +415,6 @@ def warm_kernels() -> bool:
     batch = next(synthetic_batches(4, batch_size=4, tasks=("nuclei", "gland"), seed=0))
     _compiled_features(_to_record_batch(batch)[0], _Templates({}))
     return True
-
 
 
 def _features(

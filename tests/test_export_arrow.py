@@ -12,7 +12,7 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
-from wsi_mtl.export._arrow import arrow_array, numpy_of, taken
+from wsi_mtl.export._arrow import arrow_array, binary_buffers, numpy_of, taken
 
 try:
     from test_derive import make_result_dir
@@ -83,3 +83,22 @@ def test_exports_import_no_pandas(tmp_path: Path) -> None:
     assert pq.read_metadata(result_dir / "objects.parquet").num_rows > 0  # objects went through every export
     assert (result_dir / "preview.png").is_file()
     assert not log.exists(), log.read_text()
+
+
+@pytest.mark.parametrize("kind", [pa.binary(), pa.large_binary(), pa.string(), pa.large_string()])
+def test_binary_buffers_give_each_item_in_place(kind: pa.DataType) -> None:
+    text = pa.types.is_string(kind) or pa.types.is_large_string(kind)
+    items = ["ab", "", "ü€", "x" * 40, "z"] if text else [b"\x01\x03", b"", "ü€".encode(), b"x" * 40, b"\x00\xff"]
+    full = pa.array(items, type=kind)
+    for array in (full, full.slice(1, 3), pa.chunked_array([full.slice(0, 2), full.slice(2)])):
+        offsets, data = binary_buffers(array)
+        expected = [i if isinstance(i, bytes) else i.encode() for i in array.to_pylist()]
+        assert [data[a:b].tobytes() for a, b in zip(offsets[:-1], offsets[1:])] == expected
+        assert offsets.dtype == np.int64 and not data.flags.writeable
+
+
+def test_binary_buffers_refuse_other_arrays() -> None:
+    with pytest.raises(TypeError, match="binary or string"):
+        binary_buffers(pa.array([1, 2]))
+    with pytest.raises(TypeError, match="without nulls"):
+        binary_buffers(pa.array([b"a", None]))

@@ -78,10 +78,12 @@ def binary_buffers(array: pa.Array | pa.ChunkedArray) -> tuple[np.ndarray, np.nd
     """A binary or string array without nulls as int64 offsets (n + 1) into uint8 data: item
     ``i`` is ``data[offsets[i]:offsets[i + 1]]``, a read-only view of the array's buffers."""
     array = one_array(array)
-    if array.null_count or not (pa.types.is_binary(array.type) or pa.types.is_string(array.type)):
-        raise TypeError(f"binary_buffers needs binary or string values without nulls, got {array.type}")
-    n, buffers = len(array), array.buffers()
-    offsets = np.frombuffer(buffers[1], np.int32, count=n + 1, offset=array.offset * 4).astype(np.int64)
+    kind = array.type
+    large = pa.types.is_large_binary(kind) or pa.types.is_large_string(kind)
+    if array.null_count or not (large or pa.types.is_binary(kind) or pa.types.is_string(kind)):
+        raise TypeError(f"binary_buffers needs binary or string values without nulls, got {kind}")
+    n, buffers, width = len(array), array.buffers(), 8 if large else 4
+    offsets = np.frombuffer(buffers[1], f"<i{width}", count=n + 1, offset=array.offset * width).astype(np.int64)
     data = np.frombuffer(buffers[2], np.uint8) if buffers[2] is not None else np.empty(0, np.uint8)
     data.flags.writeable = False  # read-only whatever the buffer (one type for compiled readers)
     return offsets, data

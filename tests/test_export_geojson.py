@@ -494,12 +494,13 @@ def test_measurement_texts_match_percent_g() -> None:
 
 def _rings_of(geoms: list[shapely.Geometry]) -> tuple[np.ndarray, tuple[np.ndarray, np.ndarray, np.ndarray]]:
     """The compiled reader's view of polygons (rows, then its rings) via their WKB."""
-    from wsi_mtl.export import _geojson_bytes
+    import pyarrow as pa
 
-    wkb = shapely.to_wkb(np.array(geoms, dtype=object))
-    offsets = np.zeros(len(wkb) + 1, np.int64)
-    np.cumsum([len(w) for w in wkb], out=offsets[1:])
-    n_rings, *rings = _geojson_bytes.polygon_rings(offsets, np.frombuffer(b"".join(wkb), np.uint8))
+    from wsi_mtl.export import _geojson_bytes
+    from wsi_mtl.export._arrow import arrow_array, binary_buffers
+
+    wkb = arrow_array(shapely.to_wkb(np.array(geoms, dtype=object)), pa.binary())  # as a table column holds them
+    n_rings, *rings = _geojson_bytes.polygon_rings(*binary_buffers(wkb))
     return n_rings, tuple(rings)
 
 

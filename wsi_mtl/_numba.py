@@ -20,8 +20,9 @@ def numba_allowed() -> bool:
 
 def jit_kernel(namespace: dict[str, Any], name: str, *helpers: str) -> Any:
     """``numba.njit(cache=True, nogil=True)`` of ``namespace[name]`` (a module's globals), the
-    ``helpers`` it calls compiled first (where no other kernel did) and put in their place; False where numba is not allowed
-    or cannot be imported (so a caller keeps the answer and asks once)."""
+    ``helpers`` it calls compiled first (where no other kernel of the module did) and put in their
+    place; False where numba is not allowed or cannot be imported (so a caller keeps the answer
+    and asks once)."""
     if not numba_allowed():
         return False
     try:

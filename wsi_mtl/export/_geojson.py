@@ -138,6 +138,13 @@ def _point_text(rounded_xy: np.ndarray) -> tuple[str, np.ndarray, np.ndarray]:
     return buf.decode("ascii"), starts, ends
 
 
+def _any_per_row(flags: np.ndarray, point_bounds: np.ndarray) -> np.ndarray:
+    """Whether any point of each row (points ``point_bounds[i]:point_bounds[i + 1]``) is flagged."""
+    before = np.zeros(len(flags) + 1, np.int64)
+    np.cumsum(flags, out=before[1:])
+    return before[point_bounds[1:]] > before[point_bounds[:-1]]
+
+
 def _geometry_texts(geoms: np.ndarray) -> tuple[list[str], np.ndarray]:
     """The GeoJSON of each geometry, coordinates rounded as :func:`_round_geometry` does.
 
@@ -154,7 +161,7 @@ def _geometry_texts(geoms: np.ndarray) -> tuple[list[str], np.ndarray]:
     first = last - counts
     # rounding can only break the validity of a geometry whose coordinates it moved (traced outlines
     # sit on half pixels: most are untouched), so only those are rounded and checked
-    moved = np.flatnonzero(np.add.reduceat((rounded_xy != coords).any(axis=1), first) > 0)
+    moved = np.flatnonzero(_any_per_row((rounded_xy != coords).any(axis=1), np.append(first, last[-1])))
     rounded, valid = geoms, np.ones(len(geoms), dtype=bool)
     if len(moved):
         rounded = geoms.copy()
@@ -337,13 +344,6 @@ def _text_features(record: pa.RecordBatch, templates: _Templates) -> Features:
     return _joined(task_arr, texts)
 
 
-def _any_per_row(flags: np.ndarray, point_bounds: np.ndarray) -> np.ndarray:
-    """Whether any point of each row (points ``point_bounds[i]:point_bounds[i + 1]``) is flagged."""
-    before = np.zeros(len(flags) + 1, np.int64)
-    np.cumsum(flags, out=before[1:])
-    return before[point_bounds[1:]] > before[point_bounds[:-1]]
-
-
 def _kernel_geometry(
     offsets: np.ndarray, data: np.ndarray
 ) -> tuple[tuple[np.ndarray, ...], np.ndarray, np.ndarray, list[tuple[int, str]]]:
@@ -404,13 +404,18 @@ def _compiled_features(record: pa.RecordBatch, templates: _Templates) -> Feature
 _USE_KERNELS = True
 
 
+def _compiled_writer() -> bool:
+    """Whether features are written by the compiled kernels here."""
+    return _USE_KERNELS and kernels_available()
+
+
 def warm_kernels() -> bool:
     """Load the compiled writer's kernels now (compiling them, once per install, where numba's
     cache lacks them) by formatting a few synthetic objects; whether the kernels run here."""
     from ._synthetic import synthetic_batches
     from ._table import _to_record_batch
 
-    if not (_USE_KERNELS and kernels_available()):
+    if not _compiled_writer():
         return False
     batch = next(synthetic_batches(4, batch_size=4, tasks=("nuclei", "gland"), seed=0))
     _compiled_features(_to_record_batch(batch)[0], _Templates({}))
@@ -421,7 +426,7 @@ def _features(
     table_path: Path, *, batch_rows: int, templates: _Templates, row_groups: list[int] | None = None
 ) -> Iterable[Features]:
     """Yield the features of each record batch of the table (or of its ``row_groups``)."""
-    compiled = _USE_KERNELS and kernels_available()
+    compiled = _compiled_writer()
     for record in iter_table(table_path, columns=_COLUMNS, batch_rows=batch_rows, row_groups=row_groups):
         if record.num_rows:
             yield _compiled_features(record, templates) if compiled else _text_features(record, templates)

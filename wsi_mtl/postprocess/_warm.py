@@ -7,8 +7,8 @@ chunk, on the 2-core benchmark machine). Worker pools start their processes from
 runs :func:`warm`, which puts small synthetic maps through every task (and fills one label-image
 triangle, and formats a few GeoJSON features), so the kernels are loaded once in the server and
 each forked worker (and the label images' and GeoJSON processes) starts with them; on a first run
-after install, their compiling happens there too, beside the network, and fills numba's cache. Nothing here changes a result; a
-failure only leaves the workers to load what they need themselves.
+after install, their compiling happens there too, beside the network, and fills numba's cache.
+Nothing here changes a result; a failure only leaves the workers to load what they need themselves.
 """
 
 from __future__ import annotations

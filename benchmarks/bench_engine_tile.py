@@ -14,6 +14,11 @@ Usage::
 
     python benchmarks/bench_engine_tile.py --compare e8880de            # bf16 and fp32, 5 rounds
     python benchmarks/bench_engine_tile.py --compare e8880de --precision bf16 --rounds 3
+    python benchmarks/bench_engine_tile.py --compare HEAD --precision fp32 --helper
+
+``--helper``: the call as ``segment`` makes it on 2 cores beside its post-processing (one torch
+thread plus the branch thread of ``predict(..., helper=)``); a tree without that argument runs on
+two threads.
 """
 
 from __future__ import annotations
@@ -32,7 +37,7 @@ SLIDE = Path(__file__).resolve().parents[2] / "shared" / "data" / "wsi" / "CMU-1
 CORE, MARGIN = 1536, 192
 
 
-def _child(tree: str, precision: str, repeats: int, out: str) -> dict:
+def _child(tree: str, precision: str, repeats: int, out: str, helper: bool) -> dict:
     """Time this tree's engine call on one tile; save the uint8 cores to ``out``."""
     sys.path.insert(0, tree)
     import inspect
@@ -49,19 +54,25 @@ def _child(tree: str, precision: str, repeats: int, out: str) -> dict:
         pass
     else:  # without it every array above 32 MB is mapped afresh: a cost segment does not pay
         keep_freed_pages(NETWORK_TOP_KEEP)
-    torch.set_num_threads(2)
+    from concurrent.futures import ThreadPoolExecutor
+
     model = load_model(None, device="cpu")
+    kw = {"margin": MARGIN} if "margin" in inspect.signature(model.predict).parameters else {}
+    branches = helper and "helper" in inspect.signature(model.predict).parameters
+    if branches:
+        kw["helper"] = ThreadPoolExecutor(max_workers=1)
+    torch.set_num_threads(1 if branches else 2)
     side = CORE + 2 * MARGIN
     slide = open_slide(SLIDE)
     img = slide.read(0, 0, side, side, mpp=float(model.config.mpp))
     x = torch.from_numpy(np.ascontiguousarray(img)[None]).permute(0, 3, 1, 2).float()  # channels_last, as the engine's
-    cropped = "margin" in inspect.signature(model.predict).parameters
+    cropped = "margin" in kw
     autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16")
     times = []
     with torch.inference_mode(), autocast:
         for i in range(repeats + 1):
             t0 = time.perf_counter()
-            probs = model.predict(x, margin=MARGIN) if cropped else model.predict(x)
+            probs = model.predict(x, **kw)
             if i:
                 times.append(time.perf_counter() - t0)
     cores = {}
@@ -71,11 +82,12 @@ def _child(tree: str, precision: str, repeats: int, out: str) -> dict:
         core = p if cropped else p[..., MARGIN:-MARGIN, MARGIN:-MARGIN]
         cores[name] = core[0].mul(255.0).add_(0.5).clamp_(max=255.0).to(torch.uint8).numpy()
     np.savez(out, **cores)
-    return {"ms": statistics.median(times) * 1000, "cropped": cropped, "input_mp": side * side / 1e6}
+    return {"ms": statistics.median(times) * 1000, "cropped": cropped, "input_mp": side * side / 1e6, "branches": branches}
 
 
-def _run(tree: Path, precision: str, repeats: int, out: Path) -> dict:
+def _run(tree: Path, precision: str, repeats: int, out: Path, helper: bool) -> dict:
     cmd = [sys.executable, __file__, "--child", str(tree), "--precision", precision, "--repeats", str(repeats), "--out", str(out)]
+    cmd += ["--helper"] if helper else []
     return json.loads(subprocess.run(cmd, check=True, capture_output=True, text=True).stdout.strip().splitlines()[-1])
 
 
@@ -85,11 +97,12 @@ def main() -> None:
     ap.add_argument("--precision", default=None, help="comma-separated; default bf16,fp32 where the CPU has native bf16, else fp32")
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--repeats", type=int, default=3, help="timed tiles per child (after one warm-up)")
+    ap.add_argument("--helper", action="store_true", help="one torch thread and the branch thread, as segment on 2 cores")
     ap.add_argument("--child")
     ap.add_argument("--out")
     args = ap.parse_args()
     if args.child:
-        print(json.dumps(_child(args.child, args.precision, args.repeats, args.out)))
+        print(json.dumps(_child(args.child, args.precision, args.repeats, args.out, args.helper)))
         return
     if not SLIDE.is_file():
         raise SystemExit(f"needs the sample slide {SLIDE}")
@@ -111,12 +124,13 @@ def main() -> None:
                 info: dict[str, dict] = {}
                 for _ in range(args.rounds):
                     for label, tree in trees.items():
-                        info[label] = _run(tree, precision, args.repeats, tmp / f"{len(ms[label])}-{label[:3]}.npz")
+                        info[label] = _run(tree, precision, args.repeats, tmp / f"{len(ms[label])}-{label[:3]}.npz", args.helper)
                         ms[label].append(info[label]["ms"])
                 for label in trees:
                     med = statistics.median(ms[label])
                     print(f"{precision} {label:>12}: {med:7.0f} ms per {CORE + 2 * MARGIN}^2 tile = {info[label]['input_mp'] / med * 1000:.2f} "
-                          f"input MP/s (rounds: {', '.join(f'{v:.0f}' for v in ms[label])}; cores only: {info[label]['cropped']})")
+                          f"input MP/s (rounds: {', '.join(f'{v:.0f}' for v in ms[label])}; cores only: {info[label]['cropped']}; "
+                          f"branch thread: {info[label]['branches']})")
                 if args.compare:
                     a, b = np.load(tmp / f"0-{args.compare[:3]}.npz"), np.load(tmp / "0-wor.npz")
                     same = {k: bool(np.array_equal(a[k], b[k])) for k in a.files}

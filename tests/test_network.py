@@ -661,6 +661,39 @@ def test_fused_conv_relu_gives_the_values_of_conv_then_relu(monkeypatch: pytest.
         assert torch.allclose(fused[name], apart[name], rtol=0, atol=1e-5), name
 
 
+def test_point_conv_runs_through_onednn_in_inference_and_is_a_plain_conv_otherwise(monkeypatch: pytest.MonkeyPatch) -> None:
+    """:class:`PointConv` keeps ``nn.Conv2d``'s state dict and values; on channels_last float32 input
+    in inference it calls oneDNN with no element-wise step (at one thread too, where torch's conv
+    would take its own GEMM), and in training, with autograd or on NCHW input it is torch's conv."""
+    import wsi_mtl.network.model as net_model
+
+    if net_model._CONV_POINTWISE is None:
+        pytest.skip("this torch build has no oneDNN fused convolution (the plain conv is all it runs)")
+    torch.manual_seed(3)
+    conv = net_model.PointConv(32, 5).eval()
+    plain = torch.nn.Conv2d(32, 5, 1)
+    assert conv.state_dict().keys() == plain.state_dict().keys()
+    plain.load_state_dict(conv.state_dict())
+    x = torch.randn(1, 32, 40, 56).contiguous(memory_format=torch.channels_last)
+    steps: list[str] = []
+    real = net_model._CONV_POINTWISE
+    monkeypatch.setattr(net_model, "_CONV_POINTWISE", lambda *a: steps.append(a[7]) or real(*a))
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        with torch.inference_mode():
+            got, want = conv(x), plain(x)
+    finally:
+        torch.set_num_threads(before)
+    assert steps == ["none"]
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-5)
+    assert got.shape == (1, 5, 40, 56) and got.abs().sum() > 0
+    conv.train()(x).sum().backward()  # training, autograd: torch's conv
+    with torch.inference_mode():
+        conv.eval()(x.contiguous())  # NCHW
+    assert steps == ["none"] and conv.weight.grad is not None
+
+
 def test_fused_conv_relu_stays_out_of_fp16_training_nchw_input_and_traces(monkeypatch: pytest.MonkeyPatch) -> None:
     import wsi_mtl.network.model as net_model
 
@@ -886,10 +919,12 @@ def test_an_exported_graph_computes_the_tail_whole_and_fits_other_sizes() -> Non
         torch.testing.assert_close(a, b, atol=1e-5, rtol=0, msg=name)
 
 
-def test_bf16_maps_do_not_depend_on_the_thread_count() -> None:
-    """Under bf16 autocast every map of ``predict`` is bit for bit the same on 1 and 2 torch threads
-    (the segmentation convs already were; the patch heads' float32 1x1 convs run on one thread),
-    so the engine may change the count per tile; the caller's count is restored."""
+@pytest.mark.parametrize("bf16", [True, False])
+def test_maps_do_not_depend_on_the_thread_count(bf16: bool) -> None:
+    """In float32 and under bf16 autocast every map of ``predict`` is bit for bit the same on 1 and
+    2 torch threads (the 1x1 convs of the decoders and heads go through oneDNN at any count,
+    :class:`PointConv`; the patch heads' float32 1x1 convs run on one thread), so the engine may
+    change the count per tile; the caller's count is restored."""
     model = load_model(Path(__file__).resolve().parents[1] / "models" / "wsimtl-small")
     torch.manual_seed(2)
     x = (torch.rand(1, 3, 352, 288) * 255).contiguous(memory_format=torch.channels_last)
@@ -898,7 +933,7 @@ def test_bf16_maps_do_not_depend_on_the_thread_count() -> None:
     try:
         for threads in (1, 2):
             torch.set_num_threads(threads)
-            with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16):
+            with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
                 maps[threads] = model.predict(x, margin=32)
             assert torch.get_num_threads() == threads
     finally:

@@ -118,6 +118,12 @@ def _fused_conv_relu(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, c
     (``tests/test_network.py``; ReLU commutes with the rounding to bfloat16). On a CPU whose oneDNN
     has no bfloat16 (:data:`_FUSE_BF16`), bfloat16 runs the two steps apart: the fused op would refuse it.
     """
+    return _onednn_conv(x, w, b, conv, "relu")
+
+
+def _onednn_conv(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, conv: nn.Conv2d, step: str) -> torch.Tensor | None:
+    """``conv2d(x, w, b)`` followed by oneDNN's element-wise ``step`` (``"relu"`` or ``"none"``) in one
+    oneDNN call, under the conditions of :func:`_fused_conv_relu`; None where they do not hold."""
     if (not FUSE_CONV_RELU or _CONV_POINTWISE is None or torch.is_grad_enabled() or x.device.type != "cpu"
             or not x.is_contiguous(memory_format=torch.channels_last) or _traced()):
         return None
@@ -132,7 +138,25 @@ def _fused_conv_relu(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, c
     else:
         return None
     return _CONV_POINTWISE(x.to(dt), w.to(dt), None if b is None else b.to(dt), list(conv.padding), list(conv.stride),
-                           list(conv.dilation), conv.groups, "relu", [], "")
+                           list(conv.dilation), conv.groups, step, [], "")
+
+
+class PointConv(nn.Conv2d):
+    """A 1x1 ``nn.Conv2d`` (same parameters and state-dict keys) that, in inference on channels_last
+    CPU input, runs through oneDNN at any thread count (:func:`_onednn_conv`).
+
+    torch's own conv sends a stride-1 1x1 conv of a single image to oneDNN on several threads and to
+    its own GEMM on one, so the engine's tiles (some on one thread, some on two) got float32 sums
+    over different widths; through oneDNN always the maps do not depend on the thread count, and
+    the conv is faster on one thread (up to 2x for the heads' few output channels).
+    """
+
+    def __init__(self, cin: int, cout: int, bias: bool = True) -> None:
+        super().__init__(cin, cout, 1, bias=bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = None if self.training else _onednn_conv(x, self.weight, self.bias, self, "none")
+        return super().forward(x) if out is None else out
 
 
 class ConvBNReLU(_Foldable):
@@ -166,7 +190,7 @@ class Conv1x1(nn.Module):
 
     def __init__(self, cin: int, cout: int) -> None:
         super().__init__()
-        self.conv = nn.Conv2d(cin, cout, 1, bias=True)
+        self.conv = PointConv(cin, cout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.conv(x)
@@ -308,7 +332,7 @@ class FineBranch(nn.Module):
         self.skip = ConvBNReLU(3, channels, 3)
         self.lift = Conv1x1(cin, channels) if cin != channels else None
         self.body = ConvBlock([channels, channels, channels], 3)
-        self.out = nn.Conv2d(channels, cout, 1)
+        self.out = PointConv(channels, cout)
         nn.init.zeros_(self.out.weight)
         nn.init.zeros_(self.out.bias)
 
@@ -496,7 +520,7 @@ class MultiTaskNet(nn.Module):
         self.backbone = ResNetEncoder(p)
         # Private copies of the shallow stages for some decoders (ArchParams.private_decoders).
         self.private_encoder = nn.ModuleDict({d: ResNetEncoder(p, outputs=p.private_stages) for d in p.private_decoders if d in config.seg_decoders})
-        self.conv_map = nn.Conv2d(w[4], w[3], 1, bias=False)
+        self.conv_map = PointConv(w[4], w[3], bias=False)
         # Full-resolution skip for stride-2 stems (shared by all decoders / heads).
         refine = p.stem_stride == 2 and p.full_res == "refine"
         self.full_skip: ConvBNReLU | None = None

@@ -415,3 +415,48 @@ def test_compiled_scanline_fill_paints_the_pixels_of_the_array_version(monkeypat
         _labels._draw_all(plain, geoms, values, downsample=downsample, origin=origin)
         monkeypatch.undo()
         assert np.array_equal(compiled, plain) and len(np.unique(plain)) > 50
+
+
+def _mixed_geometries(rng: np.random.Generator, n: int) -> list[shapely.Geometry]:
+    """Polygons (some with holes), multipolygons and empty polygons in level-0 px."""
+    geoms: list[shapely.Geometry] = []
+    for k in range(n):
+        cx, cy, r = rng.uniform(0, 300), rng.uniform(0, 300), rng.uniform(2, 30)
+        g = shapely.Point(cx, cy).buffer(r, quad_segs=int(rng.integers(1, 5)))
+        if k % 5 == 1:
+            g = g.difference(shapely.Point(cx, cy).buffer(r / 2))
+        if k % 7 == 3:
+            g = shapely.MultiPolygon([g, shapely.box(cx + r + 2, cy, cx + r + 9, cy + 4)])
+        geoms.append(shapely.Polygon() if k % 11 == 5 else g)
+    return geoms
+
+
+@pytest.mark.parametrize("compiled", [True, False])
+def test_label_vertices_read_from_the_wkb_are_shapelys(compiled: bool, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The label images read each object's rings from its WKB in the table (the GeoJSON export's
+    compiled reader; shapely for multipolygons, big-endian WKB, or without numba): the same
+    vertices, rings and objects as shapely's, for objects picked from several row groups."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from wsi_mtl.export import _labels
+
+    if not compiled:
+        monkeypatch.setattr(_labels, "rings_available", lambda: False)
+    elif not _labels.rings_available():
+        pytest.skip("numba not installed or switched off (WSIMTL_NO_NUMBA=1): shapely reads every geometry")
+    geoms = _mixed_geometries(np.random.default_rng(4), 60)
+    wkb = [shapely.to_wkb(g, byte_order=0 if k % 4 == 2 else 1) for k, g in enumerate(geoms)]  # a quarter big-endian
+    tasks = ["nuclei" if k % 3 else "gland" for k in range(len(geoms))]
+    table = pa.table({"task": tasks, "class_name": ["a"] * len(geoms), "geometry": pa.array(wkb, pa.binary())})
+    pq.write_table(table, tmp_path / "t.parquet", row_group_size=7)
+    with pq.ParquetFile(tmp_path / "t.parquet") as parquet:
+        assert parquet.num_row_groups > 5
+        index = _labels._index(parquet, {"nuclei"}, {})["nuclei"]
+        mine = np.flatnonzero(np.array(tasks) == "nuclei")
+        picked = np.array([0, 3, 4, 9, 10, 11, 17, 25, 30, 31, 39])  # positions in the index, ascending
+        xy, ring, obj = _labels._Geometries(parquet, index).vertices(picked)
+    want_xy, want_ring, want_obj = _labels._shapely_vertices(np.array([geoms[k] for k in mine[picked]], dtype=object))
+    assert np.array_equal(xy, want_xy) and np.array_equal(obj, want_obj)
+    assert np.array_equal(ring[1:] != ring[:-1], want_ring[1:] != want_ring[:-1])  # the same rings
+    assert len(np.unique(ring)) == len(np.unique(want_ring)) > len(picked)

@@ -262,6 +262,11 @@ def kernels_available() -> bool:
     return sys.byteorder == "little" and _FEATURES.get() is not None
 
 
+def rings_available() -> bool:
+    """Whether :func:`polygon_rings` can run here (numba allowed, a little-endian machine)."""
+    return sys.byteorder == "little" and _SCAN.get() is not None and _COPY.get() is not None
+
+
 def polygon_rings(offsets: np.ndarray, data: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """Read the WKB of each row (``data[offsets[i]:offsets[i + 1]]``).
 

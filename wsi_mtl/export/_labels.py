@@ -29,7 +29,8 @@ import shapely
 import zarr
 
 from ..ome import label_group
-from ._arrow import numpy_of, taken
+from ._arrow import binary_buffers, numpy_of, taken
+from ._geojson_bytes import polygon_rings, rings_available
 from ._scanline import fill_rings
 from ._table import read_table_info
 
@@ -103,51 +104,106 @@ def _bounds(rg: Any, rows: np.ndarray, boxed: bool) -> np.ndarray:
     return shapely.bounds(shapely.from_wkb(numpy_of(taken(rg.column("geometry"), rows))))
 
 
+#: (xy, ring, row): every ring vertex of some geometries in row order, (m, 2) level-0 px, the ring
+#: of each (an id unique among them) and the row (geometry) it belongs to
+Vertices = tuple[np.ndarray, np.ndarray, np.ndarray]
+
+
+def _shapely_vertices(geoms: np.ndarray) -> Vertices:
+    """:data:`Vertices` of shapely geometries (polygons and multipolygons), rows = positions in ``geoms``."""
+    parts, owner = shapely.get_parts(geoms, return_index=True)
+    rings, ring_part = shapely.get_rings(parts, return_index=True)
+    coords, ring_index = shapely.get_coordinates(rings, return_index=True)
+    return coords, ring_index.astype(np.int64), owner[ring_part[ring_index]].astype(np.int64)
+
+
+def _wkb_vertices(wkb: Any) -> Vertices:
+    """:data:`Vertices` of a WKB column (an arrow binary array), read by the compiled WKB reader of
+    the GeoJSON export; shapely reads what it leaves (multipolygons, big-endian WKB) or everything
+    where numba is off. The same vertices either way."""
+    offsets, data = binary_buffers(wkb)
+    n = len(offsets) - 1
+    if not rings_available():
+        return _shapely_vertices(shapely.from_wkb(numpy_of(wkb)))
+    counts, xy, ring_ptr, row_rings = polygon_rings(offsets, data)
+    sizes = np.diff(ring_ptr)
+    ring = np.repeat(np.arange(len(sizes), dtype=np.int64), sizes)
+    row = np.repeat(np.arange(n, dtype=np.int64), np.diff(row_rings))[ring]
+    odd = np.flatnonzero(counts < 0)
+    if len(odd) == 0:
+        return xy, ring, row
+    oxy, oring, orow = _shapely_vertices(shapely.from_wkb(numpy_of(taken(wkb, odd))))
+    order = np.argsort(np.concatenate([row, odd[orow]]), kind="stable")
+    return (np.concatenate([xy, oxy])[order], np.concatenate([ring, oring + len(sizes)])[order],
+            np.concatenate([row, odd[orow]])[order])
+
+
 class _Geometries:
-    """Geometries of one task's objects, a few row groups kept in memory; of each row group only
-    that task's rows are decoded."""
+    """Ring vertices of one task's objects, a few row groups kept in memory; of each row group only
+    that task's rows are read."""
 
     def __init__(self, parquet: pq.ParquetFile, index: _Index) -> None:
         self.parquet = parquet
         self.index = index
         self.rows = {int(g): index.row[index.group == g] for g in np.unique(index.group)}  # ascending
-        self.cache: OrderedDict[int, np.ndarray] = OrderedDict()
+        self.cache: OrderedDict[int, tuple[np.ndarray, np.ndarray, np.ndarray]] = OrderedDict()
 
-    def _group(self, group: int) -> np.ndarray:
+    def _group(self, group: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """xy and ring of the group's vertices (:data:`Vertices`, rows = the task's rows of the group,
+        in order) and where each row's vertices start (one more entry)."""
         if group not in self.cache:
             col = self.parquet.read_row_group(group, columns=["geometry"], use_threads=False).column("geometry")
-            self.cache[group] = shapely.from_wkb(numpy_of(taken(col, self.rows[group])))
+            xy, ring, row = _wkb_vertices(taken(col, self.rows[group]))
+            start = np.zeros(len(self.rows[group]) + 1, np.int64)
+            np.cumsum(np.bincount(row, minlength=len(self.rows[group])), out=start[1:])
+            self.cache[group] = (xy, ring + (group << 40), start)  # rings of two groups never share an id
             if len(self.cache) > _CACHED_GROUPS:
                 self.cache.popitem(last=False)
         self.cache.move_to_end(group)
         return self.cache[group]
 
-    def of(self, objects: np.ndarray) -> np.ndarray:
-        """The geometries of the index's objects ``objects`` (positions in the index), in that order."""
-        out = np.empty(len(objects), dtype=object)
+    def vertices(self, objects: np.ndarray) -> Vertices:
+        """:data:`Vertices` of the index's objects ``objects`` (positions in the index), object after
+        object in that order; rows = positions in ``objects``."""
+        owners, pieces = [], []
         groups = self.index.group[objects]
         for g in np.unique(groups).tolist():
-            sel = groups == g
-            out[sel] = self._group(g)[np.searchsorted(self.rows[g], self.index.row[objects[sel]])]
-        return out
+            sel = np.flatnonzero(groups == g)
+            xy, ring, start = self._group(g)
+            at = np.searchsorted(self.rows[g], self.index.row[objects[sel]])
+            length = start[at + 1] - start[at]
+            take = np.repeat(start[at] - (np.cumsum(length) - length), length) + np.arange(int(length.sum()))
+            pieces.append((xy[take], ring[take]))
+            owners.append(np.repeat(sel, length))
+        if not pieces:
+            return np.empty((0, 2)), np.empty(0, np.int64), np.empty(0, np.int64)
+        obj = np.concatenate(owners)
+        xy, ring = np.concatenate([a for a, _ in pieces]), np.concatenate([b for _, b in pieces])
+        if len(obj) > 1 and (obj[1:] < obj[:-1]).any():  # objects not in row group order
+            order = np.argsort(obj, kind="stable")
+            xy, ring, obj = xy[order], ring[order], obj[order]
+        return xy, ring, obj
 
 
 def _draw_all(tile: np.ndarray, geoms: np.ndarray, values: np.ndarray, *, downsample: float, origin: tuple[int, int]) -> None:
-    """Set the pixels of ``tile`` whose centres lie in ``geoms[k]`` (level-0 px) to ``values[k]``,
-    geometry after geometry (a later one wins a pixel two cover).
+    """Set the pixels of ``tile`` whose centres lie in ``geoms[k]`` (shapely, level-0 px) to
+    ``values[k]``, geometry after geometry (a later one wins a pixel two cover): :func:`_draw`."""
+    _draw(tile, _shapely_vertices(geoms), len(geoms), values, downsample=downsample, origin=origin)
+
+
+def _draw(tile: np.ndarray, vertices: Vertices, n_geoms: int, values: np.ndarray, *, downsample: float, origin: tuple[int, int]) -> None:
+    """Set the pixels of ``tile`` whose centres lie in geometry k of ``vertices`` (``n_geoms``
+    geometries, vertices in level-0 px) to ``values[k]``, geometry after geometry.
 
     A scanline fill by the even-odd rule over every ring of each geometry, so holes stay out: each
     edge gives one crossing per pixel row it spans (half-open in y), the crossings of one
     geometry's row sorted by x pair up into runs of pixels. The cost grows with the crossings, not
     with the area; all geometries of a tile are handled in one set of array operations.
     """
-    parts, owner = shapely.get_parts(geoms, return_index=True)
-    rings, ring_part = shapely.get_rings(parts, return_index=True)
-    coords, ring_index = shapely.get_coordinates(rings, return_index=True)
+    coords, ring_index, obj = vertices
     if len(coords) == 0:
         return
-    obj = owner[ring_part[ring_index]]  # geometry of each vertex
-    big = np.bincount(obj, minlength=len(geoms)) >= 3  # fewer vertices: nothing to draw
+    big = np.bincount(obj, minlength=n_geoms) >= 3  # fewer vertices: nothing to draw
     y = coords[:, 1] / downsample - 0.5 - origin[0]
     x = coords[:, 0] / downsample - 0.5 - origin[1]
     if fill_rings(tile, y, x, ring_index, obj, big, values):  # compiled: the same pixels
@@ -215,7 +271,7 @@ def _rasterise(array: zarr.Array, index: _Index, geoms: _Geometries, *, downsamp
         tile = np.zeros((min(chunk[0], shape[0] - y0), min(chunk[1], shape[1] - x0)), dtype=array.dtype)
         drawn = members[index.value[members] != 0]
         if len(drawn):
-            _draw_all(tile, geoms.of(drawn), index.value[drawn], downsample=downsample, origin=(y0, x0))
+            _draw(tile, geoms.vertices(drawn), len(drawn), index.value[drawn], downsample=downsample, origin=(y0, x0))
         array[0, y0 : y0 + tile.shape[0], x0 : x0 + tile.shape[1]] = tile
 
 

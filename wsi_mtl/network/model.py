@@ -96,8 +96,9 @@ _CONV_POINTWISE = _mkldnn_conv_pointwise()
 #: Whether :func:`_fused_conv_relu` also fuses under bfloat16 autocast (see :func:`_mkldnn_has_bf16`)
 _FUSE_BF16 = _mkldnn_has_bf16()
 
-#: Whether inference on the CPU fuses each folded conv with its ReLU (:func:`_fused_conv_relu`);
-#: False runs the two steps apart (the same values: a switch for comparisons).
+#: Whether inference on the CPU fuses each folded conv with its ReLU (:func:`_fused_conv_relu`) and
+#: runs the 1x1 convs through oneDNN (:class:`PointConv`); False runs torch's conv and then the ReLU
+#: (a switch for comparisons: the same values, but for the 1x1 convs' float32 sums on one thread).
 FUSE_CONV_RELU = True
 
 

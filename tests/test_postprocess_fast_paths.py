@@ -867,3 +867,50 @@ def test_boxes_meeting_any_of_others_in_bounded_blocks_equal_the_pairwise_test()
     for pairs in (1, 299, 1000, 1 << 22):
         assert np.array_equal(_meeting_any(box, others, 3, pairs=pairs), want)
     assert not _meeting_any(box, others[:0], 3).any()
+
+
+def _hull_test_polygons(rng: np.random.Generator) -> list:
+    """Random valid polygons on and off a half-pixel grid, with holes, collinear and repeated
+    vertices, ties in y and x, slivers, and one multipolygon."""
+    import shapely
+
+    polys = []
+    for k in range(600):
+        scale = 0.5 if k % 2 else 1.97863  # on the half-pixel grid, and off it (a 0.2527 um/px slide)
+        n = int(rng.integers(3, 40))
+        ang = np.sort(rng.uniform(0, 2 * np.pi, n))
+        r = rng.uniform(2, 30, n) * (1 if k % 3 else rng.uniform(0.2, 1.0, n))  # some concave
+        cx, cy = rng.integers(0, 4000, 2)
+        pts = np.round(np.c_[cx + r * np.cos(ang), cy + r * np.sin(ang)] * 2) / 2 * scale
+        poly = shapely.make_valid(shapely.Polygon(pts))
+        if k % 5 == 0:
+            poly = shapely.box(cx, cy, cx + 10, cy + 6).difference(shapely.box(cx + 2, cy + 2, cx + 4, cy + 4))  # a hole
+        if k % 7 == 0:  # collinear and repeated vertices along the edges, ties in y and in x
+            poly = shapely.Polygon([(cx, cy), (cx + 3, cy), (cx + 6, cy), (cx + 6, cy), (cx + 6, cy + 4), (cx, cy + 4), (cx, cy + 2)])
+        polys.extend(shapely.get_parts(poly) if poly.geom_type != "Polygon" else [poly])
+    polys.append(shapely.Polygon([(0, 0), (10, 0), (10, 1e-9), (0, 0)]))  # a sliver
+    polys.append(shapely.Polygon())
+    polys.append(shapely.MultiPolygon([shapely.box(0, 0, 2, 2), shapely.box(5, 5, 6, 9)]))
+    return [p for p in polys if p.geom_type in ("Polygon", "MultiPolygon")]
+
+
+def test_compiled_hull_areas_are_geos_hull_areas_bit_for_bit(monkeypatch):
+    """Solidity's convex-hull areas from the compiled hull equal ``shapely.area(shapely.convex_hull(p))``
+    exactly (the same float sums), and every measurement is the same with and without it."""
+    import shapely
+
+    from wsi_mtl.postprocess import _polygons
+
+    if not _compiled.available():
+        pytest.skip("numba not installed or switched off (WSIMTL_NO_NUMBA=1): shapely computes the hulls")
+    polys = np.array(_hull_test_polygons(np.random.default_rng(7)), dtype=object)
+    xy, idx = shapely.get_coordinates(shapely.get_exterior_ring(polys), return_index=True)
+    got = _polygons._hull_areas(polys, xy, idx)
+    want = shapely.area(shapely.convex_hull(polys))
+    assert np.array_equal(got, want) and (want > 0).sum() > 500 and (want == 0).any()
+    fast = _polygons.polygon_measurements(polys, mpp=0.25, shape_features=True)
+    monkeypatch.setattr(_compiled, "available", lambda: False)
+    plain = _polygons.polygon_measurements(polys, mpp=0.25, shape_features=True)
+    for name in fast:
+        np.testing.assert_array_equal(fast[name], plain[name], err_msg=name)
+    assert np.isfinite(fast["solidity"]).sum() > 500

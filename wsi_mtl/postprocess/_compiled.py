@@ -18,6 +18,8 @@ distances, so the same float32 values as scipy's whatever feature pixel it picks
 
 :func:`block_means`: the area means of :func:`~wsi_mtl.postprocess.downsample_prob` in integer sums.
 
+:func:`hull_areas`: the convex-hull area of each ring (monotone chain), summed as GEOS sums it.
+
 :func:`type_votes`, :func:`type_sums`: the nuclear-type vote of
 :func:`~wsi_mtl.postprocess.instance_type` and its winners' probabilities, one pass each.
 
@@ -38,7 +40,7 @@ import numpy as np
 
 from wsi_mtl._numba import numba_allowed
 
-__all__ = ["available", "edt32", "smooth_and_peaks", "h_maxima_bool", "flood_components", "cut_at_peaks", "crops_on_canvas", "box_table", "tissue_counts", "grow_ranks", "open_rows", "components", "component_runs", "kept_components", "block_means", "core_mask_u8", "label_counts", "label_owners", "relabel_in_place", "trace_rings", "type_votes", "type_sums", "HAVE_NUMBA"]
+__all__ = ["available", "edt32", "smooth_and_peaks", "h_maxima_bool", "flood_components", "cut_at_peaks", "crops_on_canvas", "box_table", "tissue_counts", "grow_ranks", "open_rows", "components", "component_runs", "kept_components", "block_means", "core_mask_u8", "label_counts", "label_owners", "relabel_in_place", "trace_rings", "type_votes", "type_sums", "hull_areas", "HAVE_NUMBA"]
 
 #: Whether numba is installed and not switched off by the environment variable
 #: ``WSIMTL_NO_NUMBA=1`` (numba's LLVM adds ~140 MB to each process that cuts necks); it is
@@ -60,7 +62,7 @@ def _kernels() -> None:
     global _push, _pop, _side, _flood, _flood_components, _label4, _cut_at_peaks, _box_table, _grow, _open, _crops_on_canvas, _tissue_counts
     global _next_run, _root, _runs, _boxes_of_runs, _components, _kept_runs, _block_means, _label_counts, _relabel, _label_sums, _label_owners
     global _shift_into, _row_spans, _ring_segments, _chain_rings, _successors, _slot, _type_votes, _type_sums, _grown_queue, _grow_near, _grow_row
-    global _core
+    global _core, _hull_areas, _hull_push, _geos_hull_area
     if _ready:
         return
     _ready = True
@@ -88,6 +90,8 @@ def _kernels() -> None:
     _type_votes, _type_sums = jit(_type_votes_py), jit(_type_sums_py)
     _grown_queue, _grow_near, _grow_row = jit(_grown_queue_py), jit(_grow_near_py), jit(_grow_row_py)
     _core = jit(_core_py)
+    _hull_push, _geos_hull_area = jit(_hull_push_py), jit(_geos_hull_area_py)
+    _hull_areas = jit(_hull_areas_py)
 
 
 def _sk_h_maxima(image: np.ndarray, h: float) -> np.ndarray:
@@ -1319,6 +1323,62 @@ def _block_means_py(prob, f):  # noqa: ANN001, ANN202 (compiled helper)
     return out
 
 
+def hull_areas(xy: np.ndarray, starts: np.ndarray) -> np.ndarray:
+    """Convex-hull area of each closed ring ``xy[starts[k]:starts[k + 1]]`` (float64 (m, 2), the
+    last point repeating the first), the values of ``shapely.area(shapely.convex_hull(ring))``: the
+    hull by Andrew's monotone chain without collinear points, its area by GEOS's formula from the
+    vertex GEOS starts at (lowest y, then lowest x) going as GEOS goes, so the same float sums
+    (identical on the 16,384² mosaic's 64,385 nuclei, glands and lumen, on and off the half-pixel
+    grid). Fewer than 3 distinct hull points: 0. Needs numba."""
+    _kernels()
+    out = np.empty(len(starts) - 1)
+    _hull_areas(np.ascontiguousarray(xy, np.float64), np.ascontiguousarray(starts, np.int64), out)
+    return out
+
+
+def _hull_areas_py(xy, starts, out):  # noqa: ANN001, ANN202 (compiled helper)
+    for k in range(len(out)):
+        s, e = starts[k], starts[k + 1] - 1  # the closing point dropped
+        out[k] = 0.0
+        if e - s < 3:
+            continue
+        x, y = xy[s:e, 0], xy[s:e, 1]
+        order = np.argsort(y, kind="mergesort")
+        order = order[np.argsort(x[order], kind="mergesort")]  # by x, then y
+        hx, hy = np.empty(2 * (e - s)), np.empty(2 * (e - s))
+        t = 0
+        for i in range(e - s):  # the lower chain, then the upper: counter-clockwise, collinear points left out
+            t = _hull_push(hx, hy, t, 2, x[order[i]], y[order[i]])
+        lower = t + 1
+        for i in range(e - s - 2, -1, -1):
+            t = _hull_push(hx, hy, t, lower, x[order[i]], y[order[i]])
+        n = t - 1  # distinct hull vertices (the last one pushed is the first again)
+        if n >= 3:
+            out[k] = _geos_hull_area(hx, hy, n)
+
+
+def _hull_push_py(hx, hy, t, floor, px, py):  # noqa: ANN001, ANN202 (compiled helper)
+    """Push (px, py) on the hull stack of ``t`` points, first popping the points it turns clockwise
+    or straight from (never below ``floor``); the new count."""
+    while t >= floor and (hx[t - 1] - hx[t - 2]) * (py - hy[t - 2]) - (hy[t - 1] - hy[t - 2]) * (px - hx[t - 2]) <= 0:
+        t -= 1
+    hx[t], hy[t] = px, py
+    return t + 1
+
+
+def _geos_hull_area_py(hx, hy, n):  # noqa: ANN001, ANN202 (compiled helper)
+    """The area of the counter-clockwise hull ``hx[:n], hy[:n]`` as GEOS computes it for its hull
+    ring: from the lowest (then leftmost) vertex, clockwise, x taken relative to that vertex's."""
+    p = 0
+    for i in range(1, n):
+        if hy[i] < hy[p] or (hy[i] == hy[p] and hx[i] < hx[p]):
+            p = i
+    total = 0.0
+    for j in range(1, n):
+        total += (hx[(p - j) % n] - hx[p]) * (hy[(p - j + 1) % n] - hy[(p - j - 1) % n])
+    return abs(total / 2)
+
+
 # plain Python until _kernels() compiles them
 _reflect, _border_sum, _top = _reflect_py, _border_sum_py, _top_py
 _reconstruct, _edt, _smooth_peaks = _reconstruct_py, _edt_py, _smooth_peaks_py
@@ -1333,3 +1393,5 @@ _ring_segments, _chain_rings, _successors, _slot = _ring_segments_py, _chain_rin
 _type_votes, _type_sums = _type_votes_py, _type_sums_py
 _grown_queue, _grow_near, _grow_row = _grown_queue_py, _grow_near_py, _grow_row_py
 _core = _core_py
+_hull_push, _geos_hull_area, _hull_areas = _hull_push_py, _geos_hull_area_py, _hull_areas_py
+

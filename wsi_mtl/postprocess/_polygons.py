@@ -13,6 +13,7 @@ import logging
 import numpy as np
 import shapely
 
+from wsi_mtl.postprocess import _compiled
 from wsi_mtl.postprocess._contours import trace_rings
 from wsi_mtl.postprocess._instances import _sizes, _validate_labels
 
@@ -235,17 +236,33 @@ def polygon_measurements(
         "eccentricity": np.full(n, np.nan),
     }
     if shape_features and n:
-        hull = shapely.area(shapely.convex_hull(polygons))
+        xy, idx = shapely.get_coordinates(shapely.get_exterior_ring(polygons), return_index=True)  # polygons' only
+        hull = _hull_areas(polygons, xy, idx)
         with np.errstate(invalid="ignore", divide="ignore"):
             out["solidity"] = np.where(hull > 0, np.minimum(area / hull, 1.0), np.nan)  # <= 1 despite rounding
-        out["eccentricity"] = _ring_eccentricity(shapely.get_exterior_ring(polygons))
+        out["eccentricity"] = _ring_eccentricity(xy, idx, n)
     return out
 
 
-def _ring_eccentricity(rings: np.ndarray) -> np.ndarray:
-    """Eccentricity of the region inside each closed ring, from exact polygon moments."""
-    xy, idx = shapely.get_coordinates(rings, return_index=True)
-    n = len(rings)
+def _hull_areas(polygons: np.ndarray, xy: np.ndarray, idx: np.ndarray) -> np.ndarray:
+    """``shapely.area(shapely.convex_hull(polygons))``: the polygons' from their exterior rings'
+    vertices ``xy`` (of polygon ``idx``) by the compiled hull (the same values, ~4x faster),
+    multipolygons and everything without numba by shapely."""
+    if not _compiled.available():
+        return shapely.area(shapely.convex_hull(polygons))
+    n = len(polygons)
+    starts = np.zeros(n + 1, np.int64)
+    np.cumsum(np.bincount(idx, minlength=n), out=starts[1:])
+    hull = _compiled.hull_areas(xy, starts)
+    others = np.flatnonzero(shapely.get_type_id(polygons) != 3)
+    if len(others):
+        hull[others] = shapely.area(shapely.convex_hull(polygons[others]))
+    return hull
+
+
+def _ring_eccentricity(xy: np.ndarray, idx: np.ndarray, n: int) -> np.ndarray:
+    """Eccentricity of the region inside each of ``n`` closed rings (vertices ``xy`` of ring
+    ``idx``; a ring without vertices: NaN), from exact polygon moments."""
     if len(xy) == 0:
         return np.full(n, np.nan)
     # each ring is closed: consecutive vertices of the same ring form the edges

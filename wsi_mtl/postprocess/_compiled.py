@@ -1394,4 +1394,3 @@ _type_votes, _type_sums = _type_votes_py, _type_sums_py
 _grown_queue, _grow_near, _grow_row = _grown_queue_py, _grow_near_py, _grow_row_py
 _core = _core_py
 _hull_push, _geos_hull_area, _hull_areas = _hull_push_py, _geos_hull_area_py, _hull_areas_py
-

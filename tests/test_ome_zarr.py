@@ -11,7 +11,7 @@ import shapely
 import zarr
 
 from wsi_mtl.export import write_label_images, write_table
-from wsi_mtl.export._labels import _draw_all
+from wsi_mtl.export._labels import _draw_all, _shapely_vertices
 from wsi_mtl.objects import COLUMNS, ObjectBatch
 from wsi_mtl.ome import level_count, write_chunk, write_pyramid
 from wsi_mtl.store import HeadLayout, PredictionStore
@@ -213,8 +213,13 @@ def test_compiled_mean_reduction_equals_the_numpy_one(monkeypatch: pytest.Monkey
         np.testing.assert_array_equal(g, want)
 
 
+def _draw_shapes(tile: np.ndarray, geoms: np.ndarray, values: np.ndarray, **kw) -> None:
+    """``_draw_all`` of shapely geometries."""
+    _draw_all(tile, _shapely_vertices(geoms), len(geoms), values, **kw)
+
+
 def _draw(tile: np.ndarray, geom: shapely.Geometry, value: int, **kw) -> None:
-    _draw_all(tile, np.array([geom], dtype=object), np.array([value]), **kw)
+    _draw_shapes(tile, np.array([geom], dtype=object), np.array([value]), **kw)
 
 
 def test_draw_is_point_in_polygon() -> None:
@@ -256,7 +261,7 @@ def test_drawing_a_tile_at_once_equals_drawing_object_after_object(painter: str,
     for g, v in zip(geoms, values):
         _draw(one_by_one, g, int(v), downsample=1.25, origin=(2, 3))
     at_once = np.zeros((70, 80), np.int32)
-    _draw_all(at_once, np.array(geoms, dtype=object), values, downsample=1.25, origin=(2, 3))
+    _draw_shapes(at_once, np.array(geoms, dtype=object), values, downsample=1.25, origin=(2, 3))
     np.testing.assert_array_equal(at_once, one_by_one)
     assert len(np.unique(at_once)) > 30
 
@@ -409,10 +414,10 @@ def test_compiled_scanline_fill_paints_the_pixels_of_the_array_version(monkeypat
     values = np.arange(1, len(geoms) + 1, dtype=np.int64)
     for downsample, origin in [(1.0, (0, 0)), (2.0, (7, -3)), (0.7, (31, 40))]:
         compiled = np.zeros((96, 128), np.int32)
-        _labels._draw_all(compiled, geoms, values, downsample=downsample, origin=origin)
+        _draw_shapes(compiled, geoms, values, downsample=downsample, origin=origin)
         monkeypatch.setattr(_labels, "fill_rings", lambda *args: False)
         plain = np.zeros((96, 128), np.int32)
-        _labels._draw_all(plain, geoms, values, downsample=downsample, origin=origin)
+        _draw_shapes(plain, geoms, values, downsample=downsample, origin=origin)
         monkeypatch.undo()
         assert np.array_equal(compiled, plain) and len(np.unique(plain)) > 50
 

@@ -185,15 +185,11 @@ class _Geometries:
         return xy, ring, obj
 
 
-def _draw_all(tile: np.ndarray, geoms: np.ndarray, values: np.ndarray, *, downsample: float, origin: tuple[int, int]) -> None:
-    """Set the pixels of ``tile`` whose centres lie in ``geoms[k]`` (shapely, level-0 px) to
-    ``values[k]``, geometry after geometry (a later one wins a pixel two cover): :func:`_draw`."""
-    _draw(tile, _shapely_vertices(geoms), len(geoms), values, downsample=downsample, origin=origin)
-
-
-def _draw(tile: np.ndarray, vertices: Vertices, n_geoms: int, values: np.ndarray, *, downsample: float, origin: tuple[int, int]) -> None:
+def _draw_all(tile: np.ndarray, vertices: Vertices, n_geoms: int, values: np.ndarray, *, downsample: float,
+              origin: tuple[int, int]) -> None:
     """Set the pixels of ``tile`` whose centres lie in geometry k of ``vertices`` (``n_geoms``
-    geometries, vertices in level-0 px) to ``values[k]``, geometry after geometry.
+    geometries, vertices in level-0 px) to ``values[k]``, geometry after geometry (a later one
+    wins a pixel two cover).
 
     A scanline fill by the even-odd rule over every ring of each geometry, so holes stay out: each
     edge gives one crossing per pixel row it spans (half-open in y), the crossings of one
@@ -271,7 +267,7 @@ def _rasterise(array: zarr.Array, index: _Index, geoms: _Geometries, *, downsamp
         tile = np.zeros((min(chunk[0], shape[0] - y0), min(chunk[1], shape[1] - x0)), dtype=array.dtype)
         drawn = members[index.value[members] != 0]
         if len(drawn):
-            _draw(tile, geoms.vertices(drawn), len(drawn), index.value[drawn], downsample=downsample, origin=(y0, x0))
+            _draw_all(tile, geoms.vertices(drawn), len(drawn), index.value[drawn], downsample=downsample, origin=(y0, x0))
         array[0, y0 : y0 + tile.shape[0], x0 : x0 + tile.shape[1]] = tile
 
 

@@ -175,13 +175,20 @@ def _geometry_texts(geoms: np.ndarray) -> tuple[list[str], np.ndarray]:
     return texts, simple
 
 
-def _odd_numbers(values: np.ndarray) -> np.ndarray:
-    """Finite values whose ``%.12g`` text is not their shortest decimal (so neither orjson nor the
-    compiled writer formats them): -0, and numbers of 1e8 and more (1e12 and more when whole)."""
+def _number_kinds(values: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """(finite, values with 0 where not finite, whole, odd) of ``values``: odd are the finite values
+    whose ``%.12g`` text is not their shortest decimal (so neither orjson nor the compiled writer
+    formats them): -0, and numbers of 1e8 and more (1e12 and more when whole)."""
     finite = np.isfinite(values)
     clean = np.where(finite, values, 0.0)
     whole = clean == np.round(clean)
-    return finite & ((np.abs(clean) >= np.where(whole, 1e12, 1e8)) | ((clean == 0) & np.signbit(clean)))
+    odd = finite & ((np.abs(clean) >= np.where(whole, 1e12, 1e8)) | ((clean == 0) & np.signbit(clean)))
+    return finite, clean, whole, odd
+
+
+def _odd_numbers(values: np.ndarray) -> np.ndarray:
+    """The odd values of :func:`_number_kinds`."""
+    return _number_kinds(values)[3]
 
 
 def _number_texts(values: np.ndarray) -> list[str]:
@@ -191,12 +198,9 @@ def _number_texts(values: np.ndarray) -> list[str]:
     for non-integers under 1e8 with 4 decimals; integers go through orjson as int64, and the rest
     (-0, large numbers) through ``%``. Non-finite values get ``""`` (the templates omit them).
     """
-    finite = np.isfinite(values)
+    finite, clean, whole, odd = _number_kinds(values)
     if orjson is None or not _USE_ORJSON:
         return ["%.12g" % v if ok else "" for v, ok in zip(values.tolist(), finite.tolist())]
-    clean = np.where(finite, values, 0.0)
-    whole = clean == np.round(clean)
-    odd = _odd_numbers(values)
     texts = np.array(_orjson_items(clean), dtype=object)
     if whole.any():
         texts[whole] = np.array(_orjson_items(np.where(whole & ~odd, clean, 0.0).astype(np.int64)), dtype=object)[whole]

@@ -483,12 +483,14 @@ FULL_RES_STRIP_ROWS = 128
 #: Half-resolution rows of the last decoder block and the heads' layers computed at a time in
 #: inference (see ``MultiTaskNet._decode_strips``).
 DECODER_STRIP_ROWS = 128
-#: Context rows on each side of a strip (even; more than the tail's reach: 2 rows of refine, 3 of a
-#: fine branch, 1 of the 2x bilinear upsampling).
-_STRIP_HALO = 8
+#: Context rows (and columns) on each side of a strip: even, and at least the tail's reach of 3 px
+#: (a fine branch's edge row is off, by its 2x upsampling and its skip conv, and its two 3x3 convs
+#: carry that 2 rows in; the full skip and refine convs reach 2). Measured: 4 gives the whole
+#: tile's maps bit for bit, 2 does not (tests/test_network.py).
+_STRIP_HALO = 4
 #: Half-resolution px within which a window of the last decoder block differs from the whole
-#: map's (two 3x3 convs reach 2), with room to spare (even).
-_LAST_BLOCK_REACH = 4
+#: map's: its two 3x3 convs reach 2 (measured: 2 gives the whole map's values bit for bit, 0 does not).
+_LAST_BLOCK_REACH = 2
 
 
 def _tail_reads(side: int, margin: int) -> tuple[int, int]:
@@ -768,9 +770,11 @@ class MultiTaskNet(nn.Module):
         def strip(r0: int, r1: int, e0: int, e1: int) -> None:  # rows r0 .. r1 of the output, from e0 .. e1, written into res
             rows, cols = slice(e0 // 2 - oy, e1 // 2 - oy), slice(c0 // 2 - ox, c1 // 2 - ox)
             part = self._tail({n: t[..., rows, cols] for n, t in half.items()}, {d: t[..., rows, cols] for d, t in decoded.items()},
-                              x[..., e0:e1, c0:c1], probabilities=probabilities)
+                              x[..., e0:e1, c0:c1])
             for name, t in part.items():
                 t = t[..., r0 - e0 : r1 - e0, m - c0 : w - m - c0]
+                if probabilities:  # on the rows and columns kept only (a pointwise step: the same values)
+                    t = torch.softmax(t.float(), dim=1)
                 if quantized:  # each strip as it comes: the tile's maps are never held as float32
                     t = quantize_probabilities(t)
                 with allocating:  # the first strip done allocates; each strip writes its own rows

@@ -855,7 +855,7 @@ def test_full_resolution_strips_give_the_whole_tiles_values(monkeypatch: pytest.
 
     model = load_model(Path(__file__).resolve().parents[1] / "models" / "wsimtl-small")
     torch.manual_seed(0)
-    x = torch.rand(1, 3, 352, 224) * 255  # 352 rows: 3 strips of 128 with the halo of 8
+    x = torch.rand(1, 3, 352, 224) * 255  # 352 rows: 3 strips of 128 with their halo
     with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
         monkeypatch.setattr(net_model, "FULL_RES_STRIP_ROWS", 10**6)
         whole, whole_logits = model.predict(x), model(x)

@@ -1057,3 +1057,20 @@ def test_predict_with_a_margin_gives_the_cropped_maps_of_the_whole_input(monkeyp
     for bad in (-2, 3, 144):
         with pytest.raises(ValueError, match="margin"):
             model.predict(x, margin=bad)
+
+
+def test_a_strip_of_a_channels_last_input_is_channels_last_contiguous() -> None:
+    """The tail's strips of a channels_last float input are copied channels_last-contiguous, so their
+    first convs run fused with their ReLU (a strided view would not be); the same values, and a
+    uint8 input's scaled strips and an NCHW input's views are left as they come."""
+    from wsi_mtl.network.model import _Scaled, _strip_input
+
+    x = torch.rand(1, 3, 40, 30).contiguous(memory_format=torch.channels_last)
+    part = _strip_input(x, 4, 20, 2, 28)
+    assert x[..., 4:20, 2:28].is_contiguous(memory_format=torch.channels_last) is False
+    assert part.is_contiguous(memory_format=torch.channels_last)
+    assert torch.equal(part, x[..., 4:20, 2:28])
+    plain = torch.rand(1, 3, 40, 30)
+    assert _strip_input(plain, 4, 20, 2, 28).data_ptr() == plain[..., 4:20, 2:28].data_ptr()
+    raw = (x * 255).to(torch.uint8)
+    assert torch.equal(_strip_input(_Scaled(raw), 4, 20, 2, 28), raw[..., 4:20, 2:28] / 255.0)

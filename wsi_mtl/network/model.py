@@ -463,6 +463,16 @@ class _Scaled:
         return self.raw[key] / 255.0
 
 
+def _strip_input(x: torch.Tensor | _Scaled, e0: int, e1: int, c0: int, c1: int) -> torch.Tensor:
+    """Rows ``e0:e1`` and columns ``c0:c1`` of the input, channels_last-contiguous where the input is
+    channels_last (a view of it is not: the tail's first convs would then run apart from their
+    ReLU, :func:`_fused_conv_relu`; a copy of 3 channels costs less than those ReLUs' passes)."""
+    part = x[..., e0:e1, c0:c1]
+    if isinstance(x, torch.Tensor) and x.is_contiguous(memory_format=torch.channels_last):
+        return part.contiguous(memory_format=torch.channels_last)
+    return part
+
+
 def _beside(helper: Executor, fn: Callable[[], Any]) -> Future:
     """``fn()`` submitted to ``helper``'s thread under the caller's autocast, inference mode and torch
     thread count (thread-local settings a new thread does not inherit)."""
@@ -770,7 +780,7 @@ class MultiTaskNet(nn.Module):
         def strip(r0: int, r1: int, e0: int, e1: int) -> None:  # rows r0 .. r1 of the output, from e0 .. e1, written into res
             rows, cols = slice(e0 // 2 - oy, e1 // 2 - oy), slice(c0 // 2 - ox, c1 // 2 - ox)
             part = self._tail({n: t[..., rows, cols] for n, t in half.items()}, {d: t[..., rows, cols] for d, t in decoded.items()},
-                              x[..., e0:e1, c0:c1])
+                              _strip_input(x, e0, e1, c0, c1))
             for name, t in part.items():
                 t = t[..., r0 - e0 : r1 - e0, m - c0 : w - m - c0]
                 if probabilities:  # on the rows and columns kept only (a pointwise step: the same values)

@@ -496,10 +496,11 @@ DECODER_STRIP_ROWS = 128
 #: Context rows (and columns) on each side of a strip: even, and at least the tail's reach of 3 px
 #: (a fine branch's edge row is off, by its 2x upsampling and its skip conv, and its two 3x3 convs
 #: carry that 2 rows in; the full skip and refine convs reach 2). Measured: 4 gives the whole
-#: tile's maps bit for bit, 2 does not (tests/test_network.py).
+#: tile's maps bit for bit, 2 and 3 do not (tests/test_network.py).
 _STRIP_HALO = 4
 #: Half-resolution px within which a window of the last decoder block differs from the whole
-#: map's: its two 3x3 convs reach 2 (measured: 2 gives the whole map's values bit for bit, 0 does not).
+#: map's: its two 3x3 convs reach 2 (measured: 2 gives the whole map's values bit for bit, 0 and 1
+#: do not).
 _LAST_BLOCK_REACH = 2
 
 

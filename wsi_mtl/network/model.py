@@ -465,10 +465,10 @@ class _Scaled:
 
 def _strip_input(x: torch.Tensor | _Scaled, e0: int, e1: int, c0: int, c1: int) -> torch.Tensor:
     """Rows ``e0:e1`` and columns ``c0:c1`` of the input, channels_last-contiguous where the input is
-    channels_last (a view of it is not: the tail's first convs would then run apart from their
-    ReLU, :func:`_fused_conv_relu`; a copy of 3 channels costs less than those ReLUs' passes)."""
+    a channels_last CPU tensor (a view of it is not: the tail's first convs would then run apart
+    from their ReLU, :func:`_fused_conv_relu`; a copy of 3 channels costs less than those ReLUs' passes)."""
     part = x[..., e0:e1, c0:c1]
-    if isinstance(x, torch.Tensor) and x.is_contiguous(memory_format=torch.channels_last):
+    if isinstance(x, torch.Tensor) and x.device.type == "cpu" and x.is_contiguous(memory_format=torch.channels_last):
         return part.contiguous(memory_format=torch.channels_last)
     return part
 

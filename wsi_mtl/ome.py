@@ -279,7 +279,6 @@ def _new_group(path: Path, attributes: dict[str, Any]) -> None:
     doc_path.write_bytes(orjson.dumps(doc, option=orjson.OPT_SERIALIZE_NUMPY))
 
 
-
 @contextmanager
 def label_group(
     image_path: Path,

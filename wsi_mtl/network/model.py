@@ -771,8 +771,10 @@ class MultiTaskNet(nn.Module):
         h, w = x.shape[-2:]
         m = margin
         if torch.is_grad_enabled() or _traced() or (not m and h <= FULL_RES_STRIP_ROWS + 2 * _STRIP_HALO):
-            out = self._tail(half, decoded, x[...], probabilities=probabilities)
-            return {n: t[..., m : h - m, m : w - m] for n, t in out.items()} if m else out
+            out = self._tail(half, decoded, x[...])
+            if m:
+                out = {n: t[..., m : h - m, m : w - m] for n, t in out.items()}
+            return {n: torch.softmax(t.float(), dim=1) for n, t in out.items()} if probabilities else out
         c0, c1 = _tail_reads(w, m)
         oy, ox = origin
         res: dict[str, torch.Tensor] = {}
@@ -801,9 +803,9 @@ class MultiTaskNet(nn.Module):
             pending.result()
         return res
 
-    def _tail(self, half: dict[str, torch.Tensor], decoded: dict[str, torch.Tensor], x: torch.Tensor, *,
-              probabilities: bool = False) -> dict[str, torch.Tensor]:
-        """:meth:`_full_resolution` on one piece of the input (``half``/``decoded`` at half its size)."""
+    def _tail(self, half: dict[str, torch.Tensor], decoded: dict[str, torch.Tensor], x: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The logits of :meth:`_full_resolution` on one piece of the input (``half``/``decoded`` at half
+        its size); the caller crops them and takes their softmax."""
         assert self.full_skip is not None
         out = self._refine_all(half, self.full_skip(x))
         for name in half:
@@ -811,7 +813,7 @@ class MultiTaskNet(nn.Module):
             fine = self.output_head[head.decoder][head.out_key].fine
             if fine is not None:
                 out[name] = out[name] + fine(decoded[head.decoder], x).float()
-        return {n: torch.softmax(t.float(), dim=1) for n, t in out.items()} if probabilities else out
+        return out
 
     def _refine_all(self, half: dict[str, torch.Tensor], full: torch.Tensor) -> dict[str, torch.Tensor]:
         """``OutputHead`` refine step for all heads at once: one upsample, one 3x3 conv.
